@@ -1,0 +1,194 @@
+"""Layer readers: one directory of one layer, in either whiteout format.
+
+A *layer* is an immutable directory tree. Two formats mark deletions:
+
+* overlay (kernel overlayfs): a whiteout is a character device 0/0, or a
+  regular file carrying ``trusted.overlay.whiteout`` inside a directory marked
+  ``trusted.overlay.whiteouts`` (Linux 6.7 "xattr whiteouts"); an opaque
+  directory carries ``trusted.overlay.opaque=y`` (``user.overlay.*`` when the
+  layer was written without root).
+* OCI: a file ``.wh.NAME`` deletes NAME, ``.wh..wh..opq`` makes its directory
+  opaque.
+
+``auto`` honours both. Reading never follows a symlink: directories are read
+through fds opened with O_NOFOLLOW, one level at a time.
+"""
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+from typing import Iterator, NamedTuple
+
+from . import syscalls
+from .errors import InvalidLayer, NotFound
+
+FORMATS = ("auto", "overlay", "oci")
+OCI_WHITEOUT = b".wh."
+OCI_OPAQUE = b".wh..wh..opq"
+OVERLAY_PREFIXES = ("trusted.overlay.", "user.overlay.")
+OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
+XWHITEOUTS_XATTRS = ("trusted.overlay.whiteouts", "user.overlay.whiteouts")
+XWHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")
+
+# Entry kinds are the S_IFMT bits, so they compare with st_mode directly.
+DIR, REG, LNK = stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK
+CHR, BLK, FIFO, SOCK = stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK
+KIND_NAMES = {DIR: "dir", REG: "file", LNK: "symlink", CHR: "char", BLK: "block",
+              FIFO: "fifo", SOCK: "socket"}
+
+
+def is_overlay_private(attr: str) -> bool:
+    """Overlay xattrs are format, not content (A3)."""
+    return attr.startswith(OVERLAY_PREFIXES)
+
+
+class Entry(NamedTuple):
+    """One name in one layer directory: its kind and inode (for hardlink groups)."""
+    kind: int
+    ino: int
+
+
+@dataclass
+class LayerDir:
+    """What one layer says about one directory: entries, deletions, opacity."""
+    entries: dict[bytes, Entry] = field(default_factory=dict)
+    whiteouts: set[bytes] = field(default_factory=set)
+    opaque: bool = False
+
+
+def dir_markers(dir_fd: int) -> tuple[bool, bool]:
+    """(opaque, holds xattr whiteouts) for an open directory, from one listxattr."""
+    names = syscalls.listxattr(dir_fd, b"")
+    if not names:
+        return False, False
+    opaque = xwhite = False
+    for attr in names:
+        if attr in OPAQUE_XATTRS:
+            value = syscalls.getxattr(dir_fd, b"", attr)
+            opaque |= value == b"y"
+            xwhite |= value == b"x"
+        elif attr in XWHITEOUTS_XATTRS:
+            xwhite = True
+    return opaque, xwhite
+
+
+def _is_xattr_whiteout(dir_fd: int, name: bytes) -> bool:
+    st = syscalls.lstat(name, dir_fd)
+    if st.st_size != 0:
+        return False
+    return any(syscalls.getxattr(dir_fd, name, a) is not None for a in XWHITEOUT_XATTRS)
+
+
+def read_layer_dir(dir_fd: int, fmt: str = "auto") -> LayerDir:
+    """Read one open directory of a layer into a LayerDir (names are bytes)."""
+    overlay, oci = fmt != "oci", fmt != "overlay"
+    out = LayerDir()
+    xwhite = False
+    if overlay:
+        out.opaque, xwhite = dir_markers(dir_fd)
+    entries, whiteouts = out.entries, out.whiteouts
+    with os.scandir(dir_fd) as it:
+        for de in it:
+            name = os.fsencode(de.name)
+            if oci and name.startswith(OCI_WHITEOUT):
+                if name == OCI_OPAQUE:
+                    out.opaque = True
+                else:
+                    whiteouts.add(name[4:])
+                continue
+            if de.is_dir(follow_symlinks=False):
+                kind = DIR
+            elif de.is_symlink():
+                kind = LNK
+            elif de.is_file(follow_symlinks=False):
+                if xwhite and _is_xattr_whiteout(dir_fd, name):
+                    whiteouts.add(name)
+                    continue
+                kind = REG
+            else:
+                st = de.stat(follow_symlinks=False)
+                if overlay and syscalls.is_whiteout_stat(st):
+                    whiteouts.add(name)
+                    continue
+                kind = stat.S_IFMT(st.st_mode)
+            entries[name] = Entry(kind, de.inode())
+    # D2: an entry of the same layer is not hidden by its own whiteout.
+    return out
+
+
+def content_xattrs(dir_fd: int, name: bytes) -> dict[str, bytes]:
+    """The xattrs of an entry that are content (not overlay format)."""
+    out = {}
+    for attr in syscalls.listxattr(dir_fd, name):
+        if not is_overlay_private(attr):
+            value = syscalls.getxattr(dir_fd, name, attr)
+            if value is not None:
+                out[attr] = value
+    return out
+
+
+class Layer:
+    """An input layer: a directory tree in overlay or OCI format.
+
+    ``Layer(path)`` checks the path; ``open()`` returns the root directory fd,
+    held until ``close()``. Layers are never written to.
+    """
+
+    def __init__(self, path: str | bytes | os.PathLike, fmt: str = "auto"):
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown layer format {fmt!r}; use one of {FORMATS}")
+        self.path = os.fsencode(path)
+        self.fmt = fmt
+        self._fd: int | None = None
+
+    def __repr__(self) -> str:
+        return f"Layer({os.fsdecode(self.path)!r}, fmt={self.fmt!r})"
+
+    @property
+    def fd(self) -> int:
+        if self._fd is None:
+            self._fd = open_layer_root(self.path)
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "Layer":
+        self.fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def walk(self) -> Iterator[tuple[bytes, LayerDir]]:
+        """Every directory of the layer, parents first, as (relpath, LayerDir)."""
+        stack = [(b"", os.dup(self.fd))]
+        while stack:
+            rel, fd = stack.pop()
+            try:
+                ld = read_layer_dir(fd, self.fmt)
+                yield rel, ld
+                for name, e in sorted(ld.entries.items(), reverse=True):
+                    if e.kind == DIR:
+                        stack.append((rel + b"/" + name if rel else name,
+                                      syscalls.open_dir(name, fd)))
+            finally:
+                os.close(fd)
+
+
+def open_layer_root(path: bytes) -> int:
+    """Open a layer's root directory, with clear errors for the usual mistakes."""
+    try:
+        return os.open(path, syscalls.O_DIR & ~os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise NotFound(f"layer {os.fsdecode(path)!r} does not exist") from None
+    except NotADirectoryError:
+        raise InvalidLayer(f"layer {os.fsdecode(path)!r} is not a directory") from None
+
+
+def as_layers(layers) -> list[Layer]:
+    """Accept Layer objects or paths."""
+    return [l if isinstance(l, Layer) else Layer(l) for l in layers]

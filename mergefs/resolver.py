@@ -1,0 +1,159 @@
+"""The resolver: pure merge semantics over layer readers (SEMANTICS M, D, S, H).
+
+Layers are given bottom first, like the OCI ``layers`` array; internally the
+search goes top first. A merged directory is served by a list of *sources*:
+the layer indices, top first, whose same-named directory contributes children.
+The list stops below an opaque directory, a whiteout, or a non-directory (M3:
+a directory over a non-directory starts fresh).
+
+``merge_listing`` is the whole rule set, as a pure function of the layers'
+``LayerDir``s; the farm planner, the diff and the union mount all use it.
+Paths are relative bytes (``b""`` is the root, ``b"a/b"``). Nothing follows a
+symlink: a path component is only descended into when it is a real directory
+in the layer that serves it (S1).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterable, NamedTuple, Sequence
+
+from sortedcontainers import SortedDict
+
+from . import syscalls
+from .layer import DIR, KIND_NAMES, Layer, LayerDir, as_layers, read_layer_dir
+
+
+class Node(NamedTuple):
+    """A merged entry: its kind and the layers serving it, top first.
+
+    A non-directory has exactly one source (the layer whose file is shown); a
+    directory has every contributing layer, the first one giving attributes.
+    ``inos`` are the inode numbers in those layers, aligned with ``layers``.
+    """
+    kind: int
+    layers: tuple[int, ...]
+    inos: tuple[int, ...]
+
+    @property
+    def top(self) -> int:
+        return self.layers[0]
+
+
+def merge_listing(listings: Iterable[tuple[int, LayerDir]]) -> dict[bytes, Node]:
+    """Merge one directory's listings, given top first as (layer index, LayerDir).
+
+    M1 later wins, dirs merge; M2 a non-dir replaces a subtree; M3 a dir over a
+    non-dir starts fresh; D1 whiteouts hide lower entries; D2 not the same
+    layer's; D3 an opaque directory hides every lower child.
+    """
+    out: dict[bytes, list] = {}
+    closed: set[bytes] = set()   # names whose lower layers can no longer contribute
+    for idx, ld in listings:
+        for name, entry in ld.entries.items():
+            if name in closed:
+                continue
+            cur = out.get(name)
+            if cur is None:
+                out[name] = [entry.kind, [idx], [entry.ino]]
+                if entry.kind != DIR:
+                    closed.add(name)
+            elif entry.kind == DIR:          # dir under a dir: children merge
+                cur[1].append(idx)
+                cur[2].append(entry.ino)
+            else:                            # non-dir under a dir: M3
+                closed.add(name)
+        closed |= ld.whiteouts
+        if ld.opaque:
+            break
+    return {name: Node(k, tuple(ls), tuple(inos)) for name, (k, ls, inos) in out.items()}
+
+
+def join(parent: bytes, name: bytes) -> bytes:
+    return parent + b"/" + name if parent else name
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What one layer holds at a path and what happened to it."""
+    layer: int
+    kind: str            # "file", "dir", "whiteout", "opaque dir", ...
+    status: str          # "supplies", "merged", "hidden", "absent"
+    reason: str
+
+
+class Resolver:
+    """Point look-ups and listings of a merged view (used by union and explain).
+
+    Holds one root fd per layer. Listings are read once and cached: layers are
+    immutable.
+    """
+
+    def __init__(self, layers: Sequence[Layer | str | bytes]):
+        self.layers = as_layers(layers)
+        n = len(self.layers)
+        self.root = Node(DIR, tuple(range(n - 1, -1, -1)), tuple(0 for _ in range(n)))
+        self.root = self._truncate_root()
+
+    def close(self) -> None:
+        for layer in self.layers:
+            layer.close()
+
+    def __enter__(self) -> "Resolver":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _truncate_root(self) -> Node:
+        layers = []
+        for idx in self.root.layers:
+            layers.append(idx)
+            if self.layer_dir(idx, b"").opaque:
+                break
+        inos = tuple(os.fstat(self.layers[i].fd).st_ino for i in layers)
+        return Node(DIR, tuple(layers), inos)
+
+    def layer_dir(self, idx: int, path: bytes) -> LayerDir:
+        """One layer's view of one directory (path must be a directory there)."""
+        layer = self.layers[idx]
+        fd = syscalls.open_beneath(layer.fd, path)
+        try:
+            return read_layer_dir(fd, layer.fmt)
+        finally:
+            os.close(fd)
+
+    def listdir(self, path: bytes, node: Node) -> SortedDict:
+        """The merged children of directory ``node`` at ``path``, sorted by name."""
+        return SortedDict(merge_listing((i, self.layer_dir(i, path)) for i in node.layers))
+
+    def lstat(self, path: bytes, node: Node) -> os.stat_result:
+        """Attributes of a merged entry: those of its top layer's entry."""
+        return self.lstat_in(node.top, path)
+
+    def lstat_in(self, idx: int, path: bytes) -> os.stat_result:
+        if not path:
+            return os.fstat(self.layers[idx].fd)
+        parent, _, name = path.rpartition(b"/")
+        fd = syscalls.open_beneath(self.layers[idx].fd, parent)
+        try:
+            return syscalls.lstat(name, fd)
+        finally:
+            os.close(fd)
+
+    def lookup(self, path: bytes) -> Node | None:
+        """The merged node at ``path``, or None if the merged view has nothing there."""
+        node, cur = self.root, b""
+        for name in path.split(b"/") if path else ():
+            if node.kind != DIR:
+                return None
+            node = merge_listing((i, self.layer_dir(i, cur)) for i in node.layers).get(name)
+            if node is None:
+                return None
+            cur = join(cur, name)
+        return node
+
+    def explain(self, path: bytes) -> list[Explanation]:
+        """For each layer, top first: what it holds at ``path`` and why it shows or not."""
+        from .explain import explain
+        return explain(self, path)

@@ -1,0 +1,174 @@
+"""Every raw system call that touches layers or builds results.
+
+Callers use ``syscalls.NAME(...)`` (never ``from syscalls import NAME``) so a
+test can replace one function to inject EXDEV, EMLINK or ENOSPC.
+
+Paths are bytes, relative to a directory fd. Nothing here follows a symlink
+that a layer contains: directories are opened with ``O_NOFOLLOW`` one level at
+a time or through ``openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)``, and
+attribute calls use the ``*at`` forms with ``AT_SYMLINK_NOFOLLOW``.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+
+O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_SYS_openat2 = 437           # x86_64 and aarch64 share the generic number
+_SYS_renameat2 = {"x86_64": 316, "aarch64": 276}.get(os.uname().machine, 316)
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("resolve", ctypes.c_uint64)]
+
+
+_openat2_works = True
+
+
+def open_beneath(root_fd: int, path: bytes, flags: int = O_DIR, mode: int = 0) -> int:
+    """Open ``path`` below ``root_fd`` without following any symlink on the way.
+
+    The kernel enforces it (openat2); on kernels without openat2 the path is
+    walked one component at a time with O_NOFOLLOW.
+    """
+    global _openat2_works
+    if not path:
+        return os.open(".", flags | os.O_CLOEXEC, dir_fd=root_fd)
+    if _openat2_works:
+        how = _OpenHow(flags | os.O_CLOEXEC, mode,
+                       RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
+        fd = _libc.syscall(_SYS_openat2, root_fd, path, ctypes.byref(how),
+                           ctypes.sizeof(how))
+        if fd >= 0:
+            return fd
+        err = ctypes.get_errno()
+        if err != errno.ENOSYS:
+            raise OSError(err, os.strerror(err), path)
+        _openat2_works = False
+    parts = path.split(b"/")
+    fd = os.open(".", O_DIR, dir_fd=root_fd)
+    try:
+        for part in parts[:-1]:
+            nxt = os.open(part, O_DIR, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def renameat2(src_dir_fd: int, src: bytes, dst_dir_fd: int, dst: bytes, flags: int) -> None:
+    r = _libc.syscall(_SYS_renameat2, src_dir_fd, src, dst_dir_fd, dst, flags)
+    if r != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), dst)
+
+
+def rename_noreplace(src: bytes | str, dst: bytes | str) -> None:
+    """Publish ``src`` as ``dst``; fails with EEXIST if ``dst`` exists (even empty)."""
+    renameat2(-100, os.fsencode(src), -100, os.fsencode(dst), RENAME_NOREPLACE)
+
+
+def open_dir(name: bytes, dir_fd: int) -> int:
+    return os.open(name, O_DIR, dir_fd=dir_fd)
+
+
+def lstat(name: bytes, dir_fd: int) -> os.stat_result:
+    return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+
+
+def fd_path(dir_fd: int, name: bytes) -> bytes:
+    """A path naming ``name`` in ``dir_fd`` for calls that take no dir_fd (xattrs)."""
+    return b"/proc/self/fd/%d/%s" % (dir_fd, name) if name else b"/proc/self/fd/%d" % dir_fd
+
+
+def listxattr(dir_fd: int, name: bytes) -> list[str]:
+    try:
+        return os.listxattr(fd_path(dir_fd, name), follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return []
+        raise
+
+
+def getxattr(dir_fd: int, name: bytes, attr: str) -> bytes | None:
+    try:
+        return os.getxattr(fd_path(dir_fd, name), attr, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+            return None
+        raise
+
+
+def setxattr(dir_fd: int, name: bytes, attr: str, value: bytes) -> None:
+    os.setxattr(fd_path(dir_fd, name), attr, value, follow_symlinks=False)
+
+
+def readlink(name: bytes, dir_fd: int) -> bytes:
+    return os.readlink(name, dir_fd=dir_fd)
+
+
+def link(src: bytes, dst: bytes, src_dir_fd: int, dst_dir_fd: int) -> None:
+    os.link(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd, follow_symlinks=False)
+
+
+def mkdir(name: bytes, dir_fd: int, mode: int = 0o700) -> None:
+    os.mkdir(name, mode, dir_fd=dir_fd)
+
+
+def symlink(target: bytes, name: bytes, dir_fd: int) -> None:
+    os.symlink(target, name, dir_fd=dir_fd)
+
+
+def mknod(name: bytes, mode: int, rdev: int, dir_fd: int) -> None:
+    os.mknod(name, mode, rdev, dir_fd=dir_fd)
+
+
+def lchown(name: bytes, uid: int, gid: int, dir_fd: int) -> None:
+    os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+
+
+def chmod(name: bytes, mode: int, dir_fd: int) -> None:
+    """chmod a non-symlink (Linux has no lchmod; symlink modes are always 0777)."""
+    os.chmod(name, mode, dir_fd=dir_fd)
+
+
+def utime_ns(name: bytes, atime_ns: int, mtime_ns: int, dir_fd: int) -> None:
+    os.utime(name, ns=(atime_ns, mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
+
+
+def unlink(name: bytes, dir_fd: int) -> None:
+    os.unlink(name, dir_fd=dir_fd)
+
+
+def copy_data(src_fd: int, dst_fd: int, size: int) -> None:
+    """Copy ``size`` bytes; copy_file_range shares extents where the fs can."""
+    copied = 0
+    while copied < size:
+        try:
+            n = os.copy_file_range(src_fd, dst_fd, size - copied)
+        except OSError as e:
+            # EXDEV before Linux 5.19 across filesystems, EINVAL/ENOSYS on some
+            # filesystems (overlay, fuse): plain read/write works everywhere.
+            if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            n = os.sendfile(dst_fd, src_fd, None, min(size - copied, 1 << 30))
+        if n == 0:
+            break
+        copied += n
+
+
+def is_whiteout_stat(st: os.stat_result) -> bool:
+    """Overlay whiteout: a character device with device number 0/0."""
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0

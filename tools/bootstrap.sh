@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Set-up shared by tools/demo.sh and tools/test.sh: Debian packages, .venv, editable install.
+# Safe to run any number of times: each step checks before it acts.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages: fuse3/libfuse3-dev/pkg-config build and run pyfuse3; the rest are
+# the test oracles and runtimes (kernel overlayfs needs none, it is in the kernel).
+APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-dev attr fuse-overlayfs
+              umoci skopeo runc busybox-static zstd)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  echo "bootstrap: installing ${missing[*]}" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+# Re-install only when the project metadata changed since the last install.
+stamp=.venv/.mergefs-installed
+if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[test]'
+  touch "$stamp"
+fi
