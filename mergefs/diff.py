@@ -1,0 +1,147 @@
+"""Diff(lower, upper): the layer that turns ``lower`` into ``upper`` (F1-F4, D4).
+
+Both sides are merged views (a plain tree is a one-layer stack). The result is
+an overlay-format layer with explicit whiteouts only: a deletion is a
+whiteout of that name, never an opaque directory (D4), so the layer means the
+same in either format and on any lower. Unchanged parents of changed entries
+are emitted (F3) so a deep change recreates its parent chain.
+
+Changed (F2): type, mode, uid, gid, rdev, size, mtime (content compared when
+mtimes carry no nanoseconds), symlink target, and xattrs. F2 names only
+``security.capability``; every content xattr is compared, so that
+``Merge(A, Diff(A, B)) == B`` also holds for xattrs. atime/ctime are ignored.
+"""
+from __future__ import annotations
+
+import os
+import stat
+from typing import Iterator, Sequence
+
+from . import syscalls
+from .attrs import Meta
+from .farm import Applier, FarmStats, staged_build
+from .layer import DIR, LNK, REG, Layer, as_layers, content_xattrs
+from .plan import DirAttrs, Link, Mkdir, MergedDir, Record, Whiteout, plan_subtree
+from .resolver import join
+
+CHUNK = 1 << 20
+
+
+def _same_content(a_dir: int, b_dir: int, name: bytes, size: int) -> bool:
+    fa = os.open(name, syscalls.O_READ, dir_fd=a_dir)
+    try:
+        fb = os.open(name, syscalls.O_READ, dir_fd=b_dir)
+        try:
+            for off in range(0, max(size, 1), CHUNK):
+                if os.pread(fa, CHUNK, off) != os.pread(fb, CHUNK, off):
+                    return False
+            return True
+        finally:
+            os.close(fb)
+    finally:
+        os.close(fa)
+
+
+def entry_changed(lo: MergedDir, up: MergedDir, name: bytes) -> bool:
+    """F2 for two non-directories of the same name."""
+    lo_fd, up_fd = lo.fd_of(lo.children[name].top), up.fd_of(up.children[name].top)
+    a, b = syscalls.lstat(name, lo_fd), syscalls.lstat(name, up_fd)
+    if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
+        return False
+    if (a.st_mode, a.st_uid, a.st_gid, a.st_rdev, a.st_size, a.st_mtime_ns) != \
+       (b.st_mode, b.st_uid, b.st_gid, b.st_rdev, b.st_size, b.st_mtime_ns):
+        return True
+    if stat.S_ISLNK(a.st_mode) and syscalls.readlink(name, lo_fd) != syscalls.readlink(name, up_fd):
+        return True
+    if content_xattrs(lo_fd, name) != content_xattrs(up_fd, name):
+        return True
+    if stat.S_ISREG(a.st_mode) and a.st_mtime_ns % 1_000_000_000 == 0:
+        return not _same_content(lo_fd, up_fd, name, a.st_size)
+    return False
+
+
+def dir_meta_changed(a: Meta, b: Meta) -> bool:
+    return (a.mode, a.uid, a.gid, a.mtime_ns, a.xattrs) != (b.mode, b.uid, b.gid, b.mtime_ns, b.xattrs)
+
+
+def _diff_dir(lo: MergedDir, up: MergedDir, pending: list[bytes]) -> Iterator[Record]:
+    """Records for the differences below one directory present (as a dir) on both sides.
+
+    ``pending`` is this directory's own Mkdir, held back until the first record
+    under it (F3: unchanged parents of changed entries are emitted); the
+    caller emits its own pending ones before passing ours on. Closes ``lo``
+    and ``up``.
+    """
+    try:
+        emitted_here = False
+        for name in sorted(lo.children.keys() | up.children.keys()):
+            l, u = lo.children.get(name), up.children.get(name)
+            path = join(up.path, name)
+            if l is not None and u is not None and l.kind == DIR and u.kind == DIR:
+                sub = _diff_dir(lo.child(name), up.child(name), [path])
+                for rec in sub:
+                    if not emitted_here:
+                        yield from (Mkdir(p) for p in pending)
+                        pending.clear()
+                        emitted_here = True
+                    yield rec
+                continue
+            if u is None:
+                recs = [Whiteout(path)]
+            elif l is not None and u.kind != DIR and l.kind != DIR and not entry_changed(lo, up, name):
+                continue
+            elif u.kind == DIR:       # new dir, or a dir over a non-dir: starts fresh (M3)
+                recs = None
+            else:                     # new or changed non-dir; over a dir it replaces the subtree (M2)
+                recs = [Link(path, u.top, u.kind, u.inos[0])]
+            if not emitted_here:
+                yield from (Mkdir(p) for p in pending)
+                pending.clear()
+                emitted_here = True
+            if recs is None:
+                yield Mkdir(path)
+                yield from plan_subtree(up.child(name))
+            else:
+                yield from recs
+        meta = up.meta()
+        if emitted_here or dir_meta_changed(lo.meta(), meta):
+            if not emitted_here:
+                yield from (Mkdir(p) for p in pending)
+                pending.clear()
+            yield DirAttrs(up.path, meta)
+    finally:
+        lo.close()
+        up.close()
+
+
+def plan_diff(lower: Sequence[Layer], upper: Sequence[Layer]) -> Iterator[Record]:
+    """The records of Diff(lower, upper); the root's attributes always come last."""
+    lo, up = MergedDir.root(lower), MergedDir.root(upper)
+    root_meta = up.meta()
+    saw_root = False
+    for rec in _diff_dir(lo, up, []):
+        if type(rec) is DirAttrs and rec.path == b"":
+            saw_root = True
+        elif type(rec) is Mkdir and rec.path == b"":
+            continue
+        yield rec
+    if not saw_root:
+        yield DirAttrs(b"", root_meta)
+
+
+def write_diff(lower: Sequence[Layer | str], upper: Sequence[Layer | str],
+               out: str | os.PathLike) -> FarmStats:
+    """Write Diff(lower, upper) (each a stack, bottom first) as a new layer at ``out``.
+
+    New and changed files are hardlinked from ``upper`` where they can be
+    (copied on EXDEV/EMLINK, like a farm).
+    """
+    lower, upper = as_layers(lower), as_layers(upper)
+    all_layers = lower + upper
+    try:
+        for layer in all_layers:
+            layer.fd
+        return staged_build(out, lambda fd: Applier(upper, fd).run(plan_diff(lower, upper)))
+    finally:
+        for layer in all_layers:
+            layer.close()

@@ -1,0 +1,186 @@
+"""The farm builder: executes change records into a staging directory.
+
+This is the only module that writes merge results. Fallback chain for a
+non-directory: hardlink -> copy, where only two errnos fall back:
+
+* EXDEV: the layer lives on another filesystem than the farm; a hardlink
+  cannot cross filesystems, so the bytes are copied.
+* EMLINK: the layer's inode reached the filesystem's link limit (65,000 on
+  ext4); another name for it cannot be made, so a copy stands in.
+
+Any other error aborts the build and the staging directory is removed.
+Copies keep hardlink groups (H1): the second name of a copied inode links to
+the first copy. Directories are created, never linked; sockets are recreated
+(A4); directory attributes are applied after their children (A2).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from . import syscalls
+from .attrs import Meta, apply_meta
+from .errors import AlreadyExists, NotFound
+from .layer import LNK, REG, SOCK, Layer, as_layers
+from .plan import DirAttrs, Link, Mkdir, Record, Whiteout, plan_merge
+
+# errno -> reason, for the two failures of link() that fall back to a copy.
+COPY_FALLBACK = {
+    errno.EXDEV: "exdev",    # layer on another filesystem: links cannot cross it
+    errno.EMLINK: "emlink",  # layer inode at the filesystem's link limit
+}
+
+
+@dataclass
+class FarmStats:
+    dirs: int = 0
+    links: int = 0
+    copies: dict = field(default_factory=lambda: {"exdev": 0, "emlink": 0})
+    recreated: int = 0          # sockets
+    whiteouts: int = 0
+    warnings: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Applier:
+    """Executes records against ``dst_fd`` with sources in ``layers``."""
+
+    def __init__(self, layers: Sequence[Layer], dst_fd: int):
+        self.layers = layers
+        self.layer_fds = [layer.fd for layer in layers]
+        self.dst = dst_fd
+        self.stats = FarmStats()
+        self._copies: dict[tuple[int, int], bytes] = {}   # (layer, ino) -> copied path
+
+    def run(self, records: Iterable[Record]) -> FarmStats:
+        for rec in records:
+            kind = type(rec)
+            if kind is Link:
+                self.link(rec)
+            elif kind is Mkdir:
+                syscalls.mkdir(rec.path, self.dst)
+                self.stats.dirs += 1
+            elif kind is DirAttrs:
+                apply_meta(self.dst, rec.path, rec.meta, self.stats.warnings)
+            elif kind is Whiteout:
+                syscalls.mknod(rec.path, stat.S_IFCHR | 0o000, 0, self.dst)
+                self.stats.whiteouts += 1
+            else:
+                raise TypeError(f"unknown record {rec!r}")
+        return self.stats
+
+    def link(self, rec: Link) -> None:
+        if rec.kind == SOCK:       # A4: a socket is recreated, never linked
+            self.recreate(rec)
+            return
+        try:
+            syscalls.link(rec.path, rec.path, self.layer_fds[rec.layer], self.dst)
+            self.stats.links += 1
+        except OSError as e:
+            reason = COPY_FALLBACK.get(e.errno)
+            if reason is None:
+                raise
+            self.copy(rec)
+            self.stats.copies[reason] += 1
+
+    def _source(self, rec: Link) -> tuple[int, bytes]:
+        parent, _, name = rec.path.rpartition(b"/")
+        return syscalls.open_beneath(self.layer_fds[rec.layer], parent), name
+
+    def copy(self, rec: Link) -> None:
+        """Copy one entry from its layer (H1: later names of the inode link to the copy)."""
+        key = (rec.layer, rec.ino)
+        first = self._copies.get(key)
+        if first is not None:
+            try:
+                syscalls.link(first, rec.path, self.dst, self.dst)
+                return
+            except OSError as e:
+                if e.errno != errno.EMLINK:   # the copy itself reached the link limit
+                    raise
+        src_dir, name = self._source(rec)
+        try:
+            st = syscalls.lstat(name, src_dir)
+            meta = Meta.read(src_dir, name, st)
+            if stat.S_ISREG(st.st_mode):
+                self._copy_file(src_dir, name, rec.path, st.st_size)
+            elif stat.S_ISLNK(st.st_mode):
+                syscalls.symlink(syscalls.readlink(name, src_dir), rec.path, self.dst)
+            else:                           # fifo, char, block
+                syscalls.mknod(rec.path, st.st_mode, st.st_rdev, self.dst)
+        finally:
+            os.close(src_dir)
+        apply_meta(self.dst, rec.path, meta, self.stats.warnings)
+        self._copies[key] = rec.path
+
+    def _copy_file(self, src_dir: int, name: bytes, dst: bytes, size: int) -> None:
+        src = os.open(name, syscalls.O_READ, dir_fd=src_dir)
+        try:
+            out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                          | os.O_CLOEXEC, 0o600, dir_fd=self.dst)
+            try:
+                syscalls.copy_data(src, out, size)
+            finally:
+                os.close(out)
+        finally:
+            os.close(src)
+
+    def recreate(self, rec: Link) -> None:
+        src_dir, name = self._source(rec)
+        try:
+            st = syscalls.lstat(name, src_dir)
+            meta = Meta.read(src_dir, name, st)
+        finally:
+            os.close(src_dir)
+        syscalls.mknod(rec.path, st.st_mode, 0, self.dst)
+        apply_meta(self.dst, rec.path, meta, self.stats.warnings)
+        self.stats.recreated += 1
+
+
+def staged_build(out: str | os.PathLike, build) -> FarmStats:
+    """Run ``build(staging_fd)`` in a staging dir next to ``out``, then publish by rename.
+
+    ``out`` must not exist. On any error the staging dir is removed and
+    nothing is left at ``out``.
+    """
+    out = Path(os.fsdecode(out)).absolute()
+    if os.path.lexists(out):
+        raise AlreadyExists(f"{out} already exists")
+    if not out.parent.is_dir():
+        raise NotFound(f"parent directory {out.parent} does not exist")
+    staging = out.parent / f".{out.name}.mergefs-staging-{uuid.uuid4().hex[:12]}"
+    os.mkdir(staging, 0o700)
+    try:
+        fd = os.open(staging, syscalls.O_DIR)
+        try:
+            stats = build(fd)
+        finally:
+            os.close(fd)
+        try:
+            syscalls.rename_noreplace(staging, out)
+        except FileExistsError:
+            raise AlreadyExists(f"{out} already exists") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return stats
+
+
+def build_farm(layers: Sequence[Layer | str | os.PathLike], out: str | os.PathLike) -> FarmStats:
+    """Materialise Merge(layers) (bottom first) as a hardlink farm at ``out``."""
+    layers = as_layers(layers)
+    try:
+        for layer in layers:
+            layer.fd   # open every layer first: a bad one fails before any work
+        return staged_build(out, lambda fd: Applier(layers, fd).run(plan_merge(layers)))
+    finally:
+        for layer in layers:
+            layer.close()
