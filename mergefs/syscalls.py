@@ -88,14 +88,19 @@ def lstat(name: bytes, dir_fd: int) -> os.stat_result:
     return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
 
 
-def fd_path(dir_fd: int, name: bytes) -> bytes:
-    """A path naming ``name`` in ``dir_fd`` for calls that take no dir_fd (xattrs)."""
-    return b"/proc/self/fd/%d/%s" % (dir_fd, name) if name else b"/proc/self/fd/%d" % dir_fd
+def fd_path(dir_fd: int, name: bytes) -> bytes | int:
+    """What the xattr calls (which take no dir_fd) should name: ``name`` in
+    ``dir_fd`` as a /proc path (not followed at its last component), or the fd
+    itself when ``name`` is empty."""
+    return b"/proc/self/fd/%d/%s" % (dir_fd, name) if name else dir_fd
 
 
 def listxattr(dir_fd: int, name: bytes) -> list[str]:
     try:
-        return os.listxattr(fd_path(dir_fd, name), follow_symlinks=False)
+        target = fd_path(dir_fd, name)
+        if isinstance(target, int):
+            return os.listxattr(target)
+        return os.listxattr(target, follow_symlinks=False)
     except OSError as e:
         if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
             return []
@@ -104,7 +109,10 @@ def listxattr(dir_fd: int, name: bytes) -> list[str]:
 
 def getxattr(dir_fd: int, name: bytes, attr: str) -> bytes | None:
     try:
-        return os.getxattr(fd_path(dir_fd, name), attr, follow_symlinks=False)
+        target = fd_path(dir_fd, name)
+        if isinstance(target, int):
+            return os.getxattr(target, attr)
+        return os.getxattr(target, attr, follow_symlinks=False)
     except OSError as e:
         if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
             return None
@@ -112,7 +120,11 @@ def getxattr(dir_fd: int, name: bytes, attr: str) -> bytes | None:
 
 
 def setxattr(dir_fd: int, name: bytes, attr: str, value: bytes) -> None:
-    os.setxattr(fd_path(dir_fd, name), attr, value, follow_symlinks=False)
+    target = fd_path(dir_fd, name)
+    if isinstance(target, int):
+        os.setxattr(target, attr, value)
+    else:
+        os.setxattr(target, attr, value, follow_symlinks=False)
 
 
 def readlink(name: bytes, dir_fd: int) -> bytes:

@@ -1,0 +1,139 @@
+"""The inode table: FUSE inode numbers for merged entries, with lookup counts.
+
+Glossary:
+- *key*: what makes two names one inode. A non-directory is keyed by the
+  layer that supplies it and its ``st_ino`` there, so hardlinks of one layer
+  share an inode (U2, H1); a directory by its top layer and ``st_ino``.
+- *number*: the FUSE inode number. Numbers are given per key once and never
+  reused, so they are stable for the life of the mount even after the kernel
+  forgets an inode (the key -> number map is the only thing kept).
+- *lookup count*: how many times the kernel was handed the inode (lookup,
+  readdirplus entry, create, mkdir ...) minus what it ``forget``s. An inode
+  with a zero count is dropped from the live table (its number stays).
+
+An ``Inode`` knows its name by a strong reference to its parent ``Inode`` plus
+its name, so a rename moves a whole subtree by updating one object, and a
+path can be computed while the parent is no longer known to the kernel.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+from ..errors import NotFound
+from ..resolver import Node
+from ..layer import DIR
+
+ROOT_INODE = 1
+
+
+class Inode:
+    __slots__ = ("number", "parent", "name", "node", "lookups", "attr", "children",
+                 "unlinked", "__weakref__")
+
+    def __init__(self, number: int, parent: "Inode | None", name: bytes, node: Node):
+        self.number = number
+        self.parent = parent
+        self.name = name
+        self.node = node
+        self.lookups = 0
+        self.attr: os.stat_result | None = None   # cached lstat of the top entry
+        self.children = None                      # cached merged listing (dirs)
+        self.unlinked = False
+
+    @property
+    def kind(self) -> int:
+        return self.node.kind
+
+    @property
+    def is_dir(self) -> bool:
+        return self.node.kind == DIR
+
+    @property
+    def path(self) -> bytes:
+        parts = []
+        cur = self
+        while cur.parent is not None:
+            parts.append(cur.name)
+            cur = cur.parent
+        return b"/".join(reversed(parts))
+
+    def __repr__(self) -> str:
+        return f"Inode({self.number}, {self.path!r}, lookups={self.lookups})"
+
+
+def node_key(node: Node) -> tuple[int, int]:
+    return (node.layers[0], node.inos[0])
+
+
+class InodeTable:
+    """Live inodes by number, and the permanent key -> number map."""
+
+    def __init__(self, root_node: Node):
+        self._numbers: dict[tuple[int, int], int] = {}
+        self._next = ROOT_INODE + 1
+        self.root = Inode(ROOT_INODE, None, b"", root_node)
+        self.root.lookups = 1          # the kernel never forgets the root
+        self._live: dict[int, Inode] = {ROOT_INODE: self.root}
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def __iter__(self) -> Iterator[Inode]:
+        return iter(self._live.values())
+
+    def get(self, number: int) -> Inode:
+        try:
+            return self._live[number]
+        except KeyError:
+            raise NotFound(f"inode {number} is not known") from None
+
+    def number_for(self, node: Node) -> int:
+        key = node_key(node)
+        number = self._numbers.get(key)
+        if number is None:
+            number = self._numbers[key] = self._next
+            self._next += 1
+        return number
+
+    def alias(self, inode: Inode, node: Node) -> None:
+        """``inode`` is now served by ``node`` (after copy-up): same number, new key."""
+        self._numbers[node_key(node)] = inode.number
+        inode.node = node
+
+    def unmap(self, node: Node) -> None:
+        """Forget a key so its name gets a new inode (a hardlink broken by copy-up)."""
+        self._numbers.pop(node_key(node), None)
+
+    def entry(self, parent: Inode, name: bytes, node: Node) -> Inode:
+        """The live inode for ``name`` in ``parent``, created if needed; count +1."""
+        number = self.number_for(node)
+        inode = self._live.get(number)
+        if inode is None:
+            inode = self._live[number] = Inode(number, parent, name, node)
+        elif inode.parent is not parent or inode.name != name or inode.unlinked:
+            # another hardlink name, or the same entry found again after a rename
+            inode.parent, inode.name, inode.unlinked = parent, name, False
+        if inode.node != node:
+            inode.node, inode.attr = node, None
+        inode.lookups += 1
+        return inode
+
+    def forget(self, number: int, count: int) -> None:
+        inode = self._live.get(number)
+        if inode is None or inode is self.root:
+            return
+        inode.lookups -= count
+        if inode.lookups <= 0:
+            del self._live[number]
+            inode.children = None
+
+    def check(self) -> list[str]:
+        """Invariant violations (empty when consistent); tests end with this."""
+        problems = []
+        for number, inode in self._live.items():
+            if inode.number != number:
+                problems.append(f"{inode!r} filed under {number}")
+            if inode.lookups <= 0:
+                problems.append(f"{inode!r} is live with no lookups")
+        return problems

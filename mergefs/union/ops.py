@@ -1,0 +1,271 @@
+"""The pyfuse3 ``Operations`` of the union: thin translators over the view.
+
+Each handler turns FUSE arguments into one call on the ``UnionView`` (read)
+or ``WritableView`` (write) and the result into pyfuse3 types; errors are
+translated in one place (``@fuse_errors``). Lookup counts: ``lookup``,
+``create``, ``mkdir``, ``mknod``, ``symlink``, ``link`` and every entry
+``readdirplus`` returns add one; ``forget`` subtracts.
+
+File handles: ``fh`` is a number in ``self.handles`` mapping to the inode and
+its open fd (files) or a snapshot of the listing (directories, so readdir
+offsets are indices that stay valid for the handle's life).
+"""
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass, field
+
+import pyfuse3
+from pyfuse3 import FUSEError
+
+from ..layer import DIR
+from .errors import fuse_errors
+from .inodes import Inode
+from .view import UnionView
+
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
+
+
+@dataclass
+class Handle:
+    inode: Inode
+    fd: int = -1                     # files: the content fd
+    entries: list | None = None      # directories: (name, Node) snapshot
+
+
+@dataclass
+class Timeouts:
+    """How long the kernel may cache (seconds); layers are immutable (U3)."""
+    entry: float = 86400.0
+    attr: float = 86400.0
+
+
+def entry_attributes(number: int, st: os.stat_result, merged_dir: bool,
+                     t: Timeouts) -> pyfuse3.EntryAttributes:
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = number
+    e.generation = 0
+    e.entry_timeout = t.entry
+    e.attr_timeout = t.attr
+    e.st_mode = st.st_mode
+    # kernel overlayfs reports nlink 1 for a merged dir (fs/overlayfs/inode.c)
+    e.st_nlink = 1 if merged_dir else st.st_nlink
+    e.st_uid, e.st_gid, e.st_rdev, e.st_size = st.st_uid, st.st_gid, st.st_rdev, st.st_size
+    e.st_blksize, e.st_blocks = st.st_blksize, st.st_blocks
+    e.st_atime_ns, e.st_mtime_ns, e.st_ctime_ns = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+    return e
+
+
+class UnionOperations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, view: UnionView, timeouts: Timeouts | None = None):
+        super().__init__()
+        self.view = view
+        self.inodes = view.inodes
+        self.timeouts = timeouts or Timeouts()
+        self.handles: dict[int, Handle] = {}
+        self._next_fh = 1
+
+    # -- helpers ---------------------------------------------------------
+    def _entry(self, inode: Inode, st: os.stat_result | None = None) -> pyfuse3.EntryAttributes:
+        st = st if st is not None else self._stat(inode)
+        merged = inode.is_dir and len(inode.node.layers) > 1
+        return entry_attributes(inode.number, st, merged, self.timeouts)
+
+    def _stat(self, inode: Inode) -> os.stat_result:
+        if inode.unlinked:
+            for h in self.handles.values():
+                if h.inode is inode and h.fd >= 0:
+                    return os.fstat(h.fd)
+        return self.view.attr(inode)
+
+    def _add_handle(self, handle: Handle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = handle
+        return fh
+
+    def _writer(self):
+        if not self.view.writable:
+            raise FUSEError(errno.EROFS)
+        return self.view
+
+    def check(self) -> list[str]:
+        """Invariants for tests: the inode table's, and every handle's inode is live."""
+        problems = self.inodes.check()
+        for fh, h in self.handles.items():
+            if h.inode.lookups <= 0:
+                problems.append(f"handle {fh} on forgotten {h.inode!r}")
+        return problems
+
+    # -- names -----------------------------------------------------------
+    @fuse_errors
+    async def lookup(self, parent_inode, name, ctx=None):
+        parent = self.inodes.get(parent_inode)
+        return self._entry(self.view.lookup(parent, name))
+
+    @fuse_errors
+    async def forget(self, inode_list):
+        for number, count in inode_list:
+            self.inodes.forget(number, count)
+
+    @fuse_errors
+    async def getattr(self, inode, ctx=None):
+        return self._entry(self.inodes.get(inode))
+
+    @fuse_errors
+    async def readlink(self, inode, ctx=None):
+        return self.view.readlink(self.inodes.get(inode))
+
+    # -- directories -----------------------------------------------------
+    @fuse_errors
+    async def opendir(self, inode, ctx=None):
+        node = self.inodes.get(inode)
+        return self._add_handle(Handle(node, entries=list(self.view.listing(node).items())))
+
+    @fuse_errors
+    async def readdir(self, fh, start_id, token):
+        h = self.handles[fh]
+        wanted = h.entries[start_id:]
+        entries = self.view.entries(h.inode, wanted)
+        try:
+            for i, (name, node, st) in enumerate(entries, start_id + 1):
+                number = self.inodes.number_for(node)
+                merged = node.kind == DIR and len(node.layers) > 1
+                attrs = entry_attributes(number, st, merged, self.timeouts)
+                if not pyfuse3.readdir_reply(token, name, attrs, i):
+                    break
+                child = self.inodes.entry(h.inode, name, node)   # readdirplus counts
+                if child.attr is None:
+                    child.attr = st
+        finally:
+            entries.close()
+
+    @fuse_errors
+    async def releasedir(self, fh):
+        del self.handles[fh]
+
+    @fuse_errors
+    async def fsyncdir(self, fh, datasync):
+        pass
+
+    # -- files -----------------------------------------------------------
+    @fuse_errors
+    async def open(self, inode, flags, ctx=None):
+        node = self.inodes.get(inode)
+        if flags & WRITE_FLAGS:
+            fd = self._writer().open_for_write(node, flags)
+        else:
+            fd = self.view.open_content(node)
+        fh = self._add_handle(Handle(node, fd))
+        # keep_cache: layers never change under a read-only mount (U3); a
+        # writable mount sends every write through here, so its pages agree too.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @fuse_errors
+    async def read(self, fh, off, size):
+        return os.pread(self.handles[fh].fd, size, off)
+
+    @fuse_errors
+    async def write(self, fh, off, buf):
+        h = self.handles[fh]
+        n = os.pwrite(h.fd, buf, off)
+        h.inode.attr = None
+        return n
+
+    @fuse_errors
+    async def flush(self, fh):
+        pass
+
+    @fuse_errors
+    async def fsync(self, fh, datasync):
+        fd = self.handles[fh].fd
+        (os.fdatasync if datasync else os.fsync)(fd)
+
+    @fuse_errors
+    async def release(self, fh):
+        h = self.handles.pop(fh)
+        os.close(h.fd)
+
+    # -- extended attributes ---------------------------------------------
+    @fuse_errors
+    async def listxattr(self, inode, ctx=None):
+        return self.view.xattr_names(self.inodes.get(inode))
+
+    @fuse_errors
+    async def getxattr(self, inode, name, ctx=None):
+        from ..layer import is_overlay_private
+        if is_overlay_private(os.fsdecode(name)):
+            raise FUSEError(errno.EOPNOTSUPP)   # as kernel overlayfs answers its own prefix
+        value = self.view.getxattr(self.inodes.get(inode), name)
+        if value is None:
+            raise FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    @fuse_errors
+    async def setxattr(self, inode, name, value, ctx=None):
+        self._writer().setxattr(self.inodes.get(inode), name, value)
+
+    @fuse_errors
+    async def removexattr(self, inode, name, ctx=None):
+        self._writer().removexattr(self.inodes.get(inode), name)
+
+    @fuse_errors
+    async def statfs(self, ctx=None):
+        sv = self.view.statvfs()
+        out = pyfuse3.StatvfsData()
+        for f in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                  "f_ffree", "f_favail", "f_namemax"):
+            setattr(out, f, getattr(sv, f))
+        return out
+
+    # -- writes (EROFS on a read-only mount, U3) --------------------------
+    @fuse_errors
+    async def setattr(self, inode, attr, fields, fh, ctx=None):
+        node = self.inodes.get(inode)
+        fd = self.handles[fh].fd if fh is not None and fh in self.handles else -1
+        self._writer().setattr(node, attr, fields, fd)
+        return self._entry(node)
+
+    @fuse_errors
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        node, fd = self._writer().create(self.inodes.get(parent_inode), name, mode, flags, ctx)
+        fh = self._add_handle(Handle(node, fd))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._entry(node)
+
+    @fuse_errors
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        return self._entry(self._writer().mkdir(self.inodes.get(parent_inode), name, mode, ctx))
+
+    @fuse_errors
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        w = self._writer()
+        return self._entry(w.mknod(self.inodes.get(parent_inode), name, mode, rdev, ctx))
+
+    @fuse_errors
+    async def symlink(self, parent_inode, name, target, ctx):
+        w = self._writer()
+        return self._entry(w.symlink(self.inodes.get(parent_inode), name, target, ctx))
+
+    @fuse_errors
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        w = self._writer()
+        node = w.link(self.inodes.get(inode), self.inodes.get(new_parent_inode), new_name)
+        return self._entry(node)
+
+    @fuse_errors
+    async def unlink(self, parent_inode, name, ctx):
+        self._writer().unlink(self.inodes.get(parent_inode), name)
+
+    @fuse_errors
+    async def rmdir(self, parent_inode, name, ctx):
+        self._writer().rmdir(self.inodes.get(parent_inode), name)
+
+    @fuse_errors
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        w = self._writer()
+        w.rename(self.inodes.get(parent_inode_old), name_old,
+                 self.inodes.get(parent_inode_new), name_new, flags)
