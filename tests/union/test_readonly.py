@@ -44,8 +44,8 @@ def random_stack(rng: random.Random, nlayers: int) -> list[LayerSpec]:
         used = set()
         for _ in range(rng.randint(1, 6)):
             path = "/".join(rng.choice(names) for _ in range(rng.randint(1, 3)))
-            parts = path.split("/")
-            if any("/".join(parts[:i]) in used for i in range(1, len(parts) + 1)):
+            if any(u == path or u.startswith(path + "/") or path.startswith(u + "/")
+                   for u in used):
                 continue
             used.add(path)
             op = rng.choice(["file", "dir", "symlink", "whiteout", "opaque"])
@@ -103,7 +103,7 @@ async def test_U2_readdirplus_counts_lookups_and_offsets_are_stable(tmp_path, ma
     resumed = await drv.readdir(d, start=whole[19][2])
     assert [n for n, *_ in resumed] == [n for n, *_ in whole[20:]]
     inode = drv.ops.inodes.get(whole[0][1].st_ino)
-    assert inode.lookups == 3           # one per readdirplus that returned it
+    assert inode.lookups == 2           # one per readdirplus that returned it
     await drv.finish()
 
 
