@@ -1,0 +1,189 @@
+"""Serving a MountSpec: ``serve()`` in the foreground, ``start()`` detached.
+
+pyfuse3 has one FUSE session per process, so each union mount is its own
+server process. ``start()`` runs ``python -m mergefs.union.server`` in a new
+session with stdio on a log file (never a terminal) and waits on a pipe until
+the child reports the mount live ("ok") or why it failed; only then does the
+caller's ``mergefs mount`` return. ``unmount()`` also cleans a mount whose
+server died ("Transport endpoint is not connected", U7).
+
+Lifecycle in the server: open the layers, ``pyfuse3.init`` (the kernel mount
+exists from here), report ready, run ``pyfuse3.main`` beside a task that turns
+SIGTERM/SIGINT into ``pyfuse3.terminate()``; always ``pyfuse3.close()`` and
+close the layer fds, in that order.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+
+import pyfuse3
+import trio
+
+from ..errors import MountError
+from ..layer import Layer
+from ..mountspec import MountSpec
+from .ops import UnionOperations
+from .view import UnionView
+
+log = logging.getLogger("mergefs.union")
+READY_TIMEOUT = 30.0
+
+
+def build_view(spec: MountSpec, fmt: str = "auto") -> UnionView:
+    lowers = [Layer(p, fmt) for p in spec.lowers]
+    if spec.upper is None:
+        return UnionView(lowers)
+    from .writable import WritableView
+    return WritableView(lowers, spec.upper, spec.work)
+
+
+def fuse_options(spec: MountSpec) -> set[str]:
+    """default_permissions always (U6); allow_other only when asked."""
+    opts = {"fsname=mergefs", "subtype=mergefs", "default_permissions"}
+    if spec.allow_other:
+        opts.add("allow_other")
+    if not spec.writable:
+        opts.add("ro")
+    opts.update(spec.options)
+    return opts
+
+
+async def _run() -> None:
+    async with trio.open_nursery() as nursery:
+        async def on_signal():
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                async for _ in sigs:
+                    log.info("signal received, stopping")
+                    pyfuse3.terminate()
+                    return
+        nursery.start_soon(on_signal)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+def serve(spec: MountSpec, mountpoint: str, fmt: str = "auto", ready=None) -> None:
+    """Serve ``spec`` at ``mountpoint`` until unmounted or signalled."""
+    with contextlib.closing(build_view(spec, fmt)) as view:
+        ops = UnionOperations(view)
+        pyfuse3.init(ops, mountpoint, fuse_options(spec))
+        try:
+            log.info("serving %d layers at %s (%s)", len(spec.lowers), mountpoint,
+                     "writable" if spec.writable else "read-only")
+            if ready is not None:
+                ready()
+            trio.run(_run)
+        except BaseException:
+            log.exception("server stopped by an error")
+            raise
+        finally:
+            pyfuse3.close(unmount=True)
+            log.info("stopped")
+
+
+def default_log_path(mountpoint: str) -> str:
+    base = "/run/mergefs" if os.geteuid() == 0 else os.path.join(
+        os.environ.get("XDG_RUNTIME_DIR") or "/tmp", "mergefs")
+    os.makedirs(base, exist_ok=True)
+    name = os.path.abspath(mountpoint).strip("/").replace("/", "_") or "root"
+    return os.path.join(base, f"mount-{name}.log")
+
+
+def start(spec: MountSpec, mountpoint: str, fmt: str = "auto", log_path: str | None = None) -> int:
+    """Start a detached server; return its pid once the mount is live."""
+    mountpoint = os.path.abspath(mountpoint)
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"mount point {mountpoint!r} is not a directory")
+    log_path = log_path or default_log_path(mountpoint)
+    r, w = os.pipe()
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mergefs.union.server", "--ready-fd", str(w),
+             "--format", fmt, json.dumps(asdict(spec)), mountpoint],
+            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),
+            start_new_session=True)
+    os.close(w)
+    try:
+        msg = _read_ready(r, proc)
+    finally:
+        os.close(r)
+    if msg != b"ok":
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        reason = msg.decode(errors="replace") or f"server exited with {proc.returncode}"
+        raise MountError(f"mounting {mountpoint} failed: {reason} (log: {log_path})")
+    return proc.pid
+
+
+def _read_ready(fd: int, proc: subprocess.Popen) -> bytes:
+    deadline = time.monotonic() + READY_TIMEOUT
+    data = b""
+    while time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.1)[0]:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                return data
+            data += chunk
+        elif proc.poll() is not None and not data:
+            return b""
+    return data or b"timed out waiting for the server"
+
+
+def unmount(mountpoint: str) -> None:
+    """Unmount a union; a dead server's mount (ENOTCONN) is detached lazily."""
+    mountpoint = os.path.abspath(mountpoint)
+    r = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+    if r.returncode == 0:
+        return
+    if is_mounted(mountpoint):
+        r2 = subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True, text=True)
+        if r2.returncode == 0 or not is_mounted(mountpoint):
+            return
+        raise MountError(f"cannot unmount {mountpoint}: {(r2.stderr or r.stderr).strip()}")
+    raise MountError(f"{mountpoint} is not mounted")
+
+
+def is_mounted(mountpoint: str) -> bool:
+    target = os.path.abspath(mountpoint)
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == target for line in f)
+
+
+def _child_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="mergefs-server")
+    p.add_argument("--ready-fd", type=int)
+    p.add_argument("--format", default="auto")
+    p.add_argument("spec")
+    p.add_argument("mountpoint")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s mergefs[{os.getpid()}] %(levelname)s %(message)s")
+    raw = json.loads(args.spec)
+    spec = MountSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+
+    def ready():
+        if args.ready_fd is not None:
+            os.write(args.ready_fd, b"ok")
+            os.close(args.ready_fd)
+            args.ready_fd = None
+    try:
+        serve(spec, args.mountpoint, args.format, ready)
+    except Exception as exc:
+        if args.ready_fd is not None:
+            os.write(args.ready_fd, str(exc).encode() or repr(exc).encode())
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))
