@@ -78,6 +78,8 @@ def _diff_dir(lo: MergedDir, up: MergedDir, pending: list[bytes]) -> Iterator[Re
             l, u = lo.children.get(name), up.children.get(name)
             path = join(up.path, name)
             if l is not None and u is not None and l.kind == DIR and u.kind == DIR:
+                lo.release()         # keep open fds bounded by layers, not depth
+                up.release()
                 sub = _diff_dir(lo.child(name), up.child(name), [path])
                 for rec in sub:
                     if not emitted_here:
@@ -99,12 +101,13 @@ def _diff_dir(lo: MergedDir, up: MergedDir, pending: list[bytes]) -> Iterator[Re
                 pending.clear()
                 emitted_here = True
             if recs is None:
+                up.release()
                 yield Mkdir(path)
                 yield from plan_subtree(up.child(name))
             else:
                 yield from recs
-        meta = up.meta()
-        if emitted_here or dir_meta_changed(lo.meta(), meta):
+        meta = up.meta
+        if emitted_here or dir_meta_changed(lo.meta, meta):
             if not emitted_here:
                 yield from (Mkdir(p) for p in pending)
                 pending.clear()
@@ -117,7 +120,7 @@ def _diff_dir(lo: MergedDir, up: MergedDir, pending: list[bytes]) -> Iterator[Re
 def plan_diff(lower: Sequence[Layer], upper: Sequence[Layer]) -> Iterator[Record]:
     """The records of Diff(lower, upper); the root's attributes always come last."""
     lo, up = MergedDir.root(lower), MergedDir.root(upper)
-    root_meta = up.meta()
+    root_meta = up.meta
     saw_root = False
     for rec in _diff_dir(lo, up, []):
         if type(rec) is DirAttrs and rec.path == b"":

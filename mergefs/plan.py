@@ -45,97 +45,80 @@ Record = Union[Mkdir, Link, Whiteout, DirAttrs]
 
 
 class MergedDir:
-    """One directory of a merged view, with an open fd per contributing layer.
+    """One directory of a merged view: its children, its attributes, and fds.
 
-    Owns its fds: ``close()`` them once the subtree is done. Children are
-    opened lazily, so the open fds stay bounded by depth x layers.
+    Reading it opens the directory once in each contributing layer (through
+    ``open_beneath``, from the layer root, so no symlink is followed and no
+    ancestor fd has to stay open). ``fd_of`` reopens on demand after
+    ``release()``; open fds are thus bounded by the number of layers, not by
+    depth x layers.
     """
-    __slots__ = ("layers", "path", "fds", "children")
+    __slots__ = ("layers", "path", "sources", "children", "meta", "_fds")
 
-    def __init__(self, layers: Sequence[Layer], path: bytes, fds: list[tuple[int, int]]):
-        self.layers, self.path = layers, path
-        listings = []
-        for n, (idx, fd) in enumerate(fds):
-            ld = read_layer_dir(fd, layers[idx].fmt)
-            listings.append((idx, ld))
-            if ld.opaque:              # D3: lower layers no longer contribute here
-                for _, lower_fd in fds[n + 1:]:
-                    os.close(lower_fd)
-                fds = fds[: n + 1]
-                break
-        self.fds = fds
+    def __init__(self, layers: Sequence[Layer], path: bytes, sources: Sequence[int]):
+        self.layers, self.path, self._fds = layers, path, {}
+        try:
+            listings = []
+            for n, idx in enumerate(sources):
+                ld = read_layer_dir(self.fd_of(idx), layers[idx].fmt)
+                listings.append((idx, ld))
+                if ld.opaque:              # D3: lower layers no longer contribute here
+                    sources = sources[: n + 1]
+                    break
+            self.meta = Meta.read(self.fd_of(sources[0]), b"")
+        except BaseException:
+            self.release()
+            raise
+        self.sources = tuple(sources)
         self.children: dict[bytes, Node] = merge_listing(listings)
 
     @classmethod
     def root(cls, layers: Sequence[Layer]) -> "MergedDir":
-        fds = [(i, os.dup(layers[i].fd)) for i in range(len(layers) - 1, -1, -1)]
-        return cls(layers, b"", fds)
+        return cls(layers, b"", range(len(layers) - 1, -1, -1))
 
     def fd_of(self, idx: int) -> int:
-        for i, fd in self.fds:
-            if i == idx:
-                return fd
-        raise KeyError(idx)
+        fd = self._fds.get(idx)
+        if fd is None:
+            fd = self._fds[idx] = syscalls.open_beneath(self.layers[idx].fd, self.path)
+        return fd
 
     def child(self, name: bytes) -> "MergedDir":
-        node = self.children[name]
-        fds = []
-        try:
-            for idx in node.layers:
-                fds.append((idx, syscalls.open_dir(name, self.fd_of(idx))))
-        except BaseException:
-            for _, fd in fds:
-                os.close(fd)
-            raise
-        return MergedDir(self.layers, join(self.path, name), fds)
+        return MergedDir(self.layers, join(self.path, name), self.children[name].layers)
 
-    def meta(self) -> Meta:
-        return Meta.read(self.fds[0][1], b"")
-
-    def entry_stat(self, name: bytes) -> os.stat_result:
-        return syscalls.lstat(name, self.fd_of(self.children[name].top))
-
-    def entry_meta(self, name: bytes) -> Meta:
-        return Meta.read(self.fd_of(self.children[name].top), name)
-
-    def close(self) -> None:
-        for _, fd in self.fds:
+    def release(self) -> None:
+        """Close the open fds (they reopen on demand)."""
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
             os.close(fd)
-        self.fds = []
+
+    close = release
 
 
 def plan_subtree(top: MergedDir) -> Iterator[Record]:
-    """Records that recreate ``top``'s contents, then ``top``'s attributes.
-
-    Takes ownership of ``top`` and closes every directory it opens, also when
-    the consumer stops early.
-    """
+    """Records that recreate ``top``'s contents, then ``top``'s attributes."""
+    top.release()
     stack: list[tuple[str, object]] = [("enter", top)]
-    try:
-        while stack:
-            op, obj = stack.pop()
-            if op == "done":
-                md = obj
-                meta = md.meta()
-                md.close()
-                yield DirAttrs(md.path, meta)
-                continue
-            md = obj[0].child(obj[1]) if op == "child" else obj
-            stack.append(("done", md))
-            subdirs = []
-            for name in sorted(md.children):
-                node = md.children[name]
-                path = join(md.path, name)
-                if node.kind == DIR:
-                    yield Mkdir(path)
-                    subdirs.append(name)
-                else:
-                    yield Link(path, node.top, node.kind, node.inos[0])
-            stack.extend(("child", (md, name)) for name in reversed(subdirs))
-    finally:
-        for op, obj in stack:
-            if op != "child":
-                obj.close()
+    while stack:
+        op, obj = stack.pop()
+        if op == "done":
+            yield DirAttrs(obj.path, obj.meta)
+            continue
+        if op == "child":
+            md = obj[0].child(obj[1])
+            md.release()
+        else:
+            md = obj
+        stack.append(("done", md))
+        subdirs = []
+        for name in sorted(md.children):
+            node = md.children[name]
+            path = join(md.path, name)
+            if node.kind == DIR:
+                yield Mkdir(path)
+                subdirs.append(name)
+            else:
+                yield Link(path, node.top, node.kind, node.inos[0])
+        stack.extend(("child", (md, name)) for name in reversed(subdirs))
 
 
 def plan_merge(layers: Sequence[Layer | str]) -> Iterator[Record]:
