@@ -149,3 +149,73 @@ def make_driver():
     yield make
     for v in views:
         v.close()
+
+
+# -- the real-mount tier ---------------------------------------------------
+import signal
+import subprocess
+import time
+
+from mergefs.mountspec import MountSpec
+from mergefs.union import server
+
+
+def _alive(pid: int) -> bool:
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False            # our child, now reaped
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def stop_server(mnt, pid: int) -> None:
+    """Lazy unmount, then terminate, then kill the server by pid (never by name)."""
+    if server.is_mounted(str(mnt)):
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+    for sig, wait in ((None, 2.0), (signal.SIGTERM, 2.0), (signal.SIGKILL, 2.0)):
+        if sig is not None and _alive(pid):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not _alive(pid):
+            return
+
+
+@pytest.fixture
+def union_mount(tmp_path):
+    """union_mount(layers, upper=None, work=None, allow_other=False, fmt=...) -> mount point.
+
+    The server runs detached exactly as ``mergefs mount`` starts it; teardown
+    unmounts and stops it even when the test failed, and fails the test if the
+    server logged an unexpected error.
+    """
+    started = []
+
+    def mount(layers, upper=None, work=None, allow_other=False, fmt="auto", options=(),
+              mnt=None):
+        n = len(started)
+        if mnt is None:
+            mnt = tmp_path / f"mnt{n}"
+            mnt.mkdir()
+        log = tmp_path / f"server{n}.log"
+        spec = MountSpec(tuple(map(str, layers)), upper and str(upper), work and str(work),
+                         allow_other, tuple(options))
+        pid = server.start(spec, str(mnt), fmt, str(log))
+        started.append((mnt, pid, log))
+        return mnt
+
+    mount.started = started
+    yield mount
+    errors = []
+    for mnt, pid, log in reversed(started):
+        stop_server(mnt, pid)
+        text = log.read_text() if log.exists() else ""
+        if "failed unexpectedly" in text or "Traceback" in text:
+            errors.append(f"{log}:\n{text[-3000:]}")
+    assert not errors, "\n".join(errors)

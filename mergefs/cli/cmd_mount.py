@@ -1,0 +1,92 @@
+"""Verbs ``mount`` and ``umount``: a live union of layers (bottom first).
+
+``mergefs mount LAYER... MOUNTPOINT`` returns once the mount is live and the
+server has detached (its log goes to a file, never this terminal);
+``--foreground`` serves in this process until unmounted. A LAYER without '/'
+is a store ref, resolved by ``snapshotter.mount_spec`` when the store exists.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from ..errors import InvalidLayer, MountError
+from ..layer import FORMATS
+from ..mountspec import MountSpec
+from .cmd_core import is_layer_dir_arg
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("mount", help="serve layers (bottom first) as a live union at MOUNTPOINT")
+    p.add_argument("layers", nargs="+", metavar="LAYER", help="layer directories or one store ref")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--upper", help="writable: overlay-format upper directory")
+    p.add_argument("--work", help="writable: work directory on the upper's filesystem")
+    p.add_argument("--allow-other", action="store_true", help="let other users (containers) in")
+    p.add_argument("--foreground", action="store_true", help="serve in this process")
+    p.add_argument("--format", choices=FORMATS, default="auto", help="whiteout format of the layers")
+    p.add_argument("--log", help="server log file (default /run/mergefs/mount-*.log)")
+    p.add_argument("-o", dest="options", action="append", default=[],
+                   help="extra FUSE mount options (comma separated)")
+    p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("install-mount-helper",
+                       help="write DIR/mount.fuse.mergefs so `mount -t fuse.mergefs` finds mergefs")
+    p.add_argument("--dir", default="/sbin")
+    p.set_defaults(func=cmd_install_helper)
+
+    p = sub.add_parser("umount", help="unmount a union (also one whose server died)")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.set_defaults(func=cmd_umount)
+
+
+def mount_spec(args) -> MountSpec:
+    if (args.upper is None) != (args.work is None):
+        raise InvalidLayer("--upper and --work go together")
+    options = tuple(o for opts in args.options for o in opts.split(",") if o)
+    if all(is_layer_dir_arg(a) for a in args.layers):
+        return MountSpec(tuple(os.path.abspath(a) for a in args.layers),
+                         _abs(args.upper), _abs(args.work), args.allow_other, options)
+    if len(args.layers) != 1:
+        raise InvalidLayer("give either layer directories (with '/') or one store ref")
+    try:
+        snapshotter = importlib.import_module("snapshotter")
+        resolve = snapshotter.mount_spec
+    except (ModuleNotFoundError, AttributeError):
+        raise InvalidLayer(f"{args.layers[0]!r} is not a directory (no '/') and this "
+                           "installation has no store to resolve refs") from None
+    spec = resolve(args.root, args.layers[0], args.upper is not None)
+    return MountSpec(spec.lowers, _abs(args.upper) or spec.upper, _abs(args.work) or spec.work,
+                     args.allow_other or spec.allow_other, spec.options + options)
+
+
+def _abs(path: str | None) -> str | None:
+    return None if path is None else os.path.abspath(path)
+
+
+def cmd_mount(args) -> int:
+    from ..union import server
+    spec = mount_spec(args)
+    if args.foreground:
+        import logging
+        logging.basicConfig(level=logging.INFO, format="mergefs %(levelname)s %(message)s")
+        server.serve(spec, os.path.abspath(args.mountpoint), args.format)
+        return 0
+    if server.is_mounted(args.mountpoint):
+        raise MountError(f"{args.mountpoint} is already a mount point")
+    server.start(spec, args.mountpoint, args.format, args.log)
+    return 0
+
+
+def cmd_umount(args) -> int:
+    from ..union import server
+    server.unmount(args.mountpoint)
+    return 0
+
+
+def cmd_install_helper(args) -> int:
+    from .cmd_mount_helper import install_helper
+    print(install_helper(args.dir))
+    return 0

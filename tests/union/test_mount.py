@@ -1,0 +1,213 @@
+"""The real-mount tier: the union mounted through /dev/fuse (U1, U2, U6, U7, S2).
+
+Every mount is made by the ``union_mount`` fixture (or a CLI call whose
+teardown is registered the same way) and undone also on failure.
+"""
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import trio
+
+from mergefs.farm import build_farm
+from mergefs.testing import conformance, mounts, tree
+from mergefs.testing.builders import LayerSpec, materialise_stack
+from mergefs.union import server
+
+from .conftest import stop_server
+from .test_readonly import random_stack, sample_stack
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0,
+                                reason="needs /dev/fuse and root")
+_seq = itertools.count()
+
+
+@pytest.mark.parametrize("check", conformance.CHECKS, ids=lambda c: c.__name__[6:])
+def test_conformance_on_mount(check, tmp_path, union_mount):
+    def merge(specs):
+        layers = materialise_stack(specs, tmp_path / f"s{next(_seq)}", "oci")
+        mnt = union_mount(layers)
+        try:
+            return tree.capture(mnt)
+        finally:
+            stop_server(mnt, union_mount.started[-1][1])
+    check(merge)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_U1_union_equals_kernel_overlay_and_farm(seed, tmp_path, union_mount):
+    rng = random.Random(seed)
+    specs = random_stack(rng, rng.randint(2, 5)) + [sample_stack()[0]]
+    fmt = ("overlay", "oci")[seed % 2]
+    ours = materialise_stack(specs, tmp_path / "ours", fmt)
+    oracle = materialise_stack(specs, tmp_path / "oracle", "overlay")
+    union = tree.capture(union_mount(ours))
+    with mounts.overlay_mount(oracle) as ovl:
+        tree.assert_same(union, tree.capture(ovl), f"union({fmt}) vs kernel overlay")
+    build_farm(ours, tmp_path / "farm")
+    tree.assert_same(union, tree.capture(tmp_path / "farm"), "union vs farm")
+
+
+def test_U2_inode_numbers_and_hardlinks_on_mount(tmp_path, union_mount):
+    mnt = union_mount(materialise_stack(sample_stack(), tmp_path))
+    a, b = os.lstat(mnt / "bin/busybox"), os.lstat(mnt / "bin/sh")
+    assert (a.st_ino, a.st_nlink) == (b.st_ino, 2)
+    assert a.st_dev == os.stat(mnt).st_dev != os.stat(tmp_path).st_dev
+    inos = {p: os.lstat(mnt / p).st_ino for p in ("etc", "etc/passwd", "lib", "usr/bin/env")}
+    subprocess.run(["sh", "-c", "echo 2 > /proc/sys/vm/drop_caches"], check=True)
+    assert {p: os.lstat(mnt / p).st_ino for p in inos} == inos
+
+
+def test_U3_read_only_mount_refuses_writes(tmp_path, union_mount):
+    mnt = union_mount(materialise_stack(sample_stack(), tmp_path))
+    for attempt in (lambda: open(mnt / "etc/passwd", "a"), lambda: os.mkdir(mnt / "new"),
+                    lambda: os.unlink(mnt / "etc/passwd")):
+        with pytest.raises(OSError) as e:
+            attempt()
+        assert e.value.errno == errno.EROFS
+    assert (mnt / "etc/passwd").read_bytes() == b"root:x:0:0:new\n"
+
+
+def test_S2_host_symlink_shows_the_link(tmp_path, union_mount):
+    spec = LayerSpec().symlink("etc", "/etc").file("ok", b"1")
+    mnt = union_mount(materialise_stack([spec], tmp_path))
+    assert os.readlink(mnt / "etc") == "/etc"
+    assert sorted(os.listdir(mnt)) == ["etc", "ok"]
+
+
+@pytest.fixture
+def public_dir():
+    """A directory every uid can traverse (pytest's tmp_path is root-only)."""
+    path = tempfile.mkdtemp(prefix="mergefs-test-")
+    os.chmod(path, 0o755)
+    yield Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_U6_other_uid_cannot_read_root_only_file(tmp_path, union_mount, public_dir):
+    spec = LayerSpec().file("secret", b"s", mode=0o600).file("public", b"p", mode=0o644)
+    mnt = union_mount(materialise_stack([spec], tmp_path), allow_other=True, mnt=public_dir)
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat"]
+    r = subprocess.run(as_nobody + [str(mnt / "secret")], capture_output=True, text=True)
+    assert r.returncode != 0 and "Permission denied" in r.stderr
+    r = subprocess.run(as_nobody + [str(mnt / "public")], capture_output=True, text=True)
+    assert r.stdout == "p"
+
+
+def test_U6_without_allow_other_other_users_are_out(tmp_path, union_mount, public_dir):
+    mnt = union_mount(materialise_stack([LayerSpec().file("public", b"p")], tmp_path),
+                      mnt=public_dir)
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat",
+                        str(mnt / "public")], capture_output=True, text=True)
+    assert r.returncode != 0 and "Permission denied" in r.stderr
+
+
+def test_U7_dead_server_is_cleaned_by_umount(tmp_path, union_mount):
+    mnt = union_mount(materialise_stack(sample_stack(), tmp_path))
+    pid = union_mount.started[-1][1]
+    os.kill(pid, signal.SIGKILL)
+    stop_server.__globals__["_alive"](pid)   # reap it
+    with pytest.raises(OSError) as e:
+        os.listdir(mnt)
+    assert e.value.errno == errno.ENOTCONN
+    r = _cli("umount", str(mnt))
+    assert r.returncode == 0, r.stderr
+    assert not server.is_mounted(str(mnt))
+
+
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "mergefs", *args], capture_output=True,
+                          text=True, timeout=60, **kw)
+
+
+@pytest.fixture
+def cli_mounts():
+    """Mount points mounted by CLI calls; unmounted in teardown whatever happened."""
+    mnts = []
+    yield mnts
+    for mnt in mnts:
+        if server.is_mounted(str(mnt)):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+
+
+def test_cli_mount_umount(tmp_path, cli_mounts):
+    layers = materialise_stack(sample_stack(), tmp_path / "layers")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cli_mounts.append(mnt)
+    r = _cli("mount", "--log", str(tmp_path / "log"), *map(str, layers), str(mnt))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "" and server.is_mounted(str(mnt))   # live when the command returns
+    assert (mnt / "etc/hosts").read_bytes() == b"127.0.0.1\n"
+    r = _cli("mount", *map(str, layers), str(mnt))
+    assert r.returncode == 1 and "already a mount point" in r.stderr
+    assert _cli("umount", str(mnt)).returncode == 0
+    assert not server.is_mounted(str(mnt))
+    r = _cli("umount", str(mnt))
+    assert r.returncode == 1 and "not mounted" in r.stderr
+
+
+def test_cli_mount_bad_layer_is_a_clear_error(tmp_path, cli_mounts):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cli_mounts.append(mnt)
+    r = _cli("mount", "--log", str(tmp_path / "log"), str(tmp_path / "missing"), str(mnt))
+    assert r.returncode == 1 and "does not exist" in r.stderr
+    assert not server.is_mounted(str(mnt))
+
+
+def test_mount_helper_convention(tmp_path, cli_mounts):
+    """mount -t fuse.mergefs mergefs MNT -o lowerdir=TOP:...:BOTTOM (via mount.fuse.mergefs)."""
+    if shutil.which("mount.fuse3") is None:
+        pytest.skip("mount.fuse3 is not installed")
+    layers = materialise_stack(sample_stack(), tmp_path / "layers")
+    lowerdir = ":".join(str(l) for l in reversed(layers))
+    opts = f"lowerdir={lowerdir},rw,dev,suid,nodev,nosuid,allow_other,default_permissions"
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cli_mounts.append(mnt)
+    # mount.fuse3 runs the program named by the type from PATH
+    env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+    r = subprocess.run(["mount.fuse3", "mergefs", str(mnt), "-t", "mergefs", "-o", opts],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert (mnt / "etc/passwd").read_bytes() == b"root:x:0:0:new\n"
+    assert subprocess.run(["umount", str(mnt)]).returncode == 0
+    # mount(8) uses a fixed PATH: the installed /sbin/mount.fuse.mergefs is what it finds
+    helper = tmp_path / "sbin"
+    helper.mkdir()
+    _cli("install-mount-helper", "--dir", str(helper), check=True)
+    installed = "/sbin/mount.fuse.mergefs"
+    if os.path.exists(installed):
+        pytest.skip(f"{installed} exists; not replacing it")
+    shutil.copy(helper / "mount.fuse.mergefs", installed)
+    try:
+        r = subprocess.run(["mount", "-t", "fuse.mergefs", "mergefs", str(mnt), "-o", opts],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert sorted(os.listdir(mnt / "etc")) == ["hosts", "link", "passwd", "shadow"]
+    finally:
+        os.unlink(installed)
+        if server.is_mounted(str(mnt)):
+            subprocess.run(["umount", str(mnt)])
+
+
+def test_translate_mount_helper_argv():
+    from mergefs.cli.cmd_mount_helper import is_mount_helper_call, translate
+    argv = ["mergefs", "/m", "-o", "rw,lowerdir=/t:/b,upperdir=/u,workdir=/w,allow_other,nodev"]
+    assert is_mount_helper_call(argv)
+    assert translate(argv) == ["mount", "--upper", "/u", "--work", "/w", "--allow-other",
+                               "-o", "nodev", "/b", "/t", "/m"]
+    assert not is_mount_helper_call(["mount", "/a", "/m"])
+    with pytest.raises(SystemExit):
+        translate(["mergefs", "/m", "-o", "lowerdir=/a,bogus"])
