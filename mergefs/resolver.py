@@ -28,7 +28,10 @@ class Node(NamedTuple):
     """A merged entry: its kind and the layers serving it, top first.
 
     A non-directory has exactly one source (the layer whose file is shown); a
-    directory has every contributing layer, the first one giving attributes.
+    directory has every layer that may contribute, the first one giving
+    attributes. Whether one of them is opaque is only known by reading that
+    directory, so the list is cut there when it is read (``merge_listing``
+    stops at an opaque listing; ``Resolver.dir_layers`` gives the cut list).
     ``inos`` are the inode numbers in those layers, aligned with ``layers``.
     """
     kind: int
@@ -106,11 +109,7 @@ class Resolver:
         self.close()
 
     def _truncate_root(self) -> Node:
-        layers = []
-        for idx in self.root.layers:
-            layers.append(idx)
-            if self.layer_dir(idx, b"").opaque:
-                break
+        layers = self.dir_layers(b"", self.root)
         inos = tuple(os.fstat(self.layers[i].fd).st_ino for i in layers)
         return Node(DIR, tuple(layers), inos)
 
@@ -126,6 +125,17 @@ class Resolver:
     def listdir(self, path: bytes, node: Node) -> SortedDict:
         """The merged children of directory ``node`` at ``path``, sorted by name."""
         return SortedDict(merge_listing((i, self.layer_dir(i, path)) for i in node.layers))
+
+    def dir_layers(self, path: bytes, node: Node) -> tuple[int, ...]:
+        """The layers a directory really merges from: ``node.layers`` cut after
+        the first opaque one (a listing cannot know that without reading the
+        child directories, so ``Node.layers`` of a directory may run longer)."""
+        out = []
+        for idx in node.layers:
+            out.append(idx)
+            if self.layer_dir(idx, path).opaque:
+                break
+        return tuple(out)
 
     def lstat(self, path: bytes, node: Node) -> os.stat_result:
         """Attributes of a merged entry: those of its top layer's entry."""

@@ -76,3 +76,30 @@ def test_F1_diff_of_same_is_empty_and_from_scratch_is_itself(x):
         got = _farm_view([d / "full"], d / "m1")
         want = _farm_view(lx, d / "m2")
         tree.assert_same(_without_groups(got), _without_groups(want), "Diff(scratch, X) vs X")
+
+
+@needs_root
+@SETTINGS
+@given(specs=stacks())
+def test_resolver_lookup_and_explain_agree_with_model(specs):
+    """Point look-ups (the union's path) and explain name what the model shows."""
+    from mergefs.layer import KIND_NAMES
+    from mergefs.resolver import Resolver
+    expected = tree.model_view(model.merge(specs))
+    probes = set(expected.entries) | {p for s in specs for p in s.entries} | \
+        {w for s in specs for w in s.whiteouts}
+    with tempfile.TemporaryDirectory() as d:
+        layers = materialise_stack(specs, Path(d), "oci")
+        with Resolver(layers) as r:
+            for path in sorted(probes):
+                node = r.lookup(path)
+                want = expected.entries.get(path)
+                assert (node is None) == (want is None), path
+                rows = r.explain(path)
+                sup = [x for x in rows if x.status == "supplies"]
+                if want is None:
+                    assert not sup, (path, rows)
+                else:
+                    assert KIND_NAMES[node.kind] == want.kind
+                    assert len(sup) == 1 and sup[0].layer == node.top, (path, rows)
+                    assert sup[0].kind in (want.kind, "opaque dir")
