@@ -1,0 +1,300 @@
+"""Store verbs: import, commit, release, prune, du, ls, inspect, fsck, export.
+
+Also the store forms of merge, diff and explain (``store_merge``,
+``store_diff``, ``store_explain``), called by ``cmd_core`` when no ``--out``
+is given. A REF is a name, an id, a unique id prefix, or a layer directory
+(an argument containing '/', imported implicitly). The store root is
+``--root``, else ``$MERGEFS_ROOT``, else /var/lib/mergefs (root) or
+$XDG_DATA_HOME/mergefs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from ..layer import FORMATS
+
+
+def _store(args):
+    from snapshotter.store import Store
+    store = Store(getattr(args, "root", None))
+    for line in store.reconciled:
+        print(f"mergefs: reconciled: {line}", file=sys.stderr)
+    return store
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import", help="import layers into the store (dir, tar, OCI layout, "
+                       "docker-archive); prints one id per layer, bottom first")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("--name")
+    p.add_argument("--format", choices=FORMATS, default="auto", help="whiteout format of a dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("commit", help="turn an overlay-format upper dir (or an active "
+                       "snapshot) into a layer with explicit whiteouts")
+    p.add_argument("upper", metavar="UPPERDIR|KEY")
+    p.add_argument("--parent", metavar="REF")
+    p.add_argument("--name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_commit)
+
+    p = sub.add_parser("release", help="drop the CLI's ref on snapshots (never deletes)")
+    p.add_argument("refs", nargs="+", metavar="REF")
+    p.set_defaults(func=cmd_release)
+
+    p = sub.add_parser("prune", help="delete unreferenced snapshots; report what was freed")
+    p.add_argument("--all", action="store_true", help="named snapshots too")
+    p.add_argument("--keep-duration", metavar="D", help="keep those used within D (30m, 24h, 7d)")
+    p.add_argument("--keep-storage", metavar="SIZE", help="stop once the store is at most SIZE")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("du", help="disk usage per snapshot, hardlink-aware")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_du)
+
+    p = sub.add_parser("ls", help="list snapshots")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("inspect", help="one snapshot's metadata")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("fsck", help="check the store; --repair fixes what is safe to fix")
+    p.add_argument("--repair", action="store_true")
+    p.add_argument("--fast", action="store_true", help="skip re-hashing layer content")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_fsck)
+
+    p = sub.add_parser("export", help="export a snapshot as a dir, an OCI layer tar or an OCI layout")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("-o", "--output", required=True, metavar="PATH")
+    p.add_argument("--format", choices=("dir", "tar", "oci"), default="dir")
+    p.set_defaults(func=cmd_export)
+
+
+# -- helpers --------------------------------------------------------------------
+def human(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.2f}{unit}"
+        n /= 1000
+    return str(n)
+
+
+def when(t: float) -> str:
+    age = time.time() - t
+    for secs, unit in ((86400, "days"), (3600, "hours"), (60, "minutes")):
+        if age >= secs:
+            return f"{int(age // secs)} {unit} ago"
+    return f"{int(age)} seconds ago"
+
+
+def row_dict(store, row) -> dict:
+    from snapshotter import meta
+    d = {k: getattr(row, k) for k in meta.COLUMNS}
+    d["parents"] = [p.id for p in meta.parents(store.db, row.id)]
+    d["names"] = meta.names_of(store.db, row.id)
+    d["refs"] = [h for (h,) in store.db.execute("SELECT holder FROM refs WHERE id=?", (row.id,))]
+    return d
+
+
+# -- merge / diff / explain (store forms) ----------------------------------------------
+def store_merge(args) -> int:
+    from snapshotter import service
+    with _store(args) as store:
+        res = service.merge(store, args.refs, strategy=args.strategy, name=args.name,
+                            intent=args.intent, fmt=args.format)
+    if args.json:
+        print(json.dumps({"id": res.row.id, "strategy": res.decision.strategy,
+                          "reused": res.reused, "reasons": list(res.decision.reasons)}))
+        return 0
+    if args.explain:
+        print(f"strategy: {res.decision.strategy}" + (" (reused)" if res.reused else ""))
+        for r in res.decision.reasons:
+            print(f"  - {r}")
+    print(res.row.id)
+    return 0
+
+
+def store_diff(args) -> int:
+    from snapshotter import service
+    with _store(args) as store:
+        row = service.diff(store, args.lower, args.upper, name=args.name, fmt=args.format)
+    print(json.dumps({"id": row.id}) if args.json else row.id)
+    return 0
+
+
+def store_explain(args) -> int:
+    from snapshotter import service
+    from ..resolver import Resolver
+    from .cmd_core import print_explanation
+    if len(args.args) != 2:
+        from ..errors import InvalidLayer
+        raise InvalidLayer("usage: mergefs explain REF PATH (or PATH LAYERDIR...)")
+    ref, path = args.args
+    with _store(args) as store:
+        row = service.resolve_ref(store, ref, args.format)
+        ids = service.flatten(store, row)
+        dirs = [str(store.fs_of(i)) for i in ids]
+        missing = [i for i, d in zip(ids, dirs) if not os.path.isdir(d)]
+        if missing:        # a farm whose inputs were pruned: it explains itself
+            ids, dirs = [row.id], [str(store.fs_of(row.id))]
+            print(f"mergefs: note: inputs of {service.short(row.id)} were pruned; explaining "
+                  "the farm as one layer", file=sys.stderr)
+    p = os.fsencode(path).strip(b"/")
+    with Resolver(dirs) as r:
+        rows = r.explain(p)
+    print_explanation(p, rows, [service.short(i) for i in ids], as_json=args.json)
+    return 0
+
+
+# -- store verbs ------------------------------------------------------------------
+def cmd_import(args) -> int:
+    from snapshotter import service
+    with _store(args) as store:
+        rows = service.import_path(store, args.src, fmt=args.format, name=args.name)
+        out = [row_dict(store, r) for r in rows] if args.json else None
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for r in rows:
+            print(r.id)
+    return 0
+
+
+def cmd_commit(args) -> int:
+    from snapshotter import service
+    with _store(args) as store:
+        row = service.commit(store, args.upper, parent=args.parent, name=args.name)
+    print(json.dumps({"id": row.id}) if args.json else row.id)
+    return 0
+
+
+def cmd_release(args) -> int:
+    from snapshotter import service
+    with _store(args) as store:
+        for ref in args.refs:
+            print(service.release(store, ref).id)
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from snapshotter.gc import parse_duration, parse_size, prune
+    with _store(args) as store:
+        rep = prune(store, all_named=args.all,
+                    keep_duration=parse_duration(args.keep_duration) if args.keep_duration else None,
+                    keep_storage=parse_size(args.keep_storage) if args.keep_storage else None,
+                    dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps({"deleted": rep.deleted, "freed": rep.freed, "dry_run": rep.dry_run}))
+        return 0
+    verb = "would delete" if rep.dry_run else "deleted"
+    for i in rep.deleted:
+        print(f"{verb} {i}")
+    print(f"Total: {'would free' if rep.dry_run else 'freed'} {human(rep.freed)} "
+          f"({len(rep.deleted)} snapshots)")
+    return 0
+
+
+def cmd_du(args) -> int:
+    from snapshotter.usage import measure
+    with _store(args) as store:
+        u = measure(store)
+    recs = sorted(u.snapshots, key=lambda s: (-s.size, s.row.id))
+    if args.json:
+        print(json.dumps({"snapshots": [_du_dict(s) for s in recs], "total": u.total,
+                          "exclusive": u.exclusive, "shared": u.shared,
+                          "reclaimable": u.reclaimable, "overhead": u.overhead}))
+        return 0
+    if args.verbose:
+        for s in recs:
+            for k, v in _du_dict(s).items():
+                print(f"{k + ':':<14}{v}")
+            print()
+    else:
+        print(f"{'ID':<20} {'KIND':<7} {'RECLAIMABLE':<12} {'EXCLUSIVE':>10} {'SHARED':>10}  "
+              "LAST ACCESSED")
+        for s in recs:
+            print(f"{s.row.id[7:26]:<20} {s.row.kind:<7} {str(s.reclaimable).lower():<12} "
+                  f"{human(s.exclusive):>10} {human(s.shared):>10}  {when(s.row.last_used)}")
+    print(f"{'Exclusive:':<14}{human(u.exclusive)}\n{'Shared:':<14}{human(u.shared)}\n"
+          f"{'Reclaimable:':<14}{human(u.reclaimable)}\n{'Overhead:':<14}{human(u.overhead)}\n"
+          f"{'Total:':<14}{human(u.total)}")
+    return 0
+
+
+def _du_dict(s) -> dict:
+    return {"id": s.row.id, "kind": s.row.kind + (f" ({s.row.strategy})" if s.row.strategy else ""),
+            "parents": ";".join(s.parents), "names": ";".join(s.names),
+            "created": s.row.created, "last_used": s.row.last_used,
+            "usage_count": s.row.use_count, "reclaimable": s.reclaimable,
+            "exclusive": s.exclusive, "shared": s.shared, "size": s.size,
+            "description": s.row.description, "state": s.row.state}
+
+
+def cmd_ls(args) -> int:
+    from snapshotter import meta
+    with _store(args) as store:
+        rows = sorted(meta.all_rows(store.db, state=None), key=lambda r: r.created)
+        dicts = [row_dict(store, r) for r in rows if r.state != "deleting"]
+    if args.json:
+        print(json.dumps(dicts))
+        return 0
+    print(f"{'ID':<20} {'KIND':<7} {'STRATEGY':<8} {'REFS':<4} {'NAMES':<16} DESCRIPTION")
+    for d in dicts:
+        print(f"{d['id'][7:26]:<20} {d['kind']:<7} {d['strategy'] or '-':<8} "
+              f"{len(d['refs']):<4} {','.join(d['names']) or '-':<16} {d['description']}"
+              + ("" if d["state"] == "committed" else f" [{d['state']}]"))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from snapshotter import service
+    with _store(args) as store:
+        row = service.resolve_ref(store, args.ref)
+        d = row_dict(store, row)
+        d["dependents"] = [c for (c,) in store.db.execute(
+            "SELECT DISTINCT child FROM parents WHERE parent=?", (row.id,))]
+        d["path"] = str(store.dir_of(row.id))
+        if row.kind != "view" and row.kind != "active":
+            d["layers"] = service.flatten(store, row)
+    if args.json:
+        print(json.dumps(d))
+    else:
+        for k, v in d.items():
+            print(f"{k + ':':<14}{';'.join(v) if isinstance(v, list) else v}")
+    return 0
+
+
+def cmd_fsck(args) -> int:
+    from snapshotter.fsck import fsck
+    from snapshotter.store import Store
+    with Store(args.root, reconcile=False) as store:
+        findings = fsck(store, repair=args.repair, verify_content=not args.fast)
+    errors = [f for f in findings if f.severity == "error" and not f.repaired]
+    if args.json:
+        print(json.dumps({"clean": not errors, "findings": [vars(f) for f in findings]}))
+    else:
+        for f in findings:
+            tail = f" [{f.repaired}]" if f.repaired else ""
+            print(f"{f.severity:<8} {f.kind:<18} {f.subject}: {f.detail}{tail}")
+        print("store is clean" if not errors else f"{len(errors)} error(s)")
+    return 1 if errors else 0
+
+
+def cmd_export(args) -> int:
+    from snapshotter import exporter
+    with _store(args) as store:
+        exporter.export(store, args.ref, args.output, args.format)
+    print(args.output)
+    return 0

@@ -1,0 +1,28 @@
+"""Crash injection for tests: ``MERGEFS_TEST_KILL_AT=STEP`` SIGKILLs the process at STEP.
+
+Steps are named ``OP:WHEN`` (``merge:after-build``); every step is listed in
+``STEPS`` so the crash tests can drive each one with a real subprocess. The
+check costs one dict lookup when the variable is unset.
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+STEPS = (
+    "import:mid-copy",          # half the files copied into staging
+    "import:after-build",       # staged and digested, nothing published
+    "import:after-publish-dir", # renamed into snapshots/, metadata not committed
+    "merge:after-build",
+    "merge:after-publish-dir",
+    "commit:after-build",
+    "commit:after-publish-dir",
+    "prune:after-mark",         # rows marked deleting, directories still in place
+    "prune:after-trash",        # one directory moved to staging, its row not yet gone
+)
+
+
+def kill_point(step: str) -> None:
+    """Die here, without any clean-up, if the test asked for it."""
+    if os.environ.get("MERGEFS_TEST_KILL_AT") == step:
+        os.kill(os.getpid(), signal.SIGKILL)

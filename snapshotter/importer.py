@@ -1,0 +1,118 @@
+"""Copy a layer directory (either whiteout format) into the store, in overlay format.
+
+TEMPORARY HOME: format conversion belongs to ``mergefs.oci`` (the OCI helper's
+module); this copier lives here until that module offers a directory import,
+and only converts directories. Tars, OCI layouts and docker archives go
+through ``mergefs.oci``.
+
+Output is the store's one canonical format (DESIGN "On-disk formats"):
+whiteout = char device 0/0; opaque = ``trusted.overlay.opaque=y``
+(``user.overlay.opaque`` when not root); never a whiteout inside an opaque
+directory (D6). An OCI ``.wh.NAME`` next to a ``NAME`` of the same layer hides
+only lower layers (D2): a file simply stays; a directory becomes opaque, since
+it was deleted and recreated (D7). Symlinks are copied, never followed (S2);
+hardlinks inside the layer stay hardlinks (H1); attributes follow A1/A2.
+"""
+from __future__ import annotations
+
+import os
+import stat
+from typing import Callable
+
+from mergefs import syscalls
+from mergefs.attrs import Meta, apply_meta
+from mergefs.layer import DIR, LNK, REG, SOCK, Layer, read_layer_dir
+
+OPAQUE_ATTR = "trusted.overlay.opaque" if os.geteuid() == 0 else "user.overlay.opaque"
+
+
+class LayerCopier:
+    """Copies one layer tree from ``src`` (a Layer) into the empty directory ``dst_fd``."""
+
+    def __init__(self, src: Layer, dst_fd: int, progress: Callable[[int], None] | None = None):
+        self.src = src
+        self.dst = dst_fd
+        self.links: dict[int, bytes] = {}       # source inode -> first copied path
+        self.warnings: list[str] = []
+        self.entries = 0
+        self.progress = progress
+
+    def run(self) -> None:
+        self._copy_dir(os.dup(self.src.fd), b"", self.dst)
+
+    def _copy_dir(self, src_fd: int, path: bytes, dst_fd: int) -> None:
+        """Copy the children of one directory, then its own attributes (A2). Closes src_fd."""
+        try:
+            ld = read_layer_dir(src_fd, self.src.fmt)
+            for name in sorted(ld.entries):
+                self._copy_entry(src_fd, dst_fd, path, name, ld.entries[name].kind,
+                                 recreated=name in ld.whiteouts)
+            if not ld.opaque:
+                for name in sorted(ld.whiteouts - ld.entries.keys()):
+                    syscalls.mknod(name, stat.S_IFCHR, 0, dst_fd)
+                    self._count()
+            apply_meta(dst_fd, b"", Meta.read(src_fd, b""), self.warnings)
+            if ld.opaque:
+                syscalls.setxattr(dst_fd, b"", OPAQUE_ATTR, b"y")
+        finally:
+            os.close(src_fd)
+
+    def _copy_entry(self, src_fd: int, dst_fd: int, path: bytes, name: bytes, kind: int,
+                    recreated: bool) -> None:
+        rel = path + b"/" + name if path else name
+        self._count()
+        if kind == DIR:
+            syscalls.mkdir(name, dst_fd)
+            sub_dst = syscalls.open_dir(name, dst_fd)
+            try:
+                self._copy_dir(syscalls.open_dir(name, src_fd), rel, sub_dst)
+                if recreated:      # D2/D7: deleted and recreated in this layer
+                    syscalls.setxattr(sub_dst, b"", OPAQUE_ATTR, b"y")
+            finally:
+                os.close(sub_dst)
+            return
+        st = syscalls.lstat(name, src_fd)
+        if st.st_nlink > 1 and kind == REG and st.st_ino in self.links:
+            syscalls.link(self.links[st.st_ino], rel, self.dst, self.dst)
+            return
+        meta = Meta.read(src_fd, name, st)
+        if kind == REG:
+            self._copy_file(src_fd, name, dst_fd, st.st_size)
+            if st.st_nlink > 1:
+                self.links[st.st_ino] = rel
+        elif kind == LNK:
+            syscalls.symlink(syscalls.readlink(name, src_fd), name, dst_fd)
+        else:                      # fifo, char, block; a socket is recreated (A4)
+            syscalls.mknod(name, st.st_mode, 0 if kind == SOCK else st.st_rdev, dst_fd)
+        apply_meta(dst_fd, name, meta, self.warnings)
+
+    def _copy_file(self, src_fd: int, name: bytes, dst_fd: int, size: int) -> None:
+        src = os.open(name, syscalls.O_READ, dir_fd=src_fd)
+        try:
+            out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                          | os.O_CLOEXEC, 0o600, dir_fd=dst_fd)
+            try:
+                syscalls.copy_data(src, out, size)
+            finally:
+                os.close(out)
+        finally:
+            os.close(src)
+
+    def _count(self) -> None:
+        self.entries += 1
+        if self.progress is not None:
+            self.progress(self.entries)
+
+
+def copy_layer(src: str | os.PathLike | bytes, dst: str | os.PathLike, fmt: str = "auto",
+               progress: Callable[[int], None] | None = None) -> list[str]:
+    """Copy layer directory ``src`` to the new directory ``dst``; returns warnings."""
+    os.mkdir(dst, 0o700)
+    with Layer(src, fmt) as layer:
+        dst_fd = os.open(dst, syscalls.O_DIR)
+        try:
+            copier = LayerCopier(layer, dst_fd, progress)
+            copier.run()
+        finally:
+            os.close(dst_fd)
+    return copier.warnings

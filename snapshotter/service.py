@@ -1,0 +1,339 @@
+"""Store operations: import, merge, diff, commit, prepare/view, mount specs, release.
+
+Each operation resolves refs, finds out whether the result already exists
+(idempotent: same inputs -> same id -> no rebuild), builds what is missing in
+``staging/`` under a per-id build lock, and publishes it (``Store.publish``).
+
+A REF is a name, a key, an id (``sha256:...``), a unique id prefix, or a layer
+directory: an argument containing ``/`` is imported implicitly (copied into
+the store, in overlay format, holding no ref of its own) and then used by id.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from mergefs.errors import AlreadyExists, FailedPrecondition, InvalidLayer, NotFound
+from mergefs.mountspec import MountSpec
+
+from . import meta
+from .digest import diff_id, key_id, merge_id, tree_digest
+from .faults import kill_point
+from .importer import copy_layer
+from .meta import Parent, Row
+from .policy import Capabilities, Decision, MergeSpec, choose_strategy
+from .store import CLI_HOLDER, Store
+
+LAYER_KINDS = ("layer", "diff")     # kinds that are one layer in a stack
+SHORT = 12
+
+
+def short(snapshot_id: str) -> str:
+    return snapshot_id.split(":", 1)[-1][:SHORT]
+
+
+def is_path_ref(ref: str) -> bool:
+    return "/" in ref
+
+
+# -- import ---------------------------------------------------------------------
+def import_dir(store: Store, src: str | os.PathLike, fmt: str = "auto", name: str | None = None,
+               holder: str | None = CLI_HOLDER) -> Row:
+    """Copy a layer directory into the store; its id is its tree digest (mergefs-tree-v1)."""
+    src = os.path.abspath(os.fspath(src))
+    if not os.path.isdir(src):
+        raise NotFound(f"layer directory {src!r} does not exist") if not os.path.lexists(src) \
+            else InvalidLayer(f"{src!r} is not a directory")
+    staged = store.stage("import")
+    try:
+        mid = None
+        if os.environ.get("MERGEFS_TEST_KILL_AT") == "import:mid-copy":
+            mid = lambda n: n == 3 and kill_point("import:mid-copy")  # noqa: E731
+        copy_layer(src, staged.path / "fs", fmt, progress=mid)
+        summary = tree_digest(staged.path / "fs")
+        return _publish_layer(store, staged, summary, "layer", f"import of {src}", src,
+                              name, holder, op="import")
+    finally:
+        staged.discard()
+
+
+def _publish_layer(store, staged, summary, kind, description, source, name, holder, op,
+                   parents=()) -> Row:
+    store.check_name(name, summary.digest)
+    with store.build_lock(summary.digest):
+        existing = store.reuse(summary.digest, holder, name)
+        if existing is not None:
+            return existing
+        row = Row(id=summary.digest, kind=kind, description=description, entries=summary.entries,
+                  bytes=summary.bytes, tree_digest=summary.digest, source=source)
+        return store.publish(staged, row, list(parents), op, holder, name)
+
+
+def import_path(store: Store, src: str, fmt: str = "auto", name: str | None = None,
+                holder: str | None = CLI_HOLDER) -> list[Row]:
+    """Import a layer directory, or (through mergefs.oci) a tar, OCI layout or docker archive."""
+    if os.path.isdir(src) and not _is_oci_layout(src):
+        return [import_dir(store, src, fmt, name, holder)]
+    from .oci_import import import_archive
+    return import_archive(store, src, name, holder)
+
+
+def _is_oci_layout(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "oci-layout"))
+
+
+# -- refs -------------------------------------------------------------------------
+def resolve_ref(store: Store, ref: str, fmt: str = "auto") -> Row:
+    """A committed snapshot for REF; a path is imported implicitly (no ref held)."""
+    if is_path_ref(ref):
+        return import_dir(store, ref, fmt, holder=None)
+    row = store.resolve(ref)
+    if row.state == "corrupt":
+        raise FailedPrecondition(f"snapshot {short(row.id)} failed fsck (content does not match "
+                                 "its digest); re-import it")
+    return row
+
+
+def flatten(store: Store, row: Row) -> list[str]:
+    """The layer ids a snapshot stands for, bottom first (M4: nested merges flatten)."""
+    if row.kind in LAYER_KINDS:
+        return [row.id]
+    if row.kind == "merge":
+        return [p.id for p in meta.parents(store.db, row.id)]
+    raise FailedPrecondition(f"{row.kind} snapshot {short(row.id)} is not committed content; "
+                             "commit it first")
+
+
+def layer_dirs(store: Store, row: Row) -> list[str]:
+    """Directories of the flattened layers of ``row``, bottom first."""
+    return [str(store.fs_of(i)) for i in flatten(store, row)]
+
+
+def release(store: Store, ref: str, holder: str = CLI_HOLDER) -> Row:
+    """Drop ``holder``'s ref. Never deletes anything (C4)."""
+    row = store.resolve(ref)
+    with meta.write(store.db):
+        store.db.execute("DELETE FROM refs WHERE id=? AND holder=?", (row.id, holder))
+    return row
+
+
+# -- merge ----------------------------------------------------------------------
+@dataclass
+class MergeResult:
+    row: Row
+    decision: Decision
+    reused: bool
+
+
+def merge(store: Store, refs: list[str], strategy: str = "auto", name: str | None = None,
+          intent: str | None = None, holder: str | None = CLI_HOLDER, fmt: str = "auto",
+          capabilities: Capabilities | None = None) -> MergeResult:
+    """Merge(refs) bottom first; the same flattened inputs give the same id, built once."""
+    flat = [i for ref in refs for i in flatten(store, resolve_ref(store, ref, fmt))]
+    if len(flat) == 1:              # M4: a one-input merge is that input
+        row = store.reuse(flat[0], holder, name)
+        return MergeResult(row, Decision(row.kind, ("a one-input merge is that input (M4)",)), True)
+    mid = merge_id(flat)
+    store.check_name(name, mid)
+    with store.build_lock(mid):
+        row = store.reuse(mid, holder, name)
+        if row is not None:
+            return MergeResult(row, Decision(row.strategy, (
+                f"reused: this merge exists as a {row.strategy} (the id names the content, "
+                "not how it is served); nothing rebuilt",)), True)
+        decision = choose_strategy(merge_spec(store, flat, strategy),
+                                   capabilities or machine_capabilities(), intent)
+        return MergeResult(_build_merge(store, mid, flat, decision.strategy, holder, name),
+                           decision, False)
+
+
+def merge_spec(store: Store, flat: list[str], requested: str = "auto") -> MergeSpec:
+    rows = [store.get(i) for i in flat]
+    farms = store.db.execute(
+        "SELECT MAX(c) FROM (SELECT COUNT(*) AS c FROM parents p JOIN snapshots s ON s.id=p.child "
+        f"WHERE s.strategy='farm' AND p.parent IN ({','.join('?' * len(flat))}) GROUP BY p.parent)",
+        flat).fetchone()[0] or 0
+    return MergeSpec(layers=len(flat), entries=sum(r.entries for r in rows),
+                     max_input_links=1 + farms, requested=requested)
+
+
+def machine_capabilities() -> Capabilities:
+    return Capabilities(fuse=os.access("/dev/fuse", os.R_OK | os.W_OK))
+
+
+def _build_merge(store: Store, mid: str, flat: list[str], strategy: str, holder, name) -> Row:
+    rows = [store.get(i) for i in flat]
+    staged = store.stage("merge")
+    try:
+        if strategy == "farm":
+            from mergefs.farm import build_farm
+            build_farm([store.fs_of(i) for i in flat], staged.path / "fs")
+        row = Row(id=mid, kind="merge", strategy=strategy,
+                  description="merge of " + ";".join(short(i) for i in flat),
+                  entries=sum(r.entries for r in rows), bytes=sum(r.bytes for r in rows))
+        parents = [Parent(i, "input", pin=strategy == "union") for i in flat]
+        return store.publish(staged, row, parents, "merge", holder, name)
+    finally:
+        staged.discard()
+
+
+# -- diff and commit ----------------------------------------------------------------
+def _stack(store: Store, spec: str, fmt: str) -> list[str]:
+    """A LOWER/UPPER argument: refs joined by ':' (bottom first), flattened to layer ids."""
+    parts = [spec] if is_path_ref(spec) and ":" not in spec else spec.split(":")
+    return [i for p in parts if p for i in flatten(store, resolve_ref(store, p, fmt))]
+
+
+def diff(store: Store, lower: str, upper: str, name: str | None = None,
+         holder: str | None = CLI_HOLDER, fmt: str = "auto") -> Row:
+    """Diff(lower, upper) stored as a layer (F1-F4, D4); id from the inputs (see digest)."""
+    lo, up = _stack(store, lower, fmt), _stack(store, upper, fmt)
+    did = diff_id(lo, up)
+    store.check_name(name, did)
+    with store.build_lock(did):
+        row = store.reuse(did, holder, name)
+        if row is not None:
+            return row
+        staged = store.stage("diff")
+        try:
+            _write_diff(store, lo, up, staged.path)
+            summary = tree_digest(staged.path / "fs")
+            row = Row(id=did, kind="diff", description=f"diff of {';'.join(map(short, lo))} -> "
+                      f"{';'.join(map(short, up))}", entries=summary.entries, bytes=summary.bytes,
+                      tree_digest=summary.digest)
+            parents = [Parent(i, "lower") for i in lo] + [Parent(i, "upper") for i in up]
+            return store.publish(staged, row, parents, "diff", holder, name)
+        finally:
+            staged.discard()
+
+
+def _write_diff(store: Store, lo: list[str], up: list[str], where: Path) -> None:
+    from mergefs.diff import write_diff
+    lowers = [str(store.fs_of(i)) for i in lo]
+    if not lowers:                  # Diff(scratch, A) == A: an empty lower
+        os.mkdir(where / "scratch", 0o755)
+        lowers = [str(where / "scratch")]
+    write_diff(lowers, [str(store.fs_of(i)) for i in up], where / "fs")
+    shutil.rmtree(where / "scratch", ignore_errors=True)
+
+
+def commit(store: Store, upper: str, parent: str | None = None, name: str | None = None,
+           holder: str | None = CLI_HOLDER, fmt: str = "auto") -> Row:
+    """Turn an overlay-format upper dir (or an active snapshot's key) into a layer.
+
+    The result has explicit whiteouts only (D4): it is Diff(parent, Merge(parent, upper)),
+    so an opaque directory becomes deletions of exactly what the parent held there.
+    """
+    upper_dir, parent_ids = _commit_source(store, upper, parent, fmt)
+    staged = store.stage("commit")
+    try:
+        copy_layer(upper_dir, staged.path / "upper", "overlay")
+        from mergefs.diff import write_diff
+        lowers = [str(store.fs_of(i)) for i in parent_ids]
+        if not lowers:
+            os.mkdir(staged.path / "scratch", 0o755)
+            lowers = [str(staged.path / "scratch")]
+        write_diff(lowers, lowers + [str(staged.path / "upper")], staged.path / "fs")
+        shutil.rmtree(staged.path / "upper")
+        shutil.rmtree(staged.path / "scratch", ignore_errors=True)
+        summary = tree_digest(staged.path / "fs")
+        return _publish_layer(store, staged, summary, "layer",
+                              f"commit of {upper}" + (f" over {short(parent_ids[-1])}"
+                                                      if parent_ids else ""),
+                              upper, name, holder, op="commit")
+    finally:
+        staged.discard()
+
+
+def _commit_source(store: Store, upper: str, parent: str | None, fmt: str) -> tuple[str, list[str]]:
+    parent_ids = flatten(store, resolve_ref(store, parent, fmt)) if parent else []
+    if is_path_ref(upper) or os.path.isdir(upper):
+        if not os.path.isdir(upper):
+            raise NotFound(f"upper directory {upper!r} does not exist")
+        return upper, parent_ids
+    row = store.resolve(upper)
+    if row.kind == "view":
+        raise FailedPrecondition(f"{upper!r} is a view: a view is read-only and cannot be "
+                                 "committed (C2)")
+    if row.kind != "active":
+        raise FailedPrecondition(f"{upper!r} is a committed {row.kind}; commit takes an upper "
+                                 "directory or an active snapshot")
+    (p,) = meta.parents(store.db, row.id)
+    return str(store.dir_of(row.id) / "upper"), flatten(store, store.get(p.id))
+
+
+# -- active and view snapshots (containerd's Prepare / View) ---------------------------
+def prepare(store: Store, key: str, parent: str | None, holder: str | None = CLI_HOLDER,
+            readonly: bool = False) -> Row:
+    """A new active (writable) or view (read-only) snapshot named ``key`` over ``parent``.
+
+    C2: a key in use fails with AlreadyExists.
+    """
+    kind = "view" if readonly else "active"
+    parent_row = resolve_ref(store, parent) if parent else None
+    if parent_row is not None:
+        flatten(store, parent_row)      # must be committed content
+    kid = key_id(key)
+    if store.db.execute("SELECT 1 FROM names WHERE name=?", (key,)).fetchone():
+        raise AlreadyExists(f"key {key!r} is already in use (C2)")
+    staged = store.stage(kind)
+    try:
+        if kind == "active":
+            os.mkdir(staged.path / "upper", 0o755)
+            os.mkdir(staged.path / "work", 0o700)
+        row = Row(id=kid, kind=kind, description=f"{kind} {key}" + (
+            f" over {short(parent_row.id)}" if parent_row else ""))
+        parents = [Parent(parent_row.id, "parent", pin=True)] if parent_row else []
+        published = store.publish(staged, row, parents, kind, holder, key)
+    finally:
+        staged.discard()
+    if published is not row:        # a concurrent prepare took the key first
+        raise AlreadyExists(f"key {key!r} is already in use (C2)")
+    return published
+
+
+def mount_spec(root: str | None, ref: str, rw: bool = False, mountpoint: str | None = None,
+               key: str | None = None) -> MountSpec:
+    """What ``mergefs mount REF MNT [--rw]`` serves, as data.
+
+    A farm is one read-only lower; a union merge is its flattened layers; a
+    layer is itself. ``rw`` prepares an active snapshot (key ``key``, default
+    ``mount:<mountpoint>``) whose upper/work live in the store. With a
+    ``mountpoint`` a lease is recorded: prune keeps the snapshot while that
+    path is mounted.
+    """
+    with Store(root) as store:
+        row = resolve_ref(store, ref)
+        if row.kind == "active":
+            parent_row = store.get(meta.parents(store.db, row.id)[0].id)
+            lowers, active = serve_dirs(store, parent_row), row
+        else:
+            lowers, active = serve_dirs(store, row), None
+        if rw and active is None:
+            k = key or f"mount:{os.path.abspath(mountpoint or ref)}"
+            active = prepare(store, k, row.id)
+        if mountpoint:
+            lease(store, active or row, mountpoint)
+        if active is None:
+            return MountSpec(lowers=tuple(lowers))
+        d = store.dir_of(active.id)
+        return MountSpec(lowers=tuple(lowers), upper=str(d / "upper"), work=str(d / "work"))
+
+
+def serve_dirs(store: Store, row: Row) -> list[str]:
+    """The read-only directories that serve a committed snapshot, bottom first."""
+    if row.kind == "merge" and row.strategy == "farm":
+        return [str(store.fs_of(row.id))]
+    if row.kind == "view":
+        return serve_dirs(store, store.get(meta.parents(store.db, row.id)[0].id))
+    return layer_dirs(store, row)
+
+
+def lease(store: Store, row: Row, mountpoint: str) -> None:
+    import time
+    with meta.write(store.db):
+        store.db.execute("INSERT OR REPLACE INTO leases(mountpoint, id, pid, created) "
+                         "VALUES(?,?,?,?)", (os.path.abspath(mountpoint), row.id, os.getpid(),
+                                             time.time()))

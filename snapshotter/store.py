@@ -1,0 +1,307 @@
+"""The layer store: a root directory, its metadata, staging and publish-by-rename.
+
+Layout of a store root::
+
+    meta.db             SQLite (WAL): snapshots, parents, names, refs, leases
+    snapshots/<hex>/    one directory per snapshot, named by its id's hex part:
+        meta.json       the row as published (a journal for crash recovery)
+        fs/             the tree (layer, diff, farm merge)
+        upper/ work/    an active snapshot's writable upper and overlay work dir
+    staging/<pid>-<start>-<rand>/   work in progress of one live process
+    locks/<hex>.lock    per-id build locks (flock), so concurrent builders wait
+
+Lifecycle (STYLE 4: stage, rename, then delete):
+
+* build in ``staging/``; then, in one write transaction: insert the row and
+  rename the staged directory to ``snapshots/<hex>``. A crash before the rename
+  leaves only a staging dir of a dead process (swept at open); a crash between
+  rename and commit leaves a directory with a ``meta.json`` and no row, rolled
+  forward at the next open (it was complete).
+* removal: mark rows ``deleting`` (commit), then per snapshot, in one
+  transaction, rename its directory into ``staging/`` and delete its row; the
+  directory is removed after the commit. Interrupted removals are finished at
+  open.
+* C1: a builder that finds the id already committed when it publishes (it lost
+  a race) adds its ref to the existing snapshot and discards its staging copy.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import sqlite3
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterator
+
+from mergefs import syscalls
+from mergefs.errors import AlreadyExists, FailedPrecondition, NotFound
+
+from . import meta
+from .digest import PREFIX, hexpart
+from .faults import kill_point
+from .meta import Parent, Row
+
+CLI_HOLDER = "cli"
+HEX_MIN_PREFIX = 4
+
+
+def default_root(explicit: str | None = None) -> str:
+    """``--root``, else ``$MERGEFS_ROOT``, else /var/lib/mergefs (root) or $XDG_DATA_HOME/mergefs."""
+    if explicit:
+        return explicit
+    if os.environ.get("MERGEFS_ROOT"):
+        return os.environ["MERGEFS_ROOT"]
+    if os.geteuid() == 0:
+        return "/var/lib/mergefs"
+    xdg = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return os.path.join(xdg, "mergefs")
+
+
+def _proc_start(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data.rsplit(b")", 1)[1].split()[19].decode()
+
+
+def staging_owner_alive(name: str) -> bool:
+    """A staging entry ``<pid>-<start>-<rand>`` belongs to a live process."""
+    parts = name.split("-")
+    if len(parts) < 3 or not parts[0].isdigit():
+        return False
+    return _proc_start(int(parts[0])) == parts[1]
+
+
+class Staged:
+    """A directory under ``staging/`` owned by this process until published or discarded."""
+
+    def __init__(self, store: "Store", tag: str):
+        self.name = f"{os.getpid()}-{store._start}-{tag}-{uuid.uuid4().hex[:12]}"
+        self.path = store.staging / self.name
+        os.mkdir(self.path, 0o700)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+class Store:
+    """A store opened at ``root``; reconciled at open unless ``reconcile=False`` (fsck)."""
+
+    def __init__(self, root: str | os.PathLike | None = None, reconcile: bool = True):
+        self.root = Path(default_root(os.fspath(root) if root else None)).absolute()
+        self.snapshots = self.root / "snapshots"
+        self.staging = self.root / "staging"
+        self.locks = self.root / "locks"
+        for d in (self.root, self.snapshots, self.staging, self.locks):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+        self._start = _proc_start(os.getpid())
+        self.db = meta.connect(str(self.root / "meta.db"))
+        self.reconciled: list[str] = []
+        if reconcile:
+            self.reconciled = self.reconcile()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- paths -------------------------------------------------------------
+    def dir_of(self, snapshot_id: str) -> Path:
+        return self.snapshots / hexpart(snapshot_id)
+
+    def fs_of(self, snapshot_id: str) -> Path:
+        return self.dir_of(snapshot_id) / "fs"
+
+    # -- lookups -----------------------------------------------------------
+    def get(self, snapshot_id: str) -> Row | None:
+        return meta.get(self.db, snapshot_id)
+
+    def resolve(self, ref: str) -> Row:
+        """A committed snapshot by name, key, id, or unique id prefix."""
+        r = self.db.execute("SELECT id FROM names WHERE name=?", (ref,)).fetchone()
+        snapshot_id = r[0] if r else self._by_id(ref)
+        row = meta.get(self.db, snapshot_id)
+        if row is None or row.state == "deleting":
+            raise NotFound(f"snapshot {ref!r} does not exist")
+        return row
+
+    def _by_id(self, ref: str) -> str:
+        hexp = ref[len(PREFIX):] if ref.startswith(PREFIX) else ref
+        if len(hexp) < HEX_MIN_PREFIX or any(c not in "0123456789abcdef" for c in hexp):
+            raise NotFound(f"no snapshot named {ref!r} (an id prefix needs at least "
+                           f"{HEX_MIN_PREFIX} hex digits)")
+        hits = [i for (i,) in self.db.execute(
+            "SELECT id FROM snapshots WHERE id >= ? AND id < ? AND state != 'deleting' LIMIT 2",
+            (PREFIX + hexp, PREFIX + hexp + "g"))]
+        if not hits:
+            raise NotFound(f"snapshot {ref!r} does not exist")
+        if len(hits) > 1:
+            raise NotFound(f"id prefix {ref!r} is ambiguous; give more digits")
+        return hits[0]
+
+    # -- building ----------------------------------------------------------
+    def stage(self, tag: str) -> Staged:
+        return Staged(self, tag)
+
+    @contextmanager
+    def build_lock(self, snapshot_id: str) -> Iterator[None]:
+        """Serialise builders of one id, so N concurrent makers build it once."""
+        fd = os.open(self.locks / f"{hexpart(snapshot_id)}.lock",
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def reuse(self, snapshot_id: str, holder: str | None = CLI_HOLDER,
+              name: str | None = None) -> Row | None:
+        """If ``snapshot_id`` is committed: take a ref, set the name, return it (no rebuild)."""
+        with meta.write(self.db):
+            row = meta.get(self.db, snapshot_id)
+            if row is None or row.state != "committed" or not self.dir_of(snapshot_id).is_dir():
+                return None
+            self._claim(row, holder, name)
+        return row
+
+    def _claim(self, row: Row, holder: str | None, name: str | None) -> None:
+        meta.touch(self.db, row.id)
+        if holder:
+            meta.add_ref(self.db, row.id, holder)
+        if name:
+            self._set_name(name, row.id)
+
+    def _set_name(self, name: str, snapshot_id: str) -> None:
+        cur = self.db.execute("SELECT id FROM names WHERE name=?", (name,)).fetchone()
+        if cur and cur[0] != snapshot_id:
+            raise AlreadyExists(f"name {name!r} already names {cur[0][:19]}")
+        self.db.execute("INSERT OR IGNORE INTO names(name, id) VALUES(?,?)", (name, snapshot_id))
+
+    def check_name(self, name: str | None, snapshot_id: str) -> None:
+        """Fail early (before building) if ``name`` is taken by another snapshot."""
+        if name:
+            cur = self.db.execute("SELECT id FROM names WHERE name=?", (name,)).fetchone()
+            if cur and cur[0] != snapshot_id:
+                raise AlreadyExists(f"name {name!r} already names {cur[0][:19]}")
+
+    def publish(self, staged: Staged, row: Row, parents: list[Parent], op: str,
+                holder: str | None = CLI_HOLDER, name: str | None = None) -> Row:
+        """Make ``staged`` the snapshot ``row`` (C1: if it exists, reuse it and discard ours)."""
+        now = time.time()
+        row.created = row.last_used = now
+        row.use_count = 1
+        (staged.path / "meta.json").write_text(json.dumps(
+            {"row": asdict(row), "parents": [asdict(p) for p in parents]}))
+        kill_point(f"{op}:after-build")
+        trash: list[Path] = []
+        try:
+            with meta.write(self.db):
+                existing = meta.get(self.db, row.id)
+                if existing is not None and existing.state == "committed" \
+                        and self.dir_of(row.id).is_dir():
+                    self._claim(existing, holder, name)
+                    return existing
+                if existing is not None:          # deleting or corrupt: finish removing it
+                    trash += self._unlink_snapshot(row.id)
+                self._rename_into_place(staged, row.id, trash)
+                kill_point(f"{op}:after-publish-dir")
+                meta.insert(self.db, row, parents)
+                if holder:
+                    meta.add_ref(self.db, row.id, holder)
+                if name:
+                    self._set_name(name, row.id)
+            return row
+        finally:
+            staged.discard()     # no-op once renamed into place
+            for t in trash:
+                shutil.rmtree(t, ignore_errors=True)
+
+    def _rename_into_place(self, staged: Staged, snapshot_id: str, trash: list[Path]) -> None:
+        dst = self.dir_of(snapshot_id)
+        try:
+            syscalls.rename_noreplace(staged.path, dst)
+        except FileExistsError:
+            # A directory without a row: left by a crash between rename and commit.
+            # We hold the write lock, so no live publisher owns it; ours replaces it.
+            trash.append(self._to_trash(dst))
+            syscalls.rename_noreplace(staged.path, dst)
+
+    def _to_trash(self, path: Path) -> Path:
+        t = self.staging / f"{os.getpid()}-{self._start}-trash-{uuid.uuid4().hex[:12]}"
+        os.rename(path, t)
+        return t
+
+    def _unlink_snapshot(self, snapshot_id: str) -> list[Path]:
+        """Inside a write transaction: move the directory aside and delete the row."""
+        trash = []
+        if os.path.lexists(self.dir_of(snapshot_id)):
+            trash.append(self._to_trash(self.dir_of(snapshot_id)))
+        meta.delete(self.db, snapshot_id)
+        return trash
+
+    # -- removal -----------------------------------------------------------
+    def remove(self, ids: list[str]) -> list[str]:
+        """Delete snapshots already marked ``deleting``; returns the ids removed."""
+        done = []
+        for i, snapshot_id in enumerate(ids):
+            trash = []
+            with meta.write(self.db):
+                row = meta.get(self.db, snapshot_id)
+                if row is None or row.state != "deleting":
+                    continue      # a builder republished it meanwhile
+                trash = self._unlink_snapshot(snapshot_id)
+                if i == 0:
+                    kill_point("prune:after-trash")
+            for t in trash:
+                shutil.rmtree(t, ignore_errors=True)
+            done.append(snapshot_id)
+        return done
+
+    # -- reconcile at open ---------------------------------------------------
+    def reconcile(self) -> list[str]:
+        """Finish what crashed processes left: returns one line per action taken."""
+        actions = []
+        for entry in os.listdir(self.staging):
+            if not staging_owner_alive(entry):
+                shutil.rmtree(self.staging / entry, ignore_errors=True)
+                actions.append(f"swept staging/{entry}")
+        deleting = [i for (i,) in self.db.execute("SELECT id FROM snapshots WHERE state='deleting'")]
+        if deleting:
+            self.remove(deleting)
+            actions += [f"finished removing {i}" for i in deleting]
+        known = {hexpart(i) for (i,) in self.db.execute("SELECT id FROM snapshots")}
+        strays = [d for d in os.listdir(self.snapshots) if d not in known]
+        if strays:
+            actions += self._roll_forward(strays)
+        return actions
+
+    def _roll_forward(self, strays: list[str]) -> list[str]:
+        actions = []
+        with meta.write(self.db):
+            for d in strays:
+                journal = self.snapshots / d / "meta.json"
+                if meta.get(self.db, PREFIX + d) is not None or not journal.is_file():
+                    continue      # published meanwhile, or not ours to guess (fsck reports)
+                try:
+                    data = json.loads(journal.read_text())
+                    row = Row(**data["row"])
+                    parents = [Parent(**p) for p in data["parents"]]
+                except (ValueError, TypeError, KeyError):
+                    continue
+                if hexpart(row.id) != d:
+                    continue
+                meta.insert(self.db, row, parents)
+                actions.append(f"registered {row.id} (published before a crash)")
+        return actions
