@@ -337,3 +337,28 @@ def lease(store: Store, row: Row, mountpoint: str) -> None:
         store.db.execute("INSERT OR REPLACE INTO leases(mountpoint, id, pid, created) "
                          "VALUES(?,?,?,?)", (os.path.abspath(mountpoint), row.id, os.getpid(),
                                              time.time()))
+
+
+def remove(store: Store, ref: str) -> Row:
+    """Delete one snapshot now, whatever refs it has (containerd's Remove).
+
+    C2: fails with FailedPrecondition while another snapshot pins it (a union
+    merge over it, an active or view snapshot on it) or a live mount leases it.
+    """
+    from .usage import live_mountpoints
+    row = store.resolve(ref)
+    mounted = live_mountpoints()
+    with meta.write(store.db):
+        pinned = [c for (c,) in store.db.execute(
+            "SELECT p.child FROM parents p JOIN snapshots s ON s.id = p.child "
+            "WHERE p.parent = ? AND p.pin = 1 AND s.state != 'deleting'", (row.id,))]
+        if pinned:
+            raise FailedPrecondition(f"{short(row.id)} is needed by {len(pinned)} snapshot(s) "
+                                     f"({', '.join(map(short, pinned))}); remove those first")
+        leases = [mp for (mp,) in store.db.execute("SELECT mountpoint FROM leases WHERE id=?",
+                                                    (row.id,)) if mp in mounted]
+        if leases:
+            raise FailedPrecondition(f"{short(row.id)} is mounted at {leases[0]}")
+        store.db.execute("UPDATE snapshots SET state='deleting' WHERE id=?", (row.id,))
+    store.remove([row.id])
+    return row

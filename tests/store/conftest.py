@@ -1,0 +1,100 @@
+"""Fixtures for the store tests: a fresh store root, the CLI as a real process, layers."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mergefs.testing.builders import LayerSpec, materialise, materialise_stack
+from snapshotter.store import Store
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def root(tmp_path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def store(root):
+    s = Store(root)
+    yield s
+    s.close()
+
+
+class Cli:
+    """``mergefs --root ROOT ...`` as a subprocess (what users and runtimes run)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def env(self, **extra) -> dict:
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        env.pop("MERGEFS_TEST_KILL_AT", None)
+        env.update(extra)
+        return env
+
+    def argv(self, *args) -> list[str]:
+        return [sys.executable, "-m", "mergefs", "--root", str(self.root), *map(str, args)]
+
+    def run(self, *args, check: bool = True, **env) -> subprocess.CompletedProcess:
+        p = subprocess.run(self.argv(*args), capture_output=True, text=True, env=self.env(**env),
+                           timeout=60)
+        if check and p.returncode != 0:
+            raise AssertionError(f"mergefs {' '.join(map(str, args))} -> {p.returncode}\n"
+                                 f"{p.stdout}\n{p.stderr}")
+        return p
+
+    def out(self, *args) -> str:
+        return self.run(*args).stdout.strip()
+
+    def json(self, *args):
+        return json.loads(self.run(*args, "--json").stdout)
+
+
+@pytest.fixture
+def cli(root) -> Cli:
+    return Cli(root)
+
+
+def base_spec() -> LayerSpec:
+    return (LayerSpec().file("etc/passwd", b"root:x:0:0\n").file("etc/group", b"root:x:0\n")
+            .file("bin/tool", b"#!/bin/sh\necho base\n", mode=0o755)
+            .hardlink("bin/tool2", "bin/tool").dir("var/cache", mode=0o750)
+            .file("var/cache/a", b"a" * 5000).file("var/cache/b", b"b" * 9000)
+            .symlink("lib", "usr/lib"))
+
+
+def mid_spec() -> LayerSpec:
+    return (LayerSpec().file("etc/hostname", b"mid\n").file("bin/tool", b"#!/bin/sh\necho mid\n",
+                                                           mode=0o755)
+            .whiteout("etc/group").file("usr/lib/libx.so", b"\x7fELF" + b"x" * 3000))
+
+
+def top_spec() -> LayerSpec:
+    return (LayerSpec().opaque_dir("var/cache").file("var/cache/fresh", b"fresh")
+            .file("etc/motd", b"hello\n"))
+
+
+@pytest.fixture
+def layers(tmp_path) -> list[Path]:
+    """Three overlay-format layers, bottom first: base, mid (whiteout), top (opaque dir)."""
+    return materialise_stack([base_spec(), mid_spec(), top_spec()], tmp_path / "layers")
+
+
+@pytest.fixture
+def oci_layers(tmp_path) -> list[Path]:
+    """The same three layers in OCI whiteout format."""
+    return materialise_stack([base_spec(), mid_spec(), top_spec()], tmp_path / "oci", fmt="oci")
+
+
+def snapshot_dirs(root: Path) -> list[str]:
+    return sorted(os.listdir(root / "snapshots"))
+
+
+__all__ = ["Cli", "base_spec", "mid_spec", "top_spec", "snapshot_dirs", "materialise"]
