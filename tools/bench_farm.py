@@ -1,0 +1,323 @@
+#!/usr/bin/env python3
+"""Benchmark: farm creation (mergefs.farm.build_farm) against ``cp -al``.
+
+    sudo .venv/bin/python tools/bench_farm.py                # 100k files, 8 layers, 5 reps
+
+In one run, for each stack format (overlay, oci) and cache state (cold, warm),
+R repetitions of each contender, interleaved (farm first on even reps, cp first
+on odd ones), each into a fresh output directory:
+
+* farm: a child process runs ``build_farm(layers, out)``; reported are the time
+  of that call (``farm``) and of the whole process including interpreter start
+  and imports (``farm process``), and the child's peak RSS (wait4 rusage).
+* anchor ``cp -al``: ``mkdir DEST``, then for each layer bottom first
+  ``cp -a -l --remove-destination LAYER/. DEST`` (8 processes, timed together).
+  It links every non-directory of every layer (hidden ones too), creates each
+  directory once and copies directory attributes (mode, owner, times, xattrs)
+  for every layer's copy of it, so its work is the farm's minus merge
+  semantics. It does not apply whiteouts (it links them like files), and cp
+  refuses to replace a directory by a non-directory or the reverse: those few
+  type changes are skipped (cp exits 1; the errors are counted and shown, any
+  other cp error aborts the benchmark).
+* cold: ``sync; echo 3 > /proc/sys/vm/drop_caches`` before each run; warm:
+  ``sync`` and a ``find`` over the stack before each run. Outputs are kept
+  until the end of the run (deleting them between runs would add freed-inode
+  effects to the next run) and removed afterwards.
+
+Correctness: the first farm of each format is compared with a kernel overlayfs
+mount of the overlay-format stack (lowerdir reversed; unmounted in finally):
+every path, type, mode, owner, size, nanosecond mtime, rdev and the hardlink
+groups of the whole tree, plus content, symlink target and xattrs (overlay-
+private ones excepted) of a seeded sample of paths. A mismatch fails the run:
+it never reports a fast wrong answer.
+
+By default everything runs on a private journaled ext4 on a loop device
+(``--fs loop``; see benchlib.scratch_ext4 for why), and the stacks are
+generated there by tools/gen_stack.py with a fixed seed. ``--fs here`` uses
+WORKDIR's own filesystem and reuses WORKDIR/stack-{overlay,oci} if they match.
+
+Targets (issue 2): farm <= 0.8x cp -al; peak RSS <= 200 MB for 100k entries.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import random
+import shutil
+import stat
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: E402
+import gen_stack  # noqa: E402
+
+TARGET_RATIO = 0.8
+TARGET_RSS = 200 * 10**6
+CP_SKIPPED = ("cannot overwrite directory", "cannot overwrite non-directory")
+
+
+# -- the contenders -------------------------------------------------------------
+def child_build(out: str, fmt: str, layers: list[str], profile: str | None) -> None:
+    """In the child process: build the farm, print one JSON line."""
+    from mergefs.farm import build_farm
+    from mergefs.layer import Layer
+    t0 = time.perf_counter()
+    if profile:
+        import cProfile
+        prof = cProfile.Profile()
+        stats = prof.runcall(build_farm, [Layer(p, fmt) for p in layers], out)
+        prof.dump_stats(profile)
+    else:
+        stats = build_farm([Layer(p, fmt) for p in layers], out)
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"seconds": seconds, "stats": stats.as_dict(),
+                      "vm_hwm": benchlib.vm_hwm(os.getpid())}))
+
+
+def run_farm(layers: list[str], out: str, fmt: str, profile: str | None = None,
+             wrap: list[str] = ()) -> tuple[float, benchlib.ChildResult]:
+    argv = [*wrap, sys.executable, os.path.abspath(__file__), "--child-build", out,
+            "--child-format", fmt, *(["--child-profile", profile] if profile else []), *layers]
+    res = benchlib.run_child(argv)
+    return res.json()["seconds"], res
+
+
+def run_cp_al(layers: list[str], out: str) -> tuple[float, list[str], int]:
+    """The anchor: cp -al of each layer, bottom first, into one tree."""
+    t0 = time.perf_counter()
+    os.mkdir(out)
+    skipped, rss = [], 0
+    for layer in layers:
+        res = benchlib.run_child(["cp", "-a", "-l", "--remove-destination", layer + "/.", out],
+                                 check=False)
+        rss = max(rss, res.maxrss)
+        errs = [l for l in res.stderr.splitlines() if l.strip()]
+        unexpected = [l for l in errs if not any(s in l for s in CP_SKIPPED)]
+        if unexpected or (res.returncode and not errs):
+            raise RuntimeError(f"cp -al {layer} failed ({res.returncode}): {unexpected[:5]}")
+        skipped += errs
+    return time.perf_counter() - t0, skipped, rss
+
+
+# -- correctness ----------------------------------------------------------------
+def _walk(root: bytes) -> dict[bytes, os.stat_result]:
+    out, stack = {}, [b""]
+    while stack:
+        rel = stack.pop()
+        with os.scandir(os.path.join(root, rel) if rel else root) as it:
+            for de in it:
+                path = os.path.join(rel, de.name) if rel else de.name
+                st = de.stat(follow_symlinks=False)
+                out[path] = st
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(path)
+    return out
+
+
+def _meta(st: os.stat_result) -> tuple:
+    kind = stat.S_IFMT(st.st_mode)
+    return (st.st_mode, st.st_uid, st.st_gid, 0 if kind == stat.S_IFDIR else st.st_size,
+            st.st_mtime_ns, st.st_rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0)
+
+
+def _groups(tree: dict) -> set:
+    by_ino: dict = {}
+    for p, st in tree.items():
+        if not stat.S_ISDIR(st.st_mode):
+            by_ino.setdefault(st.st_ino, []).append(p)
+    return {frozenset(ps) for ps in by_ino.values() if len(ps) > 1}
+
+
+def _content(path: bytes, st: os.stat_result) -> tuple:
+    from mergefs.layer import is_overlay_private
+    xattrs = tuple(sorted((n, os.getxattr(path, n, follow_symlinks=False))
+                          for n in os.listxattr(path, follow_symlinks=False)
+                          if not is_overlay_private(n)))
+    if stat.S_ISLNK(st.st_mode):
+        return os.readlink(path), xattrs
+    if stat.S_ISREG(st.st_mode):
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest(), xattrs
+    return None, xattrs
+
+
+def compare_trees(expected: str, actual: str, sample: int, seed: int = 0) -> tuple[list, dict]:
+    """Differences between two trees (empty list when equal) and what was checked."""
+    exp_root, act_root = os.fsencode(expected), os.fsencode(actual)
+    exp, act = _walk(exp_root), _walk(act_root)
+    problems = [f"{p!r}: only in the overlay mount" for p in sorted(exp.keys() - act.keys())]
+    problems += [f"{p!r}: only in the farm" for p in sorted(act.keys() - exp.keys())]
+    both = sorted(exp.keys() & act.keys())
+    problems += [f"{p!r}: {_meta(exp[p])} != {_meta(act[p])}" for p in both
+                 if _meta(exp[p]) != _meta(act[p])]
+    root_e, root_a = os.lstat(exp_root), os.lstat(act_root)
+    if _meta(root_e) != _meta(root_a):
+        problems.append(f"root: {_meta(root_e)} != {_meta(root_a)}")
+    if _groups(exp) != _groups(act):
+        problems.append("hardlink groups differ: "
+                        f"{len(_groups(exp) ^ _groups(act))} groups in one tree only")
+    picked = random.Random(seed).sample(both, min(sample, len(both)))
+    for p in picked:
+        if _content(os.path.join(exp_root, p), exp[p]) != _content(os.path.join(act_root, p), act[p]):
+            problems.append(f"{p!r}: content, symlink target or xattrs differ")
+    checked = {"paths": len(both), "sampled_content": len(picked),
+               "hardlink_groups": len(_groups(act))}
+    return problems, checked
+
+
+def verify_farm(overlay_layers: list[str], farm: str, sample: int) -> dict:
+    """Compare ``farm`` with kernel overlayfs over ``overlay_layers``; raise on mismatch."""
+    from mergefs.testing.mounts import overlay_mount
+    with overlay_mount(overlay_layers) as mnt:
+        problems, checked = compare_trees(str(mnt), farm, sample)
+    if problems:
+        raise AssertionError(f"farm {farm} differs from kernel overlayfs ({len(problems)} "
+                             "problems):\n  " + "\n  ".join(problems[:20]))
+    return checked
+
+
+# -- the run ----------------------------------------------------------------------
+def prepare(state: str, layers: list[str]) -> None:
+    if state == "cold":
+        benchlib.drop_caches()
+    else:
+        os.sync()
+        benchlib.warm_tree(*layers)
+
+
+def bench_format(fmt: str, layers: list[str], outdir: str, args, table: benchlib.Table) -> dict:
+    info = {"cp_skipped": 0, "farm_stats": None, "first_farm": None}
+    for state in args.cache:
+        farm_t = table.series(f"{fmt} {state}: farm", anchor=f"{fmt} {state}: cp -al")
+        proc_t = table.series(f"{fmt} {state}: farm process", anchor=f"{fmt} {state}: cp -al")
+        cp_t = table.series(f"{fmt} {state}: cp -al")
+        rss = table.series(f"{fmt} {state}: farm peak RSS", unit="B",
+                           anchor=f"{fmt} {state}: cp -al peak RSS")
+        cp_rss = table.series(f"{fmt} {state}: cp -al peak RSS", unit="B")
+        for rep in range(args.reps):
+            order = ("farm", "cp") if rep % 2 == 0 else ("cp", "farm")
+            for who in order:
+                out = os.path.join(outdir, f"{fmt}-{state}-{rep}-{who}")
+                prepare(state, layers)
+                if who == "farm":
+                    seconds, res = run_farm(layers, out, fmt)
+                    farm_t.add(seconds)
+                    proc_t.add(res.seconds)
+                    rss.add(res.maxrss)
+                    info["farm_stats"] = res.json()["stats"]
+                    info["farm_vm_hwm_self_reported"] = res.json()["vm_hwm"]
+                    info["first_farm"] = info["first_farm"] or out
+                else:
+                    seconds, skipped, cprss = run_cp_al(layers, out)
+                    cp_t.add(seconds)
+                    cp_rss.add(cprss)
+                    info["cp_skipped"] = len(skipped)
+                    info["cp_skipped_example"] = skipped[:2]
+            print(f"  {fmt} {state} rep {rep}: farm {farm_t.samples[-1]:.2f}s "
+                  f"cp -al {cp_t.samples[-1]:.2f}s", file=sys.stderr, flush=True)
+    return info
+
+
+def report_targets(table: benchlib.Table, formats, states) -> list[str]:
+    lines = []
+    for fmt in formats:
+        for state in states:
+            r = table.ratio(f"{fmt} {state}: farm")
+            peak = max(table.rows[f"{fmt} {state}: farm peak RSS"].samples)
+            lines.append(f"{fmt} {state}: farm/cp-al = {r:.2f} (target <= {TARGET_RATIO}: "
+                         f"{'met' if r <= TARGET_RATIO else 'MISSED'}); peak RSS max "
+                         f"{peak / 1e6:.0f} MB (target <= {TARGET_RSS / 1e6:.0f} MB: "
+                         f"{'met' if peak <= TARGET_RSS else 'MISSED'})")
+    return lines
+
+
+def run(args, base: str) -> int:
+    formats = ["overlay", "oci"] if args.format == "both" else [args.format]
+    stacks = {f: gen_stack.ensure_stack(os.path.join(base, f"stack-{f}"), args.layers, args.files,
+                                        args.seed, f) for f in set(formats) | {"overlay"}}
+    outdir = os.path.join(base, f"out-{os.getpid()}")
+    os.makedirs(outdir)
+    table = benchlib.Table(f"farm vs cp -al: {args.files} files, {args.layers} layers, seed "
+                           f"{args.seed}, {args.reps} reps, fs {args.fs} ({base})")
+    results = {"command": " ".join(sys.argv), "fs": args.fs, "formats": {}}
+    try:
+        for fmt in formats:
+            info = bench_format(fmt, stacks[fmt], outdir, args, table)
+            info["verified"] = verify_farm(stacks["overlay"], info["first_farm"], args.sample)
+            results["formats"][fmt] = info
+        if args.profile:
+            out = os.path.join(outdir, "profiled")
+            prepare("warm", stacks[formats[0]])
+            run_farm(stacks[formats[0]], out, formats[0], profile=args.profile)
+            print_profile(args.profile)
+    finally:
+        if not args.keep and args.fs == "here":   # a loop fs is discarded whole
+            subprocess.run(["rm", "-rf", "--one-file-system", outdir], check=False)
+    print(table.render())
+    for fmt, info in results["formats"].items():
+        print(f"{fmt}: farm stats {info['farm_stats']}; farm VmHWM (self-reported, last run) "
+              f"{info['farm_vm_hwm_self_reported'] / 2**20:.1f} MiB; verified against kernel overlayfs: "
+              f"{info['verified']}; cp -al skipped {info['cp_skipped']} type changes "
+              f"(e.g. {info.get('cp_skipped_example', [])[:1]})")
+    for line in report_targets(table, formats, args.cache):
+        print(line)
+    if args.json:
+        results["table"] = table.as_dict()
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+def print_profile(path: str, top: int = 25) -> None:
+    import pstats
+    for key in ("tottime", "cumulative"):
+        print(f"-- profile of one warm farm build, top {top} by {key} ({path})")
+        pstats.Stats(path).sort_stats(key).print_stats(top)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--files", type=int, default=100_000)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--format", choices=("overlay", "oci", "both"), default="both")
+    ap.add_argument("--cache", default="cold,warm", type=lambda s: s.split(","),
+                    help="cache states to measure, comma-separated: cold,warm")
+    ap.add_argument("--fs", choices=("loop", "here"), default="loop",
+                    help="loop: a private journaled ext4 on a loop device (default); "
+                         "here: WORKDIR's filesystem")
+    ap.add_argument("--workdir", default="/tmp/mergefs-bench")
+    ap.add_argument("--sample", type=int, default=3000, help="paths whose content is compared")
+    ap.add_argument("--profile", metavar="FILE", help="also cProfile one warm farm build")
+    ap.add_argument("--json", metavar="FILE", help="write all samples as JSON")
+    ap.add_argument("--keep", action="store_true", help="keep the outputs (with --fs here)")
+    ap.add_argument("--child-build", metavar="OUT", help=argparse.SUPPRESS)
+    ap.add_argument("--child-format", help=argparse.SUPPRESS)
+    ap.add_argument("--child-profile", help=argparse.SUPPRESS)
+    ap.add_argument("child_layers", nargs="*", help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.child_build:
+        child_build(args.child_build, args.child_format, args.child_layers, args.child_profile)
+        return 0
+    if os.geteuid() != 0:
+        print("bench_farm: needs root (drop_caches, kernel overlayfs, loop mount)", file=sys.stderr)
+        return 2
+    if args.fs == "here":
+        os.makedirs(args.workdir, exist_ok=True)
+        return run(args, args.workdir)
+    with benchlib.scratch_ext4(args.workdir) as fs:
+        return run(args, fs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
