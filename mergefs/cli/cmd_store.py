@@ -219,7 +219,8 @@ def cmd_du(args) -> int:
     if args.verbose:
         for s in recs:
             for k, v in _du_dict(s).items():
-                print(f"{k + ':':<14}{v}")
+                label = "ID" if k == "id" else k.replace("_", " ").capitalize()
+                print(f"{label + ':':<14}{v}")
             print()
     else:
         print(f"{'ID':<20} {'KIND':<7} {'RECLAIMABLE':<12} {'EXCLUSIVE':>10} {'SHARED':>10}  "

@@ -98,3 +98,25 @@ def snapshot_dirs(root: Path) -> list[str]:
 
 
 __all__ = ["Cli", "base_spec", "mid_spec", "top_spec", "snapshot_dirs", "materialise"]
+
+
+def _mounts_below(prefix: str) -> set[str]:
+    with open("/proc/self/mounts") as f:
+        return {line.split()[1] for line in f if line.split()[1].startswith(prefix)}
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_mounts(tmp_path):
+    """Narrower than the suite-wide check: only mounts below this test's tmp_path.
+
+    The suite-wide fixture watches all of /tmp and force-unmounts what appeared
+    there, which unmounts the live mounts of test sessions running in parallel
+    (other areas' suites); store tests mount nothing outside tmp_path except
+    through ``mounts.overlay_mount``, which unmounts itself.
+    """
+    yield
+    leaked = _mounts_below(str(tmp_path))
+    for m in leaked:
+        from mergefs.testing import mounts
+        mounts.force_unmount(m)
+    assert not leaked, f"test left mounts behind: {sorted(leaked)}"

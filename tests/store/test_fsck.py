@@ -1,0 +1,103 @@
+"""fsck finds each kind of damage, reports it, and repairs only what is safe."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from mergefs.errors import FailedPrecondition
+from snapshotter import service
+from snapshotter.fsck import fsck
+from snapshotter.store import Store
+
+
+def kinds(findings):
+    return sorted((f.severity, f.kind) for f in findings)
+
+
+@pytest.fixture
+def populated(store, layers):
+    ids = [service.import_dir(store, p).id for p in layers]
+    m = service.merge(store, ids, strategy="farm").row.id
+    return ids, m
+
+
+def reopen(store) -> Store:
+    store.close()
+    return Store(store.root, reconcile=False)
+
+
+def test_fsck_clean_store(store, populated):
+    assert fsck(store) == []
+
+
+def test_fsck_orphaned_staging_dir_is_garbage_swept_on_repair(store, populated):
+    orphan = store.staging / "999999999-1-import-deadbeef"
+    os.makedirs(orphan / "fs")
+    s = reopen(store)
+    assert kinds(fsck(s)) == [("garbage", "orphaned-staging")]
+    assert fsck(s, repair=True)[0].repaired == "removed"
+    assert not orphan.exists() and fsck(s) == []
+    s.close()
+
+
+def test_fsck_live_staging_dir_is_left_alone(store, populated):
+    staged = store.stage("merge")          # ours: this process is alive
+    assert fsck(store, repair=True) == []
+    assert staged.path.exists()
+    staged.discard()
+
+
+def test_fsck_row_without_dir(store, populated):
+    ids, m = populated
+    shutil.rmtree(store.dir_of(m))
+    found = fsck(store)
+    assert kinds(found) == [("error", "row-without-dir")] and found[0].subject == m
+    fsck(store, repair=True)
+    assert store.get(m) is None and fsck(store) == []
+
+
+def test_fsck_dir_without_row_is_moved_to_lost_and_found(store, populated):
+    stray = store.snapshots / ("ab" * 32)
+    os.makedirs(stray / "fs")
+    (stray / "fs" / "something").write_text("x")
+    s = reopen(store)
+    assert kinds(fsck(s)) == [("error", "dir-without-row")]
+    fsck(s, repair=True)
+    assert (s.root / "lost+found" / ("ab" * 32) / "fs" / "something").read_text() == "x"
+    assert fsck(s) == []
+    s.close()
+
+
+def test_fsck_modified_layer_is_reported_never_deleted(store, populated):
+    ids, m = populated
+    target = store.fs_of(ids[0]) / "etc" / "passwd"
+    target.write_text("tampered\n")             # the farm shares this inode, too
+    found = fsck(store)
+    assert kinds(found) == [("error", "digest-mismatch")] and found[0].subject == ids[0]
+    fsck(store, repair=True)
+    assert target.read_text() == "tampered\n"  # kept for inspection
+    assert store.get(ids[0]).state == "corrupt"
+    with pytest.raises(FailedPrecondition):
+        service.merge(store, [ids[0], ids[1]])
+
+
+def test_reimport_replaces_a_corrupt_layer(store, layers, populated):
+    ids, _ = populated
+    (store.fs_of(ids[0]) / "etc" / "passwd").write_text("tampered\n")
+    fsck(store, repair=True)
+    assert service.import_dir(store, layers[0]).id == ids[0]
+    assert store.get(ids[0]).state == "committed"
+    assert (store.fs_of(ids[0]) / "etc" / "passwd").read_text() == "root:x:0:0\n"
+    assert fsck(store) == []
+
+
+def test_fsck_cli_exit_codes(cli, layers):
+    i = cli.out("import", layers[0])
+    assert cli.run("fsck").returncode == 0
+    shutil.rmtree(cli.root / "snapshots" / i[7:])
+    p = cli.run("fsck", check=False)
+    assert p.returncode == 1 and "row-without-dir" in p.stdout
+    assert cli.run("fsck", "--repair").returncode == 0
+    assert cli.run("fsck").returncode == 0
