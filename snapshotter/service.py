@@ -53,27 +53,30 @@ def import_dir(store: Store, src: str | os.PathLike, fmt: str = "auto", name: st
             mid = lambda n: n == 3 and kill_point("import:mid-copy")  # noqa: E731
         copy_layer(src, staged.path / "fs", fmt, progress=mid)
         summary = tree_digest(staged.path / "fs")
-        return _publish_layer(store, staged, summary, "layer", f"import of {src}", src,
-                              name, holder, op="import")
+        return publish_layer(store, staged, summary, summary.digest, "layer", f"import of {src}",
+                             src, name, holder, op="import")
     finally:
         staged.discard()
 
 
-def _publish_layer(store, staged, summary, kind, description, source, name, holder, op,
-                   parents=()) -> Row:
+def publish_layer(store: Store, staged, summary, tree: str, kind: str, description: str,
+                  source: str, name: str | None, holder: str | None, op: str) -> Row:
+    """Publish a staged layer whose id is ``summary.digest`` (reused if already stored)."""
     store.check_name(name, summary.digest)
     with store.build_lock(summary.digest):
         existing = store.reuse(summary.digest, holder, name)
         if existing is not None:
             return existing
         row = Row(id=summary.digest, kind=kind, description=description, entries=summary.entries,
-                  bytes=summary.bytes, tree_digest=summary.digest, source=source)
-        return store.publish(staged, row, list(parents), op, holder, name)
+                  bytes=summary.bytes, tree_digest=tree, source=source)
+        return store.publish(staged, row, [], op, holder, name)
 
 
 def import_path(store: Store, src: str, fmt: str = "auto", name: str | None = None,
                 holder: str | None = CLI_HOLDER) -> list[Row]:
     """Import a layer directory, or (through mergefs.oci) a tar, OCI layout or docker archive."""
+    if not os.path.lexists(src):
+        raise NotFound(f"{src!r} does not exist")
     if os.path.isdir(src) and not _is_oci_layout(src):
         return [import_dir(store, src, fmt, name, holder)]
     from .oci_import import import_archive
@@ -239,7 +242,7 @@ def commit(store: Store, upper: str, parent: str | None = None, name: str | None
         shutil.rmtree(staged.path / "upper")
         shutil.rmtree(staged.path / "scratch", ignore_errors=True)
         summary = tree_digest(staged.path / "fs")
-        return _publish_layer(store, staged, summary, "layer",
+        return publish_layer(store, staged, summary, summary.digest, "layer",
                               f"commit of {upper}" + (f" over {short(parent_ids[-1])}"
                                                       if parent_ids else ""),
                               upper, name, holder, op="commit")

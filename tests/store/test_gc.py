@@ -1,0 +1,181 @@
+"""Refs, release and prune (C4), and the errors of C2."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from mergefs.errors import AlreadyExists, FailedPrecondition, NotFound
+from snapshotter import meta, service
+from snapshotter.gc import parse_duration, parse_size, prune
+from snapshotter.usage import measure
+
+
+def imported(store, layers):
+    return [service.import_dir(store, p).id for p in layers]
+
+
+def visible(store):
+    return {r.id for r in meta.all_rows(store.db)}
+
+
+def test_C4_release_never_deletes(store, layers):
+    ids = imported(store, layers)
+    for i in ids:
+        service.release(store, i)
+    assert visible(store) == set(ids)
+    assert all(store.fs_of(i).is_dir() for i in ids)
+
+
+def test_C4_prune_keeps_referenced(store, layers):
+    ids = imported(store, layers)
+    service.release(store, ids[0])
+    assert prune(store).deleted == [ids[0]]
+    assert visible(store) == set(ids[1:])
+
+
+def test_C4_prune_reports_freed_bytes(store, layers):
+    ids = imported(store, layers)
+    excl = {s.row.id: s.exclusive for s in measure(store).snapshots}
+    service.release(store, ids[2])
+    report = prune(store)
+    assert report.freed == excl[ids[2]] > 0
+
+
+def test_C4_layer_linked_by_a_farm_frees_only_what_it_alone_holds(store, layers):
+    ids = imported(store, layers)
+    service.merge(store, ids, strategy="farm")
+    su = {s.row.id: s for s in measure(store).snapshots}[ids[0]]
+    service.release(store, ids[0])
+    report = prune(store)
+    assert report.deleted == [ids[0]] and report.freed == su.exclusive < su.size
+
+
+def test_C4_dry_run_deletes_nothing(store, layers):
+    ids = imported(store, layers)
+    for i in ids:
+        service.release(store, i)
+    report = prune(store, dry_run=True)
+    assert set(report.deleted) == set(ids) and report.freed > 0
+    assert visible(store) == set(ids)
+
+
+def test_C4_named_snapshots_need_all(store, layers):
+    named = service.import_dir(store, layers[0], name="base").id
+    service.release(store, named)
+    assert prune(store).deleted == []
+    assert prune(store, all_named=True).deleted == [named]
+    with pytest.raises(NotFound):
+        store.resolve("base")
+
+
+def test_C4_keep_duration(store, layers):
+    ids = imported(store, layers)
+    for i in ids:
+        service.release(store, i)
+    with meta.write(store.db):
+        store.db.execute("UPDATE snapshots SET last_used=? WHERE id=?", (time.time() - 7200, ids[0]))
+    assert prune(store, keep_duration=parse_duration("1h")).deleted == [ids[0]]
+
+
+def test_C4_keep_storage_deletes_least_recently_used_first(store, layers):
+    ids = imported(store, layers)
+    for n, i in enumerate(ids):
+        service.release(store, i)
+        with meta.write(store.db):
+            store.db.execute("UPDATE snapshots SET last_used=? WHERE id=?", (1000.0 + n, i))
+    total = measure(store).total
+    report = prune(store, keep_storage=total - 1)
+    assert report.deleted == [ids[0]]            # one is enough to go under the limit
+    assert prune(store, keep_storage=total * 10).deleted == []
+
+
+def test_C4_union_merge_pins_its_inputs(store, layers):
+    ids = imported(store, layers)
+    m = service.merge(store, ids, strategy="union").row.id
+    for i in ids:
+        service.release(store, i)
+    assert prune(store).deleted == []
+    service.release(store, m)
+    assert set(prune(store).deleted) == set(ids) | {m}
+
+
+def test_C4_farm_merge_does_not_pin_and_survives_its_inputs(store, layers):
+    ids = imported(store, layers)
+    m = service.merge(store, ids, strategy="farm").row.id
+    for i in ids:
+        service.release(store, i)
+    assert set(prune(store).deleted) == set(ids)
+    assert (store.fs_of(m) / "etc" / "passwd").read_bytes() == b"root:x:0:0\n"
+
+
+def test_C4_active_snapshot_pins_its_parent(store, layers):
+    (i,) = imported(store, layers[:1])
+    service.prepare(store, "work", i)
+    service.release(store, i)
+    assert prune(store).deleted == []
+
+
+def test_C4_a_live_mount_lease_pins(store, layers):
+    (i,) = imported(store, layers[:1])
+    service.mount_spec(str(store.root), i, mountpoint="/")     # "/" is always mounted
+    service.release(store, i)
+    assert prune(store).deleted == []
+    with meta.write(store.db):
+        store.db.execute("UPDATE leases SET mountpoint='/nonexistent/mnt'")
+    assert prune(store).deleted == [i]         # the mount went away: the lease is stale
+
+
+def test_C2_prepare_with_a_used_key_fails(store, layers):
+    (i,) = imported(store, layers[:1])
+    service.prepare(store, "k", i)
+    with pytest.raises(AlreadyExists):
+        service.prepare(store, "k", i)
+    with pytest.raises(AlreadyExists):
+        service.prepare(store, "k", i, readonly=True)
+
+
+def test_C2_removing_what_others_depend_on_fails(store, layers):
+    ids = imported(store, layers)
+    m = service.merge(store, ids, strategy="union").row.id
+    with pytest.raises(FailedPrecondition):
+        service.remove(store, ids[0])
+    service.remove(store, m)
+    service.remove(store, ids[0])
+    assert visible(store) == set(ids[1:])
+
+
+def test_C2_commit_of_a_view_fails(store, layers):
+    (i,) = imported(store, layers[:1])
+    service.prepare(store, "v", i, readonly=True)
+    with pytest.raises(FailedPrecondition):
+        service.commit(store, "v")
+
+
+def test_C2_name_taken_by_other_content_fails_same_content_succeeds(store, layers):
+    a = service.import_dir(store, layers[0], name="n").id
+    assert service.import_dir(store, layers[0], name="n").id == a       # C1
+    with pytest.raises(AlreadyExists):
+        service.import_dir(store, layers[1], name="n")
+
+
+def test_cli_exit_codes(cli, layers):
+    assert cli.run("inspect", "nosuchref", check=False).returncode == 3
+    cli.out("import", layers[0], "--name", "x")
+    p = cli.run("import", layers[1], "--name", "x", check=False)
+    assert p.returncode == 4 and p.stderr.startswith("mergefs: error: name 'x'")
+    assert cli.run("import", "/nonexistent/dir", check=False).returncode == 3
+
+
+def test_cli_prune_dry_run_and_json(cli, layers):
+    i = cli.out("import", layers[0])
+    cli.run("release", i)
+    out = cli.out("prune", "--dry-run")
+    assert f"would delete {i}" in out
+    assert cli.json("prune", "--keep-duration", "1h")["deleted"] == []
+    assert cli.json("prune", "--keep-storage", "1k")["deleted"] == [i]
+
+
+def test_sizes_and_durations_parse():
+    assert parse_size("1.5G") == 3 << 29 and parse_size("512MiB") == 512 << 20
+    assert parse_duration("24h") == 86400 and parse_duration("90") == 90
