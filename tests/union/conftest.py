@@ -11,6 +11,7 @@ import errno
 import hashlib
 import os
 import stat
+import subprocess
 from dataclasses import dataclass
 
 import pyfuse3
@@ -48,6 +49,22 @@ class Driver:
             if part:
                 ino = self._hold((await self.ops.lookup(ino, part, self.ctx)).st_ino)
         return ino
+
+    def made(self, entry: pyfuse3.EntryAttributes) -> int:
+        """Count the lookup a create/mkdir/mknod/symlink/link reply gave the kernel."""
+        return self._hold(entry.st_ino)
+
+    async def create(self, parent: int, name: bytes, data: bytes = b"") -> int:
+        fi, entry = await self.ops.create(parent, name, 0o644, os.O_WRONLY, self.ctx)
+        try:
+            if data:
+                await self.ops.write(fi.fh, 0, data)
+        finally:
+            await self.ops.release(fi.fh)
+        return self.made(entry)
+
+    async def mkdir(self, parent: int, name: bytes) -> int:
+        return self.made(await self.ops.mkdir(parent, name, 0o755, self.ctx))
 
     async def getattr(self, path) -> pyfuse3.EntryAttributes:
         return await self.ops.getattr(await self.lookup(path), self.ctx)
@@ -129,6 +146,25 @@ class Driver:
         live = [i for i in self.ops.inodes if i.number != pyfuse3.ROOT_INODE]
         assert live == [], f"inodes still live after forgetting everything: {live}"
         assert self.ops.check() == []
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_mounts(tmp_path):
+    """Every test unmounts what it mounted, also on failure (U7).
+
+    Overrides the suite-wide check so that it watches only this test's
+    tmp_path (and the public dirs it registers): other suites mounting under
+    /tmp at the same time are not this test's leaks.
+    """
+    def mounted() -> set[str]:
+        with open("/proc/self/mounts") as f:
+            return {line.split()[1] for line in f if line.split()[1].startswith(str(tmp_path))}
+    before = mounted()
+    yield
+    leaked = mounted() - before
+    for m in leaked:
+        subprocess.run(["umount", "-l", m], capture_output=True)
+    assert not leaked, f"test left mounts behind: {sorted(leaked)}"
 
 
 @pytest.fixture

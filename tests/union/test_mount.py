@@ -52,7 +52,8 @@ def test_U1_union_equals_kernel_overlay_and_farm(seed, tmp_path, union_mount):
     ours = materialise_stack(specs, tmp_path / "ours", fmt)
     oracle = materialise_stack(specs, tmp_path / "oracle", "overlay")
     union = tree.capture(union_mount(ours))
-    with mounts.overlay_mount(oracle) as ovl:
+    (tmp_path / "ovl").mkdir()
+    with mounts.overlay_mount(oracle, tmp_path / "ovl") as ovl:
         tree.assert_same(union, tree.capture(ovl), f"union({fmt}) vs kernel overlay")
     build_farm(ours, tmp_path / "farm")
     tree.assert_same(union, tree.capture(tmp_path / "farm"), "union vs farm")

@@ -1,0 +1,140 @@
+"""rename(2) on the writable union, with RENAME_NOREPLACE and RENAME_EXCHANGE (U5).
+
+Files move across layers: the source is copied up, renamed inside the upper,
+and a whiteout is left at the old name when something below still shows
+there. A directory that has lower layers fails with EXDEV (kernel overlayfs
+without ``redirect_dir`` does the same; ``mv`` falls back to copy + delete,
+so commit and kernel overlayfs agree on the result). A directory that lives
+only in the upper moves freely; it is made opaque when its new name has
+something below, so nothing of the lower tree shows through it.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from .. import syscalls
+from ..errors import AlreadyExists
+from ..layer import DIR
+from ..resolver import Node, join
+
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+
+
+def _err(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+def rename(view, p_old, old: bytes, p_new, new: bytes, flags: int) -> None:
+    src = view._child(p_old, old)
+    dst = view.listing(p_new).get(new)
+    if flags & RENAME_EXCHANGE:
+        if dst is None:
+            raise _err(errno.ENOENT)
+        return _exchange(view, p_old, old, src, p_new, new, dst)
+    if dst is not None:
+        if flags & RENAME_NOREPLACE:
+            raise AlreadyExists(new)
+        if view.inodes.number_for(src) == view.inodes.number_for(dst):
+            return                      # two names of one file: rename(2) does nothing
+        if (dst.kind == DIR) != (src.kind == DIR):     # the VFS checks types first
+            raise _err(errno.EISDIR if dst.kind == DIR else errno.ENOTDIR)
+    if src.kind == DIR and any(layer != view.up for layer in src.layers):
+        raise _err(errno.EXDEV)         # a merged/lower dir: as overlayfs w/o redirect_dir
+    if dst is not None:
+        _check_replace(view, p_new, new, src, dst)
+    with _held(view, p_old, old) as inode:
+        view.ensure_upper(inode)
+        view.ensure_upper(p_new)
+        _move(view, inode, p_old, old, p_new, new, dst)
+
+
+def _check_replace(view, p_new, new, src: Node, dst: Node) -> None:
+    if dst.kind == DIR:
+        if src.kind != DIR:
+            raise _err(errno.EISDIR)
+        target = view._live(dst)
+        listing = view.listing(target) if target is not None else _listing(view, p_new, new, dst)
+        if listing:
+            raise _err(errno.ENOTEMPTY)
+    elif src.kind == DIR:
+        raise _err(errno.ENOTDIR)
+
+
+def _listing(view, parent, name, node):
+    from ..resolver import merge_listing
+    path = join(parent.path, name)
+    return merge_listing((i, view.resolver.layer_dir(i, path)) for i in node.layers)
+
+
+class _held:
+    """The inode of parent/name, held (lookup count +1) for the length of a block."""
+
+    def __init__(self, view, parent, name):
+        self.view, self.parent, self.name = view, parent, name
+
+    def __enter__(self):
+        self.inode = self.view.lookup(self.parent, self.name)
+        return self.inode
+
+    def __exit__(self, *exc):
+        self.view.inodes.forget(self.inode.number, 1)
+
+
+def _move(view, inode, p_old, old: bytes, p_new, new: bytes, dst: Node | None) -> None:
+    upper = view.upper
+    old_path, new_path = join(p_old.path, old), join(p_new.path, new)
+    below_old = view.lower_has(p_old, old)
+    below_new = view.lower_has(p_new, new)
+    if inode.is_dir and below_new:
+        upper.set_opaque(old_path)
+    existing = upper.lstat(new_path)
+    if existing is not None and (syscalls.is_whiteout_stat(existing) and inode.is_dir
+                                 or stat.S_ISDIR(existing.st_mode)):
+        upper.remove(new_path)          # a whiteout a dir cannot replace, or an emptied dir
+    ofd, nfd = upper.dir_fd(p_old.path), upper.dir_fd(p_new.path)
+    try:
+        os.rename(old, new, src_dir_fd=ofd, dst_dir_fd=nfd)
+    finally:
+        os.close(ofd)
+        os.close(nfd)
+    if below_old:
+        upper.whiteout(old_path)
+    if dst is not None:
+        _mark_replaced(view, dst, p_new, new)
+    view._set_child(p_old, old, None)
+    view._set_child(p_new, new, inode.node)
+    inode.parent, inode.name, inode.attr = p_new, new, None
+
+
+def _mark_replaced(view, node: Node, parent, name: bytes) -> None:
+    gone = view._live(node)
+    if gone is not None and gone.parent is parent and gone.name == name:
+        gone.unlinked = True
+        gone.children = None
+
+
+def _exchange(view, p_old, old, src: Node, p_new, new, dst: Node) -> None:
+    for node in (src, dst):
+        if node.kind == DIR and any(layer != view.up for layer in node.layers):
+            raise _err(errno.EXDEV)
+    if p_old is p_new and old == new:
+        return
+    with _held(view, p_old, old) as a, _held(view, p_new, new) as b:
+        view.ensure_upper(a)
+        view.ensure_upper(b)
+        upper = view.upper
+        for inode, parent, name in ((a, p_new, new), (b, p_old, old)):
+            if inode.is_dir and view.lower_has(parent, name):
+                upper.set_opaque(inode.path)
+        ofd, nfd = upper.dir_fd(p_old.path), upper.dir_fd(p_new.path)
+        try:
+            syscalls.renameat2(ofd, old, nfd, new, syscalls.RENAME_EXCHANGE)
+        finally:
+            os.close(ofd)
+            os.close(nfd)
+        view._set_child(p_old, old, b.node)
+        view._set_child(p_new, new, a.node)
+        a.parent, a.name, a.attr = p_new, new, None
+        b.parent, b.name, b.attr = p_old, old, None

@@ -1,0 +1,227 @@
+"""Writes into a union's upper directory, in kernel overlayfs format (U4, D6).
+
+The upper is a layer like any other, written only here: whiteouts are
+character devices 0/0, an opaque directory carries ``trusted.overlay.opaque=y``
+(``user.overlay.opaque`` when not root, as overlayfs's ``userxattr``). Every
+new entry is built in the work directory under a temporary name, given its
+data, owner, mode, xattrs and times there (A1 order: chown, chmod, xattrs,
+times), and only then renamed into the upper: a crash leaves at most litter in
+the work dir, never a half-copied file in the merged view.
+
+Placing an entry where the upper holds a whiteout: a non-directory is renamed
+over it; a directory is swapped with it (RENAME_EXCHANGE) and the whiteout,
+now in the work dir, is unlinked -- the same dance kernel overlayfs does.
+"""
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import stat
+
+from .. import syscalls
+from ..errors import InvalidLayer
+from ..layer import DIR, LNK, REG, Layer, content_xattrs, open_layer_root
+
+log = logging.getLogger("mergefs.union")
+WHITEOUT_DEV = 0
+
+
+class Upper:
+    """The upper layer (read through ``layer`` like the lowers) and its work dir."""
+
+    def __init__(self, upper: str | bytes, work: str | bytes):
+        self.layer = Layer(upper, "overlay")
+        self.work_fd = open_layer_root(os.fsencode(work))
+        if os.fstat(self.work_fd).st_dev != os.fstat(self.layer.fd).st_dev:
+            os.close(self.work_fd)
+            raise InvalidLayer("the work dir must be on the upper's filesystem")
+        root = os.geteuid() == 0
+        self.opaque_xattr = "trusted.overlay.opaque" if root else "user.overlay.opaque"
+        self._names = itertools.count()
+
+    def close(self) -> None:
+        os.close(self.work_fd)
+        self.layer.close()
+
+    # -- primitives -------------------------------------------------------
+    def tmp_name(self) -> bytes:
+        return b"#mergefs-%d-%d" % (os.getpid(), next(self._names))
+
+    def dir_fd(self, path: bytes) -> int:
+        return syscalls.open_beneath(self.layer.fd, path)
+
+    def lstat(self, path: bytes) -> os.stat_result | None:
+        parent, _, name = path.rpartition(b"/")
+        fd = self.dir_fd(parent)
+        try:
+            return syscalls.lstat(name, fd)
+        except FileNotFoundError:
+            return None
+        finally:
+            os.close(fd)
+
+    def is_whiteout(self, path: bytes) -> bool:
+        st = self.lstat(path)
+        return st is not None and syscalls.is_whiteout_stat(st)
+
+    def set_meta(self, name: bytes, st, xattrs: dict[str, bytes] | None = None,
+                 times: bool = True) -> None:
+        """Owner, mode, xattrs, times on a staged entry in the work dir (A1 order)."""
+        fd = self.work_fd
+        syscalls.lchown(name, st.st_uid, st.st_gid, fd)
+        if not stat.S_ISLNK(st.st_mode):
+            syscalls.chmod(name, stat.S_IMODE(st.st_mode), fd)
+        for attr, value in (xattrs or {}).items():
+            try:
+                syscalls.setxattr(fd, name, attr, value)
+            except OSError as e:   # A3: reported, not fatal (e.g. security.selinux)
+                log.warning("copy-up: cannot set xattr %s: %s", attr, e.strerror)
+        if times:
+            syscalls.utime_ns(name, st.st_atime_ns, st.st_mtime_ns, fd)
+
+    def publish(self, tmp: bytes, path: bytes, keep_parent_times: bool = False) -> os.stat_result:
+        """Move a staged entry to ``path`` in the upper (over a whiteout if one is there).
+
+        A copy-up is not a change of the parent: ``keep_parent_times`` restores
+        its times afterwards, as kernel overlayfs does (ovl_set_timestamps).
+        """
+        parent, _, name = path.rpartition(b"/")
+        pfd = self.dir_fd(parent)
+        try:
+            if keep_parent_times:
+                pst = os.fstat(pfd)
+                try:
+                    return self._place(tmp, name, pfd)
+                finally:
+                    os.utime(pfd, ns=(pst.st_atime_ns, pst.st_mtime_ns))
+            return self._place(tmp, name, pfd)
+        finally:
+            os.close(pfd)
+
+    def _place(self, tmp: bytes, name: bytes, pfd: int) -> os.stat_result:
+        old = _lstat_or_none(name, pfd)
+        is_dir = stat.S_ISDIR(syscalls.lstat(tmp, self.work_fd).st_mode)
+        if old is None:
+            syscalls.renameat2(self.work_fd, tmp, pfd, name, syscalls.RENAME_NOREPLACE)
+        elif is_dir:
+            # a dir cannot be renamed over a char device: swap, then drop it
+            syscalls.renameat2(self.work_fd, tmp, pfd, name, syscalls.RENAME_EXCHANGE)
+            _remove(tmp, self.work_fd)
+        else:
+            os.rename(tmp, name, src_dir_fd=self.work_fd, dst_dir_fd=pfd)
+        return syscalls.lstat(name, pfd)
+
+    # -- building entries --------------------------------------------------
+    def copy_of(self, src_root_fd: int, path: bytes, st: os.stat_result,
+                with_data: bool = True) -> bytes:
+        """Stage a copy of a lower entry (no children for dirs); return its tmp name."""
+        tmp = self.tmp_name()
+        parent, _, name = path.rpartition(b"/")
+        sfd = syscalls.open_beneath(src_root_fd, parent)
+        try:
+            kind = stat.S_IFMT(st.st_mode)
+            if kind == DIR:
+                syscalls.mkdir(tmp, self.work_fd, 0o700)
+            elif kind == LNK:
+                syscalls.symlink(syscalls.readlink(name, sfd), tmp, self.work_fd)
+            elif kind == REG:
+                self._copy_file(sfd, name, tmp, st.st_size if with_data else 0)
+            else:
+                syscalls.mknod(tmp, kind | 0o600, st.st_rdev, self.work_fd)
+            self.set_meta(tmp, st, content_xattrs(sfd, name) if path else
+                          content_xattrs(src_root_fd, b""))
+        finally:
+            os.close(sfd)
+        return tmp
+
+    def _copy_file(self, sfd: int, name: bytes, tmp: bytes, size: int) -> None:
+        src = os.open(name, syscalls.O_READ, dir_fd=sfd)
+        try:
+            dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                          dir_fd=self.work_fd)
+            try:
+                syscalls.copy_data(src, dst, size)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+
+    def new_entry(self, kind: int, mode: int, uid: int, gid: int, rdev: int = 0,
+                  target: bytes = b"", opaque: bool = False) -> tuple[bytes, int]:
+        """Stage a new entry; return (tmp name, fd for a regular file or -1)."""
+        tmp, fd = self.tmp_name(), -1
+        if kind == DIR:
+            syscalls.mkdir(tmp, self.work_fd, 0o700)
+            if opaque:
+                syscalls.setxattr(self.work_fd, tmp, self.opaque_xattr, b"y")
+        elif kind == LNK:
+            syscalls.symlink(target, tmp, self.work_fd)
+        elif kind == REG:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                         dir_fd=self.work_fd)
+        else:
+            syscalls.mknod(tmp, kind | 0o600, rdev, self.work_fd)
+        syscalls.lchown(tmp, uid, gid, self.work_fd)
+        if kind != LNK:
+            syscalls.chmod(tmp, stat.S_IMODE(mode), self.work_fd)
+        return tmp, fd
+
+    def whiteout(self, path: bytes) -> None:
+        """Replace whatever the upper has at ``path`` by a whiteout (char 0/0)."""
+        tmp = self.tmp_name()
+        syscalls.mknod(tmp, stat.S_IFCHR | 0o600, os.makedev(0, WHITEOUT_DEV), self.work_fd)
+        parent, _, name = path.rpartition(b"/")
+        pfd = self.dir_fd(parent)
+        try:
+            old = _lstat_or_none(name, pfd)
+            if old is not None and stat.S_ISDIR(old.st_mode):
+                syscalls.renameat2(self.work_fd, tmp, pfd, name, syscalls.RENAME_EXCHANGE)
+                _remove(tmp, self.work_fd)
+            else:
+                os.rename(tmp, name, src_dir_fd=self.work_fd, dst_dir_fd=pfd)
+        finally:
+            os.close(pfd)
+
+    def remove(self, path: bytes) -> None:
+        """Remove the upper's entry at ``path`` (a dir with only whiteouts left in it)."""
+        parent, _, name = path.rpartition(b"/")
+        pfd = self.dir_fd(parent)
+        try:
+            _remove(name, pfd)
+        finally:
+            os.close(pfd)
+
+    def set_opaque(self, path: bytes) -> None:
+        parent, _, name = path.rpartition(b"/")
+        pfd = self.dir_fd(parent)
+        try:
+            syscalls.setxattr(pfd, name, self.opaque_xattr, b"y")
+        finally:
+            os.close(pfd)
+
+
+def _lstat_or_none(name: bytes, dir_fd: int) -> os.stat_result | None:
+    try:
+        return syscalls.lstat(name, dir_fd)
+    except FileNotFoundError:
+        return None
+
+
+def _remove(name: bytes, dir_fd: int) -> None:
+    """unlink, or rmdir after removing the whiteouts a merged-empty dir may hold."""
+    st = syscalls.lstat(name, dir_fd)
+    if not stat.S_ISDIR(st.st_mode):
+        syscalls.unlink(name, dir_fd)
+        return
+    fd = syscalls.open_dir(name, dir_fd)
+    try:
+        for child in os.listdir(fd):
+            cst = syscalls.lstat(os.fsencode(child), fd)
+            if not syscalls.is_whiteout_stat(cst):
+                raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), name)
+            syscalls.unlink(os.fsencode(child), fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=dir_fd)

@@ -1,0 +1,271 @@
+"""The writable union: lowers plus an overlay-format upper (U4, U5).
+
+The upper is the top layer of the view (index ``self.up``); after a change,
+the affected inodes' nodes and the cached listings of their parents are
+updated in place, so the view always equals a fresh merge of the disk.
+
+Rules, as kernel overlayfs (index=off, redirect_dir=off) applies them:
+- modifying a lower entry copies it up first (data, owner, mode, xattrs,
+  times), parents first; a directory copied up stays merged (not opaque);
+- unlink/rmdir/rename-away of a name that exists below leaves a whiteout; a
+  name with nothing below is just removed (D6: no whiteout where nothing is
+  below, so never one inside an opaque directory);
+- mkdir over a whiteout makes an opaque directory; a directory renamed into a
+  place where something exists below becomes opaque;
+- renaming a directory that has lower layers fails with EXDEV, as kernel
+  overlayfs does without redirect_dir (U5); ``mv`` then copies. Files rename
+  across layers (copy-up, then whiteout).
+
+Caveats: a lower file with several hardlinks is copied up by the name that is
+written; its other names keep the lower content and get a new inode number
+once the kernel looks them up again (kernel overlayfs with index=off does the
+same).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+import pyfuse3
+
+from .. import syscalls
+from ..errors import AlreadyExists, NotFound
+from ..layer import DIR, LNK, REG, Layer, is_overlay_private
+from ..resolver import Node, join, merge_listing
+from .inodes import Inode
+from .upper import Upper
+from .view import UnionView
+
+
+def _err(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+class WritableView(UnionView):
+    writable = True
+
+    def __init__(self, lowers: list[Layer], upper: str, work: str):
+        self.upper = Upper(upper, work)
+        super().__init__(list(lowers) + [self.upper.layer])
+        self.up = len(lowers)
+
+    def close(self) -> None:
+        super().close()
+        self.upper.close()
+
+    # -- helpers ----------------------------------------------------------
+    def _child(self, parent: Inode, name: bytes) -> Node:
+        node = self.listing(parent).get(name)
+        if node is None:
+            raise NotFound(name)
+        return node
+
+    def _set_child(self, parent: Inode, name: bytes, node: Node | None) -> None:
+        if parent.children is not None:
+            if node is None:
+                parent.children.pop(name, None)
+            else:
+                parent.children[name] = node
+        parent.attr = None
+
+    def _live(self, node: Node) -> Inode | None:
+        try:
+            return self.inodes.get(self.inodes.number_for(node))
+        except NotFound:
+            return None
+
+    def lower_has(self, parent: Inode, name: bytes) -> bool:
+        """Does anything below the upper show at ``name`` under ``parent``?"""
+        path = parent.path
+        lowers = [i for i in parent.node.layers if i != self.up]
+        return name in merge_listing((i, self.resolver.layer_dir(i, path)) for i in lowers)
+
+    def ensure_upper(self, inode: Inode, with_data: bool = True) -> None:
+        """Copy ``inode`` (and its parents) up unless the upper already supplies it."""
+        if inode.node.top == self.up:
+            return
+        self.ensure_upper(inode.parent)
+        node, path = inode.node, inode.path
+        st = self.resolver.lstat_in(node.top, path)
+        tmp = self.upper.copy_of(self.layers[node.top].fd, path, st, with_data)
+        new = self.upper.publish(tmp, path, keep_parent_times=True)
+        if node.kind == DIR:      # stays merged with its lower layers
+            new_node = Node(DIR, (self.up,) + node.layers, (new.st_ino,) + node.inos)
+        else:
+            new_node = Node(node.kind, (self.up,), (new.st_ino,))
+            self.inodes.unmap(node)
+        self.inodes.alias(inode, new_node)
+        inode.attr = new
+        self._set_child(inode.parent, inode.name, new_node)
+
+    def _placed(self, parent: Inode, name: bytes, tmp: bytes) -> Inode:
+        """Publish a staged new entry at parent/name and hand out its inode."""
+        st = self.upper.publish(tmp, join(parent.path, name))
+        node = Node(stat.S_IFMT(st.st_mode), (self.up,), (st.st_ino,))
+        self._set_child(parent, name, node)
+        inode = self.inodes.entry(parent, name, node)
+        inode.attr = st
+        return inode
+
+    def _prepare_new(self, parent: Inode, name: bytes, ctx) -> tuple[int, bool]:
+        """Checks for a new name; returns (gid, below-is-hidden) and copies parent up."""
+        if name in self.listing(parent):
+            raise AlreadyExists(name)
+        self.ensure_upper(parent)
+        pst = self.attr(parent)
+        gid = pst.st_gid if pst.st_mode & stat.S_ISGID else ctx.gid
+        return gid, self.upper.is_whiteout(join(parent.path, name))
+
+    # -- creating ---------------------------------------------------------
+    def create(self, parent: Inode, name: bytes, mode: int, flags: int, ctx):
+        gid, _ = self._prepare_new(parent, name, ctx)
+        tmp, fd = self.upper.new_entry(REG, mode, ctx.uid, gid)
+        try:
+            return self._placed(parent, name, tmp), fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def mkdir(self, parent: Inode, name: bytes, mode: int, ctx) -> Inode:
+        gid, hidden = self._prepare_new(parent, name, ctx)
+        pst = self.attr(parent)
+        mode |= pst.st_mode & stat.S_ISGID
+        tmp, _ = self.upper.new_entry(DIR, mode, ctx.uid, gid, opaque=hidden)
+        return self._placed(parent, name, tmp)
+
+    def mknod(self, parent: Inode, name: bytes, mode: int, rdev: int, ctx) -> Inode:
+        if stat.S_ISCHR(mode) and rdev == 0:
+            raise _err(errno.EPERM)    # a whiteout is format, never content (as overlayfs)
+        gid, _ = self._prepare_new(parent, name, ctx)
+        tmp, fd = self.upper.new_entry(stat.S_IFMT(mode), mode, ctx.uid, gid, rdev)
+        if fd >= 0:
+            os.close(fd)
+        return self._placed(parent, name, tmp)
+
+    def symlink(self, parent: Inode, name: bytes, target: bytes, ctx) -> Inode:
+        gid, _ = self._prepare_new(parent, name, ctx)
+        tmp, _ = self.upper.new_entry(LNK, 0o777, ctx.uid, gid, target=target)
+        return self._placed(parent, name, tmp)
+
+    def link(self, inode: Inode, parent: Inode, name: bytes) -> Inode:
+        if inode.is_dir:
+            raise _err(errno.EPERM)
+        if name in self.listing(parent):
+            raise AlreadyExists(name)
+        self.ensure_upper(inode)
+        self.ensure_upper(parent)
+        src_parent, _, src_name = inode.path.rpartition(b"/")
+        tmp = self.upper.tmp_name()
+        sfd = self.upper.dir_fd(src_parent)
+        try:
+            syscalls.link(src_name, tmp, sfd, self.upper.work_fd)
+        finally:
+            os.close(sfd)
+        st = self.upper.publish(tmp, join(parent.path, name))
+        self._set_child(parent, name, inode.node)
+        inode.attr = st
+        return self.inodes.entry(parent, name, inode.node)
+
+    # -- content and attributes --------------------------------------------
+    def open_for_write(self, inode: Inode, flags: int) -> int:
+        if inode.is_dir:
+            raise _err(errno.EISDIR)
+        self.ensure_upper(inode, with_data=not flags & os.O_TRUNC)
+        # never O_APPEND: the kernel sends the offset, pwrite must honour it
+        keep = flags & (os.O_ACCMODE | os.O_TRUNC | os.O_SYNC | os.O_DSYNC)
+        inode.attr = None
+        return syscalls.open_beneath(self.upper.layer.fd, inode.path,
+                                     keep | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+    def setattr(self, inode: Inode, attr, fields, fd: int) -> None:
+        self.ensure_upper(inode, with_data=not (fields.update_size and attr.st_size == 0))
+        parent, _, name = inode.path.rpartition(b"/")
+        pfd = self.upper.dir_fd(parent)
+        try:
+            self._apply_attrs(pfd, name, inode, attr, fields, fd)
+        finally:
+            os.close(pfd)
+        inode.attr = None
+
+    def _apply_attrs(self, pfd, name, inode, attr, fields, fd) -> None:
+        if fields.update_size:
+            if fd >= 0:
+                os.ftruncate(fd, attr.st_size)
+            else:
+                tfd = syscalls.open_beneath(self.upper.layer.fd, inode.path,
+                                            os.O_WRONLY | os.O_NOFOLLOW)
+                try:
+                    os.ftruncate(tfd, attr.st_size)
+                finally:
+                    os.close(tfd)
+        if fields.update_uid or fields.update_gid:
+            syscalls.lchown(name, attr.st_uid if fields.update_uid else -1,
+                            attr.st_gid if fields.update_gid else -1, pfd)
+        if fields.update_mode and inode.kind != LNK:
+            syscalls.chmod(name, stat.S_IMODE(attr.st_mode), pfd)
+        if fields.update_atime or fields.update_mtime:
+            cur = syscalls.lstat(name, pfd)
+            syscalls.utime_ns(name, attr.st_atime_ns if fields.update_atime else cur.st_atime_ns,
+                              attr.st_mtime_ns if fields.update_mtime else cur.st_mtime_ns, pfd)
+
+    def setxattr(self, inode: Inode, attr: bytes, value: bytes) -> None:
+        if is_overlay_private(os.fsdecode(attr)):
+            raise _err(errno.EOPNOTSUPP)      # as kernel overlayfs for its own prefix
+        self.ensure_upper(inode)
+        with self._parent_fd(inode, self.up) as (fd, name):
+            syscalls.setxattr(fd, name, os.fsdecode(attr), value)
+        inode.attr = None
+
+    def removexattr(self, inode: Inode, attr: bytes) -> None:
+        if is_overlay_private(os.fsdecode(attr)):
+            raise _err(errno.EOPNOTSUPP)
+        if self.getxattr(inode, attr) is None:
+            raise _err(pyfuse3.ENOATTR)
+        self.ensure_upper(inode)
+        with self._parent_fd(inode, self.up) as (fd, name):
+            os.removexattr(syscalls.fd_path(fd, name), os.fsdecode(attr), follow_symlinks=False)
+        inode.attr = None
+
+    # -- removing -----------------------------------------------------------
+    def _remove_name(self, parent: Inode, name: bytes, node: Node) -> None:
+        """Take ``name`` out of the merged view: remove from upper, whiteout if below."""
+        below = self.lower_has(parent, name)
+        path = join(parent.path, name)
+        if below:
+            self.ensure_upper(parent)
+            self.upper.whiteout(path)      # replaces the upper entry, if any, atomically
+        elif node.top == self.up:
+            self.upper.remove(path)
+        self._set_child(parent, name, None)
+        child = self._live(node)
+        if child is not None and child.parent is parent and child.name == name:
+            child.unlinked = True
+            child.attr = None if node.kind != DIR else child.attr
+            child.children = None
+
+    def unlink(self, parent: Inode, name: bytes) -> None:
+        node = self._child(parent, name)
+        if node.kind == DIR:
+            raise _err(errno.EISDIR)
+        child = self._live(node)
+        if child is not None and child.attr is None:
+            self.attr(child)           # keep the last attributes for open handles
+        self._remove_name(parent, name, node)
+
+    def rmdir(self, parent: Inode, name: bytes) -> None:
+        node = self._child(parent, name)
+        if node.kind != DIR:
+            raise _err(errno.ENOTDIR)
+        child = self._live(node)
+        listing = (self.listing(child) if child is not None else
+                   merge_listing((i, self.resolver.layer_dir(i, join(parent.path, name)))
+                                 for i in node.layers))
+        if listing:
+            raise _err(errno.ENOTEMPTY)
+        self._remove_name(parent, name, node)
+
+    # -- renaming ------------------------------------------------------------
+    def rename(self, p_old: Inode, old: bytes, p_new: Inode, new: bytes, flags: int) -> None:
+        from .rename import rename
+        rename(self, p_old, old, p_new, new, flags)

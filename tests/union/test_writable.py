@@ -1,0 +1,217 @@
+"""Writable union (U4, U5, D6): handler level, then differential against kernel overlayfs."""
+from __future__ import annotations
+
+import errno
+import os
+import random
+import stat
+import time
+
+import pyfuse3
+import pytest
+from pyfuse3 import FUSEError
+
+from mergefs.testing import mounts, tree
+from mergefs.testing.builders import LayerSpec, materialise_stack
+
+from .test_readonly import random_stack, sample_stack
+
+
+@pytest.fixture
+def rw(tmp_path, make_driver):
+    def make(specs, fmt="overlay"):
+        layers = materialise_stack(specs, tmp_path / "layers", fmt)
+        (tmp_path / "upper").mkdir()
+        (tmp_path / "work").mkdir()
+        return make_driver(layers, tmp_path / "upper", tmp_path / "work")
+    return make
+
+
+def upper_entries(tmp_path) -> dict[str, str]:
+    out = {}
+    for dirpath, dirs, files in os.walk(tmp_path / "upper"):
+        for n in dirs + files:
+            p = os.path.join(dirpath, n)
+            st = os.lstat(p)
+            rel = os.path.relpath(p, tmp_path / "upper")
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                out[rel] = "whiteout"
+            elif stat.S_ISDIR(st.st_mode):
+                opaque = os.getxattr(p, "trusted.overlay.opaque") if "trusted.overlay.opaque" \
+                    in os.listxattr(p) else None
+                out[rel] = "opaque" if opaque == b"y" else "dir"
+            else:
+                out[rel] = "file"
+    return out
+
+
+async def test_U4_copy_up_keeps_metadata_and_xattrs(tmp_path, rw):
+    specs = [LayerSpec().file("d/f", b"lower", mode=0o640, uid=7, gid=8,
+                              xattrs={"user.k": b"v"}).dir("d", mode=0o711, uid=3)]
+    drv = rw(specs)
+    ino = await drv.lookup("d/f")
+    fi = await drv.ops.open(ino, os.O_WRONLY, drv.ctx)
+    await drv.ops.write(fi.fh, 5, b"+more")
+    await drv.ops.release(fi.fh)
+    assert await drv.read("d/f") == b"lower+more"
+    st = os.lstat(tmp_path / "upper/d/f")
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 7, 8)
+    assert os.getxattr(tmp_path / "upper/d/f", "user.k") == b"v"
+    dst = os.lstat(tmp_path / "upper/d")
+    assert (stat.S_IMODE(dst.st_mode), dst.st_uid) == (0o711, 3)
+    assert upper_entries(tmp_path) == {"d": "dir", "d/f": "file"}
+    assert await drv.lookup("d/f") == ino          # same inode number after copy-up (U2)
+    assert (tmp_path / "layers/l0/d/f").read_bytes() == b"lower"
+    await drv.finish()
+
+
+async def test_D6_whiteouts_only_where_something_is_below(tmp_path, rw):
+    drv = rw([LayerSpec().file("low", b"1").dir("dir").file("dir/x")])
+    ctx = drv.ctx
+    await drv.create(1, b"new")
+    await drv.ops.unlink(1, b"new", ctx)           # nothing below: no whiteout
+    await drv.ops.unlink(1, b"low", ctx)           # below: whiteout
+    d = await drv.lookup("dir")
+    await drv.ops.unlink(d, b"x", ctx)
+    await drv.ops.rmdir(1, b"dir", ctx)
+    assert upper_entries(tmp_path) == {"low": "whiteout", "dir": "whiteout"}
+    dd = await drv.mkdir(1, b"dir")                # mkdir over a whiteout: opaque
+    await drv.mkdir(dd, b"sub")
+    await drv.ops.rmdir(dd, b"sub", ctx)           # inside an opaque dir: never a whiteout
+    assert upper_entries(tmp_path) == {"low": "whiteout", "dir": "opaque"}
+    assert [n for n, *_ in await drv.readdir(1)] == [b"dir"]
+    await drv.finish()
+
+
+async def test_U5_rename_file_across_layers_and_dir_exdev(tmp_path, rw):
+    drv = rw([LayerSpec().file("a/f", b"data").dir("lowerdir")])
+    ctx = drv.ctx
+    a = await drv.lookup("a")
+    await drv.ops.rename(a, b"f", 1, b"g", 0, ctx)
+    assert await drv.read("g") == b"data"
+    with pytest.raises(FUSEError) as e:
+        await drv.lookup("a/f")
+    assert e.value.errno == errno.ENOENT
+    with pytest.raises(FUSEError) as e:
+        await drv.ops.rename(1, b"lowerdir", 1, b"moved", 0, ctx)
+    assert e.value.errno == errno.EXDEV
+    await drv.mkdir(1, b"newdir")
+    await drv.ops.rename(1, b"newdir", 1, b"lowerdir2", 0, ctx)   # upper-only dirs move
+    with pytest.raises(FUSEError) as e:
+        await drv.ops.rename(1, b"g", 1, b"lowerdir2", pyfuse3.RENAME_NOREPLACE, ctx)
+    assert e.value.errno == errno.EEXIST
+    await drv.create(1, b"h", b"hhh")
+    await drv.ops.rename(1, b"g", 1, b"h", pyfuse3.RENAME_EXCHANGE, ctx)
+    assert (await drv.read("g"), await drv.read("h")) == (b"hhh", b"data")
+    assert upper_entries(tmp_path) == {"a": "dir", "a/f": "whiteout", "g": "file",
+                                       "h": "file", "lowerdir2": "dir"}
+    await drv.finish()
+
+
+# -- differential: the same operations on mergefs and on kernel overlayfs ----------
+
+NAMES = ["a", "b", "c", "d"]
+OVL_OPTS = ["redirect_dir=off", "index=off"]    # the defaults; mergefs's choice (U5)
+
+
+def random_ops(rng: random.Random, n: int) -> list[tuple]:
+    ops = []
+    for _ in range(n):
+        p = "/".join(rng.choice(NAMES) for _ in range(rng.randint(1, 3)))
+        q = "/".join(rng.choice(NAMES) for _ in range(rng.randint(1, 2)))
+        ops.append(rng.choice([
+            ("write", p, rng.randbytes(rng.randint(0, 50))), ("append", p, b"+"),
+            ("truncate", p, rng.randint(0, 4)), ("mkdir", p), ("rmdir", p), ("unlink", p),
+            ("rename", p, q), ("symlink", p, "target/" + q), ("link", p, q),
+            ("chmod", p, rng.choice([0o600, 0o755])), ("chown", p, rng.randint(0, 3)),
+            ("setxattr", p, b"v%d" % rng.randint(0, 9)), ("utime", p, rng.randint(1, 10**9)),
+            ("noreplace", p, q), ("exchange", p, q)]))
+    return ops
+
+
+def apply(root: str, op: tuple):
+    """Run one operation under ``root``; return None or the errno it failed with."""
+    kind, p, *args = op
+    path = os.path.join(root, p)
+    try:
+        if kind == "write":
+            with open(path, "wb") as f:
+                f.write(args[0])
+        elif kind == "append":
+            with open(path, "ab") as f:
+                f.write(args[0])
+        elif kind == "truncate":
+            os.truncate(path, args[0])
+        elif kind == "mkdir":
+            os.mkdir(path, 0o750)
+        elif kind == "rmdir":
+            os.rmdir(path)
+        elif kind == "unlink":
+            os.unlink(path)
+        elif kind == "rename":
+            os.rename(path, os.path.join(root, args[0]))
+        elif kind in ("noreplace", "exchange"):
+            from mergefs import syscalls
+            flag = syscalls.RENAME_NOREPLACE if kind == "noreplace" else syscalls.RENAME_EXCHANGE
+            syscalls.renameat2(-100, os.fsencode(path), -100,
+                               os.fsencode(os.path.join(root, args[0])), flag)
+        elif kind == "symlink":
+            os.symlink(args[0], path)
+        elif kind == "link":
+            os.link(path, os.path.join(root, args[0]), follow_symlinks=False)
+        elif kind == "chmod":
+            os.chmod(path, args[0], follow_symlinks=False)
+        elif kind == "chown":
+            os.chown(path, args[0], args[0], follow_symlinks=False)
+        elif kind == "setxattr":
+            os.setxattr(path, "user.t", args[0], follow_symlinks=False)
+        elif kind == "utime":
+            os.utime(path, ns=(args[0], args[0]), follow_symlinks=False)
+    except NotImplementedError:
+        return "notimpl"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, e.errno)
+    return None
+
+
+def normalised(view: tree.View, since_ns: int) -> tree.View:
+    """Times set by the operations themselves differ between the runs: blank them."""
+    entries = {p: a._replace(mtime_ns=0) if a.mtime_ns >= since_ns else a
+               for p, a in view.entries.items()}
+    return tree.View(entries, view.groups)
+
+
+def lower_specs(seed: int) -> list[LayerSpec]:
+    rng = random.Random(seed)
+    return random_stack(rng, rng.randint(1, 4)) + [
+        LayerSpec().file("a/b", b"ab", xattrs={"user.k": b"1"}).dir("b/c").file("b/c/d", b"d")
+        .symlink("c", "a").file("d", b"dd", mode=0o600)]
+
+
+@pytest.mark.skipif(not mounts.can_mount_overlay(), reason="needs root and overlayfs")
+@pytest.mark.parametrize("seed", range(6))
+def test_U4_differential_random_ops_vs_kernel_overlay(seed, tmp_path, union_mount):
+    specs = lower_specs(seed)
+    fmt = ("overlay", "oci")[seed % 2]
+    ours = materialise_stack(specs, tmp_path / "ours", fmt)
+    oracle = materialise_stack(specs, tmp_path / "oracle", "overlay")
+    for d in ("up1", "wk1", "up2", "wk2"):
+        (tmp_path / d).mkdir()
+    start = time.time_ns() - 5 * 10**9     # fs timestamps are coarse: leave a margin
+    mnt = union_mount(ours, upper=tmp_path / "up1", work=tmp_path / "wk1")
+    ops = random_ops(random.Random(seed), 60)
+    (tmp_path / "ovl").mkdir()
+    with mounts.overlay_mount(oracle, tmp_path / "ovl", upper=tmp_path / "up2",
+                              work=tmp_path / "wk2", options=OVL_OPTS) as ovl:
+        for i, op in enumerate(ops):
+            a, b = apply(str(mnt), op), apply(str(ovl), op)
+            assert a == b, f"op {i} {op}: mergefs {a} != overlay {b}"
+        ours_view = tree.capture(mnt)
+        tree.assert_same(normalised(ours_view, start), normalised(tree.capture(ovl), start),
+                         "mergefs vs kernel overlayfs")
+    # U4: kernel overlayfs over the same lowers and mergefs's upper shows the same tree
+    from .conftest import stop_server
+    stop_server(mnt, union_mount.started[-1][1])
+    with mounts.overlay_mount(oracle, tmp_path / "ovl", upper=tmp_path / "up1",
+                              work=tmp_path / "wk2", options=OVL_OPTS) as ovl:
+        tree.assert_same(tree.capture(ovl), ours_view, "kernel overlayfs over mergefs's upper")
