@@ -185,7 +185,12 @@ def _build_merge(store: Store, mid: str, flat: list[str], strategy: str, holder,
 # -- diff and commit ----------------------------------------------------------------
 def _stack(store: Store, spec: str, fmt: str) -> list[str]:
     """A LOWER/UPPER argument: refs joined by ':' (bottom first), flattened to layer ids."""
-    parts = [spec] if is_path_ref(spec) and ":" not in spec else spec.split(":")
+    parts: list[str] = []
+    for tok in spec.split(":"):
+        if parts and parts[-1] == "sha256":      # "sha256:<hex>" is one ref
+            parts[-1] += ":" + tok
+        else:
+            parts.append(tok)
     return [i for p in parts if p for i in flatten(store, resolve_ref(store, p, fmt))]
 
 

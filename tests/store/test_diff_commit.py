@@ -1,0 +1,119 @@
+"""Diff and commit into the store (F1, D4), and mount specs from the store."""
+from __future__ import annotations
+
+import io
+import os
+import stat
+import tarfile
+
+import pytest
+
+from mergefs.mountspec import MountSpec
+from mergefs.testing import mounts, tree
+from mergefs.testing.builders import LayerSpec, materialise
+from snapshotter import service
+
+
+def imported(store, layers):
+    return [service.import_dir(store, p).id for p in layers]
+
+
+def view_of(store, ids):
+    """The merged view of store layers, as a farm built outside the store."""
+    m = service.merge(store, ids, strategy="farm", holder=None)
+    return tree.capture(store.fs_of(m.row.id))
+
+
+def test_F1_merge_of_a_and_diff_a_b_is_b(store, layers):
+    a, b, c = imported(store, layers)
+    d = service.diff(store, a, f"{a}:{b}:{c}")
+    assert d.kind == "diff"
+    assert service.diff(store, a, f"{a}:{b}:{c}").id == d.id          # idempotent
+    tree.assert_same(view_of(store, [a, d.id]), view_of(store, [a, b, c]), "Merge(A, Diff(A,B))")
+
+
+def test_F1_diff_of_a_tree_with_itself_is_empty(store, layers):
+    (a,) = imported(store, layers[:1])
+    d = service.diff(store, a, a)
+    assert os.listdir(store.fs_of(d.id)) == []
+
+
+def is_whiteout(path) -> bool:
+    st = os.lstat(path)
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def test_D4_commit_turns_an_opaque_dir_into_explicit_whiteouts(store, layers, tmp_path):
+    (base,) = imported(store, layers[:1])
+    upper = materialise(LayerSpec().opaque_dir("var/cache").file("var/cache/new", b"n")
+                        .whiteout("etc/passwd").file("etc/motd", b"m"), tmp_path / "upper")
+    row = service.commit(store, str(upper), parent=base)
+    fs = store.fs_of(row.id)
+    assert is_whiteout(fs / "var/cache/a") and is_whiteout(fs / "var/cache/b")
+    assert is_whiteout(fs / "etc/passwd")
+    assert "trusted.overlay.opaque" not in os.listxattr(fs / "var/cache")
+    with mounts.overlay_mount([layers[0], upper]) as mnt:
+        expected = tree.capture(mnt)
+    tree.assert_same(view_of(store, [base, row.id]), expected, "commit vs kernel overlay")
+    assert service.commit(store, str(upper), parent=base).id == row.id   # idempotent
+
+
+@pytest.mark.skipif(not mounts.can_mount_overlay(), reason="needs root and kernel overlayfs")
+def test_commit_of_an_active_snapshot_written_through_kernel_overlay(store, layers):
+    a, b, _ = imported(store, layers)
+    m = service.merge(store, [a, b], strategy="union").row.id
+    spec = service.mount_spec(str(store.root), m, rw=True, key="job")
+    assert isinstance(spec, MountSpec) and spec.writable
+    with mounts.overlay_mount(list(spec.lowers), upper=spec.upper, work=spec.work) as mnt:
+        with open(os.path.join(mnt, "etc/new"), "w") as f:
+            f.write("new\n")
+        os.unlink(os.path.join(mnt, "etc/passwd"))
+        expected = tree.capture(mnt)
+    row = service.commit(store, "job")
+    tree.assert_same(view_of(store, [a, b, row.id]), expected, "committed active snapshot")
+
+
+def test_mount_specs(store, layers):
+    a, b, c = imported(store, layers)
+    farm = service.merge(store, [a, b, c], strategy="farm").row.id
+    union = service.merge(store, [a, b], strategy="union").row.id
+    assert service.mount_spec(str(store.root), farm).lowers == (str(store.fs_of(farm)),)
+    assert service.mount_spec(str(store.root), union).lowers == (str(store.fs_of(a)),
+                                                                 str(store.fs_of(b)))
+    assert service.mount_spec(str(store.root), a).lowers == (str(store.fs_of(a)),)
+    rw = service.mount_spec(str(store.root), farm, rw=True, mountpoint="/tmp/x")
+    assert rw.lowers == (str(store.fs_of(farm)),) and os.path.isdir(rw.upper)
+
+
+def make_tar(path, members):
+    with tarfile.open(path, "w") as t:
+        for name, kind, data in members:
+            info = tarfile.TarInfo(name)
+            if kind == "sym":
+                info.type, info.linkname = tarfile.SYMTYPE, data
+                t.addfile(info)
+            elif kind == "link":
+                info.type, info.linkname = tarfile.LNKTYPE, data
+                t.addfile(info)
+            else:
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("members", [
+    [("../evil", "file", b"x")],
+    [("/abs", "file", b"x")],
+    [("d", "sym", "/etc"), ("d/passwd", "file", b"x")],
+    [("h", "link", "../../etc/passwd")],
+], ids=["traversal", "absolute", "through-symlink", "hardlink-out"])
+def test_S2_malicious_tar_leaves_the_store_unchanged(cli, layers, tmp_path, members):
+    base = cli.out("import", layers[0])
+    before = cli.json("ls")
+    make_tar(tmp_path / "bad.tar", members)
+    p = cli.run("import", tmp_path / "bad.tar", check=False)
+    assert p.returncode != 0 and p.stderr.startswith("mergefs: error:")
+    assert "internal error" not in p.stderr
+    assert cli.json("ls") == before
+    assert cli.json("fsck")["findings"] == []
+    assert os.listdir(cli.root / "staging") == []
+    assert base
