@@ -20,9 +20,14 @@ def _mounts_under(prefixes) -> set[str]:
 
 
 @pytest.fixture(autouse=True)
-def no_leaked_mounts(tmp_path):
-    """Every test unmounts what it mounted, also on failure (U7)."""
-    prefixes = [str(tmp_path.parent.parent), "/tmp"]
+def no_leaked_mounts(tmp_path_factory):
+    """Every test unmounts what it mounted, also on failure (U7).
+
+    Looks under this session's base temp dir only (tests mount there), so
+    another pytest session running beside this one is never touched;
+    tools/test.sh compares the whole /proc/mounts before and after the suite.
+    """
+    prefixes = [str(tmp_path_factory.getbasetemp())]
     before = _mounts_under(prefixes)
     yield
     leaked = _mounts_under(prefixes) - before

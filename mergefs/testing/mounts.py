@@ -51,8 +51,9 @@ def overlay_mount(lowers: Sequence[str | os.PathLike], target: str | os.PathLike
         if len(lowers) == 1 and upper is None:
             empty = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=lowers[0].parent)))
             lowers = [empty] + lowers
-        if target is None:
-            target = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mergefs-ovl-")))
+        if target is None:   # beside the layers, so the test's temp dir holds it
+            target = Path(stack.enter_context(tempfile.TemporaryDirectory(
+                prefix="mergefs-ovl-", dir=lowers[-1].parent)))
         target = Path(target)
         base = os.path.commonpath([str(l) for l in lowers])
         rel = [os.path.relpath(l, base) for l in reversed(lowers)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 
 from mergefs.diff import write_diff
@@ -103,3 +104,12 @@ def test_resolver_lookup_and_explain_agree_with_model(specs):
                     assert KIND_NAMES[node.kind] == want.kind
                     assert len(sup) == 1 and sup[0].layer == node.top, (path, rows)
                     assert sup[0].kind in (want.kind, "opaque dir")
+
+
+@pytest.mark.slow
+@needs_overlay
+@settings(max_examples=500, deadline=None)
+@given(specs=stacks(max_size=6))
+def test_M5_random_stack_farm_equals_kernel_overlay_many(specs):
+    """The slow tier: more and taller stacks than the default tier."""
+    test_M5_random_stack_farm_equals_model_and_kernel_overlay.hypothesis.inner_test(specs)
