@@ -135,6 +135,13 @@ def link(src: bytes, dst: bytes, src_dir_fd: int, dst_dir_fd: int) -> None:
     os.link(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd, follow_symlinks=False)
 
 
+def create_excl(name: bytes, dir_fd: int, mode: int = 0o600) -> int:
+    """Create a new regular file and open it for writing; never through or over a
+    symlink (O_EXCL fails with EEXIST on any existing name, a symlink included)."""
+    return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                   mode, dir_fd=dir_fd)
+
+
 def mkdir(name: bytes, dir_fd: int, mode: int = 0o700) -> None:
     os.mkdir(name, mode, dir_fd=dir_fd)
 

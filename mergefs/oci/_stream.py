@@ -1,0 +1,188 @@
+"""Layer tar byte streams: compression found by magic bytes, the diffID computed
+while reading.
+
+``open_tar_stream(source)`` turns a path or a binary file object holding a
+plain, gzip or zstd tar into a ``TarStream``: the uncompressed bytes, hashed
+as they pass, so the OCI diffID (sha256 of the uncompressed tar) costs no
+second read. Corrupt or truncated compressed data raises InvalidLayer.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import zlib
+from typing import BinaryIO, Callable
+
+from ..errors import InvalidLayer
+
+CHUNK = 1 << 20
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_UNSUPPORTED = {b"\xfd7zXZ\x00": "xz", b"BZh": "bzip2"}
+
+
+def sniff_compression(head: bytes) -> str:
+    """'gzip', 'zstd' or 'none' from the first bytes; InvalidLayer for the others."""
+    if head.startswith(GZIP_MAGIC):
+        return "gzip"
+    if head.startswith(ZSTD_MAGIC):
+        return "zstd"
+    for magic, name in _UNSUPPORTED.items():
+        if head.startswith(magic):
+            raise InvalidLayer(f"{name}-compressed layers are not supported (gzip, zstd or plain tar)")
+    return "none"
+
+
+class _Prefixed(io.RawIOBase):
+    """``head`` then the rest of ``raw``: lets us sniff magic bytes of a pipe."""
+
+    def __init__(self, head: bytes, raw: BinaryIO):
+        self.head, self.raw = head, raw
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        if self.head:
+            out = self.head if n < 0 else self.head[:n]
+            self.head = self.head[len(out):]
+            return out
+        return self.raw.read(n)
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+
+class _ZstdFrames:
+    """zstd frames one after another (a concatenation is one valid stream)."""
+
+    def __init__(self, raw: BinaryIO):
+        import zstandard
+        self._zstd = zstandard
+        self.raw = raw
+        self.dobj = zstandard.ZstdDecompressor().decompressobj()
+        self.pending = b""
+
+    def read(self, n: int) -> bytes:
+        while not self.pending:
+            chunk = self.raw.read(CHUNK)
+            if self.dobj.eof:
+                chunk = self.dobj.unused_data + chunk
+                if not chunk:
+                    return b""
+                self.dobj = self._zstd.ZstdDecompressor().decompressobj()
+            elif not chunk:
+                raise InvalidLayer("zstd stream is truncated")
+            try:
+                self.pending = self.dobj.decompress(chunk)
+            except self._zstd.ZstdError as e:
+                raise InvalidLayer(f"zstd stream is corrupt: {e}") from None
+        out, self.pending = self.pending[:n], self.pending[n:]
+        return out
+
+
+def _gzip_reader(raw: BinaryIO) -> Callable[[int], bytes]:
+    gz = gzip.GzipFile(fileobj=raw, mode="rb")
+
+    def read(n: int) -> bytes:
+        try:
+            return gz.read(n)
+        except EOFError:
+            raise InvalidLayer("gzip stream is truncated") from None
+        except (gzip.BadGzipFile, zlib.error) as e:
+            raise InvalidLayer(f"gzip stream is corrupt: {e}") from None
+    return read
+
+
+class TarStream:
+    """Uncompressed tar bytes with the running sha256 of everything read (the diffID)."""
+
+    def __init__(self, read: Callable[[int], bytes], compression: str, raw: BinaryIO):
+        self._read = read
+        self.compression = compression
+        self.raw = raw
+        self._sha = hashlib.sha256()
+        self._buf = b""
+        self._pos = 0
+        self.size = 0              # uncompressed bytes read so far
+
+    def _fill(self) -> bool:
+        chunk = self._read(CHUNK)
+        if not chunk:
+            return False
+        self._sha.update(chunk)
+        self.size += len(chunk)
+        self._buf = self._buf[self._pos:] + chunk if self._pos < len(self._buf) else chunk
+        self._pos = 0
+        return True
+
+    def take(self, n: int, eof_ok: bool = False) -> bytes:
+        """Exactly ``n`` bytes (fewer only at the end when ``eof_ok``)."""
+        while len(self._buf) - self._pos < n:
+            if not self._fill():
+                if eof_ok:
+                    out = self._buf[self._pos:]
+                    self._buf, self._pos = b"", 0
+                    return out
+                raise InvalidLayer("tar archive is truncated (data ends inside an entry)")
+        out = self._buf[self._pos:self._pos + n]
+        self._pos += n
+        return out
+
+    def skip(self, n: int) -> None:
+        while n:
+            avail = len(self._buf) - self._pos
+            if avail == 0 and not self._fill():
+                raise InvalidLayer("tar archive is truncated (data ends inside an entry)")
+            step = min(n, len(self._buf) - self._pos)
+            self._pos += step
+            n -= step
+
+    def copy_to(self, fd: int, n: int, pad: int = 0) -> None:
+        """Write the next ``n`` bytes to ``fd``, then skip ``pad`` bytes."""
+        end = self._pos + n + pad
+        if end <= len(self._buf):                 # the common case: all buffered
+            data = self._buf[self._pos:self._pos + n]
+            self._pos = end
+            while data:
+                data = data[os.write(fd, data):]
+            return
+        while n:
+            if self._pos == len(self._buf) and not self._fill():
+                raise InvalidLayer("tar archive is truncated (data ends inside an entry)")
+            view = memoryview(self._buf)[self._pos:self._pos + n]
+            written = os.write(fd, view)
+            self._pos += written
+            n -= written
+        if pad:
+            self.skip(pad)
+
+    def drain(self) -> None:
+        """Read (and hash) the rest: the diffID covers the whole stream, padding included."""
+        self._buf, self._pos = b"", 0
+        while self._fill():
+            self._buf, self._pos = b"", 0
+        while self.raw.read(CHUNK):   # trailing bytes after a compressed stream
+            pass
+
+    @property
+    def diff_id(self) -> str:
+        return "sha256:" + self._sha.hexdigest()
+
+
+def open_tar_stream(raw: BinaryIO) -> TarStream:
+    """Wrap an open binary file (positioned at the tar's first byte)."""
+    head = raw.read(8)
+    compression = sniff_compression(head)
+    raw = _Prefixed(head, raw)
+    if compression == "gzip":
+        read = _gzip_reader(raw)
+    elif compression == "zstd":
+        read = _ZstdFrames(raw).read
+    else:
+        read = raw.read
+    return TarStream(read, compression, raw)
