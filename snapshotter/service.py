@@ -307,27 +307,42 @@ def mount_spec(root: str | None, ref: str, rw: bool = False, mountpoint: str | N
     """What ``mergefs mount REF MNT [--rw]`` serves, as data.
 
     A farm is one read-only lower; a union merge is its flattened layers; a
-    layer is itself. ``rw`` prepares an active snapshot (key ``key``, default
-    ``mount:<mountpoint>``) whose upper/work live in the store. With a
-    ``mountpoint`` a lease is recorded: prune keeps the snapshot while that
-    path is mounted.
+    layer is itself; an active snapshot is its parent's lowers plus its upper.
+    ``rw`` gives a writable upper in the store: the active snapshot ``key``
+    (default ``mount:<mountpoint>``, or a fresh ``mount-<random>`` without a
+    mountpoint). An existing active snapshot of that key over the same parent
+    is reused (a remount continues the same upper); over another parent it is
+    AlreadyExists (C2). The active snapshot holds the CLI's ref: commit it
+    with ``mergefs commit KEY``, then ``release`` it. With a ``mountpoint`` a
+    lease is recorded: prune keeps the snapshot while that path is mounted.
     """
     with Store(root) as store:
         row = resolve_ref(store, ref)
-        if row.kind == "active":
-            parent_row = store.get(meta.parents(store.db, row.id)[0].id)
-            lowers, active = serve_dirs(store, parent_row), row
-        else:
-            lowers, active = serve_dirs(store, row), None
+        active = row if row.kind == "active" else None
+        base = store.get(meta.parents(store.db, row.id)[0].id) if active else row
+        lowers = serve_dirs(store, base)
         if rw and active is None:
-            k = key or f"mount:{os.path.abspath(mountpoint or ref)}"
-            active = prepare(store, k, row.id)
+            active = _active_for_mount(store, key, mountpoint, base)
         if mountpoint:
             lease(store, active or row, mountpoint)
         if active is None:
             return MountSpec(lowers=tuple(lowers))
         d = store.dir_of(active.id)
         return MountSpec(lowers=tuple(lowers), upper=str(d / "upper"), work=str(d / "work"))
+
+
+def _active_for_mount(store: Store, key: str | None, mountpoint: str | None, base: Row) -> Row:
+    import uuid
+    key = key or (f"mount:{os.path.abspath(mountpoint)}" if mountpoint
+                  else f"mount-{uuid.uuid4().hex[:12]}")
+    r = store.db.execute("SELECT id FROM names WHERE name=?", (key,)).fetchone()
+    if r is not None:
+        row = store.get(r[0])
+        ps = meta.parents(store.db, row.id) if row else []
+        if row and row.kind == "active" and ps and ps[0].id == base.id:
+            return row
+        raise AlreadyExists(f"key {key!r} is already in use over another snapshot (C2)")
+    return prepare(store, key, base.id)
 
 
 def serve_dirs(store: Store, row: Row) -> list[str]:

@@ -117,3 +117,12 @@ def test_S2_malicious_tar_leaves_the_store_unchanged(cli, layers, tmp_path, memb
     assert cli.json("fsck")["findings"] == []
     assert os.listdir(cli.root / "staging") == []
     assert base
+
+
+def test_rw_mount_spec_reuses_the_active_snapshot_of_its_mountpoint(store, layers):
+    (a,) = imported(store, layers[:1])
+    one = service.mount_spec(str(store.root), a, rw=True, mountpoint="/tmp/mnt-x")
+    two = service.mount_spec(str(store.root), a, rw=True, mountpoint="/tmp/mnt-x")
+    assert one == two
+    other = service.mount_spec(str(store.root), a, rw=True)     # no mountpoint: a fresh key
+    assert other.upper != one.upper
