@@ -7,6 +7,7 @@ its traceback and answered with EIO, so a bug fails one request, not the mount.
 """
 from __future__ import annotations
 
+import collections
 import errno
 import functools
 import logging
@@ -34,10 +35,18 @@ def to_errno(exc: BaseException) -> int | None:
     return None
 
 
+# Requests served, by handler name: the server logs them on SIGUSR1 (and
+# resets), so benchmarks can verify each caching lever by counting requests.
+REQUESTS: collections.Counter = collections.Counter()
+
+
 def fuse_errors(handler):
-    """Wrap an async handler so that only FUSEError leaves it."""
+    """Wrap an async handler so that only FUSEError leaves it (and count it)."""
+    name = handler.__name__
+
     @functools.wraps(handler)
     async def wrapper(*args, **kwargs):
+        REQUESTS[name] += 1
         try:
             return await handler(*args, **kwargs)
         except FUSEError:

@@ -32,6 +32,7 @@ import trio
 from ..errors import MountError
 from ..layer import Layer
 from ..mountspec import MountSpec
+from .errors import REQUESTS
 from .ops import UnionOperations
 from .view import UnionView
 
@@ -61,14 +62,24 @@ def fuse_options(spec: MountSpec) -> set[str]:
 async def _run() -> None:
     async with trio.open_nursery() as nursery:
         async def on_signal():
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
-                async for _ in sigs:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                                           signal.SIGUSR1) as sigs:
+                async for sig in sigs:
+                    if sig == signal.SIGUSR1:
+                        log_requests()
+                        continue
                     log.info("signal received, stopping")
                     pyfuse3.terminate()
                     return
         nursery.start_soon(on_signal)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+def log_requests() -> None:
+    """One log line ``requests {json}`` with the counts since the last one (SIGUSR1)."""
+    log.info("requests %s", json.dumps(dict(REQUESTS), sort_keys=True))
+    REQUESTS.clear()
 
 
 def serve(spec: MountSpec, mountpoint: str, fmt: str = "auto", ready=None) -> None:

@@ -120,7 +120,7 @@ def test_U7_dead_server_is_cleaned_by_umount(tmp_path, union_mount):
     stop_server.__globals__["_alive"](pid)   # reap it
     with pytest.raises(OSError) as e:
         os.listdir(mnt)
-    assert e.value.errno == errno.ENOTCONN
+    assert e.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     r = _cli("umount", str(mnt))
     assert r.returncode == 0, r.stderr
     assert not server.is_mounted(str(mnt))
