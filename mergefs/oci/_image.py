@@ -1,0 +1,392 @@
+"""Readers of OCI image layouts and docker-archives, as directories or tars.
+
+``open_image(path, ref=None)`` finds the image (by ``org.opencontainers.image.ref.name``
+in an OCI ``index.json``, or ``RepoTags`` in a docker ``manifest.json``), reads
+its config and returns an ``Image`` whose ``layers`` are bottom first, each
+with its diffID from ``config.rootfs.diff_ids``. ``Image.open_layer`` returns a
+reader that checks the blob's size and digest when it reaches the end, so a
+caller that reads a layer to the end (``extract_layer`` does) has verified it.
+
+Names read from ``manifest.json`` are cleaned like tar member names (no
+``..``, not absolute) and blob names must be ``sha256:<64 hex>``, so a hostile
+archive cannot make us open a file outside it.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+from dataclasses import dataclass, field
+from typing import BinaryIO, Iterator
+
+from .. import syscalls
+from ..errors import InvalidLayer, NotFound, UnsafeContent
+from ._extract import clean_path
+
+INDEX = "application/vnd.oci.image.index.v1+json"
+MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+REF_NAME = "org.opencontainers.image.ref.name"
+LAYER_TYPES = {
+    "application/vnd.oci.image.layer.v1.tar", "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.oci.image.layer.v1.tar+zstd",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+}
+DOCKER_ARCHIVE_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+_HEX_NAME = re.compile(r"^(blobs/sha256/)?([0-9a-f]{64})(\.json|\.tar|/layer\.tar|/json|/VERSION)?$")
+_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le",
+         "s390x": "s390x", "riscv64": "riscv64"}
+
+
+@dataclass(frozen=True)
+class LayerDescriptor:
+    """One layer of an image, bottom first in ``Image.layers``."""
+    media_type: str
+    digest: str | None          # sha256 of the blob as stored (None: legacy docker layer.tar)
+    size: int | None
+    diff_id: str | None         # sha256 of the uncompressed tar, from the config
+    path: str                   # where the blob is inside the layout or archive
+
+
+@dataclass
+class Image:
+    """An image found in a layout or archive. Close it (or use ``with``) when done."""
+    kind: str                   # "oci-layout" or "docker-archive"
+    ref_name: str | None
+    config: dict
+    config_digest: str | None
+    manifest_digest: str | None
+    layers: list[LayerDescriptor]
+    _source: "_Source" = field(repr=False)
+
+    def open_layer(self, layer: LayerDescriptor) -> BinaryIO:
+        """The blob, verified against its digest and size when read to the end."""
+        return _Verified(self._source.open(layer.path), layer.digest, layer.size, layer.path)
+
+    def iter_layers(self) -> Iterator[tuple[LayerDescriptor, BinaryIO]]:
+        """Bottom first: (descriptor, verifying reader); each reader is closed after use."""
+        for layer in self.layers:
+            with self.open_layer(layer) as reader:
+                yield layer, reader
+
+    def close(self) -> None:
+        self._source.close()
+
+    def __enter__(self) -> "Image":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Verified(io.RawIOBase):
+    """Reads a blob and checks size and sha256 at its end (InvalidLayer on mismatch)."""
+
+    def __init__(self, raw: BinaryIO, digest: str | None, size: int | None, what: str):
+        self.raw, self.digest, self.size, self.what = raw, digest, size, what
+        self._sha = hashlib.sha256()
+        self._n = 0
+        self._checked = False
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        if data:
+            self._sha.update(data)
+            self._n += len(data)
+        elif n != 0:
+            self._check()
+        return data
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def _check(self) -> None:
+        if self._checked:
+            return
+        self._checked = True
+        if self.size is not None and self._n != self.size:
+            raise InvalidLayer(f"blob {self.what}: {self._n} bytes, its descriptor says {self.size}")
+        actual = "sha256:" + self._sha.hexdigest()
+        if self.digest is not None and actual != self.digest:
+            raise InvalidLayer(f"blob {self.what} does not match its digest "
+                               f"(got {actual}, expected {self.digest})")
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+# ---- where the files are: a directory or a tar ------------------------------
+
+class _Source:
+    def open(self, name: str) -> BinaryIO:
+        raise NotImplementedError
+
+    def exists(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def read_json(self, name: str) -> dict | list:
+        with self.open(name) as f:
+            data = f.read(64 << 20)
+        try:
+            return json.loads(data)
+        except ValueError as e:
+            raise InvalidLayer(f"{name}: not valid JSON ({e})") from None
+
+
+def _clean(name: str) -> bytes:
+    path = clean_path(os.fsencode(name))
+    if not path:
+        raise InvalidLayer(f"empty file name {name!r} in image metadata")
+    return path
+
+
+class _DirSource(_Source):
+    def __init__(self, path: str):
+        self.fd = os.open(path, syscalls.O_DIR & ~os.O_NOFOLLOW)
+
+    def open(self, name: str) -> BinaryIO:
+        try:
+            fd = syscalls.open_beneath(self.fd, _clean(name), syscalls.O_READ)
+        except FileNotFoundError:
+            raise NotFound(f"the image refers to {name!r}, which is missing") from None
+        except OSError as e:
+            raise UnsafeContent(f"cannot open {name!r} inside the image: {e.strerror}") from None
+        return os.fdopen(fd, "rb")
+
+    def exists(self, name: str) -> bool:
+        try:
+            os.close(syscalls.open_beneath(self.fd, _clean(name), syscalls.O_READ))
+            return True
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class _TarSource(_Source):
+    """An image archive (``docker save``, ``skopeo copy ... docker-archive:``, oci-archive)."""
+
+    def __init__(self, path: str):
+        try:
+            self.tar = tarfile.open(path, "r:*")
+            self.members = {}
+            for m in self.tar.getmembers():
+                try:
+                    self.members[os.fsdecode(clean_path(os.fsencode(m.name)))] = m
+                except (UnsafeContent, InvalidLayer):
+                    continue      # never opened: names in metadata are cleaned the same way
+        except (tarfile.TarError, EOFError) as e:
+            raise InvalidLayer(f"{path}: not a readable image archive ({e})") from None
+
+    def _member(self, name: str, hops: int = 0) -> tarfile.TarInfo:
+        m = self.members.get(os.fsdecode(_clean(name)))
+        if m is None:
+            raise NotFound(f"the image archive has no {name!r}")
+        if m.issym() and hops < 8:     # skopeo links identical layers; stay inside the archive
+            return self._member(os.path.join(os.path.dirname(name), m.linkname), hops + 1)
+        if not m.isfile():
+            raise InvalidLayer(f"{name!r} in the image archive is not a file")
+        return m
+
+    def open(self, name: str) -> BinaryIO:
+        return self.tar.extractfile(self._member(name))
+
+    def exists(self, name: str) -> bool:
+        return os.fsdecode(_clean(name)) in self.members
+
+    def close(self) -> None:
+        self.tar.close()
+
+
+# ---- what kind of thing a path is ---------------------------------------------
+
+def detect_source(path) -> str:
+    """``layer-dir``, ``oci-layout``, ``docker-archive`` or ``layer-tar`` (an oci-archive,
+    i.e. a layout in a tar, counts as ``oci-layout``)."""
+    path = os.fsdecode(path)
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "oci-layout")):
+            return "oci-layout"
+        if os.path.isfile(os.path.join(path, "manifest.json")) and \
+                not os.path.lexists(os.path.join(path, ".wh.manifest.json")):
+            return "docker-archive"
+        return "layer-dir"
+    if not os.path.exists(path):
+        raise NotFound(f"{path} does not exist")
+    return _sniff_archive(path)
+
+
+def _sniff_archive(path: str) -> str:
+    """Read member names until one could not belong to an image archive."""
+    found = set()
+    try:
+        with tarfile.open(path, "r|*") as t:
+            for m in t:
+                name = m.name.strip("/").removeprefix("./")
+                if name in ("oci-layout", "index.json", "manifest.json", "repositories"):
+                    found.add(name)
+                elif name not in ("", ".", "blobs", "blobs/sha256") and not _HEX_NAME.match(name):
+                    return "layer-tar"
+    except (tarfile.TarError, EOFError, OSError):
+        return "layer-tar"        # extract_layer will say what is wrong with it
+    if "oci-layout" in found and "index.json" in found:
+        return "oci-layout"
+    if "manifest.json" in found:
+        return "docker-archive"
+    return "layer-tar"
+
+
+# ---- reading ------------------------------------------------------------------
+
+def open_image(path, ref: str | None = None) -> Image:
+    """Open the image in an OCI layout or docker-archive (directory or tar) at ``path``.
+
+    ``ref`` picks an image by ref name / tag when there are several.
+    """
+    path = os.fsdecode(path)
+    kind = detect_source(path)
+    if kind not in ("oci-layout", "docker-archive"):
+        raise InvalidLayer(f"{path} is not an OCI image layout or docker-archive")
+    source = _DirSource(path) if os.path.isdir(path) else _TarSource(path)
+    try:
+        if source.exists("oci-layout") and source.exists("index.json"):
+            return _read_oci(source, ref)
+        return _read_docker(source, ref)
+    except BaseException:
+        source.close()
+        raise
+
+
+def _blob_path(digest: str) -> str:
+    if not isinstance(digest, str) or not _DIGEST.match(digest):
+        raise InvalidLayer(f"unsupported or malformed digest {digest!r} (sha256 only)")
+    return "blobs/sha256/" + digest.split(":", 1)[1]
+
+
+def _read_blob_json(source: _Source, desc: dict) -> dict:
+    path = _blob_path(desc.get("digest"))
+    with _Verified(source.open(path), desc["digest"], desc.get("size"), path) as f:
+        data = f.read()
+        f.read()       # end of blob: verify
+    try:
+        return json.loads(data)
+    except ValueError as e:
+        raise InvalidLayer(f"{path}: not valid JSON ({e})") from None
+
+
+def _pick(descs: list[dict], ref: str | None, what: str) -> dict:
+    if ref is not None:
+        hits = [d for d in descs if d.get("annotations", {}).get(REF_NAME) == ref]
+        if not hits:
+            names = sorted(d.get("annotations", {}).get(REF_NAME, "?") for d in descs)
+            raise NotFound(f"no image named {ref!r} in {what} (it has {names})")
+        return hits[0]
+    if len(descs) != 1:
+        raise InvalidLayer(f"{what} holds {len(descs)} images; name one (ref)")
+    return descs[0]
+
+
+def _platform_manifest(source: _Source, index: dict) -> dict:
+    arch = _ARCH.get(os.uname().machine, os.uname().machine)
+    descs = index.get("manifests") or []
+    hits = [d for d in descs if d.get("platform", {}).get("os", "linux") == "linux"
+            and d.get("platform", {}).get("architecture", arch) == arch]
+    if not hits:
+        raise NotFound(f"the image index has no manifest for linux/{arch}")
+    return hits[0]
+
+
+def _read_oci(source: _Source, ref: str | None) -> Image:
+    index = source.read_json("index.json")
+    if not isinstance(index, dict) or not isinstance(index.get("manifests"), list):
+        raise InvalidLayer("index.json has no manifests list")
+    desc = _pick(index["manifests"], ref, "index.json")
+    ref_name = desc.get("annotations", {}).get(REF_NAME)
+    for _ in range(4):           # nested indexes (multi-platform images)
+        if desc.get("mediaType") not in (INDEX, DOCKER_LIST):
+            break
+        desc = _platform_manifest(source, _read_blob_json(source, desc))
+    manifest = _read_blob_json(source, desc)
+    if manifest.get("mediaType", MANIFEST) not in (MANIFEST, DOCKER_MANIFEST) or \
+            "layers" not in manifest:
+        raise InvalidLayer(f"{desc.get('digest')} is not an image manifest")
+    config = _read_blob_json(source, manifest["config"])
+    diff_ids = _diff_ids(config, len(manifest["layers"]))
+    layers = []
+    for layer, diff_id in zip(manifest["layers"], diff_ids):
+        if layer.get("mediaType") not in LAYER_TYPES:
+            raise InvalidLayer(f"layer {layer.get('digest')} has unsupported media type "
+                               f"{layer.get('mediaType')!r}")
+        layers.append(LayerDescriptor(layer["mediaType"], layer["digest"], layer.get("size"),
+                                      diff_id, _blob_path(layer["digest"])))
+    return Image("oci-layout", ref_name, config, manifest["config"]["digest"], desc["digest"],
+                 layers, source)
+
+
+def _diff_ids(config: dict, n: int) -> list[str]:
+    diff_ids = (config.get("rootfs") or {}).get("diff_ids")
+    if not isinstance(diff_ids, list) or len(diff_ids) != n:
+        raise InvalidLayer(f"the image config lists {len(diff_ids or [])} diff_ids for {n} layers")
+    for d in diff_ids:
+        _blob_path(d)     # validates the form
+    return diff_ids
+
+
+def _read_docker(source: _Source, ref: str | None) -> Image:
+    entries = source.read_json("manifest.json")
+    if not isinstance(entries, list) or not entries:
+        raise InvalidLayer("manifest.json is not a non-empty list")
+    if ref is not None:
+        hits = [e for e in entries if ref in (e.get("RepoTags") or [])
+                or any(t.rsplit(":", 1)[-1] == ref for t in e.get("RepoTags") or [])]
+        if not hits:
+            raise NotFound(f"no image tagged {ref!r} in manifest.json")
+        entry = hits[0]
+    elif len(entries) != 1:
+        raise InvalidLayer(f"manifest.json holds {len(entries)} images; name one (ref)")
+    else:
+        entry = entries[0]
+    config_name = entry.get("Config")
+    if not isinstance(config_name, str):
+        raise InvalidLayer("manifest.json entry has no Config")
+    config_digest = _hex_digest(config_name)
+    with _Verified(source.open(config_name), config_digest, None, config_name) as f:
+        data = f.read()
+        f.read()
+    config = json.loads(data)
+    names = entry.get("Layers") or []
+    diff_ids = _diff_ids(config, len(names))
+    layers = [LayerDescriptor(DOCKER_ARCHIVE_LAYER, _hex_digest(n), None, d, n)
+              for n, d in zip(names, diff_ids)]
+    tags = entry.get("RepoTags") or []
+    return Image("docker-archive", tags[0] if tags else None, config, config_digest, None,
+                 layers, source)
+
+
+def _hex_digest(name: str) -> str | None:
+    """``<hex>.json``, ``blobs/sha256/<hex>`` name their content's digest; legacy names do not."""
+    m = _HEX_NAME.match(name)
+    if m and m.group(3) in (None, ".json"):
+        return "sha256:" + m.group(2)
+    return None
