@@ -62,27 +62,34 @@ CP_SKIPPED = ("cannot overwrite directory", "cannot overwrite non-directory")
 
 
 # -- the contenders -------------------------------------------------------------
-def child_build(out: str, fmt: str, layers: list[str], profile: str | None) -> None:
-    """In the child process: build the farm, print one JSON line."""
+def child_build(out: str, fmt: str, layers: list[str], profile: str | None,
+                workers: int | None) -> None:
+    """In the child process: build the farm, print one JSON line.
+
+    ``workers`` is passed to build_farm only when given (None: its default).
+    cProfile sees only the calling thread: profile with workers=1.
+    """
     from mergefs.farm import build_farm
     from mergefs.layer import Layer
+    kw = {} if workers is None else {"workers": workers}
     t0 = time.perf_counter()
     if profile:
         import cProfile
         prof = cProfile.Profile()
-        stats = prof.runcall(build_farm, [Layer(p, fmt) for p in layers], out)
+        stats = prof.runcall(build_farm, [Layer(p, fmt) for p in layers], out, **kw)
         prof.dump_stats(profile)
     else:
-        stats = build_farm([Layer(p, fmt) for p in layers], out)
+        stats = build_farm([Layer(p, fmt) for p in layers], out, **kw)
     seconds = time.perf_counter() - t0
     print(json.dumps({"seconds": seconds, "stats": stats.as_dict(),
                       "vm_hwm": benchlib.vm_hwm(os.getpid())}))
 
 
 def run_farm(layers: list[str], out: str, fmt: str, profile: str | None = None,
-             wrap: list[str] = ()) -> tuple[float, benchlib.ChildResult]:
-    argv = [*wrap, sys.executable, os.path.abspath(__file__), "--child-build", out,
-            "--child-format", fmt, *(["--child-profile", profile] if profile else []), *layers]
+             workers: int | None = None) -> tuple[float, benchlib.ChildResult]:
+    argv = [sys.executable, os.path.abspath(__file__), "--child-build", out,
+            "--child-format", fmt, *(["--child-profile", profile] if profile else []),
+            *(["--child-workers", str(workers)] if workers is not None else []), *layers]
     res = benchlib.run_child(argv)
     return res.json()["seconds"], res
 
@@ -170,11 +177,23 @@ def compare_trees(expected: str, actual: str, sample: int, seed: int = 0) -> tup
     return problems, checked
 
 
-def verify_farm(overlay_layers: list[str], farm: str, sample: int) -> dict:
-    """Compare ``farm`` with kernel overlayfs over ``overlay_layers``; raise on mismatch."""
-    from mergefs.testing.mounts import overlay_mount
-    with overlay_mount(overlay_layers) as mnt:
-        problems, checked = compare_trees(str(mnt), farm, sample)
+def verify_farm(overlay_layers: list[str], farm: str, sample: int, target: str) -> dict:
+    """Compare ``farm`` with kernel overlayfs over ``overlay_layers``; raise on mismatch.
+
+    The mount point is ``target`` (inside the benchmark's own directory, so
+    no sweep of stray /tmp mounts by a test session running beside us hits it).
+    """
+    from mergefs.testing.mounts import is_mounted, overlay_mount
+    os.makedirs(target, exist_ok=True)
+    with overlay_mount(overlay_layers, target=target) as mnt:
+        try:
+            problems, checked = compare_trees(str(mnt), farm, sample)
+        except OSError:
+            if not is_mounted(mnt):
+                raise RuntimeError(f"the overlay mount at {mnt} vanished during the check "
+                                   "(unmounted by another process); run again") from None
+            raise
+    os.rmdir(target)
     if problems:
         raise AssertionError(f"farm {farm} differs from kernel overlayfs ({len(problems)} "
                              "problems):\n  " + "\n  ".join(problems[:20]))
@@ -190,25 +209,33 @@ def prepare(state: str, layers: list[str]) -> None:
         benchlib.warm_tree(*layers)
 
 
-def bench_format(fmt: str, layers: list[str], outdir: str, args, table: benchlib.Table) -> dict:
+def _farm_name(fmt: str, state: str, workers: int | None) -> str:
+    return f"{fmt} {state}: farm" + (f" w={workers}" if workers is not None else "")
+
+
+def bench_format(fmt: str, layers: list[str], outdir: str, args, table: benchlib.Table,
+                 still_mounted) -> dict:
     info = {"cp_skipped": 0, "farm_stats": None, "first_farm": None}
     for state in args.cache:
-        farm_t = table.series(f"{fmt} {state}: farm", anchor=f"{fmt} {state}: cp -al")
-        proc_t = table.series(f"{fmt} {state}: farm process", anchor=f"{fmt} {state}: cp -al")
-        cp_t = table.series(f"{fmt} {state}: cp -al")
-        rss = table.series(f"{fmt} {state}: farm peak RSS", unit="B",
-                           anchor=f"{fmt} {state}: cp -al peak RSS")
+        anchor = f"{fmt} {state}: cp -al"
+        farm_t = {w: table.series(_farm_name(fmt, state, w), anchor=anchor) for w in args.workers}
+        proc_t = {w: table.series(_farm_name(fmt, state, w) + " process", anchor=anchor)
+                  for w in args.workers}
+        cp_t = table.series(anchor)
+        rss = {w: table.series(_farm_name(fmt, state, w) + " peak RSS", unit="B",
+                               anchor=f"{fmt} {state}: cp -al peak RSS") for w in args.workers}
         cp_rss = table.series(f"{fmt} {state}: cp -al peak RSS", unit="B")
+        contenders = [("farm", w) for w in args.workers] + [("cp", None)]
         for rep in range(args.reps):
-            order = ("farm", "cp") if rep % 2 == 0 else ("cp", "farm")
-            for who in order:
-                out = os.path.join(outdir, f"{fmt}-{state}-{rep}-{who}")
+            shift = rep % len(contenders)            # rotate who goes first
+            for who, w in contenders[shift:] + contenders[:shift]:
+                out = os.path.join(outdir, f"{fmt}-{state}-{rep}-{who}{w or ''}")
                 prepare(state, layers)
                 if who == "farm":
-                    seconds, res = run_farm(layers, out, fmt)
-                    farm_t.add(seconds)
-                    proc_t.add(res.seconds)
-                    rss.add(res.maxrss)
+                    seconds, res = run_farm(layers, out, fmt, workers=w)
+                    farm_t[w].add(seconds)
+                    proc_t[w].add(res.seconds)
+                    rss[w].add(res.maxrss)
                     info["farm_stats"] = res.json()["stats"]
                     info["farm_vm_hwm_self_reported"] = res.json()["vm_hwm"]
                     info["first_farm"] = info["first_farm"] or out
@@ -218,21 +245,23 @@ def bench_format(fmt: str, layers: list[str], outdir: str, args, table: benchlib
                     cp_rss.add(cprss)
                     info["cp_skipped"] = len(skipped)
                     info["cp_skipped_example"] = skipped[:2]
-            print(f"  {fmt} {state} rep {rep}: farm {farm_t.samples[-1]:.2f}s "
-                  f"cp -al {cp_t.samples[-1]:.2f}s", file=sys.stderr, flush=True)
+            still_mounted()
+            print(f"  {fmt} {state} rep {rep}: " + ", ".join(
+                f"farm{'' if w is None else f' w={w}'} {farm_t[w].samples[-1]:.2f}s"
+                for w in args.workers) + f", cp -al {cp_t.samples[-1]:.2f}s, load "
+                f"{os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
     return info
 
 
-def report_targets(table: benchlib.Table, formats, states) -> list[str]:
+def report_targets(table: benchlib.Table, formats, states, workers) -> list[str]:
     lines = []
-    for fmt in formats:
-        for state in states:
-            r = table.ratio(f"{fmt} {state}: farm")
-            peak = max(table.rows[f"{fmt} {state}: farm peak RSS"].samples)
-            lines.append(f"{fmt} {state}: farm/cp-al = {r:.2f} (target <= {TARGET_RATIO}: "
-                         f"{'met' if r <= TARGET_RATIO else 'MISSED'}); peak RSS max "
-                         f"{peak / 1e6:.0f} MB (target <= {TARGET_RSS / 1e6:.0f} MB: "
-                         f"{'met' if peak <= TARGET_RSS else 'MISSED'})")
+    for name in (_farm_name(f, s, w) for f in formats for s in states for w in workers):
+        r = table.ratio(name)
+        peak = max(table.rows[name + " peak RSS"].samples)
+        lines.append(f"{name}/cp-al = {r:.2f} (target <= {TARGET_RATIO}: "
+                     f"{'met' if r <= TARGET_RATIO else 'MISSED'}); peak RSS max "
+                     f"{peak / 1e6:.0f} MB (target <= {TARGET_RSS / 1e6:.0f} MB: "
+                     f"{'met' if peak <= TARGET_RSS else 'MISSED'})")
     return lines
 
 
@@ -244,27 +273,38 @@ def run(args, base: str) -> int:
     os.makedirs(outdir)
     table = benchlib.Table(f"farm vs cp -al: {args.files} files, {args.layers} layers, seed "
                            f"{args.seed}, {args.reps} reps, fs {args.fs} ({base})")
-    results = {"command": " ".join(sys.argv), "fs": args.fs, "formats": {}}
+    results = {"command": " ".join(sys.argv), "fs": args.fs, "formats": {},
+               "loadavg_start": os.getloadavg()}
+
+    def still_mounted() -> None:
+        if args.fs == "loop" and not benchlib.is_mounted(base):
+            raise RuntimeError(f"scratch filesystem {base} was unmounted under the benchmark")
+
     try:
         for fmt in formats:
-            info = bench_format(fmt, stacks[fmt], outdir, args, table)
-            info["verified"] = verify_farm(stacks["overlay"], info["first_farm"], args.sample)
+            info = bench_format(fmt, stacks[fmt], outdir, args, table, still_mounted)
+            info["verified"] = verify_farm(stacks["overlay"], info["first_farm"], args.sample,
+                                           os.path.join(base, "overlay-mnt"))
             results["formats"][fmt] = info
         if args.profile:
             out = os.path.join(outdir, "profiled")
             prepare("warm", stacks[formats[0]])
-            run_farm(stacks[formats[0]], out, formats[0], profile=args.profile)
+            run_farm(stacks[formats[0]], out, formats[0], profile=args.profile, workers=1)
             print_profile(args.profile)
     finally:
         if not args.keep and args.fs == "here":   # a loop fs is discarded whole
             subprocess.run(["rm", "-rf", "--one-file-system", outdir], check=False)
+    results["loadavg_end"] = os.getloadavg()
     print(table.render())
+    print(f"load average (1 min) at start {results['loadavg_start'][0]:.1f}, at end "
+          f"{results['loadavg_end'][0]:.1f} on {os.cpu_count()} CPUs (other work on the "
+          "machine widens the spread; compare medians of the same run)")
     for fmt, info in results["formats"].items():
         print(f"{fmt}: farm stats {info['farm_stats']}; farm VmHWM (self-reported, last run) "
               f"{info['farm_vm_hwm_self_reported'] / 2**20:.1f} MiB; verified against kernel overlayfs: "
               f"{info['verified']}; cp -al skipped {info['cp_skipped']} type changes "
               f"(e.g. {info.get('cp_skipped_example', [])[:1]})")
-    for line in report_targets(table, formats, args.cache):
+    for line in report_targets(table, formats, args.cache, args.workers):
         print(line)
     if args.json:
         results["table"] = table.as_dict()
@@ -294,12 +334,17 @@ def parse_args(argv=None):
                          "here: WORKDIR's filesystem")
     ap.add_argument("--workdir", default="/tmp/mergefs-bench")
     ap.add_argument("--sample", type=int, default=3000, help="paths whose content is compared")
-    ap.add_argument("--profile", metavar="FILE", help="also cProfile one warm farm build")
+    ap.add_argument("--workers", type=lambda s: [int(w) for w in s.split(",")], default=[None],
+                    help="build_farm(workers=N) variants to measure, e.g. 1,2 "
+                         "(default: build_farm's own default)")
+    ap.add_argument("--profile", metavar="FILE",
+                    help="also cProfile one warm farm build (workers=1: cProfile sees one thread)")
     ap.add_argument("--json", metavar="FILE", help="write all samples as JSON")
     ap.add_argument("--keep", action="store_true", help="keep the outputs (with --fs here)")
     ap.add_argument("--child-build", metavar="OUT", help=argparse.SUPPRESS)
     ap.add_argument("--child-format", help=argparse.SUPPRESS)
     ap.add_argument("--child-profile", help=argparse.SUPPRESS)
+    ap.add_argument("--child-workers", type=int, help=argparse.SUPPRESS)
     ap.add_argument("child_layers", nargs="*", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -307,7 +352,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child_build:
-        child_build(args.child_build, args.child_format, args.child_layers, args.child_profile)
+        child_build(args.child_build, args.child_format, args.child_layers, args.child_profile,
+                    args.child_workers)
         return 0
     if os.geteuid() != 0:
         print("bench_farm: needs root (drop_caches, kernel overlayfs, loop mount)", file=sys.stderr)

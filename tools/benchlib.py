@@ -184,7 +184,7 @@ def _fmt(value: float, unit: str) -> str:
 
 
 # -- scratch filesystem ------------------------------------------------------------
-def _mounted(path: str) -> bool:
+def is_mounted(path: str) -> bool:
     target = os.path.realpath(path)
     with open("/proc/self/mounts") as f:
         return any(line.split()[1] == target for line in f)
@@ -205,7 +205,7 @@ def scratch_ext4(workdir: str, size: str = "8G", inode_ratio: int = 8192) -> Ite
     """
     os.makedirs(workdir, exist_ok=True)
     image, mnt = os.path.join(workdir, "scratch.img"), os.path.join(workdir, "fs")
-    if _mounted(mnt):
+    if is_mounted(mnt):
         raise RuntimeError(f"{mnt} is already mounted (a run still going, or left over: umount it)")
     subprocess.run(["truncate", "-s", size, image], check=True)
     try:
