@@ -177,13 +177,16 @@ def compare_trees(expected: str, actual: str, sample: int, seed: int = 0) -> tup
     return problems, checked
 
 
-def verify_farm(overlay_layers: list[str], farm: str, sample: int, target: str) -> dict:
+def verify_farm(overlay_layers: list[str], farm: str, sample: int,
+                target: str | None = None) -> dict:
     """Compare ``farm`` with kernel overlayfs over ``overlay_layers``; raise on mismatch.
 
-    The mount point is ``target`` (inside the benchmark's own directory, so
-    no sweep of stray /tmp mounts by a test session running beside us hits it).
+    The mount point is ``target`` (default: beside the farm; inside the
+    benchmark's own directory, so no sweep of stray /tmp mounts by a test
+    session running beside us hits it).
     """
     from mergefs.testing.mounts import is_mounted, overlay_mount
+    target = target or os.path.join(os.path.dirname(os.path.abspath(farm)), "overlay-mnt")
     os.makedirs(target, exist_ok=True)
     with overlay_mount(overlay_layers, target=target) as mnt:
         try:
