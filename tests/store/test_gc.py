@@ -1,6 +1,7 @@
 """Refs, release and prune (C4), and the errors of C2."""
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -179,3 +180,25 @@ def test_cli_prune_dry_run_and_json(cli, layers):
 def test_sizes_and_durations_parse():
     assert parse_size("1.5G") == 3 << 29 and parse_size("512MiB") == 512 << 20
     assert parse_duration("24h") == 86400 and parse_duration("90") == 90
+
+
+def test_store_root_resolution(monkeypatch, tmp_path):
+    from snapshotter.store import default_root
+    monkeypatch.setenv("MERGEFS_ROOT", str(tmp_path / "env"))
+    assert default_root(str(tmp_path / "explicit")) == str(tmp_path / "explicit")
+    assert default_root() == str(tmp_path / "env")
+    monkeypatch.delenv("MERGEFS_ROOT")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    expected = "/var/lib/mergefs" if os.geteuid() == 0 else str(tmp_path / "xdg" / "mergefs")
+    assert default_root() == expected
+
+
+def test_schema_version_is_recorded_and_a_newer_one_refused(store):
+    from snapshotter.meta import SCHEMA_VERSION
+    from snapshotter.store import Store
+    (v,) = store.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    assert int(v) == SCHEMA_VERSION
+    with meta.write(store.db):
+        store.db.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
+    with pytest.raises(FailedPrecondition):
+        Store(store.root)
