@@ -266,6 +266,8 @@ class Extractor:
                          becomes_dir=True)
         self.implicit.discard(path)
         self.dirs[path] = (m.mode, m.uid, m.gid, m.xattrs, m.atime_ns, m.mtime_ns)
+        if any(m.xattrs.get(a) == b"y" for a in OPAQUE_XATTRS):
+            self.opaque.add(path)                 # an overlay-format opaque directory
 
     def symlink(self, path: bytes, m: _tar.Member) -> None:
         if not m.linkname:
@@ -321,6 +323,7 @@ class Extractor:
                 self.opaque.add(path)    # D2 + D7: this layer's dir replaces the lower one
             return
         syscalls.mknod(name, stat.S_IFCHR, 0, pfd)
+        syscalls.utime_ns(name, 0, 0, pfd)        # deterministic: the same tar, the same tree
         self.whiteouts.add(path)
         self.r.whiteouts += 1
 
@@ -328,10 +331,8 @@ class Extractor:
     def _xattrs(self, xattrs: dict, path: bytes, setter) -> None:
         for attr, value in xattrs.items():
             if is_overlay_private(attr):
-                if attr in OPAQUE_XATTRS and value == b"y" and path in self.dirs:
-                    self.opaque.add(path)
-                else:
-                    self.r.skipped += 1
+                if not (attr in OPAQUE_XATTRS and value == b"y"):
+                    self.r.skipped += 1           # redirect, origin...: meaningless here
                 continue
             try:
                 setter(attr, value)
