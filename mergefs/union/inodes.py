@@ -88,6 +88,9 @@ class InodeTable:
         except KeyError:
             raise NotFound(f"inode {number} is not known") from None
 
+    def live(self, number: int) -> Inode | None:
+        return self._live.get(number)
+
     def number_for(self, node: Node) -> int:
         key = node_key(node)
         number = self._numbers.get(key)

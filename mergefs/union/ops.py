@@ -129,11 +129,9 @@ class UnionOperations(pyfuse3.Operations):
     @fuse_errors
     async def readdir(self, fh, start_id, token):
         h = self.handles[fh]
-        wanted = h.entries[start_id:]
-        entries = self.view.entries(h.inode, wanted)
+        entries = self.view.entries(h.inode, h.entries[start_id:])
         try:
-            for i, (name, node, st) in enumerate(entries, start_id + 1):
-                number = self.inodes.number_for(node)
+            for i, (name, node, number, st) in enumerate(entries, start_id + 1):
                 merged = node.kind == DIR and len(node.layers) > 1
                 attrs = entry_attributes(number, st, merged, self.timeouts)
                 if not pyfuse3.readdir_reply(token, name, attrs, i):
@@ -178,7 +176,10 @@ class UnionOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def flush(self, fh):
-        pass
+        # Nothing to do on close(2): writes go straight to the upper. ENOSYS
+        # makes the kernel stop sending FLUSH for good (fc->no_flush), one
+        # request less per open file.
+        raise FUSEError(errno.ENOSYS)
 
     @fuse_errors
     async def fsync(self, fh, datasync):

@@ -1,10 +1,11 @@
 """Serving a MountSpec: ``serve()`` in the foreground, ``start()`` detached.
 
 pyfuse3 has one FUSE session per process, so each union mount is its own
-server process. ``start()`` runs ``python -m mergefs.union.server`` in a new
-session with stdio on a log file (never a terminal) and waits on a pipe until
-the child reports the mount live ("ok") or why it failed; only then does the
-caller's ``mergefs mount`` return. ``unmount()`` also cleans a mount whose
+server process. ``start()`` forks (or, inside a trio loop or a threaded
+process, runs ``python -m mergefs.union.server``) into a new session with
+stdio on a log file (never a terminal) and waits on a pipe until the child
+reports the mount live ("ok") or why it failed; only then does the caller's
+``mergefs mount`` return. ``unmount()`` also cleans a mount whose
 server died ("Transport endpoint is not connected", U7).
 
 Lifecycle in the server: open the layers, ``pyfuse3.init`` (the kernel mount
@@ -110,43 +111,116 @@ def default_log_path(mountpoint: str) -> str:
 
 
 def start(spec: MountSpec, mountpoint: str, fmt: str = "auto", log_path: str | None = None) -> int:
-    """Start a detached server; return its pid once the mount is live."""
+    """Start a detached server; return its pid once the mount is live.
+
+    The server is this process forked (no new interpreter, no re-import: the
+    mount is live in milliseconds) when that is safe -- one thread and no trio
+    loop running here; otherwise a fresh ``python -m mergefs.union.server``.
+    """
     mountpoint = os.path.abspath(mountpoint)
     if not os.path.isdir(mountpoint):
         raise MountError(f"mount point {mountpoint!r} is not a directory")
     log_path = log_path or default_log_path(mountpoint)
     r, w = os.pipe()
-    with open(log_path, "ab") as logf:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mergefs.union.server", "--ready-fd", str(w),
-             "--format", fmt, json.dumps(asdict(spec)), mountpoint],
-            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),
-            start_new_session=True)
-    os.close(w)
     try:
-        msg = _read_ready(r, proc)
+        pid = _fork_server(spec, mountpoint, fmt, log_path, w, r) if _can_fork() else \
+            _spawn_server(spec, mountpoint, fmt, log_path, w)
+    finally:
+        os.close(w)
+    try:
+        msg = _read_ready(r, pid)
     finally:
         os.close(r)
     if msg != b"ok":
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        reason = msg.decode(errors="replace") or f"server exited with {proc.returncode}"
-        raise MountError(f"mounting {mountpoint} failed: {reason} (log: {log_path})")
+        _reap(pid, kill=True)
+        raise MountError(f"mounting {mountpoint} failed: {msg.decode(errors='replace')} "
+                         f"(log: {log_path})")
+    return pid
+
+
+def _can_fork() -> bool:
+    import threading
+    try:
+        trio.lowlevel.current_root_task()
+        return False                      # a forked trio loop is unusable
+    except RuntimeError:
+        return threading.active_count() == 1
+
+
+def _fork_server(spec, mountpoint, fmt, log_path, ready_fd, parent_end) -> int:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        os.close(parent_end)
+        os.setsid()
+        logfd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        nullfd = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(nullfd, 0)
+        os.dup2(logfd, 1)
+        os.dup2(logfd, 2)
+        code = _serve_detached(spec, mountpoint, fmt, ready_fd)
+    finally:
+        os._exit(code)
+
+
+def _spawn_server(spec, mountpoint, fmt, log_path, ready_fd) -> int:
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mergefs.union.server", "--ready-fd", str(ready_fd),
+             "--format", fmt, json.dumps(asdict(spec)), mountpoint],
+            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(ready_fd,),
+            start_new_session=True)
+    proc.returncode = 0       # reaped by _reap or by whoever waits for the pid
     return proc.pid
 
 
-def _read_ready(fd: int, proc: subprocess.Popen) -> bytes:
+def _reap(pid: int, kill: bool) -> None:
+    try:
+        if kill:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
+def _serve_detached(spec: MountSpec, mountpoint: str, fmt: str, ready_fd: int) -> int:
+    """Body of a server process: log to stderr (the log file), report readiness on ready_fd."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        f"%(asctime)s mergefs[{os.getpid()}] %(levelname)s %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    state = {"fd": ready_fd}
+
+    def ready():
+        os.write(state["fd"], b"ok")
+        os.close(state["fd"])
+        state["fd"] = None
+    try:
+        serve(spec, mountpoint, fmt, ready)
+    except Exception as exc:
+        if state["fd"] is not None:
+            os.write(state["fd"], (str(exc) or repr(exc)).encode())
+        return 1
+    return 0
+
+
+def _read_ready(fd: int, pid: int) -> bytes:
     deadline = time.monotonic() + READY_TIMEOUT
     data = b""
     while time.monotonic() < deadline:
         if select.select([fd], [], [], 0.1)[0]:
             chunk = os.read(fd, 4096)
             if not chunk:
-                return data
+                return data or b"the server exited before the mount was live"
             data += chunk
-        elif proc.poll() is not None and not data:
-            return b""
     return data or b"timed out waiting for the server"
 
 
@@ -172,28 +246,14 @@ def is_mounted(mountpoint: str) -> bool:
 
 def _child_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="mergefs-server")
-    p.add_argument("--ready-fd", type=int)
+    p.add_argument("--ready-fd", type=int, required=True)
     p.add_argument("--format", default="auto")
     p.add_argument("spec")
     p.add_argument("mountpoint")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format=f"%(asctime)s mergefs[{os.getpid()}] %(levelname)s %(message)s")
     raw = json.loads(args.spec)
     spec = MountSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
-
-    def ready():
-        if args.ready_fd is not None:
-            os.write(args.ready_fd, b"ok")
-            os.close(args.ready_fd)
-            args.ready_fd = None
-    try:
-        serve(spec, args.mountpoint, args.format, ready)
-    except Exception as exc:
-        if args.ready_fd is not None:
-            os.write(args.ready_fd, str(exc).encode() or repr(exc).encode())
-        return 1
-    return 0
+    return _serve_detached(spec, args.mountpoint, args.format, args.ready_fd)
 
 
 if __name__ == "__main__":

@@ -59,16 +59,36 @@ class UnionView:
         return inode
 
     def entries(self, parent: Inode, names: Iterable[tuple[bytes, Node]]):
-        """Yield (name, node, lstat) for listing entries, one dir fd per layer."""
+        """Yield (name, node, number, lstat) for listing entries.
+
+        Attributes of live inodes come from the table (a warm listing stats
+        nothing); the rest are lstat'ed through one dir fd per layer. A name
+        gone since the listing was taken (a writable mount) is skipped.
+        """
         fds: dict[int, int] = {}
         path = parent.path
+        current = parent.children
+        table = self.inodes
         try:
             for name, node in names:
+                if current is not None and current.get(name) != node:
+                    node = current.get(name)
+                    if node is None:
+                        continue
+                number = table.number_for(node)
+                inode = table.live(number)
+                if inode is not None and inode.attr is not None:
+                    yield name, node, number, inode.attr
+                    continue
                 top = node.top
                 fd = fds.get(top)
                 if fd is None:
                     fd = fds[top] = syscalls.open_beneath(self.layers[top].fd, path)
-                yield name, node, syscalls.lstat(name, fd)
+                try:
+                    st = syscalls.lstat(name, fd)
+                except FileNotFoundError:
+                    continue
+                yield name, node, number, st
         finally:
             for fd in fds.values():
                 os.close(fd)
