@@ -1,4 +1,4 @@
-"""Export a snapshot: ``dir`` here; ``tar`` and ``oci`` through ``mergefs.oci``.
+"""Export a snapshot: ``dir`` here; ``tar`` and ``oci`` written by ``mergefs.oci``.
 
 ``dir`` writes the merged view as a plain directory (a copy, never hardlinks
 into the store: writing to an export must not reach a stored layer). A layer
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 
-from mergefs.errors import InvalidLayer
 from mergefs.farm import build_farm, staged_build
 from mergefs.layer import Layer
 
@@ -19,38 +18,39 @@ from .store import Store
 
 
 def export(store: Store, ref: str, output: str, fmt: str = "dir") -> None:
+    """Write snapshot REF at ``output`` (must not exist) as ``dir``, ``tar`` or ``oci``.
+
+    ``tar``: one OCI layer tar; a layer or diff as itself, a merge squashed
+    into one layer (its merged view). ``oci``: an OCI image layout whose
+    layers are the flattened inputs, each with explicit whiteouts against the
+    ones below (D4), named by the snapshot's first name or short id.
+    """
     row = service.resolve_ref(store, ref)
-    if fmt != "dir":
-        try:
-            from mergefs import oci
-        except ImportError:
-            raise InvalidLayer(f"--format {fmt} needs mergefs.oci, which is not installed "
-                               "in this build yet") from None
-        return oci_export(store, row, output, fmt, oci)
-    if row.kind == "merge" and row.strategy == "union":
+    if fmt == "oci":
+        from mergefs import oci
+        names = store.db.execute("SELECT name FROM names WHERE id=? ORDER BY name",
+                                 (row.id,)).fetchone()
+        oci.export_layout(service.layer_dirs(store, row), output,
+                          ref=names[0] if names else service.short(row.id))
+        return
+    if fmt == "tar":
+        from mergefs import oci
+        write = lambda src: oci.export_layer_tar(src, output)  # noqa: E731
+    else:
+        write = lambda src: _copy_tree(src, output)  # noqa: E731
+    if row.kind != "merge":
+        write(store.fs_of(row.id))
+    elif row.strategy == "farm":
+        write(store.fs_of(row.id))
+    else:                            # a union: materialise the view in staging first
         staged = store.stage("export")
         try:
             build_farm(service.layer_dirs(store, row), staged.path / "fs")
-            _copy_tree(staged.path / "fs", output)
+            write(staged.path / "fs")
         finally:
             staged.discard()
-        return
-    _copy_tree(service.serve_dirs(store, row)[0] if row.kind == "merge" else store.fs_of(row.id),
-               output)
 
 
 def _copy_tree(src, output: str) -> None:
     with Layer(src, "overlay") as layer:
         staged_build(output, lambda fd: LayerCopier(layer, fd).run())
-
-
-def oci_export(store: Store, row, output: str, fmt: str, oci) -> None:
-    """Hand the flattened layer directories (bottom first) to mergefs.oci."""
-    layers = service.layer_dirs(store, row)
-    if fmt == "tar":
-        if len(layers) != 1:
-            raise InvalidLayer("--format tar writes one layer; export a merge with --format oci "
-                               "or --format dir")
-        oci.export_layer_tar(layers[0], output)
-    else:
-        oci.export_layout(layers, output, ref=row.id.split(":", 1)[1][:12])

@@ -1,42 +1,63 @@
-"""Import of layer tars (and, once mergefs.oci offers them, OCI layouts and docker archives).
+"""Import of layer tars, OCI image layouts and docker archives, through ``mergefs.oci``.
 
-``mergefs.oci.extract_layer`` (owned by the OCI module) unpacks a layer tar
-(plain, gzip, zstd) safely into a new directory, in overlay format, and
-returns its diffID (sha256 of the uncompressed tar). The layer is stored under
-that diffID; its tree digest (mergefs-tree-v1) is recorded too, so fsck can
-check the stored content. Unsafe or malformed tars raise before anything is
-published: the staging dir goes, the store is unchanged.
+``mergefs.oci`` (the OCI module's owner) reads images and unpacks each layer
+tar safely into a new directory in overlay format, returning its diffID
+(sha256 of the uncompressed tar). Each layer is stored under its diffID, so
+an image layer already in the store is not extracted again; its tree digest
+(mergefs-tree-v1) is recorded too, so fsck can check the stored content.
+
+An image (layout or archive) also gets an **image record**: the merge of its
+layers, kept as a union (metadata only; it pins its layers), named by
+``--name`` or the image's ref name / tag. A one-layer image names that layer.
+Unsafe or malformed input raises before anything is published: the staging
+dir goes, the store is unchanged (layers of an image published before the bad
+one stay, unreferenced, for prune).
 """
 from __future__ import annotations
 
-import os
-
-from mergefs.errors import InvalidLayer
+from dataclasses import dataclass
 
 from .digest import TreeSummary, tree_digest
 from .meta import Row
 from .store import CLI_HOLDER, Store
 
 
-def import_archive(store: Store, src: str, name: str | None = None,
-                   holder: str | None = CLI_HOLDER) -> list[Row]:
+@dataclass
+class ImportResult:
+    layers: list[Row]
+    image: Row | None = None
+
+
+def import_source(store: Store, src: str, fmt: str = "auto", name: str | None = None,
+                  holder: str | None = CLI_HOLDER) -> ImportResult:
+    """Import whatever ``src`` is: layer dir, layer tar, OCI layout or docker archive."""
     from mergefs import oci
-    if os.path.isdir(src) or _is_docker_archive(src):
-        image_import = getattr(oci, "import_image", None)
-        if image_import is None:
-            raise InvalidLayer(f"{src!r}: importing OCI layouts and docker archives needs "
-                               "mergefs.oci.import_image, which this build lacks")
-        return image_import(store, src, name, holder)     # pragma: no cover (not there yet)
-    return [import_layer_tar(store, src, name, holder)]
+    from .service import import_dir
+    kind = oci.detect_source(src)
+    if kind == "layer-dir":
+        return ImportResult([import_dir(store, src, fmt, name, holder)])
+    if kind == "layer-tar":
+        return ImportResult([import_layer_tar(store, src, name, holder)])
+    return import_image(store, src, name, holder)
 
 
-def _is_docker_archive(path: str) -> bool:
-    import tarfile
-    try:
-        with tarfile.open(path) as t:
-            return "manifest.json" in t.getnames()[:64]
-    except (tarfile.TarError, OSError):
-        return False
+def import_image(store: Store, src: str, name: str | None, holder: str | None) -> ImportResult:
+    from mergefs import oci
+    from .service import merge
+    with oci.open_image(src) as image:
+        rows = []
+        for desc in image.layers:
+            row = store.reuse(desc.diff_id, holder) if desc.diff_id else None
+            if row is None:
+                with image.open_layer(desc) as reader:
+                    row = import_layer_tar(store, reader, None, holder, desc.diff_id,
+                                           f"layer of {src}")
+            rows.append(row)
+        tag = name or image.ref_name
+    if not rows:
+        return ImportResult([])
+    res = merge(store, [r.id for r in rows], strategy="union", name=tag, holder=holder)
+    return ImportResult(rows, res.row)
 
 
 def import_layer_tar(store: Store, src, name: str | None = None,

@@ -74,17 +74,14 @@ def publish_layer(store: Store, staged, summary, tree: str, kind: str, descripti
 
 def import_path(store: Store, src: str, fmt: str = "auto", name: str | None = None,
                 holder: str | None = CLI_HOLDER) -> list[Row]:
-    """Import a layer directory, or (through mergefs.oci) a tar, OCI layout or docker archive."""
+    """Import a layer directory, a layer tar, an OCI layout or a docker archive.
+
+    Returns the layer rows, bottom first (see ``oci_import`` for the image record).
+    """
+    from .oci_import import import_source
     if not os.path.lexists(src):
         raise NotFound(f"{src!r} does not exist")
-    if os.path.isdir(src) and not _is_oci_layout(src):
-        return [import_dir(store, src, fmt, name, holder)]
-    from .oci_import import import_archive
-    return import_archive(store, src, name, holder)
-
-
-def _is_oci_layout(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "oci-layout"))
+    return import_source(store, src, fmt, name, holder).layers
 
 
 # -- refs -------------------------------------------------------------------------
@@ -142,6 +139,10 @@ def merge(store: Store, refs: list[str], strategy: str = "auto", name: str | Non
     store.check_name(name, mid)
     with store.build_lock(mid):
         row = store.reuse(mid, holder, name)
+        if row is not None and row.strategy == "union" and strategy == "farm":
+            return MergeResult(_materialise(store, row, flat), Decision("farm", (
+                "--strategy farm: this merge existed as a union; materialised as a farm in "
+                "place (same id)",)), False)
         if row is not None:
             return MergeResult(row, Decision(row.strategy, (
                 f"reused: this merge exists as a {row.strategy} (the id names the content, "
@@ -180,6 +181,32 @@ def _build_merge(store: Store, mid: str, flat: list[str], strategy: str, holder,
         return store.publish(staged, row, parents, "merge", holder, name)
     finally:
         staged.discard()
+
+
+def _materialise(store: Store, row: Row, flat: list[str]) -> Row:
+    """Turn a union merge into a farm under the same id (it stops pinning its inputs)."""
+    from mergefs.farm import build_farm
+    staged = store.stage("merge")
+    trash = []
+    try:
+        build_farm([store.fs_of(i) for i in flat], staged.path / "fs")
+        with meta.write(store.db):
+            cur = store.get(row.id)
+            if cur is None or cur.state != "committed":
+                raise NotFound(f"merge {short(row.id)} was removed meanwhile; retry")
+            if cur.strategy == "farm":
+                return cur
+            dst = store.dir_of(row.id) / "fs"
+            if os.path.lexists(dst):             # left by a crash during an earlier upgrade
+                trash.append(store._to_trash(dst))
+            os.rename(staged.path / "fs", dst)
+            store.db.execute("UPDATE snapshots SET strategy='farm' WHERE id=?", (row.id,))
+            store.db.execute("UPDATE parents SET pin=0 WHERE child=?", (row.id,))
+        return store.get(row.id)
+    finally:
+        staged.discard()
+        for t in trash:
+            shutil.rmtree(t, ignore_errors=True)
 
 
 # -- diff and commit ----------------------------------------------------------------

@@ -160,14 +160,18 @@ def store_explain(args) -> int:
 
 # -- store verbs ------------------------------------------------------------------
 def cmd_import(args) -> int:
-    from snapshotter import service
+    from snapshotter.oci_import import import_source
+    from ..errors import NotFound
+    if not os.path.lexists(args.src):
+        raise NotFound(f"{args.src!r} does not exist")
     with _store(args) as store:
-        rows = service.import_path(store, args.src, fmt=args.format, name=args.name)
-        out = [row_dict(store, r) for r in rows] if args.json else None
+        res = import_source(store, args.src, fmt=args.format, name=args.name)
+        out = {"layers": [row_dict(store, r) for r in res.layers],
+               "image": row_dict(store, res.image) if res.image else None} if args.json else None
     if args.json:
         print(json.dumps(out))
     else:
-        for r in rows:
+        for r in res.layers:
             print(r.id)
     return 0
 

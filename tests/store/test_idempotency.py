@@ -117,3 +117,14 @@ def test_prune_after_release_of_everything_keeps_union_inputs_until_union_goes(s
     service.release(store, m)
     report = prune(store)
     assert report.deleted[0] == m and set(report.deleted[1:]) == {a, b, c}   # cascade
+
+
+def test_union_merge_asked_for_as_farm_is_materialised_under_the_same_id(store, layers):
+    u = service.merge(store, [str(p) for p in layers], strategy="union")
+    f = service.merge(store, [str(p) for p in layers], strategy="farm")
+    assert f.row.id == u.row.id and f.row.strategy == "farm"
+    assert (store.fs_of(f.row.id) / "etc" / "motd").read_bytes() == b"hello\n"
+    from snapshotter import meta
+    assert not any(p.pin for p in meta.parents(store.db, f.row.id))
+    from snapshotter.fsck import fsck
+    assert fsck(store) == []
