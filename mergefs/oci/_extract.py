@@ -17,8 +17,16 @@ Decisions (OCI image-spec layer.md, SEMANTICS D2/D3/D5/D6/D7, A1/A2/A3):
   directory opaque wherever it stands in the tar (D3). Whiteouts below an
   opaque directory are dropped at the end (D6). Other ``.wh..wh.*`` names
   (aufs bookkeeping) are skipped.
+* A whiteout below a non-directory of the same layer (umoci 0.4 writes ``f``
+  then ``f/.wh.child`` when a directory became a file) does nothing: that
+  entry already replaces the lower subtree (M2). Nothing is written, even when
+  the non-directory is a symlink.
 * Parents that no member names are created 0755, owner 0:0, mtime 0 (the
-  epoch), so the same tar always gives the same tree. Hardlinks must point to
+  epoch), so the same tar always gives the same tree, and are listed in
+  ``ExtractResult.implicit_dirs``. Caveat: OCI applies such a layer without
+  touching the lower directory's attributes; overlay format has no way to say
+  "no attributes", so a merge shows these (umoci's repack omits unchanged
+  parents, e.g. ``home/`` above a changed ``home/user/``). Hardlinks must point to
   a non-directory member that came earlier in the same tar.
 * Metadata: numeric owners (chown only as root), then chmod, then xattrs (pax
   ``SCHILY.xattr.*``; overlay-private ones are format, not content; a refused
@@ -62,6 +70,10 @@ class ExtractResult:
     opaque_dirs: int = 0
     skipped: int = 0              # aufs .wh..wh.* bookkeeping, dropped overlay xattrs
     warnings: list[str] = field(default_factory=list)
+    # Directories no member named (b"" = the root had no "./" entry): made 0755,
+    # 0:0, mtime 0. OCI would leave a lower directory's attributes there; overlay
+    # format cannot say "no attributes", so a merge shows these instead.
+    implicit_dirs: list[bytes] = field(default_factory=list)
 
     @property
     def entries(self) -> int:
@@ -72,6 +84,7 @@ class ExtractResult:
     def as_dict(self) -> dict:
         d = {k: v for k, v in self.__dict__.items()}
         d["entries"] = self.entries
+        d["implicit_dirs"] = [p.decode("utf-8", "surrogateescape") for p in self.implicit_dirs]
         return d
 
 
@@ -299,10 +312,20 @@ class Extractor:
         self.r.specials += 1
 
     # -- deletions ---------------------------------------------------------
+    def _whiteout_parent(self, parent: bytes) -> int | None:
+        """The directory a whiteout goes in; None when this layer has a non-directory
+        on the way (umoci writes ``f`` then ``f/.wh.child``): that entry replaces the
+        whole lower subtree already (M2), so the whiteout has nothing to do."""
+        try:
+            return self.dir_fd(parent)
+        except (UnsafeContent, InvalidLayer):
+            self.r.skipped += 1
+            return None
+
     def whiteout_member(self, parent: bytes, base: bytes) -> None:
         if base == b".wh..wh..opq":
-            self.dir_fd(parent)
-            self.opaque.add(parent)
+            if self._whiteout_parent(parent) is not None:
+                self.opaque.add(parent)
             return
         if base.startswith(b".wh..wh."):
             self.r.skipped += 1           # aufs metadata (.wh..wh.plnk, .wh..wh.aufs)
@@ -315,8 +338,8 @@ class Extractor:
     def whiteout(self, parent: bytes, name: bytes) -> None:
         """Hide ``parent/name`` of lower layers (D1), unless this layer has it (D2)."""
         path = parent + b"/" + name if parent else name
-        pfd = self.dir_fd(parent)
-        if path in self.whiteouts:
+        pfd = self._whiteout_parent(parent)
+        if pfd is None or path in self.whiteouts:
             return
         if path in self.linkable or path in self.dirs:
             if path in self.dirs:
@@ -365,6 +388,7 @@ class Extractor:
         self.close()
         self._drop_whiteouts_below_opaque()
         self.r.opaque_dirs = len(self.opaque)
+        self.r.implicit_dirs = sorted(self.implicit)
         # Deepest first: a directory's times are set after everything inside it.
         for path in sorted(self.dirs, key=lambda p: p.count(b"/") + bool(p), reverse=True):
             fd = self.root_fd if not path else syscalls.open_beneath(self.root_fd, path)

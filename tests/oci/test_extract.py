@@ -224,4 +224,16 @@ def test_oci_dir_tarred_by_gnu_tar_extracts_to_overlay_format(tmp_path_factory, 
     extract_layer(base / "l.tar", base / "imported")
     expected = materialise(spec, base / "overlay", fmt="overlay")
     tree.assert_same(_normalise(tree.capture(base / "imported", private_xattrs=True)),
-                     _normalise(tree.capture(expected, private_xattrs=True)))
+                     _d6(_normalise(tree.capture(expected, private_xattrs=True))))
+
+
+def _d6(view: tree.View) -> tree.View:
+    """The builders keep whiteouts inside opaque dirs; the importer drops them (D6)."""
+    opaque = {p for p, a in view.entries.items() if (OPAQUE, b"y") in a.xattrs}
+
+    def below_opaque(p: bytes) -> bool:
+        parts = p.split(b"/")
+        return any(b"/".join(parts[:i]) in opaque for i in range(len(parts)))
+    entries = {p: a for p, a in view.entries.items()
+               if not (a.kind == "char" and a.rdev == 0 and below_opaque(p))}
+    return tree.View(entries, view.groups)

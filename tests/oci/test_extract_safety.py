@@ -66,11 +66,21 @@ def test_S2_symlink_deep_in_path(write_tar, tmp_path, outside):
     assert entries_of(outside) == []
 
 
-def test_S2_whiteout_through_symlink(write_tar, tmp_path, outside):
+def test_S2_whiteout_through_symlink_does_nothing(write_tar, tmp_path, outside):
+    """The symlink replaces the lower subtree anyway (M2): the whiteout below it is a no-op."""
     (outside / "victim").write_text("keep")
-    refuse(write_tar, tmp_path, [member("evil", "symlink", linkname=str(outside)),
-                                 member("evil/.wh.victim")], UnsafeContent)
-    assert entries_of(outside) == ["victim"]
+    src = write_tar([member("evil", "symlink", linkname=str(outside)),
+                     member("evil/.wh.victim"), member("evil/.wh..wh..opq")])
+    r = extract_layer(src, tmp_path / "dest")
+    assert entries_of(outside) == ["victim"] and r.skipped == 2
+    assert os.listdir(tmp_path / "dest") == ["evil"]
+
+
+def test_whiteout_below_a_file_of_the_same_layer_does_nothing(write_tar, tmp_path):
+    """umoci 0.4 repack writes this when a directory was replaced by a file."""
+    src = write_tar([member("d", data=b"now a file"), member("d/.wh.child")])
+    r = extract_layer(src, tmp_path / "dest")
+    assert (tmp_path / "dest" / "d").read_bytes() == b"now a file" and r.whiteouts == 0
 
 
 def test_S2_hardlink_out_of_layer_refused(write_tar, tmp_path, outside):
