@@ -24,6 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--upper", help="writable: overlay-format upper directory")
     p.add_argument("--work", help="writable: work directory on the upper's filesystem")
+    p.add_argument("--rw", action="store_true",
+                   help="store refs: writable, with an upper kept in the store (commit it later)")
     p.add_argument("--allow-other", action="store_true", help="let other users (containers) in")
     p.add_argument("--foreground", action="store_true", help="serve in this process")
     p.add_argument("--format", choices=FORMATS, default="auto", help="whiteout format of the layers")
@@ -47,6 +49,8 @@ def mount_spec(args) -> MountSpec:
         raise InvalidLayer("--upper and --work go together")
     options = tuple(o for opts in args.options for o in opts.split(",") if o)
     if all(is_layer_dir_arg(a) for a in args.layers):
+        if args.rw:
+            raise InvalidLayer("--rw is for store refs; give --upper and --work for directories")
         return MountSpec(tuple(os.path.abspath(a) for a in args.layers),
                          _abs(args.upper), _abs(args.work), args.allow_other, options)
     if len(args.layers) != 1:
@@ -57,7 +61,9 @@ def mount_spec(args) -> MountSpec:
     except (ModuleNotFoundError, AttributeError):
         raise InvalidLayer(f"{args.layers[0]!r} is not a directory (no '/') and this "
                            "installation has no store to resolve refs") from None
-    spec = resolve(args.root, args.layers[0], args.upper is not None)
+    # --upper/--work put a private upper over the ref; --rw keeps the upper in the store
+    spec = resolve(args.root, args.layers[0], args.rw and args.upper is None,
+                   mountpoint=os.path.abspath(args.mountpoint))
     return MountSpec(spec.lowers, _abs(args.upper) or spec.upper, _abs(args.work) or spec.work,
                      args.allow_other or spec.allow_other, spec.options + options)
 

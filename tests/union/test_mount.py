@@ -212,3 +212,26 @@ def test_translate_mount_helper_argv():
     assert not is_mount_helper_call(["mount", "/a", "/m"])
     with pytest.raises(SystemExit):
         translate(["mergefs", "/m", "-o", "lowerdir=/a,bogus"])
+
+
+def test_cli_mount_store_ref(tmp_path, cli_mounts):
+    """A LAYER without '/' is a store ref, served through snapshotter.mount_spec."""
+    snapshotter = pytest.importorskip("snapshotter")
+    root = tmp_path / "store"
+    layer = materialise_stack([LayerSpec().file("hello", b"from the store")], tmp_path / "l")[0]
+    with snapshotter.Store(str(root)) as store:
+        snapshotter.import_path(store, str(layer), name="greeting")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cli_mounts.append(mnt)
+    r = _cli("--root", str(root), "mount", "--log", str(tmp_path / "log"), "greeting", str(mnt))
+    assert r.returncode == 0, r.stderr
+    assert (mnt / "hello").read_bytes() == b"from the store"
+    assert _cli("umount", str(mnt)).returncode == 0
+
+
+def test_server_spawned_when_fork_is_unsafe(tmp_path, union_mount, monkeypatch):
+    """Inside a trio loop or a threaded process, start() runs a fresh interpreter."""
+    monkeypatch.setattr(server, "_can_fork", lambda: False)
+    mnt = union_mount(materialise_stack(sample_stack(), tmp_path))
+    assert (mnt / "etc/hosts").read_bytes() == b"127.0.0.1\n"

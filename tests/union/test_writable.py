@@ -6,6 +6,7 @@ import os
 import random
 import stat
 import time
+from types import SimpleNamespace
 
 import pyfuse3
 import pytest
@@ -191,6 +192,12 @@ def lower_specs(seed: int) -> list[LayerSpec]:
 @pytest.mark.skipif(not mounts.can_mount_overlay(), reason="needs root and overlayfs")
 @pytest.mark.parametrize("seed", range(6))
 def test_U4_differential_random_ops_vs_kernel_overlay(seed, tmp_path, union_mount):
+    differential(seed, tmp_path, union_mount, 60)
+
+
+def differential(seed: int, tmp_path, union_mount, n_ops: int) -> None:
+    """Same ops on mergefs and kernel overlayfs; same results, same trees; then
+    kernel overlayfs over mergefs's upper shows mergefs's tree (U4)."""
     specs = lower_specs(seed)
     fmt = ("overlay", "oci")[seed % 2]
     ours = materialise_stack(specs, tmp_path / "ours", fmt)
@@ -199,7 +206,7 @@ def test_U4_differential_random_ops_vs_kernel_overlay(seed, tmp_path, union_moun
         (tmp_path / d).mkdir()
     start = time.time_ns() - 5 * 10**9     # fs timestamps are coarse: leave a margin
     mnt = union_mount(ours, upper=tmp_path / "up1", work=tmp_path / "wk1")
-    ops = random_ops(random.Random(seed), 60)
+    ops = random_ops(random.Random(seed), n_ops)
     (tmp_path / "ovl").mkdir()
     with mounts.overlay_mount(oracle, tmp_path / "ovl", upper=tmp_path / "up2",
                               work=tmp_path / "wk2", options=OVL_OPTS) as ovl:
@@ -215,3 +222,72 @@ def test_U4_differential_random_ops_vs_kernel_overlay(seed, tmp_path, union_moun
     with mounts.overlay_mount(oracle, tmp_path / "ovl", upper=tmp_path / "up1",
                               work=tmp_path / "wk2", options=OVL_OPTS) as ovl:
         tree.assert_same(tree.capture(ovl), ours_view, "kernel overlayfs over mergefs's upper")
+
+
+async def test_U4_setattr_xattrs_links_special_files(tmp_path, rw):
+    drv = rw([LayerSpec().file("f", b"0123456789", mode=0o644, uid=1, gid=1)
+              .file("h1", b"hard").hardlink("h2", "h1")])
+    ctx, ops = drv.ctx, drv.ops
+    f = await drv.lookup("f")
+    attr = pyfuse3.EntryAttributes()
+    attr.st_size, attr.st_mode, attr.st_uid, attr.st_gid = 4, 0o100600, 5, 6
+    attr.st_atime_ns = attr.st_mtime_ns = 1_234_567_890_123_456_789
+    # pyfuse3.SetattrFields is read-only from Python: a stand-in with the same names
+    fields = SimpleNamespace(update_size=True, update_mode=True, update_uid=True,
+                             update_gid=True, update_atime=True, update_mtime=True,
+                             update_ctime=False)
+    e = await ops.setattr(f, attr, fields, None, ctx)
+    assert (e.st_size, e.st_mode, e.st_uid, e.st_gid, e.st_mtime_ns) == \
+        (4, 0o100600, 5, 6, 1_234_567_890_123_456_789)
+    assert await drv.read("f") == b"0123"
+    await ops.setxattr(f, b"user.new", b"1", ctx)
+    assert await ops.listxattr(f, ctx) == [b"user.new"]
+    await ops.removexattr(f, b"user.new", ctx)
+    for call in (ops.setxattr(f, b"trusted.overlay.opaque", b"y", ctx),
+                 ops.removexattr(f, b"user.absent", ctx)):
+        with pytest.raises(FUSEError) as exc:
+            await call
+        assert exc.value.errno in (errno.EOPNOTSUPP, pyfuse3.ENOATTR)
+    # link to a lower file copies it up first; the new name shares the inode
+    e = await ops.link(f, 1, b"f-link", ctx)
+    drv.made(e)
+    assert e.st_ino == f and e.st_nlink == 2
+    # symlink and a fifo; a whiteout-like char 0/0 is refused
+    s = drv.made(await ops.symlink(1, b"sl", b"../x", ctx))
+    assert await ops.readlink(s, ctx) == b"../x"
+    drv.made(await ops.mknod(1, b"fifo", 0o10644, 0, ctx))
+    with pytest.raises(FUSEError) as exc:
+        await ops.mknod(1, b"wh", 0o20644, 0, ctx)
+    assert exc.value.errno == errno.EPERM
+    # writing one name of a lower hardlink pair: the other keeps the lower content
+    h1 = await drv.lookup("h1")
+    fi = await ops.open(h1, os.O_WRONLY | os.O_TRUNC, ctx)
+    await ops.write(fi.fh, 0, b"new")
+    await ops.release(fi.fh)
+    assert (await drv.read("h1"), await drv.read("h2")) == (b"new", b"hard")
+    assert upper_entries(tmp_path) == {"f": "file", "f-link": "file", "sl": "file",
+                                       "fifo": "file", "h1": "file"}
+    await drv.finish()
+
+
+async def test_open_unlinked_file_keeps_working(tmp_path, rw):
+    drv = rw([LayerSpec().file("f", b"lower")])
+    ops, ctx = drv.ops, drv.ctx
+    f = await drv.lookup("f")
+    fi = await ops.open(f, os.O_RDWR, ctx)
+    await ops.unlink(1, b"f", ctx)
+    assert await ops.read(fi.fh, 0, 100) == b"lower"
+    await ops.write(fi.fh, 5, b"!")
+    assert (await ops.getattr(f, ctx)).st_size == 6
+    await ops.release(fi.fh)
+    assert upper_entries(tmp_path) == {"f": "whiteout"}
+    with pytest.raises(FUSEError):
+        await drv.lookup("f")
+    await drv.finish()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not mounts.can_mount_overlay(), reason="needs root and overlayfs")
+@pytest.mark.parametrize("seed", range(100, 130))
+def test_U4_differential_long_random_ops(seed, tmp_path, union_mount):
+    differential(seed, tmp_path, union_mount, 200)
