@@ -19,6 +19,7 @@ import errno
 import os
 import shutil
 import stat
+import threading
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from . import syscalls
 from .attrs import Meta, apply_meta
 from .errors import AlreadyExists, NotFound
 from .layer import LNK, REG, SOCK, Layer, as_layers
-from .plan import DirAttrs, Link, Mkdir, Record, Whiteout, plan_merge
+from .plan import DirAttrs, Link, MergedDir, Mkdir, Record, Whiteout, plan_entries, plan_merge
 
 # errno -> reason, for the two failures of link() that fall back to a copy.
 COPY_FALLBACK = {
@@ -53,12 +54,15 @@ class FarmStats:
 class Applier:
     """Executes records against ``dst_fd`` with sources in ``layers``."""
 
-    def __init__(self, layers: Sequence[Layer], dst_fd: int):
+    def __init__(self, layers: Sequence[Layer], dst_fd: int,
+                 copies: dict | None = None, copy_lock: threading.Lock | None = None):
         self.layers = layers
         self.layer_fds = [layer.fd for layer in layers]
         self.dst = dst_fd
         self.stats = FarmStats()
-        self._copies: dict[tuple[int, int], bytes] = {}   # (layer, ino) -> copied path
+        # (layer, ino) -> path of its copy; shared by the appliers of one build
+        self._copies: dict[tuple[int, int], bytes] = {} if copies is None else copies
+        self._copy_lock = copy_lock or threading.Lock()
 
     def run(self, records: Iterable[Record]) -> FarmStats:
         for rec in records:
@@ -97,6 +101,10 @@ class Applier:
 
     def copy(self, rec: Link) -> None:
         """Copy one entry from its layer (H1: later names of the inode link to the copy)."""
+        with self._copy_lock:      # one copy per inode, whichever thread gets there first
+            self._copy_locked(rec)
+
+    def _copy_locked(self, rec: Link) -> None:
         key = (rec.layer, rec.ino)
         first = self._copies.get(key)
         if first is not None:
@@ -145,6 +153,95 @@ class Applier:
         self.stats.recreated += 1
 
 
+def merge_stats(parts: Sequence[FarmStats]) -> FarmStats:
+    total = FarmStats()
+    for p in parts:
+        total.dirs += p.dirs
+        total.links += p.links
+        total.recreated += p.recreated
+        total.whiteouts += p.whiteouts
+        total.warnings += p.warnings
+        for k, v in p.copies.items():
+            total.copies[k] += v
+    return total
+
+
+class _Job:
+    __slots__ = ("md", "parent", "remaining")
+
+    def __init__(self, md: MergedDir, parent: "_Job | None"):
+        self.md, self.parent, self.remaining = md, parent, 0
+
+
+def run_parallel(layers: Sequence[Layer], dst_fd: int, workers: int) -> FarmStats:
+    """Build Merge(layers) into ``dst_fd`` with ``workers`` threads, a directory per job.
+
+    Why threads help: the work is mkdir/link system calls, which release the
+    GIL, and the kernel runs links into different directories concurrently,
+    so the threads overlap kernel work with each other and with the planner.
+    A directory's attributes are applied by whichever thread finishes its
+    last subdirectory (A2 holds per directory, as in the sequential plan).
+    """
+    cond = threading.Condition()
+    copies, copy_lock = {}, threading.Lock()
+    todo: list = [(None, None)]       # (parent job, name); (None, None) is the root
+    state = {"active": 0, "error": None}
+    appliers = [Applier(layers, dst_fd, copies, copy_lock) for _ in range(workers)]
+
+    def finish(job: _Job, applier: Applier) -> None:
+        while job is not None:
+            applier.run([DirAttrs(job.md.path, job.md.meta)])
+            job.md = None          # free the listing
+            parent, job = job.parent, None
+            if parent is not None:
+                with cond:
+                    parent.remaining -= 1
+                    if parent.remaining == 0:
+                        job = parent
+
+    def step(parent: _Job | None, name: bytes | None, applier: Applier) -> list:
+        md = MergedDir.root(layers) if parent is None else parent.md.child(name)
+        md.release()
+        job = _Job(md, parent)
+        records, subdirs = plan_entries(md)
+        applier.run(records)
+        job.remaining = len(subdirs)
+        if not subdirs:
+            finish(job, applier)
+        return [(job, n) for n in reversed(subdirs)]
+
+    def worker(applier: Applier) -> None:
+        while True:
+            with cond:
+                while not todo and state["active"] and state["error"] is None:
+                    cond.wait()
+                if state["error"] is not None or not todo:
+                    cond.notify_all()
+                    return
+                parent, name = todo.pop()
+                state["active"] += 1
+            try:
+                more = step(parent, name, applier)
+            except BaseException as e:
+                more = []
+                with cond:
+                    state["error"] = state["error"] or e
+            with cond:
+                todo.extend(more)
+                state["active"] -= 1
+                cond.notify_all()
+
+    threads = [threading.Thread(target=worker, args=(a,), name=f"farm-{i}")
+               for i, a in enumerate(appliers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if state["error"] is not None:
+        raise state["error"]
+    return merge_stats([a.stats for a in appliers])
+
+
 def staged_build(out: str | os.PathLike, build) -> FarmStats:
     """Run ``build(staging_fd)`` in a staging dir next to ``out``, then publish by rename.
 
@@ -174,12 +271,21 @@ def staged_build(out: str | os.PathLike, build) -> FarmStats:
     return stats
 
 
-def build_farm(layers: Sequence[Layer | str | os.PathLike], out: str | os.PathLike) -> FarmStats:
-    """Materialise Merge(layers) (bottom first) as a hardlink farm at ``out``."""
+DEFAULT_WORKERS = 2   # see run_parallel; measured by tools/bench_farm.py
+
+
+def build_farm(layers: Sequence[Layer | str | os.PathLike], out: str | os.PathLike,
+               workers: int = DEFAULT_WORKERS) -> FarmStats:
+    """Materialise Merge(layers) (bottom first) as a hardlink farm at ``out``.
+
+    ``workers`` threads build it (1: the sequential plan, in name order).
+    """
     layers = as_layers(layers)
     try:
         for layer in layers:
             layer.fd   # open every layer first: a bad one fails before any work
+        if workers > 1:
+            return staged_build(out, lambda fd: run_parallel(layers, fd, workers))
         return staged_build(out, lambda fd: Applier(layers, fd).run(plan_merge(layers)))
     finally:
         for layer in layers:

@@ -94,30 +94,35 @@ class MergedDir:
     close = release
 
 
+def plan_entries(md: MergedDir) -> tuple[list[Record], list[bytes]]:
+    """One directory's own records, in name order (``Mkdir`` for each subdirectory,
+    ``Link`` for everything else), and the names of its subdirectories."""
+    records: list[Record] = []
+    subdirs: list[bytes] = []
+    for name in sorted(md.children):
+        node = md.children[name]
+        path = join(md.path, name)
+        if node.kind == DIR:
+            records.append(Mkdir(path))
+            subdirs.append(name)
+        else:
+            records.append(Link(path, node.top, node.kind, node.inos[0]))
+    return records, subdirs
+
+
 def plan_subtree(top: MergedDir) -> Iterator[Record]:
     """Records that recreate ``top``'s contents, then ``top``'s attributes."""
-    top.release()
     stack: list[tuple[str, object]] = [("enter", top)]
     while stack:
         op, obj = stack.pop()
         if op == "done":
             yield DirAttrs(obj.path, obj.meta)
             continue
-        if op == "child":
-            md = obj[0].child(obj[1])
-            md.release()
-        else:
-            md = obj
+        md = obj[0].child(obj[1]) if op == "child" else obj
+        md.release()
+        records, subdirs = plan_entries(md)
         stack.append(("done", md))
-        subdirs = []
-        for name in sorted(md.children):
-            node = md.children[name]
-            path = join(md.path, name)
-            if node.kind == DIR:
-                yield Mkdir(path)
-                subdirs.append(name)
-            else:
-                yield Link(path, node.top, node.kind, node.inos[0])
+        yield from records
         stack.extend(("child", (md, name)) for name in reversed(subdirs))
 
 
