@@ -38,6 +38,7 @@ MEDIA_TYPES = {None: "application/vnd.oci.image.layer.v1.tar",
                "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
                "zstd": "application/vnd.oci.image.layer.v1.tar+zstd"}
 CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
+OPAQUE_NAME = b".wh..opq"        # written as ".wh." + name, like every whiteout
 
 
 @dataclass(frozen=True)
@@ -99,8 +100,9 @@ class _BlobSink:
 class _LayerTarWriter:
     """Walks one layer directory (never following a symlink) and writes its tar."""
 
-    def __init__(self, layer: Layer, sink: _BlobSink, lower: Resolver | None):
+    def __init__(self, layer: Layer, sink: _BlobSink, lower: Resolver | None, lower_known: bool):
         self.layer, self.sink, self.lower = layer, sink, lower
+        self.lower_known = lower_known     # False: write opaque markers and every whiteout
         self.links: dict[tuple[int, int], bytes] = {}
         self.entries = 0
 
@@ -114,6 +116,8 @@ class _LayerTarWriter:
 
     def _lower_children(self, path: bytes) -> dict | None:
         """The lower merged view's children of ``path`` (None: not a directory below)."""
+        if self.lower is None:
+            return None                     # known to be empty: the bottom layer
         node = self.lower.lookup(path)
         if node is None or node.kind != DIR:
             return None
@@ -125,7 +129,7 @@ class _LayerTarWriter:
             st = os.fstat(fd)
             self._emit(self._member(path + b"/" if path else b"./", st, fd, b"", b""))
             opaque = ld.opaque or forced_opaque
-            below = self._lower_children(path) if self.lower is not None else None
+            below = self._lower_children(path) if self.lower_known else None
             for name in self._whiteouts(ld, opaque, below):
                 wh = (path + b"/" if path else b"") + b".wh." + name
                 self._emit(_tar.Member(wh, _tar.REG, 0o644, 0, 0, 0, 0, None, b"", 0, 0))
@@ -142,8 +146,8 @@ class _LayerTarWriter:
             os.close(fd)
 
     def _whiteouts(self, ld, opaque: bool, below: dict | None) -> list[bytes]:
-        if self.lower is None:
-            return ([b".wh..wh..opq"[4:]] if opaque else []) + sorted(ld.whiteouts)
+        if not self.lower_known:
+            return ([OPAQUE_NAME] if opaque else []) + sorted(ld.whiteouts)
         if below is None:
             return []                              # nothing below to delete (D6)
         names = set(ld.whiteouts) & set(below)
@@ -198,18 +202,20 @@ class _LayerTarWriter:
             os.close(fd)
 
 
-def write_layer_tar(layer, out: BinaryIO, *, lower: Sequence = (),
+def write_layer_tar(layer, out: BinaryIO, *, lower: Sequence | None = None,
                     compression: str | None = None) -> LayerBlob:
     """Write ``layer`` (a directory, either whiteout format) as an OCI layer tar to ``out``.
 
-    ``lower`` (bottom first) are the layers it goes on top of; given, deletions
-    are written as explicit whiteouts (D4).
+    ``lower`` (bottom first) are the layers it goes on top of; given (``[]``
+    for a bottom layer), deletions are written as explicit whiteouts (D4) and
+    whiteouts with nothing below are left out. ``None``: the lower layers are
+    unknown; whiteouts are kept and opaque dirs become ``.wh..wh..opq``.
     """
     layer = layer if isinstance(layer, Layer) else Layer(layer)
     sink = _BlobSink(out, compression)
     resolver = Resolver(as_layers(lower)) if lower else None
     try:
-        writer = _LayerTarWriter(layer, sink, resolver)
+        writer = _LayerTarWriter(layer, sink, resolver, lower is not None)
         writer.run()
         sink.close()
     finally:
@@ -237,7 +243,7 @@ def _publish(staging: str, out: str) -> None:
         raise AlreadyExists(f"{out} already exists") from None
 
 
-def export_layer_tar(layer, out, *, lower: Sequence = (),
+def export_layer_tar(layer, out, *, lower: Sequence | None = None,
                      compression: str | None = None) -> LayerBlob:
     """Write ``layer`` as a layer tar file at ``out`` (must not exist; staged, then renamed)."""
     out = os.fsdecode(out)
