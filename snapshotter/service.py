@@ -134,6 +134,8 @@ def merge(store: Store, refs: list[str], strategy: str = "auto", name: str | Non
     flat = [i for ref in refs for i in flatten(store, resolve_ref(store, ref, fmt))]
     if len(flat) == 1:              # M4: a one-input merge is that input
         row = store.reuse(flat[0], holder, name)
+        if row is None:
+            raise NotFound(f"snapshot {short(flat[0])} was removed meanwhile; retry")
         return MergeResult(row, Decision(row.kind, ("a one-input merge is that input (M4)",)), True)
     mid = merge_id(flat)
     store.check_name(name, mid)
