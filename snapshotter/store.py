@@ -213,6 +213,7 @@ class Store:
                         and self.dir_of(row.id).is_dir():
                     self._claim(existing, holder, name)
                     return existing
+                self._check_pinned(parents)
                 if existing is not None:          # deleting or corrupt: finish removing it
                     trash += self._unlink_snapshot(row.id)
                 self._rename_into_place(staged, row.id, trash)
@@ -227,6 +228,14 @@ class Store:
             staged.discard()     # no-op once renamed into place
             for t in trash:
                 shutil.rmtree(t, ignore_errors=True)
+
+    def _check_pinned(self, parents: list[Parent]) -> None:
+        """Inside the publish transaction: what we pin must still be there (a prune may race)."""
+        for p in parents:
+            if p.pin:
+                cur = meta.get(self.db, p.id)
+                if cur is None or cur.state != "committed":
+                    raise FailedPrecondition(f"input {p.id[:19]} was removed meanwhile; retry")
 
     def _rename_into_place(self, staged: Staged, snapshot_id: str, trash: list[Path]) -> None:
         dst = self.dir_of(snapshot_id)

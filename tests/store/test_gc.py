@@ -202,3 +202,17 @@ def test_schema_version_is_recorded_and_a_newer_one_refused(store):
         store.db.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
     with pytest.raises(FailedPrecondition):
         Store(store.root)
+
+
+def test_C4_union_merge_cannot_pin_an_input_a_prune_is_removing(store, layers):
+    """The race prune-vs-merge: publish re-checks pinned inputs in its transaction."""
+    from snapshotter.digest import merge_id
+    from snapshotter.meta import Parent, Row
+    a, b = imported(store, layers[:2])
+    with meta.write(store.db):
+        store.db.execute("UPDATE snapshots SET state='deleting' WHERE id=?", (a,))
+    staged = store.stage("merge")
+    row = Row(id=merge_id([a, b]), kind="merge", strategy="union")
+    with pytest.raises(FailedPrecondition):
+        store.publish(staged, row, [Parent(a, pin=True), Parent(b, pin=True)], "merge")
+    assert store.get(row.id) is None and not staged.path.exists()
