@@ -28,7 +28,7 @@ ROOT_INODE = 1
 
 
 class Inode:
-    __slots__ = ("number", "parent", "name", "node", "lookups", "attr", "children",
+    __slots__ = ("number", "parent", "name", "node", "lookups", "_attr", "entry", "children",
                  "unlinked", "__weakref__")
 
     def __init__(self, number: int, parent: "Inode | None", name: bytes, node: Node):
@@ -37,9 +37,19 @@ class Inode:
         self.name = name
         self.node = node
         self.lookups = 0
-        self.attr: os.stat_result | None = None   # cached lstat of the top entry
+        self._attr: os.stat_result | None = None  # cached lstat of the top entry
+        self.entry = None                         # its EntryAttributes, built once (ops)
         self.children = None                      # cached merged listing (dirs)
         self.unlinked = False
+
+    @property
+    def attr(self) -> os.stat_result | None:
+        return self._attr
+
+    @attr.setter
+    def attr(self, st: os.stat_result | None) -> None:
+        self._attr = st
+        self.entry = None
 
     @property
     def kind(self) -> int:
@@ -117,10 +127,19 @@ class InodeTable:
         elif inode.parent is not parent or inode.name != name or inode.unlinked:
             # another hardlink name, or the same entry found again after a rename
             inode.parent, inode.name, inode.unlinked = parent, name, False
-        if inode.node != node:
+        if inode.node is not node and inode.node != node:
             inode.node, inode.attr = node, None
         inode.lookups += 1
         return inode
+
+    def entry_of(self, parent: Inode, name: bytes, node: Node, number: int) -> Inode:
+        """``entry`` when the caller already has the number (readdirplus)."""
+        inode = self._live.get(number)
+        if inode is not None and inode.parent is parent and inode.node is node \
+                and not inode.unlinked:
+            inode.lookups += 1
+            return inode
+        return self.entry(parent, name, node)
 
     def forget(self, number: int, count: int) -> None:
         inode = self._live.get(number)

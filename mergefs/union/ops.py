@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import pyfuse3
 from pyfuse3 import FUSEError
 
+from ..errors import NotFound
 from ..layer import DIR
 from .errors import fuse_errors
 from .inodes import Inode
@@ -70,10 +71,15 @@ class UnionOperations(pyfuse3.Operations):
         self._next_fh = 1
 
     # -- helpers ---------------------------------------------------------
-    def _entry(self, inode: Inode, st: os.stat_result | None = None) -> pyfuse3.EntryAttributes:
-        st = st if st is not None else self._stat(inode)
+    def _entry(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        if inode.entry is not None and not inode.unlinked:
+            return inode.entry
+        st = self._stat(inode)
         merged = inode.is_dir and len(inode.node.layers) > 1
-        return entry_attributes(inode.number, st, merged, self.timeouts)
+        e = entry_attributes(inode.number, st, merged, self.timeouts)
+        if st is inode.attr:
+            inode.entry = e
+        return e
 
     def _stat(self, inode: Inode) -> os.stat_result:
         if inode.unlinked:
@@ -105,7 +111,14 @@ class UnionOperations(pyfuse3.Operations):
     @fuse_errors
     async def lookup(self, parent_inode, name, ctx=None):
         parent = self.inodes.get(parent_inode)
-        return self._entry(self.view.lookup(parent, name))
+        try:
+            return self._entry(self.view.lookup(parent, name))
+        except NotFound:
+            # A negative entry (st_ino 0) the kernel may cache: every change of
+            # the view goes through the kernel, which drops it when needed.
+            e = pyfuse3.EntryAttributes()
+            e.st_ino, e.entry_timeout = 0, self.timeouts.entry
+            return e
 
     @fuse_errors
     async def forget(self, inode_list):
@@ -129,16 +142,19 @@ class UnionOperations(pyfuse3.Operations):
     @fuse_errors
     async def readdir(self, fh, start_id, token):
         h = self.handles[fh]
+        reply = pyfuse3.readdir_reply
         entries = self.view.entries(h.inode, h.entries[start_id:])
         try:
-            for i, (name, node, number, st) in enumerate(entries, start_id + 1):
-                merged = node.kind == DIR and len(node.layers) > 1
-                attrs = entry_attributes(number, st, merged, self.timeouts)
-                if not pyfuse3.readdir_reply(token, name, attrs, i):
+            for i, (name, node, number, st, attrs) in enumerate(entries, start_id + 1):
+                if attrs is None:
+                    merged = node.kind == DIR and len(node.layers) > 1
+                    attrs = entry_attributes(number, st, merged, self.timeouts)
+                if not reply(token, name, attrs, i):
                     break
-                child = self.inodes.entry(h.inode, name, node)   # readdirplus counts
+                child = self.inodes.entry_of(h.inode, name, node, number)  # readdirplus counts
                 if child.attr is None:
                     child.attr = st
+                    child.entry = attrs
         finally:
             entries.close()
 

@@ -59,7 +59,7 @@ class UnionView:
         return inode
 
     def entries(self, parent: Inode, names: Iterable[tuple[bytes, Node]]):
-        """Yield (name, node, number, lstat) for listing entries.
+        """Yield (name, node, number, lstat, EntryAttributes|None) for listing entries.
 
         Attributes of live inodes come from the table (a warm listing stats
         nothing); the rest are lstat'ed through one dir fd per layer. A name
@@ -77,8 +77,8 @@ class UnionView:
                         continue
                 number = table.number_for(node)
                 inode = table.live(number)
-                if inode is not None and inode.attr is not None:
-                    yield name, node, number, inode.attr
+                if inode is not None and inode.attr is not None and not inode.unlinked:
+                    yield name, node, number, inode.attr, inode.entry
                     continue
                 top = node.top
                 fd = fds.get(top)
@@ -88,7 +88,7 @@ class UnionView:
                     st = syscalls.lstat(name, fd)
                 except FileNotFoundError:
                     continue
-                yield name, node, number, st
+                yield name, node, number, st, None
         finally:
             for fd in fds.values():
                 os.close(fd)

@@ -47,7 +47,10 @@ class Driver:
         ino = pyfuse3.ROOT_INODE
         for part in os.fsencode(path).strip(b"/").split(b"/"):
             if part:
-                ino = self._hold((await self.ops.lookup(ino, part, self.ctx)).st_ino)
+                entry = await self.ops.lookup(ino, part, self.ctx)
+                if entry.st_ino == 0:          # a negative entry: the kernel says ENOENT
+                    raise pyfuse3.FUSEError(errno.ENOENT)
+                ino = self._hold(entry.st_ino)
         return ino
 
     def made(self, entry: pyfuse3.EntryAttributes) -> int:
