@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 
-from ..errors import InvalidLayer, MountError
+from ..errors import InvalidLayer
 from ..layer import FORMATS
 from ..mountspec import MountSpec
 from .cmd_core import is_layer_dir_arg
@@ -80,8 +80,6 @@ def cmd_mount(args) -> int:
         logging.basicConfig(level=logging.INFO, format="mergefs %(levelname)s %(message)s")
         server.serve(spec, os.path.abspath(args.mountpoint), args.format)
         return 0
-    if server.is_mounted(args.mountpoint):
-        raise MountError(f"{args.mountpoint} is already a mount point")
     server.start(spec, args.mountpoint, args.format, args.log)
     return 0
 

@@ -20,7 +20,7 @@ import pyfuse3
 from pyfuse3 import FUSEError
 
 from ..errors import NotFound
-from ..layer import DIR
+from ..layer import DIR, is_overlay_private
 from .errors import fuse_errors
 from .inodes import Inode
 from .view import UnionView
@@ -214,7 +214,6 @@ class UnionOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def getxattr(self, inode, name, ctx=None):
-        from ..layer import is_overlay_private
         if is_overlay_private(os.fsdecode(name)):
             raise FUSEError(errno.EOPNOTSUPP)   # as kernel overlayfs answers its own prefix
         value = self.view.getxattr(self.inodes.get(inode), name)

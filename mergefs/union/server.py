@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -118,6 +119,9 @@ def start(spec: MountSpec, mountpoint: str, fmt: str = "auto", log_path: str | N
     loop running here; otherwise a fresh ``python -m mergefs.union.server``.
     """
     mountpoint = os.path.abspath(mountpoint)
+    clean_stale(mountpoint)
+    if is_mounted(mountpoint):
+        raise MountError(f"{mountpoint} is already a mount point")
     if not os.path.isdir(mountpoint):
         raise MountError(f"mount point {mountpoint!r} is not a directory")
     log_path = log_path or default_log_path(mountpoint)
@@ -222,6 +226,21 @@ def _read_ready(fd: int, pid: int) -> bytes:
                 return data or b"the server exited before the mount was live"
             data += chunk
     return data or b"timed out waiting for the server"
+
+
+def clean_stale(mountpoint: str) -> bool:
+    """Detach a FUSE mount at ``mountpoint`` whose server died (U7); True if one was."""
+    if not is_mounted(mountpoint):
+        return False
+    try:
+        os.stat(mountpoint)
+        return False
+    except OSError as e:
+        if e.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
+            return False
+    log.info("cleaning the mount of a dead server at %s", mountpoint)
+    subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True)
+    return not is_mounted(mountpoint)
 
 
 def unmount(mountpoint: str) -> None:

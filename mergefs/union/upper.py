@@ -26,6 +26,7 @@ from ..layer import DIR, LNK, REG, Layer, content_xattrs, open_layer_root
 
 log = logging.getLogger("mergefs.union")
 WHITEOUT_DEV = 0
+STAGED_PREFIX = "#mergefs-"
 
 
 class Upper:
@@ -37,6 +38,7 @@ class Upper:
         if os.fstat(self.work_fd).st_dev != os.fstat(self.layer.fd).st_dev:
             os.close(self.work_fd)
             raise InvalidLayer("the work dir must be on the upper's filesystem")
+        self._sweep_work()
         root = os.geteuid() == 0
         self.opaque_xattr = "trusted.overlay.opaque" if root else "user.overlay.opaque"
         self._names = itertools.count()
@@ -45,9 +47,21 @@ class Upper:
         os.close(self.work_fd)
         self.layer.close()
 
+    def _sweep_work(self) -> None:
+        """Remove what a crashed server left staged in the work dir (only our names)."""
+        import shutil
+        for name in os.listdir(self.work_fd):
+            if name.startswith(STAGED_PREFIX):
+                st = os.lstat(name, dir_fd=self.work_fd)
+                if stat.S_ISDIR(st.st_mode):
+                    shutil.rmtree(name, dir_fd=self.work_fd)
+                else:
+                    os.unlink(name, dir_fd=self.work_fd)
+                log.info("removed %s left in the work dir by an earlier server", name)
+
     # -- primitives -------------------------------------------------------
     def tmp_name(self) -> bytes:
-        return b"#mergefs-%d-%d" % (os.getpid(), next(self._names))
+        return b"%s%d-%d" % (STAGED_PREFIX.encode(), os.getpid(), next(self._names))
 
     def dir_fd(self, path: bytes) -> int:
         return syscalls.open_beneath(self.layer.fd, path)

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from mergefs.testing import conformance, mounts, tree
 from mergefs.testing.builders import LayerSpec, materialise_stack
 from mergefs.union import server
 
-from .conftest import stop_server
+from .conftest import _alive, stop_server
 from .test_readonly import random_stack, sample_stack
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0,
@@ -117,7 +118,8 @@ def test_U7_dead_server_is_cleaned_by_umount(tmp_path, union_mount):
     mnt = union_mount(materialise_stack(sample_stack(), tmp_path))
     pid = union_mount.started[-1][1]
     os.kill(pid, signal.SIGKILL)
-    stop_server.__globals__["_alive"](pid)   # reap it
+    while _alive(pid):                       # reap it
+        time.sleep(0.01)
     with pytest.raises(OSError) as e:
         os.listdir(mnt)
     assert e.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
@@ -235,3 +237,27 @@ def test_server_spawned_when_fork_is_unsafe(tmp_path, union_mount, monkeypatch):
     monkeypatch.setattr(server, "_can_fork", lambda: False)
     mnt = union_mount(materialise_stack(sample_stack(), tmp_path))
     assert (mnt / "etc/hosts").read_bytes() == b"127.0.0.1\n"
+
+
+def test_U7_next_start_cleans_a_dead_mount(tmp_path, union_mount):
+    layers = materialise_stack(sample_stack(), tmp_path / "layers")
+    mnt = union_mount(layers)
+    pid = union_mount.started[-1][1]
+    os.kill(pid, signal.SIGKILL)
+    while _alive(pid):                                 # reap it; the dead mount stays
+        time.sleep(0.01)
+    assert server.is_mounted(str(mnt))
+    union_mount(layers, mnt=mnt)
+    assert (mnt / "etc/hosts").read_bytes() == b"127.0.0.1\n"
+
+
+def test_crash_litter_in_work_dir_is_swept(tmp_path, union_mount):
+    layers = materialise_stack([LayerSpec().file("f", b"1")], tmp_path / "layers")
+    (tmp_path / "up").mkdir()
+    (tmp_path / "wk").mkdir()
+    (tmp_path / "wk/#mergefs-1-1").write_bytes(b"half a copy")
+    (tmp_path / "wk/#mergefs-1-2").mkdir()
+    (tmp_path / "wk/keep").write_bytes(b"not ours")
+    mnt = union_mount(layers, upper=tmp_path / "up", work=tmp_path / "wk")
+    assert sorted(os.listdir(tmp_path / "wk")) == ["keep"]
+    assert os.listdir(mnt) == ["f"]
