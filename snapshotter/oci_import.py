@@ -29,13 +29,13 @@ class ImportResult:
 
 
 def import_source(store: Store, src: str, fmt: str = "auto", name: str | None = None,
-                  holder: str | None = CLI_HOLDER) -> ImportResult:
+                  holder: str | None = CLI_HOLDER, progress=None) -> ImportResult:
     """Import whatever ``src`` is: layer dir, layer tar, OCI layout or docker archive."""
     from mergefs import oci
     from .service import import_dir
     kind = oci.detect_source(src)
     if kind == "layer-dir":
-        return ImportResult([import_dir(store, src, fmt, name, holder)])
+        return ImportResult([import_dir(store, src, fmt, name, holder, progress)])
     if kind == "layer-tar":
         return ImportResult([import_layer_tar(store, src, name, holder)])
     return import_image(store, src, name, holder)

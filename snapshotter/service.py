@@ -40,7 +40,7 @@ def is_path_ref(ref: str) -> bool:
 
 # -- import ---------------------------------------------------------------------
 def import_dir(store: Store, src: str | os.PathLike, fmt: str = "auto", name: str | None = None,
-               holder: str | None = CLI_HOLDER) -> Row:
+               holder: str | None = CLI_HOLDER, progress=None) -> Row:
     """Copy a layer directory into the store; its id is its tree digest (mergefs-tree-v1)."""
     src = os.path.abspath(os.fspath(src))
     if not os.path.isdir(src):
@@ -48,10 +48,9 @@ def import_dir(store: Store, src: str | os.PathLike, fmt: str = "auto", name: st
             else InvalidLayer(f"{src!r} is not a directory")
     staged = store.stage("import")
     try:
-        mid = None
         if os.environ.get("MERGEFS_TEST_KILL_AT") == "import:mid-copy":
-            mid = lambda n: n == 3 and kill_point("import:mid-copy")  # noqa: E731
-        copy_layer(src, staged.path / "fs", fmt, progress=mid)
+            progress = lambda n: n == 3 and kill_point("import:mid-copy")  # noqa: E731
+        copy_layer(src, staged.path / "fs", fmt, progress=progress)
         summary = tree_digest(staged.path / "fs")
         return publish_layer(store, staged, summary, summary.digest, "layer", f"import of {src}",
                              src, name, holder, op="import")

@@ -83,6 +83,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # -- helpers --------------------------------------------------------------------
+def _progress(what: str):
+    """A callback printing a running count on stderr (only used when it is a terminal)."""
+    def show(n: int) -> None:
+        if n % 1000 == 0:
+            print(f"\rmergefs: {what} {n} entries", end="", file=sys.stderr, flush=True)
+    return show
+
+
 def human(n: int) -> str:
     for unit in ("B", "kB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
@@ -165,7 +173,10 @@ def cmd_import(args) -> int:
     if not os.path.lexists(args.src):
         raise NotFound(f"{args.src!r} does not exist")
     with _store(args) as store:
-        res = import_source(store, args.src, fmt=args.format, name=args.name)
+        res = import_source(store, args.src, fmt=args.format, name=args.name,
+                            progress=_progress("copied") if sys.stderr.isatty() else None)
+        if sys.stderr.isatty():
+            print(file=sys.stderr)
         out = {"layers": [row_dict(store, r) for r in res.layers],
                "image": row_dict(store, res.image) if res.image else None} if args.json else None
     if args.json:
