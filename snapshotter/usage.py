@@ -75,6 +75,21 @@ def inodes_under(path: str | bytes, out: dict[tuple[int, int], int]) -> None:
                     stack.append(de.path)
 
 
+def _outside_snapshots(store: Store, ids: set[str], out: dict) -> None:
+    """Add the inodes of the root that no snapshot directory holds (already walked)."""
+    from .digest import hexpart
+    for path in (store.root, store.snapshots):
+        st = os.lstat(path)
+        out[(st.st_dev, st.st_ino)] = st.st_blocks * 512
+    for name in os.listdir(store.root):
+        if name != "snapshots":
+            inodes_under(os.path.join(store.root, name), out)
+    walked = {hexpart(i) for i in ids}
+    for name in os.listdir(store.snapshots):
+        if name not in walked:
+            inodes_under(os.path.join(store.snapshots, name), out)
+
+
 def live_mountpoints() -> set[str]:
     """Mount points of this mount namespace (mountinfo escapes space, tab, \\n, \\ as octal)."""
     unescape = lambda m: bytes([int(m.group(1), 8)])  # noqa: E731
@@ -126,7 +141,9 @@ def measure(store: Store, with_total: bool = True) -> Usage:
     total = 0
     if with_total:
         everything: dict[tuple[int, int], int] = {}
-        inodes_under(str(store.root), everything)
+        for inodes in per.values():
+            everything.update(inodes)
+        _outside_snapshots(store, set(per), everything)
         total = sum(everything.values())
     snap_bytes = sum(su.exclusive for su in out) + sum(shared_once.values())
     return Usage(out, total, sum(shared_once.values()), max(total - snap_bytes, 0), per, owners)
