@@ -72,6 +72,8 @@ def child_build(out: str, fmt: str, layers: list[str], profile: str | None,
     from mergefs.farm import build_farm
     from mergefs.layer import Layer
     kw = {} if workers is None else {"workers": workers}
+    import resource
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     if profile:
         import cProfile
@@ -81,7 +83,9 @@ def child_build(out: str, fmt: str, layers: list[str], profile: str | None,
     else:
         stats = build_farm([Layer(p, fmt) for p in layers], out, **kw)
     seconds = time.perf_counter() - t0
-    print(json.dumps({"seconds": seconds, "stats": stats.as_dict(),
+    r1 = resource.getrusage(resource.RUSAGE_SELF)    # all threads of this process
+    cpu = r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
+    print(json.dumps({"seconds": seconds, "cpu": cpu, "stats": stats.as_dict(),
                       "vm_hwm": benchlib.vm_hwm(os.getpid())}))
 
 
@@ -94,21 +98,24 @@ def run_farm(layers: list[str], out: str, fmt: str, profile: str | None = None,
     return res.json()["seconds"], res
 
 
-def run_cp_al(layers: list[str], out: str) -> tuple[float, list[str], int]:
-    """The anchor: cp -al of each layer, bottom first, into one tree."""
+def run_cp_al(layers: list[str], out: str) -> tuple[float, list[str], int, float]:
+    """The anchor: cp -al of each layer, bottom first, into one tree.
+
+    Returns (wall seconds, skipped type changes, peak RSS, CPU seconds)."""
     t0 = time.perf_counter()
     os.mkdir(out)
-    skipped, rss = [], 0
+    skipped, rss, cpu = [], 0, 0.0
     for layer in layers:
         res = benchlib.run_child(["cp", "-a", "-l", "--remove-destination", layer + "/.", out],
                                  check=False)
         rss = max(rss, res.maxrss)
+        cpu += res.cpu_seconds or 0.0
         errs = [l for l in res.stderr.splitlines() if l.strip()]
         unexpected = [l for l in errs if not any(s in l for s in CP_SKIPPED)]
         if unexpected or (res.returncode and not errs):
             raise RuntimeError(f"cp -al {layer} failed ({res.returncode}): {unexpected[:5]}")
         skipped += errs
-    return time.perf_counter() - t0, skipped, rss
+    return time.perf_counter() - t0, skipped, rss, cpu
 
 
 # -- correctness ----------------------------------------------------------------
@@ -228,6 +235,9 @@ def bench_format(fmt: str, layers: list[str], outdir: str, args, table: benchlib
         rss = {w: table.series(_farm_name(fmt, state, w) + " peak RSS", unit="B",
                                anchor=f"{fmt} {state}: cp -al peak RSS") for w in args.workers}
         cp_rss = table.series(f"{fmt} {state}: cp -al peak RSS", unit="B")
+        cpu = {w: table.series(_farm_name(fmt, state, w) + " CPU", unit="s cpu",
+                               anchor=f"{fmt} {state}: cp -al CPU") for w in args.workers}
+        cp_cpu = table.series(f"{fmt} {state}: cp -al CPU", unit="s cpu")
         contenders = [("farm", w) for w in args.workers] + [("cp", None)]
         for rep in range(args.reps):
             shift = rep % len(contenders)            # rotate who goes first
@@ -239,13 +249,15 @@ def bench_format(fmt: str, layers: list[str], outdir: str, args, table: benchlib
                     farm_t[w].add(seconds)
                     proc_t[w].add(res.seconds)
                     rss[w].add(res.maxrss)
+                    cpu[w].add(res.json()["cpu"])
                     info["farm_stats"] = res.json()["stats"]
                     info["farm_vm_hwm_self_reported"] = res.json()["vm_hwm"]
                     info["first_farm"] = info["first_farm"] or out
                 else:
-                    seconds, skipped, cprss = run_cp_al(layers, out)
+                    seconds, skipped, cprss, cpsecs = run_cp_al(layers, out)
                     cp_t.add(seconds)
                     cp_rss.add(cprss)
+                    cp_cpu.add(cpsecs)
                     info["cp_skipped"] = len(skipped)
                     info["cp_skipped_example"] = skipped[:2]
             still_mounted()
@@ -268,9 +280,17 @@ def report_targets(table: benchlib.Table, formats, states, workers) -> list[str]
     return lines
 
 
+def stack_dir(base: str, fmt: str, args) -> str:
+    """BASE/stack-FMT for the default stack; other parameters get their own dir,
+    so a small trial run never replaces the shared 100k stack."""
+    default = (args.files, args.layers, args.seed) == (100_000, 8, 1)
+    suffix = "" if default else f"-{args.files}f-{args.layers}l-s{args.seed}"
+    return os.path.join(base, f"stack-{fmt}{suffix}")
+
+
 def run(args, base: str) -> int:
     formats = ["overlay", "oci"] if args.format == "both" else [args.format]
-    stacks = {f: gen_stack.ensure_stack(os.path.join(base, f"stack-{f}"), args.layers, args.files,
+    stacks = {f: gen_stack.ensure_stack(stack_dir(base, f, args), args.layers, args.files,
                                         args.seed, f) for f in set(formats) | {"overlay"}}
     outdir = os.path.join(base, f"out-{os.getpid()}")
     os.makedirs(outdir)

@@ -2,7 +2,7 @@
 
 * ``drop_caches()``: sync, then drop page, dentry and inode caches (root).
 * ``run_child(argv)``: run a process, return its wall time, exit status, output
-  and its own peak RSS in bytes (through GNU time; see there why).
+  its own peak RSS in bytes and its CPU time (through GNU time; see there why).
 * ``vm_hwm(pid)``: peak RSS of a live process from /proc/PID/status.
 * ``Series`` / ``Table``: samples per measurement, printed with median, min,
   max and the ratio of medians against an anchor measured in the same run.
@@ -57,6 +57,7 @@ class ChildResult:
     maxrss: int             # peak resident set of this child, bytes
     stdout: str
     stderr: str
+    cpu_seconds: float | None = None   # user + system time of the child (GNU time)
 
     def json(self) -> dict:
         """The child's stdout parsed as JSON (its last line)."""
@@ -80,31 +81,35 @@ def run_child(argv: Sequence[str], check: bool = True, **popen_kw) -> ChildResul
     if os.access(GNU_TIME, os.X_OK):
         fd, rss_file = tempfile.mkstemp(prefix="benchlib-rss-")
         os.close(fd)
-        argv = [GNU_TIME, "-f", "%M", "-o", rss_file, *argv]
+        argv = [GNU_TIME, "-f", "%M %U %S", "-o", rss_file, *argv]
     try:
         t0 = time.perf_counter()
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen_kw)
         out, err = proc.communicate()
         seconds = time.perf_counter() - t0
-        maxrss = _read_rss(rss_file) if rss_file else None
+        maxrss, cpu = _read_gnu_time(rss_file) if rss_file else (None, None)
     finally:
         if rss_file:
             os.unlink(rss_file)
     if maxrss is None:
         maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     result = ChildResult(seconds, proc.returncode, maxrss,
-                         out.decode(errors="replace"), err.decode(errors="replace"))
+                         out.decode(errors="replace"), err.decode(errors="replace"), cpu)
     if check and proc.returncode != 0:
         raise subprocess.CalledProcessError(proc.returncode, list(argv), result.stdout,
                                             result.stderr)
     return result
 
 
-def _read_rss(path: str) -> int | None:
-    """GNU time's %M (KiB) from its -o file; it may follow a "Command exited" line."""
+def _read_gnu_time(path: str) -> tuple[int | None, float | None]:
+    """(peak RSS bytes, user+sys seconds) from GNU time's -o file ("%M %U %S");
+    the numbers may follow a "Command exited with non-zero status" line."""
     with open(path) as f:
-        lines = [l for l in f.read().splitlines() if l.strip().isdigit()]
-    return int(lines[-1]) * 1024 if lines else None
+        for line in reversed(f.read().splitlines()):
+            fields = line.split()
+            if len(fields) == 3 and fields[0].isdigit():
+                return int(fields[0]) * 1024, float(fields[1]) + float(fields[2])
+    return None, None
 
 
 def vm_hwm(pid: int) -> int:
@@ -159,14 +164,14 @@ class Table:
 
     def render(self) -> str:
         width = max([len(n) for n in self.rows] + [12])
-        head = f"{'measurement':<{width}}  {'n':>2}  {'median':>10}  {'min':>10}  {'max':>10}  ratio"
+        head = f"{'measurement':<{width}}  {'n':>2}  {'median':>12}  {'min':>12}  {'max':>12}  ratio"
         lines = [self.title, head, "-" * len(head)]
         for name, row in self.rows.items():
             r = self.ratio(name)
             rtxt = f"{r:.2f}x {row.anchor}" if r is not None else ""
-            lines.append(f"{name:<{width}}  {len(row.samples):>2}  {_fmt(row.median, row.unit):>10}  "
-                         f"{_fmt(min(row.samples, default=float('nan')), row.unit):>10}  "
-                         f"{_fmt(max(row.samples, default=float('nan')), row.unit):>10}  {rtxt}")
+            lines.append(f"{name:<{width}}  {len(row.samples):>2}  {_fmt(row.median, row.unit):>12}  "
+                         f"{_fmt(min(row.samples, default=float('nan')), row.unit):>12}  "
+                         f"{_fmt(max(row.samples, default=float('nan')), row.unit):>12}  {rtxt}")
         return "\n".join(lines)
 
     def as_dict(self) -> dict:
