@@ -136,7 +136,9 @@ def _missing_parents(store: Store) -> list[Finding]:
 
 
 def _content(store: Store, repair: bool) -> list[Finding]:
-    out = []
+    out = [Finding("error", "corrupt", row.id, "marked corrupt by an earlier fsck --repair; "
+                   "re-import the layer to replace it")
+           for row in meta.all_rows(store.db, state="corrupt")]
     for row in meta.all_rows(store.db):
         if not row.tree_digest or not (store.fs_of(row.id)).is_dir():
             continue

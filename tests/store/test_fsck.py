@@ -79,6 +79,7 @@ def test_fsck_modified_layer_is_reported_never_deleted(store, populated):
     fsck(store, repair=True)
     assert target.read_text() == "tampered\n"  # kept for inspection
     assert store.get(ids[0]).state == "corrupt"
+    assert kinds(fsck(store)) == [("error", "corrupt")]      # still not clean
     with pytest.raises(FailedPrecondition):
         service.merge(store, [ids[0], ids[1]])
 
