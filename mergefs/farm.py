@@ -119,7 +119,7 @@ class Applier:
             st = syscalls.lstat(name, src_dir)
             meta = Meta.read(src_dir, name, st)
             if stat.S_ISREG(st.st_mode):
-                self._copy_file(src_dir, name, rec.path, st.st_size)
+                syscalls.copy_file(src_dir, name, self.dst, rec.path, st.st_size)
             elif stat.S_ISLNK(st.st_mode):
                 syscalls.symlink(syscalls.readlink(name, src_dir), rec.path, self.dst)
             else:                           # fifo, char, block
@@ -128,18 +128,6 @@ class Applier:
             os.close(src_dir)
         apply_meta(self.dst, rec.path, meta, self.stats.warnings)
         self._copies[key] = rec.path
-
-    def _copy_file(self, src_dir: int, name: bytes, dst: bytes, size: int) -> None:
-        src = os.open(name, syscalls.O_READ, dir_fd=src_dir)
-        try:
-            out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                          | os.O_CLOEXEC, 0o600, dir_fd=self.dst)
-            try:
-                syscalls.copy_data(src, out, size)
-            finally:
-                os.close(out)
-        finally:
-            os.close(src)
 
     def recreate(self, rec: Link) -> None:
         src_dir, name = self._source(rec)

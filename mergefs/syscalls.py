@@ -188,6 +188,21 @@ def copy_data(src_fd: int, dst_fd: int, size: int) -> None:
         copied += n
 
 
+def copy_file(src_dir_fd: int, src: bytes, dst_dir_fd: int, dst: bytes, size: int) -> None:
+    """Copy a regular file's bytes into a new file ``dst`` (mode 0600; the
+    caller applies metadata). Neither name is followed if it is a symlink."""
+    sfd = os.open(src, O_READ, dir_fd=src_dir_fd)
+    try:
+        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      0o600, dir_fd=dst_dir_fd)
+        try:
+            copy_data(sfd, dfd, size)
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
+
+
 def is_whiteout_stat(st: os.stat_result) -> bool:
     """Overlay whiteout: a character device with device number 0/0."""
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
