@@ -480,6 +480,7 @@ def _extract_into(raw, dest: bytes, expected_diff_id: str | None, is_root: bool)
         stream.drain()
         ex.finish()
     finally:
+        stream.close()
         ex.close()
         os.close(root_fd)
     result.diff_id, result.tar_size = stream.diff_id, stream.size

@@ -12,6 +12,8 @@ import gzip
 import hashlib
 import io
 import os
+import queue
+import threading
 import zlib
 from typing import BinaryIO, Callable
 
@@ -98,14 +100,48 @@ def _gzip_reader(raw: BinaryIO) -> Callable[[int], bytes]:
     return read
 
 
+class _Hasher:
+    """sha256 on a second thread: hashlib releases the GIL on large updates, so
+    the diffID of a 400 MiB layer (~0.4 s of CPU) costs no wall time on a
+    machine with two cores. The one thread in the importer; ``close()`` always
+    joins it."""
+
+    def __init__(self):
+        self._sha = hashlib.sha256()
+        self._queue: queue.Queue = queue.Queue(maxsize=8)
+        self._thread = threading.Thread(target=self._run, name="mergefs-diffid", daemon=True)
+        self._thread.start()
+        self._digest: str | None = None
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            self._sha.update(chunk)
+
+    def update(self, chunk: bytes) -> None:
+        self._queue.put(chunk)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def hexdigest(self) -> str:
+        if self._digest is None:
+            self.close()
+            self._digest = self._sha.hexdigest()
+        return self._digest
+
+
 class TarStream:
-    """Uncompressed tar bytes with the running sha256 of everything read (the diffID)."""
+    """Uncompressed tar bytes with the running sha256 of everything read (the diffID).
+
+    ``close()`` when done (it stops the hashing thread)."""
 
     def __init__(self, read: Callable[[int], bytes], compression: str, raw: BinaryIO):
         self._read = read
         self.compression = compression
         self.raw = raw
-        self._sha = hashlib.sha256()
+        self._sha = _Hasher()
         self._buf = b""
         self._pos = 0
         self.size = 0              # uncompressed bytes read so far
@@ -168,6 +204,9 @@ class TarStream:
             self._buf, self._pos = b"", 0
         while self.raw.read(CHUNK):   # trailing bytes after a compressed stream
             pass
+
+    def close(self) -> None:
+        self._sha.close()
 
     @property
     def diff_id(self) -> str:

@@ -27,6 +27,7 @@ GNU_DUMPDIR, GNU_VOLHDR = b"D", b"V"
 GNU_SPARSE, GNU_MULTIVOL = b"S", b"M"
 FILE_TYPES = (REG, AREG, CONT)
 ALL_TYPES = (REG, AREG, LNK, SYM, CHR, BLK, DIR, FIFO, CONT)
+MEMBER_TYPES = frozenset(ALL_TYPES) | {GNU_DUMPDIR, GNU_SPARSE, GNU_MULTIVOL}
 # name mode uid gid size mtime chksum type linkname magic version uname gname devmajor devminor prefix
 HEADER = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12x")
 XATTR_PREFIXES = (b"SCHILY.xattr.", b"LIBARCHIVE.xattr.")
@@ -87,36 +88,34 @@ def _cstr(field_: bytes) -> bytes:
 
 
 def parse_pax(data: bytes) -> dict[bytes, bytes]:
-    """pax records ``"%d %s=%s\\n"``; keys and values are kept as bytes."""
+    """pax records ``"%d %s=%s\n"``; keys and values are kept as bytes."""
     out: dict[bytes, bytes] = {}
-    pos = 0
-    while pos < len(data):
-        if data[pos] == 0:            # some writers pad the record block with NULs
-            break
-        space = data.find(b" ", pos)
-        try:
-            length = int(data[pos:space])
-        except ValueError:
-            raise InvalidLayer("tar: malformed pax record") from None
-        record = data[space + 1:pos + length]
-        if length <= 0 or space < 0 or not record.endswith(b"\n") or b"=" not in record:
-            raise InvalidLayer("tar: malformed pax record")
-        key, _, value = record[:-1].partition(b"=")
-        out[key] = value
-        pos += length
+    pos, n = 0, len(data)
+    try:
+        while pos < n and data[pos]:          # some writers pad with NULs
+            space = data.index(b" ", pos)
+            end = pos + int(data[pos:space])
+            eq = data.index(b"=", space)
+            if eq >= end or end > n or data[end - 1] != 10:
+                raise ValueError
+            out[data[space + 1:eq]] = data[eq + 1:end - 1]
+            pos = end
+    except ValueError:
+        raise InvalidLayer("tar: malformed pax record") from None
     return out
 
 
 def pax_time_ns(value: bytes) -> int:
     """A pax time ``SECONDS[.FRACTION]`` as exact integer nanoseconds."""
-    text = value.decode("ascii", "replace")
-    neg = text.startswith("-")
-    whole, _, frac = text.lstrip("-").partition(".")
+    whole, _, frac = value.partition(b".")
     try:
-        ns = int(whole or "0") * 10**9 + int((frac + "000000000")[:9] or "0")
+        secs = int(whole)
+        ns = int(frac[:9].ljust(9, b"0")) if frac else 0
     except ValueError:
         raise InvalidLayer(f"tar: bad pax time {value!r}") from None
-    return -ns if neg else ns
+    if whole.startswith(b"-"):
+        return secs * 1_000_000_000 - ns
+    return secs * 1_000_000_000 + ns
 
 
 def _xattr_name(key: bytes) -> str | None:
@@ -168,22 +167,21 @@ class TarReader:
         self.stream.copy_to(fd, self._left, self._pad)
         self._left = self._pad = 0
 
-    def _finish_member(self) -> None:
-        if self._left or self._pad:
-            self.stream.skip(self._left + self._pad)
-        self._left = self._pad = 0
-
     def _header(self) -> tuple | None:
-        self._finish_member()
-        block = self.stream.take(BLOCK, eof_ok=True)
-        if not block or block == ZERO_BLOCK:
-            return None           # end of archive (one zero block is enough, as for tar -x)
-        if len(block) < BLOCK:
+        """The next header block's fields (None at the end of the archive)."""
+        stream = self.stream
+        if self._left or self._pad:
+            stream.skip(self._left + self._pad)
+            self._left = self._pad = 0
+        block = stream.take(BLOCK, eof_ok=True)
+        if len(block) < BLOCK or block == ZERO_BLOCK:
+            if not block or block == ZERO_BLOCK:
+                return None       # end of archive (one zero block is enough, as for tar -x)
             raise InvalidLayer("tar: archive ends inside a header")
-        fields = HEADER.unpack(block)
-        if not _checksum_ok(block, fields[6]):
+        h = HEADER.unpack(block)
+        if not _checksum_ok(block, h[6]):
             raise InvalidLayer("tar: header checksum mismatch (corrupt or not a tar)")
-        return fields
+        return h
 
     def _data_of(self, size: int) -> bytes:
         data = self.stream.take(size)
@@ -191,18 +189,19 @@ class TarReader:
         return data
 
     def _next(self) -> Member | None:
-        pax: dict[bytes, bytes] = {}
+        pax = None
         longname = longlink = None
         while True:
             h = self._header()
             if h is None:
                 return None
             typ = h[7]
-            size = _number(h[4], "size")
-            if typ in FILE_TYPES or typ == DIR or typ == SYM or typ == LNK:
+            if typ in MEMBER_TYPES:
                 break
+            size = _number(h[4], "size")
             if typ == PAX:
-                pax.update(parse_pax(self._data_of(size)))
+                records = parse_pax(self._data_of(size))
+                pax = records if pax is None else {**pax, **records}
             elif typ == GLOBAL_PAX:
                 self._global.update(parse_pax(self._data_of(size)))
             elif typ == GNU_LONGNAME:
@@ -214,37 +213,40 @@ class TarReader:
             else:
                 break
         if self._global:
-            pax = {**self._global, **pax}
+            pax = {**self._global, **(pax or {})}
         try:
-            member = self._member(h, typ, size, pax, longname, longlink)
+            member = self._member(h, typ, pax, longname, longlink)
         except ValueError as e:           # int() of a malformed pax value
             raise InvalidLayer(f"tar: malformed pax value ({e})") from None
-        self._left = member.size if member.type in FILE_TYPES else size
+        self._left = member.size if typ in FILE_TYPES else _number(h[4], "size")
         self._pad = -self._left % BLOCK
         return member
 
-    def _member(self, h: tuple, typ: bytes, size: int, pax: dict, longname, longlink) -> Member:
-        name = _cstr(h[0])
-        if h[9] == b"ustar\0":                   # POSIX ustar: name may have a prefix
-            prefix = _cstr(h[15])
-            if prefix:
-                name = prefix + b"/" + name
-        linkname = _cstr(h[8]) if h[8][0] else b""
+    def _member(self, h: tuple, typ: bytes, pax: dict | None, longname, longlink) -> Member:
         if longname is not None:
             name = longname
+        else:
+            name = h[0].partition(b"\0")[0]
+            if h[9] == b"ustar\0" and h[15][0]:     # POSIX ustar: a name prefix
+                name = h[15].partition(b"\0")[0] + b"/" + name
         if longlink is not None:
             linkname = longlink
-        if typ == AREG and name.endswith(b"/"):   # v7 directories
-            typ = DIR
-        elif typ == GNU_DUMPDIR:
-            typ = DIR
+        else:
+            linkname = h[8].partition(b"\0")[0] if h[8][0] else b""
         if typ not in ALL_TYPES:
-            if typ in (GNU_SPARSE, GNU_MULTIVOL):
+            if typ == AREG and name.endswith(b"/") or typ == GNU_DUMPDIR:
+                typ = DIR                            # v7 and GNU dump directories
+            elif typ in (GNU_SPARSE, GNU_MULTIVOL):
                 raise InvalidLayer("tar: sparse and multi-volume entries are not supported")
-            raise InvalidLayer(f"tar: entry {name!r} has unsupported type {typ!r}")
+            else:
+                raise InvalidLayer(f"tar: entry {name!r} has unsupported type {typ!r}")
+        elif typ == AREG and name.endswith(b"/"):
+            typ = DIR
         dev = typ == CHR or typ == BLK
         m = Member(name, typ, _number(h[1], "mode"), _number(h[2], "uid"), _number(h[3], "gid"),
-                   size, _number(h[5], "mtime") * 1_000_000_000, None, linkname,
+                   _number(h[4], "size") if typ in FILE_TYPES else 0,
+                   0 if pax and b"mtime" in pax else _number(h[5], "mtime") * 1_000_000_000,
+                   None, linkname,
                    _number(h[13], "devmajor") if dev else 0,
                    _number(h[14], "devminor") if dev else 0)
         if pax:
@@ -253,23 +255,27 @@ class TarReader:
 
 
 def _apply_pax(m: Member, pax: dict[bytes, bytes]) -> None:
-    if any(k.startswith(b"GNU.sparse.") for k in pax):
-        raise InvalidLayer("tar: sparse entries are not supported")
-    if b"path" in pax:
-        m.name = pax[b"path"]
-    if b"linkpath" in pax:
-        m.linkname = pax[b"linkpath"]
-    if b"mtime" in pax:
-        m.mtime_ns = pax_time_ns(pax[b"mtime"])
-    if b"atime" in pax:
-        m.atime_ns = pax_time_ns(pax[b"atime"])
-    for key, attr in ((b"uid", "uid"), (b"gid", "gid"), (b"size", "size")):
-        if key in pax:
-            setattr(m, attr, int(pax[key]))
+    """Fold pax records into ``m``. atime and ctime are ignored: an import sets
+    atime to the mtime, so the same tar gives the same tree."""
     for key, value in pax.items():
-        attr = _xattr_name(key)
-        if attr is not None:
-            m.xattrs[attr] = _xattr_value(key, value)
+        if key == b"mtime":
+            m.mtime_ns = pax_time_ns(value)
+        elif key == b"atime" or key == b"ctime":
+            continue
+        elif key == b"path":
+            m.name = value
+        elif key == b"linkpath":
+            m.linkname = value
+        elif key == b"size":
+            m.size = int(value)
+        elif key == b"uid":
+            m.uid = int(value)
+        elif key == b"gid":
+            m.gid = int(value)
+        elif key.startswith(XATTR_PREFIXES):
+            m.xattrs[_xattr_name(key)] = _xattr_value(key, value)
+        elif key.startswith(b"GNU.sparse."):
+            raise InvalidLayer("tar: sparse entries are not supported")
 
 
 # ---- writing ---------------------------------------------------------------
