@@ -20,6 +20,25 @@ under a per-id build lock, choose a strategy (``policy.choose_strategy``),
 build in ``staging/``, publish by rename in one metadata transaction (C1: a
 racer that lost adds its ref and discards its copy).
 
+REFs (CLI and API): a name, a key, an id ``sha256:<hex>``, a unique id prefix
+(at least 4 hex digits), or a layer directory: an argument containing ``/`` is
+imported implicitly (copied into the store; the copy holds no ref of its own,
+so prune may remove it once nothing uses it). Importing an OCI layout or a
+docker archive also makes an **image record**: the union merge of its layers,
+named by the image's tag (it pins the layers).
+
+Caveats:
+
+* Merge ids do not depend on the strategy: asking for a merge that exists
+  returns it as it is, except ``--strategy farm`` on a union merge, which
+  materialises the farm under the same id.
+* A farm shares inodes with its input layers: a layer modified behind the
+  store's back changes every farm built on it (fsck reports the layer).
+* Names are aliases, not refs: a named snapshot without refs is pruned only by
+  ``prune --all``.
+* Concurrent builders of one id serialise on a per-id lock file; a prune racing
+  a farm build over the same inputs makes that build fail (retry succeeds).
+
 Public API: ``Store``, ``default_root``, the ``service`` functions
 (``import_path``, ``merge``, ``diff``, ``commit``, ``prepare``, ``release``,
 ``mount_spec``), ``gc.prune``, ``usage.measure``, ``fsck.fsck``, and

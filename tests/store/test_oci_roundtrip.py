@@ -115,3 +115,12 @@ def test_export_tar_of_a_layer_reimports_to_the_same_content(cli, image, tmp_pat
     again = cli.out("import", tmp_path / "l0.tar")
     same_below_root(cli.root / "snapshots" / again[7:] / "fs",
                     cli.root / "snapshots" / ids[0][7:] / "fs", "re-imported layer")
+
+
+@pytest.mark.skipif(shutil.which("skopeo") is None, reason="needs skopeo")
+def test_docker_archive_import_gives_the_same_layer_ids(cli, image, tmp_path):
+    sh("skopeo", "copy", f"oci:{image}:t", f"docker-archive:{tmp_path / 'img.tar'}:img:v1")
+    from_layout = [r["id"] for r in cli.json("import", image)["layers"]]
+    out = cli.json("import", tmp_path / "img.tar", "--name", "dockerimg")
+    assert [r["id"] for r in out["layers"]] == from_layout      # diffIDs: same layers
+    assert out["image"]["names"] == ["dockerimg", "t"]          # one image record, two names
