@@ -23,7 +23,7 @@ from .digest import diff_id, key_id, merge_id, tree_digest
 from .faults import kill_point
 from .importer import copy_layer
 from .meta import Parent, Row
-from .policy import Capabilities, Decision, MergeSpec, choose_strategy
+from .policy import REUSE_FOR_FARM, Capabilities, Decision, MergeSpec, choose_strategy
 from .store import CLI_HOLDER, Store
 
 LAYER_KINDS = ("layer", "diff")     # kinds that are one layer in a stack
@@ -140,10 +140,10 @@ def merge(store: Store, refs: list[str], strategy: str = "auto", name: str | Non
     store.check_name(name, mid)
     with store.build_lock(mid):
         row = store.reuse(mid, holder, name)
-        if row is not None and row.strategy == "union" and strategy == "farm":
-            return MergeResult(_materialise(store, row, flat), Decision("farm", (
-                "--strategy farm: this merge existed as a union; materialised as a farm in "
-                "place (same id)",)), False)
+        if row is not None and row.strategy == "union" and strategy != "union":
+            upgrade = _upgrade_decision(store, row, flat, strategy, intent, capabilities)
+            if upgrade is not None:
+                return MergeResult(_materialise(store, row, flat), upgrade, False)
         if row is not None:
             return MergeResult(row, Decision(row.strategy, (
                 f"reused: this merge exists as a {row.strategy} (the id names the content, "
@@ -182,6 +182,27 @@ def _build_merge(store: Store, mid: str, flat: list[str], strategy: str, holder,
         return store.publish(staged, row, parents, "merge", holder, name)
     finally:
         staged.discard()
+
+
+def _upgrade_decision(store: Store, row: Row, flat: list[str], strategy: str,
+                      intent: str | None, caps: Capabilities | None) -> Decision | None:
+    """Whether an existing union merge asked for again should become a farm, and why.
+
+    ``--strategy farm`` always; ``auto`` once the merge was asked for often enough
+    that the policy's reuse rule picks a farm (REUSE_FOR_FARM).
+    """
+    if strategy == "farm":
+        return Decision("farm", ("--strategy farm: this merge existed as a union; "
+                                 "materialised as a farm in place (same id)",))
+    spec = merge_spec(store, flat, "auto")
+    spec = MergeSpec(**{**spec.__dict__, "reuse_count": row.use_count})
+    if row.use_count < REUSE_FOR_FARM:
+        return None
+    d = choose_strategy(spec, caps or machine_capabilities(), intent)
+    if d.strategy != "farm":
+        return None
+    return Decision("farm", d.reasons + ("this merge existed as a union; materialised as a "
+                                         "farm in place (same id)",))
 
 
 def _materialise(store: Store, row: Row, flat: list[str]) -> Row:

@@ -128,3 +128,16 @@ def test_union_merge_asked_for_as_farm_is_materialised_under_the_same_id(store, 
     assert not any(p.pin for p in meta.parents(store.db, f.row.id))
     from snapshotter.fsck import fsck
     assert fsck(store) == []
+
+
+def test_union_merge_asked_for_often_becomes_a_farm(store, layers):
+    """Policy input 'reuse count': REUSE_FOR_FARM requests of a union merge amortise a farm."""
+    from snapshotter.policy import REUSE_FOR_FARM
+    ids = [service.import_dir(store, p).id for p in layers]
+    first = service.merge(store, ids, strategy="union")
+    for _ in range(REUSE_FOR_FARM - 1):
+        assert service.merge(store, ids).row.strategy == "union"
+    res = service.merge(store, ids)
+    assert res.row.id == first.row.id and res.row.strategy == "farm"
+    assert any("materialised" in r for r in res.decision.reasons)
+    assert service.merge(store, ids, strategy="union").row.strategy == "farm"   # stays a farm
