@@ -16,7 +16,9 @@ and the filesystem synced between runs. Target (issue 4): mergefs <= 1.5x tar.
 Filesystems: ``ext4`` is a private journaled ext4 on a loop device
 (benchlib.scratch_ext4; the VM's root filesystem is ext4 without a journal,
 whose inode allocation is slowed by other processes' deletions); ``tmpfs``
-measures CPU and syscall cost only. Prints a table; asserts nothing.
+measures CPU and syscall cost only. CPU time (user+sys of the child and its
+threads) is printed too: on this shared 2-core VM other work inflates wall
+times, CPU time much less. Prints a table; asserts nothing.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -113,6 +116,8 @@ def main(argv=None) -> int:
                            f"{', gzip' if args.gzip else ''}) on {args.fs}")
     tar_s = table.series("tar -x")
     mfs_s = table.series("mergefs extract_layer", anchor="tar -x")
+    tar_cpu = table.series("tar -x, CPU (user+sys)")
+    mfs_cpu = table.series("mergefs, CPU (user+sys)", anchor="tar -x, CPU (user+sys)")
     entries = None
     with target_fs(args.workdir, args.fs) as mnt:
         for rep in range(args.reps):
@@ -122,8 +127,12 @@ def main(argv=None) -> int:
             for name, fn in order:
                 dest = os.path.join(mnt, f"{name}-{rep}")
                 os.sync()
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 result = fn(src, dest)
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
                 (tar_s if name == "tar" else mfs_s).add(result.seconds)
+                (tar_cpu if name == "tar" else mfs_cpu).add(cpu)
                 if name == "mergefs":
                     entries = result.json()["entries"]
                 clean(dest)

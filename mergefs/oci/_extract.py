@@ -218,7 +218,10 @@ class Extractor:
             if base.startswith(b".wh."):
                 self._seen(path)
                 return self.whiteout_member(parent, base)
-        self._seen(path)
+        seen = self.seen
+        if path in seen:
+            self._seen(path)                  # raises
+        seen.add(path)
         typ = m.type
         if typ in _tar.FILE_TYPES:
             self.file(path, m, reader)

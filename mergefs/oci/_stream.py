@@ -156,8 +156,13 @@ class TarStream:
         self._pos = 0
         return True
 
-    def take(self, n: int, eof_ok: bool = False) -> bytes:
-        """Exactly ``n`` bytes (fewer only at the end when ``eof_ok``)."""
+    def take(self, n: int, eof_ok: bool = False, pad: int = 0) -> bytes:
+        """Exactly ``n`` bytes (fewer only at the end when ``eof_ok``), then skip ``pad``."""
+        pos = self._pos
+        end = pos + n
+        if end + pad <= len(self._buf):              # the common case: all buffered
+            self._pos = end + pad
+            return self._buf[pos:end]
         while len(self._buf) - self._pos < n:
             if not self._fill():
                 if eof_ok:
@@ -167,6 +172,8 @@ class TarStream:
                 raise InvalidLayer("tar archive is truncated (data ends inside an entry)")
         out = self._buf[self._pos:self._pos + n]
         self._pos += n
+        if pad:
+            self.skip(pad)
         return out
 
     def skip(self, n: int) -> None:

@@ -179,14 +179,19 @@ class TarReader:
                 return None       # end of archive (one zero block is enough, as for tar -x)
             raise InvalidLayer("tar: archive ends inside a header")
         h = HEADER.unpack(block)
-        if not _checksum_ok(block, h[6]):
+        field_ = h[6]
+        try:
+            stored = int(field_.rstrip(b"\0 "), 8)
+        except ValueError:
+            stored = -1
+        # adler32's low half is (1 + byte sum) mod 65521, computed in C (see _checksum_ok)
+        if (zlib.adler32(block) & 0xFFFF) != (stored + sum(field_) - 255) % 65521 \
+                and not _checksum_ok(block, field_):
             raise InvalidLayer("tar: header checksum mismatch (corrupt or not a tar)")
         return h
 
     def _data_of(self, size: int) -> bytes:
-        data = self.stream.take(size)
-        self.stream.skip(-size % BLOCK)
-        return data
+        return self.stream.take(size, pad=-size % BLOCK)
 
     def _next(self) -> Member | None:
         pax = None
@@ -242,8 +247,14 @@ class TarReader:
                 raise InvalidLayer(f"tar: entry {name!r} has unsupported type {typ!r}")
         elif typ == AREG and name.endswith(b"/"):
             typ = DIR
+        try:                                         # the common case, without calls
+            mode = int(h[1].rstrip(b"\0 ") or b"0", 8)
+            uid = int(h[2].rstrip(b"\0 ") or b"0", 8)
+            gid = int(h[3].rstrip(b"\0 ") or b"0", 8)
+        except ValueError:                           # base-256 and other oddities
+            mode, uid, gid = _number(h[1], "mode"), _number(h[2], "uid"), _number(h[3], "gid")
         dev = typ == CHR or typ == BLK
-        m = Member(name, typ, _number(h[1], "mode"), _number(h[2], "uid"), _number(h[3], "gid"),
+        m = Member(name, typ, mode, uid, gid,
                    _number(h[4], "size") if typ in FILE_TYPES else 0,
                    0 if pax and b"mtime" in pax else _number(h[5], "mtime") * 1_000_000_000,
                    None, linkname,
