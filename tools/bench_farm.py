@@ -20,7 +20,8 @@ on odd ones), each into a fresh output directory:
   type changes are skipped (cp exits 1; the errors are counted and shown, any
   other cp error aborts the benchmark).
 * cold: ``sync; echo 3 > /proc/sys/vm/drop_caches`` before each run; warm:
-  ``sync`` and a ``find`` over the stack before each run. Outputs are kept
+  ``sync`` and ``find -printf %s`` over the stack (every directory read, every
+  entry looked up and lstat'ed) before each run. Outputs are kept
   until the end of the run (deleting them between runs would add freed-inode
   effects to the next run) and removed afterwards.
 
