@@ -38,7 +38,51 @@ import gen_stack  # noqa: E402
 from mergefs.mountspec import MountSpec  # noqa: E402
 from mergefs.union import server  # noqa: E402
 
-SYSTEMS = ("kernel-overlay", "fuse-overlayfs", "mergefs")
+SYSTEMS = ("kernel-overlay", "fuse-overlayfs", "mergefs", "mergefs-noopen")
+PATCHED_HANDLERS = ("fuse_read", "fuse_readdirplus")
+
+
+def build_inode_fh_pyfuse3(dest: str) -> str:
+    """Build the installed pyfuse3 into DEST/pyfuse3 with read() and readdir()
+    given the inode when the kernel's fh is 0 (the "no-open" lever, DESIGN.md).
+
+    The generated C that pyfuse3 ships is patched in two places (the ``c.fh =
+    fi.fh`` of fuse_read and fuse_readdirplus) and compiled against libfuse3;
+    a marker file tells mergefs.union.server to answer open/opendir with
+    ENOSYS on read-only mounts. Needs gcc and libfuse3-dev. Returns DEST.
+    """
+    import shutil
+    import sysconfig
+    import pyfuse3
+    pkg = os.path.join(dest, "pyfuse3")
+    if os.path.exists(os.path.join(pkg, server.INODE_FH_MARKER)):
+        return dest
+    shutil.rmtree(pkg, ignore_errors=True)
+    shutil.copytree(os.path.dirname(pyfuse3.__file__), pkg,
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    src = os.path.join(pkg, "__init__.c")
+    lines = open(src).read().split("\n")
+    patched, current = 0, None
+    for i, line in enumerate(lines):
+        m = re.match(r"static void __pyx_f_7pyfuse3_(\w+)\(fuse_req_t __pyx_v_req, "
+                     r"(CYTHON_UNUSED )?fuse_ino_t", line)
+        if m:
+            current = m.group(1)
+        elif current in PATCHED_HANDLERS and line.strip() == "__pyx_t_4 = __pyx_v_fi->fh;":
+            lines[i] = "  __pyx_t_4 = __pyx_v_fi->fh ? __pyx_v_fi->fh : (uint64_t) __pyx_v_ino;"
+            patched, current = patched + 1, None
+    if patched != len(PATCHED_HANDLERS):
+        raise RuntimeError(f"patched {patched} of {len(PATCHED_HANDLERS)} handlers: "
+                           "this pyfuse3's generated C is not the expected one")
+    open(src, "w").write("\n".join(lines))
+    flags = subprocess.run(["pkg-config", "--cflags", "--libs", "fuse3"], check=True,
+                           capture_output=True, text=True).stdout.split()
+    ext = sysconfig.get_config_var("EXT_SUFFIX")
+    subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-I" + sysconfig.get_paths()["include"],
+                    "-DFUSE_USE_VERSION=35", src, "-o", os.path.join(pkg, "__init__" + ext),
+                    *flags], check=True)
+    open(os.path.join(pkg, server.INODE_FH_MARKER), "w").write("fh 0 -> inode in read/readdir\n")
+    return dest
 
 
 def big_layer(workdir: str, mib: int) -> str:
@@ -57,8 +101,9 @@ def big_layer(workdir: str, mib: int) -> str:
 class Mounted:
     """One system mounted at ``mnt``; ``pid`` is its server (None for the kernel)."""
 
-    def __init__(self, system: str, layers: list[str], mnt: str, log: str):
+    def __init__(self, system: str, layers: list[str], mnt: str, log: str, patched: str = ""):
         self.system, self.layers, self.mnt, self.log = system, layers, mnt, log
+        self.patched = patched
         self.pid = None
 
     def mount(self) -> None:
@@ -69,6 +114,13 @@ class Mounted:
         elif self.system == "fuse-overlayfs":
             subprocess.run(["fuse-overlayfs", "-o", f"lowerdir={lowerdir}", self.mnt], check=True)
             self.pid = find_server_pid("fuse-overlayfs", self.mnt)
+        elif self.system == "mergefs-noopen":
+            # a fresh interpreter that imports the patched pyfuse3 (PYTHONPATH)
+            env = dict(os.environ, PYTHONPATH=self.patched)
+            subprocess.run([sys.executable, "-m", "mergefs", "mount", "--log", self.log,
+                            *self.layers, self.mnt], check=True, env=env)
+            self.pid = find_server_pid(os.path.basename(sys.executable), self.mnt,
+                                       contains=b"mount")
         else:
             self.pid = server.start(MountSpec(tuple(self.layers)), self.mnt, log_path=self.log)
 
@@ -96,7 +148,7 @@ class Mounted:
 
     def requests(self) -> dict:
         """mergefs only: the request counts since the last call (via SIGUSR1 + log)."""
-        if self.system != "mergefs":
+        if not self.system.startswith("mergefs"):
             return {}
         before = _log_size(self.log)
         os.kill(self.pid, signal.SIGUSR1)
@@ -118,7 +170,7 @@ def _log_size(path: str) -> int:
         return 0
 
 
-def find_server_pid(program: str, mnt: str) -> int | None:
+def find_server_pid(program: str, mnt: str, contains: bytes = b"") -> int | None:
     """The daemon serving ``mnt`` (read from /proc; nothing is signalled)."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -126,7 +178,8 @@ def find_server_pid(program: str, mnt: str) -> int | None:
                 args = f.read().split(b"\0")
         except OSError:
             continue
-        if args and os.path.basename(args[0]) == program.encode() and mnt.encode() in args:
+        if args and os.path.basename(args[0]) == program.encode() and mnt.encode() in args \
+                and (not contains or contains in args):
             return int(pid)
     return None
 
@@ -157,7 +210,7 @@ def measure(m: Mounted, table: benchlib.Table, requests: dict) -> None:
         m.requests()
         row(f"{what} warm", warm_anchor).add(sh(cmd, cwd))
         for k, v in m.requests().items():
-            requests.setdefault(f"{what} warm", {}).setdefault(k, []).append(v)
+            requests.setdefault(f"{name} {what} warm", {}).setdefault(k, []).append(v)
         if what == "tar":
             rss = m.rss()
             if rss is not None:
@@ -174,11 +227,14 @@ def run(args) -> int:
     table = benchlib.Table(f"union mount: {args.files} files, {args.layers} layers + "
                            f"{args.big_mib} MiB file, {args.runs} runs (seconds)")
     requests: dict = {}
+    patched = ""
+    if "mergefs-noopen" in args.systems:
+        patched = build_inode_fh_pyfuse3(os.path.join(args.workdir, "pyfuse3-inode-fh"))
     for run_no in range(args.runs):
         for system in args.systems:
             mnt = os.path.join(args.workdir, f"mnt-{system}")
             os.makedirs(mnt, exist_ok=True)
-            m = Mounted(system, layers, mnt, os.path.join(args.workdir, f"{system}.log"))
+            m = Mounted(system, layers, mnt, os.path.join(args.workdir, f"{system}.log"), patched)
             try:
                 measure(m, table, requests)
             finally:
@@ -186,7 +242,7 @@ def run(args) -> int:
             print(f"run {run_no + 1}: {system} done", flush=True)
     print(table.render())
     for phase, counts in requests.items():
-        print(f"mergefs requests, {phase} (per run): " +
+        print(f"FUSE requests, {phase} (per run): " +
               ", ".join(f"{k}={sorted(v)[len(v) // 2]}" for k, v in sorted(counts.items())))
     if args.json:
         with open(args.json, "w") as f:

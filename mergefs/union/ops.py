@@ -26,6 +26,7 @@ from .inodes import Inode
 from .view import UnionView
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
+FD_CACHE = 256
 
 
 @dataclass
@@ -62,13 +63,22 @@ class UnionOperations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, view: UnionView, timeouts: Timeouts | None = None):
+    def __init__(self, view: UnionView, timeouts: Timeouts | None = None, no_open: bool = False):
         super().__init__()
         self.view = view
         self.inodes = view.inodes
         self.timeouts = timeouts or Timeouts()
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
+        # no-open needs a pyfuse3 that passes the inode as fh when fh is 0
+        # (see the package docstring); only read-only mounts use it.
+        self.no_open = no_open and not view.writable
+        self._fds: dict[int, int] = {}
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     # -- helpers ---------------------------------------------------------
     def _entry(self, inode: Inode) -> pyfuse3.EntryAttributes:
@@ -136,14 +146,21 @@ class UnionOperations(pyfuse3.Operations):
     # -- directories -----------------------------------------------------
     @fuse_errors
     async def opendir(self, inode, ctx=None):
+        if self.no_open:
+            raise FUSEError(errno.ENOSYS)    # the kernel caches listings itself from now on
         node = self.inodes.get(inode)
         return self._add_handle(Handle(node, entries=list(self.view.listing(node).items())))
 
     @fuse_errors
     async def readdir(self, fh, start_id, token):
-        h = self.handles[fh]
+        if self.no_open:        # fh is the inode (patched pyfuse3); the listing never changes
+            parent = self.inodes.get(fh)
+            wanted = self.view.listing(parent).items()[start_id:]
+        else:
+            h = self.handles[fh]
+            parent, wanted = h.inode, h.entries[start_id:]
         reply = pyfuse3.readdir_reply
-        entries = self.view.entries(h.inode, h.entries[start_id:])
+        entries = self.view.entries(parent, wanted)
         try:
             for i, (name, node, number, st, attrs) in enumerate(entries, start_id + 1):
                 if attrs is None:
@@ -151,7 +168,7 @@ class UnionOperations(pyfuse3.Operations):
                     attrs = entry_attributes(number, st, merged, self.timeouts)
                 if not reply(token, name, attrs, i):
                     break
-                child = self.inodes.entry_of(h.inode, name, node, number)  # readdirplus counts
+                child = self.inodes.entry_of(parent, name, node, number)  # readdirplus counts
                 if child.attr is None:
                     child.attr = st
                     child.entry = attrs
@@ -169,6 +186,8 @@ class UnionOperations(pyfuse3.Operations):
     # -- files -----------------------------------------------------------
     @fuse_errors
     async def open(self, inode, flags, ctx=None):
+        if self.no_open and not flags & WRITE_FLAGS:
+            raise FUSEError(errno.ENOSYS)    # no OPEN/RELEASE any more; pages cached
         node = self.inodes.get(inode)
         if flags & WRITE_FLAGS:
             fd = self._writer().open_for_write(node, flags)
@@ -181,7 +200,19 @@ class UnionOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def read(self, fh, off, size):
+        if self.no_open:
+            return os.pread(self._content_fd(fh), size, off)
         return os.pread(self.handles[fh].fd, size, off)
+
+    def _content_fd(self, number: int) -> int:
+        """No-open reads: an fd per inode, the last FD_CACHE of them kept open."""
+        fd = self._fds.pop(number, None)
+        if fd is None:
+            fd = self.view.open_content(self.inodes.get(number))
+            if len(self._fds) >= FD_CACHE:
+                os.close(self._fds.pop(next(iter(self._fds))))
+        self._fds[number] = fd
+        return fd
 
     @fuse_errors
     async def write(self, fh, off, buf):

@@ -78,6 +78,19 @@ async def _run() -> None:
         nursery.cancel_scope.cancel()
 
 
+INODE_FH_MARKER = "MERGEFS_INODE_FH"
+
+
+def pyfuse3_passes_inode() -> bool:
+    """Is this pyfuse3 the build that hands read()/readdir() the inode when fh is 0?
+
+    Such a build carries a marker file beside its module (tools/bench_union.py
+    --inode-fh-pyfuse3 makes one); stock pyfuse3 3.5.0 does not, and then
+    mergefs keeps real opens.
+    """
+    return os.path.exists(os.path.join(os.path.dirname(pyfuse3.__file__), INODE_FH_MARKER))
+
+
 def log_requests() -> None:
     """One log line ``requests {json}`` with the counts since the last one (SIGUSR1)."""
     log.info("requests %s", json.dumps(dict(REQUESTS), sort_keys=True))
@@ -87,11 +100,12 @@ def log_requests() -> None:
 def serve(spec: MountSpec, mountpoint: str, fmt: str = "auto", ready=None) -> None:
     """Serve ``spec`` at ``mountpoint`` until unmounted or signalled."""
     with contextlib.closing(build_view(spec, fmt)) as view:
-        ops = UnionOperations(view)
+        ops = UnionOperations(view, no_open=pyfuse3_passes_inode())
         pyfuse3.init(ops, mountpoint, fuse_options(spec))
         try:
-            log.info("serving %d layers at %s (%s)", len(spec.lowers), mountpoint,
-                     "writable" if spec.writable else "read-only")
+            log.info("serving %d layers at %s (%s%s)", len(spec.lowers), mountpoint,
+                     "writable" if spec.writable else "read-only",
+                     ", no-open" if ops.no_open else "")
             if ready is not None:
                 ready()
             trio.run(_run)
@@ -100,6 +114,7 @@ def serve(spec: MountSpec, mountpoint: str, fmt: str = "auto", ready=None) -> No
             raise
         finally:
             pyfuse3.close(unmount=True)
+            ops.close()
             log.info("stopped")
 
 

@@ -261,3 +261,32 @@ def test_crash_litter_in_work_dir_is_swept(tmp_path, union_mount):
     mnt = union_mount(layers, upper=tmp_path / "up", work=tmp_path / "wk")
     assert sorted(os.listdir(tmp_path / "wk")) == ["keep"]
     assert os.listdir(mnt) == ["f"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("gcc") or subprocess.run(
+    ["pkg-config", "--exists", "fuse3"]).returncode != 0, reason="needs gcc and libfuse3-dev")
+def test_no_open_with_inode_fh_pyfuse3(tmp_path, cli_mounts):
+    """The no-open lever end to end: the patched pyfuse3 build, same view as the kernel."""
+    tools = os.path.join(os.path.dirname(__file__), "..", "..", "tools")
+    sys.path.insert(0, os.path.abspath(tools))
+    try:
+        from bench_union import build_inode_fh_pyfuse3
+    finally:
+        sys.path.pop(0)
+    patched = build_inode_fh_pyfuse3(str(tmp_path / "pyfuse3"))
+    layers = materialise_stack(sample_stack(), tmp_path / "layers")
+    mnt, log = tmp_path / "mnt", tmp_path / "log"
+    mnt.mkdir()
+    cli_mounts.append(mnt)
+    r = _cli("mount", "--log", str(log), *map(str, layers), str(mnt),
+             env=dict(os.environ, PYTHONPATH=patched))
+    assert r.returncode == 0, r.stderr
+    view = tree.capture(mnt)
+    assert tree.capture(mnt) == view                    # warm: served from the kernel's caches
+    (tmp_path / "ovl").mkdir()
+    with mounts.overlay_mount(layers, tmp_path / "ovl") as ovl:
+        tree.assert_same(view, tree.capture(ovl), "no-open union vs kernel overlayfs")
+    assert _cli("umount", str(mnt)).returncode == 0
+    text = log.read_text()
+    assert "no-open" in text and "Traceback" not in text

@@ -191,3 +191,39 @@ async def test_600_layers(tmp_path, make_driver):
     assert await drv.read("shared") == b"599"
     assert len(await drv.readdir(await drv.lookup("d"))) == 600
     await drv.finish()
+
+
+async def test_no_open_mode_reads_and_lists_by_inode(tmp_path):
+    """With a pyfuse3 that passes the inode as fh (no-open), open/opendir are ENOSYS
+    and read/readdir take the inode; a writable view never uses no-open."""
+    from mergefs.layer import Layer
+    from mergefs.union.ops import UnionOperations
+    from mergefs.union.view import UnionView
+    from .conftest import Driver
+    view = UnionView([Layer(p) for p in materialise_stack(sample_stack(), tmp_path)])
+    try:
+        drv = Driver(UnionOperations(view, no_open=True))
+        etc = await drv.lookup("etc")
+        for call in (drv.ops.open(etc, os.O_RDONLY, drv.ctx), drv.ops.opendir(etc, drv.ctx)):
+            with pytest.raises(FUSEError) as e:
+                await call
+            assert e.value.errno == errno.ENOSYS
+        got = []
+
+        def reply(token, name, attrs, next_id):
+            got.append((name, next_id))
+            drv._hold(attrs.st_ino)
+            return len(got) < 2
+        orig, pyfuse3.readdir_reply = pyfuse3.readdir_reply, reply
+        try:
+            await drv.ops.readdir(etc, 0, None)
+            await drv.ops.readdir(etc, got[0][1], None)
+        finally:
+            pyfuse3.readdir_reply = orig
+        assert [n for n, _ in got] == [b"hosts", b"link", b"link"]   # 2nd call resumes at 1
+        passwd = await drv.lookup("etc/passwd")
+        assert await drv.ops.read(passwd, 5, 100) == b"x:0:0:new\n"
+        await drv.finish()
+        drv.ops.close()
+    finally:
+        view.close()
