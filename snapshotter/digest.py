@@ -28,6 +28,7 @@ as ``name=value`` netstrings. Whiteouts carry only path and kind. The digest is
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -35,7 +36,7 @@ from typing import Iterable, NamedTuple
 
 from mergefs import syscalls
 from mergefs.layer import (BLK, CHR, DIR, FIFO, LNK, REG, SOCK, Layer, content_xattrs,
-                           read_layer_dir)
+                           is_overlay_private, read_layer_dir)
 
 PREFIX = "sha256:"
 KINDS = {DIR: b"dir", REG: b"file", LNK: b"symlink", CHR: b"char", BLK: b"block",
@@ -69,15 +70,30 @@ def _ns(*fields: bytes) -> bytes:
     return b"".join(b"%d:%s," % (len(f), f) for f in fields)
 
 
-def file_sha256(dir_fd: int, name: bytes) -> bytes:
+def _fd_xattrs(fd: int) -> dict[str, bytes]:
+    """Content xattrs of an open file or directory (flistxattr: no path lookup)."""
+    out = {}
+    for attr in os.listxattr(fd):
+        if not is_overlay_private(attr):
+            try:
+                out[attr] = os.getxattr(fd, attr)
+            except OSError as e:
+                if e.errno != errno.ENODATA:
+                    raise
+    return out
+
+
+def _file_digest(dir_fd: int, name: bytes) -> tuple[bytes, dict[str, bytes]]:
+    """(sha256 hex of the content, content xattrs) of a regular file, from one open."""
     h = hashlib.sha256()
     fd = os.open(name, syscalls.O_READ, dir_fd=dir_fd)
     try:
+        xattrs = _fd_xattrs(fd)
         while chunk := os.read(fd, CHUNK):
             h.update(chunk)
     finally:
         os.close(fd)
-    return h.hexdigest().encode()
+    return h.hexdigest().encode(), xattrs
 
 
 class TreeSummary(NamedTuple):
@@ -95,15 +111,15 @@ class _Walker:
 
     def record(self, dir_fd: int, path: bytes, name: bytes, kind: int, opaque: bool) -> None:
         st = os.fstat(dir_fd) if not name else syscalls.lstat(name, dir_fd)
-        xattrs = sorted(content_xattrs(dir_fd, name).items())
-        xa = b"".join(_ns(a.encode() + b"=" + v) for a, v in xattrs)
-        kname, detail = KINDS[kind], b""
+        kname, detail, xattrs = KINDS[kind], b"", None
         if kind == DIR:
             detail = b"opaque" if opaque else b""
+            xattrs = _fd_xattrs(dir_fd)          # name is b"": dir_fd is the directory
         elif kind == REG and st.st_nlink > 1 and (st.st_dev, st.st_ino) in self.seen:
             kname, detail = b"hardlink", self.seen[(st.st_dev, st.st_ino)]
         elif kind == REG:
-            detail = file_sha256(dir_fd, name) + b" %d" % st.st_size
+            digest, xattrs = _file_digest(dir_fd, name)
+            detail = digest + b" %d" % st.st_size
             self.bytes += st.st_size
             if st.st_nlink > 1:
                 self.seen[(st.st_dev, st.st_ino)] = path
@@ -111,6 +127,9 @@ class _Walker:
             detail = syscalls.readlink(name, dir_fd)
         elif kind in (CHR, BLK):
             detail = b"%d,%d" % (os.major(st.st_rdev), os.minor(st.st_rdev))
+        if xattrs is None:
+            xattrs = content_xattrs(dir_fd, name)
+        xa = b"".join(_ns(a.encode() + b"=" + v) for a, v in sorted(xattrs.items()))
         self.h.update(_ns(path, kname, b"%o" % stat.S_IMODE(st.st_mode), b"%d" % st.st_uid,
                           b"%d" % st.st_gid, b"%d" % st.st_mtime_ns, detail, xa))
         self.entries += 1
