@@ -277,7 +277,7 @@ def cmd_ls(args) -> int:
 def cmd_inspect(args) -> int:
     from snapshotter import service
     with _store(args) as store:
-        row = service.resolve_ref(store, args.ref)
+        row = store.resolve(args.ref)      # also a corrupt one: inspecting it is the point
         d = row_dict(store, row)
         d["dependents"] = [c for (c,) in store.db.execute(
             "SELECT DISTINCT child FROM parents WHERE parent=?", (row.id,))]

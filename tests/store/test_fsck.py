@@ -102,3 +102,11 @@ def test_fsck_cli_exit_codes(cli, layers):
     assert p.returncode == 1 and "row-without-dir" in p.stdout
     assert cli.run("fsck", "--repair").returncode == 0
     assert cli.run("fsck").returncode == 0
+
+
+def test_a_corrupt_layer_can_still_be_inspected(cli, layers):
+    i = cli.out("import", layers[0])
+    (cli.root / "snapshots" / i[7:] / "fs" / "etc" / "passwd").write_text("x\n")
+    cli.run("fsck", "--repair")
+    assert cli.json("inspect", i)["state"] == "corrupt"
+    assert cli.run("merge", i, layers[1], check=False).returncode == 1
