@@ -265,14 +265,16 @@ def open_image(path, ref: str | None = None) -> Image:
     ``ref`` picks an image by ref name / tag when there are several.
     """
     path = os.fsdecode(path)
-    kind = detect_source(path)
-    if kind not in ("oci-layout", "docker-archive"):
-        raise InvalidLayer(f"{path} is not an OCI image layout or docker-archive")
+    if not os.path.exists(path):
+        raise NotFound(f"{path} does not exist")
     source = _DirSource(path) if os.path.isdir(path) else _TarSource(path)
     try:
         if source.exists("oci-layout") and source.exists("index.json"):
             return _read_oci(source, ref)
-        return _read_docker(source, ref)
+        if source.exists("manifest.json"):
+            return _read_docker(source, ref)
+        raise InvalidLayer(f"{path} is not an OCI image layout or docker-archive "
+                           "(no oci-layout + index.json, no manifest.json)")
     except BaseException:
         source.close()
         raise
