@@ -7,7 +7,6 @@ output appears only when complete (staged next to it, then renamed).
 """
 from __future__ import annotations
 
-import os
 
 from mergefs.farm import build_farm, staged_build
 from mergefs.layer import Layer

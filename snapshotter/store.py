@@ -26,12 +26,10 @@ Lifecycle (STYLE 4: stage, rename, then delete):
 """
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
 import shutil
-import sqlite3
 import time
 import uuid
 from contextlib import contextmanager
