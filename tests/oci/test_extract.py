@@ -5,6 +5,7 @@ import hashlib
 import os
 import stat
 import subprocess
+import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -237,3 +238,56 @@ def _d6(view: tree.View) -> tree.View:
     entries = {p: a for p, a in view.entries.items()
                if not (a.kind == "char" and a.rdev == 0 and below_opaque(p))}
     return tree.View(entries, view.groups)
+
+
+def test_not_root_mode_uses_user_xattrs_and_warns(write_tar, tmp_path):
+    dest, r = extract(write_tar, tmp_path, [member("o/.wh..wh..opq"), member("f", uid=1000)],
+                      is_root=False)
+    assert os.getxattr(dest / "o", "user.overlay.opaque") == b"y"
+    assert any("owners" in w for w in r.warnings)
+
+
+NOBODY = """
+import json, sys
+from mergefs.errors import UnsafeContent
+from mergefs.oci import extract_layer
+r = extract_layer(sys.argv[1], sys.argv[2])
+try:
+    extract_layer(sys.argv[3], sys.argv[2] + "-dev")
+    dev = "accepted"
+except UnsafeContent as e:
+    dev = str(e)
+print(json.dumps({"whiteouts": r.whiteouts, "warnings": r.warnings, "dev": dev}))
+"""
+
+
+@needs_root
+def test_real_unprivileged_import(tmp_path):
+    """As uid 65534: whiteouts (mknod 0/0 is allowed since Linux 5.8), user.overlay.opaque,
+    owners not kept (a warning), device nodes refused."""
+    import json
+    import shutil
+    import tempfile
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv")
+    work = tempfile.mkdtemp(prefix="mergefs-nobody-")
+    try:
+        os.chown(work, 65534, 65534)
+        layer, devs = os.path.join(work, "l.tar"), os.path.join(work, "d.tar")
+        with open(layer, "wb") as f:
+            f.write(tar_bytes([member(".wh.gone"), member("o/.wh..wh..opq"),
+                               member("o/f", data=b"x", uid=1000)]))
+        with open(devs, "wb") as f:
+            f.write(tar_bytes([member("null", "char", devmajor=1, devminor=3)]))
+        out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                              sys.executable, "-c", NOBODY, layer, os.path.join(work, "x"), devs],
+                             capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(
+                                 os.path.dirname(os.path.abspath(__file__)))))
+        assert out.returncode == 0, out.stderr
+        res = json.loads(out.stdout)
+        assert res["whiteouts"] == 1 and "device" in res["dev"]
+        assert any("owners" in w for w in res["warnings"])
+        assert os.getxattr(os.path.join(work, "x", "o"), "user.overlay.opaque") == b"y"
+        assert not os.path.exists(os.path.join(work, "x-dev"))
+    finally:
+        shutil.rmtree(work)
