@@ -299,8 +299,11 @@ class Extractor:
             raise UnsafeContent(f"tar member {m.name!r} is a hardlink to {m.linkname!r}, which is "
                                 "not an earlier non-directory member of this layer")
         tparent, tbase = _split(target)
-        tfd = self.dir_fd(tparent)
-        self._create(path, lambda pfd, base: syscalls.link(tbase, base, tfd, pfd))
+        tfd = os.dup(self.dir_fd(tparent))     # dir_fd(parent) below may evict the cache
+        try:
+            self._create(path, lambda pfd, base: syscalls.link(tbase, base, tfd, pfd))
+        finally:
+            os.close(tfd)
         self.linkable.add(path)
         self.r.hardlinks += 1
 

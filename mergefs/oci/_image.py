@@ -13,10 +13,12 @@ archive cannot make us open a file outside it.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
+import posixpath
 import re
 import tarfile
 from dataclasses import dataclass, field
@@ -158,17 +160,36 @@ def _clean(name: str) -> bytes:
     return path
 
 
+def _link_target(parent: str, target: str) -> str:
+    """Where a symlink inside the image points, as a name inside the image."""
+    joined = posixpath.normpath(posixpath.join(parent, target))
+    if target.startswith("/") or joined == ".." or joined.startswith("../"):
+        raise UnsafeContent(f"a link in the image points outside it: {target!r}")
+    return joined
+
+
 class _DirSource(_Source):
     def __init__(self, path: str):
         self.fd = os.open(path, syscalls.O_DIR & ~os.O_NOFOLLOW)
 
-    def open(self, name: str) -> BinaryIO:
+    def open(self, name: str, hops: int = 0) -> BinaryIO:
+        path = _clean(name)
         try:
-            fd = syscalls.open_beneath(self.fd, _clean(name), syscalls.O_READ)
+            fd = syscalls.open_beneath(self.fd, path, syscalls.O_READ)
         except FileNotFoundError:
             raise NotFound(f"the image refers to {name!r}, which is missing") from None
         except OSError as e:
-            raise UnsafeContent(f"cannot open {name!r} inside the image: {e.strerror}") from None
+            if e.errno != errno.ELOOP or hops >= 8:
+                raise UnsafeContent(f"cannot open {name!r} inside the image: {e.strerror}") from None
+            # An unpacked skopeo docker-archive links <id>/layer.tar -> ../<digest>.tar:
+            # follow the link ourselves, as a name inside the image (cleaned again).
+            parent, _, base = path.rpartition(b"/")
+            pfd = syscalls.open_beneath(self.fd, parent)
+            try:
+                target = syscalls.readlink(base, pfd)
+            finally:
+                os.close(pfd)
+            return self.open(_link_target(os.fsdecode(parent), os.fsdecode(target)), hops + 1)
         return os.fdopen(fd, "rb")
 
     def exists(self, name: str) -> bool:
@@ -204,7 +225,7 @@ class _TarSource(_Source):
         if m is None:
             raise NotFound(f"the image archive has no {name!r}")
         if m.issym() and hops < 8:     # skopeo links identical layers; stay inside the archive
-            return self._member(os.path.join(os.path.dirname(name), m.linkname), hops + 1)
+            return self._member(_link_target(os.path.dirname(name), m.linkname), hops + 1)
         if not m.isfile():
             raise InvalidLayer(f"{name!r} in the image archive is not a file")
         return m
@@ -376,7 +397,10 @@ def _read_docker(source: _Source, ref: str | None) -> Image:
     with _Verified(source.open(config_name), config_digest, None, config_name) as f:
         data = f.read()
         f.read()
-    config = json.loads(data)
+    try:
+        config = json.loads(data)
+    except ValueError as e:
+        raise InvalidLayer(f"{config_name}: not valid JSON ({e})") from None
     names = entry.get("Layers") or []
     diff_ids = _diff_ids(config, len(names))
     layers = [LayerDescriptor(DOCKER_ARCHIVE_LAYER, _hex_digest(n), None, d, n)

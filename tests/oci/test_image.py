@@ -153,3 +153,24 @@ def test_export_layout_reads_back(tmp_path):
         assert img.manifest_digest == exported.manifest_digest
         assert img.layers[0].media_type.endswith("+zstd")
         assert img.config["rootfs"]["diff_ids"] == [exported.layers[0].diff_id]
+
+
+def test_unpacked_skopeo_style_docker_archive_links(tmp_path):
+    """<id>/layer.tar -> ../<digest>.tar links are followed inside the image, never out."""
+    layer = tar_bytes([member("hello", data=b"hi")])
+    digest = hashlib.sha256(layer).hexdigest()
+    d = tmp_path / "unpacked"
+    (d / "abc").mkdir(parents=True)
+    (d / f"{digest}.tar").write_bytes(layer)
+    os.symlink(f"../{digest}.tar", d / "abc" / "layer.tar")
+    os.symlink("../../../etc/passwd", d / "abc" / "evil.tar")
+    (d / "cfg.json").write_text(json.dumps({"rootfs": {"type": "layers",
+                                                       "diff_ids": ["sha256:" + digest]}}))
+    (d / "manifest.json").write_text(json.dumps([{"Config": "cfg.json",
+                                                  "Layers": ["abc/layer.tar"]}]))
+    with open_image(d) as img:
+        for desc, reader in img.iter_layers():
+            extract_layer(reader, tmp_path / "x", expected_diff_id=desc.diff_id)
+        with pytest.raises(UnsafeContent):
+            img._source.open("abc/evil.tar")
+    assert (tmp_path / "x" / "hello").read_bytes() == b"hi"
