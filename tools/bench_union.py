@@ -13,6 +13,12 @@ mounts every system afresh and measures, in this order:
 * read cold / warm: ``cat MNT/big.bin > /dev/null`` (sequential), same;
 * server RSS after the walk (VmRSS of the FUSE server; kernel has none).
 
+``mergefs-noopen`` is mergefs with a pyfuse3 built by ``build_inode_fh_pyfuse3``
+(needs gcc and libfuse3-dev): read-only mounts then answer open/opendir with
+ENOSYS and the kernel caches pages and listings (see mergefs/union/__init__.py).
+Other processes dropping caches during a run make "warm" rows cold: the
+request counts printed at the end show it (reads in a warm phase).
+
 For mergefs it also records the FUSE requests of each warm phase (the server
 logs its counters on SIGUSR1), which is how the caching levers are verified.
 Ratios: cold rows against fuse-overlayfs, warm rows and mount against kernel
@@ -259,7 +265,13 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     ap.add_argument("--json", help="also write the results here")
-    return run(ap.parse_args(argv))
+    ap.add_argument("--build-inode-fh-pyfuse3", metavar="DIR",
+                    help="only build the no-open pyfuse3 into DIR (use with PYTHONPATH=DIR)")
+    args = ap.parse_args(argv)
+    if args.build_inode_fh_pyfuse3:
+        print(build_inode_fh_pyfuse3(args.build_inode_fh_pyfuse3))
+        return 0
+    return run(args)
 
 
 if __name__ == "__main__":
