@@ -18,6 +18,7 @@ path can be computed while the parent is no longer known to the kernel.
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Iterator
 
 from ..errors import NotFound
@@ -85,6 +86,9 @@ class InodeTable:
         self.root = Inode(ROOT_INODE, None, b"", root_node)
         self.root.lookups = 1          # the kernel never forgets the root
         self._live: dict[int, Inode] = {ROOT_INODE: self.root}
+        # Forgotten inodes that a live child still names as its parent: found
+        # again, the same object comes back, so a rename seen by one is seen by all.
+        self._dropped: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
     def __len__(self) -> int:
         return len(self._live)
@@ -123,7 +127,8 @@ class InodeTable:
         number = self.number_for(node)
         inode = self._live.get(number)
         if inode is None:
-            inode = self._live[number] = Inode(number, parent, name, node)
+            inode = self._dropped.pop(number, None) or Inode(number, parent, name, node)
+            self._live[number] = inode
         elif inode.parent is not parent or inode.name != name or inode.unlinked:
             # another hardlink name, or the same entry found again after a rename
             inode.parent, inode.name, inode.unlinked = parent, name, False
@@ -148,7 +153,9 @@ class InodeTable:
         inode.lookups -= count
         if inode.lookups <= 0:
             del self._live[number]
+            inode.lookups = 0
             inode.children = None
+            self._dropped[number] = inode
 
     def check(self) -> list[str]:
         """Invariant violations (empty when consistent); tests end with this."""
