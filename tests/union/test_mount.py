@@ -290,3 +290,25 @@ def test_no_open_with_inode_fh_pyfuse3(tmp_path, cli_mounts):
     assert _cli("umount", str(mnt)).returncode == 0
     text = log.read_text()
     assert "no-open" in text and "Traceback" not in text
+
+
+def test_cli_mount_foreground(tmp_path, cli_mounts):
+    layers = materialise_stack(sample_stack(), tmp_path / "layers")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cli_mounts.append(mnt)
+    proc = subprocess.Popen([sys.executable, "-m", "mergefs", "mount", "--foreground",
+                             *map(str, layers), str(mnt)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not server.is_mounted(str(mnt)) and proc.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert (mnt / "etc/hosts").read_bytes() == b"127.0.0.1\n"
+        assert _cli("umount", str(mnt)).returncode == 0
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
