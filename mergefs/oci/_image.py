@@ -249,13 +249,25 @@ def detect_source(path) -> str:
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "oci-layout")):
             return "oci-layout"
-        if os.path.isfile(os.path.join(path, "manifest.json")) and \
-                not os.path.lexists(os.path.join(path, ".wh.manifest.json")):
+        if _looks_like_docker_manifest(os.path.join(path, "manifest.json")):
             return "docker-archive"
         return "layer-dir"
     if not os.path.exists(path):
         raise NotFound(f"{path} does not exist")
     return _sniff_archive(path)
+
+
+def _looks_like_docker_manifest(path: str) -> bool:
+    """A layer may hold a file called manifest.json; docker's is a list of images."""
+    try:
+        if os.path.islink(path) or os.path.getsize(path) > (16 << 20):
+            return False
+        with open(path, "rb") as f:
+            data = json.loads(f.read())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, list) and bool(data) and isinstance(data[0], dict) \
+        and "Layers" in data[0]
 
 
 def _sniff_archive(path: str) -> str:

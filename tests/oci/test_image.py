@@ -44,7 +44,8 @@ def make_layout(tmp_path, layers: list[bytes], diff_ids=None, ref="v1",
 
 
 def test_detect_source_kinds(tmp_path, write_tar):
-    layer = materialise(LayerSpec().file("etc/x", b"1"), tmp_path / "dir")
+    layer = materialise(LayerSpec().file("etc/x", b"1").file("manifest.json", b"{}"),
+                        tmp_path / "dir")
     assert detect_source(layer) == "layer-dir"
     assert detect_source(write_tar([member("./"), member("bin", "dir")], name="l.tar")) == "layer-tar"
     gz = tmp_path / "l.tgz"
