@@ -43,6 +43,7 @@ LAYER_TYPES = {
     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
 }
 DOCKER_ARCHIVE_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
+MAX_JSON = 16 << 20      # manifests and configs are kilobytes; refuse to buffer a huge one
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _HEX_NAME = re.compile(r"^(blobs/sha256/)?([0-9a-f]{64})(\.json|\.tar|/layer\.tar|/json|/VERSION)?$")
 _ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le",
@@ -146,7 +147,7 @@ class _Source:
 
     def read_json(self, name: str) -> dict | list:
         with self.open(name) as f:
-            data = f.read(64 << 20)
+            data = f.read(MAX_JSON)
         try:
             return json.loads(data)
         except ValueError as e:
@@ -321,6 +322,8 @@ def _blob_path(digest: str) -> str:
 
 def _read_blob_json(source: _Source, desc: dict) -> dict:
     path = _blob_path(desc.get("digest"))
+    if not isinstance(desc.get("size", 0), int) or desc.get("size", 0) > MAX_JSON:
+        raise InvalidLayer(f"{path}: a {desc.get('size')}-byte manifest or config is not plausible")
     with _Verified(source.open(path), desc["digest"], desc.get("size"), path) as f:
         data = f.read()
         f.read()       # end of blob: verify
@@ -407,7 +410,9 @@ def _read_docker(source: _Source, ref: str | None) -> Image:
         raise InvalidLayer("manifest.json entry has no Config")
     config_digest = _hex_digest(config_name)
     with _Verified(source.open(config_name), config_digest, None, config_name) as f:
-        data = f.read()
+        data = f.read(MAX_JSON + 1)
+        if len(data) > MAX_JSON:
+            raise InvalidLayer(f"{config_name}: an image config over {MAX_JSON} bytes")
         f.read()
     try:
         config = json.loads(data)
