@@ -274,7 +274,7 @@ def report_targets(table: benchlib.Table, formats, states, workers) -> list[str]
     for name in (_farm_name(f, s, w) for f in formats for s in states for w in workers):
         r = table.ratio(name)
         peak = max(table.rows[name + " peak RSS"].samples)
-        lines.append(f"{name}/cp-al = {r:.2f} (target <= {TARGET_RATIO}: "
+        lines.append(f"{name}/cp-al = {r:.3f} (target <= {TARGET_RATIO}: "
                      f"{'met' if r <= TARGET_RATIO else 'MISSED'}); peak RSS max "
                      f"{peak / 1e6:.0f} MB (target <= {TARGET_RSS / 1e6:.0f} MB: "
                      f"{'met' if peak <= TARGET_RSS else 'MISSED'})")
