@@ -167,8 +167,8 @@ class TarReader:
         self.stream.copy_to(fd, self._left, self._pad)
         self._left = self._pad = 0
 
-    def _header(self) -> tuple | None:
-        """The next header block's fields (None at the end of the archive)."""
+    def _block(self) -> bytes | None:
+        """The next header block, checksum verified (None at the end of the archive)."""
         stream = self.stream
         if self._left or self._pad:
             stream.skip(self._left + self._pad)
@@ -178,8 +178,7 @@ class TarReader:
             if not block or block == ZERO_BLOCK:
                 return None       # end of archive (one zero block is enough, as for tar -x)
             raise InvalidLayer("tar: archive ends inside a header")
-        h = HEADER.unpack(block)
-        field_ = h[6]
+        field_ = block[148:156]
         try:
             stored = int(field_.rstrip(b"\0 "), 8)
         except ValueError:
@@ -188,7 +187,7 @@ class TarReader:
         if (zlib.adler32(block) & 0xFFFF) != (stored + sum(field_) - 255) % 65521 \
                 and not _checksum_ok(block, field_):
             raise InvalidLayer("tar: header checksum mismatch (corrupt or not a tar)")
-        return h
+        return block
 
     def _data_of(self, size: int) -> bytes:
         return self.stream.take(size, pad=-size % BLOCK)
@@ -197,13 +196,13 @@ class TarReader:
         pax = None
         longname = longlink = None
         while True:
-            h = self._header()
-            if h is None:
+            block = self._block()
+            if block is None:
                 return None
-            typ = h[7]
+            typ = block[156:157]
             if typ in MEMBER_TYPES:
                 break
-            size = _number(h[4], "size")
+            size = _number(block[124:136], "size")
             if typ == PAX:
                 records = parse_pax(self._data_of(size))
                 pax = records if pax is None else {**pax, **records}
@@ -219,6 +218,7 @@ class TarReader:
                 break
         if self._global:
             pax = {**self._global, **(pax or {})}
+        h = HEADER.unpack(block)
         try:
             member = self._member(h, typ, pax, longname, longlink)
         except ValueError as e:           # int() of a malformed pax value
@@ -270,7 +270,11 @@ def _apply_pax(m: Member, pax: dict[bytes, bytes]) -> None:
     atime to the mtime, so the same tar gives the same tree."""
     for key, value in pax.items():
         if key == b"mtime":
-            m.mtime_ns = pax_time_ns(value)
+            whole, dot, frac = value.partition(b".")
+            if dot and len(frac) == 9 and whole.isdigit() and frac.isdigit():
+                m.mtime_ns = int(whole + frac)           # GNU tar's form, in one int()
+            else:
+                m.mtime_ns = pax_time_ns(value)
         elif key == b"atime" or key == b"ctime":
             continue
         elif key == b"path":
