@@ -60,31 +60,25 @@ class _Prefixed(io.RawIOBase):
 
 
 class _ZstdFrames:
-    """zstd frames one after another (a concatenation is one valid stream)."""
+    """zstd frames one after another (a concatenation is one valid stream).
+
+    ``stream_reader`` bounds what one read returns (a few bytes of zstd can
+    stand for gigabytes; ``decompressobj`` has no output limit). It does not
+    notice a stream cut at a frame boundary; the tar reader does, since a
+    layer must end with an end-of-archive block.
+    """
 
     def __init__(self, raw: BinaryIO):
         import zstandard
-        self._zstd = zstandard
-        self.raw = raw
-        self.dobj = zstandard.ZstdDecompressor().decompressobj()
-        self.pending = b""
+        self._error = zstandard.ZstdError
+        self._reader = zstandard.ZstdDecompressor().stream_reader(
+            raw, read_size=CHUNK, read_across_frames=True)
 
     def read(self, n: int) -> bytes:
-        while not self.pending:
-            chunk = self.raw.read(CHUNK)
-            if self.dobj.eof:
-                chunk = self.dobj.unused_data + chunk
-                if not chunk:
-                    return b""
-                self.dobj = self._zstd.ZstdDecompressor().decompressobj()
-            elif not chunk:
-                raise InvalidLayer("zstd stream is truncated")
-            try:
-                self.pending = self.dobj.decompress(chunk)
-            except self._zstd.ZstdError as e:
-                raise InvalidLayer(f"zstd stream is corrupt: {e}") from None
-        out, self.pending = self.pending[:n], self.pending[n:]
-        return out
+        try:
+            return self._reader.read(n)
+        except self._error as e:
+            raise InvalidLayer(f"zstd stream is corrupt: {e}") from None
 
 
 def _gzip_reader(raw: BinaryIO) -> Callable[[int], bytes]:

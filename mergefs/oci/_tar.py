@@ -175,9 +175,12 @@ class TarReader:
             self._left = self._pad = 0
         block = stream.take(BLOCK, eof_ok=True)
         if len(block) < BLOCK or block == ZERO_BLOCK:
-            if not block or block == ZERO_BLOCK:
+            if block == ZERO_BLOCK:
                 return None       # end of archive (one zero block is enough, as for tar -x)
-            raise InvalidLayer("tar: archive ends inside a header")
+            # Every tar writer ends with zero blocks; without them the stream was cut
+            # (at a member boundary, which neither tar nor a zstd reader notices).
+            raise InvalidLayer("tar archive is truncated (no end-of-archive block)"
+                               if not block else "tar: archive ends inside a header")
         field_ = block[148:156]
         try:
             stored = int(field_.rstrip(b"\0 "), 8)

@@ -210,3 +210,34 @@ def test_whiteout_names_that_escape_refused(write_tar, tmp_path):
 
 def test_whiteout_with_children_refused(write_tar, tmp_path):
     refuse(write_tar, tmp_path, [member(".wh.a/b", data=b"x")], InvalidLayer)
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd", "none"])
+def test_stream_cut_at_a_member_boundary_is_invalid(tmp_path, compression):
+    raw = tar_bytes([member("a", data=b"x" * 512), member("b", data=b"y" * 512)])
+    cut = raw[:512 + 512]        # header and data of "a": a clean member boundary
+    if compression == "gzip":
+        import gzip
+        cut = gzip.compress(cut)
+    elif compression == "zstd":
+        import zstandard
+        cut = zstandard.ZstdCompressor().compress(cut)
+    src = tmp_path / "layer.tar"
+    src.write_bytes(cut)
+    with pytest.raises(InvalidLayer, match="truncated"):
+        extract_layer(src, tmp_path / "dest")
+    assert not os.path.lexists(tmp_path / "dest")
+
+
+def test_zstd_bomb_is_read_in_bounded_pieces(tmp_path):
+    """A few KiB of zstd standing for 256 MiB of zeros: read with bounded memory."""
+    import resource
+    import zstandard
+    cobj = zstandard.ZstdCompressor().compressobj()
+    data = b"".join(cobj.compress(bytes(1 << 20)) for _ in range(256)) + cobj.flush()
+    src = tmp_path / "bomb.tar.zst"
+    src.write_bytes(data)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    r = extract_layer(src, tmp_path / "dest")     # zeros: an empty archive, all read and hashed
+    assert r.entries == 0 and r.tar_size == 256 << 20
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000   # KiB
