@@ -141,7 +141,7 @@ class TarReader:
 
     ``stream`` offers ``take(n) -> bytes``, ``skip(n)`` and ``copy_to(fd, n)``
     (see ``_stream.TarStream``). After a member is yielded the caller either
-    consumes its data with ``read_data``/``copy_data`` or leaves it; the reader
+    consumes its data with ``copy_data`` or leaves it; the reader
     skips what is left before the next header.
     """
 
@@ -157,11 +157,6 @@ class TarReader:
             if member is None:
                 return
             yield member
-
-    def read_data(self, member: Member) -> bytes:
-        data = self.stream.take(self._left)
-        self._left = 0
-        return data
 
     def copy_data(self, fd: int) -> None:
         self.stream.copy_to(fd, self._left, self._pad)
@@ -298,10 +293,6 @@ def _apply_pax(m: Member, pax: dict[bytes, bytes]) -> None:
 
 # ---- writing ---------------------------------------------------------------
 
-def _octal(value: int, width: int) -> bytes:
-    return b"%0*o\0" % (width - 1, value)
-
-
 def _pax_record(key: bytes, value: bytes) -> bytes:
     body = b" " + key + b"=" + value + b"\n"
     n = len(body) + 1
@@ -312,21 +303,11 @@ def _pax_record(key: bytes, value: bytes) -> bytes:
 
 def _ustar(name: bytes, typ: bytes, mode: int, uid: int, gid: int, size: int, mtime: int,
            linkname: bytes = b"", devmajor: int = 0, devminor: int = 0) -> bytes:
-    block = bytearray(BLOCK)
-    block[0:len(name)] = name
-    block[100:108] = _octal(mode, 8)
-    block[108:116] = _octal(uid, 8)
-    block[116:124] = _octal(gid, 8)
-    block[124:136] = _octal(size, 12)
-    block[136:148] = _octal(mtime, 12)
-    block[148:156] = b" " * 8
-    block[156:157] = typ
-    block[157:157 + len(linkname)] = linkname
-    block[257:265] = b"ustar\x0000"
-    block[329:337] = _octal(devmajor, 8)
-    block[337:345] = _octal(devminor, 8)
-    block[148:156] = b"%06o\0 " % sum(block)
-    return bytes(block)
+    block = HEADER.pack(name, b"%07o\0" % mode, b"%07o\0" % uid, b"%07o\0" % gid,
+                        b"%011o\0" % size, b"%011o\0" % mtime, b" " * 8, typ, linkname,
+                        b"ustar\0", b"00", b"", b"", b"%07o\0" % devmajor,
+                        b"%07o\0" % devminor, b"")
+    return block[:148] + b"%06o\0 " % sum(block) + block[156:]
 
 
 def encode_header(m: Member) -> bytes:
