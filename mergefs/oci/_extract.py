@@ -252,10 +252,11 @@ class Extractor:
         if pfd is None:
             pfd = self.dir_fd(parent)
         mode = m.mode & 0o7777
-        # Created with its final mode when the umask keeps it and no chown
-        # follows (chown clears setuid bits): saves one chmod per file.
+        # Created with its final mode when the umask keeps it, no chown follows
+        # and there is no setuid/setgid bit (chown clears them, and so does a
+        # write without CAP_FSETID): saves one chmod per file.
         chown = self.is_root and (m.uid or m.gid)
-        exact = not chown and mode & self.umask == 0
+        exact = not chown and mode & (self.umask | 0o6000) == 0
         try:
             fd = syscalls.create_excl(base, pfd, mode if exact else 0o600)
         except FileExistsError:

@@ -276,7 +276,8 @@ def test_real_unprivileged_import(tmp_path):
         layer, devs = os.path.join(work, "l.tar"), os.path.join(work, "d.tar")
         with open(layer, "wb") as f:
             f.write(tar_bytes([member(".wh.gone"), member("o/.wh..wh..opq"),
-                               member("o/f", data=b"x", uid=1000)]))
+                               member("o/f", data=b"x", uid=1000),
+                               member("o/suid", data=b"#!", mode=0o4755)]))
         with open(devs, "wb") as f:
             f.write(tar_bytes([member("null", "char", devmajor=1, devminor=3)]))
         out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
@@ -288,6 +289,8 @@ def test_real_unprivileged_import(tmp_path):
         assert res["whiteouts"] == 1 and "device" in res["dev"]
         assert any("owners" in w for w in res["warnings"])
         assert os.getxattr(os.path.join(work, "x", "o"), "user.overlay.opaque") == b"y"
+        # a write without CAP_FSETID clears setuid: the mode is set after the data (A1)
+        assert stat.S_IMODE(os.lstat(os.path.join(work, "x", "o", "suid")).st_mode) == 0o4755
         assert not os.path.exists(os.path.join(work, "x-dev"))
     finally:
         shutil.rmtree(work)
