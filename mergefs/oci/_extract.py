@@ -223,6 +223,8 @@ class Extractor:
             self._seen(path)                  # raises
         seen.add(path)
         typ = m.type
+        if not path and typ != _tar.DIR:
+            raise InvalidLayer(f"tar member {m.name!r} names the layer root but is not a directory")
         if typ in _tar.FILE_TYPES:
             self.file(path, m, reader)
         elif typ == _tar.DIR:

@@ -28,6 +28,9 @@ GNU_SPARSE, GNU_MULTIVOL = b"S", b"M"
 FILE_TYPES = (REG, AREG, CONT)
 ALL_TYPES = (REG, AREG, LNK, SYM, CHR, BLK, DIR, FIFO, CONT)
 MEMBER_TYPES = frozenset(ALL_TYPES) | {GNU_DUMPDIR, GNU_SPARSE, GNU_MULTIVOL}
+ID_LIMIT = 2**32 - 1          # (uid_t)-1 means "unchanged" to chown: not an owner
+TIME_LIMIT = 2**63            # nanoseconds that still fit the kernel's timespec
+MAJOR_LIMIT, MINOR_LIMIT = 2**12, 2**20   # what the kernel's dev_t holds (new_valid_dev)
 # name mode uid gid size mtime chksum type linkname magic version uname gname devmajor devminor prefix
 HEADER = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12x")
 XATTR_PREFIXES = (b"SCHILY.xattr.", b"LIBARCHIVE.xattr.")
@@ -260,6 +263,11 @@ class TarReader:
                    _number(h[14], "devminor") if dev else 0)
         if pax:
             _apply_pax(m, pax)
+        if not (0 <= m.uid < ID_LIMIT and 0 <= m.gid < ID_LIMIT and 0 <= m.size
+                and -TIME_LIMIT < m.mtime_ns < TIME_LIMIT
+                and 0 <= m.devmajor < MAJOR_LIMIT and 0 <= m.devminor < MINOR_LIMIT):
+            raise InvalidLayer(f"tar: entry {m.name!r} has an out-of-range owner, size, "
+                               "time or device number")
         return m
 
 
