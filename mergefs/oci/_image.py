@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator
 
 from .. import syscalls
-from ..errors import InvalidLayer, NotFound, UnsafeContent
+from ..errors import InvalidLayer, MergefsError, NotFound, UnsafeContent
 from ._extract import clean_path
 
 INDEX = "application/vnd.oci.image.index.v1+json"
@@ -309,6 +309,13 @@ def open_image(path, ref: str | None = None) -> Image:
             return _read_docker(source, ref)
         raise InvalidLayer(f"{path} is not an OCI image layout or docker-archive "
                            "(no oci-layout + index.json, no manifest.json)")
+    except MergefsError:
+        source.close()
+        raise
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError) as e:
+        # JSON of the wrong shape (a string where an object belongs...): one typed error
+        source.close()
+        raise InvalidLayer(f"{path}: malformed image metadata ({type(e).__name__}: {e})") from None
     except BaseException:
         source.close()
         raise

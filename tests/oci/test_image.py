@@ -175,3 +175,28 @@ def test_unpacked_skopeo_style_docker_archive_links(tmp_path):
         with pytest.raises(UnsafeContent):
             img._source.open("abc/evil.tar")
     assert (tmp_path / "x" / "hello").read_bytes() == b"hi"
+
+
+@pytest.mark.parametrize("mangle", [
+    lambda i: i["manifests"][0].update(annotations=["not", "a", "dict"]),
+    lambda i: i["manifests"][0].update(digest=42),
+    lambda i: i.update(manifests="nope"),
+    lambda i: i["manifests"].append(None),
+])
+def test_malformed_index_is_invalid(tmp_path, mangle):
+    layout = make_layout(tmp_path, [tar_bytes([member("f")])])
+    index = json.loads((layout / "index.json").read_text())
+    mangle(index)
+    (layout / "index.json").write_text(json.dumps(index))
+    with pytest.raises((InvalidLayer, NotFound)):
+        open_image(layout, "v1")
+
+
+def test_malformed_manifest_is_invalid(tmp_path):
+    layout = make_layout(tmp_path, [tar_bytes([member("f")])])
+    index = json.loads((layout / "index.json").read_text())
+    bad = put_blob(layout, json.dumps({"schemaVersion": 2, "config": "x", "layers": [1]}).encode())
+    index["manifests"][0].update(bad)
+    (layout / "index.json").write_text(json.dumps(index))
+    with pytest.raises(InvalidLayer):
+        open_image(layout)
