@@ -26,8 +26,9 @@ Decisions (OCI image-spec layer.md, SEMANTICS D2/D3/D5/D6/D7, A1/A2/A3):
   ``ExtractResult.implicit_dirs``. Caveat: OCI applies such a layer without
   touching the lower directory's attributes; overlay format has no way to say
   "no attributes", so a merge shows these (umoci's repack omits unchanged
-  parents, e.g. ``home/`` above a changed ``home/user/``). Hardlinks must point to
-  a non-directory member that came earlier in the same tar.
+  parents, e.g. ``home/`` above a changed ``home/user/``).
+* Hardlinks must point to a non-directory member that came earlier in the
+  same tar. Whiteouts get mode 0 and mtime 0 (deterministic, like the kernel's).
 * Metadata: numeric owners (chown only as root), then chmod, then xattrs (pax
   ``SCHILY.xattr.*``; overlay-private ones are format, not content; a refused
   xattr is a warning, A3), then nanosecond times. Directories get theirs after

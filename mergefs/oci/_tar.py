@@ -6,7 +6,10 @@ microseconds, which is what makes importing 100k-file layers close to ``tar -x``
 Read: ustar, POSIX pax (``x`` per entry, ``g`` global), GNU (long names ``L``/
 ``K``, base-256 numbers, old ``ustar  `` magic), v7. Refused with InvalidLayer:
 sparse files, multi-volume members, unknown entry types, bad checksums, data
-that ends early. Written: ustar headers with pax records where a value does
+that ends early, an archive without an end-of-archive block (every writer puts
+one; without it the stream was cut, maybe at a member boundary), owners, times
+or device numbers the kernel cannot hold. pax ``atime``/``ctime`` are ignored
+(an import sets atime = mtime: the same tar, the same tree). Written: ustar headers with pax records where a value does
 not fit (long names, nanosecond mtimes, xattrs, large ids or sizes).
 """
 from __future__ import annotations
