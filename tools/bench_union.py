@@ -13,6 +13,9 @@ mounts every system afresh and measures, in this order:
 * read cold / warm: ``cat MNT/big.bin > /dev/null`` (sequential), same;
 * server RSS after the walk (VmRSS of the FUSE server; kernel has none).
 
+``--distro DIR`` measures a real tree instead: ``debootstrap --variant=minbase``
+(made once) split into 3 layers (usr minus usr/share, usr/share, the rest).
+
 ``mergefs-noopen`` is mergefs with a pyfuse3 built by ``build_inode_fh_pyfuse3``
 (needs gcc and libfuse3-dev): read-only mounts then answer open/opendir with
 ENOSYS and the kernel caches pages and listings (see mergefs/union/__init__.py).
@@ -46,6 +49,7 @@ from mergefs.union import server  # noqa: E402
 
 SYSTEMS = ("kernel-overlay", "fuse-overlayfs", "mergefs", "mergefs-noopen")
 PATCHED_HANDLERS = ("fuse_read", "fuse_readdirplus")
+PATCH_MARK = "v2: fh 0 -> inode in read/readdir; FUSE_CAP_CACHE_SYMLINKS\n"
 
 
 def build_inode_fh_pyfuse3(dest: str) -> str:
@@ -53,7 +57,8 @@ def build_inode_fh_pyfuse3(dest: str) -> str:
     given the inode when the kernel's fh is 0 (the "no-open" lever, DESIGN.md).
 
     The generated C that pyfuse3 ships is patched in two places (the ``c.fh =
-    fi.fh`` of fuse_read and fuse_readdirplus) and compiled against libfuse3;
+    fi.fh`` of fuse_read and fuse_readdirplus), its init asks for
+    FUSE_CAP_CACHE_SYMLINKS, and it is compiled against libfuse3;
     a marker file tells mergefs.union.server to answer open/opendir with
     ENOSYS on read-only mounts. Needs gcc and libfuse3-dev. Returns DEST.
     """
@@ -61,7 +66,8 @@ def build_inode_fh_pyfuse3(dest: str) -> str:
     import sysconfig
     import pyfuse3
     pkg = os.path.join(dest, "pyfuse3")
-    if os.path.exists(os.path.join(pkg, server.INODE_FH_MARKER)):
+    marker = os.path.join(pkg, server.INODE_FH_MARKER)
+    if os.path.exists(marker) and open(marker).read() == PATCH_MARK:
         return dest
     shutil.rmtree(pkg, ignore_errors=True)
     shutil.copytree(os.path.dirname(pyfuse3.__file__), pkg,
@@ -77,8 +83,14 @@ def build_inode_fh_pyfuse3(dest: str) -> str:
         elif current in PATCHED_HANDLERS and line.strip() == "__pyx_t_4 = __pyx_v_fi->fh;":
             lines[i] = "  __pyx_t_4 = __pyx_v_fi->fh ? __pyx_v_fi->fh : (uint64_t) __pyx_v_ino;"
             patched, current = patched + 1, None
-    if patched != len(PATCHED_HANDLERS):
-        raise RuntimeError(f"patched {patched} of {len(PATCHED_HANDLERS)} handlers: "
+    init = ("  __pyx_v_conn->want = (__pyx_v_conn->want & "
+            "(~((unsigned int)FUSE_CAP_READDIRPLUS_AUTO)));")
+    if init in lines:   # symlinks never change in place: let the kernel cache targets
+        lines[lines.index(init)] = init + (" if (__pyx_v_conn->capable & FUSE_CAP_CACHE_SYMLINKS)"
+                                           " __pyx_v_conn->want |= FUSE_CAP_CACHE_SYMLINKS;")
+        patched += 1
+    if patched != len(PATCHED_HANDLERS) + 1:
+        raise RuntimeError(f"patched {patched} of {len(PATCHED_HANDLERS) + 1} places: "
                            "this pyfuse3's generated C is not the expected one")
     open(src, "w").write("\n".join(lines))
     flags = subprocess.run(["pkg-config", "--cflags", "--libs", "fuse3"], check=True,
@@ -87,8 +99,33 @@ def build_inode_fh_pyfuse3(dest: str) -> str:
     subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-I" + sysconfig.get_paths()["include"],
                     "-DFUSE_USE_VERSION=35", src, "-o", os.path.join(pkg, "__init__" + ext),
                     *flags], check=True)
-    open(os.path.join(pkg, server.INODE_FH_MARKER), "w").write("fh 0 -> inode in read/readdir\n")
+    open(marker, "w").write(PATCH_MARK)
     return dest
+
+
+DISTRO_SPLIT = (("l0", ["--exclude=usr/share", "usr"]), ("l1", ["usr/share"]),
+                ("l2", ["--exclude=./usr", "."]))
+
+
+def distro_layers(where: str) -> list[str]:
+    """A Debian minbase tree (debootstrap, made once) split into 3 layers:
+    usr without usr/share, usr/share, and everything else. Bottom first."""
+    rootfs = os.path.join(where, "rootfs")
+    if not os.path.isdir(os.path.join(rootfs, "usr")):
+        os.makedirs(where, exist_ok=True)
+        subprocess.run(["debootstrap", "--variant=minbase", "bookworm", rootfs],
+                       check=True, stdout=subprocess.DEVNULL)
+    out = []
+    for name, selection in DISTRO_SPLIT:
+        layer = os.path.join(where, name)
+        if not os.path.isdir(layer):
+            os.makedirs(layer + ".tmp", exist_ok=True)
+            subprocess.run(["bash", "-o", "pipefail", "-c",
+                            f"tar -C {rootfs} -cf - {' '.join(selection)} | "
+                            f"tar -C {layer}.tmp -xpf -"], check=True)
+            os.rename(layer + ".tmp", layer)
+        out.append(layer)
+    return out
 
 
 def big_layer(workdir: str, mib: int) -> str:
@@ -208,9 +245,10 @@ def measure(m: Mounted, table: benchlib.Table, requests: dict) -> None:
     m.mount()
     os.listdir(m.mnt)
     row("mount-to-first-ls", warm_anchor).add(time.perf_counter() - t0)
-    for what, cmd, cwd in (("find", f"find {m.mnt} -printf ''", None),
-                           ("tar", "tar cf - . | wc -c", m.mnt),
-                           ("read-512MiB", f"cat {m.mnt}/big.bin > /dev/null", None)):
+    phases = [("find", f"find {m.mnt} -printf ''", None), ("tar", "tar cf - . | wc -c", m.mnt)]
+    if os.path.exists(os.path.join(m.mnt, "big.bin")):
+        phases.append(("read-512MiB", f"cat {m.mnt}/big.bin > /dev/null", None))
+    for what, cmd, cwd in phases:
         benchlib.drop_caches()
         row(f"{what} cold", cold_anchor).add(sh(cmd, cwd))
         m.requests()
@@ -226,12 +264,17 @@ def measure(m: Mounted, table: benchlib.Table, requests: dict) -> None:
 def run(args) -> int:
     os.makedirs(args.workdir, exist_ok=True)
     t0 = time.perf_counter()
-    layers = gen_stack.ensure_stack(os.path.join(args.workdir, "stack"), args.layers,
-                                    args.files, seed=1, fmt="overlay")
-    layers.append(big_layer(args.workdir, args.big_mib))
+    if args.distro:
+        layers = distro_layers(args.distro)
+        title = f"union mount: Debian minbase in 3 layers ({args.distro}), {args.runs} runs"
+    else:
+        layers = gen_stack.ensure_stack(os.path.join(args.workdir, "stack"), args.layers,
+                                        args.files, seed=1, fmt="overlay")
+        layers.append(big_layer(args.workdir, args.big_mib))
+        title = (f"union mount: {args.files} files, {args.layers} layers + "
+                 f"{args.big_mib} MiB file, {args.runs} runs (seconds)")
     print(f"stack ready in {time.perf_counter() - t0:.1f}s: {len(layers)} layers", flush=True)
-    table = benchlib.Table(f"union mount: {args.files} files, {args.layers} layers + "
-                           f"{args.big_mib} MiB file, {args.runs} runs (seconds)")
+    table = benchlib.Table(title)
     requests: dict = {}
     patched = ""
     if "mergefs-noopen" in args.systems:
@@ -262,6 +305,8 @@ def main(argv=None) -> int:
     ap.add_argument("--files", type=int, default=100_000)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--big-mib", type=int, default=512)
+    ap.add_argument("--distro", metavar="DIR", help="instead: a Debian minbase tree in 3 layers "
+                    "(debootstrap into DIR/rootfs once, split into DIR/l0..l2)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     ap.add_argument("--json", help="also write the results here")
