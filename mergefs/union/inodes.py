@@ -30,7 +30,7 @@ ROOT_INODE = 1
 
 class Inode:
     __slots__ = ("number", "parent", "name", "node", "lookups", "_attr", "entry", "children",
-                 "unlinked", "__weakref__")
+                 "unlinked", "others", "__weakref__")
 
     def __init__(self, number: int, parent: "Inode | None", name: bytes, node: Node):
         self.number = number
@@ -42,6 +42,7 @@ class Inode:
         self.entry = None                         # its EntryAttributes, built once (ops)
         self.children = None                      # cached merged listing (dirs)
         self.unlinked = False
+        self.others: list | None = None           # more (parent, name)s of a hardlinked file
 
     @property
     def attr(self) -> os.stat_result | None:
@@ -131,6 +132,9 @@ class InodeTable:
             self._live[number] = inode
         elif inode.parent is not parent or inode.name != name or inode.unlinked:
             # another hardlink name, or the same entry found again after a rename
+            if not inode.unlinked and not inode.is_dir:
+                inode.others = [(p, n) for p, n in inode.others or () if (p, n) != (parent, name)]
+                inode.others.append((inode.parent, inode.name))
             inode.parent, inode.name, inode.unlinked = parent, name, False
         if inode.node is not node and inode.node != node:
             inode.node, inode.attr = node, None
@@ -145,6 +149,25 @@ class InodeTable:
             inode.lookups += 1
             return inode
         return self.entry(parent, name, node)
+
+    def drop_name(self, inode: Inode, parent: Inode, name: bytes) -> None:
+        """``parent/name`` no longer names ``inode``; it is unlinked when no known name is left."""
+        others = [(p, n) for p, n in inode.others or () if p is not parent or n != name]
+        if inode.parent is parent and inode.name == name:
+            if others:
+                inode.parent, inode.name = others.pop()
+            else:
+                inode.unlinked = True
+        inode.others = others or None
+
+    def move_name(self, inode: Inode, old_parent: Inode, old: bytes,
+                  new_parent: Inode, new: bytes) -> None:
+        """A rename: the name ``old_parent/old`` of ``inode`` is now ``new_parent/new``."""
+        if inode.parent is old_parent and inode.name == old:
+            inode.parent, inode.name = new_parent, new
+        elif inode.others:
+            inode.others = [(new_parent, new) if (p is old_parent and n == old) else (p, n)
+                            for p, n in inode.others]
 
     def forget(self, number: int, count: int) -> None:
         inode = self._live.get(number)

@@ -102,17 +102,14 @@ def _move(view, inode, p_old, old: bytes, p_new, new: bytes, dst: Node | None) -
     if below_old:
         upper.whiteout(old_path)
     if dst is not None:
-        _mark_replaced(view, dst, p_new, new)
+        gone = view._live(dst)
+        if gone is not None:
+            view.inodes.drop_name(gone, p_new, new)
+            gone.children = None
     view._set_child(p_old, old, None)
     view._set_child(p_new, new, inode.node)
-    inode.parent, inode.name, inode.attr = p_new, new, None
-
-
-def _mark_replaced(view, node: Node, parent, name: bytes) -> None:
-    gone = view._live(node)
-    if gone is not None and gone.parent is parent and gone.name == name:
-        gone.unlinked = True
-        gone.children = None
+    view.inodes.move_name(inode, p_old, old, p_new, new)
+    inode.attr = None
 
 
 def _exchange(view, p_old, old, src: Node, p_new, new, dst: Node) -> None:
@@ -136,5 +133,7 @@ def _exchange(view, p_old, old, src: Node, p_new, new, dst: Node) -> None:
             os.close(nfd)
         view._set_child(p_old, old, b.node)
         view._set_child(p_new, new, a.node)
-        a.parent, a.name, a.attr = p_new, new, None
-        b.parent, b.name, b.attr = p_old, old, None
+        if a is not b:
+            view.inodes.move_name(a, p_old, old, p_new, new)
+            view.inodes.move_name(b, p_new, new, p_old, old)
+        a.attr = b.attr = None

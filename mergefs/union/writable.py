@@ -239,10 +239,12 @@ class WritableView(UnionView):
             self.upper.remove(path)
         self._set_child(parent, name, None)
         child = self._live(node)
-        if child is not None and child.parent is parent and child.name == name:
-            child.unlinked = True
-            child.attr = None if node.kind != DIR else child.attr
-            child.children = None
+        if child is not None:
+            self.inodes.drop_name(child, parent, name)
+            if child.unlinked:
+                child.children = None      # keep the last attributes for getattr
+            else:
+                child.attr = None          # its nlink changed
 
     def unlink(self, parent: Inode, name: bytes) -> None:
         node = self._child(parent, name)

@@ -291,3 +291,30 @@ async def test_open_unlinked_file_keeps_working(tmp_path, rw):
 @pytest.mark.parametrize("seed", range(100, 130))
 def test_U4_differential_long_random_ops(seed, tmp_path, union_mount):
     differential(seed, tmp_path, union_mount, 200)
+
+
+async def test_hardlink_inode_keeps_working_when_one_name_goes(tmp_path, rw):
+    """The kernel keeps using an inode after one of its names is unlinked or renamed."""
+    drv = rw([LayerSpec().file("a", b"data")])
+    ops, ctx = drv.ops, drv.ctx
+
+    async def content(ino):
+        fi = await ops.open(ino, os.O_RDONLY, ctx)
+        try:
+            return await ops.read(fi.fh, 0, 100)
+        finally:
+            await ops.release(fi.fh)
+    ino = await drv.lookup("a")
+    drv.made(await ops.link(ino, 1, b"b", ctx))
+    await ops.unlink(1, b"b", ctx)                  # the name the table knew last
+    assert await content(ino) == b"data"
+    assert (await ops.getattr(ino, ctx)).st_nlink == 1
+    drv.made(await ops.link(ino, 1, b"c", ctx))
+    await ops.rename(1, b"c", 1, b"d", 0, ctx)
+    await ops.unlink(1, b"a", ctx)
+    assert await content(ino) == b"data"             # still reachable as d
+    assert await drv.lookup("d") == ino
+    await ops.unlink(1, b"d", ctx)
+    assert (await ops.getattr(ino, ctx)).st_size == 4   # last attributes, no name left
+    assert upper_entries(tmp_path) == {"a": "whiteout"}
+    await drv.finish()
