@@ -16,10 +16,11 @@ Rules, as kernel overlayfs (index=off, redirect_dir=off) applies them:
   overlayfs does without redirect_dir (U5); ``mv`` then copies. Files rename
   across layers (copy-up, then whiteout).
 
-Caveats: a lower file with several hardlinks is copied up by the name that is
-written; its other names keep the lower content and get a new inode number
-once the kernel looks them up again (kernel overlayfs with index=off does the
-same).
+Hardlinks: copying up a lower file copies it once and links every name the
+kernel has looked up for that inode to the copy, so they stay one file (as
+fuse-overlayfs; kernel overlayfs with index=off breaks them). Caveat: a name
+of that lower file never looked up keeps the lower content and becomes a
+separate inode when it is.
 """
 from __future__ import annotations
 
@@ -98,6 +99,22 @@ class WritableView(UnionView):
         self.inodes.alias(inode, new_node)
         inode.attr = new
         self._set_child(inode.parent, inode.name, new_node)
+        for parent, name in inode.others or ():
+            self._link_known_name(inode, parent, name)
+
+    def _link_known_name(self, inode: Inode, parent: Inode, name: bytes) -> None:
+        """Copy-up of a hardlinked lower file: every name the kernel knows for this
+        inode becomes a link to the one upper copy, so they stay one file."""
+        self.ensure_upper(parent)
+        src_parent, _, src_name = inode.path.rpartition(b"/")
+        tmp = self.upper.tmp_name()
+        sfd = self.upper.dir_fd(src_parent)
+        try:
+            syscalls.link(src_name, tmp, sfd, self.upper.work_fd)
+        finally:
+            os.close(sfd)
+        inode.attr = self.upper.publish(tmp, join(parent.path, name), keep_parent_times=True)
+        self._set_child(parent, name, inode.node)
 
     def _placed(self, parent: Inode, name: bytes, tmp: bytes) -> Inode:
         """Publish a staged new entry at parent/name and hand out its inode."""

@@ -5,6 +5,7 @@ import errno
 import os
 import random
 import stat
+import subprocess
 import time
 from types import SimpleNamespace
 
@@ -259,14 +260,27 @@ async def test_U4_setattr_xattrs_links_special_files(tmp_path, rw):
     with pytest.raises(FUSEError) as exc:
         await ops.mknod(1, b"wh", 0o20644, 0, ctx)
     assert exc.value.errno == errno.EPERM
-    # writing one name of a lower hardlink pair: the other keeps the lower content
+    # writing a lower hardlink pair through one name: both known names stay one file
     h1 = await drv.lookup("h1")
+    assert await drv.lookup("h2") == h1
     fi = await ops.open(h1, os.O_WRONLY | os.O_TRUNC, ctx)
     await ops.write(fi.fh, 0, b"new")
     await ops.release(fi.fh)
-    assert (await drv.read("h1"), await drv.read("h2")) == (b"new", b"hard")
+    assert (await drv.read("h1"), await drv.read("h2")) == (b"new", b"new")
+    assert os.lstat(tmp_path / "upper/h1").st_ino == os.lstat(tmp_path / "upper/h2").st_ino
     assert upper_entries(tmp_path) == {"f": "file", "f-link": "file", "sl": "file",
-                                       "fifo": "file", "h1": "file"}
+                                       "fifo": "file", "h1": "file", "h2": "file"}
+    await drv.finish()
+
+
+async def test_hardlink_name_never_looked_up_keeps_lower_content(tmp_path, rw):
+    drv = rw([LayerSpec().file("h1", b"hard").hardlink("h2", "h1")])
+    h1 = await drv.lookup("h1")
+    fi = await drv.ops.open(h1, os.O_WRONLY | os.O_TRUNC, drv.ctx)
+    await drv.ops.write(fi.fh, 0, b"new")
+    await drv.ops.release(fi.fh)
+    assert (await drv.read("h1"), await drv.read("h2")) == (b"new", b"hard")
+    assert await drv.lookup("h2") != h1
     await drv.finish()
 
 
@@ -318,3 +332,18 @@ async def test_hardlink_inode_keeps_working_when_one_name_goes(tmp_path, rw):
     assert (await ops.getattr(ino, ctx)).st_size == 4   # last attributes, no name left
     assert upper_entries(tmp_path) == {"a": "whiteout"}
     await drv.finish()
+
+
+def test_hardlinks_stay_linked_after_copy_up_on_mount(tmp_path, union_mount):
+    layers = materialise_stack([LayerSpec().file("d/h1", b"hard").hardlink("h2", "d/h1")],
+                               tmp_path / "layers")
+    (tmp_path / "up").mkdir()
+    (tmp_path / "wk").mkdir()
+    mnt = union_mount(layers, upper=tmp_path / "up", work=tmp_path / "wk")
+    assert os.stat(mnt / "d/h1").st_ino == os.stat(mnt / "h2").st_ino
+    with open(mnt / "h2", "r+b") as f:
+        f.write(b"HA")
+    assert (mnt / "d/h1").read_bytes() == (mnt / "h2").read_bytes() == b"HArd"
+    subprocess.run(["sh", "-c", "echo 2 > /proc/sys/vm/drop_caches"], check=True)
+    assert (mnt / "d/h1").read_bytes() == b"HArd"
+    assert os.stat(tmp_path / "up/d/h1").st_ino == os.stat(tmp_path / "up/h2").st_ino
