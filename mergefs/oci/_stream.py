@@ -8,7 +8,6 @@ second read. Corrupt or truncated compressed data raises InvalidLayer.
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import os
@@ -81,17 +80,51 @@ class _ZstdFrames:
             raise InvalidLayer(f"zstd stream is corrupt: {e}") from None
 
 
-def _gzip_reader(raw: BinaryIO) -> Callable[[int], bytes]:
-    gz = gzip.GzipFile(fileobj=raw, mode="rb")
+class _GzipMembers:
+    """gzip (members one after another) through one ``zlib.decompressobj`` call per
+    MiB of output, with bounded output per call.
 
-    def read(n: int) -> bytes:
-        try:
-            return gz.read(n)
-        except EOFError:
-            raise InvalidLayer("gzip stream is truncated") from None
-        except (gzip.BadGzipFile, zlib.error) as e:
-            raise InvalidLayer(f"gzip stream is corrupt: {e}") from None
-    return read
+    Why not ``gzip.GzipFile``: its reader loops in Python over 128 KiB pieces,
+    taking the GIL back after each; on the prefetch thread beside a busy main
+    thread every re-take can wait a whole switch interval. zlib checks each
+    member's CRC and length; a stream that ends inside a member is truncated.
+    """
+
+    def __init__(self, raw: BinaryIO):
+        self.raw = raw
+        self.d = zlib.decompressobj(31)
+        self.feed = b""
+        self.done = False
+
+    def read(self, n: int) -> bytes:
+        while not self.done:
+            if self.d.eof and not self._next_member():
+                break
+            data = self.d.unconsumed_tail or self.feed or self.raw.read(4 * CHUNK)
+            self.feed = b""
+            if not data:
+                raise InvalidLayer("gzip stream is truncated")
+            try:
+                out = self.d.decompress(data, n)
+            except zlib.error as e:
+                raise InvalidLayer(f"gzip stream is corrupt: {e}") from None
+            if out:
+                return out
+        return b""
+
+    def _next_member(self) -> bool:
+        """After a member: another one follows (True), or the end (zero padding allowed)."""
+        rest = self.d.unused_data or self.raw.read(CHUNK)
+        while rest and not rest.strip(b"\0"):
+            rest = self.raw.read(CHUNK)           # trailing zeros, as gzip(1) accepts
+        if not rest:
+            self.done = True
+            return False
+        if not rest.startswith(GZIP_MAGIC):
+            raise InvalidLayer("gzip stream is corrupt: trailing garbage after a member")
+        self.d = zlib.decompressobj(31)
+        self.feed = rest
+        return True
 
 
 class _Prefetch:
@@ -249,7 +282,7 @@ def open_tar_stream(raw: BinaryIO) -> TarStream:
     compression = sniff_compression(head)
     raw = _Prefixed(head, raw)
     if compression == "gzip":
-        read = _gzip_reader(raw)
+        read = _GzipMembers(raw).read
     elif compression == "zstd":
         read = _ZstdFrames(raw).read
     else:

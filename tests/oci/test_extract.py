@@ -294,3 +294,17 @@ def test_real_unprivileged_import(tmp_path):
         assert not os.path.exists(os.path.join(work, "x-dev"))
     finally:
         shutil.rmtree(work)
+
+
+def test_multi_member_gzip_and_padding(tmp_path):
+    """A gzip stream may be several members (pigz, appends) and end with zero padding."""
+    import gzip
+    raw = tar_bytes([member("a", data=b"x" * 3000), member("b", data=b"y")])
+    data = gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]) + bytes(512)
+    src = tmp_path / "l.tar.gz"
+    src.write_bytes(data)
+    r = extract_layer(src, tmp_path / "dest")
+    assert r.diff_id == "sha256:" + hashlib.sha256(raw).hexdigest() and r.files == 2
+    src.write_bytes(data[:-512] + b"junk")
+    with pytest.raises(InvalidLayer, match="garbage"):
+        extract_layer(src, tmp_path / "dest2")
