@@ -308,3 +308,26 @@ def test_multi_member_gzip_and_padding(tmp_path):
     src.write_bytes(data[:-512] + b"junk")
     with pytest.raises(InvalidLayer, match="garbage"):
         extract_layer(src, tmp_path / "dest2")
+
+
+def test_global_pax_header_and_gnu_long_names(tmp_path):
+    """A pax global header (git archive writes one) applies to what follows."""
+    import io
+    import tarfile
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT,
+                      pax_headers={"comment": "made by git", "mtime": "1500000000.5"}) as t:
+        ti = tarfile.TarInfo("f")
+        ti.size = 1
+        t.addfile(ti, io.BytesIO(b"x"))
+    src = tmp_path / "g.tar"
+    src.write_bytes(buf.getvalue())
+    extract_layer(src, tmp_path / "dest")
+    assert os.lstat(tmp_path / "dest" / "f").st_mtime_ns == 1_500_000_000_500_000_000
+
+
+def test_overlay_xattr_whiteout_member(write_tar, tmp_path):
+    """Linux 6.7 "xattr whiteouts" (an empty file with overlay.whiteout) are whiteouts."""
+    dest, r = extract(write_tar, tmp_path, [
+        member("gone", pax={"SCHILY.xattr.trusted.overlay.whiteout": "y"})])
+    assert is_whiteout(dest / "gone") and r.whiteouts == 1 and r.files == 0
