@@ -63,8 +63,41 @@ class Applier:
         # (layer, ino) -> path of its copy; shared by the appliers of one build
         self._copies: dict[tuple[int, int], bytes] = {} if copies is None else copies
         self._copy_lock = copy_lock or threading.Lock()
+        self._parent: bytes | None = None
+        self._parent_fds: dict[int, int] = {}    # layer (-1: the farm) -> fd of _parent
+
+    def _dir_fds(self, path: bytes, layer: int) -> tuple[int, int, bytes]:
+        """(layer's parent dir fd, farm's parent dir fd, name) for ``path``.
+
+        A directory's records come together, so the last parent's fds are kept:
+        links by name are cheaper than re-walking a full path per link.
+        """
+        parent, _, name = path.rpartition(b"/")
+        if parent != self._parent:
+            self.close_dirs()
+            self._parent = parent
+        fds = self._parent_fds
+        src = fds.get(layer)
+        if src is None:
+            src = fds[layer] = syscalls.open_beneath(self.layer_fds[layer], parent)
+        dst = fds.get(-1)
+        if dst is None:
+            dst = fds[-1] = syscalls.open_beneath(self.dst, parent)
+        return src, dst, name
+
+    def close_dirs(self) -> None:
+        fds, self._parent_fds, self._parent = self._parent_fds, {}, None
+        for fd in fds.values():
+            os.close(fd)
 
     def run(self, records: Iterable[Record]) -> FarmStats:
+        try:
+            self._run(records)
+        finally:
+            self.close_dirs()
+        return self.stats
+
+    def _run(self, records: Iterable[Record]) -> None:
         for rec in records:
             kind = type(rec)
             if kind is Link:
@@ -79,14 +112,14 @@ class Applier:
                 self.stats.whiteouts += 1
             else:
                 raise TypeError(f"unknown record {rec!r}")
-        return self.stats
 
     def link(self, rec: Link) -> None:
         if rec.kind == SOCK:       # A4: a socket is recreated, never linked
             self.recreate(rec)
             return
+        src, dst, name = self._dir_fds(rec.path, rec.layer)
         try:
-            syscalls.link(rec.path, rec.path, self.layer_fds[rec.layer], self.dst)
+            syscalls.link(name, name, src, dst)
             self.stats.links += 1
         except OSError as e:
             reason = COPY_FALLBACK.get(e.errno)
@@ -94,10 +127,6 @@ class Applier:
                 raise
             self.copy(rec)
             self.stats.copies[reason] += 1
-
-    def _source(self, rec: Link) -> tuple[int, bytes]:
-        parent, _, name = rec.path.rpartition(b"/")
-        return syscalls.open_beneath(self.layer_fds[rec.layer], parent), name
 
     def copy(self, rec: Link) -> None:
         """Copy one entry from its layer (H1: later names of the inode link to the copy)."""
@@ -114,30 +143,23 @@ class Applier:
             except OSError as e:
                 if e.errno != errno.EMLINK:   # the copy itself reached the link limit
                     raise
-        src_dir, name = self._source(rec)
-        try:
-            st = syscalls.lstat(name, src_dir)
-            meta = Meta.read(src_dir, name, st)
-            if stat.S_ISREG(st.st_mode):
-                syscalls.copy_file(src_dir, name, self.dst, rec.path, st.st_size)
-            elif stat.S_ISLNK(st.st_mode):
-                syscalls.symlink(syscalls.readlink(name, src_dir), rec.path, self.dst)
-            else:                           # fifo, char, block
-                syscalls.mknod(rec.path, st.st_mode, st.st_rdev, self.dst)
-        finally:
-            os.close(src_dir)
-        apply_meta(self.dst, rec.path, meta, self.stats.warnings)
+        src, dst, name = self._dir_fds(rec.path, rec.layer)
+        st = syscalls.lstat(name, src)
+        meta = Meta.read(src, name, st)
+        if stat.S_ISREG(st.st_mode):
+            syscalls.copy_file(src, name, dst, name, st.st_size)
+        elif stat.S_ISLNK(st.st_mode):
+            syscalls.symlink(syscalls.readlink(name, src), name, dst)
+        else:                           # fifo, char, block
+            syscalls.mknod(name, st.st_mode, st.st_rdev, dst)
+        apply_meta(dst, name, meta, self.stats.warnings)
         self._copies[key] = rec.path
 
     def recreate(self, rec: Link) -> None:
-        src_dir, name = self._source(rec)
-        try:
-            st = syscalls.lstat(name, src_dir)
-            meta = Meta.read(src_dir, name, st)
-        finally:
-            os.close(src_dir)
-        syscalls.mknod(rec.path, st.st_mode, 0, self.dst)
-        apply_meta(self.dst, rec.path, meta, self.stats.warnings)
+        src, dst, name = self._dir_fds(rec.path, rec.layer)
+        st = syscalls.lstat(name, src)
+        syscalls.mknod(name, st.st_mode, 0, dst)
+        apply_meta(dst, name, Meta.read(src, name, st), self.stats.warnings)
         self.stats.recreated += 1
 
 
