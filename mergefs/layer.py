@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple
 
@@ -80,6 +81,9 @@ def _is_xattr_whiteout(dir_fd: int, name: bytes) -> bool:
     return any(syscalls.getxattr(dir_fd, name, a) is not None for a in XWHITEOUT_XATTRS)
 
 
+_FSENC = sys.getfilesystemencoding()
+
+
 def read_layer_dir(dir_fd: int, fmt: str = "auto") -> LayerDir:
     """Read one open directory of a layer into a LayerDir (names are bytes)."""
     overlay, oci = fmt != "oci", fmt != "overlay"
@@ -88,9 +92,10 @@ def read_layer_dir(dir_fd: int, fmt: str = "auto") -> LayerDir:
     if overlay:
         out.opaque, xwhite = dir_markers(dir_fd)
     entries, whiteouts = out.entries, out.whiteouts
+    encode, new_entry = str.encode, tuple.__new__    # hot loop: one pass per entry per layer
     with os.scandir(dir_fd) as it:
         for de in it:
-            name = os.fsencode(de.name)
+            name = encode(de.name, _FSENC, "surrogateescape")   # == os.fsencode
             if oci and name.startswith(OCI_WHITEOUT):
                 if name == OCI_OPAQUE:
                     out.opaque = True
@@ -112,7 +117,7 @@ def read_layer_dir(dir_fd: int, fmt: str = "auto") -> LayerDir:
                     whiteouts.add(name)
                     continue
                 kind = stat.S_IFMT(st.st_mode)
-            entries[name] = Entry(kind, de.inode())
+            entries[name] = new_entry(Entry, (kind, de.inode()))
     # D2: an entry of the same layer is not hidden by its own whiteout.
     return out
 

@@ -50,6 +50,11 @@ def merge_listing(listings: Iterable[tuple[int, LayerDir]]) -> dict[bytes, Node]
     non-dir starts fresh; D1 whiteouts hide lower entries; D2 not the same
     layer's; D3 an opaque directory hides every lower child.
     """
+    listings = list(listings)
+    if len(listings) == 1:       # one layer: nothing to merge (most deep directories)
+        idx, ld = listings[0]
+        new = tuple.__new__
+        return {name: new(Node, (e.kind, (idx,), (e.ino,))) for name, e in ld.entries.items()}
     out: dict[bytes, list] = {}
     closed: set[bytes] = set()   # names whose lower layers can no longer contribute
     for idx, ld in listings:
