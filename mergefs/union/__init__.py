@@ -33,3 +33,10 @@ upstream as "pass the inode to read/readdir") is left to the lead: it needs a
 compiler at install time and a pinned pyfuse3 version whose generated C
 matches the patch (the builder refuses anything else).
 """
+from .ops import UnionOperations
+from .server import clean_stale, is_mounted, serve, start, unmount
+from .view import UnionView
+from .writable import WritableView
+
+__all__ = ["UnionOperations", "UnionView", "WritableView", "clean_stale", "is_mounted",
+           "serve", "start", "unmount"]

@@ -227,3 +227,10 @@ async def test_no_open_mode_reads_and_lists_by_inode(tmp_path):
         drv.ops.close()
     finally:
         view.close()
+
+
+def test_public_api_is_pinned():
+    import mergefs.union as union
+    assert sorted(union.__all__) == ["UnionOperations", "UnionView", "WritableView",
+                                     "clean_stale", "is_mounted", "serve", "start", "unmount"]
+    assert all(hasattr(union, name) for name in union.__all__)
