@@ -63,13 +63,14 @@ def run_container(b: Path, name: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def public_dir():
+    # request it before union_mount: set up first, torn down after the unmount
     path = Path(tempfile.mkdtemp(prefix="mergefs-runc-"))
     os.chmod(path, 0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
 
-def test_U4_U6_runc_on_writable_union(tmp_path, union_mount, public_dir):
+def test_U4_U6_runc_on_writable_union(tmp_path, public_dir, union_mount):
     layers = busybox_layers(tmp_path / "layers")
     upper, work = tmp_path / "upper", tmp_path / "work"
     upper.mkdir()

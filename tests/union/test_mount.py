@@ -89,6 +89,7 @@ def test_S2_host_symlink_shows_the_link(tmp_path, union_mount):
 
 @pytest.fixture
 def public_dir():
+    # request it before union_mount: set up first, torn down after the unmount
     """A directory every uid can traverse (pytest's tmp_path is root-only)."""
     path = tempfile.mkdtemp(prefix="mergefs-test-")
     os.chmod(path, 0o755)
@@ -96,7 +97,7 @@ def public_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
-def test_U6_other_uid_cannot_read_root_only_file(tmp_path, union_mount, public_dir):
+def test_U6_other_uid_cannot_read_root_only_file(tmp_path, public_dir, union_mount):
     spec = LayerSpec().file("secret", b"s", mode=0o600).file("public", b"p", mode=0o644)
     mnt = union_mount(materialise_stack([spec], tmp_path), allow_other=True, mnt=public_dir)
     as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat"]
@@ -106,7 +107,7 @@ def test_U6_other_uid_cannot_read_root_only_file(tmp_path, union_mount, public_d
     assert r.stdout == "p"
 
 
-def test_U6_without_allow_other_other_users_are_out(tmp_path, union_mount, public_dir):
+def test_U6_without_allow_other_other_users_are_out(tmp_path, public_dir, union_mount):
     mnt = union_mount(materialise_stack([LayerSpec().file("public", b"p")], tmp_path),
                       mnt=public_dir)
     r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat",
