@@ -141,26 +141,22 @@ class Upper:
             elif kind == LNK:
                 syscalls.symlink(syscalls.readlink(name, sfd), tmp, self.work_fd)
             elif kind == REG:
-                self._copy_file(sfd, name, tmp, st.st_size if with_data else 0)
+                syscalls.copy_file(sfd, name, self.work_fd, tmp, st.st_size if with_data else 0)
             else:
                 syscalls.mknod(tmp, kind | 0o600, st.st_rdev, self.work_fd)
-            self.set_meta(tmp, st, content_xattrs(sfd, name) if path else
-                          content_xattrs(src_root_fd, b""))
+            self.set_meta(tmp, st, content_xattrs(sfd, name))
+        except BaseException:
+            self.discard(tmp)        # a failed copy-up (ENOSPC ...) leaves nothing behind
+            raise
         finally:
             os.close(sfd)
         return tmp
 
-    def _copy_file(self, sfd: int, name: bytes, tmp: bytes, size: int) -> None:
-        src = os.open(name, syscalls.O_READ, dir_fd=sfd)
+    def discard(self, tmp: bytes) -> None:
         try:
-            dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
-                          dir_fd=self.work_fd)
-            try:
-                syscalls.copy_data(src, dst, size)
-            finally:
-                os.close(dst)
-        finally:
-            os.close(src)
+            _remove(tmp, self.work_fd)
+        except FileNotFoundError:
+            pass
 
     def new_entry(self, kind: int, mode: int, uid: int, gid: int, rdev: int = 0,
                   target: bytes = b"", opaque: bool = False) -> tuple[bytes, int]:

@@ -347,3 +347,25 @@ def test_hardlinks_stay_linked_after_copy_up_on_mount(tmp_path, union_mount):
     subprocess.run(["sh", "-c", "echo 2 > /proc/sys/vm/drop_caches"], check=True)
     assert (mnt / "d/h1").read_bytes() == b"HArd"
     assert os.stat(tmp_path / "up/d/h1").st_ino == os.stat(tmp_path / "up/h2").st_ino
+
+
+async def test_failed_copy_up_leaves_nothing(tmp_path, rw, monkeypatch):
+    """ENOSPC in the middle of a copy-up: the error reaches the caller, the lower
+    file is unchanged, and neither the upper nor the work dir holds a partial copy."""
+    from mergefs import syscalls
+    drv = rw([LayerSpec().file("d/f", b"x" * 100000)])
+    f = await drv.lookup("d/f")
+    real = syscalls.copy_data
+
+    def full_disk(src, dst, size):
+        real(src, dst, size // 2)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(syscalls, "copy_data", full_disk)
+    with pytest.raises(FUSEError) as e:
+        await drv.ops.open(f, os.O_WRONLY, drv.ctx)
+    assert e.value.errno == errno.ENOSPC
+    assert os.listdir(tmp_path / "work") == []
+    assert upper_entries(tmp_path) == {"d": "dir"}      # the parent copy-up is harmless
+    monkeypatch.setattr(syscalls, "copy_data", real)
+    assert await drv.read("d/f") == b"x" * 100000
+    await drv.finish()
