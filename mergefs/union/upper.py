@@ -102,7 +102,11 @@ class Upper:
         its times afterwards, as kernel overlayfs does (ovl_set_timestamps).
         """
         parent, _, name = path.rpartition(b"/")
-        pfd = self.dir_fd(parent)
+        try:
+            pfd = self.dir_fd(parent)
+        except BaseException:
+            self.discard(tmp)
+            raise
         try:
             if keep_parent_times:
                 pst = os.fstat(pfd)
@@ -115,6 +119,14 @@ class Upper:
             os.close(pfd)
 
     def _place(self, tmp: bytes, name: bytes, pfd: int) -> os.stat_result:
+        try:
+            self._rename_into(tmp, name, pfd)
+        except BaseException:
+            self.discard(tmp)          # the view is unchanged: drop the staged entry
+            raise
+        return syscalls.lstat(name, pfd)
+
+    def _rename_into(self, tmp: bytes, name: bytes, pfd: int) -> None:
         old = _lstat_or_none(name, pfd)
         is_dir = stat.S_ISDIR(syscalls.lstat(tmp, self.work_fd).st_mode)
         if old is None:
@@ -125,7 +137,6 @@ class Upper:
             _remove(tmp, self.work_fd)
         else:
             os.rename(tmp, name, src_dir_fd=self.work_fd, dst_dir_fd=pfd)
-        return syscalls.lstat(name, pfd)
 
     # -- building entries --------------------------------------------------
     def copy_of(self, src_root_fd: int, path: bytes, st: os.stat_result,

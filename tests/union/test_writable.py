@@ -369,3 +369,18 @@ async def test_failed_copy_up_leaves_nothing(tmp_path, rw, monkeypatch):
     monkeypatch.setattr(syscalls, "copy_data", real)
     assert await drv.read("d/f") == b"x" * 100000
     await drv.finish()
+
+
+async def test_failed_publish_leaves_nothing(tmp_path, rw, monkeypatch):
+    from mergefs import syscalls
+    drv = rw([LayerSpec().file("f", b"1")])
+
+    def refuse(*args):
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(syscalls, "renameat2", refuse)
+    with pytest.raises(FUSEError) as e:
+        await drv.ops.create(1, b"new", 0o644, os.O_WRONLY, drv.ctx)
+    assert e.value.errno == errno.EIO
+    assert os.listdir(tmp_path / "work") == [] and os.listdir(tmp_path / "upper") == []
+    assert [n for n, *_ in await drv.readdir(1)] == [b"f"]
+    await drv.finish()
