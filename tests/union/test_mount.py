@@ -313,3 +313,15 @@ def test_cli_mount_foreground(tmp_path, cli_mounts):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.slow
+def test_600_layers_on_a_mount(tmp_path, union_mount):
+    """More layers than kernel overlayfs takes (500): the union serves them all."""
+    specs = [LayerSpec().file(f"f{i}", str(i).encode()).file("shared", str(i).encode())
+             for i in range(600)]
+    specs[599].whiteout("f0")
+    mnt = union_mount(materialise_stack(specs, tmp_path / "layers"))
+    names = os.listdir(mnt)
+    assert len(names) == 600 and "f0" not in names
+    assert (mnt / "shared").read_bytes() == b"599" and (mnt / "f1").read_bytes() == b"1"
