@@ -123,6 +123,11 @@ class InodeTable:
         """Forget a key so its name gets a new inode (a hardlink broken by copy-up)."""
         self._numbers.pop(node_key(node), None)
 
+    def fresh(self, layer: int, st_ino: int) -> None:
+        """A new file got ``st_ino`` in ``layer`` (the upper): if the filesystem reused
+        the number of a freed inode, the old key must not hand out the old inode."""
+        self._numbers.pop((layer, st_ino), None)
+
     def entry(self, parent: Inode, name: bytes, node: Node) -> Inode:
         """The live inode for ``name`` in ``parent``, created if needed; count +1."""
         number = self.number_for(node)

@@ -2,11 +2,13 @@
 
 Files move across layers: the source is copied up, renamed inside the upper,
 and a whiteout is left at the old name when something below still shows
-there. A directory that has lower layers fails with EXDEV (kernel overlayfs
-without ``redirect_dir`` does the same; ``mv`` falls back to copy + delete,
-so commit and kernel overlayfs agree on the result). A directory that lives
-only in the upper moves freely; it is made opaque when its new name has
-something below, so nothing of the lower tree shows through it.
+there. A directory that has lower layers is moved by copying its merged
+subtree (``dirmove``; kernel overlayfs without ``redirect_dir`` answers EXDEV
+and ``mv`` does that copy itself, so both end with the same tree and the
+upper stays plain overlay format); ``WritableView(dir_rename=False)`` gives
+EXDEV instead. A directory that lives only in the upper moves freely; it is
+made opaque when its new name has something below, so nothing of the lower
+tree shows through it. RENAME_EXCHANGE of a merged directory is EXDEV.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from .. import syscalls
 from ..errors import AlreadyExists
 from ..layer import DIR
 from ..resolver import Node, join
+from .dirmove import move_merged_dir
 
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 
@@ -40,10 +43,14 @@ def rename(view, p_old, old: bytes, p_new, new: bytes, flags: int) -> None:
             return                      # two names of one file: rename(2) does nothing
         if (dst.kind == DIR) != (src.kind == DIR):     # the VFS checks types first
             raise _err(errno.EISDIR if dst.kind == DIR else errno.ENOTDIR)
-    if src.kind == DIR and any(layer != view.up for layer in src.layers):
-        raise _err(errno.EXDEV)         # a merged/lower dir: as overlayfs w/o redirect_dir
     if dst is not None:
         _check_replace(view, p_new, new, src, dst)
+    if src.kind == DIR and any(layer != view.up for layer in src.layers):
+        if not view.dir_rename:
+            raise _err(errno.EXDEV)     # as kernel overlayfs without redirect_dir
+        with _held(view, p_old, old) as inode:
+            move_merged_dir(view, inode, p_old, old, p_new, new, dst)
+        return
     with _held(view, p_old, old) as inode:
         view.ensure_upper(inode)
         view.ensure_upper(p_new)

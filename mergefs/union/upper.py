@@ -169,6 +169,18 @@ class Upper:
         except FileNotFoundError:
             pass
 
+    def discard_tree(self, tmp: bytes) -> None:
+        """Remove a staged tree (or entry) from the work dir, whatever it holds."""
+        import shutil
+        try:
+            st = syscalls.lstat(tmp, self.work_fd)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(tmp, dir_fd=self.work_fd)
+        else:
+            syscalls.unlink(tmp, self.work_fd)
+
     def new_entry(self, kind: int, mode: int, uid: int, gid: int, rdev: int = 0,
                   target: bytes = b"", opaque: bool = False) -> tuple[bytes, int]:
         """Stage a new entry; return (tmp name, fd for a regular file or -1)."""
@@ -189,8 +201,11 @@ class Upper:
             syscalls.chmod(tmp, stat.S_IMODE(mode), self.work_fd)
         return tmp, fd
 
-    def whiteout(self, path: bytes) -> None:
-        """Replace whatever the upper has at ``path`` by a whiteout (char 0/0)."""
+    def whiteout(self, path: bytes, tree: bool = False) -> None:
+        """Replace whatever the upper has at ``path`` by a whiteout (char 0/0).
+
+        An upper dir there must hold only whiteouts, unless ``tree`` (a dir
+        moved away by copying): then its whole upper subtree goes."""
         tmp = self.tmp_name()
         syscalls.mknod(tmp, stat.S_IFCHR | 0o600, os.makedev(0, WHITEOUT_DEV), self.work_fd)
         parent, _, name = path.rpartition(b"/")
@@ -199,7 +214,7 @@ class Upper:
             old = _lstat_or_none(name, pfd)
             if old is not None and stat.S_ISDIR(old.st_mode):
                 syscalls.renameat2(self.work_fd, tmp, pfd, name, syscalls.RENAME_EXCHANGE)
-                _remove(tmp, self.work_fd)
+                self.discard_tree(tmp) if tree else _remove(tmp, self.work_fd)
             else:
                 os.rename(tmp, name, src_dir_fd=self.work_fd, dst_dir_fd=pfd)
         finally:

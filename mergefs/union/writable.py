@@ -12,9 +12,10 @@ Rules, as kernel overlayfs (index=off, redirect_dir=off) applies them:
   below, so never one inside an opaque directory);
 - mkdir over a whiteout makes an opaque directory; a directory renamed into a
   place where something exists below becomes opaque;
-- renaming a directory that has lower layers fails with EXDEV, as kernel
-  overlayfs does without redirect_dir (U5); ``mv`` then copies. Files rename
-  across layers (copy-up, then whiteout).
+- renaming a directory that has lower layers copies its merged subtree to
+  the new name and whites out the old one (``dirmove``; what ``mv`` does
+  after kernel overlayfs's EXDEV), U5. Files rename across layers (copy-up,
+  then whiteout).
 
 Hardlinks: copying up a lower file copies it once and links every name the
 kernel has looked up for that inode to the copy, so they stay one file (as
@@ -46,10 +47,11 @@ def _err(code: int) -> OSError:
 class WritableView(UnionView):
     writable = True
 
-    def __init__(self, lowers: list[Layer], upper: str, work: str):
+    def __init__(self, lowers: list[Layer], upper: str, work: str, dir_rename: bool = True):
         self.upper = Upper(upper, work)
         super().__init__(list(lowers) + [self.upper.layer])
         self.up = len(lowers)
+        self.dir_rename = dir_rename     # False: EXDEV for merged dirs, as overlayfs
 
     def close(self) -> None:
         super().close()
@@ -91,6 +93,7 @@ class WritableView(UnionView):
         st = self.resolver.lstat_in(node.top, path)
         tmp = self.upper.copy_of(self.layers[node.top].fd, path, st, with_data)
         new = self.upper.publish(tmp, path, keep_parent_times=True)
+        self.inodes.fresh(self.up, new.st_ino)
         if node.kind == DIR:      # stays merged with its lower layers
             new_node = Node(DIR, (self.up,) + node.layers, (new.st_ino,) + node.inos)
         else:
@@ -119,6 +122,7 @@ class WritableView(UnionView):
     def _placed(self, parent: Inode, name: bytes, tmp: bytes) -> Inode:
         """Publish a staged new entry at parent/name and hand out its inode."""
         st = self.upper.publish(tmp, join(parent.path, name))
+        self.inodes.fresh(self.up, st.st_ino)
         node = Node(stat.S_IFMT(st.st_mode), (self.up,), (st.st_ino,))
         self._set_child(parent, name, node)
         inode = self.inodes.entry(parent, name, node)

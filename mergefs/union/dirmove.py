@@ -1,0 +1,129 @@
+"""Renaming a directory that has lower layers: the merged subtree is copied (U5).
+
+Kernel overlayfs without ``redirect_dir`` answers EXDEV and ``mv`` falls back
+to copying the tree and deleting the source. mergefs does the same work in
+the server, so the rename succeeds and the upper records it in plain overlay
+format: the new name holds a full copy of the merged subtree (built in the
+work dir, published by one rename; opaque when something is below the new
+name), the old name becomes a whiteout. Kernel overlayfs over that upper, a
+commit, and ``mv`` on kernel overlayfs all give the same tree. Hardlinks
+inside the subtree stay linked (as ``mv``'s copy keeps them); times are set
+after children (A2). The cost is O(subtree), as with ``mv``.
+"""
+from __future__ import annotations
+
+import os
+import stat
+
+from .. import syscalls
+from ..layer import DIR
+from ..resolver import Node, join, merge_listing
+
+
+def move_merged_dir(view, inode, p_old, old: bytes, p_new, new: bytes, dst: Node | None) -> None:
+    upper = view.upper
+    old_path, new_path = join(p_old.path, old), join(p_new.path, new)
+    view.ensure_upper(p_old)
+    view.ensure_upper(p_new)
+    tmp = _stage_tree(view, old_path, inode.node)
+    try:
+        if view.lower_has(p_new, new):
+            syscalls.setxattr(upper.work_fd, tmp, upper.opaque_xattr, b"y")
+        existing = upper.lstat(new_path)
+        if existing is not None and stat.S_ISDIR(existing.st_mode):
+            upper.remove(new_path)       # the replaced dir is empty in the view
+    except BaseException:
+        upper.discard_tree(tmp)
+        raise
+    st = upper.publish(tmp, new_path)
+    view.inodes.fresh(view.up, st.st_ino)
+    upper.whiteout(old_path, tree=True)  # the dir exists below, so the old name needs one
+    if dst is not None:
+        gone = view._live(dst)
+        if gone is not None:
+            view.inodes.drop_name(gone, p_new, new)
+            gone.children = None
+    new_node = Node(DIR, (view.up,), (st.st_ino,))
+    view._set_child(p_old, old, None)
+    view._set_child(p_new, new, new_node)
+    view.inodes.move_name(inode, p_old, old, p_new, new)
+    view.inodes.alias(inode, new_node)
+    inode.attr, inode.children = st, None
+    _rebind_descendants(view, inode)
+
+
+def _stage_tree(view, path: bytes, node: Node) -> bytes:
+    """Copy the merged subtree at ``path`` into the work dir; return its tmp name."""
+    upper = view.upper
+    links: dict[tuple[int, int], tuple[int, bytes]] = {}   # first copy of a hardlinked file
+    st = view.resolver.lstat_in(node.top, path)
+    tmp = upper.copy_of(view.layers[node.top].fd, path, st)
+    try:
+        fd = syscalls.open_dir(tmp, upper.work_fd)
+        try:
+            _fill(view, path, node, fd, links)
+        finally:
+            os.close(fd)
+        syscalls.utime_ns(tmp, st.st_atime_ns, st.st_mtime_ns, upper.work_fd)
+    except BaseException:
+        upper.discard_tree(tmp)
+        raise
+    finally:
+        for fd, _ in links.values():
+            os.close(fd)
+    return tmp
+
+
+def _fill(view, path: bytes, node: Node, dir_fd: int, links: dict) -> None:
+    """Copy the merged children of ``path`` into the staged dir ``dir_fd``."""
+    upper = view.upper
+    children = merge_listing((i, view.resolver.layer_dir(i, path)) for i in node.layers)
+    for name, child in sorted(children.items()):
+        cpath = join(path, name)
+        if child.kind != DIR and child.top == view.up:
+            # already in the upper: link the same inode in (as mv renames each file),
+            # so hardlinks to names outside the moved tree survive
+            pfd = upper.dir_fd(path)
+            try:
+                syscalls.link(name, name, pfd, dir_fd)
+            finally:
+                os.close(pfd)
+            continue
+        st = view.resolver.lstat_in(child.top, cpath)
+        key = (child.top, child.inos[0])
+        if child.kind != DIR and st.st_nlink > 1 and key in links:
+            first_fd, first_name = links[key]
+            syscalls.link(first_name, name, first_fd, dir_fd)
+            continue
+        tmp = upper.copy_of(view.layers[child.top].fd, cpath, st)
+        os.rename(tmp, name, src_dir_fd=upper.work_fd, dst_dir_fd=dir_fd)
+        view.inodes.fresh(view.up, syscalls.lstat(name, dir_fd).st_ino)
+        if child.kind == DIR:
+            cfd = syscalls.open_dir(name, dir_fd)
+            try:
+                _fill(view, cpath, child, cfd, links)
+            finally:
+                os.close(cfd)
+            syscalls.utime_ns(name, st.st_atime_ns, st.st_mtime_ns, dir_fd)
+        elif st.st_nlink > 1:
+            links[key] = (os.dup(dir_fd), name)
+
+
+def _rebind_descendants(view, moved) -> None:
+    """Live inodes below the moved dir now live in the copy: new nodes, same numbers."""
+    below = []
+    for inode in list(view.inodes):
+        depth, cur = 0, inode.parent
+        while cur is not None and cur is not moved:
+            depth, cur = depth + 1, cur.parent
+        if cur is moved:
+            below.append((depth, inode))
+    for _, inode in sorted(below, key=lambda x: x[0]):
+        inode.children, inode.attr = None, None
+        node = view.listing(inode.parent).get(inode.name)
+        if node is None:
+            inode.unlinked = True
+            continue
+        if inode.node.kind != DIR:
+            view.inodes.unmap(inode.node)
+        view.inodes.alias(inode, node)
