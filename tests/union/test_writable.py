@@ -437,3 +437,25 @@ async def test_U5_merged_dir_rename_copies_the_subtree(tmp_path, rw):
     await ops.release(fi.fh)
     assert os.listdir(tmp_path / "work") == []
     await drv.finish()
+
+
+@pytest.mark.skipif(not mounts.can_mount_overlay(), reason="needs root and overlayfs")
+def test_U5_merged_dir_rename_on_mount_and_kernel_overlay_agrees(tmp_path, union_mount):
+    specs = [LayerSpec().file("etc/a", b"a").file("etc/sub/b", b"b").symlink("etc/l", "a"),
+             LayerSpec().file("etc/c", b"c").whiteout("etc/a")]
+    layers = materialise_stack(specs, tmp_path / "layers")
+    (tmp_path / "up").mkdir()
+    (tmp_path / "wk").mkdir()
+    mnt = union_mount(layers, upper=tmp_path / "up", work=tmp_path / "wk")
+    before = tree.capture(mnt / "etc")
+    os.rename(mnt / "etc", mnt / "etc2")                 # kernel overlayfs: EXDEV
+    assert not os.path.exists(mnt / "etc")
+    tree.assert_same(tree.capture(mnt / "etc2"), before, "moved dir vs before")
+    view = tree.capture(mnt)
+    from .conftest import stop_server
+    stop_server(mnt, union_mount.started[-1][1])
+    (tmp_path / "ovl").mkdir()
+    (tmp_path / "wk2").mkdir()
+    with mounts.overlay_mount(layers, tmp_path / "ovl", upper=tmp_path / "up",
+                              work=tmp_path / "wk2", options=OVL_OPTS) as ovl:
+        tree.assert_same(tree.capture(ovl), view, "kernel overlayfs over mergefs's upper")
