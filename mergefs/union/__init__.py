@@ -1,8 +1,9 @@
 """The live union mount: merged layers served by a pyfuse3 server on trio.
 
 Modules: ``inodes`` (InodeTable: stable numbers, lookup counts), ``view``
-(the merged view per inode, cached; read-only), ``writable`` and ``rename``
-(copy-up, whiteouts, renames into an overlay-format upper), ``upper`` (the
+(the merged view per inode, cached; read-only), ``writable``, ``rename`` and
+``dirmove`` (copy-up, whiteouts, renames -- a merged directory is moved by
+copying its subtree -- into an overlay-format upper), ``upper`` (the
 disk writes of the upper and work dirs), ``errors`` (the one error translator
 and the request counters), ``ops`` (the ``Operations`` subclass), ``server``
 (``serve()``, the detached server, unmount and stale-mount cleanup).
