@@ -16,9 +16,10 @@ mounts every system afresh and measures, in this order:
 ``--distro DIR`` measures a real tree instead: ``debootstrap --variant=minbase``
 (made once) split into 3 layers (usr minus usr/share, usr/share, the rest).
 
-``mergefs-noopen`` is mergefs with a pyfuse3 built by ``build_inode_fh_pyfuse3``
-(needs gcc and libfuse3-dev): read-only mounts then answer open/opendir with
-ENOSYS and the kernel caches pages and listings (see mergefs/union/__init__.py).
+``mergefs`` is the server with real opens (MERGEFS_NO_OPEN=0: stock pyfuse3
+behaviour); ``mergefs-noopen`` runs with the pyfuse3 built by
+tools/pyfuse3_inode_fh.py (what tools/bootstrap.sh installs): read-only mounts
+answer open/opendir with ENOSYS and the kernel caches pages and listings.
 Other processes dropping caches during a run make "warm" rows cold: the
 request counts printed at the end show it (reads in a warm phase).
 
@@ -43,66 +44,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import benchlib  # noqa: E402
 import gen_stack  # noqa: E402
+from pyfuse3_inode_fh import build as build_inode_fh_pyfuse3  # noqa: E402
 
 from mergefs.mountspec import MountSpec  # noqa: E402
 from mergefs.union import server  # noqa: E402
 
 SYSTEMS = ("kernel-overlay", "fuse-overlayfs", "mergefs", "mergefs-noopen")
-PATCHED_HANDLERS = ("fuse_read", "fuse_readdirplus")
-PATCH_MARK = "v2: fh 0 -> inode in read/readdir; FUSE_CAP_CACHE_SYMLINKS\n"
-
-
-def build_inode_fh_pyfuse3(dest: str) -> str:
-    """Build the installed pyfuse3 into DEST/pyfuse3 with read() and readdir()
-    given the inode when the kernel's fh is 0 (the "no-open" lever, DESIGN.md).
-
-    The generated C that pyfuse3 ships is patched in two places (the ``c.fh =
-    fi.fh`` of fuse_read and fuse_readdirplus), its init asks for
-    FUSE_CAP_CACHE_SYMLINKS, and it is compiled against libfuse3;
-    a marker file tells mergefs.union.server to answer open/opendir with
-    ENOSYS on read-only mounts. Needs gcc and libfuse3-dev. Returns DEST.
-    """
-    import shutil
-    import sysconfig
-    import pyfuse3
-    pkg = os.path.join(dest, "pyfuse3")
-    marker = os.path.join(pkg, server.INODE_FH_MARKER)
-    if os.path.exists(marker) and open(marker).read() == PATCH_MARK:
-        return dest
-    shutil.rmtree(pkg, ignore_errors=True)
-    shutil.copytree(os.path.dirname(pyfuse3.__file__), pkg,
-                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
-    src = os.path.join(pkg, "__init__.c")
-    lines = open(src).read().split("\n")
-    patched, current = 0, None
-    for i, line in enumerate(lines):
-        m = re.match(r"static void __pyx_f_7pyfuse3_(\w+)\(fuse_req_t __pyx_v_req, "
-                     r"(CYTHON_UNUSED )?fuse_ino_t", line)
-        if m:
-            current = m.group(1)
-        elif current in PATCHED_HANDLERS and line.strip() == "__pyx_t_4 = __pyx_v_fi->fh;":
-            lines[i] = "  __pyx_t_4 = __pyx_v_fi->fh ? __pyx_v_fi->fh : (uint64_t) __pyx_v_ino;"
-            patched, current = patched + 1, None
-    init = ("  __pyx_v_conn->want = (__pyx_v_conn->want & "
-            "(~((unsigned int)FUSE_CAP_READDIRPLUS_AUTO)));")
-    if init in lines:   # symlinks never change in place: let the kernel cache targets
-        lines[lines.index(init)] = init + (" if (__pyx_v_conn->capable & FUSE_CAP_CACHE_SYMLINKS)"
-                                           " __pyx_v_conn->want |= FUSE_CAP_CACHE_SYMLINKS;")
-        patched += 1
-    if patched != len(PATCHED_HANDLERS) + 1:
-        raise RuntimeError(f"patched {patched} of {len(PATCHED_HANDLERS) + 1} places: "
-                           "this pyfuse3's generated C is not the expected one")
-    open(src, "w").write("\n".join(lines))
-    flags = subprocess.run(["pkg-config", "--cflags", "--libs", "fuse3"], check=True,
-                           capture_output=True, text=True).stdout.split()
-    ext = sysconfig.get_config_var("EXT_SUFFIX")
-    subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-I" + sysconfig.get_paths()["include"],
-                    "-DFUSE_USE_VERSION=35", src, "-o", os.path.join(pkg, "__init__" + ext),
-                    *flags], check=True)
-    open(marker, "w").write(PATCH_MARK)
-    return dest
-
-
 DISTRO_SPLIT = (("l0", ["--exclude=usr/share", "usr"]), ("l1", ["usr/share"]),
                 ("l2", ["--exclude=./usr", "."]))
 
@@ -164,8 +111,12 @@ class Mounted:
                             *self.layers, self.mnt], check=True, env=env)
             self.pid = find_server_pid(os.path.basename(sys.executable), self.mnt,
                                        contains=b"mount")
-        else:
-            self.pid = server.start(MountSpec(tuple(self.layers)), self.mnt, log_path=self.log)
+        else:   # real opens (stock behaviour), whichever pyfuse3 is installed
+            os.environ["MERGEFS_NO_OPEN"] = "0"
+            try:
+                self.pid = server.start(MountSpec(tuple(self.layers)), self.mnt, log_path=self.log)
+            finally:
+                del os.environ["MERGEFS_NO_OPEN"]
 
     def umount(self) -> None:
         for cmd in (["umount", self.mnt], ["umount", "-l", self.mnt]):

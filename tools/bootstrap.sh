@@ -31,3 +31,8 @@ if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$sta
   .venv/bin/python -m pip install -q -e '.[test]'
   touch "$stamp"
 fi
+# The inode-fh build of pyfuse3 lets read-only unions run "no-open" (see
+# tools/pyfuse3_inode_fh.py). A no-op once installed; if it cannot be built,
+# mergefs keeps real opens, which is correct, only slower.
+.venv/bin/python tools/pyfuse3_inode_fh.py --install >/dev/null \
+  || echo "bootstrap: warning: inode-fh pyfuse3 not built; union mounts keep real opens" >&2

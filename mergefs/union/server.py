@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -81,14 +82,29 @@ async def _run() -> None:
 INODE_FH_MARKER = "MERGEFS_INODE_FH"
 
 
+def module_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def pyfuse3_passes_inode() -> bool:
     """Is this pyfuse3 the build that hands read()/readdir() the inode when fh is 0?
 
-    Such a build carries a marker file beside its module (tools/bench_union.py
-    --inode-fh-pyfuse3 makes one); stock pyfuse3 3.5.0 does not, and then
-    mergefs keeps real opens.
+    Such a build carries a marker file beside its module naming the module's
+    sha256 (tools/bootstrap.sh installs it with tools/pyfuse3_inode_fh.py), so
+    a stock module put back by pip under a stale marker is not mistaken for
+    it; stock pyfuse3 3.5.0 then keeps real opens. ``MERGEFS_NO_OPEN=0``
+    keeps real opens with either build (for comparisons and debugging).
     """
-    return os.path.exists(os.path.join(os.path.dirname(pyfuse3.__file__), INODE_FH_MARKER))
+    if os.environ.get("MERGEFS_NO_OPEN") == "0":
+        return False
+    try:
+        with open(os.path.join(os.path.dirname(pyfuse3.__file__), INODE_FH_MARKER)) as f:
+            words = f.read().split()
+    except FileNotFoundError:
+        return False
+    return len(words) >= 2 and words[-2] == "sha256" and \
+        words[-1] == module_digest(pyfuse3.__file__)
 
 
 def log_requests() -> None:

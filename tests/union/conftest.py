@@ -226,14 +226,18 @@ def stop_server(mnt, pid: int) -> None:
             return
 
 
-@pytest.fixture
-def union_mount(tmp_path):
+@pytest.fixture(params=["default-opens", "real-opens"])
+def union_mount(tmp_path, request, monkeypatch):
     """union_mount(layers, upper=None, work=None, allow_other=False, fmt=...) -> mount point.
 
     The server runs detached exactly as ``mergefs mount`` starts it; teardown
     unmounts and stops it even when the test failed, and fails the test if the
-    server logged an unexpected error.
+    server logged an unexpected error. Each test runs twice: with the installed
+    pyfuse3's default (no-open on read-only mounts when bootstrap installed the
+    inode-fh build) and with real opens forced (stock pyfuse3 behaviour).
     """
+    if request.param == "real-opens":
+        monkeypatch.setenv("MERGEFS_NO_OPEN", "0")
     started = []
 
     def mount(layers, upper=None, work=None, allow_other=False, fmt="auto", options=(),

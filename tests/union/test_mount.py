@@ -272,10 +272,10 @@ def test_no_open_with_inode_fh_pyfuse3(tmp_path, cli_mounts):
     tools = os.path.join(os.path.dirname(__file__), "..", "..", "tools")
     sys.path.insert(0, os.path.abspath(tools))
     try:
-        from bench_union import build_inode_fh_pyfuse3
+        from pyfuse3_inode_fh import build
     finally:
         sys.path.pop(0)
-    patched = build_inode_fh_pyfuse3(str(tmp_path / "pyfuse3"))
+    patched = build(str(tmp_path / "pyfuse3"))
     layers = materialise_stack(sample_stack(), tmp_path / "layers")
     mnt, log = tmp_path / "mnt", tmp_path / "log"
     mnt.mkdir()
