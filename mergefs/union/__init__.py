@@ -21,18 +21,20 @@ pages and listings itself and sends neither), cannot be served by stock
 pyfuse3 3.5.0: it hands ``read()``/``readdir()`` only the fh, which is 0
 under no-open, never the inode. mergefs supports both:
 
-* stock pyfuse3 (the default install): real opens, as above -- correct and
-  cached, about fuse-overlayfs speed warm;
-* a pyfuse3 build whose read/readdir glue passes the inode when fh is 0 (two
-  lines of its generated C; ``tools/bench_union.py`` builds one with gcc and
-  libfuse3-dev and marks it with a ``MERGEFS_INODE_FH`` file): read-only mounts
-  then run no-open (``UnionOperations(no_open=True)``). Writable mounts keep
-  real opens either way (a write must find its fd).
+* stock pyfuse3: real opens, as above -- correct and cached, about
+  fuse-overlayfs speed warm;
+* the inode-fh build of pyfuse3 that ``tools/bootstrap.sh`` installs
+  (``tools/pyfuse3_inode_fh.py``: two lines of its generated C pass the inode
+  when fh is 0, compiled against libfuse3; a marker beside the module names
+  the module's sha256): read-only mounts then run no-open
+  (``UnionOperations(no_open=True)``). Writable mounts keep real opens either
+  way (a write must find its fd). ``MERGEFS_NO_OPEN=0`` forces real opens.
 
-Whether to ship that build (built at install time by bootstrap, or proposed
-upstream as "pass the inode to read/readdir") is left to the lead: it needs a
-compiler at install time and a pinned pyfuse3 version whose generated C
-matches the patch (the builder refuses anything else).
+Decision: ship the patched build, built at install time (bootstrap already
+needs gcc and libfuse3-dev to build pyfuse3 at all), and fall back to real
+opens whenever it is absent or stale, since the fallback is only slower. The
+change is small and meant for upstream ("pass the inode to read/readdir when
+there is no fh"); once pyfuse3 has it, the patch step goes away.
 """
 from .ops import UnionOperations
 from .server import clean_stale, is_mounted, serve, start, unmount
