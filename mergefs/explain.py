@@ -27,9 +27,9 @@ def _marks(resolver: Resolver, idx: int, path: bytes) -> tuple[list[Mark], int |
     for n, name in enumerate(parts):
         child = join(cur, name)
         entry = ld.entries.get(name)
+        if name in ld.whiteouts:     # with an entry too (D2), it still hides lower layers
+            marks.append(Mark(child, "whiteout", None))
         if entry is None:
-            if name in ld.whiteouts:
-                marks.append(Mark(child, "whiteout", None))
             return marks, None
         last = n == len(parts) - 1
         if entry.kind != DIR:
@@ -41,8 +41,6 @@ def _marks(resolver: Resolver, idx: int, path: bytes) -> tuple[list[Mark], int |
         if last:
             marks.append(Mark(child, "dir", DIR))
             return marks, DIR
-        if name in ld.whiteouts:  # never both here; kept for symmetry with D2
-            pass
         cur = child
     return marks, None
 

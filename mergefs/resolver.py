@@ -93,15 +93,16 @@ class Explanation:
 class Resolver:
     """Point look-ups and listings of a merged view (used by union and explain).
 
-    Holds one root fd per layer. Listings are read once and cached: layers are
-    immutable.
+    Holds one root fd per layer and caches nothing: each call reads the layer
+    directories it needs (the union mount keeps its own cache per inode).
     """
 
     def __init__(self, layers: Sequence[Layer | str | bytes]):
         self.layers = as_layers(layers)
         n = len(self.layers)
-        self.root = Node(DIR, tuple(range(n - 1, -1, -1)), tuple(0 for _ in range(n)))
-        self.root = self._truncate_root()
+        top_first = self.dir_layers(b"", Node(DIR, tuple(range(n - 1, -1, -1)), (0,) * n))
+        self.root = Node(DIR, top_first, tuple(os.fstat(self.layers[i].fd).st_ino
+                                               for i in top_first))
 
     def close(self) -> None:
         for layer in self.layers:
@@ -112,11 +113,6 @@ class Resolver:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def _truncate_root(self) -> Node:
-        layers = self.dir_layers(b"", self.root)
-        inos = tuple(os.fstat(self.layers[i].fd).st_ino for i in layers)
-        return Node(DIR, tuple(layers), inos)
 
     def layer_dir(self, idx: int, path: bytes) -> LayerDir:
         """One layer's view of one directory (path must be a directory there)."""

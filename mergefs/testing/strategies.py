@@ -9,7 +9,8 @@ NAMES = [b"a", b"b", b"c", b"d\xff"]
 TARGETS = [b"a", b"../b", b"/etc", b"c/d", b"."]
 MTIMES = [DEFAULT_MTIME_NS, 1_500_000_000_000_000_000, 1_700_000_000_999_999_999]
 DATA = [b"", b"x", b"hello", b"y" * 5000]
-KINDS = ["file", "file", "dir", "dir", "opaque", "symlink", "whiteout", "hardlink", "fifo"]
+KINDS = ["file", "file", "dir", "dir", "opaque", "symlink", "whiteout", "hardlink", "fifo",
+         "recreated"]
 
 
 @st.composite
@@ -28,6 +29,9 @@ def layer_spec(draw, max_depth: int = 3, kinds=KINDS) -> LayerSpec:
         for name in draw(st.lists(st.sampled_from(NAMES), unique=True, max_size=3)):
             path = prefix + b"/" + name if prefix else name
             kind = draw(st.sampled_from(kinds))
+            if kind == "recreated":      # D2/D7: a whiteout and a new entry of the same name
+                spec.whiteout(path)
+                kind = draw(st.sampled_from(["file", "dir"]))
             if kind == "hardlink" and not files:
                 kind = "file"
             if kind == "file":
