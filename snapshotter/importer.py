@@ -77,7 +77,7 @@ class LayerCopier:
             return
         meta = Meta.read(src_fd, name, st)
         if kind == REG:
-            self._copy_file(src_fd, name, dst_fd, st.st_size)
+            syscalls.copy_file(src_fd, name, dst_fd, name, st.st_size)
             if st.st_nlink > 1:
                 self.links[st.st_ino] = rel
         elif kind == LNK:
@@ -85,18 +85,6 @@ class LayerCopier:
         else:                      # fifo, char, block; a socket is recreated (A4)
             syscalls.mknod(name, st.st_mode, 0 if kind == SOCK else st.st_rdev, dst_fd)
         apply_meta(dst_fd, name, meta, self.warnings)
-
-    def _copy_file(self, src_fd: int, name: bytes, dst_fd: int, size: int) -> None:
-        src = os.open(name, syscalls.O_READ, dir_fd=src_fd)
-        try:
-            out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                          | os.O_CLOEXEC, 0o600, dir_fd=dst_fd)
-            try:
-                syscalls.copy_data(src, out, size)
-            finally:
-                os.close(out)
-        finally:
-            os.close(src)
 
     def _count(self) -> None:
         self.entries += 1

@@ -109,6 +109,12 @@ class WritableView(UnionView):
         """Copy-up of a hardlinked lower file: every name the kernel knows for this
         inode becomes a link to the one upper copy, so they stay one file."""
         self.ensure_upper(parent)
+        tmp = self._stage_link(inode)
+        inode.attr = self.upper.publish(tmp, join(parent.path, name), keep_parent_times=True)
+        self._set_child(parent, name, inode.node)
+
+    def _stage_link(self, inode: Inode) -> bytes:
+        """A new name for ``inode``'s upper file in the work dir, ready to publish."""
         src_parent, _, src_name = inode.path.rpartition(b"/")
         tmp = self.upper.tmp_name()
         sfd = self.upper.dir_fd(src_parent)
@@ -116,8 +122,7 @@ class WritableView(UnionView):
             syscalls.link(src_name, tmp, sfd, self.upper.work_fd)
         finally:
             os.close(sfd)
-        inode.attr = self.upper.publish(tmp, join(parent.path, name), keep_parent_times=True)
-        self._set_child(parent, name, inode.node)
+        return tmp
 
     def _placed(self, parent: Inode, name: bytes, tmp: bytes) -> Inode:
         """Publish a staged new entry at parent/name and hand out its inode."""
@@ -176,14 +181,7 @@ class WritableView(UnionView):
             raise AlreadyExists(name)
         self.ensure_upper(inode)
         self.ensure_upper(parent)
-        src_parent, _, src_name = inode.path.rpartition(b"/")
-        tmp = self.upper.tmp_name()
-        sfd = self.upper.dir_fd(src_parent)
-        try:
-            syscalls.link(src_name, tmp, sfd, self.upper.work_fd)
-        finally:
-            os.close(sfd)
-        st = self.upper.publish(tmp, join(parent.path, name))
+        st = self.upper.publish(self._stage_link(inode), join(parent.path, name))
         self._set_child(parent, name, inode.node)
         inode.attr = st
         return self.inodes.entry(parent, name, inode.node)
