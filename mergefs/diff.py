@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 from . import syscalls
 from .attrs import Meta
 from .farm import Applier, FarmStats, staged_build
-from .layer import DIR, LNK, REG, Layer, as_layers, content_xattrs
+from .layer import DIR, Layer, as_layers, content_xattrs
 from .plan import DirAttrs, Link, Mkdir, MergedDir, Record, Whiteout, plan_subtree
 from .resolver import join
 

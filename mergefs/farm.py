@@ -28,7 +28,7 @@ from typing import Iterable, Sequence
 from . import syscalls
 from .attrs import Meta, apply_meta
 from .errors import AlreadyExists, NotFound
-from .layer import LNK, REG, SOCK, Layer, as_layers
+from .layer import SOCK, Layer, as_layers
 from .plan import DirAttrs, Link, MergedDir, Mkdir, Record, Whiteout, plan_entries, plan_merge
 
 # errno -> reason, for the two failures of link() that fall back to a copy.

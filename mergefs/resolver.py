@@ -21,7 +21,7 @@ from typing import Iterable, NamedTuple, Sequence
 from sortedcontainers import SortedDict
 
 from . import syscalls
-from .layer import DIR, KIND_NAMES, Layer, LayerDir, as_layers, read_layer_dir
+from .layer import DIR, Layer, LayerDir, as_layers, read_layer_dir
 
 
 class Node(NamedTuple):

@@ -42,12 +42,10 @@ Targets (issue 2): farm <= 0.8x cp -al; peak RSS <= 200 MB for 100k entries.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
 import random
-import shutil
 import stat
 import subprocess
 import sys

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from ..layer import FORMATS, KIND_NAMES, Layer
+from ..layer import FORMATS, Layer
 
 
 def is_layer_dir_arg(arg: str) -> bool:

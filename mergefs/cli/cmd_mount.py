@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import sys
 
 from ..errors import InvalidLayer
 from ..layer import FORMATS

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 
-from ..errors import InvalidLayer
 
 PASSED = {"ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
           "relatime", "norelatime", "strictatime", "sync", "async", "dirsync"}

@@ -20,8 +20,8 @@ from sortedcontainers import SortedDict
 
 from .. import syscalls
 from ..errors import NotFound
-from ..layer import DIR, LNK, REG, Layer, is_overlay_private
-from ..resolver import Node, Resolver, join, merge_listing
+from ..layer import LNK, Layer, is_overlay_private
+from ..resolver import Node, Resolver, merge_listing
 from .inodes import Inode, InodeTable
 
 

@@ -18,7 +18,7 @@ from mergefs.testing.builders import LayerSpec, materialise
 from mergefs.testing.strategies import layer_spec
 
 from ..conftest import needs_root
-from .conftest import MTIME, member, tar_bytes
+from .conftest import member, tar_bytes
 
 OPAQUE = OPAQUE_XATTRS[0] if os.geteuid() == 0 else OPAQUE_XATTRS[1]
 

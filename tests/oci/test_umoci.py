@@ -11,10 +11,8 @@ directory always wins (a documented caveat of the store format, see
 """
 from __future__ import annotations
 
-import io
 import os
 import shutil
-import subprocess
 import tarfile
 from pathlib import Path
 

@@ -192,7 +192,6 @@ def make_driver():
 
 # -- the real-mount tier ---------------------------------------------------
 import signal
-import subprocess
 import time
 
 from mergefs.mountspec import MountSpec

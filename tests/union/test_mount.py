@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-import trio
 
 from mergefs.farm import build_farm
 from mergefs.testing import conformance, mounts, tree

@@ -16,7 +16,7 @@ from pyfuse3 import FUSEError
 from mergefs.testing import mounts, tree
 from mergefs.testing.builders import LayerSpec, materialise_stack
 
-from .test_readonly import random_stack, sample_stack
+from .test_readonly import random_stack
 
 
 @pytest.fixture
