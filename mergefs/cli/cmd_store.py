@@ -235,6 +235,12 @@ def cmd_du(args) -> int:
         for s in recs:
             for k, v in _du_dict(s).items():
                 label = "ID" if k == "id" else k.replace("_", " ").capitalize()
+                if k in ("exclusive", "shared", "size"):
+                    v = human(v)
+                elif k == "created" and v:
+                    v = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(v))
+                elif k == "last_used" and v:
+                    v = when(v)
                 print(f"{label + ':':<14}{v}")
             print()
     else:

@@ -1,6 +1,7 @@
 """du is hardlink-aware (C3) and agrees with coreutils du."""
 from __future__ import annotations
 
+import re
 import subprocess
 
 from snapshotter import service
@@ -65,3 +66,7 @@ def test_du_cli_lists_parents_separated_by_semicolons(cli, layers):
     assert report["total"] > 0
     text = cli.out("du", "-v")
     assert f"Parents:      {';'.join(ids)}" in text and "Total:" in text
+    # like buildctl du -v: dates and sizes for people, not epoch floats and byte counts
+    assert re.search(r"^Created: +\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC$", text, re.M)
+    assert re.search(r"^Last used: +\d+ seconds ago$", text, re.M)
+    assert re.search(r"^Exclusive: +[\d.]+k?B$", text, re.M)
