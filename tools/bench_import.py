@@ -77,9 +77,7 @@ def target_fs(work: str, kind: str):
     try:
         yield mnt
     finally:
-        for cmd in (["umount", mnt], ["umount", "-l", mnt]):
-            if subprocess.run(cmd, capture_output=True).returncode == 0:
-                break
+        benchlib.unmount(mnt)
 
 
 def run_tar(src: str, dest: str) -> benchlib.ChildResult:

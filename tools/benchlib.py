@@ -198,6 +198,14 @@ def is_mounted(path: str) -> bool:
         return any(line.split()[1] == target for line in f)
 
 
+
+def unmount(mnt: str) -> None:
+    """Unmount ``mnt``: normally, else lazily (a busy mount goes once its users do)."""
+    for cmd in (["umount", mnt], ["umount", "-l", mnt]):
+        if subprocess.run(cmd, capture_output=True).returncode == 0:
+            return
+
+
 @contextlib.contextmanager
 def scratch_ext4(workdir: str, size: str = "8G", inode_ratio: int = 8192) -> Iterator[str]:
     """A fresh journaled ext4 (default mkfs options) on a loop device, mounted
@@ -223,9 +231,7 @@ def scratch_ext4(workdir: str, size: str = "8G", inode_ratio: int = 8192) -> Ite
         try:
             yield mnt
         finally:
-            for cmd in (["umount", mnt], ["umount", "-l", mnt]):
-                if subprocess.run(cmd, capture_output=True).returncode == 0:
-                    break
+            unmount(mnt)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(image)
