@@ -99,14 +99,15 @@ def plan_entries(md: MergedDir) -> tuple[list[Record], list[bytes]]:
     ``Link`` for everything else), and the names of its subdirectories."""
     records: list[Record] = []
     subdirs: list[bytes] = []
-    for name in sorted(md.children):
-        node = md.children[name]
-        path = join(md.path, name)
-        if node.kind == DIR:
-            records.append(Mkdir(path))
+    children, prefix = md.children, md.path + b"/" if md.path else b""
+    new = tuple.__new__            # hot loop: one record per merged entry
+    for name in sorted(children):
+        kind, layers, inos = children[name]
+        if kind == DIR:
+            records.append(new(Mkdir, (prefix + name,)))
             subdirs.append(name)
         else:
-            records.append(Link(path, node.top, node.kind, node.inos[0]))
+            records.append(new(Link, (prefix + name, layers[0], kind, inos[0])))
     return records, subdirs
 
 
