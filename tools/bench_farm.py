@@ -61,16 +61,29 @@ CP_SKIPPED = ("cannot overwrite directory", "cannot overwrite non-directory")
 
 
 # -- the contenders -------------------------------------------------------------
+def farm_kwargs(variant: str | None) -> dict:
+    """build_farm keyword arguments for a ``--workers`` variant: N, Nt (threads),
+    Np (processes); None: build_farm's defaults."""
+    if variant is None:
+        return {}
+    kw = {"workers": int(variant.rstrip("tp"))}
+    if variant.endswith(("t", "p")):
+        kw["parallel"] = "thread" if variant.endswith("t") else "process"
+    return kw
+
+
 def child_build(out: str, fmt: str, layers: list[str], profile: str | None,
-                workers: int | None) -> None:
+                workers: str | None) -> None:
     """In the child process: build the farm, print one JSON line.
 
-    ``workers`` is passed to build_farm only when given (None: its default).
+    ``workers`` is a ``--workers`` variant (None: build_farm's defaults).
     cProfile sees only the calling thread: profile with workers=1.
+    Peak RSS counts the worker processes too: this process's own peak plus,
+    for each worker it forked, the largest worker's peak (an upper bound).
     """
-    from mergefs.farm import build_farm
+    from mergefs.farm import DEFAULT_WORKERS, build_farm
     from mergefs.layer import Layer
-    kw = {} if workers is None else {"workers": workers}
+    kw = farm_kwargs(workers)
     import resource
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
@@ -84,12 +97,16 @@ def child_build(out: str, fmt: str, layers: list[str], profile: str | None,
     seconds = time.perf_counter() - t0
     r1 = resource.getrusage(resource.RUSAGE_SELF)    # all threads of this process
     cpu = r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
-    print(json.dumps({"seconds": seconds, "cpu": cpu, "stats": stats.as_dict(),
-                      "vm_hwm": benchlib.vm_hwm(os.getpid())}))
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    forked = kw.get("workers", DEFAULT_WORKERS) if children.ru_maxrss else 0
+    vm_hwm = benchlib.vm_hwm(os.getpid())
+    print(json.dumps({"seconds": seconds, "cpu": cpu + children.ru_utime + children.ru_stime,
+                      "stats": stats.as_dict(), "vm_hwm": vm_hwm,
+                      "rss_total": vm_hwm + forked * children.ru_maxrss * 1024}))
 
 
 def run_farm(layers: list[str], out: str, fmt: str, profile: str | None = None,
-             workers: int | None = None) -> tuple[float, benchlib.ChildResult]:
+             workers: str | None = None) -> tuple[float, benchlib.ChildResult]:
     argv = [sys.executable, os.path.abspath(__file__), "--child-build", out,
             "--child-format", fmt, *(["--child-profile", profile] if profile else []),
             *(["--child-workers", str(workers)] if workers is not None else []), *layers]
@@ -247,7 +264,7 @@ def bench_format(fmt: str, layers: list[str], outdir: str, args, table: benchlib
                     seconds, res = run_farm(layers, out, fmt, workers=w)
                     farm_t[w].add(seconds)
                     proc_t[w].add(res.seconds)
-                    rss[w].add(res.maxrss)
+                    rss[w].add(res.json()["rss_total"])
                     cpu[w].add(res.json()["cpu"])
                     info["farm_stats"] = res.json()["stats"]
                     info["farm_vm_hwm_self_reported"] = res.json()["vm_hwm"]
@@ -311,7 +328,7 @@ def run(args, base: str) -> int:
         if args.profile:
             out = os.path.join(outdir, "profiled")
             prepare("warm", stacks[formats[0]])
-            run_farm(stacks[formats[0]], out, formats[0], profile=args.profile, workers=1)
+            run_farm(stacks[formats[0]], out, formats[0], profile=args.profile, workers="1")
             print_profile(args.profile)
     finally:
         if not args.keep and args.fs == "here":   # a loop fs is discarded whole
@@ -356,9 +373,9 @@ def parse_args(argv=None):
                          "here: WORKDIR's filesystem")
     ap.add_argument("--workdir", default="/tmp/mergefs-bench")
     ap.add_argument("--sample", type=int, default=3000, help="paths whose content is compared")
-    ap.add_argument("--workers", type=lambda s: [int(w) for w in s.split(",")], default=[None],
-                    help="build_farm(workers=N) variants to measure, e.g. 1,2 "
-                         "(default: build_farm's own default)")
+    ap.add_argument("--workers", type=lambda s: s.split(","), default=[None],
+                    help="build_farm variants to measure: N (workers=N), Nt (threads), "
+                         "Np (processes), e.g. 1,2t,2p (default: build_farm's defaults)")
     ap.add_argument("--profile", metavar="FILE",
                     help="also cProfile one warm farm build (workers=1: cProfile sees one thread)")
     ap.add_argument("--json", metavar="FILE", help="write all samples as JSON")
@@ -366,7 +383,7 @@ def parse_args(argv=None):
     ap.add_argument("--child-build", metavar="OUT", help=argparse.SUPPRESS)
     ap.add_argument("--child-format", help=argparse.SUPPRESS)
     ap.add_argument("--child-profile", help=argparse.SUPPRESS)
-    ap.add_argument("--child-workers", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--child-workers", help=argparse.SUPPRESS)
     ap.add_argument("child_layers", nargs="*", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 
+from ..farm.build import DEFAULT_WORKERS
 from ..layer import FORMATS, Layer
 
 
@@ -23,11 +24,20 @@ def stack_arg(arg: str, fmt: str) -> list[Layer]:
     return [Layer(p, fmt) for p in arg.split(":")]
 
 
+def _jobs(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--jobs must be at least 1, not {n}")
+    return n
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help="merge layers (bottom first) into a farm or the store")
     p.add_argument("refs", nargs="+", metavar="LAYER|REF")
     p.add_argument("--out", help="build the farm at this new directory (no store)")
     p.add_argument("--format", choices=FORMATS, default="auto", help="whiteout format of the inputs")
+    p.add_argument("-j", "--jobs", type=_jobs, default=None, metavar="N",
+                   help="build a farm with N workers (default: %d; 1: sequential)" % DEFAULT_WORKERS)
     p.add_argument("--strategy", choices=("auto", "farm", "union"), default="auto")
     p.add_argument("--name", help="also name the result in the store")
     p.add_argument("--explain", action="store_true", help="print why the strategy was chosen")
@@ -58,7 +68,8 @@ def cmd_merge(args) -> int:
         from .cmd_store import store_merge
         return store_merge(args)
     from ..farm import build_farm
-    stats = build_farm([Layer(r, args.format) for r in args.refs], args.out)
+    stats = build_farm([Layer(r, args.format) for r in args.refs], args.out,
+                       workers=args.jobs or DEFAULT_WORKERS)
     for w in stats.warnings:
         print(f"mergefs: warning: {w}", file=sys.stderr)
     if args.json:

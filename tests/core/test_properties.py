@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 
 from mergefs.diff import write_diff
-from mergefs.farm import build_farm
+from mergefs.farm import build_farm, schedule
 from mergefs.testing import model, mounts, tree
 from mergefs.testing.builders import LayerSpec, materialise, materialise_stack
 from mergefs.testing.strategies import stacks
@@ -20,9 +21,10 @@ SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-def _farm_view(layers, where: Path, workers: int = 2) -> tree.View:
+def _farm_view(layers, where: Path, workers: int = 2, parallel: str = "auto") -> tree.View:
     prints = [tree.fingerprint(l) for l in layers]
-    build_farm(layers, where, workers=workers)
+    with mock.patch.object(schedule, "SPLIT_MIN", 0):    # fork even for tiny stacks
+        build_farm(layers, where, workers=workers, parallel=parallel)
     assert [tree.fingerprint(l) for l in layers] == prints, "a layer was modified"
     return tree.capture(where)
 
@@ -37,7 +39,10 @@ def test_M5_random_stack_farm_equals_model_and_kernel_overlay(specs):
         oci = materialise_stack(specs, d / "oci", "oci")
         ovl = materialise_stack(specs, d / "ovl", "overlay")
         tree.assert_same(_farm_view(oci, d / "farm-oci", workers=1), expected, "farm(oci) vs model")
-        tree.assert_same(_farm_view(ovl, d / "farm-ovl"), expected, "farm(overlay) vs model")
+        tree.assert_same(_farm_view(ovl, d / "farm-ovl", parallel="process"), expected,
+                         "farm(overlay, processes) vs model")
+        tree.assert_same(_farm_view(ovl, d / "farm-ovl-t", parallel="thread"), expected,
+                         "farm(overlay, threads) vs model")
         with mounts.overlay_mount(ovl) as mnt:
             tree.assert_same(tree.capture(mnt), expected, "kernel overlayfs vs model")
 

@@ -1,35 +1,32 @@
-"""The farm builder: executes change records into a staging directory.
+"""The applier: executes change records into a directory (the only writer).
 
-This is the only module that writes merge results. Fallback chain for a
-non-directory: hardlink -> copy, where only two errnos fall back:
+Fallback chain for a non-directory: hardlink -> copy, where only two errnos
+fall back:
 
 * EXDEV: the layer lives on another filesystem than the farm; a hardlink
   cannot cross filesystems, so the bytes are copied.
 * EMLINK: the layer's inode reached the filesystem's link limit (65,000 on
   ext4); another name for it cannot be made, so a copy stands in.
 
-Any other error aborts the build and the staging directory is removed.
+Any other error propagates (the caller's staging directory is then removed).
 Copies keep hardlink groups (H1): the second name of a copied inode links to
 the first copy. Directories are created, never linked; sockets are recreated
-(A4); directory attributes are applied after their children (A2).
+(A4); a directory's attributes are applied where its ``DirAttrs`` record
+comes, which planners put after the directory's entries (A2).
 """
 from __future__ import annotations
 
 import errno
 import os
-import shutil
 import stat
 import threading
-import uuid
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Iterable, Sequence
 
-from . import syscalls
-from .attrs import Meta, apply_meta
-from .errors import AlreadyExists, NotFound
-from .layer import SOCK, Layer, as_layers
-from .plan import DirAttrs, Link, MergedDir, Mkdir, Record, Whiteout, plan_entries, plan_merge
+from .. import syscalls
+from ..attrs import Meta, apply_meta
+from ..layer import SOCK, Layer
+from ..plan import DirAttrs, Link, Mkdir, Record, Whiteout
 
 # errno -> reason, for the two failures of link() that fall back to a copy.
 COPY_FALLBACK = {
@@ -52,11 +49,19 @@ class FarmStats:
 
 
 class Applier:
-    """Executes records against ``dst_fd`` with sources in ``layers``."""
+    """Executes records against ``dst_fd`` with sources in ``layers``.
+
+    Appliers that share ``copies`` and ``copy_lock`` (threads of one build)
+    keep H1 across each other. Processes cannot share them, so an applier
+    given a ``deferred`` list appends each link that needs a copy there
+    instead of copying; one applier replays them all afterwards.
+    """
 
     def __init__(self, layers: Sequence[Layer], dst_fd: int,
-                 copies: dict | None = None, copy_lock: threading.Lock | None = None):
+                 copies: dict | None = None, copy_lock: threading.Lock | None = None,
+                 deferred: list | None = None):
         self.layers = layers
+        self.deferred = deferred
         self.layer_fds = [layer.fd for layer in layers]
         self.dst = dst_fd
         self.stats = FarmStats()
@@ -125,6 +130,9 @@ class Applier:
             reason = COPY_FALLBACK.get(e.errno)
             if reason is None:
                 raise
+            if self.deferred is not None:
+                self.deferred.append(rec)
+                return
             self.copy(rec)
             self.stats.copies[reason] += 1
 
@@ -174,129 +182,3 @@ def merge_stats(parts: Sequence[FarmStats]) -> FarmStats:
         for k, v in p.copies.items():
             total.copies[k] += v
     return total
-
-
-class _Job:
-    __slots__ = ("md", "parent", "remaining")
-
-    def __init__(self, md: MergedDir, parent: "_Job | None"):
-        self.md, self.parent, self.remaining = md, parent, 0
-
-
-def run_parallel(layers: Sequence[Layer], dst_fd: int, workers: int) -> FarmStats:
-    """Build Merge(layers) into ``dst_fd`` with ``workers`` threads, a directory per job.
-
-    Why threads help: the work is mkdir/link system calls, which release the
-    GIL, and the kernel runs links into different directories concurrently,
-    so the threads overlap kernel work with each other and with the planner.
-    A directory's attributes are applied by whichever thread finishes its
-    last subdirectory (A2 holds per directory, as in the sequential plan).
-    """
-    cond = threading.Condition()
-    copies, copy_lock = {}, threading.Lock()
-    todo: list = [(None, None)]       # (parent job, name); (None, None) is the root
-    state = {"active": 0, "error": None}
-    appliers = [Applier(layers, dst_fd, copies, copy_lock) for _ in range(workers)]
-
-    def finish(job: _Job, applier: Applier) -> None:
-        while job is not None:
-            applier.run([DirAttrs(job.md.path, job.md.meta)])
-            job.md = None          # free the listing
-            parent, job = job.parent, None
-            if parent is not None:
-                with cond:
-                    parent.remaining -= 1
-                    if parent.remaining == 0:
-                        job = parent
-
-    def step(parent: _Job | None, name: bytes | None, applier: Applier) -> list:
-        md = MergedDir.root(layers) if parent is None else parent.md.child(name)
-        md.release()
-        job = _Job(md, parent)
-        records, subdirs = plan_entries(md)
-        applier.run(records)
-        job.remaining = len(subdirs)
-        if not subdirs:
-            finish(job, applier)
-        return [(job, n) for n in reversed(subdirs)]
-
-    def worker(applier: Applier) -> None:
-        while True:
-            with cond:
-                while not todo and state["active"] and state["error"] is None:
-                    cond.wait()
-                if state["error"] is not None or not todo:
-                    cond.notify_all()
-                    return
-                parent, name = todo.pop()
-                state["active"] += 1
-            try:
-                more = step(parent, name, applier)
-            except BaseException as e:
-                more = []
-                with cond:
-                    state["error"] = state["error"] or e
-            with cond:
-                todo.extend(more)
-                state["active"] -= 1
-                cond.notify_all()
-
-    threads = [threading.Thread(target=worker, args=(a,), name=f"farm-{i}")
-               for i, a in enumerate(appliers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if state["error"] is not None:
-        raise state["error"]
-    return merge_stats([a.stats for a in appliers])
-
-
-def staged_build(out: str | os.PathLike, build) -> FarmStats:
-    """Run ``build(staging_fd)`` in a staging dir next to ``out``, then publish by rename.
-
-    ``out`` must not exist. On any error the staging dir is removed and
-    nothing is left at ``out``.
-    """
-    out = Path(os.fsdecode(out)).absolute()
-    if os.path.lexists(out):
-        raise AlreadyExists(f"{out} already exists")
-    if not out.parent.is_dir():
-        raise NotFound(f"parent directory {out.parent} does not exist")
-    staging = out.parent / f".{out.name}.mergefs-staging-{uuid.uuid4().hex[:12]}"
-    os.mkdir(staging, 0o700)
-    try:
-        fd = os.open(staging, syscalls.O_DIR)
-        try:
-            stats = build(fd)
-        finally:
-            os.close(fd)
-        try:
-            syscalls.rename_noreplace(staging, out)
-        except FileExistsError:
-            raise AlreadyExists(f"{out} already exists") from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return stats
-
-
-DEFAULT_WORKERS = 2   # see run_parallel; measured by tools/bench_farm.py
-
-
-def build_farm(layers: Sequence[Layer | str | os.PathLike], out: str | os.PathLike,
-               workers: int = DEFAULT_WORKERS) -> FarmStats:
-    """Materialise Merge(layers) (bottom first) as a hardlink farm at ``out``.
-
-    ``workers`` threads build it (1: the sequential plan, in name order).
-    """
-    layers = as_layers(layers)
-    try:
-        for layer in layers:
-            layer.fd   # open every layer first: a bad one fails before any work
-        if workers > 1:
-            return staged_build(out, lambda fd: run_parallel(layers, fd, workers))
-        return staged_build(out, lambda fd: Applier(layers, fd).run(plan_merge(layers)))
-    finally:
-        for layer in layers:
-            layer.close()

@@ -1,0 +1,98 @@
+"""Publishing a build (staging dir + rename) and ``build_farm``."""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import uuid
+from pathlib import Path
+from typing import Sequence
+
+from .. import syscalls
+from ..errors import AlreadyExists, NotFound
+from ..layer import Layer, as_layers
+from ..plan import plan_merge
+from .applier import Applier, FarmStats
+from .schedule import run_processes, run_threads
+
+PARALLEL = ("auto", "process", "thread")
+
+
+def staged_build(out: str | os.PathLike, build) -> FarmStats:
+    """Run ``build(staging_fd)`` in a staging dir next to ``out``, then publish by rename.
+
+    ``out`` must not exist. On any error the staging dir is removed and
+    nothing is left at ``out``.
+    """
+    out = Path(os.fsdecode(out)).absolute()
+    if os.path.lexists(out):
+        raise AlreadyExists(f"{out} already exists")
+    if not out.parent.is_dir():
+        raise NotFound(f"parent directory {out.parent} does not exist")
+    staging = out.parent / f".{out.name}.mergefs-staging-{uuid.uuid4().hex[:12]}"
+    os.mkdir(staging, 0o700)
+    try:
+        fd = os.open(staging, syscalls.O_DIR)
+        try:
+            stats = build(fd)
+        finally:
+            os.close(fd)
+        try:
+            syscalls.rename_noreplace(staging, out)
+        except FileExistsError:
+            raise AlreadyExists(f"{out} already exists") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return stats
+
+
+# Measured by tools/bench_farm.py on 2 cores: 2 processes halve a warm build,
+# and 4 also overlap the directory reads of a cold one.
+DEFAULT_WORKERS = min(4, 2 * (os.cpu_count() or 1))
+
+
+def pick_parallel(layers: Sequence[Layer], dst_fd: int, parallel: str) -> str:
+    """``process`` when it is safe and pays, else ``thread``.
+
+    Forking is only safe from a single-threaded process (a lock held by
+    another thread stays locked in the child), and when a layer is on
+    another filesystem every one of its entries is copied, which threads do
+    in parallel but processes defer to one applier (H1).
+    """
+    if parallel != "auto":
+        return parallel
+    if threading.active_count() > 1:
+        return "thread"
+    dev = os.fstat(dst_fd).st_dev
+    if any(os.fstat(layer.fd).st_dev != dev for layer in layers):
+        return "thread"
+    return "process"
+
+
+def build_farm(layers: Sequence[Layer | str | os.PathLike], out: str | os.PathLike,
+               workers: int = DEFAULT_WORKERS, parallel: str = "auto") -> FarmStats:
+    """Materialise Merge(layers) (bottom first) as a hardlink farm at ``out``.
+
+    ``workers`` > 1 builds it with that many forked processes or threads
+    (``parallel``: auto, process, thread; see ``mergefs.farm.schedule``);
+    1 runs the sequential plan, in name order.
+    """
+    if parallel not in PARALLEL:
+        raise ValueError(f"unknown parallel mode {parallel!r}; use one of {PARALLEL}")
+    layers = as_layers(layers)
+
+    def build(fd: int) -> FarmStats:
+        if workers <= 1:
+            return Applier(layers, fd).run(plan_merge(layers))
+        if pick_parallel(layers, fd, parallel) == "process":
+            return run_processes(layers, fd, workers)
+        return run_threads(layers, fd, workers)
+
+    try:
+        for layer in layers:
+            layer.fd   # open every layer first: a bad one fails before any work
+        return staged_build(out, build)
+    finally:
+        for layer in layers:
+            layer.close()

@@ -1,0 +1,295 @@
+"""Parallel farm builds: one merged directory is one unit of work.
+
+``dir_step`` builds a directory's own entries (``Mkdir`` for subdirectories,
+links for the rest) and then applies its attributes. That order is all A2
+asks: a directory's mtime changes only when an entry is made *in* it, and
+those are all made by the same step, so directories are independent units
+and any worker may take any of them once its parent's step made it.
+
+Two exceptions are collected and applied at the end by ``finish``, in one
+place and one order:
+
+* links that need a copy, when the worker is a process (H1 needs every copy
+  of an inode to go through one applier, see ``Applier.deferred``); the
+  directory's attributes follow its copies;
+* directories whose mode lacks ``rwx`` for the owner. A non-root build
+  cannot chown, so the farm's directories are the builder's own; a layer
+  directory others may enter but its owner may not (0o055) would lock the
+  builder out of everything below it. They are applied last, deepest first.
+
+Two schedulers share ``dir_step``:
+
+* ``run_threads``: a shared stack of directories. Links and mkdirs release
+  the GIL, so threads overlap kernel work (most of a cold build); a warm
+  build is CPU-bound and threads then contend for the GIL.
+* ``run_processes``: forked workers, no GIL. The caller first builds the
+  first ``split_min`` entries itself (small merges never fork), then workers
+  take the remaining directories from that list through a shared counter,
+  each working depth first on a private stack; a worker that runs dry is
+  *hungry*, and a busy worker that sees it hands over the shallowest
+  directory on its stack (the biggest untouched subtree) through a pipe.
+  The caller only supervises: a worker that dies (killed, out of memory)
+  fails the build at once instead of hanging the others.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+import threading
+from typing import Sequence
+
+from ..layer import Layer
+from ..plan import DirAttrs, MergedDir, plan_entries
+from ..resolver import join
+from .applier import Applier, FarmStats, merge_stats
+
+Item = tuple  # (path, sources): a merged directory to build, as MergedDir takes it
+
+OWNER_RWX = 0o700
+
+
+def root_item(layers: Sequence[Layer]) -> Item:
+    return (b"", tuple(range(len(layers) - 1, -1, -1)))
+
+
+def dir_step(layers: Sequence[Layer], applier: Applier, item: Item,
+             late: list) -> list[Item]:
+    """Build one merged directory's entries, then its attributes; its subdirectories."""
+    path, sources = item
+    md = MergedDir(layers, path, sources)
+    md.release()
+    records, subdirs = plan_entries(md)
+    deferred = applier.deferred
+    mark = len(deferred) if deferred is not None else 0
+    applier.run(records)
+    attrs = DirAttrs(path, md.meta)
+    if md.meta.mode & OWNER_RWX != OWNER_RWX:
+        late.append(attrs)
+    elif deferred is not None and len(deferred) > mark:
+        deferred.append(attrs)           # after the copies made into it
+    else:
+        applier.run((attrs,))
+    children = md.children
+    return [(join(path, name), children[name].layers) for name in subdirs]
+
+
+def finish(layers: Sequence[Layer], dst_fd: int, deferred: list, late: list) -> FarmStats:
+    """Apply what ``dir_step`` set aside: deferred copies, then restrictive dirs."""
+    late.sort(key=lambda rec: rec.path.count(b"/"), reverse=True)
+    return Applier(layers, dst_fd).run(deferred + late)
+
+
+# -- threads ----------------------------------------------------------------------
+def run_threads(layers: Sequence[Layer], dst_fd: int, workers: int) -> FarmStats:
+    """Build Merge(layers) into ``dst_fd`` with ``workers`` threads."""
+    cond = threading.Condition()
+    todo: list[Item] = [root_item(layers)]
+    state = {"active": 0, "error": None}
+    late: list = []
+    copies, copy_lock = {}, threading.Lock()
+    appliers = [Applier(layers, dst_fd, copies, copy_lock) for _ in range(workers)]
+
+    def worker(applier: Applier) -> None:
+        while True:
+            with cond:
+                while not todo and state["active"] and state["error"] is None:
+                    cond.wait()
+                if state["error"] is not None or not todo:
+                    cond.notify_all()
+                    return
+                item = todo.pop()
+                state["active"] += 1
+            try:
+                more = dir_step(layers, applier, item, late)
+            except BaseException as e:
+                more = []
+                with cond:
+                    state["error"] = state["error"] or e
+            with cond:
+                todo.extend(reversed(more))
+                state["active"] -= 1
+                cond.notify_all()
+
+    threads = [threading.Thread(target=worker, args=(a,), name=f"farm-{i}")
+               for i, a in enumerate(appliers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if state["error"] is not None:
+        raise state["error"]
+    return merge_stats([a.stats for a in appliers] + [finish(layers, dst_fd, [], late)])
+
+
+# -- processes --------------------------------------------------------------------
+SPLIT_MIN = 4096    # entries the caller builds before it forks (a fork costs ~ms)
+
+# slots of the shared counters (guarded by the condition's lock)
+NEXT, DONATED, ACTIVE, HUNGRY, FAILED = range(5)
+
+
+class WorkerDied(RuntimeError):
+    """A farm worker process ended without reporting (killed, out of memory)."""
+
+
+class _Pool:
+    """The work shared by forked workers: a list fixed before the fork, read
+    through a shared counter, plus directories handed over through a pipe."""
+
+    def __init__(self, ctx, initial: list[Item], workers: int):
+        self.initial = initial
+        self.cond = ctx.Condition()
+        self.n = ctx.RawArray("q", 5)
+        self.n[ACTIVE] = workers
+        self.rfd, self.wfd = os.pipe()
+
+    def close(self) -> None:
+        os.close(self.rfd)
+        os.close(self.wfd)
+
+    def failed(self) -> bool:
+        return bool(self.n[FAILED])
+
+    def fail(self) -> None:
+        with self.cond:
+            self.n[FAILED] = 1
+            self.cond.notify_all()
+
+    def take(self) -> Item | None:
+        """The next directory for a worker that has none; None when all is done."""
+        n = self.n
+        with self.cond:
+            n[ACTIVE] -= 1
+            while True:
+                if n[FAILED]:
+                    return None
+                if n[NEXT] < len(self.initial):
+                    n[NEXT] += 1
+                    n[ACTIVE] += 1
+                    return self.initial[n[NEXT] - 1]
+                if n[DONATED]:
+                    n[DONATED] -= 1
+                    n[ACTIVE] += 1
+                    return self._read()
+                if n[ACTIVE] == 0:       # nobody holds work that could be shared
+                    self.cond.notify_all()
+                    return None
+                n[HUNGRY] += 1
+                self.cond.wait()
+                n[HUNGRY] -= 1
+
+    def share(self, stack: list[Item]) -> None:
+        """Hand the bottom of ``stack`` to a hungry worker (cheap when none is)."""
+        n = self.n
+        if not n[HUNGRY] or len(stack) < 2:     # unlocked read: a hint
+            return
+        with self.cond:
+            if n[HUNGRY] > n[DONATED]:
+                # at most workers-1 items of < 8 KiB wait in the pipe: it never fills
+                data = pickle.dumps(stack.pop(0))
+                os.write(self.wfd, struct.pack("I", len(data)) + data)
+                n[DONATED] += 1
+                self.cond.notify()
+
+    def _read(self) -> Item:
+        size = struct.unpack("I", self._read_exactly(4))[0]
+        return pickle.loads(self._read_exactly(size))
+
+    def _read_exactly(self, size: int) -> bytes:
+        out = b""
+        while len(out) < size:
+            out += os.read(self.rfd, size - len(out))
+        return out
+
+
+def _work(layers: Sequence[Layer], dst_fd: int, pool: _Pool, conn) -> None:
+    """A worker process: build directories until the pool is empty, then report."""
+    applier = Applier(layers, dst_fd, deferred=[])
+    late: list = []
+    stack: list[Item] = []
+    try:
+        while not pool.failed():
+            if not stack:
+                item = pool.take()
+                if item is None:
+                    break
+                stack.append(item)
+            stack.extend(reversed(dir_step(layers, applier, stack.pop(), late)))
+            pool.share(stack)
+        report = ("ok", applier.stats, applier.deferred, late)
+    except BaseException as e:
+        pool.fail()
+        report = ("error", e)
+    try:
+        conn.send(report)
+    except Exception as e:      # an exception that does not pickle
+        conn.send(("error", RuntimeError(f"farm worker failed: {report[1]!r} ({e})")))
+
+
+def run_processes(layers: Sequence[Layer], dst_fd: int, workers: int,
+                  split_min: int | None = None) -> FarmStats:
+    """Build Merge(layers) into ``dst_fd`` with ``workers`` forked processes.
+
+    Only call from a single-threaded process: a fork copies only the calling
+    thread, and a lock another thread holds would stay locked in the child.
+    """
+    split_min = SPLIT_MIN if split_min is None else split_min
+    applier = Applier(layers, dst_fd, deferred=[])
+    late: list = []
+    stack = [root_item(layers)]
+    while stack and applier.stats.links + applier.stats.dirs < split_min:
+        stack.extend(reversed(dir_step(layers, applier, stack.pop(), late)))
+    parts = [applier.stats]
+    deferred = applier.deferred
+    if stack:
+        stack.reverse()                      # shallowest (biggest) first
+        for report in _run_pool(layers, dst_fd, stack, workers):
+            parts.append(report[1])
+            deferred += report[2]
+            late += report[3]
+    parts.append(finish(layers, dst_fd, deferred, late))
+    return merge_stats(parts)
+
+
+def _run_pool(layers, dst_fd: int, initial: list[Item], workers: int) -> list[tuple]:
+    """Run ``workers`` processes over ``initial``; their reports, or the first error."""
+    import multiprocessing.connection    # here: a merge that never forks skips its import
+    ctx = multiprocessing.get_context("fork")
+    pool = _Pool(ctx, initial, workers)
+    procs, conns = [], {}
+    try:
+        for i in range(workers):
+            recv, send = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_work, args=(layers, dst_fd, pool, send),
+                            name=f"mergefs-farm-{i}", daemon=True)
+            p.start()
+            send.close()
+            procs.append(p)
+            conns[recv] = p
+        reports, error = [], None
+        waiting = dict(conns)
+        while waiting:
+            for conn in multiprocessing.connection.wait(list(waiting)):
+                p = waiting.pop(conn)
+                try:
+                    report = conn.recv()
+                except EOFError:             # died before it could report
+                    p.join()
+                    raise WorkerDied(f"farm worker {p.pid} ended without a report "
+                                     f"(exit code {p.exitcode})") from None
+                if report[0] == "error":
+                    error = error or report[1]
+                else:
+                    reports.append(report)
+        if error is not None:
+            raise error
+        return reports
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join()
+        for conn in conns:
+            conn.close()
+        pool.close()

@@ -1,0 +1,211 @@
+"""Parallel farm builds (forked processes, threads) give the sequential result:
+the same tree (A2 directory times included), H1 across workers when links fall
+back to copies, and a clean failure when a worker fails or is killed."""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+
+import pytest
+
+from mergefs import syscalls
+from mergefs.farm import build_farm, pick_parallel, schedule
+from mergefs.layer import Layer
+from mergefs.testing import model, tree
+from mergefs.testing.builders import LayerSpec, materialise_stack
+
+from ..conftest import needs_root
+
+MODES = ["process", "thread"]
+
+
+def _spread(n: int = 24) -> list[LayerSpec]:
+    """Many directories, one inode linked from all of them, and a lower layer
+    the top one partly deletes: work for several workers, H1 across them."""
+    low, top = LayerSpec(), LayerSpec()
+    low.file("d00/shared", b"one inode, many names")
+    for i in range(n):
+        if i:
+            low.hardlink(f"d{i:02}/shared", "d00/shared")
+        low.file(f"d{i:02}/sub/deep/f", b"%d" % i, mode=0o600)
+        low.file(f"d{i:02}/gone", b"x")
+        top.whiteout(f"d{i:02}/gone").file(f"d{i:02}/sub/new", b"new", mtime_ns=10**18 + i)
+    return [low, top]
+
+
+@pytest.fixture
+def fork_at_once(monkeypatch):
+    """Workers take even the root: every directory is built by a forked process."""
+    monkeypatch.setattr(schedule, "SPLIT_MIN", 0)
+
+
+def _expected(specs):
+    return tree.model_view(model.merge(specs))
+
+
+@needs_root
+@pytest.mark.parametrize("parallel", MODES)
+@pytest.mark.parametrize("workers", [2, 3])
+def test_M1_A2_parallel_build_equals_model(tmp_path, fork_at_once, parallel, workers):
+    specs = _spread()
+    layers = materialise_stack(specs, tmp_path, "oci")
+    stats = build_farm(layers, tmp_path / "farm", workers=workers, parallel=parallel)
+    tree.assert_same(tree.capture(tmp_path / "farm"), _expected(specs), f"farm ({parallel})")
+    assert stats.links == 24 * 3 and stats.dirs == 24 * 3
+    assert sorted(os.listdir(tmp_path)) == ["farm", "l0", "l1"]
+
+
+def _inject_link_error(monkeypatch, err: int) -> None:
+    """link() from a layer fails with ``err``; links inside the farm still work."""
+    real = syscalls.link
+
+    def link(src, dst, src_dir_fd, dst_dir_fd):
+        if src_dir_fd != dst_dir_fd:
+            raise OSError(err, os.strerror(err), src)
+        return real(src, dst, src_dir_fd, dst_dir_fd)
+    monkeypatch.setattr(syscalls, "link", link)
+
+
+@needs_root
+@pytest.mark.parametrize("parallel", MODES)
+@pytest.mark.parametrize("err,reason", [(errno.EXDEV, "exdev"), (errno.EMLINK, "emlink")])
+def test_H1_copies_keep_one_inode_across_workers(tmp_path, monkeypatch, fork_at_once,
+                                                 parallel, err, reason):
+    """Every name of a copied inode is one copy, whichever worker met it."""
+    specs = _spread()
+    layers = materialise_stack(specs, tmp_path, "oci")
+    _inject_link_error(monkeypatch, err)
+    stats = build_farm(layers, tmp_path / "farm", workers=2, parallel=parallel)
+    assert stats.links == 0 and stats.copies[reason] == 24 * 3
+    tree.assert_same(tree.capture(tmp_path / "farm"), _expected(specs), f"copied farm ({parallel})")
+    inos = {os.stat(tmp_path / f"farm/d{i:02}/shared").st_ino for i in range(24)}
+    assert len(inos) == 1 and inos != {os.stat(layers[0] / "d00/shared").st_ino}
+
+
+@needs_root
+@pytest.mark.parametrize("parallel", MODES)
+def test_worker_error_aborts_and_leaves_nothing(tmp_path, monkeypatch, fork_at_once, parallel):
+    layers = materialise_stack(_spread(), tmp_path, "oci")
+    _inject_link_error(monkeypatch, errno.EIO)
+    with pytest.raises(OSError) as exc:
+        build_farm(layers, tmp_path / "farm", workers=2, parallel=parallel)
+    assert exc.value.errno == errno.EIO
+    assert sorted(os.listdir(tmp_path)) == ["l0", "l1"]
+
+
+def test_killed_worker_fails_the_build_and_leaves_nothing(tmp_path, monkeypatch, fork_at_once):
+    """A worker killed mid-build (OOM killer, kill -9) fails the build at once; the
+    other workers are stopped and the staging dir is removed."""
+    layers = materialise_stack(_spread(), tmp_path, "oci")
+    real, parent = syscalls.link, os.getpid()
+
+    def link(*args):
+        if os.getpid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args)
+    monkeypatch.setattr(syscalls, "link", link)
+    with pytest.raises(schedule.WorkerDied, match="without a report"):
+        build_farm(layers, tmp_path / "farm", workers=2, parallel="process")
+    assert sorted(os.listdir(tmp_path)) == ["l0", "l1"]
+
+
+@needs_root
+def test_no_space_in_a_worker_removes_staging(tmp_path, fork_at_once):
+    """A worker's mkdir meets ENOSPC (a tmpfs out of inodes): the error surfaces
+    and nothing is left behind."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], check=True)
+    try:
+        layers = materialise_stack(_spread(), mnt / "layers", "oci")
+        st = os.statvfs(mnt)
+        used = st.f_files - st.f_ffree
+        subprocess.run(["mount", "-o", f"remount,nr_inodes={used + 8}", str(mnt)], check=True)
+        with pytest.raises(OSError) as exc:
+            build_farm(layers, mnt / "farm", workers=2, parallel="process")
+        assert exc.value.errno == errno.ENOSPC
+        assert os.listdir(mnt) == ["layers"]
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+# Layer dirs owned by uid 1000 that their owner may not enter (0o055) but
+# others may; files others may link (protected_hardlinks wants read+write).
+RESTRICTED = [LayerSpec().dir("d", mode=0o055, uid=1000).dir("d/e", mode=0o055, uid=1000)
+              .file("d/e/f", b"f", mode=0o666, uid=1000).file("d/g", b"g", mode=0o666, uid=1000)
+              .dir("d/e/deep", mode=0o755, uid=1000).file("d/e/deep/h", b"h", mode=0o666, uid=1000)]
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+@needs_root
+@pytest.mark.parametrize("parallel", MODES + ["sequential"])
+def test_A2_dir_modes_that_lock_out_the_builder(parallel):
+    """A non-root build cannot chown, so the farm's directories are its own, and
+    a layer directory whose owner bits are 0 (readable by others) locks the
+    builder out of the farm's copy once its mode is applied: that must happen
+    only after everything below it is built (A2), in every parallel mode."""
+    probe = subprocess.run([*NOBODY, sys.executable, "-c", "import mergefs.farm"],
+                           capture_output=True)
+    if probe.returncode:
+        pytest.skip("this checkout is not readable by nobody")
+    with tempfile.TemporaryDirectory() as d:
+        os.chmod(d, 0o777)
+        layers = materialise_stack(RESTRICTED, d, "overlay")
+        code = ("import sys; from mergefs.farm import build_farm, schedule; "
+                "schedule.SPLIT_MIN = 0; p = sys.argv[1]; "
+                "build_farm(sys.argv[3:], sys.argv[2], workers=1 if p == 'sequential' else 2, "
+                "parallel='auto' if p == 'sequential' else p)")
+        r = subprocess.run([*NOBODY, sys.executable, "-c", code, parallel, f"{d}/farm",
+                            *map(str, layers)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        want = _expected(RESTRICTED).entries
+        got = tree.capture(f"{d}/farm").entries
+        assert sorted(got) == sorted(want)
+        for path, attrs in want.items():
+            assert (got[path].mode, got[path].mtime_ns) == (attrs.mode, attrs.mtime_ns), path
+        subprocess.run(["chmod", "-R", "u+rwx", f"{d}/farm"], check=True)
+
+
+PICK = ("import os, sys; from mergefs.farm import pick_parallel; from mergefs.layer import Layer;"
+        "fd = os.open(sys.argv[1], os.O_RDONLY);"
+        "print(pick_parallel([Layer(p) for p in sys.argv[2:]], fd, 'auto'))")
+
+
+@needs_root
+def test_pick_parallel(tmp_path):
+    """Processes only from a single-threaded caller with every layer on the
+    farm's filesystem; threads otherwise (a fork would copy another thread's
+    locks; copies from another filesystem run in parallel only in threads)."""
+    def pick(*layers) -> str:
+        return subprocess.run([sys.executable, "-c", PICK, str(tmp_path), *map(str, layers)],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    (tmp_path / "l0").mkdir()
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    try:
+        (mnt / "l1").mkdir()
+        assert pick(tmp_path / "l0") == "process"
+        assert pick(tmp_path / "l0", mnt / "l1") == "thread"
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+    fd = os.open(tmp_path, os.O_RDONLY)
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait)
+    t.start()
+    try:
+        assert pick_parallel([Layer(tmp_path / "l0")], fd, "auto") == "thread"
+        assert pick_parallel([Layer(tmp_path / "l0")], fd, "process") == "process"
+    finally:
+        stop.set()
+        t.join()
+        os.close(fd)
+    with pytest.raises(ValueError, match="parallel mode"):
+        build_farm([tmp_path / "l0"], tmp_path / "farm", parallel="fork")
