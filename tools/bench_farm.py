@@ -98,7 +98,7 @@ def child_build(out: str, fmt: str, layers: list[str], profile: str | None,
     r1 = resource.getrusage(resource.RUSAGE_SELF)    # all threads of this process
     cpu = r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    forked = kw.get("workers", DEFAULT_WORKERS) if children.ru_maxrss else 0
+    forked = kw.get("workers", DEFAULT_WORKERS["process"]) if children.ru_maxrss else 0
     vm_hwm = benchlib.vm_hwm(os.getpid())
     print(json.dumps({"seconds": seconds, "cpu": cpu + children.ru_utime + children.ru_stime,
                       "stats": stats.as_dict(), "vm_hwm": vm_hwm,
@@ -304,6 +304,22 @@ def stack_dir(base: str, fmt: str, args) -> str:
     return os.path.join(base, f"stack-{fmt}{suffix}")
 
 
+def scratch_needs(args) -> tuple[str, int]:
+    """Size and inode count of the scratch ext4 for this run (``--fs loop``).
+
+    Every output is kept until the end, and each holds one inode and one 4 KiB
+    block per directory (~8% of the files in gen_stack's trees): 120 outputs
+    of a 100k stack need ~1.2M inodes, more than mkfs gives 8 GiB by default.
+    The image is sparse, so a generous size costs nothing.
+    """
+    formats = 2 if args.format == "both" else 1
+    outputs = formats * len(args.cache) * args.reps * (len(args.workers) + 1) + 1
+    stacks = 2                                    # overlay always, plus oci
+    inodes = int(1.5 * (stacks * 1.2 * args.files + outputs * 0.1 * args.files)) + 100_000
+    data = 1.5 * (stacks * args.files * 12 * 1024 + outputs * 0.1 * args.files * 4096)
+    return f"{int(data / 2**30) + 2}G", inodes
+
+
 def run(args, base: str) -> int:
     formats = ["overlay", "oci"] if args.format == "both" else [args.format]
     stacks = {f: gen_stack.ensure_stack(stack_dir(base, f, args), args.layers, args.files,
@@ -400,7 +416,8 @@ def main(argv=None) -> int:
     if args.fs == "here":
         os.makedirs(args.workdir, exist_ok=True)
         return run(args, args.workdir)
-    with benchlib.scratch_ext4(args.workdir) as fs:
+    size, inodes = scratch_needs(args)
+    with benchlib.scratch_ext4(args.workdir, size=size, inodes=inodes) as fs:
         return run(args, fs)
 
 

@@ -20,6 +20,7 @@ import os
 import resource
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -99,6 +100,7 @@ def run_child(argv: Sequence[str], check: bool = True, **popen_kw) -> ChildResul
     result = ChildResult(seconds, proc.returncode, maxrss,
                          out.decode(errors="replace"), err.decode(errors="replace"), cpu)
     if check and proc.returncode != 0:
+        sys.stderr.write(f"{argv[0]} failed ({proc.returncode}); its stderr:\n{result.stderr}")
         raise subprocess.CalledProcessError(proc.returncode, list(argv), result.stdout,
                                             result.stderr)
     return result
@@ -207,7 +209,8 @@ def unmount(mnt: str) -> None:
 
 
 @contextlib.contextmanager
-def scratch_ext4(workdir: str, size: str = "8G", inode_ratio: int = 8192) -> Iterator[str]:
+def scratch_ext4(workdir: str, size: str = "8G", inode_ratio: int = 8192,
+                 inodes: int | None = None) -> Iterator[str]:
     """A fresh journaled ext4 (default mkfs options) on a loop device, mounted
     at WORKDIR/fs while the block runs; unmounted and its image removed after.
 
@@ -225,7 +228,8 @@ def scratch_ext4(workdir: str, size: str = "8G", inode_ratio: int = 8192) -> Ite
         raise RuntimeError(f"{mnt} is already mounted (a run still going, or left over: umount it)")
     subprocess.run(["truncate", "-s", size, image], check=True)
     try:
-        subprocess.run(["mkfs.ext4", "-q", "-F", "-i", str(inode_ratio), image], check=True)
+        density = ["-N", str(inodes)] if inodes else ["-i", str(inode_ratio)]
+        subprocess.run(["mkfs.ext4", "-q", "-F", *density, image], check=True)
         os.makedirs(mnt, exist_ok=True)
         subprocess.run(["mount", "-o", "loop", image, mnt], check=True)
         try:

@@ -10,7 +10,6 @@ import json
 import os
 import sys
 
-from ..farm.build import DEFAULT_WORKERS
 from ..layer import FORMATS, Layer
 
 
@@ -37,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="build the farm at this new directory (no store)")
     p.add_argument("--format", choices=FORMATS, default="auto", help="whiteout format of the inputs")
     p.add_argument("-j", "--jobs", type=_jobs, default=None, metavar="N",
-                   help="build a farm with N workers (default: %d; 1: sequential)" % DEFAULT_WORKERS)
+                   help="build a farm with N worker processes (default: up to 4; 1: sequential)")
     p.add_argument("--strategy", choices=("auto", "farm", "union"), default="auto")
     p.add_argument("--name", help="also name the result in the store")
     p.add_argument("--explain", action="store_true", help="print why the strategy was chosen")
@@ -69,7 +68,7 @@ def cmd_merge(args) -> int:
         return store_merge(args)
     from ..farm import build_farm
     stats = build_farm([Layer(r, args.format) for r in args.refs], args.out,
-                       workers=args.jobs or DEFAULT_WORKERS)
+                       workers=args.jobs)
     for w in stats.warnings:
         print(f"mergefs: warning: {w}", file=sys.stderr)
     if args.json:

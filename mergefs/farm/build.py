@@ -47,9 +47,10 @@ def staged_build(out: str | os.PathLike, build) -> FarmStats:
     return stats
 
 
-# Measured by tools/bench_farm.py on 2 cores: 2 processes halve a warm build,
-# and 4 also overlap the directory reads of a cold one.
-DEFAULT_WORKERS = min(4, 2 * (os.cpu_count() or 1))
+# Workers when the caller does not say, measured by tools/bench_farm.py on 2
+# cores: 2 processes halve a warm build and 4 also overlap a cold build's
+# directory reads; beyond 2 threads only add GIL contention.
+DEFAULT_WORKERS = {"process": min(4, 2 * (os.cpu_count() or 1)), "thread": 2}
 
 
 def pick_parallel(layers: Sequence[Layer], dst_fd: int, parallel: str) -> str:
@@ -71,23 +72,25 @@ def pick_parallel(layers: Sequence[Layer], dst_fd: int, parallel: str) -> str:
 
 
 def build_farm(layers: Sequence[Layer | str | os.PathLike], out: str | os.PathLike,
-               workers: int = DEFAULT_WORKERS, parallel: str = "auto") -> FarmStats:
+               workers: int | None = None, parallel: str = "auto") -> FarmStats:
     """Materialise Merge(layers) (bottom first) as a hardlink farm at ``out``.
 
     ``workers`` > 1 builds it with that many forked processes or threads
     (``parallel``: auto, process, thread; see ``mergefs.farm.schedule``);
-    1 runs the sequential plan, in name order.
+    1 runs the sequential plan, in name order; None: ``DEFAULT_WORKERS``.
     """
     if parallel not in PARALLEL:
         raise ValueError(f"unknown parallel mode {parallel!r}; use one of {PARALLEL}")
     layers = as_layers(layers)
 
     def build(fd: int) -> FarmStats:
-        if workers <= 1:
+        mode = pick_parallel(layers, fd, parallel)
+        n = DEFAULT_WORKERS[mode] if workers is None else workers
+        if n <= 1:
             return Applier(layers, fd).run(plan_merge(layers))
-        if pick_parallel(layers, fd, parallel) == "process":
-            return run_processes(layers, fd, workers)
-        return run_threads(layers, fd, workers)
+        if mode == "process":
+            return run_processes(layers, fd, n)
+        return run_threads(layers, fd, n)
 
     try:
         for layer in layers:

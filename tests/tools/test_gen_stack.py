@@ -149,3 +149,18 @@ def test_bench_check_accepts_the_farm_and_catches_a_wrong_one(tmp_path):
     with overlay_mount(paths) as mnt:
         problems, _ = bench_farm.compare_trees(str(mnt), str(bad), sample=50)
     assert any(b"only in the farm" in p.encode() for p in problems)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not can_mount_overlay(), reason="kernel overlayfs needs root")
+@pytest.mark.parametrize("parallel", ["process", "thread"])
+def test_M5_parallel_build_of_a_realistic_stack_equals_kernel_overlay(tmp_path, parallel):
+    """build_farm's defaults on a stack big enough to split (the caller builds the
+    first 4096 entries, then workers share the rest): every path, attribute and
+    hardlink group as kernel overlayfs shows them."""
+    from mergefs.farm import build_farm
+    paths = gen_stack.generate(tmp_path / "s", layers=8, files=20000, seed=5)
+    stats = build_farm(paths, tmp_path / "farm", parallel=parallel)
+    assert stats.links + stats.dirs > 20000
+    checked = bench_farm.verify_farm(paths, str(tmp_path / "farm"), sample=500)
+    assert checked["paths"] > 20000 and checked["hardlink_groups"] > 0
