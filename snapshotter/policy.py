@@ -18,16 +18,17 @@ from dataclasses import dataclass, field
 STRATEGIES = ("farm", "union")
 INTENTS = ("inspect", "rootfs", "export")
 
-# Measured by tools/bench_store.py on the development VM (2 cores, journaled ext4 on a
-# loop device, other sessions busy; medians): farm build 0.027 s / 1k files, 0.22 s / 10k,
-# 1.5 s / 30k, 7.1 s / 100k (22-70 us per file, growing with size); `mergefs mount` of
-# the same 8 layers live after 0.25 s (1k) to 0.44 s (100k). They cross near 10k files.
-FARM_US_PER_ENTRY = 25.0      # farm build time per merged entry, small stacks
-UNION_MOUNT_MS = 250.0        # `mergefs mount` of a union until the mount is live
+# Measured by tools/bench_store.py --only policy --reps 10 on the development VM
+# (2 cores, journaled ext4 on a loop device; medians): farm build 0.011 s / 1k files,
+# 0.042 s / 3k, 0.128 s / 10k, 0.287 s / 30k, 0.985 s / 100k (10-14 us per file; above
+# 4,096 entries forked workers share the build); `mergefs mount` of the same 8 layers
+# live after 0.17-0.20 s at every size. They cross near 14k files.
+FARM_US_PER_ENTRY = 12.0      # farm build time per merged entry
+UNION_MOUNT_MS = 175.0        # `mergefs mount` of a union until the mount is live
 # Below this many entries a farm is built in about the time a union mount takes
 # to come up, so there is nothing to save by going live.
 FARM_FREE_ENTRIES = int(UNION_MOUNT_MS * 1000 / FARM_US_PER_ENTRY)
-# Without an intent, a farm is built up to this size (~7 s of linking at 100k): one
+# Without an intent, a farm is built up to this size (~1 s of linking at 100k): one
 # full read of a 100k-file tree through FUSE costs more than that (DESIGN: warm tar
 # 12.1 s fuse-overlayfs vs 1.43 s kernel), so the farm pays back after one read.
 # Beyond it the merge is served live unless it is reused often.
