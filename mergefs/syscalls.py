@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import signal
 import stat
 
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -78,6 +79,20 @@ def renameat2(src_dir_fd: int, src: bytes, dst_dir_fd: int, dst: bytes, flags: i
 def rename_noreplace(src: bytes | str, dst: bytes | str) -> None:
     """Publish ``src`` as ``dst``; fails with EEXIST if ``dst`` exists (even empty)."""
     renameat2(-100, os.fsencode(src), -100, os.fsencode(dst), RENAME_NOREPLACE)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (prctl
+    PR_SET_PDEATHSIG), so a worker never outlives a killed caller; if the
+    parent is already gone, die now."""
+    if _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def open_dir(name: bytes, dir_fd: int) -> int:

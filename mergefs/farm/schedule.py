@@ -29,7 +29,8 @@ Two schedulers share ``dir_step``:
   *hungry*, and a busy worker that sees it hands over the shallowest
   directory on its stack (the biggest untouched subtree) through a pipe.
   The caller only supervises: a worker that dies (killed, out of memory)
-  fails the build at once instead of hanging the others.
+  fails the build at once instead of hanging the others, and workers die
+  with a killed caller (PR_SET_PDEATHSIG) instead of building on.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ import struct
 import threading
 from typing import Sequence
 
+from .. import syscalls
 from ..layer import Layer
 from ..plan import DirAttrs, MergedDir, plan_entries
 from ..resolver import join
@@ -203,8 +205,9 @@ class _Pool:
         return out
 
 
-def _work(layers: Sequence[Layer], dst_fd: int, pool: _Pool, conn) -> None:
+def _work(layers: Sequence[Layer], dst_fd: int, pool: _Pool, conn, parent: int) -> None:
     """A worker process: build directories until the pool is empty, then report."""
+    syscalls.die_with_parent(parent)     # a killed caller takes its workers along
     applier = Applier(layers, dst_fd, deferred=[])
     late: list = []
     stack: list[Item] = []
@@ -261,7 +264,7 @@ def _run_pool(layers, dst_fd: int, initial: list[Item], workers: int) -> list[tu
     try:
         for i in range(workers):
             recv, send = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_work, args=(layers, dst_fd, pool, send),
+            p = ctx.Process(target=_work, args=(layers, dst_fd, pool, send, os.getpid()),
                             name=f"mergefs-farm-{i}", daemon=True)
             p.start()
             send.close()

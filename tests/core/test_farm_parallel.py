@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 import pytest
 
@@ -209,3 +210,47 @@ def test_pick_parallel(tmp_path):
         os.close(fd)
     with pytest.raises(ValueError, match="parallel mode"):
         build_farm([tmp_path / "l0"], tmp_path / "farm", parallel="fork")
+
+
+SLOW_BUILD = ("import sys, time; from mergefs import syscalls; from mergefs.farm import build_farm, "
+              "schedule; schedule.SPLIT_MIN = 0; real = syscalls.link\n"
+              "def link(*a):\n    time.sleep(0.5); return real(*a)\n"
+              "syscalls.link = link; build_farm(sys.argv[2:], sys.argv[1], workers=2, "
+              "parallel='process')")
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_die_with_a_killed_caller(tmp_path):
+    """kill -9 of the building process (a CLI user's, a runtime's) must not leave
+    its workers linking on into a staging dir nobody will publish."""
+    layers = materialise_stack(_spread(), tmp_path, "oci")
+    caller = subprocess.Popen([sys.executable, "-c", SLOW_BUILD, str(tmp_path / "farm"),
+                               *map(str, layers)])
+    try:
+        deadline = time.monotonic() + 30
+        while not (workers := _children(caller.pid)):
+            assert time.monotonic() < deadline and caller.poll() is None, "no workers started"
+            time.sleep(0.01)
+        caller.kill()
+        caller.wait()
+        deadline = time.monotonic() + 5
+        while any(map(_alive, workers)):
+            assert time.monotonic() < deadline, f"workers {workers} outlived their caller"
+            time.sleep(0.01)
+    finally:
+        if caller.poll() is None:
+            caller.kill()
+            caller.wait()
+    assert not (tmp_path / "farm").exists()
