@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="build the farm at this new directory (no store)")
     p.add_argument("--format", choices=FORMATS, default="auto", help="whiteout format of the inputs")
     p.add_argument("-j", "--jobs", type=_jobs, default=None, metavar="N",
-                   help="build a farm with N worker processes (default: up to 4; 1: sequential)")
+                   help="build a farm with N parallel workers (default: up to 4; 1: sequential)")
     p.add_argument("--strategy", choices=("auto", "farm", "union"), default="auto")
     p.add_argument("--name", help="also name the result in the store")
     p.add_argument("--explain", action="store_true", help="print why the strategy was chosen")

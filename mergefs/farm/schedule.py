@@ -190,7 +190,9 @@ class _Pool:
             if n[HUNGRY] > n[DONATED]:
                 # at most workers-1 items of < 8 KiB wait in the pipe: it never fills
                 data = pickle.dumps(stack.pop(0))
-                os.write(self.wfd, struct.pack("I", len(data)) + data)
+                data = struct.pack("I", len(data)) + data
+                while data:
+                    data = data[os.write(self.wfd, data):]
                 n[DONATED] += 1
                 self.cond.notify()
 
