@@ -9,6 +9,7 @@ Layout of a store root::
         upper/ work/    an active snapshot's writable upper and overlay work dir
     staging/<pid>-<start>-<rand>/   work in progress of one live process
     locks/<hex>.lock    per-id build locks (flock), so concurrent builders wait
+    locks/meta.lock     held while a process opens meta.db (creation, WAL switch)
 
 Lifecycle (STYLE 4: stage, rename, then delete):
 
@@ -78,6 +79,17 @@ def staging_owner_alive(name: str) -> bool:
     return _proc_start(int(parts[0])) == parts[1]
 
 
+@contextmanager
+def _flock(path: Path) -> Iterator[None]:
+    """An exclusive flock on ``path`` (created if missing) while the block runs."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 class Staged:
     """A directory under ``staging/`` owned by this process until published or discarded."""
 
@@ -101,7 +113,11 @@ class Store:
         for d in (self.root, self.snapshots, self.staging, self.locks):
             os.makedirs(d, mode=0o700, exist_ok=True)
         self._start = _proc_start(os.getpid())
-        self.db = meta.connect(str(self.root / "meta.db"))
+        # Creating the database and switching it to WAL race between processes,
+        # and SQLite's busy timeout does not cover two connections switching at
+        # once (one fails with "database is locked" at once): serialise opening.
+        with _flock(self.locks / "meta.lock"):
+            self.db = meta.connect(str(self.root / "meta.db"))
         self.reconciled: list[str] = []
         if reconcile:
             self.reconciled = self.reconcile()
@@ -153,16 +169,9 @@ class Store:
     def stage(self, tag: str) -> Staged:
         return Staged(self, tag)
 
-    @contextmanager
-    def build_lock(self, snapshot_id: str) -> Iterator[None]:
+    def build_lock(self, snapshot_id: str):
         """Serialise builders of one id, so N concurrent makers build it once."""
-        fd = os.open(self.locks / f"{hexpart(snapshot_id)}.lock",
-                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+        return _flock(self.locks / f"{hexpart(snapshot_id)}.lock")
 
     def reuse(self, snapshot_id: str, holder: str | None = CLI_HOLDER,
               name: str | None = None) -> Row | None:
