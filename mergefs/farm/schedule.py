@@ -30,7 +30,9 @@ Two schedulers share ``dir_step``:
   directory on its stack (the biggest untouched subtree) through a pipe.
   The caller only supervises: a worker that dies (killed, out of memory)
   fails the build at once instead of hanging the others, and workers die
-  with a killed caller (PR_SET_PDEATHSIG) instead of building on.
+  with a killed caller (PR_SET_PDEATHSIG) instead of building on. Where
+  the pool cannot be made (no writable /dev/shm for its semaphores, as in
+  some sandboxes), threads finish what the caller started.
 """
 from __future__ import annotations
 
@@ -83,10 +85,12 @@ def finish(layers: Sequence[Layer], dst_fd: int, deferred: list, late: list) -> 
 
 
 # -- threads ----------------------------------------------------------------------
-def run_threads(layers: Sequence[Layer], dst_fd: int, workers: int) -> FarmStats:
-    """Build Merge(layers) into ``dst_fd`` with ``workers`` threads."""
+def run_threads(layers: Sequence[Layer], dst_fd: int, workers: int,
+                todo: list[Item] | None = None) -> FarmStats:
+    """Build Merge(layers) into ``dst_fd`` with ``workers`` threads (or, given
+    ``todo``, the directories on that stack and everything below them)."""
     cond = threading.Condition()
-    todo: list[Item] = [root_item(layers)]
+    todo = [root_item(layers)] if todo is None else todo
     state = {"active": 0, "error": None}
     late: list = []
     copies, copy_lock = {}, threading.Lock()
@@ -133,6 +137,11 @@ NEXT, DONATED, ACTIVE, HUNGRY, FAILED = range(5)
 
 class WorkerDied(RuntimeError):
     """A farm worker process ended without reporting (killed, out of memory)."""
+
+
+class NoSharedMemory(OSError):
+    """No POSIX semaphores here (a sandbox without a writable /dev/shm): the
+    workers cannot share a pool, so threads finish the build."""
 
 
 class _Pool:
@@ -248,8 +257,11 @@ def run_processes(layers: Sequence[Layer], dst_fd: int, workers: int,
     parts = [applier.stats]
     deferred = applier.deferred
     if stack:
-        stack.reverse()                      # shallowest (biggest) first
-        for report in _run_pool(layers, dst_fd, stack, workers):
+        try:
+            reports = _run_pool(layers, dst_fd, stack[::-1], workers)  # shallowest first
+        except NoSharedMemory:
+            reports = [("ok", run_threads(layers, dst_fd, workers, todo=stack), [], [])]
+        for report in reports:
             parts.append(report[1])
             deferred += report[2]
             late += report[3]
@@ -261,7 +273,10 @@ def _run_pool(layers, dst_fd: int, initial: list[Item], workers: int) -> list[tu
     """Run ``workers`` processes over ``initial``; their reports, or the first error."""
     import multiprocessing.connection    # here: a merge that never forks skips its import
     ctx = multiprocessing.get_context("fork")
-    pool = _Pool(ctx, initial, workers)
+    try:
+        pool = _Pool(ctx, initial, workers)
+    except OSError as e:
+        raise NoSharedMemory(e) from e
     procs, conns = [], {}
     try:
         for i in range(workers):

@@ -254,3 +254,23 @@ def test_workers_die_with_a_killed_caller(tmp_path):
             caller.kill()
             caller.wait()
     assert not (tmp_path / "farm").exists()
+
+
+NO_SHM = 'mount -t tmpfs -o ro,size=1m tmpfs /dev/shm && exec "$0" -c "$@"'
+
+
+@needs_root
+def test_without_dev_shm_threads_finish_the_build(tmp_path):
+    """A sandbox without a writable /dev/shm has no POSIX semaphores for the
+    workers' pool: the build still succeeds, finished by threads."""
+    specs = _spread()
+    layers = materialise_stack(specs, tmp_path, "oci")
+    code = ("import sys; from mergefs.farm import build_farm, schedule; schedule.SPLIT_MIN = 5; "
+            "s = build_farm(sys.argv[2:], sys.argv[1], workers=2, parallel='process'); "
+            "print(s.links + s.dirs)")
+    r = subprocess.run(["unshare", "-m", "sh", "-c", NO_SHM, sys.executable, code,
+                        str(tmp_path / "farm"), *map(str, layers)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(24 * 6)]
+    tree.assert_same(tree.capture(tmp_path / "farm"), _expected(specs), "farm without /dev/shm")
