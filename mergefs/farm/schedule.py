@@ -31,8 +31,9 @@ Two schedulers share ``dir_step``:
   The caller only supervises: a worker that dies (killed, out of memory)
   fails the build at once instead of hanging the others, and workers die
   with a killed caller (PR_SET_PDEATHSIG) instead of building on. Where
-  the pool cannot be made (no writable /dev/shm for its semaphores, as in
-  some sandboxes), threads finish what the caller started.
+  no worker can start (no writable /dev/shm for the pool's semaphores, as
+  in some sandboxes; fork refused under a pids limit), threads finish what
+  the caller started; if only some start, they do the work.
 """
 from __future__ import annotations
 
@@ -139,20 +140,20 @@ class WorkerDied(RuntimeError):
     """A farm worker process ended without reporting (killed, out of memory)."""
 
 
-class NoSharedMemory(OSError):
-    """No POSIX semaphores here (a sandbox without a writable /dev/shm): the
-    workers cannot share a pool, so threads finish the build."""
+class PoolUnavailable(OSError):
+    """No worker could be started: no POSIX semaphores for the pool (a sandbox
+    without a writable /dev/shm) or fork refused (EAGAIN under a pids limit,
+    ENOMEM). Threads finish the build instead."""
 
 
 class _Pool:
     """The work shared by forked workers: a list fixed before the fork, read
     through a shared counter, plus directories handed over through a pipe."""
 
-    def __init__(self, ctx, initial: list[Item], workers: int):
+    def __init__(self, ctx, initial: list[Item]):
         self.initial = initial
         self.cond = ctx.Condition()
         self.n = ctx.RawArray("q", 5)
-        self.n[ACTIVE] = workers
         self.rfd, self.wfd = os.pipe()
 
     def close(self) -> None:
@@ -161,6 +162,11 @@ class _Pool:
 
     def failed(self) -> bool:
         return bool(self.n[FAILED])
+
+    def join(self) -> None:
+        """A worker starts, counted as busy until its first ``take``."""
+        with self.cond:
+            self.n[ACTIVE] += 1
 
     def fail(self) -> None:
         with self.cond:
@@ -219,6 +225,7 @@ class _Pool:
 def _work(layers: Sequence[Layer], dst_fd: int, pool: _Pool, conn, parent: int) -> None:
     """A worker process: build directories until the pool is empty, then report."""
     syscalls.die_with_parent(parent)     # a killed caller takes its workers along
+    pool.join()
     applier = Applier(layers, dst_fd, deferred=[])
     late: list = []
     stack: list[Item] = []
@@ -259,7 +266,7 @@ def run_processes(layers: Sequence[Layer], dst_fd: int, workers: int,
     if stack:
         try:
             reports = _run_pool(layers, dst_fd, stack[::-1], workers)  # shallowest first
-        except NoSharedMemory:
+        except PoolUnavailable:
             reports = [("ok", run_threads(layers, dst_fd, workers, todo=stack), [], [])]
         for report in reports:
             parts.append(report[1])
@@ -274,16 +281,23 @@ def _run_pool(layers, dst_fd: int, initial: list[Item], workers: int) -> list[tu
     import multiprocessing.connection    # here: a merge that never forks skips its import
     ctx = multiprocessing.get_context("fork")
     try:
-        pool = _Pool(ctx, initial, workers)
+        pool = _Pool(ctx, initial)
     except OSError as e:
-        raise NoSharedMemory(e) from e
+        raise PoolUnavailable(e) from e
     procs, conns = [], {}
     try:
         for i in range(workers):
             recv, send = ctx.Pipe(duplex=False)
             p = ctx.Process(target=_work, args=(layers, dst_fd, pool, send, os.getpid()),
                             name=f"mergefs-farm-{i}", daemon=True)
-            p.start()
+            try:
+                p.start()
+            except OSError as e:             # fork refused: go on with the started ones
+                recv.close()
+                send.close()
+                if not procs:
+                    raise PoolUnavailable(e) from e
+                break
             send.close()
             procs.append(p)
             conns[recv] = p

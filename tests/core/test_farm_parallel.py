@@ -274,3 +274,23 @@ def test_without_dev_shm_threads_finish_the_build(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == [str(24 * 6)]
     tree.assert_same(tree.capture(tmp_path / "farm"), _expected(specs), "farm without /dev/shm")
+
+
+@needs_root
+@pytest.mark.parametrize("forks", [0, 1])
+def test_fork_refused_builds_with_what_started(tmp_path, monkeypatch, fork_at_once, forks):
+    """fork() failing with EAGAIN (a cgroup pids limit) after ``forks`` workers:
+    the started ones do the work, or threads if none started."""
+    specs = _spread()
+    layers = materialise_stack(specs, tmp_path, "oci")
+    real, calls = os.fork, []
+
+    def fork():
+        calls.append(1)
+        if len(calls) > forks:
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        return real()
+    monkeypatch.setattr(os, "fork", fork)
+    stats = build_farm(layers, tmp_path / "farm", workers=3, parallel="process")
+    assert len(calls) == forks + 1 and stats.links + stats.dirs == 24 * 6
+    tree.assert_same(tree.capture(tmp_path / "farm"), _expected(specs), "farm")
