@@ -130,7 +130,13 @@ def run_threads(layers: Sequence[Layer], dst_fd: int, workers: int,
 
 
 # -- processes --------------------------------------------------------------------
-SPLIT_MIN = 4096    # entries the caller builds before it forks (a fork costs ~ms)
+# The caller builds this many entries itself before it forks. Measured on 2
+# cores, warm, journaled ext4, 8-layer gen_stack trees (sequential / forking
+# after 1,024 / after 4,096 entries): 1.5k files 25 / 41 / 29 ms, 3k 44 / 49 /
+# 44 ms, 6k 87 / 73 / 96 ms, 10k 175 / 110 / 152 ms; a 6.8k-entry Debian
+# minbase 122 / 103 / 120 ms. Starting 4 workers costs ~10 ms, so merges of
+# 1-4k entries lose up to that, and every bigger one gains more.
+SPLIT_MIN = 1024
 
 # slots of the shared counters (guarded by the condition's lock)
 NEXT, DONATED, ACTIVE, HUNGRY, FAILED = range(5)

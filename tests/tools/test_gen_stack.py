@@ -156,7 +156,7 @@ def test_bench_check_accepts_the_farm_and_catches_a_wrong_one(tmp_path):
 @pytest.mark.parametrize("parallel", ["process", "thread"])
 def test_M5_parallel_build_of_a_realistic_stack_equals_kernel_overlay(tmp_path, parallel):
     """build_farm's defaults on a stack big enough to split (the caller builds the
-    first 4096 entries, then workers share the rest): every path, attribute and
+    first 1,024 entries, then workers share the rest): every path, attribute and
     hardlink group as kernel overlayfs shows them."""
     from mergefs.farm import build_farm
     paths = gen_stack.generate(tmp_path / "s", layers=8, files=20000, seed=5)
