@@ -19,10 +19,10 @@ STRATEGIES = ("farm", "union")
 INTENTS = ("inspect", "rootfs", "export")
 
 # Measured by tools/bench_store.py --only policy --reps 10 on the development VM
-# (2 cores, journaled ext4 on a loop device; medians): farm build 0.011 s / 1k files,
-# 0.042 s / 3k, 0.128 s / 10k, 0.287 s / 30k, 0.985 s / 100k (10-14 us per file; above
-# 4,096 entries (now 1,024) forked workers share the build); `mergefs mount` of the same 8 layers
-# live after 0.17-0.20 s at every size. They cross near 14k files.
+# (2 cores, journaled ext4 on a loop device; medians): farm build 0.012 s / 1k files,
+# 0.052 s / 3k, 0.143 s / 10k, 0.280 s / 30k, 0.947 s / 100k (9-17 us per file; above
+# 1,024 entries forked workers share the build); `mergefs mount` of the same 8 layers
+# live after 0.18-0.23 s at every size. They cross near 14k files.
 FARM_US_PER_ENTRY = 12.0      # farm build time per merged entry
 UNION_MOUNT_MS = 175.0        # `mergefs mount` of a union until the mount is live
 # Below this many entries a farm is built in about the time a union mount takes
