@@ -38,6 +38,25 @@ def test_merge_out_builds_farm_and_prints_it(tmp_path):
 
 
 @needs_root
+def test_merge_jobs_builds_the_same_farm(tmp_path):
+    """-j N: a stack past the point where the CLI forks workers (1,024 entries)
+    gives the farm -j 1 (the sequential plan) gives; -j 0 is a usage error."""
+    low, top = LayerSpec(), LayerSpec()
+    for d in range(40):
+        for f in range(40):
+            low.file(f"d{d}/f{f}", b"%d" % f)
+        top.whiteout(f"d{d}/f0").file(f"d{d}/new", b"new")
+    layers = materialise_stack([low, top], tmp_path, "oci")
+    expected = tree.model_view(model.merge([low, top]))
+    for jobs in ("1", "2", None):
+        out = tmp_path / f"farm-{jobs}"
+        mergefs("merge", *(["-j", jobs] if jobs else []), "--out", out, *layers, check=0)
+        tree.assert_same(tree.capture(out), expected, f"-j {jobs}")
+    r = mergefs("merge", "-j", "0", "--out", tmp_path / "zero", *layers, check=2)
+    assert "--jobs must be at least 1" in r.stderr and not (tmp_path / "zero").exists()
+
+
+@needs_root
 def test_diff_out_and_merge_round_trip(tmp_path):
     layers = materialise_stack(STACK, tmp_path, "overlay")
     mergefs("merge", "--out", tmp_path / "b", *layers, check=0)
