@@ -79,22 +79,25 @@ def dir_step(layers: Sequence[Layer], applier: Applier, item: Item,
     return [(join(path, name), children[name].layers) for name in subdirs]
 
 
-def finish(layers: Sequence[Layer], dst_fd: int, deferred: list, late: list) -> FarmStats:
-    """Apply what ``dir_step`` set aside: deferred copies, then restrictive dirs."""
+def finish(layers: Sequence[Layer], dst_fd: int, deferred: list, late: list,
+           copies: dict | None = None) -> FarmStats:
+    """Apply what ``dir_step`` set aside: deferred copies, then restrictive dirs.
+    ``copies``: the copies other appliers of this build made (H1)."""
     late.sort(key=lambda rec: rec.path.count(b"/"), reverse=True)
-    return Applier(layers, dst_fd).run(deferred + late)
+    return Applier(layers, dst_fd, copies).run(deferred + late)
 
 
 # -- threads ----------------------------------------------------------------------
 def run_threads(layers: Sequence[Layer], dst_fd: int, workers: int,
-                todo: list[Item] | None = None) -> FarmStats:
+                todo: list[Item] | None = None, copies: dict | None = None) -> FarmStats:
     """Build Merge(layers) into ``dst_fd`` with ``workers`` threads (or, given
-    ``todo``, the directories on that stack and everything below them)."""
+    ``todo``, the directories on that stack and everything below them; the
+    copies they make are recorded in ``copies``)."""
     cond = threading.Condition()
     todo = [root_item(layers)] if todo is None else todo
     state = {"active": 0, "error": None}
     late: list = []
-    copies, copy_lock = {}, threading.Lock()
+    copies, copy_lock = {} if copies is None else copies, threading.Lock()
     appliers = [Applier(layers, dst_fd, copies, copy_lock) for _ in range(workers)]
 
     def worker(applier: Applier) -> None:
@@ -126,7 +129,7 @@ def run_threads(layers: Sequence[Layer], dst_fd: int, workers: int,
         t.join()
     if state["error"] is not None:
         raise state["error"]
-    return merge_stats([a.stats for a in appliers] + [finish(layers, dst_fd, [], late)])
+    return merge_stats([a.stats for a in appliers] + [finish(layers, dst_fd, [], late, copies)])
 
 
 # -- processes --------------------------------------------------------------------
@@ -268,17 +271,17 @@ def run_processes(layers: Sequence[Layer], dst_fd: int, workers: int,
     while stack and applier.stats.links + applier.stats.dirs < split_min:
         stack.extend(reversed(dir_step(layers, applier, stack.pop(), late)))
     parts = [applier.stats]
-    deferred = applier.deferred
+    deferred, copies = applier.deferred, {}
     if stack:
         try:
             reports = _run_pool(layers, dst_fd, stack[::-1], workers)  # shallowest first
         except PoolUnavailable:
-            reports = [("ok", run_threads(layers, dst_fd, workers, todo=stack), [], [])]
+            reports = [("ok", run_threads(layers, dst_fd, workers, stack, copies), [], [])]
         for report in reports:
             parts.append(report[1])
             deferred += report[2]
             late += report[3]
-    parts.append(finish(layers, dst_fd, deferred, late))
+    parts.append(finish(layers, dst_fd, deferred, late, copies))
     return merge_stats(parts)
 
 

@@ -294,3 +294,20 @@ def test_fork_refused_builds_with_what_started(tmp_path, monkeypatch, fork_at_on
     stats = build_farm(layers, tmp_path / "farm", workers=3, parallel="process")
     assert len(calls) == forks + 1 and stats.links + stats.dirs == 24 * 6
     tree.assert_same(tree.capture(tmp_path / "farm"), _expected(specs), "farm")
+
+
+@needs_root
+def test_H1_when_threads_take_over_from_the_caller(tmp_path, monkeypatch):
+    """The caller defers its copies; if no worker can start, threads copy the
+    rest: every name of an inode still ends up as one copy."""
+    monkeypatch.setattr(schedule, "SPLIT_MIN", 30)    # the caller meets d00/shared itself
+    specs = _spread()
+    layers = materialise_stack(specs, tmp_path, "oci")
+    _inject_link_error(monkeypatch, errno.EMLINK)
+
+    def fork():
+        raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+    monkeypatch.setattr(os, "fork", fork)
+    build_farm(layers, tmp_path / "farm", workers=2, parallel="process")
+    tree.assert_same(tree.capture(tmp_path / "farm"), _expected(specs), "farm")
+    assert len({os.stat(tmp_path / f"farm/d{i:02}/shared").st_ino for i in range(24)}) == 1
