@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 import uuid
 from pathlib import Path
 from typing import Sequence
@@ -63,7 +62,7 @@ def pick_parallel(layers: Sequence[Layer], dst_fd: int, parallel: str) -> str:
     """
     if parallel != "auto":
         return parallel
-    if threading.active_count() > 1:
+    if len(os.listdir("/proc/self/task")) > 1:    # every OS thread, not only Python's
         return "thread"
     dev = os.fstat(dst_fd).st_dev
     if any(os.fstat(layer.fd).st_dev != dev for layer in layers):

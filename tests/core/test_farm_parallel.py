@@ -197,6 +197,15 @@ def test_pick_parallel(tmp_path):
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=True)
 
+    # a thread the threading module does not know (as a C library starts them)
+    hidden = ("import _thread, os, sys, threading, time; from mergefs.farm import pick_parallel; "
+              "from mergefs.layer import Layer; _thread.start_new_thread(time.sleep, (30,)); "
+              "time.sleep(0.1); assert threading.active_count() == 1; "
+              "print(pick_parallel([Layer(sys.argv[2])], os.open(sys.argv[1], os.O_RDONLY), 'auto'))")
+    r = subprocess.run([sys.executable, "-c", hidden, str(tmp_path), str(tmp_path / "l0")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "thread", r.stderr
+
     fd = os.open(tmp_path, os.O_RDONLY)
     stop = threading.Event()
     t = threading.Thread(target=stop.wait)
