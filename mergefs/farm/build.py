@@ -83,10 +83,10 @@ def build_farm(layers: Sequence[Layer | str | os.PathLike], out: str | os.PathLi
     layers = as_layers(layers)
 
     def build(fd: int) -> FarmStats:
+        if workers is not None and workers <= 1:
+            return Applier(layers, fd).run(plan_merge(layers))
         mode = pick_parallel(layers, fd, parallel)
         n = DEFAULT_WORKERS[mode] if workers is None else workers
-        if n <= 1:
-            return Applier(layers, fd).run(plan_merge(layers))
         if mode == "process":
             return run_processes(layers, fd, n)
         return run_threads(layers, fd, n)

@@ -23,7 +23,7 @@ Two schedulers share ``dir_step``:
   the GIL, so threads overlap kernel work (most of a cold build); a warm
   build is CPU-bound and threads then contend for the GIL.
 * ``run_processes``: forked workers, no GIL. The caller first builds the
-  first ``split_min`` entries itself (small merges never fork), then workers
+  first ``SPLIT_MIN`` entries itself (small merges never fork), then workers
   take the remaining directories from that list through a shared counter,
   each working depth first on a private stack; a worker that runs dry is
   *hungry*, and a busy worker that sees it hands over the shallowest
@@ -257,30 +257,28 @@ def _work(layers: Sequence[Layer], dst_fd: int, pool: _Pool, conn, parent: int) 
         conn.send(("error", RuntimeError(f"farm worker failed: {report[1]!r} ({e})")))
 
 
-def run_processes(layers: Sequence[Layer], dst_fd: int, workers: int,
-                  split_min: int | None = None) -> FarmStats:
+def run_processes(layers: Sequence[Layer], dst_fd: int, workers: int) -> FarmStats:
     """Build Merge(layers) into ``dst_fd`` with ``workers`` forked processes.
 
     Only call from a single-threaded process: a fork copies only the calling
     thread, and a lock another thread holds would stay locked in the child.
     """
-    split_min = SPLIT_MIN if split_min is None else split_min
     applier = Applier(layers, dst_fd, deferred=[])
     late: list = []
     stack = [root_item(layers)]
-    while stack and applier.stats.links + applier.stats.dirs < split_min:
+    while stack and applier.stats.links + applier.stats.dirs < SPLIT_MIN:
         stack.extend(reversed(dir_step(layers, applier, stack.pop(), late)))
     parts = [applier.stats]
     deferred, copies = applier.deferred, {}
     if stack:
         try:
-            reports = _run_pool(layers, dst_fd, stack[::-1], workers)  # shallowest first
-        except PoolUnavailable:
-            reports = [("ok", run_threads(layers, dst_fd, workers, stack, copies), [], [])]
-        for report in reports:
-            parts.append(report[1])
-            deferred += report[2]
-            late += report[3]
+            for _, stats, their_deferred, their_late in _run_pool(
+                    layers, dst_fd, stack[::-1], workers):          # shallowest first
+                parts.append(stats)
+                deferred += their_deferred
+                late += their_late
+        except PoolUnavailable:              # raised before any worker ran
+            parts.append(run_threads(layers, dst_fd, workers, stack, copies))
     parts.append(finish(layers, dst_fd, deferred, late, copies))
     return merge_stats(parts)
 

@@ -2,14 +2,30 @@
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 
+from mergefs import syscalls
 from mergefs.farm import build_farm
 from mergefs.testing import model, mounts, tree
 from mergefs.testing.builders import materialise_stack
 
 _seq = itertools.count()
+
+
+def inject_link_error(monkeypatch, err: int) -> list:
+    """Make link() from a layer fail with ``err``; links inside the farm still work.
+    Returns the names whose link failed (in this process)."""
+    real, calls = syscalls.link, []
+
+    def link(src, dst, src_dir_fd, dst_dir_fd):
+        if src_dir_fd != dst_dir_fd:
+            calls.append(src)
+            raise OSError(err, os.strerror(err), src)
+        return real(src, dst, src_dir_fd, dst_dir_fd)
+    monkeypatch.setattr(syscalls, "link", link)
+    return calls
 
 
 def model_merge(specs):

@@ -7,13 +7,13 @@ import subprocess
 
 import pytest
 
-from mergefs import syscalls
 from mergefs.errors import AlreadyExists, InvalidLayer, NotFound
 from mergefs.farm import build_farm
 from mergefs.testing import model, tree
 from mergefs.testing.builders import LayerSpec, materialise_stack
 
 from ..conftest import needs_root
+from .conftest import inject_link_error
 
 STACK = [LayerSpec().file("a", b"shared").hardlink("b", "a").file("d/x", b"x").symlink("l", "a")
          .fifo("p").socket("s"),
@@ -25,25 +25,12 @@ def _expected():
     return tree.model_view(model.merge(STACK))
 
 
-def _inject_link_error(monkeypatch, err: int) -> list:
-    """Make link() from a layer fail with ``err``; links inside the farm still work."""
-    real, calls = syscalls.link, []
-
-    def link(src, dst, src_dir_fd, dst_dir_fd):
-        if src_dir_fd != dst_dir_fd:
-            calls.append(src)
-            raise OSError(err, os.strerror(err), src)
-        return real(src, dst, src_dir_fd, dst_dir_fd)
-    monkeypatch.setattr(syscalls, "link", link)
-    return calls
-
-
 @needs_root
 @pytest.mark.parametrize("err,reason", [(errno.EXDEV, "exdev"), (errno.EMLINK, "emlink")])
 def test_link_failure_falls_back_to_copy_keeping_groups(tmp_path, monkeypatch, err, reason):
     """EXDEV/EMLINK copy instead (H1: both names of a copied inode stay one inode)."""
     layers = materialise_stack(STACK, tmp_path, "overlay")
-    calls = _inject_link_error(monkeypatch, err)
+    calls = inject_link_error(monkeypatch, err)
     stats = build_farm(layers, tmp_path / "farm")
     assert calls and stats.links == 0
     assert stats.copies[reason] == 5 and stats.recreated == 1   # a, l, p, d/y, b->copy of a
@@ -55,7 +42,7 @@ def test_link_failure_falls_back_to_copy_keeping_groups(tmp_path, monkeypatch, e
 @needs_root
 def test_other_link_errors_abort_and_leave_nothing(tmp_path, monkeypatch):
     layers = materialise_stack(STACK, tmp_path, "overlay")
-    _inject_link_error(monkeypatch, errno.EIO)
+    inject_link_error(monkeypatch, errno.EIO)
     with pytest.raises(OSError) as exc:
         build_farm(layers, tmp_path / "farm")
     assert exc.value.errno == errno.EIO

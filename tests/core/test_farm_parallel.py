@@ -17,10 +17,11 @@ import pytest
 from mergefs import syscalls
 from mergefs.farm import build_farm, pick_parallel, schedule
 from mergefs.layer import Layer
-from mergefs.testing import model, tree
+from mergefs.testing import tree
 from mergefs.testing.builders import LayerSpec, materialise_stack
 
 from ..conftest import needs_root
+from .conftest import inject_link_error, model_merge
 
 MODES = ["process", "thread"]
 
@@ -45,10 +46,6 @@ def fork_at_once(monkeypatch):
     monkeypatch.setattr(schedule, "SPLIT_MIN", 0)
 
 
-def _expected(specs):
-    return tree.model_view(model.merge(specs))
-
-
 @needs_root
 @pytest.mark.parametrize("parallel", MODES)
 @pytest.mark.parametrize("workers", [2, 3])
@@ -56,20 +53,9 @@ def test_M1_A2_parallel_build_equals_model(tmp_path, fork_at_once, parallel, wor
     specs = _spread()
     layers = materialise_stack(specs, tmp_path, "oci")
     stats = build_farm(layers, tmp_path / "farm", workers=workers, parallel=parallel)
-    tree.assert_same(tree.capture(tmp_path / "farm"), _expected(specs), f"farm ({parallel})")
+    tree.assert_same(tree.capture(tmp_path / "farm"), model_merge(specs), f"farm ({parallel})")
     assert stats.links == 24 * 3 and stats.dirs == 24 * 3
     assert sorted(os.listdir(tmp_path)) == ["farm", "l0", "l1"]
-
-
-def _inject_link_error(monkeypatch, err: int) -> None:
-    """link() from a layer fails with ``err``; links inside the farm still work."""
-    real = syscalls.link
-
-    def link(src, dst, src_dir_fd, dst_dir_fd):
-        if src_dir_fd != dst_dir_fd:
-            raise OSError(err, os.strerror(err), src)
-        return real(src, dst, src_dir_fd, dst_dir_fd)
-    monkeypatch.setattr(syscalls, "link", link)
 
 
 @needs_root
@@ -80,10 +66,10 @@ def test_H1_copies_keep_one_inode_across_workers(tmp_path, monkeypatch, fork_at_
     """Every name of a copied inode is one copy, whichever worker met it."""
     specs = _spread()
     layers = materialise_stack(specs, tmp_path, "oci")
-    _inject_link_error(monkeypatch, err)
+    inject_link_error(monkeypatch, err)
     stats = build_farm(layers, tmp_path / "farm", workers=2, parallel=parallel)
     assert stats.links == 0 and stats.copies[reason] == 24 * 3
-    tree.assert_same(tree.capture(tmp_path / "farm"), _expected(specs), f"copied farm ({parallel})")
+    tree.assert_same(tree.capture(tmp_path / "farm"), model_merge(specs), f"copied farm ({parallel})")
     inos = {os.stat(tmp_path / f"farm/d{i:02}/shared").st_ino for i in range(24)}
     assert len(inos) == 1 and inos != {os.stat(layers[0] / "d00/shared").st_ino}
 
@@ -92,7 +78,7 @@ def test_H1_copies_keep_one_inode_across_workers(tmp_path, monkeypatch, fork_at_
 @pytest.mark.parametrize("parallel", MODES)
 def test_worker_error_aborts_and_leaves_nothing(tmp_path, monkeypatch, fork_at_once, parallel):
     layers = materialise_stack(_spread(), tmp_path, "oci")
-    _inject_link_error(monkeypatch, errno.EIO)
+    inject_link_error(monkeypatch, errno.EIO)
     with pytest.raises(OSError) as exc:
         build_farm(layers, tmp_path / "farm", workers=2, parallel=parallel)
     assert exc.value.errno == errno.EIO
@@ -164,7 +150,7 @@ def test_A2_dir_modes_that_lock_out_the_builder(parallel):
         r = subprocess.run([*NOBODY, sys.executable, "-c", code, parallel, f"{d}/farm",
                             *map(str, layers)], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
-        want = _expected(RESTRICTED).entries
+        want = model_merge(RESTRICTED).entries
         got = tree.capture(f"{d}/farm").entries
         assert sorted(got) == sorted(want)
         for path, attrs in want.items():
@@ -282,7 +268,7 @@ def test_without_dev_shm_threads_finish_the_build(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == [str(24 * 6)]
-    tree.assert_same(tree.capture(tmp_path / "farm"), _expected(specs), "farm without /dev/shm")
+    tree.assert_same(tree.capture(tmp_path / "farm"), model_merge(specs), "farm without /dev/shm")
 
 
 @needs_root
@@ -302,7 +288,7 @@ def test_fork_refused_builds_with_what_started(tmp_path, monkeypatch, fork_at_on
     monkeypatch.setattr(os, "fork", fork)
     stats = build_farm(layers, tmp_path / "farm", workers=3, parallel="process")
     assert len(calls) == forks + 1 and stats.links + stats.dirs == 24 * 6
-    tree.assert_same(tree.capture(tmp_path / "farm"), _expected(specs), "farm")
+    tree.assert_same(tree.capture(tmp_path / "farm"), model_merge(specs), "farm")
 
 
 @needs_root
@@ -312,11 +298,11 @@ def test_H1_when_threads_take_over_from_the_caller(tmp_path, monkeypatch):
     monkeypatch.setattr(schedule, "SPLIT_MIN", 30)    # the caller meets d00/shared itself
     specs = _spread()
     layers = materialise_stack(specs, tmp_path, "oci")
-    _inject_link_error(monkeypatch, errno.EMLINK)
+    inject_link_error(monkeypatch, errno.EMLINK)
 
     def fork():
         raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
     monkeypatch.setattr(os, "fork", fork)
     build_farm(layers, tmp_path / "farm", workers=2, parallel="process")
-    tree.assert_same(tree.capture(tmp_path / "farm"), _expected(specs), "farm")
+    tree.assert_same(tree.capture(tmp_path / "farm"), model_merge(specs), "farm")
     assert len({os.stat(tmp_path / f"farm/d{i:02}/shared").st_ino for i in range(24)}) == 1
