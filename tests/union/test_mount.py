@@ -243,6 +243,8 @@ def test_U7_next_start_cleans_a_dead_mount(tmp_path, union_mount):
     layers = materialise_stack(sample_stack(), tmp_path / "layers")
     mnt = union_mount(layers)
     pid = union_mount.started[-1][1]
+    os.stat(mnt)                                       # the root's attributes are now cached
+    os.listdir(mnt)
     os.kill(pid, signal.SIGKILL)
     while _alive(pid):                                 # reap it; the dead mount stays
         time.sleep(0.01)
@@ -324,3 +326,64 @@ def test_600_layers_on_a_mount(tmp_path, union_mount):
     names = os.listdir(mnt)
     assert len(names) == 600 and "f0" not in names
     assert (mnt / "shared").read_bytes() == b"599" and (mnt / "f1").read_bytes() == b"1"
+
+
+@pytest.fixture
+def foreign_mounts():
+    """Mount points of non-mergefs mounts a test made; lazily unmounted in teardown."""
+    mnts = []
+    yield mnts
+    for mnt in reversed(mnts):
+        if server.is_mounted(str(mnt)):
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _assert_refused(mnt):
+    r = _cli("umount", str(mnt))
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert "not a mergefs mount" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    assert server.is_mounted(str(mnt))
+
+
+def test_umount_refuses_a_tmpfs(tmp_path, foreign_mounts):
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mnt)], check=True)
+    foreign_mounts.append(mnt)
+    (mnt / "f").write_bytes(b"kept")
+    _assert_refused(mnt)
+    assert (mnt / "f").read_bytes() == b"kept"
+
+
+def test_umount_refuses_a_busy_tmpfs(tmp_path, foreign_mounts):
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mnt)], check=True)
+    foreign_mounts.append(mnt)
+    with open(mnt / "busy", "w"):
+        _assert_refused(mnt)
+
+
+def test_umount_refuses_a_kernel_overlay(tmp_path, foreign_mounts):
+    layers = materialise_stack(sample_stack(), tmp_path / "layers", "overlay")
+    mnt = tmp_path / "ovl"
+    mnt.mkdir()
+    with mounts.overlay_mount(layers, mnt):
+        foreign_mounts.append(mnt)
+        _assert_refused(mnt)
+        assert (mnt / "etc/hosts").read_bytes() == b"127.0.0.1\n"
+
+
+def test_umount_refuses_a_plain_directory_and_a_missing_path(tmp_path):
+    r = _cli("umount", str(tmp_path))
+    assert r.returncode == 1 and "not mounted" in r.stderr
+    r = _cli("umount", str(tmp_path / "missing"))
+    assert r.returncode == 1 and "not mounted" in r.stderr
+
+
+def test_umount_takes_a_mergefs_mount_in_use(tmp_path, union_mount):
+    mnt = union_mount(materialise_stack(sample_stack(), tmp_path))
+    with open(mnt / "etc/hosts"):
+        r = _cli("umount", str(mnt))
+    assert r.returncode == 0, r.stderr
+    assert not server.is_mounted(str(mnt))
