@@ -100,6 +100,8 @@ def open_dir(name: bytes, dir_fd: int) -> int:
 
 
 def lstat(name: bytes, dir_fd: int) -> os.stat_result:
+    if not name:
+        return os.fstat(dir_fd)
     return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
 
 
@@ -169,16 +171,28 @@ def mknod(name: bytes, mode: int, rdev: int, dir_fd: int) -> None:
     os.mknod(name, mode, rdev, dir_fd=dir_fd)
 
 
+# An empty ``name`` means ``dir_fd`` itself (a layer's or upper's root, opened
+# O_RDONLY): the f* calls then act on the fd.
+
 def lchown(name: bytes, uid: int, gid: int, dir_fd: int) -> None:
+    if not name:
+        os.chown(dir_fd, uid, gid)
+        return
     os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
 
 
 def chmod(name: bytes, mode: int, dir_fd: int) -> None:
     """chmod a non-symlink (Linux has no lchmod; symlink modes are always 0777)."""
+    if not name:
+        os.chmod(dir_fd, mode)
+        return
     os.chmod(name, mode, dir_fd=dir_fd)
 
 
 def utime_ns(name: bytes, atime_ns: int, mtime_ns: int, dir_fd: int) -> None:
+    if not name:
+        os.utime(dir_fd, ns=(atime_ns, mtime_ns))
+        return
     os.utime(name, ns=(atime_ns, mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
 
 

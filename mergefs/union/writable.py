@@ -199,12 +199,8 @@ class WritableView(UnionView):
 
     def setattr(self, inode: Inode, attr, fields, fd: int) -> None:
         self.ensure_upper(inode, with_data=not (fields.update_size and attr.st_size == 0))
-        parent, _, name = inode.path.rpartition(b"/")
-        pfd = self.upper.dir_fd(parent)
-        try:
+        with self._parent_fd(inode, self.up) as (pfd, name):   # the root: its own fd, b""
             self._apply_attrs(pfd, name, inode, attr, fields, fd)
-        finally:
-            os.close(pfd)
         inode.attr = None
 
     def _apply_attrs(self, pfd, name, inode, attr, fields, fd) -> None:

@@ -459,3 +459,50 @@ def test_U5_merged_dir_rename_on_mount_and_kernel_overlay_agrees(tmp_path, union
     with mounts.overlay_mount(layers, tmp_path / "ovl", upper=tmp_path / "up",
                               work=tmp_path / "wk2", options=OVL_OPTS) as ovl:
         tree.assert_same(tree.capture(ovl), view, "kernel overlayfs over mergefs's upper")
+
+
+def _root_ops(root: str, tarball: str) -> list:
+    """What `touch`, `chmod`, `chown`, setfattr and `tar -x` with a ./ member do to a mount root."""
+    out = []
+    os.utime(root, ns=(1_600_000_000 * 10**9, 1_600_000_000 * 10**9))
+    os.chmod(root, 0o711)
+    os.chown(root, 12, 34)
+    os.setxattr(root, "user.root", b"r")
+    r = subprocess.run(["tar", "-x", "-p", "--xattrs", "--xattrs-include=user.*", "-f", tarball,
+                        "-C", root], capture_output=True, text=True)
+    out.append((r.returncode, r.stderr))
+    out.append(oct(os.stat(root).st_mode))
+    return out
+
+
+@pytest.mark.skipif(not mounts.can_mount_overlay(), reason="needs root and overlayfs")
+def test_mount_root_takes_setattr_setxattr_and_tar_dot(tmp_path, union_mount):
+    """Issue 10 item 1: the root is a directory like any other, as in kernel overlayfs."""
+    specs = [LayerSpec().file("etc/a", b"a").dir("var"), LayerSpec().file("etc/b", b"b")]
+    ours = materialise_stack(specs, tmp_path / "ours")
+    oracle = materialise_stack(specs, tmp_path / "oracle")
+    src = tmp_path / "src"
+    (src / "new").mkdir(parents=True)
+    (src / "new/f").write_bytes(b"f")
+    os.chmod(src, 0o750)
+    os.utime(src, ns=(1_500_000_000 * 10**9, 1_500_000_000 * 10**9))
+    tarball = str(tmp_path / "t.tar")
+    subprocess.run(["tar", "-c", "--xattrs", "-f", tarball, "-C", str(src), "."], check=True)
+    assert "./\n" in subprocess.run(["tar", "-tf", tarball], capture_output=True,
+                                    text=True).stdout
+    for d in ("up1", "wk1", "up2", "wk2", "ovl"):
+        (tmp_path / d).mkdir()
+    mnt = union_mount(ours, upper=tmp_path / "up1", work=tmp_path / "wk1")
+    with mounts.overlay_mount(oracle, tmp_path / "ovl", upper=tmp_path / "up2",
+                              work=tmp_path / "wk2", options=OVL_OPTS) as ovl:
+        theirs = _root_ops(str(ovl), tarball)
+        assert theirs[0] == (0, "")
+        assert _root_ops(str(mnt), tarball) == theirs
+        ours_view = tree.capture(mnt)
+        tree.assert_same(ours_view, tree.capture(ovl), "mergefs vs kernel overlayfs")
+    assert ours_view.entries[b""].mode & 0o7777 == 0o750
+    from .conftest import stop_server
+    stop_server(mnt, union_mount.started[-1][1])
+    with mounts.overlay_mount(oracle, tmp_path / "ovl", upper=tmp_path / "up1",
+                              work=tmp_path / "wk2", options=OVL_OPTS) as ovl:
+        tree.assert_same(tree.capture(ovl), ours_view, "kernel overlayfs over mergefs's upper")
