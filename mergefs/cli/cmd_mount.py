@@ -25,7 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--work", help="writable: work directory on the upper's filesystem")
     p.add_argument("--rw", action="store_true",
                    help="store refs: writable, with an upper kept in the store (commit it later)")
-    p.add_argument("--allow-other", action="store_true", help="let other users (containers) in")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let other users (containers) in (the default when run as root)")
+    p.add_argument("--private", action="store_true",
+                   help="only the mounting user gets in (the default when not root)")
     p.add_argument("--foreground", action="store_true", help="serve in this process")
     p.add_argument("--format", choices=FORMATS, default="auto", help="whiteout format of the layers")
     p.add_argument("--log", help="server log file (default /run/mergefs/mount-*.log)")
@@ -43,10 +46,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_umount)
 
 
+def multi_user(args) -> bool:
+    """allow_other: asked for, or mounted by root and not --private (like kernel
+    overlayfs, and fuse-overlayfs run as root); permissions are then the kernel's
+    (default_permissions is always on)."""
+    if args.private and args.allow_other:
+        raise InvalidLayer("--private and --allow-other contradict each other")
+    return args.allow_other or (os.geteuid() == 0 and not args.private)
+
+
 def mount_spec(args) -> MountSpec:
     if (args.upper is None) != (args.work is None):
         raise InvalidLayer("--upper and --work go together")
     options = tuple(o for opts in args.options for o in opts.split(",") if o)
+    if "private" in options:                       # ours, not FUSE's
+        args.private = True
+        options = tuple(o for o in options if o != "private")
+    args.allow_other = multi_user(args)
     if all(is_layer_dir_arg(a) for a in args.layers):
         if args.rw:
             raise InvalidLayer("--rw is for store refs; give --upper and --work for directories")
@@ -64,7 +80,8 @@ def mount_spec(args) -> MountSpec:
     spec = resolve(args.root, args.layers[0], args.rw and args.upper is None,
                    mountpoint=os.path.abspath(args.mountpoint))
     return MountSpec(spec.lowers, _abs(args.upper) or spec.upper, _abs(args.work) or spec.work,
-                     args.allow_other or spec.allow_other, spec.options + options)
+                     args.allow_other or (spec.allow_other and not args.private),
+                     spec.options + options)
 
 
 def _abs(path: str | None) -> str | None:

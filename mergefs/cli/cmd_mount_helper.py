@@ -13,7 +13,8 @@ overlayfs; the ``mount`` verb takes them bottom first.
 
 Generic mount options are tolerated: ``rw``/``ro`` (``ro`` drops nothing but
 is passed on), ``dev``/``suid``/``exec`` and their ``no`` forms are passed to
-FUSE, ``allow_other`` maps to ``--allow-other``, ``default_permissions`` is
+FUSE, ``allow_other`` maps to ``--allow-other`` (on anyway when root mounts;
+``private`` maps to ``--private`` and keeps other users out), ``default_permissions`` is
 always on, and bookkeeping options (``auto``, ``noauto``, ``user``, ``nofail``,
 ``_netdev``, ``x-*``, ``defaults``) are dropped.
 """
@@ -61,6 +62,8 @@ def translate(argv: list[str]) -> list[str]:
             out += ["--upper" if key == "upperdir" else "--work", os.path.abspath(value)]
         elif key == "allow_other":
             out.append("--allow-other")
+        elif key == "private":
+            out.append("--private")
         elif key in PASSED:
             fuse.append(key)
         elif key in DROPPED or key.startswith("x-"):

@@ -387,3 +387,81 @@ def test_umount_takes_a_mergefs_mount_in_use(tmp_path, union_mount):
         r = _cli("umount", str(mnt))
     assert r.returncode == 0, r.stderr
     assert not server.is_mounted(str(mnt))
+
+
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def _as_nobody(*argv):
+    return subprocess.run(AS_NOBODY + list(argv), capture_output=True, text=True, timeout=30)
+
+
+def _multi_user_stack(tmp_path):
+    spec = (LayerSpec().file("secret", b"s", mode=0o600).file("public", b"p", mode=0o644)
+            .dir("shared", mode=0o1777))
+    return materialise_stack([spec], tmp_path / "layers")
+
+
+def _check_second_user(mnt):
+    r = _as_nobody("cat", str(mnt / "public"))
+    assert (r.returncode, r.stdout) == (0, "p"), r.stderr
+    r = _as_nobody("cat", str(mnt / "secret"))
+    assert r.returncode != 0 and "Permission denied" in r.stderr       # default_permissions
+    r = _as_nobody("sh", "-c", f"echo n > {mnt}/shared/mine && cat {mnt}/shared/mine")
+    assert (r.returncode, r.stdout) == (0, "n\n"), r.stderr
+    st = os.stat(mnt / "shared/mine")
+    assert (st.st_uid, st.st_gid) == (65534, 65534)
+    r = _as_nobody("touch", str(mnt / "not-mine"))                     # root's 0755 root dir
+    assert r.returncode != 0 and "Permission denied" in r.stderr
+
+
+def _check_private(mnt):
+    r = _as_nobody("cat", str(mnt / "public"))
+    assert r.returncode != 0 and "Permission denied" in r.stderr
+
+
+def _rw_dirs(base):
+    for d in ("up", "wk"):
+        (base / d).mkdir(parents=True)
+    return base / "up", base / "wk"
+
+
+def test_root_cli_mount_is_multi_user_unless_private(tmp_path, public_dir, cli_mounts):
+    """Issue 10 item 2: root's mount lets other users in, the kernel checks permissions."""
+    layers = _multi_user_stack(tmp_path)
+    up, wk = _rw_dirs(tmp_path / "rw")
+    mnt = public_dir / "mnt"
+    mnt.mkdir()
+    cli_mounts.append(mnt)
+    r = _cli("mount", "--log", str(tmp_path / "log"), "--upper", str(up), "--work", str(wk),
+             *map(str, layers), str(mnt))
+    assert r.returncode == 0, r.stderr
+    _check_second_user(mnt)
+    assert _cli("umount", str(mnt)).returncode == 0
+    r = _cli("mount", "--private", "--log", str(tmp_path / "log"), *map(str, layers), str(mnt))
+    assert r.returncode == 0, r.stderr
+    _check_private(mnt)
+    assert (mnt / "public").read_bytes() == b"p"
+    assert _cli("umount", str(mnt)).returncode == 0
+    r = _cli("mount", "--private", "--allow-other", *map(str, layers), str(mnt))
+    assert r.returncode == 1 and "contradict" in r.stderr
+
+
+def test_mount_fuse_convention_is_multi_user_unless_private(tmp_path, public_dir, cli_mounts):
+    """`mount -t fuse.mergefs` (through mount.fuse3) by root: multi-user; -o private: not."""
+    if shutil.which("mount.fuse3") is None:
+        pytest.skip("mount.fuse3 is not installed")
+    layers = _multi_user_stack(tmp_path)
+    up, wk = _rw_dirs(tmp_path / "rw")
+    mnt = public_dir / "mnt"
+    mnt.mkdir()
+    cli_mounts.append(mnt)
+    env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+    base = f"lowerdir={layers[0]},upperdir={up},workdir={wk}"
+    for extra, check in (("", _check_second_user), (",private", _check_private)):
+        r = subprocess.run(["mount.fuse3", "mergefs", str(mnt), "-t", "mergefs",
+                            "-o", base + extra], capture_output=True, text=True, env=env,
+                           timeout=60)
+        assert r.returncode == 0, r.stderr
+        check(mnt)
+        assert _cli("umount", str(mnt)).returncode == 0
