@@ -100,12 +100,10 @@ def _move(view, inode, p_old, old: bytes, p_new, new: bytes, dst: Node | None) -
     if existing is not None and (syscalls.is_whiteout_stat(existing) and inode.is_dir
                                  or stat.S_ISDIR(existing.st_mode)):
         upper.remove(new_path)          # a whiteout a dir cannot replace, or an emptied dir
-    ofd, nfd = upper.dir_fd(p_old.path), upper.dir_fd(p_new.path)
-    try:
-        os.rename(old, new, src_dir_fd=ofd, dst_dir_fd=nfd)
-    finally:
-        os.close(ofd)
-        os.close(nfd)
+    upper.forget_dirs(old_path)
+    upper.forget_dirs(new_path)
+    ofd, nfd = upper.borrow_dir(p_old.path), upper.borrow_dir(p_new.path)
+    os.rename(old, new, src_dir_fd=ofd, dst_dir_fd=nfd)
     if below_old:
         upper.whiteout(old_path)
     if dst is not None:
@@ -132,12 +130,10 @@ def _exchange(view, p_old, old, src: Node, p_new, new, dst: Node) -> None:
         for inode, parent, name in ((a, p_new, new), (b, p_old, old)):
             if inode.is_dir and view.lower_has(parent, name):
                 upper.set_opaque(inode.path)
-        ofd, nfd = upper.dir_fd(p_old.path), upper.dir_fd(p_new.path)
-        try:
-            syscalls.renameat2(ofd, old, nfd, new, syscalls.RENAME_EXCHANGE)
-        finally:
-            os.close(ofd)
-            os.close(nfd)
+        upper.forget_dirs(join(p_old.path, old))
+        upper.forget_dirs(join(p_new.path, new))
+        ofd, nfd = upper.borrow_dir(p_old.path), upper.borrow_dir(p_new.path)
+        syscalls.renameat2(ofd, old, nfd, new, syscalls.RENAME_EXCHANGE)
         view._set_child(p_old, old, b.node)
         view._set_child(p_new, new, a.node)
         if a is not b:

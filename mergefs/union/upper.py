@@ -19,6 +19,7 @@ import itertools
 import logging
 import os
 import stat
+from collections import OrderedDict
 
 from .. import syscalls
 from ..errors import InvalidLayer
@@ -27,6 +28,7 @@ from ..layer import DIR, LNK, REG, Layer, content_xattrs, open_layer_root
 log = logging.getLogger("mergefs.union")
 WHITEOUT_DEV = 0
 STAGED_PREFIX = "#mergefs-"
+DIR_FD_CACHE = 128
 
 
 class Upper:
@@ -42,8 +44,10 @@ class Upper:
         root = os.geteuid() == 0
         self.opaque_xattr = "trusted.overlay.opaque" if root else "user.overlay.opaque"
         self._names = itertools.count()
+        self._dirs: OrderedDict[bytes, int] = OrderedDict()   # path -> open dir fd (LRU)
 
     def close(self) -> None:
+        self.forget_dirs(b"")
         os.close(self.work_fd)
         self.layer.close()
 
@@ -64,17 +68,36 @@ class Upper:
         return b"%s%d-%d" % (STAGED_PREFIX.encode(), os.getpid(), next(self._names))
 
     def dir_fd(self, path: bytes) -> int:
-        return syscalls.open_beneath(self.layer.fd, path)
+        """A new fd on the upper's directory ``path``; the caller closes it."""
+        return os.dup(self.borrow_dir(path))
+
+    def borrow_dir(self, path: bytes) -> int:
+        """The cached fd of the upper's directory ``path``: never close it; valid
+        until the next call that changes the upper's directories (the cache
+        keeps the last DIR_FD_CACHE; every rename or removal of an upper
+        directory goes through ``forget_dirs``)."""
+        fd = self._dirs.get(path)
+        if fd is not None:
+            self._dirs.move_to_end(path)
+            return fd
+        fd = syscalls.open_beneath(self.layer.fd, path)
+        self._dirs[path] = fd
+        if len(self._dirs) > DIR_FD_CACHE:
+            os.close(self._dirs.popitem(last=False)[1])
+        return fd
+
+    def forget_dirs(self, path: bytes) -> None:
+        """Drop the cached fds of ``path`` and everything below it (b"": all)."""
+        prefix = path + b"/"
+        for p in [p for p in self._dirs if not path or p == path or p.startswith(prefix)]:
+            os.close(self._dirs.pop(p))
 
     def lstat(self, path: bytes) -> os.stat_result | None:
         parent, _, name = path.rpartition(b"/")
-        fd = self.dir_fd(parent)
         try:
-            return syscalls.lstat(name, fd)
+            return syscalls.lstat(name, self.borrow_dir(parent))
         except FileNotFoundError:
             return None
-        finally:
-            os.close(fd)
 
     def is_whiteout(self, path: bytes) -> bool:
         st = self.lstat(path)
@@ -103,31 +126,32 @@ class Upper:
         """
         parent, _, name = path.rpartition(b"/")
         try:
-            pfd = self.dir_fd(parent)
+            pfd = self.borrow_dir(parent)
         except BaseException:
             self.discard(tmp)
             raise
-        try:
-            if keep_parent_times:
-                pst = os.fstat(pfd)
-                try:
-                    return self._place(tmp, name, pfd)
-                finally:
-                    os.utime(pfd, ns=(pst.st_atime_ns, pst.st_mtime_ns))
-            return self._place(tmp, name, pfd)
-        finally:
-            os.close(pfd)
+        if keep_parent_times:
+            pst = os.fstat(pfd)
+            try:
+                return self._place(tmp, path, pfd)
+            finally:
+                os.utime(pfd, ns=(pst.st_atime_ns, pst.st_mtime_ns))
+        return self._place(tmp, path, pfd)
 
-    def _place(self, tmp: bytes, name: bytes, pfd: int) -> os.stat_result:
+    def _place(self, tmp: bytes, path: bytes, pfd: int) -> os.stat_result:
+        name = path.rpartition(b"/")[2]
         try:
-            self._rename_into(tmp, name, pfd)
+            self._rename_into(tmp, path, pfd)
         except BaseException:
             self.discard(tmp)          # the view is unchanged: drop the staged entry
             raise
         return syscalls.lstat(name, pfd)
 
-    def _rename_into(self, tmp: bytes, name: bytes, pfd: int) -> None:
+    def _rename_into(self, tmp: bytes, path: bytes, pfd: int) -> None:
+        name = path.rpartition(b"/")[2]
         old = _lstat_or_none(name, pfd)
+        if old is not None and stat.S_ISDIR(old.st_mode):
+            self.forget_dirs(path)
         is_dir = stat.S_ISDIR(syscalls.lstat(tmp, self.work_fd).st_mode)
         if old is None:
             syscalls.renameat2(self.work_fd, tmp, pfd, name, syscalls.RENAME_NOREPLACE)
@@ -209,33 +233,24 @@ class Upper:
         tmp = self.tmp_name()
         syscalls.mknod(tmp, stat.S_IFCHR | 0o600, os.makedev(0, WHITEOUT_DEV), self.work_fd)
         parent, _, name = path.rpartition(b"/")
-        pfd = self.dir_fd(parent)
-        try:
-            old = _lstat_or_none(name, pfd)
-            if old is not None and stat.S_ISDIR(old.st_mode):
-                syscalls.renameat2(self.work_fd, tmp, pfd, name, syscalls.RENAME_EXCHANGE)
-                self.discard_tree(tmp) if tree else _remove(tmp, self.work_fd)
-            else:
-                os.rename(tmp, name, src_dir_fd=self.work_fd, dst_dir_fd=pfd)
-        finally:
-            os.close(pfd)
+        pfd = self.borrow_dir(parent)
+        old = _lstat_or_none(name, pfd)
+        if old is not None and stat.S_ISDIR(old.st_mode):
+            self.forget_dirs(path)
+            syscalls.renameat2(self.work_fd, tmp, pfd, name, syscalls.RENAME_EXCHANGE)
+            self.discard_tree(tmp) if tree else _remove(tmp, self.work_fd)
+        else:
+            os.rename(tmp, name, src_dir_fd=self.work_fd, dst_dir_fd=pfd)
 
     def remove(self, path: bytes) -> None:
         """Remove the upper's entry at ``path`` (a dir with only whiteouts left in it)."""
         parent, _, name = path.rpartition(b"/")
-        pfd = self.dir_fd(parent)
-        try:
-            _remove(name, pfd)
-        finally:
-            os.close(pfd)
+        self.forget_dirs(path)
+        _remove(name, self.borrow_dir(parent))
 
     def set_opaque(self, path: bytes) -> None:
         parent, _, name = path.rpartition(b"/")
-        pfd = self.dir_fd(parent)
-        try:
-            syscalls.setxattr(pfd, name, self.opaque_xattr, b"y")
-        finally:
-            os.close(pfd)
+        syscalls.setxattr(self.borrow_dir(parent), name, self.opaque_xattr, b"y")
 
 
 def _lstat_or_none(name: bytes, dir_fd: int) -> os.stat_result | None:

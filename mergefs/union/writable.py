@@ -57,6 +57,13 @@ class WritableView(UnionView):
         super().close()
         self.upper.close()
 
+    def _parent_fd(self, inode: Inode, layer: int | None = None):
+        """The upper's directories come from its fd cache (not closed after use)."""
+        if (inode.node.top if layer is None else layer) != self.up or not inode.path:
+            return super()._parent_fd(inode, layer)
+        parent, _, name = inode.path.rpartition(b"/")
+        return _Borrowed(self.upper.borrow_dir(parent), name)
+
     # -- helpers ----------------------------------------------------------
     def _child(self, parent: Inode, name: bytes) -> Node:
         node = self.listing(parent).get(name)
@@ -117,11 +124,7 @@ class WritableView(UnionView):
         """A new name for ``inode``'s upper file in the work dir, ready to publish."""
         src_parent, _, src_name = inode.path.rpartition(b"/")
         tmp = self.upper.tmp_name()
-        sfd = self.upper.dir_fd(src_parent)
-        try:
-            syscalls.link(src_name, tmp, sfd, self.upper.work_fd)
-        finally:
-            os.close(sfd)
+        syscalls.link(src_name, tmp, self.upper.borrow_dir(src_parent), self.upper.work_fd)
         return tmp
 
     def _placed(self, parent: Inode, name: bytes, tmp: bytes) -> Inode:
@@ -286,3 +289,16 @@ class WritableView(UnionView):
     def rename(self, p_old: Inode, old: bytes, p_new: Inode, new: bytes, flags: int) -> None:
         from .rename import rename
         rename(self, p_old, old, p_new, new, flags)
+
+
+class _Borrowed:
+    """``with _Borrowed(fd, name) as (fd, name)``: a cached dir fd, left open."""
+
+    def __init__(self, fd: int, name: bytes):
+        self.pair = (fd, name)
+
+    def __enter__(self) -> tuple[int, bytes]:
+        return self.pair
+
+    def __exit__(self, *exc) -> None:
+        pass
