@@ -57,6 +57,13 @@ class WritableView(UnionView):
         super().close()
         self.upper.close()
 
+    def attr(self, inode: Inode) -> os.stat_result:
+        """As the view's, with the upper's parent dir from the fd cache."""
+        if inode.attr is None and inode.node.top == self.up and inode.path:
+            parent, _, name = inode.path.rpartition(b"/")
+            inode.attr = syscalls.lstat(name, self.upper.borrow_dir(parent))
+        return super().attr(inode)
+
     def _parent_fd(self, inode: Inode, layer: int | None = None):
         """The upper's directories come from its fd cache (not closed after use)."""
         if (inode.node.top if layer is None else layer) != self.up or not inode.path:
