@@ -306,7 +306,7 @@ def commit(store: Store, upper: str, parent: str | None = None, name: str | None
 
 def _commit_source(store: Store, upper: str, parent: str | None, fmt: str) -> tuple[str, list[str]]:
     parent_ids = flatten(store, resolve_ref(store, parent, fmt)) if parent else []
-    if is_path_ref(upper) or os.path.isdir(upper):
+    if is_path_ref(upper):          # by spelling only: a key never depends on the host
         if not os.path.isdir(upper):
             raise NotFound(f"upper directory {upper!r} does not exist")
         return upper, parent_ids

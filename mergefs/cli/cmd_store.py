@@ -2,8 +2,9 @@
 
 Also the store forms of merge, diff and explain (``store_merge``,
 ``store_diff``, ``store_explain``), called by ``cmd_core`` when no ``--out``
-is given. A REF is a name, an id, a unique id prefix, or a layer directory
-(an argument containing '/', imported implicitly). The store root is
+is given. A REF is a name, an id or a unique id prefix; a layer directory is
+spelled as a path (``refs``) and imported implicitly only by merge, diff and
+commit (as the README says); explain, inspect, export and release never import. The store root is
 ``--root``, else ``$MERGEFS_ROOT``, else /var/lib/mergefs (root) or
 $XDG_DATA_HOME/mergefs.
 """
@@ -16,6 +17,17 @@ import sys
 import time
 
 from ..layer import FORMATS
+from . import progress, refs
+
+
+def _existing_store(args):
+    """The store for a verb that only reads it: a missing store is not created."""
+    from snapshotter.store import default_root
+    from ..errors import NotFound
+    root = default_root(getattr(args, "root", None))
+    if not os.path.exists(os.path.join(root, "meta.db")):
+        raise NotFound(f"no store at {root} (nothing has been imported there)")
+    return _store(args)
 
 
 def _store(args):
@@ -33,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name")
     p.add_argument("--format", choices=FORMATS, default="auto", help="whiteout format of a dir")
     p.add_argument("--json", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("commit", help="turn an overlay-format upper dir (or an active "
@@ -79,18 +92,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("ref", metavar="REF")
     p.add_argument("-o", "--output", required=True, metavar="PATH")
     p.add_argument("--format", choices=("dir", "tar", "oci"), default="dir")
+    p.add_argument("--compression", choices=("gzip", "zstd", "none"), default=None,
+                   help="layer compression for tar and oci (oci default: gzip, on every core; "
+                   "zstd: application/vnd.oci.image.layer.v1.tar+zstd; tar default: none)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_export)
 
 
 # -- helpers --------------------------------------------------------------------
-def _progress(what: str):
-    """A callback printing a running count on stderr (only used when it is a terminal)."""
-    def show(n: int) -> None:
-        if n % 1000 == 0:
-            print(f"\rmergefs: {what} {n} entries", end="", file=sys.stderr, flush=True)
-    return show
-
-
 def human(n: int) -> str:
     for unit in ("B", "kB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
@@ -120,8 +129,9 @@ def row_dict(store, row) -> dict:
 def store_merge(args) -> int:
     from snapshotter import service
     with _store(args) as store:
-        res = service.merge(store, args.refs, strategy=args.strategy, name=args.name,
-                            intent=args.intent, fmt=args.format)
+        res = service.merge(store, [refs.store_arg(r) for r in args.refs],
+                            strategy=args.strategy, name=args.name, intent=args.intent,
+                            fmt=args.format)
     if args.json:
         print(json.dumps({"id": res.row.id, "strategy": res.decision.strategy,
                           "reused": res.reused, "reasons": list(res.decision.reasons)}))
@@ -137,21 +147,25 @@ def store_merge(args) -> int:
 def store_diff(args) -> int:
     from snapshotter import service
     with _store(args) as store:
-        row = service.diff(store, args.lower, args.upper, name=args.name, fmt=args.format)
+        row = service.diff(store, _stack(args.lower), _stack(args.upper), name=args.name,
+                           fmt=args.format)
     print(json.dumps({"id": row.id}) if args.json else row.id)
     return 0
 
 
+def _stack(arg: str) -> str:
+    """diff's LOWER/UPPER for the store: directories made absolute (imported), refs as given."""
+    return ":".join(a.value for a in refs.stack(arg, "diff"))
+
+
 def store_explain(args) -> int:
+    """explain REF PATH...: reads the store, never writes to it (a directory is no REF)."""
     from snapshotter import service
     from ..resolver import Resolver
     from .cmd_core import print_explanation
-    if len(args.args) != 2:
-        from ..errors import InvalidLayer
-        raise InvalidLayer("usage: mergefs explain REF PATH (or PATH LAYERDIR...)")
-    ref, path = args.args
-    with _store(args) as store:
-        row = service.resolve_ref(store, ref, args.format)
+    ref, paths = refs.ref_only(args.args[0], "explain"), args.args[1:]
+    with _existing_store(args) as store:
+        row = service.resolve_ref(store, ref)
         ids = service.flatten(store, row)
         dirs = [str(store.fs_of(i)) for i in ids]
         missing = [i for i, d in zip(ids, dirs) if not os.path.isdir(d)]
@@ -159,10 +173,10 @@ def store_explain(args) -> int:
             ids, dirs = [row.id], [str(store.fs_of(row.id))]
             print(f"mergefs: note: inputs of {service.short(row.id)} were pruned; explaining "
                   "the farm as one layer", file=sys.stderr)
-    p = os.fsencode(path).strip(b"/")
     with Resolver(dirs) as r:
-        rows = r.explain(p)
-    print_explanation(p, rows, [service.short(i) for i in ids], as_json=args.json)
+        for path in paths:
+            p = os.fsencode(path).strip(b"/")
+            print_explanation(p, r.explain(p), [service.short(i) for i in ids], as_json=args.json)
     return 0
 
 
@@ -172,11 +186,12 @@ def cmd_import(args) -> int:
     from ..errors import NotFound
     if not os.path.lexists(args.src):
         raise NotFound(f"{args.src!r} does not exist")
+    from .. import oci
+    unit = "entries" if oci.detect_source(args.src) == "layer-dir" else "bytes"
     with _store(args) as store:
-        res = import_source(store, args.src, fmt=args.format, name=args.name,
-                            progress=_progress("copied") if sys.stderr.isatty() else None)
-        if sys.stderr.isatty():
-            print(file=sys.stderr)
+        with progress.task(args, "importing", unit) as report:
+            res = import_source(store, args.src, fmt=args.format, name=args.name,
+                                progress=report)
         out = {"layers": [row_dict(store, r) for r in res.layers],
                "image": row_dict(store, res.image) if res.image else None} if args.json else None
     if args.json:
@@ -190,7 +205,9 @@ def cmd_import(args) -> int:
 def cmd_commit(args) -> int:
     from snapshotter import service
     with _store(args) as store:
-        row = service.commit(store, args.upper, parent=args.parent, name=args.name)
+        row = service.commit(store, refs.store_arg(args.upper, "UPPERDIR|KEY"),
+                             parent=args.parent and refs.store_arg(args.parent, "--parent"),
+                             name=args.name)
     print(json.dumps({"id": row.id}) if args.json else row.id)
     return 0
 
@@ -199,7 +216,7 @@ def cmd_release(args) -> int:
     from snapshotter import service
     with _store(args) as store:
         for ref in args.refs:
-            print(service.release(store, ref).id)
+            print(service.release(store, refs.ref_only(ref, "release")).id)
     return 0
 
 
@@ -282,8 +299,9 @@ def cmd_ls(args) -> int:
 
 def cmd_inspect(args) -> int:
     from snapshotter import service
-    with _store(args) as store:
-        row = store.resolve(args.ref)      # also a corrupt one: inspecting it is the point
+    ref = refs.ref_only(args.ref, "inspect")
+    with _existing_store(args) as store:
+        row = store.resolve(ref)      # also a corrupt one: inspecting it is the point
         d = row_dict(store, row)
         d["dependents"] = [c for (c,) in store.db.execute(
             "SELECT DISTINCT child FROM parents WHERE parent=?", (row.id,))]
@@ -316,7 +334,12 @@ def cmd_fsck(args) -> int:
 
 def cmd_export(args) -> int:
     from snapshotter import exporter
-    with _store(args) as store:
-        exporter.export(store, args.ref, args.output, args.format)
+    from ..errors import InvalidLayer
+    if args.compression and args.format == "dir":
+        raise InvalidLayer("--compression is for --format tar or oci")
+    compression = {None: "auto", "none": None}.get(args.compression, args.compression)
+    ref = refs.ref_only(args.ref, "export")
+    with _existing_store(args) as store, progress.task(args, "exporting", "bytes") as report:
+        exporter.export(store, ref, args.output, args.format, compression, report)
     print(args.output)
     return 0
