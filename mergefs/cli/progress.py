@@ -11,18 +11,19 @@ This module turns such calls into a display; every verb with long work
 
 Quiet (``report`` is None, the library skips the calls) when stderr is not a
 terminal or with ``--quiet``. Nothing shows for work under ``SHOW_AFTER``
-seconds. No thread draws the bar: it is redrawn from the callback, at most
+seconds ($MERGEFS_PROGRESS_AFTER, default 1). No thread draws the bar: it is redrawn from the callback, at most
 every ``REFRESH`` seconds, because a farm build forks its workers and a
 caller with extra threads would not (see ``mergefs.farm.schedule``).
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-SHOW_AFTER = 1.0
+SHOW_AFTER = float(os.environ.get("MERGEFS_PROGRESS_AFTER", "1.0"))   # seconds
 REFRESH = 0.1
 
 Report = Callable[..., None]

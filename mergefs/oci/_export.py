@@ -219,14 +219,18 @@ def write_layer_tar(layer, out: BinaryIO, *, lower: Sequence | None = None,
     for a bottom layer), deletions are written as explicit whiteouts (D4) and
     whiteouts with nothing below are left out. ``None``: the lower layers are
     unknown; whiteouts are kept and opaque dirs become ``.wh..wh..opq``.
+    ``progress(n)`` is called with the uncompressed bytes written so far.
     """
     layer = layer if isinstance(layer, Layer) else Layer(layer)
-    sink = _BlobSink(out, compression)
+    sink = _BlobSink(out, compression, progress)
     resolver = Resolver(as_layers(lower)) if lower else None
     try:
         writer = _LayerTarWriter(layer, sink, resolver, lower is not None)
         writer.run()
         sink.close()
+    except BaseException:
+        sink.abort()                 # stop the compressor's threads
+        raise
     finally:
         layer.close()
         if resolver is not None:
