@@ -11,7 +11,7 @@ import os
 import sys
 
 from ..layer import FORMATS, Layer
-from . import refs
+from . import progress, refs
 from .refs import UsageError
 
 EXPLAIN_USAGE = ("mergefs explain REF PATH...  (a store ref first, then paths in its merged "
@@ -60,6 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--explain", action="store_true", help="print why the strategy was chosen")
     p.add_argument("--for", dest="intent", choices=("inspect", "rootfs", "export"), default=None)
     p.add_argument("--json", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("diff", help="Diff(LOWER, UPPER) as a layer with explicit whiteouts")
@@ -90,8 +91,9 @@ def cmd_merge(args) -> int:
         from .cmd_store import store_merge
         return store_merge(args)
     from ..farm import build_farm
-    stats = build_farm([Layer(r, args.format) for r in dir_inputs(args.refs, "merge")], args.out,
-                       workers=args.jobs)
+    layers = [Layer(r, args.format) for r in dir_inputs(args.refs, "merge")]
+    with progress.task(args, "building farm") as report:
+        stats = build_farm(layers, args.out, workers=args.jobs, progress=report)
     for w in stats.warnings:
         print(f"mergefs: warning: {w}", file=sys.stderr)
     if args.json:

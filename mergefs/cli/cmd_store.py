@@ -128,10 +128,10 @@ def row_dict(store, row) -> dict:
 # -- merge / diff / explain (store forms) ----------------------------------------------
 def store_merge(args) -> int:
     from snapshotter import service
-    with _store(args) as store:
-        res = service.merge(store, [refs.store_arg(r) for r in args.refs],
-                            strategy=args.strategy, name=args.name, intent=args.intent,
-                            fmt=args.format)
+    inputs = [refs.store_arg(r) for r in args.refs]
+    with _store(args) as store, progress.task(args, "building farm") as report:
+        res = service.merge(store, inputs, strategy=args.strategy, name=args.name,
+                            intent=args.intent, fmt=args.format, progress=report)
     if args.json:
         print(json.dumps({"id": res.row.id, "strategy": res.decision.strategy,
                           "reused": res.reused, "reasons": list(res.decision.reasons)}))

@@ -52,3 +52,23 @@ def test_no_progress_in_a_pipe(cli, merged, tmp_path):
     assert r.stderr == ""
     r = cli.run("import", tmp_path / "o1", "--name", "again", MERGEFS_PROGRESS_AFTER="0")
     assert r.stderr == ""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_farm_build_shows_progress_and_builds_the_same_farm(cli, tmp_path, jobs):
+    """Past the fork point (1,024 entries) with -j 2, sequential with -j 1."""
+    from mergefs.testing import model, tree
+    from mergefs.testing.builders import LayerSpec, materialise_stack
+    low, top = LayerSpec(), LayerSpec()
+    for d in range(30):
+        for f in range(60):
+            low.file(f"d{d}/f{f}", b"%d" % f)
+        top.whiteout(f"d{d}/f0").file(f"d{d}/new", b"new")
+    layers = materialise_stack([low, top], tmp_path / "layers", "oci")
+    code, out, tty = run_on_tty(cli, "merge", "-j", jobs, "--out", tmp_path / "farm", *layers)
+    assert code == 0 and "mergefs: building farm" in tty and "entries" in tty, tty
+    tree.assert_same(tree.capture(tmp_path / "farm"), tree.model_view(model.merge([low, top])))
+    r = cli.run("merge", "-j", jobs, "--out", tmp_path / "farm2", *layers,
+                MERGEFS_PROGRESS_AFTER="0")
+    assert r.stderr == ""
