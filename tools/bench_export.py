@@ -62,6 +62,47 @@ def run_shell(compressor: str, layers: list[str], out: str) -> benchlib.ChildRes
     return benchlib.run_child(["sh", "-c", script])
 
 
+CODEC = """
+import json, os, sys, time, zlib
+from mergefs.oci import _compress
+mode, path = sys.argv[1], sys.argv[2]
+t0, c0 = time.perf_counter(), time.process_time()
+with open(path, "rb") as f:
+    if mode == "zlib":
+        comp = zlib.compressobj(6, zlib.DEFLATED, 31)
+    elif mode == "zstd":
+        comp = _compress.zstd_compressobj()
+    else:
+        comp = _compress.ParallelGzip(1 if mode == "gzip-1" else None)
+    size = 0
+    while True:
+        data = f.read(1 << 20)
+        if not data:
+            break
+        size += len(comp.compress(data))
+    size += len(comp.flush())
+print(json.dumps({"seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0,
+                  "bytes": size}))
+"""
+CODECS = {"zlib": "zlib gzip -6, one stream (before)", "gzip-1": "block gzip, one thread",
+          "gzip": "block gzip, every core", "zstd": "zstd -3, libzstd workers"}
+
+
+def codec_table(tar: str, reps: int) -> benchlib.Table:
+    """The compressors alone on one uncompressed layer tar, in a child process."""
+    table = benchlib.Table(f"compressing a {os.path.getsize(tar) / 1e6:.0f} MB layer tar "
+                           "(no tar walk), in-process")
+    anchor = CODECS["zlib"]
+    for rep in range(reps):
+        for mode, title in list(CODECS.items())[rep % 4:] + list(CODECS.items())[:rep % 4]:
+            r = benchlib.run_child([sys.executable, "-c", CODEC, mode, tar], cwd=REPO)
+            out = r.json()
+            table.series(title, anchor=None if title == anchor else anchor).add(out["seconds"])
+            table.series(f"{title}, CPU").add(out["cpu"])
+            table.series(f"{title}, output", unit="B").add(out["bytes"])
+    return table
+
+
 def du(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
@@ -72,6 +113,7 @@ def main(argv=None) -> int:
     ap.add_argument("--files", type=int, default=30_000)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--codecs-only", action="store_true", help="only the compressor table")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -82,10 +124,15 @@ def main(argv=None) -> int:
     layers = gen_stack.ensure_stack(os.path.join(args.workdir, f"stack-{args.layers}x{args.files}"),
                                     args.layers, args.files)
     subprocess.run(f"tar -cf - {' '.join(layers)} 2>/dev/null | cat > /dev/null", shell=True)
-    cases = [(ANCHOR, lambda out: run_shell("gzip -6 -n", layers, out))]
-    if shutil.which("pigz"):
+    if args.codecs_only:
+        cases = []
+    else:
+        cases = [(ANCHOR, lambda out: run_shell("gzip -6 -n", layers, out))]
+    if shutil.which("pigz") and not args.codecs_only:
         cases.append(("tar -cf - | pigz -6", lambda out: run_shell("pigz -6 -n", layers, out)))
-    cases += [(title, lambda out, m=mode: run_case(m, layers, out)) for mode, title in CASES.items()]
+    if not args.codecs_only:
+        cases += [(title, lambda out, m=mode: run_case(m, layers, out))
+                  for mode, title in CASES.items()]
     data = sum(os.path.getsize(os.path.join(d, f)) for layer in layers
                for d, _, fs in os.walk(layer) for f in fs
                if os.path.isfile(os.path.join(d, f)) and not os.path.islink(os.path.join(d, f)))
@@ -96,7 +143,7 @@ def main(argv=None) -> int:
     cpu = {name: table.series(f"{name}, CPU (user+sys)") for name, _ in cases}
     sizes = {}
     for rep in range(args.reps):
-        shift = rep % len(cases)
+        shift = rep % max(len(cases), 1)
         for name, fn in cases[shift:] + cases[:shift]:
             out = os.path.join(args.workdir, "out")
             shutil.rmtree(out, ignore_errors=True)
@@ -106,7 +153,14 @@ def main(argv=None) -> int:
                 cpu[name].add(r.cpu_seconds)
             sizes[name] = du(out)
             shutil.rmtree(out, ignore_errors=True)
-    print(table.render())
+    if cases:
+        print(table.render())
+    tar = os.path.join(args.workdir, "layer0.tar")
+    if not os.path.exists(tar):
+        export_layer = "from mergefs.oci import export_layer_tar; import sys; " \
+                       "export_layer_tar(sys.argv[1], sys.argv[2])"
+        subprocess.run([sys.executable, "-c", export_layer, layers[0], tar], check=True, cwd=REPO)
+    print(codec_table(tar, args.reps).render())
     for name, size in sizes.items():
         print(f"  output of {name}: {size / 1e6:.1f} MB")
     print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
