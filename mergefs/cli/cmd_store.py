@@ -30,12 +30,13 @@ def _existing_store(args):
     return _store(args)
 
 
-def _store(args):
-    from snapshotter.store import Store
-    store = Store(getattr(args, "root", None))
-    for line in store.reconciled:
+def _store(args, reconcile: bool = True):
+    """The ``Snapshotter`` at ``--root``; says on stderr what opening it reconciled."""
+    from snapshotter import Snapshotter
+    sn = Snapshotter(getattr(args, "root", None), reconcile=reconcile)
+    for line in sn.reconciled:
         print(f"mergefs: reconciled: {line}", file=sys.stderr)
-    return store
+    return sn
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -116,22 +117,12 @@ def when(t: float) -> str:
     return f"{int(age)} seconds ago"
 
 
-def row_dict(store, row) -> dict:
-    from snapshotter import meta
-    d = {k: getattr(row, k) for k in meta.COLUMNS}
-    d["parents"] = [p.id for p in meta.parents(store.db, row.id)]
-    d["names"] = meta.names_of(store.db, row.id)
-    d["refs"] = [h for (h,) in store.db.execute("SELECT holder FROM refs WHERE id=?", (row.id,))]
-    return d
-
-
 # -- merge / diff / explain (store forms) ----------------------------------------------
 def store_merge(args) -> int:
-    from snapshotter import service
     inputs = [refs.store_arg(r) for r in args.refs]
-    with _store(args) as store, progress.task(args, "building farm") as report:
-        res = service.merge(store, inputs, strategy=args.strategy, name=args.name,
-                            intent=args.intent, fmt=args.format, progress=report)
+    with _store(args) as sn, progress.task(args, "building farm") as report:
+        res = sn.merge(inputs, strategy=args.strategy, name=args.name, intent=args.intent,
+                       fmt=args.format, progress=report)
     if args.json:
         print(json.dumps({"id": res.row.id, "strategy": res.decision.strategy,
                           "reused": res.reused, "reasons": list(res.decision.reasons)}))
@@ -145,10 +136,8 @@ def store_merge(args) -> int:
 
 
 def store_diff(args) -> int:
-    from snapshotter import service
-    with _store(args) as store:
-        row = service.diff(store, _stack(args.lower), _stack(args.upper), name=args.name,
-                           fmt=args.format)
+    with _store(args) as sn:
+        row = sn.diff(_stack(args.lower), _stack(args.upper), name=args.name, fmt=args.format)
     print(json.dumps({"id": row.id}) if args.json else row.id)
     return 0
 
@@ -160,40 +149,38 @@ def _stack(arg: str) -> str:
 
 def store_explain(args) -> int:
     """explain REF PATH...: reads the store, never writes to it (a directory is no REF)."""
-    from snapshotter import service
+    from snapshotter.service import short
     from ..resolver import Resolver
     from .cmd_core import print_explanation
     ref, paths = refs.ref_only(args.args[0], "explain"), args.args[1:]
-    with _existing_store(args) as store:
-        row = service.resolve_ref(store, ref)
-        ids = service.flatten(store, row)
-        dirs = [str(store.fs_of(i)) for i in ids]
+    with _existing_store(args) as sn:
+        row = sn.resolve(ref, args.format)
+        ids = sn.layers(row)
+        dirs = [sn.layer_dir(i) for i in ids]
         missing = [i for i, d in zip(ids, dirs) if not os.path.isdir(d)]
         if missing:        # a farm whose inputs were pruned: it explains itself
-            ids, dirs = [row.id], [str(store.fs_of(row.id))]
-            print(f"mergefs: note: inputs of {service.short(row.id)} were pruned; explaining "
+            ids, dirs = [row.id], [sn.layer_dir(row.id)]
+            print(f"mergefs: note: inputs of {short(row.id)} were pruned; explaining "
                   "the farm as one layer", file=sys.stderr)
     with Resolver(dirs) as r:
         for path in paths:
             p = os.fsencode(path).strip(b"/")
-            print_explanation(p, r.explain(p), [service.short(i) for i in ids], as_json=args.json)
+            print_explanation(p, r.explain(p), [short(i) for i in ids], as_json=args.json)
     return 0
 
 
 # -- store verbs ------------------------------------------------------------------
 def cmd_import(args) -> int:
-    from snapshotter.oci_import import import_source
+    from .. import oci
     from ..errors import NotFound
     if not os.path.lexists(args.src):
         raise NotFound(f"{args.src!r} does not exist")
-    from .. import oci
     unit = "entries" if oci.detect_source(args.src) == "layer-dir" else "bytes"
-    with _store(args) as store:
+    with _store(args) as sn:
         with progress.task(args, "importing", unit) as report:
-            res = import_source(store, args.src, fmt=args.format, name=args.name,
-                                progress=report)
-        out = {"layers": [row_dict(store, r) for r in res.layers],
-               "image": row_dict(store, res.image) if res.image else None} if args.json else None
+            res = sn.import_(args.src, fmt=args.format, name=args.name, progress=report)
+        out = {"layers": [sn.describe(r) for r in res.layers],
+               "image": sn.describe(res.image) if res.image else None} if args.json else None
     if args.json:
         print(json.dumps(out))
     else:
@@ -203,30 +190,29 @@ def cmd_import(args) -> int:
 
 
 def cmd_commit(args) -> int:
-    from snapshotter import service
-    with _store(args) as store:
-        row = service.commit(store, refs.store_arg(args.upper, "UPPERDIR|KEY"),
-                             parent=args.parent and refs.store_arg(args.parent, "--parent"),
-                             name=args.name)
+    with _store(args) as sn:
+        row = sn.commit_upper(refs.store_arg(args.upper, "UPPERDIR|KEY"),
+                              parent=args.parent and refs.store_arg(args.parent, "--parent"),
+                              name=args.name)
     print(json.dumps({"id": row.id}) if args.json else row.id)
     return 0
 
 
 def cmd_release(args) -> int:
-    from snapshotter import service
-    with _store(args) as store:
+    with _store(args) as sn:
         for ref in args.refs:
-            print(service.release(store, refs.ref_only(ref, "release")).id)
+            print(sn.release(refs.ref_only(ref, "release")).id)
     return 0
 
 
 def cmd_prune(args) -> int:
-    from snapshotter.gc import parse_duration, parse_size, prune
-    with _store(args) as store:
-        rep = prune(store, all_named=args.all,
-                    keep_duration=parse_duration(args.keep_duration) if args.keep_duration else None,
-                    keep_storage=parse_size(args.keep_storage) if args.keep_storage else None,
-                    dry_run=args.dry_run)
+    from snapshotter.gc import parse_duration, parse_size
+    with _store(args) as sn:
+        rep = sn.prune(all_named=args.all,
+                       keep_duration=parse_duration(args.keep_duration) if args.keep_duration
+                       else None,
+                       keep_storage=parse_size(args.keep_storage) if args.keep_storage else None,
+                       dry_run=args.dry_run)
     if args.json:
         print(json.dumps({"deleted": rep.deleted, "freed": rep.freed, "dry_run": rep.dry_run}))
         return 0
@@ -239,9 +225,8 @@ def cmd_prune(args) -> int:
 
 
 def cmd_du(args) -> int:
-    from snapshotter.usage import measure
-    with _store(args) as store:
-        u = measure(store)
+    with _store(args) as sn:
+        u = sn.du()
     recs = sorted(u.snapshots, key=lambda s: (-s.size, s.row.id))
     if args.json:
         print(json.dumps({"snapshots": [_du_dict(s) for s in recs], "total": u.total,
@@ -282,10 +267,8 @@ def _du_dict(s) -> dict:
 
 
 def cmd_ls(args) -> int:
-    from snapshotter import meta
-    with _store(args) as store:
-        rows = sorted(meta.all_rows(store.db, state=None), key=lambda r: r.created)
-        dicts = [row_dict(store, r) for r in rows if r.state != "deleting"]
+    with _store(args) as sn:
+        dicts = sn.ls()
     if args.json:
         print(json.dumps(dicts))
         return 0
@@ -298,16 +281,9 @@ def cmd_ls(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from snapshotter import service
     ref = refs.ref_only(args.ref, "inspect")
-    with _existing_store(args) as store:
-        row = store.resolve(ref)      # also a corrupt one: inspecting it is the point
-        d = row_dict(store, row)
-        d["dependents"] = [c for (c,) in store.db.execute(
-            "SELECT DISTINCT child FROM parents WHERE parent=?", (row.id,))]
-        d["path"] = str(store.dir_of(row.id))
-        if row.kind != "view" and row.kind != "active":
-            d["layers"] = service.flatten(store, row)
+    with _existing_store(args) as sn:
+        d = sn.inspect(ref)                # also a corrupt one: inspecting it is the point
     if args.json:
         print(json.dumps(d))
     else:
@@ -317,10 +293,8 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_fsck(args) -> int:
-    from snapshotter.fsck import fsck
-    from snapshotter.store import Store
-    with Store(args.root, reconcile=False) as store:
-        findings = fsck(store, repair=args.repair, verify_content=not args.fast)
+    with _store(args, reconcile=False) as sn:
+        findings = sn.fsck(repair=args.repair, verify_content=not args.fast)
     errors = [f for f in findings if f.severity == "error" and not f.repaired]
     if args.json:
         print(json.dumps({"clean": not errors, "findings": [vars(f) for f in findings]}))
@@ -333,13 +307,12 @@ def cmd_fsck(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from snapshotter import exporter
     from ..errors import InvalidLayer
     if args.compression and args.format == "dir":
         raise InvalidLayer("--compression is for --format tar or oci")
     compression = {None: "auto", "none": None}.get(args.compression, args.compression)
     ref = refs.ref_only(args.ref, "export")
-    with _existing_store(args) as store, progress.task(args, "exporting", "bytes") as report:
-        exporter.export(store, ref, args.output, args.format, compression, report)
+    with _existing_store(args) as sn, progress.task(args, "exporting", "bytes") as report:
+        sn.export(ref, args.output, args.format, compression, report)
     print(args.output)
     return 0

@@ -19,14 +19,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..errors import MergefsError
+from ..errors import UsageError
 
 DIR_PREFIX = "dir:"
 _DIR_STARTS = ("/", "./", "../")
-
-
-class UsageError(MergefsError, ValueError):
-    """A command line that could mean two things, or nothing: exit code 2."""
 
 
 @dataclass(frozen=True)
