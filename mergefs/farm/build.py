@@ -87,7 +87,9 @@ def build_farm(layers: Sequence[Layer | str | os.PathLike], out: str | os.PathLi
 
     def build(fd: int) -> FarmStats:
         if workers is not None and workers <= 1:
-            return Applier(layers, fd).run(_counted(plan_merge(layers), progress))
+            records = plan_merge(layers)
+            return Applier(layers, fd).run(records if progress is None
+                                           else _counted(records, progress))
         mode = pick_parallel(layers, fd, parallel)
         n = DEFAULT_WORKERS[mode] if workers is None else workers
         if mode == "process":
@@ -105,9 +107,6 @@ def build_farm(layers: Sequence[Layer | str | os.PathLike], out: str | os.PathLi
 
 def _counted(records, progress, every: int = 1024):
     """``records`` unchanged; ``progress(n)`` after every ``every`` of them."""
-    if progress is None:
-        yield from records
-        return
     n = 0
     for n, rec in enumerate(records, 1):
         yield rec
