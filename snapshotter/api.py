@@ -245,10 +245,15 @@ class Snapshotter:
         flat = service.flatten(store, store.get(ps[0].id)) if ps else []
         named = meta.name_row(store.db, key)
         parent_name = named.parent if named else None
-        layer = service.commit_dir(store, str(store.dir_of(row.id) / "upper"), flat, key,
-                                   holder=holder)
-        service.merge(store, flat + [layer.id], strategy="union", name=name, holder=holder,
-                      naming=Naming(parent_name, _label_items(labels)))
+        tmp = store.temporary_holder()     # holds the new layer until the name does
+        try:
+            layer = service.commit_dir(store, str(store.dir_of(row.id) / "upper"), flat, key,
+                                       holder=tmp)
+            service.merge(store, flat + [layer.id], strategy="union", name=name, holder=holder,
+                          naming=Naming(parent_name, _label_items(labels)))
+        finally:
+            with meta.write(store.db):
+                meta.drop_holder(store.db, tmp)
         self.remove(key)
         return self.stat(name)
 
