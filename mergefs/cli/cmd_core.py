@@ -11,7 +11,7 @@ import os
 import sys
 
 from ..layer import FORMATS, Layer
-from . import progress, refs
+from . import output, progress, refs
 from .refs import UsageError
 
 EXPLAIN_USAGE = ("mergefs explain REF PATH...  (a store ref first, then paths in its merged "
@@ -125,33 +125,12 @@ def cmd_explain(args) -> int:
         refs.classify(first, "REF")        # 'a/b' is a usage error too
         from .cmd_store import store_explain
         return store_explain(args)
+    from ..explain import explain
     from ..resolver import Resolver
     dirs = [os.path.abspath(d[len(refs.DIR_PREFIX):] if d.startswith(refs.DIR_PREFIX) else d)
             for d in args.layers]
     with Resolver([Layer(d, args.format) for d in dirs]) as r:
         for path in args.args:
             p = os.fsencode(path).strip(b"/")
-            print_explanation(p, r.explain(p), dirs, as_json=args.json)
+            output.print_explanation(p, explain(r, p), dirs, as_json=args.json)
     return 0
-
-
-def print_explanation(path: bytes, rows, layer_names: list[str], as_json: bool) -> None:
-    """Shared by the directory and store forms of explain."""
-    shown = "/" + os.fsdecode(path)
-    supplier = next((r for r in rows if r.status == "supplies"), None)
-    if as_json:
-        print(json.dumps({"path": shown,
-                          "supplied_by": None if supplier is None else supplier.layer,
-                          "layers": [{"layer": r.layer, "source": layer_names[r.layer],
-                                      "holds": r.kind, "status": r.status, "reason": r.reason}
-                                     for r in rows]}))
-        return
-    if supplier is None:
-        print(f"{shown}: not in the merged view")
-    else:
-        print(f"{shown}: {supplier.kind} from layer {supplier.layer} ({layer_names[supplier.layer]})")
-    for r in rows:
-        if r.status == "absent" and r.kind == "nothing":
-            continue
-        tail = f": {r.reason}" if r.reason else ""
-        print(f"  layer {r.layer:<3} {r.kind:<10} {r.status}{tail}  ({layer_names[r.layer]})")
