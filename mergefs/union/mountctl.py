@@ -24,12 +24,12 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import threading
 
 import pyfuse3
 import trio
 
+from .. import syscalls
 from ..errors import AlreadyExists, FailedPrecondition, MergefsError, MountError, NotFound
 from ..mountspec import MountSpec
 from .views import ViewFS
@@ -252,24 +252,26 @@ def serve_views(mountpoint: str, control: str, allow_other: bool = True, ready=N
 # -- binds ---------------------------------------------------------------------------
 def bind(view_path: str, target: str, suid_dev: bool = True, readonly: bool = False) -> None:
     """Bind ``view_path`` at ``target``; libfuse mounts nosuid,nodev, so a container
-    image that needs setuid binaries or device nodes gets them back on the bind."""
-    _mount(["--bind", view_path, target])
-    flags = ["remount", "bind"] + (["suid", "dev"] if suid_dev else []) + (["ro"] if readonly else [])
-    if suid_dev or readonly:
-        try:
-            _mount(["-o", ",".join(flags), target])
-        except MountError:
-            unbind(target)
-            raise
+    image that needs setuid binaries or device nodes gets them back on the bind
+    (``suid_dev``); ``readonly`` makes the kernel refuse writes (EROFS) itself."""
+    try:
+        syscalls.mount(view_path, target, syscalls.MS_BIND)
+    except OSError as exc:
+        raise MountError(f"cannot bind {view_path} at {target}: {exc.strerror}") from None
+    flags = syscalls.MS_REMOUNT | syscalls.MS_BIND
+    if not suid_dev:
+        flags |= syscalls.MS_NOSUID | syscalls.MS_NODEV
+    if readonly:
+        flags |= syscalls.MS_RDONLY
+    try:
+        syscalls.mount(None, target, flags)
+    except OSError as exc:
+        unbind(target)
+        raise MountError(f"cannot set the flags of the bind at {target}: {exc.strerror}") from None
 
 
 def unbind(target: str) -> None:
-    r = subprocess.run(["umount", target], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise MountError(f"cannot unmount {target}: {r.stderr.strip()}")
-
-
-def _mount(args: list[str]) -> None:
-    r = subprocess.run(["mount", *args], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise MountError(f"mount {' '.join(args)}: {r.stderr.strip()}")
+    try:
+        syscalls.umount(target)
+    except OSError as exc:
+        raise MountError(f"cannot unmount {target}: {exc.strerror}") from None

@@ -137,12 +137,20 @@ def test_one_inode_and_one_page_cache_copy_for_a_lower_file(tmp_path, views):
     assert os.stat(a / "data").st_ino != os.stat(b / "data").st_ino   # directories are per view
 
 
+def _mount_flags(target: Path) -> set[str]:
+    with open("/proc/self/mountinfo") as f:
+        rows = [line.split() for line in f]
+    return set(next(r for r in reversed(rows) if r[4] == str(target))[5].split(","))
+
+
 def test_remove_a_view_while_another_views_bind_stays(tmp_path, views):
     layers = materialise_stack(sample_stack(), tmp_path / "layers", "overlay")
     a = views.add("a", layers, *writable(tmp_path, "a"))
     b = views.add("b", layers, *writable(tmp_path, "b"))
     ta = views.bind(a, tmp_path / "bind-a")
     tb = views.bind(b, tmp_path / "bind-b")
+    assert _mount_flags(views.mnt) >= {"nosuid", "nodev"}       # libfuse's defaults
+    assert not _mount_flags(tb) & {"nosuid", "nodev"}           # the bind allows both
     (tb / "proc").mkdir()
     inner = tb / "proc"
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(inner)], check=True)
