@@ -38,18 +38,19 @@ import logging
 import os
 import stat
 import time
-from dataclasses import dataclass, field
 
 import pyfuse3
 from pyfuse3 import FUSEError
 
 from ..errors import AlreadyExists, FailedPrecondition, NotFound
-from ..layer import DIR
+from .. import syscalls
+from ..layer import DIR, is_overlay_private
+from ..resolver import join
 from ..mountspec import MountSpec
 from .errors import fuse_errors
-from .inodes import ROOT_INODE
+from .inodes import ROOT_INODE, Inode
 from .ops import WRITE_FLAGS, UnionOperations, entry_attributes
-from .server import build_view
+from .lowercache import LowerCache, shared_view
 
 log = logging.getLogger("mergefs.union")
 ENTRY_FIELDS = ("generation", "entry_timeout", "attr_timeout", "st_mode", "st_nlink", "st_uid",
@@ -60,9 +61,11 @@ ENTRY_FIELDS = ("generation", "entry_timeout", "attr_timeout", "st_mode", "st_nl
 class View:
     """One view: its spec, its union, and its local -> private gid map."""
 
-    def __init__(self, vid: int, name: str, spec: MountSpec, fmt: str, root_gid: int):
+    def __init__(self, vid: int, name: str, spec: MountSpec, fmt: str, root_gid: int,
+                 cache: LowerCache):
         self.vid, self.name, self.spec, self.root_gid = vid, name, spec, root_gid
-        self.uv = build_view(spec, fmt)
+        self.cache = cache
+        self.uv = shared_view(spec, fmt, cache)
         self.ops = UnionOperations(self.uv, no_open=False)
         self.up = self.uv.up if self.uv.writable else None
         self.private: dict[int, int] = {ROOT_INODE: root_gid}
@@ -82,11 +85,20 @@ class View:
         self.uv.close()
 
 
-@dataclass
 class Shared:
-    """A lower file shown unchanged by views: members (vid, local) -> lookups given."""
-    key: tuple[int, int]
-    members: dict = field(default_factory=dict)
+    """A lower file shown unchanged by views, under one gid.
+
+    Views keep nothing per shared file: the gid's ``source`` is an ``Inode``
+    outside any inode table (its parent chain names the path) in the view that
+    first showed it; ``count`` is the kernel's lookup count for the gid.
+    """
+    __slots__ = ("key", "view", "inode", "entry", "count", "writable")
+
+    def __init__(self, key, view: "View", inode: Inode):
+        self.key, self.view, self.inode = key, view, inode
+        self.entry = None
+        self.count = 0
+        self.writable = False
 
 
 def copy_entry(e: pyfuse3.EntryAttributes, gid: int) -> pyfuse3.EntryAttributes:
@@ -112,11 +124,13 @@ class ViewFS(pyfuse3.Operations):
         self._shared: dict[tuple[int, int], int] = {}
         self._private_keys: set[tuple[int, int]] = set()
         self._handles: dict[int, tuple[View | None, int]] = {}
+        self._direct: dict[int, int] = {}             # fh -> fd: shared files open for reading
         self._next_gid = ROOT_INODE + 1
         self._next_fh = 1
         self._next_vid = 1
         self.root_mtime_ns = time.time_ns()
         self._root_listings: dict[int, list[str]] = {}
+        self._caches: dict[tuple, LowerCache] = {}         # per lower stack
 
     # -- the control API (trio thread) ---------------------------------------
     def add_view(self, name: str, spec: MountSpec) -> str:
@@ -126,7 +140,10 @@ class ViewFS(pyfuse3.Operations):
         if name in self.views or name in self.retired:
             raise AlreadyExists(f"view {name!r} exists or existed in this mount")
         gid = self._new_gid()
-        view = View(self._next_vid, name, spec, self.fmt, gid)
+        key = (tuple(os.path.realpath(p) for p in spec.lowers), self.fmt)
+        cache = self._caches.setdefault(key, LowerCache())
+        view = View(self._next_vid, name, spec, self.fmt, gid, cache)
+        cache.users += 1
         self._next_vid += 1
         self._targets[gid] = (view, ROOT_INODE)
         self.views[name] = view
@@ -184,6 +201,9 @@ class ViewFS(pyfuse3.Operations):
     def _close_view(self, view: View) -> None:
         self.by_vid.pop(view.vid, None)
         view.close()
+        view.cache.users -= 1
+        if view.cache.users == 0:
+            self._caches = {k: c for k, c in self._caches.items() if c is not view.cache}
 
     def close(self) -> None:
         for view in list(self.by_vid.values()):
@@ -197,53 +217,77 @@ class ViewFS(pyfuse3.Operations):
         self._next_gid += 1
         return gid
 
-    def _gid(self, view: View, number: int, node, st: os.stat_result, count: int) -> int:
-        """The gid for a view's local inode; ``count`` lookups handed to the kernel."""
-        if view.shows_lower(node):
-            key = (st.st_dev, st.st_ino)
-            if not (view.writable and key in self._private_keys):
-                gid = self._shared.get(key)
-                if gid is None:
-                    gid = self._shared[key] = self._new_gid()
-                    self._targets[gid] = Shared(key)
-                if count:
-                    members = self._targets[gid].members
-                    members[(view.vid, number)] = members.get((view.vid, number), 0) + count
-                return gid
+    def _gid(self, view: View, number: int) -> int:
+        """The private gid of a view's local inode (directories, changed entries)."""
         gid = view.private.get(number)
         if gid is None:
             gid = view.private[number] = self._new_gid()
             self._targets[gid] = (view, number)
         return gid
 
+    def _shareable(self, view: View, node, st) -> bool:
+        return view.shows_lower(node) and not (
+            view.writable and (st.st_dev, st.st_ino) in self._private_keys)
+
+    def _lower_stat(self, view: View, parent: Inode, name: bytes, node) -> os.stat_result:
+        st = view.cache.stats.get((node.top, node.inos[0]))
+        if st is None:
+            st = view.cache.stat_for(node, view.uv.resolver.lstat_in(node.top,
+                                                                     join(parent.path, name)))
+        return st
+
+    def _share(self, view: View, parent: Inode, name: bytes, node, st, count: int) -> int:
+        key = (st.st_dev, st.st_ino)
+        gid = self._shared.get(key)
+        if gid is None:
+            gid = self._shared[key] = self._new_gid()
+            inode = Inode(0, parent, name, node)
+            inode.attr = st
+            self._targets[gid] = Shared(key, view, inode)
+        sh = self._targets[gid]
+        sh.count += count
+        sh.writable = sh.writable or view.writable
+        return gid
+
+    def _shared_entry(self, gid: int, sh: Shared) -> pyfuse3.EntryAttributes:
+        if sh.entry is None:
+            sh.entry = entry_attributes(gid, sh.inode.attr, False, sh.view.ops.timeouts)
+        return sh.entry
+
+    def _source(self, sh: Shared) -> tuple[View, Inode]:
+        """The view and inode that serve a shared gid; found again if its view is gone."""
+        if sh.view.vid in self.by_vid:
+            return sh.view, sh.inode
+        path = sh.inode.path
+        for view in self.views.values():
+            if view.cache is sh.view.cache:
+                inode = self._walk(view, path)
+                if inode is not None and inode.node == sh.inode.node:
+                    sh.view, sh.inode = view, inode
+                    return view, inode
+        raise FUSEError(errno.ESTALE)
+
+    @staticmethod
+    def _walk(view: View, path: bytes) -> Inode | None:
+        cur = view.uv.inodes.root
+        for name in path.split(b"/"):
+            node = view.uv.listing(cur).get(name)
+            if node is None:
+                return None
+            cur = Inode(0, cur, name, node)
+        return cur
+
     def _out(self, view: View, e: pyfuse3.EntryAttributes, count: int) -> pyfuse3.EntryAttributes:
         if e.st_ino == 0:
             return e
-        inode = view.uv.inodes.get(e.st_ino)
-        return copy_entry(e, self._gid(view, inode.number, inode.node, view.uv.attr(inode), count))
+        return copy_entry(e, self._gid(view, e.st_ino))
 
     def _local(self, gid: int) -> tuple[View, int]:
+        """The view and local number of a private gid (ESTALE if it is gone)."""
         t = self._targets.get(gid)
-        if t is None:
+        if t is None or isinstance(t, Shared):
             raise FUSEError(errno.ESTALE)
-        if isinstance(t, Shared):
-            return self._member(t)
         return t
-
-    def _member(self, sh: Shared) -> tuple[View, int]:
-        """A view that can serve a shared gid: one still showing the lower file first."""
-        fallback = None
-        for vid, number in sh.members:
-            view = self.by_vid.get(vid)
-            inode = view.uv.inodes.live(number) if view is not None else None
-            if inode is None or inode.unlinked:
-                continue
-            if view.shows_lower(inode.node):
-                return view, number
-            fallback = fallback or (view, number)
-        if fallback is None:
-            raise FUSEError(errno.ESTALE)
-        return fallback
 
     def _dir(self, gid: int) -> tuple[View, int]:
         if gid == pyfuse3.ROOT_INODE:
@@ -257,8 +301,7 @@ class ViewFS(pyfuse3.Operations):
         """The target of a change; a shared gid is made private first (ESTALE, retried)."""
         t = self._targets.get(gid)
         if isinstance(t, Shared):
-            views = [self.by_vid.get(vid) for vid, _ in t.members]
-            if not any(v is not None and v.writable for v in views):
+            if not t.writable:
                 raise FUSEError(errno.EROFS)
             self._private_keys.add(t.key)
             raise FUSEError(errno.ESTALE)
@@ -308,6 +351,13 @@ class ViewFS(pyfuse3.Operations):
                 return e
             return await self._view_root_entry(view, ctx)
         view, local = self._dir(parent_inode)
+        parent = view.uv.inodes.get(local)
+        node = view.uv.listing(parent).get(name)
+        if node is not None and view.shows_lower(node):
+            st = self._lower_stat(view, parent, name, node)
+            if self._shareable(view, node, st):
+                gid = self._share(view, parent, name, node, st, 1)
+                return self._shared_entry(gid, self._targets[gid])
         return self._out(view, await view.ops.lookup(local, name, ctx), 1)
 
     @fuse_errors
@@ -315,30 +365,21 @@ class ViewFS(pyfuse3.Operations):
         for gid, count in inode_list:
             t = self._targets.get(gid)
             if isinstance(t, Shared):
-                self._forget_shared(gid, t, count)
+                t.count -= count
+                if t.count <= 0:
+                    del self._targets[gid]
+                    self._shared.pop(t.key, None)
             elif t is not None:
                 view, local = t
                 view.uv.inodes.forget(local, count)
-
-    def _forget_shared(self, gid: int, sh: Shared, count: int) -> None:
-        while count > 0 and sh.members:
-            member = max(sh.members, key=sh.members.get)
-            n = min(count, sh.members[member])
-            view = self.by_vid.get(member[0])
-            if view is not None:
-                view.uv.inodes.forget(member[1], n)
-            count -= n
-            sh.members[member] -= n
-            if sh.members[member] <= 0:
-                del sh.members[member]
-        if not sh.members:
-            del self._targets[gid]
-            self._shared.pop(sh.key, None)
 
     @fuse_errors
     async def getattr(self, inode, ctx=None):
         if inode == pyfuse3.ROOT_INODE:
             return self._root_attr()
+        t = self._targets.get(inode)
+        if isinstance(t, Shared):
+            return self._shared_entry(inode, t)
         view, local = self._local(inode)
         e = copy_entry(await view.ops.getattr(local, ctx), inode)
         if local == ROOT_INODE:
@@ -347,6 +388,10 @@ class ViewFS(pyfuse3.Operations):
 
     @fuse_errors
     async def readlink(self, inode, ctx=None):
+        t = self._targets.get(inode)
+        if isinstance(t, Shared):
+            view, src = self._source(t)
+            return view.uv.readlink(src)
         view, local = self._local(inode)
         return await view.ops.readlink(local, ctx)
 
@@ -367,23 +412,56 @@ class ViewFS(pyfuse3.Operations):
             await self._readdir_root(fh, start_id, token)
             return
         h = view.ops.handles[local_fh]
-        parent = h.inode
-        entries = view.uv.entries(parent, h.entries[start_id:])
-        inodes = view.uv.inodes
+        parent, current = h.inode, h.inode.children
+        inodes, fds, path = view.uv.inodes, {}, h.inode.path
         try:
-            for i, (name, node, number, st, attrs) in enumerate(entries, start_id + 1):
-                gid = self._gid(view, number, node, st, 0)
-                if attrs is None:
-                    merged = node.kind == DIR and len(node.layers) > 1
-                    attrs = entry_attributes(number, st, merged, view.ops.timeouts)
-                if not pyfuse3.readdir_reply(token, name, copy_entry(attrs, gid), i):
+            for i, (name, node) in enumerate(h.entries[start_id:], start_id + 1):
+                if current is not None and current.get(name) != node:
+                    node = current.get(name)          # changed since opendir
+                    if node is None:
+                        continue
+                st = self._entry_stat(view, node, name, path, fds)
+                if st is None:
+                    continue
+                if view.shows_lower(node) and self._shareable(view, node, st):
+                    gid = self._share(view, parent, name, node, st, 0)
+                    if not pyfuse3.readdir_reply(token, name,
+                                                 self._shared_entry(gid, self._targets[gid]), i):
+                        break
+                    self._targets[gid].count += 1         # readdirplus counts as a lookup
+                    continue
+                number = inodes.number_for(node)
+                live = inodes.live(number)
+                if live is not None and live.attr is not None and not live.unlinked:
+                    st = live.attr
+                merged = node.kind == DIR and len(node.layers) > 1
+                attrs = entry_attributes(self._gid(view, number), st, merged,
+                                         view.ops.timeouts)
+                if not pyfuse3.readdir_reply(token, name, attrs, i):
                     break
-                child = inodes.entry_of(parent, name, node, number)   # readdirplus counts
+                child = inodes.entry_of(parent, name, node, number)
                 if child.attr is None:
                     child.attr = st
-                self._gid(view, number, node, st, 1)
         finally:
-            entries.close()
+            for fd in fds.values():
+                os.close(fd)
+
+    @staticmethod
+    def _entry_stat(view: View, node, name: bytes, path: bytes, fds: dict):
+        """The lstat of a listing entry: the stack's shared one for a lower entry."""
+        lower = node.top != view.up
+        if lower:
+            st = view.cache.stats.get((node.top, node.inos[0]))
+            if st is not None:
+                return st
+        fd = fds.get(node.top)
+        if fd is None:
+            fd = fds[node.top] = syscalls.open_beneath(view.uv.layers[node.top].fd, path)
+        try:
+            st = syscalls.lstat(name, fd)
+        except FileNotFoundError:
+            return None
+        return view.cache.stat_for(node, st) if lower else st
 
     async def _readdir_root(self, fh, start_id, token):
         names = self._root_listings[fh]
@@ -414,12 +492,22 @@ class ViewFS(pyfuse3.Operations):
         if flags & WRITE_FLAGS:
             view, local = self._writable_target(inode)
         else:
+            t = self._targets.get(inode)
+            if isinstance(t, Shared):       # read straight from the lower file
+                view, src = self._source(t)
+                fh = self._next_fh
+                self._next_fh += 1
+                self._direct[fh] = view.uv.open_content(src)
+                return pyfuse3.FileInfo(fh=fh, keep_cache=True)
             view, local = self._local(inode)
         fi = await view.ops.open(local, flags, ctx)
         return pyfuse3.FileInfo(fh=self._add_handle(view, fi.fh), keep_cache=fi.keep_cache)
 
     @fuse_errors
     async def read(self, fh, off, size):
+        fd = self._direct.get(fh)
+        if fd is not None:
+            return os.pread(fd, size, off)
         view, local = self._handles[fh]
         return await view.ops.read(local, off, size)
 
@@ -439,6 +527,10 @@ class ViewFS(pyfuse3.Operations):
 
     @fuse_errors
     async def release(self, fh):
+        fd = self._direct.pop(fh, None)
+        if fd is not None:
+            os.close(fd)
+            return
         view, local = self._drop_handle(fh)
         await view.ops.release(local)
         self._after_release(view)
@@ -448,6 +540,10 @@ class ViewFS(pyfuse3.Operations):
     async def listxattr(self, inode, ctx=None):
         if inode == pyfuse3.ROOT_INODE:
             return []
+        t = self._targets.get(inode)
+        if isinstance(t, Shared):
+            view, src = self._source(t)
+            return view.uv.xattr_names(src)
         view, local = self._local(inode)
         return await view.ops.listxattr(local, ctx)
 
@@ -455,6 +551,15 @@ class ViewFS(pyfuse3.Operations):
     async def getxattr(self, inode, name, ctx=None):
         if inode == pyfuse3.ROOT_INODE:
             raise FUSEError(pyfuse3.ENOATTR)
+        t = self._targets.get(inode)
+        if isinstance(t, Shared):
+            if is_overlay_private(os.fsdecode(name)):
+                raise FUSEError(errno.EOPNOTSUPP)     # as UnionOperations
+            view, src = self._source(t)
+            value = view.uv.getxattr(src, name)
+            if value is None:
+                raise FUSEError(pyfuse3.ENOATTR)
+            return value
         view, local = self._local(inode)
         return await view.ops.getxattr(local, name, ctx)
 
