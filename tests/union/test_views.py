@@ -147,6 +147,8 @@ def test_remove_a_view_while_another_views_bind_stays(tmp_path, views):
     layers = materialise_stack(sample_stack(), tmp_path / "layers", "overlay")
     a = views.add("a", layers, *writable(tmp_path, "a"))
     b = views.add("b", layers, *writable(tmp_path, "b"))
+    first = os.stat(a / "etc/passwd").st_ino        # a is the first view to show the file
+    assert os.stat(b / "etc/passwd").st_ino == first   # b's dentry keeps the inode known
     ta = views.bind(a, tmp_path / "bind-a")
     tb = views.bind(b, tmp_path / "bind-b")
     assert _mount_flags(views.mnt) >= {"nosuid", "nodev"}       # libfuse's defaults
@@ -163,7 +165,8 @@ def test_remove_a_view_while_another_views_bind_stays(tmp_path, views):
     assert sorted(os.listdir(views.mnt)) == ["b"]
     # b, its bind and the mount inside it are untouched
     assert (inner / "marker").read_text() == "m"
-    assert (tb / "etc/passwd").read_bytes() == b"root:x:0:0:new\n"
+    assert (tb / "etc/passwd").read_bytes() == b"root:x:0:0:new\n"   # served through b now
+    assert os.stat(tb / "etc/passwd").st_ino == first
     assert mounts.is_mounted(inner) and mounts.is_mounted(tb)
     with pytest.raises(AlreadyExists):
         views.add("a", layers)                     # a name is never reused for another view
@@ -181,8 +184,9 @@ def test_control_socket_rejects_bad_input(tmp_path, views):
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(views.control)
         s.sendall(b"\x00garbage\n{\"op\": \"add\"}\n")
-        reply = s.makefile().readline() + s.makefile().readline()
-    assert '"ok": false' in reply
+        f = s.makefile()
+        replies = [f.readline(), f.readline()]
+    assert all('"ok": false' in r and '"invalid"' in r for r in replies), replies
     with pytest.raises(ValueError):
         views.call(op="add", name="../x", spec={"lowers": [str(tmp_path)]})
     with pytest.raises(ValueError):
