@@ -56,7 +56,7 @@ from .errors import fuse_errors
 from .inodes import ROOT_INODE, Inode
 from .lowercache import LowerCache
 from .ops import WRITE_FLAGS, entry_attributes
-from .viewstate import Shared, View, copy_entry, mounts_using
+from .viewstate import Shared, View, copy_entry, detached, mounts_using
 
 log = logging.getLogger("mergefs.union")
 class ViewFS(pyfuse3.Operations):
@@ -175,9 +175,7 @@ class ViewFS(pyfuse3.Operations):
         gid = self._shared.get(key)
         if gid is None:
             gid = self._shared[key] = self._new_gid()
-            inode = Inode(0, parent, name, node)
-            inode.attr = st
-            self._targets[gid] = Shared(key, view, inode)
+            self._targets[gid] = Shared(key, view, detached(join(parent.path, name), node, st))
         sh = self._targets[gid]
         sh.count += count
         sh.writable = sh.writable or view.writable
@@ -197,8 +195,8 @@ class ViewFS(pyfuse3.Operations):
             if view.cache is sh.view.cache:
                 inode = self._walk(view, path)
                 if inode is not None and inode.node == sh.inode.node:
-                    sh.view, sh.inode = view, inode
-                    return view, inode
+                    sh.view = view
+                    return view, sh.inode
         raise FUSEError(errno.ESTALE)
 
     @staticmethod

@@ -47,9 +47,10 @@ class View:
 class Shared:
     """A lower file shown unchanged by views, under one gid.
 
-    Views keep nothing per shared file: the gid's ``source`` is an ``Inode``
-    outside any inode table (its parent chain names the path) in the view that
-    first showed it; ``count`` is the kernel's lookup count for the gid.
+    Views keep nothing per shared file: the gid is served by ``view`` (the first
+    that showed it, another of the same lowers once that one is gone) from
+    ``inode``, detached from every table (it names the file's path in its lower
+    layer); ``count`` is the kernel's lookup count for the gid.
     """
     __slots__ = ("key", "view", "inode", "entry", "count", "writable")
 
@@ -58,6 +59,17 @@ class Shared:
         self.entry = None
         self.count = 0
         self.writable = False
+
+
+_DETACHED_ROOT = Inode(ROOT_INODE, None, b"", None)
+
+
+def detached(path: bytes, node, st) -> Inode:
+    """An inode outside every table naming ``path`` in the layer ``node.top``: the
+    source of a shared gid, untouched by renames in the view that first showed it."""
+    inode = Inode(0, _DETACHED_ROOT, path, node)
+    inode.attr = st
+    return inode
 
 
 def copy_entry(e: pyfuse3.EntryAttributes, gid: int) -> pyfuse3.EntryAttributes:

@@ -192,3 +192,16 @@ def test_control_socket_rejects_bad_input(tmp_path, views):
     with pytest.raises(ValueError):
         views.call(op="frobnicate")
     assert views.call(op="list")["views"] == []
+
+
+def test_a_rename_in_the_first_view_does_not_move_the_shared_file(tmp_path, views):
+    layers = materialise_stack(sample_stack(), tmp_path / "layers", "overlay")
+    a = views.add("a", layers, *writable(tmp_path, "a"))
+    b = views.add("b", layers)
+    ino = os.stat(a / "x/attr").st_ino                # a shows it first: the gid's source
+    assert os.stat(b / "x/attr").st_ino == ino
+    os.rename(a / "x", a / "y")                       # a merged dir: copied, then whited out
+    assert (a / "y/attr").read_bytes() == b"x"
+    assert (b / "x/attr").read_bytes() == b"x"
+    assert os.getxattr(b / "x/attr", "user.mergefs") == b"yes"
+    assert not (a / "x").exists()
