@@ -205,3 +205,47 @@ def test_a_rename_in_the_first_view_does_not_move_the_shared_file(tmp_path, view
     assert (b / "x/attr").read_bytes() == b"x"
     assert os.getxattr(b / "x/attr", "user.mergefs") == b"yes"
     assert not (a / "x").exists()
+
+
+VIEWMOUNT_SCRIPT = r'''
+import os, sys, threading
+from mergefs.mountspec import MountSpec
+from mergefs.union.mountctl import ViewMount
+mnt, lowers = sys.argv[1], tuple(sys.argv[2:])
+with ViewMount(mnt, allow_other=True) as vm:
+    paths = {}
+    def add(i):
+        paths[i] = vm.add_view(f"v{i}", MountSpec(lowers=lowers))
+    threads = [threading.Thread(target=add, args=(i,)) for i in range(8)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    inos = {os.stat(os.path.join(p, "etc/passwd")).st_ino for p in paths.values()}
+    assert len(inos) == 1, inos
+    assert [v["name"] for v in vm.list_views()] == [f"v{i}" for i in range(8)]
+    vm.remove_view("v3")
+    assert sorted(os.listdir(mnt)) == [f"v{i}" for i in range(8) if i != 3]
+    try:
+        vm.add_view("v3", MountSpec(lowers=lowers))
+    except FileExistsError:
+        pass
+    else:
+        raise SystemExit("a removed name was reused")
+print("ok")
+'''
+
+
+def test_viewmount_python_api_from_threads(tmp_path):
+    """The in-process API the service uses: a mount served by a thread, views added
+    concurrently from other threads (in a child: pyfuse3 serves one mount per process)."""
+    import sys
+    layers = materialise_stack(sample_stack(), tmp_path / "layers", "overlay")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        r = subprocess.run([sys.executable, "-c", VIEWMOUNT_SCRIPT, str(mnt), *map(str, layers)],
+                           capture_output=True, text=True, timeout=60)
+    finally:
+        if mounts.is_mounted(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
+    assert r.returncode == 0 and r.stdout == "ok\n", r.stderr
+    assert not mounts.is_mounted(mnt)
