@@ -5,6 +5,7 @@ Real mounts through /dev/fuse, kernel overlayfs as the oracle; the server is
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -249,3 +250,34 @@ def test_viewmount_python_api_from_threads(tmp_path):
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
     assert r.returncode == 0 and r.stdout == "ok\n", r.stderr
     assert not mounts.is_mounted(mnt)
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+    import sys
+    return subprocess.run([sys.executable, "-m", "mergefs", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_views_cli_add_bind_rm_and_store_refs(tmp_path, views):
+    layers = materialise_stack(sample_stack(), tmp_path / "layers", "overlay")
+    root, c = str(tmp_path / "store"), ["--control", views.control]
+    r = _cli("views", "add", *c, "dirs", *map(str, layers))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(views.mnt / "dirs")
+    assert _cli("--root", root, "import", str(layers[0]), "--name", "base").returncode == 0
+    r = _cli("--root", root, "views", "add", *c, "--rw", "fromstore", "base")
+    assert r.returncode == 0, r.stderr
+    (views.mnt / "fromstore/new").write_text("n")                  # writable, upper in the store
+    assert not (views.mnt / "dirs/new").exists()
+    target = tmp_path / "bound"
+    target.mkdir()
+    assert _cli("views", "bind", *c, "dirs", str(target)).returncode == 0
+    views.binds.append(str(target))
+    listed = json.loads(_cli("views", "ls", *c, "--json").stdout)
+    assert {v["name"]: v["mounts"] for v in listed} == {"dirs": [str(target)], "fromstore": []}
+    r = _cli("views", "rm", *c, "dirs")
+    assert r.returncode == 1 and "still mounted" in r.stderr and r.stderr.count("\n") == 1
+    assert _cli("views", "rm", *c, "nope").returncode == 3
+    views.unbind(target)
+    assert _cli("views", "rm", *c, "dirs").returncode == 0
+    assert _cli("views", "rm", *c, "fromstore").returncode == 0
