@@ -15,16 +15,15 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from mergefs.errors import AlreadyExists, FailedPrecondition, InvalidLayer, NotFound
+from mergefs.errors import AlreadyExists, FailedPrecondition, NotFound
 from mergefs.mountspec import MountSpec
 
 from . import meta
 from .digest import diff_id, key_id, merge_id, tree_digest
-from .faults import kill_point
-from .importer import copy_layer
-from .meta import Parent, Row
+from .importer import copy_layer, import_dir, publish_layer  # noqa: F401 (also for oci_import)
+from .meta import Parent, Row, SnapshotKind, State, Strategy
 from .policy import REUSE_FOR_FARM, Capabilities, Decision, MergeSpec, choose_strategy
-from .store import CLI_HOLDER, Store
+from .store import CLI_HOLDER, Naming, Store
 
 LAYER_KINDS = ("layer", "diff")     # kinds that are one layer in a stack
 SHORT = 12
@@ -38,58 +37,13 @@ def is_path_ref(ref: str) -> bool:
     return "/" in ref
 
 
-# -- import ---------------------------------------------------------------------
-def import_dir(store: Store, src: str | os.PathLike, fmt: str = "auto", name: str | None = None,
-               holder: str | None = CLI_HOLDER, progress=None) -> Row:
-    """Copy a layer directory into the store; its id is its tree digest (mergefs-tree-v1)."""
-    src = os.path.abspath(os.fspath(src))
-    if not os.path.isdir(src):
-        raise NotFound(f"layer directory {src!r} does not exist") if not os.path.lexists(src) \
-            else InvalidLayer(f"{src!r} is not a directory")
-    staged = store.stage("import")
-    try:
-        if os.environ.get("MERGEFS_TEST_KILL_AT") == "import:mid-copy":
-            progress = lambda n: n == 3 and kill_point("import:mid-copy")  # noqa: E731
-        copy_layer(src, staged.path / "fs", fmt, progress=progress)
-        summary = tree_digest(staged.path / "fs")
-        return publish_layer(store, staged, summary, summary.digest, "layer", f"import of {src}",
-                             src, name, holder, op="import")
-    finally:
-        staged.discard()
-
-
-def publish_layer(store: Store, staged, summary, tree: str, kind: str, description: str,
-                  source: str, name: str | None, holder: str | None, op: str) -> Row:
-    """Publish a staged layer whose id is ``summary.digest`` (reused if already stored)."""
-    store.check_name(name, summary.digest)
-    with store.build_lock(summary.digest):
-        existing = store.reuse(summary.digest, holder, name)
-        if existing is not None:
-            return existing
-        row = Row(id=summary.digest, kind=kind, description=description, entries=summary.entries,
-                  bytes=summary.bytes, tree_digest=tree, source=source)
-        return store.publish(staged, row, [], op, holder, name)
-
-
-def import_path(store: Store, src: str, fmt: str = "auto", name: str | None = None,
-                holder: str | None = CLI_HOLDER) -> list[Row]:
-    """Import a layer directory, a layer tar, an OCI layout or a docker archive.
-
-    Returns the layer rows, bottom first (see ``oci_import`` for the image record).
-    """
-    from .oci_import import import_source
-    if not os.path.lexists(src):
-        raise NotFound(f"{src!r} does not exist")
-    return import_source(store, src, fmt, name, holder).layers
-
-
 # -- refs -------------------------------------------------------------------------
 def resolve_ref(store: Store, ref: str, fmt: str = "auto") -> Row:
     """A committed snapshot for REF; a path is imported implicitly (no ref held)."""
     if is_path_ref(ref):
         return import_dir(store, ref, fmt, holder=None)
     row = store.resolve(ref)
-    if row.state == "corrupt":
+    if row.state == State.CORRUPT:
         raise FailedPrecondition(f"snapshot {short(row.id)} failed fsck (content does not match "
                                  "its digest); re-import it")
     return row
@@ -99,7 +53,7 @@ def flatten(store: Store, row: Row) -> list[str]:
     """The layer ids a snapshot stands for, bottom first (M4: nested merges flatten)."""
     if row.kind in LAYER_KINDS:
         return [row.id]
-    if row.kind == "merge":
+    if row.kind == SnapshotKind.MERGE:
         return [p.id for p in meta.parents(store.db, row.id)]
     raise FailedPrecondition(f"{row.kind} snapshot {short(row.id)} is not committed content; "
                              "commit it first")
@@ -114,7 +68,7 @@ def release(store: Store, ref: str, holder: str = CLI_HOLDER) -> Row:
     """Drop ``holder``'s ref. Never deletes anything (C4)."""
     row = store.resolve(ref)
     with meta.write(store.db):
-        store.db.execute("DELETE FROM refs WHERE id=? AND holder=?", (row.id, holder))
+        meta.drop_ref(store.db, row.id, holder)
     return row
 
 
@@ -128,38 +82,39 @@ class MergeResult:
 
 def merge(store: Store, refs: list[str], strategy: str = "auto", name: str | None = None,
           intent: str | None = None, holder: str | None = CLI_HOLDER, fmt: str = "auto",
-          capabilities: Capabilities | None = None) -> MergeResult:
-    """Merge(refs) bottom first; the same flattened inputs give the same id, built once."""
+          capabilities: Capabilities | None = None, naming: Naming | None = None,
+          progress=None) -> MergeResult:
+    """Merge(refs) bottom first; the same flattened inputs give the same id, built once.
+
+    ``progress(entries)``: a farm build reports through it (see ``build_farm``)."""
     flat = [i for ref in refs for i in flatten(store, resolve_ref(store, ref, fmt))]
     if len(flat) == 1:              # M4: a one-input merge is that input
-        row = store.reuse(flat[0], holder, name)
+        store.check_name(name, flat[0])
+        row = store.reuse(flat[0], holder, name, naming)
         if row is None:
             raise NotFound(f"snapshot {short(flat[0])} was removed meanwhile; retry")
         return MergeResult(row, Decision(row.kind, ("a one-input merge is that input (M4)",)), True)
     mid = merge_id(flat)
     store.check_name(name, mid)
     with store.build_lock(mid):
-        row = store.reuse(mid, holder, name)
-        if row is not None and row.strategy == "union" and strategy != "union":
+        row = store.reuse(mid, holder, name, naming)
+        if row is not None and row.strategy == Strategy.UNION and strategy != Strategy.UNION:
             upgrade = _upgrade_decision(store, row, flat, strategy, intent, capabilities)
             if upgrade is not None:
-                return MergeResult(_materialise(store, row, flat), upgrade, False)
+                return MergeResult(_materialise(store, row, flat, progress), upgrade, False)
         if row is not None:
             return MergeResult(row, Decision(row.strategy, (
                 f"reused: this merge exists as a {row.strategy} (the id names the content, "
                 "not how it is served); nothing rebuilt",)), True)
         decision = choose_strategy(merge_spec(store, flat, strategy),
                                    capabilities or machine_capabilities(), intent)
-        return MergeResult(_build_merge(store, mid, flat, decision.strategy, holder, name),
-                           decision, False)
+        return MergeResult(_build_merge(store, mid, flat, decision.strategy, holder, name,
+                                        naming, progress), decision, False)
 
 
 def merge_spec(store: Store, flat: list[str], requested: str = "auto") -> MergeSpec:
     rows = [store.get(i) for i in flat]
-    farms = store.db.execute(
-        "SELECT MAX(c) FROM (SELECT COUNT(*) AS c FROM parents p JOIN snapshots s ON s.id=p.child "
-        f"WHERE s.strategy='farm' AND p.parent IN ({','.join('?' * len(flat))}) GROUP BY p.parent)",
-        flat).fetchone()[0] or 0
+    farms = meta.farm_links(store.db, flat)
     return MergeSpec(layers=len(flat), entries=sum(r.entries for r in rows),
                      max_input_links=1 + farms, requested=requested)
 
@@ -168,18 +123,19 @@ def machine_capabilities() -> Capabilities:
     return Capabilities(fuse=os.access("/dev/fuse", os.R_OK | os.W_OK))
 
 
-def _build_merge(store: Store, mid: str, flat: list[str], strategy: str, holder, name) -> Row:
+def _build_merge(store: Store, mid: str, flat: list[str], strategy: str, holder, name,
+                 naming: Naming | None = None, progress=None) -> Row:
     rows = [store.get(i) for i in flat]
     staged = store.stage("merge")
     try:
-        if strategy == "farm":
+        if strategy == Strategy.FARM:
             from mergefs.farm import build_farm
-            build_farm([store.fs_of(i) for i in flat], staged.path / "fs")
+            build_farm([store.fs_of(i) for i in flat], staged.path / "fs", progress=progress)
         row = Row(id=mid, kind="merge", strategy=strategy,
                   description="merge of " + ";".join(short(i) for i in flat),
                   entries=sum(r.entries for r in rows), bytes=sum(r.bytes for r in rows))
-        parents = [Parent(i, "input", pin=strategy == "union") for i in flat]
-        return store.publish(staged, row, parents, "merge", holder, name)
+        parents = [Parent(i, "input", pin=strategy == Strategy.UNION) for i in flat]
+        return store.publish(staged, row, parents, "merge", holder, name, naming)
     finally:
         staged.discard()
 
@@ -191,7 +147,7 @@ def _upgrade_decision(store: Store, row: Row, flat: list[str], strategy: str,
     ``--strategy farm`` always; ``auto`` once the merge was asked for often enough
     that the policy's reuse rule picks a farm (REUSE_FOR_FARM).
     """
-    if strategy == "farm":
+    if strategy == Strategy.FARM:
         return Decision("farm", ("--strategy farm: this merge existed as a union; "
                                  "materialised as a farm in place (same id)",))
     spec = merge_spec(store, flat, "auto")
@@ -199,31 +155,30 @@ def _upgrade_decision(store: Store, row: Row, flat: list[str], strategy: str,
     if row.use_count < REUSE_FOR_FARM:
         return None
     d = choose_strategy(spec, caps or machine_capabilities(), intent)
-    if d.strategy != "farm":
+    if d.strategy != Strategy.FARM:
         return None
     return Decision("farm", d.reasons + ("this merge existed as a union; materialised as a "
                                          "farm in place (same id)",))
 
 
-def _materialise(store: Store, row: Row, flat: list[str]) -> Row:
+def _materialise(store: Store, row: Row, flat: list[str], progress=None) -> Row:
     """Turn a union merge into a farm under the same id (it stops pinning its inputs)."""
     from mergefs.farm import build_farm
     staged = store.stage("merge")
     trash = []
     try:
-        build_farm([store.fs_of(i) for i in flat], staged.path / "fs")
+        build_farm([store.fs_of(i) for i in flat], staged.path / "fs", progress=progress)
         with meta.write(store.db):
             cur = store.get(row.id)
-            if cur is None or cur.state != "committed":
+            if cur is None or cur.state != State.COMMITTED:
                 raise NotFound(f"merge {short(row.id)} was removed meanwhile; retry")
-            if cur.strategy == "farm":
+            if cur.strategy == Strategy.FARM:
                 return cur
             dst = store.dir_of(row.id) / "fs"
             if os.path.lexists(dst):             # left by a crash during an earlier upgrade
-                trash.append(store._to_trash(dst))
+                trash.append(store.trash(dst))
             os.rename(staged.path / "fs", dst)
-            store.db.execute("UPDATE snapshots SET strategy='farm' WHERE id=?", (row.id,))
-            store.db.execute("UPDATE parents SET pin=0 WHERE child=?", (row.id,))
+            meta.make_farm(store.db, row.id)
         return store.get(row.id)
     finally:
         staged.discard()
@@ -284,6 +239,13 @@ def commit(store: Store, upper: str, parent: str | None = None, name: str | None
     so an opaque directory becomes deletions of exactly what the parent held there.
     """
     upper_dir, parent_ids = _commit_source(store, upper, parent, fmt)
+    return commit_dir(store, upper_dir, parent_ids, upper, name, holder)
+
+
+def commit_dir(store: Store, upper_dir: str, parent_ids: list[str], what: str,
+               name: str | None = None, holder: str | None = CLI_HOLDER) -> Row:
+    """Store Diff(parent, Merge(parent, upper_dir)) as a layer, by its content digest."""
+    upper = what
     staged = store.stage("commit")
     try:
         copy_layer(upper_dir, staged.path / "upper", "overlay")
@@ -306,15 +268,15 @@ def commit(store: Store, upper: str, parent: str | None = None, name: str | None
 
 def _commit_source(store: Store, upper: str, parent: str | None, fmt: str) -> tuple[str, list[str]]:
     parent_ids = flatten(store, resolve_ref(store, parent, fmt)) if parent else []
-    if is_path_ref(upper) or os.path.isdir(upper):
+    if is_path_ref(upper):          # by spelling only: a key never depends on the host
         if not os.path.isdir(upper):
             raise NotFound(f"upper directory {upper!r} does not exist")
         return upper, parent_ids
     row = store.resolve(upper)
-    if row.kind == "view":
+    if row.kind == SnapshotKind.VIEW:
         raise FailedPrecondition(f"{upper!r} is a view: a view is read-only and cannot be "
                                  "committed (C2)")
-    if row.kind != "active":
+    if row.kind != SnapshotKind.ACTIVE:
         raise FailedPrecondition(f"{upper!r} is a committed {row.kind}; commit takes an upper "
                                  "directory or an active snapshot")
     (p,) = meta.parents(store.db, row.id)
@@ -323,7 +285,7 @@ def _commit_source(store: Store, upper: str, parent: str | None, fmt: str) -> tu
 
 # -- active and view snapshots (containerd's Prepare / View) ---------------------------
 def prepare(store: Store, key: str, parent: str | None, holder: str | None = CLI_HOLDER,
-            readonly: bool = False) -> Row:
+            readonly: bool = False, naming: Naming | None = None) -> Row:
     """A new active (writable) or view (read-only) snapshot named ``key`` over ``parent``.
 
     C2: a key in use fails with AlreadyExists.
@@ -333,7 +295,7 @@ def prepare(store: Store, key: str, parent: str | None, holder: str | None = CLI
     if parent_row is not None:
         flatten(store, parent_row)      # must be committed content
     kid = key_id(key)
-    if store.db.execute("SELECT 1 FROM names WHERE name=?", (key,)).fetchone():
+    if meta.id_of_name(store.db, key) is not None:
         raise AlreadyExists(f"key {key!r} is already in use (C2)")
     staged = store.stage(kind)
     try:
@@ -343,7 +305,7 @@ def prepare(store: Store, key: str, parent: str | None, holder: str | None = CLI
         row = Row(id=kid, kind=kind, description=f"{kind} {key}" + (
             f" over {short(parent_row.id)}" if parent_row else ""))
         parents = [Parent(parent_row.id, "parent", pin=True)] if parent_row else []
-        published = store.publish(staged, row, parents, kind, holder, key)
+        published = store.publish(staged, row, parents, kind, holder, key, naming)
     finally:
         staged.discard()
     if published is not row:        # a concurrent prepare took the key first
@@ -351,8 +313,8 @@ def prepare(store: Store, key: str, parent: str | None, holder: str | None = CLI
     return published
 
 
-def mount_spec(root: str | None, ref: str, rw: bool = False, mountpoint: str | None = None,
-               key: str | None = None) -> MountSpec:
+def mount_spec_in(store: Store, ref: str, rw: bool = False, mountpoint: str | None = None,
+                  key: str | None = None, holder: str | None = CLI_HOLDER) -> MountSpec:
     """What ``mergefs mount REF MNT [--rw]`` serves, as data.
 
     A farm is one read-only lower; a union merge is its flattened layers; a
@@ -361,54 +323,51 @@ def mount_spec(root: str | None, ref: str, rw: bool = False, mountpoint: str | N
     (default ``mount:<mountpoint>``, or a fresh ``mount-<random>`` without a
     mountpoint). An existing active snapshot of that key over the same parent
     is reused (a remount continues the same upper); over another parent it is
-    AlreadyExists (C2). The active snapshot holds the CLI's ref: commit it
+    AlreadyExists (C2). The active snapshot holds ``holder``'s ref: commit it
     with ``mergefs commit KEY``, then ``release`` it. With a ``mountpoint`` a
     lease is recorded: prune keeps the snapshot while that path is mounted.
     """
-    with Store(root) as store:
-        row = resolve_ref(store, ref)
-        active = row if row.kind == "active" else None
-        base = store.get(meta.parents(store.db, row.id)[0].id) if active else row
-        lowers = serve_dirs(store, base)
-        if rw and active is None:
-            active = _active_for_mount(store, key, mountpoint, base)
-        if mountpoint:
-            lease(store, active or row, mountpoint)
-        if active is None:
-            return MountSpec(lowers=tuple(lowers))
-        d = store.dir_of(active.id)
-        return MountSpec(lowers=tuple(lowers), upper=str(d / "upper"), work=str(d / "work"))
+    row = resolve_ref(store, ref)
+    active = row if row.kind == SnapshotKind.ACTIVE else None
+    base = store.get(meta.parents(store.db, row.id)[0].id) if active else row
+    lowers = serve_dirs(store, base)
+    if rw and active is None:
+        active = _active_for_mount(store, key, mountpoint, base, holder)
+    if mountpoint:
+        lease(store, active or row, mountpoint)
+    if active is None:
+        return MountSpec(lowers=tuple(lowers))
+    d = store.dir_of(active.id)
+    return MountSpec(lowers=tuple(lowers), upper=str(d / "upper"), work=str(d / "work"))
 
 
-def _active_for_mount(store: Store, key: str | None, mountpoint: str | None, base: Row) -> Row:
+def _active_for_mount(store: Store, key: str | None, mountpoint: str | None, base: Row,
+                      holder: str | None = CLI_HOLDER) -> Row:
     import uuid
     key = key or (f"mount:{os.path.abspath(mountpoint)}" if mountpoint
                   else f"mount-{uuid.uuid4().hex[:12]}")
-    r = store.db.execute("SELECT id FROM names WHERE name=?", (key,)).fetchone()
+    r = meta.id_of_name(store.db, key)
     if r is not None:
-        row = store.get(r[0])
+        row = store.get(r)
         ps = meta.parents(store.db, row.id) if row else []
-        if row and row.kind == "active" and ps and ps[0].id == base.id:
+        if row and row.kind == SnapshotKind.ACTIVE and ps and ps[0].id == base.id:
             return row
         raise AlreadyExists(f"key {key!r} is already in use over another snapshot (C2)")
-    return prepare(store, key, base.id)
+    return prepare(store, key, base.id, holder)
 
 
 def serve_dirs(store: Store, row: Row) -> list[str]:
     """The read-only directories that serve a committed snapshot, bottom first."""
-    if row.kind == "merge" and row.strategy == "farm":
+    if row.kind == SnapshotKind.MERGE and row.strategy == Strategy.FARM:
         return [str(store.fs_of(row.id))]
-    if row.kind == "view":
+    if row.kind == SnapshotKind.VIEW:
         return serve_dirs(store, store.get(meta.parents(store.db, row.id)[0].id))
     return layer_dirs(store, row)
 
 
 def lease(store: Store, row: Row, mountpoint: str) -> None:
-    import time
     with meta.write(store.db):
-        store.db.execute("INSERT OR REPLACE INTO leases(mountpoint, id, pid, created) "
-                         "VALUES(?,?,?,?)", (os.path.abspath(mountpoint), row.id, os.getpid(),
-                                             time.time()))
+        meta.add_lease(store.db, os.path.abspath(mountpoint), row.id, os.getpid())
 
 
 def remove(store: Store, ref: str) -> Row:
@@ -421,16 +380,13 @@ def remove(store: Store, ref: str) -> Row:
     row = store.resolve(ref)
     mounted = live_mountpoints()
     with meta.write(store.db):
-        pinned = [c for (c,) in store.db.execute(
-            "SELECT p.child FROM parents p JOIN snapshots s ON s.id = p.child "
-            "WHERE p.parent = ? AND p.pin = 1 AND s.state != 'deleting'", (row.id,))]
+        pinned = meta.pinned_by(store.db, row.id)
         if pinned:
             raise FailedPrecondition(f"{short(row.id)} is needed by {len(pinned)} snapshot(s) "
                                      f"({', '.join(map(short, pinned))}); remove those first")
-        leases = [mp for (mp,) in store.db.execute("SELECT mountpoint FROM leases WHERE id=?",
-                                                    (row.id,)) if mp in mounted]
+        leases = [mp for mp in meta.leased_at(store.db, row.id) if mp in mounted]
         if leases:
             raise FailedPrecondition(f"{short(row.id)} is mounted at {leases[0]}")
-        store.db.execute("UPDATE snapshots SET state='deleting' WHERE id=?", (row.id,))
+        meta.mark_deleting(store.db, row.id)
     store.remove([row.id])
     return row
