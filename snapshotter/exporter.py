@@ -29,12 +29,13 @@ def export(store: Store, ref: str, output: str, fmt: str = "dir") -> None:
         from mergefs import oci
         names = store.db.execute("SELECT name FROM names WHERE id=? ORDER BY name",
                                  (row.id,)).fetchone()
-        oci.export_layout(service.layer_dirs(store, row), output,
+        ids = service.flatten(store, row)
+        oci.export_layout(service.store_layers(store, ids), output,
                           ref=names[0] if names else service.short(row.id))
         return
     if fmt == "tar":
         from mergefs import oci
-        write = lambda src: oci.export_layer_tar(src, output)  # noqa: E731
+        write = lambda src: oci.export_layer_tar(Layer(src, "overlay"), output)  # noqa: E731
     else:
         write = lambda src: _copy_tree(src, output)  # noqa: E731
     if row.kind != "merge":
@@ -44,7 +45,8 @@ def export(store: Store, ref: str, output: str, fmt: str = "dir") -> None:
     else:                            # a union: materialise the view in staging first
         staged = store.stage("export")
         try:
-            build_farm(service.layer_dirs(store, row), staged.path / "fs")
+            build_farm(service.store_layers(store, service.flatten(store, row)),
+                       staged.path / "fs")
             write(staged.path / "fs")
         finally:
             staged.discard()

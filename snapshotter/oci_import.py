@@ -26,38 +26,109 @@ from .store import CLI_HOLDER, Store
 class ImportResult:
     layers: list[Row]
     image: Row | None = None
+    moved: tuple[str, str, str] | None = None    # (name, from id, to id): a tag moved
 
 
 def import_source(store: Store, src: str, fmt: str = "auto", name: str | None = None,
-                  holder: str | None = CLI_HOLDER, progress=None) -> ImportResult:
-    """Import whatever ``src`` is: layer dir, layer tar, OCI layout or docker archive."""
+                  holder: str | None = CLI_HOLDER, progress=None,
+                  image: str | None = None) -> ImportResult:
+    """Import whatever ``src`` is: layer dir, layer tar, OCI layout or docker archive.
+
+    ``-`` is standard input; it, a pipe (``/dev/stdin``, ``<(...)``) or another
+    non-regular file is read once, into a spool file in the store's staging
+    area, and imported from there (an image archive must be read with seeks).
+    ``image`` picks one image of several in a layout or archive (ref, tag or digest).
+    """
+    if src == "-" or _is_stream(src):
+        spool = store.stage("spool")
+        try:
+            path = spool.path / "input"
+            _spool(src, path)
+            return _import(store, str(path), fmt, name, holder, progress, image,
+                           "standard input" if src == "-" else src)
+        finally:
+            spool.discard()
+    return _import(store, src, fmt, name, holder, progress, image, src)
+
+
+def _is_stream(src: str) -> bool:
+    import os
+    import stat
+    try:
+        mode = os.stat(src).st_mode
+    except OSError:
+        return False          # the importer says what is wrong with it
+    return not (stat.S_ISDIR(mode) or stat.S_ISREG(mode))
+
+
+def _spool(src: str, path) -> None:
+    import shutil
+    import sys
+    with open(path, "xb") as out:
+        if src == "-":
+            shutil.copyfileobj(sys.stdin.buffer, out, 1 << 20)
+        else:
+            with open(src, "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 20)
+
+
+def _import(store: Store, src: str, fmt: str, name: str | None, holder: str | None,
+            progress, image: str | None, label: str) -> ImportResult:
     from mergefs import oci
     from .service import import_dir
     kind = oci.detect_source(src)
     if kind == "layer-dir":
         return ImportResult([import_dir(store, src, fmt, name, holder, progress)])
     if kind == "layer-tar":
-        return ImportResult([import_layer_tar(store, src, name, holder)])
-    return import_image(store, src, name, holder)
+        if image is not None:
+            from mergefs.errors import InvalidLayer
+            raise InvalidLayer(f"--image: {label} is a layer tar, not an image layout or archive")
+        return ImportResult([import_layer_tar(store, src, name, holder,
+                                              description=f"import of {label}")])
+    return import_image(store, src, name, holder, image, label)
 
 
-def import_image(store: Store, src: str, name: str | None, holder: str | None) -> ImportResult:
+def import_image(store: Store, src: str, name: str | None, holder: str | None,
+                 ref: str | None = None, label: str | None = None) -> ImportResult:
+    """Import the image ``ref`` (the only one when None) of a layout or archive.
+
+    Named by ``name``, else by the image's tag; a tag that already names another
+    snapshot moves to this image, as ``docker load`` does (``ImportResult.moved``).
+    """
     from mergefs import oci
     from .service import merge
-    with oci.open_image(src) as image:
+    label = label or src
+    with oci.open_image(src, ref) as image:
         rows = []
         for desc in image.layers:
             row = store.reuse(desc.diff_id, holder) if desc.diff_id else None
             if row is None:
                 with image.open_layer(desc) as reader:
                     row = import_layer_tar(store, reader, None, holder, desc.diff_id,
-                                           f"layer of {src}")
+                                           f"layer of {label}")
             rows.append(row)
-        tag = name or image.ref_name
+        tag = image.ref_name
     if not rows:
         return ImportResult([])
-    res = merge(store, [r.id for r in rows], strategy="union", name=tag, holder=holder)
-    return ImportResult(rows, res.row)
+    res = merge(store, [r.id for r in rows], strategy="union", name=name, holder=holder)
+    moved = None
+    if name is None and tag:
+        old = _move_name(store, tag, res.row.id)
+        if old is not None:
+            moved = (tag, old, res.row.id)
+    return ImportResult(rows, res.row, moved)
+
+
+def _move_name(store: Store, name: str, snapshot_id: str) -> str | None:
+    """Point ``name`` at ``snapshot_id``; the id it named before, if another one."""
+    from . import meta
+    with meta.write(store.db):
+        cur = store.db.execute("SELECT id FROM names WHERE name=?", (name,)).fetchone()
+        if cur and cur[0] == snapshot_id:
+            return None
+        store.db.execute("DELETE FROM names WHERE name=?", (name,))
+        store.db.execute("INSERT INTO names(name, id) VALUES(?,?)", (name, snapshot_id))
+    return cur[0] if cur else None
 
 
 def import_layer_tar(store: Store, src, name: str | None = None,

@@ -45,7 +45,8 @@ def _exit_code(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, MergefsError):
         return 1, str(exc)
     if isinstance(exc, OSError):
-        where = f": {os.fsdecode(exc.filename)}" if exc.filename else ""
+        name = exc.filename
+        where = f": {os.fsdecode(name)}" if isinstance(name, (str, bytes)) and name else ""
         msg = f"{exc.strerror or exc}{where}"
         if exc.errno == errno.ENOSPC:
             return 5, msg

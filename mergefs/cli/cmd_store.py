@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", metavar="SRC")
     p.add_argument("--name")
     p.add_argument("--format", choices=FORMATS, default="auto", help="whiteout format of a dir")
+    p.add_argument("--image", metavar="REF", help="the image to import from a layout or archive "
+                   "holding several (ref name, tag, repo:tag or manifest digest)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_import)
 
@@ -170,13 +172,18 @@ def store_explain(args) -> int:
 def cmd_import(args) -> int:
     from snapshotter.oci_import import import_source
     from ..errors import NotFound
-    if not os.path.lexists(args.src):
+    if args.src != "-" and not os.path.lexists(args.src):
         raise NotFound(f"{args.src!r} does not exist")
     with _store(args) as store:
         res = import_source(store, args.src, fmt=args.format, name=args.name,
-                            progress=_progress("copied") if sys.stderr.isatty() else None)
+                            progress=_progress("copied") if sys.stderr.isatty() else None,
+                            image=args.image)
         if sys.stderr.isatty():
             print(file=sys.stderr)
+        if res.moved:
+            tag, old, new = res.moved
+            print(f"mergefs: name {tag!r} moved from {old[:19]} to {new[:19]} (the old image "
+                  "keeps its other names and refs)", file=sys.stderr)
         out = {"layers": [row_dict(store, r) for r in res.layers],
                "image": row_dict(store, res.image) if res.image else None} if args.json else None
     if args.json:

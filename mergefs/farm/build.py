@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .. import syscalls
-from ..errors import AlreadyExists, NotFound
+from ..errors import AlreadyExists, InvalidLayer, NotFound
 from ..layer import Layer, as_layers
 from ..plan import plan_merge
 from .applier import Applier, FarmStats
@@ -91,6 +91,7 @@ def build_farm(layers: Sequence[Layer | str | os.PathLike], out: str | os.PathLi
             return run_processes(layers, fd, n)
         return run_threads(layers, fd, n)
 
+    refuse_out_inside(layers, out)
     try:
         for layer in layers:
             layer.fd   # open every layer first: a bad one fails before any work
@@ -98,3 +99,13 @@ def build_farm(layers: Sequence[Layer | str | os.PathLike], out: str | os.PathLi
     finally:
         for layer in layers:
             layer.close()
+
+
+def refuse_out_inside(layers, out) -> None:
+    """An output inside an input layer would be built into (and read from) that input."""
+    target = os.path.realpath(os.fsencode(out))
+    for layer in layers:
+        top = os.path.realpath(layer.path)
+        if target == top or target.startswith(top.rstrip(b"/") + b"/"):
+            raise InvalidLayer(f"the output {os.fsdecode(out)!r} is inside the input layer "
+                               f"{os.fsdecode(layer.path)!r}; put it outside every input")

@@ -33,6 +33,8 @@ Decisions (OCI image-spec layer.md, SEMANTICS D2/D3/D5/D6/D7, A1/A2/A3):
   ``SCHILY.xattr.*``; overlay-private ones are format, not content; a refused
   xattr is a warning, A3), then nanosecond times. Directories get theirs after
   all members, deepest first, so creating children cannot disturb them.
+* A member more than ``MAX_DEPTH`` (256) directories deep is refused
+  (InvalidLayer): no image needs it, and every reader below walks the levels.
 * Device nodes other than whiteouts need root; without root they are refused
   (UnsafeContent) rather than silently dropped.
 """
@@ -51,6 +53,7 @@ from ..layer import OPAQUE_XATTRS, XWHITEOUT_XATTRS, is_overlay_private
 from . import _tar
 from ._stream import open_tar_stream
 
+MAX_DEPTH = 256        # directory levels of a member; every reader of a layer walks them
 O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 MAX_CACHED_FDS = 256
 IMPLICIT_DIR = (0o755, 0, 0, {}, 0, 0)        # mode, uid, gid, xattrs, atime_ns, mtime_ns
@@ -212,6 +215,9 @@ class Extractor:
     def add(self, m: _tar.Member, reader: _tar.TarReader) -> None:
         self.member = m.name
         path = clean_path(m.name)
+        if path.count(b"/") >= MAX_DEPTH:
+            raise InvalidLayer(f"tar member {m.name[:80]!r}... is {path.count(b'/') + 1} levels "
+                               f"deep; mergefs refuses layers nested deeper than {MAX_DEPTH}")
         if b".wh." in path:
             parent, base = _split(path)
             if b"/.wh." in b"/" + parent:
@@ -370,6 +376,13 @@ class Extractor:
             try:
                 setter(attr, value)
             except OSError as e:
+                if e.errno in (errno.E2BIG, errno.ERANGE) or not attr \
+                        or e.errno == errno.EINVAL and "." not in attr:
+                    # the member's own fault (a 200 KB value, an empty or bare name):
+                    # say which member, not the fd the kernel refused
+                    raise InvalidLayer(f"tar member {self.member!r}: xattr {attr!r} "
+                                       f"({len(value)} bytes) cannot be set: "
+                                       f"{e.strerror}") from None
                 if e.errno not in XATTR_REFUSED:
                     raise
                 self.r.warnings.append(f"{path.decode(errors='replace')}: xattr {attr} "

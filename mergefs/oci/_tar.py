@@ -225,6 +225,8 @@ class TarReader:
         h = HEADER.unpack(block)
         try:
             member = self._member(h, typ, pax, longname, longlink)
+        except InvalidLayer:
+            raise                         # already says what is wrong (sparse, out of range)
         except ValueError as e:           # int() of a malformed pax value
             raise InvalidLayer(f"tar: malformed pax value ({e})") from None
         self._left = member.size if typ in FILE_TYPES else _number(h[4], "size")
