@@ -9,6 +9,14 @@ an image layer already in the store is not extracted again; its tree digest
 An image (layout or archive) also gets an **image record**: the merge of its
 layers, kept as a union (metadata only; it pins its layers), named by
 ``--name`` or the image's ref name / tag. A one-layer image names that layer.
+
+Directories a layer tar does not name take the attributes of the image's
+lower layers there (as umoci, containerd and Docker leave them; overlay
+format cannot say "no attributes"). Such a layer depends on its lowers, so it
+is stored under ``layer_over_id(diffID, lower ids)`` instead of its diffID;
+every layer from a tar keeps the list of its unnamed directories beside it
+(``implicit-dirs.json``) so the diffID shortcut is taken only when none of
+them exists below.
 Unsafe or malformed input raises before anything is published: the staging
 dir goes, the store is unchanged (layers of an image published before the bad
 one stay, unreferenced, for prune).
@@ -17,7 +25,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .digest import TreeSummary, tree_digest
+import json
+import os
+
+from mergefs.layer import DIR
+
+from .digest import TreeSummary, sha256_id, tree_digest
 from .meta import Row
 from .store import CLI_HOLDER, Store
 
@@ -101,11 +114,11 @@ def import_image(store: Store, src: str, name: str | None, holder: str | None,
     with oci.open_image(src, ref) as image:
         rows = []
         for desc in image.layers:
-            row = store.reuse(desc.diff_id, holder) if desc.diff_id else None
+            row = _reuse_layer(store, desc.diff_id, rows, holder)
             if row is None:
                 with image.open_layer(desc) as reader:
                     row = import_layer_tar(store, reader, None, holder, desc.diff_id,
-                                           f"layer of {label}")
+                                           f"layer of {label}", lower=rows)
             rows.append(row)
         tag = image.ref_name
     if not rows:
@@ -131,17 +144,62 @@ def _move_name(store: Store, name: str, snapshot_id: str) -> str | None:
     return cur[0] if cur else None
 
 
+IMPLICIT_FILE = "implicit-dirs.json"
+
+
+def layer_over_id(diff_id: str, lower_ids: list[str]) -> str:
+    """The id of a layer tar applied over ``lower_ids`` whose unnamed dirs inherited."""
+    return sha256_id(b"mergefs-layer-over-v1\n" + diff_id.encode() + b"\n" +
+                     b"".join(i.encode() + b"\n" for i in lower_ids))
+
+
+def _lower_dirs(store: Store, lower: list[Row], paths: list[str]) -> bool:
+    """Whether one of ``paths`` is a directory in the merge of ``lower``."""
+    from mergefs.resolver import Resolver
+    from .service import store_layers
+    with Resolver(store_layers(store, [r.id for r in lower])) as res:
+        for p in paths:
+            node = res.lookup(os.fsencode(p))
+            if node is not None and node.kind == DIR:
+                return True
+    return False
+
+
+def _reuse_layer(store: Store, diff_id: str | None, lower: list[Row],
+                 holder: str | None) -> Row | None:
+    """A stored layer for ``diff_id`` over ``lower``, without reading the blob, or None."""
+    if not diff_id:
+        return None
+    if lower:
+        row = store.reuse(layer_over_id(diff_id, [r.id for r in lower]), holder)
+        if row is not None:
+            return row
+        try:
+            implicit = json.loads((store.dir_of(diff_id) / IMPLICIT_FILE).read_text())
+        except (OSError, ValueError):
+            return None            # not stored, or stored before the list was kept
+        if implicit and _lower_dirs(store, lower, implicit):
+            return None
+    return store.reuse(diff_id, holder)
+
+
 def import_layer_tar(store: Store, src, name: str | None = None,
                      holder: str | None = CLI_HOLDER, expected_diff_id: str | None = None,
-                     description: str | None = None) -> Row:
-    """One layer tar (path or binary file) into the store, under its diffID."""
+                     description: str | None = None, lower: list[Row] | None = None) -> Row:
+    """One layer tar (path or binary file) into the store, under its diffID (or, when its
+    unnamed directories inherited from ``lower``, under ``layer_over_id``)."""
     from mergefs import oci
-    from .service import publish_layer
+    from .service import publish_layer, store_layers
     staged = store.stage("import")
     try:
-        result = oci.extract_layer(src, staged.path / "fs", expected_diff_id=expected_diff_id)
+        result = oci.extract_layer(src, staged.path / "fs", expected_diff_id=expected_diff_id,
+                                   lower=store_layers(store, [r.id for r in lower or []]))
+        (staged.path / IMPLICIT_FILE).write_text(json.dumps(
+            [os.fsdecode(p) for p in result.implicit_dirs]))
         tree = tree_digest(staged.path / "fs")
-        summary = TreeSummary(result.diff_id, tree.entries, tree.bytes)
+        key = result.diff_id if not result.inherited else \
+            layer_over_id(result.diff_id, [r.id for r in lower])
+        summary = TreeSummary(key, tree.entries, tree.bytes)
         return publish_layer(store, staged, summary, tree.digest, "layer",
                              description or f"import of {src}", str(src), name, holder, "import")
     finally:
