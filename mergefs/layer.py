@@ -100,6 +100,15 @@ def marked_format(dir_fd: int) -> str | None:
     return None
 
 
+def mark_overlay_path(path) -> None:
+    """``mark_overlay`` of the directory at ``path`` (never through a symlink)."""
+    fd = os.open(path, syscalls.O_DIR)
+    try:
+        mark_overlay(fd)
+    finally:
+        os.close(fd)
+
+
 def mark_overlay(dir_fd: int) -> None:
     """Mark an open layer root as overlay format (an upper mergefs writes, a store layer)."""
     if marked_format(dir_fd) == "overlay":

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergefs.errors import AlreadyExists, FailedPrecondition, InvalidLayer, NotFound
-from mergefs.layer import Layer
+from mergefs.layer import Layer, mark_overlay_path
 from mergefs.mountspec import MountSpec
 
 from . import meta
@@ -227,6 +227,7 @@ def _materialise(store: Store, row: Row, flat: list[str]) -> Row:
             dst = store.dir_of(row.id) / "fs"
             if os.path.lexists(dst):             # left by a crash during an earlier upgrade
                 trash.append(store._to_trash(dst))
+            mark_overlay_path(staged.path / "fs")     # a stored layer (issue 11 item 1)
             os.rename(staged.path / "fs", dst)
             store.db.execute("UPDATE snapshots SET strategy='farm' WHERE id=?", (row.id,))
             store.db.execute("UPDATE parents SET pin=0 WHERE child=?", (row.id,))

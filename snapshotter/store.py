@@ -327,12 +327,9 @@ class Store:
         return actions
 
 
+
 def _mark_overlay(fs: Path) -> None:
     """Every stored layer is overlay format: mark it so, whoever reads it (issue 11)."""
-    from mergefs.layer import mark_overlay
+    from mergefs.layer import mark_overlay_path
     if fs.is_dir() and not fs.is_symlink():
-        fd = os.open(fs, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        try:
-            mark_overlay(fd)
-        finally:
-            os.close(fd)
+        mark_overlay_path(fs)
