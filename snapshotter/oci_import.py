@@ -125,23 +125,36 @@ def import_image(store: Store, src: str, name: str | None, holder: str | None,
         return ImportResult([])
     res = merge(store, [r.id for r in rows], strategy="union", name=name, holder=holder)
     moved = None
-    if name is None and tag:
+    if name is None and tag and _usable_name(tag):
         old = _move_name(store, tag, res.row.id)
         if old is not None:
             moved = (tag, old, res.row.id)
     return ImportResult(rows, res.row, moved)
 
 
+def _usable_name(tag: str) -> bool:
+    """An image's tag that looks like an id (an export of an unnamed snapshot is tagged
+    with its short id) names nothing: the image is still reachable by that id."""
+    from mergefs.errors import InvalidArgument
+    from .store import check_name_shape
+    try:
+        check_name_shape(tag)
+    except InvalidArgument:
+        return False
+    return True
+
+
 def _move_name(store: Store, name: str, snapshot_id: str) -> str | None:
     """Point ``name`` at ``snapshot_id``; the id it named before, if another one."""
     from . import meta
     with meta.write(store.db):
-        cur = store.db.execute("SELECT id FROM names WHERE name=?", (name,)).fetchone()
-        if cur and cur[0] == snapshot_id:
+        cur = meta.id_of_name(store.db, name)
+        if cur == snapshot_id:
             return None
-        store.db.execute("DELETE FROM names WHERE name=?", (name,))
-        store.db.execute("INSERT INTO names(name, id) VALUES(?,?)", (name, snapshot_id))
-    return cur[0] if cur else None
+        if cur is not None:
+            meta.drop_name(store.db, name)
+        meta.add_name(store.db, name, snapshot_id)
+    return cur
 
 
 IMPLICIT_FILE = "implicit-dirs.json"

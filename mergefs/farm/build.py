@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .. import syscalls
-from ..errors import AlreadyExists, InvalidLayer, NotFound
+from ..errors import AlreadyExists, InvalidArgument, NotFound
 from ..layer import Layer, as_layers
 from ..plan import plan_merge
 from .applier import Applier, FarmStats
@@ -107,5 +107,5 @@ def refuse_out_inside(layers, out) -> None:
     for layer in layers:
         top = os.path.realpath(layer.path)
         if target == top or target.startswith(top.rstrip(b"/") + b"/"):
-            raise InvalidLayer(f"the output {os.fsdecode(out)!r} is inside the input layer "
+            raise InvalidArgument(f"the output {os.fsdecode(out)!r} is inside the input layer "
                                f"{os.fsdecode(layer.path)!r}; put it outside every input")
