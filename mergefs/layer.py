@@ -21,6 +21,7 @@ opened with O_NOFOLLOW, one level at a time.
 """
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import sys
@@ -114,7 +115,11 @@ def mark_overlay(dir_fd: int) -> None:
     if marked_format(dir_fd) == "overlay":
         return
     attr = FORMAT_MARKS[0] if os.geteuid() == 0 else FORMAT_MARKS[1]
-    syscalls.setxattr(dir_fd, b"", attr, b"overlay")
+    try:
+        syscalls.setxattr(dir_fd, b"", attr, b"overlay")
+    except OSError as e:     # a filesystem without (user) xattrs: readers fall back to auto
+        if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.EACCES):
+            raise
 
 
 def read_layer_dir(dir_fd: int, fmt: str = "auto") -> LayerDir:

@@ -144,7 +144,7 @@ class Store:
         self.locks = self.root / "locks"
         if os.path.lexists(self.root) and not self.root.is_dir():
             raise InvalidArgument(f"store root {str(self.root)!r} is not a directory "
-                               "(give --root a directory, or a path that does not exist)")
+                                  "(give --root a directory, or a path that does not exist)")
         for d in (self.root, self.snapshots, self.staging, self.locks):
             os.makedirs(d, mode=0o700, exist_ok=True)
         self._start = _proc_start(os.getpid())
@@ -387,7 +387,6 @@ class Store:
                 meta.insert(self.db, row, parents)
                 actions.append(f"registered {row.id} (published before a crash)")
         return actions
-
 
 
 def _mark_overlay(fs: Path) -> None:

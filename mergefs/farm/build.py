@@ -9,7 +9,7 @@ from typing import Sequence
 
 from .. import syscalls
 from ..errors import AlreadyExists, InvalidArgument, NotFound
-from ..layer import Layer, as_layers
+from ..layer import Layer, as_layers, mark_overlay
 from ..plan import plan_merge
 from .applier import Applier, FarmStats
 from .schedule import run_processes, run_threads
@@ -19,6 +19,9 @@ PARALLEL = ("auto", "process", "thread")
 
 def staged_build(out: str | os.PathLike, build) -> FarmStats:
     """Run ``build(staging_fd)`` in a staging dir next to ``out``, then publish by rename.
+
+    The result is marked overlay format (``mergefs.layer``): a farm, a diff and
+    a directory export are read back as such, whatever their names.
 
     ``out`` must not exist. On any error the staging dir is removed and
     nothing is left at ``out``.
@@ -34,6 +37,7 @@ def staged_build(out: str | os.PathLike, build) -> FarmStats:
         fd = os.open(staging, syscalls.O_DIR)
         try:
             stats = build(fd)
+            mark_overlay(fd)      # what mergefs writes is overlay format, whatever its names
         finally:
             os.close(fd)
         try:

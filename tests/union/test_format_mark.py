@@ -75,6 +75,10 @@ def test_item1_commit_merge_diff_keep_wh_named_files(tmp_path, wh_upper):
     # the core form (no store)
     cli(root, "merge", lower, up, "--out", tmp_path / "farm")
     tree.assert_same(tree.capture(tmp_path / "farm"), oracle, "merge --out")
+    # what mergefs wrote is read back as overlay format too (a farm as an input)
+    (tmp_path / "empty").mkdir()
+    cli(root, "merge", tmp_path / "empty", tmp_path / "farm", "--out", tmp_path / "farm2")
+    tree.assert_same(tree.capture(tmp_path / "farm2"), oracle, "merge of a farm")
     # diff of the base and the merge gives the upper's change back: the files stay files
     d = cli(root, "diff", base, merged).stdout.strip()
     cli(root, "export", d, "-o", tmp_path / "diffdir")
