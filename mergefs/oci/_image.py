@@ -308,14 +308,15 @@ SNIFF_MEMBERS = 4096     # an image archive names its manifest within a few memb
 def _sniff_archive(path: str) -> str:
     """An OCI layout in a tar, a docker-archive, or a layer tar.
 
-    A docker-archive is known by its ``manifest.json`` (a list of images whose
-    Config and Layers are members of the archive), not by the names of its
-    other members, which differ between writers. An uncompressed tar's headers
-    are read with seeks over the data; a compressed one is a layer tar.
+    A docker-archive is known by its ``manifest.json`` (a list of images with
+    ``Layers``), not by the names of its other members, which differ between
+    writers; a manifest that cannot be parsed falls back to those names. An
+    OCI layout that also has a docker manifest (docker 25's save) is read as
+    OCI. An uncompressed tar's headers are read with seeks over the data; a
+    compressed one is a layer tar.
     """
     found: dict[str, tarfile.TarInfo] = {}
-    names: set[str] = set()
-    only_image_names = True
+    only_image_names, docker_manifest = True, False
     try:
         with open(path, "rb") as f:
             if sniff_compression(f.read(8)) != "none":
@@ -323,46 +324,33 @@ def _sniff_archive(path: str) -> str:
         with tarfile.open(path, "r:") as t:
             for i, m in enumerate(t):
                 name = m.name.strip("/").removeprefix("./")
-                names.add(name)
                 if name in ("oci-layout", "index.json", "manifest.json", "repositories"):
                     found[name] = m
-                    if name == "manifest.json" and _docker_manifest_names(t, m, names):
-                        return "docker-archive"
+                    docker_manifest |= name == "manifest.json" and _is_docker_manifest(t, m)
                 elif name not in ("", ".", "blobs", "blobs/sha256") and not _HEX_NAME.match(name):
                     only_image_names = False
                 if i >= SNIFF_MEMBERS:
                     break
-            if "manifest.json" in found and _docker_manifest_names(t, found["manifest.json"], names):
-                return "docker-archive"
     except (tarfile.TarError, EOFError, OSError, InvalidLayer):
         return "layer-tar"        # extract_layer will say what is wrong with it
-    if not only_image_names:
-        return "layer-tar"
-    if "oci-layout" in found and "index.json" in found:
+    if "oci-layout" in found and "index.json" in found and only_image_names:
         return "oci-layout"
-    if "manifest.json" in found:
+    if docker_manifest or "manifest.json" in found and only_image_names:
         return "docker-archive"   # open_image says what is wrong with its manifest
     return "layer-tar"
 
 
-def _docker_manifest_names(t: tarfile.TarFile, m: tarfile.TarInfo, names: set[str]) -> bool:
-    """``manifest.json`` is a docker manifest whose files are all members seen so far."""
+def _is_docker_manifest(t: tarfile.TarFile, m: tarfile.TarInfo) -> bool:
+    """``manifest.json`` has the shape of a docker manifest (a list of images with
+    ``Layers``), as for a directory; ``open_image`` then checks what it names."""
     if not m.isfile() or m.size > MAX_JSON:
         return False
     try:
         data = load_json(t.extractfile(m).read(), "manifest.json")
     except InvalidLayer:
         return False
-    if not isinstance(data, list) or not data:
-        return False
-    for entry in data:
-        if not isinstance(entry, dict) or not isinstance(entry.get("Config"), str) \
-                or not isinstance(entry.get("Layers"), list):
-            return False
-        for n in [entry["Config"], *entry["Layers"]]:
-            if not isinstance(n, str) or n.strip("/").removeprefix("./") not in names:
-                return False
-    return True
+    return isinstance(data, list) and bool(data) and \
+        all(isinstance(e, dict) and "Layers" in e for e in data)
 
 
 # ---- reading ------------------------------------------------------------------
