@@ -329,6 +329,8 @@ def _sniff_archive(path: str) -> str:
                     docker_manifest |= name == "manifest.json" and _is_docker_manifest(t, m)
                 elif name not in ("", ".", "blobs", "blobs/sha256") and not _HEX_NAME.match(name):
                     only_image_names = False
+                    if not _archive_member(m):
+                        return "layer-tar"   # e.g. bin/sh: only a layer holds that
                 if i >= SNIFF_MEMBERS:
                     break
     except (tarfile.TarError, EOFError, OSError, InvalidLayer):
@@ -338,6 +340,18 @@ def _sniff_archive(path: str) -> str:
     if docker_manifest or "manifest.json" in found and only_image_names:
         return "docker-archive"   # open_image says what is wrong with its manifest
     return "layer-tar"
+
+
+_ARCHIVE_FILE = re.compile(r"(^|/)(json|VERSION|layer\.tar|(sha256:)?[0-9a-f]{64})$"
+                           r"|\.(tar|tar\.gz|tgz|tar\.zst|json)$")
+
+
+def _archive_member(m: tarfile.TarInfo) -> bool:
+    """Could ``m`` be part of an image archive, whatever its writer's naming: a directory,
+    a link, or a file named like a layer blob or a config."""
+    if m.isdir() or m.issym():
+        return True
+    return m.isfile() and bool(_ARCHIVE_FILE.search(m.name))
 
 
 def _is_docker_manifest(t: tarfile.TarFile, m: tarfile.TarInfo) -> bool:
