@@ -23,6 +23,7 @@ one stay, unreferenced, for prune).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import json
@@ -96,14 +97,35 @@ def _import(store: Store, src: str, fmt: str, name: str | None, holder: str | No
         if image is not None:
             from mergefs.errors import InvalidLayer
             raise InvalidLayer(f"--image: {label} is a layer tar, not an image layout or archive")
-        return ImportResult([import_layer_tar(store, src, name, holder,
-                                              description=f"import of {label}")])
-    return import_image(store, src, name, holder, image, label)
+        if progress is None:
+            return ImportResult([import_layer_tar(store, src, name, holder,
+                                                  description=f"import of {label}")])
+        with open(src, "rb") as f:
+            reader = _Counted(f, progress, 0, os.fstat(f.fileno()).st_size)
+            return ImportResult([import_layer_tar(store, reader, name, holder,
+                                                  description=f"import of {label}")])
+    return import_image(store, src, name, holder, image, label, progress)
+
+
+class _Counted:
+    """A reader that reports ``progress(bytes read so far, total)`` (compressed bytes)."""
+
+    def __init__(self, raw, progress, base: int, total: int | None):
+        self.raw, self.progress, self.base, self.total = raw, progress, base, total
+        self.n = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.n += len(data)
+        self.progress(self.base + self.n, self.total)
+        return data
 
 
 def import_image(store: Store, src: str, name: str | None, holder: str | None,
-                 ref: str | None = None, label: str | None = None) -> ImportResult:
-    """Import the image ``ref`` (the only one when None) of a layout or archive.
+                 ref: str | None = None, label: str | None = None,
+                 progress=None) -> ImportResult:
+    """Import the image ``ref`` (the only one when None) of a layout or archive;
+    ``progress(bytes, total)`` over its layer blobs.
 
     Named by ``name``, else by the image's tag; a tag that already names another
     snapshot moves to this image, as ``docker load`` does (``ImportResult.moved``).
@@ -112,13 +134,17 @@ def import_image(store: Store, src: str, name: str | None, holder: str | None,
     from .service import merge
     label = label or src
     with oci.open_image(src, ref) as image:
-        rows = []
+        rows, done = [], 0
+        total = sum(d.size or 0 for d in image.layers) or None
         for desc in image.layers:
             row = _reuse_layer(store, desc.diff_id, rows, holder)
             if row is None:
                 with image.open_layer(desc) as reader:
+                    if progress is not None:
+                        reader = _Counted(reader, progress, done, total)
                     row = import_layer_tar(store, reader, None, holder, desc.diff_id,
                                            f"layer of {label}", lower=rows)
+            done += desc.size or 0
             rows.append(row)
         tag = image.ref_name
     if not rows:
