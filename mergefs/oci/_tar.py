@@ -131,6 +131,8 @@ def _xattr_name(key: bytes) -> str | None:
             if prefix == b"LIBARCHIVE.xattr.":
                 from urllib.parse import unquote_to_bytes
                 name = unquote_to_bytes(name)
+            if b"\0" in name:
+                raise InvalidLayer(f"tar: xattr name {name!r} holds a NUL byte")
             return name.decode("utf-8", "surrogateescape")
     return None
 

@@ -45,6 +45,7 @@ CORPUS = {
         "LIBARCHIVE.xattr.user.%FF%FEname": base64.b64encode(b"v").decode()})]),
     "xattr-bad-base64": tar_bytes([member("f", data=b"x", pax={
         "LIBARCHIVE.xattr.user.a": "%%%"})]),
+    "xattr-nul-in-name": tar_bytes([member("f", data=b"x", pax={"SCHILY.xattr.user.a\0b": "v"})]),
     "deep-3000": tar_bytes([member("a/" * 3000 + "f", data=b"x")]),
     "deep-257-dirs": tar_bytes([member("d/" * 257, "dir")]),
     "gnu-sparse": _raw(b"s", b"S") + bytes(1024),
