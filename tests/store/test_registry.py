@@ -1,0 +1,174 @@
+"""mergefs push / pull against Debian's docker-registry: two store roots act as two machines.
+
+The registry runs on 127.0.0.1 (a free port) with a private storage dir and is
+stopped by pid; its access log counts uploads and blob downloads.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from mergefs.testing.registry import RegistryServer, blob_gets, uploads
+from snapshotter.digest import tree_digest
+
+from .conftest import Cli
+
+pytestmark = [
+    pytest.mark.timeout(180),
+    pytest.mark.skipif(not (os.path.exists("/usr/bin/docker-registry") and shutil.which("skopeo")),
+                       reason="needs docker-registry and skopeo"),
+]
+
+
+@pytest.fixture
+def registry(tmp_path):
+    server = RegistryServer(tmp_path / "registry").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def a(tmp_path) -> Cli:
+    return Cli(tmp_path / "machine-a")
+
+
+@pytest.fixture
+def b(tmp_path) -> Cli:
+    return Cli(tmp_path / "machine-b")
+
+
+def _app_on(cli: Cli, layers) -> str:
+    """Import three layer dirs and merge them (a farm) on one machine; the merge id."""
+    for name, d in zip(("base", "mid", "top"), layers):
+        cli.run("import", d, "--name", name)
+    return cli.out("merge", "--strategy", "farm", "--name", "app", "base", "mid", "top")
+
+
+def _export_digest(cli: Cli, ref: str, where: Path) -> str:
+    cli.run("export", ref, "-o", where)
+    return tree_digest(where).digest
+
+
+def test_push_pull_two_machines_same_merge_id_and_tree(a, b, registry, layers, tmp_path):
+    mid = _app_on(a, layers)
+    target = f"{registry.address}/mergefs/app:v1"
+    pushed = json.loads(a.run("push", "app", target, "--json").stdout)
+    assert pushed["compressed"] == 3
+    pulled = json.loads(b.run("pull", target, "--json").stdout)
+    assert pulled["image"] == mid                      # the image record is that merge
+    assert pulled["layers"] == [x["layer"] for x in pushed["layers"]]
+    assert b.out("merge", "--strategy", "farm", *pulled["layers"]) == mid
+    assert _export_digest(b, mid, tmp_path / "on-b") == _export_digest(a, mid, tmp_path / "on-a")
+    assert "app:v1" in b.out("ls")
+
+
+def test_second_push_uploads_no_blob_and_compresses_nothing(a, registry, layers):
+    _app_on(a, layers)
+    target = f"{registry.address}/mergefs/app:v1"
+    mark = registry.mark()
+    first = json.loads(a.run("push", "app", target, "--json").stdout)
+    assert len(uploads(registry.since(mark))) == 4     # 3 layers + the config
+    mark = registry.mark()
+    again = json.loads(a.run("push", "app", f"{registry.address}/mergefs/app:v2",
+                             "--json").stdout)
+    assert uploads(registry.since(mark)) == []
+    assert again["compressed"] == 0
+    assert [x["digest"] for x in again["layers"]] == [x["digest"] for x in first["layers"]]
+
+
+def test_pull_fetches_only_the_missing_layer(a, b, registry, layers):
+    mid = _app_on(a, layers)
+    target = f"{registry.address}/mergefs/app:v1"
+    pushed = json.loads(a.run("push", "app", target, "--json").stdout)
+    b.run("import", layers[0])
+    b.run("import", layers[1])
+    mark = registry.mark()
+    pulled = json.loads(b.run("pull", target, "--json").stdout)
+    layer_digests = {x["digest"] for x in pushed["layers"]}
+    assert blob_gets(registry.since(mark), layer_digests) == [pushed["layers"][2]["digest"]]
+    assert pulled["fetched"] == [pushed["layers"][2]["digest"]]
+    assert pulled["image"] == mid
+    mark = registry.mark()                              # everything present: no layer bytes
+    assert json.loads(b.run("pull", target, "--json").stdout)["fetched"] == []
+    assert blob_gets(registry.since(mark), layer_digests) == []   # the config only
+
+
+def test_corrupt_blob_is_refused_and_nothing_stored(a, b, registry, layers):
+    _app_on(a, layers)
+    target = f"{registry.address}/mergefs/app:v1"
+    pushed = json.loads(a.run("push", "app", target, "--json").stdout)
+    path = registry.blob_path(pushed["layers"][0]["digest"])
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF                       # same size, other digest
+    path.write_bytes(bytes(data))
+    p = b.run("pull", target, "--retries", "0", check=False)
+    assert p.returncode == 1
+    err = p.stderr.strip()
+    assert len(err.splitlines()) == 1 and "mergefs: error: pull of" in err
+    assert "digest" in err.lower()
+    assert json.loads(b.run("ls", "--json").stdout) == []
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_registry_stopped_mid_pull_then_retry_resumes(a, b, registry, layers):
+    mid = _app_on(a, layers)
+    target = f"{registry.address}/mergefs/app:v1"
+    pushed = json.loads(a.run("push", "app", target, "--json").stdout)
+    proc = subprocess.Popen(b.argv("pull", target, "--retries", "1"), env=b.env(
+        MERGEFS_TEST_PAUSE_AT="pull:after-layer-1"), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while _state(proc.pid) != "T":                 # stopped itself after the first layer
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.02)
+        registry.stop()
+        os.kill(proc.pid, signal.SIGCONT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1
+    assert len(err.strip().splitlines()) == 1 and "mergefs: error: pull of" in err
+    assert "connection refused" in err
+    assert b.run("inspect", "app:v1", check=False).returncode == 3   # no image record
+    registry.start()                                    # same port and storage
+    pulled = json.loads(b.run("pull", target, "--json").stdout)
+    assert pulled["image"] == mid
+    first = pushed["layers"][0]["digest"]
+    assert first not in blob_gets(registry.requests())  # finished layers are not fetched again
+    assert pushed["layers"][2]["digest"] in pulled["fetched"]
+
+
+def test_zstd_push_pull(a, b, registry, layers):
+    mid = _app_on(a, layers)
+    target = f"{registry.address}/mergefs/app:zstd"
+    pushed = json.loads(a.run("push", "app", target, "--compression", "zstd", "--json").stdout)
+    assert {x["media_type"] for x in pushed["layers"]} == {
+        "application/vnd.oci.image.layer.v1.tar+zstd"}
+    assert json.loads(b.run("pull", target, "--json").stdout)["image"] == mid
+
+
+def test_bad_target_is_a_usage_error(a):
+    p = a.run("push", "app", "no-registry-part", check=False)
+    assert p.returncode == 2 and "REGISTRY/REPO:TAG" in p.stderr
+
+
+def test_unreachable_registry_is_one_clear_line(a, layers):
+    from mergefs.testing.registry import free_port
+    a.run("import", layers[0], "--name", "base")
+    p = a.run("push", "base", f"127.0.0.1:{free_port()}/x/y:z", "--retries", "0", check=False)
+    assert p.returncode == 1
+    assert len(p.stderr.strip().splitlines()) == 1 and "push to 127.0.0.1:" in p.stderr
