@@ -172,3 +172,120 @@ def test_unreachable_registry_is_one_clear_line(a, layers):
     p = a.run("push", "base", f"127.0.0.1:{free_port()}/x/y:z", "--retries", "0", check=False)
     assert p.returncode == 1
     assert len(p.stderr.strip().splitlines()) == 1 and "push to 127.0.0.1:" in p.stderr
+
+
+# -- credentials: basic auth, from --authfile / $REGISTRY_AUTH_FILE / ~/.docker/config.json --------
+@pytest.fixture
+def auth_registry(tmp_path):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import crypt
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text("alice:" + crypt.crypt("s3cret", "$2b$05$abcdefghijklmnopqrstuu") + "\n")
+    server = RegistryServer(tmp_path / "registry", htpasswd=str(htpasswd)).start()
+    yield server
+    server.stop()
+
+
+def _auth_json(path: Path, registry: str) -> Path:
+    import base64
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"auths": {registry: {
+        "auth": base64.b64encode(b"alice:s3cret").decode()}}}))
+    return path
+
+
+def test_basic_auth_credentials_from_the_usual_files(a, b, auth_registry, layers, tmp_path):
+    mid = _app_on(a, layers)
+    target = f"{auth_registry.address}/mergefs/app:v1"
+    home = tmp_path / "home"
+    home.mkdir()
+    p = a.run("push", "app", target, "--retries", "0", check=False, HOME=str(home),
+              XDG_RUNTIME_DIR=str(home))
+    assert p.returncode == 1 and "unauthorized" in p.stderr.lower()
+    authfile = _auth_json(tmp_path / "auth.json", auth_registry.address)
+    a.run("push", "app", target, "--authfile", authfile, HOME=str(home), XDG_RUNTIME_DIR=str(home))
+    a.run("push", "app", target + "b", HOME=str(home), XDG_RUNTIME_DIR=str(home),
+          REGISTRY_AUTH_FILE=str(authfile))
+    _auth_json(home / ".docker" / "config.json", auth_registry.address)
+    pulled = json.loads(b.run("pull", target, "--json", HOME=str(home),
+                              XDG_RUNTIME_DIR=str(home)).stdout)
+    assert pulled["image"] == mid
+
+
+# -- interop: skopeo and containerd accept what mergefs pushed; mergefs pulls what skopeo pushed ---
+def _skopeo(*args) -> None:
+    p = subprocess.run(["skopeo", *args], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+
+
+def test_skopeo_copies_what_mergefs_pushed(a, registry, layers, tmp_path):
+    mid = _app_on(a, layers)
+    target = f"{registry.address}/mergefs/app:v1"
+    a.run("push", "app", target, "--compression", "zstd")
+    _skopeo("copy", "--src-tls-verify=false", f"docker://{target}", f"oci:{tmp_path / 'copy'}:v1")
+    c = Cli(tmp_path / "machine-c")                 # skopeo's copy imports into the same tree
+    image = c.run("import", tmp_path / "copy", "--json")
+    assert image.returncode == 0
+    assert _export_digest(c, "v1", tmp_path / "on-c") == _export_digest(a, mid, tmp_path / "on-a")
+
+
+@pytest.mark.parametrize("fmt", ["oci", "v2s2"])
+def test_mergefs_pulls_what_skopeo_pushed(a, b, registry, layers, tmp_path, fmt):
+    mid = _app_on(a, layers)
+    a.run("export", "app", "-o", tmp_path / "layout", "--format", "oci")
+    target = f"{registry.address}/skopeo/app:{fmt}"
+    _skopeo("copy", "--dest-tls-verify=false", f"--format={fmt}", f"oci:{tmp_path / 'layout'}:app",
+            f"docker://{target}")
+    pulled = json.loads(b.run("pull", target, "--json").stdout)
+    c = Cli(tmp_path / "machine-c")                 # the same image imported from the layout
+    c.run("import", tmp_path / "layout", "--name", "img")
+    assert pulled["image"] == c.out("inspect", "img", "--json").split('"id": "')[1].split('"')[0]
+    assert _export_digest(b, pulled["image"], tmp_path / "on-b") == \
+        _export_digest(a, mid, tmp_path / "on-a")
+
+
+@pytest.fixture
+def containerd(tmp_path):
+    if not shutil.which("containerd") or not shutil.which("ctr"):
+        pytest.skip("needs containerd and ctr")
+    base = tmp_path / "containerd"
+    base.mkdir()
+    sock = base / "containerd.sock"
+    cfg = base / "config.toml"
+    cfg.write_text(f'version = 2\nroot = "{base / "root"}"\nstate = "{base / "state"}"\n'
+                   f'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+                   f'[grpc]\n  address = "{sock}"\n[ttrpc]\n  address = "{sock}.ttrpc"\n')
+    with open(base / "log", "wb") as log:
+        proc = subprocess.Popen(["containerd", "--config", str(cfg)], stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while subprocess.run(["ctr", "--address", str(sock), "version"],
+                             capture_output=True).returncode != 0:
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                (base / "log").read_text()[-2000:]
+            time.sleep(0.1)
+        yield str(sock)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_ctr_pulls_what_mergefs_pushed(a, registry, layers, containerd, compression):
+    _app_on(a, layers)
+    target = f"{registry.address}/mergefs/app:{compression}"
+    a.run("push", "app", target, "--compression", compression)
+    p = subprocess.run(["ctr", "--address", containerd, "-n", "mergefs-test", "images", "pull",
+                        "--plain-http", target], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr        # fetched, diffIDs checked, unpacked
+    p = subprocess.run(["ctr", "--address", containerd, "-n", "mergefs-test", "images", "check"],
+                       capture_output=True, text=True, timeout=60)
+    assert target in p.stdout and "complete" in p.stdout, p.stdout
