@@ -82,6 +82,14 @@ class RegistryServer:
         """(method, path, status) of every request in the current run's access log."""
         return [(m, p, int(s)) for m, p, s, _ in _ACCESS.findall(self.log.read_text())]
 
+    def layer_bytes(self, digests, mark: int = 0) -> int:
+        """Bytes of blob bodies sent for ``digests`` (GET .../blobs/<digest>) since ``mark``."""
+        sent = 0
+        for m, p, s, n in _ACCESS.findall(self.log.read_text())[mark:]:
+            if m == "GET" and p.rsplit("/", 1)[-1] in digests and n != "-":
+                sent += int(n)
+        return sent
+
     def mark(self) -> int:
         return len(self.requests())
 
