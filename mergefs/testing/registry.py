@@ -26,10 +26,12 @@ def free_port() -> int:
 
 
 class RegistryServer:
-    def __init__(self, workdir: str | os.PathLike, htpasswd: str | None = None):
+    def __init__(self, workdir: str | os.PathLike, htpasswd: str | None = None,
+                 token: dict | None = None):
         self.dir = Path(workdir)
         self.storage = self.dir / "storage"
         self.htpasswd = htpasswd
+        self.token = token          # realm, service, issuer, rootcertbundle: bearer tokens
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.log = self.dir / "registry-0.log"
@@ -42,6 +44,8 @@ class RegistryServer:
     def _config(self) -> Path:
         auth = (f"auth:\n  htpasswd:\n    realm: mergefs-test\n    path: {self.htpasswd}\n"
                 if self.htpasswd else "")
+        if self.token:
+            auth = "auth:\n  token:\n" + "".join(f"    {k}: {v}\n" for k, v in self.token.items())
         cfg = self.dir / "config.yml"
         cfg.write_text(
             "version: 0.1\nlog:\n  level: info\n  formatter: text\n"

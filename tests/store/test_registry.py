@@ -289,3 +289,107 @@ def test_ctr_pulls_what_mergefs_pushed(a, registry, layers, containerd, compress
     p = subprocess.run(["ctr", "--address", containerd, "-n", "mergefs-test", "images", "check"],
                        capture_output=True, text=True, timeout=60)
     assert target in p.stdout and "complete" in p.stdout, p.stdout
+
+
+# -- bearer tokens: a token server (RS256 JWTs, x5c) trusted by the registry ----------------
+class TokenServer:
+    """GET /token with basic auth alice:s3cret -> {"token": JWT granting the asked scope}."""
+
+    def __init__(self, work: Path):
+        import base64
+        self.work = work
+        work.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                        "-subj", "/CN=mergefs-test-token", "-keyout", str(work / "key.pem"),
+                        "-out", str(work / "cert.pem")], check=True, capture_output=True)
+        der = subprocess.run(["openssl", "x509", "-in", str(work / "cert.pem"), "-outform", "DER"],
+                             check=True, capture_output=True).stdout
+        self.x5c = base64.b64encode(der).decode()
+        self.requests = 0
+        self.httpd = None
+
+    def mint(self, scope: str) -> str:
+        import base64
+        b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()  # noqa: E731
+        now = int(time.time())
+        access = []
+        for item in scope.split(" ") if scope else []:
+            kind, name, actions = item.split(":")
+            access.append({"type": kind, "name": name, "actions": actions.split(",")})
+        head = b64(json.dumps({"typ": "JWT", "alg": "RS256", "x5c": [self.x5c]}).encode())
+        body = b64(json.dumps({"iss": "mergefs-test-issuer", "sub": "alice",
+                               "aud": "mergefs-test", "exp": now + 600, "nbf": now - 60,
+                               "iat": now, "jti": os.urandom(8).hex(),
+                               "access": access}).encode())
+        sig = subprocess.run(["openssl", "dgst", "-sha256", "-sign", str(self.work / "key.pem")],
+                             input=f"{head}.{body}".encode(), check=True,
+                             capture_output=True).stdout
+        return f"{head}.{body}.{b64(sig)}"
+
+    def start(self) -> str:
+        import base64
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import parse_qs, urlparse
+        server = self
+        good = "Basic " + base64.b64encode(b"alice:s3cret").decode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.requests += 1
+                if self.headers.get("Authorization") != good:
+                    self.send_response(401)
+                    self.end_headers()
+                    return
+                q = parse_qs(urlparse(self.path).query)
+                data = json.dumps({"token": server.mint(" ".join(q.get("scope", [])))}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/token"
+
+    def stop(self) -> None:
+        if self.httpd is not None:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+
+
+@pytest.fixture
+def token_registry(tmp_path):
+    tokens = TokenServer(tmp_path / "tokens")
+    realm = tokens.start()
+    server = RegistryServer(tmp_path / "registry", token={
+        "realm": realm, "service": "mergefs-test", "issuer": "mergefs-test-issuer",
+        "rootcertbundle": str(tmp_path / "tokens" / "cert.pem")})
+    try:
+        server.start()
+        yield server, tokens
+    finally:
+        server.stop()
+        tokens.stop()
+
+
+def test_bearer_tokens(a, b, token_registry, layers, tmp_path):
+    registry, tokens = token_registry
+    mid = _app_on(a, layers)
+    target = f"{registry.address}/mergefs/app:v1"
+    home = tmp_path / "home"
+    home.mkdir()
+    env = dict(HOME=str(home), XDG_RUNTIME_DIR=str(home))
+    p = a.run("push", "app", target, "--retries", "0", check=False, **env)
+    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1
+    authfile = _auth_json(tmp_path / "auth.json", registry.address)
+    a.run("push", "app", target, "--authfile", authfile, **env)    # basic creds -> token flow
+    assert tokens.requests >= 2
+    assert b.run("pull", target, "--retries", "0", check=False, **env).returncode == 1
+    token = tokens.mint("repository:mergefs/app:pull")
+    pulled = json.loads(b.run("pull", target, "--registry-token", token, "--json", **env).stdout)
+    assert pulled["image"] == mid
