@@ -393,3 +393,30 @@ def test_bearer_tokens(a, b, token_registry, layers, tmp_path):
     token = tokens.mint("repository:mergefs/app:pull")
     pulled = json.loads(b.run("pull", target, "--registry-token", token, "--json", **env).stdout)
     assert pulled["image"] == mid
+
+
+def test_progress_on_a_terminal_only(a, b, registry, layers):
+    _app_on(a, layers)
+    target = f"{registry.address}/mergefs/app:v1"
+    assert a.run("push", "app", target).stderr == ""           # not a terminal: quiet
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.Popen(b.argv("pull", target), env=b.env(), stdout=subprocess.PIPE,
+                                stderr=slave)
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:                                     # EIO: the other side closed
+                break
+            if not data:
+                break
+            chunks.append(data)
+        proc.wait(timeout=60)
+    finally:
+        os.close(master)
+    text = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0
+    assert "3 layers, 0 present, 3 to fetch" in text and "layer 3/3" in text
+    assert "Getting image source signatures" in text            # skopeo draws its bars
