@@ -45,10 +45,15 @@ def b(tmp_path) -> Cli:
 
 
 def _app_on(cli: Cli, layers) -> str:
-    """Import three layer dirs and merge them (a farm) on one machine; the merge id."""
-    for name, d in zip(("base", "mid", "top"), layers):
-        cli.run("import", d, "--name", name)
-    return cli.out("merge", "--strategy", "farm", "--name", "app", "base", "mid", "top")
+    """Import three layer dirs and merge them (a farm) on one machine; the merge id.
+
+    Through the library (set-up, not under test: saves interpreter start-ups)."""
+    from snapshotter import service
+    from snapshotter.store import Store
+    with Store(cli.root) as store:
+        for name, d in zip(("base", "mid", "top"), layers):
+            service.import_dir(store, d, name=name)
+        return service.merge(store, ["base", "mid", "top"], strategy="farm", name="app").row.id
 
 
 def _export_digest(cli: Cli, ref: str, where: Path) -> str:
@@ -152,6 +157,7 @@ def test_registry_stopped_mid_pull_then_retry_resumes(a, b, registry, layers):
     assert pushed["layers"][2]["digest"] in pulled["fetched"]
 
 
+@pytest.mark.slow
 def test_zstd_push_pull(a, b, registry, layers):
     mid = _app_on(a, layers)
     target = f"{registry.address}/mergefs/app:zstd"
@@ -196,6 +202,7 @@ def _auth_json(path: Path, registry: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_basic_auth_credentials_from_the_usual_files(a, b, auth_registry, layers, tmp_path):
     mid = _app_on(a, layers)
     target = f"{auth_registry.address}/mergefs/app:v1"
@@ -220,6 +227,7 @@ def _skopeo(*args) -> None:
     assert p.returncode == 0, p.stderr
 
 
+@pytest.mark.slow
 def test_skopeo_copies_what_mergefs_pushed(a, registry, layers, tmp_path):
     mid = _app_on(a, layers)
     target = f"{registry.address}/mergefs/app:v1"
@@ -231,6 +239,7 @@ def test_skopeo_copies_what_mergefs_pushed(a, registry, layers, tmp_path):
     assert _export_digest(c, "v1", tmp_path / "on-c") == _export_digest(a, mid, tmp_path / "on-a")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["oci", "v2s2"])
 def test_mergefs_pulls_what_skopeo_pushed(a, b, registry, layers, tmp_path, fmt):
     mid = _app_on(a, layers)
@@ -377,6 +386,7 @@ def token_registry(tmp_path):
         tokens.stop()
 
 
+@pytest.mark.slow
 def test_bearer_tokens(a, b, token_registry, layers, tmp_path):
     registry, tokens = token_registry
     mid = _app_on(a, layers)
@@ -395,6 +405,7 @@ def test_bearer_tokens(a, b, token_registry, layers, tmp_path):
     assert pulled["image"] == mid
 
 
+@pytest.mark.slow
 def test_progress_on_a_terminal_only(a, b, registry, layers):
     _app_on(a, layers)
     target = f"{registry.address}/mergefs/app:v1"
