@@ -73,14 +73,15 @@ def _progress(msg: str) -> None:
 
 
 def _store(args):
-    from .cmd_store import _store as open_store
-    return open_store(args)
+    """The store under the CLI's ``Snapshotter`` (its holder keeps what a pull records)."""
+    from .cmd_store import _store as open_snapshotter
+    return open_snapshotter(args)
 
 
 def cmd_push(args) -> int:
     from snapshotter import registry
-    with _store(args) as store:
-        res = registry.push(store, args.ref, args.target, _client(args), args.compression,
+    with _store(args) as sn:
+        res = registry.push(sn.store, args.ref, args.target, _client(args), args.compression,
                             progress=_progress if _tty() else registry._quiet)
     if args.json:
         print(json.dumps({"target": res.target, "manifest": res.manifest_digest,
@@ -93,8 +94,8 @@ def cmd_push(args) -> int:
 
 def cmd_pull(args) -> int:
     from snapshotter import registry
-    with _store(args) as store:
-        res = registry.pull(store, args.target, args.name, _client(args),
+    with _store(args) as sn:
+        res = registry.pull(sn.store, args.target, args.name, _client(args), holder=sn.holder,
                             progress=_progress if _tty() else registry._quiet)
     if args.json:
         print(json.dumps({"target": res.target, "manifest": res.manifest_digest,
