@@ -431,3 +431,25 @@ def test_progress_on_a_terminal_only(a, b, registry, layers):
     assert proc.returncode == 0
     assert "3 layers, 0 present, 3 to fetch" in text and "layer 3/3" in text
     assert "Getting image source signatures" in text            # skopeo draws its bars
+
+
+@pytest.mark.parametrize("text,want", [
+    ("127.0.0.1:5000/app:v1", ("127.0.0.1:5000", "app", "v1", None)),
+    ("localhost/team/app", ("localhost", "team/app", "latest", None)),
+    ("[::1]:5000/a/b:c", ("[::1]:5000", "a/b", "c", None)),
+    ("reg.example.com/a@sha256:" + "0" * 64, ("reg.example.com", "a", None, "sha256:" + "0" * 64)),
+])
+def test_parse_target(text, want):
+    from snapshotter.distribution import parse_target
+    t = parse_target(text)
+    assert (t.registry, t.repo, t.tag, t.digest) == want
+    assert str(t) == (text if ":" in text.rsplit("/", 1)[-1] or "@" in text else text + ":latest")
+    assert t.loopback() == (not want[0].startswith("reg."))
+
+
+@pytest.mark.parametrize("text", ["app:v1", "docker.io", "reg.io/UPPER:v1", "reg.io/a:b c",
+                                  "reg.io/a@sha256:xyz"])
+def test_parse_target_refuses(text):
+    from snapshotter.distribution import parse_target
+    with pytest.raises(ValueError):
+        parse_target(text)
