@@ -453,3 +453,23 @@ def test_parse_target_refuses(text):
     from snapshotter.distribution import parse_target
     with pytest.raises(ValueError):
         parse_target(text)
+
+
+@pytest.mark.slow
+def test_retries_with_backoff_outlast_a_registry_restart(a, b, registry, layers):
+    mid = _app_on(a, layers)
+    target = f"{registry.address}/mergefs/app:v1"
+    a.run("push", "app", target)
+    registry.stop()
+    proc = subprocess.Popen(b.argv("pull", target, "--retries", "4"), env=b.env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)                     # skopeo backs off 1 s, 2 s, 4 s... meanwhile
+        registry.start()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert out.strip() == mid
