@@ -214,6 +214,9 @@ def push(store: Store, ref: str, target: str | Target, client: Skopeo | None = N
     flat = service.flatten(store, service.resolve_ref(store, ref))
     blobs, compressed = [], 0
     for i, layer in enumerate(flat, 1):
+        if not any(r[1] == compression for r in meta.blobs_of(store.db, layer=layer)):
+            progress(f"layer {i}/{len(flat)} {service.short(layer)}: writing its {compression} "
+                     "blob (once)")
         blob, new = ensure_blob(store, layer, compression)
         compressed += new
         progress(f"layer {i}/{len(flat)} {service.short(layer)}: blob {blob.digest[:19]} "
