@@ -195,7 +195,7 @@ def main(argv=None) -> int:
         one_rep(args.workdir, rep, root_a, layout, mid, table)
         loads.append(os.getloadavg()[0])
         print(f"rep {rep + 1}/{args.reps} done; load average {loads[-1]:.2f}", flush=True)
-    print(table.render())
+        print(table.render(), flush=True)
     print(f"load average (1 min) after each rep: {', '.join(f'{x:.2f}' for x in loads)}")
     if args.json:
         with open(args.json, "w") as f:
