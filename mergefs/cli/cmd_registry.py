@@ -61,11 +61,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _client(args):
     from snapshotter.distribution import Skopeo
     return Skopeo(insecure=args.insecure, authfile=args.authfile, creds=args.creds,
-                  token=args.registry_token, retries=args.retries, progress=_tty())
+                  token=args.registry_token, retries=args.retries, progress=_shown(args))
 
 
-def _tty() -> bool:
-    return sys.stderr.isatty()
+def _shown(args) -> bool:
+    """Progress on a terminal unless --quiet (the CLI's one rule, ``progress.wanted``)."""
+    from .progress import wanted
+    return wanted(args)
 
 
 def _progress(msg: str) -> None:
@@ -82,7 +84,7 @@ def cmd_push(args) -> int:
     from snapshotter import registry
     with _store(args) as sn:
         res = registry.push(sn.store, args.ref, args.target, _client(args), args.compression,
-                            progress=_progress if _tty() else registry._quiet)
+                            progress=_progress if _shown(args) else registry._quiet)
     if args.json:
         print(json.dumps({"target": res.target, "manifest": res.manifest_digest,
                           "compressed": res.compressed,
@@ -96,7 +98,7 @@ def cmd_pull(args) -> int:
     from snapshotter import registry
     with _store(args) as sn:
         res = registry.pull(sn.store, args.target, args.name, _client(args), holder=sn.holder,
-                            progress=_progress if _tty() else registry._quiet)
+                            progress=_progress if _shown(args) else registry._quiet)
     if args.json:
         print(json.dumps({"target": res.target, "manifest": res.manifest_digest,
                           "layers": [r.id for r in res.layers], "fetched": res.fetched,

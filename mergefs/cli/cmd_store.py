@@ -2,8 +2,9 @@
 
 Also the store forms of merge, diff and explain (``store_merge``,
 ``store_diff``, ``store_explain``), called by ``cmd_core`` when no ``--out``
-is given. A REF is a name, an id, a unique id prefix, or a layer directory
-(an argument containing '/', imported implicitly). The store root is
+is given. A REF is a name, an id or a unique id prefix; a layer directory is
+spelled as a path (``refs``) and imported implicitly only by merge, diff and
+commit (as the README says); explain, inspect, export and release never import. The store root is
 ``--root``, else ``$MERGEFS_ROOT``, else /var/lib/mergefs (root) or
 $XDG_DATA_HOME/mergefs.
 """
@@ -13,9 +14,19 @@ import argparse
 import json
 import os
 import sys
-import time
 
 from ..layer import FORMATS
+from . import output, progress, refs
+
+
+def _existing_store(args):
+    """The store for a verb that only reads it: a missing store is not created."""
+    from snapshotter.store import default_root
+    from ..errors import NotFound
+    root = default_root(getattr(args, "root", None))
+    if not os.path.exists(os.path.join(root, "meta.db")):
+        raise NotFound(f"no store at {root} (nothing has been imported there)")
+    return _store(args)
 
 
 def _store(args, reconcile: bool = True):
@@ -34,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name")
     p.add_argument("--format", choices=FORMATS, default="auto", help="whiteout format of a dir")
     p.add_argument("--json", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("commit", help="turn an overlay-format upper dir (or an active "
@@ -80,39 +92,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("ref", metavar="REF")
     p.add_argument("-o", "--output", required=True, metavar="PATH")
     p.add_argument("--format", choices=("dir", "tar", "oci"), default="dir")
+    p.add_argument("--compression", choices=("gzip", "zstd", "none"), default=None,
+                   help="layer compression for tar and oci (oci default: gzip, on every core; "
+                   "zstd: application/vnd.oci.image.layer.v1.tar+zstd; tar default: none)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_export)
-
-
-# -- helpers --------------------------------------------------------------------
-def _progress(what: str):
-    """A callback printing a running count on stderr (only used when it is a terminal)."""
-    def show(n: int) -> None:
-        if n % 1000 == 0:
-            print(f"\rmergefs: {what} {n} entries", end="", file=sys.stderr, flush=True)
-    return show
-
-
-def human(n: int) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.2f}{unit}"
-        n /= 1000
-    return str(n)
-
-
-def when(t: float) -> str:
-    age = time.time() - t
-    for secs, unit in ((86400, "days"), (3600, "hours"), (60, "minutes")):
-        if age >= secs:
-            return f"{int(age // secs)} {unit} ago"
-    return f"{int(age)} seconds ago"
 
 
 # -- merge / diff / explain (store forms) ----------------------------------------------
 def store_merge(args) -> int:
-    with _store(args) as sn:
-        res = sn.merge(args.refs, strategy=args.strategy, name=args.name, intent=args.intent,
-                       fmt=args.format)
+    inputs = [refs.store_arg(r) for r in args.refs]
+    with _store(args) as sn, progress.task(args, "building farm") as report:
+        res = sn.merge(inputs, strategy=args.strategy, name=args.name, intent=args.intent,
+                       fmt=args.format, progress=report)
     if args.json:
         print(json.dumps({"id": res.row.id, "strategy": res.decision.strategy,
                           "reused": res.reused, "reasons": list(res.decision.reasons)}))
@@ -127,20 +119,23 @@ def store_merge(args) -> int:
 
 def store_diff(args) -> int:
     with _store(args) as sn:
-        row = sn.diff(args.lower, args.upper, name=args.name, fmt=args.format)
+        row = sn.diff(_stack(args.lower), _stack(args.upper), name=args.name, fmt=args.format)
     print(json.dumps({"id": row.id}) if args.json else row.id)
     return 0
 
 
+def _stack(arg: str) -> str:
+    """diff's LOWER/UPPER for the store: directories made absolute (imported), refs as given."""
+    return ":".join(a.value for a in refs.stack(arg, "diff"))
+
+
 def store_explain(args) -> int:
+    """explain REF PATH...: reads the store, never writes to it (a directory is no REF)."""
     from snapshotter.service import short
+    from ..explain import explain
     from ..resolver import Resolver
-    from .cmd_core import print_explanation
-    if len(args.args) != 2:
-        from ..errors import InvalidLayer
-        raise InvalidLayer("usage: mergefs explain REF PATH (or PATH LAYERDIR...)")
-    ref, path = args.args
-    with _store(args) as sn:
+    ref, paths = refs.ref_only(args.args[0], "explain"), args.args[1:]
+    with _existing_store(args) as sn:
         row = sn.resolve(ref, args.format)
         ids = sn.layers(row)
         dirs = [sn.layer_dir(i) for i in ids]
@@ -149,20 +144,23 @@ def store_explain(args) -> int:
             ids, dirs = [row.id], [sn.layer_dir(row.id)]
             print(f"mergefs: note: inputs of {short(row.id)} were pruned; explaining "
                   "the farm as one layer", file=sys.stderr)
-    p = os.fsencode(path).strip(b"/")
     with Resolver(dirs) as r:
-        rows = r.explain(p)
-    print_explanation(p, rows, [short(i) for i in ids], as_json=args.json)
+        for path in paths:
+            p = os.fsencode(path).strip(b"/")
+            output.print_explanation(p, explain(r, p), [short(i) for i in ids], as_json=args.json)
     return 0
 
 
 # -- store verbs ------------------------------------------------------------------
 def cmd_import(args) -> int:
+    from .. import oci
+    from ..errors import NotFound
+    if not os.path.lexists(args.src):
+        raise NotFound(f"{args.src!r} does not exist")
+    unit = "entries" if oci.detect_source(args.src) == "layer-dir" else "bytes"
     with _store(args) as sn:
-        res = sn.import_(args.src, fmt=args.format, name=args.name,
-                         progress=_progress("copied") if sys.stderr.isatty() else None)
-        if sys.stderr.isatty():
-            print(file=sys.stderr)
+        with progress.task(args, "importing", unit) as report:
+            res = sn.import_(args.src, fmt=args.format, name=args.name, progress=report)
         out = {"layers": [sn.describe(r) for r in res.layers],
                "image": sn.describe(res.image) if res.image else None} if args.json else None
     if args.json:
@@ -175,7 +173,9 @@ def cmd_import(args) -> int:
 
 def cmd_commit(args) -> int:
     with _store(args) as sn:
-        row = sn.commit_upper(args.upper, parent=args.parent, name=args.name)
+        row = sn.commit_upper(refs.store_arg(args.upper, "UPPERDIR|KEY"),
+                              parent=args.parent and refs.store_arg(args.parent, "--parent"),
+                              name=args.name)
     print(json.dumps({"id": row.id}) if args.json else row.id)
     return 0
 
@@ -183,7 +183,7 @@ def cmd_commit(args) -> int:
 def cmd_release(args) -> int:
     with _store(args) as sn:
         for ref in args.refs:
-            print(sn.release(ref).id)
+            print(sn.release(refs.ref_only(ref, "release")).id)
     return 0
 
 
@@ -195,13 +195,17 @@ def cmd_prune(args) -> int:
                        else None,
                        keep_storage=parse_size(args.keep_storage) if args.keep_storage else None,
                        dry_run=args.dry_run)
+    for sid, why in rep.kept:
+        print(f"mergefs: warning: kept {sid}: its holders.json lists {why}, which the "
+              "metadata lacks; run `mergefs fsck --repair`", file=sys.stderr)
     if args.json:
-        print(json.dumps({"deleted": rep.deleted, "freed": rep.freed, "dry_run": rep.dry_run}))
+        print(json.dumps({"deleted": rep.deleted, "freed": rep.freed, "dry_run": rep.dry_run,
+                          "kept": [sid for sid, _ in rep.kept]}))
         return 0
     verb = "would delete" if rep.dry_run else "deleted"
     for i in rep.deleted:
         print(f"{verb} {i}")
-    print(f"Total: {'would free' if rep.dry_run else 'freed'} {human(rep.freed)} "
+    print(f"Total: {'would free' if rep.dry_run else 'freed'} {output.human(rep.freed)} "
           f"({len(rep.deleted)} snapshots)")
     return 0
 
@@ -209,43 +213,8 @@ def cmd_prune(args) -> int:
 def cmd_du(args) -> int:
     with _store(args) as sn:
         u = sn.du()
-    recs = sorted(u.snapshots, key=lambda s: (-s.size, s.row.id))
-    if args.json:
-        print(json.dumps({"snapshots": [_du_dict(s) for s in recs], "total": u.total,
-                          "exclusive": u.exclusive, "shared": u.shared,
-                          "reclaimable": u.reclaimable, "overhead": u.overhead}))
-        return 0
-    if args.verbose:
-        for s in recs:
-            for k, v in _du_dict(s).items():
-                label = "ID" if k == "id" else k.replace("_", " ").capitalize()
-                if k in ("exclusive", "shared", "size"):
-                    v = human(v)
-                elif k == "created" and v:
-                    v = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(v))
-                elif k == "last_used" and v:
-                    v = when(v)
-                print(f"{label + ':':<14}{v}")
-            print()
-    else:
-        print(f"{'ID':<20} {'KIND':<7} {'RECLAIMABLE':<12} {'EXCLUSIVE':>10} {'SHARED':>10}  "
-              "LAST ACCESSED")
-        for s in recs:
-            print(f"{s.row.id[7:26]:<20} {s.row.kind:<7} {str(s.reclaimable).lower():<12} "
-                  f"{human(s.exclusive):>10} {human(s.shared):>10}  {when(s.row.last_used)}")
-    print(f"{'Exclusive:':<14}{human(u.exclusive)}\n{'Shared:':<14}{human(u.shared)}\n"
-          f"{'Reclaimable:':<14}{human(u.reclaimable)}\n{'Overhead:':<14}{human(u.overhead)}\n"
-          f"{'Total:':<14}{human(u.total)}")
+    output.print_du(u, verbose=args.verbose, as_json=args.json)
     return 0
-
-
-def _du_dict(s) -> dict:
-    return {"id": s.row.id, "kind": s.row.kind + (f" ({s.row.strategy})" if s.row.strategy else ""),
-            "parents": ";".join(s.parents), "names": ";".join(s.names),
-            "created": s.row.created, "last_used": s.row.last_used,
-            "usage_count": s.row.use_count, "reclaimable": s.reclaimable,
-            "exclusive": s.exclusive, "shared": s.shared, "size": s.size,
-            "description": s.row.description, "state": s.row.state}
 
 
 def cmd_ls(args) -> int:
@@ -263,8 +232,9 @@ def cmd_ls(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    with _store(args) as sn:
-        d = sn.inspect(args.ref)           # also a corrupt one: inspecting it is the point
+    ref = refs.ref_only(args.ref, "inspect")
+    with _existing_store(args) as sn:
+        d = sn.inspect(ref)                # also a corrupt one: inspecting it is the point
     if args.json:
         print(json.dumps(d))
     else:
@@ -274,8 +244,8 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_fsck(args) -> int:
-    with _store(args, reconcile=False) as sn:
-        findings = sn.fsck(repair=args.repair, verify_content=not args.fast)
+    from snapshotter.fsck import fsck_store
+    findings = fsck_store(args.root, repair=args.repair, verify_content=not args.fast)
     errors = [f for f in findings if f.severity == "error" and not f.repaired]
     if args.json:
         print(json.dumps({"clean": not errors, "findings": [vars(f) for f in findings]}))
@@ -288,7 +258,12 @@ def cmd_fsck(args) -> int:
 
 
 def cmd_export(args) -> int:
-    with _store(args) as sn:
-        sn.export(args.ref, args.output, args.format)
+    from ..errors import InvalidLayer
+    if args.compression and args.format == "dir":
+        raise InvalidLayer("--compression is for --format tar or oci")
+    compression = {None: "auto", "none": None}.get(args.compression, args.compression)
+    ref = refs.ref_only(args.ref, "export")
+    with _existing_store(args) as sn, progress.task(args, "exporting", "bytes") as report:
+        sn.export(ref, args.output, args.format, compression, report)
     print(args.output)
     return 0

@@ -18,8 +18,14 @@ STACK = [LayerSpec().file("etc/motd", b"hi").file("d/x").file("srv", b"file"),
          LayerSpec().whiteout("etc/motd").opaque_dir("d").file("d/y").file("srv/index")]
 
 
-def mergefs(*args, check=None, no_dac=False):
-    """Run the CLI; ``no_dac`` drops root's power to ignore file permissions."""
+def mergefs(*args, check=None, no_dac=False, process=False):
+    """Run the CLI: ``main(argv)`` in this process, or a real process when ``process``
+    (end to end) or ``no_dac`` (drops root's power to ignore file permissions)."""
+    if not (no_dac or process):
+        r = _in_process([str(a) for a in args])
+        if check is not None:
+            assert r.returncode == check, (r.returncode, r.stdout, r.stderr)
+        return r
     cmd = [sys.executable, "-m", "mergefs", *map(str, args)]
     if no_dac:
         cmd = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *cmd]
@@ -27,6 +33,16 @@ def mergefs(*args, check=None, no_dac=False):
     if check is not None:
         assert r.returncode == check, (r.returncode, r.stdout, r.stderr)
     return r
+
+
+def _in_process(argv: list[str]) -> subprocess.CompletedProcess:
+    import contextlib
+    import io
+    from mergefs.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return subprocess.CompletedProcess(argv, int(code), out.getvalue(), err.getvalue())
 
 
 @needs_root
@@ -50,9 +66,10 @@ def test_merge_jobs_builds_the_same_farm(tmp_path):
     expected = tree.model_view(model.merge([low, top]))
     for jobs in ("1", "2", None):
         out = tmp_path / f"farm-{jobs}"
-        mergefs("merge", *(["-j", jobs] if jobs else []), "--out", out, *layers, check=0)
+        mergefs("merge", *(["-j", jobs] if jobs else []), "--out", out, *layers, check=0,
+                process=True)     # end to end: the CLI process forks its workers
         tree.assert_same(tree.capture(out), expected, f"-j {jobs}")
-    r = mergefs("merge", "-j", "0", "--out", tmp_path / "zero", *layers, check=2)
+    r = mergefs("merge", "-j", "0", "--out", tmp_path / "zero", *layers, check=2, process=True)
     assert "--jobs must be at least 1" in r.stderr and not (tmp_path / "zero").exists()
 
 
@@ -78,14 +95,15 @@ def test_diff_accepts_stacks_joined_by_colons(tmp_path):
 @needs_root
 def test_explain_names_the_supplier_and_what_hid_the_rest(tmp_path):
     layers = materialise_stack(STACK, tmp_path, "oci")
-    out = mergefs("explain", "/etc/motd", *layers, check=0).stdout
+    ls = [x for layer in layers for x in ("-l", layer)]
+    out = mergefs("explain", "/etc/motd", *ls, check=0).stdout
     assert "not in the merged view" in out and "deleted by a whiteout of etc/motd in layer 1" in out
-    out = json.loads(mergefs("explain", "--json", "srv", *layers, check=0).stdout)
+    out = json.loads(mergefs("explain", "--json", "srv", *ls, check=0).stdout)
     assert out["supplied_by"] == 1
     assert out["layers"][1] == {"layer": 0, "source": str(layers[0]), "holds": "file",
                                 "status": "hidden",
                                 "reason": "replaced by a directory in layer 1 (type change)"}
-    out = mergefs("explain", "d/x", *layers, check=0).stdout
+    out = mergefs("explain", "d/x", *ls, check=0).stdout
     assert "hidden by opaque directory d in layer 1" in out
 
 
