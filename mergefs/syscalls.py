@@ -241,10 +241,12 @@ def is_whiteout_stat(st: os.stat_result) -> bool:
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND = 1, 2, 4, 32, 4096
 
 
-def mount(source: str | None, target: str, flags: int, fstype: str | None = None) -> None:
-    """mount(2) without data; raises OSError."""
+def mount(source: str | None, target: str, flags: int, fstype: str | None = None,
+          data: str | None = None) -> None:
+    """mount(2); ``data`` is the filesystem's option string; raises OSError."""
     enc = (lambda s: None if s is None else os.fsencode(s))
-    if _libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), None) != 0:
+    if _libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags),
+                   enc(data)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), target)
 

@@ -36,10 +36,20 @@ opens whenever it is absent or stale, since the fallback is only slower. The
 change is small and meant for upstream ("pass the inode to read/readdir when
 there is no fh"); once pyfuse3 has it, the patch step goes away.
 """
-from .ops import UnionOperations
-from .server import clean_stale, is_mounted, serve, start, unmount
-from .view import UnionView
-from .writable import WritableView
+import importlib
+
+# Resolved on first use (PEP 562): ``mergefs mount`` imports ``server`` without
+# pyfuse3 and trio, which ``ops`` would pull in.
+_EXPORTS = {"UnionOperations": "ops", "UnionView": "view", "WritableView": "writable",
+            "clean_stale": "server", "is_mounted": "server", "serve": "server",
+            "start": "server", "unmount": "server"}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+
 
 __all__ = ["UnionOperations", "UnionView", "WritableView", "clean_stale", "is_mounted",
            "serve", "start", "unmount"]

@@ -30,21 +30,20 @@ import sys
 import time
 from dataclasses import asdict
 
-import pyfuse3
-import trio
-
 from ..errors import MountError
-from ..layer import Layer
 from ..mountspec import MountSpec
-from .errors import REQUESTS
-from .ops import UnionOperations
-from .view import UnionView
+
+# pyfuse3 and trio (imported, ~150-300 ms of the mount command's time) are
+# imported by the server process only: ``mergefs mount`` forks before it
+# imports them, so its own exit stays cheap and the mount goes live sooner.
 
 log = logging.getLogger("mergefs.union")
 READY_TIMEOUT = 30.0
 
 
-def build_view(spec: MountSpec, fmt: str = "auto") -> UnionView:
+def build_view(spec: MountSpec, fmt: str = "auto"):
+    from ..layer import Layer
+    from .view import UnionView
     lowers = [Layer(p, fmt) for p in spec.lowers]
     if spec.upper is None:
         return UnionView(lowers)
@@ -64,6 +63,8 @@ def fuse_options(spec: MountSpec) -> set[str]:
 
 
 async def _run() -> None:
+    import pyfuse3
+    import trio
     async with trio.open_nursery() as nursery:
         async def on_signal():
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
@@ -99,6 +100,7 @@ def pyfuse3_passes_inode() -> bool:
     """
     if os.environ.get("MERGEFS_NO_OPEN") == "0":
         return False
+    import pyfuse3
     try:
         with open(os.path.join(os.path.dirname(pyfuse3.__file__), INODE_FH_MARKER)) as f:
             words = f.read().split()
@@ -110,12 +112,16 @@ def pyfuse3_passes_inode() -> bool:
 
 def log_requests() -> None:
     """One log line ``requests {json}`` with the counts since the last one (SIGUSR1)."""
+    from .errors import REQUESTS
     log.info("requests %s", json.dumps(dict(REQUESTS), sort_keys=True))
     REQUESTS.clear()
 
 
 def serve(spec: MountSpec, mountpoint: str, fmt: str = "auto", ready=None) -> None:
     """Serve ``spec`` at ``mountpoint`` until unmounted or signalled."""
+    import pyfuse3
+    import trio
+    from .ops import UnionOperations
     with contextlib.closing(build_view(spec, fmt)) as view:
         ops = UnionOperations(view, no_open=pyfuse3_passes_inode())
         pyfuse3.init(ops, mountpoint, fuse_options(spec))
@@ -157,6 +163,8 @@ def start(spec: MountSpec, mountpoint: str, fmt: str = "auto", log_path: str | N
     if not os.path.isdir(mountpoint):
         raise MountError(f"mount point {mountpoint!r} is not a directory")
     log_path = log_path or default_log_path(mountpoint)
+    if os.geteuid() == 0 and _can_fork() and premountable(spec):
+        return _start_premounted(spec, mountpoint, fmt, log_path)
     r, w = os.pipe()
     try:
         pid = _fork_server(spec, mountpoint, fmt, log_path, w, r) if _can_fork() else \
@@ -174,7 +182,137 @@ def start(spec: MountSpec, mountpoint: str, fmt: str = "auto", log_path: str | N
     return pid
 
 
+# -- the fast path: the mount made here, served by a forked child -----------------
+# Run as root with only these options, ``start()`` opens /dev/fuse and mounts
+# it itself (what libfuse would do), then forks the server, which imports
+# pyfuse3 and trio and adopts the fd (libfuse's ``/dev/fd/N`` mount point). The
+# command returns once the kernel mount exists; requests made before the server
+# reads them wait in the connection, and if the server dies first the kernel
+# aborts the connection (ENOTCONN; ``umount`` and the next mount clean it up).
+# Everything that can fail on bad input (layers, upper, options) fails here first.
+MOUNT_FLAGS = {"ro": 1, "nosuid": 2, "nodev": 4, "noexec": 8, "sync": 16, "noatime": 1024,
+               "nodiratime": 2048, "relatime": 1 << 21, "lazytime": 1 << 25}
+CLEAR_FLAGS = {"suid": 2, "dev": 4, "exec": 8, "rw": 1, "async": 16, "atime": 1024,
+               "diratime": 2048, "norelatime": 1 << 21}
+KERNEL_OPTIONS = ("default_permissions", "allow_other")
+OWN_OPTIONS = ("fsname=mergefs", "subtype=mergefs")
+
+
+def premountable(spec: MountSpec) -> bool:
+    return all(o in MOUNT_FLAGS or o in CLEAR_FLAGS or o in KERNEL_OPTIONS or o in OWN_OPTIONS
+               for o in fuse_options(spec))
+
+
+def kernel_mount_args(spec: MountSpec, fd: int) -> tuple[int, str]:
+    """mount(2) flags and data for ``spec`` over the FUSE connection ``fd`` (libfuse's
+    defaults: nosuid,nodev unless dev/suid are asked for)."""
+    flags = MOUNT_FLAGS["nosuid"] | MOUNT_FLAGS["nodev"]
+    opts = fuse_options(spec)
+    for o in sorted(opts):
+        flags = flags | MOUNT_FLAGS.get(o, 0)
+    for o in sorted(opts):
+        flags = flags & ~CLEAR_FLAGS.get(o, 0)
+    data = [f"fd={fd}", "rootmode=40000", f"user_id={os.getuid()}", f"group_id={os.getgid()}"]
+    data += [o for o in KERNEL_OPTIONS if o in opts]
+    return flags, ",".join(data)
+
+
+def _start_premounted(spec: MountSpec, mountpoint: str, fmt: str, log_path: str) -> int:
+    from .. import syscalls
+    try:
+        view = build_view(spec, fmt)
+    except Exception as exc:
+        raise MountError(f"mounting {mountpoint} failed: {str(exc) or repr(exc)} "
+                         f"(log: {log_path})") from None
+    fd = -1
+    try:
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        flags, data = kernel_mount_args(spec, fd)
+        try:
+            syscalls.mount("mergefs", mountpoint, flags, "fuse.mergefs", data)
+        except OSError as exc:
+            raise MountError(f"mounting {mountpoint} failed: {exc.strerror}") from None
+        return _fork_premounted(spec, view, mountpoint, fd, log_path)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        view.close()            # the child has its own copies of the fds
+
+
+def _fork_premounted(spec, view, mountpoint: str, fd: int, log_path: str) -> int:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        os.setsid()
+        _detach_stdio(log_path)
+        _log_to_stderr()
+        try:
+            serve_fd(spec, view, mountpoint, fd)
+            code = 0
+        except BaseException:
+            with contextlib.suppress(OSError):
+                syscalls_umount(mountpoint)
+    finally:
+        os._exit(code)
+
+
+def syscalls_umount(mountpoint: str) -> None:
+    from .. import syscalls
+    syscalls.umount(mountpoint, 2)          # MNT_DETACH
+
+
+def serve_fd(spec: MountSpec, view, mountpoint: str, fd: int) -> None:
+    """Serve ``view`` on the already mounted FUSE connection ``fd``; on a signal,
+    unmount ``mountpoint`` (libfuse does not: it did not mount it)."""
+    import pyfuse3
+    import trio
+    from .ops import UnionOperations
+    os.set_inheritable(fd, False)
+    ops = UnionOperations(view, no_open=pyfuse3_passes_inode())
+    pyfuse3.init(ops, f"/dev/fd/{fd}", fuse_options(spec))
+    try:
+        log.info("serving %d layers at %s (%s%s)", len(spec.lowers), mountpoint,
+                 "writable" if spec.writable else "read-only", ", no-open" if ops.no_open else "")
+        trio.run(_run)
+    except BaseException:
+        log.exception("server stopped by an error")
+        raise
+    finally:
+        pyfuse3.close(unmount=False)
+        ops.close()
+        if is_mergefs_mount(mountpoint) and is_dead(mountpoint):
+            with contextlib.suppress(OSError):
+                syscalls_umount(mountpoint)
+        log.info("stopped")
+
+
+def _detach_stdio(log_path: str) -> None:
+    logfd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    nullfd = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(nullfd, 0)
+    os.dup2(logfd, 1)
+    os.dup2(logfd, 2)
+
+
+def _log_to_stderr() -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        f"%(asctime)s mergefs[{os.getpid()}] %(levelname)s %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
 def _can_fork() -> bool:
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return len(os.listdir("/proc/self/task")) == 1
     try:
         trio.lowlevel.current_root_task()
         return False                      # a forked trio loop is unusable

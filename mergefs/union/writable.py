@@ -29,8 +29,6 @@ import errno
 import os
 import stat
 
-import pyfuse3
-
 from .. import syscalls
 from ..errors import AlreadyExists, NotFound
 from ..layer import DIR, LNK, REG, Layer, is_overlay_private
@@ -246,7 +244,7 @@ class WritableView(UnionView):
         if is_overlay_private(os.fsdecode(attr)):
             raise _err(errno.EOPNOTSUPP)
         if self.getxattr(inode, attr) is None:
-            raise _err(pyfuse3.ENOATTR)
+            raise _err(errno.ENODATA)       # pyfuse3.ENOATTR on Linux
         self.ensure_upper(inode)
         with self._parent_fd(inode, self.up) as (fd, name):
             os.removexattr(syscalls.fd_path(fd, name), os.fsdecode(attr), follow_symlinks=False)

@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Mount latency: a standalone ``mergefs mount`` beside kernel overlayfs and fuse-overlayfs.
+
+    sudo .venv/bin/python tools/bench_mount.py [--reps 15]
+
+Three small layers (a few files each; the layer size does not enter a
+mount: nothing is walked). For each system and mode (read-only: lowers only;
+writable: plus an upper and work dir on the same tmpfs) and each repetition:
+run the mount command, note when it returned ("return"), ``ls`` the mount
+root and note when that was done ("live": the first answer from the server),
+then unmount (not timed). Reps are interleaved across systems, so a burst of
+load from other processes hits all of them. Prints medians and p90 in ms,
+the interpreter start-up (``python -c pass``) measured in the same run, and
+the load average before and after. The mergefs package is byte-compiled
+first, as an installed one is. Nothing is asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SYSTEMS = ("kernel-overlay", "fuse-overlayfs", "mergefs")
+MODES = ("ro", "rw")
+
+
+def make_layers(base: str) -> list[str]:
+    layers = []
+    for i in range(3):
+        d = os.path.join(base, f"l{i}")
+        os.makedirs(os.path.join(d, "etc"))
+        for j in range(5):
+            with open(os.path.join(d, "etc", f"f{i}{j}"), "w") as f:
+                f.write(f"{i}.{j}\n")
+        layers.append(d)
+    return layers
+
+
+def mount_argv(system: str, mode: str, layers: list[str], mnt: str, up: str, wk: str):
+    lower = ":".join(reversed(layers))
+    opts = f"lowerdir={lower}" + (f",upperdir={up},workdir={wk}" if mode == "rw" else "")
+    if system == "kernel-overlay":
+        return ["mount", "-t", "overlay", "overlay", "-o", opts, mnt]
+    if system == "fuse-overlayfs":
+        return ["fuse-overlayfs", "-o", opts, mnt]
+    rw = ["--upper", up, "--work", wk] if mode == "rw" else []
+    return [sys.executable, "-m", "mergefs", "mount", "--log", os.path.join(mnt + ".log"),
+            *rw, *layers, mnt]
+
+
+def one(system: str, mode: str, layers: list[str], base: str, rep: int) -> tuple[float, float]:
+    d = os.path.join(base, f"{system}-{mode}-{rep}")
+    mnt, up, wk = (os.path.join(d, n) for n in ("mnt", "up", "wk"))
+    for p in (mnt, up, wk):
+        os.makedirs(p)
+    argv = mount_argv(system, mode, layers, mnt, up, wk)
+    t0 = time.perf_counter()
+    subprocess.run(argv, check=True, cwd=ROOT)
+    t1 = time.perf_counter()
+    names = os.listdir(mnt)
+    t2 = time.perf_counter()
+    try:
+        assert "etc" in names, names
+    finally:
+        subprocess.run(["umount", mnt], check=True)
+    return t1 - t0, t2 - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=15)
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("bench_mount: run as root (kernel overlayfs)", file=sys.stderr)
+        return 2
+    # what an installed package has (pip compiles it; this environment may set
+    # PYTHONDONTWRITEBYTECODE, which would compile mergefs on every run)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(ROOT, "mergefs")],
+                   check=True, stdout=subprocess.DEVNULL)
+    base = tempfile.mkdtemp(prefix="bench-mount-")
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", base], check=True)
+    try:
+        layers = make_layers(base)
+        load0 = os.getloadavg()
+        res: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        start: list[float] = []
+        for rep in range(args.reps):
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-c", "pass"], check=True)
+            start.append(time.perf_counter() - t)
+            for system in SYSTEMS:
+                for mode in MODES:
+                    res.setdefault((system, mode), []).append(one(system, mode, layers, base, rep))
+        load1 = os.getloadavg()
+        ms = lambda xs, q: 1000 * (statistics.median(xs) if q == 50 else  # noqa: E731
+                                   sorted(xs)[min(len(xs) - 1, int(len(xs) * 0.9))])
+        print(f"load average {load0[0]:.2f} before, {load1[0]:.2f} after; {args.reps} reps")
+        print(f"python -c pass: p50 {ms(start, 50):.0f} ms, p90 {ms(start, 90):.0f} ms")
+        print(f"{'system':16} {'mode':4} {'return p50':>10} {'p90':>6} {'live p50':>9} {'p90':>6}")
+        for (system, mode), xs in res.items():
+            ret, live = [x[0] for x in xs], [x[1] for x in xs]
+            print(f"{system:16} {mode:4} {ms(ret, 50):10.0f} {ms(ret, 90):6.0f} "
+                  f"{ms(live, 50):9.0f} {ms(live, 90):6.0f}")
+    finally:
+        subprocess.run(["umount", "-l", base])
+        shutil.rmtree(base, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
