@@ -77,7 +77,19 @@ def _exit_code(exc: BaseException) -> tuple[int, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and sys.argv[1:2] == ["mount"] and not {"--foreground", "-h", "--help"} \
+            & set(sys.argv):
+        from ..union import prefork     # the server imports pyfuse3/trio meanwhile
+        prefork.start_early()
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(argv)
+    finally:
+        if "mergefs.union.prefork" in sys.modules:
+            sys.modules["mergefs.union.prefork"].cancel()
+
+
+def _main(argv: list[str]) -> int:
     from . import cmd_mount_helper
     if cmd_mount_helper.is_mount_helper_call(argv):
         # mount.fuse3 convention: mergefs SOURCE MOUNTPOINT -o OPTIONS

@@ -219,24 +219,32 @@ def kernel_mount_args(spec: MountSpec, fd: int) -> tuple[int, str]:
 
 def _start_premounted(spec: MountSpec, mountpoint: str, fmt: str, log_path: str) -> int:
     from .. import syscalls
-    try:
-        view = build_view(spec, fmt)
-    except Exception as exc:
-        raise MountError(f"mounting {mountpoint} failed: {str(exc) or repr(exc)} "
-                         f"(log: {log_path})") from None
+    from . import prefork
+    pre = prefork.take()            # a server forked early by the CLI, if any
     fd = -1
     try:
-        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
-        flags, data = kernel_mount_args(spec, fd)
         try:
-            syscalls.mount("mergefs", mountpoint, flags, "fuse.mergefs", data)
-        except OSError as exc:
-            raise MountError(f"mounting {mountpoint} failed: {exc.strerror}") from None
-        return _fork_premounted(spec, view, mountpoint, fd, log_path)
+            view = build_view(spec, fmt)
+        except Exception as exc:
+            raise MountError(f"mounting {mountpoint} failed: {str(exc) or repr(exc)} "
+                             f"(log: {log_path})") from None
+        try:
+            fd = pre.fuse_fd if pre else os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+            flags, data = kernel_mount_args(spec, fd)
+            try:
+                syscalls.mount("mergefs", mountpoint, flags, "fuse.mergefs", data)
+            except OSError as exc:
+                raise MountError(f"mounting {mountpoint} failed: {exc.strerror}") from None
+            if pre:
+                return pre.hand_over(spec, mountpoint, fmt, log_path)
+            return _fork_premounted(spec, view, mountpoint, fd, log_path)
+        finally:
+            view.close()            # the server has (or opens) its own
     finally:
-        if fd >= 0:
+        if pre:
+            pre.close()             # idempotent; without a hand-over the child exits
+        elif fd >= 0:
             os.close(fd)
-        view.close()            # the child has its own copies of the fds
 
 
 def _fork_premounted(spec, view, mountpoint: str, fd: int, log_path: str) -> int:
@@ -247,17 +255,26 @@ def _fork_premounted(spec, view, mountpoint: str, fd: int, log_path: str) -> int
         return pid
     code = 1
     try:
-        os.setsid()
-        _detach_stdio(log_path)
-        _log_to_stderr()
-        try:
-            serve_fd(spec, view, mountpoint, fd)
-            code = 0
-        except BaseException:
-            with contextlib.suppress(OSError):
-                syscalls_umount(mountpoint)
+        code = serve_handed_over(spec, mountpoint, "auto", log_path, fd, view)
     finally:
         os._exit(code)
+
+
+def serve_handed_over(spec: MountSpec, mountpoint: str, fmt: str, log_path: str, fd: int,
+                      view=None) -> int:
+    """Body of a server process whose mount the parent made: detach, log to
+    ``log_path``, serve; if anything fails, detach the mount (nobody serves it)."""
+    os.setsid()
+    _detach_stdio(log_path)
+    _log_to_stderr()
+    try:
+        serve_fd(spec, view or build_view(spec, fmt), mountpoint, fd)
+        return 0
+    except BaseException:
+        log.exception("cannot serve %s", mountpoint)
+        with contextlib.suppress(OSError):
+            syscalls_umount(mountpoint)
+        return 1
 
 
 def syscalls_umount(mountpoint: str) -> None:
