@@ -1,7 +1,9 @@
 """Verbs ``mount`` and ``umount``: a live union of layers (bottom first).
 
 ``mergefs mount LAYER... MOUNTPOINT`` returns once the mount is live and the
-server has detached (its log goes to a file, never this terminal);
+server has detached (its log goes to a file, never this terminal); run as
+root, "live" means the kernel mount exists and requests wait for the server,
+which may still be starting (``mergefs.union.prefork``);
 ``--foreground`` serves in this process until unmounted. A LAYER spelled as a
 path (``/abs``, ``./rel``, ``dir:PATH``) is a directory, else a store ref,
 resolved by ``Snapshotter.mount_spec`` when the store exists.
