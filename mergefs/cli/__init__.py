@@ -14,7 +14,7 @@ import sys
 
 from ..errors import AlreadyExists, MergefsError, NotFound
 
-VERB_MODULES = ("core", "mount", "store")
+VERB_MODULES = ("core", "mount", "store", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
