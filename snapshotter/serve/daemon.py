@@ -51,8 +51,11 @@ def _is_dead_mount(path: str) -> bool:
     try:
         os.stat(path)
         return False
-    except OSError as exc:
-        return exc.errno in (107, 103)        # ENOTCONN, ECONNABORTED: a dead FUSE server
+    except FileNotFoundError:
+        return False
+    except OSError as exc:                    # ENOTCONN, ECONNABORTED ...: a dead FUSE server
+        log.info("%s: %s", path, exc.strerror)
+        return True
 
 
 def _is_mountpoint(path: str) -> bool:
@@ -63,11 +66,15 @@ def _is_mountpoint(path: str) -> bool:
 
 def detach_stale(path: str) -> bool:
     """Lazily unmount what a killed service left at ``path``; True if something was there."""
-    if not (os.path.lexists(path) and (_is_dead_mount(path) or _is_mountpoint(path))):
+    if not (_is_dead_mount(path) or _is_mountpoint(path)):      # (lexists is False on ENOTCONN)
         return False
-    subprocess.run(["umount", "-l", path], capture_output=True)
-    log.info("detached a views mount left at %s by an earlier service", path)
-    return True
+    for argv in (["umount", "-l", path], ["fusermount3", "-u", "-z", path]):
+        r = subprocess.run(argv, capture_output=True, text=True)
+        if r.returncode == 0 and not _is_mountpoint(path):
+            log.info("detached a views mount left at %s by an earlier service", path)
+            return True
+        log.warning("%s: %s", " ".join(argv), r.stderr.strip())
+    raise MountError(f"cannot detach the stale mount at {path}")
 
 
 def _listen_path(path: str) -> None:

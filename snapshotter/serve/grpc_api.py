@@ -31,20 +31,27 @@ LIST_BLOCK = 100          # infos per List message, like containerd's snapshotse
 
 
 def grpc_code(exc: BaseException) -> grpc.StatusCode:
-    """The gRPC status code for an error raised by the Snapshotter."""
-    by_table = getattr(errors, "grpc_code", None)       # the error-category table, when present
+    """The gRPC status code for an error raised by the Snapshotter.
+
+    The error-category table in ``mergefs.errors`` decides when it names a
+    gRPC code (``grpc_code(exc)`` -> a code name); otherwise the classes of
+    ``mergefs.errors`` map the way containerd's ``errdefs.ToGRPC`` does.
+    """
+    by_table = getattr(errors, "grpc_code", None)
     if by_table is not None:
         name = by_table(exc)
         if name:
             return getattr(grpc.StatusCode, name) if isinstance(name, str) else name
-    for cls, code in ((errors.NotFound, grpc.StatusCode.NOT_FOUND),
-                      (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
-                      (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
-                      (errors.InvalidLayer, grpc.StatusCode.INVALID_ARGUMENT),
-                      (errors.UnsafeContent, grpc.StatusCode.INVALID_ARGUMENT),
-                      (NotImplementedError, grpc.StatusCode.UNIMPLEMENTED)):
-        if isinstance(exc, cls):
-            return code
+    if isinstance(exc, errors.NotFound):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, errors.AlreadyExists):
+        return grpc.StatusCode.ALREADY_EXISTS
+    if isinstance(exc, errors.FailedPrecondition):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(exc, errors.MergefsError) and isinstance(exc, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT          # invalid layer/argument, unsafe content
+    if isinstance(exc, NotImplementedError):
+        return grpc.StatusCode.UNIMPLEMENTED
     return grpc.StatusCode.UNKNOWN
 
 
