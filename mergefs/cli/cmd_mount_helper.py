@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import os
 
+from ..errors import InvalidArgument, UsageError
+from ..mountspec import LAYER_KEYS, from_options
 
 PASSED = {"ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
           "relatime", "norelatime", "strictatime", "sync", "async", "dirsync"}
@@ -38,7 +40,10 @@ def is_mount_helper_call(argv: list[str]) -> bool:
 
 
 def translate(argv: list[str]) -> list[str]:
-    """mount.fuse3 argv -> ``mount [--upper U --work W] [--allow-other] [-o ..] LAYER... MNT``."""
+    """mount.fuse3 argv -> ``mount [--upper U --work W] [--allow-other] [-o ..] LAYER... MNT``.
+
+    Raises UsageError for a wrong argv or an unsupported option.
+    """
     positional, options, it = [], [], iter(argv)
     for arg in it:
         if arg == "-o":
@@ -50,28 +55,31 @@ def translate(argv: list[str]) -> list[str]:
         else:
             positional.append(arg)
     if len(positional) != 2:
-        raise SystemExit(f"mergefs: usage: mergefs SOURCE MOUNTPOINT -o lowerdir=TOP:...:BOTTOM "
+        raise UsageError(f"usage: mergefs SOURCE MOUNTPOINT -o lowerdir=TOP:...:BOTTOM "
                          f"(got {argv})")
-    out, fuse, lowers = ["mount"], [], []
+    layer_opts, fuse = [], []
     for opt in filter(None, options):
-        key, _, value = opt.partition("=")
-        if key == "lowerdir":
-            lowers = [os.path.abspath(p) for p in value.split(":")][::-1]
-        elif key in ("upperdir", "workdir"):
-            out += ["--upper" if key == "upperdir" else "--work", os.path.abspath(value)]
-        elif key == "allow_other":
-            out.append("--allow-other")
-        elif key in PASSED:
-            fuse.append(key)
-        elif key in DROPPED or key.startswith("x-"):
+        key = opt.partition("=")[0]
+        if key in LAYER_KEYS or opt == "allow_other":
+            layer_opts.append(opt)
+        elif opt in PASSED:
+            fuse.append(opt)
+        elif opt in DROPPED or key.startswith("x-"):
             continue
         else:
-            raise SystemExit(f"mergefs: unsupported mount option {opt!r}")
-    if not lowers:
-        raise SystemExit("mergefs: lowerdir= is required")
+            raise UsageError(f"unsupported mount option {opt!r}")
+    try:
+        spec = from_options(layer_opts)
+    except InvalidArgument as e:
+        raise UsageError(str(e)) from None
+    out = ["mount"]
+    if spec.upper is not None:
+        out += ["--upper", os.path.abspath(spec.upper), "--work", os.path.abspath(spec.work)]
+    if spec.allow_other:
+        out.append("--allow-other")
     if fuse:
         out += ["-o", ",".join(fuse)]
-    return out + lowers + [os.path.abspath(positional[1])]
+    return out + [os.path.abspath(p) for p in spec.lowers] + [os.path.abspath(positional[1])]
 
 
 HELPER_NAME = "mount.fuse.mergefs"
