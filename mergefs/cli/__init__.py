@@ -14,7 +14,7 @@ import sys
 
 from ..errors import AlreadyExists, MergefsError, NotFound, UsageError
 
-VERB_MODULES = ("core", "mount", "store", "serve")
+VERB_MODULES = ("core", "mount", "store", "views", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
