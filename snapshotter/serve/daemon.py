@@ -22,7 +22,7 @@ import threading
 from concurrent import futures
 from dataclasses import dataclass
 
-from mergefs.errors import MountError
+from mergefs.errors import InvalidArgument, MountError
 
 log = logging.getLogger("mergefs.serve")
 DEFAULT_STATE = "/run/mergefs"
@@ -79,6 +79,9 @@ def detach_stale(path: str) -> bool:
 
 def _listen_path(path: str) -> None:
     """Make ``path`` free for a new unix socket: refuse if a live service answers there."""
+    if len(os.fsencode(path)) > 107:
+        raise InvalidArgument(f"socket path {path!r} is longer than a unix socket address "
+                              "allows (107 bytes)")
     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
     if not os.path.lexists(path):
         return

@@ -47,11 +47,19 @@ def conformance_binary() -> Path:
     return out
 
 
+@pytest.fixture
+def short_tmp():
+    import tempfile
+    d = Path(tempfile.mkdtemp(prefix="mfc-", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.mark.timeout(2400)
 @pytest.mark.parametrize("mode", ["views"])
-def test_containerd_snapshotter_suite(mode, tmp_path):
+def test_containerd_snapshotter_suite(mode, tmp_path, short_tmp):
     binary = conformance_binary()
-    env = {**os.environ, "TMPDIR": str(tmp_path),
+    env = {**os.environ, "TMPDIR": str(short_tmp),    # unix socket paths must stay short
            "MERGEFS_SERVE": f"{sys.executable} -m mergefs serve --mounts {mode}",
            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     r = subprocess.run([str(binary), "-test.v", "-test.parallel", "4", "-test.timeout", "1800s"],

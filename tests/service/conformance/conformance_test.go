@@ -46,10 +46,10 @@ func startService(ctx context.Context, root string) (snapshots.Snapshotter, func
 	if err := cmd.Start(); err != nil {
 		return nil, nil, err
 	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
 	stop := func() error {
 		_ = cmd.Process.Signal(syscall.SIGTERM)
-		done := make(chan error, 1)
-		go func() { done <- cmd.Wait() }()
 		select {
 		case err := <-done:
 			return err
@@ -64,6 +64,11 @@ func startService(ctx context.Context, root string) (snapshots.Snapshotter, func
 		if c, err := net.Dial("unix", sock); err == nil {
 			c.Close()
 			break
+		}
+		select {
+		case err := <-done:
+			return nil, nil, fmt.Errorf("mergefs serve exited before listening: %v", err)
+		default:
 		}
 		if time.Now().After(deadline) {
 			stop()
