@@ -28,6 +28,12 @@ def register(sub) -> None:
                    "fuse3.mergefs mounts run by mount.fuse3 (fuse); auto: views when available")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=run)
+    p = sub.add_parser("ps", help="list the live views of a running `mergefs serve` and the "
+                       "mounts using each")
+    p.add_argument("--state", help="the service's run-time directory (default $MERGEFS_STATE, "
+                   "/run/mergefs)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ps)
 
 
 def _size(text: str) -> int:
@@ -55,3 +61,24 @@ def run(args: argparse.Namespace) -> int:
     return serve(Options(root=args.root, socket=args.socket, state=args.state,
                          gc_keep_storage=args.gc_keep_storage, gc_interval=args.gc_interval,
                          mounts=args.mounts))
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    import json
+
+    from mergefs.errors import NotFound
+    from snapshotter.serve.control import call, candidates, checked
+    for path in candidates(args.state):
+        try:
+            views = checked(call(path, {"op": "list"}))["views"]
+        except OSError:
+            continue
+        if args.json:
+            print(json.dumps(views, indent=2))
+            return 0
+        print(f"{'KEY':<40} {'VIEW':<40} USERS")
+        for v in views:
+            print(f"{v['key']:<40} {v['path']:<40} {','.join(v['mounts']) or '-'}")
+        return 0
+    raise NotFound("no mergefs service is running (looked for " + ", ".join(candidates(args.state))
+                   + ")")

@@ -163,3 +163,36 @@ def call(path: str, req: dict, timeout: float = 30.0) -> dict:
     if not line:
         raise ConnectionError(f"no answer from {path}")
     return json.loads(line)
+
+
+def candidates(state: str | None = None) -> list[str]:
+    """Where a service's control socket may be: STATE, $MERGEFS_STATE, /run/mergefs."""
+    dirs = [state, os.environ.get("MERGEFS_STATE"), "/run/mergefs"]
+    return [os.path.join(d, "control.sock") for d in dirs if d]
+
+
+def find_service(root: str | None, state: str | None = None) -> str | None:
+    """The control socket of a live service that owns the store at ``root``, if any."""
+    from snapshotter import default_root
+    want = os.path.realpath(default_root(root))
+    for path in candidates(state):
+        if not os.path.exists(path):
+            continue
+        try:
+            pong = call(path, {"op": "ping"}, timeout=5)
+        except (OSError, ValueError):
+            continue
+        if pong.get("ok") and os.path.realpath(pong.get("root", "")) == want:
+            return path
+    return None
+
+
+def checked(answer: dict) -> dict:
+    """An answer, or the mergefs error its code names."""
+    if answer.get("ok"):
+        return answer
+    from mergefs import errors
+    cls = {"NOT_FOUND": errors.NotFound, "ALREADY_EXISTS": errors.AlreadyExists,
+           "FAILED_PRECONDITION": errors.FailedPrecondition,
+           "INVALID_ARGUMENT": errors.InvalidArgument}.get(answer.get("code"), errors.MergefsError)
+    raise cls(answer.get("error", "the service failed"))
