@@ -82,18 +82,32 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def _spec(args, ref_args: list[str], mountpoint: str | None):
-    from types import SimpleNamespace
-    from .cmd_mount import mount_spec
-    ns = SimpleNamespace(layers=ref_args, upper=args.upper, work=args.work, rw=args.rw,
-                         allow_other=True, options=[], root=args.root,
-                         mountpoint=mountpoint or "/")
-    return mount_spec(ns)
+def _spec(args, name: str):
+    """Layer dirs (``--upper``/``--work`` for a writable view) or one store ref
+    (``--rw``: an active snapshot keyed ``view:NAME``, kept in the store)."""
+    import importlib
+    from ..errors import InvalidLayer
+    from ..mountspec import MountSpec
+    from .cmd_core import is_layer_dir_arg
+    if (args.upper is None) != (args.work is None):
+        raise InvalidLayer("--upper and --work go together")
+    if all(is_layer_dir_arg(a) for a in args.layers):
+        if args.rw:
+            raise InvalidLayer("--rw is for store refs; give --upper and --work for directories")
+        return MountSpec(tuple(os.path.abspath(a) for a in args.layers),
+                         args.upper and os.path.abspath(args.upper),
+                         args.work and os.path.abspath(args.work))
+    if len(args.layers) != 1:
+        raise InvalidLayer("give either layer directories (with '/') or one store ref")
+    snapshotter = importlib.import_module("snapshotter")
+    with snapshotter.Snapshotter(args.root) as sn:
+        spec = sn.mount_spec(args.layers[0], args.rw, key=f"view:{name}")
+    return MountSpec(spec.lowers, args.upper or spec.upper, args.work or spec.work)
 
 
 def cmd_add(args) -> int:
     from ..union.mountctl import control_call
-    spec = _spec(args, args.layers, None)
+    spec = _spec(args, args.name)
     reply = control_call(args.control, {"op": "add", "name": args.name, "spec": {
         "lowers": list(spec.lowers), "upper": spec.upper, "work": spec.work}})
     print(reply["path"])
@@ -158,28 +172,21 @@ def bundle_source(args):
             return MountSpec(tuple(os.path.abspath(p) for p in parts), upper, work), None
         with oci.open_image(ref) as img:
             image = img.config
-        store_mod = importlib.import_module("snapshotter.store")
-        imp = importlib.import_module("snapshotter.oci_import")
-        with store_mod.Store(args.root) as store:
-            res = imp.import_source(store, ref)
-            row = res.image or res.layers[-1]
-            ref = row.id
     snapshotter = importlib.import_module("snapshotter")
-    if image is None:
-        image = _stored_image_config(args.root, ref)
-    spec = snapshotter.mount_spec(args.root, ref, args.rw, mountpoint=rootfs)
+    with snapshotter.Snapshotter(args.root) as sn:
+        if image is not None:
+            res = sn.import_(ref)
+            ref = (res.image or res.layers[-1]).id
+        else:
+            image = _stored_image_config(sn, ref)
+        spec = sn.mount_spec(ref, args.rw, mountpoint=rootfs)
     return spec, image
 
 
-def _stored_image_config(root, ref):
+def _stored_image_config(sn, ref):
     """The image config the store kept at import, when this store keeps them."""
-    import importlib
-    try:
-        service = importlib.import_module("snapshotter.service")
-        get = getattr(service, "image_config")
-    except (ModuleNotFoundError, AttributeError):
-        return None
-    return get(root, ref)
+    get = getattr(sn, "image_config", None)
+    return get(ref) if get is not None else None
 
 
 def cmd_unbundle(args) -> int:

@@ -3,7 +3,8 @@
 One pyfuse3 mount (pyfuse3 serves one per process) whose root lists views by
 name; each view is a ``MountSpec`` served by its own ``UnionView`` or
 ``WritableView`` and ``UnionOperations`` (the resolver, inode table, copy-up
-and error translation are reused as they are). This module only maps numbers:
+and error translation are reused as they are; views over the same lowers
+share merged listings and lstats, ``lowercache``). This module maps numbers:
 
 - A *gid* is a FUSE inode number of this mount; a view's own inode table
   keeps *local* numbers. Directories, the view roots and everything a
@@ -11,7 +12,11 @@ and error translation are reused as they are). This module only maps numbers:
 - A non-directory that a view shows unchanged from a lower layer gets the gid
   of its lower file, keyed by that file's ``(st_dev, st_ino)``: the same gid in
   every view that shows it, so the kernel keeps one inode and one copy of its
-  pages (files open with ``keep_cache``) for N containers of one image.
+  pages (files open with ``keep_cache``) for N containers of one image. No
+  view keeps anything for it: the gid is served from one source inode (in
+  the first view that showed it, found again by path in another view of the
+  same lowers when that view is removed), so N views of an image cost the
+  server about what one does.
 - A write to a shared gid (open for writing, setattr, setxattr, removexattr,
   link) cannot tell which view it came from. The file's key is then marked
   private for writable views and the request answered ESTALE; the kernel
@@ -49,66 +54,11 @@ from ..resolver import join
 from ..mountspec import MountSpec
 from .errors import fuse_errors
 from .inodes import ROOT_INODE, Inode
-from .ops import WRITE_FLAGS, UnionOperations, entry_attributes
-from .lowercache import LowerCache, shared_view
+from .lowercache import LowerCache
+from .ops import WRITE_FLAGS, entry_attributes
+from .viewstate import Shared, View, copy_entry, detached, mounts_using
 
 log = logging.getLogger("mergefs.union")
-ENTRY_FIELDS = ("generation", "entry_timeout", "attr_timeout", "st_mode", "st_nlink", "st_uid",
-                "st_gid", "st_rdev", "st_size", "st_blksize", "st_blocks", "st_atime_ns",
-                "st_mtime_ns", "st_ctime_ns")
-
-
-class View:
-    """One view: its spec, its union, and its local -> private gid map."""
-
-    def __init__(self, vid: int, name: str, spec: MountSpec, fmt: str, root_gid: int,
-                 cache: LowerCache):
-        self.vid, self.name, self.spec, self.root_gid = vid, name, spec, root_gid
-        self.cache = cache
-        self.uv = shared_view(spec, fmt, cache)
-        self.ops = UnionOperations(self.uv, no_open=False)
-        self.up = self.uv.up if self.uv.writable else None
-        self.private: dict[int, int] = {ROOT_INODE: root_gid}
-        self.handles = 0
-        self.removed = False
-        self.created = time.time()
-
-    @property
-    def writable(self) -> bool:
-        return self.up is not None
-
-    def shows_lower(self, node) -> bool:
-        return node.kind != DIR and (self.up is None or node.top != self.up)
-
-    def close(self) -> None:
-        self.ops.close()
-        self.uv.close()
-
-
-class Shared:
-    """A lower file shown unchanged by views, under one gid.
-
-    Views keep nothing per shared file: the gid's ``source`` is an ``Inode``
-    outside any inode table (its parent chain names the path) in the view that
-    first showed it; ``count`` is the kernel's lookup count for the gid.
-    """
-    __slots__ = ("key", "view", "inode", "entry", "count", "writable")
-
-    def __init__(self, key, view: "View", inode: Inode):
-        self.key, self.view, self.inode = key, view, inode
-        self.entry = None
-        self.count = 0
-        self.writable = False
-
-
-def copy_entry(e: pyfuse3.EntryAttributes, gid: int) -> pyfuse3.EntryAttributes:
-    out = pyfuse3.EntryAttributes()
-    for f in ENTRY_FIELDS:
-        setattr(out, f, getattr(e, f))
-    out.st_ino = gid
-    return out
-
-
 class ViewFS(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
@@ -180,23 +130,7 @@ class ViewFS(pyfuse3.Operations):
 
     def view_mounts(self, name: str) -> list[str]:
         """Mount points that use the view: binds of it or below it, mounts inside it."""
-        inside = os.path.join(self.mountpoint, name)
-        root = "/" + name
-        dev = None
-        out = []
-        with open("/proc/self/mountinfo") as f:
-            rows = [line.split() for line in f]
-        for r in rows:
-            if r[4] == self.mountpoint:
-                dev = r[2]
-        for r in rows:
-            mnt_root, target = _unescape(r[3]), _unescape(r[4])
-            if target == self.mountpoint:
-                continue
-            if (r[2] == dev and (mnt_root == root or mnt_root.startswith(root + "/"))) or \
-                    target == inside or target.startswith(inside + "/"):
-                out.append(target)
-        return out
+        return mounts_using(self.mountpoint, name)
 
     def _close_view(self, view: View) -> None:
         self.by_vid.pop(view.vid, None)
@@ -241,9 +175,7 @@ class ViewFS(pyfuse3.Operations):
         gid = self._shared.get(key)
         if gid is None:
             gid = self._shared[key] = self._new_gid()
-            inode = Inode(0, parent, name, node)
-            inode.attr = st
-            self._targets[gid] = Shared(key, view, inode)
+            self._targets[gid] = Shared(key, view, detached(join(parent.path, name), node, st))
         sh = self._targets[gid]
         sh.count += count
         sh.writable = sh.writable or view.writable
@@ -263,8 +195,8 @@ class ViewFS(pyfuse3.Operations):
             if view.cache is sh.view.cache:
                 inode = self._walk(view, path)
                 if inode is not None and inode.node == sh.inode.node:
-                    sh.view, sh.inode = view, inode
-                    return view, inode
+                    sh.view = view
+                    return view, sh.inode
         raise FUSEError(errno.ESTALE)
 
     @staticmethod
@@ -644,8 +576,3 @@ class ViewFS(pyfuse3.Operations):
         if nview is not view:
             raise FUSEError(errno.EXDEV)
         await view.ops.rename(old, name_old, new, name_new, flags, ctx)
-
-
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal."""
-    return field.encode().decode("unicode_escape") if "\\" in field else field

@@ -5,6 +5,7 @@ Real mounts through /dev/fuse, kernel overlayfs as the oracle; the server is
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -147,6 +148,8 @@ def test_remove_a_view_while_another_views_bind_stays(tmp_path, views):
     layers = materialise_stack(sample_stack(), tmp_path / "layers", "overlay")
     a = views.add("a", layers, *writable(tmp_path, "a"))
     b = views.add("b", layers, *writable(tmp_path, "b"))
+    first = os.stat(a / "etc/passwd").st_ino        # a is the first view to show the file
+    assert os.stat(b / "etc/passwd").st_ino == first   # b's dentry keeps the inode known
     ta = views.bind(a, tmp_path / "bind-a")
     tb = views.bind(b, tmp_path / "bind-b")
     assert _mount_flags(views.mnt) >= {"nosuid", "nodev"}       # libfuse's defaults
@@ -163,7 +166,8 @@ def test_remove_a_view_while_another_views_bind_stays(tmp_path, views):
     assert sorted(os.listdir(views.mnt)) == ["b"]
     # b, its bind and the mount inside it are untouched
     assert (inner / "marker").read_text() == "m"
-    assert (tb / "etc/passwd").read_bytes() == b"root:x:0:0:new\n"
+    assert (tb / "etc/passwd").read_bytes() == b"root:x:0:0:new\n"   # served through b now
+    assert os.stat(tb / "etc/passwd").st_ino == first
     assert mounts.is_mounted(inner) and mounts.is_mounted(tb)
     with pytest.raises(AlreadyExists):
         views.add("a", layers)                     # a name is never reused for another view
@@ -181,10 +185,99 @@ def test_control_socket_rejects_bad_input(tmp_path, views):
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(views.control)
         s.sendall(b"\x00garbage\n{\"op\": \"add\"}\n")
-        reply = s.makefile().readline() + s.makefile().readline()
-    assert '"ok": false' in reply
+        f = s.makefile()
+        replies = [f.readline(), f.readline()]
+    assert all('"ok": false' in r and '"invalid"' in r for r in replies), replies
     with pytest.raises(ValueError):
         views.call(op="add", name="../x", spec={"lowers": [str(tmp_path)]})
     with pytest.raises(ValueError):
         views.call(op="frobnicate")
     assert views.call(op="list")["views"] == []
+
+
+def test_a_rename_in_the_first_view_does_not_move_the_shared_file(tmp_path, views):
+    layers = materialise_stack(sample_stack(), tmp_path / "layers", "overlay")
+    a = views.add("a", layers, *writable(tmp_path, "a"))
+    b = views.add("b", layers)
+    ino = os.stat(a / "x/attr").st_ino                # a shows it first: the gid's source
+    assert os.stat(b / "x/attr").st_ino == ino
+    os.rename(a / "x", a / "y")                       # a merged dir: copied, then whited out
+    assert (a / "y/attr").read_bytes() == b"x"
+    assert (b / "x/attr").read_bytes() == b"x"
+    assert os.getxattr(b / "x/attr", "user.mergefs") == b"yes"
+    assert not (a / "x").exists()
+
+
+VIEWMOUNT_SCRIPT = r'''
+import os, sys, threading
+from mergefs.mountspec import MountSpec
+from mergefs.union.mountctl import ViewMount
+mnt, lowers = sys.argv[1], tuple(sys.argv[2:])
+with ViewMount(mnt, allow_other=True) as vm:
+    paths = {}
+    def add(i):
+        paths[i] = vm.add_view(f"v{i}", MountSpec(lowers=lowers))
+    threads = [threading.Thread(target=add, args=(i,)) for i in range(8)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    inos = {os.stat(os.path.join(p, "etc/passwd")).st_ino for p in paths.values()}
+    assert len(inos) == 1, inos
+    assert [v["name"] for v in vm.list_views()] == [f"v{i}" for i in range(8)]
+    vm.remove_view("v3")
+    assert sorted(os.listdir(mnt)) == [f"v{i}" for i in range(8) if i != 3]
+    try:
+        vm.add_view("v3", MountSpec(lowers=lowers))
+    except FileExistsError:
+        pass
+    else:
+        raise SystemExit("a removed name was reused")
+print("ok")
+'''
+
+
+def test_viewmount_python_api_from_threads(tmp_path):
+    """The in-process API the service uses: a mount served by a thread, views added
+    concurrently from other threads (in a child: pyfuse3 serves one mount per process)."""
+    import sys
+    layers = materialise_stack(sample_stack(), tmp_path / "layers", "overlay")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        r = subprocess.run([sys.executable, "-c", VIEWMOUNT_SCRIPT, str(mnt), *map(str, layers)],
+                           capture_output=True, text=True, timeout=60)
+    finally:
+        if mounts.is_mounted(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
+    assert r.returncode == 0 and r.stdout == "ok\n", r.stderr
+    assert not mounts.is_mounted(mnt)
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+    import sys
+    return subprocess.run([sys.executable, "-m", "mergefs", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_views_cli_add_bind_rm_and_store_refs(tmp_path, views):
+    layers = materialise_stack(sample_stack(), tmp_path / "layers", "overlay")
+    root, c = str(tmp_path / "store"), ["--control", views.control]
+    r = _cli("views", "add", *c, "dirs", *map(str, layers))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(views.mnt / "dirs")
+    assert _cli("--root", root, "import", str(layers[0]), "--name", "base").returncode == 0
+    r = _cli("--root", root, "views", "add", *c, "--rw", "fromstore", "base")
+    assert r.returncode == 0, r.stderr
+    (views.mnt / "fromstore/new").write_text("n")                  # writable, upper in the store
+    assert not (views.mnt / "dirs/new").exists()
+    target = tmp_path / "bound"
+    target.mkdir()
+    assert _cli("views", "bind", *c, "dirs", str(target)).returncode == 0
+    views.binds.append(str(target))
+    listed = json.loads(_cli("views", "ls", *c, "--json").stdout)
+    assert {v["name"]: v["mounts"] for v in listed} == {"dirs": [str(target)], "fromstore": []}
+    r = _cli("views", "rm", *c, "dirs")
+    assert r.returncode == 1 and "still mounted" in r.stderr and r.stderr.count("\n") == 1
+    assert _cli("views", "rm", *c, "nope").returncode == 3
+    views.unbind(target)
+    assert _cli("views", "rm", *c, "dirs").returncode == 0
+    assert _cli("views", "rm", *c, "fromstore").returncode == 0
