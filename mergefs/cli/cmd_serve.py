@@ -26,6 +26,10 @@ def register(sub) -> None:
     p.add_argument("--mounts", choices=("auto", "views", "fuse"), default="auto",
                    help="give clients binds of views in the service's FUSE mount (views), or "
                    "fuse3.mergefs mounts run by mount.fuse3 (fuse); auto: views when available")
+    p.add_argument("--unpack-mounts", dest="unpack", choices=("auto", "overlay", "same"),
+                   default="auto", help="what containerd extracts layers into: kernel overlayfs "
+                   "over the same upper (overlay), or what --mounts gives (same); auto: overlay "
+                   "when the kernel has it and we are root")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=run)
     p = sub.add_parser("ps", help="list the live views of a running `mergefs serve` and the "
@@ -60,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
                         format="mergefs serve: %(levelname)s %(message)s")
     return serve(Options(root=args.root, socket=args.socket, state=args.state,
                          gc_keep_storage=args.gc_keep_storage, gc_interval=args.gc_interval,
-                         mounts=args.mounts))
+                         mounts=args.mounts, unpack=args.unpack))
 
 
 def cmd_ps(args: argparse.Namespace) -> int:

@@ -37,6 +37,7 @@ class Options:
     gc_keep_storage: int | None = None       # bytes; None: no size-driven prune
     gc_interval: float = 0.0                 # seconds; 0: no periodic GC
     mounts: str = "auto"                     # auto | views | fuse
+    unpack: str = "auto"                     # auto | overlay | same (as --mounts)
     workers: int = 8
 
     def resolved(self) -> "Options":
@@ -44,7 +45,7 @@ class Options:
                                else DEFAULT_STATE)
         sock = os.path.abspath(self.socket or os.path.join(state, SOCKET_NAME))
         return Options(self.root, sock, os.path.abspath(state), self.gc_keep_storage,
-                       self.gc_interval, self.mounts, self.workers)
+                       self.gc_interval, self.mounts, self.unpack, self.workers)
 
 
 def _is_dead_mount(path: str) -> bool:
@@ -155,7 +156,7 @@ def serve(opts: Options, ready=None, stop: threading.Event | None = None) -> int
     from snapshotter.api import Snapshotter
 
     from . import control, grpc_api
-    from .mounts import MountRouter
+    from .mounts import MountRouter, kernel_has_overlay
     from .served import Served
 
     opts = opts.resolved()
@@ -167,7 +168,9 @@ def serve(opts: Options, ready=None, stop: threading.Event | None = None) -> int
     server = None
     try:
         views = start_views(opts.state, opts.mounts)
-        router = MountRouter(opts.state, views)
+        unpack_overlay = opts.unpack == "overlay" or (opts.unpack == "auto" and
+                                                      kernel_has_overlay())
+        router = MountRouter(opts.state, views, unpack_overlay)
         served = Served(sn, router)
         recovered = recover_views(served, router)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=opts.workers,

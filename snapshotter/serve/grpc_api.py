@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import time
 from typing import Callable, Iterable
 
 import grpc
@@ -90,8 +91,12 @@ class SnapshotsServicer(pb_grpc.SnapshotsServicer):
         self.info_type = info_type
 
     def _call(self, context, fn, *args, **kw):
+        t0 = time.perf_counter()
         try:
-            return fn(*args, **kw)
+            result = fn(*args, **kw)
+            log.debug("%s%r: %.1f ms", getattr(fn, "__name__", "call"), args[:2],
+                      (time.perf_counter() - t0) * 1e3)
+            return result
         except Exception as exc:          # noqa: BLE001 - every error becomes a status
             code = grpc_code(exc)
             if code == grpc.StatusCode.UNKNOWN:

@@ -16,6 +16,15 @@ Two ways, chosen when the service starts:
 Either way a snapshot without lowers is a bind: an active one of its upper
 directory, a view one of an empty directory (read-only).
 
+Unpacking: an active snapshot that containerd prepares to extract a layer
+into (its key's last part starts with ``extract-``, containerd's
+``snapshots.UnpackKeyPrefix``) is answered with a kernel overlayfs mount of the
+same lowers and upper when the kernel has overlayfs (``unpack_overlay``): the
+upper is in overlay format either way, so Commit reads the same thing, and
+thousands of small writes skip the FUSE round trips (measured: ``ctr images
+import`` of 4x500 files 12.6 s through a view, see README). Containers, views
+and everything read-only stay on mergefs.
+
 A view's name is never reused while the mount lives (the kernel may hold its
 dentry); a key's view is removed only when the key is removed or committed,
 and never while something is still mounted from it.
@@ -38,12 +47,36 @@ def fuse_mounts(spec: MountSpec) -> Mounts:
     return [("fuse3.mergefs", "mergefs", spec.to_options())]
 
 
+# containerd's snapshots.UnpackKeyFormat ("extract-%s %s"), namespaced as NS/N/KEY
+UNPACK_KEY = re.compile(r"(?:[^/]+/\d+/)?extract-\S+ \S+")
+
+
+def is_unpack_key(key: str) -> bool:
+    """containerd's key for a layer being extracted: ``[NS/N/]extract-<unique> <chainID>``."""
+    return UNPACK_KEY.fullmatch(key) is not None
+
+
+def overlay_mounts(spec: MountSpec) -> Mounts:
+    """Kernel overlayfs over the same directories (lowerdir top first, like overlayfs)."""
+    return [("overlay", "overlay", [f"workdir={spec.work}", f"upperdir={spec.upper}",
+                                    f"lowerdir={':'.join(reversed(spec.lowers))}"])]
+
+
+def kernel_has_overlay() -> bool:
+    try:
+        with open("/proc/filesystems") as f:
+            return os.geteuid() == 0 and any(line.split()[-1] == "overlay" for line in f)
+    except OSError:
+        return False
+
+
 class MountRouter:
     """Turns MountSpecs into client mounts; owns the key -> view table."""
 
-    def __init__(self, state_dir: str, views=None):
+    def __init__(self, state_dir: str, views=None, unpack_overlay: bool = False):
         self.state_dir = state_dir
         self.views = views                    # a started ViewMount, or None (fuse mode)
+        self.unpack_overlay = unpack_overlay
         self.empty = os.path.join(state_dir, "empty")
         os.makedirs(self.empty, mode=0o755, exist_ok=True)
         self._lock = threading.Lock()
@@ -60,6 +93,8 @@ class MountRouter:
         if not spec.lowers:
             src = spec.upper if spec.writable else self.empty
             return [("bind", src, ["rbind", access])]
+        if spec.writable and self.unpack_overlay and is_unpack_key(key):
+            return overlay_mounts(spec)
         if self.views is None:
             return fuse_mounts(spec)
         return [("bind", self.view_path(key, spec), ["rbind", access])]
