@@ -161,6 +161,7 @@ def serve(opts: Options, ready=None, stop: threading.Event | None = None) -> int
 
     opts = opts.resolved()
     stop = stop or threading.Event()
+    _on_signals(stop)             # first: a SIGTERM while starting up still stops cleanly
     os.makedirs(opts.state, mode=0o755, exist_ok=True)
     _listen_path(opts.socket)
     sn = Snapshotter(opts.root, holder="serve")
@@ -183,7 +184,6 @@ def serve(opts: Options, ready=None, stop: threading.Event | None = None) -> int
         gc = GC(served, opts.gc_interval, opts.gc_keep_storage) if opts.gc_interval > 0 else None
         if gc:
             gc.start()
-        _on_signals(stop)
         log.info("serving %s on %s (%s mounts, %d view(s) re-created)", sn.root, opts.socket,
                  router.mode, recovered)
         if ready is not None:
