@@ -59,6 +59,8 @@ from .ops import WRITE_FLAGS, entry_attributes
 from .viewstate import Shared, View, copy_entry, detached, mounts_using
 
 log = logging.getLogger("mergefs.union")
+
+
 class ViewFS(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
@@ -187,27 +189,34 @@ class ViewFS(pyfuse3.Operations):
         return sh.entry
 
     def _source(self, sh: Shared) -> tuple[View, Inode]:
-        """The view and inode that serve a shared gid; found again if its view is gone."""
+        """The view and inode that serve a shared gid; found again, by its path, in
+        another view showing the same lower file once the first view is gone."""
         if sh.view.vid in self.by_vid:
             return sh.view, sh.inode
         path = sh.inode.path
-        for view in self.views.values():
-            if view.cache is sh.view.cache:
-                inode = self._walk(view, path)
-                if inode is not None and inode.node == sh.inode.node:
-                    sh.view = view
-                    return view, sh.inode
+        for view in sorted(self.views.values(), key=lambda v: v.cache is not sh.view.cache):
+            found = self._walk(view, path)
+            if found is None or not view.shows_lower(found[1]):
+                continue
+            parent, node = found
+            st = self._lower_stat(view, parent, path.rpartition(b"/")[2], node)
+            if (st.st_dev, st.st_ino) == sh.key:
+                sh.view, sh.inode = view, detached(path, node, st)
+                return view, sh.inode
         raise FUSEError(errno.ESTALE)
 
     @staticmethod
-    def _walk(view: View, path: bytes) -> Inode | None:
-        cur = view.uv.inodes.root
-        for name in path.split(b"/"):
+    def _walk(view: View, path: bytes):
+        """(parent inode, node) of ``path`` in the view, through inodes of no table."""
+        cur, node = view.uv.inodes.root, None
+        names = path.split(b"/")
+        for i, name in enumerate(names):
             node = view.uv.listing(cur).get(name)
             if node is None:
                 return None
-            cur = Inode(0, cur, name, node)
-        return cur
+            if i < len(names) - 1:
+                cur = Inode(0, cur, name, node)
+        return cur, node
 
     def _out(self, view: View, e: pyfuse3.EntryAttributes, count: int) -> pyfuse3.EntryAttributes:
         if e.st_ino == 0:

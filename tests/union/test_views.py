@@ -281,3 +281,17 @@ def test_views_cli_add_bind_rm_and_store_refs(tmp_path, views):
     views.unbind(target)
     assert _cli("views", "rm", *c, "dirs").returncode == 0
     assert _cli("views", "rm", *c, "fromstore").returncode == 0
+
+
+def test_a_shared_file_outlives_its_first_view_across_stacks(tmp_path, views):
+    """Two images that share a bottom layer share its files; removing the view that
+    showed a file first leaves it readable in a view of the other image."""
+    base = materialise_stack(sample_stack()[:1], tmp_path / "base", "overlay")
+    extra = materialise_stack([LayerSpec().file("only/here", b"h")], tmp_path / "extra", "overlay")
+    a = views.add("a", base)
+    b = views.add("b", base + extra)
+    ino = os.stat(a / "etc/shadow").st_ino
+    assert os.stat(b / "etc/shadow").st_ino == ino
+    views.remove("a")
+    assert (b / "etc/shadow").read_bytes() == b"secret"
+    assert os.stat(b / "etc/shadow").st_ino == ino
