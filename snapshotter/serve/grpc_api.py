@@ -32,28 +32,11 @@ LIST_BLOCK = 100          # infos per List message, like containerd's snapshotse
 
 
 def grpc_code(exc: BaseException) -> grpc.StatusCode:
-    """The gRPC status code for an error raised by the Snapshotter.
-
-    The error-category table in ``mergefs.errors`` decides when it names a
-    gRPC code (``grpc_code(exc)`` -> a code name); otherwise the classes of
-    ``mergefs.errors`` map the way containerd's ``errdefs.ToGRPC`` does.
-    """
-    by_table = getattr(errors, "grpc_code", None)
-    if by_table is not None:
-        name = by_table(exc)
-        if name:
-            return getattr(grpc.StatusCode, name) if isinstance(name, str) else name
-    if isinstance(exc, errors.NotFound):
-        return grpc.StatusCode.NOT_FOUND
-    if isinstance(exc, errors.AlreadyExists):
-        return grpc.StatusCode.ALREADY_EXISTS
-    if isinstance(exc, errors.FailedPrecondition):
-        return grpc.StatusCode.FAILED_PRECONDITION
-    if isinstance(exc, errors.MergefsError) and isinstance(exc, ValueError):
-        return grpc.StatusCode.INVALID_ARGUMENT          # invalid layer/argument, unsafe content
+    """The gRPC status code for an error: the ``grpc`` column of mergefs's error table
+    (``mergefs.errors.categorize``), the codes containerd's ``errdefs`` maps back."""
     if isinstance(exc, NotImplementedError):
         return grpc.StatusCode.UNIMPLEMENTED
-    return grpc.StatusCode.UNKNOWN
+    return getattr(grpc.StatusCode, errors.categorize(exc).grpc, grpc.StatusCode.UNKNOWN)
 
 
 def _timestamp(value) -> dict:
