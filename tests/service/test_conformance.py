@@ -56,7 +56,7 @@ def short_tmp():
 
 
 @pytest.mark.timeout(2400)
-@pytest.mark.parametrize("mode", ["views"])
+@pytest.mark.parametrize("mode", ["views", "fuse"])
 def test_containerd_snapshotter_suite(mode, tmp_path, short_tmp):
     binary = conformance_binary()
     env = {**os.environ, "TMPDIR": str(short_tmp),    # unix socket paths must stay short
