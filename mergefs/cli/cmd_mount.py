@@ -87,7 +87,7 @@ def _abs(path: str | None) -> str | None:
 def _service(args) -> str | None:
     """The control socket of a running ``mergefs serve`` that owns this store, if any."""
     if os.environ.get("MERGEFS_NO_SERVICE") or args.foreground or args.upper or args.work or \
-            len(args.layers) != 1 or is_layer_dir_arg(args.layers[0]) or args.options:
+            len(args.layers) != 1 or refs.looks_like_dir(args.layers[0]) or args.options:
         return None
     try:
         from snapshotter.serve.control import find_service
