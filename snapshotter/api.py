@@ -439,7 +439,7 @@ def _field(info: Info, path: tuple[str, ...]) -> str | None:
     if head == "name":
         return info.name
     if head == "parent":
-        return info.parent
+        return info.parent or ""      # containerd: no parent is the empty string
     if head == "kind":
         return info.kind.name.lower()
     return None

@@ -101,8 +101,26 @@ def _abs(path: str | None) -> str | None:
     return None if path is None else os.path.abspath(path)
 
 
+def _service(args) -> str | None:
+    """The control socket of a running ``mergefs serve`` that owns this store, if any."""
+    if os.environ.get("MERGEFS_NO_SERVICE") or args.foreground or args.upper or args.work or \
+            len(args.layers) != 1 or refs.looks_like_dir(args.layers[0]) or args.options:
+        return None
+    try:
+        from snapshotter.serve.control import find_service
+    except ImportError:
+        return None
+    return find_service(args.root)
+
+
 def cmd_mount(args) -> int:
     from ..union import server
+    ctl = _service(args)
+    if ctl is not None:             # a bind of a view of the service: milliseconds
+        from snapshotter.serve.control import call, checked
+        checked(call(ctl, {"op": "mount", "ref": args.layers[0], "rw": args.rw,
+                           "target": os.path.abspath(args.mountpoint)}))
+        return 0
     spec = mount_spec(args)
     if args.foreground:
         import logging
@@ -115,6 +133,17 @@ def cmd_mount(args) -> int:
 
 def cmd_umount(args) -> int:
     from ..union import server
+    try:
+        from snapshotter.serve.control import call, checked, find_service
+        ctl = None if os.environ.get("MERGEFS_NO_SERVICE") else find_service(args.root)
+    except ImportError:
+        ctl = None
+    if ctl is not None:
+        target = os.path.abspath(args.mountpoint)
+        views = checked(call(ctl, {"op": "list"}))["views"]
+        if any(v["key"] == "mount:" + target for v in views):
+            checked(call(ctl, {"op": "umount", "target": target}))
+            return 0
     server.unmount(args.mountpoint)
     return 0
 
