@@ -201,8 +201,8 @@ class WritableView(UnionView):
         self.ensure_upper(inode, with_data=not (fields.update_size and attr.st_size == 0))
         parent, _, name = inode.path.rpartition(b"/")
         pfd = self.upper.dir_fd(parent)
-        try:
-            self._apply_attrs(pfd, name, inode, attr, fields, fd)
+        try:   # the root has no name in a parent: "." of the upper's root
+            self._apply_attrs(pfd, name or b".", inode, attr, fields, fd)
         finally:
             os.close(pfd)
         inode.attr = None
