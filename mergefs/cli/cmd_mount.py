@@ -26,6 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rw", action="store_true",
                    help="store refs: writable, with an upper kept in the store (commit it later)")
     p.add_argument("--allow-other", action="store_true", help="let other users (containers) in")
+    p.add_argument("--volatile", action="store_true",
+                   help="writable: make fsync a no-op (faster; the upper is lost on a crash)")
+    p.add_argument("--squash-uid", type=int, help="report every entry as owned by this uid")
+    p.add_argument("--squash-gid", type=int, help="report every entry as owned by this gid")
     p.add_argument("--foreground", action="store_true", help="serve in this process")
     p.add_argument("--format", choices=FORMATS, default="auto", help="whiteout format of the layers")
     p.add_argument("--log", help="server log file (default /run/mergefs/mount-*.log)")
@@ -51,7 +55,8 @@ def mount_spec(args) -> MountSpec:
         if args.rw:
             raise InvalidLayer("--rw is for store refs; give --upper and --work for directories")
         return MountSpec(tuple(os.path.abspath(a) for a in args.layers),
-                         _abs(args.upper), _abs(args.work), args.allow_other, options)
+                         _abs(args.upper), _abs(args.work), args.allow_other, options,
+                         **_extras(args))
     if len(args.layers) != 1:
         raise InvalidLayer("give either layer directories (with '/') or one store ref")
     try:
@@ -64,7 +69,15 @@ def mount_spec(args) -> MountSpec:
     spec = resolve(args.root, args.layers[0], args.rw and args.upper is None,
                    mountpoint=os.path.abspath(args.mountpoint))
     return MountSpec(spec.lowers, _abs(args.upper) or spec.upper, _abs(args.work) or spec.work,
-                     args.allow_other or spec.allow_other, spec.options + options)
+                     args.allow_other or spec.allow_other, spec.options + options,
+                     **_extras(args))
+
+
+def _extras(args) -> dict:
+    if args.volatile and args.upper is None and not args.rw:
+        raise InvalidLayer("--volatile is for writable mounts (--upper/--work or --rw)")
+    return {"volatile": args.volatile, "squash_uid": args.squash_uid,
+            "squash_gid": args.squash_gid}
 
 
 def _abs(path: str | None) -> str | None:

@@ -116,7 +116,8 @@ def log_requests() -> None:
 def serve(spec: MountSpec, mountpoint: str, fmt: str = "auto", ready=None) -> None:
     """Serve ``spec`` at ``mountpoint`` until unmounted or signalled."""
     with contextlib.closing(build_view(spec, fmt)) as view:
-        ops = UnionOperations(view, no_open=pyfuse3_passes_inode())
+        ops = UnionOperations(view, no_open=pyfuse3_passes_inode(), volatile=spec.volatile,
+                              squash=(spec.squash_uid, spec.squash_gid))
         pyfuse3.init(ops, mountpoint, fuse_options(spec))
         try:
             log.info("serving %d layers at %s (%s%s)", len(spec.lowers), mountpoint,
