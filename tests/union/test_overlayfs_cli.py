@@ -7,6 +7,7 @@ way, with ``overlay/l/ID`` symlinks as lower dirs, and unmounts with
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -132,3 +133,31 @@ def test_squash_to_root_shows_root_ownership(tmp_path):
     finally:
         if server.is_mounted(str(mnt)):
             subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
+
+
+@needs_fuse
+def test_in_a_user_namespace_the_upper_uses_user_xattrs(tmp_path):
+    """Rootless podman runs the mount program as uid 0 of a user namespace, where
+    trusted.* xattrs cannot be set: opaque dirs get user.overlay.opaque (which
+    containers/storage reads there, as fuse-overlayfs's markers), whiteouts stay
+    char 0/0 devices (allowed in a user namespace since Linux 5.8)."""
+    layers = materialise_stack([LayerSpec().file("d/a", b"a").file("f", b"f")], tmp_path / "l")
+    for d in ("upper", "work", "mnt"):
+        (tmp_path / d).mkdir()
+    opts = f"lowerdir={layers[0]},upperdir={tmp_path}/upper,workdir={tmp_path}/work"
+    script = (f"{sys.executable} -m mergefs -o {opts} {tmp_path}/mnt && "
+              f"rm -r {tmp_path}/mnt/d && mkdir {tmp_path}/mnt/d && rm {tmp_path}/mnt/f && "
+              f"ls {tmp_path}/mnt; umount {tmp_path}/mnt")
+    r = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "--propagation",
+                        "private", "sh", "-c", script], capture_output=True, text=True,
+                       timeout=60, env=dict(os.environ, XDG_RUNTIME_DIR=str(tmp_path)))
+    assert (r.returncode, r.stdout) == (0, "d\n"), r.stderr
+    up = tmp_path / "upper"
+    assert os.getxattr(up / "d", "user.overlay.opaque") == b"y"
+    assert "trusted.overlay.opaque" not in os.listxattr(up / "d")
+    st = os.lstat(up / "f")
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+    deadline = time.monotonic() + 10
+    while _servers_of(tmp_path / "mnt") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _servers_of(tmp_path / "mnt")
