@@ -66,9 +66,9 @@ def test_container_writes_stay_in_the_container(podman):
            "echo changed > /etc/motd; rm /data/keep/c; rm -r /data/new; mkdir -p /data/keep/sub;"
            " echo s > /data/keep/sub/s; rm /data/old; mkdir /data/old; echo z > /data/old/z")
     # containers/storage reads the container's upper: whiteouts, opaque dir, replaced file
-    assert podman("diff", name).stdout.splitlines() == [
+    assert sorted(podman("diff", name).stdout.splitlines()) == sorted([
         "C /data", "C /data/keep", "A /data/keep/sub", "A /data/keep/sub/s", "D /data/keep/c",
-        "C /data/old", "A /data/old/z", "D /data/new", "C /etc", "C /etc/motd"]
+        "C /data/old", "A /data/old/z", "D /data/new", "C /etc", "C /etc/motd"])
     again = podman("start", "--attach", name).stdout      # the same upper, mounted again
     assert again == ""
     look = podman("run", "--rm", podman.image, "sh", "-c", LOOK).stdout
