@@ -8,9 +8,11 @@ know mergefs can still catch them::
      ├── NotFound            (LookupError)      unknown layer, ref or path
      ├── AlreadyExists       (FileExistsError)  an output or key that is taken
      ├── InvalidLayer        (ValueError)       not a directory, malformed input
+ ├── InvalidArgument     (ValueError)       a malformed name or request
      ├── UnsafeContent       (ValueError)       traversal, links out of a layer
      ├── FailedPrecondition  (RuntimeError)     removing what others depend on
-     └── MountError          (RuntimeError)     a mount that did not come up
+     ├── MountError          (RuntimeError)     a mount that did not come up
+ └── UsageError          (ValueError)       a command line that cannot be run as given
 
 Only two places translate them: ``mergefs.cli`` (to one line and an exit code)
 and ``mergefs.union`` (to ``FUSEError``).
@@ -33,6 +35,10 @@ class InvalidLayer(MergefsError, ValueError):
     pass
 
 
+class InvalidArgument(MergefsError, ValueError):
+    """A request that can never succeed as given: a malformed name, an immutable field."""
+
+
 class UnsafeContent(MergefsError, ValueError):
     pass
 
@@ -43,3 +49,7 @@ class FailedPrecondition(MergefsError, RuntimeError):
 
 class MountError(MergefsError, RuntimeError):
     pass
+
+
+class UsageError(MergefsError, ValueError):
+    """A command line that cannot be run as given (the CLI's exit code 2)."""

@@ -39,14 +39,17 @@ Caveats:
 * Concurrent builders of one id serialise on a per-id lock file; a prune racing
   a farm build over the same inputs makes that build fail (retry succeeds).
 
-Public API: ``Store``, ``default_root``, the ``service`` functions
-(``import_path``, ``merge``, ``diff``, ``commit``, ``prepare``, ``release``,
-``mount_spec``), ``gc.prune``, ``usage.measure``, ``fsck.fsck``, and
-``policy.choose_strategy`` / ``Decision``.
+Public API: ``Snapshotter`` (containerd's verbs ``prepare``, ``view``,
+``mounts``, ``commit``, ``remove``, ``stat``, ``update``, ``walk``,
+``usage``, ``cleanup``, and mergefs's ``merge``, ``diff``, ``import_``,
+``export``, ``release``, ``prune``, ``du``, ``fsck``) with ``Info``, ``Kind``
+and ``Usage``; ``Store`` and ``default_root``; ``policy.choose_strategy`` /
+``Decision``. The modules behind it (``service``, ``store``, ``meta``, ``gc``,
+``usage``, ``fsck``) are the implementation.
 """
+from .api import Info, Kind, Snapshotter, Usage
 from .policy import Capabilities, Decision, MergeSpec, choose_strategy
-from .service import commit, diff, import_path, merge, mount_spec, prepare, release
 from .store import Store, default_root
 
-__all__ = ["Capabilities", "Decision", "MergeSpec", "choose_strategy", "commit", "diff",
-           "import_path", "merge", "mount_spec", "prepare", "release", "Store", "default_root"]
+__all__ = ["Capabilities", "Decision", "Info", "Kind", "MergeSpec", "Snapshotter", "Store",
+           "Usage", "choose_strategy", "default_root"]

@@ -24,7 +24,7 @@ from .faults import kill_point
 from .importer import copy_layer
 from .meta import Parent, Row
 from .policy import REUSE_FOR_FARM, Capabilities, Decision, MergeSpec, choose_strategy
-from .store import CLI_HOLDER, Store
+from .store import CLI_HOLDER, Naming, Store
 
 LAYER_KINDS = ("layer", "diff")     # kinds that are one layer in a stack
 SHORT = 12
@@ -128,18 +128,19 @@ class MergeResult:
 
 def merge(store: Store, refs: list[str], strategy: str = "auto", name: str | None = None,
           intent: str | None = None, holder: str | None = CLI_HOLDER, fmt: str = "auto",
-          capabilities: Capabilities | None = None) -> MergeResult:
+          capabilities: Capabilities | None = None, naming: Naming | None = None) -> MergeResult:
     """Merge(refs) bottom first; the same flattened inputs give the same id, built once."""
     flat = [i for ref in refs for i in flatten(store, resolve_ref(store, ref, fmt))]
     if len(flat) == 1:              # M4: a one-input merge is that input
-        row = store.reuse(flat[0], holder, name)
+        store.check_name(name, flat[0])
+        row = store.reuse(flat[0], holder, name, naming)
         if row is None:
             raise NotFound(f"snapshot {short(flat[0])} was removed meanwhile; retry")
         return MergeResult(row, Decision(row.kind, ("a one-input merge is that input (M4)",)), True)
     mid = merge_id(flat)
     store.check_name(name, mid)
     with store.build_lock(mid):
-        row = store.reuse(mid, holder, name)
+        row = store.reuse(mid, holder, name, naming)
         if row is not None and row.strategy == "union" and strategy != "union":
             upgrade = _upgrade_decision(store, row, flat, strategy, intent, capabilities)
             if upgrade is not None:
@@ -150,8 +151,8 @@ def merge(store: Store, refs: list[str], strategy: str = "auto", name: str | Non
                 "not how it is served); nothing rebuilt",)), True)
         decision = choose_strategy(merge_spec(store, flat, strategy),
                                    capabilities or machine_capabilities(), intent)
-        return MergeResult(_build_merge(store, mid, flat, decision.strategy, holder, name),
-                           decision, False)
+        return MergeResult(_build_merge(store, mid, flat, decision.strategy, holder, name,
+                                        naming), decision, False)
 
 
 def merge_spec(store: Store, flat: list[str], requested: str = "auto") -> MergeSpec:
@@ -168,7 +169,8 @@ def machine_capabilities() -> Capabilities:
     return Capabilities(fuse=os.access("/dev/fuse", os.R_OK | os.W_OK))
 
 
-def _build_merge(store: Store, mid: str, flat: list[str], strategy: str, holder, name) -> Row:
+def _build_merge(store: Store, mid: str, flat: list[str], strategy: str, holder, name,
+                 naming: Naming | None = None) -> Row:
     rows = [store.get(i) for i in flat]
     staged = store.stage("merge")
     try:
@@ -179,7 +181,7 @@ def _build_merge(store: Store, mid: str, flat: list[str], strategy: str, holder,
                   description="merge of " + ";".join(short(i) for i in flat),
                   entries=sum(r.entries for r in rows), bytes=sum(r.bytes for r in rows))
         parents = [Parent(i, "input", pin=strategy == "union") for i in flat]
-        return store.publish(staged, row, parents, "merge", holder, name)
+        return store.publish(staged, row, parents, "merge", holder, name, naming)
     finally:
         staged.discard()
 
@@ -284,6 +286,13 @@ def commit(store: Store, upper: str, parent: str | None = None, name: str | None
     so an opaque directory becomes deletions of exactly what the parent held there.
     """
     upper_dir, parent_ids = _commit_source(store, upper, parent, fmt)
+    return commit_dir(store, upper_dir, parent_ids, upper, name, holder)
+
+
+def commit_dir(store: Store, upper_dir: str, parent_ids: list[str], what: str,
+               name: str | None = None, holder: str | None = CLI_HOLDER) -> Row:
+    """Store Diff(parent, Merge(parent, upper_dir)) as a layer, by its content digest."""
+    upper = what
     staged = store.stage("commit")
     try:
         copy_layer(upper_dir, staged.path / "upper", "overlay")
@@ -323,7 +332,7 @@ def _commit_source(store: Store, upper: str, parent: str | None, fmt: str) -> tu
 
 # -- active and view snapshots (containerd's Prepare / View) ---------------------------
 def prepare(store: Store, key: str, parent: str | None, holder: str | None = CLI_HOLDER,
-            readonly: bool = False) -> Row:
+            readonly: bool = False, naming: Naming | None = None) -> Row:
     """A new active (writable) or view (read-only) snapshot named ``key`` over ``parent``.
 
     C2: a key in use fails with AlreadyExists.
@@ -333,7 +342,7 @@ def prepare(store: Store, key: str, parent: str | None, holder: str | None = CLI
     if parent_row is not None:
         flatten(store, parent_row)      # must be committed content
     kid = key_id(key)
-    if store.db.execute("SELECT 1 FROM names WHERE name=?", (key,)).fetchone():
+    if meta.id_of_name(store.db, key) is not None:
         raise AlreadyExists(f"key {key!r} is already in use (C2)")
     staged = store.stage(kind)
     try:
@@ -343,7 +352,7 @@ def prepare(store: Store, key: str, parent: str | None, holder: str | None = CLI
         row = Row(id=kid, kind=kind, description=f"{kind} {key}" + (
             f" over {short(parent_row.id)}" if parent_row else ""))
         parents = [Parent(parent_row.id, "parent", pin=True)] if parent_row else []
-        published = store.publish(staged, row, parents, kind, holder, key)
+        published = store.publish(staged, row, parents, kind, holder, key, naming)
     finally:
         staged.discard()
     if published is not row:        # a concurrent prepare took the key first
@@ -351,8 +360,8 @@ def prepare(store: Store, key: str, parent: str | None, holder: str | None = CLI
     return published
 
 
-def mount_spec(root: str | None, ref: str, rw: bool = False, mountpoint: str | None = None,
-               key: str | None = None) -> MountSpec:
+def mount_spec_in(store: Store, ref: str, rw: bool = False, mountpoint: str | None = None,
+                  key: str | None = None, holder: str | None = CLI_HOLDER) -> MountSpec:
     """What ``mergefs mount REF MNT [--rw]`` serves, as data.
 
     A farm is one read-only lower; a union merge is its flattened layers; a
@@ -361,37 +370,37 @@ def mount_spec(root: str | None, ref: str, rw: bool = False, mountpoint: str | N
     (default ``mount:<mountpoint>``, or a fresh ``mount-<random>`` without a
     mountpoint). An existing active snapshot of that key over the same parent
     is reused (a remount continues the same upper); over another parent it is
-    AlreadyExists (C2). The active snapshot holds the CLI's ref: commit it
+    AlreadyExists (C2). The active snapshot holds ``holder``'s ref: commit it
     with ``mergefs commit KEY``, then ``release`` it. With a ``mountpoint`` a
     lease is recorded: prune keeps the snapshot while that path is mounted.
     """
-    with Store(root) as store:
-        row = resolve_ref(store, ref)
-        active = row if row.kind == "active" else None
-        base = store.get(meta.parents(store.db, row.id)[0].id) if active else row
-        lowers = serve_dirs(store, base)
-        if rw and active is None:
-            active = _active_for_mount(store, key, mountpoint, base)
-        if mountpoint:
-            lease(store, active or row, mountpoint)
-        if active is None:
-            return MountSpec(lowers=tuple(lowers))
-        d = store.dir_of(active.id)
-        return MountSpec(lowers=tuple(lowers), upper=str(d / "upper"), work=str(d / "work"))
+    row = resolve_ref(store, ref)
+    active = row if row.kind == "active" else None
+    base = store.get(meta.parents(store.db, row.id)[0].id) if active else row
+    lowers = serve_dirs(store, base)
+    if rw and active is None:
+        active = _active_for_mount(store, key, mountpoint, base, holder)
+    if mountpoint:
+        lease(store, active or row, mountpoint)
+    if active is None:
+        return MountSpec(lowers=tuple(lowers))
+    d = store.dir_of(active.id)
+    return MountSpec(lowers=tuple(lowers), upper=str(d / "upper"), work=str(d / "work"))
 
 
-def _active_for_mount(store: Store, key: str | None, mountpoint: str | None, base: Row) -> Row:
+def _active_for_mount(store: Store, key: str | None, mountpoint: str | None, base: Row,
+                      holder: str | None = CLI_HOLDER) -> Row:
     import uuid
     key = key or (f"mount:{os.path.abspath(mountpoint)}" if mountpoint
                   else f"mount-{uuid.uuid4().hex[:12]}")
-    r = store.db.execute("SELECT id FROM names WHERE name=?", (key,)).fetchone()
+    r = meta.id_of_name(store.db, key)
     if r is not None:
-        row = store.get(r[0])
+        row = store.get(r)
         ps = meta.parents(store.db, row.id) if row else []
         if row and row.kind == "active" and ps and ps[0].id == base.id:
             return row
         raise AlreadyExists(f"key {key!r} is already in use over another snapshot (C2)")
-    return prepare(store, key, base.id)
+    return prepare(store, key, base.id, holder)
 
 
 def serve_dirs(store: Store, row: Row) -> list[str]:
@@ -431,6 +440,6 @@ def remove(store: Store, ref: str) -> Row:
                                                     (row.id,)) if mp in mounted]
         if leases:
             raise FailedPrecondition(f"{short(row.id)} is mounted at {leases[0]}")
-        store.db.execute("UPDATE snapshots SET state='deleting' WHERE id=?", (row.id,))
+        meta.mark_deleting(store.db, row.id)
     store.remove([row.id])
     return row

@@ -31,10 +31,11 @@ import fcntl
 import json
 import os
 import shutil
+import threading
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -48,6 +49,30 @@ from .meta import Parent, Row
 
 CLI_HOLDER = "cli"
 HEX_MIN_PREFIX = 4
+ID_SHAPED_HEX = 12          # a name of this many hex digits or more looks like an id
+HEX = frozenset("0123456789abcdef")
+
+
+def is_full_id(ref: str) -> bool:
+    return ref.startswith(PREFIX) and len(ref) == len(PREFIX) + 64 and set(ref[7:]) <= HEX
+
+
+def check_name_shape(name: str) -> None:
+    """Refuse names that are empty, hold a control character, or look like an id.
+
+    Like Docker's reference rules: an id (``sha256:...``) or a run of 12 or
+    more hex digits (what ``ls`` and messages print as a short id) as a name
+    would shadow, or be mistaken for, another snapshot's id.
+    """
+    from mergefs.errors import InvalidArgument
+    if not name:
+        raise InvalidArgument("a name must not be empty")
+    bad = next((c for c in name if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise InvalidArgument(f"name {name!r} holds a control character ({bad!r})")
+    if name.startswith(PREFIX) or (len(name) >= ID_SHAPED_HEX and set(name) <= HEX):
+        raise InvalidArgument(f"name {name!r} looks like a snapshot id; names must not "
+                              "(they would shadow ids)")
 
 
 def default_root(explicit: str | None = None) -> str:
@@ -90,6 +115,13 @@ def _flock(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
+@dataclass(frozen=True)
+class Naming:
+    """What a new name records besides its id: containerd's parent name and labels."""
+    parent: str | None = None
+    labels: tuple[tuple[str, str], ...] = ()
+
+
 class Staged:
     """A directory under ``staging/`` owned by this process until published or discarded."""
 
@@ -116,14 +148,32 @@ class Store:
         # Creating the database and switching it to WAL race between processes,
         # and SQLite's busy timeout does not cover two connections switching at
         # once (one fails with "database is locked" at once): serialise opening.
-        with _flock(self.locks / "meta.lock"):
-            self.db = meta.connect(str(self.root / "meta.db"))
+        self._local = threading.local()
+        self._conns: list = []
+        self._conns_lock = threading.Lock()
+        self.db                         # open (and create or migrate) now, in this thread
         self.reconciled: list[str] = []
         if reconcile:
             self.reconciled = self.reconcile()
 
+    @property
+    def db(self):
+        """This thread's connection to ``meta.db`` (SQLite connections are not shared)."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            with _flock(self.locks / "meta.lock"):
+                db = meta.connect(str(self.root / "meta.db"))
+            self._local.db = db
+            with self._conns_lock:
+                self._conns.append(db)
+        return db
+
     def close(self) -> None:
-        self.db.close()
+        with self._conns_lock:
+            conns, self._conns = self._conns, []
+        for db in conns:
+            db.close()
+        self._local = threading.local()
 
     def __enter__(self) -> "Store":
         return self
@@ -143,9 +193,15 @@ class Store:
         return meta.get(self.db, snapshot_id)
 
     def resolve(self, ref: str) -> Row:
-        """A committed snapshot by name, key, id, or unique id prefix."""
-        r = self.db.execute("SELECT id FROM names WHERE name=?", (ref,)).fetchone()
-        snapshot_id = r[0] if r else self._by_id(ref)
+        """A snapshot by full id, name, key, or unique id prefix (in that order).
+
+        A full id is looked up first so that no name can shadow it; names are
+        refused if id-shaped (``check_name_shape``), but an old store may hold one.
+        """
+        snapshot_id = ref if is_full_id(ref) and meta.get(self.db, ref) else \
+            meta.id_of_name(self.db, ref)
+        if snapshot_id is None:
+            snapshot_id = self._by_id(ref)
         row = meta.get(self.db, snapshot_id)
         if row is None or row.state == "deleting":
             raise NotFound(f"snapshot {ref!r} does not exist")
@@ -174,37 +230,43 @@ class Store:
         return _flock(self.locks / f"{hexpart(snapshot_id)}.lock")
 
     def reuse(self, snapshot_id: str, holder: str | None = CLI_HOLDER,
-              name: str | None = None) -> Row | None:
+              name: str | None = None, naming: "Naming | None" = None) -> Row | None:
         """If ``snapshot_id`` is committed: take a ref, set the name, return it (no rebuild)."""
         with meta.write(self.db):
             row = meta.get(self.db, snapshot_id)
             if row is None or row.state != "committed" or not self.dir_of(snapshot_id).is_dir():
                 return None
-            self._claim(row, holder, name)
+            self._claim(row, holder, name, naming)
         return row
 
-    def _claim(self, row: Row, holder: str | None, name: str | None) -> None:
+    def _claim(self, row: Row, holder: str | None, name: str | None,
+               naming: "Naming | None" = None) -> None:
         meta.touch(self.db, row.id)
         if holder:
             meta.add_ref(self.db, row.id, holder)
-        if name:
-            self._set_name(name, row.id)
+        if name is not None:
+            self._set_name(name, row.id, naming)
 
-    def _set_name(self, name: str, snapshot_id: str) -> None:
-        cur = self.db.execute("SELECT id FROM names WHERE name=?", (name,)).fetchone()
-        if cur and cur[0] != snapshot_id:
-            raise AlreadyExists(f"name {name!r} already names {cur[0][:19]}")
-        self.db.execute("INSERT OR IGNORE INTO names(name, id) VALUES(?,?)", (name, snapshot_id))
+    def _set_name(self, name: str, snapshot_id: str, naming: "Naming | None" = None) -> None:
+        naming = naming or Naming()
+        fresh = meta.id_of_name(self.db, name) is None
+        if not meta.add_name(self.db, name, snapshot_id, naming.parent):
+            cur = meta.id_of_name(self.db, name)
+            raise AlreadyExists(f"name {name!r} already names {cur[:19]}")
+        if fresh and naming.labels:
+            meta.set_labels(self.db, name, dict(naming.labels))
 
     def check_name(self, name: str | None, snapshot_id: str) -> None:
         """Fail early (before building) if ``name`` is taken by another snapshot."""
-        if name:
-            cur = self.db.execute("SELECT id FROM names WHERE name=?", (name,)).fetchone()
-            if cur and cur[0] != snapshot_id:
-                raise AlreadyExists(f"name {name!r} already names {cur[0][:19]}")
+        if name is not None:
+            check_name_shape(name)
+            cur = meta.id_of_name(self.db, name)
+            if cur is not None and cur != snapshot_id:
+                raise AlreadyExists(f"name {name!r} already names {cur[:19]}")
 
     def publish(self, staged: Staged, row: Row, parents: list[Parent], op: str,
-                holder: str | None = CLI_HOLDER, name: str | None = None) -> Row:
+                holder: str | None = CLI_HOLDER, name: str | None = None,
+                naming: "Naming | None" = None) -> Row:
         """Make ``staged`` the snapshot ``row`` (C1: if it exists, reuse it and discard ours)."""
         now = time.time()
         row.created = row.last_used = now
@@ -218,7 +280,7 @@ class Store:
                 existing = meta.get(self.db, row.id)
                 if existing is not None and existing.state == "committed" \
                         and self.dir_of(row.id).is_dir():
-                    self._claim(existing, holder, name)
+                    self._claim(existing, holder, name, naming)
                     return existing
                 self._check_pinned(parents)
                 if existing is not None:          # deleting or corrupt: finish removing it
@@ -228,8 +290,8 @@ class Store:
                 meta.insert(self.db, row, parents)
                 if holder:
                     meta.add_ref(self.db, row.id, holder)
-                if name:
-                    self._set_name(name, row.id)
+                if name is not None:
+                    self._set_name(name, row.id, naming)
             return row
         finally:
             staged.discard()     # no-op once renamed into place

@@ -35,7 +35,7 @@ sys.path.insert(0, REPO)
 import benchlib  # noqa: E402
 import gen_stack  # noqa: E402
 
-from snapshotter import service  # noqa: E402
+from snapshotter import Snapshotter  # noqa: E402
 from snapshotter.store import Store  # noqa: E402
 from snapshotter.usage import measure  # noqa: E402
 
@@ -53,17 +53,17 @@ def bench_remerge(t: benchlib.Table, work: str, files: int, reps: int) -> dict:
     layers = gen_stack.ensure_stack(os.path.join(work, "stack"), 8, files)
     root = os.path.join(work, "store-remerge")
     with Store(root) as store:
-        secs, rows = benchlib.timed(lambda: [service.import_dir(store, p) for p in layers])
+        secs, rows = benchlib.timed(lambda: [Snapshotter(store=store).import_dir(p) for p in layers])
         t.series("import 8 layer dirs (copy + digest)").add(secs)
         ids = [r.id for r in rows]
-        secs, first = benchlib.timed(lambda: service.merge(store, ids, strategy="farm"))
+        secs, first = benchlib.timed(lambda: Snapshotter(store=store).merge(ids, strategy="farm"))
         t.series("first merge (farm build)").add(secs)
     api = t.series("re-merge, API (open+resolve+ref)")
     proc = t.series("re-merge, CLI process", anchor=None)
     for _ in range(reps):
         def again():
             with Store(root) as s:
-                return service.merge(s, ids)
+                return Snapshotter(store=s).merge(ids)
         secs, res = benchlib.timed(again)
         assert res.reused and res.row.id == first.row.id
         api.add(secs)
@@ -83,9 +83,9 @@ def bench_many(t: benchlib.Table, work: str, n: int, reps: int) -> None:
             os.makedirs(os.path.join(d, "etc"))
             with open(os.path.join(d, "etc", "id"), "w") as f:
                 f.write(f"{i}\n")
-            ids.append(service.import_dir(store, d).id)
+            ids.append(Snapshotter(store=store).import_dir(d).id)
         for i in range(n // 10):
-            service.merge(store, ids[i * 5:i * 5 + 3], strategy="farm" if i % 2 else "union")
+            Snapshotter(store=store).merge(ids[i * 5:i * 5 + 3], strategy="farm" if i % 2 else "union")
         count = store.db.execute("SELECT COUNT(*) FROM snapshots").fetchone()[0]
     for _ in range(reps):
         def du():

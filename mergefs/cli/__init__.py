@@ -12,7 +12,7 @@ import errno
 import os
 import sys
 
-from ..errors import AlreadyExists, MergefsError, NotFound
+from ..errors import AlreadyExists, MergefsError, NotFound, UsageError
 
 VERB_MODULES = ("core", "mount", "store")
 
@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _exit_code(exc: BaseException) -> tuple[int, str]:
+    if isinstance(exc, UsageError):
+        return 2, str(exc)
     if isinstance(exc, NotFound):
         return 3, str(exc)
     if isinstance(exc, AlreadyExists):
@@ -64,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     from . import cmd_mount_helper
     if cmd_mount_helper.is_mount_helper_call(argv):
         # mount.fuse3 convention: mergefs SOURCE MOUNTPOINT -o OPTIONS
-        argv = cmd_mount_helper.translate(argv)
+        try:
+            argv = cmd_mount_helper.translate(argv)
+        except UsageError as e:
+            print(f"mergefs: error: {e}", file=sys.stderr)
+            return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -3,7 +3,7 @@
 ``mergefs mount LAYER... MOUNTPOINT`` returns once the mount is live and the
 server has detached (its log goes to a file, never this terminal);
 ``--foreground`` serves in this process until unmounted. A LAYER without '/'
-is a store ref, resolved by ``snapshotter.mount_spec`` when the store exists.
+is a store ref, resolved by ``Snapshotter.mount_spec`` when the store exists.
 """
 from __future__ import annotations
 
@@ -61,13 +61,14 @@ def mount_spec(args) -> MountSpec:
         raise InvalidLayer("give either layer directories (with '/') or one store ref")
     try:
         snapshotter = importlib.import_module("snapshotter")
-        resolve = snapshotter.mount_spec
+        Snapshotter = snapshotter.Snapshotter
     except (ModuleNotFoundError, AttributeError):
         raise InvalidLayer(f"{args.layers[0]!r} is not a directory (no '/') and this "
                            "installation has no store to resolve refs") from None
     # --upper/--work put a private upper over the ref; --rw keeps the upper in the store
-    spec = resolve(args.root, args.layers[0], args.rw and args.upper is None,
-                   mountpoint=os.path.abspath(args.mountpoint))
+    with Snapshotter(args.root) as sn:
+        spec = sn.mount_spec(args.layers[0], args.rw and args.upper is None,
+                             mountpoint=os.path.abspath(args.mountpoint))
     return MountSpec(spec.lowers, _abs(args.upper) or spec.upper, _abs(args.work) or spec.work,
                      args.allow_other or spec.allow_other, spec.options + options,
                      **_extras(args))

@@ -39,8 +39,9 @@ are refused: mergefs does not shift ids. Any other option is refused by name
 from __future__ import annotations
 
 import os
-import sys
 
+from ..errors import InvalidArgument, UsageError
+from ..mountspec import LAYER_KEYS, from_options
 
 PASSED = {"ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
           "relatime", "norelatime", "strictatime", "sync", "async", "dirsync"}
@@ -53,13 +54,7 @@ REFUSED = {
     "gidmapping": "mergefs does not shift ids; run podman without per-container id "
                   "mappings (--userns/--uidmap) or use fuse-overlayfs for them",
 }
-USAGE_EXIT = 2
 SOURCE_NAMES = ("mergefs",)
-
-
-def _usage(msg: str) -> SystemExit:
-    print(f"mergefs: error: {msg}", file=sys.stderr)
-    return SystemExit(USAGE_EXIT)
 
 
 def _split(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -86,46 +81,52 @@ def is_mount_helper_call(argv: list[str]) -> bool:
 
 def _squash_id(opt: str, value: str) -> str:
     if not value.isdigit():
-        raise _usage(f"mount option {opt!r}: expected a number")
+        raise UsageError(f"mount option {opt!r}: expected a number")
     return value
 
 
 def translate(argv: list[str]) -> list[str]:
-    """Helper argv -> ``mount [--upper U --work W] [--allow-other] [--volatile] [-o ..] LAYER... MNT``."""
+    """Helper argv -> ``mount [--upper U --work W] [--allow-other] [--volatile] [--squash-*]
+    [-o ..] LAYER... MNT``; raises UsageError for a wrong argv or an unsupported option."""
     positional, options = _split(argv)
     if len(positional) not in (1, 2):
-        raise _usage(f"usage: mergefs -o lowerdir=TOP:...:BOTTOM[,upperdir=U,workdir=W] "
-                     f"MOUNTPOINT (got {argv})")
-    out, fuse, lowers = ["mount"], [], []
+        raise UsageError(f"usage: mergefs -o lowerdir=TOP:...:BOTTOM[,upperdir=U,workdir=W] "
+                         f"MOUNTPOINT (got {argv})")
+    layer_opts, extra, fuse = [], [], []
     for opt in options:
         key, _, value = opt.partition("=")
-        if key == "lowerdir":
-            lowers = [os.path.realpath(p) for p in value.split(":") if p][::-1]
-        elif key in ("upperdir", "workdir"):
-            out += ["--upper" if key == "upperdir" else "--work", os.path.abspath(value)]
-        elif key == "allow_other":
-            out.append("--allow-other")
+        if key in LAYER_KEYS or opt == "allow_other":
+            layer_opts.append(opt)
         elif key == "volatile" or opt == "fsync=0":
-            out.append("--volatile")
+            extra.append("--volatile")
         elif opt == "fsync=1":
             continue                              # fuse-overlayfs's default: fsync honoured
         elif key == "squash_to_root":
-            out += ["--squash-uid", "0", "--squash-gid", "0"]
+            extra += ["--squash-uid", "0", "--squash-gid", "0"]
         elif key in ("squash_to_uid", "squash_to_gid"):
-            out += [f"--squash-{key[-3:]}", _squash_id(opt, value)]
+            extra += [f"--squash-{key[-3:]}", _squash_id(opt, value)]
         elif key in REFUSED:
-            raise _usage(f"mount option {key!r} is not supported: {REFUSED[key]}")
+            raise UsageError(f"mount option {key!r} is not supported: {REFUSED[key]}")
         elif opt in PASSED or (key in PASSED_WITH_VALUE and value):
             fuse.append(opt)
         elif opt in DROPPED or key.startswith("x-"):
             continue
         else:
-            raise _usage(f"unsupported mount option {opt!r}")
-    if not lowers:
-        raise _usage("lowerdir= is required")
+            raise UsageError(f"unsupported mount option {opt!r}")
+    try:
+        spec = from_options(layer_opts)
+    except InvalidArgument as e:
+        raise UsageError(str(e)) from None
+    out = ["mount"]
+    if spec.upper is not None:
+        out += ["--upper", os.path.abspath(spec.upper), "--work", os.path.abspath(spec.work)]
+    if spec.allow_other:
+        out.append("--allow-other")
+    out += extra
     if fuse:
         out += ["-o", ",".join(fuse)]
-    return out + lowers + [os.path.abspath(positional[-1])]
+    # the lowerdir paths themselves are resolved (overlay/l/ID symlinks), never what is in them
+    return out + [os.path.realpath(p) for p in spec.lowers] + [os.path.abspath(positional[-1])]
 
 
 HELPER_NAME = "mount.fuse.mergefs"

@@ -18,12 +18,13 @@ import time
 from ..layer import FORMATS
 
 
-def _store(args):
-    from snapshotter.store import Store
-    store = Store(getattr(args, "root", None))
-    for line in store.reconciled:
+def _store(args, reconcile: bool = True):
+    """The ``Snapshotter`` at ``--root``; says on stderr what opening it reconciled."""
+    from snapshotter import Snapshotter
+    sn = Snapshotter(getattr(args, "root", None), reconcile=reconcile)
+    for line in sn.reconciled:
         print(f"mergefs: reconciled: {line}", file=sys.stderr)
-    return store
+    return sn
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -107,21 +108,11 @@ def when(t: float) -> str:
     return f"{int(age)} seconds ago"
 
 
-def row_dict(store, row) -> dict:
-    from snapshotter import meta
-    d = {k: getattr(row, k) for k in meta.COLUMNS}
-    d["parents"] = [p.id for p in meta.parents(store.db, row.id)]
-    d["names"] = meta.names_of(store.db, row.id)
-    d["refs"] = [h for (h,) in store.db.execute("SELECT holder FROM refs WHERE id=?", (row.id,))]
-    return d
-
-
 # -- merge / diff / explain (store forms) ----------------------------------------------
 def store_merge(args) -> int:
-    from snapshotter import service
-    with _store(args) as store:
-        res = service.merge(store, args.refs, strategy=args.strategy, name=args.name,
-                            intent=args.intent, fmt=args.format)
+    with _store(args) as sn:
+        res = sn.merge(args.refs, strategy=args.strategy, name=args.name, intent=args.intent,
+                       fmt=args.format)
     if args.json:
         print(json.dumps({"id": res.row.id, "strategy": res.decision.strategy,
                           "reused": res.reused, "reasons": list(res.decision.reasons)}))
@@ -135,50 +126,45 @@ def store_merge(args) -> int:
 
 
 def store_diff(args) -> int:
-    from snapshotter import service
-    with _store(args) as store:
-        row = service.diff(store, args.lower, args.upper, name=args.name, fmt=args.format)
+    with _store(args) as sn:
+        row = sn.diff(args.lower, args.upper, name=args.name, fmt=args.format)
     print(json.dumps({"id": row.id}) if args.json else row.id)
     return 0
 
 
 def store_explain(args) -> int:
-    from snapshotter import service
+    from snapshotter.service import short
     from ..resolver import Resolver
     from .cmd_core import print_explanation
     if len(args.args) != 2:
         from ..errors import InvalidLayer
         raise InvalidLayer("usage: mergefs explain REF PATH (or PATH LAYERDIR...)")
     ref, path = args.args
-    with _store(args) as store:
-        row = service.resolve_ref(store, ref, args.format)
-        ids = service.flatten(store, row)
-        dirs = [str(store.fs_of(i)) for i in ids]
+    with _store(args) as sn:
+        row = sn.resolve(ref, args.format)
+        ids = sn.layers(row)
+        dirs = [sn.layer_dir(i) for i in ids]
         missing = [i for i, d in zip(ids, dirs) if not os.path.isdir(d)]
         if missing:        # a farm whose inputs were pruned: it explains itself
-            ids, dirs = [row.id], [str(store.fs_of(row.id))]
-            print(f"mergefs: note: inputs of {service.short(row.id)} were pruned; explaining "
+            ids, dirs = [row.id], [sn.layer_dir(row.id)]
+            print(f"mergefs: note: inputs of {short(row.id)} were pruned; explaining "
                   "the farm as one layer", file=sys.stderr)
     p = os.fsencode(path).strip(b"/")
     with Resolver(dirs) as r:
         rows = r.explain(p)
-    print_explanation(p, rows, [service.short(i) for i in ids], as_json=args.json)
+    print_explanation(p, rows, [short(i) for i in ids], as_json=args.json)
     return 0
 
 
 # -- store verbs ------------------------------------------------------------------
 def cmd_import(args) -> int:
-    from snapshotter.oci_import import import_source
-    from ..errors import NotFound
-    if not os.path.lexists(args.src):
-        raise NotFound(f"{args.src!r} does not exist")
-    with _store(args) as store:
-        res = import_source(store, args.src, fmt=args.format, name=args.name,
-                            progress=_progress("copied") if sys.stderr.isatty() else None)
+    with _store(args) as sn:
+        res = sn.import_(args.src, fmt=args.format, name=args.name,
+                         progress=_progress("copied") if sys.stderr.isatty() else None)
         if sys.stderr.isatty():
             print(file=sys.stderr)
-        out = {"layers": [row_dict(store, r) for r in res.layers],
-               "image": row_dict(store, res.image) if res.image else None} if args.json else None
+        out = {"layers": [sn.describe(r) for r in res.layers],
+               "image": sn.describe(res.image) if res.image else None} if args.json else None
     if args.json:
         print(json.dumps(out))
     else:
@@ -188,28 +174,27 @@ def cmd_import(args) -> int:
 
 
 def cmd_commit(args) -> int:
-    from snapshotter import service
-    with _store(args) as store:
-        row = service.commit(store, args.upper, parent=args.parent, name=args.name)
+    with _store(args) as sn:
+        row = sn.commit_upper(args.upper, parent=args.parent, name=args.name)
     print(json.dumps({"id": row.id}) if args.json else row.id)
     return 0
 
 
 def cmd_release(args) -> int:
-    from snapshotter import service
-    with _store(args) as store:
+    with _store(args) as sn:
         for ref in args.refs:
-            print(service.release(store, ref).id)
+            print(sn.release(ref).id)
     return 0
 
 
 def cmd_prune(args) -> int:
-    from snapshotter.gc import parse_duration, parse_size, prune
-    with _store(args) as store:
-        rep = prune(store, all_named=args.all,
-                    keep_duration=parse_duration(args.keep_duration) if args.keep_duration else None,
-                    keep_storage=parse_size(args.keep_storage) if args.keep_storage else None,
-                    dry_run=args.dry_run)
+    from snapshotter.gc import parse_duration, parse_size
+    with _store(args) as sn:
+        rep = sn.prune(all_named=args.all,
+                       keep_duration=parse_duration(args.keep_duration) if args.keep_duration
+                       else None,
+                       keep_storage=parse_size(args.keep_storage) if args.keep_storage else None,
+                       dry_run=args.dry_run)
     if args.json:
         print(json.dumps({"deleted": rep.deleted, "freed": rep.freed, "dry_run": rep.dry_run}))
         return 0
@@ -222,9 +207,8 @@ def cmd_prune(args) -> int:
 
 
 def cmd_du(args) -> int:
-    from snapshotter.usage import measure
-    with _store(args) as store:
-        u = measure(store)
+    with _store(args) as sn:
+        u = sn.du()
     recs = sorted(u.snapshots, key=lambda s: (-s.size, s.row.id))
     if args.json:
         print(json.dumps({"snapshots": [_du_dict(s) for s in recs], "total": u.total,
@@ -265,10 +249,8 @@ def _du_dict(s) -> dict:
 
 
 def cmd_ls(args) -> int:
-    from snapshotter import meta
-    with _store(args) as store:
-        rows = sorted(meta.all_rows(store.db, state=None), key=lambda r: r.created)
-        dicts = [row_dict(store, r) for r in rows if r.state != "deleting"]
+    with _store(args) as sn:
+        dicts = sn.ls()
     if args.json:
         print(json.dumps(dicts))
         return 0
@@ -281,15 +263,8 @@ def cmd_ls(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from snapshotter import service
-    with _store(args) as store:
-        row = store.resolve(args.ref)      # also a corrupt one: inspecting it is the point
-        d = row_dict(store, row)
-        d["dependents"] = [c for (c,) in store.db.execute(
-            "SELECT DISTINCT child FROM parents WHERE parent=?", (row.id,))]
-        d["path"] = str(store.dir_of(row.id))
-        if row.kind != "view" and row.kind != "active":
-            d["layers"] = service.flatten(store, row)
+    with _store(args) as sn:
+        d = sn.inspect(args.ref)           # also a corrupt one: inspecting it is the point
     if args.json:
         print(json.dumps(d))
     else:
@@ -299,10 +274,8 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_fsck(args) -> int:
-    from snapshotter.fsck import fsck
-    from snapshotter.store import Store
-    with Store(args.root, reconcile=False) as store:
-        findings = fsck(store, repair=args.repair, verify_content=not args.fast)
+    with _store(args, reconcile=False) as sn:
+        findings = sn.fsck(repair=args.repair, verify_content=not args.fast)
     errors = [f for f in findings if f.severity == "error" and not f.repaired]
     if args.json:
         print(json.dumps({"clean": not errors, "findings": [vars(f) for f in findings]}))
@@ -315,8 +288,7 @@ def cmd_fsck(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from snapshotter import exporter
-    with _store(args) as store:
-        exporter.export(store, args.ref, args.output, args.format)
+    with _store(args) as sn:
+        sn.export(args.ref, args.output, args.format)
     print(args.output)
     return 0

@@ -11,30 +11,30 @@ import pytest
 from mergefs.mountspec import MountSpec
 from mergefs.testing import mounts, tree
 from mergefs.testing.builders import LayerSpec, materialise
-from snapshotter import service
+from snapshotter import Snapshotter
 
 
 def imported(store, layers):
-    return [service.import_dir(store, p).id for p in layers]
+    return [Snapshotter(store=store).import_dir(p).id for p in layers]
 
 
 def view_of(store, ids):
     """The merged view of store layers, as a farm built outside the store."""
-    m = service.merge(store, ids, strategy="farm", holder=None)
+    m = Snapshotter(store=store, holder=None).merge(ids, strategy="farm")
     return tree.capture(store.fs_of(m.row.id))
 
 
 def test_F1_merge_of_a_and_diff_a_b_is_b(store, layers):
     a, b, c = imported(store, layers)
-    d = service.diff(store, a, f"{a}:{b}:{c}")
+    d = Snapshotter(store=store).diff(a, f"{a}:{b}:{c}")
     assert d.kind == "diff"
-    assert service.diff(store, a, f"{a}:{b}:{c}").id == d.id          # idempotent
+    assert Snapshotter(store=store).diff(a, f"{a}:{b}:{c}").id == d.id          # idempotent
     tree.assert_same(view_of(store, [a, d.id]), view_of(store, [a, b, c]), "Merge(A, Diff(A,B))")
 
 
 def test_F1_diff_of_a_tree_with_itself_is_empty(store, layers):
     (a,) = imported(store, layers[:1])
-    d = service.diff(store, a, a)
+    d = Snapshotter(store=store).diff(a, a)
     assert os.listdir(store.fs_of(d.id)) == []
 
 
@@ -47,7 +47,7 @@ def test_D4_commit_turns_an_opaque_dir_into_explicit_whiteouts(store, layers, tm
     (base,) = imported(store, layers[:1])
     upper = materialise(LayerSpec().opaque_dir("var/cache").file("var/cache/new", b"n")
                         .whiteout("etc/passwd").file("etc/motd", b"m"), tmp_path / "upper")
-    row = service.commit(store, str(upper), parent=base)
+    row = Snapshotter(store=store).commit_upper(str(upper), parent=base)
     fs = store.fs_of(row.id)
     assert is_whiteout(fs / "var/cache/a") and is_whiteout(fs / "var/cache/b")
     assert is_whiteout(fs / "etc/passwd")
@@ -55,33 +55,33 @@ def test_D4_commit_turns_an_opaque_dir_into_explicit_whiteouts(store, layers, tm
     with mounts.overlay_mount([layers[0], upper]) as mnt:
         expected = tree.capture(mnt)
     tree.assert_same(view_of(store, [base, row.id]), expected, "commit vs kernel overlay")
-    assert service.commit(store, str(upper), parent=base).id == row.id   # idempotent
+    assert Snapshotter(store=store).commit_upper(str(upper), parent=base).id == row.id   # idempotent
 
 
 @pytest.mark.skipif(not mounts.can_mount_overlay(), reason="needs root and kernel overlayfs")
 def test_commit_of_an_active_snapshot_written_through_kernel_overlay(store, layers):
     a, b, _ = imported(store, layers)
-    m = service.merge(store, [a, b], strategy="union").row.id
-    spec = service.mount_spec(str(store.root), m, rw=True, key="job")
+    m = Snapshotter(store=store).merge([a, b], strategy="union").row.id
+    spec = Snapshotter(store=store).mount_spec(m, rw=True, key="job")
     assert isinstance(spec, MountSpec) and spec.writable
     with mounts.overlay_mount(list(spec.lowers), upper=spec.upper, work=spec.work) as mnt:
         with open(os.path.join(mnt, "etc/new"), "w") as f:
             f.write("new\n")
         os.unlink(os.path.join(mnt, "etc/passwd"))
         expected = tree.capture(mnt)
-    row = service.commit(store, "job")
+    row = Snapshotter(store=store).commit_upper("job")
     tree.assert_same(view_of(store, [a, b, row.id]), expected, "committed active snapshot")
 
 
 def test_mount_specs(store, layers):
     a, b, c = imported(store, layers)
-    farm = service.merge(store, [a, b, c], strategy="farm").row.id
-    union = service.merge(store, [a, b], strategy="union").row.id
-    assert service.mount_spec(str(store.root), farm).lowers == (str(store.fs_of(farm)),)
-    assert service.mount_spec(str(store.root), union).lowers == (str(store.fs_of(a)),
+    farm = Snapshotter(store=store).merge([a, b, c], strategy="farm").row.id
+    union = Snapshotter(store=store).merge([a, b], strategy="union").row.id
+    assert Snapshotter(store=store).mount_spec(farm).lowers == (str(store.fs_of(farm)),)
+    assert Snapshotter(store=store).mount_spec(union).lowers == (str(store.fs_of(a)),
                                                                  str(store.fs_of(b)))
-    assert service.mount_spec(str(store.root), a).lowers == (str(store.fs_of(a)),)
-    rw = service.mount_spec(str(store.root), farm, rw=True, mountpoint="/tmp/x")
+    assert Snapshotter(store=store).mount_spec(a).lowers == (str(store.fs_of(a)),)
+    rw = Snapshotter(store=store).mount_spec(farm, rw=True, mountpoint="/tmp/x")
     assert rw.lowers == (str(store.fs_of(farm)),) and os.path.isdir(rw.upper)
 
 
@@ -121,8 +121,8 @@ def test_S2_malicious_tar_leaves_the_store_unchanged(cli, layers, tmp_path, memb
 
 def test_rw_mount_spec_reuses_the_active_snapshot_of_its_mountpoint(store, layers):
     (a,) = imported(store, layers[:1])
-    one = service.mount_spec(str(store.root), a, rw=True, mountpoint="/tmp/mnt-x")
-    two = service.mount_spec(str(store.root), a, rw=True, mountpoint="/tmp/mnt-x")
+    one = Snapshotter(store=store).mount_spec(a, rw=True, mountpoint="/tmp/mnt-x")
+    two = Snapshotter(store=store).mount_spec(a, rw=True, mountpoint="/tmp/mnt-x")
     assert one == two
-    other = service.mount_spec(str(store.root), a, rw=True)     # no mountpoint: a fresh key
+    other = Snapshotter(store=store).mount_spec(a, rw=True)     # no mountpoint: a fresh key
     assert other.upper != one.upper

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from mergefs.errors import FailedPrecondition
-from snapshotter import service
+from snapshotter import Snapshotter
 from snapshotter.fsck import fsck
 from snapshotter.store import Store
 
@@ -18,8 +18,8 @@ def kinds(findings):
 
 @pytest.fixture
 def populated(store, layers):
-    ids = [service.import_dir(store, p).id for p in layers]
-    m = service.merge(store, ids, strategy="farm").row.id
+    ids = [Snapshotter(store=store).import_dir(p).id for p in layers]
+    m = Snapshotter(store=store).merge(ids, strategy="farm").row.id
     return ids, m
 
 
@@ -81,14 +81,14 @@ def test_fsck_modified_layer_is_reported_never_deleted(store, populated):
     assert store.get(ids[0]).state == "corrupt"
     assert kinds(fsck(store)) == [("error", "corrupt")]      # still not clean
     with pytest.raises(FailedPrecondition):
-        service.merge(store, [ids[0], ids[1]])
+        Snapshotter(store=store).merge([ids[0], ids[1]])
 
 
 def test_reimport_replaces_a_corrupt_layer(store, layers, populated):
     ids, _ = populated
     (store.fs_of(ids[0]) / "etc" / "passwd").write_text("tampered\n")
     fsck(store, repair=True)
-    assert service.import_dir(store, layers[0]).id == ids[0]
+    assert Snapshotter(store=store).import_dir(layers[0]).id == ids[0]
     assert store.get(ids[0]).state == "committed"
     assert (store.fs_of(ids[0]) / "etc" / "passwd").read_text() == "root:x:0:0\n"
     assert fsck(store) == []

@@ -7,13 +7,13 @@ import time
 import pytest
 
 from mergefs.errors import AlreadyExists, FailedPrecondition, NotFound
-from snapshotter import meta, service
+from snapshotter import meta, Snapshotter
 from snapshotter.gc import parse_duration, parse_size, prune
 from snapshotter.usage import measure
 
 
 def imported(store, layers):
-    return [service.import_dir(store, p).id for p in layers]
+    return [Snapshotter(store=store).import_dir(p).id for p in layers]
 
 
 def visible(store):
@@ -23,14 +23,14 @@ def visible(store):
 def test_C4_release_never_deletes(store, layers):
     ids = imported(store, layers)
     for i in ids:
-        service.release(store, i)
+        Snapshotter(store=store).release(i)
     assert visible(store) == set(ids)
     assert all(store.fs_of(i).is_dir() for i in ids)
 
 
 def test_C4_prune_keeps_referenced(store, layers):
     ids = imported(store, layers)
-    service.release(store, ids[0])
+    Snapshotter(store=store).release(ids[0])
     assert prune(store).deleted == [ids[0]]
     assert visible(store) == set(ids[1:])
 
@@ -38,16 +38,16 @@ def test_C4_prune_keeps_referenced(store, layers):
 def test_C4_prune_reports_freed_bytes(store, layers):
     ids = imported(store, layers)
     excl = {s.row.id: s.exclusive for s in measure(store).snapshots}
-    service.release(store, ids[2])
+    Snapshotter(store=store).release(ids[2])
     report = prune(store)
     assert report.freed == excl[ids[2]] > 0
 
 
 def test_C4_layer_linked_by_a_farm_frees_only_what_it_alone_holds(store, layers):
     ids = imported(store, layers)
-    service.merge(store, ids, strategy="farm")
+    Snapshotter(store=store).merge(ids, strategy="farm")
     su = {s.row.id: s for s in measure(store).snapshots}[ids[0]]
-    service.release(store, ids[0])
+    Snapshotter(store=store).release(ids[0])
     report = prune(store)
     assert report.deleted == [ids[0]] and report.freed == su.exclusive < su.size
 
@@ -55,15 +55,15 @@ def test_C4_layer_linked_by_a_farm_frees_only_what_it_alone_holds(store, layers)
 def test_C4_dry_run_deletes_nothing(store, layers):
     ids = imported(store, layers)
     for i in ids:
-        service.release(store, i)
+        Snapshotter(store=store).release(i)
     report = prune(store, dry_run=True)
     assert set(report.deleted) == set(ids) and report.freed > 0
     assert visible(store) == set(ids)
 
 
 def test_C4_named_snapshots_need_all(store, layers):
-    named = service.import_dir(store, layers[0], name="base").id
-    service.release(store, named)
+    named = Snapshotter(store=store).import_dir(layers[0], name="base").id
+    Snapshotter(store=store).release(named)
     assert prune(store).deleted == []
     assert prune(store, all_named=True).deleted == [named]
     with pytest.raises(NotFound):
@@ -73,7 +73,7 @@ def test_C4_named_snapshots_need_all(store, layers):
 def test_C4_keep_duration(store, layers):
     ids = imported(store, layers)
     for i in ids:
-        service.release(store, i)
+        Snapshotter(store=store).release(i)
     with meta.write(store.db):
         store.db.execute("UPDATE snapshots SET last_used=? WHERE id=?", (time.time() - 7200, ids[0]))
     assert prune(store, keep_duration=parse_duration("1h")).deleted == [ids[0]]
@@ -82,7 +82,7 @@ def test_C4_keep_duration(store, layers):
 def test_C4_keep_storage_deletes_least_recently_used_first(store, layers):
     ids = imported(store, layers)
     for n, i in enumerate(ids):
-        service.release(store, i)
+        Snapshotter(store=store).release(i)
         with meta.write(store.db):
             store.db.execute("UPDATE snapshots SET last_used=? WHERE id=?", (1000.0 + n, i))
     total = measure(store).total
@@ -93,34 +93,34 @@ def test_C4_keep_storage_deletes_least_recently_used_first(store, layers):
 
 def test_C4_union_merge_pins_its_inputs(store, layers):
     ids = imported(store, layers)
-    m = service.merge(store, ids, strategy="union").row.id
+    m = Snapshotter(store=store).merge(ids, strategy="union").row.id
     for i in ids:
-        service.release(store, i)
+        Snapshotter(store=store).release(i)
     assert prune(store).deleted == []
-    service.release(store, m)
+    Snapshotter(store=store).release(m)
     assert set(prune(store).deleted) == set(ids) | {m}
 
 
 def test_C4_farm_merge_does_not_pin_and_survives_its_inputs(store, layers):
     ids = imported(store, layers)
-    m = service.merge(store, ids, strategy="farm").row.id
+    m = Snapshotter(store=store).merge(ids, strategy="farm").row.id
     for i in ids:
-        service.release(store, i)
+        Snapshotter(store=store).release(i)
     assert set(prune(store).deleted) == set(ids)
     assert (store.fs_of(m) / "etc" / "passwd").read_bytes() == b"root:x:0:0\n"
 
 
 def test_C4_active_snapshot_pins_its_parent(store, layers):
     (i,) = imported(store, layers[:1])
-    service.prepare(store, "work", i)
-    service.release(store, i)
+    Snapshotter(store=store).prepare("work", i)
+    Snapshotter(store=store).release(i)
     assert prune(store).deleted == []
 
 
 def test_C4_a_live_mount_lease_pins(store, layers):
     (i,) = imported(store, layers[:1])
-    service.mount_spec(str(store.root), i, mountpoint="/")     # "/" is always mounted
-    service.release(store, i)
+    Snapshotter(store=store).mount_spec(i, mountpoint="/")     # "/" is always mounted
+    Snapshotter(store=store).release(i)
     assert prune(store).deleted == []
     with meta.write(store.db):
         store.db.execute("UPDATE leases SET mountpoint='/nonexistent/mnt'")
@@ -129,35 +129,35 @@ def test_C4_a_live_mount_lease_pins(store, layers):
 
 def test_C2_prepare_with_a_used_key_fails(store, layers):
     (i,) = imported(store, layers[:1])
-    service.prepare(store, "k", i)
+    Snapshotter(store=store).prepare("k", i)
     with pytest.raises(AlreadyExists):
-        service.prepare(store, "k", i)
+        Snapshotter(store=store).prepare("k", i)
     with pytest.raises(AlreadyExists):
-        service.prepare(store, "k", i, readonly=True)
+        Snapshotter(store=store).view("k", i)
 
 
 def test_C2_removing_what_others_depend_on_fails(store, layers):
     ids = imported(store, layers)
-    m = service.merge(store, ids, strategy="union").row.id
+    m = Snapshotter(store=store).merge(ids, strategy="union").row.id
     with pytest.raises(FailedPrecondition):
-        service.remove(store, ids[0])
-    service.remove(store, m)
-    service.remove(store, ids[0])
+        Snapshotter(store=store).remove(ids[0])
+    Snapshotter(store=store).remove(m)
+    Snapshotter(store=store).remove(ids[0])
     assert visible(store) == set(ids[1:])
 
 
 def test_C2_commit_of_a_view_fails(store, layers):
     (i,) = imported(store, layers[:1])
-    service.prepare(store, "v", i, readonly=True)
+    Snapshotter(store=store).view("v", i)
     with pytest.raises(FailedPrecondition):
-        service.commit(store, "v")
+        Snapshotter(store=store).commit_upper("v")
 
 
 def test_C2_name_taken_by_other_content_fails_same_content_succeeds(store, layers):
-    a = service.import_dir(store, layers[0], name="n").id
-    assert service.import_dir(store, layers[0], name="n").id == a       # C1
+    a = Snapshotter(store=store).import_dir(layers[0], name="n").id
+    assert Snapshotter(store=store).import_dir(layers[0], name="n").id == a       # C1
     with pytest.raises(AlreadyExists):
-        service.import_dir(store, layers[1], name="n")
+        Snapshotter(store=store).import_dir(layers[1], name="n")
 
 
 def test_cli_exit_codes(cli, layers):

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from mergefs.testing import mounts, tree
-from snapshotter import service
+from snapshotter import Snapshotter
 from snapshotter.digest import merge_id
 from snapshotter.gc import prune
 from snapshotter.store import Store
@@ -15,13 +15,13 @@ from .conftest import snapshot_dirs
 
 
 def ids(store, paths):
-    return [service.import_dir(store, p).id for p in paths]
+    return [Snapshotter(store=store).import_dir(p).id for p in paths]
 
 
 def test_C1_same_merge_twice_same_id_no_rebuild(store, layers):
-    first = service.merge(store, [str(p) for p in layers], strategy="farm")
+    first = Snapshotter(store=store).merge([str(p) for p in layers], strategy="farm")
     ino = os.stat(store.fs_of(first.row.id)).st_ino
-    again = service.merge(store, [str(p) for p in layers], strategy="farm")
+    again = Snapshotter(store=store).merge([str(p) for p in layers], strategy="farm")
     assert again.row.id == first.row.id and again.reused and not first.reused
     assert os.stat(store.fs_of(first.row.id)).st_ino == ino
 
@@ -53,29 +53,29 @@ def test_C4_merge_release_prune_merge_rebuilds(cli, layers):
 
 def test_M4_nested_merges_flatten_to_one_id(store, layers):
     a, b, c = ids(store, layers)
-    ab = service.merge(store, [a, b]).row.id
-    nested = service.merge(store, [ab, c])
-    flat = service.merge(store, [a, b, c])
+    ab = Snapshotter(store=store).merge([a, b]).row.id
+    nested = Snapshotter(store=store).merge([ab, c])
+    flat = Snapshotter(store=store).merge([a, b, c])
     assert nested.row.id == flat.row.id == merge_id([a, b, c])
     assert flat.reused
 
 
 def test_M4_one_input_merge_is_that_input(store, layers):
     a = ids(store, layers[:1])[0]
-    assert service.merge(store, [a]).row.id == a
+    assert Snapshotter(store=store).merge([a]).row.id == a
 
 
 def test_merge_id_is_order_sensitive(store, layers):
     a, b, _ = ids(store, layers)
-    assert service.merge(store, [a, b]).row.id != service.merge(store, [b, a]).row.id
+    assert Snapshotter(store=store).merge([a, b]).row.id != Snapshotter(store=store).merge([b, a]).row.id
 
 
 def test_same_layer_at_two_positions_stored_once(store, layers):
     a, b, _ = ids(store, layers)
-    assert service.import_dir(store, layers[0]).id == a        # importing again: same id
-    m = service.merge(store, [a, b, a], strategy="farm")
+    assert Snapshotter(store=store).import_dir(layers[0]).id == a        # importing again: same id
+    m = Snapshotter(store=store).merge([a, b, a], strategy="farm")
     assert len(snapshot_dirs(store.root)) == 4                  # a, b, c and the merge
-    assert service.flatten(store, m.row) == [a, b, a]
+    assert Snapshotter(store=store).layers(m.row) == [a, b, a]
 
 
 def test_layer_id_is_independent_of_whiteout_format(store, layers, oci_layers):
@@ -88,21 +88,21 @@ def test_layer_id_is_the_same_in_another_store(tmp_path, layers):
     ms = []
     for n in ("one", "two"):
         with Store(tmp_path / n) as s:
-            ms.append(service.merge(s, [str(p) for p in layers]).row.id)
+            ms.append(Snapshotter(store=s).merge([str(p) for p in layers]).row.id)
     assert ms[0] == ms[1]
 
 
 @pytest.mark.skipif(not mounts.can_mount_overlay(), reason="needs root and kernel overlayfs")
 def test_farm_merge_equals_kernel_overlay(store, layers):
     """The stored farm of imported layers == kernel overlayfs of the original layers."""
-    m = service.merge(store, [str(p) for p in layers], strategy="farm")
+    m = Snapshotter(store=store).merge([str(p) for p in layers], strategy="farm")
     with mounts.overlay_mount(layers) as mnt:
         expected = tree.capture(mnt)
     tree.assert_same(tree.capture(store.fs_of(m.row.id)), expected, "farm vs kernel overlay")
 
 
 def test_union_merge_stores_only_metadata_and_pins_inputs(store, layers):
-    m = service.merge(store, [str(p) for p in layers], strategy="union")
+    m = Snapshotter(store=store).merge([str(p) for p in layers], strategy="union")
     d = store.dir_of(m.row.id)
     assert sorted(os.listdir(d)) == ["meta.json"]
     from snapshotter import meta
@@ -111,17 +111,17 @@ def test_union_merge_stores_only_metadata_and_pins_inputs(store, layers):
 
 def test_prune_after_release_of_everything_keeps_union_inputs_until_union_goes(store, layers):
     a, b, c = ids(store, layers)
-    m = service.merge(store, [a, b, c], strategy="union").row.id
+    m = Snapshotter(store=store).merge([a, b, c], strategy="union").row.id
     for i in (a, b, c):
-        service.release(store, i)
-    service.release(store, m)
+        Snapshotter(store=store).release(i)
+    Snapshotter(store=store).release(m)
     report = prune(store)
     assert report.deleted[0] == m and set(report.deleted[1:]) == {a, b, c}   # cascade
 
 
 def test_union_merge_asked_for_as_farm_is_materialised_under_the_same_id(store, layers):
-    u = service.merge(store, [str(p) for p in layers], strategy="union")
-    f = service.merge(store, [str(p) for p in layers], strategy="farm")
+    u = Snapshotter(store=store).merge([str(p) for p in layers], strategy="union")
+    f = Snapshotter(store=store).merge([str(p) for p in layers], strategy="farm")
     assert f.row.id == u.row.id and f.row.strategy == "farm"
     assert (store.fs_of(f.row.id) / "etc" / "motd").read_bytes() == b"hello\n"
     from snapshotter import meta
@@ -133,11 +133,11 @@ def test_union_merge_asked_for_as_farm_is_materialised_under_the_same_id(store, 
 def test_union_merge_asked_for_often_becomes_a_farm(store, layers):
     """Policy input 'reuse count': REUSE_FOR_FARM requests of a union merge amortise a farm."""
     from snapshotter.policy import REUSE_FOR_FARM
-    ids = [service.import_dir(store, p).id for p in layers]
-    first = service.merge(store, ids, strategy="union")
+    ids = [Snapshotter(store=store).import_dir(p).id for p in layers]
+    first = Snapshotter(store=store).merge(ids, strategy="union")
     for _ in range(REUSE_FOR_FARM - 1):
-        assert service.merge(store, ids).row.strategy == "union"
-    res = service.merge(store, ids)
+        assert Snapshotter(store=store).merge(ids).row.strategy == "union"
+    res = Snapshotter(store=store).merge(ids)
     assert res.row.id == first.row.id and res.row.strategy == "farm"
     assert any("materialised" in r for r in res.decision.reasons)
-    assert service.merge(store, ids, strategy="union").row.strategy == "farm"   # stays a farm
+    assert Snapshotter(store=store).merge(ids, strategy="union").row.strategy == "farm"   # stays a farm

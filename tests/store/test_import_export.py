@@ -8,7 +8,7 @@ import pytest
 
 from mergefs.testing import model, tree
 from mergefs.testing.builders import LayerSpec, materialise_stack
-from snapshotter import service
+from snapshotter import Snapshotter
 
 from .conftest import base_spec, mid_spec, top_spec
 
@@ -30,14 +30,14 @@ def rich_specs():
 def test_imported_stack_merges_like_the_reference_model(store, tmp_path, fmt):
     specs = rich_specs()
     paths = materialise_stack(specs, tmp_path / fmt, fmt=fmt)
-    m = service.merge(store, [str(p) for p in paths], strategy="farm")
+    m = Snapshotter(store=store).merge([str(p) for p in paths], strategy="farm")
     tree.assert_same(tree.capture(store.fs_of(m.row.id)), tree.model_view(model.merge(specs)),
                      f"farm of imported {fmt} layers vs model")
 
 
 def test_D2_same_layer_whiteout_and_dir_is_stored_opaque(store, tmp_path):
     paths = materialise_stack(rich_specs(), tmp_path / "oci", fmt="oci")
-    upper = service.import_dir(store, paths[1])
+    upper = Snapshotter(store=store).import_dir(paths[1])
     cache = store.fs_of(upper.id) / "var" / "cache"
     assert os.getxattr(cache, "trusted.overlay.opaque", follow_symlinks=False) == b"y"
     assert not os.path.lexists(cache.parent / ".wh.cache")
@@ -46,9 +46,9 @@ def test_D2_same_layer_whiteout_and_dir_is_stored_opaque(store, tmp_path):
 
 def test_imported_layers_are_never_modified(store, layers):
     before = [tree.fingerprint(p) for p in layers]
-    ids = [service.import_dir(store, p).id for p in layers]
-    service.merge(store, ids, strategy="farm")
-    service.diff(store, ids[0], ids[2])
+    ids = [Snapshotter(store=store).import_dir(p).id for p in layers]
+    Snapshotter(store=store).merge(ids, strategy="farm")
+    Snapshotter(store=store).diff(ids[0], ids[2])
     assert [tree.fingerprint(p) for p in layers] == before
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 import subprocess
 
-from snapshotter import service
+from snapshotter import Snapshotter
 from snapshotter.usage import measure
 
 
@@ -21,24 +21,24 @@ def dir_blocks(path) -> int:
 
 
 def test_C3_store_total_equals_coreutils_du(store, layers):
-    ids = [service.import_dir(store, p).id for p in layers]
-    service.merge(store, ids, strategy="farm")
-    service.merge(store, ids[:2], strategy="union")
+    ids = [Snapshotter(store=store).import_dir(p).id for p in layers]
+    Snapshotter(store=store).merge(ids, strategy="farm")
+    Snapshotter(store=store).merge(ids[:2], strategy="union")
     u = measure(store)
     assert u.total == coreutils_du(store.root)
     assert u.exclusive + u.shared + u.overhead == u.total
 
 
 def test_C3_each_snapshot_exclusive_plus_shared_equals_du_of_its_dir(store, layers):
-    ids = [service.import_dir(store, p).id for p in layers]
-    service.merge(store, ids, strategy="farm")
+    ids = [Snapshotter(store=store).import_dir(p).id for p in layers]
+    Snapshotter(store=store).merge(ids, strategy="farm")
     for su in measure(store).snapshots:
         assert su.exclusive + su.shared == coreutils_du(store.dir_of(su.row.id)), su.row.kind
 
 
 def test_C3_farm_merge_owns_only_its_directories(store, layers):
-    ids = [service.import_dir(store, p).id for p in layers]
-    m = service.merge(store, ids, strategy="farm").row.id
+    ids = [Snapshotter(store=store).import_dir(p).id for p in layers]
+    m = Snapshotter(store=store).merge(ids, strategy="farm").row.id
     su = {s.row.id: s for s in measure(store).snapshots}[m]
     meta_json = coreutils_du(store.dir_of(m) / "meta.json")
     assert su.exclusive == dir_blocks(store.dir_of(m)) + meta_json
@@ -46,10 +46,10 @@ def test_C3_farm_merge_owns_only_its_directories(store, layers):
 
 
 def test_C3_shared_bytes_become_exclusive_when_the_input_goes(store, layers):
-    ids = [service.import_dir(store, p).id for p in layers]
-    m = service.merge(store, ids[:1] + ids[1:2], strategy="farm").row.id
+    ids = [Snapshotter(store=store).import_dir(p).id for p in layers]
+    m = Snapshotter(store=store).merge(ids[:1] + ids[1:2], strategy="farm").row.id
     before = {s.row.id: s for s in measure(store).snapshots}[m]
-    service.remove(store, ids[0])
+    Snapshotter(store=store).remove(ids[0])
     after = {s.row.id: s for s in measure(store).snapshots}[m]
     assert after.exclusive > before.exclusive
     assert after.exclusive + after.shared == coreutils_du(store.dir_of(m))

@@ -212,17 +212,18 @@ def test_translate_mount_helper_argv():
     assert translate(argv) == ["mount", "--upper", "/u", "--work", "/w", "--allow-other",
                                "-o", "nodev", "/b", "/t", "/m"]
     assert not is_mount_helper_call(["mount", "/a", "/m"])
-    with pytest.raises(SystemExit):
+    from mergefs.errors import UsageError
+    with pytest.raises(UsageError):
         translate(["mergefs", "/m", "-o", "lowerdir=/a,bogus"])
 
 
 def test_cli_mount_store_ref(tmp_path, cli_mounts):
-    """A LAYER without '/' is a store ref, served through snapshotter.mount_spec."""
+    """A LAYER without '/' is a store ref, served through Snapshotter.mount_spec."""
     snapshotter = pytest.importorskip("snapshotter")
     root = tmp_path / "store"
     layer = materialise_stack([LayerSpec().file("hello", b"from the store")], tmp_path / "l")[0]
-    with snapshotter.Store(str(root)) as store:
-        snapshotter.import_path(store, str(layer), name="greeting")
+    with snapshotter.Snapshotter(str(root)) as sn:
+        sn.import_(str(layer), name="greeting")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     cli_mounts.append(mnt)

@@ -37,8 +37,8 @@ def test_translate_fuse_overlayfs_argv(tmp_path):
                                str(tmp_path / "diff2"), str(tmp_path / "diff1"), "/m"]
     argv = ["-o", "lowerdir=/a,squash_to_root,noacl,nodev,allow_other,fsync=0", "-o", "suid",
             "/m"]
-    assert translate(argv) == ["mount", "--squash-uid", "0", "--squash-gid", "0",
-                               "--allow-other", "--volatile", "-o", "nodev,suid", "/a", "/m"]
+    assert translate(argv) == ["mount", "--allow-other", "--squash-uid", "0", "--squash-gid",
+                               "0", "--volatile", "-o", "nodev,suid", "/a", "/m"]
     assert translate(["-o", "lowerdir=/a,squash_to_uid=7,squash_to_gid=8", "/m"]) == \
         ["mount", "--squash-uid", "7", "--squash-gid", "8", "/a", "/m"]
     assert not is_mount_helper_call(["-o", "nodev", "/m"])
