@@ -15,6 +15,9 @@ Two conventions run ``mergefs`` with options instead of a verb:
   ``mount_program``; it works under any program name (a symlink
   ``mergefs-overlayfs`` to ``mergefs``). It returns once the mount is live and
   is undone with ``fusermount3 -u`` or ``umount``; the server then exits.
+  Run as root (also uid 0 of a user namespace), this form implies
+  ``allow_other``, as fuse-overlayfs does: a container's processes need not
+  be root.
 
 ``translate`` turns either argv into the ``mount`` verb. ``lowerdir`` lists
 layers top first, like overlayfs; the ``mount`` verb takes them bottom first.
@@ -120,7 +123,9 @@ def translate(argv: list[str]) -> list[str]:
     out = ["mount"]
     if spec.upper is not None:
         out += ["--upper", os.path.abspath(spec.upper), "--work", os.path.abspath(spec.work)]
-    if spec.allow_other:
+    # fuse-overlayfs lets other users in when run as root (also uid 0 of a user
+    # namespace): a container's processes need not be root
+    if spec.allow_other or (len(positional) == 1 and os.geteuid() == 0):
         out.append("--allow-other")
     out += extra
     if fuse:

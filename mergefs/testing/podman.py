@@ -67,6 +67,7 @@ class PodmanEnv:
             '[containers]\nnetns = "none"\n'
             'default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]\n'
             '[engine]\ncgroup_manager = "cgroupfs"\nruntime = "runc"\nevents_logger = "file"\n'
+            'lock_type = "file"\n'
             f'tmp_dir = "{self.root}/libpod-tmp"\n')
         self.env = dict(os.environ, CONTAINERS_STORAGE_CONF=f"{self.root}/storage.conf",
                         CONTAINERS_CONF=f"{self.root}/containers.conf",

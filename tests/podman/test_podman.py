@@ -77,6 +77,17 @@ def test_container_writes_stay_in_the_container(podman):
     assert_nothing_left(podman)
 
 
+def test_a_non_root_container_user_gets_in(podman):
+    """The mount is the rootfs of a container whose process is not root: as
+    fuse-overlayfs does as root, the mount program lets other users in."""
+    r = podman("run", "--rm", "--user", "65534:65534", podman.image, "sh", "-c",
+               "id -u; cat /etc/motd; echo x > /tmp/mine; stat -c %u /tmp/mine; "
+               "echo y > /etc/motd", check=False)
+    assert r.stdout == "65534\nlayer two\n65534\n", r.stderr
+    assert "Permission denied" in r.stderr and r.returncode == 1
+    assert_nothing_left(podman)
+
+
 CONTAINERFILE = """\
 FROM {image}
 RUN mkdir /made && echo one > /made/f && echo extra >> /etc/motd && rm /data/keep/c && rm -r /data/new

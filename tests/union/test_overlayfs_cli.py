@@ -33,13 +33,15 @@ def test_translate_fuse_overlayfs_argv(tmp_path):
             "/m"]
     assert is_mount_helper_call(argv)
     # top first on the command line, bottom first for the verb; symlinks resolved
-    assert translate(argv) == ["mount", "--upper", "/u", "--work", "/w", "--volatile",
-                               str(tmp_path / "diff2"), str(tmp_path / "diff1"), "/m"]
+    # as root, the fuse-overlayfs form lets other users in (as fuse-overlayfs does)
+    assert translate(argv) == ["mount", "--upper", "/u", "--work", "/w"] + \
+        ["--allow-other"] * (os.geteuid() == 0) + \
+        ["--volatile", str(tmp_path / "diff2"), str(tmp_path / "diff1"), "/m"]
     argv = ["-o", "lowerdir=/a,squash_to_root,noacl,nodev,allow_other,fsync=0", "-o", "suid",
             "/m"]
     assert translate(argv) == ["mount", "--allow-other", "--squash-uid", "0", "--squash-gid",
                                "0", "--volatile", "-o", "nodev,suid", "/a", "/m"]
-    assert translate(["-o", "lowerdir=/a,squash_to_uid=7,squash_to_gid=8", "/m"]) == \
+    assert translate(["-o", "lowerdir=/a,squash_to_uid=7,squash_to_gid=8", "x", "/m"]) == \
         ["mount", "--squash-uid", "7", "--squash-gid", "8", "/a", "/m"]
     assert not is_mount_helper_call(["-o", "nodev", "/m"])
     assert not is_mount_helper_call(["mount", "/a", "/b", "/m"])
