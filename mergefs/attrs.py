@@ -49,14 +49,20 @@ def apply_meta(dir_fd: int, name: bytes, meta: Meta, warnings: list[str]) -> Non
                             f"{meta.uid}:{meta.gid} without root")
     if not stat.S_ISLNK(meta.mode):
         syscalls.chmod(target, stat.S_IMODE(meta.mode), dir_fd)
-    for attr, value in meta.xattrs.items():
+    set_xattrs(dir_fd, name, meta.xattrs, warnings)
+    syscalls.utime_ns(target, meta.atime_ns, meta.mtime_ns, dir_fd)
+
+
+def set_xattrs(dir_fd: int, name: bytes, xattrs: dict, warnings: list[str]) -> None:
+    """The one A3 rule: an xattr the filesystem refuses (XATTR_REFUSED) is a warning;
+    any other failure (ENOSPC, EIO ...) is raised."""
+    for attr, value in xattrs.items():
         try:
             syscalls.setxattr(dir_fd, name, attr, value)
         except OSError as e:
             if e.errno not in XATTR_REFUSED:
                 raise
             warnings.append(f"{os.fsdecode(name) or '/'}: xattr {attr} not set: {e.strerror}")
-    syscalls.utime_ns(target, meta.atime_ns, meta.mtime_ns, dir_fd)
 
 
 def is_symlink_meta(meta: Meta) -> bool:

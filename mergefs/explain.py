@@ -1,10 +1,20 @@
 """Why a path shows the version it shows: per layer, what it holds and what hid it."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from .layer import DIR, KIND_NAMES
-from .resolver import Explanation, Resolver, join
+from .resolver import Resolver, join
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What one layer holds at a path and what happened to it."""
+    layer: int
+    kind: str            # "file", "dir", "whiteout", "opaque dir", ...
+    status: str          # "supplies", "merged", "hidden", "absent"
+    reason: str
 
 
 class Mark(NamedTuple):

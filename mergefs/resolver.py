@@ -1,4 +1,4 @@
-"""The resolver: pure merge semantics over layer readers (SEMANTICS M, D, S, H).
+"""The resolver: pure merge semantics over layer readers (docs/semantics.md M, D, S, H).
 
 Layers are given bottom first, like the OCI ``layers`` array; internally the
 search goes top first. A merged directory is served by a list of *sources*:
@@ -15,7 +15,6 @@ in the layer that serves it (S1).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Iterable, NamedTuple, Sequence
 
 from sortedcontainers import SortedDict
@@ -79,15 +78,6 @@ def merge_listing(listings: Iterable[tuple[int, LayerDir]]) -> dict[bytes, Node]
 
 def join(parent: bytes, name: bytes) -> bytes:
     return parent + b"/" + name if parent else name
-
-
-@dataclass(frozen=True)
-class Explanation:
-    """What one layer holds at a path and what happened to it."""
-    layer: int
-    kind: str            # "file", "dir", "whiteout", "opaque dir", ...
-    status: str          # "supplies", "merged", "hidden", "absent"
-    reason: str
 
 
 class Resolver:
@@ -164,7 +154,3 @@ class Resolver:
             cur = join(cur, name)
         return node
 
-    def explain(self, path: bytes) -> list[Explanation]:
-        """For each layer, top first: what it holds at ``path`` and why it shows or not."""
-        from .explain import explain
-        return explain(self, path)

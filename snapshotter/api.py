@@ -44,7 +44,7 @@ from mergefs.mountspec import MountSpec
 from . import filters as _filters
 from . import meta, service
 from .digest import PREFIX
-from .meta import Row
+from .meta import Row, SnapshotKind, State, Strategy
 from .store import CLI_HOLDER, Naming, Store, is_full_id
 
 NAME_HOLDER = "name:"       # the ref a containerd name holds on its snapshot
@@ -89,6 +89,25 @@ def check_key(key: str) -> None:
                               "looked up first, so it could never be found")
 
 
+def _sqlite_errors(cls):
+    """Every public method (and the constructor) translates SQLite errors (``meta.translate``)."""
+    import functools
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def wrapper(self, *args, **kwargs):
+            store = getattr(self, "store", None)
+            where = str(store.root / "meta.db") if store is not None else "meta.db"
+            with meta.sqlite_errors(where):
+                return fn(self, *args, **kwargs)
+        return wrapper
+    for name, fn in list(vars(cls).items()):
+        if callable(fn) and (not name.startswith("_") or name == "__init__"):
+            setattr(cls, name, wrap(fn))
+    return cls
+
+
+@_sqlite_errors
 class Snapshotter:
     """The layer store at ``root`` (default: ``snapshotter.default_root``)."""
 
@@ -123,7 +142,7 @@ class Snapshotter:
         db = self.store.db
         sid = key if is_full_id(key) and meta.get(db, key) else meta.id_of_name(db, key)
         row = meta.get(db, sid) if sid else None
-        if row is None or row.state == "deleting":
+        if row is None or row.state == State.DELETING:
             raise NotFound(f"snapshot {key!r} does not exist")
         return row
 
@@ -141,27 +160,28 @@ class Snapshotter:
         """What to mount for ``key``, as data. Pure: reads metadata, writes nothing."""
         row = self._row(key)
         db = self.store.db
-        if row.kind == "active":
+        if row.kind == SnapshotKind.ACTIVE:
             ps = meta.parents(db, row.id)
             lowers = service.serve_dirs(self.store, self.store.get(ps[0].id)) if ps else []
             d = self.store.dir_of(row.id)
             return MountSpec(lowers=tuple(lowers), upper=str(d / "upper"), work=str(d / "work"))
-        if row.kind == "view" and not meta.parents(db, row.id):
+        if row.kind == SnapshotKind.VIEW and not meta.parents(db, row.id):
             return MountSpec(lowers=())
         return MountSpec(lowers=tuple(service.serve_dirs(self.store, row)))
 
     def walk(self, *filters: str) -> Iterator[Info]:
         """Every name (key or committed name) matching any of ``filters``, by name."""
         match = _filters.matcher(filters)
-        db = self.store.db
+        db, out = self.store.db, []
         for n in meta.name_rows(db):
             row = meta.get(db, n.id)
-            if row is None or row.state == "deleting":
+            if row is None or row.state == State.DELETING:
                 continue
             info = Info(n.name, n.parent, kind_of(row), meta.labels_of(db, n.name),
                         n.created, n.updated)
             if match(lambda path, i=info: _field(i, path)):
-                yield info
+                out.append(info)
+        return iter(out)          # read now: the caller may iterate in another thread
 
     list = walk
 
@@ -170,11 +190,11 @@ class Snapshotter:
         from .usage import inodes_under
         row = self._row(key)
         d = self.store.dir_of(row.id)
-        if row.kind == "active":
+        if row.kind == SnapshotKind.ACTIVE:
             path = d / "upper"
-        elif row.kind == "view":
+        elif row.kind == SnapshotKind.VIEW:
             return Usage()
-        elif row.kind == "merge" and row.strategy != "farm":
+        elif row.kind == SnapshotKind.MERGE and row.strategy != Strategy.FARM:
             path = self.store.fs_of(service.flatten(self.store, row)[-1])
         else:
             path = d / "fs"
@@ -200,7 +220,7 @@ class Snapshotter:
         parent_id = None
         if parent is not None:
             prow = self._row(parent)
-            if prow.kind in ("active", "view"):
+            if prow.kind in (SnapshotKind.ACTIVE, SnapshotKind.VIEW):
                 raise FailedPrecondition(f"parent {parent!r} is {prow.kind}, not committed")
             parent_id = prow.id
         if meta.id_of_name(self.store.db, key) is not None:
@@ -212,10 +232,10 @@ class Snapshotter:
         """Active ``key`` -> committed ``name``; the active snapshot is removed (containerd)."""
         check_key(name)
         row = self._row(key)
-        if row.kind == "view":
+        if row.kind == SnapshotKind.VIEW:
             raise FailedPrecondition(f"{key!r} is a view: a view is read-only and cannot be "
                                      "committed (C2)")
-        if row.kind != "active":
+        if row.kind != SnapshotKind.ACTIVE:
             raise FailedPrecondition(f"{key!r} is committed already; commit takes an active "
                                      "snapshot")
         if meta.id_of_name(self.store.db, name) is not None:
@@ -223,11 +243,17 @@ class Snapshotter:
         store, holder = self.store, NAME_HOLDER + name
         ps = meta.parents(store.db, row.id)
         flat = service.flatten(store, store.get(ps[0].id)) if ps else []
-        parent_name = meta.name_row(store.db, key).parent
-        layer = service.commit_dir(store, str(store.dir_of(row.id) / "upper"), flat, key,
-                                   holder=holder)
-        service.merge(store, flat + [layer.id], strategy="union", name=name, holder=holder,
-                      naming=Naming(parent_name, _label_items(labels)))
+        named = meta.name_row(store.db, key)
+        parent_name = named.parent if named else None
+        tmp = store.temporary_holder()     # holds the new layer until the name does
+        try:
+            layer = service.commit_dir(store, str(store.dir_of(row.id) / "upper"), flat, key,
+                                       holder=tmp)
+            service.merge(store, flat + [layer.id], strategy="union", name=name, holder=holder,
+                          naming=Naming(parent_name, _label_items(labels)))
+        finally:
+            with meta.write(store.db):
+                meta.drop_holder(store.db, tmp)
         self.remove(key)
         return self.stat(name)
 
@@ -303,12 +329,30 @@ class Snapshotter:
     def diff(self, lower: str, upper: str, name: str | None = None, fmt: str = "auto") -> Row:
         return service.diff(self.store, lower, upper, name, self.holder, fmt)
 
-    def import_(self, src: str, fmt: str = "auto", name: str | None = None, progress=None):
-        """Import a layer dir, a layer tar, an OCI layout or a docker archive (``ImportResult``)."""
+    def import_(self, src: str, fmt: str = "auto", name: str | None = None, progress=None,
+                **options):
+        """Import a layer dir, a layer tar, an OCI layout or a docker archive (``ImportResult``).
+
+        Issue 11.5: while it runs, what it stores is held by a holder of its own
+        (``import:<pid>-<start>-<rand>``); on success those refs become
+        ``holder``'s, on failure they are dropped, so a failed multi-layer import
+        leaves its layers unreferenced for prune. A crash leaves the temporary
+        refs to the next open (``Store.reconcile``), which drops those of dead
+        processes.
+        """
         from .oci_import import import_source
-        if not os.path.lexists(src):
+        if src != "-" and not os.path.lexists(src):
             raise NotFound(f"{src!r} does not exist")
-        return import_source(self.store, src, fmt, name, self.holder, progress)
+        tmp = self.store.temporary_holder()
+        try:
+            res = import_source(self.store, src, fmt, name, tmp, progress, **options)
+            with meta.write(self.store.db):
+                if self.holder:
+                    meta.move_refs(self.store.db, tmp, self.holder)
+            return res
+        finally:
+            with meta.write(self.store.db):
+                meta.drop_holder(self.store.db, tmp)
 
     def import_path(self, src: str, fmt: str = "auto", name: str | None = None) -> list[Row]:
         return self.import_(src, fmt, name).layers
@@ -353,7 +397,7 @@ class Snapshotter:
     def ls(self) -> list[dict]:
         """Every snapshot not being deleted, oldest first, as ``describe`` gives it."""
         rows = sorted(meta.all_rows(self.store.db, state=None), key=lambda r: r.created)
-        return [self.describe(r) for r in rows if r.state != "deleting"]
+        return [self.describe(r) for r in rows if r.state != State.DELETING]
 
     def inspect(self, ref: str) -> dict:
         """``describe`` plus dependents, path and layers; also for a corrupt snapshot."""

@@ -12,6 +12,7 @@ from mergefs.farm import build_farm, staged_build
 from mergefs.layer import Layer
 
 from . import service
+from .meta import SnapshotKind, Strategy
 from .importer import LayerCopier
 from .store import Store
 
@@ -27,19 +28,18 @@ def export(store: Store, ref: str, output: str, fmt: str = "dir") -> None:
     row = service.resolve_ref(store, ref)
     if fmt == "oci":
         from mergefs import oci
-        names = store.db.execute("SELECT name FROM names WHERE id=? ORDER BY name",
-                                 (row.id,)).fetchone()
+        from . import meta
         oci.export_layout(service.layer_dirs(store, row), output,
-                          ref=names[0] if names else service.short(row.id))
+                          ref=meta.first_name(store.db, row.id) or service.short(row.id))
         return
     if fmt == "tar":
         from mergefs import oci
         write = lambda src: oci.export_layer_tar(src, output)  # noqa: E731
     else:
         write = lambda src: _copy_tree(src, output)  # noqa: E731
-    if row.kind != "merge":
+    if row.kind != SnapshotKind.MERGE:
         write(store.fs_of(row.id))
-    elif row.strategy == "farm":
+    elif row.strategy == Strategy.FARM:
         write(store.fs_of(row.id))
     else:                            # a union: materialise the view in staging first
         staged = store.stage("export")

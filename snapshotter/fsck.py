@@ -8,7 +8,11 @@ Findings, each with a severity:
   no row) — registered again on repair.
 * ``error``: rows whose directory is missing; directories without a row and
   without a usable journal; pinned parents that do not exist; layers whose
-  content no longer matches their digest.
+  content no longer matches their digest; names or refs that a snapshot's
+  ``holders.json`` lists and the metadata lost (repair restores them); a
+  damaged ``meta.db`` (``fsck_store``: repair keeps it aside as
+  ``meta.db.damaged-<time>`` and rebuilds the metadata from the snapshot
+  directories' ``meta.json`` and ``holders.json``).
 
 Nothing is deleted without ``--repair``, and repair never deletes a layer
 whose content changed: it marks it ``corrupt`` (kept for inspection, never
@@ -20,9 +24,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 
+from mergefs.errors import StoreDamaged
+
 from . import meta
+from .meta import SnapshotKind, Strategy
 from .digest import PREFIX, hexpart, tree_digest
 from .store import Store, staging_owner_alive
 
@@ -43,6 +51,7 @@ def fsck(store: Store, repair: bool = False, verify_content: bool = True) -> lis
     out += _rows_without_dirs(store, repair)
     out += _dirs_without_rows(store, repair)
     out += _missing_parents(store)
+    out += _lost_holders(store, repair)
     if verify_content:
         out += _content(store, repair)
     return out
@@ -63,7 +72,7 @@ def _staging(store: Store, repair: bool) -> list[Finding]:
 
 
 def _interrupted(store: Store, repair: bool) -> list[Finding]:
-    ids = [i for (i,) in store.db.execute("SELECT id FROM snapshots WHERE state='deleting'")]
+    ids = meta.ids_in_state(store.db, "deleting")
     out = [Finding("garbage", "interrupted-prune", i, "marked for deletion by a prune that "
                    "did not finish") for i in ids]
     if repair and ids:
@@ -77,16 +86,16 @@ def _rows_without_dirs(store: Store, repair: bool) -> list[Finding]:
     out = []
     for row in meta.all_rows(store.db):
         d = store.dir_of(row.id)
-        needs_fs = row.kind in ("layer", "diff") or row.strategy == "farm"
+        needs_fs = row.kind in (SnapshotKind.LAYER, SnapshotKind.DIFF) or row.strategy == Strategy.FARM
         missing = not d.is_dir() or (needs_fs and not (d / "fs").is_dir()) or \
-            (row.kind == "active" and not (d / "upper").is_dir())
+            (row.kind == SnapshotKind.ACTIVE and not (d / "upper").is_dir())
         if not missing:
             continue
         f = Finding("error", "row-without-dir", row.id, f"{row.kind} {row.description!r}: its "
                     f"directory snapshots/{hexpart(row.id)} is missing or incomplete")
         if repair:
             with meta.write(store.db):
-                store.db.execute("UPDATE snapshots SET state='deleting' WHERE id=?", (row.id,))
+                meta.mark_deleting(store.db, row.id)
             store.remove([row.id])
             f.repaired = "row removed (its content was already gone)"
         out.append(f)
@@ -94,7 +103,7 @@ def _rows_without_dirs(store: Store, repair: bool) -> list[Finding]:
 
 
 def _dirs_without_rows(store: Store, repair: bool) -> list[Finding]:
-    known = {hexpart(i) for (i,) in store.db.execute("SELECT id FROM snapshots")}
+    known = {hexpart(i) for i in meta.all_ids(store.db)}
     out = []
     for d in sorted(set(os.listdir(store.snapshots)) - known):
         journal = store.snapshots / d / "meta.json"
@@ -107,7 +116,7 @@ def _dirs_without_rows(store: Store, repair: bool) -> list[Finding]:
                         "a directory the metadata does not know, without a usable meta.json")
         if repair:
             if ok:
-                store._roll_forward([d])
+                store.register_journals([d])
                 f.repaired = "registered from its journal"
             else:
                 lost = store.root / "lost+found"
@@ -127,10 +136,7 @@ def _journal_ok(journal, d: str) -> bool:
 
 
 def _missing_parents(store: Store) -> list[Finding]:
-    rows = store.db.execute(
-        "SELECT p.child, p.parent FROM parents p JOIN snapshots c ON c.id = p.child "
-        "LEFT JOIN snapshots s ON s.id = p.parent WHERE p.pin = 1 AND c.state = 'committed' "
-        "AND (s.id IS NULL OR s.state != 'committed')")
+    rows = meta.missing_pinned_parents(store.db)
     return [Finding("error", "missing-parent", child, f"pins {parent}, which is gone")
             for child, parent in rows]
 
@@ -149,7 +155,54 @@ def _content(store: Store, repair: bool) -> list[Finding]:
                     f"recorded {row.tree_digest}: the layer was modified")
         if repair:
             with meta.write(store.db):
-                store.db.execute("UPDATE snapshots SET state='corrupt' WHERE id=?", (row.id,))
+                meta.set_state(store.db, row.id, "corrupt")
             f.repaired = "marked corrupt (kept; re-import to replace)"
         out.append(f)
     return out
+
+
+def _lost_holders(store: Store, repair: bool) -> list[Finding]:
+    out = []
+    for row in meta.all_rows(store.db, state=None):
+        lost = store.unaccounted(row.id)
+        if not lost:
+            continue
+        f = Finding("error", "lost-holders", row.id, f"holders.json lists {', '.join(lost)}, "
+                    "which the metadata lacks (prune keeps it until repaired)")
+        if repair:
+            with meta.write(store.db):
+                store.restore_holders(row.id)
+            f.repaired = "restored from holders.json"
+        out.append(f)
+    return out
+
+
+def fsck_store(root, repair: bool = False, verify_content: bool = True) -> list[Finding]:
+    """``fsck`` of the store at ``root``, also when its ``meta.db`` is damaged.
+
+    A damaged ``meta.db`` is one ``error`` finding; with ``repair`` it is
+    moved aside (with its -wal and -shm files) and the metadata is rebuilt
+    from the snapshot directories, then checked as usual.
+    """
+    try:
+        with Store(root, reconcile=False) as store:
+            return fsck(store, repair, verify_content)
+    except StoreDamaged as e:
+        damaged = Finding("error", "damaged-metadata", "meta.db", str(e).split(";")[0] +
+                          "; `mergefs fsck --repair` rebuilds it from the snapshot directories")
+        if not repair:
+            return [damaged]
+    aside = _move_aside(Store.root_of(root))
+    damaged.repaired = f"kept as {aside}; metadata rebuilt from the snapshot directories"
+    with Store(root, reconcile=False) as store:
+        return [damaged] + fsck(store, repair, verify_content)
+
+
+def _move_aside(root) -> str:
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    name = f"meta.db.damaged-{stamp}"
+    for suffix in ("", "-wal", "-shm"):
+        src = root / f"meta.db{suffix}"
+        if os.path.lexists(src):
+            os.rename(src, root / f"{name}{suffix}")
+    return name

@@ -12,6 +12,10 @@ Policies (like ``buildctl prune``):
   total usage is at most this many bytes;
 * ``dry_run``: report what would go and what it would free, delete nothing.
 
+Prune never deletes a snapshot whose ``holders.json`` lists a name or ref
+that the metadata does not have (a lost or emptied ``meta.db``): it keeps it
+and says so (``PruneReport.kept``); ``fsck --repair`` restores them.
+
 Removal cascades: once a union merge goes, the inputs it alone pinned become
 reclaimable in the same run. Freed bytes are counted from inodes that only
 the deleted snapshots reach (a layer still linked by a farm frees nothing).
@@ -22,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import meta
+from .meta import State
 from .faults import kill_point
 from .store import Store
 from .usage import holders, measure
@@ -33,6 +38,7 @@ class PruneReport:
     freed: int = 0
     dry_run: bool = False
     total_before: int = 0
+    kept: list[tuple[str, str]] = field(default_factory=list)   # (id, why): unaccounted holders
 
 
 def parse_duration(text: str) -> float:
@@ -54,8 +60,8 @@ def parse_size(text: str) -> int:
 
 
 def plan(store: Store, all_named: bool = False, keep_duration: float | None = None,
-         keep_storage: int | None = None) -> tuple[list[str], int, int]:
-    """(victims in deletion order, bytes they free, total usage before)."""
+         keep_storage: int | None = None) -> tuple[list[str], int, int, dict[str, int]]:
+    """(victims in deletion order, bytes they free, total usage before, bytes each adds)."""
     usage = measure(store)
     _, leased, pins = holders(store)
     now = time.time()
@@ -63,6 +69,7 @@ def plan(store: Store, all_named: bool = False, keep_duration: float | None = No
                          and eligible(su, all_named, keep_duration, now)),
                         key=lambda su: su.row.last_used)
     victims: list[str] = []
+    gains: dict[str, int] = {}
     gone: set[str] = set()
     freed = 0
     changed = True
@@ -73,36 +80,42 @@ def plan(store: Store, all_named: bool = False, keep_duration: float | None = No
             if sid in gone or set(pins.get(sid, ())) - gone:
                 continue
             if keep_storage is not None and usage.total - freed <= keep_storage:
-                return victims, freed, usage.total
+                return victims, freed, usage.total, gains
             gone.add(sid)
             victims.append(sid)
-            freed += sum(size for key, size in usage.inodes[sid].items()
-                         if usage.owners[key] <= gone)
+            gains[sid] = sum(size for key, size in usage.inodes[sid].items()
+                             if usage.owners[key] <= gone)
+            freed += gains[sid]
             changed = True
-    return victims, freed, usage.total
+    return victims, freed, usage.total, gains
 
 
 def eligible(su, all_named: bool, keep_duration: float | None, now: float) -> bool:
-    if su.row.state != "committed" or su.refs or (su.names and not all_named):
+    if su.row.state != State.COMMITTED or su.refs or (su.names and not all_named):
         return False
     return keep_duration is None or now - su.row.last_used >= keep_duration
 
 
 def prune(store: Store, all_named: bool = False, keep_duration: float | None = None,
           keep_storage: int | None = None, dry_run: bool = False) -> PruneReport:
-    victims, freed, total = plan(store, all_named, keep_duration, keep_storage)
+    victims, freed, total, gains = plan(store, all_named, keep_duration, keep_storage)
     report = PruneReport(victims, freed, dry_run, total)
     if dry_run or not victims:
         return report
     with meta.write(store.db):
         marked = []
-        refs_or_names = set(i for (i,) in store.db.execute("SELECT id FROM refs"))
+        held = meta.ids_with_refs(store.db)
         for sid in victims:            # re-check under the write lock: a ref may have come
-            if sid in refs_or_names:
+            if sid in held or meta.pinned_by(store.db, sid):   # (pinned: by one kept below)
                 continue
-            store.db.execute("UPDATE snapshots SET state='deleting' WHERE id=? AND "
-                             "state='committed'", (sid,))
-            marked.append(sid)
+            lost = store.unaccounted(sid)
+            if lost:                   # holders.json knows holders the metadata lost
+                report.kept.append((sid, ", ".join(lost)))
+                continue
+            if meta.mark_deleting(store.db, sid, only_committed=True):
+                marked.append(sid)
     kill_point("prune:after-mark")
     report.deleted = store.remove(marked)
+    if set(report.deleted) != set(victims):    # some kept: count what the deleted ones freed
+        report.freed = sum(gains[i] for i in report.deleted)
     return report

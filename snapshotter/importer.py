@@ -5,7 +5,7 @@ module); this copier lives here until that module offers a directory import,
 and only converts directories. Tars, OCI layouts and docker archives go
 through ``mergefs.oci``.
 
-Output is the store's one canonical format (DESIGN "On-disk formats"):
+Output is the store's one canonical format (docs/architecture.md, "The store on disk"):
 whiteout = char device 0/0; opaque = ``trusted.overlay.opaque=y``
 (``user.overlay.opaque`` when not root); never a whiteout inside an opaque
 directory (D6). An OCI ``.wh.NAME`` next to a ``NAME`` of the same layer hides
@@ -21,7 +21,12 @@ from typing import Callable
 
 from mergefs import syscalls
 from mergefs.attrs import Meta, apply_meta
+from mergefs.errors import InvalidLayer, NotFound
 from mergefs.layer import DIR, LNK, REG, SOCK, Layer, read_layer_dir
+
+from .digest import tree_digest
+from .faults import kill_point
+from .meta import Row
 
 OPAQUE_ATTR = "trusted.overlay.opaque" if os.geteuid() == 0 else "user.overlay.opaque"
 
@@ -104,3 +109,36 @@ def copy_layer(src: str | os.PathLike | bytes, dst: str | os.PathLike, fmt: str 
         finally:
             os.close(dst_fd)
     return copier.warnings
+
+
+# -- into the store: one owner for importing a layer directory and publishing a layer ----
+def import_dir(store, src: str | os.PathLike, fmt: str = "auto", name: str | None = None,
+               holder: str | None = "cli", progress=None):
+    """Copy a layer directory into the store; its id is its tree digest (mergefs-tree-v1)."""
+    src = os.path.abspath(os.fspath(src))
+    if not os.path.isdir(src):
+        raise NotFound(f"layer directory {src!r} does not exist") if not os.path.lexists(src) \
+            else InvalidLayer(f"{src!r} is not a directory")
+    staged = store.stage("import")
+    try:
+        if os.environ.get("MERGEFS_TEST_KILL_AT") == "import:mid-copy":
+            progress = lambda n: n == 3 and kill_point("import:mid-copy")  # noqa: E731
+        copy_layer(src, staged.path / "fs", fmt, progress=progress)
+        summary = tree_digest(staged.path / "fs")
+        return publish_layer(store, staged, summary, summary.digest, "layer", f"import of {src}",
+                             src, name, holder, op="import")
+    finally:
+        staged.discard()
+
+
+def publish_layer(store, staged, summary, tree: str, kind: str, description: str,
+                  source: str, name: str | None, holder: str | None, op: str):
+    """Publish a staged layer whose id is ``summary.digest`` (reused if already stored)."""
+    store.check_name(name, summary.digest)
+    with store.build_lock(summary.digest):
+        existing = store.reuse(summary.digest, holder, name)
+        if existing is not None:
+            return existing
+        row = Row(id=summary.digest, kind=kind, description=description, entries=summary.entries,
+                  bytes=summary.bytes, tree_digest=tree, source=source)
+        return store.publish(staged, row, [], op, holder, name)

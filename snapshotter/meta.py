@@ -20,13 +20,35 @@ content no longer matches its digest: kept for inspection, never reused).
 """
 from __future__ import annotations
 
+import enum
 import sqlite3
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
-from mergefs.errors import FailedPrecondition
+from mergefs.errors import FailedPrecondition, StoreDamaged
+
+class State(str, enum.Enum):
+    """A snapshot's state (``snapshots.state``); compares equal to its string."""
+    COMMITTED = "committed"
+    DELETING = "deleting"
+    CORRUPT = "corrupt"
+
+
+class SnapshotKind(str, enum.Enum):
+    """A snapshot's kind (``snapshots.kind``); compares equal to its string."""
+    LAYER = "layer"
+    MERGE = "merge"
+    DIFF = "diff"
+    ACTIVE = "active"
+    VIEW = "view"
+
+
+class Strategy(str, enum.Enum):
+    FARM = "farm"
+    UNION = "union"
+
 
 SCHEMA_VERSION = 2
 BUSY_TIMEOUT_S = 60.0
@@ -148,6 +170,120 @@ def _version(db: sqlite3.Connection) -> int | None:
     return int(r[0]) if r else None
 
 
+# -- holders recorded beside each snapshot (issue 11 item 6) ------------------------
+# Temporary triggers note which snapshots' names, labels or refs a transaction
+# changed; ``write`` hands them to the connection's hook just before COMMIT
+# (``Store`` writes ``snapshots/<hex>/holders.json``), so what is on disk
+# never says less than the database after a commit.
+_BEFORE_COMMIT: dict[int, object] = {}
+
+_TRIGGER = ("CREATE TEMP TRIGGER IF NOT EXISTS dirty_{table}_{op} AFTER {verb} ON main.{table} "
+            "BEGIN INSERT OR IGNORE INTO dirty {what}; END")
+_DIRTY = [("names", "ins", "INSERT", "VALUES(NEW.id)"), ("names", "del", "DELETE", "VALUES(OLD.id)"),
+          ("names", "upd", "UPDATE", "VALUES(NEW.id)"), ("refs", "ins", "INSERT", "VALUES(NEW.id)"),
+          ("refs", "del", "DELETE", "VALUES(OLD.id)"),
+          ("labels", "ins", "INSERT", "SELECT id FROM names WHERE name = NEW.name"),
+          ("labels", "del", "DELETE", "SELECT id FROM names WHERE name = OLD.name")]
+
+
+def track_holders(db: sqlite3.Connection, hook) -> None:
+    """Call ``hook(db, ids)`` inside each write, before COMMIT, with the ids whose
+    names, labels or refs changed."""
+    db.execute("CREATE TEMP TABLE IF NOT EXISTS dirty(id TEXT PRIMARY KEY)")
+    for table, op, verb, what in _DIRTY:
+        db.execute(_TRIGGER.format(table=table, op=op, verb=verb, what=what))
+    _BEFORE_COMMIT[id(db)] = hook
+
+
+def untrack(db: sqlite3.Connection) -> None:
+    _BEFORE_COMMIT.pop(id(db), None)
+
+
+def holders_of(db: sqlite3.Connection, snapshot_id: str) -> dict:
+    """What holds a snapshot, as plain data: its names (with parent, times, labels), its refs."""
+    names = [{"name": n, "parent": p, "created": c, "updated": u, "labels": labels_of(db, n)}
+             for n, p, c, u in db.execute("SELECT name, parent, created, updated FROM names "
+                                          "WHERE id=? ORDER BY name", (snapshot_id,))]
+    return {"id": snapshot_id, "names": names, "refs": refs_of(db, snapshot_id)}
+
+
+def restore_holders(db: sqlite3.Connection, data: dict) -> list[str]:
+    """Inside a write: add the names, labels and refs ``data`` lists that are missing.
+
+    Returns one line per thing restored. A name that now names another
+    snapshot is left alone (it was given away after the record was written).
+    """
+    sid, done = data["id"], []
+    for n in data.get("names", ()):
+        if id_of_name(db, n["name"]) is None:
+            add_name(db, n["name"], sid, n.get("parent"), n.get("created"))
+            if n.get("labels"):
+                set_labels(db, n["name"], n["labels"], now=n.get("updated"))
+            done.append(f"name {n['name']!r}")
+    have = set(refs_of(db, sid))
+    for h in data.get("refs", ()):
+        if h not in have:
+            add_ref(db, sid, h)
+            done.append(f"ref {h!r}")
+    return done
+
+
+def unaccounted(db: sqlite3.Connection, data: dict) -> list[str]:
+    """Names and refs ``data`` (a holders record) lists that the database lacks."""
+    sid = data["id"]
+    missing = [f"name {n['name']!r}" for n in data.get("names", ())
+               if id_of_name(db, n["name"]) is None]
+    have = set(refs_of(db, sid))
+    return missing + [f"ref {h!r}" for h in data.get("refs", ()) if h not in have]
+
+
+REPAIR_HINT = ("run `mergefs fsck --repair`: it keeps the damaged file as "
+               "meta.db.damaged-<time> and rebuilds the metadata from what each snapshot "
+               "directory records (meta.json, holders.json)")
+
+
+def translate(exc: sqlite3.Error, path: str) -> Exception:
+    """An SQLite error as the error a user can act on (the table in ``mergefs.errors``)."""
+    import errno
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    text = str(exc)
+    if name == "SQLITE_FULL" or "disk is full" in text or (
+            name.startswith("SQLITE_IOERR") and _nearly_full(path)):
+        # SQLite reports ENOSPC on the -shm/-wal files as an I/O error: ask the filesystem
+        return OSError(errno.ENOSPC, "no space left on the store's filesystem "
+                       "(free space, or prune the store)", path)
+    if name.startswith("SQLITE_READONLY") or "readonly database" in text:
+        return OSError(errno.EROFS, "the store's metadata is read-only (make meta.db and its "
+                       "directory writable, or use another --root)", path)
+    if name in ("SQLITE_CORRUPT", "SQLITE_NOTADB") or "malformed" in text \
+            or "not a database" in text:
+        return StoreDamaged(f"the store's metadata {path} is damaged ({text}); {REPAIR_HINT}")
+    if name.startswith("SQLITE_CANTOPEN"):
+        return OSError(errno.EACCES, f"cannot open the store's metadata ({text})", path)
+    return exc
+
+
+def _nearly_full(path: str) -> bool:
+    import os
+    try:
+        st = os.statvfs(os.path.dirname(path) or ".")
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (64 << 10)
+
+
+@contextmanager
+def sqlite_errors(path: str) -> Iterator[None]:
+    """Translate SQLite errors raised inside the block (see ``translate``)."""
+    try:
+        yield
+    except sqlite3.Error as e:
+        t = translate(e, path)
+        if t is e:
+            raise
+        raise t from e
+
+
 @contextmanager
 def write(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """One write transaction holding the database's write lock from the start."""
@@ -155,8 +291,22 @@ def write(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     try:
         yield db
     except BaseException:
-        db.execute("ROLLBACK")
+        if db.in_transaction:       # SQLite may have rolled back already (SQLITE_FULL ...)
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
         raise
+    hook = _BEFORE_COMMIT.get(id(db))
+    if hook is not None:
+        dirty = [i for (i,) in db.execute("SELECT id FROM temp.dirty")]
+        if dirty:
+            db.execute("DELETE FROM temp.dirty")
+            try:
+                hook(db, dirty)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
     db.execute("COMMIT")
 
 
@@ -304,10 +454,34 @@ def leased_at(db: sqlite3.Connection, snapshot_id: str) -> list[str]:
                                        "ORDER BY mountpoint", (snapshot_id,))]
 
 
-def mark_deleting(db: sqlite3.Connection, snapshot_id: str) -> bool:
+def mark_deleting(db: sqlite3.Connection, snapshot_id: str, only_committed: bool = False) -> bool:
     """Inside a write: the one "a removal has begun" step (committed or corrupt -> deleting)."""
+    if only_committed:
+        return db.execute("UPDATE snapshots SET state='deleting' WHERE id=? AND "
+                          "state='committed'", (snapshot_id,)).rowcount > 0
     return db.execute("UPDATE snapshots SET state='deleting' WHERE id=? AND state != 'deleting'",
                       (snapshot_id,)).rowcount > 0
+
+
+def move_refs(db: sqlite3.Connection, old: str, new: str) -> None:
+    """Inside a write: every ref ``old`` holds becomes ``new``'s."""
+    for sid in ids_held_by(db, old):
+        add_ref(db, sid, new)
+        drop_ref(db, sid, old)
+
+
+def drop_holder(db: sqlite3.Connection, holder: str) -> None:
+    for sid in ids_held_by(db, holder):
+        drop_ref(db, sid, holder)
+
+
+def holders_named(db: sqlite3.Connection, prefix: str) -> list[str]:
+    return [h for (h,) in db.execute("SELECT DISTINCT holder FROM refs WHERE substr(holder, 1, ?)"
+                                     " = ?", (len(prefix), prefix))]
+
+
+def ids_with_refs(db: sqlite3.Connection) -> set[str]:
+    return {i for (i,) in db.execute("SELECT DISTINCT id FROM refs")}
 
 
 def mark_deleting_if_unused(db: sqlite3.Connection, snapshot_id: str,
@@ -325,3 +499,80 @@ def children_of(db: sqlite3.Connection, snapshot_id: str) -> list[str]:
     """Snapshots that list ``snapshot_id`` among their parents (pinning or not)."""
     return [c for (c,) in db.execute("SELECT DISTINCT child FROM parents WHERE parent=? "
                                      "ORDER BY child", (snapshot_id,))]
+
+
+def all_ids(db: sqlite3.Connection) -> list[str]:
+    return [i for (i,) in db.execute("SELECT id FROM snapshots")]
+
+
+def ids_in_state(db: sqlite3.Connection, state: str) -> list[str]:
+    return [i for (i,) in db.execute("SELECT id FROM snapshots WHERE state=?", (state,))]
+
+
+def set_state(db: sqlite3.Connection, snapshot_id: str, state: str) -> None:
+    db.execute("UPDATE snapshots SET state=? WHERE id=?", (state, snapshot_id))
+
+
+def missing_pinned_parents(db: sqlite3.Connection) -> list[tuple[str, str]]:
+    """(child, parent) where a committed child pins a parent that is not committed."""
+    return list(db.execute(
+        "SELECT p.child, p.parent FROM parents p JOIN snapshots c ON c.id = p.child "
+        "LEFT JOIN snapshots s ON s.id = p.parent WHERE p.pin = 1 AND c.state = 'committed' "
+        "AND (s.id IS NULL OR s.state != 'committed')"))
+
+
+def ids_by_prefix(db: sqlite3.Connection, prefix: str, limit: int = 2) -> list[str]:
+    """Ids (not being deleted) starting with ``prefix``: at most ``limit``."""
+    return [i for (i,) in db.execute(
+        "SELECT id FROM snapshots WHERE id >= ? AND id < ? AND state != 'deleting' LIMIT ?",
+        (prefix, prefix + "\U0010ffff", limit))]
+
+
+def farm_links(db: sqlite3.Connection, ids: list[str]) -> int:
+    """The most farms any one of ``ids`` is linked into (each farm adds a link per file)."""
+    return db.execute(
+        "SELECT MAX(c) FROM (SELECT COUNT(*) AS c FROM parents p JOIN snapshots s ON s.id=p.child "
+        f"WHERE s.strategy='farm' AND p.parent IN ({','.join('?' * len(ids))}) GROUP BY p.parent)",
+        ids).fetchone()[0] or 0
+
+
+def make_farm(db: sqlite3.Connection, snapshot_id: str) -> None:
+    """Inside a write: a union merge became a farm: it no longer pins its inputs."""
+    db.execute("UPDATE snapshots SET strategy='farm' WHERE id=?", (snapshot_id,))
+    db.execute("UPDATE parents SET pin=0 WHERE child=?", (snapshot_id,))
+
+
+def add_lease(db: sqlite3.Connection, mountpoint: str, snapshot_id: str, pid: int) -> None:
+    db.execute("INSERT OR REPLACE INTO leases(mountpoint, id, pid, created) VALUES(?,?,?,?)",
+               (mountpoint, snapshot_id, pid, time.time()))
+
+
+def holders(db: sqlite3.Connection) -> tuple[dict[str, list[str]], list[tuple[str, str]],
+                                              dict[str, list[str]]]:
+    """(refs by id, (mountpoint, id) leases, pinning children by parent id)."""
+    refs: dict[str, list[str]] = {}
+    for i, h in db.execute("SELECT id, holder FROM refs"):
+        refs.setdefault(i, []).append(h)
+    leases = list(db.execute("SELECT mountpoint, id FROM leases"))
+    pins: dict[str, list[str]] = {}
+    for child, parent in db.execute(
+            "SELECT p.child, p.parent FROM parents p JOIN snapshots s ON s.id = p.child "
+            "WHERE p.pin = 1 AND s.state != 'deleting'"):
+        pins.setdefault(parent, []).append(child)
+    return refs, leases, pins
+
+
+def names_by_id(db: sqlite3.Connection) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for n, i in db.execute("SELECT name, id FROM names ORDER BY name"):
+        out.setdefault(i, []).append(n)
+    return out
+
+
+def first_name(db: sqlite3.Connection, snapshot_id: str) -> str | None:
+    names = names_of(db, snapshot_id)
+    return names[0] if names else None
+
+
+def count(db: sqlite3.Connection) -> int:
+    return db.execute("SELECT COUNT(*) FROM snapshots").fetchone()[0]

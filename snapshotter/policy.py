@@ -4,7 +4,7 @@ A pure function: the caller gathers facts (``MergeSpec`` from the store's
 metadata, ``Capabilities`` from the machine) and gets back a strategy and the
 reasons, one line each, that ``mergefs merge --explain`` prints.
 
-The two paths (DESIGN "Serving paths"): a **farm** costs one hardlink per file
+The two paths (docs/architecture.md, "Serving paths"): a **farm** costs one hardlink per file
 up front, then reads at native speed and survives reboots; a **union** costs
 nothing up front (only metadata is stored) and pays a FUSE round trip per
 uncached request while mounted. Thresholds come from ``tools/bench_store.py``
@@ -29,7 +29,7 @@ UNION_MOUNT_MS = 175.0        # `mergefs mount` of a union until the mount is li
 # to come up, so there is nothing to save by going live.
 FARM_FREE_ENTRIES = int(UNION_MOUNT_MS * 1000 / FARM_US_PER_ENTRY)
 # Without an intent, a farm is built up to this size (~1 s of linking at 100k): one
-# full read of a 100k-file tree through FUSE costs more than that (DESIGN: warm tar
+# full read of a 100k-file tree through FUSE costs more than that (README, measured: warm tar
 # 12.1 s fuse-overlayfs vs 1.43 s kernel), so the farm pays back after one read.
 # Beyond it the merge is served live unless it is reused often.
 FARM_DEFAULT_MAX_ENTRIES = 100_000

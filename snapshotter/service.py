@@ -15,14 +15,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from mergefs.errors import AlreadyExists, FailedPrecondition, InvalidLayer, NotFound
+from mergefs.errors import AlreadyExists, FailedPrecondition, NotFound
 from mergefs.mountspec import MountSpec
 
 from . import meta
 from .digest import diff_id, key_id, merge_id, tree_digest
-from .faults import kill_point
-from .importer import copy_layer
-from .meta import Parent, Row
+from .importer import copy_layer, import_dir, publish_layer  # noqa: F401 (also for oci_import)
+from .meta import Parent, Row, SnapshotKind, State, Strategy
 from .policy import REUSE_FOR_FARM, Capabilities, Decision, MergeSpec, choose_strategy
 from .store import CLI_HOLDER, Naming, Store
 
@@ -38,58 +37,13 @@ def is_path_ref(ref: str) -> bool:
     return "/" in ref
 
 
-# -- import ---------------------------------------------------------------------
-def import_dir(store: Store, src: str | os.PathLike, fmt: str = "auto", name: str | None = None,
-               holder: str | None = CLI_HOLDER, progress=None) -> Row:
-    """Copy a layer directory into the store; its id is its tree digest (mergefs-tree-v1)."""
-    src = os.path.abspath(os.fspath(src))
-    if not os.path.isdir(src):
-        raise NotFound(f"layer directory {src!r} does not exist") if not os.path.lexists(src) \
-            else InvalidLayer(f"{src!r} is not a directory")
-    staged = store.stage("import")
-    try:
-        if os.environ.get("MERGEFS_TEST_KILL_AT") == "import:mid-copy":
-            progress = lambda n: n == 3 and kill_point("import:mid-copy")  # noqa: E731
-        copy_layer(src, staged.path / "fs", fmt, progress=progress)
-        summary = tree_digest(staged.path / "fs")
-        return publish_layer(store, staged, summary, summary.digest, "layer", f"import of {src}",
-                             src, name, holder, op="import")
-    finally:
-        staged.discard()
-
-
-def publish_layer(store: Store, staged, summary, tree: str, kind: str, description: str,
-                  source: str, name: str | None, holder: str | None, op: str) -> Row:
-    """Publish a staged layer whose id is ``summary.digest`` (reused if already stored)."""
-    store.check_name(name, summary.digest)
-    with store.build_lock(summary.digest):
-        existing = store.reuse(summary.digest, holder, name)
-        if existing is not None:
-            return existing
-        row = Row(id=summary.digest, kind=kind, description=description, entries=summary.entries,
-                  bytes=summary.bytes, tree_digest=tree, source=source)
-        return store.publish(staged, row, [], op, holder, name)
-
-
-def import_path(store: Store, src: str, fmt: str = "auto", name: str | None = None,
-                holder: str | None = CLI_HOLDER) -> list[Row]:
-    """Import a layer directory, a layer tar, an OCI layout or a docker archive.
-
-    Returns the layer rows, bottom first (see ``oci_import`` for the image record).
-    """
-    from .oci_import import import_source
-    if not os.path.lexists(src):
-        raise NotFound(f"{src!r} does not exist")
-    return import_source(store, src, fmt, name, holder).layers
-
-
 # -- refs -------------------------------------------------------------------------
 def resolve_ref(store: Store, ref: str, fmt: str = "auto") -> Row:
     """A committed snapshot for REF; a path is imported implicitly (no ref held)."""
     if is_path_ref(ref):
         return import_dir(store, ref, fmt, holder=None)
     row = store.resolve(ref)
-    if row.state == "corrupt":
+    if row.state == State.CORRUPT:
         raise FailedPrecondition(f"snapshot {short(row.id)} failed fsck (content does not match "
                                  "its digest); re-import it")
     return row
@@ -99,7 +53,7 @@ def flatten(store: Store, row: Row) -> list[str]:
     """The layer ids a snapshot stands for, bottom first (M4: nested merges flatten)."""
     if row.kind in LAYER_KINDS:
         return [row.id]
-    if row.kind == "merge":
+    if row.kind == SnapshotKind.MERGE:
         return [p.id for p in meta.parents(store.db, row.id)]
     raise FailedPrecondition(f"{row.kind} snapshot {short(row.id)} is not committed content; "
                              "commit it first")
@@ -114,7 +68,7 @@ def release(store: Store, ref: str, holder: str = CLI_HOLDER) -> Row:
     """Drop ``holder``'s ref. Never deletes anything (C4)."""
     row = store.resolve(ref)
     with meta.write(store.db):
-        store.db.execute("DELETE FROM refs WHERE id=? AND holder=?", (row.id, holder))
+        meta.drop_ref(store.db, row.id, holder)
     return row
 
 
@@ -141,7 +95,7 @@ def merge(store: Store, refs: list[str], strategy: str = "auto", name: str | Non
     store.check_name(name, mid)
     with store.build_lock(mid):
         row = store.reuse(mid, holder, name, naming)
-        if row is not None and row.strategy == "union" and strategy != "union":
+        if row is not None and row.strategy == Strategy.UNION and strategy != Strategy.UNION:
             upgrade = _upgrade_decision(store, row, flat, strategy, intent, capabilities)
             if upgrade is not None:
                 return MergeResult(_materialise(store, row, flat), upgrade, False)
@@ -157,10 +111,7 @@ def merge(store: Store, refs: list[str], strategy: str = "auto", name: str | Non
 
 def merge_spec(store: Store, flat: list[str], requested: str = "auto") -> MergeSpec:
     rows = [store.get(i) for i in flat]
-    farms = store.db.execute(
-        "SELECT MAX(c) FROM (SELECT COUNT(*) AS c FROM parents p JOIN snapshots s ON s.id=p.child "
-        f"WHERE s.strategy='farm' AND p.parent IN ({','.join('?' * len(flat))}) GROUP BY p.parent)",
-        flat).fetchone()[0] or 0
+    farms = meta.farm_links(store.db, flat)
     return MergeSpec(layers=len(flat), entries=sum(r.entries for r in rows),
                      max_input_links=1 + farms, requested=requested)
 
@@ -174,13 +125,13 @@ def _build_merge(store: Store, mid: str, flat: list[str], strategy: str, holder,
     rows = [store.get(i) for i in flat]
     staged = store.stage("merge")
     try:
-        if strategy == "farm":
+        if strategy == Strategy.FARM:
             from mergefs.farm import build_farm
             build_farm([store.fs_of(i) for i in flat], staged.path / "fs")
         row = Row(id=mid, kind="merge", strategy=strategy,
                   description="merge of " + ";".join(short(i) for i in flat),
                   entries=sum(r.entries for r in rows), bytes=sum(r.bytes for r in rows))
-        parents = [Parent(i, "input", pin=strategy == "union") for i in flat]
+        parents = [Parent(i, "input", pin=strategy == Strategy.UNION) for i in flat]
         return store.publish(staged, row, parents, "merge", holder, name, naming)
     finally:
         staged.discard()
@@ -193,7 +144,7 @@ def _upgrade_decision(store: Store, row: Row, flat: list[str], strategy: str,
     ``--strategy farm`` always; ``auto`` once the merge was asked for often enough
     that the policy's reuse rule picks a farm (REUSE_FOR_FARM).
     """
-    if strategy == "farm":
+    if strategy == Strategy.FARM:
         return Decision("farm", ("--strategy farm: this merge existed as a union; "
                                  "materialised as a farm in place (same id)",))
     spec = merge_spec(store, flat, "auto")
@@ -201,7 +152,7 @@ def _upgrade_decision(store: Store, row: Row, flat: list[str], strategy: str,
     if row.use_count < REUSE_FOR_FARM:
         return None
     d = choose_strategy(spec, caps or machine_capabilities(), intent)
-    if d.strategy != "farm":
+    if d.strategy != Strategy.FARM:
         return None
     return Decision("farm", d.reasons + ("this merge existed as a union; materialised as a "
                                          "farm in place (same id)",))
@@ -216,16 +167,15 @@ def _materialise(store: Store, row: Row, flat: list[str]) -> Row:
         build_farm([store.fs_of(i) for i in flat], staged.path / "fs")
         with meta.write(store.db):
             cur = store.get(row.id)
-            if cur is None or cur.state != "committed":
+            if cur is None or cur.state != State.COMMITTED:
                 raise NotFound(f"merge {short(row.id)} was removed meanwhile; retry")
-            if cur.strategy == "farm":
+            if cur.strategy == Strategy.FARM:
                 return cur
             dst = store.dir_of(row.id) / "fs"
             if os.path.lexists(dst):             # left by a crash during an earlier upgrade
-                trash.append(store._to_trash(dst))
+                trash.append(store.trash(dst))
             os.rename(staged.path / "fs", dst)
-            store.db.execute("UPDATE snapshots SET strategy='farm' WHERE id=?", (row.id,))
-            store.db.execute("UPDATE parents SET pin=0 WHERE child=?", (row.id,))
+            meta.make_farm(store.db, row.id)
         return store.get(row.id)
     finally:
         staged.discard()
@@ -320,10 +270,10 @@ def _commit_source(store: Store, upper: str, parent: str | None, fmt: str) -> tu
             raise NotFound(f"upper directory {upper!r} does not exist")
         return upper, parent_ids
     row = store.resolve(upper)
-    if row.kind == "view":
+    if row.kind == SnapshotKind.VIEW:
         raise FailedPrecondition(f"{upper!r} is a view: a view is read-only and cannot be "
                                  "committed (C2)")
-    if row.kind != "active":
+    if row.kind != SnapshotKind.ACTIVE:
         raise FailedPrecondition(f"{upper!r} is a committed {row.kind}; commit takes an upper "
                                  "directory or an active snapshot")
     (p,) = meta.parents(store.db, row.id)
@@ -375,7 +325,7 @@ def mount_spec_in(store: Store, ref: str, rw: bool = False, mountpoint: str | No
     lease is recorded: prune keeps the snapshot while that path is mounted.
     """
     row = resolve_ref(store, ref)
-    active = row if row.kind == "active" else None
+    active = row if row.kind == SnapshotKind.ACTIVE else None
     base = store.get(meta.parents(store.db, row.id)[0].id) if active else row
     lowers = serve_dirs(store, base)
     if rw and active is None:
@@ -397,7 +347,7 @@ def _active_for_mount(store: Store, key: str | None, mountpoint: str | None, bas
     if r is not None:
         row = store.get(r)
         ps = meta.parents(store.db, row.id) if row else []
-        if row and row.kind == "active" and ps and ps[0].id == base.id:
+        if row and row.kind == SnapshotKind.ACTIVE and ps and ps[0].id == base.id:
             return row
         raise AlreadyExists(f"key {key!r} is already in use over another snapshot (C2)")
     return prepare(store, key, base.id, holder)
@@ -405,19 +355,16 @@ def _active_for_mount(store: Store, key: str | None, mountpoint: str | None, bas
 
 def serve_dirs(store: Store, row: Row) -> list[str]:
     """The read-only directories that serve a committed snapshot, bottom first."""
-    if row.kind == "merge" and row.strategy == "farm":
+    if row.kind == SnapshotKind.MERGE and row.strategy == Strategy.FARM:
         return [str(store.fs_of(row.id))]
-    if row.kind == "view":
+    if row.kind == SnapshotKind.VIEW:
         return serve_dirs(store, store.get(meta.parents(store.db, row.id)[0].id))
     return layer_dirs(store, row)
 
 
 def lease(store: Store, row: Row, mountpoint: str) -> None:
-    import time
     with meta.write(store.db):
-        store.db.execute("INSERT OR REPLACE INTO leases(mountpoint, id, pid, created) "
-                         "VALUES(?,?,?,?)", (os.path.abspath(mountpoint), row.id, os.getpid(),
-                                             time.time()))
+        meta.add_lease(store.db, os.path.abspath(mountpoint), row.id, os.getpid())
 
 
 def remove(store: Store, ref: str) -> Row:
@@ -430,14 +377,11 @@ def remove(store: Store, ref: str) -> Row:
     row = store.resolve(ref)
     mounted = live_mountpoints()
     with meta.write(store.db):
-        pinned = [c for (c,) in store.db.execute(
-            "SELECT p.child FROM parents p JOIN snapshots s ON s.id = p.child "
-            "WHERE p.parent = ? AND p.pin = 1 AND s.state != 'deleting'", (row.id,))]
+        pinned = meta.pinned_by(store.db, row.id)
         if pinned:
             raise FailedPrecondition(f"{short(row.id)} is needed by {len(pinned)} snapshot(s) "
                                      f"({', '.join(map(short, pinned))}); remove those first")
-        leases = [mp for (mp,) in store.db.execute("SELECT mountpoint FROM leases WHERE id=?",
-                                                    (row.id,)) if mp in mounted]
+        leases = [mp for mp in meta.leased_at(store.db, row.id) if mp in mounted]
         if leases:
             raise FailedPrecondition(f"{short(row.id)} is mounted at {leases[0]}")
         meta.mark_deleting(store.db, row.id)

@@ -2,16 +2,19 @@
 
 Layout of a store root::
 
-    meta.db             SQLite (WAL): snapshots, parents, names, refs, leases
+    meta.db             SQLite (WAL): snapshots, parents, names, labels, refs, leases
     snapshots/<hex>/    one directory per snapshot, named by its id's hex part:
         meta.json       the row as published (a journal for crash recovery)
+        holders.json    its names (with labels) and refs, rewritten in every
+                        transaction that changes them: a lost or damaged meta.db
+                        is rebuilt from meta.json + holders.json
         fs/             the tree (layer, diff, farm merge)
         upper/ work/    an active snapshot's writable upper and overlay work dir
     staging/<pid>-<start>-<rand>/   work in progress of one live process
     locks/<hex>.lock    per-id build locks (flock), so concurrent builders wait
     locks/meta.lock     held while a process opens meta.db (creation, WAL switch)
 
-Lifecycle (STYLE 4: stage, rename, then delete):
+Lifecycle (docs/architecture.md: stage, rename, then delete):
 
 * build in ``staging/``; then, in one write transaction: insert the row and
   rename the staged directory to ``snapshots/<hex>``. A crash before the rename
@@ -45,9 +48,11 @@ from mergefs.errors import AlreadyExists, FailedPrecondition, NotFound
 from . import meta
 from .digest import PREFIX, hexpart
 from .faults import kill_point
-from .meta import Parent, Row
+from .meta import Parent, Row, State
 
 CLI_HOLDER = "cli"
+TEMPORARY = "import"        # tag of temporary holders (``Store.temporary_holder``)
+HOLDERS = "holders.json"    # beside meta.json: the names, labels and refs of a snapshot
 HEX_MIN_PREFIX = 4
 ID_SHAPED_HEX = 12          # a name of this many hex digits or more looks like an id
 HEX = frozenset("0123456789abcdef")
@@ -138,7 +143,7 @@ class Store:
     """A store opened at ``root``; reconciled at open unless ``reconcile=False`` (fsck)."""
 
     def __init__(self, root: str | os.PathLike | None = None, reconcile: bool = True):
-        self.root = Path(default_root(os.fspath(root) if root else None)).absolute()
+        self.root = self.root_of(root)
         self.snapshots = self.root / "snapshots"
         self.staging = self.root / "staging"
         self.locks = self.root / "locks"
@@ -151,10 +156,15 @@ class Store:
         self._local = threading.local()
         self._conns: list = []
         self._conns_lock = threading.Lock()
-        self.db                         # open (and create or migrate) now, in this thread
         self.reconciled: list[str] = []
-        if reconcile:
-            self.reconciled = self.reconcile()
+        with meta.sqlite_errors(str(self.root / "meta.db")):
+            self.db                     # open (and create or migrate) now, in this thread
+            if reconcile:
+                self.reconciled = self.reconcile()
+
+    @staticmethod
+    def root_of(root: str | os.PathLike | None) -> Path:
+        return Path(default_root(os.fspath(root) if root else None)).absolute()
 
     @property
     def db(self):
@@ -163,6 +173,7 @@ class Store:
         if db is None:
             with _flock(self.locks / "meta.lock"):
                 db = meta.connect(str(self.root / "meta.db"))
+            meta.track_holders(db, self._write_holders)
             self._local.db = db
             with self._conns_lock:
                 self._conns.append(db)
@@ -172,6 +183,7 @@ class Store:
         with self._conns_lock:
             conns, self._conns = self._conns, []
         for db in conns:
+            meta.untrack(db)
             db.close()
         self._local = threading.local()
 
@@ -203,7 +215,7 @@ class Store:
         if snapshot_id is None:
             snapshot_id = self._by_id(ref)
         row = meta.get(self.db, snapshot_id)
-        if row is None or row.state == "deleting":
+        if row is None or row.state == State.DELETING:
             raise NotFound(f"snapshot {ref!r} does not exist")
         return row
 
@@ -212,9 +224,7 @@ class Store:
         if len(hexp) < HEX_MIN_PREFIX or any(c not in "0123456789abcdef" for c in hexp):
             raise NotFound(f"no snapshot named {ref!r} (an id prefix needs at least "
                            f"{HEX_MIN_PREFIX} hex digits)")
-        hits = [i for (i,) in self.db.execute(
-            "SELECT id FROM snapshots WHERE id >= ? AND id < ? AND state != 'deleting' LIMIT 2",
-            (PREFIX + hexp, PREFIX + hexp + "g"))]
+        hits = meta.ids_by_prefix(self.db, PREFIX + hexp)
         if not hits:
             raise NotFound(f"snapshot {ref!r} does not exist")
         if len(hits) > 1:
@@ -225,6 +235,13 @@ class Store:
     def stage(self, tag: str) -> Staged:
         return Staged(self, tag)
 
+    def temporary_holder(self, tag: str = TEMPORARY) -> str:
+        """A ref holder owned by this process: ``<tag>:<pid>-<start>-<rand>``.
+
+        Refs of such holders whose process is gone are dropped at open.
+        """
+        return f"{tag}:{os.getpid()}-{self._start}-{uuid.uuid4().hex[:12]}"
+
     def build_lock(self, snapshot_id: str):
         """Serialise builders of one id, so N concurrent makers build it once."""
         return _flock(self.locks / f"{hexpart(snapshot_id)}.lock")
@@ -234,7 +251,7 @@ class Store:
         """If ``snapshot_id`` is committed: take a ref, set the name, return it (no rebuild)."""
         with meta.write(self.db):
             row = meta.get(self.db, snapshot_id)
-            if row is None or row.state != "committed" or not self.dir_of(snapshot_id).is_dir():
+            if row is None or row.state != State.COMMITTED or not self.dir_of(snapshot_id).is_dir():
                 return None
             self._claim(row, holder, name, naming)
         return row
@@ -278,7 +295,7 @@ class Store:
         try:
             with meta.write(self.db):
                 existing = meta.get(self.db, row.id)
-                if existing is not None and existing.state == "committed" \
+                if existing is not None and existing.state == State.COMMITTED \
                         and self.dir_of(row.id).is_dir():
                     self._claim(existing, holder, name, naming)
                     return existing
@@ -303,7 +320,7 @@ class Store:
         for p in parents:
             if p.pin:
                 cur = meta.get(self.db, p.id)
-                if cur is None or cur.state != "committed":
+                if cur is None or cur.state != State.COMMITTED:
                     raise FailedPrecondition(f"input {p.id[:19]} was removed meanwhile; retry")
 
     def _rename_into_place(self, staged: Staged, snapshot_id: str, trash: list[Path]) -> None:
@@ -313,10 +330,11 @@ class Store:
         except FileExistsError:
             # A directory without a row: left by a crash between rename and commit.
             # We hold the write lock, so no live publisher owns it; ours replaces it.
-            trash.append(self._to_trash(dst))
+            trash.append(self.trash(dst))
             syscalls.rename_noreplace(staged.path, dst)
 
-    def _to_trash(self, path: Path) -> Path:
+    def trash(self, path: Path) -> Path:
+        """Move ``path`` under ``staging/`` (as this process's); the caller deletes it later."""
         t = self.staging / f"{os.getpid()}-{self._start}-trash-{uuid.uuid4().hex[:12]}"
         os.rename(path, t)
         return t
@@ -325,9 +343,38 @@ class Store:
         """Inside a write transaction: move the directory aside and delete the row."""
         trash = []
         if os.path.lexists(self.dir_of(snapshot_id)):
-            trash.append(self._to_trash(self.dir_of(snapshot_id)))
+            trash.append(self.trash(self.dir_of(snapshot_id)))
         meta.delete(self.db, snapshot_id)
         return trash
+
+    # -- holders recorded beside each snapshot (issue 11 item 6) -------------
+    def _write_holders(self, db, ids: list[str]) -> None:
+        """Inside a write, before COMMIT: rewrite ``holders.json`` of each snapshot in ``ids``."""
+        for sid in ids:
+            d = self.dir_of(sid)
+            if meta.get(db, sid) is None or not d.is_dir():
+                continue                    # being removed: its directory goes too
+            tmp = d / f"{HOLDERS}.tmp"
+            tmp.write_text(json.dumps(meta.holders_of(db, sid)))
+            os.rename(tmp, d / HOLDERS)
+
+    def recorded_holders(self, snapshot_id: str) -> dict | None:
+        """The ``holders.json`` beside a snapshot, or None (none written, or unreadable)."""
+        try:
+            data = json.loads((self.dir_of(snapshot_id) / HOLDERS).read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) and data.get("id") == snapshot_id else None
+
+    def unaccounted(self, snapshot_id: str) -> list[str]:
+        """Holders its ``holders.json`` lists that the metadata lacks (lost metadata)."""
+        data = self.recorded_holders(snapshot_id)
+        return meta.unaccounted(self.db, data) if data else []
+
+    def restore_holders(self, snapshot_id: str) -> list[str]:
+        """Inside a write: restore names, labels and refs from its ``holders.json``."""
+        data = self.recorded_holders(snapshot_id)
+        return meta.restore_holders(self.db, data) if data else []
 
     # -- removal -----------------------------------------------------------
     def remove(self, ids: list[str]) -> list[str]:
@@ -337,7 +384,7 @@ class Store:
             trash = []
             with meta.write(self.db):
                 row = meta.get(self.db, snapshot_id)
-                if row is None or row.state != "deleting":
+                if row is None or row.state != State.DELETING:
                     continue      # a builder republished it meanwhile
                 trash = self._unlink_snapshot(snapshot_id)
                 if i == 0:
@@ -355,17 +402,25 @@ class Store:
             if not staging_owner_alive(entry):
                 shutil.rmtree(self.staging / entry, ignore_errors=True)
                 actions.append(f"swept staging/{entry}")
-        deleting = [i for (i,) in self.db.execute("SELECT id FROM snapshots WHERE state='deleting'")]
+        dead = [h for h in meta.holders_named(self.db, TEMPORARY + ":")
+                if not staging_owner_alive(h.split(":", 1)[1])]
+        if dead:
+            with meta.write(self.db):
+                for h in dead:
+                    meta.drop_holder(self.db, h)
+            actions += [f"dropped the refs of {h} (its process is gone)" for h in dead]
+        deleting = meta.ids_in_state(self.db, "deleting")
         if deleting:
             self.remove(deleting)
             actions += [f"finished removing {i}" for i in deleting]
-        known = {hexpart(i) for (i,) in self.db.execute("SELECT id FROM snapshots")}
+        known = {hexpart(i) for i in meta.all_ids(self.db)}
         strays = [d for d in os.listdir(self.snapshots) if d not in known]
         if strays:
-            actions += self._roll_forward(strays)
+            actions += self.register_journals(strays)
         return actions
 
-    def _roll_forward(self, strays: list[str]) -> list[str]:
+    def register_journals(self, strays: list[str]) -> list[str]:
+        """Register directories without a row from their ``meta.json`` (and ``holders.json``)."""
         actions = []
         with meta.write(self.db):
             for d in strays:
@@ -381,5 +436,7 @@ class Store:
                 if hexpart(row.id) != d:
                     continue
                 meta.insert(self.db, row, parents)
-                actions.append(f"registered {row.id} (published before a crash)")
+                restored = self.restore_holders(row.id)
+                actions.append(f"registered {row.id} from its journal" + (
+                    f", with {', '.join(restored)}" if restored else ""))
         return actions

@@ -12,7 +12,6 @@ equals ``du -s -B1 ROOT``; ``Usage.overhead`` is the part outside snapshots.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 
 from . import meta
@@ -91,25 +90,16 @@ def _outside_snapshots(store: Store, ids: set[str], out: dict) -> None:
 
 
 def live_mountpoints() -> set[str]:
-    """Mount points of this mount namespace (mountinfo escapes space, tab, \\n, \\ as octal)."""
-    unescape = lambda m: bytes([int(m.group(1), 8)])  # noqa: E731
-    with open("/proc/self/mountinfo", "rb") as f:
-        return {os.fsdecode(re.sub(rb"\\([0-7]{3})", unescape, line.split()[4])) for line in f}
+    """Mount points of this mount namespace (``mergefs.mounttable``)."""
+    from mergefs import mounttable
+    return mounttable.targets()
 
 
 def holders(store: Store) -> tuple[dict[str, list[str]], set[str], dict[str, list[str]]]:
     """(refs by id, ids leased by a live mount, pinning children by parent id)."""
-    refs: dict[str, list[str]] = {}
-    for i, h in store.db.execute("SELECT id, holder FROM refs"):
-        refs.setdefault(i, []).append(h)
+    refs, leases, pins = meta.holders(store.db)
     mounted = live_mountpoints()
-    leased = {i for mp, i in store.db.execute("SELECT mountpoint, id FROM leases") if mp in mounted}
-    pins: dict[str, list[str]] = {}
-    for child, parent in store.db.execute(
-            "SELECT p.child, p.parent FROM parents p JOIN snapshots s ON s.id = p.child "
-            "WHERE p.pin = 1 AND s.state != 'deleting'"):
-        pins.setdefault(parent, []).append(child)
-    return refs, leased, pins
+    return refs, {i for mp, i in leases if mp in mounted}, pins
 
 
 def measure(store: Store, with_total: bool = True) -> Usage:
@@ -124,9 +114,7 @@ def measure(store: Store, with_total: bool = True) -> Usage:
         for key in inodes:
             owners.setdefault(key, set()).add(row.id)
     out = []
-    names = {}
-    for n, i in store.db.execute("SELECT name, id FROM names"):
-        names.setdefault(i, []).append(n)
+    names = meta.names_by_id(store.db)
     for row in rows:
         su = SnapshotUsage(row, parents=[p.id for p in meta.parents(store.db, row.id)],
                            names=sorted(names.get(row.id, [])), refs=refs.get(row.id, []))

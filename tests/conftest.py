@@ -1,22 +1,50 @@
-"""Suite-wide fixtures: root-only skips and the no-mount-left-behind check."""
+"""Suite-wide test harness: skips with reasons, and the no-mount-left-behind check.
+
+* ``needs(*what)``: the one skip helper; each need has its reason
+  (``needs("root")``, ``needs("overlay", "umoci")``). ``needs_root`` and
+  ``needs_overlay`` are the two most used.
+* ``no_leaked_mounts`` (autouse): the one leak check. Every test unmounts
+  what it mounted, also on failure (U7); a mount left below this session's
+  temp dir fails the test (and is unmounted). The mount table is read by
+  ``mergefs.mounttable`` (the one reader; it decodes mountinfo's escapes).
+* Store tests add a store that ends every test with ``fsck`` (tests/store/conftest.py).
+"""
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
+from mergefs import mounttable
 from mergefs.testing import mounts
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mknod, chown, trusted xattrs)")
-needs_overlay = pytest.mark.skipif(not mounts.can_mount_overlay(),
-                                   reason="needs root and kernel overlayfs")
+
+def _have_fuse() -> bool:
+    return os.path.exists("/dev/fuse") and os.geteuid() == 0
 
 
-def _mounts_under(prefixes) -> set[str]:
-    with open("/proc/self/mounts") as f:
-        return {line.split()[1] for line in f
-                if line.split()[2] in ("overlay",) or line.split()[2].startswith("fuse")
-                if any(line.split()[1].startswith(p) for p in prefixes)}
+NEEDS = {
+    "root": (lambda: os.geteuid() == 0, "needs root (mknod, chown, trusted xattrs, mounts)"),
+    "overlay": (mounts.can_mount_overlay, "needs root and kernel overlayfs"),
+    "fuse": (_have_fuse, "needs root and /dev/fuse"),
+    "umoci": (lambda: shutil.which("umoci") is not None, "needs umoci"),
+    "skopeo": (lambda: shutil.which("skopeo") is not None, "needs skopeo"),
+    "runc": (lambda: shutil.which("runc") is not None, "needs runc"),
+}
+
+
+def needs(*what: str) -> pytest.MarkDecorator:
+    """Skip unless every need in ``what`` is met; the reason names the first that is not."""
+    for w in what:
+        check, reason = NEEDS[w]
+        if not check():
+            return pytest.mark.skip(reason=reason)
+    return pytest.mark.skipif(False, reason="")
+
+
+needs_root = needs("root")
+needs_overlay = needs("overlay")
 
 
 @pytest.fixture(autouse=True)
@@ -25,12 +53,12 @@ def no_leaked_mounts(tmp_path_factory):
 
     Looks under this session's base temp dir only (tests mount there), so
     another pytest session running beside this one is never touched;
-    tools/test.sh compares the whole /proc/mounts before and after the suite.
+    tools/test.sh compares the whole mount table before and after the suite.
     """
-    prefixes = [str(tmp_path_factory.getbasetemp())]
-    before = _mounts_under(prefixes)
+    base = str(tmp_path_factory.getbasetemp())
+    before = mounttable.targets(below=base)
     yield
-    leaked = _mounts_under(prefixes) - before
-    for m in leaked:
+    leaked = mounttable.targets(below=base) - before
+    for m in sorted(leaked, key=len, reverse=True):      # innermost first
         mounts.force_unmount(m)
     assert not leaked, f"test left mounts behind: {sorted(leaked)}"

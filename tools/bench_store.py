@@ -35,7 +35,7 @@ sys.path.insert(0, REPO)
 import benchlib  # noqa: E402
 import gen_stack  # noqa: E402
 
-from snapshotter import Snapshotter  # noqa: E402
+from snapshotter import Snapshotter, meta  # noqa: E402
 from snapshotter.store import Store  # noqa: E402
 from snapshotter.usage import measure  # noqa: E402
 
@@ -86,7 +86,7 @@ def bench_many(t: benchlib.Table, work: str, n: int, reps: int) -> None:
             ids.append(Snapshotter(store=store).import_dir(d).id)
         for i in range(n // 10):
             Snapshotter(store=store).merge(ids[i * 5:i * 5 + 3], strategy="farm" if i % 2 else "union")
-        count = store.db.execute("SELECT COUNT(*) FROM snapshots").fetchone()[0]
+        count = meta.count(store.db)
     for _ in range(reps):
         def du():
             with Store(root) as s:

@@ -195,9 +195,8 @@ def _fmt(value: float, unit: str) -> str:
 
 # -- scratch filesystem ------------------------------------------------------------
 def is_mounted(path: str) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == target for line in f)
+    from mergefs import mounttable
+    return mounttable.is_mounted(path)
 
 
 

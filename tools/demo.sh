@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/bootstrap.sh
-exec .venv/bin/python -m mergefs.demo "$@"
+exec .venv/bin/python tools/demo.py "$@"

@@ -4,7 +4,7 @@
     python tools/pyfuse3_inode_fh.py --install    # patch the pyfuse3 of this interpreter (bootstrap)
     python tools/pyfuse3_inode_fh.py --build DIR  # a patched copy in DIR/pyfuse3 (PYTHONPATH=DIR)
 
-Why (DESIGN.md, "Performance levers"): layers are immutable, so a read-only
+Why (docs/architecture.md, "Serving paths"): layers are immutable, so a read-only
 union answers open/opendir with ENOSYS ("no-open") and the kernel stops
 sending OPEN/RELEASE/OPENDIR and caches pages and listings itself: warm
 `tar` of 100k files drops from 3.2x kernel overlayfs to below it. Stock
@@ -39,7 +39,7 @@ PATCH_MARK = "v2: fh 0 -> inode in read/readdir; FUSE_CAP_CACHE_SYMLINKS\n"
 
 def build(dest: str) -> str:
     """Build the installed pyfuse3 into DEST/pyfuse3 with read() and readdir()
-    given the inode when the kernel's fh is 0 (the "no-open" lever, DESIGN.md).
+    given the inode when the kernel's fh is 0 (the "no-open" lever, docs/architecture.md).
 
     The generated C that pyfuse3 ships is patched in two places (the ``c.fh =
     fi.fh`` of fuse_read and fuse_readdirplus), its init asks for

@@ -1,18 +1,18 @@
 """The ``mergefs`` command line: a leaf that parses, calls the library, prints.
 
 Each group of verbs lives in its own module with a ``register(subparsers)``
-function; ``main`` is the one place that maps exceptions to exit codes.
-Exit codes: 0 ok, 1 mergefs error, 2 usage, 3 not found, 4 exists,
-5 no space, 6 permission denied, 70 internal error.
+function; ``main`` is the one place that maps exceptions to exit codes,
+through the table in ``mergefs.errors`` (``ExitCode``): 0 ok, 1 mergefs
+error, 2 usage, 3 not found, 4 exists, 5 no space, 6 permission denied or
+read-only, 70 internal error (a bug), 130 interrupted. Commands return an
+exit code or raise; none calls ``sys.exit``.
 """
 from __future__ import annotations
 
 import argparse
-import errno
-import os
 import sys
 
-from ..errors import AlreadyExists, MergefsError, NotFound, UsageError
+from ..errors import ExitCode, UsageError, categorize, message
 
 VERB_MODULES = ("core", "mount", "store")
 
@@ -38,27 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _exit_code(exc: BaseException) -> tuple[int, str]:
-    if isinstance(exc, UsageError):
-        return 2, str(exc)
-    if isinstance(exc, NotFound):
-        return 3, str(exc)
-    if isinstance(exc, AlreadyExists):
-        return 4, str(exc)
-    if isinstance(exc, MergefsError):
-        return 1, str(exc)
-    if isinstance(exc, OSError):
-        where = f": {os.fsdecode(exc.filename)}" if exc.filename else ""
-        msg = f"{exc.strerror or exc}{where}"
-        if exc.errno == errno.ENOSPC:
-            return 5, msg
-        if exc.errno in (errno.EACCES, errno.EPERM):
-            return 6, msg
-        if exc.errno == errno.ENOENT:
-            return 3, msg
-        if exc.errno == errno.EEXIST:
-            return 4, msg
-        return 1, msg
-    return 70, f"internal error: {exc!r}"
+    """The exit code and the one line for ``exc`` (the table in ``mergefs.errors``)."""
+    return int(categorize(exc).exit_code), message(exc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,15 +51,18 @@ def main(argv: list[str] | None = None) -> int:
             argv = cmd_mount_helper.translate(argv)
         except UsageError as e:
             print(f"mergefs: error: {e}", file=sys.stderr)
-            return 2
+            return ExitCode.USAGE
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:         # argparse's usage errors and --help, for in-process callers
+        return e.code if isinstance(e.code, int) else ExitCode.USAGE
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:
-        return 130
+        return ExitCode.INTERRUPTED
     except BrokenPipeError:
-        return 0
+        return ExitCode.OK
     except Exception as exc:  # the one place errors become exit codes
         if args.debug:
             raise

@@ -11,6 +11,7 @@ import os
 import sys
 
 from ..layer import FORMATS, Layer
+from . import output
 
 
 def is_layer_dir_arg(arg: str) -> bool:
@@ -97,31 +98,10 @@ def cmd_explain(args) -> int:
     if not rest or not all(os.path.isdir(a) for a in rest):
         from .cmd_store import store_explain
         return store_explain(args)
+    from ..explain import explain
     from ..resolver import Resolver
     path = os.fsencode(args.args[0]).strip(b"/")
     with Resolver([Layer(l, args.format) for l in rest]) as r:
-        rows = r.explain(path)
-    print_explanation(path, rows, rest, as_json=args.json)
+        rows = explain(r, path)
+    output.print_explanation(path, rows, rest, as_json=args.json)
     return 0
-
-
-def print_explanation(path: bytes, rows, layer_names: list[str], as_json: bool) -> None:
-    """Shared by the directory and store forms of explain."""
-    shown = "/" + os.fsdecode(path)
-    supplier = next((r for r in rows if r.status == "supplies"), None)
-    if as_json:
-        print(json.dumps({"path": shown,
-                          "supplied_by": None if supplier is None else supplier.layer,
-                          "layers": [{"layer": r.layer, "source": layer_names[r.layer],
-                                      "holds": r.kind, "status": r.status, "reason": r.reason}
-                                     for r in rows]}))
-        return
-    if supplier is None:
-        print(f"{shown}: not in the merged view")
-    else:
-        print(f"{shown}: {supplier.kind} from layer {supplier.layer} ({layer_names[supplier.layer]})")
-    for r in rows:
-        if r.status == "absent" and r.kind == "nothing":
-            continue
-        tail = f": {r.reason}" if r.reason else ""
-        print(f"  layer {r.layer:<3} {r.kind:<10} {r.status}{tail}  ({layer_names[r.layer]})")

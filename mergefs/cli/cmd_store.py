@@ -13,9 +13,9 @@ import argparse
 import json
 import os
 import sys
-import time
 
 from ..layer import FORMATS
+from . import output
 
 
 def _store(args, reconcile: bool = True):
@@ -83,31 +83,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_export)
 
 
-# -- helpers --------------------------------------------------------------------
-def _progress(what: str):
-    """A callback printing a running count on stderr (only used when it is a terminal)."""
-    def show(n: int) -> None:
-        if n % 1000 == 0:
-            print(f"\rmergefs: {what} {n} entries", end="", file=sys.stderr, flush=True)
-    return show
-
-
-def human(n: int) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.2f}{unit}"
-        n /= 1000
-    return str(n)
-
-
-def when(t: float) -> str:
-    age = time.time() - t
-    for secs, unit in ((86400, "days"), (3600, "hours"), (60, "minutes")):
-        if age >= secs:
-            return f"{int(age // secs)} {unit} ago"
-    return f"{int(age)} seconds ago"
-
-
 # -- merge / diff / explain (store forms) ----------------------------------------------
 def store_merge(args) -> int:
     with _store(args) as sn:
@@ -134,8 +109,8 @@ def store_diff(args) -> int:
 
 def store_explain(args) -> int:
     from snapshotter.service import short
+    from ..explain import explain
     from ..resolver import Resolver
-    from .cmd_core import print_explanation
     if len(args.args) != 2:
         from ..errors import InvalidLayer
         raise InvalidLayer("usage: mergefs explain REF PATH (or PATH LAYERDIR...)")
@@ -151,8 +126,8 @@ def store_explain(args) -> int:
                   "the farm as one layer", file=sys.stderr)
     p = os.fsencode(path).strip(b"/")
     with Resolver(dirs) as r:
-        rows = r.explain(p)
-    print_explanation(p, rows, [short(i) for i in ids], as_json=args.json)
+        rows = explain(r, p)
+    output.print_explanation(p, rows, [short(i) for i in ids], as_json=args.json)
     return 0
 
 
@@ -160,7 +135,7 @@ def store_explain(args) -> int:
 def cmd_import(args) -> int:
     with _store(args) as sn:
         res = sn.import_(args.src, fmt=args.format, name=args.name,
-                         progress=_progress("copied") if sys.stderr.isatty() else None)
+                         progress=output.progress("copied") if sys.stderr.isatty() else None)
         if sys.stderr.isatty():
             print(file=sys.stderr)
         out = {"layers": [sn.describe(r) for r in res.layers],
@@ -195,13 +170,17 @@ def cmd_prune(args) -> int:
                        else None,
                        keep_storage=parse_size(args.keep_storage) if args.keep_storage else None,
                        dry_run=args.dry_run)
+    for sid, why in rep.kept:
+        print(f"mergefs: warning: kept {sid}: its holders.json lists {why}, which the "
+              "metadata lacks; run `mergefs fsck --repair`", file=sys.stderr)
     if args.json:
-        print(json.dumps({"deleted": rep.deleted, "freed": rep.freed, "dry_run": rep.dry_run}))
+        print(json.dumps({"deleted": rep.deleted, "freed": rep.freed, "dry_run": rep.dry_run,
+                          "kept": [sid for sid, _ in rep.kept]}))
         return 0
     verb = "would delete" if rep.dry_run else "deleted"
     for i in rep.deleted:
         print(f"{verb} {i}")
-    print(f"Total: {'would free' if rep.dry_run else 'freed'} {human(rep.freed)} "
+    print(f"Total: {'would free' if rep.dry_run else 'freed'} {output.human(rep.freed)} "
           f"({len(rep.deleted)} snapshots)")
     return 0
 
@@ -209,43 +188,8 @@ def cmd_prune(args) -> int:
 def cmd_du(args) -> int:
     with _store(args) as sn:
         u = sn.du()
-    recs = sorted(u.snapshots, key=lambda s: (-s.size, s.row.id))
-    if args.json:
-        print(json.dumps({"snapshots": [_du_dict(s) for s in recs], "total": u.total,
-                          "exclusive": u.exclusive, "shared": u.shared,
-                          "reclaimable": u.reclaimable, "overhead": u.overhead}))
-        return 0
-    if args.verbose:
-        for s in recs:
-            for k, v in _du_dict(s).items():
-                label = "ID" if k == "id" else k.replace("_", " ").capitalize()
-                if k in ("exclusive", "shared", "size"):
-                    v = human(v)
-                elif k == "created" and v:
-                    v = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(v))
-                elif k == "last_used" and v:
-                    v = when(v)
-                print(f"{label + ':':<14}{v}")
-            print()
-    else:
-        print(f"{'ID':<20} {'KIND':<7} {'RECLAIMABLE':<12} {'EXCLUSIVE':>10} {'SHARED':>10}  "
-              "LAST ACCESSED")
-        for s in recs:
-            print(f"{s.row.id[7:26]:<20} {s.row.kind:<7} {str(s.reclaimable).lower():<12} "
-                  f"{human(s.exclusive):>10} {human(s.shared):>10}  {when(s.row.last_used)}")
-    print(f"{'Exclusive:':<14}{human(u.exclusive)}\n{'Shared:':<14}{human(u.shared)}\n"
-          f"{'Reclaimable:':<14}{human(u.reclaimable)}\n{'Overhead:':<14}{human(u.overhead)}\n"
-          f"{'Total:':<14}{human(u.total)}")
+    output.print_du(u, verbose=args.verbose, as_json=args.json)
     return 0
-
-
-def _du_dict(s) -> dict:
-    return {"id": s.row.id, "kind": s.row.kind + (f" ({s.row.strategy})" if s.row.strategy else ""),
-            "parents": ";".join(s.parents), "names": ";".join(s.names),
-            "created": s.row.created, "last_used": s.row.last_used,
-            "usage_count": s.row.use_count, "reclaimable": s.reclaimable,
-            "exclusive": s.exclusive, "shared": s.shared, "size": s.size,
-            "description": s.row.description, "state": s.row.state}
 
 
 def cmd_ls(args) -> int:
@@ -274,8 +218,8 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_fsck(args) -> int:
-    with _store(args, reconcile=False) as sn:
-        findings = sn.fsck(repair=args.repair, verify_content=not args.fast)
+    from snapshotter.fsck import fsck_store
+    findings = fsck_store(args.root, repair=args.repair, verify_content=not args.fast)
     errors = [f for f in findings if f.severity == "error" and not f.repaired]
     if args.json:
         print(json.dumps({"clean": not errors, "findings": [vars(f) for f in findings]}))

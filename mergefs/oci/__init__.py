@@ -1,6 +1,6 @@
 """OCI import and export: layer tars, image layouts, docker-archives.
 
-The store format is kernel overlayfs format (DESIGN "On-disk formats"); this
+The store format is kernel overlayfs format (docs/architecture.md, "The store on disk"; docs/semantics.md); this
 package converts between it and OCI. Nothing here knows about the store: it
 extracts into a directory the caller names and the caller publishes it.
 

@@ -5,7 +5,7 @@ time with O_NOFOLLOW, inside a directory this module just made, so no member
 can make us read or write outside it (S2): a symlink the layer contains is
 never followed, and a member whose parent is such a symlink is refused.
 
-Decisions (OCI image-spec layer.md, SEMANTICS D2/D3/D5/D6/D7, A1/A2/A3):
+Decisions (OCI image-spec layer.md, docs/semantics.md D2/D3/D5/D6/D7, A1/A2/A3):
 * Duplicate paths are refused (InvalidLayer): layer.md says a layer "MUST NOT
   include duplicate entries", and refusing is the only choice that cannot
   silently differ from another runtime's "later wins" or "first wins".

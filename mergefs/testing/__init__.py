@@ -7,5 +7,5 @@
   ``assert_same(a, b)``, ``fingerprint(path)`` for "layers are unchanged".
 * ``mounts``: kernel overlayfs as an oracle, and forced unmounts.
 * ``strategies``: hypothesis strategies for random layer stacks.
-* ``conformance``: the named SEMANTICS checks, run against any implementation.
+* ``conformance``: the named checks of docs/semantics.md, run against any implementation.
 """

@@ -1,4 +1,4 @@
-"""The named SEMANTICS checks, runnable against any implementation of Merge.
+"""The named checks of docs/semantics.md, runnable against any implementation of Merge.
 
 An implementation is a callable ``merge(specs: list[LayerSpec]) -> View``
 (bottom first). Each ``check_*`` builds its layers declaratively, merges them

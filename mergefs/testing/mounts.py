@@ -14,9 +14,8 @@ from typing import Iterator, Sequence
 
 
 def is_mounted(path: str | os.PathLike) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == target for line in f)
+    from mergefs import mounttable
+    return mounttable.is_mounted(path)
 
 
 def force_unmount(path: str | os.PathLike) -> None:

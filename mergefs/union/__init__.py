@@ -8,7 +8,7 @@ disk writes of the upper and work dirs), ``errors`` (the one error translator
 and the request counters), ``ops`` (the ``Operations`` subclass), ``server``
 (``serve()``, the detached server, unmount and stale-mount cleanup).
 
-Caching decision (DESIGN.md, "Performance levers"). Layers are immutable, so
+Caching decision (docs/architecture.md, "Serving paths"). Layers are immutable, so
 entries, attributes and negative lookups are cached by the kernel for a day,
 files are opened with ``keep_cache`` (pages survive close/open), readdirplus
 carries attributes and counts as a lookup, FLUSH is answered ENOSYS once, and

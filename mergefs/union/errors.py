@@ -1,4 +1,4 @@
-"""The one place where errors become ``FUSEError`` (STYLE habit 1).
+"""The one place where errors become ``FUSEError`` (docs/architecture.md, "Code habits").
 
 Domain code raises typed mergefs errors or lets ``OSError`` through; every
 ``Operations`` handler is wrapped in ``@fuse_errors``. pyfuse3 requires that
@@ -14,25 +14,14 @@ import logging
 
 from pyfuse3 import FUSEError
 
-from ..errors import AlreadyExists, FailedPrecondition, InvalidLayer, NotFound, UnsafeContent
+from ..errors import errno_of
 
 log = logging.getLogger("mergefs.union")
 
-# Typed errors -> errno. UnsafeContent is EACCES: the content exists but the
-# server refuses to follow it out of its layer (S2).
-_TYPED = ((NotFound, errno.ENOENT), (AlreadyExists, errno.EEXIST),
-          (UnsafeContent, errno.EACCES), (InvalidLayer, errno.EIO),
-          (FailedPrecondition, errno.EBUSY))
-
 
 def to_errno(exc: BaseException) -> int | None:
-    """The errno for an expected error, None for a bug."""
-    for cls, code in _TYPED:
-        if isinstance(exc, cls):
-            return code
-    if isinstance(exc, OSError) and exc.errno:
-        return exc.errno
-    return None
+    """The errno for an expected error, None for a bug (the table in ``mergefs.errors``)."""
+    return errno_of(exc)
 
 
 # Requests served, by handler name: the server logs them on SIGUSR1 (and

@@ -185,12 +185,13 @@ def start(spec: MountSpec, mountpoint: str, fmt: str = "auto", log_path: str | N
 
 
 def _can_fork() -> bool:
-    import threading
     try:
         trio.lowlevel.current_root_task()
         return False                      # a forked trio loop is unusable
     except RuntimeError:
-        return threading.active_count() == 1
+        # every OS thread, not only Python's: a thread started by a C library
+        # (or a thread pool) is just as unsafe to fork under
+        return len(os.listdir("/proc/self/task")) == 1
 
 
 def _fork_server(spec, mountpoint, fmt, log_path, ready_fd, parent_end) -> int:
@@ -300,9 +301,8 @@ def unmount(mountpoint: str) -> None:
 
 
 def is_mounted(mountpoint: str) -> bool:
-    target = os.path.abspath(mountpoint)
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == target for line in f)
+    from .. import mounttable
+    return mounttable.is_mounted(mountpoint)
 
 
 def _child_main(argv: list[str]) -> int:

@@ -21,6 +21,7 @@ import os
 import stat
 
 from .. import syscalls
+from ..attrs import set_xattrs
 from ..errors import InvalidLayer
 from ..layer import DIR, LNK, REG, Layer, content_xattrs, open_layer_root
 
@@ -96,11 +97,10 @@ class Upper:
         syscalls.lchown(name, st.st_uid, st.st_gid, fd)
         if not stat.S_ISLNK(st.st_mode):
             syscalls.chmod(name, stat.S_IMODE(st.st_mode), fd)
-        for attr, value in (xattrs or {}).items():
-            try:
-                syscalls.setxattr(fd, name, attr, value)
-            except OSError as e:   # A3: reported, not fatal (e.g. security.selinux)
-                log.warning("copy-up: cannot set xattr %s: %s", attr, e.strerror)
+        warnings: list[str] = []
+        set_xattrs(fd, name, xattrs or {}, warnings)   # A3: refused ones reported, ENOSPC raised
+        for w in warnings:
+            log.warning("copy-up: %s", w)
         if times:
             syscalls.utime_ns(name, st.st_atime_ns, st.st_mtime_ns, fd)
 

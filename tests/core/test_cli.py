@@ -18,8 +18,14 @@ STACK = [LayerSpec().file("etc/motd", b"hi").file("d/x").file("srv", b"file"),
          LayerSpec().whiteout("etc/motd").opaque_dir("d").file("d/y").file("srv/index")]
 
 
-def mergefs(*args, check=None, no_dac=False):
-    """Run the CLI; ``no_dac`` drops root's power to ignore file permissions."""
+def mergefs(*args, check=None, no_dac=False, process=False):
+    """Run the CLI: ``main(argv)`` in this process, or a real process when ``process``
+    (end to end) or ``no_dac`` (drops root's power to ignore file permissions)."""
+    if not (no_dac or process):
+        r = _in_process([str(a) for a in args])
+        if check is not None:
+            assert r.returncode == check, (r.returncode, r.stdout, r.stderr)
+        return r
     cmd = [sys.executable, "-m", "mergefs", *map(str, args)]
     if no_dac:
         cmd = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *cmd]
@@ -27,6 +33,16 @@ def mergefs(*args, check=None, no_dac=False):
     if check is not None:
         assert r.returncode == check, (r.returncode, r.stdout, r.stderr)
     return r
+
+
+def _in_process(argv: list[str]) -> subprocess.CompletedProcess:
+    import contextlib
+    import io
+    from mergefs.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return subprocess.CompletedProcess(argv, int(code), out.getvalue(), err.getvalue())
 
 
 @needs_root
@@ -50,9 +66,10 @@ def test_merge_jobs_builds_the_same_farm(tmp_path):
     expected = tree.model_view(model.merge([low, top]))
     for jobs in ("1", "2", None):
         out = tmp_path / f"farm-{jobs}"
-        mergefs("merge", *(["-j", jobs] if jobs else []), "--out", out, *layers, check=0)
+        mergefs("merge", *(["-j", jobs] if jobs else []), "--out", out, *layers, check=0,
+                process=True)     # end to end: the CLI process forks its workers
         tree.assert_same(tree.capture(out), expected, f"-j {jobs}")
-    r = mergefs("merge", "-j", "0", "--out", tmp_path / "zero", *layers, check=2)
+    r = mergefs("merge", "-j", "0", "--out", tmp_path / "zero", *layers, check=2, process=True)
     assert "--jobs must be at least 1" in r.stderr and not (tmp_path / "zero").exists()
 
 

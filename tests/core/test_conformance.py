@@ -1,4 +1,4 @@
-"""SEMANTICS M, D, S, H, A: every named check against every implementation.
+"""docs/semantics.md M, D, S, H, A: every named check against every implementation.
 
 Each check asserts its rule on the implementation's view, and the whole view
 must also equal the reference model's (so the model is checked by the rules,

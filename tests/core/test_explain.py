@@ -1,13 +1,14 @@
 """explain: what each layer holds at a path and why it is hidden (D2, D7 included)."""
 from __future__ import annotations
 
+from mergefs.explain import explain
 from mergefs.resolver import Resolver
 from mergefs.testing.builders import LayerSpec, materialise_stack
 
 
 def _rows(tmp_path, specs, path: bytes, fmt="oci"):
     with Resolver(materialise_stack(specs, tmp_path, fmt)) as r:
-        return [(x.layer, x.kind, x.status, x.reason) for x in r.explain(path)]
+        return [(x.layer, x.kind, x.status, x.reason) for x in explain(r, path)]
 
 
 def test_D7_recreated_dir_hides_lower_children(tmp_path):

@@ -1,4 +1,4 @@
-"""Layer readers: every whiteout and opaque encoding DESIGN.md accepts on import."""
+"""Layer readers: every whiteout and opaque encoding mergefs accepts on import."""
 from __future__ import annotations
 
 import os

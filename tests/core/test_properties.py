@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from mergefs.diff import write_diff
+from mergefs.explain import explain
 from mergefs.farm import build_farm, schedule
 from mergefs.testing import model, mounts, tree
 from mergefs.testing.builders import LayerSpec, materialise, materialise_stack
@@ -101,7 +102,7 @@ def test_resolver_lookup_and_explain_agree_with_model(specs):
                 node = r.lookup(path)
                 want = expected.entries.get(path)
                 assert (node is None) == (want is None), path
-                rows = r.explain(path)
+                rows = explain(r, path)
                 sup = [x for x in rows if x.status == "supplies"]
                 if want is None:
                     assert not sup, (path, rows)

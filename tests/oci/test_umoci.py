@@ -1,5 +1,5 @@
 """Against the real tools: images built by umoci import to what ``umoci unpack`` shows,
-and exported layouts are accepted by umoci and skopeo (DESIGN "Contracts").
+and exported layouts are accepted by umoci and skopeo (docs/architecture.md, "What tests pin down").
 
 Compared: content, type, mode, uid/gid, nanosecond mtime, symlink target,
 rdev, xattrs minus overlay-private ones, hardlink groups. The root directory's

@@ -1,4 +1,4 @@
-"""Fixtures for the store tests: a fresh store root, the CLI as a real process, layers."""
+"""Fixtures for the store tests: a fresh store root, the CLI (in-process or as a real process), layers."""
 from __future__ import annotations
 
 import json
@@ -25,8 +25,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
-def root(tmp_path) -> Path:
-    return tmp_path / "store"
+def root(tmp_path, request) -> Path:
+    """A fresh store root; the test ends with ``fsck`` of it (content re-hashed): it must
+    hold no error, unless the test is marked ``damages_store`` (it breaks the store on purpose)."""
+    r = tmp_path / "store"
+    yield r
+    if request.node.get_closest_marker("damages_store") or not (r / "meta.db").exists():
+        return
+    from snapshotter.fsck import fsck_store
+    errors = [f for f in fsck_store(r) if f.severity == "error"]
+    assert not errors, f"the test left the store inconsistent: {errors}"
 
 
 @pytest.fixture
@@ -37,10 +45,17 @@ def store(root):
 
 
 class Cli:
-    """``mergefs --root ROOT ...`` as a subprocess (what users and runtimes run)."""
+    """``mergefs --root ROOT ...``: ``main(argv)`` in this process, or a real process.
 
-    def __init__(self, root: Path):
+    In-process by default (no interpreter start-up: the CLI is a leaf that
+    parses, calls and prints, so this runs the same code). A real process
+    when environment variables are given (kill points) or ``subprocess=True``:
+    a few end-to-end tests keep what users run.
+    """
+
+    def __init__(self, root: Path, subprocess: bool = False):
         self.root = root
+        self.subprocess = subprocess
 
     def env(self, **extra) -> dict:
         env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -52,8 +67,11 @@ class Cli:
         return [sys.executable, "-m", "mergefs", "--root", str(self.root), *map(str, args)]
 
     def run(self, *args, check: bool = True, **env) -> subprocess.CompletedProcess:
-        p = subprocess.run(self.argv(*args), capture_output=True, text=True, env=self.env(**env),
-                           timeout=60)
+        if env or self.subprocess:
+            p = subprocess.run(self.argv(*args), capture_output=True, text=True,
+                               env=self.env(**env), timeout=60)
+        else:
+            p = run_main(["--root", str(self.root), *map(str, args)])
         if check and p.returncode != 0:
             raise AssertionError(f"mergefs {' '.join(map(str, args))} -> {p.returncode}\n"
                                  f"{p.stdout}\n{p.stderr}")
@@ -66,9 +84,26 @@ class Cli:
         return json.loads(self.run(*args, "--json").stdout)
 
 
+def run_main(argv: list[str]) -> subprocess.CompletedProcess:
+    """``mergefs.cli.main(argv)`` with stdout and stderr captured."""
+    import contextlib
+    import io
+    from mergefs.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return subprocess.CompletedProcess(argv, int(code), out.getvalue(), err.getvalue())
+
+
 @pytest.fixture
 def cli(root) -> Cli:
     return Cli(root)
+
+
+@pytest.fixture
+def cli_process(root) -> Cli:
+    """The CLI as a real process (end-to-end: what users and runtimes run)."""
+    return Cli(root, subprocess=True)
 
 
 def base_spec() -> LayerSpec:
@@ -107,25 +142,3 @@ def snapshot_dirs(root: Path) -> list[str]:
 
 
 __all__ = ["Cli", "base_spec", "mid_spec", "top_spec", "snapshot_dirs", "materialise"]
-
-
-def _mounts_below(prefix: str) -> set[str]:
-    with open("/proc/self/mounts") as f:
-        return {line.split()[1] for line in f if line.split()[1].startswith(prefix)}
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_mounts(tmp_path):
-    """Narrower than the suite-wide check: only mounts below this test's tmp_path.
-
-    The suite-wide fixture watches all of /tmp and force-unmounts what appeared
-    there, which unmounts the live mounts of test sessions running in parallel
-    (other areas' suites); store tests mount nothing outside tmp_path except
-    through ``mounts.overlay_mount``, which unmounts itself.
-    """
-    yield
-    leaked = _mounts_below(str(tmp_path))
-    for m in leaked:
-        from mergefs.testing import mounts
-        mounts.force_unmount(m)
-    assert not leaked, f"test left mounts behind: {sorted(leaked)}"

@@ -1,4 +1,4 @@
-"""SIGKILL at each step of import, merge, commit and prune (C1, C4; DESIGN "A crash ...").
+"""SIGKILL at each step of import, merge, commit and prune (C1, C4; docs/architecture.md, "The store on disk").
 
 Each case runs the real CLI with MERGEFS_TEST_KILL_AT naming the step, checks
 the process died of SIGKILL, that fsck finds no error, that nothing partial is

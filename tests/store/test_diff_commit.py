@@ -12,6 +12,7 @@ from mergefs.mountspec import MountSpec
 from mergefs.testing import mounts, tree
 from mergefs.testing.builders import LayerSpec, materialise
 from snapshotter import Snapshotter
+from ..conftest import needs
 
 
 def imported(store, layers):
@@ -58,7 +59,7 @@ def test_D4_commit_turns_an_opaque_dir_into_explicit_whiteouts(store, layers, tm
     assert Snapshotter(store=store).commit_upper(str(upper), parent=base).id == row.id   # idempotent
 
 
-@pytest.mark.skipif(not mounts.can_mount_overlay(), reason="needs root and kernel overlayfs")
+@needs("overlay")
 def test_commit_of_an_active_snapshot_written_through_kernel_overlay(store, layers):
     a, b, _ = imported(store, layers)
     m = Snapshotter(store=store).merge([a, b], strategy="union").row.id

@@ -70,6 +70,7 @@ def test_fsck_dir_without_row_is_moved_to_lost_and_found(store, populated):
     s.close()
 
 
+@pytest.mark.damages_store
 def test_fsck_modified_layer_is_reported_never_deleted(store, populated):
     ids, m = populated
     target = store.fs_of(ids[0]) / "etc" / "passwd"
@@ -94,7 +95,9 @@ def test_reimport_replaces_a_corrupt_layer(store, layers, populated):
     assert fsck(store) == []
 
 
-def test_fsck_cli_exit_codes(cli, layers):
+def test_fsck_cli_exit_codes(cli_process, layers):
+    """End to end, as a real process."""
+    cli = cli_process
     i = cli.out("import", layers[0])
     assert cli.run("fsck").returncode == 0
     shutil.rmtree(cli.root / "snapshots" / i[7:])
@@ -104,6 +107,7 @@ def test_fsck_cli_exit_codes(cli, layers):
     assert cli.run("fsck").returncode == 0
 
 
+@pytest.mark.damages_store
 def test_a_corrupt_layer_can_still_be_inspected(cli, layers):
     i = cli.out("import", layers[0])
     (cli.root / "snapshots" / i[7:] / "fs" / "etc" / "passwd").write_text("x\n")

@@ -160,7 +160,9 @@ def test_C2_name_taken_by_other_content_fails_same_content_succeeds(store, layer
         Snapshotter(store=store).import_dir(layers[1], name="n")
 
 
-def test_cli_exit_codes(cli, layers):
+def test_cli_exit_codes(cli_process, layers):
+    """End to end, as a real process."""
+    cli = cli_process
     assert cli.run("inspect", "nosuchref", check=False).returncode == 3
     cli.out("import", layers[0], "--name", "x")
     p = cli.run("import", layers[1], "--name", "x", check=False)
@@ -193,6 +195,7 @@ def test_store_root_resolution(monkeypatch, tmp_path):
     assert default_root() == expected
 
 
+@pytest.mark.damages_store
 def test_schema_version_is_recorded_and_a_newer_one_refused(store):
     from snapshotter.meta import SCHEMA_VERSION
     from snapshotter.store import Store

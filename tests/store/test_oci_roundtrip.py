@@ -10,8 +10,9 @@ import tarfile
 import pytest
 
 from mergefs.testing import tree
+from ..conftest import needs
 
-pytestmark = pytest.mark.skipif(shutil.which("umoci") is None, reason="needs umoci")
+pytestmark = needs("umoci")
 
 
 def sh(*cmd, cwd=None):
@@ -117,7 +118,7 @@ def test_export_tar_of_a_layer_reimports_to_the_same_content(cli, image, tmp_pat
                     cli.root / "snapshots" / ids[0][7:] / "fs", "re-imported layer")
 
 
-@pytest.mark.skipif(shutil.which("skopeo") is None, reason="needs skopeo")
+@needs("skopeo")
 def test_docker_archive_import_gives_the_same_layer_ids(cli, image, tmp_path):
     sh("skopeo", "copy", f"oci:{image}:t", f"docker-archive:{tmp_path / 'img.tar'}:img:v1")
     from_layout = [r["id"] for r in cli.json("import", image)["layers"]]

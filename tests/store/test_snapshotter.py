@@ -12,6 +12,7 @@ from mergefs.mountspec import MountSpec, from_options
 from mergefs.testing import mounts, tree
 from snapshotter import Info, Kind, Snapshotter, Usage
 from snapshotter.gc import prune
+from ..conftest import needs
 
 NS = "default/1/"         # containerd namespaces keys like this
 
@@ -209,7 +210,7 @@ def test_schema_1_store_is_migrated(root):
         assert version.fetchone()[0] == "2"
 
 
-@pytest.mark.skipif(not mounts.can_mount_overlay(), reason="needs root and kernel overlayfs")
+@needs("overlay")
 def test_mounts_through_kernel_overlay_then_commit(sn):
     base_m = sn.prepare(NS + "a")
     write_upper(base_m, {"etc/passwd": b"root\n", "etc/group": b"g\n"})

@@ -151,25 +151,6 @@ class Driver:
         assert self.ops.check() == []
 
 
-@pytest.fixture(autouse=True)
-def no_leaked_mounts(tmp_path):
-    """Every test unmounts what it mounted, also on failure (U7).
-
-    Overrides the suite-wide check so that it watches only this test's
-    tmp_path (and the public dirs it registers): other suites mounting under
-    /tmp at the same time are not this test's leaks.
-    """
-    def mounted() -> set[str]:
-        with open("/proc/self/mounts") as f:
-            return {line.split()[1] for line in f if line.split()[1].startswith(str(tmp_path))}
-    before = mounted()
-    yield
-    leaked = mounted() - before
-    for m in leaked:
-        subprocess.run(["umount", "-l", m], capture_output=True)
-    assert not leaked, f"test left mounts behind: {sorted(leaked)}"
-
-
 @pytest.fixture
 def make_driver():
     """make_driver(layer_paths_bottom_first, upper=None, work=None) -> Driver."""

@@ -1,4 +1,4 @@
-"""Read-only union, handler level (no mount): SEMANTICS U1-U3, S2, H1, A3."""
+"""Read-only union, handler level (no mount): docs/semantics.md U1-U3, S2, H1, A3."""
 from __future__ import annotations
 
 import errno

@@ -1,6 +1,6 @@
 """The README demo: sample layers -> a hardlink farm -> the merged tree, annotated.
 
-    python -m mergefs.demo [DIR]     (default ./demo-out, replaced on each run)
+    python tools/demo.py [DIR]     (default ./demo-out, replaced on each run)
 
 The layers exercise a whiteout, an opaque directory, a hardlink pair, a
 symlink and a directory/file type change, in both whiteout formats.
@@ -12,10 +12,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from .farm import build_farm
-from .layer import DIR, KIND_NAMES, Layer
-from .resolver import Resolver, join
-from .testing.builders import LayerSpec, materialise
+from mergefs.explain import explain
+from mergefs.farm import build_farm
+from mergefs.layer import DIR, KIND_NAMES, Layer
+from mergefs.resolver import Resolver, join
+from mergefs.testing.builders import LayerSpec, materialise
 
 LAYERS = [
     ("base (overlay format)", "overlay", LayerSpec()
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             print("  " + line)
         print("\nWhy some paths look the way they do (mergefs explain):")
         for path in (b"etc/motd", b"var/cache/apt", b"srv", b"opt/tool"):
-            rows = r.explain(path)
+            rows = explain(r, path)
             sup = next((x for x in rows if x.status == "supplies"), None)
             head = f"layer {sup.layer} supplies a {sup.kind}" if sup else "not in the merged view"
             print(f"  /{os.fsdecode(path)}: {head}")

@@ -1,0 +1,70 @@
+"""The mount table of this process's mount namespace: the one reader of it.
+
+``/proc/self/mountinfo`` writes a space, tab, newline or backslash in a path
+as an octal escape (``\\040``, ``\\011``, ``\\012``, ``\\134``); ``read``
+decodes them, so a mount point with a space in its name is found. Used by the
+union server (is it mounted?), the store (live leases) and the test harness
+(no test leaves a mount behind).
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import NamedTuple
+
+MOUNTINFO = "/proc/self/mountinfo"
+_ESCAPE = re.compile(rb"\\([0-7]{3})")
+
+
+class MountEntry(NamedTuple):
+    mount_id: int
+    parent_id: int
+    root: str           # the path inside the filesystem that is mounted
+    target: str         # where it is mounted
+    options: str        # per-mount options (rw, nosuid, ...)
+    fstype: str         # "overlay", "fuse.mergefs", "tmpfs", ...
+    source: str
+
+
+def unescape(field: bytes) -> str:
+    return os.fsdecode(_ESCAPE.sub(lambda m: bytes([int(m.group(1), 8)]), field))
+
+
+def parse_line(line: bytes) -> MountEntry:
+    """One mountinfo line: ``ID PARENT MAJ:MIN ROOT TARGET OPTS [OPTIONAL...] - TYPE SOURCE SUPER``."""
+    fields = line.split()
+    sep = fields.index(b"-", 6)
+    return MountEntry(int(fields[0]), int(fields[1]), unescape(fields[3]), unescape(fields[4]),
+                      fields[5].decode(), unescape(fields[sep + 1]), unescape(fields[sep + 2]))
+
+
+def read(path: str = MOUNTINFO) -> list[MountEntry]:
+    """Every mount, in mount order (a later entry at the same target covers an earlier one)."""
+    with open(path, "rb") as f:
+        return [parse_line(line) for line in f if line.strip()]
+
+
+def targets(below: str | None = None, fstypes: tuple[str, ...] | None = None) -> set[str]:
+    """Mount points (below a directory, of some filesystem types: ``fuse`` matches ``fuse.*``)."""
+    out = set()
+    for e in read():
+        if below is not None and not (e.target == below or e.target.startswith(below.rstrip("/") + "/")):
+            continue
+        if fstypes is not None and not any(e.fstype == t or e.fstype.startswith(t + ".")
+                                           for t in fstypes):
+            continue
+        out.add(e.target)
+    return out
+
+
+def canonical(path: str | os.PathLike) -> str:
+    """An absolute path with the parent's symlinks resolved, without touching ``path``
+    itself (stat of a dead FUSE mount fails)."""
+    p = os.path.abspath(os.fspath(path))
+    parent, name = os.path.split(p)
+    return os.path.join(os.path.realpath(parent), name) if name else p
+
+
+def is_mounted(path: str | os.PathLike) -> bool:
+    target = canonical(path)
+    return any(e.target == target for e in read())
