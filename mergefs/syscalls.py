@@ -221,3 +221,21 @@ def copy_file(src_dir_fd: int, src: bytes, dst_dir_fd: int, dst: bytes, size: in
 def is_whiteout_stat(st: os.stat_result) -> bool:
     """Overlay whiteout: a character device with device number 0/0."""
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+# -- bind mounts (views: a container's rootfs is a bind of its view) --------------
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND = 1, 2, 4, 32, 4096
+
+
+def mount(source: str | None, target: str, flags: int, fstype: str | None = None) -> None:
+    """mount(2) without data; raises OSError."""
+    enc = (lambda s: None if s is None else os.fsencode(s))
+    if _libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), target)
+
+
+def umount(target: str, flags: int = 0) -> None:
+    if _libc.umount2(os.fsencode(target), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), target)

@@ -322,9 +322,10 @@ class Snapshotter:
         return service.resolve_ref(self.store, ref, fmt)
 
     def merge(self, refs: list[str], strategy: str = "auto", name: str | None = None,
-              intent: str | None = None, fmt: str = "auto", capabilities=None):
+              intent: str | None = None, fmt: str = "auto", capabilities=None, progress=None):
+        """``progress(entries)``: called while a farm is built (``build_farm``)."""
         return service.merge(self.store, refs, strategy, name, intent, self.holder, fmt,
-                             capabilities)
+                             capabilities, progress=progress)
 
     def diff(self, lower: str, upper: str, name: str | None = None, fmt: str = "auto") -> Row:
         return service.diff(self.store, lower, upper, name, self.holder, fmt)
@@ -366,9 +367,12 @@ class Snapshotter:
         """mergefs's commit: an upper dir, or an active snapshot kept as it is, into a layer."""
         return service.commit(self.store, upper, parent, name, self.holder, fmt)
 
-    def export(self, ref: str, output: str, fmt: str = "dir") -> None:
+    def export(self, ref: str, output: str, fmt: str = "dir", compression: str | None = "auto",
+               progress=None) -> None:
+        """``compression``: "auto" (gzip for oci, none for tar), None, "gzip", "zstd";
+        ``progress(bytes)``: tar bytes written so far."""
         from .exporter import export
-        export(self.store, ref, output, fmt)
+        export(self.store, ref, output, fmt, compression, progress)
 
     def release(self, ref: str) -> Row:
         return service.release(self.store, ref, self.holder)

@@ -17,8 +17,12 @@ from .importer import LayerCopier
 from .store import Store
 
 
-def export(store: Store, ref: str, output: str, fmt: str = "dir") -> None:
+def export(store: Store, ref: str, output: str, fmt: str = "dir", compression: str | None = "auto",
+           progress=None) -> None:
     """Write snapshot REF at ``output`` (must not exist) as ``dir``, ``tar`` or ``oci``.
+
+    ``compression`` (tar, oci): None, "gzip" or "zstd"; "auto": gzip for oci, none for tar.
+    ``progress(n)``: bytes of tar written so far (tar, oci).
 
     ``tar``: one OCI layer tar; a layer or diff as itself, a merge squashed
     into one layer (its merged view). ``oci``: an OCI image layout whose
@@ -30,11 +34,15 @@ def export(store: Store, ref: str, output: str, fmt: str = "dir") -> None:
         from mergefs import oci
         from . import meta
         oci.export_layout(service.layer_dirs(store, row), output,
-                          ref=meta.first_name(store.db, row.id) or service.short(row.id))
+                          ref=meta.first_name(store.db, row.id) or service.short(row.id),
+                          compression="gzip" if compression == "auto" else compression,
+                          progress=progress)
         return
     if fmt == "tar":
         from mergefs import oci
-        write = lambda src: oci.export_layer_tar(src, output)  # noqa: E731
+        comp = None if compression == "auto" else compression
+        write = lambda src: oci.export_layer_tar(src, output, compression=comp,  # noqa: E731
+                                                 progress=progress)
     else:
         write = lambda src: _copy_tree(src, output)  # noqa: E731
     if row.kind != SnapshotKind.MERGE:

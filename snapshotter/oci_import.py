@@ -15,6 +15,7 @@ one stay, unreferenced, for prune).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from .digest import TreeSummary, tree_digest
@@ -37,21 +38,46 @@ def import_source(store: Store, src: str, fmt: str = "auto", name: str | None = 
     if kind == "layer-dir":
         return ImportResult([import_dir(store, src, fmt, name, holder, progress)])
     if kind == "layer-tar":
-        return ImportResult([import_layer_tar(store, src, name, holder)])
-    return import_image(store, src, name, holder)
+        if progress is None:
+            return ImportResult([import_layer_tar(store, src, name, holder)])
+        with open(src, "rb") as f:
+            reader = _Counted(f, progress, 0, os.fstat(f.fileno()).st_size)
+            return ImportResult([import_layer_tar(store, reader, name, holder,
+                                                  description=f"import of {src}")])
+    return import_image(store, src, name, holder, progress)
 
 
-def import_image(store: Store, src: str, name: str | None, holder: str | None) -> ImportResult:
+class _Counted:
+    """A reader that reports ``progress(bytes read so far, total)`` (compressed bytes)."""
+
+    def __init__(self, raw, progress, base: int, total: int | None):
+        self.raw, self.progress, self.base, self.total = raw, progress, base, total
+        self.n = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.n += len(data)
+        self.progress(self.base + self.n, self.total)
+        return data
+
+
+def import_image(store: Store, src: str, name: str | None, holder: str | None,
+                 progress=None) -> ImportResult:
+    """An OCI layout or docker archive; ``progress(bytes, total)`` over its layer blobs."""
     from mergefs import oci
     from .service import merge
     with oci.open_image(src) as image:
-        rows = []
+        rows, done = [], 0
+        total = sum(d.size or 0 for d in image.layers) or None
         for desc in image.layers:
             row = store.reuse(desc.diff_id, holder) if desc.diff_id else None
             if row is None:
                 with image.open_layer(desc) as reader:
+                    if progress is not None:
+                        reader = _Counted(reader, progress, done, total)
                     row = import_layer_tar(store, reader, None, holder, desc.diff_id,
                                            f"layer of {src}")
+            done += desc.size or 0
             rows.append(row)
         tag = name or image.ref_name
     if not rows:

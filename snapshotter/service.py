@@ -82,8 +82,11 @@ class MergeResult:
 
 def merge(store: Store, refs: list[str], strategy: str = "auto", name: str | None = None,
           intent: str | None = None, holder: str | None = CLI_HOLDER, fmt: str = "auto",
-          capabilities: Capabilities | None = None, naming: Naming | None = None) -> MergeResult:
-    """Merge(refs) bottom first; the same flattened inputs give the same id, built once."""
+          capabilities: Capabilities | None = None, naming: Naming | None = None,
+          progress=None) -> MergeResult:
+    """Merge(refs) bottom first; the same flattened inputs give the same id, built once.
+
+    ``progress(entries)``: a farm build reports through it (see ``build_farm``)."""
     flat = [i for ref in refs for i in flatten(store, resolve_ref(store, ref, fmt))]
     if len(flat) == 1:              # M4: a one-input merge is that input
         store.check_name(name, flat[0])
@@ -98,7 +101,7 @@ def merge(store: Store, refs: list[str], strategy: str = "auto", name: str | Non
         if row is not None and row.strategy == Strategy.UNION and strategy != Strategy.UNION:
             upgrade = _upgrade_decision(store, row, flat, strategy, intent, capabilities)
             if upgrade is not None:
-                return MergeResult(_materialise(store, row, flat), upgrade, False)
+                return MergeResult(_materialise(store, row, flat, progress), upgrade, False)
         if row is not None:
             return MergeResult(row, Decision(row.strategy, (
                 f"reused: this merge exists as a {row.strategy} (the id names the content, "
@@ -106,7 +109,7 @@ def merge(store: Store, refs: list[str], strategy: str = "auto", name: str | Non
         decision = choose_strategy(merge_spec(store, flat, strategy),
                                    capabilities or machine_capabilities(), intent)
         return MergeResult(_build_merge(store, mid, flat, decision.strategy, holder, name,
-                                        naming), decision, False)
+                                        naming, progress), decision, False)
 
 
 def merge_spec(store: Store, flat: list[str], requested: str = "auto") -> MergeSpec:
@@ -121,13 +124,13 @@ def machine_capabilities() -> Capabilities:
 
 
 def _build_merge(store: Store, mid: str, flat: list[str], strategy: str, holder, name,
-                 naming: Naming | None = None) -> Row:
+                 naming: Naming | None = None, progress=None) -> Row:
     rows = [store.get(i) for i in flat]
     staged = store.stage("merge")
     try:
         if strategy == Strategy.FARM:
             from mergefs.farm import build_farm
-            build_farm([store.fs_of(i) for i in flat], staged.path / "fs")
+            build_farm([store.fs_of(i) for i in flat], staged.path / "fs", progress=progress)
         row = Row(id=mid, kind="merge", strategy=strategy,
                   description="merge of " + ";".join(short(i) for i in flat),
                   entries=sum(r.entries for r in rows), bytes=sum(r.bytes for r in rows))
@@ -158,13 +161,13 @@ def _upgrade_decision(store: Store, row: Row, flat: list[str], strategy: str,
                                          "farm in place (same id)",))
 
 
-def _materialise(store: Store, row: Row, flat: list[str]) -> Row:
+def _materialise(store: Store, row: Row, flat: list[str], progress=None) -> Row:
     """Turn a union merge into a farm under the same id (it stops pinning its inputs)."""
     from mergefs.farm import build_farm
     staged = store.stage("merge")
     trash = []
     try:
-        build_farm([store.fs_of(i) for i in flat], staged.path / "fs")
+        build_farm([store.fs_of(i) for i in flat], staged.path / "fs", progress=progress)
         with meta.write(store.db):
             cur = store.get(row.id)
             if cur is None or cur.state != State.COMMITTED:
@@ -265,7 +268,7 @@ def commit_dir(store: Store, upper_dir: str, parent_ids: list[str], what: str,
 
 def _commit_source(store: Store, upper: str, parent: str | None, fmt: str) -> tuple[str, list[str]]:
     parent_ids = flatten(store, resolve_ref(store, parent, fmt)) if parent else []
-    if is_path_ref(upper) or os.path.isdir(upper):
+    if is_path_ref(upper):          # by spelling only: a key never depends on the host
         if not os.path.isdir(upper):
             raise NotFound(f"upper directory {upper!r} does not exist")
         return upper, parent_ids

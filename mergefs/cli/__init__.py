@@ -14,13 +14,23 @@ import sys
 
 from ..errors import ExitCode, UsageError, categorize, message
 
-VERB_MODULES = ("core", "mount", "store")
+VERB_MODULES = ("core", "mount", "store", "views")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("mergefs")
+    except PackageNotFoundError:        # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mergefs", description="Merged container filesystem layers "
-        "(inputs are given bottom first; an argument containing '/' is a layer directory).")
+        prog="mergefs", description="Merged container filesystem layers. Inputs are given "
+        "bottom first. A layer directory is spelled as a path (/abs, ./rel, ../rel, dir:PATH); "
+        "a store ref (name, id, id prefix) has no '/'; 'a/b' is refused (write ./a/b).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("--root", help="store root (default $MERGEFS_ROOT, /var/lib/mergefs "
                         "as root, else $XDG_DATA_HOME/mergefs)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")

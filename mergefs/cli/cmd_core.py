@@ -1,7 +1,7 @@
-"""Verbs that work on layer directories without a store: merge --out, diff --out, explain.
+"""Verbs that work on layer directories without a store: merge --out, diff --out, explain -l.
 
-Without ``--out`` (or with REFs that are not directories) merge, diff and
-explain go to the store (``cmd_store``).
+Without ``--out`` merge and diff go to the store (``cmd_store``), and so does
+``explain REF``. Which argument is a directory and which a ref: ``refs``.
 """
 from __future__ import annotations
 
@@ -11,17 +11,34 @@ import os
 import sys
 
 from ..layer import FORMATS, Layer
-from . import output
+from . import output, progress, refs
+from .refs import UsageError
+
+EXPLAIN_USAGE = ("mergefs explain REF PATH...  (a store ref first, then paths in its merged "
+                 "view) or mergefs explain -l DIR [-l DIR...] PATH...  (layer directories, "
+                 "bottom first)")
 
 
-def is_layer_dir_arg(arg: str) -> bool:
-    """An argument containing '/' names a layer directory, not a store ref."""
-    return "/" in arg
+def dir_inputs(args: list[str], verb: str) -> list[str]:
+    """Layer directories for a verb without a store (``--out``); a ref is a usage error."""
+    out = []
+    for a in args:
+        c = refs.classify(a)
+        if not c.is_dir:
+            raise UsageError(f"{verb} --out takes layer directories; {a!r} is a store ref "
+                             f"(write ./{a} for a directory, or drop --out to use the store)")
+        out.append(c.value)
+    return out
 
 
 def stack_arg(arg: str, fmt: str) -> list[Layer]:
-    """LOWER/UPPER of diff: one directory, or several joined by ':' (bottom first)."""
-    return [Layer(p, fmt) for p in arg.split(":")]
+    """LOWER/UPPER of diff --out: one directory, or several joined by ':' (bottom first)."""
+    parts = refs.stack(arg, "diff")
+    for p in parts:
+        if not p.is_dir:
+            raise UsageError(f"diff --out takes layer directories; {p.value!r} is a store ref "
+                             f"(write ./{p.value} for a directory, or drop --out)")
+    return [Layer(p.value, fmt) for p in parts]
 
 
 def _jobs(value: str) -> int:
@@ -43,6 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--explain", action="store_true", help="print why the strategy was chosen")
     p.add_argument("--for", dest="intent", choices=("inspect", "rootfs", "export"), default=None)
     p.add_argument("--json", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("diff", help="Diff(LOWER, UPPER) as a layer with explicit whiteouts")
@@ -55,11 +73,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_diff)
 
     p = sub.add_parser("explain", help="which layer supplies PATH and what hid the others",
-                       description="mergefs explain PATH LAYER... (directories, bottom first) "
-                       "or mergefs explain REF PATH (store)")
-    p.add_argument("args", nargs="+", metavar="PATH LAYER...|REF PATH")
+                       usage=EXPLAIN_USAGE.replace("  (", "\n         (").replace(" or ", "\n  or "),
+                       description="Read-only: never writes to the store. REF is a store ref "
+                       "(name, id, id prefix; never a directory). Layer directories go behind "
+                       "-l, bottom first. PATHs are paths in the merged view (/etc/passwd and "
+                       "etc/passwd are the same path).")
+    p.add_argument("args", nargs="+", metavar="REF PATH...|PATH...")
+    p.add_argument("-l", "--layer", dest="layers", action="append", default=[], metavar="DIR",
+                   help="a layer directory (repeat, bottom first); then every argument is a PATH")
     p.add_argument("--format", choices=FORMATS, default="auto")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object per PATH")
     p.set_defaults(func=cmd_explain)
 
 
@@ -68,8 +91,9 @@ def cmd_merge(args) -> int:
         from .cmd_store import store_merge
         return store_merge(args)
     from ..farm import build_farm
-    stats = build_farm([Layer(r, args.format) for r in args.refs], args.out,
-                       workers=args.jobs)
+    layers = [Layer(r, args.format) for r in dir_inputs(args.refs, "merge")]
+    with progress.task(args, "building farm") as report:
+        stats = build_farm(layers, args.out, workers=args.jobs, progress=report)
     for w in stats.warnings:
         print(f"mergefs: warning: {w}", file=sys.stderr)
     if args.json:
@@ -94,14 +118,19 @@ def cmd_diff(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    rest = args.args[1:]
-    if not rest or not all(os.path.isdir(a) for a in rest):
+    if not args.layers:
+        first = args.args[0]
+        if refs.looks_like_dir(first) or len(args.args) < 2:
+            raise UsageError(f"usage: {EXPLAIN_USAGE}")
+        refs.classify(first, "REF")        # 'a/b' is a usage error too
         from .cmd_store import store_explain
         return store_explain(args)
     from ..explain import explain
     from ..resolver import Resolver
-    path = os.fsencode(args.args[0]).strip(b"/")
-    with Resolver([Layer(l, args.format) for l in rest]) as r:
-        rows = explain(r, path)
-    output.print_explanation(path, rows, rest, as_json=args.json)
+    dirs = [os.path.abspath(d[len(refs.DIR_PREFIX):] if d.startswith(refs.DIR_PREFIX) else d)
+            for d in args.layers]
+    with Resolver([Layer(d, args.format) for d in dirs]) as r:
+        for path in args.args:
+            p = os.fsencode(path).strip(b"/")
+            output.print_explanation(p, explain(r, p), dirs, as_json=args.json)
     return 0

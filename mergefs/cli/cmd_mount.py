@@ -2,8 +2,9 @@
 
 ``mergefs mount LAYER... MOUNTPOINT`` returns once the mount is live and the
 server has detached (its log goes to a file, never this terminal);
-``--foreground`` serves in this process until unmounted. A LAYER without '/'
-is a store ref, resolved by ``Snapshotter.mount_spec`` when the store exists.
+``--foreground`` serves in this process until unmounted. A LAYER spelled as a
+path (``/abs``, ``./rel``, ``dir:PATH``) is a directory, else a store ref,
+resolved by ``Snapshotter.mount_spec`` when the store exists.
 """
 from __future__ import annotations
 
@@ -14,11 +15,19 @@ import os
 from ..errors import InvalidLayer
 from ..layer import FORMATS
 from ..mountspec import MountSpec
-from .cmd_core import is_layer_dir_arg
+from . import refs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("mount", help="serve layers (bottom first) as a live union at MOUNTPOINT")
+    p = sub.add_parser(
+        "mount", help="serve layers (bottom first) as a live union at MOUNTPOINT",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve layers (bottom first) as a live union at MOUNTPOINT.\n\n"
+        "Like every FUSE mount (and fuse-overlayfs), it is nosuid,nodev by default:\n"
+        "set-uid bits are ignored and device nodes cannot be opened, so a chroot into\n"
+        "it fails at the first /dev/null. For a root filesystem you trust, ask for both:\n\n"
+        "  mergefs mount -o dev,suid rootfs /mnt/rootfs\n"
+        "  chroot /mnt/rootfs /bin/sh")
     p.add_argument("layers", nargs="+", metavar="LAYER", help="layer directories or one store ref")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--upper", help="writable: overlay-format upper directory")
@@ -34,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=FORMATS, default="auto", help="whiteout format of the layers")
     p.add_argument("--log", help="server log file (default /run/mergefs/mount-*.log)")
     p.add_argument("-o", dest="options", action="append", default=[],
-                   help="extra FUSE mount options (comma separated)")
+                   help="extra FUSE mount options (comma separated); -o dev,suid lifts the "
+                   "nosuid,nodev default")
     p.set_defaults(func=cmd_mount)
 
     p = sub.add_parser("install-mount-helper",
@@ -51,19 +61,21 @@ def mount_spec(args) -> MountSpec:
     if (args.upper is None) != (args.work is None):
         raise InvalidLayer("--upper and --work go together")
     options = tuple(o for opts in args.options for o in opts.split(",") if o)
-    if all(is_layer_dir_arg(a) for a in args.layers):
+    layers = [refs.classify(a) for a in args.layers]
+    if all(a.is_dir for a in layers):
         if args.rw:
             raise InvalidLayer("--rw is for store refs; give --upper and --work for directories")
-        return MountSpec(tuple(os.path.abspath(a) for a in args.layers),
+        return MountSpec(tuple(a.value for a in layers),
                          _abs(args.upper), _abs(args.work), args.allow_other, options,
                          **_extras(args))
-    if len(args.layers) != 1:
-        raise InvalidLayer("give either layer directories (with '/') or one store ref")
+    if len(layers) != 1:
+        raise refs.UsageError("give either layer directories (/abs, ./rel or dir:PATH) "
+                              "or one store ref")
     try:
         snapshotter = importlib.import_module("snapshotter")
         Snapshotter = snapshotter.Snapshotter
     except (ModuleNotFoundError, AttributeError):
-        raise InvalidLayer(f"{args.layers[0]!r} is not a directory (no '/') and this "
+        raise InvalidLayer(f"{args.layers[0]!r} is a store ref (not spelled as a path) and this "
                            "installation has no store to resolve refs") from None
     # --upper/--work put a private upper over the ref; --rw keeps the upper in the store
     with Snapshotter(args.root) as sn:

@@ -2,8 +2,9 @@
 
 Also the store forms of merge, diff and explain (``store_merge``,
 ``store_diff``, ``store_explain``), called by ``cmd_core`` when no ``--out``
-is given. A REF is a name, an id, a unique id prefix, or a layer directory
-(an argument containing '/', imported implicitly). The store root is
+is given. A REF is a name, an id or a unique id prefix; a layer directory is
+spelled as a path (``refs``) and imported implicitly only by merge, diff and
+commit (as the README says); explain, inspect, export and release never import. The store root is
 ``--root``, else ``$MERGEFS_ROOT``, else /var/lib/mergefs (root) or
 $XDG_DATA_HOME/mergefs.
 """
@@ -15,7 +16,17 @@ import os
 import sys
 
 from ..layer import FORMATS
-from . import output
+from . import output, progress, refs
+
+
+def _existing_store(args):
+    """The store for a verb that only reads it: a missing store is not created."""
+    from snapshotter.store import default_root
+    from ..errors import NotFound
+    root = default_root(getattr(args, "root", None))
+    if not os.path.exists(os.path.join(root, "meta.db")):
+        raise NotFound(f"no store at {root} (nothing has been imported there)")
+    return _store(args)
 
 
 def _store(args, reconcile: bool = True):
@@ -34,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name")
     p.add_argument("--format", choices=FORMATS, default="auto", help="whiteout format of a dir")
     p.add_argument("--json", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("commit", help="turn an overlay-format upper dir (or an active "
@@ -80,14 +92,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("ref", metavar="REF")
     p.add_argument("-o", "--output", required=True, metavar="PATH")
     p.add_argument("--format", choices=("dir", "tar", "oci"), default="dir")
+    p.add_argument("--compression", choices=("gzip", "zstd", "none"), default=None,
+                   help="layer compression for tar and oci (oci default: gzip, on every core; "
+                   "zstd: application/vnd.oci.image.layer.v1.tar+zstd; tar default: none)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_export)
 
 
 # -- merge / diff / explain (store forms) ----------------------------------------------
 def store_merge(args) -> int:
-    with _store(args) as sn:
-        res = sn.merge(args.refs, strategy=args.strategy, name=args.name, intent=args.intent,
-                       fmt=args.format)
+    inputs = [refs.store_arg(r) for r in args.refs]
+    with _store(args) as sn, progress.task(args, "building farm") as report:
+        res = sn.merge(inputs, strategy=args.strategy, name=args.name, intent=args.intent,
+                       fmt=args.format, progress=report)
     if args.json:
         print(json.dumps({"id": res.row.id, "strategy": res.decision.strategy,
                           "reused": res.reused, "reasons": list(res.decision.reasons)}))
@@ -102,20 +119,23 @@ def store_merge(args) -> int:
 
 def store_diff(args) -> int:
     with _store(args) as sn:
-        row = sn.diff(args.lower, args.upper, name=args.name, fmt=args.format)
+        row = sn.diff(_stack(args.lower), _stack(args.upper), name=args.name, fmt=args.format)
     print(json.dumps({"id": row.id}) if args.json else row.id)
     return 0
 
 
+def _stack(arg: str) -> str:
+    """diff's LOWER/UPPER for the store: directories made absolute (imported), refs as given."""
+    return ":".join(a.value for a in refs.stack(arg, "diff"))
+
+
 def store_explain(args) -> int:
+    """explain REF PATH...: reads the store, never writes to it (a directory is no REF)."""
     from snapshotter.service import short
     from ..explain import explain
     from ..resolver import Resolver
-    if len(args.args) != 2:
-        from ..errors import InvalidLayer
-        raise InvalidLayer("usage: mergefs explain REF PATH (or PATH LAYERDIR...)")
-    ref, path = args.args
-    with _store(args) as sn:
+    ref, paths = refs.ref_only(args.args[0], "explain"), args.args[1:]
+    with _existing_store(args) as sn:
         row = sn.resolve(ref, args.format)
         ids = sn.layers(row)
         dirs = [sn.layer_dir(i) for i in ids]
@@ -124,20 +144,23 @@ def store_explain(args) -> int:
             ids, dirs = [row.id], [sn.layer_dir(row.id)]
             print(f"mergefs: note: inputs of {short(row.id)} were pruned; explaining "
                   "the farm as one layer", file=sys.stderr)
-    p = os.fsencode(path).strip(b"/")
     with Resolver(dirs) as r:
-        rows = explain(r, p)
-    output.print_explanation(p, rows, [short(i) for i in ids], as_json=args.json)
+        for path in paths:
+            p = os.fsencode(path).strip(b"/")
+            output.print_explanation(p, explain(r, p), [short(i) for i in ids], as_json=args.json)
     return 0
 
 
 # -- store verbs ------------------------------------------------------------------
 def cmd_import(args) -> int:
+    from .. import oci
+    from ..errors import NotFound
+    if not os.path.lexists(args.src):
+        raise NotFound(f"{args.src!r} does not exist")
+    unit = "entries" if oci.detect_source(args.src) == "layer-dir" else "bytes"
     with _store(args) as sn:
-        res = sn.import_(args.src, fmt=args.format, name=args.name,
-                         progress=output.progress("copied") if sys.stderr.isatty() else None)
-        if sys.stderr.isatty():
-            print(file=sys.stderr)
+        with progress.task(args, "importing", unit) as report:
+            res = sn.import_(args.src, fmt=args.format, name=args.name, progress=report)
         out = {"layers": [sn.describe(r) for r in res.layers],
                "image": sn.describe(res.image) if res.image else None} if args.json else None
     if args.json:
@@ -150,7 +173,9 @@ def cmd_import(args) -> int:
 
 def cmd_commit(args) -> int:
     with _store(args) as sn:
-        row = sn.commit_upper(args.upper, parent=args.parent, name=args.name)
+        row = sn.commit_upper(refs.store_arg(args.upper, "UPPERDIR|KEY"),
+                              parent=args.parent and refs.store_arg(args.parent, "--parent"),
+                              name=args.name)
     print(json.dumps({"id": row.id}) if args.json else row.id)
     return 0
 
@@ -158,7 +183,7 @@ def cmd_commit(args) -> int:
 def cmd_release(args) -> int:
     with _store(args) as sn:
         for ref in args.refs:
-            print(sn.release(ref).id)
+            print(sn.release(refs.ref_only(ref, "release")).id)
     return 0
 
 
@@ -207,8 +232,9 @@ def cmd_ls(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    with _store(args) as sn:
-        d = sn.inspect(args.ref)           # also a corrupt one: inspecting it is the point
+    ref = refs.ref_only(args.ref, "inspect")
+    with _existing_store(args) as sn:
+        d = sn.inspect(ref)                # also a corrupt one: inspecting it is the point
     if args.json:
         print(json.dumps(d))
     else:
@@ -232,7 +258,12 @@ def cmd_fsck(args) -> int:
 
 
 def cmd_export(args) -> int:
-    with _store(args) as sn:
-        sn.export(args.ref, args.output, args.format)
+    from ..errors import InvalidLayer
+    if args.compression and args.format == "dir":
+        raise InvalidLayer("--compression is for --format tar or oci")
+    compression = {None: "auto", "none": None}.get(args.compression, args.compression)
+    ref = refs.ref_only(args.ref, "export")
+    with _existing_store(args) as sn, progress.task(args, "exporting", "bytes") as report:
+        sn.export(ref, args.output, args.format, compression, report)
     print(args.output)
     return 0

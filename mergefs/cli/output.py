@@ -1,18 +1,9 @@
-"""What the CLI prints: sizes, ages, progress, explanations, du records (one module)."""
+"""What the CLI prints: sizes, ages, explanations, du records (progress: ``progress``)."""
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
-
-
-def progress(what: str):
-    """A callback printing a running count on stderr (only used when it is a terminal)."""
-    def show(n: int) -> None:
-        if n % 1000 == 0:
-            print(f"\rmergefs: {what} {n} entries", end="", file=sys.stderr, flush=True)
-    return show
 
 
 def human(n: int) -> str:

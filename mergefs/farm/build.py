@@ -71,12 +71,15 @@ def pick_parallel(layers: Sequence[Layer], dst_fd: int, parallel: str) -> str:
 
 
 def build_farm(layers: Sequence[Layer | str | os.PathLike], out: str | os.PathLike,
-               workers: int | None = None, parallel: str = "auto") -> FarmStats:
+               workers: int | None = None, parallel: str = "auto", progress=None) -> FarmStats:
     """Materialise Merge(layers) (bottom first) as a hardlink farm at ``out``.
 
     ``workers`` > 1 builds it with that many forked processes or threads
     (``parallel``: auto, process, thread; see ``mergefs.farm.schedule``);
     1 runs the sequential plan, in name order; None: ``DEFAULT_WORKERS``.
+    ``progress(entries)``, if given, is called from time to time with the
+    number of entries (directories and links) built so far; the caller's
+    thread calls it, except in threads mode (a worker thread, under a lock).
     """
     if parallel not in PARALLEL:
         raise ValueError(f"unknown parallel mode {parallel!r}; use one of {PARALLEL}")
@@ -84,12 +87,14 @@ def build_farm(layers: Sequence[Layer | str | os.PathLike], out: str | os.PathLi
 
     def build(fd: int) -> FarmStats:
         if workers is not None and workers <= 1:
-            return Applier(layers, fd).run(plan_merge(layers))
+            records = plan_merge(layers)
+            return Applier(layers, fd).run(records if progress is None
+                                           else _counted(records, progress))
         mode = pick_parallel(layers, fd, parallel)
         n = DEFAULT_WORKERS[mode] if workers is None else workers
         if mode == "process":
-            return run_processes(layers, fd, n)
-        return run_threads(layers, fd, n)
+            return run_processes(layers, fd, n, progress)
+        return run_threads(layers, fd, n, progress=progress)
 
     try:
         for layer in layers:
@@ -98,3 +103,13 @@ def build_farm(layers: Sequence[Layer | str | os.PathLike], out: str | os.PathLi
     finally:
         for layer in layers:
             layer.close()
+
+
+def _counted(records, progress, every: int = 1024):
+    """``records`` unchanged; ``progress(n)`` after every ``every`` of them."""
+    n = 0
+    for n, rec in enumerate(records, 1):
+        yield rec
+        if n % every == 0:
+            progress(n)
+    progress(n)

@@ -89,7 +89,8 @@ def finish(layers: Sequence[Layer], dst_fd: int, deferred: list, late: list,
 
 # -- threads ----------------------------------------------------------------------
 def run_threads(layers: Sequence[Layer], dst_fd: int, workers: int,
-                todo: list[Item] | None = None, copies: dict | None = None) -> FarmStats:
+                todo: list[Item] | None = None, copies: dict | None = None,
+                progress=None, base: int = 0) -> FarmStats:
     """Build Merge(layers) into ``dst_fd`` with ``workers`` threads (or, given
     ``todo``, the directories on that stack and everything below them; the
     copies they make are recorded in ``copies``)."""
@@ -119,6 +120,8 @@ def run_threads(layers: Sequence[Layer], dst_fd: int, workers: int,
             with cond:
                 todo.extend(reversed(more))
                 state["active"] -= 1
+                if progress is not None:
+                    progress(base + sum(a.stats.links + a.stats.dirs for a in appliers))
                 cond.notify_all()
 
     threads = [threading.Thread(target=worker, args=(a,), name=f"farm-{i}")
@@ -143,6 +146,7 @@ SPLIT_MIN = 1024
 
 # slots of the shared counters (guarded by the condition's lock)
 NEXT, DONATED, ACTIVE, HUNGRY, FAILED = range(5)
+PROGRESS_EVERY = 0.1      # seconds between progress reports while workers run
 
 
 class WorkerDied(RuntimeError):
@@ -159,10 +163,11 @@ class _Pool:
     """The work shared by forked workers: a list fixed before the fork, read
     through a shared counter, plus directories handed over through a pipe."""
 
-    def __init__(self, ctx, initial: list[Item]):
+    def __init__(self, ctx, initial: list[Item], workers: int):
         self.initial = initial
         self.cond = ctx.Condition()
         self.n = ctx.RawArray("q", 5)
+        self.built = ctx.RawArray("q", workers)     # entries per worker, for progress only
         self.rfd, self.wfd = os.pipe()
 
     def close(self) -> None:
@@ -231,7 +236,8 @@ class _Pool:
         return out
 
 
-def _work(layers: Sequence[Layer], dst_fd: int, pool: _Pool, conn, parent: int) -> None:
+def _work(layers: Sequence[Layer], dst_fd: int, pool: _Pool, conn, parent: int,
+          slot: int) -> None:
     """A worker process: build directories until the pool is empty, then report."""
     syscalls.die_with_parent(parent)     # a killed caller takes its workers along
     pool.join()
@@ -246,6 +252,7 @@ def _work(layers: Sequence[Layer], dst_fd: int, pool: _Pool, conn, parent: int) 
                     break
                 stack.append(item)
             stack.extend(reversed(dir_step(layers, applier, stack.pop(), late)))
+            pool.built[slot] = applier.stats.links + applier.stats.dirs   # this worker's own slot
             pool.share(stack)
         report = ("ok", applier.stats, applier.deferred, late)
     except BaseException as e:
@@ -257,7 +264,8 @@ def _work(layers: Sequence[Layer], dst_fd: int, pool: _Pool, conn, parent: int) 
         conn.send(("error", RuntimeError(f"farm worker failed: {report[1]!r} ({e})")))
 
 
-def run_processes(layers: Sequence[Layer], dst_fd: int, workers: int) -> FarmStats:
+def run_processes(layers: Sequence[Layer], dst_fd: int, workers: int,
+                  progress=None) -> FarmStats:
     """Build Merge(layers) into ``dst_fd`` with ``workers`` forked processes.
 
     Only call from a single-threaded process: a fork copies only the calling
@@ -270,32 +278,38 @@ def run_processes(layers: Sequence[Layer], dst_fd: int, workers: int) -> FarmSta
         stack.extend(reversed(dir_step(layers, applier, stack.pop(), late)))
     parts = [applier.stats]
     deferred, copies = applier.deferred, {}
+    base = applier.stats.links + applier.stats.dirs
     if stack:
         try:
             for _, stats, their_deferred, their_late in _run_pool(
-                    layers, dst_fd, stack[::-1], workers):          # shallowest first
+                    layers, dst_fd, stack[::-1], workers,            # shallowest first
+                    progress and (lambda n: progress(base + n))):
                 parts.append(stats)
                 deferred += their_deferred
                 late += their_late
         except PoolUnavailable:              # raised before any worker ran
-            parts.append(run_threads(layers, dst_fd, workers, stack, copies))
+            parts.append(run_threads(layers, dst_fd, workers, stack, copies, progress, base))
     parts.append(finish(layers, dst_fd, deferred, late, copies))
     return merge_stats(parts)
 
 
-def _run_pool(layers, dst_fd: int, initial: list[Item], workers: int) -> list[tuple]:
-    """Run ``workers`` processes over ``initial``; their reports, or the first error."""
+def _run_pool(layers, dst_fd: int, initial: list[Item], workers: int,
+              progress=None) -> list[tuple]:
+    """Run ``workers`` processes over ``initial``; their reports, or the first error.
+
+    With ``progress``, the caller wakes every ``PROGRESS_EVERY`` s to report
+    the entries the workers have built (each writes its own counter)."""
     import multiprocessing.connection    # here: a merge that never forks skips its import
     ctx = multiprocessing.get_context("fork")
     try:
-        pool = _Pool(ctx, initial)
+        pool = _Pool(ctx, initial, workers)
     except OSError as e:
         raise PoolUnavailable(e) from e
     procs, conns = [], {}
     try:
         for i in range(workers):
             recv, send = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_work, args=(layers, dst_fd, pool, send, os.getpid()),
+            p = ctx.Process(target=_work, args=(layers, dst_fd, pool, send, os.getpid(), i),
                             name=f"mergefs-farm-{i}", daemon=True)
             try:
                 p.start()
@@ -311,7 +325,11 @@ def _run_pool(layers, dst_fd: int, initial: list[Item], workers: int) -> list[tu
         reports, error = [], None
         waiting = dict(conns)
         while waiting:
-            for conn in multiprocessing.connection.wait(list(waiting)):
+            ready = multiprocessing.connection.wait(
+                list(waiting), None if progress is None else PROGRESS_EVERY)
+            if progress is not None:
+                progress(sum(pool.built))
+            for conn in ready:
                 p = waiting.pop(conn)
                 try:
                     report = conn.recv()

@@ -1,7 +1,8 @@
 """Export: layer directories to OCI layer tars, and OCI image layouts.
 
 The tar is deterministic: the same layer gives the same bytes (so the same
-diffID and digest) on any machine with the same zlib/zstd. Entries in
+diffID and digest) on any machine with the same zlib/zstd, whatever its
+number of cores (``_compress``). Entries in
 depth-first order, within a directory whiteouts first then names sorted as
 bytes; numeric owners without names; pax records for nanosecond mtimes, long
 names and xattrs (overlay-private ones are format and are translated, not
@@ -22,7 +23,6 @@ import json
 import os
 import stat
 import uuid
-import zlib
 from dataclasses import dataclass
 from typing import BinaryIO, Sequence
 
@@ -30,7 +30,7 @@ from .. import syscalls
 from ..errors import AlreadyExists, NotFound
 from ..layer import DIR, Layer, as_layers, content_xattrs, read_layer_dir
 from ..resolver import Resolver
-from . import _tar
+from . import _compress, _tar
 from ._image import INDEX, MANIFEST, REF_NAME, _ARCH
 
 CHUNK = 1 << 20
@@ -49,23 +49,25 @@ class LayerBlob:
     size: int
     diff_id: str        # sha256 of the uncompressed tar
     entries: int
+    uncompressed_size: int = 0
 
 
 class _BlobSink:
     """Hashes the uncompressed tar (diffID), compresses, hashes and writes the blob."""
 
-    def __init__(self, out: BinaryIO, compression: str | None):
+    def __init__(self, out: BinaryIO, compression: str | None, progress=None):
         if compression not in MEDIA_TYPES:
             raise ValueError(f"compression must be one of {sorted(map(str, MEDIA_TYPES))}")
         self.out = out
         self.diff = hashlib.sha256()
         self.blob = hashlib.sha256()
         self.size = 0
+        self.done = 0                       # uncompressed bytes so far, for ``progress``
+        self.progress = progress
         if compression == "gzip":
-            self.comp = zlib.compressobj(6, zlib.DEFLATED, 31)   # gzip, mtime 0: deterministic
+            self.comp = _compress.ParallelGzip()
         elif compression == "zstd":
-            import zstandard
-            self.comp = zstandard.ZstdCompressor(level=3).compressobj()
+            self.comp = _compress.zstd_compressobj()
         else:
             self.comp = None
         self._pending: list[bytes] = []
@@ -81,9 +83,12 @@ class _BlobSink:
         data = b"".join(self._pending)
         self._pending, self._pending_len = [], 0
         self.diff.update(data)
+        self.done += len(data)
         if self.comp is not None:
             data = self.comp.compress(data)
         self._emit(data)
+        if self.progress is not None:
+            self.progress(self.done)
 
     def _emit(self, data: bytes) -> None:
         if data:
@@ -95,6 +100,10 @@ class _BlobSink:
         self._flush()
         if self.comp is not None:
             self._emit(self.comp.flush())
+
+    def abort(self) -> None:
+        if isinstance(self.comp, _compress.ParallelGzip):
+            self.comp.abort()
 
 
 class _LayerTarWriter:
@@ -203,27 +212,31 @@ class _LayerTarWriter:
 
 
 def write_layer_tar(layer, out: BinaryIO, *, lower: Sequence | None = None,
-                    compression: str | None = None) -> LayerBlob:
+                    compression: str | None = None, progress=None) -> LayerBlob:
     """Write ``layer`` (a directory, either whiteout format) as an OCI layer tar to ``out``.
 
     ``lower`` (bottom first) are the layers it goes on top of; given (``[]``
     for a bottom layer), deletions are written as explicit whiteouts (D4) and
     whiteouts with nothing below are left out. ``None``: the lower layers are
     unknown; whiteouts are kept and opaque dirs become ``.wh..wh..opq``.
+    ``progress(n)`` is called with the uncompressed bytes written so far.
     """
     layer = layer if isinstance(layer, Layer) else Layer(layer)
-    sink = _BlobSink(out, compression)
+    sink = _BlobSink(out, compression, progress)
     resolver = Resolver(as_layers(lower)) if lower else None
     try:
         writer = _LayerTarWriter(layer, sink, resolver, lower is not None)
         writer.run()
         sink.close()
+    except BaseException:
+        sink.abort()                 # stop the compressor's threads
+        raise
     finally:
         layer.close()
         if resolver is not None:
             resolver.close()
     return LayerBlob(MEDIA_TYPES[compression], "sha256:" + sink.blob.hexdigest(), sink.size,
-                     "sha256:" + sink.diff.hexdigest(), writer.entries)
+                     "sha256:" + sink.diff.hexdigest(), writer.entries, sink.done)
 
 
 def _staging_for(out: str) -> str:
@@ -244,13 +257,14 @@ def _publish(staging: str, out: str) -> None:
 
 
 def export_layer_tar(layer, out, *, lower: Sequence | None = None,
-                     compression: str | None = None) -> LayerBlob:
+                     compression: str | None = None, progress=None) -> LayerBlob:
     """Write ``layer`` as a layer tar file at ``out`` (must not exist; staged, then renamed)."""
     out = os.fsdecode(out)
     staging = _staging_for(out)
     try:
         with open(staging, "xb") as f:
-            blob = write_layer_tar(layer, f, lower=lower, compression=compression)
+            blob = write_layer_tar(layer, f, lower=lower, compression=compression,
+                                   progress=progress)
         _publish(staging, out)
     except BaseException:
         if os.path.lexists(staging):
@@ -278,25 +292,31 @@ def _put_blob(blobs: str, data: bytes) -> dict:
     return {"digest": "sha256:" + digest, "size": len(data)}
 
 
-def _write_layers(blobs: str, layers: list[Layer], compression: str | None) -> list[LayerBlob]:
-    out = []
+def _write_layers(blobs: str, layers: list[Layer], compression: str | None,
+                  progress=None) -> list[LayerBlob]:
+    out, done = [], 0
     for i, layer in enumerate(layers):
         tmp = os.path.join(blobs, f".layer-{i}.tmp")
+        report = None if progress is None else (lambda n, base=done: progress(base + n))
         with open(tmp, "xb") as f:
-            blob = write_layer_tar(layer, f, lower=layers[:i], compression=compression)
+            blob = write_layer_tar(layer, f, lower=layers[:i], compression=compression,
+                                   progress=report)
+        done += blob.uncompressed_size
         os.replace(tmp, os.path.join(blobs, blob.digest.split(":", 1)[1]))
         out.append(blob)
     return out
 
 
 def export_layout(layers: Sequence, out, *, ref: str = "latest", compression: str | None = "gzip",
-                  config: dict | None = None) -> ExportedImage:
+                  config: dict | None = None, progress=None) -> ExportedImage:
     """Write an OCI image layout at ``out`` (must not exist) holding one image.
 
     ``layers`` are directories bottom first; each is written with explicit
     whiteouts against the ones below it. ``config`` adds fields to the image
     config (e.g. ``{"config": {"Cmd": [...]}}``); ``rootfs`` is always ours.
     ``ref`` becomes ``org.opencontainers.image.ref.name`` in ``index.json``.
+    ``compression``: "gzip" (every core, see ``_compress``), "zstd" or None.
+    ``progress(n)``: uncompressed bytes written so far, over all layers.
     """
     out = os.fsdecode(out)
     layers = as_layers(layers)
@@ -304,7 +324,7 @@ def export_layout(layers: Sequence, out, *, ref: str = "latest", compression: st
     try:
         blobs = os.path.join(staging, "blobs", "sha256")
         os.makedirs(blobs)
-        written = _write_layers(blobs, layers, compression)
+        written = _write_layers(blobs, layers, compression, progress)
         cfg = {"architecture": _ARCH.get(os.uname().machine, os.uname().machine), "os": "linux",
                "config": {}, **(config or {}),
                "rootfs": {"type": "layers", "diff_ids": [b.diff_id for b in written]}}

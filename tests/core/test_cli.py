@@ -95,14 +95,15 @@ def test_diff_accepts_stacks_joined_by_colons(tmp_path):
 @needs_root
 def test_explain_names_the_supplier_and_what_hid_the_rest(tmp_path):
     layers = materialise_stack(STACK, tmp_path, "oci")
-    out = mergefs("explain", "/etc/motd", *layers, check=0).stdout
+    ls = [x for layer in layers for x in ("-l", layer)]
+    out = mergefs("explain", "/etc/motd", *ls, check=0).stdout
     assert "not in the merged view" in out and "deleted by a whiteout of etc/motd in layer 1" in out
-    out = json.loads(mergefs("explain", "--json", "srv", *layers, check=0).stdout)
+    out = json.loads(mergefs("explain", "--json", "srv", *ls, check=0).stdout)
     assert out["supplied_by"] == 1
     assert out["layers"][1] == {"layer": 0, "source": str(layers[0]), "holds": "file",
                                 "status": "hidden",
                                 "reason": "replaced by a directory in layer 1 (type change)"}
-    out = mergefs("explain", "d/x", *layers, check=0).stdout
+    out = mergefs("explain", "d/x", *ls, check=0).stdout
     assert "hidden by opaque directory d in layer 1" in out
 
 

@@ -1,0 +1,89 @@
+"""What views over the same lowers share: merged listings and lstats of lower entries.
+
+A ``LowerCache`` belongs to one lower stack (the same layer paths, bottom
+first, and whiteout format). The union classes keep a listing per directory
+inode and an lstat per inode; views over one image would each hold their own
+copy of the same data. ``shared_view`` builds a ``UnionView`` or
+``WritableView`` whose listings of directories no upper has touched, and whose
+lstats of entries supplied by a lower layer, come from the stack's cache
+(layers are immutable, so they never change). A writable view copies a shared
+listing before it changes it (``_set_child``), so a change stays its own.
+"""
+from __future__ import annotations
+
+from sortedcontainers import SortedDict
+
+from ..layer import Layer
+from ..mountspec import MountSpec
+from ..resolver import merge_listing
+from .view import UnionView
+from .writable import WritableView
+
+
+class SharedListing(SortedDict):
+    """A merged listing shared by views: never changed in place."""
+
+
+class LowerCache:
+    def __init__(self):
+        self.listings: dict[tuple, SharedListing] = {}
+        self.stats: dict[tuple[int, int], object] = {}
+        self.users = 0
+
+    def stat_for(self, node, st):
+        """The one lstat object kept for a lower entry (``st`` if it is the first)."""
+        return self.stats.setdefault((node.top, node.inos[0]), st)
+
+
+class _Sharing:
+    """Mixin over UnionView/WritableView (``self.cache``; ``self.up`` or None)."""
+
+    cache: LowerCache
+    up: int | None = None
+
+    def _lower_only(self, node) -> bool:
+        return self.up is None or self.up not in node.layers
+
+    def listing(self, inode):
+        if inode.children is None and inode.is_dir and self._lower_only(inode.node):
+            key = (inode.node.layers, inode.node.inos)
+            shared = self.cache.listings.get(key)
+            if shared is None:
+                path = inode.path
+                shared = self.cache.listings[key] = SharedListing(merge_listing(
+                    (i, self.resolver.layer_dir(i, path)) for i in inode.node.layers))
+            inode.children = shared
+        return super().listing(inode)
+
+    def attr(self, inode):
+        if inode.attr is None and (self.up is None or inode.node.top != self.up):
+            key = (inode.node.top, inode.node.inos[0])
+            st = self.cache.stats.get(key)
+            if st is None:
+                st = self.cache.stats[key] = self.resolver.lstat_in(inode.node.top, inode.path)
+            inode.attr = st
+        return super().attr(inode)
+
+    def _set_child(self, parent, name, node):
+        if type(parent.children) is SharedListing:
+            parent.children = SortedDict(parent.children)
+        super()._set_child(parent, name, node)
+
+
+class SharedUnionView(_Sharing, UnionView):
+    def __init__(self, layers, cache: LowerCache):
+        self.cache = cache
+        super().__init__(layers)
+
+
+class SharedWritableView(_Sharing, WritableView):
+    def __init__(self, lowers, upper, work, cache: LowerCache):
+        self.cache = cache
+        super().__init__(lowers, upper, work)
+
+
+def shared_view(spec: MountSpec, fmt: str, cache: LowerCache) -> UnionView:
+    lowers = [Layer(p, fmt) for p in spec.lowers]
+    if spec.upper is None:
+        return SharedUnionView(lowers, cache)
+    return SharedWritableView(lowers, spec.upper, spec.work, cache)

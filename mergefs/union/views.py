@@ -1,0 +1,587 @@
+"""Many views in one FUSE mount: each top-level directory is a merged view.
+
+One pyfuse3 mount (pyfuse3 serves one per process) whose root lists views by
+name; each view is a ``MountSpec`` served by its own ``UnionView`` or
+``WritableView`` and ``UnionOperations`` (the resolver, inode table, copy-up
+and error translation are reused as they are; views over the same lowers
+share merged listings and lstats, ``lowercache``). This module maps numbers:
+
+- A *gid* is a FUSE inode number of this mount; a view's own inode table
+  keeps *local* numbers. Directories, the view roots and everything a
+  writable view changed get a private gid per (view, local number).
+- A non-directory that a view shows unchanged from a lower layer gets the gid
+  of its lower file, keyed by that file's ``(st_dev, st_ino)``: the same gid in
+  every view that shows it, so the kernel keeps one inode and one copy of its
+  pages (files open with ``keep_cache``) for N containers of one image. No
+  view keeps anything for it: the gid is served from one source inode (in
+  the first view that showed it, found again by path in another view of the
+  same lowers when that view is removed), so N views of an image cost the
+  server about what one does.
+- A write to a shared gid (open for writing, setattr, setxattr, removexattr,
+  link) cannot tell which view it came from. The file's key is then marked
+  private for writable views and the request answered ESTALE; the kernel
+  retries a path-based call once with a revalidating lookup, which now hands
+  the writable view a private gid, and the call proceeds there (copy-up in
+  that view only). Known limit: an fd-based change (``fchmod`` on a file open
+  read-only) of a shared file gets ESTALE; a write attempted in a read-only
+  view that shares the file with a writable one gets ESTALE, not EROFS
+  (bind read-only views ``ro`` and the kernel answers EROFS first).
+
+Views are added and removed at run time. A removed view's name is never
+reused for another view in the life of the mount: the kernel may still hold
+a dentry for it. ``remove_view`` refuses while a mount (a container's bind,
+or anything mounted below the view) still uses the view, since dropping the
+view's dentry detaches every mount below it.
+
+Every method here runs in the mount's trio thread; ``ViewMount`` (mountctl)
+runs the mount in a thread and calls them from any other thread.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+
+import pyfuse3
+from pyfuse3 import FUSEError
+
+from ..errors import AlreadyExists, FailedPrecondition, NotFound
+from .. import syscalls
+from ..layer import DIR, is_overlay_private
+from ..resolver import join
+from ..mountspec import MountSpec
+from .errors import fuse_errors
+from .inodes import ROOT_INODE, Inode
+from .lowercache import LowerCache
+from .ops import WRITE_FLAGS, entry_attributes
+from .viewstate import Shared, View, copy_entry, detached, mounts_using
+
+log = logging.getLogger("mergefs.union")
+
+
+class ViewFS(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, mountpoint: str, fmt: str = "auto"):
+        super().__init__()
+        self.mountpoint = os.path.abspath(mountpoint)
+        self.fmt = fmt
+        self.views: dict[str, View] = {}          # live, by name
+        self.by_vid: dict[int, View] = {}         # live and removed-but-busy
+        self.retired: set[str] = set()
+        self._targets: dict[int, object] = {}     # gid -> (View, local) | Shared
+        self._shared: dict[tuple[int, int], int] = {}
+        self._private_keys: set[tuple[int, int]] = set()
+        self._handles: dict[int, tuple[View | None, int]] = {}
+        self._direct: dict[int, int] = {}             # fh -> fd: shared files open for reading
+        self._next_gid = ROOT_INODE + 1
+        self._next_fh = 1
+        self._next_vid = 1
+        self.root_mtime_ns = time.time_ns()
+        self._root_listings: dict[int, list[str]] = {}
+        self._caches: dict[tuple, LowerCache] = {}         # per lower stack
+
+    # -- the control API (trio thread) ---------------------------------------
+    def add_view(self, name: str, spec: MountSpec) -> str:
+        """Serve ``spec`` as the directory ``name``; return its path."""
+        if not name or "/" in name or name in (".", "..") or "\0" in name:
+            raise ValueError(f"invalid view name {name!r}")
+        if name in self.views or name in self.retired:
+            raise AlreadyExists(f"view {name!r} exists or existed in this mount")
+        gid = self._new_gid()
+        key = (tuple(os.path.realpath(p) for p in spec.lowers), self.fmt)
+        cache = self._caches.setdefault(key, LowerCache())
+        view = View(self._next_vid, name, spec, self.fmt, gid, cache)
+        cache.users += 1
+        self._next_vid += 1
+        self._targets[gid] = (view, ROOT_INODE)
+        self.views[name] = view
+        self.by_vid[view.vid] = view
+        self.root_mtime_ns = time.time_ns()
+        log.info("view %s added (%d lowers, %s)", name, len(spec.lowers),
+                 "writable" if view.writable else "read-only")
+        return os.path.join(self.mountpoint, name)
+
+    def remove_view(self, name: str, force: bool = False) -> None:
+        """Take the view away; refused while a mount uses it (unless ``force``)."""
+        view = self.views.get(name)
+        if view is None:
+            raise NotFound(f"no view {name!r}")
+        users = self.view_mounts(name)
+        if users and not force:
+            raise FailedPrecondition(f"view {name!r} is still mounted at {', '.join(users)}")
+        del self.views[name]
+        self.retired.add(name)
+        view.removed = True
+        self.root_mtime_ns = time.time_ns()
+        for gid in view.private.values():
+            self._targets.pop(gid, None)
+        if view.handles == 0:
+            self._close_view(view)
+        pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, os.fsencode(name), ignore_enoent=True)
+        log.info("view %s removed", name)
+
+    def list_views(self) -> list[dict]:
+        return [{"name": v.name, "path": os.path.join(self.mountpoint, v.name),
+                 "lowers": list(v.spec.lowers), "upper": v.spec.upper, "work": v.spec.work,
+                 "writable": v.writable, "mounts": self.view_mounts(v.name)}
+                for v in sorted(self.views.values(), key=lambda v: v.name)]
+
+    def view_mounts(self, name: str) -> list[str]:
+        """Mount points that use the view: binds of it or below it, mounts inside it."""
+        return mounts_using(self.mountpoint, name)
+
+    def _close_view(self, view: View) -> None:
+        self.by_vid.pop(view.vid, None)
+        view.close()
+        view.cache.users -= 1
+        if view.cache.users == 0:
+            self._caches = {k: c for k, c in self._caches.items() if c is not view.cache}
+
+    def close(self) -> None:
+        for view in list(self.by_vid.values()):
+            view.close()
+        self.by_vid.clear()
+        self.views.clear()
+
+    # -- numbers ---------------------------------------------------------------
+    def _new_gid(self) -> int:
+        gid = self._next_gid
+        self._next_gid += 1
+        return gid
+
+    def _gid(self, view: View, number: int) -> int:
+        """The private gid of a view's local inode (directories, changed entries)."""
+        gid = view.private.get(number)
+        if gid is None:
+            gid = view.private[number] = self._new_gid()
+            self._targets[gid] = (view, number)
+        return gid
+
+    def _shareable(self, view: View, node, st) -> bool:
+        return view.shows_lower(node) and not (
+            view.writable and (st.st_dev, st.st_ino) in self._private_keys)
+
+    def _lower_stat(self, view: View, parent: Inode, name: bytes, node) -> os.stat_result:
+        st = view.cache.stats.get((node.top, node.inos[0]))
+        if st is None:
+            st = view.cache.stat_for(node, view.uv.resolver.lstat_in(node.top,
+                                                                     join(parent.path, name)))
+        return st
+
+    def _share(self, view: View, parent: Inode, name: bytes, node, st, count: int) -> int:
+        key = (st.st_dev, st.st_ino)
+        gid = self._shared.get(key)
+        if gid is None:
+            gid = self._shared[key] = self._new_gid()
+            self._targets[gid] = Shared(key, view, detached(join(parent.path, name), node, st))
+        sh = self._targets[gid]
+        sh.count += count
+        sh.writable = sh.writable or view.writable
+        return gid
+
+    def _shared_entry(self, gid: int, sh: Shared) -> pyfuse3.EntryAttributes:
+        if sh.entry is None:
+            sh.entry = entry_attributes(gid, sh.inode.attr, False, sh.view.ops.timeouts)
+        return sh.entry
+
+    def _source(self, sh: Shared) -> tuple[View, Inode]:
+        """The view and inode that serve a shared gid; found again, by its path, in
+        another view showing the same lower file once the first view is gone."""
+        if sh.view.vid in self.by_vid:
+            return sh.view, sh.inode
+        path = sh.inode.path
+        for view in sorted(self.views.values(), key=lambda v: v.cache is not sh.view.cache):
+            found = self._walk(view, path)
+            if found is None or not view.shows_lower(found[1]):
+                continue
+            parent, node = found
+            st = self._lower_stat(view, parent, path.rpartition(b"/")[2], node)
+            if (st.st_dev, st.st_ino) == sh.key:
+                sh.view, sh.inode = view, detached(path, node, st)
+                return view, sh.inode
+        raise FUSEError(errno.ESTALE)
+
+    @staticmethod
+    def _walk(view: View, path: bytes):
+        """(parent inode, node) of ``path`` in the view, through inodes of no table."""
+        cur, node = view.uv.inodes.root, None
+        names = path.split(b"/")
+        for i, name in enumerate(names):
+            node = view.uv.listing(cur).get(name)
+            if node is None:
+                return None
+            if i < len(names) - 1:
+                cur = Inode(0, cur, name, node)
+        return cur, node
+
+    def _out(self, view: View, e: pyfuse3.EntryAttributes, count: int) -> pyfuse3.EntryAttributes:
+        if e.st_ino == 0:
+            return e
+        return copy_entry(e, self._gid(view, e.st_ino))
+
+    def _local(self, gid: int) -> tuple[View, int]:
+        """The view and local number of a private gid (ESTALE if it is gone)."""
+        t = self._targets.get(gid)
+        if t is None or isinstance(t, Shared):
+            raise FUSEError(errno.ESTALE)
+        return t
+
+    def _dir(self, gid: int) -> tuple[View, int]:
+        if gid == pyfuse3.ROOT_INODE:
+            raise FUSEError(errno.EPERM)
+        t = self._targets.get(gid)
+        if t is None or isinstance(t, Shared):
+            raise FUSEError(errno.ESTALE if t is None else errno.ENOTDIR)
+        return t
+
+    def _writable_target(self, gid: int) -> tuple[View, int]:
+        """The target of a change; a shared gid is made private first (ESTALE, retried)."""
+        t = self._targets.get(gid)
+        if isinstance(t, Shared):
+            if not t.writable:
+                raise FUSEError(errno.EROFS)
+            self._private_keys.add(t.key)
+            raise FUSEError(errno.ESTALE)
+        return self._local(gid)
+
+    def _add_handle(self, view: View | None, local_fh: int) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = (view, local_fh)
+        if view is not None:
+            view.handles += 1
+        return fh
+
+    def _drop_handle(self, fh: int) -> tuple[View | None, int]:
+        view, local = self._handles.pop(fh)
+        if view is not None:
+            view.handles -= 1
+        return view, local
+
+    def _after_release(self, view: View | None) -> None:
+        if view is not None and view.removed and view.handles == 0 and view.vid in self.by_vid:
+            self._close_view(view)
+
+    # -- the root directory ------------------------------------------------------
+    def _root_attr(self) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = pyfuse3.ROOT_INODE
+        e.st_mode = stat.S_IFDIR | 0o755
+        e.st_nlink = 2
+        e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = self.root_mtime_ns
+        e.attr_timeout = e.entry_timeout = 0
+        return e
+
+    async def _view_root_entry(self, view: View, ctx) -> pyfuse3.EntryAttributes:
+        e = copy_entry(await view.ops.getattr(ROOT_INODE, ctx), view.root_gid)
+        e.entry_timeout = 86400.0     # dropped by remove_view (invalidate_entry)
+        return e
+
+    # -- names -----------------------------------------------------------------
+    @fuse_errors
+    async def lookup(self, parent_inode, name, ctx=None):
+        if parent_inode == pyfuse3.ROOT_INODE:
+            view = self.views.get(os.fsdecode(name))
+            if view is None:
+                e = pyfuse3.EntryAttributes()
+                e.st_ino, e.entry_timeout = 0, 0
+                return e
+            return await self._view_root_entry(view, ctx)
+        view, local = self._dir(parent_inode)
+        parent = view.uv.inodes.get(local)
+        node = view.uv.listing(parent).get(name)
+        if node is not None and view.shows_lower(node):
+            st = self._lower_stat(view, parent, name, node)
+            if self._shareable(view, node, st):
+                gid = self._share(view, parent, name, node, st, 1)
+                return self._shared_entry(gid, self._targets[gid])
+        return self._out(view, await view.ops.lookup(local, name, ctx), 1)
+
+    @fuse_errors
+    async def forget(self, inode_list):
+        for gid, count in inode_list:
+            t = self._targets.get(gid)
+            if isinstance(t, Shared):
+                t.count -= count
+                if t.count <= 0:
+                    del self._targets[gid]
+                    self._shared.pop(t.key, None)
+            elif t is not None:
+                view, local = t
+                view.uv.inodes.forget(local, count)
+
+    @fuse_errors
+    async def getattr(self, inode, ctx=None):
+        if inode == pyfuse3.ROOT_INODE:
+            return self._root_attr()
+        t = self._targets.get(inode)
+        if isinstance(t, Shared):
+            return self._shared_entry(inode, t)
+        view, local = self._local(inode)
+        e = copy_entry(await view.ops.getattr(local, ctx), inode)
+        if local == ROOT_INODE:
+            e.entry_timeout = 86400.0
+        return e
+
+    @fuse_errors
+    async def readlink(self, inode, ctx=None):
+        t = self._targets.get(inode)
+        if isinstance(t, Shared):
+            view, src = self._source(t)
+            return view.uv.readlink(src)
+        view, local = self._local(inode)
+        return await view.ops.readlink(local, ctx)
+
+    # -- directories -------------------------------------------------------------
+    @fuse_errors
+    async def opendir(self, inode, ctx=None):
+        if inode == pyfuse3.ROOT_INODE:
+            fh = self._add_handle(None, 0)
+            self._root_listings[fh] = sorted(self.views)
+            return fh
+        view, local = self._dir(inode)
+        return self._add_handle(view, await view.ops.opendir(local, ctx))
+
+    @fuse_errors
+    async def readdir(self, fh, start_id, token):
+        view, local_fh = self._handles[fh]
+        if view is None:
+            await self._readdir_root(fh, start_id, token)
+            return
+        h = view.ops.handles[local_fh]
+        parent, current = h.inode, h.inode.children
+        inodes, fds, path = view.uv.inodes, {}, h.inode.path
+        try:
+            for i, (name, node) in enumerate(h.entries[start_id:], start_id + 1):
+                if current is not None and current.get(name) != node:
+                    node = current.get(name)          # changed since opendir
+                    if node is None:
+                        continue
+                st = self._entry_stat(view, node, name, path, fds)
+                if st is None:
+                    continue
+                if view.shows_lower(node) and self._shareable(view, node, st):
+                    gid = self._share(view, parent, name, node, st, 0)
+                    if not pyfuse3.readdir_reply(token, name,
+                                                 self._shared_entry(gid, self._targets[gid]), i):
+                        break
+                    self._targets[gid].count += 1         # readdirplus counts as a lookup
+                    continue
+                number = inodes.number_for(node)
+                live = inodes.live(number)
+                if live is not None and live.attr is not None and not live.unlinked:
+                    st = live.attr
+                merged = node.kind == DIR and len(node.layers) > 1
+                attrs = entry_attributes(self._gid(view, number), st, merged,
+                                         view.ops.timeouts)
+                if not pyfuse3.readdir_reply(token, name, attrs, i):
+                    break
+                child = inodes.entry_of(parent, name, node, number)
+                if child.attr is None:
+                    child.attr = st
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    @staticmethod
+    def _entry_stat(view: View, node, name: bytes, path: bytes, fds: dict):
+        """The lstat of a listing entry: the stack's shared one for a lower entry."""
+        lower = node.top != view.up
+        if lower:
+            st = view.cache.stats.get((node.top, node.inos[0]))
+            if st is not None:
+                return st
+        fd = fds.get(node.top)
+        if fd is None:
+            fd = fds[node.top] = syscalls.open_beneath(view.uv.layers[node.top].fd, path)
+        try:
+            st = syscalls.lstat(name, fd)
+        except FileNotFoundError:
+            return None
+        return view.cache.stat_for(node, st) if lower else st
+
+    async def _readdir_root(self, fh, start_id, token):
+        names = self._root_listings[fh]
+        for i, name in enumerate(names[start_id:], start_id + 1):
+            view = self.views.get(name)
+            if view is None:
+                continue
+            e = await self._view_root_entry(view, None)
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), e, i):
+                break
+
+    @fuse_errors
+    async def releasedir(self, fh):
+        view, local = self._drop_handle(fh)
+        if view is None:
+            self._root_listings.pop(fh, None)
+        else:
+            await view.ops.releasedir(local)
+            self._after_release(view)
+
+    @fuse_errors
+    async def fsyncdir(self, fh, datasync):
+        pass
+
+    # -- files -------------------------------------------------------------------
+    @fuse_errors
+    async def open(self, inode, flags, ctx=None):
+        if flags & WRITE_FLAGS:
+            view, local = self._writable_target(inode)
+        else:
+            t = self._targets.get(inode)
+            if isinstance(t, Shared):       # read straight from the lower file
+                view, src = self._source(t)
+                fh = self._next_fh
+                self._next_fh += 1
+                self._direct[fh] = view.uv.open_content(src)
+                return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+            view, local = self._local(inode)
+        fi = await view.ops.open(local, flags, ctx)
+        return pyfuse3.FileInfo(fh=self._add_handle(view, fi.fh), keep_cache=fi.keep_cache)
+
+    @fuse_errors
+    async def read(self, fh, off, size):
+        fd = self._direct.get(fh)
+        if fd is not None:
+            return os.pread(fd, size, off)
+        view, local = self._handles[fh]
+        return await view.ops.read(local, off, size)
+
+    @fuse_errors
+    async def write(self, fh, off, buf):
+        view, local = self._handles[fh]
+        return await view.ops.write(local, off, buf)
+
+    @fuse_errors
+    async def flush(self, fh):
+        raise FUSEError(errno.ENOSYS)    # as UnionOperations: nothing to do on close(2)
+
+    @fuse_errors
+    async def fsync(self, fh, datasync):
+        view, local = self._handles[fh]
+        await view.ops.fsync(local, datasync)
+
+    @fuse_errors
+    async def release(self, fh):
+        fd = self._direct.pop(fh, None)
+        if fd is not None:
+            os.close(fd)
+            return
+        view, local = self._drop_handle(fh)
+        await view.ops.release(local)
+        self._after_release(view)
+
+    # -- extended attributes -----------------------------------------------------
+    @fuse_errors
+    async def listxattr(self, inode, ctx=None):
+        if inode == pyfuse3.ROOT_INODE:
+            return []
+        t = self._targets.get(inode)
+        if isinstance(t, Shared):
+            view, src = self._source(t)
+            return view.uv.xattr_names(src)
+        view, local = self._local(inode)
+        return await view.ops.listxattr(local, ctx)
+
+    @fuse_errors
+    async def getxattr(self, inode, name, ctx=None):
+        if inode == pyfuse3.ROOT_INODE:
+            raise FUSEError(pyfuse3.ENOATTR)
+        t = self._targets.get(inode)
+        if isinstance(t, Shared):
+            if is_overlay_private(os.fsdecode(name)):
+                raise FUSEError(errno.EOPNOTSUPP)     # as UnionOperations
+            view, src = self._source(t)
+            value = view.uv.getxattr(src, name)
+            if value is None:
+                raise FUSEError(pyfuse3.ENOATTR)
+            return value
+        view, local = self._local(inode)
+        return await view.ops.getxattr(local, name, ctx)
+
+    @fuse_errors
+    async def setxattr(self, inode, name, value, ctx=None):
+        view, local = self._change_target(inode)
+        await view.ops.setxattr(local, name, value, ctx)
+
+    @fuse_errors
+    async def removexattr(self, inode, name, ctx=None):
+        view, local = self._change_target(inode)
+        await view.ops.removexattr(local, name, ctx)
+
+    def _change_target(self, gid: int) -> tuple[View, int]:
+        if gid == pyfuse3.ROOT_INODE:
+            raise FUSEError(errno.EPERM)
+        return self._writable_target(gid)
+
+    @fuse_errors
+    async def statfs(self, ctx=None):
+        out = pyfuse3.StatvfsData()
+        sv = os.statvfs(self.mountpoint if not self.views else
+                        next(iter(self.views.values())).spec.lowers[-1])
+        for f in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                  "f_ffree", "f_favail", "f_namemax"):
+            setattr(out, f, getattr(sv, f))
+        return out
+
+    # -- changes (each view's own rules; EROFS in a read-only view) --------------
+    @fuse_errors
+    async def setattr(self, inode, attr, fields, fh, ctx=None):
+        view, local = self._change_target(inode)
+        local_fh = None
+        if fh is not None and fh in self._handles:
+            local_fh = self._handles[fh][1]
+        return self._out(view, await view.ops.setattr(local, attr, fields, local_fh, ctx), 0)
+
+    @fuse_errors
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        view, local = self._dir(parent_inode)
+        fi, e = await view.ops.create(local, name, mode, flags, ctx)
+        return (pyfuse3.FileInfo(fh=self._add_handle(view, fi.fh), keep_cache=fi.keep_cache),
+                self._out(view, e, 1))
+
+    @fuse_errors
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        view, local = self._dir(parent_inode)
+        return self._out(view, await view.ops.mkdir(local, name, mode, ctx), 1)
+
+    @fuse_errors
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        view, local = self._dir(parent_inode)
+        return self._out(view, await view.ops.mknod(local, name, mode, rdev, ctx), 1)
+
+    @fuse_errors
+    async def symlink(self, parent_inode, name, target, ctx):
+        view, local = self._dir(parent_inode)
+        return self._out(view, await view.ops.symlink(local, name, target, ctx), 1)
+
+    @fuse_errors
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        view, local = self._change_target(inode)
+        pview, plocal = self._dir(new_parent_inode)
+        if pview is not view:
+            raise FUSEError(errno.EXDEV)
+        return self._out(view, await view.ops.link(local, plocal, new_name, ctx), 1)
+
+    @fuse_errors
+    async def unlink(self, parent_inode, name, ctx):
+        view, local = self._dir(parent_inode)
+        await view.ops.unlink(local, name, ctx)
+
+    @fuse_errors
+    async def rmdir(self, parent_inode, name, ctx):
+        view, local = self._dir(parent_inode)
+        await view.ops.rmdir(local, name, ctx)
+
+    @fuse_errors
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        view, old = self._dir(parent_inode_old)
+        nview, new = self._dir(parent_inode_new)
+        if nview is not view:
+            raise FUSEError(errno.EXDEV)
+        await view.ops.rename(old, name_old, new, name_new, flags, ctx)

@@ -1,0 +1,106 @@
+"""The state behind ``ViewFS`` (views.py): a view, a shared lower file, mount users."""
+from __future__ import annotations
+
+import os
+import time
+
+import pyfuse3
+
+from ..layer import DIR
+from ..mountspec import MountSpec
+from .inodes import ROOT_INODE, Inode
+from .lowercache import LowerCache, shared_view
+from .ops import UnionOperations
+
+ENTRY_FIELDS = ("generation", "entry_timeout", "attr_timeout", "st_mode", "st_nlink", "st_uid",
+                "st_gid", "st_rdev", "st_size", "st_blksize", "st_blocks", "st_atime_ns",
+                "st_mtime_ns", "st_ctime_ns")
+
+
+class View:
+    """One view: its spec, its union, and its local -> private gid map."""
+
+    def __init__(self, vid: int, name: str, spec: MountSpec, fmt: str, root_gid: int,
+                 cache: LowerCache):
+        self.vid, self.name, self.spec, self.root_gid = vid, name, spec, root_gid
+        self.cache = cache
+        self.uv = shared_view(spec, fmt, cache)
+        self.ops = UnionOperations(self.uv, no_open=False)
+        self.up = self.uv.up if self.uv.writable else None
+        self.private: dict[int, int] = {ROOT_INODE: root_gid}
+        self.handles = 0
+        self.removed = False
+        self.created = time.time()
+
+    @property
+    def writable(self) -> bool:
+        return self.up is not None
+
+    def shows_lower(self, node) -> bool:
+        return node.kind != DIR and (self.up is None or node.top != self.up)
+
+    def close(self) -> None:
+        self.ops.close()
+        self.uv.close()
+
+
+class Shared:
+    """A lower file shown unchanged by views, under one gid.
+
+    Views keep nothing per shared file: the gid is served by ``view`` (the first
+    that showed it, another of the same lowers once that one is gone) from
+    ``inode``, detached from every table (it names the file's path in its lower
+    layer); ``count`` is the kernel's lookup count for the gid.
+    """
+    __slots__ = ("key", "view", "inode", "entry", "count", "writable")
+
+    def __init__(self, key, view: "View", inode: Inode):
+        self.key, self.view, self.inode = key, view, inode
+        self.entry = None
+        self.count = 0
+        self.writable = False
+
+
+_DETACHED_ROOT = Inode(ROOT_INODE, None, b"", None)
+
+
+def detached(path: bytes, node, st) -> Inode:
+    """An inode outside every table naming ``path`` in the layer ``node.top``: the
+    source of a shared gid, untouched by renames in the view that first showed it."""
+    inode = Inode(0, _DETACHED_ROOT, path, node)
+    inode.attr = st
+    return inode
+
+
+def copy_entry(e: pyfuse3.EntryAttributes, gid: int) -> pyfuse3.EntryAttributes:
+    out = pyfuse3.EntryAttributes()
+    for f in ENTRY_FIELDS:
+        setattr(out, f, getattr(e, f))
+    out.st_ino = gid
+    return out
+
+
+def mounts_using(mountpoint: str, name: str) -> list[str]:
+    """Mount points that use the view: binds of it or below it, mounts inside it."""
+    inside = os.path.join(mountpoint, name)
+    root = "/" + name
+    dev = None
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        rows = [line.split() for line in f]
+    for r in rows:
+        if r[4] == mountpoint:
+            dev = r[2]
+    for r in rows:
+        mnt_root, target = _unescape(r[3]), _unescape(r[4])
+        if target == mountpoint:
+            continue
+        if (r[2] == dev and (mnt_root == root or mnt_root.startswith(root + "/"))) or \
+                target == inside or target.startswith(inside + "/"):
+            out.append(target)
+    return out
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal."""
+    return field.encode().decode("unicode_escape") if "\\" in field else field
