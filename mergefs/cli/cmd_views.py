@@ -88,13 +88,14 @@ def _spec(args, name: str):
     import importlib
     from ..errors import InvalidLayer
     from ..mountspec import MountSpec
-    from .cmd_core import is_layer_dir_arg
+    from . import refs
     if (args.upper is None) != (args.work is None):
         raise InvalidLayer("--upper and --work go together")
-    if all(is_layer_dir_arg(a) for a in args.layers):
+    layers = [refs.classify(a) for a in args.layers]
+    if all(a.is_dir for a in layers):
         if args.rw:
             raise InvalidLayer("--rw is for store refs; give --upper and --work for directories")
-        return MountSpec(tuple(os.path.abspath(a) for a in args.layers),
+        return MountSpec(tuple(a.value for a in layers),
                          args.upper and os.path.abspath(args.upper),
                          args.work and os.path.abspath(args.work))
     if len(args.layers) != 1:

@@ -58,7 +58,8 @@ def test_readme_commands_parse():
     readme = Path(__file__).resolve().parents[2] / "README.md"
     lines = [line.split("#")[0].strip() for line in readme.read_text().splitlines()
              if line.startswith("    mergefs ")]          # the indented example blocks
-    cmds = [shlex.split(part.strip().replace("[", "").replace("]", ""))[1:]   # [--opt]: optional
+    cmds = [shlex.split(part.strip().removesuffix("&")         # a shell's background job
+                        .replace("[", "").replace("]", ""))[1:]   # [--opt]: optional
             for line in lines for part in line.split(";") if part.strip().startswith("mergefs ")]
     assert any(c[0] == "install-mount-helper" for c in cmds)
     parser = build_parser()
