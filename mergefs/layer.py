@@ -10,11 +10,18 @@ A *layer* is an immutable directory tree. Two formats mark deletions:
 * OCI: a file ``.wh.NAME`` deletes NAME, ``.wh..wh..opq`` makes its directory
   opaque.
 
-``auto`` honours both. Reading never follows a symlink: directories are read
-through fds opened with O_NOFOLLOW, one level at a time.
+``auto`` honours both, except in a layer whose root carries the *format
+mark* ``trusted.overlay.mergefs-format=overlay`` (``user.overlay.`` without
+root): mergefs marks every upper it writes and every layer it stores, and a
+marked layer is read as overlay format whatever its names, so a regular file
+called ``.wh.keep`` stays a file (guessing would silently lose it and
+``keep``). The mark is overlay-private (format, not content; kernel overlayfs
+hides it). Reading never follows a symlink: directories are read through fds
+opened with O_NOFOLLOW, one level at a time.
 """
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import sys
@@ -31,6 +38,7 @@ OVERLAY_PREFIXES = ("trusted.overlay.", "user.overlay.")
 OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
 XWHITEOUTS_XATTRS = ("trusted.overlay.whiteouts", "user.overlay.whiteouts")
 XWHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")
+FORMAT_MARKS = ("trusted.overlay.mergefs-format", "user.overlay.mergefs-format")
 
 # Entry kinds are the S_IFMT bits, so they compare with st_mode directly.
 DIR, REG, LNK = stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK
@@ -82,6 +90,36 @@ def _is_xattr_whiteout(dir_fd: int, name: bytes) -> bool:
 
 
 _FSENC = sys.getfilesystemencoding()
+
+
+def marked_format(dir_fd: int) -> str | None:
+    """The format a layer root's mark declares ("overlay"), or None when unmarked."""
+    for attr in FORMAT_MARKS:
+        value = syscalls.getxattr(dir_fd, b"", attr)
+        if value is not None:
+            return value.decode("ascii", "replace")
+    return None
+
+
+def mark_overlay_path(path) -> None:
+    """``mark_overlay`` of the directory at ``path`` (never through a symlink)."""
+    fd = os.open(path, syscalls.O_DIR)
+    try:
+        mark_overlay(fd)
+    finally:
+        os.close(fd)
+
+
+def mark_overlay(dir_fd: int) -> None:
+    """Mark an open layer root as overlay format (an upper mergefs writes, a store layer)."""
+    if marked_format(dir_fd) == "overlay":
+        return
+    attr = FORMAT_MARKS[0] if os.geteuid() == 0 else FORMAT_MARKS[1]
+    try:
+        syscalls.setxattr(dir_fd, b"", attr, b"overlay")
+    except OSError as e:     # a filesystem without (user) xattrs: readers fall back to auto
+        if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.EACCES):
+            raise
 
 
 def read_layer_dir(dir_fd: int, fmt: str = "auto") -> LayerDir:
@@ -144,16 +182,25 @@ class Layer:
         if fmt not in FORMATS:
             raise ValueError(f"unknown layer format {fmt!r}; use one of {FORMATS}")
         self.path = os.fsencode(path)
-        self.fmt = fmt
+        self._fmt = fmt
         self._fd: int | None = None
 
     def __repr__(self) -> str:
-        return f"Layer({os.fsdecode(self.path)!r}, fmt={self.fmt!r})"
+        return f"Layer({os.fsdecode(self.path)!r}, fmt={self._fmt!r})"
+
+    @property
+    def fmt(self) -> str:
+        """The format to read with: ``auto`` becomes ``overlay`` on a marked layer."""
+        if self._fmt == "auto":
+            self.fd          # opening resolves the mark
+        return self._fmt
 
     @property
     def fd(self) -> int:
         if self._fd is None:
             self._fd = open_layer_root(self.path)
+            if self._fmt == "auto" and marked_format(self._fd) == "overlay":
+                self._fmt = "overlay"
         return self._fd
 
     def close(self) -> None:

@@ -19,6 +19,7 @@ _ESCAPE = re.compile(rb"\\([0-7]{3})")
 class MountEntry(NamedTuple):
     mount_id: int
     parent_id: int
+    device: str         # "major:minor" of the mounted filesystem
     root: str           # the path inside the filesystem that is mounted
     target: str         # where it is mounted
     options: str        # per-mount options (rw, nosuid, ...)
@@ -34,7 +35,8 @@ def parse_line(line: bytes) -> MountEntry:
     """One mountinfo line: ``ID PARENT MAJ:MIN ROOT TARGET OPTS [OPTIONAL...] - TYPE SOURCE SUPER``."""
     fields = line.split()
     sep = fields.index(b"-", 6)
-    return MountEntry(int(fields[0]), int(fields[1]), unescape(fields[3]), unescape(fields[4]),
+    return MountEntry(int(fields[0]), int(fields[1]), fields[2].decode(), unescape(fields[3]),
+                      unescape(fields[4]),
                       fields[5].decode(), unescape(fields[sep + 1]), unescape(fields[sep + 2]))
 
 
@@ -63,6 +65,12 @@ def canonical(path: str | os.PathLike) -> str:
     p = os.path.abspath(os.fspath(path))
     parent, name = os.path.split(p)
     return os.path.join(os.path.realpath(parent), name) if name else p
+
+
+def entry_at(path: str | os.PathLike) -> MountEntry | None:
+    """The mount on top at ``path`` (the last one mounted there), or None."""
+    target = canonical(path)
+    return next((e for e in reversed(read()) if e.target == target), None)
 
 
 def is_mounted(path: str | os.PathLike) -> bool:

@@ -129,7 +129,7 @@ class _Walker:
             detail = b"%d,%d" % (os.major(st.st_rdev), os.minor(st.st_rdev))
         if xattrs is None:
             xattrs = content_xattrs(dir_fd, name)
-        xa = b"".join(_ns(a.encode() + b"=" + v) for a, v in sorted(xattrs.items()))
+        xa = b"".join(_ns(os.fsencode(a) + b"=" + v) for a, v in sorted(xattrs.items()))
         self.h.update(_ns(path, kname, b"%o" % stat.S_IMODE(st.st_mode), b"%d" % st.st_uid,
                           b"%d" % st.st_gid, b"%d" % st.st_mtime_ns, detail, xa))
         self.entries += 1
@@ -148,7 +148,7 @@ class _Walker:
                 continue
             fd = syscalls.open_dir(name, dir_fd)
             try:
-                sub_ld = read_layer_dir(fd, "auto")
+                sub_ld = read_layer_dir(fd, "overlay")
                 self.record(fd, sub, b"", DIR, sub_ld.opaque)
                 self.walk_dir(fd, sub, sub_ld)
             finally:
@@ -156,10 +156,11 @@ class _Walker:
 
 
 def tree_digest(path: str | bytes | os.PathLike) -> TreeSummary:
-    """mergefs-tree-v1 of the layer directory at ``path`` (either whiteout format)."""
+    """mergefs-tree-v1 of the layer directory at ``path``, a store layer: always read as
+    overlay format (a regular file named ``.wh.x`` is a file, issue 11 item 1)."""
     with Layer(path) as layer:
         w = _Walker()
-        ld = read_layer_dir(layer.fd, "auto")
+        ld = read_layer_dir(layer.fd, "overlay")
         w.record(layer.fd, b"", b"", DIR, ld.opaque)
         w.walk_dir(layer.fd, b"", ld)
     return TreeSummary(PREFIX + w.h.hexdigest(), w.entries, w.bytes)

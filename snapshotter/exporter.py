@@ -33,7 +33,7 @@ def export(store: Store, ref: str, output: str, fmt: str = "dir", compression: s
     if fmt == "oci":
         from mergefs import oci
         from . import meta
-        oci.export_layout(service.layer_dirs(store, row), output,
+        oci.export_layout(service.store_layers(store, service.flatten(store, row)), output,
                           ref=meta.first_name(store.db, row.id) or service.short(row.id),
                           compression="gzip" if compression == "auto" else compression,
                           progress=progress)
@@ -41,8 +41,8 @@ def export(store: Store, ref: str, output: str, fmt: str = "dir", compression: s
     if fmt == "tar":
         from mergefs import oci
         comp = None if compression == "auto" else compression
-        write = lambda src: oci.export_layer_tar(src, output, compression=comp,  # noqa: E731
-                                                 progress=progress)
+        write = lambda src: oci.export_layer_tar(Layer(src, "overlay"), output,  # noqa: E731
+                                                 compression=comp, progress=progress)
     else:
         write = lambda src: _copy_tree(src, output)  # noqa: E731
     if row.kind != SnapshotKind.MERGE:
@@ -52,7 +52,8 @@ def export(store: Store, ref: str, output: str, fmt: str = "dir", compression: s
     else:                            # a union: materialise the view in staging first
         staged = store.stage("export")
         try:
-            build_farm(service.layer_dirs(store, row), staged.path / "fs")
+            build_farm(service.store_layers(store, service.flatten(store, row)),
+                       staged.path / "fs")
             write(staged.path / "fs")
         finally:
             staged.discard()

@@ -576,3 +576,35 @@ def first_name(db: sqlite3.Connection, snapshot_id: str) -> str | None:
 
 def count(db: sqlite3.Connection) -> int:
     return db.execute("SELECT COUNT(*) FROM snapshots").fetchone()[0]
+
+
+# -- registry blobs (mergefs push / pull) --------------------------------------------
+# One row per (layer, compression): the layer's blob as pushed or pulled, so a
+# layer is compressed once and a pulled layer can be found by its diffID. Made
+# on first use; a row whose layer is gone is dropped by snapshotter.registry.
+BLOBS_SCHEMA = """CREATE TABLE IF NOT EXISTS layer_blobs(
+    layer TEXT NOT NULL, compression TEXT NOT NULL, digest TEXT NOT NULL,
+    diff_id TEXT NOT NULL, size INTEGER NOT NULL, media_type TEXT NOT NULL,
+    PRIMARY KEY(layer, compression))"""
+BLOB_COLUMNS = "layer, compression, digest, diff_id, size, media_type"
+
+
+def ensure_blobs(db: sqlite3.Connection) -> None:
+    db.execute(BLOBS_SCHEMA)
+    db.execute("CREATE INDEX IF NOT EXISTS layer_blobs_by_diff ON layer_blobs(diff_id)")
+
+
+def blobs_of(db: sqlite3.Connection, *, layer: str | None = None,
+             diff_id: str | None = None) -> list[tuple]:
+    where, arg = ("layer=?", layer) if layer is not None else ("diff_id=?", diff_id)
+    return db.execute(f"SELECT {BLOB_COLUMNS} FROM layer_blobs WHERE {where}", (arg,)).fetchall()
+
+
+def put_blob(db: sqlite3.Connection, values: tuple) -> None:
+    db.execute(f"INSERT OR REPLACE INTO layer_blobs({BLOB_COLUMNS}) VALUES(?,?,?,?,?,?)", values)
+
+
+def orphan_blobs(db: sqlite3.Connection) -> list[tuple[str, str]]:
+    """(layer, digest) of blob rows whose layer is no longer committed."""
+    return db.execute("SELECT b.layer, b.digest FROM layer_blobs b LEFT JOIN snapshots s "
+                      "ON s.id = b.layer AND s.state = 'committed' WHERE s.id IS NULL").fetchall()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergefs.errors import AlreadyExists, FailedPrecondition, NotFound
+from mergefs.layer import Layer, mark_overlay_path
 from mergefs.mountspec import MountSpec
 
 from . import meta
@@ -57,6 +58,11 @@ def flatten(store: Store, row: Row) -> list[str]:
         return [p.id for p in meta.parents(store.db, row.id)]
     raise FailedPrecondition(f"{row.kind} snapshot {short(row.id)} is not committed content; "
                              "commit it first")
+
+
+def store_layers(store: Store, ids: list[str]) -> list[Layer]:
+    """Stored layers to read: always overlay format, whatever their names (issue 11)."""
+    return [Layer(store.fs_of(i), "overlay") for i in ids]
 
 
 def layer_dirs(store: Store, row: Row) -> list[str]:
@@ -130,7 +136,7 @@ def _build_merge(store: Store, mid: str, flat: list[str], strategy: str, holder,
     try:
         if strategy == Strategy.FARM:
             from mergefs.farm import build_farm
-            build_farm([store.fs_of(i) for i in flat], staged.path / "fs", progress=progress)
+            build_farm(store_layers(store, flat), staged.path / "fs", progress=progress)
         row = Row(id=mid, kind="merge", strategy=strategy,
                   description="merge of " + ";".join(short(i) for i in flat),
                   entries=sum(r.entries for r in rows), bytes=sum(r.bytes for r in rows))
@@ -167,7 +173,7 @@ def _materialise(store: Store, row: Row, flat: list[str], progress=None) -> Row:
     staged = store.stage("merge")
     trash = []
     try:
-        build_farm([store.fs_of(i) for i in flat], staged.path / "fs", progress=progress)
+        build_farm(store_layers(store, flat), staged.path / "fs", progress=progress)
         with meta.write(store.db):
             cur = store.get(row.id)
             if cur is None or cur.state != State.COMMITTED:
@@ -177,6 +183,7 @@ def _materialise(store: Store, row: Row, flat: list[str], progress=None) -> Row:
             dst = store.dir_of(row.id) / "fs"
             if os.path.lexists(dst):             # left by a crash during an earlier upgrade
                 trash.append(store.trash(dst))
+            mark_overlay_path(staged.path / "fs")     # a stored layer (issue 11 item 1)
             os.rename(staged.path / "fs", dst)
             meta.make_farm(store.db, row.id)
         return store.get(row.id)
@@ -223,11 +230,11 @@ def diff(store: Store, lower: str, upper: str, name: str | None = None,
 
 def _write_diff(store: Store, lo: list[str], up: list[str], where: Path) -> None:
     from mergefs.diff import write_diff
-    lowers = [str(store.fs_of(i)) for i in lo]
+    lowers = store_layers(store, lo)
     if not lowers:                  # Diff(scratch, A) == A: an empty lower
         os.mkdir(where / "scratch", 0o755)
-        lowers = [str(where / "scratch")]
-    write_diff(lowers, [str(store.fs_of(i)) for i in up], where / "fs")
+        lowers = [Layer(where / "scratch", "overlay")]
+    write_diff(lowers, store_layers(store, up), where / "fs")
     shutil.rmtree(where / "scratch", ignore_errors=True)
 
 
@@ -250,11 +257,13 @@ def commit_dir(store: Store, upper_dir: str, parent_ids: list[str], what: str,
     try:
         copy_layer(upper_dir, staged.path / "upper", "overlay")
         from mergefs.diff import write_diff
-        lowers = [str(store.fs_of(i)) for i in parent_ids]
+        lowers = store_layers(store, parent_ids)
         if not lowers:
             os.mkdir(staged.path / "scratch", 0o755)
-            lowers = [str(staged.path / "scratch")]
-        write_diff(lowers, lowers + [str(staged.path / "upper")], staged.path / "fs")
+            lowers = [Layer(staged.path / "scratch", "overlay")]
+        # the copy of the upper is overlay format whatever its names (issue 11 item 1)
+        again = [Layer(l.path, "overlay") for l in lowers]
+        write_diff(lowers, again + [Layer(staged.path / "upper", "overlay")], staged.path / "fs")
         shutil.rmtree(staged.path / "upper")
         shutil.rmtree(staged.path / "scratch", ignore_errors=True)
         summary = tree_digest(staged.path / "fs")

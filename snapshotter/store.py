@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Iterator
 
 from mergefs import syscalls
-from mergefs.errors import AlreadyExists, FailedPrecondition, NotFound
+from mergefs.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
 from . import meta
 from .digest import PREFIX, hexpart
@@ -147,6 +147,9 @@ class Store:
         self.snapshots = self.root / "snapshots"
         self.staging = self.root / "staging"
         self.locks = self.root / "locks"
+        if os.path.lexists(self.root) and not self.root.is_dir():
+            raise InvalidArgument(f"store root {str(self.root)!r} is not a directory "
+                                  "(give --root a directory, or a path that does not exist)")
         for d in (self.root, self.snapshots, self.staging, self.locks):
             os.makedirs(d, mode=0o700, exist_ok=True)
         self._start = _proc_start(os.getpid())
@@ -302,6 +305,7 @@ class Store:
                 self._check_pinned(parents)
                 if existing is not None:          # deleting or corrupt: finish removing it
                     trash += self._unlink_snapshot(row.id)
+                _mark_overlay(staged.path / "fs")
                 self._rename_into_place(staged, row.id, trash)
                 kill_point(f"{op}:after-publish-dir")
                 meta.insert(self.db, row, parents)
@@ -440,3 +444,10 @@ class Store:
                 actions.append(f"registered {row.id} from its journal" + (
                     f", with {', '.join(restored)}" if restored else ""))
         return actions
+
+
+def _mark_overlay(fs: Path) -> None:
+    """Every stored layer is overlay format: mark it so, whoever reads it (issue 11)."""
+    from mergefs.layer import mark_overlay_path
+    if fs.is_dir() and not fs.is_symlink():
+        mark_overlay_path(fs)

@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 # Debian packages: fuse3/libfuse3-dev/pkg-config build and run pyfuse3; the rest are
 # the test oracles and runtimes (kernel overlayfs needs none, it is in the kernel).
 APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-dev attr fuse-overlayfs
-              umoci skopeo runc busybox-static zstd time podman uidmap)
+              umoci skopeo runc busybox-static zstd time docker-registry containerd
+              podman uidmap)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -14,7 +14,7 @@ import sys
 
 from ..errors import ExitCode, UsageError, categorize, message
 
-VERB_MODULES = ("core", "mount", "store", "views")
+VERB_MODULES = ("core", "mount", "store", "views", "registry")
 
 
 def _version() -> str:

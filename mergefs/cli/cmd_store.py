@@ -44,6 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", metavar="SRC")
     p.add_argument("--name")
     p.add_argument("--format", choices=FORMATS, default="auto", help="whiteout format of a dir")
+    p.add_argument("--image", metavar="REF", help="the image to import from a layout or archive "
+                   "holding several (ref name, tag, repo:tag or manifest digest)")
     p.add_argument("--json", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_import)
@@ -155,12 +157,19 @@ def store_explain(args) -> int:
 def cmd_import(args) -> int:
     from .. import oci
     from ..errors import NotFound
-    if not os.path.lexists(args.src):
+    if args.src != "-" and not os.path.lexists(args.src):
         raise NotFound(f"{args.src!r} does not exist")
-    unit = "entries" if oci.detect_source(args.src) == "layer-dir" else "bytes"
+    # a pipe is read once, by the import (issue 11.11): only a directory counts entries
+    unit = "entries" if os.path.isdir(args.src) and \
+        oci.detect_source(args.src) == "layer-dir" else "bytes"
     with _store(args) as sn:
         with progress.task(args, "importing", unit) as report:
-            res = sn.import_(args.src, fmt=args.format, name=args.name, progress=report)
+            res = sn.import_(args.src, fmt=args.format, name=args.name, progress=report,
+                             image=args.image)
+        if res.moved:
+            tag, old, new = res.moved
+            print(f"mergefs: name {tag!r} moved from {old[:19]} to {new[:19]} (the old image "
+                  "keeps its other names and refs)", file=sys.stderr)
         out = {"layers": [sn.describe(r) for r in res.layers],
                "image": sn.describe(res.image) if res.image else None} if args.json else None
     if args.json:

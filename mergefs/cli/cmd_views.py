@@ -91,7 +91,7 @@ def _spec(args, name: str):
     from . import refs
     if (args.upper is None) != (args.work is None):
         raise InvalidLayer("--upper and --work go together")
-    layers = [refs.classify(a) for a in args.layers]
+    layers = [refs.classify(a) for a in args.layers]     # the CLI's one rule for paths and refs
     if all(a.is_dir for a in layers):
         if args.rw:
             raise InvalidLayer("--rw is for store refs; give --upper and --work for directories")

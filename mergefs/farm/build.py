@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Sequence
 
 from .. import syscalls
-from ..errors import AlreadyExists, NotFound
-from ..layer import Layer, as_layers
+from ..errors import AlreadyExists, InvalidArgument, NotFound
+from ..layer import Layer, as_layers, mark_overlay
 from ..plan import plan_merge
 from .applier import Applier, FarmStats
 from .schedule import run_processes, run_threads
@@ -19,6 +19,9 @@ PARALLEL = ("auto", "process", "thread")
 
 def staged_build(out: str | os.PathLike, build) -> FarmStats:
     """Run ``build(staging_fd)`` in a staging dir next to ``out``, then publish by rename.
+
+    The result is marked overlay format (``mergefs.layer``): a farm, a diff and
+    a directory export are read back as such, whatever their names.
 
     ``out`` must not exist. On any error the staging dir is removed and
     nothing is left at ``out``.
@@ -34,6 +37,7 @@ def staged_build(out: str | os.PathLike, build) -> FarmStats:
         fd = os.open(staging, syscalls.O_DIR)
         try:
             stats = build(fd)
+            mark_overlay(fd)      # what mergefs writes is overlay format, whatever its names
         finally:
             os.close(fd)
         try:
@@ -96,6 +100,7 @@ def build_farm(layers: Sequence[Layer | str | os.PathLike], out: str | os.PathLi
             return run_processes(layers, fd, n, progress)
         return run_threads(layers, fd, n, progress=progress)
 
+    refuse_out_inside(layers, out)
     try:
         for layer in layers:
             layer.fd   # open every layer first: a bad one fails before any work
@@ -103,6 +108,16 @@ def build_farm(layers: Sequence[Layer | str | os.PathLike], out: str | os.PathLi
     finally:
         for layer in layers:
             layer.close()
+
+
+def refuse_out_inside(layers, out) -> None:
+    """An output inside an input layer would be built into (and read from) that input."""
+    target = os.path.realpath(os.fsencode(out))
+    for layer in layers:
+        top = os.path.realpath(layer.path)
+        if target == top or target.startswith(top.rstrip(b"/") + b"/"):
+            raise InvalidArgument(f"the output {os.fsdecode(out)!r} is inside the input layer "
+                                  f"{os.fsdecode(layer.path)!r}; put it outside every input")
 
 
 def _counted(records, progress, every: int = 1024):

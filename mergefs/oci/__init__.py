@@ -10,6 +10,8 @@ Import one layer tar (plain, gzip or zstd, found by magic bytes)::
     r.diff_id        # "sha256:..." of the uncompressed tar, computed while reading
     r.entries        # entry count (also r.files, r.dirs, r.symlinks, r.hardlinks,
                      # r.specials, r.whiteouts, r.opaque_dirs); r.warnings (A3)
+    # extract_layer(src, dest, lower=[l0, l1]): directories the tar does not name
+    # take the lower merged view's attributes (r.inherited), as OCI applies a layer
     rename(staging / "fs", final)                   # the caller publishes
 
 ``dest`` must not exist; on any error it is removed again and the error is
@@ -22,7 +24,7 @@ duplicate entries, diffID not the expected one), ``AlreadyExists``,
 Import an image (OCI layout or docker-archive, directory or tar)::
 
     kind = oci.detect_source(path)   # "layer-dir" | "layer-tar" | "oci-layout" | "docker-archive"
-    with oci.open_image(path, ref=None) as img:    # ref: tag / ref name if several
+    with oci.open_image(path, ref=None) as img:    # ref: tag, ref name or digest if several
         img.ref_name, img.config                    # tag, parsed image config
         for desc in img.layers:                     # bottom first
             if already_stored(desc.diff_id):        # known before reading any blob

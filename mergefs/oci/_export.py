@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Sequence
 
 from .. import syscalls
-from ..errors import AlreadyExists, NotFound
+from ..errors import AlreadyExists, InvalidLayer, NotFound
 from ..layer import DIR, Layer, as_layers, content_xattrs, read_layer_dir
 from ..resolver import Resolver
 from . import _compress, _tar
@@ -144,6 +144,9 @@ class _LayerTarWriter:
                 self._emit(_tar.Member(wh, _tar.REG, 0o644, 0, 0, 0, 0, None, b"", 0, 0))
             for name in sorted(ld.entries):
                 child = path + b"/" + name if path else name
+                if name.startswith(b".wh."):
+                    raise InvalidLayer(f"{os.fsdecode(child)!r} is a file named like an OCI "
+                                       "whiteout; OCI layers cannot hold it (rename it)")
                 st = syscalls.lstat(name, fd)
                 if stat.S_ISDIR(st.st_mode):
                     force = opaque and below is not None and below.get(name) is not None \

@@ -21,18 +21,26 @@ Decisions (OCI image-spec layer.md, docs/semantics.md D2/D3/D5/D6/D7, A1/A2/A3):
   then ``f/.wh.child`` when a directory became a file) does nothing: that
   entry already replaces the lower subtree (M2). Nothing is written, even when
   the non-directory is a symlink.
-* Parents that no member names are created 0755, owner 0:0, mtime 0 (the
-  epoch), so the same tar always gives the same tree, and are listed in
-  ``ExtractResult.implicit_dirs``. Caveat: OCI applies such a layer without
-  touching the lower directory's attributes; overlay format has no way to say
-  "no attributes", so a merge shows these (umoci's repack omits unchanged
-  parents, e.g. ``home/`` above a changed ``home/user/``).
+* Parents that no member names (``ExtractResult.implicit_dirs``; b"" is the
+  root without a ``./`` member): OCI applies such a layer without touching the
+  lower directory's attributes (umoci unpack, containerd and Docker keep them;
+  umoci's repack omits unchanged parents, e.g. ``home/`` above a changed
+  ``home/user/``). Overlay format cannot say "no attributes" (the top layer's
+  directory always wins), so when ``lower`` (the layers below, bottom first)
+  is given, such a directory takes the attributes of the lower merged view's
+  directory there (mode, owner, mtime, content xattrs), listed in
+  ``ExtractResult.inherited``: the result then depends on the lowers, and a
+  store must key it by them too. Without a lower directory there (or without
+  ``lower``) it is 0755, owner 0:0, mtime 0 (the epoch), so the same tar
+  always gives the same tree.
 * Hardlinks must point to a non-directory member that came earlier in the
   same tar. Whiteouts get mode 0 and mtime 0 (deterministic, like the kernel's).
 * Metadata: numeric owners (chown only as root), then chmod, then xattrs (pax
   ``SCHILY.xattr.*``; overlay-private ones are format, not content; a refused
   xattr is a warning, A3), then nanosecond times. Directories get theirs after
   all members, deepest first, so creating children cannot disturb them.
+* A member more than ``MAX_DEPTH`` (256) directories deep is refused
+  (InvalidLayer): no image needs it, and every reader below walks the levels.
 * Device nodes other than whiteouts need root; without root they are refused
   (UnsafeContent) rather than silently dropped.
 """
@@ -47,10 +55,11 @@ from dataclasses import dataclass, field
 from .. import syscalls
 from ..attrs import XATTR_REFUSED
 from ..errors import AlreadyExists, InvalidLayer, NotFound, UnsafeContent
-from ..layer import OPAQUE_XATTRS, XWHITEOUT_XATTRS, is_overlay_private
+from ..layer import DIR, OPAQUE_XATTRS, XWHITEOUT_XATTRS, content_xattrs, is_overlay_private
 from . import _tar
 from ._stream import open_tar_stream
 
+MAX_DEPTH = 256        # directory levels of a member; every reader of a layer walks them
 O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 MAX_CACHED_FDS = 256
 IMPLICIT_DIR = (0o755, 0, 0, {}, 0, 0)        # mode, uid, gid, xattrs, atime_ns, mtime_ns
@@ -75,6 +84,8 @@ class ExtractResult:
     # 0:0, mtime 0. OCI would leave a lower directory's attributes there; overlay
     # format cannot say "no attributes", so a merge shows these instead.
     implicit_dirs: list[bytes] = field(default_factory=list)
+    # Of those, the ones that took the attributes of the lower layers' directory.
+    inherited: list[bytes] = field(default_factory=list)
 
     @property
     def entries(self) -> int:
@@ -86,6 +97,7 @@ class ExtractResult:
         d = {k: v for k, v in self.__dict__.items()}
         d["entries"] = self.entries
         d["implicit_dirs"] = [p.decode("utf-8", "surrogateescape") for p in self.implicit_dirs]
+        d["inherited"] = [p.decode("utf-8", "surrogateescape") for p in self.inherited]
         return d
 
 
@@ -117,7 +129,8 @@ def _split(path: bytes) -> tuple[bytes, bytes]:
 class Extractor:
     """One extraction into ``root_fd`` (an empty directory this process made)."""
 
-    def __init__(self, root_fd: int, result: ExtractResult, is_root: bool):
+    def __init__(self, root_fd: int, result: ExtractResult, is_root: bool, lower=None):
+        self.lower = lower                    # a Resolver over the layers below, or None
         self.root_fd = root_fd
         self.r = result
         self.is_root = is_root
@@ -212,6 +225,9 @@ class Extractor:
     def add(self, m: _tar.Member, reader: _tar.TarReader) -> None:
         self.member = m.name
         path = clean_path(m.name)
+        if path.count(b"/") >= MAX_DEPTH:
+            raise InvalidLayer(f"tar member {m.name[:80]!r}... is {path.count(b'/') + 1} levels "
+                               f"deep; mergefs refuses layers nested deeper than {MAX_DEPTH}")
         if b".wh." in path:
             parent, base = _split(path)
             if b"/.wh." in b"/" + parent:
@@ -370,6 +386,13 @@ class Extractor:
             try:
                 setter(attr, value)
             except OSError as e:
+                if e.errno in (errno.E2BIG, errno.ERANGE) or not attr \
+                        or e.errno == errno.EINVAL and "." not in attr:
+                    # the member's own fault (a 200 KB value, an empty or bare name):
+                    # say which member, not the fd the kernel refused
+                    raise InvalidLayer(f"tar member {self.member!r}: xattr {attr!r} "
+                                       f"({len(value)} bytes) cannot be set: "
+                                       f"{e.strerror}") from None
                 if e.errno not in XATTR_REFUSED:
                     raise
                 self.r.warnings.append(f"{path.decode(errors='replace')}: xattr {attr} "
@@ -399,6 +422,8 @@ class Extractor:
         self._drop_whiteouts_below_opaque()
         self.r.opaque_dirs = len(self.opaque)
         self.r.implicit_dirs = sorted(self.implicit)
+        if self.lower is not None:
+            self._inherit()
         # Deepest first: a directory's times are set after everything inside it.
         for path in sorted(self.dirs, key=lambda p: p.count(b"/") + bool(p), reverse=True):
             fd = self.root_fd if not path else syscalls.open_beneath(self.root_fd, path)
@@ -410,6 +435,23 @@ class Extractor:
             finally:
                 if path:
                     os.close(fd)
+
+    def _inherit(self) -> None:
+        """Implicit directories take the lower merged directory's attributes (OCI)."""
+        for path in self.r.implicit_dirs:
+            node = self.lower.lookup(path)
+            if node is None or node.kind != DIR:
+                continue
+            layer = self.lower.layers[node.top]
+            fd = os.dup(layer.fd) if not path else syscalls.open_beneath(layer.fd, path)
+            try:
+                st = os.fstat(fd)
+                xattrs = content_xattrs(fd, b"")
+            finally:
+                os.close(fd)
+            self.dirs[path] = (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, xattrs,
+                               None, st.st_mtime_ns)
+            self.r.inherited.append(path)
 
     def _drop_whiteouts_below_opaque(self) -> None:
         """D6: an opaque directory already hides every lower child; no whiteout below it."""
@@ -448,13 +490,15 @@ def _remove_tree(path: bytes) -> None:
 
 
 def extract_layer(source, dest, *, expected_diff_id: str | None = None,
-                  is_root: bool | None = None) -> ExtractResult:
+                  is_root: bool | None = None, lower=None) -> ExtractResult:
     """Extract a layer tar (plain, gzip or zstd; path or binary file) into ``dest``.
 
     ``dest`` must not exist; it is created, and on any error removed again, so
     a failed extraction leaves nothing behind. The caller publishes ``dest``
     (rename) when this returns. ``expected_diff_id`` (e.g. from an image
-    config) is checked after the whole stream was read.
+    config) is checked after the whole stream was read. ``lower`` (layers or
+    paths, bottom first): the layers this one goes on, whose directories give
+    their attributes to the directories the tar does not name (see above).
     """
     dest = os.fsencode(dest)
     if is_root is None:
@@ -469,7 +513,7 @@ def extract_layer(source, dest, *, expected_diff_id: str | None = None,
     try:
         os.mkdir(dest, 0o700)
         try:
-            return _extract_into(raw, dest, expected_diff_id, is_root)
+            return _extract_into(raw, dest, expected_diff_id, is_root, lower)
         except BaseException:
             _remove_tree(dest)
             raise
@@ -478,11 +522,14 @@ def extract_layer(source, dest, *, expected_diff_id: str | None = None,
             raw.close()
 
 
-def _extract_into(raw, dest: bytes, expected_diff_id: str | None, is_root: bool) -> ExtractResult:
+def _extract_into(raw, dest: bytes, expected_diff_id: str | None, is_root: bool,
+                  lower) -> ExtractResult:
+    from ..resolver import Resolver
+    resolver = Resolver(lower) if lower else None
     stream = open_tar_stream(raw)
     result = ExtractResult("", stream.compression, 0)
     root_fd = os.open(dest, syscalls.O_DIR)
-    ex = Extractor(root_fd, result, is_root)
+    ex = Extractor(root_fd, result, is_root, resolver)
     try:
         reader = _tar.TarReader(stream)
         for member in reader:
@@ -493,6 +540,8 @@ def _extract_into(raw, dest: bytes, expected_diff_id: str | None, is_root: bool)
         stream.close()
         ex.close()
         os.close(root_fd)
+        if resolver is not None:
+            resolver.close()
     result.diff_id, result.tar_size = stream.diff_id, stream.size
     if expected_diff_id is not None and expected_diff_id != result.diff_id:
         raise InvalidLayer(f"layer diffID is {result.diff_id}, the image says {expected_diff_id}")

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import array
 import io
+import itertools
 import json
 import os
 import posixpath
@@ -27,6 +29,7 @@ from typing import BinaryIO, Iterator
 from .. import syscalls
 from ..errors import InvalidLayer, MergefsError, NotFound, UnsafeContent
 from ._extract import clean_path
+from ._stream import sniff_compression
 
 INDEX = "application/vnd.oci.image.index.v1+json"
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -43,6 +46,7 @@ LAYER_TYPES = {
     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
 }
 DOCKER_ARCHIVE_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
+MAX_NESTING = 64         # image metadata nests a few levels; json.loads recurses
 MAX_JSON = 16 << 20      # manifests and configs are kilobytes; refuse to buffer a huge one
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _HEX_NAME = re.compile(r"^(blobs/sha256/)?([0-9a-f]{64})(\.json|\.tar|/layer\.tar|/json|/VERSION)?$")
@@ -148,10 +152,7 @@ class _Source:
     def read_json(self, name: str) -> dict | list:
         with self.open(name) as f:
             data = f.read(MAX_JSON)
-        try:
-            return json.loads(data)
-        except ValueError as e:
-            raise InvalidLayer(f"{name}: not valid JSON ({e})") from None
+        return load_json(data, name)
 
 
 def _clean(name: str) -> bytes:
@@ -167,6 +168,36 @@ def _link_target(parent: str, target: str) -> str:
     if target.startswith("/") or joined == ".." or joined.startswith("../"):
         raise UnsafeContent(f"a link in the image points outside it: {target!r}")
     return joined
+
+
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")     # +1 / -1 as signed bytes
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+
+
+def json_too_deep(data: bytes, limit: int) -> bool:
+    """Whether ``[``/``{`` nest deeper than ``limit`` in JSON text, without recursion
+    (strings dropped; a running sum in C, 64 KiB at a time, stopping at the first excess)."""
+    steps = _STRING.sub(b"", data).translate(_STEPS, _NOT_BRACKETS)
+    depth = 0
+    for at in range(0, len(steps), 1 << 16):
+        sums = list(itertools.accumulate(array.array("b", steps[at:at + (1 << 16)]),
+                                         initial=depth))
+        if max(sums) > limit:
+            return True
+        depth = sums[-1]
+    return False
+
+
+def load_json(data: bytes, name: str):
+    """Image metadata as JSON: InvalidLayer if malformed or nested deeper than MAX_NESTING
+    (json.loads recurses: a nesting bomb must fail in one line, not a RecursionError)."""
+    if json_too_deep(data, MAX_NESTING):
+        raise InvalidLayer(f"{name}: JSON nested deeper than {MAX_NESTING} levels")
+    try:
+        return json.loads(data)
+    except ValueError as e:
+        raise InvalidLayer(f"{name}: not valid JSON ({e})") from None
 
 
 class _DirSource(_Source):
@@ -264,31 +295,76 @@ def _looks_like_docker_manifest(path: str) -> bool:
         if os.path.islink(path) or os.path.getsize(path) > (16 << 20):
             return False
         with open(path, "rb") as f:
-            data = json.loads(f.read())
+            data = load_json(f.read(), path)
     except (OSError, ValueError):
         return False
     return isinstance(data, list) and bool(data) and isinstance(data[0], dict) \
         and "Layers" in data[0]
 
 
+SNIFF_MEMBERS = 4096     # an image archive names its manifest within a few members per layer
+
+
 def _sniff_archive(path: str) -> str:
-    """Read member names until one could not belong to an image archive."""
-    found = set()
+    """An OCI layout in a tar, a docker-archive, or a layer tar.
+
+    A docker-archive is known by its ``manifest.json`` (a list of images with
+    ``Layers``), not by the names of its other members, which differ between
+    writers; a manifest that cannot be parsed falls back to those names. An
+    OCI layout that also has a docker manifest (docker 25's save) is read as
+    OCI. An uncompressed tar's headers are read with seeks over the data; a
+    compressed one is a layer tar.
+    """
+    found: dict[str, tarfile.TarInfo] = {}
+    only_image_names, docker_manifest = True, False
     try:
-        with tarfile.open(path, "r|*") as t:
-            for m in t:
+        with open(path, "rb") as f:
+            if sniff_compression(f.read(8)) != "none":
+                return "layer-tar"
+        with tarfile.open(path, "r:") as t:
+            for i, m in enumerate(t):
                 name = m.name.strip("/").removeprefix("./")
                 if name in ("oci-layout", "index.json", "manifest.json", "repositories"):
-                    found.add(name)
+                    found[name] = m
+                    docker_manifest |= name == "manifest.json" and _is_docker_manifest(t, m)
                 elif name not in ("", ".", "blobs", "blobs/sha256") and not _HEX_NAME.match(name):
-                    return "layer-tar"
-    except (tarfile.TarError, EOFError, OSError):
+                    only_image_names = False
+                    if not _archive_member(m):
+                        return "layer-tar"   # e.g. bin/sh: only a layer holds that
+                if i >= SNIFF_MEMBERS:
+                    break
+    except (tarfile.TarError, EOFError, OSError, InvalidLayer):
         return "layer-tar"        # extract_layer will say what is wrong with it
-    if "oci-layout" in found and "index.json" in found:
+    if "oci-layout" in found and "index.json" in found and only_image_names:
         return "oci-layout"
-    if "manifest.json" in found:
-        return "docker-archive"
+    if docker_manifest or "manifest.json" in found and only_image_names:
+        return "docker-archive"   # open_image says what is wrong with its manifest
     return "layer-tar"
+
+
+_ARCHIVE_FILE = re.compile(r"(^|/)(json|VERSION|layer\.tar|(sha256:)?[0-9a-f]{64})$"
+                           r"|\.(tar|tar\.gz|tgz|tar\.zst|json)$")
+
+
+def _archive_member(m: tarfile.TarInfo) -> bool:
+    """Could ``m`` be part of an image archive, whatever its writer's naming: a directory,
+    a link, or a file named like a layer blob or a config."""
+    if m.isdir() or m.issym():
+        return True
+    return m.isfile() and bool(_ARCHIVE_FILE.search(m.name))
+
+
+def _is_docker_manifest(t: tarfile.TarFile, m: tarfile.TarInfo) -> bool:
+    """``manifest.json`` has the shape of a docker manifest (a list of images with
+    ``Layers``), as for a directory; ``open_image`` then checks what it names."""
+    if not m.isfile() or m.size > MAX_JSON:
+        return False
+    try:
+        data = load_json(t.extractfile(m).read(), "manifest.json")
+    except InvalidLayer:
+        return False
+    return isinstance(data, list) and bool(data) and \
+        all(isinstance(e, dict) and "Layers" in e for e in data)
 
 
 # ---- reading ------------------------------------------------------------------
@@ -334,21 +410,31 @@ def _read_blob_json(source: _Source, desc: dict) -> dict:
     with _Verified(source.open(path), desc["digest"], desc.get("size"), path) as f:
         data = f.read()
         f.read()       # end of blob: verify
-    try:
-        return json.loads(data)
-    except ValueError as e:
-        raise InvalidLayer(f"{path}: not valid JSON ({e})") from None
+    return load_json(data, path)
+
+
+def _ref_of(d: dict) -> str:
+    ann = d.get("annotations")
+    return ann.get(REF_NAME, "?") if isinstance(ann, dict) else "?"
 
 
 def _pick(descs: list[dict], ref: str | None, what: str) -> dict:
+    """The image ``ref`` names: its ref name, a unique manifest digest (prefix), or the
+    tag part of a ``repo:tag`` ref name."""
     if ref is not None:
-        hits = [d for d in descs if d.get("annotations", {}).get(REF_NAME) == ref]
+        hits = [d for d in descs if _ref_of(d) == ref] or \
+            [d for d in descs if ref.startswith("sha256:") and len(ref) > 14
+             and str(d.get("digest", "")).startswith(ref)] or \
+            [d for d in descs if _ref_of(d).rsplit(":", 1)[-1] == ref and ":" in _ref_of(d)]
         if not hits:
-            names = sorted(d.get("annotations", {}).get(REF_NAME, "?") for d in descs)
-            raise NotFound(f"no image named {ref!r} in {what} (it has {names})")
+            raise NotFound(f"no image {ref!r} in {what} (it has "
+                           f"{', '.join(sorted(map(_ref_of, descs)))})")
+        if len({d.get("digest") for d in hits}) > 1:
+            raise InvalidLayer(f"{ref!r} names {len(hits)} images in {what}; give a digest")
         return hits[0]
     if len(descs) != 1:
-        raise InvalidLayer(f"{what} holds {len(descs)} images; name one (ref)")
+        raise InvalidLayer(f"{what} holds {len(descs)} images ({', '.join(sorted(map(_ref_of, descs)))}); "
+                           "name one (import --image REF)")
     return descs[0]
 
 
@@ -403,13 +489,17 @@ def _read_docker(source: _Source, ref: str | None) -> Image:
     if not isinstance(entries, list) or not entries:
         raise InvalidLayer("manifest.json is not a non-empty list")
     if ref is not None:
-        hits = [e for e in entries if ref in (e.get("RepoTags") or [])
-                or any(t.rsplit(":", 1)[-1] == ref for t in e.get("RepoTags") or [])]
+        hits = [e for e in entries if ref in (e.get("RepoTags") or [])] or \
+            [e for e in entries if any(t.rsplit(":", 1)[-1] == ref for t in e.get("RepoTags") or [])] or \
+            [e for e in entries if ref.startswith("sha256:") and len(ref) > 14
+             and (_hex_digest(str(e.get("Config"))) or "").startswith(ref)]
         if not hits:
             raise NotFound(f"no image tagged {ref!r} in manifest.json")
         entry = hits[0]
     elif len(entries) != 1:
-        raise InvalidLayer(f"manifest.json holds {len(entries)} images; name one (ref)")
+        tags = sorted(t for e in entries for t in (e.get("RepoTags") or ["?"]))
+        raise InvalidLayer(f"manifest.json holds {len(entries)} images ({', '.join(tags)}); "
+                           "name one (import --image REF)")
     else:
         entry = entries[0]
     config_name = entry.get("Config")
@@ -421,10 +511,7 @@ def _read_docker(source: _Source, ref: str | None) -> Image:
         if len(data) > MAX_JSON:
             raise InvalidLayer(f"{config_name}: an image config over {MAX_JSON} bytes")
         f.read()
-    try:
-        config = json.loads(data)
-    except ValueError as e:
-        raise InvalidLayer(f"{config_name}: not valid JSON ({e})") from None
+    config = load_json(data, config_name)
     names = entry.get("Layers") or []
     diff_ids = _diff_ids(config, len(names))
     layers = [LayerDescriptor(DOCKER_ARCHIVE_LAYER, _hex_digest(n), None, d, n)

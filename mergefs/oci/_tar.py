@@ -131,6 +131,8 @@ def _xattr_name(key: bytes) -> str | None:
             if prefix == b"LIBARCHIVE.xattr.":
                 from urllib.parse import unquote_to_bytes
                 name = unquote_to_bytes(name)
+            if b"\0" in name:
+                raise InvalidLayer(f"tar: xattr name {name!r} holds a NUL byte")
             return name.decode("utf-8", "surrogateescape")
     return None
 
@@ -225,6 +227,8 @@ class TarReader:
         h = HEADER.unpack(block)
         try:
             member = self._member(h, typ, pax, longname, longlink)
+        except InvalidLayer:
+            raise                         # already says what is wrong (sparse, out of range)
         except ValueError as e:           # int() of a malformed pax value
             raise InvalidLayer(f"tar: malformed pax value ({e})") from None
         self._left = member.size if typ in FILE_TYPES else _number(h[4], "size")

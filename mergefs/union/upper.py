@@ -23,7 +23,7 @@ import stat
 from .. import syscalls
 from ..attrs import set_xattrs
 from ..errors import InvalidLayer
-from ..layer import DIR, LNK, REG, Layer, content_xattrs, open_layer_root
+from ..layer import DIR, LNK, REG, Layer, content_xattrs, mark_overlay, open_layer_root
 
 log = logging.getLogger("mergefs.union")
 WHITEOUT_DEV = 0
@@ -44,6 +44,7 @@ class Upper:
 
     def __init__(self, upper: str | bytes, work: str | bytes):
         self.layer = Layer(upper, "overlay")
+        mark_overlay(self.layer.fd)   # overlay format whatever its names, for every reader
         self.work_fd = open_layer_root(os.fsencode(work))
         if os.fstat(self.work_fd).st_dev != os.fstat(self.layer.fd).st_dev:
             os.close(self.work_fd)

@@ -82,25 +82,19 @@ def copy_entry(e: pyfuse3.EntryAttributes, gid: int) -> pyfuse3.EntryAttributes:
 
 def mounts_using(mountpoint: str, name: str) -> list[str]:
     """Mount points that use the view: binds of it or below it, mounts inside it."""
+    from .. import mounttable
     inside = os.path.join(mountpoint, name)
     root = "/" + name
+    rows = mounttable.read()
     dev = None
+    for r in rows:
+        if r.target == mountpoint:
+            dev = r.device
     out = []
-    with open("/proc/self/mountinfo") as f:
-        rows = [line.split() for line in f]
     for r in rows:
-        if r[4] == mountpoint:
-            dev = r[2]
-    for r in rows:
-        mnt_root, target = _unescape(r[3]), _unescape(r[4])
-        if target == mountpoint:
+        if r.target == mountpoint:
             continue
-        if (r[2] == dev and (mnt_root == root or mnt_root.startswith(root + "/"))) or \
-                target == inside or target.startswith(inside + "/"):
-            out.append(target)
+        if (r.device == dev and (r.root == root or r.root.startswith(root + "/"))) or \
+                r.target == inside or r.target.startswith(inside + "/"):
+            out.append(r.target)
     return out
-
-
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal."""
-    return field.encode().decode("unicode_escape") if "\\" in field else field

@@ -58,9 +58,18 @@ def test_readme_commands_parse():
     readme = Path(__file__).resolve().parents[2] / "README.md"
     lines = [line.split("#")[0].strip() for line in readme.read_text().splitlines()
              if line.startswith("    mergefs ")]          # the indented example blocks
-    cmds = [shlex.split(part.strip().removesuffix("&")         # a shell's background job
-                        .replace("[", "").replace("]", ""))[1:]   # [--opt]: optional
-            for line in lines for part in line.split(";") if part.strip().startswith("mergefs ")]
+    cmds, cur = [], []
+    for line in lines:
+        lex = shlex.shlex(line.replace("[", "").replace("]", ""),  # [--opt]: optional
+                          posix=True, punctuation_chars=True)
+        lex.whitespace_split = True
+        for tok in list(lex) + [";"]:
+            if tok in (";", "&", "&&", "|", "||"):           # shell operators end a command
+                if cur and cur[0] == "mergefs":
+                    cmds.append(cur[1:])
+                cur = []
+            else:
+                cur.append(tok)
     assert any(c[0] == "install-mount-helper" for c in cmds)
     parser = build_parser()
     for argv in cmds:

@@ -108,23 +108,25 @@ def reference(image, tmp_path_factory) -> tree.View:
     return tree.capture(out / "rootfs")
 
 
-IMPLICIT: set[bytes] = set()     # directories some imported layer did not name
+IMPLICIT: set[bytes] = set()     # directories no layer named and no lower layer had
 
 
 def import_layers(src, where: Path, ref: str | None = "t") -> list[Path]:
+    """Each layer extracted over the ones below it (implicit dirs inherit, issue 11 item 16)."""
     paths = []
     with open_image(src, ref) as img:
         for i, (desc, reader) in enumerate(img.iter_layers()):
             dest = where / f"l{i}"
-            r = extract_layer(reader, dest, expected_diff_id=desc.diff_id)
+            r = extract_layer(reader, dest, expected_diff_id=desc.diff_id, lower=list(paths))
             assert r.diff_id == desc.diff_id
-            IMPLICIT.update(r.implicit_dirs)
+            IMPLICIT.update(set(r.implicit_dirs) - set(r.inherited))
             paths.append(dest)
     return paths
 
 
 def without_implicit(view: tree.View) -> tree.View:
-    """Directories a layer did not name keep only their kind (see implicit_dirs)."""
+    """Directories no layer named and nothing below had: umoci makes them with its own
+    defaults, mergefs with 0755 0:0 mtime 0; only their kind is compared."""
     entries = {p: (a._replace(mode=0, uid=0, gid=0, mtime_ns=0) if p in IMPLICIT else a)
                for p, a in view.entries.items()}
     return tree.View(entries, view.groups)
@@ -235,3 +237,70 @@ def test_tampered_blob_is_refused(image, tmp_path):
     with pytest.raises(InvalidLayer, match="digest"):
         import_layers(work, tmp_path, "t")
     assert not (tmp_path / "l0").exists()
+
+
+def _item16_image(tmp_path) -> tuple[Path, tree.View]:
+    img, bundle = tmp_path / "img", tmp_path / "bundle"
+    run("umoci", "init", "--layout", img)
+    run("umoci", "new", "--image", f"{img}:t")
+    run("umoci", "unpack", "--image", f"{img}:t", bundle)
+    rootfs = bundle / "rootfs"
+    (rootfs / "a/b").mkdir(parents=True)
+    os.chown(rootfs / "a/b", 1000, 1001)
+    os.chmod(rootfs / "a/b", 0o750)
+    os.setxattr(rootfs / "a/b", "user.k", b"v")
+    os.chmod(rootfs / "a", 0o711)
+    _touch_ns(rootfs / "a/b")
+    _touch_ns(rootfs / "a", NS + 5)
+    run("umoci", "repack", "--image", f"{img}:t", bundle)
+    (tmp_path / "l2.tar").write_bytes(tar_bytes([member("a/b/f", data=b"new\n")]))
+    run("umoci", "raw", "add-layer", "--image", f"{img}:t", tmp_path / "l2.tar")
+    run("umoci", "unpack", "--image", f"{img}:t", tmp_path / "ref")
+    return img, tree.capture(tmp_path / "ref/rootfs")
+
+
+def test_item16_unnamed_dir_keeps_the_lower_attributes_like_umoci(tmp_path):
+    """Issue 11 item 16: a layer holding only a/b/f leaves a/ and a/b/ as the lower had them."""
+    img, reference = _item16_image(tmp_path)
+    (tmp_path / "layers").mkdir()
+    layers = import_layers(img, tmp_path / "layers")
+    build_farm(layers, tmp_path / "farm")
+    view = tree.capture(tmp_path / "farm")
+    for p in (b"a", b"a/b"):
+        assert view.entries[p] == reference.entries[p], p
+    assert view.entries[b"a/b"].uid == 1000 and view.entries[b"a/b"].mode & 0o7777 == 0o750
+    with mounts.overlay_mount(layers) as mnt:
+        kernel = tree.capture(mnt)
+    tree.assert_same(without_implicit(kernel), without_implicit(reference), "kernel overlay")
+    tree.assert_same(without_implicit(view), without_implicit(reference), "farm")
+
+
+def test_item16_store_import_inherits_even_when_the_layer_was_stored_alone(tmp_path):
+    """The store keys a layer that inherited attributes by its lowers too: the same tar
+    imported alone first (no lower: 0755 0:0) must not be reused for the image."""
+    import subprocess
+    import sys
+    img, reference = _item16_image(tmp_path)
+    repo = Path(__file__).resolve().parents[2]
+
+    def cli(*args):
+        p = subprocess.run([sys.executable, "-m", "mergefs", "--root", str(tmp_path / "store"),
+                            *map(str, args)], capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, PYTHONPATH=str(repo)))
+        assert p.returncode == 0, p.stderr
+        return p.stdout.strip()
+
+    alone = cli("import", tmp_path / "l2.tar")
+    cli("import", img)
+    cli("export", "t", "-o", tmp_path / "out")
+    view = tree.capture(tmp_path / "out")
+    for p in (b"a", b"a/b", b"a/b/f"):
+        assert view.entries[p] == reference.entries[p], p
+    cli("export", alone, "-o", tmp_path / "alone")        # the lone layer is unchanged
+    assert tree.capture(tmp_path / "alone").entries[b"a/b"].mode & 0o7777 == 0o755
+    # and the image exported to OCI and unpacked by umoci gives the same tree again
+    cli("export", "t", "-o", tmp_path / "again", "--format", "oci")
+    run("umoci", "unpack", "--image", f"{tmp_path}/again:t", tmp_path / "again-bundle")
+    again = tree.capture(tmp_path / "again-bundle/rootfs")
+    for p in (b"a", b"a/b", b"a/b/f"):
+        assert again.entries[p] == reference.entries[p], p

@@ -114,12 +114,10 @@ def test_version_prints_the_installed_version():
 
 
 def _mount_options(mnt: Path) -> set[str]:
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4] == str(mnt):
-                return set(fields[5].split(","))
-    raise AssertionError(f"{mnt} is not mounted")
+    from mergefs import mounttable
+    entry = mounttable.entry_at(mnt)
+    assert entry is not None, f"{mnt} is not mounted"
+    return set(entry.options.split(","))
 
 
 @pytest.mark.timeout(60)

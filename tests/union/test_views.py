@@ -139,9 +139,8 @@ def test_one_inode_and_one_page_cache_copy_for_a_lower_file(tmp_path, views):
 
 
 def _mount_flags(target: Path) -> set[str]:
-    with open("/proc/self/mountinfo") as f:
-        rows = [line.split() for line in f]
-    return set(next(r for r in reversed(rows) if r[4] == str(target))[5].split(","))
+    from mergefs import mounttable
+    return set(mounttable.entry_at(target).options.split(","))
 
 
 def test_remove_a_view_while_another_views_bind_stays(tmp_path, views):

@@ -1,0 +1,108 @@
+"""Registry verbs: push a snapshot to an OCI registry, pull an image into the store.
+
+    mergefs push REF REGISTRY/REPO:TAG [--compression gzip|zstd]
+    mergefs pull REGISTRY/REPO:TAG [--name N]
+
+skopeo speaks the distribution protocol (see ``snapshotter.distribution``):
+credentials come from ``--authfile``, ``$REGISTRY_AUTH_FILE``, containers'
+``auth.json`` or ``~/.docker/config.json``; plain HTTP needs ``--insecure``
+unless the registry is on a loopback address. On a terminal, skopeo's
+progress bars and one line per layer go to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _target(text: str):
+    from snapshotter.distribution import parse_target
+    try:
+        return parse_target(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _retries(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"--retries must be at least 0, not {n}")
+    return n
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--insecure", action="store_true",
+                   help="allow plain HTTP and unverified TLS (always allowed for loopback)")
+    p.add_argument("--authfile", metavar="FILE", help="credentials file (auth.json format)")
+    p.add_argument("--creds", metavar="USER[:PASSWORD]", help="basic auth credentials")
+    p.add_argument("--registry-token", metavar="TOKEN", help="a bearer token")
+    p.add_argument("--retries", type=_retries, default=3, metavar="N",
+                   help="retries with exponential backoff (1 s, 2 s, 4 s...); default 3")
+    p.add_argument("--json", action="store_true")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("push", help="push a layer, merge or image to an OCI registry")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("target", metavar="REGISTRY/REPO:TAG", type=_target)
+    p.add_argument("--compression", choices=("gzip", "zstd"), default="gzip")
+    _common(p)
+    p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("pull", help="pull an image from an OCI registry into the store "
+                       "(only the layers it lacks)")
+    p.add_argument("target", metavar="REGISTRY/REPO:TAG", type=_target)
+    p.add_argument("--name", help="name of the image record (default: REPO:TAG's last part)")
+    _common(p)
+    p.set_defaults(func=cmd_pull)
+
+
+def _client(args):
+    from snapshotter.distribution import Skopeo
+    return Skopeo(insecure=args.insecure, authfile=args.authfile, creds=args.creds,
+                  token=args.registry_token, retries=args.retries, progress=_shown(args))
+
+
+def _shown(args) -> bool:
+    """Progress on a terminal unless --quiet (the CLI's one rule, ``progress.wanted``)."""
+    from .progress import wanted
+    return wanted(args)
+
+
+def _progress(msg: str) -> None:
+    print(f"mergefs: {msg}", file=sys.stderr, flush=True)
+
+
+def _store(args):
+    """The store under the CLI's ``Snapshotter`` (its holder keeps what a pull records)."""
+    from .cmd_store import _store as open_snapshotter
+    return open_snapshotter(args)
+
+
+def cmd_push(args) -> int:
+    from snapshotter import registry
+    with _store(args) as sn:
+        res = registry.push(sn.store, args.ref, args.target, _client(args), args.compression,
+                            progress=_progress if _shown(args) else registry._quiet)
+    if args.json:
+        print(json.dumps({"target": res.target, "manifest": res.manifest_digest,
+                          "compressed": res.compressed,
+                          "layers": [b.__dict__ for b in res.layers]}, indent=2))
+    else:
+        print(f"{res.target}@{res.manifest_digest}")
+    return 0
+
+
+def cmd_pull(args) -> int:
+    from snapshotter import registry
+    with _store(args) as sn:
+        res = registry.pull(sn.store, args.target, args.name, _client(args), holder=sn.holder,
+                            progress=_progress if _shown(args) else registry._quiet)
+    if args.json:
+        print(json.dumps({"target": res.target, "manifest": res.manifest_digest,
+                          "layers": [r.id for r in res.layers], "fetched": res.fetched,
+                          "image": res.image.id if res.image else None}, indent=2))
+    else:
+        print(res.image.id if res.image else "")
+    return 0

@@ -1,0 +1,416 @@
+"""Push and pull through an OCI registry, by digest (``mergefs push`` / ``mergefs pull``).
+
+Push: REF's flattened layers (a layer, a merge's layer chain, an imported
+image) become layer blobs, an image config whose ``rootfs.diff_ids`` are the
+layers' diffIDs, and a manifest, copied by skopeo from a temporary OCI layout
+(hardlinks into the blob cache) with ``--preserve-digests``. skopeo asks the
+registry for each blob first (HEAD) and uploads only what it lacks.
+
+Compress once: each layer's blob is written the first time it is pushed
+(``write_layer_tar``, deterministic, opaque directories as ``.wh..wh..opq``
+so the blob depends on the layer alone) into ``ROOT/blobs/sha256/``, and its
+digest, diffID and size are remembered in ``layer_blobs`` per (layer,
+compression). Pulled blobs are kept there too, so pushing a pulled layer
+sends the very blob it came as.
+
+Identity across machines: each layer descriptor carries two annotations, the
+layer's snapshot id (``org.mergefs.layer.id``) and its tree digest
+(``org.mergefs.layer.tree``, mergefs-tree-v1). A puller stores the layer under
+that id only if the tree digest of what it extracted is the same (the claim
+is checked, not trusted); otherwise under the diffID, like ``import``. So a
+merge of pulled layers has the id the same merge has on the pushing machine.
+
+Pull: the manifest and config (``skopeo inspect``) say which layers there
+are; a layer is present if the store has its annotated id (same tree digest),
+its diffID as an id, or a remembered blob with that diffID. Each missing
+layer is fetched by its own ``skopeo copy`` into a fresh OCI layout where the
+other layers' blobs are sparse placeholders (skopeo reuses a blob that exists
+at the destination, so it downloads exactly one layer blob); the next fetch
+runs while the current layer is extracted. skopeo checks the blob digest as
+it downloads; the extraction checks the digest and size again and the diffID
+while it streams. Each layer is published as soon as it is verified, so an
+interrupted pull resumes without fetching finished layers again. The image
+record is the union merge of the layers, named ``--name`` or ``REPO:TAG``'s
+last path part (like ``import`` of an image).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import meta, service
+from .digest import TreeSummary, tree_digest
+from .distribution import RegistryError, Skopeo, Target, parse_target, result, stop
+from .meta import Row
+from .store import CLI_HOLDER, Store
+
+ANN_ID = "org.mergefs.layer.id"
+ANN_TREE = "org.mergefs.layer.tree"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
+COMPRESSIONS = ("gzip", "zstd")
+_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le",
+         "s390x": "s390x", "riscv64": "riscv64"}
+_ID = "sha256:"
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Blob:
+    layer: str
+    compression: str
+    digest: str
+    diff_id: str
+    size: int
+    media_type: str
+
+
+@dataclass
+class PushResult:
+    target: str
+    manifest_digest: str
+    layers: list[Blob]
+    compressed: int            # layers compressed by this push (0 when all were remembered)
+
+
+@dataclass
+class PullResult:
+    target: str
+    manifest_digest: str
+    layers: list[Row]
+    fetched: list[str]         # blob digests downloaded by this pull
+    image: Row | None
+
+
+def _hex(digest: str) -> str:
+    return digest.split(":", 1)[1]
+
+
+def blob_dir(store: Store) -> Path:
+    d = store.root / "blobs" / "sha256"
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    return d
+
+
+def _compression_of(media_type: str) -> str:
+    if media_type.endswith("gzip"):
+        return "gzip"
+    if media_type.endswith("zstd"):
+        return "zstd"
+    return "none"
+
+
+# -- the blob cache ------------------------------------------------------------------------
+def drop_orphans(store: Store) -> None:
+    """Forget blobs of layers that are gone (pruned) and delete their files."""
+    meta.ensure_blobs(store.db)
+    orphans = meta.orphan_blobs(store.db)
+    if not orphans:
+        return
+    with meta.write(store.db):
+        for layer, digest in orphans:
+            store.db.execute("DELETE FROM layer_blobs WHERE layer=? AND digest=?", (layer, digest))
+    live = {d for (d,) in store.db.execute("SELECT digest FROM layer_blobs")}
+    for _layer, digest in orphans:
+        if digest not in live:
+            try:
+                os.unlink(blob_dir(store) / _hex(digest))
+            except FileNotFoundError:
+                pass
+
+
+def _cached(store: Store, row: tuple) -> Blob | None:
+    blob = Blob(*row)
+    try:
+        ok = os.stat(blob_dir(store) / _hex(blob.digest)).st_size == blob.size
+    except FileNotFoundError:
+        ok = False
+    return blob if ok else None
+
+
+def ensure_blob(store: Store, layer: str, compression: str) -> tuple[Blob, bool]:
+    """The layer's blob in the cache, written now only if never written before: (blob, new)."""
+    from mergefs import oci
+    for row in meta.blobs_of(store.db, layer=layer):
+        if row[1] == compression and (blob := _cached(store, row)) is not None:
+            return blob, False
+    d = blob_dir(store)
+    tmp = d / f".tmp-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "xb") as f:
+            lb = oci.write_layer_tar(store.fs_of(layer), f, lower=None, compression=compression)
+        os.replace(tmp, d / _hex(lb.digest))
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    blob = Blob(layer, compression, lb.digest, lb.diff_id, lb.size, lb.media_type)
+    with meta.write(store.db):
+        meta.put_blob(store.db, tuple(blob.__dict__.values()))
+    return blob, True
+
+
+# -- push -------------------------------------------------------------------------------------
+def _json(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _put(blobs: Path, data: bytes) -> dict:
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    (blobs / _hex(digest)).write_bytes(data)
+    return {"digest": digest, "size": len(data)}
+
+
+def _write_layout(store: Store, where: Path, blobs: list[Blob]) -> str:
+    """An OCI layout of one image (tag ``push``) whose layer blobs are hardlinks into the cache."""
+    bdir = where / "blobs" / "sha256"
+    os.makedirs(bdir)
+    for b in blobs:
+        if not (bdir / _hex(b.digest)).exists():
+            os.link(blob_dir(store) / _hex(b.digest), bdir / _hex(b.digest))
+    machine = os.uname().machine
+    config = {"architecture": _ARCH.get(machine, machine), "os": "linux", "config": {},
+              "rootfs": {"type": "layers", "diff_ids": [b.diff_id for b in blobs]}}
+    layers = []
+    for b in blobs:
+        row = store.get(b.layer)
+        ann = {ANN_ID: b.layer}
+        if row is not None and row.tree_digest:
+            ann[ANN_TREE] = row.tree_digest
+        layers.append({"mediaType": b.media_type, "digest": b.digest, "size": b.size,
+                       "annotations": ann})
+    manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                "config": {"mediaType": CONFIG_TYPE, **_put(bdir, _json(config))},
+                "layers": layers}
+    mdesc = {"mediaType": OCI_MANIFEST, **_put(bdir, _json(manifest)),
+             "annotations": {"org.opencontainers.image.ref.name": "push"}}
+    (where / "index.json").write_bytes(_json({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                                              "manifests": [mdesc]}))
+    (where / "oci-layout").write_bytes(_json({"imageLayoutVersion": "1.0.0"}))
+    return mdesc["digest"]
+
+
+def push(store: Store, ref: str, target: str | Target, client: Skopeo | None = None,
+         compression: str = "gzip", progress: Progress = _quiet) -> PushResult:
+    """Push REF (its flattened layers, bottom first) to ``target`` as one image."""
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {COMPRESSIONS}")
+    target = parse_target(target) if isinstance(target, str) else target
+    client = client or Skopeo()
+    drop_orphans(store)
+    flat = service.flatten(store, service.resolve_ref(store, ref))
+    blobs, compressed = [], 0
+    for i, layer in enumerate(flat, 1):
+        if not any(r[1] == compression for r in meta.blobs_of(store.db, layer=layer)):
+            progress(f"layer {i}/{len(flat)} {service.short(layer)}: writing its {compression} "
+                     "blob (once)")
+        blob, new = ensure_blob(store, layer, compression)
+        compressed += new
+        progress(f"layer {i}/{len(flat)} {service.short(layer)}: blob {blob.digest[:19]} "
+                 f"{blob.size} bytes ({'compressed now' if new else 'remembered'})")
+        blobs.append(blob)
+    staged = store.stage("push")
+    try:
+        digest = _write_layout(store, staged.path / "oci", blobs)
+        progress(f"copying to {target}")
+        result(client.copy(f"oci:{staged.path / 'oci'}:push", target.docker(), target,
+                           push=True, preserve_digests=True), f"push to {target} failed")
+    finally:
+        staged.discard()
+    return PushResult(str(target), digest, blobs, compressed)
+
+
+# -- pull -------------------------------------------------------------------------------------
+@dataclass
+class _Plan:
+    target: Target              # pinned to the manifest digest
+    manifest_digest: str
+    manifest: dict
+    layers: list[dict]          # descriptors, bottom first
+    diff_ids: list[str]
+
+
+def _platform(index: dict) -> str:
+    machine = os.uname().machine
+    arch = _ARCH.get(machine, machine)
+    for m in index.get("manifests", []):
+        p = m.get("platform", {})
+        if p.get("os") == "linux" and p.get("architecture") == arch:
+            return m["digest"]
+    raise RegistryError(f"the image index has no manifest for linux/{arch}")
+
+
+def _plan(client: Skopeo, target: Target) -> _Plan:
+    """Manifest and config, fetched side by side; the config checked against the manifest."""
+    mproc, cproc = client.inspect(target), client.inspect(target, config=True)
+    raw = result(mproc, f"pull of {target} failed")
+    cfg_raw = result(cproc, f"pull of {target} failed")
+    manifest = json.loads(raw)
+    mtype = manifest.get("mediaType")
+    if mtype in (OCI_INDEX, DOCKER_LIST) or "manifests" in manifest:
+        target = target.pinned(_platform(manifest))
+        raw = result(client.inspect(target), f"pull of {target} failed")
+        manifest = json.loads(raw)
+        mtype = manifest.get("mediaType")
+    if mtype not in (OCI_MANIFEST, DOCKER_MANIFEST, None) or manifest.get("schemaVersion") != 2:
+        raise RegistryError(f"pull of {target}: unsupported manifest type {mtype!r}")
+    digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+    if target.digest and target.digest != digest:
+        raise RegistryError(f"pull of {target}: manifest digest mismatch (got {digest})")
+    want = manifest["config"]["digest"]
+    if "sha256:" + hashlib.sha256(cfg_raw).hexdigest() != want:
+        raise RegistryError(f"pull of {target}: the tag moved or the config does not match "
+                            f"its digest {want}; retry")
+    diff_ids = json.loads(cfg_raw).get("rootfs", {}).get("diff_ids", [])
+    if len(diff_ids) != len(manifest.get("layers", [])):
+        raise RegistryError(f"pull of {target}: config has {len(diff_ids)} diffIDs for "
+                            f"{len(manifest.get('layers', []))} layers")
+    return _Plan(target.pinned(digest), digest, manifest, manifest["layers"], diff_ids)
+
+
+def _present(store: Store, desc: dict, diff_id: str, holder: str | None) -> Row | None:
+    """The stored layer this descriptor stands for, with a ref taken, or None."""
+    ann = desc.get("annotations") or {}
+    lid, tree = ann.get(ANN_ID), ann.get(ANN_TREE)
+    if lid and tree:
+        row = store.get(lid)
+        if row is not None and row.tree_digest == tree:
+            if (got := store.reuse(lid, holder)) is not None:
+                return got
+    if (got := store.reuse(diff_id, holder)) is not None:
+        return got
+    for brow in meta.blobs_of(store.db, diff_id=diff_id):
+        if (got := store.reuse(brow[0], holder)) is not None:
+            return got
+    return None
+
+
+class _Fetch:
+    """One layer blob downloaded by skopeo into its own fresh OCI layout."""
+
+    def __init__(self, store: Store, client: Skopeo, plan: _Plan, index: int):
+        self.desc = plan.layers[index]
+        self.staged = store.stage("pull")
+        self.layout = self.staged.path / "oci"
+        bdir = self.layout / "blobs" / "sha256"
+        os.makedirs(bdir)
+        for j, d in enumerate(plan.layers):
+            if j != index and d["digest"] != self.desc["digest"]:
+                with open(bdir / _hex(d["digest"]), "wb") as f:   # sparse placeholder
+                    f.truncate(d["size"])
+        (self.layout / "oci-layout").write_bytes(_json({"imageLayoutVersion": "1.0.0"}))
+        (self.layout / "index.json").write_bytes(_json({"schemaVersion": 2, "manifests": []}))
+        self.proc = client.copy(plan.target.docker(), f"oci:{self.layout}:pull", plan.target,
+                                push=False)
+        self.what = f"pull of {plan.target} failed (layer {self.desc['digest'][:19]})"
+
+    def wait(self) -> Path:
+        result(self.proc, self.what)
+        return self.layout
+
+    def cancel(self) -> None:
+        stop(self.proc)
+        self.staged.discard()
+
+
+def _import(store: Store, fetch: _Fetch, diff_id: str, source: str, holder) -> tuple[Row, Blob]:
+    """Extract the fetched blob (digest, size and diffID checked while streaming), publish it."""
+    from mergefs import oci
+    layout = fetch.wait()
+    desc = fetch.desc
+    staged = store.stage("pull")
+    try:
+        with oci.open_image(str(layout), ref="pull") as img:
+            (ld,) = [d for d in img.layers if d.digest == desc["digest"]][:1] or [None]
+            if ld is None:
+                raise RegistryError(f"{fetch.what}: blob missing from skopeo's copy")
+            with img.open_layer(ld) as reader:
+                oci.extract_layer(reader, staged.path / "fs", expected_diff_id=diff_id)
+        tree = tree_digest(staged.path / "fs")
+        ann = desc.get("annotations") or {}
+        claimed = ann.get(ANN_ID, "")
+        lid = claimed if (ann.get(ANN_TREE) == tree.digest and claimed.startswith(_ID)
+                          and len(claimed) == 71) else diff_id
+        row = service.publish_layer(store, staged, TreeSummary(lid, tree.entries, tree.bytes),
+                                    tree.digest, "layer", f"pull of {source}", source, None,
+                                    holder, "pull")
+        comp = _compression_of(desc["mediaType"])
+        media = {"gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
+                 "zstd": "application/vnd.oci.image.layer.v1.tar+zstd"}.get(
+                     comp, "application/vnd.oci.image.layer.v1.tar")
+        blob = Blob(row.id, comp, desc["digest"], diff_id, desc["size"], media)
+        os.replace(layout / "blobs" / "sha256" / _hex(blob.digest),
+                   blob_dir(store) / _hex(blob.digest))
+        with meta.write(store.db):
+            meta.put_blob(store.db, tuple(blob.__dict__.values()))
+        return row, blob
+    finally:
+        staged.discard()
+        fetch.cancel()
+
+
+def _pause_point(step: str) -> None:
+    """Tests: ``MERGEFS_TEST_PAUSE_AT=STEP`` stops the process here (SIGSTOP) until SIGCONT.
+
+    Steps: ``pull:after-layer-K``, once the K-th fetched layer is stored."""
+    if os.environ.get("MERGEFS_TEST_PAUSE_AT") == step:
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def default_name(target: Target) -> str:
+    return target.repo.rsplit("/", 1)[-1] + (f":{target.tag}" if target.tag else "")
+
+
+def pull(store: Store, target: str | Target, name: str | None = None,
+         client: Skopeo | None = None, holder: str | None = CLI_HOLDER,
+         progress: Progress = _quiet) -> PullResult:
+    """Fetch the layers of ``target`` the store lacks, verify, publish, record the image."""
+    target = parse_target(target) if isinstance(target, str) else target
+    client = client or Skopeo()
+    drop_orphans(store)
+    name = name or default_name(target)
+    plan = _plan(client, target)
+    n = len(plan.layers)
+    rows: list[Row | None] = [_present(store, d, i, holder)
+                              for d, i in zip(plan.layers, plan.diff_ids)]
+    missing = [i for i, r in enumerate(rows) if r is None]
+    progress(f"{target}: {n} layers, {n - len(missing)} present, {len(missing)} to fetch")
+    fetched: list[str] = []
+    pending: _Fetch | None = _Fetch(store, client, plan, missing[0]) if missing else None
+    try:
+        for k, i in enumerate(missing):
+            current, pending = pending, None
+            if k + 1 < len(missing):            # the next download runs while this one extracts
+                pending = _Fetch(store, client, plan, missing[k + 1])
+            rows[i], blob = _import(store, current, plan.diff_ids[i], str(target), holder)
+            fetched.append(blob.digest)
+            progress(f"layer {i + 1}/{n} {blob.digest[:19]} {blob.size} bytes: fetched, "
+                     f"verified, stored as {service.short(rows[i].id)}")
+            _pause_point(f"pull:after-layer-{k + 1}")
+    finally:
+        if pending is not None:
+            pending.cancel()
+    layers = [r for r in rows if r is not None]
+    image = None
+    if len(layers) > 1:
+        image = service.merge(store, [r.id for r in layers], strategy="union", name=name,
+                              holder=holder).row
+    elif layers:
+        image = store.reuse(layers[0].id, holder, name)
+    return PullResult(str(target), plan.manifest_digest, layers, fetched, image)
+
+
+__all__ = ["push", "pull", "PushResult", "PullResult", "Skopeo", "RegistryError", "parse_target"]

@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""Benchmark: mergefs push / pull against ``skopeo copy`` with the same registry.
+
+    sudo .venv/bin/python tools/bench_registry.py [--workdir DIR] [--files 100000]
+                                                  [--layers 8] [--reps 3]
+
+The image is a tools/gen_stack.py stack (100k files, 8 layers, overlay format,
+fixed seed) imported into store A and merged (``app``). The anchor layout is
+``mergefs export app --format oci`` of the same merge (gzip layers). Each
+repetition starts fresh Debian ``docker-registry`` instances on 127.0.0.1
+(private storage, stopped by pid), one per contender so no blob is already
+there, and times, as child processes (interpreter start included):
+
+* ``skopeo push``: ``skopeo copy oci:LAYOUT docker://REG/...`` (anchor);
+* ``mergefs push, blobs remembered``: ``mergefs push app`` to an empty
+  registry, the layer blobs already written by an earlier push (the like-for-
+  like case: both send ready blobs);
+* ``mergefs push, first``: the same after forgetting the remembered blobs, so
+  the 8 layers are tarred and gzipped during the push (work skopeo's copy
+  from a ready layout does not do);
+* ``skopeo pull``: ``skopeo copy docker://REG/... oci:NEWDIR`` (anchor; writes
+  8 blobs); ``skopeo pull + mergefs import``: that plus importing the layout
+  into a fresh store (the two-step way to get the layers into a store);
+* ``mergefs pull``: ``mergefs pull`` into a fresh store B (fetch, verify,
+  extract 100k files, tree digests, publish, image record);
+* ``mergefs pull, all present``: the same again into B: the registry's access
+  log must show no layer blob bytes sent; reported are the whole process and
+  the ``registry.pull()`` call alone (target < 0.5 s).
+
+Correctness: B's image has A's merge id and the merged trees' digests match.
+Prints a table of medians and ratios against the anchors of the same run, and
+the load average. Asserts nothing else.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, REPO)
+
+import benchlib  # noqa: E402
+import gen_stack  # noqa: E402
+
+from mergefs.testing.registry import RegistryServer  # noqa: E402
+
+PY = sys.executable
+PRESENT_CHILD = """
+import json, sys, time
+t0 = time.perf_counter()
+from snapshotter import registry
+from snapshotter.store import Store
+t1 = time.perf_counter()
+with Store(sys.argv[1]) as s:
+    r = registry.pull(s, sys.argv[2])
+t2 = time.perf_counter()
+print(json.dumps({"call": t2 - t1, "imports": t1 - t0, "fetched": r.fetched}))
+"""
+
+
+def mergefs(root: str, *args) -> benchlib.ChildResult:
+    return benchlib.run_child([PY, "-m", "mergefs", "--root", root, *map(str, args)],
+                              env=dict(os.environ, PYTHONPATH=REPO))
+
+
+def skopeo(*args) -> benchlib.ChildResult:
+    return benchlib.run_child(["skopeo", *args])
+
+
+def rm(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def forget_blobs(root: str) -> None:
+    """Make store ROOT forget its remembered layer blobs (the next push compresses again)."""
+    from snapshotter import meta
+    from snapshotter.store import Store
+    with Store(root) as s:
+        meta.ensure_blobs(s.db)
+        s.db.execute("DELETE FROM layer_blobs")
+    rm(os.path.join(root, "blobs"))
+
+
+def setup(work: str, files: int, layers: int) -> tuple[str, str, str]:
+    stack = gen_stack.ensure_stack(os.path.join(work, "stack"), layers, files, 1, "overlay")
+    root_a = os.path.join(work, "store-a")
+    layout = os.path.join(work, "anchor-layout")
+    rm(root_a)
+    rm(layout)
+    for i, d in enumerate(stack):
+        mergefs(root_a, "import", d, "--name", f"l{i}")
+    mid = mergefs(root_a, "merge", "--strategy", "union", "--name", "app",
+                  *[f"l{i}" for i in range(layers)]).stdout.strip()
+    mergefs(root_a, "export", "app", "-o", layout, "--format", "oci")
+    return root_a, layout, mid
+
+
+def one_rep(work: str, rep: int, root_a: str, layout: str, mid: str, table) -> None:
+    regs = {k: RegistryServer(os.path.join(work, f"reg-{rep}-{k}")) for k in ("s", "m", "w")}
+    for r in regs.values():
+        rm(str(r.dir))
+        os.makedirs(r.dir)
+        r.start()
+    root_b = os.path.join(work, f"store-b-{rep}")
+    root_c = os.path.join(work, f"store-c-{rep}")
+    pulled = os.path.join(work, f"skopeo-pull-{rep}")
+    try:
+        s, m, w = (regs[k].address for k in ("s", "m", "w"))
+        order = ["skopeo", "mergefs"] if rep % 2 == 0 else ["mergefs", "skopeo"]
+        for who in order:
+            if who == "skopeo":
+                table.series("skopeo push").add(skopeo(
+                    "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:app",
+                    f"docker://{s}/bench/app:v1").seconds)
+            else:
+                forget_blobs(root_a)
+                table.series("mergefs push, first", anchor="skopeo push").add(
+                    mergefs(root_a, "push", "app", f"{m}/bench/app:v1").seconds)
+                table.series("mergefs push, blobs remembered", anchor="skopeo push").add(
+                    mergefs(root_a, "push", "app", f"{w}/bench/app:v1").seconds)
+        for who in order:
+            if who == "skopeo":
+                t = skopeo("copy", "--quiet", "--src-tls-verify=false",
+                           f"docker://{s}/bench/app:v1", f"oci:{pulled}:app").seconds
+                table.series("skopeo pull").add(t)
+                t += mergefs(root_c, "import", pulled, "--name", "img").seconds
+                table.series("skopeo pull + mergefs import", anchor="skopeo pull").add(t)
+            else:
+                res = mergefs(root_b, "pull", f"{m}/bench/app:v1", "--json")
+                table.series("mergefs pull", anchor="skopeo pull").add(res.seconds)
+                assert json.loads(res.stdout)["image"] == mid, "pulled image is not the pushed merge"
+        layer_digests = set(json.loads(mergefs(root_b, "pull", f"{m}/bench/app:v1",
+                                               "--json").stdout)["fetched"]) | _pushed(root_a)
+        mark = regs["m"].mark()
+        res = mergefs(root_b, "pull", f"{m}/bench/app:v1")
+        table.series("mergefs pull, all present (process)").add(res.seconds)
+        child = benchlib.run_child([PY, "-c", PRESENT_CHILD, root_b, f"{m}/bench/app:v1"],
+                                   env=dict(os.environ, PYTHONPATH=REPO)).json()
+        table.series("mergefs pull, all present (pull call)").add(child["call"])
+        table.series("layer bytes sent, all present", unit="B").add(
+            regs["m"].layer_bytes(layer_digests, mark))
+        if rep == 0:
+            _check_trees(work, root_a, root_b, mid)
+    finally:
+        for r in regs.values():
+            r.stop()
+        for d in (root_b, root_c, pulled):
+            rm(d)
+        for r in regs.values():
+            rm(str(r.dir))
+
+
+def _pushed(root: str) -> set[str]:
+    from snapshotter.store import Store
+    with Store(root) as s:
+        return {d for (d,) in s.db.execute("SELECT digest FROM layer_blobs")}
+
+
+def _check_trees(work: str, root_a: str, root_b: str, mid: str) -> None:
+    from snapshotter.digest import tree_digest
+    got = []
+    for tag, root in (("a", root_a), ("b", root_b)):
+        out = os.path.join(work, f"export-{tag}")
+        rm(out)
+        mergefs(root, "export", mid, "-o", out)
+        got.append(tree_digest(out).digest)
+        rm(out)
+    assert got[0] == got[1], f"merged trees differ: {got}"
+    print("check: B's pulled image has A's merge id; merged trees identical", flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", default="/var/tmp/mergefs-bench-registry")
+    ap.add_argument("--files", type=int, default=100_000)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args(argv)
+    os.makedirs(args.workdir, exist_ok=True)
+    t0 = time.perf_counter()
+    root_a, layout, mid = setup(args.workdir, args.files, args.layers)
+    print(f"setup: {args.files} files in {args.layers} layers imported, merged, exported "
+          f"({time.perf_counter() - t0:.1f} s); load average {os.getloadavg()}", flush=True)
+    table = benchlib.Table(f"push / pull, {args.files} files in {args.layers} layers "
+                           f"(gzip), {args.reps} reps")
+    loads = []
+    for rep in range(args.reps):
+        one_rep(args.workdir, rep, root_a, layout, mid, table)
+        loads.append(os.getloadavg()[0])
+        print(f"rep {rep + 1}/{args.reps} done; load average {loads[-1]:.2f}", flush=True)
+        print(table.render(), flush=True)
+    print(f"load average (1 min) after each rep: {', '.join(f'{x:.2f}' for x in loads)}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"table": table.as_dict(), "loads": loads}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
