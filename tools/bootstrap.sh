@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 # the test oracles and runtimes (kernel overlayfs needs none, it is in the kernel).
 APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-dev attr fuse-overlayfs
               umoci skopeo runc busybox-static zstd time docker-registry
-              containerd golang-go golang-github-containerd-containerd-dev)
+              containerd golang-go golang-github-containerd-containerd-dev
+              podman uidmap)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -38,6 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="let other users (containers) in (the default when run as root)")
     p.add_argument("--private", action="store_true",
                    help="only the mounting user gets in (the default when not root)")
+    p.add_argument("--volatile", action="store_true",
+                   help="writable: make fsync a no-op (faster; the upper is lost on a crash)")
+    p.add_argument("--squash-uid", type=int, help="report every entry as owned by this uid")
+    p.add_argument("--squash-gid", type=int, help="report every entry as owned by this gid")
     p.add_argument("--foreground", action="store_true", help="serve in this process")
     p.add_argument("--format", choices=FORMATS, default="auto", help="whiteout format of the layers")
     p.add_argument("--log", help="server log file (default /run/mergefs/mount-*.log)")
@@ -78,7 +82,8 @@ def mount_spec(args) -> MountSpec:
         if args.rw:
             raise InvalidLayer("--rw is for store refs; give --upper and --work for directories")
         return MountSpec(tuple(a.value for a in layers),
-                         _abs(args.upper), _abs(args.work), args.allow_other, options)
+                         _abs(args.upper), _abs(args.work), args.allow_other, options,
+                         **_extras(args))
     if len(layers) != 1:
         raise refs.UsageError("give either layer directories (/abs, ./rel or dir:PATH) "
                               "or one store ref")
@@ -93,8 +98,15 @@ def mount_spec(args) -> MountSpec:
         spec = sn.mount_spec(args.layers[0], args.rw and args.upper is None,
                              mountpoint=os.path.abspath(args.mountpoint))
     return MountSpec(spec.lowers, _abs(args.upper) or spec.upper, _abs(args.work) or spec.work,
-                     args.allow_other or (spec.allow_other and not args.private),
-                     spec.options + options)
+                     args.allow_other or (spec.allow_other and not args.private), spec.options + options,
+                     **_extras(args))
+
+
+def _extras(args) -> dict:
+    if args.volatile and args.upper is None and not args.rw:
+        raise InvalidLayer("--volatile is for writable mounts (--upper/--work or --rw)")
+    return {"volatile": args.volatile, "squash_uid": args.squash_uid,
+            "squash_gid": args.squash_gid}
 
 
 def _abs(path: str | None) -> str | None:
