@@ -258,9 +258,6 @@ def test_unpack_keys_get_kernel_overlayfs_and_commit_the_same(service, tmp_path)
             umount(mnt)
 
 
-@pytest.mark.xfail(strict=True, reason="views: setattr (utime) on the root of a writable view "
-                   "with lowers answers ENOENT (mergefs/union/views.py); a layer tar with a './' "
-                   "entry extracted through a view would fail the same way")
 def test_utime_on_the_root_of_a_writable_view(service, tmp_path):
     cl = service.client()
     committed(cl, tmp_path, "base", "", {"f": b"f"})
