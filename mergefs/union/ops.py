@@ -36,6 +36,15 @@ class Handle:
     entries: list | None = None      # directories: (name, Node) snapshot
 
 
+def statfs_reply(sv: os.statvfs_result) -> "pyfuse3.StatvfsData":
+    """An os.statvfs result as pyfuse3's statfs reply."""
+    out = pyfuse3.StatvfsData()
+    for f in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+              "f_ffree", "f_favail", "f_namemax"):
+        setattr(out, f, getattr(sv, f))
+    return out
+
+
 @dataclass
 class Timeouts:
     """How long the kernel may cache (seconds); layers are immutable (U3)."""
@@ -271,12 +280,7 @@ class UnionOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def statfs(self, ctx=None):
-        sv = self.view.statvfs()
-        out = pyfuse3.StatvfsData()
-        for f in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
-                  "f_ffree", "f_favail", "f_namemax"):
-            setattr(out, f, getattr(sv, f))
-        return out
+        return statfs_reply(self.view.statvfs())
 
     # -- writes (EROFS on a read-only mount, U3) --------------------------
     @fuse_errors
