@@ -232,12 +232,7 @@ class Snapshotter:
         """Active ``key`` -> committed ``name``; the active snapshot is removed (containerd)."""
         check_key(name)
         row = self._row(key)
-        if row.kind == SnapshotKind.VIEW:
-            raise FailedPrecondition(f"{key!r} is a view: a view is read-only and cannot be "
-                                     "committed (C2)")
-        if row.kind != SnapshotKind.ACTIVE:
-            raise FailedPrecondition(f"{key!r} is committed already; commit takes an active "
-                                     "snapshot")
+        service.check_committable(row, key)
         if meta.id_of_name(self.store.db, name) is not None:
             raise AlreadyExists(f"name {name!r} is already in use")
         store, holder = self.store, NAME_HOLDER + name
