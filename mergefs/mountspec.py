@@ -24,6 +24,9 @@ class MountSpec:
     work: str | None = None                 # writable: work dir on the upper's fs
     allow_other: bool = False
     options: tuple[str, ...] = field(default=())   # extra FUSE options
+    volatile: bool = False                  # writable: fsync is a no-op (nothing is synced)
+    squash_uid: int | None = None           # report every entry as owned by this uid
+    squash_gid: int | None = None           # ... and this gid
 
     @property
     def writable(self) -> bool:

@@ -232,12 +232,7 @@ class Snapshotter:
         """Active ``key`` -> committed ``name``; the active snapshot is removed (containerd)."""
         check_key(name)
         row = self._row(key)
-        if row.kind == SnapshotKind.VIEW:
-            raise FailedPrecondition(f"{key!r} is a view: a view is read-only and cannot be "
-                                     "committed (C2)")
-        if row.kind != SnapshotKind.ACTIVE:
-            raise FailedPrecondition(f"{key!r} is committed already; commit takes an active "
-                                     "snapshot")
+        service.check_committable(row, key)
         if meta.id_of_name(self.store.db, name) is not None:
             raise AlreadyExists(f"name {name!r} is already in use")
         store, holder = self.store, NAME_HOLDER + name
@@ -439,7 +434,7 @@ def _field(info: Info, path: tuple[str, ...]) -> str | None:
     if head == "name":
         return info.name
     if head == "parent":
-        return info.parent
+        return info.parent or ""      # containerd: no parent is the empty string
     if head == "kind":
         return info.kind.name.lower()
     return None

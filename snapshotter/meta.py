@@ -608,3 +608,10 @@ def orphan_blobs(db: sqlite3.Connection) -> list[tuple[str, str]]:
     """(layer, digest) of blob rows whose layer is no longer committed."""
     return db.execute("SELECT b.layer, b.digest FROM layer_blobs b LEFT JOIN snapshots s "
                       "ON s.id = b.layer AND s.state = 'committed' WHERE s.id IS NULL").fetchall()
+
+
+def drop_blobs(db: sqlite3.Connection, rows: list[tuple[str, str]]) -> set[str]:
+    """Forget the (layer, digest) blob rows; return the digests other rows still use."""
+    with write(db):
+        db.executemany("DELETE FROM layer_blobs WHERE layer=? AND digest=?", rows)
+    return {d for (d,) in db.execute("SELECT digest FROM layer_blobs")}

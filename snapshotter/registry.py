@@ -121,10 +121,7 @@ def drop_orphans(store: Store) -> None:
     orphans = meta.orphan_blobs(store.db)
     if not orphans:
         return
-    with meta.write(store.db):
-        for layer, digest in orphans:
-            store.db.execute("DELETE FROM layer_blobs WHERE layer=? AND digest=?", (layer, digest))
-    live = {d for (d,) in store.db.execute("SELECT digest FROM layer_blobs")}
+    live = meta.drop_blobs(store.db, orphans)
     for _layer, digest in orphans:
         if digest not in live:
             try:

@@ -275,6 +275,16 @@ def commit_dir(store: Store, upper_dir: str, parent_ids: list[str], what: str,
         staged.discard()
 
 
+def check_committable(row: Row, ref: str) -> None:
+    """C2: only an active snapshot is committed; a view never is."""
+    if row.kind == SnapshotKind.VIEW:
+        raise FailedPrecondition(f"{ref!r} is a view: a view is read-only and cannot be "
+                                 "committed (C2)")
+    if row.kind != SnapshotKind.ACTIVE:
+        raise FailedPrecondition(f"{ref!r} is a committed {row.kind}; commit takes an upper "
+                                 "directory or an active snapshot")
+
+
 def _commit_source(store: Store, upper: str, parent: str | None, fmt: str) -> tuple[str, list[str]]:
     parent_ids = flatten(store, resolve_ref(store, parent, fmt)) if parent else []
     if is_path_ref(upper):          # by spelling only: a key never depends on the host
@@ -282,12 +292,7 @@ def _commit_source(store: Store, upper: str, parent: str | None, fmt: str) -> tu
             raise NotFound(f"upper directory {upper!r} does not exist")
         return upper, parent_ids
     row = store.resolve(upper)
-    if row.kind == SnapshotKind.VIEW:
-        raise FailedPrecondition(f"{upper!r} is a view: a view is read-only and cannot be "
-                                 "committed (C2)")
-    if row.kind != SnapshotKind.ACTIVE:
-        raise FailedPrecondition(f"{upper!r} is a committed {row.kind}; commit takes an upper "
-                                 "directory or an active snapshot")
+    check_committable(row, upper)
     (p,) = meta.parents(store.db, row.id)
     return str(store.dir_of(row.id) / "upper"), flatten(store, store.get(p.id))
 

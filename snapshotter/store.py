@@ -270,11 +270,12 @@ class Store:
     def _set_name(self, name: str, snapshot_id: str, naming: "Naming | None" = None) -> None:
         naming = naming or Naming()
         fresh = meta.id_of_name(self.db, name) is None
-        if not meta.add_name(self.db, name, snapshot_id, naming.parent):
+        now = time.time()             # one instant: a new name's created == updated (containerd)
+        if not meta.add_name(self.db, name, snapshot_id, naming.parent, now=now):
             cur = meta.id_of_name(self.db, name)
             raise AlreadyExists(f"name {name!r} already names {cur[:19]}")
         if fresh and naming.labels:
-            meta.set_labels(self.db, name, dict(naming.labels))
+            meta.set_labels(self.db, name, dict(naming.labels), now=now)
 
     def check_name(self, name: str | None, snapshot_id: str) -> None:
         """Fail early (before building) if ``name`` is taken by another snapshot."""

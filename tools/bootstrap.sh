@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 # Debian packages: fuse3/libfuse3-dev/pkg-config build and run pyfuse3; the rest are
 # the test oracles and runtimes (kernel overlayfs needs none, it is in the kernel).
 APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-dev attr fuse-overlayfs
-              umoci skopeo runc busybox-static zstd time docker-registry containerd)
+              umoci skopeo runc busybox-static zstd time docker-registry
+              containerd golang-go golang-github-containerd-containerd-dev
+              podman uidmap)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -30,6 +32,12 @@ if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$sta
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[test]'
   touch "$stamp"
+fi
+# The gRPC stubs of containerd's Snapshots API (mergefs serve), from the .proto files
+# of golang-github-containerd-containerd-dev; regenerated when the generator changes.
+if [ ! -f snapshotter/serve/_proto/snapshots_pb2_grpc.py ] || [ tools/gen_proto.sh -nt snapshotter/serve/_proto/snapshots_pb2_grpc.py ]; then
+  .venv/bin/python -m pip install -q 'grpcio-tools>=1.51'
+  tools/gen_proto.sh .venv/bin/python
 fi
 # The inode-fh build of pyfuse3 lets read-only unions run "no-open" (see
 # tools/pyfuse3_inode_fh.py). A no-op once installed; if it cannot be built,

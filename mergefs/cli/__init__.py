@@ -14,7 +14,7 @@ import sys
 
 from ..errors import ExitCode, UsageError, categorize, message
 
-VERB_MODULES = ("core", "mount", "store", "views", "registry")
+VERB_MODULES = ("core", "mount", "store", "views", "registry", "serve")
 
 
 def _version() -> str:

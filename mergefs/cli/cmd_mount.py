@@ -40,6 +40,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="let other users (containers) in (the default when run as root)")
     p.add_argument("--private", action="store_true",
                    help="only the mounting user gets in (the default when not root)")
+    p.add_argument("--volatile", action="store_true",
+                   help="writable: make fsync a no-op (faster; the upper is lost on a crash)")
+    p.add_argument("--squash-uid", type=int, help="report every entry as owned by this uid")
+    p.add_argument("--squash-gid", type=int, help="report every entry as owned by this gid")
     p.add_argument("--foreground", action="store_true", help="serve in this process")
     p.add_argument("--format", choices=FORMATS, default="auto", help="whiteout format of the layers")
     p.add_argument("--log", help="server log file (default /run/mergefs/mount-*.log)")
@@ -80,7 +84,8 @@ def mount_spec(args) -> MountSpec:
         if args.rw:
             raise InvalidLayer("--rw is for store refs; give --upper and --work for directories")
         return MountSpec(tuple(a.value for a in layers),
-                         _abs(args.upper), _abs(args.work), args.allow_other, options)
+                         _abs(args.upper), _abs(args.work), args.allow_other, options,
+                         **_extras(args))
     if len(layers) != 1:
         raise refs.UsageError("give either layer directories (/abs, ./rel or dir:PATH) "
                               "or one store ref")
@@ -95,16 +100,41 @@ def mount_spec(args) -> MountSpec:
         spec = sn.mount_spec(args.layers[0], args.rw and args.upper is None,
                              mountpoint=os.path.abspath(args.mountpoint))
     return MountSpec(spec.lowers, _abs(args.upper) or spec.upper, _abs(args.work) or spec.work,
-                     args.allow_other or (spec.allow_other and not args.private),
-                     spec.options + options)
+                     args.allow_other or (spec.allow_other and not args.private), spec.options + options,
+                     **_extras(args))
+
+
+def _extras(args) -> dict:
+    if args.volatile and args.upper is None and not args.rw:
+        raise InvalidLayer("--volatile is for writable mounts (--upper/--work or --rw)")
+    return {"volatile": args.volatile, "squash_uid": args.squash_uid,
+            "squash_gid": args.squash_gid}
 
 
 def _abs(path: str | None) -> str | None:
     return None if path is None else os.path.abspath(path)
 
 
+def _service(args) -> str | None:
+    """The control socket of a running ``mergefs serve`` that owns this store, if any."""
+    if os.environ.get("MERGEFS_NO_SERVICE") or args.foreground or args.upper or args.work or \
+            len(args.layers) != 1 or refs.looks_like_dir(args.layers[0]) or args.options:
+        return None
+    try:
+        from snapshotter.serve.control import find_service
+    except ImportError:
+        return None
+    return find_service(args.root)
+
+
 def cmd_mount(args) -> int:
     from ..union import server
+    ctl = _service(args)
+    if ctl is not None:             # a bind of a view of the service: milliseconds
+        from snapshotter.serve.control import call, checked
+        checked(call(ctl, {"op": "mount", "ref": args.layers[0], "rw": args.rw,
+                           "target": os.path.abspath(args.mountpoint)}))
+        return 0
     spec = mount_spec(args)
     if args.foreground:
         import logging
@@ -117,6 +147,17 @@ def cmd_mount(args) -> int:
 
 def cmd_umount(args) -> int:
     from ..union import server
+    try:
+        from snapshotter.serve.control import call, checked, find_service
+        ctl = None if os.environ.get("MERGEFS_NO_SERVICE") else find_service(args.root)
+    except ImportError:
+        ctl = None
+    if ctl is not None:
+        target = os.path.abspath(args.mountpoint)
+        views = checked(call(ctl, {"op": "list"}))["views"]
+        if any(v["key"] == "mount:" + target for v in views):
+            checked(call(ctl, {"op": "umount", "target": target}))
+            return 0
     server.unmount(args.mountpoint)
     return 0
 

@@ -1,22 +1,44 @@
-"""The mount.fuse3 convention: ``mergefs SOURCE MOUNTPOINT -o OPTIONS``.
+"""Mount-helper command lines: mount.fuse3's and fuse-overlayfs's, turned into ``mount``.
 
-``mount -t fuse.mergefs mergefs MNT -o lowerdir=TOP:...:BOTTOM[,upperdir=U,workdir=W]``
-(or an fstab line) makes util-linux run ``/sbin/mount.fuse`` (it tries
-``mount.fuse.mergefs`` first, then the part before the dot), which is
-mount.fuse3; that runs the program named by the subtype, ``mergefs``, found
-on ``PATH``, as ``mergefs SOURCE MOUNTPOINT -o OPTIONS``. mount(8) runs helpers with a
-fixed PATH, so a virtualenv's ``mergefs`` is not found that way:
-``mergefs install-mount-helper`` writes ``/sbin/mount.fuse.mergefs`` (tried
-first by mount(8)) that execs this installation's ``mergefs``. ``translate`` turns
-that argv into the ``mount`` verb. ``lowerdir`` lists layers top first, like
-overlayfs; the ``mount`` verb takes them bottom first.
+Two conventions run ``mergefs`` with options instead of a verb:
 
-Generic mount options are tolerated: ``rw``/``ro`` (``ro`` drops nothing but
-is passed on), ``dev``/``suid``/``exec`` and their ``no`` forms are passed to
-FUSE, ``allow_other`` maps to ``--allow-other`` (on anyway when root mounts;
-``private`` maps to ``--private`` and keeps other users out), ``default_permissions`` is
-always on, and bookkeeping options (``auto``, ``noauto``, ``user``, ``nofail``,
-``_netdev``, ``x-*``, ``defaults``) are dropped.
+* mount.fuse3: ``mergefs SOURCE MOUNTPOINT -o OPTIONS``. ``mount -t fuse.mergefs
+  mergefs MNT -o lowerdir=TOP:...:BOTTOM[,upperdir=U,workdir=W]`` (or an fstab
+  line) makes util-linux run ``/sbin/mount.fuse`` (it tries ``mount.fuse.mergefs``
+  first, then the part before the dot), which is mount.fuse3; that runs the
+  program named by the subtype, ``mergefs``, found on ``PATH``. mount(8) runs
+  helpers with a fixed PATH, so a virtualenv's ``mergefs`` is not found that
+  way: ``mergefs install-mount-helper`` writes ``/sbin/mount.fuse.mergefs``
+  (tried first by mount(8)) that execs this installation's ``mergefs``.
+* fuse-overlayfs: ``mergefs -o OPTIONS MOUNTPOINT`` (no SOURCE), the command
+  line containers/storage (podman, buildah) runs as its overlay
+  ``mount_program``; it works under any program name (a symlink
+  ``mergefs-overlayfs`` to ``mergefs``). It returns once the mount is live and
+  is undone with ``fusermount3 -u`` or ``umount``; the server then exits.
+  Run as root (also uid 0 of a user namespace), this form implies
+  ``allow_other``, as fuse-overlayfs does: a container's processes need not
+  be root.
+
+``translate`` turns either argv into the ``mount`` verb. ``lowerdir`` lists
+layers top first, like overlayfs; the ``mount`` verb takes them bottom first.
+The lowerdir paths themselves are resolved (containers/storage passes
+``overlay/l/ID`` symlinks, relative to its working directory); symlinks
+inside the layers are never followed.
+
+Options: ``upperdir``/``workdir`` make the mount writable; ``volatile`` (or
+fuse-overlayfs's ``fsync=0``) makes fsync a no-op on the upper;
+``squash_to_root`` / ``squash_to_uid=N`` / ``squash_to_gid=N`` report every
+file as owned by 0 (or N); ``allow_other`` maps to ``--allow-other`` (on anyway when root mounts);
+``private`` maps to ``--private`` and keeps other users out;
+``ro``, ``dev``/``suid``/``exec`` and their ``no`` forms, the ``*atime`` and
+sync options and SELinux ``context=`` options are passed to FUSE;
+``default_permissions`` is always on; ``noacl`` is accepted because mergefs
+never turns on FUSE POSIX ACLs (ACL xattrs are stored, the kernel checks only
+the mode bits); bookkeeping options (``auto``, ``noauto``, ``user``,
+``nofail``, ``_netdev``, ``x-*``, ``defaults``) are dropped. ``uidmapping``
+and ``gidmapping`` (rootless containers/storage with per-container id maps)
+are refused: mergefs does not shift ids. Any other option is refused by name
+(exit code 2), never ignored.
 """
 from __future__ import annotations
 
@@ -27,45 +49,71 @@ from ..mountspec import LAYER_KEYS, from_options
 
 PASSED = {"ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
           "relatime", "norelatime", "strictatime", "sync", "async", "dirsync"}
+PASSED_WITH_VALUE = {"context", "fscontext", "defcontext", "rootcontext"}
 DROPPED = {"rw", "defaults", "auto", "noauto", "user", "nouser", "users", "nofail",
-           "_netdev", "default_permissions", "loop"}
+           "_netdev", "default_permissions", "loop", "noacl"}
+REFUSED = {
+    "uidmapping": "mergefs does not shift ids; run podman without per-container id "
+                  "mappings (--userns/--uidmap) or use fuse-overlayfs for them",
+    "gidmapping": "mergefs does not shift ids; run podman without per-container id "
+                  "mappings (--userns/--uidmap) or use fuse-overlayfs for them",
+}
 SOURCE_NAMES = ("mergefs",)
 
 
-def is_mount_helper_call(argv: list[str]) -> bool:
-    """``SOURCE MOUNTPOINT -o OPTS`` with a lowerdir= option, whatever the SOURCE."""
-    if "-o" not in argv or len(argv) < 4:
-        return False
-    i = argv.index("-o")
-    return i + 1 < len(argv) and any(o.startswith("lowerdir=") for o in argv[i + 1].split(","))
-
-
-def translate(argv: list[str]) -> list[str]:
-    """mount.fuse3 argv -> ``mount [--upper U --work W] [--allow-other] [-o ..] LAYER... MNT``.
-
-    Raises UsageError for a wrong argv or an unsupported option.
-    """
+def _split(argv: list[str]) -> tuple[list[str], list[str]]:
     positional, options, it = [], [], iter(argv)
     for arg in it:
         if arg == "-o":
             options += next(it, "").split(",")
+        elif arg.startswith("-o") and len(arg) > 2:
+            options += arg[2:].split(",")
         elif arg in ("-n", "-v", "-s", "-f", "-r", "-w"):
             continue                              # flags mount(8) may add for helpers
         elif arg == "-t":
             next(it, None)
         else:
             positional.append(arg)
-    if len(positional) != 2:
-        raise UsageError(f"usage: mergefs SOURCE MOUNTPOINT -o lowerdir=TOP:...:BOTTOM "
-                         f"(got {argv})")
-    layer_opts, fuse, private = [], [], False
-    for opt in filter(None, options):
-        key = opt.partition("=")[0]
+    return positional, [o for o in options if o]
+
+
+def is_mount_helper_call(argv: list[str]) -> bool:
+    """An argv with ``-o`` options naming a lowerdir= and no verb (either convention)."""
+    positional, options = _split(argv)
+    return len(positional) in (1, 2) and any(o.startswith("lowerdir=") for o in options)
+
+
+def _squash_id(opt: str, value: str) -> str:
+    if not value.isdigit():
+        raise UsageError(f"mount option {opt!r}: expected a number")
+    return value
+
+
+def translate(argv: list[str]) -> list[str]:
+    """Helper argv -> ``mount [--upper U --work W] [--allow-other] [--volatile] [--squash-*]
+    [-o ..] LAYER... MNT``; raises UsageError for a wrong argv or an unsupported option."""
+    positional, options = _split(argv)
+    if len(positional) not in (1, 2):
+        raise UsageError(f"usage: mergefs -o lowerdir=TOP:...:BOTTOM[,upperdir=U,workdir=W] "
+                         f"MOUNTPOINT (got {argv})")
+    layer_opts, extra, fuse = [], [], []
+    for opt in options:
+        key, _, value = opt.partition("=")
         if key in LAYER_KEYS or opt == "allow_other":
             layer_opts.append(opt)
         elif opt == "private":
-            private = True
-        elif opt in PASSED:
+            extra.append("--private")
+        elif key == "volatile" or opt == "fsync=0":
+            extra.append("--volatile")
+        elif opt == "fsync=1":
+            continue                              # fuse-overlayfs's default: fsync honoured
+        elif key == "squash_to_root":
+            extra += ["--squash-uid", "0", "--squash-gid", "0"]
+        elif key in ("squash_to_uid", "squash_to_gid"):
+            extra += [f"--squash-{key[-3:]}", _squash_id(opt, value)]
+        elif key in REFUSED:
+            raise UsageError(f"mount option {key!r} is not supported: {REFUSED[key]}")
+        elif opt in PASSED or (key in PASSED_WITH_VALUE and value):
             fuse.append(opt)
         elif opt in DROPPED or key.startswith("x-"):
             continue
@@ -78,13 +126,15 @@ def translate(argv: list[str]) -> list[str]:
     out = ["mount"]
     if spec.upper is not None:
         out += ["--upper", os.path.abspath(spec.upper), "--work", os.path.abspath(spec.work)]
+    # run as root (also uid 0 of a user namespace) the mount verb lets other users
+    # in unless `private` is given, as fuse-overlayfs does (cmd_mount.multi_user)
     if spec.allow_other:
         out.append("--allow-other")
-    if private:
-        out.append("--private")
+    out += extra
     if fuse:
         out += ["-o", ",".join(fuse)]
-    return out + [os.path.abspath(p) for p in spec.lowers] + [os.path.abspath(positional[1])]
+    # the lowerdir paths themselves are resolved (overlay/l/ID symlinks), never what is in them
+    return out + [os.path.realpath(p) for p in spec.lowers] + [os.path.abspath(positional[-1])]
 
 
 HELPER_NAME = "mount.fuse.mergefs"

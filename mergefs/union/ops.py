@@ -36,6 +36,15 @@ class Handle:
     entries: list | None = None      # directories: (name, Node) snapshot
 
 
+def statfs_reply(sv: os.statvfs_result) -> "pyfuse3.StatvfsData":
+    """An os.statvfs result as pyfuse3's statfs reply."""
+    out = pyfuse3.StatvfsData()
+    for f in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+              "f_ffree", "f_favail", "f_namemax"):
+        setattr(out, f, getattr(sv, f))
+    return out
+
+
 @dataclass
 class Timeouts:
     """How long the kernel may cache (seconds); layers are immutable (U3)."""
@@ -44,7 +53,7 @@ class Timeouts:
 
 
 def entry_attributes(number: int, st: os.stat_result, merged_dir: bool,
-                     t: Timeouts) -> pyfuse3.EntryAttributes:
+                     t: Timeouts, squash: tuple = (None, None)) -> pyfuse3.EntryAttributes:
     e = pyfuse3.EntryAttributes()
     e.st_ino = number
     e.generation = 0
@@ -54,6 +63,10 @@ def entry_attributes(number: int, st: os.stat_result, merged_dir: bool,
     # kernel overlayfs reports nlink 1 for a merged dir (fs/overlayfs/inode.c)
     e.st_nlink = 1 if merged_dir else st.st_nlink
     e.st_uid, e.st_gid, e.st_rdev, e.st_size = st.st_uid, st.st_gid, st.st_rdev, st.st_size
+    if squash[0] is not None:           # squash_to_root / squash_to_uid: ownership as shown
+        e.st_uid = squash[0]
+    if squash[1] is not None:
+        e.st_gid = squash[1]
     e.st_blksize, e.st_blocks = st.st_blksize, st.st_blocks
     e.st_atime_ns, e.st_mtime_ns, e.st_ctime_ns = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
     return e
@@ -63,8 +76,11 @@ class UnionOperations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, view: UnionView, timeouts: Timeouts | None = None, no_open: bool = False):
+    def __init__(self, view: UnionView, timeouts: Timeouts | None = None, no_open: bool = False,
+                 volatile: bool = False, squash: tuple = (None, None)):
         super().__init__()
+        self.volatile = volatile         # fsync is a no-op (overlay's "volatile")
+        self.squash = squash
         self.view = view
         self.inodes = view.inodes
         self.timeouts = timeouts or Timeouts()
@@ -86,7 +102,7 @@ class UnionOperations(pyfuse3.Operations):
             return inode.entry
         st = self._stat(inode)
         merged = inode.is_dir and len(inode.node.layers) > 1
-        e = entry_attributes(inode.number, st, merged, self.timeouts)
+        e = entry_attributes(inode.number, st, merged, self.timeouts, self.squash)
         if st is inode.attr:
             inode.entry = e
         return e
@@ -165,7 +181,7 @@ class UnionOperations(pyfuse3.Operations):
             for i, (name, node, number, st, attrs) in enumerate(entries, start_id + 1):
                 if attrs is None:
                     merged = node.kind == DIR and len(node.layers) > 1
-                    attrs = entry_attributes(number, st, merged, self.timeouts)
+                    attrs = entry_attributes(number, st, merged, self.timeouts, self.squash)
                 if not reply(token, name, attrs, i):
                     break
                 child = self.inodes.entry_of(parent, name, node, number)  # readdirplus counts
@@ -230,6 +246,8 @@ class UnionOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def fsync(self, fh, datasync):
+        if self.volatile:
+            return
         fd = self.handles[fh].fd
         (os.fdatasync if datasync else os.fsync)(fd)
 
@@ -262,12 +280,7 @@ class UnionOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def statfs(self, ctx=None):
-        sv = self.view.statvfs()
-        out = pyfuse3.StatvfsData()
-        for f in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
-                  "f_ffree", "f_favail", "f_namemax"):
-            setattr(out, f, getattr(sv, f))
-        return out
+        return statfs_reply(self.view.statvfs())
 
     # -- writes (EROFS on a read-only mount, U3) --------------------------
     @fuse_errors

@@ -123,7 +123,8 @@ def serve(spec: MountSpec, mountpoint: str, fmt: str = "auto", ready=None) -> No
     import trio
     from .ops import UnionOperations
     with contextlib.closing(build_view(spec, fmt)) as view:
-        ops = UnionOperations(view, no_open=pyfuse3_passes_inode())
+        ops = UnionOperations(view, no_open=pyfuse3_passes_inode(), volatile=spec.volatile,
+                              squash=(spec.squash_uid, spec.squash_gid))
         pyfuse3.init(ops, mountpoint, fuse_options(spec))
         try:
             log.info("serving %d layers at %s (%s%s)", len(spec.lowers), mountpoint,
@@ -142,8 +143,18 @@ def serve(spec: MountSpec, mountpoint: str, fmt: str = "auto", ready=None) -> No
 
 
 def default_log_path(mountpoint: str) -> str:
-    base = "/run/mergefs" if os.geteuid() == 0 else os.path.join(
-        os.environ.get("XDG_RUNTIME_DIR") or "/tmp", "mergefs")
+    """/run/mergefs as root; else (also uid 0 of a user namespace, which cannot
+    write /run) $XDG_RUNTIME_DIR/mergefs, or /tmp/mergefs-UID."""
+    user = os.path.join(os.environ["XDG_RUNTIME_DIR"], "mergefs") \
+        if os.environ.get("XDG_RUNTIME_DIR") else f"/tmp/mergefs-{os.getuid()}"
+    base = user
+    if os.geteuid() == 0:
+        try:
+            os.makedirs("/run/mergefs", exist_ok=True)
+            if os.access("/run/mergefs", os.W_OK):
+                base = "/run/mergefs"
+        except PermissionError:
+            pass
     os.makedirs(base, exist_ok=True)
     name = os.path.abspath(mountpoint).strip("/").replace("/", "_") or "root"
     return os.path.join(base, f"mount-{name}.log")

@@ -32,6 +32,15 @@ STAGED_PREFIX = "#mergefs-"
 DIR_FD_CACHE = 128
 
 
+def _initial_user_namespace() -> bool:
+    """uid 0 of a user namespace (rootless podman) cannot set trusted.* xattrs."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            return f.read().split() == ["0", "0", "4294967295"]
+    except OSError:
+        return True
+
+
 class Upper:
     """The upper layer (read through ``layer`` like the lowers) and its work dir."""
 
@@ -43,7 +52,7 @@ class Upper:
             os.close(self.work_fd)
             raise InvalidLayer("the work dir must be on the upper's filesystem")
         self._sweep_work()
-        root = os.geteuid() == 0
+        root = os.geteuid() == 0 and _initial_user_namespace()
         self.opaque_xattr = "trusted.overlay.opaque" if root else "user.overlay.opaque"
         self._names = itertools.count()
         self._dirs: OrderedDict[bytes, int] = OrderedDict()   # path -> open dir fd (LRU)

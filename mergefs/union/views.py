@@ -55,7 +55,7 @@ from ..mountspec import MountSpec
 from .errors import fuse_errors
 from .inodes import ROOT_INODE, Inode
 from .lowercache import LowerCache
-from .ops import WRITE_FLAGS, entry_attributes
+from .ops import WRITE_FLAGS, entry_attributes, statfs_reply
 from .viewstate import Shared, View, copy_entry, detached, mounts_using
 
 log = logging.getLogger("mergefs.union")
@@ -521,13 +521,8 @@ class ViewFS(pyfuse3.Operations):
 
     @fuse_errors
     async def statfs(self, ctx=None):
-        out = pyfuse3.StatvfsData()
-        sv = os.statvfs(self.mountpoint if not self.views else
-                        next(iter(self.views.values())).spec.lowers[-1])
-        for f in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
-                  "f_ffree", "f_favail", "f_namemax"):
-            setattr(out, f, getattr(sv, f))
-        return out
+        return statfs_reply(os.statvfs(self.mountpoint if not self.views else
+                                       next(iter(self.views.values())).spec.lowers[-1]))
 
     # -- changes (each view's own rules; EROFS in a read-only view) --------------
     @fuse_errors

@@ -113,6 +113,7 @@ def test_resolver_lookup_and_explain_agree_with_model(specs):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)     # 500 examples: ~50 s alone, several times that on a loaded machine
 @needs_overlay
 @settings(max_examples=500, deadline=None)
 @given(specs=stacks(max_size=6))

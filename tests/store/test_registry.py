@@ -88,6 +88,21 @@ def test_second_push_uploads_no_blob_and_compresses_nothing(a, registry, layers)
     assert [x["digest"] for x in again["layers"]] == [x["digest"] for x in first["layers"]]
 
 
+def test_blobs_of_pruned_layers_are_forgotten_at_the_next_push(a, registry, layers):
+    """C4: the blob cache holds nothing for layers prune deleted (dropped at the next push)."""
+    _app_on(a, layers)
+    first = json.loads(a.run("push", "app", f"{registry.address}/mergefs/app:v1",
+                             "--json").stdout)
+    blobs = a.root / "blobs" / "sha256"
+    assert {x["digest"].split(":")[1] for x in first["layers"]} <= set(os.listdir(blobs))
+    a.run("release", "app", "base", "mid", "top")
+    a.run("prune", "--all")
+    a.run("import", layers[0], "--name", "again")
+    second = json.loads(a.run("push", "again", f"{registry.address}/mergefs/again:v1",
+                              "--json").stdout)
+    assert set(os.listdir(blobs)) == {x["digest"].split(":")[1] for x in second["layers"]}
+
+
 def test_pull_fetches_only_the_missing_layer(a, b, registry, layers):
     mid = _app_on(a, layers)
     target = f"{registry.address}/mergefs/app:v1"

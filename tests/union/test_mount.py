@@ -267,6 +267,7 @@ def test_crash_litter_in_work_dir_is_swept(tmp_path, union_mount):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)     # builds pyfuse3 from source: minutes on a loaded machine
 @pytest.mark.skipif(not shutil.which("gcc") or subprocess.run(
     ["pkg-config", "--exists", "fuse3"]).returncode != 0, reason="needs gcc and libfuse3-dev")
 def test_no_open_with_inode_fh_pyfuse3(tmp_path, cli_mounts):

@@ -7,6 +7,7 @@ import random
 import stat
 import subprocess
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pyfuse3
@@ -506,3 +507,33 @@ def test_mount_root_takes_setattr_setxattr_and_tar_dot(tmp_path, union_mount):
     with mounts.overlay_mount(oracle, tmp_path / "ovl", upper=tmp_path / "up1",
                               work=tmp_path / "wk2", options=OVL_OPTS) as ovl:
         tree.assert_same(tree.capture(ovl), ours_view, "kernel overlayfs over mergefs's upper")
+
+
+@pytest.mark.skipif(not mounts.can_mount_overlay(), reason="needs root and overlayfs")
+def test_U4_attributes_of_the_mount_root_as_kernel_overlay(tmp_path, union_mount):
+    """chown/chmod/utime/setxattr on the mount point itself land on the upper's root
+    (podman chowns a container's rootfs before it starts it)."""
+    def change(root: Path) -> tuple:
+        os.chown(root, 12, 34)
+        os.chmod(root, 0o751)
+        os.utime(root, ns=(1_000_000_000, 2_000_000_000))
+        os.setxattr(root, "user.k", b"v")
+        st = os.stat(root)
+        return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), st.st_mtime_ns, \
+            os.getxattr(root, "user.k")
+
+    results = []
+    for name in ("ours", "kernel"):
+        layers = materialise_stack([LayerSpec().file("f", b"x")], tmp_path / name / "layers")
+        up, wk = tmp_path / name / "up", tmp_path / name / "wk"
+        up.mkdir()
+        wk.mkdir()
+        if name == "ours":
+            results.append(change(union_mount(layers, upper=up, work=wk)))
+        else:
+            (tmp_path / "ovl").mkdir()
+            with mounts.overlay_mount(layers, tmp_path / "ovl", upper=up, work=wk) as ovl:
+                results.append(change(Path(ovl)))
+        st = os.stat(up)
+        results.append((st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)))
+    assert results[0] == results[2] and results[1] == results[3] == (12, 34, 0o751)

@@ -1,0 +1,115 @@
+"""Real podman (Debian's, as root) with mergefs as the overlay driver's mount_program.
+
+Each mount program gets its own private storage (graphroot/runroot under a
+temp dir) and loads an image built offline (umoci + busybox-static: a
+whiteout, an opaque dir, a dir replaced by a file). The same tests run with
+fuse-overlayfs as the mount program: they check the check. After every
+``podman rm`` / ``podman image rm`` no FUSE mount and no podman, conmon or
+mount server process naming the storage may be left.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from mergefs.testing.podman import PodmanEnv, busybox_image
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(600),
+    pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("podman") or not shutil.which("runc")
+                       or not shutil.which("umoci") or not os.path.exists("/bin/busybox"),
+                       reason="needs root, podman, runc, umoci and busybox-static"),
+]
+PROGRAMS = ["mergefs", "fuse-overlayfs"]
+LOOK = ("cat /etc/motd; ls /data/keep; cat /data/old; "
+        "test -e /gone && echo gone-visible || echo gone-hidden; cat /data/new; ls /")
+IMAGE_VIEW = ("layer two\nc\na file now\ngone-hidden\nnew\n"
+              "bin\ndata\ndev\netc\nproc\nroot\nrun\nsys\ntmp\n")
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    return busybox_image(tmp_path_factory.mktemp("image"))
+
+
+@pytest.fixture(scope="module", params=PROGRAMS)
+def podman(request, tmp_path_factory, archive):
+    if request.param == "fuse-overlayfs" and not shutil.which("fuse-overlayfs"):
+        pytest.skip("fuse-overlayfs is not installed")
+    env = PodmanEnv(tmp_path_factory.mktemp(f"podman-{request.param}"), request.param)
+    try:
+        env.image = env.load(archive)
+        yield env
+    finally:
+        env.close()
+        assert not env.mounts(fs_only=False) and not env.processes()
+
+
+def assert_nothing_left(podman: PodmanEnv) -> None:
+    mounts, procs = podman.leftovers()
+    assert not mounts and not procs, f"{podman.name}: left {mounts} {procs}"
+
+
+def test_run_shows_the_image_merged(podman):
+    r = podman("run", "--rm", podman.image, "sh", "-c", LOOK + "; ls /data/old/x", check=False)
+    assert (r.returncode, r.stdout) == (1, IMAGE_VIEW)
+    assert r.stderr == "ls: /data/old/x: Not a directory\n"
+    assert_nothing_left(podman)
+
+
+def test_container_writes_stay_in_the_container(podman):
+    name = f"w-{podman.name}"
+    podman("run", "--name", name, podman.image, "sh", "-c",
+           "echo changed > /etc/motd; rm /data/keep/c; rm -r /data/new; mkdir -p /data/keep/sub;"
+           " echo s > /data/keep/sub/s; rm /data/old; mkdir /data/old; echo z > /data/old/z")
+    # containers/storage reads the container's upper: whiteouts, opaque dir, replaced file
+    assert sorted(podman("diff", name).stdout.splitlines()) == sorted([
+        "C /data", "C /data/keep", "A /data/keep/sub", "A /data/keep/sub/s", "D /data/keep/c",
+        "C /data/old", "A /data/old/z", "D /data/new", "C /etc", "C /etc/motd"])
+    again = podman("start", "--attach", name).stdout      # the same upper, mounted again
+    assert again == ""
+    look = podman("run", "--rm", podman.image, "sh", "-c", LOOK).stdout
+    assert look == IMAGE_VIEW                              # nothing leaked into the image
+    podman("rm", name)
+    assert_nothing_left(podman)
+
+
+def test_a_non_root_container_user_gets_in(podman):
+    """The mount is the rootfs of a container whose process is not root: as
+    fuse-overlayfs does as root, the mount program lets other users in."""
+    r = podman("run", "--rm", "--user", "65534:65534", podman.image, "sh", "-c",
+               "id -u; cat /etc/motd; echo x > /tmp/mine; stat -c %u /tmp/mine; "
+               "echo y > /etc/motd", check=False)
+    assert r.stdout == "65534\nlayer two\n65534\n", r.stderr
+    assert "Permission denied" in r.stderr and r.returncode == 1
+    assert_nothing_left(podman)
+
+
+CONTAINERFILE = """\
+FROM {image}
+RUN mkdir /made && echo one > /made/f && echo extra >> /etc/motd && rm /data/keep/c && rm -r /data/new
+RUN echo two >> /made/f && rm /etc/group && rm -r /data/keep && mkdir /data/keep && echo fresh > /data/keep/fresh
+RUN cat /made/f > /made/g && rm /made/f && rm /data/old && mkdir /data/old && echo in > /data/old/in
+"""
+
+
+def test_build_with_run_steps_then_run_the_built_image(podman, tmp_path):
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Containerfile").write_text(CONTAINERFILE.format(image=podman.image))
+    tag = f"localhost/built-{podman.name}"
+    podman("build", "--network", "none", "--tag", tag, ctx)
+    r = podman("run", "--rm", tag, "sh", "-c",
+               "cat /etc/motd; ls /made; cat /made/g; ls /data/keep; ls /data/old; "
+               "test -e /etc/group || echo no-group; ls /data; ls /etc")
+    assert r.stdout == ("layer two\nextra\ng\none\ntwo\nfresh\nin\nno-group\nkeep\nold\n"
+                        "hostname\nhosts\nmotd\nmtab\npasswd\n"), r.stdout
+    # four layers for the build: the image's three and one per RUN step
+    layers = podman("image", "inspect", "--format", "{{len .RootFS.Layers}}", tag).stdout
+    assert layers.strip() == "6"
+    podman("image", "rm", tag)
+    assert_nothing_left(podman)
+    assert podman("run", "--rm", podman.image, "sh", "-c", LOOK).stdout == IMAGE_VIEW
