@@ -300,7 +300,8 @@ def serve_fd(spec: MountSpec, view, mountpoint: str, fd: int) -> None:
     import trio
     from .ops import UnionOperations
     os.set_inheritable(fd, False)
-    ops = UnionOperations(view, no_open=pyfuse3_passes_inode())
+    ops = UnionOperations(view, no_open=pyfuse3_passes_inode(), volatile=spec.volatile,
+                          squash=(spec.squash_uid, spec.squash_gid))
     pyfuse3.init(ops, f"/dev/fd/{fd}", fuse_options(spec))
     try:
         log.info("serving %d layers at %s (%s%s)", len(spec.lowers), mountpoint,

@@ -169,6 +169,33 @@ def test_cli_mount_bad_layer_is_a_clear_error(tmp_path, cli_mounts):
     assert not server.is_mounted(str(mnt))
 
 
+@pytest.mark.timeout(120)
+def test_cli_mount_premounted_writable_squash_and_signal(tmp_path, cli_mounts):
+    """Root's fast path (the CLI mounts /dev/fuse, the forked server adopts it):
+    a writable mount with --squash-uid serves the spec, and SIGTERM to the
+    server unmounts it (libfuse does not unmount what it did not mount)."""
+    layers = materialise_stack(sample_stack(), tmp_path / "layers")
+    mnt, up, wk = (tmp_path / n for n in ("mnt", "up", "wk"))
+    for d in (mnt, up, wk):
+        d.mkdir()
+    cli_mounts.append(mnt)
+    r = _cli("mount", "--log", str(tmp_path / "log"), "--upper", str(up), "--work", str(wk),
+             "--squash-uid", "4321", *map(str, layers), str(mnt))
+    assert r.returncode == 0, r.stderr
+    assert (mnt / "etc/hosts").stat().st_uid == 4321
+    (mnt / "new").write_bytes(b"x")
+    assert (up / "new").read_bytes() == b"x"
+    info = server.mount_at(str(mnt))
+    assert info is not None and info["fstype"] == "fuse.mergefs"
+    log = (tmp_path / "log").read_text()           # "... mergefs[PID] INFO serving ..."
+    pid = int(log.split("mergefs[", 1)[1].split("]", 1)[0])
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while server.is_mounted(str(mnt)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not server.is_mounted(str(mnt))
+
+
 def test_mount_helper_convention(tmp_path, cli_mounts):
     """mount -t fuse.mergefs mergefs MNT -o lowerdir=TOP:...:BOTTOM (via mount.fuse.mergefs)."""
     if shutil.which("mount.fuse3") is None:
