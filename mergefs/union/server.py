@@ -361,11 +361,7 @@ def _fork_server(spec, mountpoint, fmt, log_path, ready_fd, parent_end) -> int:
     try:
         os.close(parent_end)
         os.setsid()
-        logfd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        nullfd = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(nullfd, 0)
-        os.dup2(logfd, 1)
-        os.dup2(logfd, 2)
+        _detach_stdio(log_path)
         code = _serve_detached(spec, mountpoint, fmt, ready_fd)
     finally:
         os._exit(code)
@@ -393,14 +389,7 @@ def _reap(pid: int, kill: bool) -> None:
 
 def _serve_detached(spec: MountSpec, mountpoint: str, fmt: str, ready_fd: int) -> int:
     """Body of a server process: log to stderr (the log file), report readiness on ready_fd."""
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(
-        f"%(asctime)s mergefs[{os.getpid()}] %(levelname)s %(message)s"))
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
+    _log_to_stderr()
     state = {"fd": ready_fd}
 
     def ready():
