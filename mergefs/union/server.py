@@ -258,7 +258,8 @@ def _start_premounted(spec: MountSpec, mountpoint: str, fmt: str, log_path: str)
             os.close(fd)
 
 
-def _fork_premounted(spec, view, mountpoint: str, fd: int, log_path: str) -> int:
+def _fork_child(body) -> int:
+    """Fork; the child runs ``body()`` and exits with its code (1 if it raised)."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -266,9 +267,13 @@ def _fork_premounted(spec, view, mountpoint: str, fd: int, log_path: str) -> int
         return pid
     code = 1
     try:
-        code = serve_handed_over(spec, mountpoint, "auto", log_path, fd, view)
+        code = body()
     finally:
         os._exit(code)
+
+
+def _fork_premounted(spec, view, mountpoint: str, fd: int, log_path: str) -> int:
+    return _fork_child(lambda: serve_handed_over(spec, mountpoint, "auto", log_path, fd, view))
 
 
 def serve_handed_over(spec: MountSpec, mountpoint: str, fmt: str, log_path: str, fd: int,
@@ -352,19 +357,12 @@ def _can_fork() -> bool:
 
 
 def _fork_server(spec, mountpoint, fmt, log_path, ready_fd, parent_end) -> int:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid:
-        return pid
-    code = 1
-    try:
+    def body() -> int:
         os.close(parent_end)
         os.setsid()
         _detach_stdio(log_path)
-        code = _serve_detached(spec, mountpoint, fmt, ready_fd)
-    finally:
-        os._exit(code)
+        return _serve_detached(spec, mountpoint, fmt, ready_fd)
+    return _fork_child(body)
 
 
 def _spawn_server(spec, mountpoint, fmt, log_path, ready_fd) -> int:
