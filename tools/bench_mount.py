@@ -6,7 +6,9 @@
 Three small layers (a few files each; the layer size does not enter a
 mount: nothing is walked). For each system and mode (read-only: lowers only;
 writable: plus an upper and work dir on the same tmpfs) and each repetition:
-run the mount command, note when it returned ("return"), ``ls`` the mount
+run the mount command (for mergefs both ``mergefs mount`` and the
+fuse-overlayfs form ``mergefs -o lowerdir=...`` that podman runs, through the
+installed ``mergefs`` script), note when it returned ("return"), ``ls`` the mount
 root and note when that was done ("live": the first answer from the server),
 then unmount (not timed). Reps are interleaved across systems, so a burst of
 load from other processes hits all of them. Prints medians and p90 in ms,
@@ -26,8 +28,9 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SYSTEMS = ("kernel-overlay", "fuse-overlayfs", "mergefs")
+SYSTEMS = ("kernel-overlay", "fuse-overlayfs", "mergefs", "mergefs -o")
 MODES = ("ro", "rw")
+MERGEFS = os.path.join(os.path.dirname(sys.executable), "mergefs")   # the console script
 
 
 def make_layers(base: str) -> list[str]:
@@ -49,17 +52,31 @@ def mount_argv(system: str, mode: str, layers: list[str], mnt: str, up: str, wk:
         return ["mount", "-t", "overlay", "overlay", "-o", opts, mnt]
     if system == "fuse-overlayfs":
         return ["fuse-overlayfs", "-o", opts, mnt]
+    if system == "mergefs -o":          # containers/storage's mount_program form
+        return [MERGEFS, "-o", opts, mnt]
     rw = ["--upper", up, "--work", wk] if mode == "rw" else []
-    return [sys.executable, "-m", "mergefs", "mount", "--log", os.path.join(mnt + ".log"),
+    return [MERGEFS, "mount", "--log", os.path.join(mnt + ".log"),
             *rw, *layers, mnt]
 
 
+def before_script(base: str, tree: str) -> str:
+    """A ``mergefs`` script like the console script, importing mergefs from ``tree``."""
+    path = os.path.join(base, "mergefs-before")
+    with open(path, "w") as f:
+        f.write(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {tree!r})\n"
+                "from mergefs.cli import main\nsys.exit(main())\n")
+    os.chmod(path, 0o755)
+    return path
+
+
 def one(system: str, mode: str, layers: list[str], base: str, rep: int) -> tuple[float, float]:
-    d = os.path.join(base, f"{system}-{mode}-{rep}")
+    d = os.path.join(base, f"{system.replace(' ', '')}-{mode}-{rep}")
     mnt, up, wk = (os.path.join(d, n) for n in ("mnt", "up", "wk"))
     for p in (mnt, up, wk):
         os.makedirs(p)
-    argv = mount_argv(system, mode, layers, mnt, up, wk)
+    argv = mount_argv(system.removesuffix(" before"), mode, layers, mnt, up, wk)
+    if system.endswith(" before"):
+        argv[0] = os.path.join(base, "mergefs-before")
     t0 = time.perf_counter()
     subprocess.run(argv, check=True, cwd=ROOT)
     t1 = time.perf_counter()
@@ -75,18 +92,25 @@ def one(system: str, mode: str, layers: list[str], base: str, rep: int) -> tuple
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--before", metavar="TREE",
+                    help="also run mergefs from this source tree (e.g. a worktree of an older "
+                    "commit), interleaved, with this environment's dependencies")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench_mount: run as root (kernel overlayfs)", file=sys.stderr)
         return 2
     # what an installed package has (pip compiles it; this environment may set
     # PYTHONDONTWRITEBYTECODE, which would compile mergefs on every run)
-    subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(ROOT, "mergefs")],
-                   check=True, stdout=subprocess.DEVNULL)
+    for tree in filter(None, (ROOT, args.before)):
+        subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(tree, "mergefs")],
+                       check=True, stdout=subprocess.DEVNULL)
+    systems = SYSTEMS + (("mergefs before", "mergefs -o before") if args.before else ())
     base = tempfile.mkdtemp(prefix="bench-mount-")
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", base], check=True)
     try:
         layers = make_layers(base)
+        if args.before:
+            before_script(base, os.path.abspath(args.before))
         load0 = os.getloadavg()
         res: dict[tuple[str, str], list[tuple[float, float]]] = {}
         start: list[float] = []
@@ -94,7 +118,7 @@ def main() -> int:
             t = time.perf_counter()
             subprocess.run([sys.executable, "-c", "pass"], check=True)
             start.append(time.perf_counter() - t)
-            for system in SYSTEMS:
+            for system in systems:
                 for mode in MODES:
                     res.setdefault((system, mode), []).append(one(system, mode, layers, base, rep))
         load1 = os.getloadavg()
@@ -102,10 +126,10 @@ def main() -> int:
                                    sorted(xs)[min(len(xs) - 1, int(len(xs) * 0.9))])
         print(f"load average {load0[0]:.2f} before, {load1[0]:.2f} after; {args.reps} reps")
         print(f"python -c pass: p50 {ms(start, 50):.0f} ms, p90 {ms(start, 90):.0f} ms")
-        print(f"{'system':16} {'mode':4} {'return p50':>10} {'p90':>6} {'live p50':>9} {'p90':>6}")
+        print(f"{'system':18} {'mode':4} {'return p50':>10} {'p90':>6} {'live p50':>9} {'p90':>6}")
         for (system, mode), xs in res.items():
             ret, live = [x[0] for x in xs], [x[1] for x in xs]
-            print(f"{system:16} {mode:4} {ms(ret, 50):10.0f} {ms(ret, 90):6.0f} "
+            print(f"{system:18} {mode:4} {ms(ret, 50):10.0f} {ms(ret, 90):6.0f} "
                   f"{ms(live, 50):9.0f} {ms(live, 90):6.0f}")
     finally:
         subprocess.run(["umount", "-l", base])
