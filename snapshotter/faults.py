@@ -17,6 +17,8 @@ STEPS = (
     "merge:after-publish-dir",
     "commit:after-build",
     "commit:after-publish-dir",
+    "move-commit:after-move",   # upper moved into the layer's dir, transaction not committed
+    "move-commit:after-commit", # committed; the active snapshot's directory still there
     "prune:after-mark",         # rows marked deleting, directories still in place
     "prune:after-trash",        # one directory moved to staging, its row not yet gone
 )

@@ -135,3 +135,9 @@ def measure(store: Store, with_total: bool = True) -> Usage:
         total = sum(everything.values())
     snap_bytes = sum(su.exclusive for su in out) + sum(shared_once.values())
     return Usage(out, total, sum(shared_once.values()), max(total - snap_bytes, 0), per, owners)
+
+
+def upper_mounted(upper: str) -> bool:
+    """Something mounts an active snapshot's upper (a bind of it, an overlay over it)."""
+    from mergefs import mounttable
+    return bool(mounttable.users_of(upper))

@@ -112,6 +112,10 @@ class MountRouter:
             self._by_key[key] = (name, path)
             return path
 
+    def has_view(self, key: str) -> bool:
+        with self._lock:
+            return key in self._by_key
+
     def users(self, key: str) -> list[str]:
         """Mount points still using ``key``'s view (binds of it, mounts below it)."""
         known = self._by_key.get(key)
