@@ -384,6 +384,10 @@ class Snapshotter:
         """One layer directory into the store (its id is its tree digest)."""
         return service.import_dir(self.store, src, fmt, name, self.holder)
 
+    def image_config(self, ref: str) -> dict | None:
+        """The OCI image config kept when REF was imported or pulled as an image, or None."""
+        return service.image_config(self.store, ref)
+
     def commit_upper(self, upper: str, parent: str | None = None, name: str | None = None,
                      fmt: str = "auto") -> Row:
         """mergefs's commit: an upper dir, or an active snapshot kept as it is, into a layer."""

@@ -10,6 +10,7 @@ the store, in overlay format, holding no ref of its own) and then used by id.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -195,6 +196,27 @@ def _materialise(store: Store, row: Row, flat: list[str], progress=None) -> Row:
         staged.discard()
         for t in trash:
             shutil.rmtree(t, ignore_errors=True)
+
+
+# -- image configs (what ``mergefs bundle`` runs) -------------------------------------
+IMAGE_CONFIG_KEYS = ("architecture", "os", "variant", "config")   # not rootfs nor history
+
+
+def record_image_config(store: Store, snapshot_id: str, config: dict | None,
+                        name: str | None = None) -> None:
+    """Keep an imported or pulled image's config for its snapshot (and the name it got)."""
+    if not isinstance(config, dict):
+        return
+    kept = json.dumps({k: config[k] for k in IMAGE_CONFIG_KEYS if k in config}, sort_keys=True)
+    with meta.write(store.db):
+        meta.put_image_config(store.db, snapshot_id, kept, name)
+
+
+def image_config(store: Store, ref: str) -> dict | None:
+    """The image config kept for REF (a name it was imported under, or its id), or None."""
+    row = store.resolve(ref)
+    text = meta.image_config(store.db, ref, row.id)
+    return json.loads(text) if text else None
 
 
 # -- diff and commit ----------------------------------------------------------------
