@@ -35,9 +35,12 @@ import logging
 import os
 import re
 import threading
+import time
 
 from mergefs.errors import FailedPrecondition
 from mergefs.mountspec import MountSpec
+
+from ..faults import STALL_S, stalling
 
 log = logging.getLogger("mergefs.serve")
 Mounts = list[tuple[str, str, list[str]]]
@@ -108,6 +111,8 @@ class MountRouter:
                 return known[1]
             self._serial += 1
             name = f"{self._serial:06d}-" + re.sub(r"[^A-Za-z0-9_.-]", "_", key)[-80:]
+            if stalling("serve:views-loop"):
+                self.views._call(time.sleep, STALL_S)
             path = self.views.add_view(name, spec)
             self._by_key[key] = (name, path)
             return path

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 
+from ..faults import stall_point
 from .mounts import MountRouter
 
 
@@ -46,6 +47,7 @@ class Served:
         # Its upper becomes the layer by a rename unless a view of it lives (a
         # client may still write through it): then the upper is copied.
         with self._write:
+            stall_point("serve:commit")
             info = self.sn.commit(name, key, labels=labels, move=not self.router.has_view(key))
         self.router.forget(key)
         return info
