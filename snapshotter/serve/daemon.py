@@ -36,6 +36,7 @@ RPC_GRACE_S = 3.0         # calls in flight may finish; then they are cancelled
 VIEWS_CLOSE_S = 5.0       # the views server stops; else its mount is detached lazily
 STORE_CLOSE_S = 3.0
 GRPC_THREADS = "mergefs-grpc"
+SIGNAL_POLL_S = 0.5
 
 
 @dataclass
@@ -183,8 +184,9 @@ def serve(opts: Options, ready=None, stop: threading.Event | None = None) -> int
         router = MountRouter(opts.state, views, unpack_overlay)
         served = Served(sn, router)
         recovered = recover_views(served, router)
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=opts.workers,
-                                                        thread_name_prefix=GRPC_THREADS))
+        pool = futures.ThreadPoolExecutor(max_workers=opts.workers,
+                                          thread_name_prefix=GRPC_THREADS)
+        server = grpc.server(pool)
         grpc_api.add_to_server(server, grpc_api.SnapshotsServicer(served, router.mounts))
         server.add_insecure_port("unix:" + opts.socket)
         ctl = control.ControlServer(os.path.join(opts.state, "control.sock"), served, router)
@@ -197,7 +199,9 @@ def serve(opts: Options, ready=None, stop: threading.Event | None = None) -> int
                  router.mode, recovered)
         if ready is not None:
             ready()
-        while not stop.wait(3600):
+        # Short waits: the kernel may hand SIGTERM to any thread (gRPC's, the views
+        # server's); Python runs the handler only when the main thread next runs.
+        while not stop.wait(SIGNAL_POLL_S):
             pass
         t0 = time.monotonic()
         log.info("stopping")
@@ -209,6 +213,7 @@ def serve(opts: Options, ready=None, stop: threading.Event | None = None) -> int
             log.warning("gRPC server: calls still running after %.1f s; not waiting for them",
                         RPC_GRACE_S + 2)
         server = None
+        pool.shutdown(wait=False, cancel_futures=True)     # idle workers end now
         _close_views(views)
         views = None
         _bounded("closing the store", sn.close, STORE_CLOSE_S)

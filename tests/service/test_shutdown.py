@@ -123,3 +123,23 @@ def _ignore_rpc_error(call) -> None:
         call()
     except grpc.RpcError:
         pass
+
+
+def _tgkill(pid: int, tid: int, sig: int) -> None:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    SYS_tgkill = {"x86_64": 234, "aarch64": 131}[os.uname().machine]
+    assert libc.syscall(SYS_tgkill, pid, tid, sig) == 0, ctypes.get_errno()
+
+
+def test_sigterm_taken_by_another_thread_still_stops_the_service(service):
+    """The kernel may hand a process's SIGTERM to any of its threads (gRPC's, the views
+    server's); the main thread must still notice it promptly."""
+    pid = service.proc.pid
+    tid = next(int(t) for t in sorted(os.listdir(f"/proc/{pid}/task")) if int(t) != pid)
+    t0 = time.monotonic()
+    _tgkill(pid, tid, signal.SIGTERM)
+    rc = service.proc.wait(BOUND_S + 60)
+    elapsed = time.monotonic() - t0
+    service.proc = None
+    assert rc == 0 and elapsed < BOUND_S, (rc, elapsed, service.log.read_text())
