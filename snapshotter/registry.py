@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import meta, service
+from .blobs import blob_dir, drop_orphans
 from .digest import TreeSummary, tree_digest
 from .distribution import RegistryError, Skopeo, Target, parse_target, result, stop
 from .meta import Row
@@ -100,12 +101,6 @@ def _hex(digest: str) -> str:
     return digest.split(":", 1)[1]
 
 
-def blob_dir(store: Store) -> Path:
-    d = store.root / "blobs" / "sha256"
-    os.makedirs(d, mode=0o700, exist_ok=True)
-    return d
-
-
 def _compression_of(media_type: str) -> str:
     if media_type.endswith("gzip"):
         return "gzip"
@@ -114,22 +109,7 @@ def _compression_of(media_type: str) -> str:
     return "none"
 
 
-# -- the blob cache ------------------------------------------------------------------------
-def drop_orphans(store: Store) -> None:
-    """Forget blobs of layers that are gone (pruned) and delete their files."""
-    meta.ensure_blobs(store.db)
-    orphans = meta.orphan_blobs(store.db)
-    if not orphans:
-        return
-    live = meta.drop_blobs(store.db, orphans)
-    for _layer, digest in orphans:
-        if digest not in live:
-            try:
-                os.unlink(blob_dir(store) / _hex(digest))
-            except FileNotFoundError:
-                pass
-
-
+# -- the blob cache (snapshotter.blobs) ---------------------------------------------------
 def _cached(store: Store, row: tuple) -> Blob | None:
     blob = Blob(*row)
     try:

@@ -237,9 +237,10 @@ def test_basic_auth_credentials_from_the_usual_files(a, b, auth_registry, layers
 
 
 # -- interop: skopeo and containerd accept what mergefs pushed; mergefs pulls what skopeo pushed ---
-def _skopeo(*args) -> None:
+def _skopeo(*args) -> str:
     p = subprocess.run(["skopeo", *args], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
+    return p.stdout
 
 
 @pytest.mark.slow
@@ -488,3 +489,61 @@ def test_retries_with_backoff_outlast_a_registry_restart(a, b, registry, layers)
             proc.wait()
     assert proc.returncode == 0, err
     assert out.strip() == mid
+
+
+def _layout_layer_digests(layout: Path) -> list[str]:
+    index = json.loads((layout / "index.json").read_text())
+    mdigest = index["manifests"][0]["digest"].split(":")[1]
+    manifest = json.loads((layout / "blobs" / "sha256" / mdigest).read_text())
+    return [d["digest"] for d in manifest["layers"]]
+
+
+def test_push_of_an_imported_layout_sends_its_blobs_and_prune_drops_them(a, b, registry,
+                                                                          layers, tmp_path):
+    """Import keeps each layer's blob: the first push sends the layout's blobs as they are
+    (no recompression, like skopeo copy from the layout); the blobs go with their layers."""
+    _app_on(a, layers)
+    layout = tmp_path / "layout"
+    a.run("export", "app", "-o", layout, "--format", "oci")
+    want = _layout_layer_digests(layout)
+    b.run("import", layout, "--name", "img")
+    assert sorted(os.listdir(b.root / "blobs" / "sha256")) == sorted(d[7:] for d in want)
+    du = json.loads(b.out("du", "--json"))
+    assert du["blob_count"] == 3 and du["blobs"] > 0
+    target = f"{registry.address}/mergefs/img:v1"
+    mark = registry.mark()
+    pushed = json.loads(b.run("push", "img", target, "--json").stdout)
+    assert pushed["compressed"] == 0
+    assert [x["digest"] for x in pushed["layers"]] == want
+    assert len(uploads(registry.since(mark))) == 4     # the 3 layout blobs + a config
+    manifest = json.loads(_skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{target}"))
+    assert [d["digest"] for d in manifest["layers"]] == want
+    for d in want:                                     # the registry holds the layout's bytes
+        assert registry.blob_path(d).read_bytes() == \
+            (layout / "blobs" / "sha256" / d[7:]).read_bytes()
+    assert "blob" not in b.out("fsck")
+    b.run("release", "img", *(x["layer"] for x in pushed["layers"]))
+    b.run("prune", "--all")
+    assert b.json("ls") == []
+    assert os.listdir(b.root / "blobs" / "sha256") == []
+    assert json.loads(b.out("du", "--json"))["blob_count"] == 0
+
+
+def test_fsck_checks_kept_blobs_and_repair_forgets_bad_ones(a, b, layers, tmp_path):
+    from snapshotter.fsck import fsck
+    from snapshotter.store import Store
+    _app_on(a, layers)
+    layout = tmp_path / "layout"
+    a.run("export", "app", "-o", layout, "--format", "oci")
+    b.run("import", layout, "--name", "img")
+    bdir = b.root / "blobs" / "sha256"
+    first = sorted(os.listdir(bdir))[0]
+    with open(bdir / first, "r+b") as f:
+        f.truncate(10)
+    (bdir / ("0" * 64)).write_bytes(b"stray")
+    with Store(b.root) as store:
+        found = {(f.kind, f.severity) for f in fsck(store, verify_content=False)}
+        assert found == {("blob-size", "error"), ("blob-unnamed", "garbage")}
+        fsck(store, repair=True, verify_content=False)
+        assert fsck(store, verify_content=False) == []
+    assert len(os.listdir(bdir)) == 2
