@@ -88,8 +88,8 @@ def test_second_push_uploads_no_blob_and_compresses_nothing(a, registry, layers)
     assert [x["digest"] for x in again["layers"]] == [x["digest"] for x in first["layers"]]
 
 
-def test_blobs_of_pruned_layers_are_forgotten_at_the_next_push(a, registry, layers):
-    """C4: the blob cache holds nothing for layers prune deleted (dropped at the next push)."""
+def test_blobs_of_pruned_layers_go_with_them(a, registry, layers):
+    """C4: the blob cache holds nothing for layers prune deleted (dropped by the prune)."""
     _app_on(a, layers)
     first = json.loads(a.run("push", "app", f"{registry.address}/mergefs/app:v1",
                              "--json").stdout)
@@ -97,6 +97,7 @@ def test_blobs_of_pruned_layers_are_forgotten_at_the_next_push(a, registry, laye
     assert {x["digest"].split(":")[1] for x in first["layers"]} <= set(os.listdir(blobs))
     a.run("release", "app", "base", "mid", "top")
     a.run("prune", "--all")
+    assert os.listdir(blobs) == []
     a.run("import", layers[0], "--name", "again")
     second = json.loads(a.run("push", "again", f"{registry.address}/mergefs/again:v1",
                               "--json").stdout)
