@@ -69,7 +69,23 @@ def before_script(base: str, tree: str) -> str:
     return path
 
 
-def one(system: str, mode: str, layers: list[str], base: str, rep: int) -> tuple[float, float]:
+def server_cpu(mnt: str) -> float:
+    """CPU seconds used so far by the process serving ``mnt`` (its command line
+    names the mount point: the forked server keeps the mount command's), 0 if none."""
+    key = os.fsencode(mnt)
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if key not in f.read():
+                    continue
+            with open(f"/proc/{pid}/schedstat") as f:
+                return int(f.read().split()[0]) / 1e9
+        except OSError:
+            continue
+    return 0.0
+
+
+def one(system: str, mode: str, layers: list[str], base: str, rep: int) -> tuple[float, ...]:
     d = os.path.join(base, f"{system.replace(' ', '')}-{mode}-{rep}")
     mnt, up, wk = (os.path.join(d, n) for n in ("mnt", "up", "wk"))
     for p in (mnt, up, wk):
@@ -78,15 +94,18 @@ def one(system: str, mode: str, layers: list[str], base: str, rep: int) -> tuple
     if system.endswith(" before"):
         argv[0] = os.path.join(base, "mergefs-before")
     t0 = time.perf_counter()
-    subprocess.run(argv, check=True, cwd=ROOT)
+    proc = subprocess.Popen(argv, cwd=ROOT)
+    _, status, usage = os.wait4(proc.pid, 0)
     t1 = time.perf_counter()
+    assert status == 0, f"{argv} exited with {status}"
     names = os.listdir(mnt)
     t2 = time.perf_counter()
+    cpu = server_cpu(mnt) if system.startswith("mergefs") else 0.0
     try:
         assert "etc" in names, names
     finally:
         subprocess.run(["umount", mnt], check=True)
-    return t1 - t0, t2 - t0
+    return t1 - t0, t2 - t0, usage.ru_utime + usage.ru_stime, cpu
 
 
 def main() -> int:
@@ -112,7 +131,7 @@ def main() -> int:
         if args.before:
             before_script(base, os.path.abspath(args.before))
         load0 = os.getloadavg()
-        res: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        res: dict[tuple[str, str], list[tuple[float, ...]]] = {}
         start: list[float] = []
         for rep in range(args.reps):
             t = time.perf_counter()
@@ -126,11 +145,15 @@ def main() -> int:
                                    sorted(xs)[min(len(xs) - 1, int(len(xs) * 0.9))])
         print(f"load average {load0[0]:.2f} before, {load1[0]:.2f} after; {args.reps} reps")
         print(f"python -c pass: p50 {ms(start, 50):.0f} ms, p90 {ms(start, 90):.0f} ms")
-        print(f"{'system':18} {'mode':4} {'return p50':>10} {'p90':>6} {'live p50':>9} {'p90':>6}")
+        print("CPU: of the mount command, and of mergefs's server until its first answer "
+              "(p50; load-independent where wall times are not)")
+        print(f"{'system':18} {'mode':4} {'return p50':>10} {'p90':>6} {'live p50':>9} {'p90':>6}"
+              f" {'cmd cpu':>8} {'srv cpu':>8}")
         for (system, mode), xs in res.items():
             ret, live = [x[0] for x in xs], [x[1] for x in xs]
+            cmd, srv = [x[2] for x in xs], [x[3] for x in xs]
             print(f"{system:18} {mode:4} {ms(ret, 50):10.0f} {ms(ret, 90):6.0f} "
-                  f"{ms(live, 50):9.0f} {ms(live, 90):6.0f}")
+                  f"{ms(live, 50):9.0f} {ms(live, 90):6.0f} {ms(cmd, 50):8.0f} {ms(srv, 50):8.0f}")
     finally:
         subprocess.run(["umount", "-l", base])
         shutil.rmtree(base, ignore_errors=True)
