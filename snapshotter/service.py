@@ -255,12 +255,15 @@ def commit_dir(store: Store, upper_dir: str, parent_ids: list[str], what: str,
     upper = what
     staged = store.stage("commit")
     try:
-        copy_layer(upper_dir, staged.path / "upper", "overlay")
+        copy_layer(upper_dir, staged.path / "upper", "overlay", keep_redirects=True)
         from mergefs.diff import write_diff
+        from mergefs.union.flatten import flatten_redirects
         lowers = store_layers(store, parent_ids)
         if not lowers:
             os.mkdir(staged.path / "scratch", 0o755)
             lowers = [Layer(staged.path / "scratch", "overlay")]
+        # R2: directories a live mount moved carry redirects; the layer holds their content
+        flatten_redirects([l.path for l in lowers], staged.path / "upper")
         # the copy of the upper is overlay format whatever its names (issue 11 item 1)
         again = [Layer(l.path, "overlay") for l in lowers]
         write_diff(lowers, again + [Layer(staged.path / "upper", "overlay")], staged.path / "fs")

@@ -30,7 +30,7 @@ ROOT_INODE = 1
 
 class Inode:
     __slots__ = ("number", "parent", "name", "node", "lookups", "_attr", "entry", "children",
-                 "unlinked", "others", "__weakref__")
+                 "unlinked", "others", "redirects", "sources", "__weakref__")
 
     def __init__(self, number: int, parent: "Inode | None", name: bytes, node: Node):
         self.number = number
@@ -43,6 +43,10 @@ class Inode:
         self.children = None                      # cached merged listing (dirs)
         self.unlinked = False
         self.others: list | None = None           # more (parent, name)s of a hardlinked file
+        # dirs, once read: the redirects of their layers, top first, as (layer,
+        # "/abs/path" or "name"), and the layers really serving them (resolver.dir_sources)
+        self.redirects: tuple = ()
+        self.sources: tuple[int, ...] | None = None
 
     @property
     def attr(self) -> os.stat_result | None:

@@ -262,6 +262,12 @@ class Upper:
         parent, _, name = path.rpartition(b"/")
         syscalls.setxattr(self.borrow_dir(parent), name, self.opaque_xattr, b"y")
 
+    def set_redirect(self, path: bytes, value: bytes) -> None:
+        """Mark the upper dir at ``path`` as served below by ``value`` (R1)."""
+        parent, _, name = path.rpartition(b"/")
+        attr = self.opaque_xattr.replace("opaque", "redirect")
+        syscalls.setxattr(self.borrow_dir(parent), name, attr, value)
+
 
 def _lstat_or_none(name: bytes, dir_fd: int) -> os.stat_result | None:
     try:
