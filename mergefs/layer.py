@@ -43,6 +43,10 @@ XWHITEOUTS_XATTRS = ("trusted.overlay.whiteouts", "user.overlay.whiteouts")
 XWHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")
 FORMAT_MARKS = ("trusted.overlay.mergefs-format", "user.overlay.mergefs-format")
 REDIRECT_XATTRS = ("trusted.overlay.redirect", "user.overlay.redirect")
+# mergefs's own, on an upper: the inode number an entry kept from its origin, and
+# the mark of a directory holding such entries (union/inodes.py)
+NUMBER_XATTRS = ("trusted.overlay.mergefs-ino", "user.overlay.mergefs-ino")
+NUMBERED_XATTRS = ("trusted.overlay.mergefs-inos", "user.overlay.mergefs-inos")
 
 # Entry kinds are the S_IFMT bits, so they compare with st_mode directly.
 DIR, REG, LNK = stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK
@@ -70,14 +74,16 @@ class LayerDir:
     whiteouts: set[bytes] = field(default_factory=set)
     opaque: bool = False
     redirect: bytes | None = None
+    numbered: bool = False       # some entries record their inode number (NUMBER_XATTRS)
 
 
-def dir_markers(dir_fd: int) -> tuple[bool, bool, bytes | None]:
-    """(opaque, holds xattr whiteouts, redirect) for an open directory, from one listxattr."""
+def dir_markers(dir_fd: int) -> tuple[bool, bool, bytes | None, bool]:
+    """(opaque, holds xattr whiteouts, redirect, numbered) for an open directory,
+    from one listxattr."""
     names = syscalls.listxattr(dir_fd, b"")
     if not names:
-        return False, False, None
-    opaque = xwhite = False
+        return False, False, None, False
+    opaque = xwhite = numbered = False
     redirect = None
     for attr in names:
         if attr in OPAQUE_XATTRS:
@@ -88,7 +94,9 @@ def dir_markers(dir_fd: int) -> tuple[bool, bool, bytes | None]:
             xwhite = True
         elif attr in REDIRECT_XATTRS:
             redirect = syscalls.getxattr(dir_fd, b"", attr) or None
-    return opaque, xwhite, redirect
+        elif attr in NUMBERED_XATTRS:
+            numbered = True
+    return opaque, xwhite, redirect, numbered
 
 
 def _is_xattr_whiteout(dir_fd: int, name: bytes) -> bool:
@@ -137,7 +145,7 @@ def read_layer_dir(dir_fd: int, fmt: str = "auto") -> LayerDir:
     out = LayerDir()
     xwhite = False
     if overlay:
-        out.opaque, xwhite, out.redirect = dir_markers(dir_fd)
+        out.opaque, xwhite, out.redirect, out.numbered = dir_markers(dir_fd)
     entries, whiteouts = out.entries, out.whiteouts
     encode, new_entry = str.encode, tuple.__new__    # hot loop: one pass per entry per layer
     with os.scandir(dir_fd) as it:

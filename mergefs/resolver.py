@@ -234,7 +234,7 @@ def _markers(layer: Layer, fd: int) -> tuple[bool, bytes | None]:
     """(opaque, redirect) of an open directory of ``layer``."""
     opaque, redirect = False, None
     if layer.fmt != "oci":
-        opaque, _, redirect = dir_markers(fd)
+        opaque, _, redirect, _ = dir_markers(fd)
     if layer.fmt != "overlay" and _exists(OCI_OPAQUE, fd):
         opaque = True
     return opaque, redirect

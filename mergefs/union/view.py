@@ -20,7 +20,7 @@ from sortedcontainers import SortedDict
 
 from .. import syscalls
 from ..errors import NotFound
-from ..layer import LNK, Layer, is_overlay_private
+from ..layer import LNK, NUMBER_XATTRS, Layer, is_overlay_private
 from ..resolver import Node, Resolver, join, merge_listing, redirect_value
 from .inodes import Inode, InodeTable
 
@@ -84,7 +84,23 @@ class UnionView:
         if redirects:
             self.redirected = True
         inode.redirects, inode.sources = redirects, tuple(s.layer for s in found)
+        for s in found:
+            if s.ld.numbered and s.layer == getattr(self, "up", None):
+                self._recorded_numbers(s)
         return SortedDict(merge_listing((s.layer, s.ld) for s in found))
+
+    def _recorded_numbers(self, source) -> None:
+        """The inode numbers a writable view's upper entries kept from their origins."""
+        fd = syscalls.open_beneath(self.layers[source.layer].fd, source.path)
+        try:
+            for name, entry in source.ld.entries.items():
+                for attr in NUMBER_XATTRS:
+                    value = syscalls.getxattr(fd, name, attr)
+                    if value is not None and value.isdigit():
+                        self.inodes.remember((source.layer, entry.ino), int(value))
+                        break
+        finally:
+            os.close(fd)
 
     def dir_sources(self, inode: Inode) -> tuple[int, ...]:
         """The layers really serving a directory (its markers read if not known yet)."""

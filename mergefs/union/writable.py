@@ -77,6 +77,8 @@ class WritableView(UnionView):
         return node
 
     def _set_child(self, parent: Inode, name: bytes, node: Node | None) -> None:
+        if node is not None and node.top == self.up and self.inodes.recorded(node):
+            self.upper.mark_numbered(parent.path)     # U8: look for recorded numbers here
         if parent.children is not None:
             if node is None:
                 parent.children.pop(name, None)
@@ -109,6 +111,11 @@ class WritableView(UnionView):
         src = self.layer_path(inode, node.top)
         st = self.resolver.lstat_in(node.top, src)
         tmp = self.upper.copy_of(self.layers[node.top].fd, src, st, with_data)
+        try:
+            self.upper.record_number(tmp, inode.number)    # U8: it keeps its st_ino
+        except BaseException:
+            self.upper.discard(tmp)
+            raise
         new = self.upper.publish(tmp, path, keep_parent_times=True)
         self.inodes.fresh(self.up, new.st_ino)
         if node.kind == DIR:      # stays merged with its lower layers
