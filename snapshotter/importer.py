@@ -23,6 +23,7 @@ from mergefs import syscalls
 from mergefs.attrs import Meta, apply_meta
 from mergefs.errors import InvalidLayer, NotFound
 from mergefs.layer import DIR, LNK, REG, SOCK, Layer, read_layer_dir
+from mergefs.plan import refuse_redirect
 
 from .digest import tree_digest
 from .faults import kill_point
@@ -61,7 +62,9 @@ class LayerCopier:
             apply_meta(dst_fd, b"", Meta.read(src_fd, b""), self.warnings)
             if ld.opaque:
                 syscalls.setxattr(dst_fd, b"", OPAQUE_ATTR, b"y")
-            elif ld.redirect is not None and self.keep_redirects:
+            elif ld.redirect is not None:
+                if not self.keep_redirects:      # R2: a layer is read by name
+                    refuse_redirect(self.src, path)
                 syscalls.setxattr(dst_fd, b"", OPAQUE_ATTR.replace("opaque", "redirect"),
                                   ld.redirect)
         finally:

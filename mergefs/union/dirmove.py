@@ -27,7 +27,8 @@ import stat
 
 from .. import syscalls
 from ..layer import DIR
-from ..resolver import Node, join, merge_listing
+from ..resolver import Node, join
+from .inodes import Inode
 
 
 def redirect_max() -> int:
@@ -97,7 +98,7 @@ def copy_merged_dir(view, inode, p_old, old: bytes, p_new, new: bytes, dst: Node
     old_path, new_path = join(p_old.path, old), join(p_new.path, new)
     view.ensure_upper(p_old)
     view.ensure_upper(p_new)
-    tmp = _stage_tree(view, old_path, inode.node)
+    tmp = _stage_tree(view, inode)
     try:
         if view.lower_has(p_new, new):
             syscalls.setxattr(upper.work_fd, tmp, upper.opaque_xattr, b"y")
@@ -125,16 +126,20 @@ def copy_merged_dir(view, inode, p_old, old: bytes, p_new, new: bytes, dst: Node
     _rebind_descendants(view, inode)
 
 
-def _stage_tree(view, path: bytes, node: Node) -> bytes:
-    """Copy the merged subtree at ``path`` into the work dir; return its tmp name."""
+def _stage_tree(view, inode) -> bytes:
+    """Copy the merged subtree of ``inode`` into the work dir; return its tmp name.
+
+    Entries are read through inodes of no table (``Inode(0, ...)``), so their
+    paths in their layers follow redirects like every other read."""
     upper = view.upper
     links: dict[tuple[int, int], tuple[int, bytes]] = {}   # first copy of a hardlinked file
-    st = view.resolver.lstat_in(node.top, path)
-    tmp = upper.copy_of(view.layers[node.top].fd, path, st)
+    top = inode.node.top
+    st = view.resolver.lstat_in(top, view.layer_path(inode, top))
+    tmp = upper.copy_of(view.layers[top].fd, view.layer_path(inode, top), st)
     try:
         fd = syscalls.open_dir(tmp, upper.work_fd)
         try:
-            _fill(view, path, node, fd, links)
+            _fill(view, inode, fd, links)
         finally:
             os.close(fd)
         syscalls.utime_ns(tmp, st.st_atime_ns, st.st_mtime_ns, upper.work_fd)
@@ -147,12 +152,11 @@ def _stage_tree(view, path: bytes, node: Node) -> bytes:
     return tmp
 
 
-def _fill(view, path: bytes, node: Node, dir_fd: int, links: dict) -> None:
-    """Copy the merged children of ``path`` into the staged dir ``dir_fd``."""
+def _fill(view, parent, dir_fd: int, links: dict) -> None:
+    """Copy the merged children of the dir ``parent`` into the staged dir ``dir_fd``."""
     upper = view.upper
-    children = merge_listing((i, view.resolver.layer_dir(i, path)) for i in node.layers)
-    for name, child in sorted(children.items()):
-        cpath = join(path, name)
+    path = parent.path
+    for name, child in sorted(view.listing(parent).items()):
         if child.kind != DIR and child.top == view.up:
             # already in the upper: link the same inode in (as mv renames each file),
             # so hardlinks to names outside the moved tree survive
@@ -162,19 +166,21 @@ def _fill(view, path: bytes, node: Node, dir_fd: int, links: dict) -> None:
             finally:
                 os.close(pfd)
             continue
-        st = view.resolver.lstat_in(child.top, cpath)
+        entry = Inode(0, parent, name, child)
+        where = view.layer_path(entry, child.top)
+        st = view.resolver.lstat_in(child.top, where)
         key = (child.top, child.inos[0])
         if child.kind != DIR and st.st_nlink > 1 and key in links:
             first_fd, first_name = links[key]
             syscalls.link(first_name, name, first_fd, dir_fd)
             continue
-        tmp = upper.copy_of(view.layers[child.top].fd, cpath, st)
+        tmp = upper.copy_of(view.layers[child.top].fd, where, st)
         os.rename(tmp, name, src_dir_fd=upper.work_fd, dst_dir_fd=dir_fd)
         view.inodes.fresh(view.up, syscalls.lstat(name, dir_fd).st_ino)
         if child.kind == DIR:
             cfd = syscalls.open_dir(name, dir_fd)
             try:
-                _fill(view, cpath, child, cfd, links)
+                _fill(view, entry, cfd, links)
             finally:
                 os.close(cfd)
             syscalls.utime_ns(name, st.st_atime_ns, st.st_mtime_ns, dir_fd)

@@ -157,3 +157,25 @@ def test_R3_commit_of_an_upper_with_redirects_is_the_resolved_tree(tmp_path, uni
     tree.assert_same(tree.capture(store.fs_of(merged.row.id)), ours_view,
                      "Merge(lowers, commit) vs the mount")
     store.close()
+
+
+def test_R2_farm_import_export_refuse_a_layer_with_a_redirect(tmp_path):
+    """They read layers by name: a redirect would lose content, so it is refused."""
+    from mergefs.errors import InvalidLayer
+    from mergefs.farm.build import build_farm
+    from mergefs.oci import export_layer_tar
+    from snapshotter import Snapshotter
+    from snapshotter.store import Store
+    low, up = lowers(tmp_path)
+    os.mkdir(up / "moved")
+    os.setxattr(up / "moved", "trusted.overlay.redirect", b"/a")
+    with pytest.raises(InvalidLayer, match="redirect"):
+        build_farm([low, up], tmp_path / "farm")
+    with pytest.raises(InvalidLayer, match="redirect"):
+        export_layer_tar(str(up), str(tmp_path / "out.tar"), lower=[str(low)])
+    store = Store(tmp_path / "store")
+    try:
+        with pytest.raises(InvalidLayer, match="redirect"):
+            Snapshotter(store=store).import_dir(str(up))
+    finally:
+        store.close()

@@ -444,6 +444,23 @@ async def test_U5_merged_dir_rename_copies_the_subtree_where_no_redirect_fits(
     await drv.finish()
 
 
+async def test_U5_copy_fallback_below_a_redirected_dir(tmp_path, rw, monkeypatch):
+    """The subtree copy reads lower entries where they are, through redirects."""
+    from mergefs.union import dirmove
+    drv = rw([LayerSpec().file("d/sub/f", b"f").file("d/sub/deep/g", b"g")
+              .hardlink("d/sub/deep/g2", "d/sub/deep/g")])
+    ops, ctx = drv.ops, drv.ctx
+    await ops.rename(1, b"d", 1, b"e", 0, ctx)                  # a redirect
+    monkeypatch.setattr(dirmove, "redirect_max", lambda: 1)
+    await ops.rename(await drv.lookup("e"), b"sub", 1, b"sub2", 0, ctx)   # a copy
+    assert "trusted.overlay.redirect" not in os.listxattr(tmp_path / "upper/sub2")
+    assert await drv.read("sub2/f") == b"f" and await drv.read("sub2/deep/g2") == b"g"
+    assert os.lstat(tmp_path / "upper/sub2/deep/g").st_ino == \
+        os.lstat(tmp_path / "upper/sub2/deep/g2").st_ino
+    assert [n for n, *_ in await drv.readdir(await drv.lookup("e"))] == []
+    await drv.finish()
+
+
 async def test_R1_merged_dir_rename_writes_a_redirect_and_copies_nothing(tmp_path, rw):
     specs = [LayerSpec().file("d/a", b"a", mode=0o600, uid=5).file("d/sub/b", b"b")
              .hardlink("d/sub/b2", "d/sub/b").symlink("d/l", "../x").dir("d", mode=0o750)
