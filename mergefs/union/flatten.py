@@ -18,35 +18,53 @@ import stat
 
 from .. import syscalls
 from ..attrs import Meta, apply_meta
-from ..layer import DIR, LNK, REG, REDIRECT_XATTRS, Layer, OPAQUE_XATTRS
+from ..layer import DIR, LNK, OPAQUE_XATTRS, REDIRECT_XATTRS, REG, Layer
 from .view import UnionView
 
 
-def flatten_redirects(lowers, upper: str | bytes) -> list[str]:
+def flatten_redirects(lowers, upper: str | os.PathLike) -> list[str]:
     """Rewrite ``upper`` (overlay format, over ``lowers`` bottom first) without
-    redirects; return the warnings of attributes the filesystem refused (A3)."""
+    redirects; return the warnings of attributes the filesystem refused (A3).
+    An upper without redirects costs one listxattr per directory."""
+    found = _redirected(os.fsencode(upper))
+    if not found:
+        return []
     view = UnionView([Layer(p) if not isinstance(p, Layer) else p for p in lowers]
                      + [Layer(upper, "overlay")])
     warnings: list[str] = []
     try:
         up = len(view.layers) - 1
-        _walk(view, up, view.inodes.root, warnings)
+        for path in found:
+            inode = view.inodes.root
+            for name in path.split(b"/"):
+                inode = view.lookup(inode, name)
+            view.listing(inode)                  # reads its redirects
+            _materialise(view, up, inode, warnings)
     finally:
         view.close()
     return warnings
 
 
-def _walk(view: UnionView, up: int, inode, warnings: list[str]) -> None:
-    """Find the redirected dirs of the upper below ``inode`` (upper dirs only)."""
-    for name, node in list(view.listing(inode).items()):
-        if node.kind != DIR or node.top != up:
-            continue
-        child = view.inodes.entry(inode, name, node)
-        view.listing(child)                      # reads its redirects
-        if any(k == up for k, _ in child.redirects):
-            _materialise(view, up, child, warnings)
-        else:
-            _walk(view, up, child, warnings)
+def _redirected(upper: bytes) -> list[bytes]:
+    """The outermost directories of ``upper`` that carry a redirect, parents first."""
+    out: list[bytes] = []
+    stack = [(b"", os.open(upper, syscalls.O_DIR))]
+    while stack:
+        path, fd = stack.pop()
+        try:
+            with os.scandir(fd) as it:
+                subdirs = sorted(os.fsencode(e.name) for e in it if e.is_dir(follow_symlinks=False))
+            for name in subdirs:
+                child = syscalls.open_dir(name, fd)
+                cpath = path + b"/" + name if path else name
+                if any(a in REDIRECT_XATTRS for a in syscalls.listxattr(child, b"")):
+                    out.append(cpath)
+                    os.close(child)
+                else:
+                    stack.append((cpath, child))
+        finally:
+            os.close(fd)
+    return sorted(out)
 
 
 def _materialise(view: UnionView, up: int, inode, warnings: list[str]) -> None:
