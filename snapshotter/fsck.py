@@ -7,10 +7,13 @@ Findings, each with a severity:
   prune; directories published just before a crash (a ``meta.json`` journal,
   no row) — registered again on repair; a containerd Commit that moved an
   upper and died before its transaction committed (``snapshotter.commit``) —
-  the upper is moved back on repair.
+  the upper is moved back on repair;
+  a layer blob kept for push whose file
+  is gone, or a blob file no layer names (repair forgets / deletes them).
 * ``error``: rows whose directory is missing; directories without a row and
   without a usable journal; pinned parents that do not exist; layers whose
-  content no longer matches their digest; names or refs that a snapshot's
+  content no longer matches their digest; a kept layer blob whose size is
+  not the recorded one (repair forgets it); names or refs that a snapshot's
   ``holders.json`` lists and the metadata lost (repair restores them); a
   damaged ``meta.db`` (``fsck_store``: repair keeps it aside as
   ``meta.db.damaged-<time>`` and rebuilds the metadata from the snapshot
@@ -55,6 +58,7 @@ def fsck(store: Store, repair: bool = False, verify_content: bool = True) -> lis
     out += _dirs_without_rows(store, repair)
     out += _missing_parents(store)
     out += _lost_holders(store, repair)
+    out += _blobs(store, repair)
     if verify_content:
         out += _content(store, repair)
     return out
@@ -185,6 +189,14 @@ def _content(store: Store, repair: bool) -> list[Finding]:
             f.repaired = "marked corrupt (kept; re-import to replace)"
         out.append(f)
     return out
+
+
+def _blobs(store: Store, repair: bool) -> list[Finding]:
+    """Layer blobs kept for push (``snapshotter.blobs``): rows against files."""
+    from . import blobs
+    sev = {"blob-missing": "garbage", "blob-size": "error", "blob-unnamed": "garbage"}
+    return [Finding(sev[kind], kind, subject, detail, repaired)
+            for kind, subject, detail, repaired in blobs.check(store, repair)]
 
 
 def _lost_holders(store: Store, repair: bool) -> list[Finding]:

@@ -589,12 +589,17 @@ def count(db: sqlite3.Connection) -> int:
 # -- registry blobs (mergefs push / pull) --------------------------------------------
 # One row per (layer, compression): the layer's blob as pushed or pulled, so a
 # layer is compressed once and a pulled layer can be found by its diffID. Made
-# on first use; a row whose layer is gone is dropped by snapshotter.registry.
+# on first use; a layer's rows go when it is removed (snapshotter.blobs.forget).
 BLOBS_SCHEMA = """CREATE TABLE IF NOT EXISTS layer_blobs(
     layer TEXT NOT NULL, compression TEXT NOT NULL, digest TEXT NOT NULL,
     diff_id TEXT NOT NULL, size INTEGER NOT NULL, media_type TEXT NOT NULL,
     PRIMARY KEY(layer, compression))"""
 BLOB_COLUMNS = "layer, compression, digest, diff_id, size, media_type"
+
+
+def has_blobs(db: sqlite3.Connection) -> bool:
+    return db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='layer_blobs'"
+                      ).fetchone() is not None
 
 
 def ensure_blobs(db: sqlite3.Connection) -> None:
@@ -618,10 +623,21 @@ def orphan_blobs(db: sqlite3.Connection) -> list[tuple[str, str]]:
                       "ON s.id = b.layer AND s.state = 'committed' WHERE s.id IS NULL").fetchall()
 
 
-def drop_blobs(db: sqlite3.Connection, rows: list[tuple[str, str]]) -> set[str]:
-    """Forget the (layer, digest) blob rows; return the digests other rows still use."""
-    with write(db):
-        db.executemany("DELETE FROM layer_blobs WHERE layer=? AND digest=?", rows)
+def forget_blobs_of(db: sqlite3.Connection, layers: list[str]) -> set[str]:
+    """Inside a write: drop the blob rows of ``layers``; the digests they named."""
+    digests = set()
+    for layer in layers:
+        digests |= {d for (d,) in db.execute("SELECT digest FROM layer_blobs WHERE layer=?",
+                                             (layer,))}
+        db.execute("DELETE FROM layer_blobs WHERE layer=?", (layer,))
+    return digests
+
+
+def forget_blob(db: sqlite3.Connection, layer: str, digest: str) -> None:
+    db.execute("DELETE FROM layer_blobs WHERE layer=? AND digest=?", (layer, digest))
+
+
+def blob_digests(db: sqlite3.Connection) -> set[str]:
     return {d for (d,) in db.execute("SELECT digest FROM layer_blobs")}
 
 
@@ -647,3 +663,12 @@ def image_config(db: sqlite3.Connection, ref: str, snapshot_id: str) -> str | No
             return r[0]
     return None
 
+
+def all_blobs(db: sqlite3.Connection) -> list[tuple]:
+    """Every blob row; none when the table was never made (a read makes no table)."""
+    try:
+        return db.execute(f"SELECT {BLOB_COLUMNS} FROM layer_blobs ORDER BY layer").fetchall()
+    except sqlite3.OperationalError as e:
+        if "no such table" in str(e):
+            return []
+        raise

@@ -397,6 +397,9 @@ class Store:
             for t in trash:
                 shutil.rmtree(t, ignore_errors=True)
             done.append(snapshot_id)
+        if done:                  # a layer's blobs go with it (snapshotter.blobs)
+            from . import blobs
+            blobs.forget(self, done)
         return done
 
     # -- reconcile at open ---------------------------------------------------
