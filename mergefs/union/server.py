@@ -77,7 +77,14 @@ async def _run() -> None:
                     pyfuse3.terminate()
                     return
         nursery.start_soon(on_signal)
-        await pyfuse3.main()
+        # One worker task: every handler runs to completion without awaiting, so
+        # more workers only add a second task that takes the read lock in turn
+        # (two trio scheduler passes and epoll waits per request instead of one);
+        # with one, the next request can be awaited in poll(2) (fuseloop).
+        from . import fuseloop
+        if not fuseloop.install():
+            log.info("pyfuse3's own request wait (no unique /dev/fuse fd found)")
+        await pyfuse3.main(min_tasks=1, max_tasks=1)
         nursery.cancel_scope.cancel()
 
 
