@@ -244,7 +244,9 @@ class WritableView(UnionView):
         if fields.update_mode and inode.kind != LNK:
             syscalls.chmod(name, stat.S_IMODE(attr.st_mode), pfd)
         if fields.update_atime or fields.update_mtime:
-            cur = syscalls.lstat(name, pfd)
+            # the time not asked for is kept (an lstat only then: futimens sets both)
+            cur = None if fields.update_atime and fields.update_mtime else \
+                syscalls.lstat(name, pfd)
             syscalls.utime_ns(name, attr.st_atime_ns if fields.update_atime else cur.st_atime_ns,
                               attr.st_mtime_ns if fields.update_mtime else cur.st_mtime_ns, pfd)
 
