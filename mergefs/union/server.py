@@ -62,9 +62,10 @@ async def _run() -> None:
     import pyfuse3
     import trio
     async with trio.open_nursery() as nursery:
-        async def on_signal():
+        async def on_signal(task_status=trio.TASK_STATUS_IGNORED):
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
                                            signal.SIGUSR1) as sigs:
+                task_status.started()
                 async for sig in sigs:
                     if sig == signal.SIGUSR1:
                         log_requests()
@@ -72,8 +73,18 @@ async def _run() -> None:
                     log.info("signal received, stopping")
                     pyfuse3.terminate()
                     return
-        nursery.start_soon(on_signal)
-        await pyfuse3.main()
+        # Handlers installed before the first request is served: the request
+        # loop may keep trio busy for a while (below), and a SIGTERM meanwhile
+        # must stop the server, not kill it with the mount left behind.
+        await nursery.start(on_signal)
+        # One worker task: every handler runs to completion without awaiting, so
+        # more workers only add a second task that takes the read lock in turn
+        # (two trio scheduler passes and epoll waits per request instead of one);
+        # with one, the next request can be awaited in poll(2) (fuseloop).
+        from . import fuseloop
+        if not fuseloop.install():
+            log.info("pyfuse3's own request wait (no unique /dev/fuse fd found)")
+        await pyfuse3.main(min_tasks=1, max_tasks=1)
         nursery.cancel_scope.cancel()
 
 
