@@ -5,7 +5,10 @@ Findings, each with a severity:
 * ``garbage`` (harmless, never visible; the next open sweeps it):
   staging dirs of dead processes; rows left ``deleting`` by an interrupted
   prune; directories published just before a crash (a ``meta.json`` journal,
-  no row) — registered again on repair; a layer blob kept for push whose file
+  no row) — registered again on repair; a containerd Commit that moved an
+  upper and died before its transaction committed (``snapshotter.commit``) —
+  the upper is moved back on repair;
+  a layer blob kept for push whose file
   is gone, or a blob file no layer names (repair forgets / deletes them).
 * ``error``: rows whose directory is missing; directories without a row and
   without a usable journal; pinned parents that do not exist; layers whose
@@ -48,6 +51,7 @@ class Finding:
 
 def fsck(store: Store, repair: bool = False, verify_content: bool = True) -> list[Finding]:
     out: list[Finding] = []
+    out += _interrupted_commits(store, repair)
     out += _staging(store, repair)
     out += _interrupted(store, repair)
     out += _rows_without_dirs(store, repair)
@@ -85,9 +89,31 @@ def _interrupted(store: Store, repair: bool) -> list[Finding]:
     return out
 
 
-def _rows_without_dirs(store: Store, repair: bool) -> list[Finding]:
+def _interrupted_commits(store: Store, repair: bool) -> list[Finding]:
+    """Moving commits (``snapshotter.commit``) whose process died before they committed."""
+    from .commit import pending, undo
     out = []
+    for sid in pending(store):
+        row = meta.get(store.db, sid)
+        if row is None or row.state == "deleting":
+            continue
+        f = Finding("garbage", "interrupted-commit", sid, "a commit that moved this active "
+                    "snapshot's upper did not finish; the next open moves it back")
+        if repair:
+            with meta.write(store.db):
+                undo(store, sid)
+            f.repaired = "upper moved back"
+        out.append(f)
+    return out
+
+
+def _rows_without_dirs(store: Store, repair: bool) -> list[Finding]:
+    from .commit import pending
+    out = []
+    committing = set(pending(store))
     for row in meta.all_rows(store.db):
+        if row.id in committing:
+            continue                # _interrupted_commits
         d = store.dir_of(row.id)
         needs_fs = row.kind in (SnapshotKind.LAYER, SnapshotKind.DIFF) or row.strategy == Strategy.FARM
         missing = not d.is_dir() or (needs_fs and not (d / "fs").is_dir()) or \
@@ -106,7 +132,8 @@ def _rows_without_dirs(store: Store, repair: bool) -> list[Finding]:
 
 
 def _dirs_without_rows(store: Store, repair: bool) -> list[Finding]:
-    known = {hexpart(i) for i in meta.all_ids(store.db)}
+    from .commit import journal_targets
+    known = {hexpart(i) for i in meta.all_ids(store.db)} | journal_targets(store)
     out = []
     for d in sorted(set(os.listdir(store.snapshots)) - known):
         journal = store.snapshots / d / "meta.json"

@@ -131,7 +131,7 @@ def import_image(store: Store, src: str, name: str | None, holder: str | None,
     snapshot moves to this image, as ``docker load`` does (``ImportResult.moved``).
     """
     from mergefs import oci
-    from .service import merge
+    from .service import merge, record_image_config
     label = label or src
     with oci.open_image(src, ref) as image:
         rows, done = [], 0
@@ -144,6 +144,7 @@ def import_image(store: Store, src: str, name: str | None, holder: str | None,
             done += desc.size or 0
             rows.append(row)
         tag = image.ref_name
+        config = image.config
     if not rows:
         return ImportResult([])
     res = merge(store, [r.id for r in rows], strategy="union", name=name, holder=holder)
@@ -152,6 +153,8 @@ def import_image(store: Store, src: str, name: str | None, holder: str | None,
         old = _move_name(store, tag, res.row.id)
         if old is not None:
             moved = (tag, old, res.row.id)
+    record_image_config(store, res.row.id, config, name or (tag if tag and _usable_name(tag)
+                                                            else None))
     return ImportResult(rows, res.row, moved)
 
 

@@ -219,6 +219,7 @@ class _Plan:
     manifest: dict
     layers: list[dict]          # descriptors, bottom first
     diff_ids: list[str]
+    config: dict | None = None  # the image config (kept for ``mergefs bundle``)
 
 
 def _platform(index: dict) -> str:
@@ -256,7 +257,8 @@ def _plan(client: Skopeo, target: Target) -> _Plan:
     if len(diff_ids) != len(manifest.get("layers", [])):
         raise RegistryError(f"pull of {target}: config has {len(diff_ids)} diffIDs for "
                             f"{len(manifest.get('layers', []))} layers")
-    return _Plan(target.pinned(digest), digest, manifest, manifest["layers"], diff_ids)
+    return _Plan(target.pinned(digest), digest, manifest, manifest["layers"], diff_ids,
+                 json.loads(cfg_raw))
 
 
 def _present(store: Store, desc: dict, diff_id: str, holder: str | None) -> Row | None:
@@ -462,6 +464,8 @@ def pull(store: Store, target: str | Target, name: str | None = None,
                               holder=holder).row
     elif layers:
         image = store.reuse(layers[0].id, holder, name)
+    if image is not None:
+        service.record_image_config(store, image.id, plan.config, name)
     return PullResult(str(target), plan.manifest_digest, layers, fetched, image)
 
 

@@ -405,7 +405,8 @@ class Store:
     # -- reconcile at open ---------------------------------------------------
     def reconcile(self) -> list[str]:
         """Finish what crashed processes left: returns one line per action taken."""
-        actions = []
+        from .commit import undo_interrupted
+        actions = undo_interrupted(self)     # first: its directories are not strays
         for entry in os.listdir(self.staging):
             if not staging_owner_alive(entry):
                 shutil.rmtree(self.staging / entry, ignore_errors=True)

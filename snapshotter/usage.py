@@ -142,3 +142,9 @@ def measure(store: Store, with_total: bool = True) -> Usage:
     count, blob_bytes = blobs.usage(store)
     return Usage(out, total, sum(shared_once.values()), max(total - snap_bytes - blob_bytes, 0),
                  per, owners, blob_bytes, count, blobs.bytes_by_layer(store))
+
+
+def upper_mounted(upper: str) -> bool:
+    """Something mounts an active snapshot's upper (a bind of it, an overlay over it)."""
+    from mergefs import mounttable
+    return bool(mounttable.users_of(upper))

@@ -3,10 +3,13 @@
 The upper is a layer like any other, written only here: whiteouts are
 character devices 0/0, an opaque directory carries ``trusted.overlay.opaque=y``
 (``user.overlay.opaque`` when not root, as overlayfs's ``userxattr``). Every
-new entry is built in the work directory under a temporary name, given its
-data, owner, mode, xattrs and times there (A1 order: chown, chmod, xattrs,
-times), and only then renamed into the upper: a crash leaves at most litter in
-the work dir, never a half-copied file in the merged view.
+copy-up, and every new entry that replaces a whiteout, is built in the work
+directory under a temporary name, given its data, owner, mode, xattrs and
+times there (A1 order: chown, chmod, xattrs, times), and only then renamed
+into the upper: a crash leaves at most litter in the work dir, never a
+half-copied file in the merged view. A new entry at a name that hides nothing
+is made in place (``make_in_place``, as kernel overlayfs does): a crash there
+leaves at most an empty entry of mode 0.
 
 Placing an entry where the upper holds a whiteout: a non-directory is renamed
 over it; a directory is swapped with it (RENAME_EXCHANGE) and the whiteout,
@@ -235,6 +238,42 @@ class Upper:
             syscalls.chmod(tmp, stat.S_IMODE(mode), self.work_fd)
         return tmp, fd
 
+    def make_in_place(self, path: bytes, kind: int, mode: int, uid: int, gid: int,
+                      rdev: int = 0, target: bytes = b"") -> tuple[os.stat_result, int]:
+        """Create a new entry at ``path`` directly in the upper, where it hides
+        nothing (no whiteout there, nothing below): what kernel overlayfs does
+        outside its work dir. Returns (lstat, fd for a regular file or -1).
+
+        Fewer syscalls than staging (no rename, no lstat of the work dir); a
+        crash between the create and the chown/chmod leaves an empty entry with
+        mode 0 owned by the server's user, never a partly copied one."""
+        parent, _, name = path.rpartition(b"/")
+        pfd = self.borrow_dir(parent)
+        fd = -1
+        if kind == REG:
+            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0, dir_fd=pfd)
+        elif kind == DIR:
+            syscalls.mkdir(name, pfd, 0)
+        elif kind == LNK:
+            syscalls.symlink(target, name, pfd)
+        else:
+            syscalls.mknod(name, kind, rdev, pfd)
+        try:
+            if fd >= 0:
+                os.fchown(fd, uid, gid)
+                os.fchmod(fd, stat.S_IMODE(mode))
+                return os.fstat(fd), fd
+            syscalls.lchown(name, uid, gid, pfd)
+            if kind != LNK:
+                syscalls.chmod(name, stat.S_IMODE(mode), pfd)
+            return syscalls.lstat(name, pfd), -1
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            _remove(name, pfd)        # the view is unchanged (EPERM, EDQUOT ...)
+            raise
+
     def whiteout(self, path: bytes, tree: bool = False) -> None:
         """Replace whatever the upper has at ``path`` by a whiteout (char 0/0).
 
@@ -261,6 +300,27 @@ class Upper:
     def set_opaque(self, path: bytes) -> None:
         parent, _, name = path.rpartition(b"/")
         syscalls.setxattr(self.borrow_dir(parent), name, self.opaque_xattr, b"y")
+
+    def record_number(self, tmp: bytes, number: int) -> None:
+        """A staged copy keeps its origin's inode number (U8, union/inodes.py)."""
+        attr = self.opaque_xattr.replace("opaque", "mergefs-ino")
+        try:
+            syscalls.setxattr(self.work_fd, tmp, attr, b"%d" % number)
+        except OSError as e:    # no (user) xattrs here: the number holds for this mount only
+            if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+                raise
+
+    def mark_numbered(self, path: bytes) -> None:
+        """The upper dir at ``path`` holds entries that record their number."""
+        parent, _, name = path.rpartition(b"/")
+        fd = self.borrow_dir(parent) if path else self.layer.fd
+        syscalls.setxattr(fd, name, self.opaque_xattr.replace("opaque", "mergefs-inos"), b"y")
+
+    def set_redirect(self, path: bytes, value: bytes) -> None:
+        """Mark the upper dir at ``path`` as served below by ``value`` (R1)."""
+        parent, _, name = path.rpartition(b"/")
+        attr = self.opaque_xattr.replace("opaque", "redirect")
+        syscalls.setxattr(self.borrow_dir(parent), name, attr, value)
 
 
 def _lstat_or_none(name: bytes, dir_fd: int) -> os.stat_result | None:
