@@ -1,0 +1,93 @@
+"""What an image brings to the store besides its layers' content: the layers'
+registry blobs (push / pull) and the image's config (what ``mergefs bundle`` runs)."""
+from __future__ import annotations
+
+import sqlite3
+
+
+# -- registry blobs (mergefs push / pull) --------------------------------------------
+# One row per (layer, compression): the layer's blob as pushed or pulled, so a
+# layer is compressed once and a pulled layer can be found by its diffID. Made
+# on first use; a layer's rows go when it is removed (snapshotter.blobs.forget).
+BLOBS_SCHEMA = """CREATE TABLE IF NOT EXISTS layer_blobs(
+    layer TEXT NOT NULL, compression TEXT NOT NULL, digest TEXT NOT NULL,
+    diff_id TEXT NOT NULL, size INTEGER NOT NULL, media_type TEXT NOT NULL,
+    PRIMARY KEY(layer, compression))"""
+BLOB_COLUMNS = "layer, compression, digest, diff_id, size, media_type"
+
+
+def has_blobs(db: sqlite3.Connection) -> bool:
+    return db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='layer_blobs'"
+                      ).fetchone() is not None
+
+
+def ensure_blobs(db: sqlite3.Connection) -> None:
+    db.execute(BLOBS_SCHEMA)
+    db.execute("CREATE INDEX IF NOT EXISTS layer_blobs_by_diff ON layer_blobs(diff_id)")
+
+
+def blobs_of(db: sqlite3.Connection, *, layer: str | None = None,
+             diff_id: str | None = None) -> list[tuple]:
+    where, arg = ("layer=?", layer) if layer is not None else ("diff_id=?", diff_id)
+    return db.execute(f"SELECT {BLOB_COLUMNS} FROM layer_blobs WHERE {where}", (arg,)).fetchall()
+
+
+def put_blob(db: sqlite3.Connection, values: tuple) -> None:
+    db.execute(f"INSERT OR REPLACE INTO layer_blobs({BLOB_COLUMNS}) VALUES(?,?,?,?,?,?)", values)
+
+
+def orphan_blobs(db: sqlite3.Connection) -> list[tuple[str, str]]:
+    """(layer, digest) of blob rows whose layer is no longer committed."""
+    return db.execute("SELECT b.layer, b.digest FROM layer_blobs b LEFT JOIN snapshots s "
+                      "ON s.id = b.layer AND s.state = 'committed' WHERE s.id IS NULL").fetchall()
+
+
+def forget_blobs_of(db: sqlite3.Connection, layers: list[str]) -> set[str]:
+    """Inside a write: drop the blob rows of ``layers``; the digests they named."""
+    digests = set()
+    for layer in layers:
+        digests |= {d for (d,) in db.execute("SELECT digest FROM layer_blobs WHERE layer=?",
+                                             (layer,))}
+        db.execute("DELETE FROM layer_blobs WHERE layer=?", (layer,))
+    return digests
+
+
+def forget_blob(db: sqlite3.Connection, layer: str, digest: str) -> None:
+    db.execute("DELETE FROM layer_blobs WHERE layer=? AND digest=?", (layer, digest))
+
+
+def blob_digests(db: sqlite3.Connection) -> set[str]:
+    return {d for (d,) in db.execute("SELECT digest FROM layer_blobs")}
+
+
+def all_blobs(db: sqlite3.Connection) -> list[tuple]:
+    """Every blob row; none when the table was never made (a read makes no table)."""
+    try:
+        return db.execute(f"SELECT {BLOB_COLUMNS} FROM layer_blobs ORDER BY layer").fetchall()
+    except sqlite3.OperationalError as e:
+        if "no such table" in str(e):
+            return []
+        raise
+
+
+# -- image configs (schema 3) -------------------------------------------------------
+# ``subject`` is a snapshot id (the config of the image that made it, the last
+# one imported when several images have the same layers) or a name an image
+# was imported under (its own config, valid while the name names ``id``).
+def put_image_config(db: sqlite3.Connection, snapshot_id: str, config: str,
+                     name: str | None = None) -> None:
+    """Inside a write: record ``config`` (JSON text) for ``snapshot_id`` (and ``name``)."""
+    for subject in (snapshot_id, name):
+        if subject:
+            db.execute("INSERT OR REPLACE INTO image_configs(subject, id, config) VALUES(?,?,?)",
+                       (subject, snapshot_id, config))
+
+
+def image_config(db: sqlite3.Connection, ref: str, snapshot_id: str) -> str | None:
+    """The config recorded under name ``ref`` for ``snapshot_id``, else under the id."""
+    for subject in (ref, snapshot_id):
+        r = db.execute("SELECT config FROM image_configs WHERE subject=? AND id=?",
+                       (subject, snapshot_id)).fetchone()
+        if r:
+            return r[0]
+    return None
