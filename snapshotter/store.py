@@ -5,7 +5,7 @@ Layout of a store root::
     meta.db             SQLite (WAL): snapshots, parents, names, labels, refs, leases
     snapshots/<hex>/    one directory per snapshot, named by its id's hex part:
         meta.json       the row as published (a journal for crash recovery)
-        holders.json    its names (with labels) and refs, rewritten in every
+        holders.json    its names (with labels), refs and image configs, rewritten in every
                         transaction that changes them: a lost or damaged meta.db
                         is rebuilt from meta.json + holders.json
         fs/             the tree (layer, diff, farm merge)
@@ -52,7 +52,7 @@ from .meta import Parent, Row, State
 
 CLI_HOLDER = "cli"
 TEMPORARY = "import"        # tag of temporary holders (``Store.temporary_holder``)
-HOLDERS = "holders.json"    # beside meta.json: the names, labels and refs of a snapshot
+HOLDERS = "holders.json"    # beside meta.json: names, labels, refs, image configs
 HEX_MIN_PREFIX = 4
 ID_SHAPED_HEX = 12          # a name of this many hex digits or more looks like an id
 HEX = frozenset("0123456789abcdef")
@@ -377,7 +377,7 @@ class Store:
         return meta.unaccounted(self.db, data) if data else []
 
     def restore_holders(self, snapshot_id: str) -> list[str]:
-        """Inside a write: restore names, labels and refs from its ``holders.json``."""
+        """Inside a write: restore names, labels, refs, image configs from ``holders.json``."""
         data = self.recorded_holders(snapshot_id)
         return meta.restore_holders(self.db, data) if data else []
 

@@ -105,10 +105,10 @@ def _version(db: sqlite3.Connection) -> int | None:
 
 
 # -- holders recorded beside each snapshot (issue 11 item 6) ------------------------
-# Temporary triggers note which snapshots' names, labels or refs a transaction
-# changed; ``write`` hands them to the connection's hook just before COMMIT
-# (``Store`` writes ``snapshots/<hex>/holders.json``), so what is on disk
-# never says less than the database after a commit.
+# Temporary triggers note which snapshots' names, labels, refs or image configs
+# a transaction changed; ``write`` hands them to the connection's hook just
+# before COMMIT (``Store`` writes ``snapshots/<hex>/holders.json``), so what is
+# on disk never says less than the database after a commit.
 _BEFORE_COMMIT: dict[int, object] = {}
 
 _TRIGGER = ("CREATE TEMP TRIGGER IF NOT EXISTS dirty_{table}_{op} AFTER {verb} ON main.{table} "
@@ -117,12 +117,14 @@ _DIRTY = [("names", "ins", "INSERT", "VALUES(NEW.id)"), ("names", "del", "DELETE
           ("names", "upd", "UPDATE", "VALUES(NEW.id)"), ("refs", "ins", "INSERT", "VALUES(NEW.id)"),
           ("refs", "del", "DELETE", "VALUES(OLD.id)"),
           ("labels", "ins", "INSERT", "SELECT id FROM names WHERE name = NEW.name"),
-          ("labels", "del", "DELETE", "SELECT id FROM names WHERE name = OLD.name")]
+          ("labels", "del", "DELETE", "SELECT id FROM names WHERE name = OLD.name"),
+          ("image_configs", "ins", "INSERT", "VALUES(NEW.id)"),
+          ("image_configs", "del", "DELETE", "VALUES(OLD.id)")]
 
 
 def track_holders(db: sqlite3.Connection, hook) -> None:
     """Call ``hook(db, ids)`` inside each write, before COMMIT, with the ids whose
-    names, labels or refs changed."""
+    names, labels, refs or image configs changed."""
     db.execute("CREATE TEMP TABLE IF NOT EXISTS dirty(id TEXT PRIMARY KEY)")
     for table, op, verb, what in _DIRTY:
         db.execute(_TRIGGER.format(table=table, op=op, verb=verb, what=what))

@@ -78,8 +78,9 @@ def put_image_config(db: sqlite3.Connection, snapshot_id: str, config: str,
                      name: str | None = None) -> None:
     """Inside a write: record ``config`` (JSON text) for ``snapshot_id`` (and ``name``)."""
     for subject in (snapshot_id, name):
-        if subject:
-            db.execute("INSERT OR REPLACE INTO image_configs(subject, id, config) VALUES(?,?,?)",
+        if subject:     # DELETE, not INSERT OR REPLACE: the delete trigger marks the old owner
+            db.execute("DELETE FROM image_configs WHERE subject=?", (subject,))
+            db.execute("INSERT INTO image_configs(subject, id, config) VALUES(?,?,?)",
                        (subject, snapshot_id, config))
 
 
@@ -91,3 +92,16 @@ def image_config(db: sqlite3.Connection, ref: str, snapshot_id: str) -> str | No
         if r:
             return r[0]
     return None
+
+
+def image_configs_of(db: sqlite3.Connection, snapshot_id: str) -> dict[str, str]:
+    """Every config recorded for ``snapshot_id``, by subject (its id, or a name)."""
+    return dict(db.execute("SELECT subject, config FROM image_configs WHERE id=? ORDER BY subject",
+                           (snapshot_id,)))
+
+
+def restore_image_config(db: sqlite3.Connection, snapshot_id: str, subject: str,
+                         config: str) -> bool:
+    """Inside a write: record ``config`` under ``subject`` unless it has one; True if done."""
+    return db.execute("INSERT OR IGNORE INTO image_configs(subject, id, config) VALUES(?,?,?)",
+                      (subject, snapshot_id, config)).rowcount > 0

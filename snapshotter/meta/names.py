@@ -6,6 +6,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 
+from .images import image_configs_of, restore_image_config
 from .snapshots import add_ref, refs_of
 
 
@@ -81,15 +82,18 @@ def set_labels(db: sqlite3.Connection, name: str, labels: dict[str, str],
 
 # -- the holders record (issue 11 item 6) ----------------------------------------
 def holders_of(db: sqlite3.Connection, snapshot_id: str) -> dict:
-    """What holds a snapshot, as plain data: its names (with parent, times, labels), its refs."""
+    """What holds a snapshot, as plain data: its names (with parent, times, labels), its
+    refs, and the image configs recorded for it (by subject: its id, or a name)."""
     names = [{"name": n, "parent": p, "created": c, "updated": u, "labels": labels_of(db, n)}
              for n, p, c, u in db.execute("SELECT name, parent, created, updated FROM names "
                                           "WHERE id=? ORDER BY name", (snapshot_id,))]
-    return {"id": snapshot_id, "names": names, "refs": refs_of(db, snapshot_id)}
+    return {"id": snapshot_id, "names": names, "refs": refs_of(db, snapshot_id),
+            "image_configs": image_configs_of(db, snapshot_id)}
 
 
 def restore_holders(db: sqlite3.Connection, data: dict) -> list[str]:
-    """Inside a write: add the names, labels and refs ``data`` lists that are missing.
+    """Inside a write: add the names, labels, refs and image configs ``data`` lists that
+    are missing.
 
     Returns one line per thing restored. A name that now names another
     snapshot is left alone (it was given away after the record was written).
@@ -106,6 +110,16 @@ def restore_holders(db: sqlite3.Connection, data: dict) -> list[str]:
         if h not in have:
             add_ref(db, sid, h)
             done.append(f"ref {h!r}")
+    return done + _restore_image_configs(db, sid, data.get("image_configs") or {})
+
+
+def _restore_image_configs(db: sqlite3.Connection, sid: str, configs: dict) -> list[str]:
+    """The configs recorded under the id, or under a name that (still) names it."""
+    done = []
+    for subject, config in sorted(configs.items()):
+        if subject == sid or id_of_name(db, subject) == sid:
+            if restore_image_config(db, sid, subject, config):
+                done.append(f"image config {subject!r}")
     return done
 
 

@@ -2,6 +2,7 @@
 ``mergefs bundle`` of a store ref runs what the image's config says."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -63,3 +64,28 @@ def test_pull_keeps_the_config(layers, tmp_path):
         server.stop()
     with Snapshotter(tmp_path / "store") as sn:
         assert sn.image_config("pulled")["config"]["Env"] == ["GREETING=pulled"]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("loss", ["deleted", "damaged"])
+def test_lost_meta_db_keeps_the_config_through_fsck_repair(cli, layers, tmp_path, loss):
+    """The config is recorded beside the snapshot (holders.json), so rebuilding a lost or
+    damaged meta.db from the snapshot directories keeps what ``bundle`` runs."""
+    image = umoci_image(tmp_path / "img", layers, "app", "kept")
+    cli.run("import", image, "--name", "app")
+    for f in ("meta.db", "meta.db-wal", "meta.db-shm"):
+        if (cli.root / f).exists():
+            (cli.root / f).unlink()
+    if loss == "damaged":
+        (cli.root / "meta.db").write_bytes(b"this is not a database\n" * 500)
+    cli.run("fsck", "--repair")
+    b = tmp_path / "bundle"
+    cli.run("bundle", "app", b)
+    try:
+        process = json.loads((b / "config.json").read_text())["process"]
+    finally:
+        cli.run("unbundle", b)
+    assert process["args"][:2] == ["/bin/sh", "-c"] and process["cwd"] == "/etc"
+    assert "GREETING=kept" in process["env"] and process["user"]["uid"] == 65534
+    with Snapshotter(cli.root) as sn:
+        assert sn.image_config("app")["config"]["Env"] == ["GREETING=kept"]
