@@ -23,14 +23,14 @@ one stay, unreferenced, for prune).
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
 import json
 import os
+import stat
+from dataclasses import dataclass
 
 from mergefs.layer import DIR
 
+from . import meta
 from .digest import TreeSummary, sha256_id, tree_digest
 from .meta import Row
 from .store import CLI_HOLDER, Store
@@ -66,8 +66,6 @@ def import_source(store: Store, src: str, fmt: str = "auto", name: str | None = 
 
 
 def _is_stream(src: str) -> bool:
-    import os
-    import stat
     try:
         mode = os.stat(src).st_mode
     except OSError:
@@ -194,7 +192,6 @@ def _usable_name(tag: str) -> bool:
 
 def _move_name(store: Store, name: str, snapshot_id: str) -> str | None:
     """Point ``name`` at ``snapshot_id``; the id it named before, if another one."""
-    from . import meta
     with meta.write(store.db):
         cur = meta.id_of_name(store.db, name)
         if cur == snapshot_id:
