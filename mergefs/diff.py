@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 
 from . import syscalls
 from .attrs import Meta
-from .farm import Applier, FarmStats, staged_build
+from .farm import Applier, FarmStats, refuse_out_inside, staged_build
 from .layer import DIR, Layer, as_layers, content_xattrs
 from .plan import DirAttrs, Link, Mkdir, MergedDir, Record, Whiteout, plan_subtree
 from .resolver import join
@@ -141,6 +141,7 @@ def write_diff(lower: Sequence[Layer | str], upper: Sequence[Layer | str],
     """
     lower, upper = as_layers(lower), as_layers(upper)
     all_layers = lower + upper
+    refuse_out_inside(all_layers, out, "diff input")
     try:
         for layer in all_layers:
             layer.fd
