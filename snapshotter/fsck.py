@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 
+from mergefs import syscalls
 from mergefs.errors import StoreDamaged
 
 from . import meta
@@ -65,7 +65,7 @@ def _staging(store: Store, repair: bool) -> list[Finding]:
         f = Finding("garbage", "orphaned-staging", f"staging/{entry}",
                     "work of a process that died; never visible")
         if repair:
-            shutil.rmtree(store.staging / entry, ignore_errors=True)
+            syscalls.rmtree(store.staging / entry, ignore_errors=True)
             f.repaired = "removed"
         out.append(f)
     return out

@@ -11,10 +11,10 @@ the store, in overlay format, holding no ref of its own) and then used by id.
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from mergefs import syscalls
 from mergefs.errors import AlreadyExists, FailedPrecondition, NotFound
 from mergefs.layer import Layer, mark_overlay_path
 from mergefs.mountspec import MountSpec
@@ -190,7 +190,7 @@ def _materialise(store: Store, row: Row, flat: list[str], progress=None) -> Row:
     finally:
         staged.discard()
         for t in trash:
-            shutil.rmtree(t, ignore_errors=True)
+            syscalls.rmtree(t, ignore_errors=True)
 
 
 # -- diff and commit ----------------------------------------------------------------
@@ -235,7 +235,7 @@ def _write_diff(store: Store, lo: list[str], up: list[str], where: Path) -> None
         os.mkdir(where / "scratch", 0o755)
         lowers = [Layer(where / "scratch", "overlay")]
     write_diff(lowers, store_layers(store, up), where / "fs")
-    shutil.rmtree(where / "scratch", ignore_errors=True)
+    syscalls.rmtree(where / "scratch", ignore_errors=True)
 
 
 def commit(store: Store, upper: str, parent: str | None = None, name: str | None = None,
@@ -264,8 +264,8 @@ def commit_dir(store: Store, upper_dir: str, parent_ids: list[str], what: str,
         # the copy of the upper is overlay format whatever its names (issue 11 item 1)
         again = [Layer(l.path, "overlay") for l in lowers]
         write_diff(lowers, again + [Layer(staged.path / "upper", "overlay")], staged.path / "fs")
-        shutil.rmtree(staged.path / "upper")
-        shutil.rmtree(staged.path / "scratch", ignore_errors=True)
+        syscalls.rmtree(staged.path / "upper")
+        syscalls.rmtree(staged.path / "scratch", ignore_errors=True)
         summary = tree_digest(staged.path / "fs")
         return publish_layer(store, staged, summary, summary.digest, "layer",
                               f"commit of {upper}" + (f" over {short(parent_ids[-1])}"

@@ -12,7 +12,10 @@ equals ``du -s -B1 ROOT``; ``Usage.overhead`` is the part outside snapshots.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
+
+from mergefs import syscalls
 
 from . import meta
 from .meta import Row
@@ -53,25 +56,39 @@ class Usage:
 
 
 def inodes_under(path: str | bytes, out: dict[tuple[int, int], int]) -> None:
-    """Add every inode below and including ``path`` to ``out``: (dev, ino) -> bytes on disk."""
+    """Add every inode below and including ``path`` to ``out``: (dev, ino) -> bytes on disk.
+
+    Walked through directory fds, one per level (a layer may be deeper than PATH_MAX
+    allows to name), never following a symlink."""
     try:
         st = os.lstat(path)
+        out[(st.st_dev, st.st_ino)] = st.st_blocks * 512
+        if not stat.S_ISDIR(st.st_mode):
+            return
+        fd = os.open(path, syscalls.O_DIR)
     except FileNotFoundError:
         return
-    out[(st.st_dev, st.st_ino)] = st.st_blocks * 512
-    stack = [os.fsencode(path)]
-    while stack:
-        d = stack.pop()
-        try:
-            it = os.scandir(d)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        with it:
-            for de in it:
-                st = de.stat(follow_symlinks=False)
-                out[(st.st_dev, st.st_ino)] = st.st_blocks * 512
-                if de.is_dir(follow_symlinks=False):
-                    stack.append(de.path)
+    stack = [(fd, os.scandir(fd))]
+    try:
+        while stack:
+            fd, it = stack[-1]
+            de = next(it, None)
+            if de is None:
+                it.close()
+                os.close(stack.pop()[0])
+                continue
+            st = de.stat(follow_symlinks=False)
+            out[(st.st_dev, st.st_ino)] = st.st_blocks * 512
+            if de.is_dir(follow_symlinks=False):
+                try:
+                    sub = syscalls.open_dir(os.fsencode(de.name), fd)
+                except FileNotFoundError:
+                    continue
+                stack.append((sub, os.scandir(sub)))
+    finally:
+        for fd, it in stack:
+            it.close()
+            os.close(fd)
 
 
 def _outside_snapshots(store: Store, ids: set[str], out: dict) -> None:

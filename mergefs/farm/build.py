@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import uuid
 from pathlib import Path
 from typing import Sequence
@@ -45,7 +44,7 @@ def staged_build(out: str | os.PathLike, build) -> FarmStats:
         except FileExistsError:
             raise AlreadyExists(f"{out} already exists") from None
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        syscalls.rmtree(staging, ignore_errors=True)
         raise
     return stats
 
