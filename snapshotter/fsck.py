@@ -6,7 +6,9 @@ Findings, each with a severity:
   staging dirs of dead processes; rows left ``deleting`` by an interrupted
   prune; directories published just before a crash (a ``meta.json`` journal,
   no row) — registered again on repair.
-* ``error``: rows whose directory is missing; directories without a row and
+* ``error``: stored trees without the overlay-format mark (repair adds it
+  only where the tree is verifiably overlay format, see ``_unmarked``);
+  rows whose directory is missing; directories without a row and
   without a usable journal; pinned parents that do not exist; layers whose
   content no longer matches their digest; names or refs that a snapshot's
   ``holders.json`` lists and the metadata lost (repair restores them); a
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 
 from mergefs import syscalls
 from mergefs.errors import StoreDamaged
+from mergefs.layer import mark_overlay_path, marked_format
 
 from . import meta
 from .meta import SnapshotKind, Strategy
@@ -54,6 +57,7 @@ def fsck(store: Store, repair: bool = False, verify_content: bool = True) -> lis
     out += _lost_holders(store, repair)
     if verify_content:
         out += _content(store, repair)
+    out += _unmarked(store, repair)
     return out
 
 
@@ -159,6 +163,79 @@ def _content(store: Store, repair: bool) -> list[Finding]:
             f.repaired = "marked corrupt (kept; re-import to replace)"
         out.append(f)
     return out
+
+
+def _unmarked(store: Store, repair: bool) -> list[Finding]:
+    """Stored trees without the overlay-format mark (made before it existed).
+
+    Repair marks a tree only when it is verifiably overlay format: a layer or
+    diff whose content, read as overlay format, still has its recorded tree
+    digest (the digest is defined on that reading); a tree without a recorded
+    digest (a farm merge) when it holds no ``.wh.*`` name, so that every reader,
+    guessing or not, reads it the same way. Anything else stays unmarked.
+    """
+    out = []
+    for row in meta.all_rows(store.db):
+        fs = store.fs_of(row.id)
+        if not fs.is_dir() or fs.is_symlink() or _marked(fs):
+            continue
+        f = Finding("error", "unmarked-layer", row.id, f"{row.kind} {row.description!r} lacks "
+                    "the overlay-format mark (stored before it existed): a reader that guesses "
+                    "the format would take a file named .wh.* for a whiteout")
+        if repair:
+            proof = _overlay_proof(row, fs)
+            if proof:
+                mark_overlay_path(fs)
+                f.repaired = f"marked overlay format ({proof})"
+            else:       # not repaired: the store stays unclean
+                f.detail += ("; left unmarked: its format cannot be verified "
+                             "(re-import or re-make it)")
+        out.append(f)
+    return out
+
+
+def _marked(fs) -> bool:
+    fd = os.open(fs, syscalls.O_DIR)
+    try:
+        return marked_format(fd) == "overlay"
+    finally:
+        os.close(fd)
+
+
+def _overlay_proof(row, fs) -> str:
+    """Why ``fs`` is certainly overlay format, or "" when that cannot be shown."""
+    if row.tree_digest:
+        if tree_digest(fs).digest == row.tree_digest:
+            return "its content digest, read as overlay format, matches the recorded one"
+        return ""
+    if not _has_oci_names(fs):
+        return "it holds no .wh.* name, so every reader reads it alike"
+    return ""
+
+
+def _has_oci_names(fs) -> bool:
+    """Whether any name in the tree starts with ``.wh.`` (read as OCI, it would be a marker).
+    Walked through one fd per level, never following a symlink."""
+    fd = os.open(fs, syscalls.O_DIR)
+    stack = [(fd, os.scandir(fd))]
+    try:
+        while stack:
+            fd, it = stack[-1]
+            de = next(it, None)
+            if de is None:
+                stack.pop()
+                it.close()
+                os.close(fd)
+            elif de.name.startswith(".wh."):
+                return True
+            elif de.is_dir(follow_symlinks=False):
+                sub = syscalls.open_dir(os.fsencode(de.name), fd)
+                stack.append((sub, os.scandir(sub)))
+        return False
+    finally:
+        for fd, it in stack:
+            it.close()
+            os.close(fd)
 
 
 def _lost_holders(store: Store, repair: bool) -> list[Finding]:
