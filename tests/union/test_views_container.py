@@ -14,14 +14,14 @@ import pytest
 
 from mergefs.testing import mounts
 
+from ..conftest import needs
 from .test_container import BUSYBOX, bundle, busybox_layers, public_dir, run_container  # noqa: F401
 from .viewsrv import ViewsServer
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.timeout(300),
-    pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists(BUSYBOX),
-                       reason="needs root, runc and busybox-static"),
+    needs("root", "runc", "busybox"),
 ]
 
 
