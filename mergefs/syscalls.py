@@ -273,6 +273,34 @@ def umount(target: str, flags: int = 0) -> None:
         raise OSError(err, os.strerror(err), target)
 
 
+def scan_tree(dir_fd: int):
+    """Every entry below the open directory ``dir_fd`` (an ``os.DirEntry``, usable until
+    the next one is asked for), parents before children, one open fd per level: depth
+    safe, never following a symlink. A directory that vanishes meanwhile is skipped."""
+    fd = os.open(".", O_DIR, dir_fd=dir_fd)
+    stack = [(fd, os.scandir(fd))]
+    try:
+        while stack:
+            fd, it = stack[-1]
+            de = next(it, None)
+            if de is None:
+                stack.pop()
+                it.close()
+                os.close(fd)
+                continue
+            yield de
+            if de.is_dir(follow_symlinks=False):
+                try:
+                    sub = os.open(de.name, O_DIR, dir_fd=fd)
+                except FileNotFoundError:
+                    continue
+                stack.append((sub, os.scandir(sub)))
+    finally:
+        for fd, it in stack:
+            it.close()
+            os.close(fd)
+
+
 def rmtree(path: str | bytes | os.PathLike, dir_fd: int | None = None,
            ignore_errors: bool = False) -> None:
     """Remove the tree at ``path`` (relative to ``dir_fd``, if given), never following a

@@ -214,28 +214,12 @@ def _overlay_proof(row, fs) -> str:
 
 
 def _has_oci_names(fs) -> bool:
-    """Whether any name in the tree starts with ``.wh.`` (read as OCI, it would be a marker).
-    Walked through one fd per level, never following a symlink."""
+    """Whether any name in the tree starts with ``.wh.`` (read as OCI, it would be a marker)."""
     fd = os.open(fs, syscalls.O_DIR)
-    stack = [(fd, os.scandir(fd))]
     try:
-        while stack:
-            fd, it = stack[-1]
-            de = next(it, None)
-            if de is None:
-                stack.pop()
-                it.close()
-                os.close(fd)
-            elif de.name.startswith(".wh."):
-                return True
-            elif de.is_dir(follow_symlinks=False):
-                sub = syscalls.open_dir(os.fsencode(de.name), fd)
-                stack.append((sub, os.scandir(sub)))
-        return False
+        return any(de.name.startswith(".wh.") for de in syscalls.scan_tree(fd))
     finally:
-        for fd, it in stack:
-            it.close()
-            os.close(fd)
+        os.close(fd)
 
 
 def _lost_holders(store: Store, repair: bool) -> list[Finding]:

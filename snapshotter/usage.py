@@ -68,27 +68,12 @@ def inodes_under(path: str | bytes, out: dict[tuple[int, int], int]) -> None:
         fd = os.open(path, syscalls.O_DIR)
     except FileNotFoundError:
         return
-    stack = [(fd, os.scandir(fd))]
     try:
-        while stack:
-            fd, it = stack[-1]
-            de = next(it, None)
-            if de is None:
-                it.close()
-                os.close(stack.pop()[0])
-                continue
+        for de in syscalls.scan_tree(fd):
             st = de.stat(follow_symlinks=False)
             out[(st.st_dev, st.st_ino)] = st.st_blocks * 512
-            if de.is_dir(follow_symlinks=False):
-                try:
-                    sub = syscalls.open_dir(os.fsencode(de.name), fd)
-                except FileNotFoundError:
-                    continue
-                stack.append((sub, os.scandir(sub)))
     finally:
-        for fd, it in stack:
-            it.close()
-            os.close(fd)
+        os.close(fd)
 
 
 def _outside_snapshots(store: Store, ids: set[str], out: dict) -> None:
