@@ -25,6 +25,7 @@ class MountEntry(NamedTuple):
     options: str        # per-mount options (rw, nosuid, ...)
     fstype: str         # "overlay", "fuse.mergefs", "tmpfs", ...
     source: str
+    super_options: str = ""   # the filesystem's options (overlay: lowerdir=, upperdir= ...)
 
 
 def unescape(field: bytes) -> str:
@@ -37,7 +38,8 @@ def parse_line(line: bytes) -> MountEntry:
     sep = fields.index(b"-", 6)
     return MountEntry(int(fields[0]), int(fields[1]), fields[2].decode(), unescape(fields[3]),
                       unescape(fields[4]),
-                      fields[5].decode(), unescape(fields[sep + 1]), unescape(fields[sep + 2]))
+                      fields[5].decode(), unescape(fields[sep + 1]), unescape(fields[sep + 2]),
+                      unescape(fields[sep + 3]) if len(fields) > sep + 3 else "")
 
 
 def read(path: str = MOUNTINFO) -> list[MountEntry]:
@@ -76,3 +78,32 @@ def entry_at(path: str | os.PathLike) -> MountEntry | None:
 def is_mounted(path: str | os.PathLike) -> bool:
     target = canonical(path)
     return any(e.target == target for e in read())
+
+
+def users_of(path: str | os.PathLike) -> list[str]:
+    """Mount points that show directory ``path`` or something below it: a bind of it
+    (same device, a root at or below it) or an overlay with it as upper/work/lower dir."""
+    p = os.path.realpath(path)
+    st = os.stat(p)
+    dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    entries = read()
+    home = max((e for e in entries if e.device == dev and _below(p, e.target)),
+               key=lambda e: len(e.target), default=None)
+    rel = None
+    if home is not None:
+        rest = os.path.relpath(p, home.target)
+        rel = os.path.normpath(os.path.join(home.root, rest)) if rest != "." else home.root
+    out = []
+    for e in entries:
+        if rel is not None and e.device == dev and e is not home and _below(e.root, rel):
+            out.append(e.target)
+        elif e.fstype == "overlay" and any(
+                _below(d, p) for opt in e.super_options.split(",")
+                if opt.startswith(("upperdir=", "workdir=", "lowerdir="))
+                for d in opt.split("=", 1)[1].split(":")):
+            out.append(e.target)
+    return out
+
+
+def _below(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")

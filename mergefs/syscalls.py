@@ -160,6 +160,19 @@ def setxattr(dir_fd: int, name: bytes, attr: str, value: bytes) -> None:
         os.setxattr(target, attr, value, follow_symlinks=False)
 
 
+def removexattr(dir_fd: int, name: bytes, attr: str) -> None:
+    """Remove an xattr; one that is already gone is fine."""
+    target = fd_path(dir_fd, name)
+    try:
+        if isinstance(target, int):
+            os.removexattr(target, attr)
+        else:
+            os.removexattr(target, attr, follow_symlinks=False)
+    except OSError as e:
+        if e.errno != errno.ENODATA:
+            raise
+
+
 def readlink(name: bytes, dir_fd: int) -> bytes:
     return os.readlink(name, dir_fd=dir_fd)
 

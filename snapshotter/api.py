@@ -34,6 +34,7 @@ gets its own SQLite connection (``Store.db``). ``mounts`` and ``stat``,
 from __future__ import annotations
 
 import enum
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -48,6 +49,7 @@ from .meta import Row, SnapshotKind, State, Strategy
 from .store import CLI_HOLDER, Naming, Store, is_full_id
 
 NAME_HOLDER = "name:"       # the ref a containerd name holds on its snapshot
+log = logging.getLogger("mergefs.snapshotter")
 
 
 class Kind(enum.IntEnum):
@@ -228,8 +230,12 @@ class Snapshotter:
         service.prepare(self.store, key, parent_id, holder=NAME_HOLDER + key, readonly=readonly,
                         naming=Naming(parent, _label_items(labels)))
 
-    def commit(self, name: str, key: str, labels: dict[str, str] | None = None) -> Info:
-        """Active ``key`` -> committed ``name``; the active snapshot is removed (containerd)."""
+    def commit(self, name: str, key: str, labels: dict[str, str] | None = None,
+               move: bool = True) -> Info:
+        """Active ``key`` -> committed ``name``; the active snapshot is removed (containerd).
+
+        The upper itself becomes the layer (``snapshotter.commit``: no copy) unless
+        ``move`` is false or something still mounts it; then it is copied."""
         check_key(name)
         row = self._row(key)
         service.check_committable(row, key)
@@ -239,18 +245,34 @@ class Snapshotter:
         ps = meta.parents(store.db, row.id)
         flat = service.flatten(store, store.get(ps[0].id)) if ps else []
         named = meta.name_row(store.db, key)
-        parent_name = named.parent if named else None
+        naming = Naming(named.parent if named else None, _label_items(labels))
+        if move and self._movable(row, key):
+            from .commit import NotMovable, NotRewritable, commit_by_move
+            try:
+                commit_by_move(store, row, flat, key, name, holder, naming,
+                               lambda db: self._drop_key(db, key, row))
+                return self.stat(name)
+            except (NotMovable, NotRewritable) as exc:
+                log.info("commit of %r copies its upper: %s", key, exc)
         tmp = store.temporary_holder()     # holds the new layer until the name does
         try:
             layer = service.commit_dir(store, str(store.dir_of(row.id) / "upper"), flat, key,
                                        holder=tmp)
             service.merge(store, flat + [layer.id], strategy="union", name=name, holder=holder,
-                          naming=Naming(parent_name, _label_items(labels)))
+                          naming=naming)
         finally:
             with meta.write(store.db):
                 meta.drop_holder(store.db, tmp)
         self.remove(key)
         return self.stat(name)
+
+    def _movable(self, row: Row, key: str) -> bool:
+        """Nothing mounts the upper of active ``row``: no live lease, no overlay mount of it."""
+        from .usage import live_mountpoints, upper_mounted
+        leases = meta.leased_at(self.store.db, row.id)
+        if leases and set(leases) & live_mountpoints():
+            return False
+        return not upper_mounted(str(self.store.dir_of(row.id) / "upper"))
 
     def remove(self, key: str) -> None:
         """Drop ``key`` and what it held; delete its content now if nothing else uses it.
@@ -260,27 +282,32 @@ class Snapshotter:
         names it has (FailedPrecondition while another snapshot pins it or a
         live mount leases it).
         """
-        from .usage import live_mountpoints
         row = self._row(key)
         if meta.name_row(self.store.db, key) is None:       # by id: delete it now
             service.remove(self.store, row.id)
             return
-        db, mounted = self.store.db, live_mountpoints()
+        db = self.store.db
         with meta.write(db):
-            children = meta.children_of_name(db, key)
-            if children:
-                raise FailedPrecondition(f"{key!r} is the parent of {len(children)} snapshot(s) "
-                                         f"({', '.join(map(repr, children[:3]))}); remove those "
-                                         "first (C2)")
-            meta.drop_name(db, key)
-            held = meta.ids_held_by(db, NAME_HOLDER + key)
-            for sid in held:
-                meta.drop_ref(db, sid, NAME_HOLDER + key)
-            # the snapshot first: a commit's union merge unpins its new layer when it goes
-            candidates = [row.id] + [i for i in held if i != row.id]
-            doomed = [i for i in candidates if meta.mark_deleting_if_unused(db, i, mounted)]
+            doomed = self._drop_key(db, key, row)
         if doomed:
             self.store.remove(doomed)
+
+    def _drop_key(self, db, key: str, row: Row) -> list[str]:
+        """Inside a write: drop name ``key`` and its refs; mark what nothing else uses deleting."""
+        from .usage import live_mountpoints
+        children = meta.children_of_name(db, key)
+        if children:
+            raise FailedPrecondition(f"{key!r} is the parent of {len(children)} snapshot(s) "
+                                     f"({', '.join(map(repr, children[:3]))}); remove those "
+                                     "first (C2)")
+        meta.drop_name(db, key)
+        held = meta.ids_held_by(db, NAME_HOLDER + key)
+        for sid in held:
+            meta.drop_ref(db, sid, NAME_HOLDER + key)
+        # the snapshot first: a commit's union merge unpins its new layer when it goes
+        candidates = [row.id] + [i for i in held if i != row.id]
+        mounted = live_mountpoints()
+        return [i for i in candidates if meta.mark_deleting_if_unused(db, i, mounted)]
 
     def update(self, info: Info, fieldpaths: tuple[str, ...] | list[str] = ()) -> Info:
         """Change labels (``labels`` or ``labels.KEY`` paths; none: all labels)."""
@@ -356,6 +383,10 @@ class Snapshotter:
     def import_dir(self, src: str, fmt: str = "auto", name: str | None = None) -> Row:
         """One layer directory into the store (its id is its tree digest)."""
         return service.import_dir(self.store, src, fmt, name, self.holder)
+
+    def image_config(self, ref: str) -> dict | None:
+        """The OCI image config kept when REF was imported or pulled as an image, or None."""
+        return service.image_config(self.store, ref)
 
     def commit_upper(self, upper: str, parent: str | None = None, name: str | None = None,
                      fmt: str = "auto") -> Row:

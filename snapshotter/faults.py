@@ -1,4 +1,6 @@
-"""Crash injection for tests: ``MERGEFS_TEST_KILL_AT=STEP`` SIGKILLs the process at STEP.
+"""Crash injection for tests: ``MERGEFS_TEST_KILL_AT=STEP`` SIGKILLs the process at STEP;
+``MERGEFS_TEST_STALL_AT=STEP`` makes the thread at STEP hang (``STALLS``: what a
+stuck call does to the service's shutdown).
 
 Steps are named ``OP:WHEN`` (``merge:after-build``); every step is listed in
 ``STEPS`` so the crash tests can drive each one with a real subprocess. The
@@ -17,6 +19,8 @@ STEPS = (
     "merge:after-publish-dir",
     "commit:after-build",
     "commit:after-publish-dir",
+    "move-commit:after-move",   # upper moved into the layer's dir, transaction not committed
+    "move-commit:after-commit", # committed; the active snapshot's directory still there
     "prune:after-mark",         # rows marked deleting, directories still in place
     "prune:after-trash",        # one directory moved to staging, its row not yet gone
 )
@@ -26,3 +30,21 @@ def kill_point(step: str) -> None:
     """Die here, without any clean-up, if the test asked for it."""
     if os.environ.get("MERGEFS_TEST_KILL_AT") == step:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+STALLS = (
+    "serve:commit",             # a Commit hangs holding the service's writer lock
+    "serve:views-loop",         # the views server's loop hangs (a stuck FUSE handler)
+)
+STALL_S = 600.0
+
+
+def stalling(step: str) -> bool:
+    return os.environ.get("MERGEFS_TEST_STALL_AT") == step
+
+
+def stall_point(step: str) -> None:
+    """Hang here (a long sleep) if the test asked for it."""
+    if stalling(step):
+        import time
+        time.sleep(STALL_S)

@@ -5,12 +5,17 @@ Findings, each with a severity:
 * ``garbage`` (harmless, never visible; the next open sweeps it):
   staging dirs of dead processes; rows left ``deleting`` by an interrupted
   prune; directories published just before a crash (a ``meta.json`` journal,
-  no row) — registered again on repair.
+  no row) — registered again on repair; a containerd Commit that moved an
+  upper and died before its transaction committed (``snapshotter.commit``) —
+  the upper is moved back on repair;
+  a layer blob kept for push whose file
+  is gone, or a blob file no layer names (repair forgets / deletes them).
 * ``error``: stored trees without the overlay-format mark (repair adds it
   only where the tree is verifiably overlay format, see ``_unmarked``);
   rows whose directory is missing; directories without a row and
   without a usable journal; pinned parents that do not exist; layers whose
-  content no longer matches their digest; names or refs that a snapshot's
+  content no longer matches their digest; a kept layer blob whose size is
+  not the recorded one (repair forgets it); names or refs that a snapshot's
   ``holders.json`` lists and the metadata lost (repair restores them); a
   damaged ``meta.db`` (``fsck_store``: repair keeps it aside as
   ``meta.db.damaged-<time>`` and rebuilds the metadata from the snapshot
@@ -49,12 +54,14 @@ class Finding:
 
 def fsck(store: Store, repair: bool = False, verify_content: bool = True) -> list[Finding]:
     out: list[Finding] = []
+    out += _interrupted_commits(store, repair)
     out += _staging(store, repair)
     out += _interrupted(store, repair)
     out += _rows_without_dirs(store, repair)
     out += _dirs_without_rows(store, repair)
     out += _missing_parents(store)
     out += _lost_holders(store, repair)
+    out += _blobs(store, repair)
     if verify_content:
         out += _content(store, repair)
     out += _unmarked(store, repair)
@@ -86,9 +93,31 @@ def _interrupted(store: Store, repair: bool) -> list[Finding]:
     return out
 
 
-def _rows_without_dirs(store: Store, repair: bool) -> list[Finding]:
+def _interrupted_commits(store: Store, repair: bool) -> list[Finding]:
+    """Moving commits (``snapshotter.commit``) whose process died before they committed."""
+    from .commit import pending, undo
     out = []
+    for sid in pending(store):
+        row = meta.get(store.db, sid)
+        if row is None or row.state == "deleting":
+            continue
+        f = Finding("garbage", "interrupted-commit", sid, "a commit that moved this active "
+                    "snapshot's upper did not finish; the next open moves it back")
+        if repair:
+            with meta.write(store.db):
+                undo(store, sid)
+            f.repaired = "upper moved back"
+        out.append(f)
+    return out
+
+
+def _rows_without_dirs(store: Store, repair: bool) -> list[Finding]:
+    from .commit import pending
+    out = []
+    committing = set(pending(store))
     for row in meta.all_rows(store.db):
+        if row.id in committing:
+            continue                # _interrupted_commits
         d = store.dir_of(row.id)
         needs_fs = row.kind in (SnapshotKind.LAYER, SnapshotKind.DIFF) or row.strategy == Strategy.FARM
         missing = not d.is_dir() or (needs_fs and not (d / "fs").is_dir()) or \
@@ -107,7 +136,8 @@ def _rows_without_dirs(store: Store, repair: bool) -> list[Finding]:
 
 
 def _dirs_without_rows(store: Store, repair: bool) -> list[Finding]:
-    known = {hexpart(i) for i in meta.all_ids(store.db)}
+    from .commit import journal_targets
+    known = {hexpart(i) for i in meta.all_ids(store.db)} | journal_targets(store)
     out = []
     for d in sorted(set(os.listdir(store.snapshots)) - known):
         journal = store.snapshots / d / "meta.json"
@@ -220,6 +250,14 @@ def _has_oci_names(fs) -> bool:
         return any(de.name.startswith(".wh.") for de in syscalls.scan_tree(fd))
     finally:
         os.close(fd)
+
+
+def _blobs(store: Store, repair: bool) -> list[Finding]:
+    """Layer blobs kept for push (``snapshotter.blobs``): rows against files."""
+    from . import blobs
+    sev = {"blob-missing": "garbage", "blob-size": "error", "blob-unnamed": "garbage"}
+    return [Finding(sev[kind], kind, subject, detail, repaired)
+            for kind, subject, detail, repaired in blobs.check(store, repair)]
 
 
 def _lost_holders(store: Store, repair: bool) -> list[Finding]:

@@ -18,7 +18,9 @@ and says so (``PruneReport.kept``); ``fsck --repair`` restores them.
 
 Removal cascades: once a union merge goes, the inputs it alone pinned become
 reclaimable in the same run. Freed bytes are counted from inodes that only
-the deleted snapshots reach (a layer still linked by a farm frees nothing).
+the deleted snapshots reach (a layer still linked by a farm frees nothing),
+plus the layer blobs kept for push (``snapshotter.blobs``), which go with
+their layer.
 """
 from __future__ import annotations
 
@@ -84,7 +86,7 @@ def plan(store: Store, all_named: bool = False, keep_duration: float | None = No
             gone.add(sid)
             victims.append(sid)
             gains[sid] = sum(size for key, size in usage.inodes[sid].items()
-                             if usage.owners[key] <= gone)
+                             if usage.owners[key] <= gone) + usage.layer_blobs.get(sid, 0)
             freed += gains[sid]
             changed = True
     return victims, freed, usage.total, gains

@@ -13,6 +13,9 @@ Readers never block writers (WAL). Tables:
 * ``labels``     containerd labels, per name (schema 2)
 * ``refs``       holders keeping a snapshot alive (``cli`` for CLI-made ones)
 * ``leases``     mounts made from the store (live while the mount point is mounted)
+* ``image_configs`` the OCI image config an imported or pulled image came
+  with, per snapshot id and per name it was imported under (schema 3): what
+  ``mergefs bundle`` runs
 
 States: ``committed`` (visible), ``deleting`` (a prune has begun: invisible,
 finished by the next writer or at open), ``corrupt`` (fsck --repair found its
@@ -50,7 +53,7 @@ class Strategy(str, enum.Enum):
     UNION = "union"
 
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_S = 60.0
 
 SCHEMA = """
@@ -82,6 +85,9 @@ CREATE TABLE IF NOT EXISTS leases(mountpoint TEXT PRIMARY KEY, id TEXT NOT NULL,
     pid INTEGER, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS labels(name TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
     PRIMARY KEY(name, key));
+CREATE TABLE IF NOT EXISTS image_configs(subject TEXT PRIMARY KEY, id TEXT NOT NULL,
+    config TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS image_configs_by_id ON image_configs(id);
 """
 
 # Upgrades of an existing store, by the version they lead to (run in order, in
@@ -93,6 +99,7 @@ MIGRATIONS = {
         "UPDATE names SET created = COALESCE((SELECT s.created FROM snapshots s "
         "WHERE s.id = names.id), 0), updated = COALESCE((SELECT s.created FROM snapshots s "
         "WHERE s.id = names.id), 0)"),
+    3: (),          # image_configs: made by the schema's CREATE TABLE IF NOT EXISTS
 }
 
 COLUMNS = ("id", "kind", "strategy", "state", "created", "last_used", "use_count",
@@ -330,11 +337,12 @@ def insert(db: sqlite3.Connection, row: Row, parents: list[Parent]) -> None:
 
 
 def delete(db: sqlite3.Connection, snapshot_id: str) -> None:
-    """Inside a write: forget a snapshot (its row, parents, names, labels, refs, leases)."""
+    """Inside a write: forget a snapshot (its row, parents, names, labels, refs, leases,
+    image configs)."""
     for sql in ("DELETE FROM labels WHERE name IN (SELECT name FROM names WHERE id=?)",
                 "DELETE FROM snapshots WHERE id=?", "DELETE FROM parents WHERE child=?",
                 "DELETE FROM names WHERE id=?", "DELETE FROM refs WHERE id=?",
-                "DELETE FROM leases WHERE id=?"):
+                "DELETE FROM leases WHERE id=?", "DELETE FROM image_configs WHERE id=?"):
         db.execute(sql, (snapshot_id,))
 
 
@@ -581,12 +589,17 @@ def count(db: sqlite3.Connection) -> int:
 # -- registry blobs (mergefs push / pull) --------------------------------------------
 # One row per (layer, compression): the layer's blob as pushed or pulled, so a
 # layer is compressed once and a pulled layer can be found by its diffID. Made
-# on first use; a row whose layer is gone is dropped by snapshotter.registry.
+# on first use; a layer's rows go when it is removed (snapshotter.blobs.forget).
 BLOBS_SCHEMA = """CREATE TABLE IF NOT EXISTS layer_blobs(
     layer TEXT NOT NULL, compression TEXT NOT NULL, digest TEXT NOT NULL,
     diff_id TEXT NOT NULL, size INTEGER NOT NULL, media_type TEXT NOT NULL,
     PRIMARY KEY(layer, compression))"""
 BLOB_COLUMNS = "layer, compression, digest, diff_id, size, media_type"
+
+
+def has_blobs(db: sqlite3.Connection) -> bool:
+    return db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='layer_blobs'"
+                      ).fetchone() is not None
 
 
 def ensure_blobs(db: sqlite3.Connection) -> None:
@@ -610,8 +623,52 @@ def orphan_blobs(db: sqlite3.Connection) -> list[tuple[str, str]]:
                       "ON s.id = b.layer AND s.state = 'committed' WHERE s.id IS NULL").fetchall()
 
 
-def drop_blobs(db: sqlite3.Connection, rows: list[tuple[str, str]]) -> set[str]:
-    """Forget the (layer, digest) blob rows; return the digests other rows still use."""
-    with write(db):
-        db.executemany("DELETE FROM layer_blobs WHERE layer=? AND digest=?", rows)
+def forget_blobs_of(db: sqlite3.Connection, layers: list[str]) -> set[str]:
+    """Inside a write: drop the blob rows of ``layers``; the digests they named."""
+    digests = set()
+    for layer in layers:
+        digests |= {d for (d,) in db.execute("SELECT digest FROM layer_blobs WHERE layer=?",
+                                             (layer,))}
+        db.execute("DELETE FROM layer_blobs WHERE layer=?", (layer,))
+    return digests
+
+
+def forget_blob(db: sqlite3.Connection, layer: str, digest: str) -> None:
+    db.execute("DELETE FROM layer_blobs WHERE layer=? AND digest=?", (layer, digest))
+
+
+def blob_digests(db: sqlite3.Connection) -> set[str]:
     return {d for (d,) in db.execute("SELECT digest FROM layer_blobs")}
+
+
+# -- image configs (schema 3) -------------------------------------------------------
+# ``subject`` is a snapshot id (the config of the image that made it, the last
+# one imported when several images have the same layers) or a name an image
+# was imported under (its own config, valid while the name names ``id``).
+def put_image_config(db: sqlite3.Connection, snapshot_id: str, config: str,
+                     name: str | None = None) -> None:
+    """Inside a write: record ``config`` (JSON text) for ``snapshot_id`` (and ``name``)."""
+    for subject in (snapshot_id, name):
+        if subject:
+            db.execute("INSERT OR REPLACE INTO image_configs(subject, id, config) VALUES(?,?,?)",
+                       (subject, snapshot_id, config))
+
+
+def image_config(db: sqlite3.Connection, ref: str, snapshot_id: str) -> str | None:
+    """The config recorded under name ``ref`` for ``snapshot_id``, else under the id."""
+    for subject in (ref, snapshot_id):
+        r = db.execute("SELECT config FROM image_configs WHERE subject=? AND id=?",
+                       (subject, snapshot_id)).fetchone()
+        if r:
+            return r[0]
+    return None
+
+
+def all_blobs(db: sqlite3.Connection) -> list[tuple]:
+    """Every blob row; none when the table was never made (a read makes no table)."""
+    try:
+        return db.execute(f"SELECT {BLOB_COLUMNS} FROM layer_blobs ORDER BY layer").fetchall()
+    except sqlite3.OperationalError as e:
+        if "no such table" in str(e):
+            return []
+        raise

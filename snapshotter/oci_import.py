@@ -131,7 +131,7 @@ def import_image(store: Store, src: str, name: str | None, holder: str | None,
     snapshot moves to this image, as ``docker load`` does (``ImportResult.moved``).
     """
     from mergefs import oci
-    from .service import merge
+    from .service import merge, record_image_config
     label = label or src
     with oci.open_image(src, ref) as image:
         rows, done = [], 0
@@ -139,14 +139,12 @@ def import_image(store: Store, src: str, name: str | None, holder: str | None,
         for desc in image.layers:
             row = _reuse_layer(store, desc.diff_id, rows, holder)
             if row is None:
-                with image.open_layer(desc) as reader:
-                    if progress is not None:
-                        reader = _Counted(reader, progress, done, total)
-                    row = import_layer_tar(store, reader, None, holder, desc.diff_id,
-                                           f"layer of {label}", lower=rows)
+                row = _import_blob(store, image, desc, holder, label, rows, progress, done,
+                                   total)
             done += desc.size or 0
             rows.append(row)
         tag = image.ref_name
+        config = image.config
     if not rows:
         return ImportResult([])
     res = merge(store, [r.id for r in rows], strategy="union", name=name, holder=holder)
@@ -155,7 +153,31 @@ def import_image(store: Store, src: str, name: str | None, holder: str | None,
         old = _move_name(store, tag, res.row.id)
         if old is not None:
             moved = (tag, old, res.row.id)
+    record_image_config(store, res.row.id, config, name or (tag if tag and _usable_name(tag)
+                                                            else None))
     return ImportResult(rows, res.row, moved)
+
+
+def _import_blob(store: Store, image, desc, holder, label: str, lower: list[Row],
+                 progress, done: int, total: int | None) -> Row:
+    """Extract one layer blob; the blob itself is kept for push (``snapshotter.blobs``)."""
+    from .blobs import Keeper
+    compressed = "gzip" in desc.media_type or "zstd" in desc.media_type
+    keeper = Keeper(store, desc.digest, desc.size) if desc.digest and compressed else None
+    try:
+        with image.open_layer(desc) as reader:
+            if keeper is not None:
+                reader = keeper.tee(reader)
+            if progress is not None:
+                reader = _Counted(reader, progress, done, total)
+            row = import_layer_tar(store, reader, None, holder, desc.diff_id,
+                                   f"layer of {label}", lower=lower)
+            if keeper is not None:
+                keeper.finish(row.id, desc.diff_id)
+        return row
+    finally:
+        if keeper is not None:
+            keeper.discard()
 
 
 def _usable_name(tag: str) -> bool:

@@ -39,12 +39,14 @@ import hashlib
 import json
 import os
 import signal
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from . import meta, service
+from .blobs import blob_dir, drop_orphans
 from .digest import TreeSummary, tree_digest
 from .distribution import RegistryError, Skopeo, Target, parse_target, result, stop
 from .meta import Row
@@ -100,12 +102,6 @@ def _hex(digest: str) -> str:
     return digest.split(":", 1)[1]
 
 
-def blob_dir(store: Store) -> Path:
-    d = store.root / "blobs" / "sha256"
-    os.makedirs(d, mode=0o700, exist_ok=True)
-    return d
-
-
 def _compression_of(media_type: str) -> str:
     if media_type.endswith("gzip"):
         return "gzip"
@@ -114,22 +110,7 @@ def _compression_of(media_type: str) -> str:
     return "none"
 
 
-# -- the blob cache ------------------------------------------------------------------------
-def drop_orphans(store: Store) -> None:
-    """Forget blobs of layers that are gone (pruned) and delete their files."""
-    meta.ensure_blobs(store.db)
-    orphans = meta.orphan_blobs(store.db)
-    if not orphans:
-        return
-    live = meta.drop_blobs(store.db, orphans)
-    for _layer, digest in orphans:
-        if digest not in live:
-            try:
-                os.unlink(blob_dir(store) / _hex(digest))
-            except FileNotFoundError:
-                pass
-
-
+# -- the blob cache (snapshotter.blobs) ---------------------------------------------------
 def _cached(store: Store, row: tuple) -> Blob | None:
     blob = Blob(*row)
     try:
@@ -238,6 +219,7 @@ class _Plan:
     manifest: dict
     layers: list[dict]          # descriptors, bottom first
     diff_ids: list[str]
+    config: dict | None = None  # the image config (kept for ``mergefs bundle``)
 
 
 def _platform(index: dict) -> str:
@@ -275,7 +257,8 @@ def _plan(client: Skopeo, target: Target) -> _Plan:
     if len(diff_ids) != len(manifest.get("layers", [])):
         raise RegistryError(f"pull of {target}: config has {len(diff_ids)} diffIDs for "
                             f"{len(manifest.get('layers', []))} layers")
-    return _Plan(target.pinned(digest), digest, manifest, manifest["layers"], diff_ids)
+    return _Plan(target.pinned(digest), digest, manifest, manifest["layers"], diff_ids,
+                 json.loads(cfg_raw))
 
 
 def _present(store: Store, desc: dict, diff_id: str, holder: str | None) -> Row | None:
@@ -326,7 +309,11 @@ class _Fetch:
 def _import(store: Store, fetch: _Fetch, diff_id: str, source: str, holder) -> tuple[Row, Blob]:
     """Extract the fetched blob (digest, size and diffID checked while streaming), publish it."""
     from mergefs import oci
-    layout = fetch.wait()
+    try:
+        layout = fetch.wait()
+    except BaseException:
+        fetch.cancel()           # its staging goes too (skopeo refused the blob)
+        raise
     desc = fetch.desc
     staged = store.stage("pull")
     try:
@@ -367,6 +354,89 @@ def _pause_point(step: str) -> None:
         os.kill(os.getpid(), signal.SIGSTOP)
 
 
+def pull_jobs(missing: int) -> int:
+    """Layers extracted at once: one per core, at most 2 (``MERGEFS_PULL_JOBS`` overrides).
+
+    Layers of a pull are extracted without lowers, so they are independent
+    until each is published; two extractions keep two cores busy where one
+    leaves the second to its decompression thread."""
+    from mergefs.oci._compress import cores
+    try:
+        jobs = int(os.environ.get("MERGEFS_PULL_JOBS", "0"))
+    except ValueError:
+        jobs = 0
+    return max(1, min(jobs or min(2, cores()), missing or 1))
+
+
+def _fetch_all(store: Store, client: Skopeo, plan: _Plan, missing: list[int],
+               rows: list, holder, progress: Progress, source: str) -> list[str]:
+    """Fetch and store the ``missing`` layers (indexes into the plan); their blob digests.
+
+    ``pull_jobs`` workers take the layers in order; each layer's download is
+    started one layer ahead, so a download runs while layers are extracted.
+    The first error stops the others (their downloads are killed, their
+    staging discarded); layers already published stay (a retry resumes)."""
+    lock = threading.Lock()
+    fetches: dict[int, _Fetch] = {}
+    done: dict[int, str] = {}
+    errors: list[BaseException] = []
+    state = {"next": 0, "stored": 0}
+    n = len(plan.layers)
+
+    def start(k: int) -> None:                  # under the lock
+        if k < len(missing) and k not in fetches:
+            fetches[k] = _Fetch(store, client, plan, missing[k])
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if errors or state["next"] >= len(missing):
+                    return
+                k = state["next"]
+                state["next"] += 1
+                try:
+                    start(k)
+                    start(k + 1)             # the next download runs while this one extracts
+                except BaseException as e:
+                    errors.append(e)
+                    return
+                current = fetches.pop(k)
+            i = missing[k]
+            try:
+                rows[i], blob = _import(store, current, plan.diff_ids[i], source, holder)
+            except BaseException as e:
+                with lock:
+                    errors.append(e)
+                return
+            with lock:
+                done[k] = blob.digest
+                state["stored"] += 1
+                progress(f"layer {i + 1}/{n} {blob.digest[:19]} {blob.size} bytes: fetched, "
+                         f"verified, stored as {service.short(rows[i].id)}")
+                _pause_point(f"pull:after-layer-{state['stored']}")
+
+    jobs = pull_jobs(len(missing))
+    threads = [threading.Thread(target=worker, name=f"mergefs-pull-{j}", daemon=True)
+               for j in range(jobs - 1)]
+    try:
+        for t in threads:
+            t.start()
+        worker()
+        for t in threads:
+            t.join()
+    finally:
+        with lock:
+            errors.append(StopIteration())   # no worker takes another layer
+            left = list(fetches.values())
+            fetches.clear()
+        for f in left:
+            f.cancel()
+    real = [e for e in errors if not isinstance(e, StopIteration)]
+    if real:
+        raise real[0]
+    return [done[k] for k in sorted(done)]
+
+
 def default_name(target: Target) -> str:
     return target.repo.rsplit("/", 1)[-1] + (f":{target.tag}" if target.tag else "")
 
@@ -385,21 +455,7 @@ def pull(store: Store, target: str | Target, name: str | None = None,
                               for d, i in zip(plan.layers, plan.diff_ids)]
     missing = [i for i, r in enumerate(rows) if r is None]
     progress(f"{target}: {n} layers, {n - len(missing)} present, {len(missing)} to fetch")
-    fetched: list[str] = []
-    pending: _Fetch | None = _Fetch(store, client, plan, missing[0]) if missing else None
-    try:
-        for k, i in enumerate(missing):
-            current, pending = pending, None
-            if k + 1 < len(missing):            # the next download runs while this one extracts
-                pending = _Fetch(store, client, plan, missing[k + 1])
-            rows[i], blob = _import(store, current, plan.diff_ids[i], str(target), holder)
-            fetched.append(blob.digest)
-            progress(f"layer {i + 1}/{n} {blob.digest[:19]} {blob.size} bytes: fetched, "
-                     f"verified, stored as {service.short(rows[i].id)}")
-            _pause_point(f"pull:after-layer-{k + 1}")
-    finally:
-        if pending is not None:
-            pending.cancel()
+    fetched = _fetch_all(store, client, plan, missing, rows, holder, progress, str(target))
     layers = [r for r in rows if r is not None]
     image = None
     if len(layers) > 1:
@@ -407,6 +463,8 @@ def pull(store: Store, target: str | Target, name: str | None = None,
                               holder=holder).row
     elif layers:
         image = store.reuse(layers[0].id, holder, name)
+    if image is not None:
+        service.record_image_config(store, image.id, plan.config, name)
     return PullResult(str(target), plan.manifest_digest, layers, fetched, image)
 
 

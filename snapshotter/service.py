@@ -10,6 +10,7 @@ the store, in overlay format, holding no ref of its own) and then used by id.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,19 +132,23 @@ def machine_capabilities() -> Capabilities:
 
 def _build_merge(store: Store, mid: str, flat: list[str], strategy: str, holder, name,
                  naming: Naming | None = None, progress=None) -> Row:
-    rows = [store.get(i) for i in flat]
     staged = store.stage("merge")
     try:
         if strategy == Strategy.FARM:
             from mergefs.farm import build_farm
             build_farm(store_layers(store, flat), staged.path / "fs", progress=progress)
-        row = Row(id=mid, kind="merge", strategy=strategy,
-                  description="merge of " + ";".join(short(i) for i in flat),
-                  entries=sum(r.entries for r in rows), bytes=sum(r.bytes for r in rows))
-        parents = [Parent(i, "input", pin=strategy == Strategy.UNION) for i in flat]
+        row, parents = merge_row(mid, [store.get(i) for i in flat], strategy)
         return store.publish(staged, row, parents, "merge", holder, name, naming)
     finally:
         staged.discard()
+
+
+def merge_row(mid: str, rows: list[Row], strategy: str) -> tuple[Row, list[Parent]]:
+    """The row and parents of the merge ``mid`` of ``rows`` (bottom first)."""
+    row = Row(id=mid, kind="merge", strategy=strategy,
+              description="merge of " + ";".join(short(r.id) for r in rows),
+              entries=sum(r.entries for r in rows), bytes=sum(r.bytes for r in rows))
+    return row, [Parent(r.id, "input", pin=strategy == Strategy.UNION) for r in rows]
 
 
 def _upgrade_decision(store: Store, row: Row, flat: list[str], strategy: str,
@@ -191,6 +196,27 @@ def _materialise(store: Store, row: Row, flat: list[str], progress=None) -> Row:
         staged.discard()
         for t in trash:
             syscalls.rmtree(t, ignore_errors=True)
+
+
+# -- image configs (what ``mergefs bundle`` runs) -------------------------------------
+IMAGE_CONFIG_KEYS = ("architecture", "os", "variant", "config")   # not rootfs nor history
+
+
+def record_image_config(store: Store, snapshot_id: str, config: dict | None,
+                        name: str | None = None) -> None:
+    """Keep an imported or pulled image's config for its snapshot (and the name it got)."""
+    if not isinstance(config, dict):
+        return
+    kept = json.dumps({k: config[k] for k in IMAGE_CONFIG_KEYS if k in config}, sort_keys=True)
+    with meta.write(store.db):
+        meta.put_image_config(store.db, snapshot_id, kept, name)
+
+
+def image_config(store: Store, ref: str) -> dict | None:
+    """The image config kept for REF (a name it was imported under, or its id), or None."""
+    row = store.resolve(ref)
+    text = meta.image_config(store.db, ref, row.id)
+    return json.loads(text) if text else None
 
 
 # -- diff and commit ----------------------------------------------------------------
@@ -242,8 +268,9 @@ def commit(store: Store, upper: str, parent: str | None = None, name: str | None
            holder: str | None = CLI_HOLDER, fmt: str = "auto") -> Row:
     """Turn an overlay-format upper dir (or an active snapshot's key) into a layer.
 
-    The result has explicit whiteouts only (D4): it is Diff(parent, Merge(parent, upper)),
-    so an opaque directory becomes deletions of exactly what the parent held there.
+    The result has explicit whiteouts only (D4): an opaque directory becomes
+    deletions of exactly what the parent held there, and ``Merge(parent, result)
+    == Merge(parent, upper)`` (``mergefs.explicit``).
     """
     upper_dir, parent_ids = _commit_source(store, upper, parent, fmt)
     return commit_dir(store, upper_dir, parent_ids, upper, name, holder)
@@ -251,28 +278,27 @@ def commit(store: Store, upper: str, parent: str | None = None, name: str | None
 
 def commit_dir(store: Store, upper_dir: str, parent_ids: list[str], what: str,
                name: str | None = None, holder: str | None = CLI_HOLDER) -> Row:
-    """Store Diff(parent, Merge(parent, upper_dir)) as a layer, by its content digest."""
-    upper = what
+    """Store ``upper_dir`` over the parent as a layer with explicit whiteouts (D4), by digest.
+
+    The upper is copied into staging (overlay format whatever its names, issue 11
+    item 1) and rewritten there by ``make_explicit``, the rewrite a containerd
+    Commit applies to the upper it moves (``snapshotter.commit``): one upper
+    gives one layer id either way."""
+    from mergefs.explicit import make_explicit
     staged = store.stage("commit")
     try:
-        copy_layer(upper_dir, staged.path / "upper", "overlay")
-        from mergefs.diff import write_diff
-        lowers = store_layers(store, parent_ids)
-        if not lowers:
-            os.mkdir(staged.path / "scratch", 0o755)
-            lowers = [Layer(staged.path / "scratch", "overlay")]
-        # the copy of the upper is overlay format whatever its names (issue 11 item 1)
-        again = [Layer(l.path, "overlay") for l in lowers]
-        write_diff(lowers, again + [Layer(staged.path / "upper", "overlay")], staged.path / "fs")
-        syscalls.rmtree(staged.path / "upper")
-        syscalls.rmtree(staged.path / "scratch", ignore_errors=True)
+        copy_layer(upper_dir, staged.path / "fs", "overlay")
+        make_explicit(staged.path / "fs", store_layers(store, parent_ids))
         summary = tree_digest(staged.path / "fs")
         return publish_layer(store, staged, summary, summary.digest, "layer",
-                              f"commit of {upper}" + (f" over {short(parent_ids[-1])}"
-                                                      if parent_ids else ""),
-                              upper, name, holder, op="commit")
+                             commit_description(what, parent_ids), what, name, holder,
+                             op="commit")
     finally:
         staged.discard()
+
+
+def commit_description(what: str, parent_ids: list[str]) -> str:
+    return f"commit of {what}" + (f" over {short(parent_ids[-1])}" if parent_ids else "")
 
 
 def check_committable(row: Row, ref: str) -> None:

@@ -396,12 +396,16 @@ class Store:
             for t in trash:
                 syscalls.rmtree(t, ignore_errors=True)
             done.append(snapshot_id)
+        if done:                  # a layer's blobs go with it (snapshotter.blobs)
+            from . import blobs
+            blobs.forget(self, done)
         return done
 
     # -- reconcile at open ---------------------------------------------------
     def reconcile(self) -> list[str]:
         """Finish what crashed processes left: returns one line per action taken."""
-        actions = []
+        from .commit import undo_interrupted
+        actions = undo_interrupted(self)     # first: its directories are not strays
         for entry in os.listdir(self.staging):
             if not staging_owner_alive(entry):
                 syscalls.rmtree(self.staging / entry, ignore_errors=True)

@@ -7,7 +7,9 @@ only is that snapshot's **exclusive** usage; an inode reachable from several
 farm merge's exclusive usage is therefore its directories (C3).
 
 ``Usage.total`` walks the whole root (metadata, staging, locks included) and
-equals ``du -s -B1 ROOT``; ``Usage.overhead`` is the part outside snapshots.
+equals ``du -s -B1 ROOT``; ``Usage.blobs`` is the layer blobs kept for push
+(``ROOT/blobs``, each kept while its layer is stored); ``Usage.overhead`` is
+the rest outside snapshots.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 
 from mergefs import syscalls
 
-from . import meta
+from . import blobs, meta
 from .meta import Row
 from .store import Store
 
@@ -42,9 +44,12 @@ class Usage:
     snapshots: list[SnapshotUsage]
     total: int            # every inode under the root once: == du -s -B1 ROOT
     shared: int           # inodes reachable from more than one snapshot, once each
-    overhead: int         # inodes outside snapshots/<id>/ (meta.db, staging, locks, dirs)
+    overhead: int         # inodes outside snapshots/<id>/ and blobs (meta.db, staging, locks)
     inodes: dict = field(default_factory=dict, repr=False)   # id -> {(dev, ino): bytes}
     owners: dict = field(default_factory=dict, repr=False)   # (dev, ino) -> set of ids
+    blobs: int = 0        # layer blobs kept for push (ROOT/blobs, snapshotter.blobs), on disk
+    blob_count: int = 0
+    layer_blobs: dict = field(default_factory=dict, repr=False)  # layer id -> its blobs' bytes
 
     @property
     def exclusive(self) -> int:
@@ -136,4 +141,12 @@ def measure(store: Store, with_total: bool = True) -> Usage:
         _outside_snapshots(store, set(per), everything)
         total = sum(everything.values())
     snap_bytes = sum(su.exclusive for su in out) + sum(shared_once.values())
-    return Usage(out, total, sum(shared_once.values()), max(total - snap_bytes, 0), per, owners)
+    count, blob_bytes = blobs.usage(store)
+    return Usage(out, total, sum(shared_once.values()), max(total - snap_bytes - blob_bytes, 0),
+                 per, owners, blob_bytes, count, blobs.bytes_by_layer(store))
+
+
+def upper_mounted(upper: str) -> bool:
+    """Something mounts an active snapshot's upper (a bind of it, an overlay over it)."""
+    from mergefs import mounttable
+    return bool(mounttable.users_of(upper))

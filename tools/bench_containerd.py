@@ -6,7 +6,9 @@ A private containerd (root, state, socket under a temp dir) with
 offline: busybox-static plus LAYERS layers of FILES small files each (umoci).
 Measured, each in a fresh containerd namespace so every round unpacks:
 ``ctr images import`` and ``ctr run --rm IMAGE ID /bin/true``, with
-``--snapshotter mergefs`` and ``--snapshotter overlayfs`` (the anchor).
+``--snapshotter mergefs`` and ``--snapshotter overlayfs`` (the anchor),
+interleaved round by round. The service logs at debug level; the Commit
+request times it logs are summarised (one Commit per layer per import).
 
     tools/bench_containerd.py [--rounds 5] [--layers 4] [--files 500]
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import re
 import shutil
 import signal
 import socket
@@ -89,6 +92,13 @@ def wait_socket(path: str, proc: subprocess.Popen, what: str) -> None:
     raise SystemExit(f"bench_containerd: {what} did not listen on {path}")
 
 
+def commit_times(log_path: str) -> list[float]:
+    """Milliseconds of each Commit the service logged (``commit('NAME', 'KEY'): X ms``)."""
+    pat = re.compile(r"commit\(.*\): ([0-9.]+) ms")
+    with open(log_path, errors="replace") as f:
+        return [float(m.group(1)) for line in f if (m := pat.search(line))]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
@@ -102,9 +112,10 @@ def main(argv=None) -> int:
                            f"(load average {os.getloadavg()[0]:.2f} at start)")
     try:
         archive = build_image(base, args.layers, args.files)
+        svc_log = f"{base}/service.log"
         procs.append(subprocess.Popen([sys.executable, "-m", "mergefs", "serve", "--root",
                                        f"{base}/store", "--socket", svc_sock, "--log-level",
-                                       "warning"]))
+                                       "debug"], stderr=open(svc_log, "wb")))
         wait_socket(svc_sock, procs[-1], "mergefs serve")
         with open(f"{base}/config.toml", "w") as f:
             f.write(f'version = 2\nroot = "{base}/root"\nstate = "{base}/state"\n'
@@ -115,12 +126,16 @@ def main(argv=None) -> int:
         procs.append(subprocess.Popen(["containerd", "--config", f"{base}/config.toml"],
                                       stderr=open(f"{base}/containerd.log", "wb")))
         wait_socket(cd_sock, procs[-1], "containerd")
+        series = {}
         for sn in ("overlayfs", "mergefs"):
-            imp = table.series(f"ctr images import ({sn})", "s",
-                               anchor=None if sn == "overlayfs" else "ctr images import (overlayfs)")
-            runs = table.series(f"ctr run --rm ({sn})", "s",
-                                anchor=None if sn == "overlayfs" else "ctr run --rm (overlayfs)")
-            for i in range(args.rounds):
+            series[sn] = (
+                table.series(f"ctr images import ({sn})", "s",
+                             anchor=None if sn == "overlayfs" else "ctr images import (overlayfs)"),
+                table.series(f"ctr run --rm ({sn})", "s",
+                             anchor=None if sn == "overlayfs" else "ctr run --rm (overlayfs)"))
+        for i in range(args.rounds):
+            for sn in ("overlayfs", "mergefs") if i % 2 == 0 else ("mergefs", "overlayfs"):
+                imp, runs = series[sn]
                 ctr = ["ctr", "--address", cd_sock, "-n", f"{sn}{i}"]
                 t0 = time.perf_counter()
                 run(*ctr, "images", "import", "--snapshotter", sn, "--base-name",
@@ -129,6 +144,9 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 run(*ctr, "run", "--rm", "--snapshotter", sn, IMAGE, f"c{i}", "/bin/true")
                 runs.add(time.perf_counter() - t0)
+        commits = table.series("mergefs Commit request, per layer", "s")
+        for ms in commit_times(svc_log):
+            commits.add(ms / 1e3)
         print(table.render())
     finally:
         for p in reversed(procs):

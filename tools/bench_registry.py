@@ -21,8 +21,16 @@ there, and times, as child processes (interpreter start included):
 * ``skopeo pull``: ``skopeo copy docker://REG/... oci:NEWDIR`` (anchor; writes
   8 blobs); ``skopeo pull + mergefs import``: that plus importing the layout
   into a fresh store (the two-step way to get the layers into a store);
+* ``skopeo pull + umoci unpack`` / ``+ tar -xzf of each blob``: what a
+  usable rootfs costs with standard tools, and the file-creation floor
+  (GNU tar, one directory per blob), after the same ``skopeo pull``;
+* ``mergefs push of the imported layout``: the anchor layout imported into a
+  store D (which keeps its blobs), pushed to an empty registry: the same
+  blobs skopeo sends, no recompression;
 * ``mergefs pull``: ``mergefs pull`` into a fresh store B (fetch, verify,
-  extract 100k files, tree digests, publish, image record);
+  extract 100k files, tree digests, publish, image record), two layers
+  extracted at once; ``one layer at a time``: the same with
+  ``MERGEFS_PULL_JOBS=1`` into another fresh store;
 * ``mergefs pull, all present``: the same again into B: the registry's access
   log must show no layer blob bytes sent; reported are the whole process and
   the ``registry.pull()`` call alone (target < 0.5 s).
@@ -87,6 +95,26 @@ def forget_blobs(root: str) -> None:
     rm(os.path.join(root, "blobs"))
 
 
+def layout_blobs(layout: str) -> list[str]:
+    """Paths of the layer blobs of the layout's only image, bottom first."""
+    index = json.load(open(os.path.join(layout, "index.json")))
+    manifest = index["manifests"][0]["digest"].split(":")[1]
+    bdir = os.path.join(layout, "blobs", "sha256")
+    m = json.load(open(os.path.join(bdir, manifest)))
+    return [os.path.join(bdir, d["digest"].split(":")[1]) for d in m["layers"]]
+
+
+def gnu_tar(blobs: list[str], where: str) -> float:
+    """``tar -xzf`` of each blob into its own directory (the file-creation floor), seconds."""
+    t = 0.0
+    for i, b in enumerate(blobs):
+        d = os.path.join(where, str(i))
+        os.makedirs(d)
+        t += benchlib.run_child(["tar", "-xzf", b, "-C", d, "--xattrs",
+                                 "--xattrs-include=*"]).seconds
+    return t
+
+
 def setup(work: str, files: int, layers: int) -> tuple[str, str, str]:
     stack = gen_stack.ensure_stack(os.path.join(work, "stack"), layers, files, 1, "overlay")
     root_a = os.path.join(work, "store-a")
@@ -98,20 +126,27 @@ def setup(work: str, files: int, layers: int) -> tuple[str, str, str]:
     mid = mergefs(root_a, "merge", "--strategy", "union", "--name", "app",
                   *[f"l{i}" for i in range(layers)]).stdout.strip()
     mergefs(root_a, "export", "app", "-o", layout, "--format", "oci")
+    root_d = os.path.join(work, "store-d")          # the layout imported: blobs kept
+    rm(root_d)
+    mergefs(root_d, "import", layout, "--name", "app")
     return root_a, layout, mid
 
 
 def one_rep(work: str, rep: int, root_a: str, layout: str, mid: str, table) -> None:
-    regs = {k: RegistryServer(os.path.join(work, f"reg-{rep}-{k}")) for k in ("s", "m", "w")}
+    regs = {k: RegistryServer(os.path.join(work, f"reg-{rep}-{k}"))
+            for k in ("s", "m", "w", "d")}
     for r in regs.values():
         rm(str(r.dir))
         os.makedirs(r.dir)
         r.start()
     root_b = os.path.join(work, f"store-b-{rep}")
     root_c = os.path.join(work, f"store-c-{rep}")
+    root_e = os.path.join(work, f"store-e-{rep}")
     pulled = os.path.join(work, f"skopeo-pull-{rep}")
+    unpacked = os.path.join(work, f"umoci-{rep}")
+    tarred = os.path.join(work, f"tar-{rep}")
     try:
-        s, m, w = (regs[k].address for k in ("s", "m", "w"))
+        s, m, w, d = (regs[k].address for k in ("s", "m", "w", "d"))
         order = ["skopeo", "mergefs"] if rep % 2 == 0 else ["mergefs", "skopeo"]
         for who in order:
             if who == "skopeo":
@@ -124,16 +159,35 @@ def one_rep(work: str, rep: int, root_a: str, layout: str, mid: str, table) -> N
                     mergefs(root_a, "push", "app", f"{m}/bench/app:v1").seconds)
                 table.series("mergefs push, blobs remembered", anchor="skopeo push").add(
                     mergefs(root_a, "push", "app", f"{w}/bench/app:v1").seconds)
+                res = mergefs(os.path.join(work, "store-d"), "push", "app",
+                              f"{d}/bench/app:v1", "--json")
+                assert json.loads(res.stdout)["compressed"] == 0, "imported blobs not kept"
+                table.series("mergefs push of the imported layout (first push)",
+                             anchor="skopeo push").add(res.seconds)
         for who in order:
             if who == "skopeo":
                 t = skopeo("copy", "--quiet", "--src-tls-verify=false",
                            f"docker://{s}/bench/app:v1", f"oci:{pulled}:app").seconds
                 table.series("skopeo pull").add(t)
+                u = benchlib.run_child(["umoci", "unpack", "--image", f"{pulled}:app",
+                                        unpacked]).seconds
+                table.series("skopeo pull + umoci unpack", anchor="skopeo pull").add(t + u)
+                g = gnu_tar(layout_blobs(pulled), tarred)
+                table.series("skopeo pull + tar -xzf of each blob", anchor="skopeo pull").add(
+                    t + g)
                 t += mergefs(root_c, "import", pulled, "--name", "img").seconds
                 table.series("skopeo pull + mergefs import", anchor="skopeo pull").add(t)
             else:
                 res = mergefs(root_b, "pull", f"{m}/bench/app:v1", "--json")
                 table.series("mergefs pull", anchor="skopeo pull").add(res.seconds)
+                table.series("mergefs pull (vs umoci)", anchor="skopeo pull + umoci unpack"
+                             ).add(res.seconds)
+                table.series("mergefs pull (vs tar)", anchor="skopeo pull + tar -xzf of each blob"
+                             ).add(res.seconds)
+                one = benchlib.run_child(
+                    [PY, "-m", "mergefs", "--root", root_e, "pull", f"{m}/bench/app:v1"],
+                    env=dict(os.environ, PYTHONPATH=REPO, MERGEFS_PULL_JOBS="1")).seconds
+                table.series("mergefs pull, one layer at a time", anchor="mergefs pull").add(one)
                 assert json.loads(res.stdout)["image"] == mid, "pulled image is not the pushed merge"
         layer_digests = set(json.loads(mergefs(root_b, "pull", f"{m}/bench/app:v1",
                                                "--json").stdout)["fetched"]) | _pushed(root_a)
@@ -150,7 +204,7 @@ def one_rep(work: str, rep: int, root_a: str, layout: str, mid: str, table) -> N
     finally:
         for r in regs.values():
             r.stop()
-        for d in (root_b, root_c, pulled):
+        for d in (root_b, root_c, root_e, pulled, unpacked, tarred):
             rm(d)
         for r in regs.values():
             rm(str(r.dir))

@@ -59,12 +59,13 @@ def _seconds(text: str) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from snapshotter.serve.daemon import Options, serve
+    from snapshotter.serve.daemon import Options, exit_without_stragglers, serve
     logging.basicConfig(level=args.log_level.upper(),
                         format="mergefs serve: %(levelname)s %(message)s")
-    return serve(Options(root=args.root, socket=args.socket, state=args.state,
-                         gc_keep_storage=args.gc_keep_storage, gc_interval=args.gc_interval,
-                         mounts=args.mounts, unpack=args.unpack))
+    return exit_without_stragglers(serve(Options(
+        root=args.root, socket=args.socket, state=args.state,
+        gc_keep_storage=args.gc_keep_storage, gc_interval=args.gc_interval,
+        mounts=args.mounts, unpack=args.unpack)))
 
 
 def cmd_ps(args: argparse.Namespace) -> int:

@@ -59,7 +59,8 @@ def print_du(u, verbose: bool = False, as_json: bool = False) -> None:
     if as_json:
         print(json.dumps({"snapshots": [du_dict(s) for s in recs], "total": u.total,
                           "exclusive": u.exclusive, "shared": u.shared,
-                          "reclaimable": u.reclaimable, "overhead": u.overhead}))
+                          "reclaimable": u.reclaimable, "overhead": u.overhead,
+                          "blobs": u.blobs, "blob_count": u.blob_count}))
         return
     if verbose:
         for s in recs:
@@ -80,5 +81,7 @@ def print_du(u, verbose: bool = False, as_json: bool = False) -> None:
             print(f"{s.row.id[7:26]:<20} {s.row.kind:<7} {str(s.reclaimable).lower():<12} "
                   f"{human(s.exclusive):>10} {human(s.shared):>10}  {when(s.row.last_used)}")
     print(f"{'Exclusive:':<14}{human(u.exclusive)}\n{'Shared:':<14}{human(u.shared)}\n"
-          f"{'Reclaimable:':<14}{human(u.reclaimable)}\n{'Overhead:':<14}{human(u.overhead)}\n"
+          f"{'Reclaimable:':<14}{human(u.reclaimable)}\n"
+          f"{'Blobs:':<14}{human(u.blobs)} ({u.blob_count} layer blobs kept for push)\n"
+          f"{'Overhead:':<14}{human(u.overhead)}\n"
           f"{'Total:':<14}{human(u.total)}")

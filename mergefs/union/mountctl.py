@@ -35,6 +35,7 @@ from ..mountspec import MountSpec
 from .views import ViewFS
 
 log = logging.getLogger("mergefs.union")
+MNT_DETACH = 2
 KINDS = ((NotFound, "not_found"), (AlreadyExists, "exists"), (FailedPrecondition, "busy"),
          (ValueError, "invalid"), (TypeError, "invalid"))
 
@@ -111,17 +112,31 @@ class ViewMount:
     def list_views(self) -> list[dict]:
         return self._call(self.fs.list_views)
 
-    def close(self) -> None:
-        """Stop serving and unmount (refuses nothing: unbind users first)."""
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop serving and unmount (refuses nothing: unbind users first).
+
+        With a ``timeout`` (seconds) the wait is bounded: a server that has not
+        stopped by then (a request handler stuck) is left behind, its mount
+        detached lazily (clients' binds keep it until they go; the FUSE
+        connection ends with this process). True when the server stopped."""
         if self._thread is None:
-            return
+            return True
         if self._token is not None and self._thread.is_alive():
-            try:
-                self._call(pyfuse3.terminate)
+            try:       # without waiting for the loop: it may be the thing that is stuck
+                self._token.run_sync_soon(pyfuse3.terminate)
             except trio.RunFinishedError:
                 pass
-        self._thread.join()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("views server at %s did not stop within %.1f s; detaching its mount",
+                        self.mountpoint, timeout)
+            try:
+                syscalls.umount(self.mountpoint, MNT_DETACH)
+            except OSError as exc:
+                log.warning("lazy unmount of %s: %s", self.mountpoint, exc)
+            return False
         self._thread = None
+        return True
 
     def __enter__(self) -> "ViewMount":
         return self.start()

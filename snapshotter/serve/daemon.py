@@ -2,8 +2,11 @@
 
 It serves containerd's Snapshots API (gRPC) on ``--socket`` and the CLI's
 small API on ``STATE/control.sock``, applies the GC policy every
-``--gc-interval`` seconds, and stops cleanly on SIGTERM/SIGINT (the gRPC
-server drains, the views mount is unmounted, the store closed).
+``--gc-interval`` seconds, and stops cleanly on SIGTERM/SIGINT, each step
+within a deadline and logged: the gRPC server drains (``RPC_GRACE_S``), the
+views mount is unmounted (``VIEWS_CLOSE_S``, then detached lazily), the store
+closed; a call still stuck after that does not keep the process
+(``exit_without_stragglers``).
 
 Recovery: the store reconciles itself when opened (staging left by a killed
 build, interrupted removals), and a views mount left by a killed service (its
@@ -19,6 +22,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -27,6 +31,12 @@ from mergefs.errors import InvalidArgument, MountError
 log = logging.getLogger("mergefs.serve")
 DEFAULT_STATE = "/run/mergefs"
 SOCKET_NAME = "mergefs.sock"
+# SIGTERM: each step of stopping has a deadline (README, "The service")
+RPC_GRACE_S = 3.0         # calls in flight may finish; then they are cancelled
+VIEWS_CLOSE_S = 5.0       # the views server stops; else its mount is detached lazily
+STORE_CLOSE_S = 3.0
+GRPC_THREADS = "mergefs-grpc"
+SIGNAL_POLL_S = 0.5
 
 
 @dataclass
@@ -174,8 +184,9 @@ def serve(opts: Options, ready=None, stop: threading.Event | None = None) -> int
         router = MountRouter(opts.state, views, unpack_overlay)
         served = Served(sn, router)
         recovered = recover_views(served, router)
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=opts.workers,
-                                                        thread_name_prefix="mergefs-grpc"))
+        pool = futures.ThreadPoolExecutor(max_workers=opts.workers,
+                                          thread_name_prefix=GRPC_THREADS)
+        server = grpc.server(pool)
         grpc_api.add_to_server(server, grpc_api.SnapshotsServicer(served, router.mounts))
         server.add_insecure_port("unix:" + opts.socket)
         ctl = control.ControlServer(os.path.join(opts.state, "control.sock"), served, router)
@@ -188,21 +199,34 @@ def serve(opts: Options, ready=None, stop: threading.Event | None = None) -> int
                  router.mode, recovered)
         if ready is not None:
             ready()
-        while not stop.wait(3600):
+        # Short waits: the kernel may hand SIGTERM to any thread (gRPC's, the views
+        # server's); Python runs the handler only when the main thread next runs.
+        while not stop.wait(SIGNAL_POLL_S):
             pass
+        t0 = time.monotonic()
         log.info("stopping")
         if gc:
             gc.stopped.set()
         ctl.close()
-        server.stop(grace=5).wait()
+        stopped = server.stop(grace=RPC_GRACE_S)
+        if not stopped.wait(RPC_GRACE_S + 2):
+            log.warning("gRPC server: calls still running after %.1f s; not waiting for them",
+                        RPC_GRACE_S + 2)
         server = None
+        pool.shutdown(wait=False, cancel_futures=True)     # idle workers end now
+        _close_views(views)
+        views = None
+        _bounded("closing the store", sn.close, STORE_CLOSE_S)
+        sn = None
+        log.info("stopped in %.1f s", time.monotonic() - t0)
         return 0
     finally:
         if server is not None:
             server.stop(grace=None)
         if views is not None:
             _close_views(views)
-        sn.close()
+        if sn is not None:
+            _bounded("closing the store", sn.close, STORE_CLOSE_S)
         for p in (opts.socket,):
             try:
                 os.unlink(p)
@@ -211,11 +235,54 @@ def serve(opts: Options, ready=None, stop: threading.Event | None = None) -> int
 
 
 def _close_views(views) -> None:
-    """Unmount the views mount. Clients' binds of it are theirs: they stay (and go dead)."""
+    """Unmount the views mount, within VIEWS_CLOSE_S (then lazily). Clients' binds of it
+    are theirs: they stay (and go dead)."""
+    t0 = time.monotonic()
     try:
-        views.close()
+        if views.close(timeout=VIEWS_CLOSE_S):
+            log.info("views mount closed in %.1f s", time.monotonic() - t0)
     except Exception:                     # noqa: BLE001 - stopping anyway
         log.exception("closing the views mount")
+
+
+def _bounded(what: str, fn, timeout: float) -> bool:
+    """Run ``fn`` in a helper thread for at most ``timeout`` seconds; say if it overran."""
+    done = threading.Event()
+
+    def run():
+        try:
+            fn()
+        except Exception:                 # noqa: BLE001 - stopping anyway
+            log.exception(what)
+        finally:
+            done.set()
+    threading.Thread(target=run, name=f"mergefs-stop-{what.split()[-1]}", daemon=True).start()
+    if done.wait(timeout):
+        return True
+    log.warning("%s: still busy after %.1f s; not waiting", what, timeout)
+    return False
+
+
+def exit_without_stragglers(rc: int, wait_s: float = 1.0) -> int:
+    """Return ``rc`` if every non-daemon thread ends within ``wait_s``; else exit now.
+
+    gRPC runs calls in a thread pool whose threads the interpreter joins at
+    exit: one call stuck (a store lock, a slow filesystem) would hold the
+    process after ``serve`` returned. The service has stopped by then; it says
+    which threads it leaves and exits."""
+    def joined_at_exit(t: threading.Thread) -> bool:     # the pool's threads are daemon
+        return t is not threading.current_thread() and (               # ones, joined anyway
+            not t.daemon or t.name.startswith(GRPC_THREADS))
+    deadline = time.monotonic() + wait_s
+    for t in threading.enumerate():
+        if joined_at_exit(t):
+            t.join(max(0.0, deadline - time.monotonic()))
+    left = [t.name for t in threading.enumerate() if joined_at_exit(t) and t.is_alive()]
+    if not left:
+        return rc
+    log.warning("exiting with %d busy thread(s) left: %s", len(left), ", ".join(left))
+    logging.shutdown()
+    os._exit(rc)
 
 
 def _on_signals(stop: threading.Event) -> None:

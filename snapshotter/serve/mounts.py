@@ -35,9 +35,12 @@ import logging
 import os
 import re
 import threading
+import time
 
 from mergefs.errors import FailedPrecondition
 from mergefs.mountspec import MountSpec
+
+from ..faults import STALL_S, stalling
 
 log = logging.getLogger("mergefs.serve")
 Mounts = list[tuple[str, str, list[str]]]
@@ -108,9 +111,15 @@ class MountRouter:
                 return known[1]
             self._serial += 1
             name = f"{self._serial:06d}-" + re.sub(r"[^A-Za-z0-9_.-]", "_", key)[-80:]
+            if stalling("serve:views-loop"):
+                self.views._call(time.sleep, STALL_S)
             path = self.views.add_view(name, spec)
             self._by_key[key] = (name, path)
             return path
+
+    def has_view(self, key: str) -> bool:
+        with self._lock:
+            return key in self._by_key
 
     def users(self, key: str) -> list[str]:
         """Mount points still using ``key``'s view (binds of it, mounts below it)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 
+from ..faults import stall_point
 from .mounts import MountRouter
 
 
@@ -43,8 +44,11 @@ class Served:
         # containerd commits a snapshot that may still be mounted (its overlay
         # snapshotter only reads the upper): allowed; a view still bound is
         # retired later, once its last user is gone (MountRouter.sweep).
+        # Its upper becomes the layer by a rename unless a view of it lives (a
+        # client may still write through it): then the upper is copied.
         with self._write:
-            info = self.sn.commit(name, key, labels=labels)
+            stall_point("serve:commit")
+            info = self.sn.commit(name, key, labels=labels, move=not self.router.has_view(key))
         self.router.forget(key)
         return info
 

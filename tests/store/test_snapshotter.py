@@ -199,15 +199,16 @@ def test_threads_each_get_a_connection(sn):
 def test_schema_1_store_is_migrated(root):
     Snapshotter(root).close()
     db = sqlite3.connect(root / "meta.db")          # make it look like a schema-1 store
-    db.executescript("DROP TABLE labels; CREATE TABLE n2(name TEXT PRIMARY KEY, id TEXT NOT NULL);"
+    db.executescript("DROP TABLE labels; DROP TABLE image_configs; CREATE TABLE n2(name TEXT PRIMARY KEY, id TEXT NOT NULL);"
                      "DROP TABLE names; ALTER TABLE n2 RENAME TO names;"
                      "INSERT INTO names VALUES('old', 'sha256:" + "0" * 64 + "');"
                      "UPDATE meta SET value='1' WHERE key='schema_version';")
     db.close()
     with Snapshotter(root, reconcile=False) as sn:
         sn.store.db.execute("INSERT INTO labels VALUES('old', 'k', 'v')")   # the table exists
+        sn.store.db.execute("SELECT * FROM image_configs")                # schema 3
         version = sn.store.db.execute("SELECT value FROM meta WHERE key='schema_version'")
-        assert version.fetchone()[0] == "2"
+        assert version.fetchone()[0] == "3"
 
 
 @needs("overlay")

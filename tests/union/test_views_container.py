@@ -123,3 +123,29 @@ def test_bundle_of_an_oci_image_uses_its_config(tmp_path, public_dir, views):  #
     finally:
         _mergefs("unbundle", str(b))
     assert not mounts.is_mounted(b / "rootfs")
+
+
+@needs("umoci")
+def test_bundle_of_a_store_ref_runs_the_config_kept_at_import(tmp_path, public_dir,  # noqa: F811
+                                                              views):
+    """An image whose config umoci set, imported into the store, bundled by its name:
+    config.json follows its Entrypoint, Cmd, Env, WorkingDir and User."""
+    from mergefs.oci import export_layout
+    image = tmp_path / "image"
+    export_layout([str(p) for p in busybox_layers(tmp_path / "layers")], image, ref="app")
+    subprocess.run(["umoci", "config", "--image", f"{image}:app",
+                    "--config.entrypoint", "/bin/sh", "--config.entrypoint", "-c",
+                    "--config.cmd", "echo $GREETING; pwd; id -u", "--config.env",
+                    "GREETING=from-umoci", "--config.workingdir", "/etc",
+                    "--config.user", "65534"], check=True, capture_output=True)
+    root = tmp_path / "store"
+    _mergefs("--root", str(root), "import", str(image))
+    b = public_dir / "bundle"
+    _mergefs("--root", str(root), "bundle", "--views", views.control, "app", str(b))
+    try:
+        r = run_container(b, f"mergefs-kept-{os.getpid()}")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == "from-umoci\n/etc\n65534\n"
+    finally:
+        _mergefs("unbundle", str(b))
+    assert not mounts.is_mounted(b / "rootfs")

@@ -1,0 +1,110 @@
+"""Rewrite an overlay-format upper in place so that it states every deletion (D4, D6, A3).
+
+A writable mount's upper (kernel overlayfs or mergefs's own) records deletions
+the overlay way: a char 0/0 whiteout per deleted name, and an opaque directory
+(``trusted.overlay.opaque=y``) where a directory was deleted and made again.
+A layer mergefs generates says every deletion explicitly (D4).
+``make_explicit(upper, lowers)`` walks the upper once, against the merged
+lowers it was written over, and
+
+* turns an opaque directory into a plain one plus one whiteout for each name
+  the lowers hold there and the upper does not; below it, every directory the
+  lowers also hold as a directory gets the same treatment (the opaque
+  directory started fresh, so nothing of the lowers may show through beneath);
+* removes whiteouts that hide nothing (D6);
+* removes overlay-private xattrs (``origin``, ``impure``, ``uuid`` ...: format
+  of one mount, not content, A3), keeping the format mark of a layer root;
+* keeps each directory's mtime (content, F2): adding or removing a whiteout
+  would touch it.
+
+Afterwards ``Merge(lowers, upper)`` is what it was. Copy-ups of unchanged
+entries stay (a diff would drop them; a commit keeps what the upper holds).
+Uppers this cannot rewrite raise ``NotRewritable`` (what was rewritten
+before keeps its meaning, so the caller may fall back to another way):
+redirect or metacopy xattrs (kernel overlayfs with ``redirect_dir`` or
+``metacopy`` on) and xattr whiteouts. Nothing is followed
+through a symlink: every directory is opened below its parent's fd.
+"""
+from __future__ import annotations
+
+import os
+import stat
+from typing import Sequence
+
+from . import syscalls
+from .layer import DIR, FORMAT_MARKS, OVERLAY_PREFIXES, XWHITEOUTS_XATTRS, Layer, read_layer_dir
+from .resolver import Node, Resolver, join
+
+# xattrs that change what the overlay shows: an upper holding them is not rewritten here
+_MEANINGFUL = tuple(p + n for p in OVERLAY_PREFIXES for n in ("redirect", "metacopy"))
+
+
+class NotRewritable(Exception):
+    """The upper uses an overlay feature ``make_explicit`` does not rewrite."""
+
+
+def make_explicit(upper: str | os.PathLike, lowers: Sequence[Layer | str]) -> None:
+    """Rewrite ``upper`` (an overlay-format directory) as described in the module doc."""
+    fd = os.open(upper, syscalls.O_DIR)
+    res = Resolver(lowers) if lowers else None
+    try:
+        _Rewriter(res).dir(fd, b"", res.root if res else None, fresh=False, root=True)
+    finally:
+        os.close(fd)
+        if res is not None:
+            res.close()
+
+
+class _Rewriter:
+    def __init__(self, res: Resolver | None):
+        self.res = res
+
+    def dir(self, fd: int, path: bytes, below: Node | None, fresh: bool, root: bool = False) -> None:
+        """Rewrite the open directory ``fd`` at ``path``; ``below``: the lowers' merged
+        directory there (None: they hold none); ``fresh``: an ancestor was opaque."""
+        st = os.fstat(fd)
+        attrs = _private_xattrs(fd, b"")
+        if any(a in XWHITEOUTS_XATTRS for a in attrs):
+            raise NotRewritable(f"{path.decode(errors='replace') or '/'}: xattr whiteouts")
+        ld = read_layer_dir(fd, "overlay")
+        fresh = fresh or ld.opaque
+        subdirs = [n for n, e in ld.entries.items() if e.kind == DIR]
+        listing = {}
+        if below is not None and (fresh or ld.whiteouts or subdirs):
+            listing = self.res.listdir(path, below)
+        changed = False
+        for name in ld.whiteouts:
+            if name not in listing:              # hides nothing (D6)
+                syscalls.unlink(name, fd)
+                changed = True
+        if fresh:
+            for name in listing:
+                if name not in ld.entries and name not in ld.whiteouts:
+                    syscalls.mknod(name, stat.S_IFCHR, 0, fd)
+                    changed = True
+        for attr in attrs:
+            if not (root and attr in FORMAT_MARKS):
+                syscalls.removexattr(fd, b"", attr)
+        for name, entry in ld.entries.items():
+            if entry.kind == DIR:
+                node = listing.get(name)
+                sub = syscalls.open_dir(name, fd)
+                try:
+                    self.dir(sub, join(path, name), node if node and node.kind == DIR else None,
+                             fresh)
+                finally:
+                    os.close(sub)
+            else:
+                for attr in _private_xattrs(fd, name):
+                    syscalls.removexattr(fd, name, attr)
+        if changed:
+            syscalls.utime_ns(b"", st.st_atime_ns, st.st_mtime_ns, fd)
+
+
+def _private_xattrs(fd: int, name: bytes) -> list[str]:
+    """The overlay-private xattrs of an entry; NotRewritable if one changes what it shows."""
+    attrs = [a for a in syscalls.listxattr(fd, name) if a.startswith(OVERLAY_PREFIXES)]
+    for a in attrs:
+        if a in _MEANINGFUL:
+            raise NotRewritable(f"{name.decode(errors='replace')}: {a}")
+    return attrs
