@@ -114,6 +114,26 @@ def test_merge_diff_export_of_a_2000_level_tree(tmp_path, cli, root, deep):
     assert os.listdir(root / "snapshots") == []
 
 
+def test_commit_of_a_2000_level_upper_over_a_parent(tmp_path, cli, root, deep):
+    """commit copies the upper and rewrites it with explicit whiteouts (make_explicit):
+    both walk it without recursion."""
+    a, upper = deep
+    parent = cli.out("import", a)
+    fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY)
+    try:                                     # an opaque dir deep down, a whiteout beside
+        for _ in range(DEPTH - 1):
+            sub = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+        os.setxattr(f"/proc/self/fd/{fd}/d", "trusted.overlay.opaque", b"y")
+    finally:
+        os.close(fd)
+    layer = cli.out("commit", upper, "--parent", parent)
+    fs = root / "snapshots" / layer.split(":")[1] / "fs"
+    assert "trusted.overlay.opaque" not in os.listxattr(fs)
+    assert bottom(fs, DEPTH) == {"leaf": b"changed\n", "leaf2": b"changed\n", "link": b"-> leaf"}
+
+
 def test_tar_export_deeper_than_the_import_limit_is_one_line(tmp_path, cli, deep):
     layer = cli.out("import", deep[0])
     for fmt in ("tar", "oci"):
