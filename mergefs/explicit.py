@@ -19,10 +19,12 @@ lowers it was written over, and
 
 Afterwards ``Merge(lowers, upper)`` is what it was. Copy-ups of unchanged
 entries stay (a diff would drop them; a commit keeps what the upper holds).
-Uppers this cannot rewrite raise ``NotRewritable`` (what was rewritten
-before keeps its meaning, so the caller may fall back to another way):
-redirect or metacopy xattrs (kernel overlayfs with ``redirect_dir`` or
-``metacopy`` on) and xattr whiteouts. Nothing is followed
+Redirected directories (a rename on a mount with ``redirect_dir=on``, or on
+any writable mergefs mount, R1) are resolved first (``flatten_redirects``:
+they become opaque and hold their merged subtree, R2). Uppers this cannot
+rewrite raise ``NotRewritable`` (what was rewritten before keeps its
+meaning, so the caller may fall back to another way): metacopy xattrs
+(kernel overlayfs with ``metacopy`` on) and xattr whiteouts. Nothing is followed
 through a symlink: every directory is opened below its parent's fd.
 """
 from __future__ import annotations
@@ -45,6 +47,8 @@ class NotRewritable(Exception):
 
 def make_explicit(upper: str | os.PathLike, lowers: Sequence[Layer | str]) -> None:
     """Rewrite ``upper`` (an overlay-format directory) as described in the module doc."""
+    from .union.flatten import flatten_redirects
+    flatten_redirects(lowers, upper)
     fd = os.open(upper, syscalls.O_DIR)
     res = Resolver(lowers) if lowers else None
     try:

@@ -6,7 +6,10 @@ A *layer* is an immutable directory tree. Two formats mark deletions:
   regular file carrying ``trusted.overlay.whiteout`` inside a directory marked
   ``trusted.overlay.whiteouts`` (Linux 6.7 "xattr whiteouts"); an opaque
   directory carries ``trusted.overlay.opaque=y`` (``user.overlay.*`` when the
-  layer was written without root).
+  layer was written without root); a directory moved by a rename carries
+  ``trusted.overlay.redirect``, the path where the layers below keep its
+  content (``/abs/path`` from the root, or a name in the same parent; see the
+  resolver for how it is followed).
 * OCI: a file ``.wh.NAME`` deletes NAME, ``.wh..wh..opq`` makes its directory
   opaque.
 
@@ -39,6 +42,11 @@ OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
 XWHITEOUTS_XATTRS = ("trusted.overlay.whiteouts", "user.overlay.whiteouts")
 XWHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")
 FORMAT_MARKS = ("trusted.overlay.mergefs-format", "user.overlay.mergefs-format")
+REDIRECT_XATTRS = ("trusted.overlay.redirect", "user.overlay.redirect")
+# mergefs's own, on an upper: the inode number an entry kept from its origin, and
+# the mark of a directory holding such entries (union/inodes.py)
+NUMBER_XATTRS = ("trusted.overlay.mergefs-ino", "user.overlay.mergefs-ino")
+NUMBERED_XATTRS = ("trusted.overlay.mergefs-inos", "user.overlay.mergefs-inos")
 
 # Entry kinds are the S_IFMT bits, so they compare with st_mode directly.
 DIR, REG, LNK = stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK
@@ -60,18 +68,23 @@ class Entry(NamedTuple):
 
 @dataclass
 class LayerDir:
-    """What one layer says about one directory: entries, deletions, opacity."""
+    """What one layer says about one directory: entries, deletions, opacity, and
+    where the layers below keep its content when it was moved (``redirect``)."""
     entries: dict[bytes, Entry] = field(default_factory=dict)
     whiteouts: set[bytes] = field(default_factory=set)
     opaque: bool = False
+    redirect: bytes | None = None
+    numbered: bool = False       # some entries record their inode number (NUMBER_XATTRS)
 
 
-def dir_markers(dir_fd: int) -> tuple[bool, bool]:
-    """(opaque, holds xattr whiteouts) for an open directory, from one listxattr."""
+def dir_markers(dir_fd: int) -> tuple[bool, bool, bytes | None, bool]:
+    """(opaque, holds xattr whiteouts, redirect, numbered) for an open directory,
+    from one listxattr."""
     names = syscalls.listxattr(dir_fd, b"")
     if not names:
-        return False, False
-    opaque = xwhite = False
+        return False, False, None, False
+    opaque = xwhite = numbered = False
+    redirect = None
     for attr in names:
         if attr in OPAQUE_XATTRS:
             value = syscalls.getxattr(dir_fd, b"", attr)
@@ -79,7 +92,11 @@ def dir_markers(dir_fd: int) -> tuple[bool, bool]:
             xwhite |= value == b"x"
         elif attr in XWHITEOUTS_XATTRS:
             xwhite = True
-    return opaque, xwhite
+        elif attr in REDIRECT_XATTRS:
+            redirect = syscalls.getxattr(dir_fd, b"", attr) or None
+        elif attr in NUMBERED_XATTRS:
+            numbered = True
+    return opaque, xwhite, redirect, numbered
 
 
 def _is_xattr_whiteout(dir_fd: int, name: bytes) -> bool:
@@ -128,7 +145,7 @@ def read_layer_dir(dir_fd: int, fmt: str = "auto") -> LayerDir:
     out = LayerDir()
     xwhite = False
     if overlay:
-        out.opaque, xwhite = dir_markers(dir_fd)
+        out.opaque, xwhite, out.redirect, out.numbered = dir_markers(dir_fd)
     entries, whiteouts = out.entries, out.whiteouts
     encode, new_entry = str.encode, tuple.__new__    # hot loop: one pass per entry per layer
     with os.scandir(dir_fd) as it:

@@ -17,6 +17,7 @@ from typing import Iterator, NamedTuple, Sequence, Union
 
 from . import syscalls
 from .attrs import Meta
+from .errors import InvalidLayer
 from .layer import DIR, Layer, as_layers, read_layer_dir
 from .resolver import Node, join, merge_listing
 
@@ -44,6 +45,14 @@ class DirAttrs(NamedTuple):
 Record = Union[Mkdir, Link, Whiteout, DirAttrs]
 
 
+def refuse_redirect(layer: Layer, path: bytes) -> None:
+    """Farms and diffs read layers by name: a redirect (a live upper's moved
+    directory, R1) would silently lose its content, so it is refused (R2)."""
+    raise InvalidLayer(f"{os.fsdecode(layer.path)!r} holds a redirected directory "
+                       f"({os.fsdecode(path) or '/'!r}, a live upper's rename): commit the "
+                       "upper (mergefs commit) to get a layer")
+
+
 class MergedDir:
     """One directory of a merged view: its children, its attributes, and fds.
 
@@ -61,6 +70,8 @@ class MergedDir:
             listings = []
             for n, idx in enumerate(sources):
                 ld = read_layer_dir(self.fd_of(idx), layers[idx].fmt)
+                if ld.redirect is not None and idx > 0:
+                    refuse_redirect(layers[idx], path)
                 listings.append((idx, ld))
                 if ld.opaque:              # D3: lower layers no longer contribute here
                     sources = sources[: n + 1]

@@ -11,16 +11,27 @@ a directory over a non-directory starts fresh).
 Paths are relative bytes (``b""`` is the root, ``b"a/b"``). Nothing follows a
 symlink: a path component is only descended into when it is a real directory
 in the layer that serves it (S1).
+
+Redirects (R1, as kernel overlayfs with ``redirect_dir=on``): a directory
+that carries ``trusted.overlay.redirect`` in layer k is looked up in the
+layers below k at the redirect's path instead of its own: ``/p/q`` is a path
+from the root, walked in each lower layer (a whiteout or a non-directory on
+the way ends the search, an opaque directory on the way makes that layer the
+last); a bare name replaces the directory's name in its parent. So a
+directory's sources are only known by reading it, like its opacity:
+``dir_sources`` does that, given where the directory was found by name.
 """
 from __future__ import annotations
 
 import os
+import stat
 from typing import Iterable, NamedTuple, Sequence
 
 from sortedcontainers import SortedDict
 
 from . import syscalls
-from .layer import DIR, Layer, LayerDir, as_layers, read_layer_dir
+from .layer import (DIR, OCI_OPAQUE, OCI_WHITEOUT, Layer, LayerDir, as_layers, dir_markers,
+                    read_layer_dir)
 
 
 class Node(NamedTuple):
@@ -80,6 +91,155 @@ def join(parent: bytes, name: bytes) -> bytes:
     return parent + b"/" + name if parent else name
 
 
+class Source(NamedTuple):
+    """One layer serving a merged directory: the layer, the directory's path in
+    it (not the merged path below a redirect), and what that layer says there."""
+    layer: int
+    path: bytes
+    ld: LayerDir
+
+
+def redirect_value(value: bytes | None) -> bytes | None:
+    """A redirect normalised (``/a/b`` or a bare name), or None when it is absent or
+    invalid (kernel overlayfs ignores those too)."""
+    if not value:
+        return None
+    if value.startswith(b"/"):
+        parts = [p for p in value.split(b"/") if p]
+        if not parts or b".." in parts or b"." in parts:
+            return None
+        return b"/" + b"/".join(parts)
+    if b"/" in value or value in (b".", b".."):
+        return None
+    return value
+
+
+def dir_sources(layers: Sequence[Layer], cands, read, parent_path=None) -> list[Source]:
+    """The layers serving one merged directory, top first, each read with ``read``.
+
+    ``cands``: (layer, path) where the directory was found by name, top first
+    (a ``Node``'s layers with the parent's paths): right down to the first
+    redirect, which replaces the rest. ``read(layer, path) -> LayerDir``.
+    ``parent_path(layer)`` is the parent's path in a layer (relative redirects).
+    The list stops after an opaque directory (D3).
+    """
+    out: list[Source] = []
+    pending = iter(cands)
+    while True:
+        nxt = next(pending, None)
+        if nxt is None:
+            return out
+        idx, path = nxt
+        ld = read(idx, path)
+        out.append(Source(idx, path, ld))
+        if ld.opaque:
+            return out
+        value = redirect_value(ld.redirect)
+        if value is not None and idx > 0:
+            if value.startswith(b"/"):
+                pending = _absolute(layers, idx, value[1:].split(b"/"))
+            elif parent_path is not None:
+                pending = _relative(layers, idx, value, parent_path)
+
+
+def _absolute(layers: Sequence[Layer], k: int, parts: list[bytes]):
+    """(layer, path) of the directory at ``parts`` in each layer below ``k``."""
+    for j in range(k - 1, -1, -1):
+        found, stop, after = _find_dir(layers[j], parts)
+        if found:
+            yield j, b"/".join(parts)
+        if stop:
+            return
+        parts = after
+
+
+def _relative(layers: Sequence[Layer], k: int, name: bytes, parent_path):
+    """(layer, path) of ``name`` in the parent's directory of each layer below ``k``
+    that serves the parent."""
+    for j in range(k - 1, -1, -1):
+        ppath = parent_path(j)
+        if ppath is None:
+            continue
+        found, stop = _find_child(layers[j], ppath, name)
+        if found:
+            yield j, join(ppath, name)
+        if stop:
+            return
+
+
+def _find_child(layer: Layer, parent: bytes, name: bytes) -> tuple[bool, bool]:
+    """(is a directory, ends the search) for ``parent/name`` in one layer."""
+    try:
+        fd = syscalls.open_beneath(layer.fd, parent)
+    except OSError:
+        return False, False
+    try:
+        return _entry_state(layer, fd, name)
+    finally:
+        os.close(fd)
+
+
+def _entry_state(layer: Layer, fd: int, name: bytes) -> tuple[bool, bool]:
+    try:
+        st = syscalls.lstat(name, fd)
+    except FileNotFoundError:
+        if layer.fmt != "overlay" and _exists(OCI_WHITEOUT + name, fd):
+            return False, True            # an OCI whiteout
+        return False, False
+    if stat.S_ISDIR(st.st_mode):
+        return True, False
+    return False, True                    # a whiteout or a non-directory ends it
+
+
+def _exists(name: bytes, fd: int) -> bool:
+    try:
+        syscalls.lstat(name, fd)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _find_dir(layer: Layer, parts: list[bytes]) -> tuple[bool, bool, list[bytes]]:
+    """Walk ``parts`` in one layer as overlayfs walks an absolute redirect.
+
+    Returns (found a directory, no lower layer may be searched, the path for
+    the layers below: a redirect on the way rewrites it)."""
+    fd = os.dup(layer.fd)
+    after, stop = list(parts), False
+    try:
+        for n, name in enumerate(parts):
+            found, ends = _entry_state(layer, fd, name)
+            if not found:
+                return False, stop or ends, after
+            child = syscalls.open_dir(name, fd)
+            os.close(fd)
+            fd = child
+            if n == len(parts) - 1:
+                return True, stop, after
+            opaque, redirect = _markers(layer, fd)
+            stop |= opaque
+            value = redirect_value(redirect)
+            if value is not None:
+                rest = parts[n + 1:]
+                if value.startswith(b"/"):
+                    after = value[1:].split(b"/") + rest
+                else:
+                    after = after[:len(after) - len(parts) + n] + [value] + rest
+        return True, stop, after
+    finally:
+        os.close(fd)
+
+
+def _markers(layer: Layer, fd: int) -> tuple[bool, bytes | None]:
+    """(opaque, redirect) of an open directory of ``layer``."""
+    opaque, redirect = False, None
+    if layer.fmt != "oci":
+        opaque, _, redirect, _ = dir_markers(fd)
+    if layer.fmt != "overlay" and _exists(OCI_OPAQUE, fd):
+        opaque = True
+    return opaque, redirect
+
+
 class Resolver:
     """Point look-ups and listings of a merged view (used by union and explain).
 
@@ -113,20 +273,33 @@ class Resolver:
         finally:
             os.close(fd)
 
-    def listdir(self, path: bytes, node: Node) -> SortedDict:
-        """The merged children of directory ``node`` at ``path``, sorted by name."""
-        return SortedDict(merge_listing((i, self.layer_dir(i, path)) for i in node.layers))
+    def layer_markers(self, idx: int, path: bytes) -> LayerDir:
+        """One layer's opacity and redirect for a directory, without its entries."""
+        layer = self.layers[idx]
+        fd = syscalls.open_beneath(layer.fd, path)
+        try:
+            opaque, redirect = _markers(layer, fd)
+        finally:
+            os.close(fd)
+        return LayerDir(opaque=opaque, redirect=redirect)
+
+    def sources(self, cands, parent_path=None, read=None) -> list[Source]:
+        """``dir_sources`` over this resolver's layers (full listings read, unless
+        ``read`` is ``layer_markers``)."""
+        return dir_sources(self.layers, cands, read or self.layer_dir, parent_path)
+
+    def listdir(self, path: bytes, node: Node, parent_path=None) -> SortedDict:
+        """The merged children of directory ``node`` at ``path`` (its path in every
+        layer that found it by name), sorted by name; redirects followed."""
+        found = self.sources([(i, path) for i in node.layers], parent_path)
+        return SortedDict(merge_listing((s.layer, s.ld) for s in found))
 
     def dir_layers(self, path: bytes, node: Node) -> tuple[int, ...]:
         """The layers a directory really merges from: ``node.layers`` cut after
         the first opaque one (a listing cannot know that without reading the
-        child directories, so ``Node.layers`` of a directory may run longer)."""
-        out = []
-        for idx in node.layers:
-            out.append(idx)
-            if self.layer_dir(idx, path).opaque:
-                break
-        return tuple(out)
+        child directories, so ``Node.layers`` of a directory may run longer),
+        or replaced below a redirect."""
+        return tuple(s.layer for s in self.sources([(i, path) for i in node.layers]))
 
     def lstat(self, path: bytes, node: Node) -> os.stat_result:
         """Attributes of a merged entry: those of its top layer's entry."""
@@ -144,13 +317,16 @@ class Resolver:
 
     def lookup(self, path: bytes) -> Node | None:
         """The merged node at ``path``, or None if the merged view has nothing there."""
-        node, cur = self.root, b""
+        node = self.root
+        paths = {i: b"" for i in node.layers}      # the current dir's path in each layer
+        up: dict = {}                               # its parent's
         for name in path.split(b"/") if path else ():
             if node.kind != DIR:
                 return None
-            node = merge_listing((i, self.layer_dir(i, cur)) for i in node.layers).get(name)
+            found = self.sources([(i, paths[i]) for i in node.layers], up.get)
+            node = merge_listing((s.layer, s.ld) for s in found).get(name)
             if node is None:
                 return None
-            cur = join(cur, name)
+            up = {s.layer: s.path for s in found}
+            paths = {i: join(up[i], name) for i in node.layers}
         return node
-

@@ -23,6 +23,7 @@ from mergefs import syscalls
 from mergefs.attrs import Meta, apply_meta
 from mergefs.errors import InvalidLayer, NotFound
 from mergefs.layer import DIR, LNK, REG, SOCK, Layer, LayerDir, read_layer_dir
+from mergefs.plan import refuse_redirect
 
 from .digest import tree_digest
 from .faults import kill_point
@@ -49,8 +50,10 @@ class _Frame(NamedTuple):
 class LayerCopier:
     """Copies one layer tree from ``src`` (a Layer) into the empty directory ``dst_fd``."""
 
-    def __init__(self, src: Layer, dst_fd: int, progress: Callable[[int], None] | None = None):
+    def __init__(self, src: Layer, dst_fd: int, progress: Callable[[int], None] | None = None,
+                 keep_redirects: bool = False):
         self.src = src
+        self.keep_redirects = keep_redirects     # a live upper's, for flatten_redirects
         self.dst = dst_fd
         self.links: dict[int, bytes] = {}       # source inode -> first copied path
         self.warnings: list[str] = []
@@ -96,7 +99,14 @@ class LayerCopier:
                     syscalls.mknod(name, stat.S_IFCHR, 0, dst_fd)
                     self._count()
             apply_meta(dst_fd, b"", Meta.read(frame.src, b""), self.warnings)
-            if ld.opaque or frame.recreated:     # D2/D7: recreated = deleted and recreated here
+            if ld.opaque:
+                syscalls.setxattr(dst_fd, b"", OPAQUE_ATTR, b"y")
+            elif ld.redirect is not None:
+                if not self.keep_redirects:      # R2: a layer is read by name
+                    refuse_redirect(self.src, frame.path)
+                syscalls.setxattr(dst_fd, b"", OPAQUE_ATTR.replace("opaque", "redirect"),
+                                  ld.redirect)
+            if frame.recreated:                  # D2/D7: deleted and recreated in this layer
                 syscalls.setxattr(dst_fd, b"", OPAQUE_ATTR, b"y")
         finally:
             frame.close()
@@ -152,13 +162,14 @@ class LayerCopier:
 
 
 def copy_layer(src: str | os.PathLike | bytes, dst: str | os.PathLike, fmt: str = "auto",
-               progress: Callable[[int], None] | None = None) -> list[str]:
+               progress: Callable[[int], None] | None = None,
+               keep_redirects: bool = False) -> list[str]:
     """Copy layer directory ``src`` to the new directory ``dst``; returns warnings."""
     os.mkdir(dst, 0o700)
     with Layer(src, fmt) as layer:
         dst_fd = os.open(dst, syscalls.O_DIR)
         try:
-            copier = LayerCopier(layer, dst_fd, progress)
+            copier = LayerCopier(layer, dst_fd, progress, keep_redirects)
             copier.run()
         finally:
             os.close(dst_fd)

@@ -287,7 +287,7 @@ def commit_dir(store: Store, upper_dir: str, parent_ids: list[str], what: str,
     from mergefs.explicit import make_explicit
     staged = store.stage("commit")
     try:
-        copy_layer(upper_dir, staged.path / "fs", "overlay")
+        copy_layer(upper_dir, staged.path / "fs", "overlay", keep_redirects=True)
         make_explicit(staged.path / "fs", store_layers(store, parent_ids))
         summary = tree_digest(staged.path / "fs")
         return publish_layer(store, staged, summary, summary.digest, "layer",

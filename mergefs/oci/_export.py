@@ -29,6 +29,7 @@ from typing import BinaryIO, Sequence
 from .. import syscalls
 from ..errors import AlreadyExists, InvalidLayer, NotFound
 from ..layer import DIR, Layer, as_layers, content_xattrs, read_layer_dir
+from ..plan import refuse_redirect
 from ..resolver import Resolver
 from . import _compress, _tar
 from ._extract import MAX_DEPTH
@@ -140,6 +141,8 @@ class _LayerTarWriter:
     def _dir(self, path: bytes, fd: int, forced_opaque: bool) -> None:
         try:
             ld = read_layer_dir(fd, self.layer.fmt)
+            if ld.redirect is not None:
+                refuse_redirect(self.layer, path)
             st = os.fstat(fd)
             self._emit(self._member(path + b"/" if path else b"./", st, fd, b"", b""))
             opaque = ld.opaque or forced_opaque

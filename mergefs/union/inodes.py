@@ -4,9 +4,19 @@ Glossary:
 - *key*: what makes two names one inode. A non-directory is keyed by the
   layer that supplies it and its ``st_ino`` there, so hardlinks of one layer
   share an inode (U2, H1); a directory by its top layer and ``st_ino``.
-- *number*: the FUSE inode number. Numbers are given per key once and never
-  reused, so they are stable for the life of the mount even after the kernel
-  forgets an inode (the key -> number map is the only thing kept).
+- *number*: the FUSE inode number, which is also the ``st_ino`` users see
+  (pyfuse3 uses one for both). It is derived from the key, xino-style (as
+  kernel overlayfs ``xino=on``): ``(layer + 1) << XINO_SHIFT | st_ino``, so
+  it is the same in every mount of the same layers (U8). An entry copied up
+  keeps the number of its origin: the upper copy records it in the xattr
+  ``trusted.overlay.mergefs-ino`` (its directory is marked
+  ``trusted.overlay.mergefs-inos`` so only those directories are searched),
+  and the table maps the upper key to it (``alias``/``remember``). A number
+  that cannot be derived (an ``st_ino`` of 2**54 or more, a layer index past
+  1021) or that must not be reused (a lower hardlink whose number went to a
+  copy, an upper inode number the filesystem reused while the kernel still
+  holds the old file) comes from a counter in the top range, for the life of
+  the mount only.
 - *lookup count*: how many times the kernel was handed the inode (lookup,
   readdirplus entry, create, mkdir ...) minus what it ``forget``s. An inode
   with a zero count is dropped from the live table (its number stays).
@@ -26,11 +36,21 @@ from ..resolver import Node
 from ..layer import DIR
 
 ROOT_INODE = 1
+XINO_SHIFT = 54
+FALLBACK_BASE = ((1 << (64 - XINO_SHIFT)) - 1) << XINO_SHIFT     # layer bits all ones
+MAX_LAYER = (1 << (64 - XINO_SHIFT)) - 2                          # layer + 1 < all ones
+
+
+def xino(layer: int, st_ino: int) -> int | None:
+    """The number of the entry with ``st_ino`` in ``layer``, or None if it does not fit."""
+    if st_ino >> XINO_SHIFT or layer >= MAX_LAYER:
+        return None
+    return (layer + 1) << XINO_SHIFT | st_ino
 
 
 class Inode:
     __slots__ = ("number", "parent", "name", "node", "lookups", "_attr", "entry", "children",
-                 "unlinked", "others", "__weakref__")
+                 "unlinked", "others", "redirects", "sources", "__weakref__")
 
     def __init__(self, number: int, parent: "Inode | None", name: bytes, node: Node):
         self.number = number
@@ -43,6 +63,10 @@ class Inode:
         self.children = None                      # cached merged listing (dirs)
         self.unlinked = False
         self.others: list | None = None           # more (parent, name)s of a hardlinked file
+        # dirs, once read: the redirects of their layers, top first, as (layer,
+        # "/abs/path" or "name"), and the layers really serving them (resolver.dir_sources)
+        self.redirects: tuple = ()
+        self.sources: tuple[int, ...] | None = None
 
     @property
     def attr(self) -> os.stat_result | None:
@@ -82,8 +106,9 @@ class InodeTable:
     """Live inodes by number, and the permanent key -> number map."""
 
     def __init__(self, root_node: Node):
-        self._numbers: dict[tuple[int, int], int] = {}
-        self._next = ROOT_INODE + 1
+        self._numbers: dict[tuple[int, int], int] = {}   # keys whose number is not xino(key)
+        self._claims: dict[int, tuple[int, int]] = {}    # number -> the other key it went to
+        self._next = FALLBACK_BASE + 1
         self.root = Inode(ROOT_INODE, None, b"", root_node)
         self.root.lookups = 1          # the kernel never forgets the root
         self._live: dict[int, Inode] = {ROOT_INODE: self.root}
@@ -107,26 +132,61 @@ class InodeTable:
         return self._live.get(number)
 
     def number_for(self, node: Node) -> int:
-        key = node_key(node)
+        key = (node[1][0], node[2][0])             # node_key and xino inlined: the hot path
         number = self._numbers.get(key)
         if number is None:
-            number = self._numbers[key] = self._next
-            self._next += 1
+            layer, ino = key
+            number = (layer + 1) << XINO_SHIFT | ino
+            if ino >> XINO_SHIFT or layer >= MAX_LAYER or (
+                    self._claims and self._claims.get(number, key) != key):
+                # too big, or a copy took it (a hardlink name not linked to the copy)
+                number = self._numbers[key] = self._fallback()
+        return number
+
+    def _fallback(self) -> int:
+        number = self._next
+        self._next += 1
         return number
 
     def alias(self, inode: Inode, node: Node) -> None:
         """``inode`` is now served by ``node`` (after copy-up): same number, new key."""
-        self._numbers[node_key(node)] = inode.number
+        key = node_key(node)
+        self._numbers[key] = inode.number
+        if inode.number != xino(*key):
+            self._claims[inode.number] = key
         inode.node = node
 
+    def recorded(self, node: Node) -> bool:
+        """Must the upper entry of ``node`` record its number (not its own xino)?"""
+        key = node_key(node)
+        number = self._numbers.get(key)
+        return number is not None and number < FALLBACK_BASE and number != xino(*key)
+
+    def remember(self, key: tuple[int, int], number: int) -> None:
+        """A number recorded on an upper entry (read after a remount): use it for
+        ``key``, unless another live inode holds it (then one for this mount only)."""
+        if key in self._numbers:
+            return
+        holder = self._live.get(number)
+        if holder is not None and node_key(holder.node) != key:
+            number = self._fallback()
+        else:
+            self._claims[number] = key
+        self._numbers[key] = number
+
     def unmap(self, node: Node) -> None:
-        """Forget a key so its name gets a new inode (a hardlink broken by copy-up)."""
+        """A name of ``node``'s lower file not linked to its copy (a hardlink broken by
+        copy-up) gets a number of its own when found: the copy claimed the file's."""
         self._numbers.pop(node_key(node), None)
 
     def fresh(self, layer: int, st_ino: int) -> None:
-        """A new file got ``st_ino`` in ``layer`` (the upper): if the filesystem reused
-        the number of a freed inode, the old key must not hand out the old inode."""
+        """A new file got ``st_ino`` in ``layer`` (the upper). If the filesystem reused
+        the inode of a removed file, the old key must not hand out the old inode, and
+        while the kernel still holds that inode, the new file needs another number."""
         self._numbers.pop((layer, st_ino), None)
+        number = xino(layer, st_ino)
+        if number is not None and number in self._live:
+            self._numbers[(layer, st_ino)] = self._fallback()
 
     def entry(self, parent: Inode, name: bytes, node: Node) -> Inode:
         """The live inode for ``name`` in ``parent``, created if needed; count +1."""

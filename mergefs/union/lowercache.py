@@ -15,13 +15,15 @@ from sortedcontainers import SortedDict
 
 from ..layer import Layer
 from ..mountspec import MountSpec
-from ..resolver import merge_listing
 from .view import UnionView
 from .writable import WritableView
 
 
 class SharedListing(SortedDict):
-    """A merged listing shared by views: never changed in place."""
+    """A merged listing shared by views: never changed in place (with what reading
+    it found: the directory's redirects and serving layers)."""
+    redirects: tuple = ()
+    sources: tuple | None = None
 
 
 class LowerCache:
@@ -49,9 +51,11 @@ class _Sharing:
             key = (inode.node.layers, inode.node.inos)
             shared = self.cache.listings.get(key)
             if shared is None:
-                path = inode.path
-                shared = self.cache.listings[key] = SharedListing(merge_listing(
-                    (i, self.resolver.layer_dir(i, path)) for i in inode.node.layers))
+                shared = self.cache.listings[key] = SharedListing(self.read_dir(inode))
+                shared.redirects, shared.sources = inode.redirects, inode.sources
+            elif shared.redirects:
+                self.redirected = True
+            inode.redirects, inode.sources = shared.redirects, shared.sources
             inode.children = shared
         return super().listing(inode)
 
@@ -60,7 +64,8 @@ class _Sharing:
             key = (inode.node.top, inode.node.inos[0])
             st = self.cache.stats.get(key)
             if st is None:
-                st = self.cache.stats[key] = self.resolver.lstat_in(inode.node.top, inode.path)
+                st = self.cache.stats[key] = self.resolver.lstat_in(
+                    inode.node.top, self.layer_path(inode, inode.node.top))
             inode.attr = st
         return super().attr(inode)
 

@@ -2,13 +2,15 @@
 
 Files move across layers: the source is copied up, renamed inside the upper,
 and a whiteout is left at the old name when something below still shows
-there. A directory that has lower layers is moved by copying its merged
-subtree (``dirmove``; kernel overlayfs without ``redirect_dir`` answers EXDEV
-and ``mv`` does that copy itself, so both end with the same tree and the
-upper stays plain overlay format); ``WritableView(dir_rename=False)`` gives
-EXDEV instead. A directory that lives only in the upper moves freely; it is
-made opaque when its new name has something below, so nothing of the lower
-tree shows through it. RENAME_EXCHANGE of a merged directory is EXDEV.
+there. A directory that lower layers serve (by name or through a redirect)
+is moved in O(1) as kernel overlayfs with ``redirect_dir=on`` moves it: the
+directory itself is copied up, marked with ``trusted.overlay.redirect``
+(where the layers below keep its content) and renamed (``dirmove``);
+``WritableView(dir_rename=False)`` gives EXDEV instead, as kernel overlayfs
+without redirect_dir. A directory that lives only in the upper moves freely;
+it is made opaque when its new name has something below, so nothing of the
+lower tree shows through it. RENAME_EXCHANGE gives merged directories
+redirects the same way (EXDEV where a redirect cannot be used).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from .. import syscalls
 from ..errors import AlreadyExists
 from ..layer import DIR
 from ..resolver import Node, join
-from .dirmove import move_merged_dir
+from .dirmove import move_merged_dir, redirect_for, set_redirect
 
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 
@@ -45,13 +47,12 @@ def rename(view, p_old, old: bytes, p_new, new: bytes, flags: int) -> None:
             raise _err(errno.EISDIR if dst.kind == DIR else errno.ENOTDIR)
     if dst is not None:
         _check_replace(view, p_new, new, src, dst)
-    if src.kind == DIR and any(layer != view.up for layer in src.layers):
-        if not view.dir_rename:
-            raise _err(errno.EXDEV)     # as kernel overlayfs without redirect_dir
-        with _held(view, p_old, old) as inode:
-            move_merged_dir(view, inode, p_old, old, p_new, new, dst)
-        return
     with _held(view, p_old, old) as inode:
+        if src.kind == DIR and view.has_lower(inode):
+            if not view.dir_rename:
+                raise _err(errno.EXDEV)     # as kernel overlayfs without redirect_dir
+            move_merged_dir(view, inode, p_old, old, p_new, new, dst)
+            return
         view.ensure_upper(inode)
         view.ensure_upper(p_new)
         _move(view, inode, p_old, old, p_new, new, dst)
@@ -62,17 +63,11 @@ def _check_replace(view, p_new, new, src: Node, dst: Node) -> None:
         if src.kind != DIR:
             raise _err(errno.EISDIR)
         target = view._live(dst)
-        listing = view.listing(target) if target is not None else _listing(view, p_new, new, dst)
+        listing = view.listing(target) if target is not None else view.listing_of(p_new, new, dst)
         if listing:
             raise _err(errno.ENOTEMPTY)
     elif src.kind == DIR:
         raise _err(errno.ENOTDIR)
-
-
-def _listing(view, parent, name, node):
-    from ..resolver import merge_listing
-    path = join(parent.path, name)
-    return merge_listing((i, view.resolver.layer_dir(i, path)) for i in node.layers)
 
 
 class _held:
@@ -118,17 +113,24 @@ def _move(view, inode, p_old, old: bytes, p_new, new: bytes, dst: Node | None) -
 
 
 def _exchange(view, p_old, old, src: Node, p_new, new, dst: Node) -> None:
-    for node in (src, dst):
-        if node.kind == DIR and any(layer != view.up for layer in node.layers):
-            raise _err(errno.EXDEV)
-    if p_old is p_new and old == new:
-        return
     with _held(view, p_old, old) as a, _held(view, p_new, new) as b:
+        moved = {}                      # merged dirs: their redirects (R1)
+        for x in (a, b):
+            if x.is_dir and view.has_lower(x):
+                value = redirect_for(view, x)
+                if value is None or not view.dir_rename:
+                    raise _err(errno.EXDEV)
+                moved[x.number] = value
+        if p_old is p_new and old == new:
+            return
         view.ensure_upper(a)
         view.ensure_upper(b)
         upper = view.upper
         for inode, parent, name in ((a, p_new, new), (b, p_old, old)):
-            if inode.is_dir and view.lower_has(parent, name):
+            if inode.number in moved:
+                upper.set_redirect(inode.path, moved[inode.number])
+                set_redirect(view, inode, moved[inode.number])
+            elif inode.is_dir and view.lower_has(parent, name):
                 upper.set_opaque(inode.path)
         upper.forget_dirs(join(p_old.path, old))
         upper.forget_dirs(join(p_new.path, new))

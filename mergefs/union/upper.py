@@ -262,6 +262,27 @@ class Upper:
         parent, _, name = path.rpartition(b"/")
         syscalls.setxattr(self.borrow_dir(parent), name, self.opaque_xattr, b"y")
 
+    def record_number(self, tmp: bytes, number: int) -> None:
+        """A staged copy keeps its origin's inode number (U8, union/inodes.py)."""
+        attr = self.opaque_xattr.replace("opaque", "mergefs-ino")
+        try:
+            syscalls.setxattr(self.work_fd, tmp, attr, b"%d" % number)
+        except OSError as e:    # no (user) xattrs here: the number holds for this mount only
+            if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+                raise
+
+    def mark_numbered(self, path: bytes) -> None:
+        """The upper dir at ``path`` holds entries that record their number."""
+        parent, _, name = path.rpartition(b"/")
+        fd = self.borrow_dir(parent) if path else self.layer.fd
+        syscalls.setxattr(fd, name, self.opaque_xattr.replace("opaque", "mergefs-inos"), b"y")
+
+    def set_redirect(self, path: bytes, value: bytes) -> None:
+        """Mark the upper dir at ``path`` as served below by ``value`` (R1)."""
+        parent, _, name = path.rpartition(b"/")
+        attr = self.opaque_xattr.replace("opaque", "redirect")
+        syscalls.setxattr(self.borrow_dir(parent), name, attr, value)
+
 
 def _lstat_or_none(name: bytes, dir_fd: int) -> os.stat_result | None:
     try:

@@ -20,8 +20,8 @@ from sortedcontainers import SortedDict
 
 from .. import syscalls
 from ..errors import NotFound
-from ..layer import LNK, Layer, is_overlay_private
-from ..resolver import Node, Resolver, merge_listing
+from ..layer import LNK, NUMBER_XATTRS, Layer, is_overlay_private
+from ..resolver import Node, Resolver, join, merge_listing, redirect_value
 from .inodes import Inode, InodeTable
 
 
@@ -34,9 +34,88 @@ class UnionView:
         self.resolver = Resolver(layers)
         self.layers = self.resolver.layers
         self.inodes = InodeTable(self.resolver.root)
+        self.redirected = False      # a redirect was seen: layer paths may differ from merged ones
 
     def close(self) -> None:
         self.resolver.close()
+
+    # -- layer paths (redirects) -------------------------------------------
+    def layer_path(self, inode: Inode, layer: int) -> bytes:
+        """Where ``inode`` is in ``layer``: its merged path, unless a directory on
+        the way carries a redirect in a layer above ``layer`` (R1)."""
+        if not self.redirected:
+            return inode.path
+        names = []
+        cur = inode
+        while cur.parent is not None:
+            hit = None
+            for k, value in cur.redirects:       # top first: the lowest k above layer wins
+                if k <= layer:
+                    break
+                hit = value
+            if hit is not None and hit[:1] == b"/":
+                names.append(hit[1:])
+                break
+            names.append(cur.name if hit is None else hit)
+            cur = cur.parent
+        return b"/".join(reversed(names))
+
+    def _sources(self, parent: Inode | None, name: bytes, node: Node, path: bytes, read=None):
+        """``resolver.dir_sources`` of the directory ``node`` named ``name`` in ``parent``."""
+        if parent is None:
+            cands, parent_path = [(i, b"") for i in node.layers], None
+        else:
+            if not self.redirected:
+                cands = [(i, path) for i in node.layers]
+            else:
+                cands = [(i, join(self.layer_path(parent, i), name)) for i in node.layers]
+
+            def parent_path(i: int) -> bytes | None:
+                if parent.sources is not None and i not in parent.sources:
+                    return None
+                return self.layer_path(parent, i)
+        found = self.resolver.sources(cands, parent_path, read)
+        return found, tuple((s.layer, v) for s in found
+                            if (v := redirect_value(s.ld.redirect)) is not None and s.layer > 0)
+
+    def read_dir(self, inode: Inode) -> SortedDict:
+        """Read a directory's merged listing from its layers; note its redirects."""
+        found, redirects = self._sources(inode.parent, inode.name, inode.node, inode.path)
+        if redirects:
+            self.redirected = True
+        inode.redirects, inode.sources = redirects, tuple(s.layer for s in found)
+        for s in found:
+            if s.ld.numbered and s.layer == getattr(self, "up", None):
+                self._recorded_numbers(s)
+        return SortedDict(merge_listing((s.layer, s.ld) for s in found))
+
+    def _recorded_numbers(self, source) -> None:
+        """The inode numbers a writable view's upper entries kept from their origins."""
+        fd = syscalls.open_beneath(self.layers[source.layer].fd, source.path)
+        try:
+            for name, entry in source.ld.entries.items():
+                for attr in NUMBER_XATTRS:
+                    value = syscalls.getxattr(fd, name, attr)
+                    if value is not None and value.isdigit():
+                        self.inodes.remember((source.layer, entry.ino), int(value))
+                        break
+        finally:
+            os.close(fd)
+
+    def dir_sources(self, inode: Inode) -> tuple[int, ...]:
+        """The layers really serving a directory (its markers read if not known yet)."""
+        if inode.sources is None:
+            found, redirects = self._sources(inode.parent, inode.name, inode.node, inode.path,
+                                             self.resolver.layer_markers)
+            if redirects:
+                self.redirected = True
+            inode.redirects, inode.sources = redirects, tuple(s.layer for s in found)
+        return inode.sources
+
+    def listing_of(self, parent: Inode, name: bytes, node: Node) -> SortedDict:
+        """The merged listing of ``parent/name`` without an inode for it."""
+        found, _ = self._sources(parent, name, node, join(parent.path, name))
+        return SortedDict(merge_listing((s.layer, s.ld) for s in found))
 
     # -- directories -----------------------------------------------------
     def listing(self, inode: Inode) -> SortedDict:
@@ -44,9 +123,7 @@ class UnionView:
         if inode.children is None:
             if not inode.is_dir:
                 raise OSError(20, "Not a directory")   # ENOTDIR
-            path = inode.path
-            inode.children = SortedDict(merge_listing(
-                (i, self.resolver.layer_dir(i, path)) for i in inode.node.layers))
+            inode.children = self.read_dir(inode)
         return inode.children
 
     def lookup(self, parent: Inode, name: bytes) -> Inode:
@@ -66,7 +143,6 @@ class UnionView:
         gone since the listing was taken (a writable mount) is skipped.
         """
         fds: dict[int, int] = {}
-        path = parent.path
         current = parent.children
         table = self.inodes
         try:
@@ -83,7 +159,8 @@ class UnionView:
                 top = node.top
                 fd = fds.get(top)
                 if fd is None:
-                    fd = fds[top] = syscalls.open_beneath(self.layers[top].fd, path)
+                    fd = fds[top] = syscalls.open_beneath(self.layers[top].fd,
+                                                          self.layer_path(parent, top))
                 try:
                     st = syscalls.lstat(name, fd)
                 except FileNotFoundError:
@@ -96,7 +173,8 @@ class UnionView:
     # -- attributes ------------------------------------------------------
     def attr(self, inode: Inode) -> os.stat_result:
         if inode.attr is None:
-            inode.attr = self.resolver.lstat_in(inode.node.top, inode.path)
+            inode.attr = self.resolver.lstat_in(inode.node.top,
+                                                self.layer_path(inode, inode.node.top))
         return inode.attr
 
     # -- content ---------------------------------------------------------
@@ -104,7 +182,8 @@ class UnionView:
         """An fd on the file's content in its layer (never through a symlink)."""
         if inode.kind == LNK:
             raise OSError(40, "Too many levels of symbolic links")   # ELOOP, as O_NOFOLLOW
-        return syscalls.open_beneath(self.layers[inode.node.top].fd, inode.path,
+        top = inode.node.top
+        return syscalls.open_beneath(self.layers[top].fd, self.layer_path(inode, top),
                                      syscalls.O_READ | flags)
 
     def readlink(self, inode: Inode) -> bytes:
@@ -126,7 +205,8 @@ class UnionView:
         return os.fstatvfs(self.layers[-1].fd)
 
     def _parent_fd(self, inode: Inode, layer: int | None = None):
-        return _ParentFd(self.layers[inode.node.top if layer is None else layer].fd, inode.path)
+        layer = inode.node.top if layer is None else layer
+        return _ParentFd(self.layers[layer].fd, self.layer_path(inode, layer))
 
 
 class _ParentFd:

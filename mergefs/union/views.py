@@ -168,8 +168,8 @@ class ViewFS(pyfuse3.Operations):
     def _lower_stat(self, view: View, parent: Inode, name: bytes, node) -> os.stat_result:
         st = view.cache.stats.get((node.top, node.inos[0]))
         if st is None:
-            st = view.cache.stat_for(node, view.uv.resolver.lstat_in(node.top,
-                                                                     join(parent.path, name)))
+            where = join(view.uv.layer_path(parent, node.top), name)    # R1: maybe redirected
+            st = view.cache.stat_for(node, view.uv.resolver.lstat_in(node.top, where))
         return st
 
     def _share(self, view: View, parent: Inode, name: bytes, node, st, count: int) -> int:
@@ -177,7 +177,8 @@ class ViewFS(pyfuse3.Operations):
         gid = self._shared.get(key)
         if gid is None:
             gid = self._shared[key] = self._new_gid()
-            self._targets[gid] = Shared(key, view, detached(join(parent.path, name), node, st))
+            where = join(view.uv.layer_path(parent, node.top), name)    # its path in its layer
+            self._targets[gid] = Shared(key, view, detached(where, node, st))
         sh = self._targets[gid]
         sh.count += count
         sh.writable = sh.writable or view.writable
@@ -354,14 +355,14 @@ class ViewFS(pyfuse3.Operations):
             return
         h = view.ops.handles[local_fh]
         parent, current = h.inode, h.inode.children
-        inodes, fds, path = view.uv.inodes, {}, h.inode.path
+        inodes, fds = view.uv.inodes, {}
         try:
             for i, (name, node) in enumerate(h.entries[start_id:], start_id + 1):
                 if current is not None and current.get(name) != node:
                     node = current.get(name)          # changed since opendir
                     if node is None:
                         continue
-                st = self._entry_stat(view, node, name, path, fds)
+                st = self._entry_stat(view, node, name, parent, fds)
                 if st is None:
                     continue
                 if view.shows_lower(node) and self._shareable(view, node, st):
@@ -388,7 +389,7 @@ class ViewFS(pyfuse3.Operations):
                 os.close(fd)
 
     @staticmethod
-    def _entry_stat(view: View, node, name: bytes, path: bytes, fds: dict):
+    def _entry_stat(view: View, node, name: bytes, parent: Inode, fds: dict):
         """The lstat of a listing entry: the stack's shared one for a lower entry."""
         lower = node.top != view.up
         if lower:
@@ -397,7 +398,8 @@ class ViewFS(pyfuse3.Operations):
                 return st
         fd = fds.get(node.top)
         if fd is None:
-            fd = fds[node.top] = syscalls.open_beneath(view.uv.layers[node.top].fd, path)
+            fd = fds[node.top] = syscalls.open_beneath(view.uv.layers[node.top].fd,
+                                                       view.uv.layer_path(parent, node.top))
         try:
             st = syscalls.lstat(name, fd)
         except FileNotFoundError:

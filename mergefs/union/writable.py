@@ -80,6 +80,8 @@ class WritableView(UnionView):
         return node
 
     def _set_child(self, parent: Inode, name: bytes, node: Node | None) -> None:
+        if node is not None and node.top == self.up and self.inodes.recorded(node):
+            self.upper.mark_numbered(parent.path)     # U8: look for recorded numbers here
         if parent.children is not None:
             if node is None:
                 parent.children.pop(name, None)
@@ -93,11 +95,15 @@ class WritableView(UnionView):
         except NotFound:
             return None
 
+    def has_lower(self, inode: Inode) -> bool:
+        """Does a lower layer serve this directory (by its name or a redirect)?"""
+        return any(i != self.up for i in self.dir_sources(inode))
+
     def lower_has(self, parent: Inode, name: bytes) -> bool:
         """Does anything below the upper show at ``name`` under ``parent``?"""
-        path = parent.path
-        lowers = [i for i in parent.node.layers if i != self.up]
-        return name in merge_listing((i, self.resolver.layer_dir(i, path)) for i in lowers)
+        lowers = [i for i in (parent.sources or parent.node.layers) if i != self.up]
+        return name in merge_listing((i, self.resolver.layer_dir(i, self.layer_path(parent, i)))
+                                     for i in lowers)
 
     def ensure_upper(self, inode: Inode, with_data: bool = True) -> None:
         """Copy ``inode`` (and its parents) up unless the upper already supplies it."""
@@ -105,8 +111,14 @@ class WritableView(UnionView):
             return
         self.ensure_upper(inode.parent)
         node, path = inode.node, inode.path
-        st = self.resolver.lstat_in(node.top, path)
-        tmp = self.upper.copy_of(self.layers[node.top].fd, path, st, with_data)
+        src = self.layer_path(inode, node.top)
+        st = self.resolver.lstat_in(node.top, src)
+        tmp = self.upper.copy_of(self.layers[node.top].fd, src, st, with_data)
+        try:
+            self.upper.record_number(tmp, inode.number)    # U8: it keeps its st_ino
+        except BaseException:
+            self.upper.discard(tmp)
+            raise
         new = self.upper.publish(tmp, path, keep_parent_times=True)
         self.inodes.fresh(self.up, new.st_ino)
         if node.kind == DIR:      # stays merged with its lower layers
@@ -115,6 +127,8 @@ class WritableView(UnionView):
             new_node = Node(node.kind, (self.up,), (new.st_ino,))
             self.inodes.unmap(node)
         self.inodes.alias(inode, new_node)
+        if node.kind == DIR and inode.sources is not None:
+            inode.sources = (self.up,) + inode.sources
         inode.attr = new
         self._set_child(inode.parent, inode.name, new_node)
         self.attrs_changed(inode.parent.number)     # its ctime: the copy was renamed into it
@@ -289,9 +303,7 @@ class WritableView(UnionView):
         if node.kind != DIR:
             raise _err(errno.ENOTDIR)
         child = self._live(node)
-        listing = (self.listing(child) if child is not None else
-                   merge_listing((i, self.resolver.layer_dir(i, join(parent.path, name)))
-                                 for i in node.layers))
+        listing = self.listing(child) if child is not None else self.listing_of(parent, name, node)
         if listing:
             raise _err(errno.ENOTEMPTY)
         self._remove_name(parent, name, node)

@@ -127,3 +127,21 @@ def test_rw_mount_spec_reuses_the_active_snapshot_of_its_mountpoint(store, layer
     assert one == two
     other = Snapshotter(store=store).mount_spec(a, rw=True)     # no mountpoint: a fresh key
     assert other.upper != one.upper
+
+
+@needs("overlay")
+def test_R2_commit_of_an_upper_with_kernel_redirects(store, layers, tmp_path):
+    """Kernel overlayfs with redirect_dir=on moves a lower dir with a redirect; the
+    commit holds the moved content (R2), since a layer is read by name."""
+    ids = imported(store, layers)
+    parent = Snapshotter(store=store).merge(ids, strategy="union").row.id
+    for d in ("up", "wk", "mnt"):
+        (tmp_path / d).mkdir()
+    opts = ["redirect_dir=on", "index=off"]
+    with mounts.overlay_mount(layers, tmp_path / "mnt", upper=tmp_path / "up",
+                              work=tmp_path / "wk", options=opts) as mnt:
+        os.rename(mnt / "etc", mnt / "moved")
+        expected = tree.capture(mnt)
+    assert "trusted.overlay.redirect" in os.listxattr(tmp_path / "up/moved")
+    row = Snapshotter(store=store).commit_upper(str(tmp_path / "up"), parent=parent)
+    tree.assert_same(view_of(store, ids + [row.id]), expected, "commit vs kernel overlay")

@@ -85,6 +85,30 @@ def test_move_and_copy_give_the_same_layer(sn, tmp_path):
     tree.assert_same(view(sn, NS + "copied"), expected, "committed by copy")
 
 
+def test_R2_moved_dirs_committed_by_move_and_by_copy(sn, tmp_path):
+    """An upper whose dirs kernel overlayfs (redirect_dir=on) moved: both commits
+    resolve the redirects (R2) and give one layer."""
+    parent = base(sn, tmp_path)
+    views = []
+    for key in ("k1", "k2"):
+        m = sn.prepare(NS + key, parent)
+        with mounts.overlay_mount(list(m.lowers), upper=m.upper, work=m.work,
+                                  options=["redirect_dir=on", "index=off"]) as mnt:
+            os.rename(mnt / "var/cache", mnt / "moved")
+            os.unlink(mnt / "moved/a")
+            views.append(tree.capture(mnt))
+        assert "trusted.overlay.redirect" in os.listxattr(os.path.join(m.upper, "moved"))
+        for d, _, _ in os.walk(m.upper):        # the two runs' own times differ
+            os.utime(d, (1_000_000, 1_000_000))
+    sn.commit(NS + "moved", NS + "k1")
+    sn.commit(NS + "copied", NS + "k2", move=False)
+    assert layer_of(sn, NS + "moved") == layer_of(sn, NS + "copied")
+    def untimed(v):
+        return tree.View({p: a._replace(mtime_ns=0) if a.kind == "dir" else a
+                          for p, a in v.entries.items()}, v.groups)
+    tree.assert_same(untimed(view(sn, NS + "moved")), untimed(views[0]), "committed by move")
+
+
 def test_the_same_content_moved_twice_is_stored_once(sn, tmp_path):
     parent = base(sn, tmp_path)
     layers = []

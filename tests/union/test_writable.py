@@ -117,7 +117,7 @@ async def test_U5_rename_file_across_layers_and_dir_exdev_option(tmp_path, rw):
 # -- differential: the same operations on mergefs and on kernel overlayfs ----------
 
 NAMES = ["a", "b", "c", "d"]
-OVL_OPTS = ["redirect_dir=off", "index=off"]    # the defaults; mergefs's choice (U5)
+OVL_OPTS = ["redirect_dir=on", "index=off"]     # mergefs moves merged dirs with redirects (R1)
 
 
 def random_ops(rng: random.Random, n: int) -> list[tuple]:
@@ -411,7 +411,11 @@ async def test_failed_publish_leaves_nothing(tmp_path, rw, monkeypatch):
     await drv.finish()
 
 
-async def test_U5_merged_dir_rename_copies_the_subtree(tmp_path, rw):
+async def test_U5_merged_dir_rename_copies_the_subtree_where_no_redirect_fits(
+        tmp_path, rw, monkeypatch):
+    """A redirect longer than the kernel's redirect_max: the subtree is copied (as mv)."""
+    from mergefs.union import dirmove
+    monkeypatch.setattr(dirmove, "redirect_max", lambda: 1)
     specs = [LayerSpec().file("d/a", b"a", mode=0o600, uid=5).file("d/sub/b", b"b")
              .hardlink("d/sub/b2", "d/sub/b").symlink("d/l", "../x").dir("d", mode=0o750)
              .file("d/gone", b"g"),
@@ -441,6 +445,58 @@ async def test_U5_merged_dir_rename_copies_the_subtree(tmp_path, rw):
     await drv.finish()
 
 
+async def test_U5_copy_fallback_below_a_redirected_dir(tmp_path, rw, monkeypatch):
+    """The subtree copy reads lower entries where they are, through redirects."""
+    from mergefs.union import dirmove
+    drv = rw([LayerSpec().file("d/sub/f", b"f").file("d/sub/deep/g", b"g")
+              .hardlink("d/sub/deep/g2", "d/sub/deep/g")])
+    ops, ctx = drv.ops, drv.ctx
+    await ops.rename(1, b"d", 1, b"e", 0, ctx)                  # a redirect
+    monkeypatch.setattr(dirmove, "redirect_max", lambda: 1)
+    await ops.rename(await drv.lookup("e"), b"sub", 1, b"sub2", 0, ctx)   # a copy
+    assert "trusted.overlay.redirect" not in os.listxattr(tmp_path / "upper/sub2")
+    assert await drv.read("sub2/f") == b"f" and await drv.read("sub2/deep/g2") == b"g"
+    assert os.lstat(tmp_path / "upper/sub2/deep/g").st_ino == \
+        os.lstat(tmp_path / "upper/sub2/deep/g2").st_ino
+    assert [n for n, *_ in await drv.readdir(await drv.lookup("e"))] == []
+    await drv.finish()
+
+
+async def test_R1_merged_dir_rename_writes_a_redirect_and_copies_nothing(tmp_path, rw):
+    specs = [LayerSpec().file("d/a", b"a", mode=0o600, uid=5).file("d/sub/b", b"b")
+             .hardlink("d/sub/b2", "d/sub/b").symlink("d/l", "../x").dir("d", mode=0o750)
+             .file("d/gone", b"g"),
+             LayerSpec().file("d/sub/c", b"c", xattrs={"user.k": b"v"}).file("x/keep", b"k")]
+    drv = rw(specs)
+    ops, ctx = drv.ops, drv.ctx
+    d = await drv.lookup("d")
+    await ops.unlink(d, b"gone", ctx)                      # a whiteout inside the old dir
+    a = await drv.lookup("d/a")
+    sub_b = await drv.lookup("d/sub/b")
+    before = await drv.capture()
+    await ops.rename(1, b"d", 1, b"moved", 0, ctx)
+    after = await drv.capture()
+    moved = {p.replace(b"moved", b"d", 1): v for p, v in after.entries.items()
+             if p.startswith(b"moved")}
+    assert moved == {p: v for p, v in before.entries.items() if p.startswith(b"d")}
+    assert not any(p.startswith(b"d") for p in after.entries)
+    assert upper_entries(tmp_path) == {"d": "whiteout", "moved": "dir", "moved/gone": "whiteout"}
+    assert os.getxattr(tmp_path / "upper/moved", "trusted.overlay.redirect") == b"/d"
+    # inodes the kernel holds keep their numbers and read the same files
+    assert await drv.lookup("moved/a") == a and await drv.lookup("moved/sub/b") == sub_b
+    fi = await ops.open(sub_b, os.O_RDONLY, ctx)
+    assert await ops.read(fi.fh, 0, 10) == b"b"
+    await ops.release(fi.fh)
+    # a move inside the moved dir, then of the moved dir again: one redirect each
+    await ops.rename(await drv.lookup("moved"), b"sub", 1, b"sub2", 0, ctx)
+    await ops.rename(1, b"moved", await drv.lookup("x"), b"m2", 0, ctx)
+    assert os.getxattr(tmp_path / "upper/sub2", "trusted.overlay.redirect") == b"/d/sub"
+    assert os.getxattr(tmp_path / "upper/x/m2", "trusted.overlay.redirect") == b"/d"
+    assert await drv.read("sub2/c") == b"c" and await drv.read("x/m2/a") == b"a"
+    assert os.listdir(tmp_path / "work") == []
+    await drv.finish()
+
+
 @needs_overlay
 def test_U5_merged_dir_rename_on_mount_and_kernel_overlay_agrees(tmp_path, union_mount):
     specs = [LayerSpec().file("etc/a", b"a").file("etc/sub/b", b"b").symlink("etc/l", "a"),
@@ -450,7 +506,7 @@ def test_U5_merged_dir_rename_on_mount_and_kernel_overlay_agrees(tmp_path, union
     (tmp_path / "wk").mkdir()
     mnt = union_mount(layers, upper=tmp_path / "up", work=tmp_path / "wk")
     before = tree.capture(mnt / "etc")
-    os.rename(mnt / "etc", mnt / "etc2")                 # kernel overlayfs: EXDEV
+    os.rename(mnt / "etc", mnt / "etc2")                 # a redirect (R1)
     assert not os.path.exists(mnt / "etc")
     tree.assert_same(tree.capture(mnt / "etc2"), before, "moved dir vs before")
     view = tree.capture(mnt)
