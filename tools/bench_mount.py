@@ -6,7 +6,9 @@
 Three small layers (a few files each; the layer size does not enter a
 mount: nothing is walked). For each system and mode (read-only: lowers only;
 writable: plus an upper and work dir on the same tmpfs) and each repetition:
-run the mount command, note when it returned ("return"), ``ls`` the mount
+run the mount command (for mergefs both ``mergefs mount`` and the
+fuse-overlayfs form ``mergefs -o lowerdir=...`` that podman runs, through the
+installed ``mergefs`` script), note when it returned ("return"), ``ls`` the mount
 root and note when that was done ("live": the first answer from the server),
 then unmount (not timed). Reps are interleaved across systems, so a burst of
 load from other processes hits all of them. Prints medians and p90 in ms,
@@ -26,8 +28,9 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SYSTEMS = ("kernel-overlay", "fuse-overlayfs", "mergefs")
+SYSTEMS = ("kernel-overlay", "fuse-overlayfs", "mergefs", "mergefs -o")
 MODES = ("ro", "rw")
+MERGEFS = os.path.join(os.path.dirname(sys.executable), "mergefs")   # the console script
 
 
 def make_layers(base: str) -> list[str]:
@@ -49,52 +52,92 @@ def mount_argv(system: str, mode: str, layers: list[str], mnt: str, up: str, wk:
         return ["mount", "-t", "overlay", "overlay", "-o", opts, mnt]
     if system == "fuse-overlayfs":
         return ["fuse-overlayfs", "-o", opts, mnt]
+    if system == "mergefs -o":          # containers/storage's mount_program form
+        return [MERGEFS, "-o", opts, mnt]
     rw = ["--upper", up, "--work", wk] if mode == "rw" else []
-    return [sys.executable, "-m", "mergefs", "mount", "--log", os.path.join(mnt + ".log"),
+    return [MERGEFS, "mount", "--log", os.path.join(mnt + ".log"),
             *rw, *layers, mnt]
 
 
-def one(system: str, mode: str, layers: list[str], base: str, rep: int) -> tuple[float, float]:
-    d = os.path.join(base, f"{system}-{mode}-{rep}")
+def before_script(base: str, tree: str) -> str:
+    """A ``mergefs`` script like the console script, importing mergefs from ``tree``."""
+    path = os.path.join(base, "mergefs-before")
+    with open(path, "w") as f:
+        f.write(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {tree!r})\n"
+                "from mergefs.cli import main\nsys.exit(main())\n")
+    os.chmod(path, 0o755)
+    return path
+
+
+def server_cpu(mnt: str) -> float:
+    """CPU seconds used so far by the process serving ``mnt`` (its command line
+    names the mount point: the forked server keeps the mount command's), 0 if none."""
+    key = os.fsencode(mnt)
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if key not in f.read():
+                    continue
+            with open(f"/proc/{pid}/schedstat") as f:
+                return int(f.read().split()[0]) / 1e9
+        except OSError:
+            continue
+    return 0.0
+
+
+def one(system: str, mode: str, layers: list[str], base: str, rep: int) -> tuple[float, ...]:
+    d = os.path.join(base, f"{system.replace(' ', '')}-{mode}-{rep}")
     mnt, up, wk = (os.path.join(d, n) for n in ("mnt", "up", "wk"))
     for p in (mnt, up, wk):
         os.makedirs(p)
-    argv = mount_argv(system, mode, layers, mnt, up, wk)
+    argv = mount_argv(system.removesuffix(" before"), mode, layers, mnt, up, wk)
+    if system.endswith(" before"):
+        argv[0] = os.path.join(base, "mergefs-before")
     t0 = time.perf_counter()
-    subprocess.run(argv, check=True, cwd=ROOT)
+    proc = subprocess.Popen(argv, cwd=ROOT)
+    _, status, usage = os.wait4(proc.pid, 0)
     t1 = time.perf_counter()
+    assert status == 0, f"{argv} exited with {status}"
     names = os.listdir(mnt)
     t2 = time.perf_counter()
+    cpu = server_cpu(mnt) if system.startswith("mergefs") else 0.0
     try:
         assert "etc" in names, names
     finally:
         subprocess.run(["umount", mnt], check=True)
-    return t1 - t0, t2 - t0
+    return t1 - t0, t2 - t0, usage.ru_utime + usage.ru_stime, cpu
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--before", metavar="TREE",
+                    help="also run mergefs from this source tree (e.g. a worktree of an older "
+                    "commit), interleaved, with this environment's dependencies")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench_mount: run as root (kernel overlayfs)", file=sys.stderr)
         return 2
     # what an installed package has (pip compiles it; this environment may set
     # PYTHONDONTWRITEBYTECODE, which would compile mergefs on every run)
-    subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(ROOT, "mergefs")],
-                   check=True, stdout=subprocess.DEVNULL)
+    for tree in filter(None, (ROOT, args.before)):
+        subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(tree, "mergefs")],
+                       check=True, stdout=subprocess.DEVNULL)
+    systems = SYSTEMS + (("mergefs before", "mergefs -o before") if args.before else ())
     base = tempfile.mkdtemp(prefix="bench-mount-")
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", base], check=True)
     try:
         layers = make_layers(base)
+        if args.before:
+            before_script(base, os.path.abspath(args.before))
         load0 = os.getloadavg()
-        res: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        res: dict[tuple[str, str], list[tuple[float, ...]]] = {}
         start: list[float] = []
         for rep in range(args.reps):
             t = time.perf_counter()
             subprocess.run([sys.executable, "-c", "pass"], check=True)
             start.append(time.perf_counter() - t)
-            for system in SYSTEMS:
+            for system in systems:
                 for mode in MODES:
                     res.setdefault((system, mode), []).append(one(system, mode, layers, base, rep))
         load1 = os.getloadavg()
@@ -102,11 +145,15 @@ def main() -> int:
                                    sorted(xs)[min(len(xs) - 1, int(len(xs) * 0.9))])
         print(f"load average {load0[0]:.2f} before, {load1[0]:.2f} after; {args.reps} reps")
         print(f"python -c pass: p50 {ms(start, 50):.0f} ms, p90 {ms(start, 90):.0f} ms")
-        print(f"{'system':16} {'mode':4} {'return p50':>10} {'p90':>6} {'live p50':>9} {'p90':>6}")
+        print("CPU: of the mount command, and of mergefs's server until its first answer "
+              "(p50; load-independent where wall times are not)")
+        print(f"{'system':18} {'mode':4} {'return p50':>10} {'p90':>6} {'live p50':>9} {'p90':>6}"
+              f" {'cmd cpu':>8} {'srv cpu':>8}")
         for (system, mode), xs in res.items():
             ret, live = [x[0] for x in xs], [x[1] for x in xs]
-            print(f"{system:16} {mode:4} {ms(ret, 50):10.0f} {ms(ret, 90):6.0f} "
-                  f"{ms(live, 50):9.0f} {ms(live, 90):6.0f}")
+            cmd, srv = [x[2] for x in xs], [x[3] for x in xs]
+            print(f"{system:18} {mode:4} {ms(ret, 50):10.0f} {ms(ret, 90):6.0f} "
+                  f"{ms(live, 50):9.0f} {ms(live, 90):6.0f} {ms(cmd, 50):8.0f} {ms(srv, 50):8.0f}")
     finally:
         subprocess.run(["umount", "-l", base])
         shutil.rmtree(base, ignore_errors=True)

@@ -104,6 +104,7 @@ def install() -> str:
     pkg = os.path.dirname(pyfuse3.__file__)
     marker = os.path.join(pkg, server.INODE_FH_MARKER)
     if server.pyfuse3_passes_inode():
+        _note_identity(marker, pyfuse3.__file__)
         return f"{pkg}: already the inode-fh build"
     with tempfile.TemporaryDirectory() as tmp:
         built = os.path.join(build(tmp), "pyfuse3")
@@ -115,7 +116,20 @@ def install() -> str:
                 shutil.copy2(os.path.join(built, name), os.path.join(pkg, name + ".new"))
                 os.replace(os.path.join(pkg, name + ".new"), os.path.join(pkg, name))
         shutil.copy2(os.path.join(built, server.INODE_FH_MARKER), marker)
+    _note_identity(marker, pyfuse3.__file__)
     return f"{pkg}: installed the inode-fh build"
+
+
+def _note_identity(marker: str, so: str) -> None:
+    """Add ``file DEV:INO:SIZE:MTIME:CTIME`` of the checked module before the
+    digest line, so servers need not hash it again while it is unchanged."""
+    lines = [ln for ln in open(marker).read().splitlines() if not ln.startswith("file ")]
+    if lines[-1].split() != ["sha256", server.module_digest(so)]:
+        return
+    text = "\n".join(lines[:-1] + [f"file {server.module_identity(so)}", lines[-1]]) + "\n"
+    with open(marker + ".new", "w") as f:
+        f.write(text)
+    os.replace(marker + ".new", marker)
 
 
 def main() -> int:

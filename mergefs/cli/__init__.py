@@ -9,7 +9,7 @@ exit code or raise; none calls ``sys.exit``.
 """
 from __future__ import annotations
 
-import argparse
+import os
 import sys
 
 from ..errors import ExitCode, UsageError, categorize, message
@@ -25,16 +25,19 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-class _VersionAction(argparse.Action):
+def _version_action():
     """``--version``, with importlib.metadata (~40 ms) imported only when asked."""
+    import argparse
 
-    def __init__(self, option_strings, dest=argparse.SUPPRESS, **kw):
-        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
-                         help="show program's version number and exit", **kw)
+    class VersionAction(argparse.Action):
+        def __init__(self, option_strings, dest=argparse.SUPPRESS, **kw):
+            super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                             help="show program's version number and exit", **kw)
 
-    def __call__(self, parser, namespace, values, option_string=None):
-        print(f"{parser.prog} {_version()}")
-        parser.exit()
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(f"{parser.prog} {_version()}")
+            parser.exit()
+    return VersionAction
 
 
 # verbs whose module is known without importing every verb module: ``mergefs mount``
@@ -49,12 +52,13 @@ def _verb_modules(argv: list[str] | None) -> tuple[str, ...]:
     return VERB_MODULES
 
 
-def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None):
+    import argparse
     parser = argparse.ArgumentParser(
         prog="mergefs", description="Merged container filesystem layers. Inputs are given "
         "bottom first. A layer directory is spelled as a path (/abs, ./rel, ../rel, dir:PATH); "
         "a store ref (name, id, id prefix) has no '/'; 'a/b' is refused (write ./a/b).")
-    parser.add_argument("--version", action=_VersionAction)
+    parser.add_argument("--version", action=_version_action())
     parser.add_argument("--root", help="store root (default $MERGEFS_ROOT, /var/lib/mergefs "
                         "as root, else $XDG_DATA_HOME/mergefs)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -76,17 +80,36 @@ def _exit_code(exc: BaseException) -> tuple[int, str]:
     return int(categorize(exc).exit_code), message(exc)
 
 
+def _serves_a_mount(args: list[str]) -> bool:
+    """``mount`` or a mount-helper argv (``-o lowerdir=...``), not in the foreground:
+    worth forking the server before anything else (a wrong guess costs an idle fork)."""
+    if {"--foreground", "-h", "--help"} & set(args):
+        return False
+    return args[:1] == ["mount"] or (args[:1] != [] and args[0] not in VERB_WORDS
+                                     and any("lowerdir=" in a for a in args))
+
+
+VERB_WORDS = {"umount", "serve", "views", "store", "registry"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    if argv is None and sys.argv[1:2] == ["mount"] and not {"--foreground", "-h", "--help"} \
-            & set(sys.argv):
+    mounting = argv is None and _serves_a_mount(sys.argv[1:])
+    if mounting:
         from ..union import prefork     # the server imports pyfuse3/trio meanwhile
         prefork.start_early()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return _main(argv)
+        code = _main(argv)
     finally:
         if "mergefs.union.prefork" in sys.modules:
             sys.modules["mergefs.union.prefork"].cancel()
+    if mounting:
+        # a mount command is done: skip tearing down the interpreter (~10 ms of
+        # the time podman waits for it); nothing it made needs a finaliser
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _main(argv: list[str]) -> int:

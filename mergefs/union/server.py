@@ -15,20 +15,13 @@ close the layer fds, in that order.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
-import hashlib
-import json
 import logging
 import os
 import re
-import select
 import signal
-import subprocess
 import sys
-import time
-from dataclasses import asdict
 
 from ..errors import MountError
 from ..mountspec import MountSpec
@@ -36,6 +29,9 @@ from ..mountspec import MountSpec
 # pyfuse3 and trio (imported, ~150-300 ms of the mount command's time) are
 # imported by the server process only: ``mergefs mount`` forks before it
 # imports them, so its own exit stays cheap and the mount goes live sooner.
+# The rest of what only some paths use (json, hashlib, subprocess, argparse)
+# is imported where used: the server must answer its first request soon
+# (tests/union/test_startup_imports.py guards the import set).
 
 log = logging.getLogger("mergefs.union")
 READY_TIMEOUT = 30.0
@@ -66,9 +62,10 @@ async def _run() -> None:
     import pyfuse3
     import trio
     async with trio.open_nursery() as nursery:
-        async def on_signal():
+        async def on_signal(task_status=trio.TASK_STATUS_IGNORED):
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
                                            signal.SIGUSR1) as sigs:
+                task_status.started()
                 async for sig in sigs:
                     if sig == signal.SIGUSR1:
                         log_requests()
@@ -76,8 +73,18 @@ async def _run() -> None:
                     log.info("signal received, stopping")
                     pyfuse3.terminate()
                     return
-        nursery.start_soon(on_signal)
-        await pyfuse3.main()
+        # Handlers installed before the first request is served: the request
+        # loop may keep trio busy for a while (below), and a SIGTERM meanwhile
+        # must stop the server, not kill it with the mount left behind.
+        await nursery.start(on_signal)
+        # One worker task: every handler runs to completion without awaiting, so
+        # more workers only add a second task that takes the read lock in turn
+        # (two trio scheduler passes and epoll waits per request instead of one);
+        # with one, the next request can be awaited in poll(2) (fuseloop).
+        from . import fuseloop
+        if not fuseloop.install():
+            log.info("pyfuse3's own request wait (no unique /dev/fuse fd found)")
+        await pyfuse3.main(min_tasks=1, max_tasks=1)
         nursery.cancel_scope.cancel()
 
 
@@ -85,8 +92,16 @@ INODE_FH_MARKER = "MERGEFS_INODE_FH"
 
 
 def module_digest(path: str) -> str:
+    import hashlib
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
+
+
+def module_identity(path: str) -> str:
+    """The file's inode, size, mtime and ctime: any rewrite or replacement
+    changes the ctime, which no one can set back."""
+    st = os.stat(path)
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
 def pyfuse3_passes_inode() -> bool:
@@ -95,23 +110,35 @@ def pyfuse3_passes_inode() -> bool:
     Such a build carries a marker file beside its module naming the module's
     sha256 (tools/bootstrap.sh installs it with tools/pyfuse3_inode_fh.py), so
     a stock module put back by pip under a stale marker is not mistaken for
-    it; stock pyfuse3 3.5.0 then keeps real opens. ``MERGEFS_NO_OPEN=0``
+    it; stock pyfuse3 3.5.0 then keeps real opens. The installer also notes
+    the module file's identity (``file DEV:INO:SIZE:MTIME:CTIME``): while
+    that still matches, the digest it checked stands and is not recomputed
+    (hashing loads OpenSSL, ~10 ms of a mount's start-up). ``MERGEFS_NO_OPEN=0``
     keeps real opens with either build (for comparisons and debugging).
     """
     if os.environ.get("MERGEFS_NO_OPEN") == "0":
         return False
     import pyfuse3
+    return marked_inode_fh(pyfuse3.__file__)
+
+
+def marked_inode_fh(module: str) -> bool:
+    """Does the marker beside ``module`` name it (identity, else digest)?"""
     try:
-        with open(os.path.join(os.path.dirname(pyfuse3.__file__), INODE_FH_MARKER)) as f:
+        with open(os.path.join(os.path.dirname(module), INODE_FH_MARKER)) as f:
             words = f.read().split()
     except FileNotFoundError:
         return False
-    return len(words) >= 2 and words[-2] == "sha256" and \
-        words[-1] == module_digest(pyfuse3.__file__)
+    if len(words) < 2 or words[-2] != "sha256":
+        return False
+    if "file" in words[:-3] and words[words.index("file") + 1] == module_identity(module):
+        return True
+    return words[-1] == module_digest(module)
 
 
 def log_requests() -> None:
     """One log line ``requests {json}`` with the counts since the last one (SIGUSR1)."""
+    import json
     from .errors import REQUESTS
     log.info("requests %s", json.dumps(dict(REQUESTS), sort_keys=True))
     REQUESTS.clear()
@@ -174,14 +201,26 @@ def start(spec: MountSpec, mountpoint: str, fmt: str = "auto", log_path: str | N
     if not os.path.isdir(mountpoint):
         raise MountError(f"mount point {mountpoint!r} is not a directory")
     log_path = log_path or default_log_path(mountpoint)
-    if os.geteuid() == 0 and _can_fork() and premountable(spec):
-        return _start_premounted(spec, mountpoint, fmt, log_path)
-    r, w = os.pipe()
+    from . import prefork
+    pre = prefork.take()            # a server forked early by the CLI, if any
     try:
-        pid = _fork_server(spec, mountpoint, fmt, log_path, w, r) if _can_fork() else \
-            _spawn_server(spec, mountpoint, fmt, log_path, w)
+        if os.geteuid() == 0 and _can_fork() and premountable(spec):
+            pid = _start_premounted(spec, mountpoint, fmt, log_path, pre)
+            if pid is not None:
+                return pid
+        if pre is not None:         # it mounts through libfuse and reports
+            r = pre.take_reply()
+            pid = pre.hand_over(spec, mountpoint, fmt, log_path, mounted=False)
+        else:
+            r, w = os.pipe()
+            try:
+                pid = _fork_server(spec, mountpoint, fmt, log_path, w, r) if _can_fork() else \
+                    _spawn_server(spec, mountpoint, fmt, log_path, w)
+            finally:
+                os.close(w)
     finally:
-        os.close(w)
+        if pre is not None:
+            pre.close()             # idempotent; without a hand-over the child exits
     try:
         msg = _read_ready(r, pid)
     finally:
@@ -228,33 +267,37 @@ def kernel_mount_args(spec: MountSpec, fd: int) -> tuple[int, str]:
     return flags, ",".join(data)
 
 
-def _start_premounted(spec: MountSpec, mountpoint: str, fmt: str, log_path: str) -> int:
+def _start_premounted(spec: MountSpec, mountpoint: str, fmt: str, log_path: str,
+                      pre=None) -> int | None:
+    """Mount here and let a server adopt the fd: ``pre`` (forked early by the
+    CLI) or a child forked now. None if the kernel refuses the mount (EPERM:
+    uid 0 of a user namespace that does not own its mount namespace); libfuse
+    then gets its chance (fusermount3)."""
     from .. import syscalls
-    from . import prefork
-    pre = prefork.take()            # a server forked early by the CLI, if any
     fd = -1
+    own_fd = pre is None or pre.fuse_fd < 0
     try:
+        view = build_view(spec, fmt)
+    except Exception as exc:
+        raise MountError(f"mounting {mountpoint} failed: {str(exc) or repr(exc)} "
+                         f"(log: {log_path})") from None
+    try:
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC) if own_fd else pre.fuse_fd
+        flags, data = kernel_mount_args(spec, fd)
         try:
-            view = build_view(spec, fmt)
-        except Exception as exc:
-            raise MountError(f"mounting {mountpoint} failed: {str(exc) or repr(exc)} "
-                             f"(log: {log_path})") from None
-        try:
-            fd = pre.fuse_fd if pre else os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
-            flags, data = kernel_mount_args(spec, fd)
-            try:
-                syscalls.mount("mergefs", mountpoint, flags, "fuse.mergefs", data)
-            except OSError as exc:
-                raise MountError(f"mounting {mountpoint} failed: {exc.strerror}") from None
-            if pre:
-                return pre.hand_over(spec, mountpoint, fmt, log_path)
-            return _fork_premounted(spec, view, mountpoint, fd, log_path)
-        finally:
-            view.close()            # the server has (or opens) its own
+            syscalls.mount("mergefs", mountpoint, flags, "fuse.mergefs", data)
+        except OSError as exc:
+            if exc.errno == errno.EPERM:
+                return None
+            raise MountError(f"mounting {mountpoint} failed: {exc.strerror}") from None
+        if not own_fd:
+            return pre.hand_over(spec, mountpoint, fmt, log_path)
+        if pre is not None:         # it cannot serve this fd: let it go
+            pre.close()
+        return _fork_premounted(spec, view, mountpoint, fd, log_path)
     finally:
-        if pre:
-            pre.close()             # idempotent; without a hand-over the child exits
-        elif fd >= 0:
+        view.close()                # the server has (or opens) its own
+        if own_fd and fd >= 0:
             os.close(fd)
 
 
@@ -359,13 +402,23 @@ def _can_fork() -> bool:
 def _fork_server(spec, mountpoint, fmt, log_path, ready_fd, parent_end) -> int:
     def body() -> int:
         os.close(parent_end)
-        os.setsid()
-        _detach_stdio(log_path)
-        return _serve_detached(spec, mountpoint, fmt, ready_fd)
+        return serve_reporting(spec, mountpoint, fmt, log_path, ready_fd)
     return _fork_child(body)
 
 
+def serve_reporting(spec: MountSpec, mountpoint: str, fmt: str, log_path: str,
+                    ready_fd: int) -> int:
+    """Body of a forked server that mounts through libfuse: detach, log to
+    ``log_path``, report "ok" or the error on ``ready_fd``, serve."""
+    os.setsid()
+    _detach_stdio(log_path)
+    return _serve_detached(spec, mountpoint, fmt, ready_fd)
+
+
 def _spawn_server(spec, mountpoint, fmt, log_path, ready_fd) -> int:
+    import json
+    import subprocess
+    from dataclasses import asdict
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen(
             [sys.executable, "-m", "mergefs.union.server", "--ready-fd", str(ready_fd),
@@ -404,6 +457,8 @@ def _serve_detached(spec: MountSpec, mountpoint: str, fmt: str, ready_fd: int) -
 
 
 def _read_ready(fd: int, pid: int) -> bytes:
+    import select
+    import time
     deadline = time.monotonic() + READY_TIMEOUT
     data = b""
     while time.monotonic() < deadline:
@@ -475,6 +530,7 @@ def clean_stale(mountpoint: str) -> bool:
 
 def _detach(mountpoint: str) -> None:
     """Lazy unmount; kick the aborted connection first so nothing waits on it."""
+    import subprocess
     info = mount_at(mountpoint)
     if info is not None:
         minor = info["dev"].split(":")[1]
@@ -498,6 +554,7 @@ def unmount(mountpoint: str) -> None:
     if info["fstype"] != FSTYPE:
         raise MountError(f"{mountpoint} is not a mergefs mount (it is {info['fstype']}); "
                          "not unmounting it")
+    import subprocess
     r = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
     if r.returncode == 0 or not is_mounted(mountpoint):
         return
@@ -512,6 +569,8 @@ def is_mounted(mountpoint: str) -> bool:
 
 
 def _child_main(argv: list[str]) -> int:
+    import argparse
+    import json
     p = argparse.ArgumentParser(prog="mergefs-server")
     p.add_argument("--ready-fd", type=int, required=True)
     p.add_argument("--format", default="auto")

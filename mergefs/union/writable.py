@@ -154,7 +154,10 @@ class WritableView(UnionView):
 
     def _placed(self, parent: Inode, name: bytes, tmp: bytes) -> Inode:
         """Publish a staged new entry at parent/name and hand out its inode."""
-        st = self.upper.publish(tmp, join(parent.path, name))
+        return self._new_inode(parent, name, self.upper.publish(tmp, join(parent.path, name)))
+
+    def _new_inode(self, parent: Inode, name: bytes, st: os.stat_result) -> Inode:
+        """The inode of a new upper entry now at parent/name (lstat ``st``)."""
         self.inodes.fresh(self.up, st.st_ino)
         node = Node(stat.S_IFMT(st.st_mode), (self.up,), (st.st_ino,))
         self._set_child(parent, name, node)
@@ -171,36 +174,49 @@ class WritableView(UnionView):
         gid = pst.st_gid if pst.st_mode & stat.S_ISGID else ctx.gid
         return gid, self.upper.is_whiteout(join(parent.path, name))
 
-    # -- creating ---------------------------------------------------------
-    def create(self, parent: Inode, name: bytes, mode: int, flags: int, ctx):
-        gid, _ = self._prepare_new(parent, name, ctx)
-        tmp, fd = self.upper.new_entry(REG, mode, ctx.uid, gid)
+    def _make(self, parent: Inode, name: bytes, kind: int, mode: int, ctx, rdev: int = 0,
+              target: bytes = b"") -> tuple[Inode, int]:
+        """A new entry at parent/name: made in place where it hides nothing (a name
+        the view does not show and the upper holds no whiteout for), else staged in
+        the work dir and renamed over the whiteout (a directory then opaque)."""
+        gid, hidden = self._prepare_new(parent, name, ctx)
+        if kind == DIR:
+            mode |= self.attr(parent).st_mode & stat.S_ISGID
+        if not hidden:
+            st, fd = self.upper.make_in_place(join(parent.path, name), kind, mode, ctx.uid, gid,
+                                              rdev, target)
+            try:
+                return self._new_inode(parent, name, st), fd
+            except BaseException:
+                if fd >= 0:
+                    os.close(fd)
+                raise
+        tmp, fd = self.upper.new_entry(kind, mode, ctx.uid, gid, rdev, target,
+                                       opaque=kind == DIR)
         try:
             return self._placed(parent, name, tmp), fd
         except BaseException:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
             raise
 
+    # -- creating ---------------------------------------------------------
+    def create(self, parent: Inode, name: bytes, mode: int, flags: int, ctx):
+        return self._make(parent, name, REG, mode, ctx)
+
     def mkdir(self, parent: Inode, name: bytes, mode: int, ctx) -> Inode:
-        gid, hidden = self._prepare_new(parent, name, ctx)
-        pst = self.attr(parent)
-        mode |= pst.st_mode & stat.S_ISGID
-        tmp, _ = self.upper.new_entry(DIR, mode, ctx.uid, gid, opaque=hidden)
-        return self._placed(parent, name, tmp)
+        return self._make(parent, name, DIR, mode, ctx)[0]
 
     def mknod(self, parent: Inode, name: bytes, mode: int, rdev: int, ctx) -> Inode:
         if stat.S_ISCHR(mode) and rdev == 0:
             raise _err(errno.EPERM)    # a whiteout is format, never content (as overlayfs)
-        gid, _ = self._prepare_new(parent, name, ctx)
-        tmp, fd = self.upper.new_entry(stat.S_IFMT(mode), mode, ctx.uid, gid, rdev)
+        inode, fd = self._make(parent, name, stat.S_IFMT(mode), mode, ctx, rdev)
         if fd >= 0:
             os.close(fd)
-        return self._placed(parent, name, tmp)
+        return inode
 
     def symlink(self, parent: Inode, name: bytes, target: bytes, ctx) -> Inode:
-        gid, _ = self._prepare_new(parent, name, ctx)
-        tmp, _ = self.upper.new_entry(LNK, 0o777, ctx.uid, gid, target=target)
-        return self._placed(parent, name, tmp)
+        return self._make(parent, name, LNK, 0o777, ctx, target=target)[0]
 
     def link(self, inode: Inode, parent: Inode, name: bytes) -> Inode:
         if inode.is_dir:
@@ -248,7 +264,9 @@ class WritableView(UnionView):
         if fields.update_mode and inode.kind != LNK:
             syscalls.chmod(name, stat.S_IMODE(attr.st_mode), pfd)
         if fields.update_atime or fields.update_mtime:
-            cur = syscalls.lstat(name, pfd)
+            # the time not asked for is kept (an lstat only then: futimens sets both)
+            cur = None if fields.update_atime and fields.update_mtime else \
+                syscalls.lstat(name, pfd)
             syscalls.utime_ns(name, attr.st_atime_ns if fields.update_atime else cur.st_atime_ns,
                               attr.st_mtime_ns if fields.update_mtime else cur.st_mtime_ns, pfd)
 

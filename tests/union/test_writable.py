@@ -397,15 +397,40 @@ async def test_failed_copy_up_leaves_nothing(tmp_path, rw, monkeypatch):
 
 
 async def test_failed_publish_leaves_nothing(tmp_path, rw, monkeypatch):
+    """A new name over a whiteout is staged in the work dir: a failed rename
+    leaves the upper and the work dir as they were."""
     from mergefs import syscalls
     drv = rw([LayerSpec().file("f", b"1")])
+    await drv.ops.unlink(1, b"f", drv.ctx)
+    before = sorted(os.listdir(tmp_path / "upper"))
 
     def refuse(*args):
         raise OSError(errno.EIO, "Input/output error")
     monkeypatch.setattr(syscalls, "renameat2", refuse)
+    monkeypatch.setattr(os, "rename", refuse)
     with pytest.raises(FUSEError) as e:
-        await drv.ops.create(1, b"new", 0o644, os.O_WRONLY, drv.ctx)
+        await drv.ops.create(1, b"f", 0o644, os.O_WRONLY, drv.ctx)
     assert e.value.errno == errno.EIO
+    assert os.listdir(tmp_path / "work") == [] and sorted(os.listdir(tmp_path / "upper")) == before
+    assert [n for n, *_ in await drv.readdir(1)] == []
+    await drv.finish()
+
+
+async def test_failed_create_in_place_leaves_nothing(tmp_path, rw, monkeypatch):
+    """A new name that hides nothing is made in place: if its chown fails, the
+    entry is removed again and the view is unchanged."""
+    drv = rw([LayerSpec().file("f", b"1")])
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+    monkeypatch.setattr(os, "fchown", refuse)
+    monkeypatch.setattr(os, "chown", refuse)
+    for make in (lambda: drv.ops.create(1, b"new", 0o644, os.O_WRONLY, drv.ctx),
+                 lambda: drv.ops.mkdir(1, b"newdir", 0o755, drv.ctx),
+                 lambda: drv.ops.symlink(1, b"newlink", b"f", drv.ctx)):
+        with pytest.raises(FUSEError) as e:
+            await make()
+        assert e.value.errno == errno.EDQUOT
     assert os.listdir(tmp_path / "work") == [] and os.listdir(tmp_path / "upper") == []
     assert [n for n, *_ in await drv.readdir(1)] == [b"f"]
     await drv.finish()

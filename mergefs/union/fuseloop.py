@@ -1,0 +1,65 @@
+"""A cheaper wait for the next FUSE request than pyfuse3's (one worker task).
+
+pyfuse3's worker loop awaits ``_wait_fuse_readable()`` before each request:
+it takes a trio lock and parks the task in ``trio.lowlevel.wait_readable``,
+so every request costs trio scheduler passes, an ``epoll_ctl`` and two
+``epoll_wait`` calls -- in this server, more CPU than the handler itself
+(issue 10: ~100 us a request against fuse-overlayfs's ~10 us).
+
+``install()`` replaces that function (pyfuse3's loop looks it up by name in
+its module on every call) with one that first waits in a plain ``poll(2)`` on
+the /dev/fuse fd, without giving control to trio. Nothing else in the server
+needs trio while a request stream flows: every handler runs to completion
+without awaiting. Trio gets control back when the fd stays quiet for
+``POLL_MS`` (the server is idle: it then sleeps in trio's epoll, where a
+signal wakes it) and every ``YIELD_EVERY`` requests (so SIGTERM is handled
+under a steady stream too). Only valid with one worker task
+(``pyfuse3.main(max_tasks=1)``): the read lock it skips is what keeps
+several workers from reading the fd at once.
+"""
+from __future__ import annotations
+
+import os
+import select
+
+POLL_MS = 50
+YIELD_EVERY = 64
+
+
+def fuse_fd() -> int | None:
+    """The one /dev/fuse fd of this process (pyfuse3 keeps its own copy private)."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
+                found.append(int(name))
+        except OSError:
+            continue
+    return found[0] if len(found) == 1 else None
+
+
+def install() -> bool:
+    """Use the poll-first wait in pyfuse3's loop; False (pyfuse3's own wait
+    kept) when this pyfuse3 has no such function or the fd is not unique."""
+    import pyfuse3
+    import trio
+    fd = fuse_fd()
+    if fd is None or not callable(getattr(pyfuse3, "_wait_fuse_readable", None)):
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    served = 0
+
+    async def wait_fuse_readable() -> bool:
+        nonlocal served
+        served += 1
+        if served % YIELD_EVERY and poller.poll(POLL_MS):
+            return True
+        try:
+            await trio.lowlevel.wait_readable(fd)
+        except trio.ClosedResourceError:      # pyfuse3.terminate() closed it
+            return False
+        return True
+
+    pyfuse3._wait_fuse_readable = wait_fuse_readable
+    return True

@@ -1,0 +1,153 @@
+"""Mount start-up: what the server imports before it can answer, and the paths
+the preforked server takes (mergefs.union.prefork)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mergefs.testing.builders import LayerSpec, materialise_stack
+from mergefs.union import server
+
+needs_root_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0,
+                                     reason="needs /dev/fuse and root")
+
+# modules that a FUSE server never uses and that cost start-up time: TLS, OpenSSL
+# hashes, JSON, argument parsing, the store's database, archives
+NOT_EXECUTED = ("ssl", "_ssl", "hmac", "hashlib", "_hashlib", "idna", "json", "argparse",
+                "sqlite3", "tarfile", "logging.handlers", "mergefs.cli.cmd_mount",
+                "snapshotter")
+
+PROBE = """
+import sys
+import mergefs.cli
+from mergefs.union import prefork
+prefork.import_server()
+import pyfuse3, trio
+print(" ".join(n for n in sys.modules
+               if type(sys.modules[n]) is not prefork._Deferred and n in sys.argv[1:]))
+"""
+
+
+def _run(code: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_server_import_set_is_trimmed():
+    r = _run(PROBE, *NOT_EXECUTED)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == []
+
+
+def test_deferred_modules_work_when_used():
+    """A deferred module runs its code on first use and is then the real module."""
+    r = _run("""
+from mergefs.union import prefork
+prefork.import_server()
+import ssl, hmac, idna, trio, trio.testing, sys
+assert type(sys.modules["ssl"]) is prefork._Deferred
+ctx = ssl.create_default_context()
+assert isinstance(ctx, ssl.SSLContext) and type(sys.modules["ssl"]) is type(sys)
+from hmac import compare_digest
+assert compare_digest(b"a", b"a") and hmac.new(b"k", b"m", "sha256").hexdigest()
+assert idna.encode("b\\u00fccher.de") == b"xn--bcher-kva.de"
+assert trio.SSLStream(trio.testing.MemorySendStream(), ctx, server_hostname="x")
+print("ok")
+""")
+    assert (r.returncode, r.stdout) == (0, "ok\n"), r.stderr
+
+
+def test_inode_fh_marker_identity_stands_for_the_digest(tmp_path):
+    """The marker's ``file`` line (written by the installer) spares the hash
+    while the module file is unchanged; any rewrite falls back to the digest."""
+    so = tmp_path / "mod.so"
+    so.write_bytes(b"built module")
+    marker = tmp_path / server.INODE_FH_MARKER
+    digest = server.module_digest(str(so))
+    marker.write_text(f"v2\nsha256 {digest}\n")
+    assert server.marked_inode_fh(str(so))
+    marker.write_text(f"v2\nfile {server.module_identity(str(so))}\nsha256 {'0' * 64}\n")
+    assert server.marked_inode_fh(str(so))            # identity matches: digest not recomputed
+    so.write_bytes(b"stock module")                   # pip put another build back
+    assert not server.marked_inode_fh(str(so))
+    marker.write_text(f"v2\nfile 1:2:3:4:5\nsha256 {server.module_digest(str(so))}\n")
+    assert server.marked_inode_fh(str(so))            # stale identity: the digest decides
+    marker.write_text("v2\n")
+    assert not server.marked_inode_fh(str(so))
+
+
+def _mergefs(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mergefs", *args], capture_output=True,
+                          text=True, timeout=60, **kw)
+
+
+def _servers_of(mnt: Path) -> list[int]:
+    key = os.fsencode(str(mnt))
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            state = Path(f"/proc/{pid}/stat").read_bytes().rpartition(b")")[2].split()[0]
+        except OSError:
+            continue
+        if key in cmd and state != b"Z" and int(pid) != os.getpid():
+            pids.append(int(pid))
+    return pids
+
+
+def _gone(mnt: Path) -> bool:
+    deadline = time.monotonic() + 15
+    while _servers_of(mnt) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not _servers_of(mnt)
+
+
+@pytest.fixture
+def mnt(tmp_path):
+    m = tmp_path / "mnt"
+    m.mkdir()
+    yield m
+    if server.is_mounted(str(m)):
+        subprocess.run(["umount", "-l", str(m)], capture_output=True)
+
+
+@needs_root_fuse
+@pytest.mark.timeout(120)
+def test_options_the_kernel_mount_cannot_take_go_through_libfuse(tmp_path, mnt):
+    """``dirsync`` is not one of the options the CLI's own mount(2) takes: the
+    preforked server then mounts through libfuse and reports back; the mount
+    works, writable, and carries the option."""
+    layers = materialise_stack([LayerSpec().file("etc/a", b"a")], tmp_path / "l")
+    up, wk = tmp_path / "up", tmp_path / "wk"
+    up.mkdir()
+    wk.mkdir()
+    r = _mergefs("-o", f"lowerdir={layers[0]},upperdir={up},workdir={wk},dirsync", str(mnt))
+    assert r.returncode == 0, r.stderr
+    assert (mnt / "etc/a").read_bytes() == b"a"
+    (mnt / "etc/b").write_bytes(b"b")
+    assert (up / "etc/b").read_bytes() == b"b"
+    opts = next(ln.split()[3] for ln in open("/proc/self/mounts") if ln.split()[1] == str(mnt))
+    assert "dirsync" in opts.split(",")
+    assert subprocess.run(["umount", str(mnt)]).returncode == 0
+    assert _gone(mnt)
+
+
+@needs_root_fuse
+@pytest.mark.timeout(120)
+def test_eperm_from_mount_in_a_user_namespace_is_a_clear_error(tmp_path, mnt):
+    """uid 0 of a user namespace without its own mount namespace: the CLI's
+    mount(2) gets EPERM, the preforked server tries libfuse (as fuse-overlayfs
+    does), which fails too; one line, exit 1, no server left behind."""
+    layers = materialise_stack([LayerSpec().file("a", b"a")], tmp_path / "l")
+    r = subprocess.run(["unshare", "--user", "--map-root-user", sys.executable, "-m", "mergefs",
+                        "-o", f"lowerdir={layers[0]}", str(mnt)], capture_output=True,
+                       text=True, timeout=60, env=dict(os.environ, XDG_RUNTIME_DIR=str(tmp_path)))
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.startswith("mergefs: error: mounting ") and r.stderr.count("\n") == 1
+    assert not server.is_mounted(str(mnt))
+    assert _gone(mnt)
