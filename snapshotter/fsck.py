@@ -15,11 +15,12 @@ Findings, each with a severity:
   rows whose directory is missing; directories without a row and
   without a usable journal; pinned parents that do not exist; layers whose
   content no longer matches their digest; a kept layer blob whose size is
-  not the recorded one (repair forgets it); names or refs that a snapshot's
-  ``holders.json`` lists and the metadata lost (repair restores them); a
-  damaged ``meta.db`` (``fsck_store``: repair keeps it aside as
-  ``meta.db.damaged-<time>`` and rebuilds the metadata from the snapshot
-  directories' ``meta.json`` and ``holders.json``).
+  not the recorded one (repair forgets it); an image config that a
+  snapshot's ``holders.json`` does not record (repair records it); names or
+  refs that a snapshot's ``holders.json`` lists and the metadata lost
+  (repair restores them); a damaged ``meta.db`` (``fsck_store``: repair
+  keeps it aside as ``meta.db.damaged-<time>`` and rebuilds the metadata
+  from the snapshot directories' ``meta.json`` and ``holders.json``).
 
 Nothing is deleted without ``--repair``, and repair never deletes a layer
 whose content changed: it marks it ``corrupt`` (kept for inspection, never
@@ -65,6 +66,7 @@ def fsck(store: Store, repair: bool = False, verify_content: bool = True) -> lis
     if verify_content:
         out += _content(store, repair)
     out += _unmarked(store, repair)
+    out += _unrecorded_configs(store, repair)
     return out
 
 
@@ -272,6 +274,27 @@ def _lost_holders(store: Store, repair: bool) -> list[Finding]:
             with meta.write(store.db):
                 store.restore_holders(row.id)
             f.repaired = "restored from holders.json"
+        out.append(f)
+    return out
+
+
+def _unrecorded_configs(store: Store, repair: bool) -> list[Finding]:
+    """Image configs that ``holders.json`` does not record (stores made before it did).
+
+    Repair rewrites the record: a rebuilt ``meta.db`` would otherwise lose them.
+    """
+    out = []
+    for row in meta.all_rows(store.db):
+        configs = meta.image_configs_of(store.db, row.id)
+        recorded = (store.recorded_holders(row.id) or {}).get("image_configs") or {}
+        missing = sorted(set(configs) - set(recorded))
+        if not missing:
+            continue
+        f = Finding("error", "unrecorded-image-config", row.id, "holders.json lacks the image "
+                    f"config of {', '.join(missing)} (a rebuilt meta.db would lose it)")
+        if repair:
+            store.record_holders(row.id)
+            f.repaired = "recorded in holders.json"
         out.append(f)
     return out
 

@@ -362,6 +362,11 @@ class Store:
             tmp.write_text(json.dumps(meta.holders_of(db, sid)))
             os.rename(tmp, d / HOLDERS)
 
+    def record_holders(self, snapshot_id: str) -> None:
+        """Rewrite ``holders.json`` of ``snapshot_id`` from the metadata now."""
+        with meta.write(self.db):
+            self._write_holders(self.db, [snapshot_id])
+
     def recorded_holders(self, snapshot_id: str) -> dict | None:
         """The ``holders.json`` beside a snapshot, or None (none written, or unreadable)."""
         try:

@@ -89,3 +89,24 @@ def test_lost_meta_db_keeps_the_config_through_fsck_repair(cli, layers, tmp_path
     assert "GREETING=kept" in process["env"] and process["user"]["uid"] == 65534
     with Snapshotter(cli.root) as sn:
         assert sn.image_config("app")["config"]["Env"] == ["GREETING=kept"]
+
+
+def test_fsck_records_a_config_holders_json_lacks(cli, layers, tmp_path):
+    """A store made before holders.json recorded image configs: fsck says so, repair
+    records them, and a rebuilt meta.db then keeps them."""
+    image = umoci_image(tmp_path / "img", layers, "app", "old")
+    cli.run("import", image, "--name", "app")
+    with Snapshotter(cli.root) as sn:
+        sid = sn.store.resolve("app").id
+        record = sn.store.dir_of(sid) / "holders.json"
+    data = json.loads(record.read_text())
+    assert set(data.pop("image_configs")) == {"app", sid}
+    record.write_text(json.dumps(data))             # what such a store has on disk
+    p = cli.run("fsck", check=False)
+    assert p.returncode == 1 and "unrecorded-image-config" in p.stdout
+    assert "recorded in holders.json" in cli.out("fsck", "--repair")
+    assert cli.run("fsck").returncode == 0
+    (cli.root / "meta.db").write_bytes(b"this is not a database\n" * 500)
+    cli.run("fsck", "--repair")
+    with Snapshotter(cli.root) as sn:
+        assert sn.image_config("app")["config"]["Env"] == ["GREETING=old"]
