@@ -81,6 +81,48 @@ def test_inode_fh_marker_identity_stands_for_the_digest(tmp_path):
     assert not server.marked_inode_fh(str(so))
 
 
+def _inode_fh_tool():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+    try:
+        import pyfuse3_inode_fh
+    finally:
+        sys.path.pop(0)
+    return pyfuse3_inode_fh
+
+
+def test_inode_fh_build_reads_no_metadata_at_import():
+    """The built pyfuse3 (tools/bootstrap.sh) has its version baked in: importing
+    it loads neither importlib.metadata nor the email parser it pulls in."""
+    import importlib.metadata
+    import pyfuse3
+    tool = _inode_fh_tool()
+    marker = Path(pyfuse3.__file__).parent / server.INODE_FH_MARKER
+    if not marker.exists():
+        pytest.skip("stock pyfuse3: tools/bootstrap.sh could not build it (gcc, libfuse3-dev)")
+    assert marker.read_text().startswith(tool.PATCH_MARK), "an older build: rerun bootstrap"
+    r = _run("import sys, pyfuse3; print(pyfuse3.__version__, *sorted("
+             "n for n in sys.modules if n == 'email' or n.startswith('importlib.metadata')))")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [importlib.metadata.version("pyfuse3")]
+
+
+def test_version_baking_is_exact():
+    """The source patch takes only the lookup it knows and is idempotent."""
+    tool = _inode_fh_tool()
+    lookup, block = tool.VERSION_LOOKUP
+    stock = f"import errno\n{lookup}import typing\n\n{block}\nFlagT = int\n"
+    baked = tool.bake_version(stock, "3.5.0")
+    assert "importlib" not in baked and "__version__ = '3.5.0'\n" in baked
+    assert baked.startswith("import errno\nimport typing\n") and baked.endswith("FlagT = int\n")
+    assert tool.bake_version(baked, "3.5.0") == baked
+    namespace = {}
+    exec(baked, namespace)
+    assert namespace["__version__"] == "3.5.0"
+    for other in (stock.replace("'unknown'", "None"), stock.replace(lookup, ""), stock + block):
+        with pytest.raises(RuntimeError, match="expected way"):
+            tool.bake_version(other, "3.5.0")
+
+
 def _mergefs(*args, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mergefs", *args], capture_output=True,
                           text=True, timeout=60, **kw)
