@@ -49,14 +49,19 @@ def test_deferred_modules_work_when_used():
     r = _run("""
 from mergefs.union import prefork
 prefork.import_server()
-import ssl, hmac, idna, trio, trio.testing, sys
-assert type(sys.modules["ssl"]) is prefork._Deferred
+import ssl, hmac, idna, shutil, tempfile, trio, sys
+assert all(type(sys.modules[n]) is prefork._Deferred for n in prefork.DEFERRED)
+import trio.testing
 ctx = ssl.create_default_context()
 assert isinstance(ctx, ssl.SSLContext) and type(sys.modules["ssl"]) is type(sys)
 from hmac import compare_digest
 assert compare_digest(b"a", b"a") and hmac.new(b"k", b"m", "sha256").hexdigest()
 assert idna.encode("b\\u00fccher.de") == b"xn--bcher-kva.de"
 assert trio.SSLStream(trio.testing.MemorySendStream(), ctx, server_hostname="x")
+d = tempfile.mkdtemp()
+assert shutil.copy(sys.executable, d)
+shutil.rmtree(d)
+assert type(sys.modules["shutil"]) is type(sys.modules["tempfile"]) is type(sys)
 print("ok")
 """)
     assert (r.returncode, r.stdout) == (0, "ok\n"), r.stderr
