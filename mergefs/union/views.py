@@ -376,7 +376,7 @@ class ViewFS(pyfuse3.Operations):
                 live = inodes.live(number)
                 if live is not None and live.attr is not None and not live.unlinked:
                     st = live.attr
-                merged = node.kind == DIR and len(node.layers) > 1
+                merged = node.kind == DIR and view.uv.merged(parent, name, node)
                 attrs = entry_attributes(self._gid(view, number), st, merged,
                                          view.ops.timeouts)
                 if not pyfuse3.readdir_reply(token, name, attrs, i):
