@@ -53,7 +53,7 @@ from ..layer import DIR, is_overlay_private
 from ..resolver import join
 from ..mountspec import MountSpec
 from .errors import fuse_errors
-from .inodes import ROOT_INODE, Inode
+from .inodes import MAX_LAYER, ROOT_INODE, XINO_SHIFT, Inode
 from .lowercache import LowerCache
 from .ops import WRITE_FLAGS, entry_attributes, statfs_reply
 from .viewstate import Shared, View, copy_entry, detached, mounts_using
@@ -83,6 +83,7 @@ class ViewFS(pyfuse3.Operations):
         self.root_mtime_ns = time.time_ns()
         self._root_listings: dict[int, list[str]] = {}
         self._caches: dict[tuple, LowerCache] = {}         # per lower stack
+        self._dev_classes: dict[int, int | None] = {}      # st_dev -> high bits of shared gids
 
     # -- the control API (trio thread) ---------------------------------------
     def add_view(self, name: str, spec: MountSpec) -> str:
@@ -153,6 +154,22 @@ class ViewFS(pyfuse3.Operations):
         self._next_gid += 1
         return gid
 
+    def _lower_gid(self, key: tuple[int, int]) -> int:
+        """The gid of a shared lower file, derived from its ``(st_dev, st_ino)`` like
+        xino (U8): ``class(st_dev) << 54 | st_ino``, the same after a restart; the
+        class is ``st_dev mod 1023 + 1``, the next free one if another device has it.
+        Private gids come from the counter, below ``1 << 54``: never one of these."""
+        dev, ino = key
+        cls = self._dev_classes.get(dev)
+        if cls is None:
+            taken = set(self._dev_classes.values())
+            cls = next((c for i in range(MAX_LAYER + 1)
+                        if (c := (dev + i) % (MAX_LAYER + 1) + 1) not in taken), None)
+            self._dev_classes[dev] = cls
+        if cls is None or ino >> XINO_SHIFT or not ino:
+            return self._new_gid()
+        return cls << XINO_SHIFT | ino
+
     def _gid(self, view: View, number: int) -> int:
         """The private gid of a view's local inode (directories, changed entries)."""
         gid = view.private.get(number)
@@ -176,7 +193,7 @@ class ViewFS(pyfuse3.Operations):
         key = (st.st_dev, st.st_ino)
         gid = self._shared.get(key)
         if gid is None:
-            gid = self._shared[key] = self._new_gid()
+            gid = self._shared[key] = self._lower_gid(key)
             where = join(view.uv.layer_path(parent, node.top), name)    # its path in its layer
             self._targets[gid] = Shared(key, view, detached(where, node, st))
         sh = self._targets[gid]
