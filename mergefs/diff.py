@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 
 from . import syscalls
 from .attrs import Meta
-from .farm import Applier, FarmStats, staged_build
+from .farm import Applier, FarmStats, refuse_out_inside, staged_build
 from .layer import DIR, Layer, as_layers, content_xattrs
 from .plan import DirAttrs, Link, Mkdir, MergedDir, Record, Whiteout, plan_subtree
 from .resolver import join
@@ -64,57 +64,80 @@ def dir_meta_changed(a: Meta, b: Meta) -> bool:
     return (a.mode, a.uid, a.gid, a.mtime_ns, a.xattrs) != (b.mode, b.uid, b.gid, b.mtime_ns, b.xattrs)
 
 
-def _diff_dir(lo: MergedDir, up: MergedDir, pending: list[bytes]) -> Iterator[Record]:
-    """Records for the differences below one directory present (as a dir) on both sides.
+class _Frame:
+    """One directory present (as a dir) on both sides, being compared.
 
-    ``pending`` is this directory's own Mkdir, held back until the first record
-    under it (F3: unchanged parents of changed entries are emitted); the
-    caller emits its own pending ones before passing ours on. Closes ``lo``
-    and ``up``.
+    ``pending`` is its own Mkdir, held back until the first record under it
+    (F3: unchanged parents of changed entries are emitted, outermost first).
     """
+    __slots__ = ("lo", "up", "names", "pending", "emitted")
+
+    def __init__(self, lo: MergedDir, up: MergedDir, pending: list[bytes]):
+        self.lo, self.up, self.pending, self.emitted = lo, up, pending, False
+        self.names = iter(sorted(lo.children.keys() | up.children.keys()))
+
+    def close(self) -> None:
+        self.lo.close()
+        self.up.close()
+
+
+def _flush(frames: Sequence[_Frame]) -> Iterator[Record]:
+    """The held-back Mkdirs of ``frames`` (outermost first), before a record below them."""
+    for f in frames:
+        if not f.emitted:
+            yield from (Mkdir(p) for p in f.pending)
+            f.pending.clear()
+            f.emitted = True
+
+
+def _diff_tree(lo: MergedDir, up: MergedDir) -> Iterator[Record]:
+    """Records for the differences below two directories, depth first in name order.
+
+    Iterative (a layer may be thousands of directories deep): one frame per
+    level; open fds stay bounded by the layers (``release`` before descending).
+    Closes ``lo`` and ``up``.
+    """
+    stack = [_Frame(lo, up, [])]
     try:
-        emitted_here = False
-        for name in sorted(lo.children.keys() | up.children.keys()):
-            l, u = lo.children.get(name), up.children.get(name)
-            path = join(up.path, name)
+        while stack:
+            f = stack[-1]
+            name = next(f.names, None)
+            if name is None:
+                stack.pop()
+                try:
+                    meta = f.up.meta
+                    if f.emitted or dir_meta_changed(f.lo.meta, meta):
+                        yield from _flush(stack + [f])
+                        yield DirAttrs(f.up.path, meta)
+                finally:
+                    f.close()
+                continue
+            l, u = f.lo.children.get(name), f.up.children.get(name)
+            path = join(f.up.path, name)
             if l is not None and u is not None and l.kind == DIR and u.kind == DIR:
-                lo.release()         # keep open fds bounded by layers, not depth
-                up.release()
-                sub = _diff_dir(lo.child(name), up.child(name), [path])
-                for rec in sub:
-                    if not emitted_here:
-                        yield from (Mkdir(p) for p in pending)
-                        pending.clear()
-                        emitted_here = True
-                    yield rec
+                f.lo.release()         # keep open fds bounded by layers, not depth
+                f.up.release()
+                stack.append(_Frame(f.lo.child(name), f.up.child(name), [path]))
                 continue
             if u is None:
                 recs = [Whiteout(path)]
-            elif l is not None and u.kind != DIR and l.kind != DIR and not entry_changed(lo, up, name):
+            elif l is not None and u.kind != DIR and l.kind != DIR and \
+                    not entry_changed(f.lo, f.up, name):
                 continue
             elif u.kind == DIR:       # new dir, or a dir over a non-dir: starts fresh (M3)
                 recs = None
             else:                     # new or changed non-dir; over a dir it replaces the subtree (M2)
                 recs = [Link(path, u.top, u.kind, u.inos[0])]
-            if not emitted_here:
-                yield from (Mkdir(p) for p in pending)
-                pending.clear()
-                emitted_here = True
+            yield from _flush(stack)
             if recs is None:
-                up.release()
+                f.up.release()
                 yield Mkdir(path)
-                yield from plan_subtree(up.child(name))
+                yield from plan_subtree(f.up.child(name))
             else:
                 yield from recs
-        meta = up.meta
-        if emitted_here or dir_meta_changed(lo.meta, meta):
-            if not emitted_here:
-                yield from (Mkdir(p) for p in pending)
-                pending.clear()
-            yield DirAttrs(up.path, meta)
     finally:
-        lo.close()
-        up.close()
+        for f in stack:
+            f.close()
 
 
 def plan_diff(lower: Sequence[Layer], upper: Sequence[Layer]) -> Iterator[Record]:
@@ -122,7 +145,7 @@ def plan_diff(lower: Sequence[Layer], upper: Sequence[Layer]) -> Iterator[Record
     lo, up = MergedDir.root(lower), MergedDir.root(upper)
     root_meta = up.meta
     saw_root = False
-    for rec in _diff_dir(lo, up, []):
+    for rec in _diff_tree(lo, up):
         if type(rec) is DirAttrs and rec.path == b"":
             saw_root = True
         elif type(rec) is Mkdir and rec.path == b"":
@@ -141,6 +164,7 @@ def write_diff(lower: Sequence[Layer | str], upper: Sequence[Layer | str],
     """
     lower, upper = as_layers(lower), as_layers(upper)
     all_layers = lower + upper
+    refuse_out_inside(all_layers, out, "diff input")
     try:
         for layer in all_layers:
             layer.fd

@@ -138,9 +138,16 @@ def message(exc: BaseException) -> str:
     """One line for a user: the error's text, with the path an OSError names."""
     if isinstance(exc, OSError) and not isinstance(exc, MergefsError):
         name = exc.filename
-        where = f": {name if isinstance(name, str) else name.decode(errors='replace')}" \
+        where = f": {_short(name if isinstance(name, str) else name.decode(errors='replace'))}" \
             if isinstance(name, (str, bytes)) and name else ""
         return f"{exc.strerror or exc}{where}"
     if categorize(exc) is INTERNAL:
         return f"internal error: {exc!r}"
     return str(exc)
+
+
+def _short(path: str, keep: int = 100) -> str:
+    """A path for one line: a very long one (ENAMETOOLONG deep in a layer) keeps its ends."""
+    if len(path) <= 2 * keep + 40:
+        return path
+    return f"{path[:keep]}...{path[-keep:]} ({len(path)} characters)"

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 from . import syscalls
 from .layer import DIR, FORMAT_MARKS, OVERLAY_PREFIXES, XWHITEOUTS_XATTRS, Layer, read_layer_dir
@@ -59,13 +59,56 @@ def make_explicit(upper: str | os.PathLike, lowers: Sequence[Layer | str]) -> No
             res.close()
 
 
+class _Frame(NamedTuple):
+    """One directory being rewritten: its children still to visit, and what to do after."""
+    fd: int
+    own: bool               # opened here (closed on leaving); the root's fd is the caller's
+    path: bytes
+    st: os.stat_result      # its times before any change (kept: F2)
+    entries: Iterator
+    listing: dict           # the lowers' merged children here
+    fresh: bool
+    changed: bool
+
+
 class _Rewriter:
     def __init__(self, res: Resolver | None):
         self.res = res
 
     def dir(self, fd: int, path: bytes, below: Node | None, fresh: bool, root: bool = False) -> None:
-        """Rewrite the open directory ``fd`` at ``path``; ``below``: the lowers' merged
-        directory there (None: they hold none); ``fresh``: an ancestor was opaque."""
+        """Rewrite the open directory ``fd`` at ``path`` and everything below it, without
+        recursion (an upper may be thousands of directories deep): one frame per level."""
+        stack = [self._enter(fd, False, path, below, fresh, root)]
+        try:
+            while stack:
+                f = stack[-1]
+                item = next(f.entries, None)
+                if item is None:
+                    stack.pop()
+                    self._leave(f)
+                    continue
+                name, entry = item
+                if entry.kind != DIR:
+                    for attr in _private_xattrs(f.fd, name):
+                        syscalls.removexattr(f.fd, name, attr)
+                    continue
+                node = f.listing.get(name)
+                sub = syscalls.open_dir(name, f.fd)
+                try:
+                    stack.append(self._enter(sub, True, join(f.path, name),
+                                             node if node and node.kind == DIR else None, f.fresh))
+                except BaseException:
+                    os.close(sub)
+                    raise
+        finally:
+            for f in stack:
+                if f.own:
+                    os.close(f.fd)
+
+    def _enter(self, fd: int, own: bool, path: bytes, below: Node | None, fresh: bool,
+               root: bool = False) -> _Frame:
+        """The directory's own rewrite; ``below``: the lowers' merged directory there (None:
+        they hold none); ``fresh``: an ancestor was opaque."""
         st = os.fstat(fd)
         attrs = _private_xattrs(fd, b"")
         if any(a in XWHITEOUTS_XATTRS for a in attrs):
@@ -89,20 +132,17 @@ class _Rewriter:
         for attr in attrs:
             if not (root and attr in FORMAT_MARKS):
                 syscalls.removexattr(fd, b"", attr)
-        for name, entry in ld.entries.items():
-            if entry.kind == DIR:
-                node = listing.get(name)
-                sub = syscalls.open_dir(name, fd)
-                try:
-                    self.dir(sub, join(path, name), node if node and node.kind == DIR else None,
-                             fresh)
-                finally:
-                    os.close(sub)
-            else:
-                for attr in _private_xattrs(fd, name):
-                    syscalls.removexattr(fd, name, attr)
-        if changed:
-            syscalls.utime_ns(b"", st.st_atime_ns, st.st_mtime_ns, fd)
+        return _Frame(fd, own, path, st, iter(list(ld.entries.items())), listing, fresh, changed)
+
+    @staticmethod
+    def _leave(f: _Frame) -> None:
+        """After the children: the directory's times as they were (F2)."""
+        try:
+            if f.changed:
+                syscalls.utime_ns(b"", f.st.st_atime_ns, f.st.st_mtime_ns, f.fd)
+        finally:
+            if f.own:
+                os.close(f.fd)
 
 
 def _private_xattrs(fd: int, name: bytes) -> list[str]:

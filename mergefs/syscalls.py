@@ -99,6 +99,22 @@ def open_dir(name: bytes, dir_fd: int) -> int:
     return os.open(name, O_DIR, dir_fd=dir_fd)
 
 
+def open_dir_walk(root_fd: int, path: bytes) -> int:
+    """Open directory ``path`` below ``root_fd`` one component at a time (O_NOFOLLOW):
+    for paths too long for one ``openat`` (PATH_MAX), where ``open_beneath`` fails."""
+    fd = os.open(".", O_DIR, dir_fd=root_fd)
+    try:
+        for part in path.split(b"/"):
+            if part:
+                nxt = os.open(part, O_DIR, dir_fd=fd)
+                os.close(fd)
+                fd = nxt
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def lstat(name: bytes, dir_fd: int) -> os.stat_result:
     if not name:
         return os.fstat(dir_fd)
@@ -268,3 +284,81 @@ def umount(target: str, flags: int = 0) -> None:
     if _libc.umount2(os.fsencode(target), flags) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), target)
+
+
+def scan_tree(dir_fd: int):
+    """Every entry below the open directory ``dir_fd`` (an ``os.DirEntry``, usable until
+    the next one is asked for), parents before children, one open fd per level: depth
+    safe, never following a symlink. A directory that vanishes meanwhile is skipped."""
+    fd = os.open(".", O_DIR, dir_fd=dir_fd)
+    stack = [(fd, os.scandir(fd))]
+    try:
+        while stack:
+            fd, it = stack[-1]
+            de = next(it, None)
+            if de is None:
+                stack.pop()
+                it.close()
+                os.close(fd)
+                continue
+            yield de
+            if de.is_dir(follow_symlinks=False):
+                try:
+                    sub = os.open(de.name, O_DIR, dir_fd=fd)
+                except FileNotFoundError:
+                    continue
+                stack.append((sub, os.scandir(sub)))
+    finally:
+        for fd, it in stack:
+            it.close()
+            os.close(fd)
+
+
+def rmtree(path: str | bytes | os.PathLike, dir_fd: int | None = None,
+           ignore_errors: bool = False) -> None:
+    """Remove the tree at ``path`` (relative to ``dir_fd``, if given), never following a
+    symlink. Iterative and fd-relative, so a tree thousands of directories deep (whose
+    paths exceed PATH_MAX) goes too; ``shutil.rmtree`` recurses once per level.
+    ``ignore_errors``: remove what can be removed, raise nothing (like shutil's)."""
+    path = os.fsencode(path)
+    try:
+        st = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(path, dir_fd=dir_fd)
+            return
+        _rmtree_children(os.open(path, O_DIR, dir_fd=dir_fd), ignore_errors)
+        os.rmdir(path, dir_fd=dir_fd)
+    except OSError:
+        if not ignore_errors:
+            raise
+
+
+def _rmtree_children(top_fd: int, ignore_errors: bool) -> None:
+    """Empty the open directory ``top_fd`` (closed on return), deepest entries first."""
+    stack = [(top_fd, iter(os.listdir(top_fd)), b"")]   # (dir fd, names left, its name)
+    try:
+        while stack:
+            fd, names, dname = stack[-1]
+            name = next(names, None)
+            try:
+                if name is None:
+                    stack.pop()
+                    os.close(fd)
+                    if stack:
+                        os.rmdir(dname, dir_fd=stack[-1][0])
+                    continue
+                name = os.fsencode(name)
+                try:
+                    child = os.open(name, O_DIR, dir_fd=fd)
+                except OSError as e:   # ENOTDIR, ELOOP (a symlink): not a directory
+                    if e.errno not in (errno.ENOTDIR, errno.ELOOP):
+                        raise
+                    os.unlink(name, dir_fd=fd)
+                    continue
+                stack.append((child, iter(os.listdir(child)), name))
+            except OSError:
+                if not ignore_errors:
+                    raise
+    finally:
+        for fd, _, _ in stack:
+            os.close(fd)

@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
+from mergefs import syscalls
 from mergefs.errors import AlreadyExists, FailedPrecondition, NotFound
 from mergefs.explicit import NotRewritable, make_explicit  # noqa: F401 (callers catch it)
 from mergefs.layer import mark_overlay_path
@@ -147,7 +147,7 @@ def _place_layer(store: Store, layer: Row, lstage: Staged, upper: Path) -> Row:
     trash: list[Path] = []
     store._rename_into_place(lstage, layer.id, trash)   # an unregistered dir is replaced
     for t in trash:
-        shutil.rmtree(t, ignore_errors=True)
+        syscalls.rmtree(t, ignore_errors=True)
     fs = store.fs_of(layer.id)
     os.rename(upper, fs)
     mark_overlay_path(fs)
@@ -170,7 +170,7 @@ def _place_merge(store: Store, mid: str, mstage: Staged, holder: str, name: str,
     trash: list[Path] = []
     store._rename_into_place(mstage, mid, trash)
     for t in trash:
-        shutil.rmtree(t, ignore_errors=True)
+        syscalls.rmtree(t, ignore_errors=True)
     meta.insert(db, row, parents)
     meta.add_ref(db, mid, holder)
     store._set_name(name, mid, naming)
@@ -197,7 +197,7 @@ def undo(store: Store, active_id: str) -> str | None:
             os.rename(fs, kdir / "upper")
     for sid in (lid, mid):
         if sid and meta.get(db, sid) is None and _made_for(store, sid):
-            shutil.rmtree(store.trash(store.dir_of(sid)), ignore_errors=True)
+            syscalls.rmtree(store.trash(store.dir_of(sid)), ignore_errors=True)
     os.unlink(kdir / JOURNAL)
     return f"undid the interrupted commit of {active_id} (its upper is back)"
 

@@ -134,25 +134,43 @@ class _Walker:
                           b"%d" % st.st_gid, b"%d" % st.st_mtime_ns, detail, xa))
         self.entries += 1
 
-    def walk_dir(self, dir_fd: int, path: bytes, ld) -> None:
-        names = sorted(set(ld.entries) | ld.whiteouts)
-        for name in names:
-            sub = path + b"/" + name if path else name
-            entry = ld.entries.get(name)
-            if entry is None:
-                self.h.update(_ns(sub, b"whiteout"))
-                self.entries += 1
-                continue
-            if entry.kind != DIR:
-                self.record(dir_fd, sub, name, entry.kind, False)
-                continue
-            fd = syscalls.open_dir(name, dir_fd)
-            try:
-                sub_ld = read_layer_dir(fd, "overlay")
-                self.record(fd, sub, b"", DIR, sub_ld.opaque)
-                self.walk_dir(fd, sub, sub_ld)
-            finally:
-                os.close(fd)
+    def walk(self, root_fd: int, ld) -> None:
+        """Records below the open root, depth first in name order, without recursion
+        (a layer may be thousands of directories deep): one open fd per level."""
+        stack = [(os.dup(root_fd), b"", iter(sorted(set(ld.entries) | ld.whiteouts)), ld)]
+        try:
+            while stack:
+                dir_fd, path, names, ld = stack[-1]
+                name = next(names, None)
+                if name is None:
+                    os.close(stack.pop()[0])
+                    continue
+                child = self.visit(dir_fd, path, name, ld)
+                if child is not None:
+                    stack.append(child)
+        finally:
+            for frame in stack:
+                os.close(frame[0])
+
+    def visit(self, dir_fd: int, path: bytes, name: bytes, ld):
+        """Record one name; for a directory, the frame to walk next."""
+        sub = path + b"/" + name if path else name
+        entry = ld.entries.get(name)
+        if entry is None:
+            self.h.update(_ns(sub, b"whiteout"))
+            self.entries += 1
+            return None
+        if entry.kind != DIR:
+            self.record(dir_fd, sub, name, entry.kind, False)
+            return None
+        fd = syscalls.open_dir(name, dir_fd)
+        try:
+            sub_ld = read_layer_dir(fd, "overlay")
+            self.record(fd, sub, b"", DIR, sub_ld.opaque)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, sub, iter(sorted(set(sub_ld.entries) | sub_ld.whiteouts)), sub_ld
 
 
 def tree_digest(path: str | bytes | os.PathLike) -> TreeSummary:
@@ -162,5 +180,5 @@ def tree_digest(path: str | bytes | os.PathLike) -> TreeSummary:
         w = _Walker()
         ld = read_layer_dir(layer.fd, "overlay")
         w.record(layer.fd, b"", b"", DIR, ld.opaque)
-        w.walk_dir(layer.fd, b"", ld)
+        w.walk(layer.fd, ld)
     return TreeSummary(PREFIX + w.h.hexdigest(), w.entries, w.bytes)

@@ -10,7 +10,9 @@ Findings, each with a severity:
   the upper is moved back on repair;
   a layer blob kept for push whose file
   is gone, or a blob file no layer names (repair forgets / deletes them).
-* ``error``: rows whose directory is missing; directories without a row and
+* ``error``: stored trees without the overlay-format mark (repair adds it
+  only where the tree is verifiably overlay format, see ``_unmarked``);
+  rows whose directory is missing; directories without a row and
   without a usable journal; pinned parents that do not exist; layers whose
   content no longer matches their digest; a kept layer blob whose size is
   not the recorded one (repair forgets it); names or refs that a snapshot's
@@ -28,11 +30,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 
+from mergefs import syscalls
 from mergefs.errors import StoreDamaged
+from mergefs.layer import mark_overlay_path, marked_format
 
 from . import meta
 from .meta import SnapshotKind, Strategy
@@ -61,6 +64,7 @@ def fsck(store: Store, repair: bool = False, verify_content: bool = True) -> lis
     out += _blobs(store, repair)
     if verify_content:
         out += _content(store, repair)
+    out += _unmarked(store, repair)
     return out
 
 
@@ -72,7 +76,7 @@ def _staging(store: Store, repair: bool) -> list[Finding]:
         f = Finding("garbage", "orphaned-staging", f"staging/{entry}",
                     "work of a process that died; never visible")
         if repair:
-            shutil.rmtree(store.staging / entry, ignore_errors=True)
+            syscalls.rmtree(store.staging / entry, ignore_errors=True)
             f.repaired = "removed"
         out.append(f)
     return out
@@ -189,6 +193,63 @@ def _content(store: Store, repair: bool) -> list[Finding]:
             f.repaired = "marked corrupt (kept; re-import to replace)"
         out.append(f)
     return out
+
+
+def _unmarked(store: Store, repair: bool) -> list[Finding]:
+    """Stored trees without the overlay-format mark (made before it existed).
+
+    Repair marks a tree only when it is verifiably overlay format: a layer or
+    diff whose content, read as overlay format, still has its recorded tree
+    digest (the digest is defined on that reading); a tree without a recorded
+    digest (a farm merge) when it holds no ``.wh.*`` name, so that every reader,
+    guessing or not, reads it the same way. Anything else stays unmarked.
+    """
+    out = []
+    for row in meta.all_rows(store.db):
+        fs = store.fs_of(row.id)
+        if not fs.is_dir() or fs.is_symlink() or _marked(fs):
+            continue
+        f = Finding("error", "unmarked-layer", row.id, f"{row.kind} {row.description!r} lacks "
+                    "the overlay-format mark (stored before it existed): a reader that guesses "
+                    "the format would take a file named .wh.* for a whiteout")
+        if repair:
+            proof = _overlay_proof(row, fs)
+            if proof:
+                mark_overlay_path(fs)
+                f.repaired = f"marked overlay format ({proof})"
+            else:       # not repaired: the store stays unclean
+                f.detail += ("; left unmarked: its format cannot be verified "
+                             "(re-import or re-make it)")
+        out.append(f)
+    return out
+
+
+def _marked(fs) -> bool:
+    fd = os.open(fs, syscalls.O_DIR)
+    try:
+        return marked_format(fd) == "overlay"
+    finally:
+        os.close(fd)
+
+
+def _overlay_proof(row, fs) -> str:
+    """Why ``fs`` is certainly overlay format, or "" when that cannot be shown."""
+    if row.tree_digest:
+        if tree_digest(fs).digest == row.tree_digest:
+            return "its content digest, read as overlay format, matches the recorded one"
+        return ""
+    if not _has_oci_names(fs):
+        return "it holds no .wh.* name, so every reader reads it alike"
+    return ""
+
+
+def _has_oci_names(fs) -> bool:
+    """Whether any name in the tree starts with ``.wh.`` (read as OCI, it would be a marker)."""
+    fd = os.open(fs, syscalls.O_DIR)
+    try:
+        return any(de.name.startswith(".wh.") for de in syscalls.scan_tree(fd))
+    finally:
+        os.close(fd)
 
 
 def _blobs(store: Store, repair: bool) -> list[Finding]:

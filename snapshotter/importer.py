@@ -17,19 +17,34 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Callable
+from typing import Callable, Iterator, NamedTuple
 
 from mergefs import syscalls
 from mergefs.attrs import Meta, apply_meta
 from mergefs.errors import InvalidLayer, NotFound
-from mergefs.layer import DIR, LNK, REG, SOCK, Layer, read_layer_dir
+from mergefs.layer import DIR, LNK, REG, SOCK, Layer, LayerDir, read_layer_dir
 from mergefs.plan import refuse_redirect
 
 from .digest import tree_digest
 from .faults import kill_point
 from .meta import Row
 
+PATH_MAX = os.pathconf("/", "PC_PATH_MAX")     # 4096 on Linux
 OPAQUE_ATTR = "trusted.overlay.opaque" if os.geteuid() == 0 else "user.overlay.opaque"
+
+
+class _Frame(NamedTuple):
+    """One directory being copied: its fds (source, copy), path and listing."""
+    src: int
+    dst: int
+    path: bytes
+    ld: LayerDir
+    names: Iterator[bytes]
+    recreated: bool
+
+    def close(self) -> None:
+        os.close(self.src)
+        os.close(self.dst)
 
 
 class LayerCopier:
@@ -46,48 +61,75 @@ class LayerCopier:
         self.progress = progress
 
     def run(self) -> None:
-        self._copy_dir(os.dup(self.src.fd), b"", self.dst)
+        """Copy the whole tree, depth first, without recursion (a layer may be thousands of
+        directories deep): one frame per open directory, two fds each (source, copy)."""
+        stack: list[_Frame] = []
+        try:
+            stack.append(self._enter(os.dup(self.src.fd), b"", os.dup(self.dst), False))
+            while stack:
+                frame = stack[-1]
+                name = next(frame.names, None)
+                if name is None:
+                    stack.pop()
+                    self._leave(frame)
+                    continue
+                child = self._copy_entry(frame, name)
+                if child is not None:
+                    stack.append(child)
+        finally:
+            for frame in stack:
+                frame.close()
 
-    def _copy_dir(self, src_fd: int, path: bytes, dst_fd: int) -> None:
-        """Copy the children of one directory, then its own attributes (A2). Closes src_fd."""
+    def _enter(self, src_fd: int, path: bytes, dst_fd: int, recreated: bool) -> "_Frame":
+        """A frame for one directory; owns (and on error closes) both fds."""
         try:
             ld = read_layer_dir(src_fd, self.src.fmt)
-            for name in sorted(ld.entries):
-                self._copy_entry(src_fd, dst_fd, path, name, ld.entries[name].kind,
-                                 recreated=name in ld.whiteouts)
+        except BaseException:
+            os.close(src_fd)
+            os.close(dst_fd)
+            raise
+        return _Frame(src_fd, dst_fd, path, ld, iter(sorted(ld.entries)), recreated)
+
+    def _leave(self, frame: "_Frame") -> None:
+        """After a directory's children: its whiteouts, then its own attributes (A2)."""
+        try:
+            ld, dst_fd = frame.ld, frame.dst
             if not ld.opaque:
                 for name in sorted(ld.whiteouts - ld.entries.keys()):
                     syscalls.mknod(name, stat.S_IFCHR, 0, dst_fd)
                     self._count()
-            apply_meta(dst_fd, b"", Meta.read(src_fd, b""), self.warnings)
+            apply_meta(dst_fd, b"", Meta.read(frame.src, b""), self.warnings)
             if ld.opaque:
                 syscalls.setxattr(dst_fd, b"", OPAQUE_ATTR, b"y")
             elif ld.redirect is not None:
                 if not self.keep_redirects:      # R2: a layer is read by name
-                    refuse_redirect(self.src, path)
+                    refuse_redirect(self.src, frame.path)
                 syscalls.setxattr(dst_fd, b"", OPAQUE_ATTR.replace("opaque", "redirect"),
                                   ld.redirect)
+            if frame.recreated:                  # D2/D7: deleted and recreated in this layer
+                syscalls.setxattr(dst_fd, b"", OPAQUE_ATTR, b"y")
         finally:
-            os.close(src_fd)
+            frame.close()
 
-    def _copy_entry(self, src_fd: int, dst_fd: int, path: bytes, name: bytes, kind: int,
-                    recreated: bool) -> None:
-        rel = path + b"/" + name if path else name
+    def _copy_entry(self, frame: "_Frame", name: bytes) -> "_Frame | None":
+        """Copy one non-directory; for a directory, make it and return its frame."""
+        src_fd, dst_fd = frame.src, frame.dst
+        kind = frame.ld.entries[name].kind
+        rel = frame.path + b"/" + name if frame.path else name
         self._count()
         if kind == DIR:
             syscalls.mkdir(name, dst_fd)
             sub_dst = syscalls.open_dir(name, dst_fd)
             try:
-                self._copy_dir(syscalls.open_dir(name, src_fd), rel, sub_dst)
-                if recreated:      # D2/D7: deleted and recreated in this layer
-                    syscalls.setxattr(sub_dst, b"", OPAQUE_ATTR, b"y")
-            finally:
+                sub_src = syscalls.open_dir(name, src_fd)
+            except BaseException:
                 os.close(sub_dst)
-            return
+                raise
+            return self._enter(sub_src, rel, sub_dst, name in frame.ld.whiteouts)
         st = syscalls.lstat(name, src_fd)
         if st.st_nlink > 1 and kind == REG and st.st_ino in self.links:
-            syscalls.link(self.links[st.st_ino], rel, self.dst, self.dst)
-            return
+            self._link(self.links[st.st_ino], name, dst_fd)
+            return None
         meta = Meta.read(src_fd, name, st)
         if kind == REG:
             syscalls.copy_file(src_fd, name, dst_fd, name, st.st_size)
@@ -98,6 +140,20 @@ class LayerCopier:
         else:                      # fifo, char, block; a socket is recreated (A4)
             syscalls.mknod(name, st.st_mode, 0 if kind == SOCK else st.st_rdev, dst_fd)
         apply_meta(dst_fd, name, meta, self.warnings)
+        return None
+
+    def _link(self, first: bytes, name: bytes, dst_fd: int) -> None:
+        """Hardlink ``name`` in ``dst_fd`` to the copy at ``first`` (H1), also when that path
+        is too long for one system call (a deep layer)."""
+        if len(first) < PATH_MAX:
+            syscalls.link(first, name, self.dst, dst_fd)
+            return
+        parent, _, base = first.rpartition(b"/")
+        pfd = syscalls.open_dir_walk(self.dst, parent)
+        try:
+            syscalls.link(base, name, pfd, dst_fd)
+        finally:
+            os.close(pfd)
 
     def _count(self) -> None:
         self.entries += 1

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from mergefs import syscalls
 from mergefs.errors import AlreadyExists, FailedPrecondition, NotFound
 from mergefs.layer import Layer, mark_overlay_path
 from mergefs.mountspec import MountSpec
@@ -195,7 +195,7 @@ def _materialise(store: Store, row: Row, flat: list[str], progress=None) -> Row:
     finally:
         staged.discard()
         for t in trash:
-            shutil.rmtree(t, ignore_errors=True)
+            syscalls.rmtree(t, ignore_errors=True)
 
 
 # -- image configs (what ``mergefs bundle`` runs) -------------------------------------
@@ -261,7 +261,7 @@ def _write_diff(store: Store, lo: list[str], up: list[str], where: Path) -> None
         os.mkdir(where / "scratch", 0o755)
         lowers = [Layer(where / "scratch", "overlay")]
     write_diff(lowers, store_layers(store, up), where / "fs")
-    shutil.rmtree(where / "scratch", ignore_errors=True)
+    syscalls.rmtree(where / "scratch", ignore_errors=True)
 
 
 def commit(store: Store, upper: str, parent: str | None = None, name: str | None = None,

@@ -33,7 +33,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
 import threading
 import time
 import uuid
@@ -136,7 +135,7 @@ class Staged:
         os.mkdir(self.path, 0o700)
 
     def discard(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        syscalls.rmtree(self.path, ignore_errors=True)
 
 
 class Store:
@@ -318,7 +317,7 @@ class Store:
         finally:
             staged.discard()     # no-op once renamed into place
             for t in trash:
-                shutil.rmtree(t, ignore_errors=True)
+                syscalls.rmtree(t, ignore_errors=True)
 
     def _check_pinned(self, parents: list[Parent]) -> None:
         """Inside the publish transaction: what we pin must still be there (a prune may race)."""
@@ -395,7 +394,7 @@ class Store:
                 if i == 0:
                     kill_point("prune:after-trash")
             for t in trash:
-                shutil.rmtree(t, ignore_errors=True)
+                syscalls.rmtree(t, ignore_errors=True)
             done.append(snapshot_id)
         if done:                  # a layer's blobs go with it (snapshotter.blobs)
             from . import blobs
@@ -409,7 +408,7 @@ class Store:
         actions = undo_interrupted(self)     # first: its directories are not strays
         for entry in os.listdir(self.staging):
             if not staging_owner_alive(entry):
-                shutil.rmtree(self.staging / entry, ignore_errors=True)
+                syscalls.rmtree(self.staging / entry, ignore_errors=True)
                 actions.append(f"swept staging/{entry}")
         dead = [h for h in meta.holders_named(self.db, TEMPORARY + ":")
                 if not staging_owner_alive(h.split(":", 1)[1])]

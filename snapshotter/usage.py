@@ -14,7 +14,10 @@ the rest outside snapshots.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
+
+from mergefs import syscalls
 
 from . import blobs, meta
 from .meta import Row
@@ -58,25 +61,24 @@ class Usage:
 
 
 def inodes_under(path: str | bytes, out: dict[tuple[int, int], int]) -> None:
-    """Add every inode below and including ``path`` to ``out``: (dev, ino) -> bytes on disk."""
+    """Add every inode below and including ``path`` to ``out``: (dev, ino) -> bytes on disk.
+
+    Walked through directory fds, one per level (a layer may be deeper than PATH_MAX
+    allows to name), never following a symlink."""
     try:
         st = os.lstat(path)
+        out[(st.st_dev, st.st_ino)] = st.st_blocks * 512
+        if not stat.S_ISDIR(st.st_mode):
+            return
+        fd = os.open(path, syscalls.O_DIR)
     except FileNotFoundError:
         return
-    out[(st.st_dev, st.st_ino)] = st.st_blocks * 512
-    stack = [os.fsencode(path)]
-    while stack:
-        d = stack.pop()
-        try:
-            it = os.scandir(d)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        with it:
-            for de in it:
-                st = de.stat(follow_symlinks=False)
-                out[(st.st_dev, st.st_ino)] = st.st_blocks * 512
-                if de.is_dir(follow_symlinks=False):
-                    stack.append(de.path)
+    try:
+        for de in syscalls.scan_tree(fd):
+            st = de.stat(follow_symlinks=False)
+            out[(st.st_dev, st.st_ino)] = st.st_blocks * 512
+    finally:
+        os.close(fd)
 
 
 def _outside_snapshots(store: Store, ids: set[str], out: dict) -> None:

@@ -6,7 +6,7 @@
 * ``build``    stages a build next to its output and publishes it by rename.
 """
 from .applier import COPY_FALLBACK, Applier, FarmStats, merge_stats
-from .build import DEFAULT_WORKERS, build_farm, pick_parallel, staged_build
+from .build import DEFAULT_WORKERS, build_farm, pick_parallel, refuse_out_inside, staged_build
 
 __all__ = ["COPY_FALLBACK", "Applier", "FarmStats", "merge_stats", "DEFAULT_WORKERS",
-           "build_farm", "pick_parallel", "staged_build"]
+           "build_farm", "pick_parallel", "refuse_out_inside", "staged_build"]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import uuid
 from pathlib import Path
 from typing import Sequence
@@ -45,7 +44,7 @@ def staged_build(out: str | os.PathLike, build) -> FarmStats:
         except FileExistsError:
             raise AlreadyExists(f"{out} already exists") from None
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        syscalls.rmtree(staging, ignore_errors=True)
         raise
     return stats
 
@@ -110,14 +109,38 @@ def build_farm(layers: Sequence[Layer | str | os.PathLike], out: str | os.PathLi
             layer.close()
 
 
-def refuse_out_inside(layers, out) -> None:
-    """An output inside an input layer would be built into (and read from) that input."""
-    target = os.path.realpath(os.fsencode(out))
+def refuse_out_inside(layers, out, role: str = "input layer") -> None:
+    """An output inside an input layer would be built into (and read from) that input.
+
+    Compared by identity, not by name: every existing ancestor of ``out``
+    (symlinks resolved) is checked against each layer root's (st_dev, st_ino),
+    so a symlink to a layer or a bind mount of it is caught too.
+    """
+    roots = {}
     for layer in layers:
-        top = os.path.realpath(layer.path)
-        if target == top or target.startswith(top.rstrip(b"/") + b"/"):
-            raise InvalidArgument(f"the output {os.fsdecode(out)!r} is inside the input layer "
-                                  f"{os.fsdecode(layer.path)!r}; put it outside every input")
+        try:
+            st = os.stat(layer.path)
+        except OSError:
+            continue            # a missing input fails later with its own message
+        roots[(st.st_dev, st.st_ino)] = layer.path
+    for anc in _existing_ancestors(os.fsencode(out)):
+        st = os.stat(anc)
+        hit = roots.get((st.st_dev, st.st_ino))
+        if hit is not None:
+            raise InvalidArgument(f"the output {os.fsdecode(out)!r} is inside the {role} "
+                                  f"{os.fsdecode(hit)!r}; put it outside every input")
+
+
+def _existing_ancestors(path: bytes):
+    """``path`` (if it exists) and every directory above it, up to ``/``, symlinks resolved."""
+    cur = os.path.realpath(os.path.abspath(path))
+    while True:
+        if os.path.exists(cur):
+            yield cur
+        parent = os.path.dirname(cur)
+        if parent == cur:
+            return
+        cur = parent
 
 
 def _counted(records, progress, every: int = 1024):

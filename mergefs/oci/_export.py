@@ -32,6 +32,7 @@ from ..layer import DIR, Layer, as_layers, content_xattrs, read_layer_dir
 from ..plan import refuse_redirect
 from ..resolver import Resolver
 from . import _compress, _tar
+from ._extract import MAX_DEPTH
 from ._image import INDEX, MANIFEST, REF_NAME, _ARCH
 
 CHUNK = 1 << 20
@@ -121,6 +122,10 @@ class _LayerTarWriter:
         self.sink.write(bytes(2 * _tar.BLOCK))
 
     def _emit(self, member: _tar.Member) -> None:
+        if member.name.rstrip(b"/").count(b"/") >= MAX_DEPTH:   # the importer's limit, too
+            raise InvalidLayer(f"{os.fsdecode(member.name[:80])!r}... is more than {MAX_DEPTH} "
+                               f"levels deep; an OCI layer tar of it would be refused on import "
+                               f"(export it with --format dir)")
         self.sink.write(_tar.encode_header(member))
         self.entries += 1
 
@@ -347,7 +352,6 @@ def export_layout(layers: Sequence, out, *, ref: str = "latest", compression: st
             f.write(_json_bytes({"imageLayoutVersion": "1.0.0"}))
         _publish(staging, out)
     except BaseException:
-        import shutil
-        shutil.rmtree(staging, ignore_errors=True)
+        syscalls.rmtree(staging, ignore_errors=True)
         raise
     return ExportedImage(ref, man_desc["digest"], cfg_desc["digest"], written)

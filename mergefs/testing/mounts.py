@@ -27,6 +27,46 @@ def force_unmount(path: str | os.PathLike) -> None:
             return
 
 
+# Private roots registered by tests and harnesses -> the mounts below each when registered.
+_WATCHED: dict[str, set[str]] = {}
+
+
+def watch_below(path: str | os.PathLike) -> Path:
+    """Put ``path`` under the per-test leak check: a private directory (``mkdtemp``) that a
+    test or harness mounts below outside pytest's temp dir (short unix socket paths, a
+    dir other users can traverse). Mounts already there now are not the test's."""
+    from mergefs import mounttable
+    root = os.path.realpath(path)
+    if root not in _WATCHED:
+        _WATCHED[root] = mounttable.targets(below=root)
+    return Path(path)
+
+
+class MountWatch:
+    """The mounts a test made and left: new mount points below ``base`` (pytest's temp
+    dir) or below a root registered with ``watch_below``, before the test vs after it.
+
+    Only paths this session owns are looked at: mount points are unique paths, and no
+    other process (another pytest session, another agent on the machine) mounts below
+    this session's temp dir or a registered ``mkdtemp`` root, except the servers and
+    harnesses the test started. Mounts made anywhere else are never counted.
+    """
+
+    def __init__(self, base: str | os.PathLike):
+        self.base = os.path.realpath(base)
+        self.before = self._now()
+
+    def _now(self) -> set[str]:
+        from mergefs import mounttable
+        out: set[str] = set()
+        for root in (self.base, *_WATCHED):
+            out |= mounttable.targets(below=root)
+        return out
+
+    def leaked(self) -> set[str]:
+        return self._now() - self.before - set().union(*_WATCHED.values())
+
+
 def can_mount_overlay() -> bool:
     if os.geteuid() != 0:
         return False

@@ -9,6 +9,9 @@ whiteout when something below still shows there. Lookups below the upper
 then use the redirect instead of the new name, so nothing at the new name
 below shows through (it need not be opaque). Live inodes keep everything:
 their layer paths are computed through the redirect (``view.layer_path``).
+This module decides the redirect (``redirect_for``) and keeps the view's
+record of it (``set_redirect``); ``rename`` makes the move itself, the same
+one as for any other copied-up entry.
 
 The copy is kept where a redirect cannot be used, so that kernel overlayfs
 still reads the upper: when the upper is written without root
@@ -53,44 +56,6 @@ def set_redirect(view, inode, value: bytes) -> None:
     """The view's side of a redirect written on ``inode``'s upper dir."""
     inode.redirects = ((view.up, value),) + tuple(r for r in inode.redirects if r[0] < view.up)
     view.redirected = True
-
-
-def move_merged_dir(view, inode, p_old, old: bytes, p_new, new: bytes, dst: Node | None) -> None:
-    value = redirect_for(view, inode)
-    if value is None:
-        copy_merged_dir(view, inode, p_old, old, p_new, new, dst)
-    else:
-        redirect_merged_dir(view, inode, value, p_old, old, p_new, new, dst)
-
-
-def redirect_merged_dir(view, inode, value: bytes, p_old, old: bytes, p_new, new: bytes,
-                        dst: Node | None) -> None:
-    upper = view.upper
-    old_path, new_path = join(p_old.path, old), join(p_new.path, new)
-    below_old = view.lower_has(p_old, old)
-    view.ensure_upper(inode)
-    view.ensure_upper(p_new)
-    existing = upper.lstat(new_path)
-    if existing is not None and (syscalls.is_whiteout_stat(existing)
-                                 or stat.S_ISDIR(existing.st_mode)):
-        upper.remove(new_path)           # a whiteout a dir cannot replace, or an emptied dir
-    upper.set_redirect(old_path, value)
-    upper.forget_dirs(old_path)
-    upper.forget_dirs(new_path)
-    os.rename(old, new, src_dir_fd=upper.borrow_dir(p_old.path),
-              dst_dir_fd=upper.borrow_dir(p_new.path))
-    if below_old:
-        upper.whiteout(old_path)
-    if dst is not None:
-        gone = view._live(dst)
-        if gone is not None:
-            view.inodes.drop_name(gone, p_new, new)
-            gone.children = None
-    view._set_child(p_old, old, None)
-    view._set_child(p_new, new, inode.node)
-    view.inodes.move_name(inode, p_old, old, p_new, new)
-    set_redirect(view, inode, value)
-    inode.attr = None
 
 
 def copy_merged_dir(view, inode, p_old, old: bytes, p_new, new: bytes, dst: Node | None) -> None:

@@ -21,7 +21,7 @@ from pyfuse3 import FUSEError
 
 from ..errors import NotFound
 from ..layer import DIR, is_overlay_private
-from .errors import fuse_errors
+from .errors import fuse_errors, log
 from .inodes import Inode
 from .view import UnionView
 
@@ -72,6 +72,16 @@ def entry_attributes(number: int, st: os.stat_result, merged_dir: bool,
     return e
 
 
+def _invalidate_attrs(number: int) -> None:
+    """Drop the kernel's cached attributes of inode ``number`` (not its pages: no
+    writeback cache, so this never blocks inside a handler)."""
+    try:
+        pyfuse3.invalidate_inode(number, attr_only=True)
+    except OSError as e:                 # the copy-up itself succeeded: never fail it here
+        if e.errno != errno.ENOENT:      # ENOENT: the kernel holds nothing for it
+            log.warning("invalidating the attributes of inode %d: %s", number, e)
+
+
 class UnionOperations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
@@ -90,6 +100,14 @@ class UnionOperations(pyfuse3.Operations):
         # (see the package docstring); only read-only mounts use it.
         self.no_open = no_open and not view.writable
         self._fds: dict[int, int] = {}
+
+    def init(self) -> None:
+        """pyfuse3 calls this once the kernel connection is up: from now on a copy-up
+        drops the kernel's cached attributes of what it changed (the parent's ctime),
+        or they stay stale for attr_timeout and surface later ("file changed as we
+        read it" from tar once a readdir makes the kernel ask again)."""
+        if self.view.writable:
+            self.view.attrs_changed = _invalidate_attrs
 
     def close(self) -> None:
         for fd in self._fds.values():

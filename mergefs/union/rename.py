@@ -22,7 +22,7 @@ from .. import syscalls
 from ..errors import AlreadyExists
 from ..layer import DIR
 from ..resolver import Node, join
-from .dirmove import move_merged_dir, redirect_for, set_redirect
+from .dirmove import copy_merged_dir, redirect_for, set_redirect
 
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 
@@ -51,11 +51,15 @@ def rename(view, p_old, old: bytes, p_new, new: bytes, flags: int) -> None:
         if src.kind == DIR and view.has_lower(inode):
             if not view.dir_rename:
                 raise _err(errno.EXDEV)     # as kernel overlayfs without redirect_dir
-            move_merged_dir(view, inode, p_old, old, p_new, new, dst)
-            return
+            redirect = redirect_for(view, inode)
+            if redirect is None:
+                copy_merged_dir(view, inode, p_old, old, p_new, new, dst)
+                return
+        else:
+            redirect = None
         view.ensure_upper(inode)
         view.ensure_upper(p_new)
-        _move(view, inode, p_old, old, p_new, new, dst)
+        _move(view, inode, p_old, old, p_new, new, dst, redirect)
 
 
 def _check_replace(view, p_new, new, src: Node, dst: Node) -> None:
@@ -84,12 +88,17 @@ class _held:
         self.view.inodes.forget(self.inode.number, 1)
 
 
-def _move(view, inode, p_old, old: bytes, p_new, new: bytes, dst: Node | None) -> None:
+def _move(view, inode, p_old, old: bytes, p_new, new: bytes, dst: Node | None,
+          redirect: bytes | None = None) -> None:
+    """Rename ``inode`` (copied up, as ``p_new``) inside the upper and the view.
+    A directory with ``redirect`` is a merged one (``dirmove``): the redirect,
+    not opacity, decides what lies below its new name."""
     upper = view.upper
     old_path, new_path = join(p_old.path, old), join(p_new.path, new)
     below_old = view.lower_has(p_old, old)
-    below_new = view.lower_has(p_new, new)
-    if inode.is_dir and below_new:
+    if redirect is not None:
+        upper.set_redirect(old_path, redirect)
+    elif inode.is_dir and view.lower_has(p_new, new):
         upper.set_opaque(old_path)
     existing = upper.lstat(new_path)
     if existing is not None and (syscalls.is_whiteout_stat(existing) and inode.is_dir
@@ -109,6 +118,8 @@ def _move(view, inode, p_old, old: bytes, p_new, new: bytes, dst: Node | None) -
     view._set_child(p_old, old, None)
     view._set_child(p_new, new, inode.node)
     view.inodes.move_name(inode, p_old, old, p_new, new)
+    if redirect is not None:
+        set_redirect(view, inode, redirect)
     inode.attr = None
 
 

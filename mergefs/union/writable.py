@@ -50,6 +50,9 @@ class WritableView(UnionView):
         super().__init__(list(lowers) + [self.upper.layer])
         self.up = len(lowers)
         self.dir_rename = dir_rename     # False: EXDEV for merged dirs, as overlayfs
+        # Told the numbers of inodes whose attributes a copy-up changed behind the
+        # kernel's back (the ops set it once the kernel connection is up).
+        self.attrs_changed = lambda number: None
 
     def close(self) -> None:
         super().close()
@@ -128,6 +131,8 @@ class WritableView(UnionView):
             inode.sources = (self.up,) + inode.sources
         inode.attr = new
         self._set_child(inode.parent, inode.name, new_node)
+        self.attrs_changed(inode.parent.number)     # its ctime: the copy was renamed into it
+        self.attrs_changed(inode.number)            # now the copy's ctime (and inode)
         for parent, name in inode.others or ():
             self._link_known_name(inode, parent, name)
 
@@ -138,6 +143,7 @@ class WritableView(UnionView):
         tmp = self._stage_link(inode)
         inode.attr = self.upper.publish(tmp, join(parent.path, name), keep_parent_times=True)
         self._set_child(parent, name, inode.node)
+        self.attrs_changed(parent.number)
 
     def _stage_link(self, inode: Inode) -> bytes:
         """A new name for ``inode``'s upper file in the work dir, ready to publish."""

@@ -11,6 +11,8 @@ from mergefs.farm import build_farm
 from mergefs.testing import model, mounts, tree
 from mergefs.testing.builders import materialise_stack
 
+from ..conftest import require
+
 _seq = itertools.count()
 
 
@@ -63,7 +65,6 @@ def merge_impl(request, tmp_path):
     if name == "model":
         return name, model_merge
     if name == "kernel-overlay":
-        if not mounts.can_mount_overlay():
-            pytest.skip("needs root and kernel overlayfs")
+        require("overlay")
         return name, overlay_merge(tmp_path)
     return name, farm_merge(tmp_path, name.split("-")[1])

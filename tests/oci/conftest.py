@@ -4,15 +4,16 @@ from __future__ import annotations
 import gzip
 import io
 import os
-import shutil
 import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
 
-needs_umoci = pytest.mark.skipif(shutil.which("umoci") is None, reason="needs umoci")
-needs_skopeo = pytest.mark.skipif(shutil.which("skopeo") is None, reason="needs skopeo")
+from ..conftest import needs
+
+needs_umoci = needs("umoci")
+needs_skopeo = needs("skopeo")
 MTIME = 1_600_000_000
 
 

@@ -17,7 +17,7 @@ from mergefs.testing import tree
 from mergefs.testing.builders import LayerSpec, materialise
 from mergefs.testing.strategies import layer_spec
 
-from ..conftest import needs_root
+from ..conftest import needs_root, require
 from .conftest import member, tar_bytes
 
 OPAQUE = OPAQUE_XATTRS[0] if os.geteuid() == 0 else OPAQUE_XATTRS[1]
@@ -268,8 +268,7 @@ def test_real_unprivileged_import(tmp_path):
     import json
     import shutil
     import tempfile
-    if shutil.which("setpriv") is None:
-        pytest.skip("needs setpriv")
+    require("setpriv")
     work = tempfile.mkdtemp(prefix="mergefs-nobody-")
     try:
         os.chown(work, 65534, 65534)

@@ -9,19 +9,17 @@ mount server process naming the storage may be left.
 """
 from __future__ import annotations
 
-import os
-import shutil
 
 import pytest
 
 from mergefs.testing.podman import PodmanEnv, busybox_image
 
+from ..conftest import needs, require
+
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.timeout(600),
-    pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("podman") or not shutil.which("runc")
-                       or not shutil.which("umoci") or not os.path.exists("/bin/busybox"),
-                       reason="needs root, podman, runc, umoci and busybox-static"),
+    needs("root", "podman", "runc", "umoci", "busybox"),
 ]
 PROGRAMS = ["mergefs", "fuse-overlayfs"]
 LOOK = ("cat /etc/motd; ls /data/keep; cat /data/old; "
@@ -37,8 +35,8 @@ def archive(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=PROGRAMS)
 def podman(request, tmp_path_factory, archive):
-    if request.param == "fuse-overlayfs" and not shutil.which("fuse-overlayfs"):
-        pytest.skip("fuse-overlayfs is not installed")
+    if request.param == "fuse-overlayfs":
+        require("fuse-overlayfs")
     env = PodmanEnv(tmp_path_factory.mktemp(f"podman-{request.param}"), request.param)
     try:
         env.image = env.load(archive)

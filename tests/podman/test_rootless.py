@@ -27,8 +27,10 @@ from pathlib import Path
 import pytest
 
 import mergefs
+from mergefs.testing.mounts import watch_below
 from mergefs.testing.podman import PodmanEnv, busybox_image
 
+from ..conftest import needs, require
 from .test_podman import CONTAINERFILE, IMAGE_VIEW, LOOK
 
 USER = "mergefs-rootless"
@@ -36,10 +38,8 @@ SUBIDS = "300000:65536"
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.timeout(900),
-    pytest.mark.skipif(os.geteuid() != 0 or not all(shutil.which(t) for t in (
-        "podman", "runc", "umoci", "newuidmap", "newgidmap", "useradd", "runuser", "unshare"))
-        or not os.path.exists("/bin/busybox"),
-        reason="needs root, podman, runc, umoci, uidmap (newuidmap), busybox-static"),
+    needs("root", "podman", "runc", "umoci", "newuidmap", "newgidmap", "useradd", "runuser",
+          "unshare", "busybox"),
 ]
 
 
@@ -169,9 +169,9 @@ class RootlessPodman(PodmanEnv):
 
 @pytest.fixture(params=["mergefs", "fuse-overlayfs"])
 def rootless(request, rootless_user, tmp_path):
-    if request.param == "fuse-overlayfs" and not shutil.which("fuse-overlayfs"):
-        pytest.skip("fuse-overlayfs is not installed")
-    root = Path(tempfile.mkdtemp(prefix="mergefs-rootless-"))   # traversable by the user
+    if request.param == "fuse-overlayfs":
+        require("fuse-overlayfs")
+    root = watch_below(tempfile.mkdtemp(prefix="mergefs-rootless-"))   # traversable by the user
     root.chmod(0o755)
     node = None
     if stat.S_IMODE(os.stat("/dev/fuse").st_mode) & 0o006 != 0o006:

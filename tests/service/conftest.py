@@ -1,7 +1,6 @@
 """A `mergefs serve` per test, on private paths, stopped by pid; a gRPC client for it."""
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -11,10 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from mergefs import mounttable
 from mergefs.testing import mounts
 
+from ..conftest import needs
+
 grpc = pytest.importorskip("grpc", reason="grpcio is not installed (tools/bootstrap.sh)")
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mergefs serve mounts FUSE: needs root")
+needs_root = needs("root")
 
 
 class Service:
@@ -79,13 +81,6 @@ class Service:
         return snapshots_pb2_grpc.SnapshotsStub(self.channel())
 
 
-def _mounts_below(path: Path) -> list[str]:
-    p = str(path)
-    with open("/proc/self/mounts") as f:
-        points = [line.split()[1] for line in f]
-    return [m for m in points if m == p or m.startswith(p + "/")]
-
-
 @pytest.fixture
 def service_factory(tmp_path):
     """Start services under tmp_path; each is stopped (then killed) and unmounted at the end."""
@@ -104,7 +99,7 @@ def service_factory(tmp_path):
             svc.stop()
         except AssertionError:
             svc.kill()
-    for m in sorted(_mounts_below(tmp_path), key=len, reverse=True):
+    for m in sorted(mounttable.targets(below=str(tmp_path)), key=len, reverse=True):
         mounts.force_unmount(m)
 
 

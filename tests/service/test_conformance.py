@@ -18,14 +18,16 @@ from pathlib import Path
 
 import pytest
 
+from ..conftest import needs
+from mergefs.testing.mounts import watch_below
+
 from .conftest import needs_root
 
 HERE = Path(__file__).parent / "conformance"
 GOPATH = "/usr/share/gocode"
 SUITE = Path(GOPATH) / "src/github.com/containerd/containerd/snapshots/testsuite"
 pytestmark = [needs_root, pytest.mark.slow,
-              pytest.mark.skipif(not shutil.which("go") or not SUITE.is_dir(),
-                                 reason="needs golang-go and golang-github-containerd-containerd-dev")]
+              needs("go", "containerd-testsuite")]
 
 
 def go_env() -> dict:
@@ -50,7 +52,7 @@ def conformance_binary() -> Path:
 @pytest.fixture
 def short_tmp():
     import tempfile
-    d = Path(tempfile.mkdtemp(prefix="mfc-", dir="/tmp"))
+    d = watch_below(tempfile.mkdtemp(prefix="mfc-", dir="/tmp"))   # the leak check covers it
     yield d
     shutil.rmtree(d, ignore_errors=True)
 

@@ -9,8 +9,6 @@ is stopped by pid.
 """
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import subprocess
 import time
@@ -18,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from ..conftest import needs
 from ..oci.conftest import member, tar_bytes
 from .conftest import needs_root
 
@@ -25,10 +24,7 @@ BUSYBOX = "/bin/busybox"
 IMAGE = "docker.io/library/mergefs-test:t"
 APPLETS = ["sh", "ls", "cat", "echo", "test", "sleep", "find", "sort"]
 pytestmark = [needs_root, pytest.mark.slow, pytest.mark.timeout(600),
-              pytest.mark.skipif(not all(shutil.which(c) for c in ("containerd", "ctr", "umoci",
-                                                                   "runc"))
-                                 or not os.path.exists(BUSYBOX),
-                                 reason="needs containerd, ctr, umoci, runc and busybox-static")]
+              needs("containerd", "ctr", "umoci", "runc", "busybox")]
 
 
 def layers() -> list[bytes]:

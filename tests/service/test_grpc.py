@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from ..conftest import require
 from .conftest import grpc, needs_root
 
 pb = pytest.importorskip("snapshotter.serve._proto.snapshots_pb2",
@@ -237,8 +238,7 @@ def test_unpack_keys_get_kernel_overlayfs_and_commit_the_same(service, tmp_path)
     from snapshotter.serve.mounts import is_unpack_key, kernel_has_overlay
     assert is_unpack_key("default/3/extract-861070036-Kx7K sha256:b5e0")
     assert not is_unpack_key("default/3/sha256:b5e0") and not is_unpack_key("mount:/x/extract-1")
-    if not kernel_has_overlay():
-        pytest.skip("kernel overlayfs not available")
+    require("overlay")
     cl = service.client()
     committed(cl, tmp_path, "base", "", {"d/a": b"a", "d/b": b"b"}, mtime=1e9)
     files = {"d/a": None, "d/c": b"c"}

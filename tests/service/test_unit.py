@@ -1,17 +1,17 @@
 """The shipped systemd unit is valid and starts what the README says."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+
+from ..conftest import needs
 
 UNIT = Path(__file__).parents[2] / "contrib/systemd/mergefs.service"
 
 
-@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="needs systemd-analyze")
+@needs("systemd-analyze")
 def test_systemd_unit_verifies(tmp_path):
     mergefs = Path(sys.executable).parent / "mergefs"
     text = UNIT.read_text().replace("/usr/local/bin/mergefs", str(mergefs))

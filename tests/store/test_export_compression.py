@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import shutil
 import subprocess
 
 import pytest
@@ -11,10 +10,10 @@ import zstandard
 
 from mergefs.oci import _compress
 
+from ..conftest import needs
 from .test_oci_roundtrip import image, same_below_root, sh  # noqa: F401  (image: a fixture)
 
-pytestmark = pytest.mark.skipif(shutil.which("umoci") is None or shutil.which("skopeo") is None,
-                                reason="needs umoci and skopeo")
+pytestmark = needs("umoci", "skopeo")
 
 MEDIA = {"gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
          "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",

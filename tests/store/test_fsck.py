@@ -114,3 +114,51 @@ def test_a_corrupt_layer_can_still_be_inspected(cli, layers):
     cli.run("fsck", "--repair")
     assert cli.json("inspect", i)["state"] == "corrupt"
     assert cli.run("merge", i, layers[1], check=False).returncode == 1
+
+
+MARK = "trusted.overlay.mergefs-format"
+
+
+def unmark(store, snapshot_id) -> None:
+    """What a store made before the overlay-format mark existed holds."""
+    os.removexattr(store.fs_of(snapshot_id), MARK)
+
+
+def is_marked(store, snapshot_id) -> bool:
+    return MARK in os.listxattr(store.fs_of(snapshot_id))
+
+
+def test_fsck_unmarked_trees_are_reported_and_marked_on_repair(store, populated):
+    ids, m = populated
+    for i in ids + [m]:
+        unmark(store, i)
+    for verify in (True, False):               # --fast reports them too
+        found = fsck(store, verify_content=verify)
+        assert kinds(found) == [("error", "unmarked-layer")] * (len(ids) + 1)
+        assert {f.subject for f in found} == set(ids) | {m}
+    repaired = fsck(store, repair=True, verify_content=False)   # repair verifies anyway
+    assert all(f.repaired.startswith("marked overlay format") for f in repaired), repaired
+    assert all(is_marked(store, i) for i in ids + [m])
+    assert fsck(store) == []
+
+
+@pytest.mark.damages_store
+def test_fsck_repair_never_marks_an_unverifiable_tree(store, populated):
+    """A layer whose content no longer matches its digest, and a farm holding a .wh.*
+    name (a guessing reader would read it as a whiteout): reported, left unmarked."""
+    ids, m = populated
+    unmark(store, ids[0])
+    (store.fs_of(ids[0]) / "etc" / "passwd").write_text("tampered\n")
+    unmark(store, m)
+    (store.fs_of(m) / ".wh.keep").write_text("a file, or a whiteout?\n")
+    assert {(f.kind, f.subject) for f in fsck(store)} == {
+        ("digest-mismatch", ids[0]), ("unmarked-layer", ids[0]), ("unmarked-layer", m)}
+    fast = {(f.kind, f.subject): f for f in fsck(store, repair=True, verify_content=False)}
+    f = fast[("unmarked-layer", ids[0])]
+    assert not f.repaired and "left unmarked" in f.detail
+    found = {(f.kind, f.subject): f for f in fsck(store, repair=True)}
+    assert found[("digest-mismatch", ids[0])].repaired.startswith("marked corrupt")
+    f = found[("unmarked-layer", m)]
+    assert not f.repaired and "left unmarked" in f.detail
+    assert not is_marked(store, ids[0]) and not is_marked(store, m)
+    assert ("unmarked-layer", m) in {(f.kind, f.subject) for f in fsck(store)}

@@ -2,17 +2,17 @@
 ``mergefs bundle`` of a store ref runs what the image's config says."""
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 
 import pytest
 
 from mergefs.oci import export_layout
 from snapshotter import Snapshotter
+
+from ..conftest import needs
 from .conftest import Cli
 
-pytestmark = pytest.mark.skipif(shutil.which("umoci") is None, reason="needs umoci")
+pytestmark = needs("umoci")
 
 
 def umoci_image(where, layers, ref: str, greeting: str):
@@ -46,8 +46,7 @@ def test_import_keeps_the_config_by_name_and_id(root, layers, tmp_path):
         assert sn.store.db.execute("SELECT COUNT(*) FROM image_configs").fetchone()[0] == 0
 
 
-@pytest.mark.skipif(not (os.path.exists("/usr/bin/docker-registry") and shutil.which("skopeo")),
-                    reason="needs docker-registry and skopeo")
+@needs("docker-registry", "skopeo")
 @pytest.mark.timeout(180)
 def test_pull_keeps_the_config(layers, tmp_path):
     from mergefs.testing.registry import RegistryServer

@@ -11,6 +11,7 @@ import tarfile
 
 import pytest
 
+from mergefs.testing import mounts
 from mergefs.testing.builders import LayerSpec, materialise
 
 from ..oci.conftest import member, tar_bytes
@@ -186,6 +187,36 @@ def test_item13_merge_out_inside_an_input_is_refused(tmp_path, cli):
         assert "inside" in msg and len(msg) < 300, msg
     assert sorted(os.listdir(a)) == ["x"] and sorted(os.listdir(a / "x")) == ["f"]
     assert sorted(os.listdir(b)) == ["y"]
+
+
+def test_diff_out_inside_an_input_is_refused_before_writing(tmp_path, cli):
+    """diff --out inside LOWER or UPPER (also through a symlink or a bind mount of it,
+    also as one layer of a DIR:DIR stack) would read its own output: one line, exit 1."""
+    a = materialise(LayerSpec().file("x/f", b"1"), tmp_path / "a")
+    b = materialise(LayerSpec().file("y/g", b"2"), tmp_path / "b")
+    c = materialise(LayerSpec().file("z/h", b"3"), tmp_path / "c")
+    os.symlink(b, tmp_path / "link-b")
+    outs = [a / "x/out", b / "out", b, tmp_path / "link-b/y/out", c / "deeper/out"]
+    for out in outs:
+        p = cli.run("diff", f"{a}:{c}", b, "--out", out, check=False)
+        msg = one_line(p, 1)
+        assert "inside" in msg and len(msg) < 300, msg
+    assert sorted(os.listdir(a)) == ["x"] and sorted(os.listdir(a / "x")) == ["f"]
+    assert sorted(os.listdir(b)) == ["y"] and sorted(os.listdir(b / "y")) == ["g"]
+    assert sorted(os.listdir(c)) == ["z"]
+
+
+def test_diff_out_inside_a_bind_mount_of_an_input_is_refused(tmp_path, cli):
+    a = materialise(LayerSpec().file("x/f", b"1"), tmp_path / "a")
+    b = materialise(LayerSpec().file("y/g", b"2"), tmp_path / "b")
+    (tmp_path / "bind").mkdir()
+    subprocess.run(["mount", "--bind", b, tmp_path / "bind"], check=True)
+    try:
+        p = cli.run("diff", a, b, "--out", tmp_path / "bind/y/out", check=False)
+    finally:
+        mounts.force_unmount(tmp_path / "bind")
+    assert "inside" in one_line(p, 1)
+    assert sorted(os.listdir(b / "y")) == ["g"]
 
 
 # -- 14 and 17: several images; a tag that is already a name ------------------------------

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -18,12 +17,12 @@ import pytest
 from mergefs.testing.registry import RegistryServer, blob_gets, uploads
 from snapshotter.digest import tree_digest
 
+from ..conftest import needs, require
 from .conftest import Cli
 
 pytestmark = [
     pytest.mark.timeout(180),
-    pytest.mark.skipif(not (os.path.exists("/usr/bin/docker-registry") and shutil.which("skopeo")),
-                       reason="needs docker-registry and skopeo"),
+    needs("docker-registry", "skopeo"),
 ]
 
 
@@ -291,8 +290,7 @@ def test_mergefs_pulls_what_skopeo_pushed(a, b, registry, layers, tmp_path, fmt)
 
 @pytest.fixture
 def containerd(tmp_path):
-    if not shutil.which("containerd") or not shutil.which("ctr"):
-        pytest.skip("needs containerd and ctr")
+    require("containerd", "ctr")
     base = tmp_path / "containerd"
     base.mkdir()
     sock = base / "containerd.sock"

@@ -20,7 +20,9 @@ from mergefs.resolver import Resolver  # noqa: E402
 from mergefs.testing import tree  # noqa: E402
 from mergefs.testing.mounts import can_mount_overlay, overlay_mount  # noqa: E402
 
-root_only = pytest.mark.skipif(os.geteuid() != 0, reason="overlay whiteouts (mknod 0/0) need root")
+from tests.conftest import needs
+
+root_only = needs("root")
 
 
 def _walk(root: Path):
@@ -129,7 +131,7 @@ def test_cli_reports_a_clear_error(tmp_path, capsys):
     assert "already holds a stack" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not can_mount_overlay(), reason="kernel overlayfs needs root")
+@needs("overlay")
 def test_bench_check_accepts_the_farm_and_catches_a_wrong_one(tmp_path):
     """The benchmark's correctness check: farm == kernel overlayfs, and a farm
     missing one whiteout's effect (a resurrected file) is reported."""
@@ -152,7 +154,7 @@ def test_bench_check_accepts_the_farm_and_catches_a_wrong_one(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not can_mount_overlay(), reason="kernel overlayfs needs root")
+@needs("overlay")
 @pytest.mark.parametrize("parallel", ["process", "thread"])
 def test_M5_parallel_build_of_a_realistic_stack_equals_kernel_overlay(tmp_path, parallel):
     """build_farm's defaults on a stack big enough to split (the caller builds the

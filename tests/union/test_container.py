@@ -14,12 +14,14 @@ from pathlib import Path
 import pytest
 
 from mergefs.testing.builders import LayerSpec, materialise_stack
+from mergefs.testing.mounts import watch_below
+
+from ..conftest import needs
 
 BUSYBOX = "/bin/busybox"
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("runc") or not os.path.exists(BUSYBOX),
-                       reason="needs root, runc and busybox-static"),
+    needs("root", "runc", "busybox"),
 ]
 APPLETS = ["sh", "ls", "cat", "echo", "id", "touch", "mkdir", "rm", "mv"]
 
@@ -64,7 +66,7 @@ def run_container(b: Path, name: str) -> subprocess.CompletedProcess:
 @pytest.fixture
 def public_dir():
     # request it before union_mount: set up first, torn down after the unmount
-    path = Path(tempfile.mkdtemp(prefix="mergefs-runc-"))
+    path = watch_below(tempfile.mkdtemp(prefix="mergefs-runc-"))
     os.chmod(path, 0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)

@@ -18,11 +18,13 @@ import pytest
 from mergefs.testing import mounts, tree
 from mergefs.testing.builders import LayerSpec, materialise_stack
 
+from ..conftest import needs
+
 REPO = Path(__file__).resolve().parents[2]
 OVL_OPTS = ["redirect_dir=off", "index=off"]
 
 pytestmark = [pytest.mark.timeout(120),
-              pytest.mark.skipif(os.geteuid() != 0, reason="needs root (kernel overlayfs)")]
+              needs("root")]
 
 
 def cli(root, *args, check=True):

@@ -24,11 +24,11 @@ from mergefs.testing import conformance, mounts, tree
 from mergefs.testing.builders import LayerSpec, materialise_stack
 from mergefs.union import server
 
+from ..conftest import needs, require
 from .conftest import _alive, stop_server
 from .test_readonly import random_stack, sample_stack
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0,
-                                reason="needs /dev/fuse and root")
+pytestmark = needs("fuse")
 _seq = itertools.count()
 
 
@@ -90,7 +90,7 @@ def test_S2_host_symlink_shows_the_link(tmp_path, union_mount):
 def public_dir():
     # request it before union_mount: set up first, torn down after the unmount
     """A directory every uid can traverse (pytest's tmp_path is root-only)."""
-    path = tempfile.mkdtemp(prefix="mergefs-test-")
+    path = str(mounts.watch_below(tempfile.mkdtemp(prefix="mergefs-test-")))
     os.chmod(path, 0o755)
     yield Path(path)
     shutil.rmtree(path, ignore_errors=True)
@@ -198,8 +198,7 @@ def test_cli_mount_premounted_writable_squash_and_signal(tmp_path, cli_mounts):
 
 def test_mount_helper_convention(tmp_path, cli_mounts):
     """mount -t fuse.mergefs mergefs MNT -o lowerdir=TOP:...:BOTTOM (via mount.fuse.mergefs)."""
-    if shutil.which("mount.fuse3") is None:
-        pytest.skip("mount.fuse3 is not installed")
+    require("mount.fuse3")
     layers = materialise_stack(sample_stack(), tmp_path / "layers")
     lowerdir = ":".join(str(l) for l in reversed(layers))
     opts = f"lowerdir={lowerdir},rw,dev,suid,nodev,nosuid,allow_other,default_permissions"
@@ -295,8 +294,7 @@ def test_crash_litter_in_work_dir_is_swept(tmp_path, union_mount):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)     # builds pyfuse3 from source: minutes on a loaded machine
-@pytest.mark.skipif(not shutil.which("gcc") or subprocess.run(
-    ["pkg-config", "--exists", "fuse3"]).returncode != 0, reason="needs gcc and libfuse3-dev")
+@needs("gcc", "libfuse3-dev")
 def test_no_open_with_inode_fh_pyfuse3(tmp_path, cli_mounts):
     """The no-open lever end to end: the patched pyfuse3 build, same view as the kernel."""
     tools = os.path.join(os.path.dirname(__file__), "..", "..", "tools")
@@ -478,8 +476,7 @@ def test_root_cli_mount_is_multi_user_unless_private(tmp_path, public_dir, cli_m
 
 def test_mount_fuse_convention_is_multi_user_unless_private(tmp_path, public_dir, cli_mounts):
     """`mount -t fuse.mergefs` (through mount.fuse3) by root: multi-user; -o private: not."""
-    if shutil.which("mount.fuse3") is None:
-        pytest.skip("mount.fuse3 is not installed")
+    require("mount.fuse3")
     layers = _multi_user_stack(tmp_path)
     up, wk = _rw_dirs(tmp_path / "rw")
     mnt = public_dir / "mnt"

@@ -19,8 +19,9 @@ from mergefs.cli.cmd_mount_helper import is_mount_helper_call, translate
 from mergefs.testing.builders import LayerSpec, materialise_stack
 from mergefs.union import server
 
-needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0,
-                                reason="needs /dev/fuse and root")
+from ..conftest import needs
+
+needs_fuse = needs("fuse")
 
 
 def test_translate_fuse_overlayfs_argv(tmp_path):

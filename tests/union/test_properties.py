@@ -14,6 +14,7 @@ from mergefs.testing.strategies import stacks
 from mergefs.union.ops import UnionOperations
 from mergefs.union.view import UnionView
 
+from ..conftest import needs_overlay
 from .conftest import Driver
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -39,7 +40,7 @@ def test_U1_handlers_equal_model(specs):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not mounts.can_mount_overlay(), reason="needs root and overlayfs")
+@needs_overlay
 @settings(max_examples=40, **SETTINGS)
 @given(specs=stacks(max_size=6))
 def test_U1_mount_equals_kernel_overlay(specs, tmp_path_factory, union_mount):

@@ -11,11 +11,11 @@ import pytest
 from mergefs.testing import mounts, tree
 from mergefs.testing.builders import LayerSpec, materialise_stack
 
+from ..conftest import needs_overlay
 from .conftest import stop_server
 from .test_writable import normalised
 
 REDIRECT_OPTS = ["redirect_dir=on", "index=off"]
-needs_overlay = pytest.mark.skipif(not mounts.can_mount_overlay(), reason="needs root and overlayfs")
 
 
 def upper_count(upper: Path) -> int:

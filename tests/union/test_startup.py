@@ -13,8 +13,9 @@ import pytest
 from mergefs.testing.builders import LayerSpec, materialise_stack
 from mergefs.union import server
 
-needs_root_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0,
-                                     reason="needs /dev/fuse and root")
+from ..conftest import needs
+
+needs_root_fuse = needs("fuse")
 
 # modules that a FUSE server never uses and that cost start-up time: TLS, OpenSSL
 # hashes, JSON, argument parsing, the store's database, archives

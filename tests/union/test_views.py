@@ -17,13 +17,12 @@ from mergefs.errors import AlreadyExists, FailedPrecondition, NotFound
 from mergefs.testing import mounts, tree
 from mergefs.testing.builders import LayerSpec, materialise_stack
 
+from ..conftest import needs
 from .test_readonly import random_stack, sample_stack
 from .test_writable import normalised
 from .viewsrv import ViewsServer
 
-pytestmark = [pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0,
-                                 reason="needs /dev/fuse and root"),
-              pytest.mark.timeout(120)]
+pytestmark = [needs("fuse"), pytest.mark.timeout(120)]
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,14 +14,14 @@ import pytest
 
 from mergefs.testing import mounts
 
+from ..conftest import needs
 from .test_container import BUSYBOX, bundle, busybox_layers, public_dir, run_container  # noqa: F401
 from .viewsrv import ViewsServer
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.timeout(300),
-    pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists(BUSYBOX),
-                       reason="needs root, runc and busybox-static"),
+    needs("root", "runc", "busybox"),
 ]
 
 
@@ -126,7 +125,7 @@ def test_bundle_of_an_oci_image_uses_its_config(tmp_path, public_dir, views):  #
     assert not mounts.is_mounted(b / "rootfs")
 
 
-@pytest.mark.skipif(not shutil.which("umoci"), reason="needs umoci")
+@needs("umoci")
 def test_bundle_of_a_store_ref_runs_the_config_kept_at_import(tmp_path, public_dir,  # noqa: F811
                                                               views):
     """An image whose config umoci set, imported into the store, bundled by its name:

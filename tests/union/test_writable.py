@@ -17,6 +17,7 @@ from pyfuse3 import FUSEError
 from mergefs.testing import mounts, tree
 from mergefs.testing.builders import LayerSpec, materialise_stack
 
+from ..conftest import needs_overlay
 from .test_readonly import random_stack
 
 
@@ -199,7 +200,7 @@ def lower_specs(seed: int) -> list[LayerSpec]:
         .symlink("c", "a").file("d", b"dd", mode=0o600)]
 
 
-@pytest.mark.skipif(not mounts.can_mount_overlay(), reason="needs root and overlayfs")
+@needs_overlay
 @pytest.mark.parametrize("seed", range(6))
 def test_U4_differential_random_ops_vs_kernel_overlay(seed, tmp_path, union_mount):
     differential(seed, tmp_path, union_mount, 60)
@@ -325,7 +326,7 @@ async def test_open_unlinked_file_keeps_working(tmp_path, rw):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not mounts.can_mount_overlay(), reason="needs root and overlayfs")
+@needs_overlay
 @pytest.mark.parametrize("seed", range(100, 160))
 def test_U4_differential_long_random_ops(seed, tmp_path, union_mount):
     differential(seed, tmp_path, union_mount, 200)
@@ -521,7 +522,7 @@ async def test_R1_merged_dir_rename_writes_a_redirect_and_copies_nothing(tmp_pat
     await drv.finish()
 
 
-@pytest.mark.skipif(not mounts.can_mount_overlay(), reason="needs root and overlayfs")
+@needs_overlay
 def test_U5_merged_dir_rename_on_mount_and_kernel_overlay_agrees(tmp_path, union_mount):
     specs = [LayerSpec().file("etc/a", b"a").file("etc/sub/b", b"b").symlink("etc/l", "a"),
              LayerSpec().file("etc/c", b"c").whiteout("etc/a")]
@@ -557,7 +558,7 @@ def _root_ops(root: str, tarball: str) -> list:
     return out
 
 
-@pytest.mark.skipif(not mounts.can_mount_overlay(), reason="needs root and overlayfs")
+@needs_overlay
 def test_mount_root_takes_setattr_setxattr_and_tar_dot(tmp_path, union_mount):
     """Issue 10 item 1: the root is a directory like any other, as in kernel overlayfs."""
     specs = [LayerSpec().file("etc/a", b"a").dir("var"), LayerSpec().file("etc/b", b"b")]
@@ -590,7 +591,7 @@ def test_mount_root_takes_setattr_setxattr_and_tar_dot(tmp_path, union_mount):
         tree.assert_same(tree.capture(ovl), ours_view, "kernel overlayfs over mergefs's upper")
 
 
-@pytest.mark.skipif(not mounts.can_mount_overlay(), reason="needs root and overlayfs")
+@needs_overlay
 def test_U4_attributes_of_the_mount_root_as_kernel_overlay(tmp_path, union_mount):
     """chown/chmod/utime/setxattr on the mount point itself land on the upper's root
     (podman chowns a container's rootfs before it starts it)."""
