@@ -170,13 +170,28 @@ class ViewFS(pyfuse3.Operations):
             return self._new_gid()
         return cls << XINO_SHIFT | ino
 
-    def _gid(self, view: View, number: int) -> int:
-        """The private gid of a view's local inode (directories, changed entries)."""
+    def _gid(self, view: View, number: int, node=None, st=None) -> int:
+        """The private gid of a view's local inode (directories, changed entries).
+        A non-directory the view's upper supplies from the start of the service (a
+        file it made; one copied up before) gets the gid of that upper file, derived
+        like a lower file's, so it is the same after a restart (U8)."""
         gid = view.private.get(number)
         if gid is None:
-            gid = view.private[number] = self._new_gid()
+            gid = self._upper_gid(view, number, node, st) or self._new_gid()
+            view.private[number] = gid
             self._targets[gid] = (view, number)
         return gid
+
+    def _upper_gid(self, view: View, number: int, node, st) -> int | None:
+        if node is None:
+            inode = view.uv.inodes.live(number)
+            if inode is None or inode.unlinked:
+                return None
+            node, st = inode.node, inode.attr
+        if st is None or view.up is None or node.kind == DIR or node.top != view.up:
+            return None
+        gid = self._lower_gid((st.st_dev, st.st_ino))
+        return None if gid in self._targets else gid    # its inode reused while held
 
     def _shareable(self, view: View, node, st) -> bool:
         return view.shows_lower(node) and not (
@@ -394,7 +409,7 @@ class ViewFS(pyfuse3.Operations):
                 if live is not None and live.attr is not None and not live.unlinked:
                     st = live.attr
                 merged = node.kind == DIR and view.uv.merged(parent, name, node)
-                attrs = entry_attributes(self._gid(view, number), st, merged,
+                attrs = entry_attributes(self._gid(view, number, node, st), st, merged,
                                          view.ops.timeouts)
                 if not pyfuse3.readdir_reply(token, name, attrs, i):
                     break

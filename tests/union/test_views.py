@@ -318,19 +318,29 @@ def test_U8_a_lower_file_keeps_its_number_across_views_copy_up_and_restarts(tmp_
         copied = os.lstat(a / "etc/passwd").st_ino
         assert copied != before["etc/passwd"]
         assert os.lstat(ro / "etc/passwd").st_ino == before["etc/passwd"]
+        (a / "etc/new").write_bytes(b"made in a")                    # a view's own file
+        os.link(a / "etc/new", a / "etc/new2")
+        os.listdir(a / "etc")                                         # readdirplus first
+        made = os.lstat(a / "etc/new").st_ino
+        assert os.lstat(a / "etc/new2").st_ino == made
+        assert made not in (*before.values(), copied)
     finally:
         srv.stop()
     assert not srv.errors(), srv.errors()
     srv = ViewsServer(tmp_path / "srv2")
     try:
         ro2 = srv.add("ro2", layers)
-        os.listdir(ro2 / "usr/bin")                                   # other numbers first
+        for _ in os.walk(ro2):                                        # other numbers first
+            pass
         os.lstat(ro2 / "var/keep")
         a = srv.add("a", layers, *up_a)
         after = {p: os.lstat(a / p).st_ino for p in LOWER_FILES if p != "etc/passwd"}
         assert after == {p: n for p, n in before.items() if p != "etc/passwd"}
         assert {p: os.lstat(ro2 / p).st_ino for p in LOWER_FILES} == before
-        seen = set(before.values()) | {os.lstat(v / d).st_ino for v in (a, ro2)
+        for _ in os.walk(a):
+            pass
+        assert os.lstat(a / "etc/new2").st_ino == os.lstat(a / "etc/new").st_ino == made
+        seen = {made} | set(before.values()) | {os.lstat(v / d).st_ino for v in (a, ro2)
                                        for d in (".", "etc", "bin", "usr")}
         assert os.lstat(a / "etc/passwd").st_ino not in seen
     finally:
