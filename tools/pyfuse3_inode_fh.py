@@ -17,11 +17,23 @@ writable mounts keep real opens. It refuses a pyfuse3 whose generated C is
 not the expected one, and mergefs then keeps real opens (correct, slower).
 The change is small enough to propose upstream ("pass the inode to
 read/readdir when there is no fh").
+
+The build also bakes pyfuse3's version string into its pure-Python part
+(``_pyfuse3.py``): stock pyfuse3 3.5.0 looks its own version up through
+``importlib.metadata`` at every import, which scans site-packages and loads
+the email parser, ~45 M instructions (~9%) of a mount's path to its first
+answer (README, "Mount latency"). The build reads the version once, the same
+way, and writes it as a constant (``__version__`` is unchanged). That part is
+exact too: it refuses a ``_pyfuse3.py`` whose lookup is not the expected
+lines. The marker's first line names the patch version; ``--install``
+rebuilds an install marked with an older one (a server accepts either: the
+marker vouches for the inode-fh module, which both versions have).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import py_compile
 import re
 import shutil
 import subprocess
@@ -34,7 +46,30 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mergefs.union import server  # noqa: E402
 
 PATCHED_HANDLERS = ("fuse_read", "fuse_readdirplus")
-PATCH_MARK = "v2: fh 0 -> inode in read/readdir; FUSE_CAP_CACHE_SYMLINKS\n"
+PATCH_MARK = ("v3: fh 0 -> inode in read/readdir; FUSE_CAP_CACHE_SYMLINKS; "
+              "version baked into _pyfuse3.py\n")
+VERSION_LOOKUP = (
+    "from importlib.metadata import PackageNotFoundError, version as package_version\n",
+    "# Version information\n"
+    "try:\n"
+    "    __version__ = package_version('pyfuse3')\n"
+    "except PackageNotFoundError:\n"
+    "    __version__ = 'unknown'\n",
+)
+BAKED = "# Version information (baked in by mergefs's tools/pyfuse3_inode_fh.py)\n"
+
+
+def bake_version(text: str, version: str) -> str:
+    """``_pyfuse3.py``'s source with its ``importlib.metadata`` lookup replaced
+    by the constant ``version``; already baked text is returned as it is.
+    Raises RuntimeError on any other source."""
+    if BAKED in text and "importlib.metadata" not in text:
+        return text
+    if any(text.count(part) != 1 for part in VERSION_LOOKUP):
+        raise RuntimeError("this pyfuse3's _pyfuse3.py does not look its version up "
+                           "the expected way")
+    text = text.replace(VERSION_LOOKUP[0], "")
+    return text.replace(VERSION_LOOKUP[1], BAKED + f"__version__ = {version!r}\n")
 
 
 def build(dest: str) -> str:
@@ -76,6 +111,7 @@ def build(dest: str) -> str:
         raise RuntimeError(f"patched {patched} of {len(PATCHED_HANDLERS) + 1} places: "
                            "this pyfuse3's generated C is not the expected one")
     open(src, "w").write("\n".join(lines))
+    _bake(pkg)
     flags = subprocess.run(["pkg-config", "--cflags", "--libs", "fuse3"], check=True,
                            capture_output=True, text=True).stdout.split()
     ext = sysconfig.get_config_var("EXT_SUFFIX")
@@ -85,6 +121,15 @@ def build(dest: str) -> str:
     so = os.path.join(pkg, "__init__" + ext)
     open(marker, "w").write(PATCH_MARK + "sha256 " + server.module_digest(so) + "\n")
     return dest
+
+
+def _bake(pkg: str) -> None:
+    from importlib.metadata import version
+    py = os.path.join(pkg, "_pyfuse3.py")
+    with open(py) as f:
+        text = bake_version(f.read(), version("pyfuse3"))
+    with open(py, "w") as f:
+        f.write(text)
 
 
 def _marked(marker: str) -> bool:
@@ -103,7 +148,7 @@ def install() -> str:
     import pyfuse3
     pkg = os.path.dirname(pyfuse3.__file__)
     marker = os.path.join(pkg, server.INODE_FH_MARKER)
-    if server.pyfuse3_passes_inode():
+    if server.pyfuse3_passes_inode() and _current(marker):
         _note_identity(marker, pyfuse3.__file__)
         return f"{pkg}: already the inode-fh build"
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,9 +160,23 @@ def install() -> str:
                 # inode in place would SIGBUS them.
                 shutil.copy2(os.path.join(built, name), os.path.join(pkg, name + ".new"))
                 os.replace(os.path.join(pkg, name + ".new"), os.path.join(pkg, name))
-        shutil.copy2(os.path.join(built, server.INODE_FH_MARKER), marker)
+        shutil.copy2(os.path.join(built, server.INODE_FH_MARKER), marker + ".new")
+        os.replace(marker + ".new", marker)
+        # the module's pure-Python part, compiled now so no server compiles it
+        shutil.copy2(os.path.join(built, "_pyfuse3.py"), os.path.join(pkg, "_pyfuse3.py.new"))
+        os.replace(os.path.join(pkg, "_pyfuse3.py.new"), os.path.join(pkg, "_pyfuse3.py"))
+        py_compile.compile(os.path.join(pkg, "_pyfuse3.py"), doraise=True)
     _note_identity(marker, pyfuse3.__file__)
     return f"{pkg}: installed the inode-fh build"
+
+
+def _current(marker: str) -> bool:
+    """Is the install marked with this patch version (older ones are rebuilt)?"""
+    try:
+        with open(marker) as f:
+            return f.read().startswith(PATCH_MARK)
+    except FileNotFoundError:
+        return False
 
 
 def _note_identity(marker: str, so: str) -> None:

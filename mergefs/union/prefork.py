@@ -27,9 +27,12 @@ import sys
 
 # trio imports these at import time for TLS, DTLS and IDNA host names, which a
 # FUSE server never uses; ssl and hmac load OpenSSL (~15% of the server's
-# import time). The server defers them: each is a module object that runs its
-# code on first attribute access (so any use still works, only later).
-DEFERRED = ("ssl", "hmac", "idna")
+# import time). trio's ``ctypes.util`` imports shutil (which imports bz2, lzma
+# and zlib) and tempfile for its fallbacks when ``ldconfig -p`` fails; a
+# writable server uses shutil to remove staged trees (~1.5% together). The
+# server defers them: each is a module object that runs its code on first
+# attribute access (so any use still works, only later).
+DEFERRED = ("ssl", "hmac", "idna", "shutil", "tempfile")
 
 
 class Prefork:

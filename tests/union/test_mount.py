@@ -304,6 +304,7 @@ def test_no_open_with_inode_fh_pyfuse3(tmp_path, cli_mounts):
     finally:
         sys.path.pop(0)
     patched = build(str(tmp_path / "pyfuse3"))
+    assert "importlib.metadata" not in (Path(patched) / "pyfuse3/_pyfuse3.py").read_text()
     layers = materialise_stack(sample_stack(), tmp_path / "layers")
     mnt, log = tmp_path / "mnt", tmp_path / "log"
     mnt.mkdir()

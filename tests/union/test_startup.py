@@ -50,14 +50,19 @@ def test_deferred_modules_work_when_used():
     r = _run("""
 from mergefs.union import prefork
 prefork.import_server()
-import ssl, hmac, idna, trio, trio.testing, sys
-assert type(sys.modules["ssl"]) is prefork._Deferred
+import ssl, hmac, idna, shutil, tempfile, trio, sys
+assert all(type(sys.modules[n]) is prefork._Deferred for n in prefork.DEFERRED)
+import trio.testing
 ctx = ssl.create_default_context()
 assert isinstance(ctx, ssl.SSLContext) and type(sys.modules["ssl"]) is type(sys)
 from hmac import compare_digest
 assert compare_digest(b"a", b"a") and hmac.new(b"k", b"m", "sha256").hexdigest()
 assert idna.encode("b\\u00fccher.de") == b"xn--bcher-kva.de"
 assert trio.SSLStream(trio.testing.MemorySendStream(), ctx, server_hostname="x")
+d = tempfile.mkdtemp()
+assert shutil.copy(sys.executable, d)
+shutil.rmtree(d)
+assert type(sys.modules["shutil"]) is type(sys.modules["tempfile"]) is type(sys)
 print("ok")
 """)
     assert (r.returncode, r.stdout) == (0, "ok\n"), r.stderr
@@ -80,6 +85,49 @@ def test_inode_fh_marker_identity_stands_for_the_digest(tmp_path):
     assert server.marked_inode_fh(str(so))            # stale identity: the digest decides
     marker.write_text("v2\n")
     assert not server.marked_inode_fh(str(so))
+
+
+def _inode_fh_tool():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+    try:
+        import pyfuse3_inode_fh
+    finally:
+        sys.path.pop(0)
+    return pyfuse3_inode_fh
+
+
+def test_inode_fh_build_reads_no_metadata_at_import():
+    """The built pyfuse3 (tools/bootstrap.sh) has its version baked in: importing
+    it loads neither importlib.metadata nor the email parser it pulls in."""
+    import importlib.metadata
+    import pyfuse3
+    tool = _inode_fh_tool()
+    marker = Path(pyfuse3.__file__).parent / server.INODE_FH_MARKER
+    if not marker.exists():
+        pytest.skip("stock pyfuse3: tools/bootstrap.sh could not build it (gcc, libfuse3-dev)")
+    if not marker.read_text().startswith(tool.PATCH_MARK):   # a venv from before v3
+        pytest.skip("an older build of pyfuse3: tools/bootstrap.sh rebuilds it")
+    r = _run("import sys, pyfuse3; print(pyfuse3.__version__, *sorted("
+             "n for n in sys.modules if n == 'email' or n.startswith('importlib.metadata')))")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [importlib.metadata.version("pyfuse3")]
+
+
+def test_version_baking_is_exact():
+    """The source patch takes only the lookup it knows and is idempotent."""
+    tool = _inode_fh_tool()
+    lookup, block = tool.VERSION_LOOKUP
+    stock = f"import errno\n{lookup}import typing\n\n{block}\nFlagT = int\n"
+    baked = tool.bake_version(stock, "3.5.0")
+    assert "importlib" not in baked and "__version__ = '3.5.0'\n" in baked
+    assert baked.startswith("import errno\nimport typing\n") and baked.endswith("FlagT = int\n")
+    assert tool.bake_version(baked, "3.5.0") == baked
+    namespace = {}
+    exec(baked, namespace)
+    assert namespace["__version__"] == "3.5.0"
+    for other in (stock.replace("'unknown'", "None"), stock.replace(lookup, ""), stock + block):
+        with pytest.raises(RuntimeError, match="expected way"):
+            tool.bake_version(other, "3.5.0")
 
 
 def _mergefs(*args, **kw) -> subprocess.CompletedProcess:
