@@ -60,7 +60,7 @@ def entry_attributes(number: int, st: os.stat_result, merged_dir: bool,
     e.entry_timeout = t.entry
     e.attr_timeout = t.attr
     e.st_mode = st.st_mode
-    # kernel overlayfs reports nlink 1 for a merged dir (fs/overlayfs/inode.c)
+    # kernel overlayfs reports nlink 1 for a dir merged from several layers (U1)
     e.st_nlink = 1 if merged_dir else st.st_nlink
     e.st_uid, e.st_gid, e.st_rdev, e.st_size = st.st_uid, st.st_gid, st.st_rdev, st.st_size
     if squash[0] is not None:           # squash_to_root / squash_to_uid: ownership as shown
@@ -119,7 +119,7 @@ class UnionOperations(pyfuse3.Operations):
         if inode.entry is not None and not inode.unlinked:
             return inode.entry
         st = self._stat(inode)
-        merged = inode.is_dir and len(inode.node.layers) > 1
+        merged = inode.is_dir and self.view.merged(inode.parent, inode.name, inode.node, inode)
         e = entry_attributes(inode.number, st, merged, self.timeouts, self.squash)
         if st is inode.attr:
             inode.entry = e
@@ -198,7 +198,7 @@ class UnionOperations(pyfuse3.Operations):
         try:
             for i, (name, node, number, st, attrs) in enumerate(entries, start_id + 1):
                 if attrs is None:
-                    merged = node.kind == DIR and len(node.layers) > 1
+                    merged = node.kind == DIR and self.view.merged(parent, name, node)
                     attrs = entry_attributes(number, st, merged, self.timeouts, self.squash)
                 if not reply(token, name, attrs, i):
                     break

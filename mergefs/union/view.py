@@ -112,6 +112,28 @@ class UnionView:
             inode.redirects, inode.sources = redirects, tuple(s.layer for s in found)
         return inode.sources
 
+    def merged(self, parent: Inode | None, name: bytes, node: Node,
+               inode: Inode | None = None) -> bool:
+        """Is the directory ``node`` named ``name`` in ``parent`` served by more than
+        one layer? Kernel overlayfs reports nlink 1 for such a directory and the
+        layer's own count otherwise (U1): a redirected directory is merged even with
+        nothing below its new name, an opaque one is not even with something there.
+        Costs at most one read of the top layer's markers (none once it was read)."""
+        if inode is not None and inode.sources is not None:
+            return len(inode.sources) > 1
+        top = node.layers[0]
+        if parent is None or top == 0:        # the root's layers are cut already
+            return len(node.layers) > 1
+        path = join(parent.path, name)
+        ld = self.resolver.layer_markers(
+            top, path if not self.redirected else join(self.layer_path(parent, top), name))
+        if ld.opaque:
+            return False
+        if redirect_value(ld.redirect) is None:
+            return len(node.layers) > 1
+        found, _ = self._sources(parent, name, node, path, self.resolver.layer_markers)
+        return len(found) > 1
+
     def listing_of(self, parent: Inode, name: bytes, node: Node) -> SortedDict:
         """The merged listing of ``parent/name`` without an inode for it."""
         found, _ = self._sources(parent, name, node, join(parent.path, name))

@@ -53,7 +53,7 @@ from ..layer import DIR, is_overlay_private
 from ..resolver import join
 from ..mountspec import MountSpec
 from .errors import fuse_errors
-from .inodes import ROOT_INODE, Inode
+from .inodes import MAX_LAYER, ROOT_INODE, XINO_SHIFT, Inode
 from .lowercache import LowerCache
 from .ops import WRITE_FLAGS, entry_attributes, statfs_reply
 from .viewstate import Shared, View, copy_entry, detached, mounts_using
@@ -83,6 +83,7 @@ class ViewFS(pyfuse3.Operations):
         self.root_mtime_ns = time.time_ns()
         self._root_listings: dict[int, list[str]] = {}
         self._caches: dict[tuple, LowerCache] = {}         # per lower stack
+        self._dev_classes: dict[int, int | None] = {}      # st_dev -> high bits of shared gids
 
     # -- the control API (trio thread) ---------------------------------------
     def add_view(self, name: str, spec: MountSpec) -> str:
@@ -153,13 +154,44 @@ class ViewFS(pyfuse3.Operations):
         self._next_gid += 1
         return gid
 
-    def _gid(self, view: View, number: int) -> int:
-        """The private gid of a view's local inode (directories, changed entries)."""
+    def _lower_gid(self, key: tuple[int, int]) -> int:
+        """The gid of a shared lower file, derived from its ``(st_dev, st_ino)`` like
+        xino (U8): ``class(st_dev) << 54 | st_ino``, the same after a restart; the
+        class is ``st_dev mod 1023 + 1``, the next free one if another device has it.
+        Private gids come from the counter, below ``1 << 54``: never one of these."""
+        dev, ino = key
+        cls = self._dev_classes.get(dev)
+        if cls is None:
+            taken = set(self._dev_classes.values())
+            cls = next((c for i in range(MAX_LAYER + 1)
+                        if (c := (dev + i) % (MAX_LAYER + 1) + 1) not in taken), None)
+            self._dev_classes[dev] = cls
+        if cls is None or ino >> XINO_SHIFT or not ino:
+            return self._new_gid()
+        return cls << XINO_SHIFT | ino
+
+    def _gid(self, view: View, number: int, node=None, st=None) -> int:
+        """The private gid of a view's local inode (directories, changed entries).
+        A non-directory the view's upper supplies from the start of the service (a
+        file it made; one copied up before) gets the gid of that upper file, derived
+        like a lower file's, so it is the same after a restart (U8)."""
         gid = view.private.get(number)
         if gid is None:
-            gid = view.private[number] = self._new_gid()
+            gid = self._upper_gid(view, number, node, st) or self._new_gid()
+            view.private[number] = gid
             self._targets[gid] = (view, number)
         return gid
+
+    def _upper_gid(self, view: View, number: int, node, st) -> int | None:
+        if node is None:
+            inode = view.uv.inodes.live(number)
+            if inode is None or inode.unlinked:
+                return None
+            node, st = inode.node, inode.attr
+        if st is None or view.up is None or node.kind == DIR or node.top != view.up:
+            return None
+        gid = self._lower_gid((st.st_dev, st.st_ino))
+        return None if gid in self._targets else gid    # its inode reused while held
 
     def _shareable(self, view: View, node, st) -> bool:
         return view.shows_lower(node) and not (
@@ -176,7 +208,7 @@ class ViewFS(pyfuse3.Operations):
         key = (st.st_dev, st.st_ino)
         gid = self._shared.get(key)
         if gid is None:
-            gid = self._shared[key] = self._new_gid()
+            gid = self._shared[key] = self._lower_gid(key)
             where = join(view.uv.layer_path(parent, node.top), name)    # its path in its layer
             self._targets[gid] = Shared(key, view, detached(where, node, st))
         sh = self._targets[gid]
@@ -376,8 +408,8 @@ class ViewFS(pyfuse3.Operations):
                 live = inodes.live(number)
                 if live is not None and live.attr is not None and not live.unlinked:
                     st = live.attr
-                merged = node.kind == DIR and len(node.layers) > 1
-                attrs = entry_attributes(self._gid(view, number), st, merged,
+                merged = node.kind == DIR and view.uv.merged(parent, name, node)
+                attrs = entry_attributes(self._gid(view, number, node, st), st, merged,
                                          view.ops.timeouts)
                 if not pyfuse3.readdir_reply(token, name, attrs, i):
                     break

@@ -163,6 +163,8 @@ class WritableView(UnionView):
         self._set_child(parent, name, node)
         inode = self.inodes.entry(parent, name, node)
         inode.attr = st
+        if node.kind == DIR:      # served by the upper alone: no markers to read (U1 nlink)
+            inode.redirects, inode.sources = (), (self.up,)
         return inode
 
     def _prepare_new(self, parent: Inode, name: bytes, ctx) -> tuple[int, bool]:

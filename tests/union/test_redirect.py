@@ -179,3 +179,46 @@ def test_R2_farm_import_export_refuse_a_layer_with_a_redirect(tmp_path):
             Snapshotter(store=store).import_dir(str(up))
     finally:
         store.close()
+
+
+def dir_nlinks(root: Path) -> dict[str, int]:
+    out = {".": os.lstat(root).st_nlink}
+    for dirpath, dirs, _ in os.walk(root):
+        for d in dirs:
+            p = os.path.join(dirpath, d)
+            out[os.path.relpath(p, root)] = os.lstat(p).st_nlink
+    return out
+
+
+NLINK_OPS = [("rename", "a", "b"),                        # redirected, nothing below "b"
+             ("rename", "x/y", "t/yy"),                   # redirected into a merged dir
+             ("rmdir", "t/sub"), ("mkdir", "t/sub"),      # opaque over a lower dir
+             ("mkdir", "n"), ("mkdir", "n/m"),            # upper only
+             ("chmod", "old", 0o700)]                     # copied up, not redirected
+
+
+@needs_overlay
+@pytest.mark.timeout(120)
+def test_R1_U1_dir_nlink_as_kernel_overlay_with_redirect_dir(tmp_path, union_mount):
+    """st_nlink of every directory is what kernel overlayfs (redirect_dir=on) says:
+    1 for a directory merged from more than one layer (a redirected one included),
+    the layer's own count for one served by one layer (an opaque one included);
+    live, after a remount, and with kernel overlayfs over mergefs's upper."""
+    ours, oracle = lowers(tmp_path, "ours"), lowers(tmp_path, "oracle")
+    for d in ("up1", "wk1", "up2", "wk2", "ovl"):
+        (tmp_path / d).mkdir()
+    mnt = union_mount(ours, upper=tmp_path / "up1", work=tmp_path / "wk1")
+    run_ops(mnt, NLINK_OPS)
+    live = dir_nlinks(mnt)
+    with mounts.overlay_mount(oracle, tmp_path / "ovl", upper=tmp_path / "up2",
+                              work=tmp_path / "wk2", options=REDIRECT_OPTS) as ovl:
+        run_ops(ovl, NLINK_OPS)
+        kernel = dir_nlinks(ovl)
+    assert kernel["b"] == 1 and kernel["t/sub"] == 2      # the oracle's facts this test is about
+    assert live == kernel
+    stop_server(mnt, union_mount.started[-1][1])
+    with mounts.overlay_mount(oracle, tmp_path / "ovl", upper=tmp_path / "up1",
+                              work=tmp_path / "wk2", options=REDIRECT_OPTS) as ovl:
+        assert dir_nlinks(ovl) == kernel
+    again = union_mount(ours, upper=tmp_path / "up1", work=tmp_path / "wk1")
+    assert dir_nlinks(again) == kernel

@@ -293,3 +293,56 @@ def test_a_shared_file_outlives_its_first_view_across_stacks(tmp_path, views):
     views.remove("a")
     assert (b / "etc/shadow").read_bytes() == b"secret"
     assert os.stat(b / "etc/shadow").st_ino == ino
+
+
+LOWER_FILES = ("etc/passwd", "etc/shadow", "etc/hosts", "bin/busybox", "bin/sh",
+               "usr/bin/env", "lib", "run/fifo")
+
+
+def test_U8_a_lower_file_keeps_its_number_across_views_copy_up_and_restarts(tmp_path):
+    """A lower file shown unchanged has one number in every view and after the
+    service restarts (views re-added in another order, other files looked up
+    first); a file copied up in one view leaves it for a number of its own, while
+    the other views keep showing the lower file under the old number."""
+    layers = materialise_stack(sample_stack(), tmp_path / "layers", "overlay")
+    up_a = writable(tmp_path, "a")
+    srv = ViewsServer(tmp_path / "srv1")
+    try:
+        a, ro = srv.add("a", layers, *up_a), srv.add("ro", layers)
+        before = {p: os.lstat(a / p).st_ino for p in LOWER_FILES}
+        assert {p: os.lstat(ro / p).st_ino for p in LOWER_FILES} == before
+        assert before["bin/sh"] == before["bin/busybox"]             # hardlinks: one number
+        assert len(set(before.values())) == len(LOWER_FILES) - 1
+        with open(a / "etc/passwd", "a") as f:                        # copy-up in view a
+            f.write("daemon:x:1:1\n")
+        copied = os.lstat(a / "etc/passwd").st_ino
+        assert copied != before["etc/passwd"]
+        assert os.lstat(ro / "etc/passwd").st_ino == before["etc/passwd"]
+        (a / "etc/new").write_bytes(b"made in a")                    # a view's own file
+        os.link(a / "etc/new", a / "etc/new2")
+        os.listdir(a / "etc")                                         # readdirplus first
+        made = os.lstat(a / "etc/new").st_ino
+        assert os.lstat(a / "etc/new2").st_ino == made
+        assert made not in (*before.values(), copied)
+    finally:
+        srv.stop()
+    assert not srv.errors(), srv.errors()
+    srv = ViewsServer(tmp_path / "srv2")
+    try:
+        ro2 = srv.add("ro2", layers)
+        for _ in os.walk(ro2):                                        # other numbers first
+            pass
+        os.lstat(ro2 / "var/keep")
+        a = srv.add("a", layers, *up_a)
+        after = {p: os.lstat(a / p).st_ino for p in LOWER_FILES if p != "etc/passwd"}
+        assert after == {p: n for p, n in before.items() if p != "etc/passwd"}
+        assert {p: os.lstat(ro2 / p).st_ino for p in LOWER_FILES} == before
+        for _ in os.walk(a):
+            pass
+        assert os.lstat(a / "etc/new2").st_ino == os.lstat(a / "etc/new").st_ino == made
+        seen = {made} | set(before.values()) | {os.lstat(v / d).st_ino for v in (a, ro2)
+                                       for d in (".", "etc", "bin", "usr")}
+        assert os.lstat(a / "etc/passwd").st_ino not in seen
+    finally:
+        srv.stop()
+    assert not srv.errors(), srv.errors()
