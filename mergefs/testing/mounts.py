@@ -27,6 +27,22 @@ def force_unmount(path: str | os.PathLike) -> None:
             return
 
 
+def servers_of(mnt: str | os.PathLike) -> list[int]:
+    """Live processes (not this one, not zombies) whose command line names ``mnt``:
+    the servers of a mount made there."""
+    key = os.fsencode(str(mnt))
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            state = Path(f"/proc/{pid}/stat").read_bytes().rpartition(b")")[2].split()[0]
+        except OSError:
+            continue
+        if key in cmd and state != b"Z" and int(pid) != os.getpid():
+            pids.append(int(pid))
+    return pids
+
+
 # Private roots registered by tests and harnesses -> the mounts below each when registered.
 _WATCHED: dict[str, set[str]] = {}
 

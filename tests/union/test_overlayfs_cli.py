@@ -17,6 +17,7 @@ import pytest
 
 from mergefs.cli.cmd_mount_helper import is_mount_helper_call, translate
 from mergefs.testing.builders import LayerSpec, materialise_stack
+from mergefs.testing.mounts import servers_of
 from mergefs.union import server
 
 from ..conftest import needs
@@ -61,20 +62,6 @@ def test_unsupported_option_is_a_clear_usage_error(opt, words, tmp_path):
     assert r.stderr.count("\n") == 1 and all(w in r.stderr for w in words), r.stderr
 
 
-def _servers_of(mnt: Path) -> list[int]:
-    key = os.fsencode(str(mnt))
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            state = Path(f"/proc/{pid}/stat").read_bytes().rpartition(b")")[2].split()[0]
-        except OSError:
-            continue
-        if key in cmd and state != b"Z" and int(pid) != os.getpid():
-            pids.append(int(pid))
-    return pids
-
-
 @needs_fuse
 def test_fuse_overlayfs_form_through_a_symlink(tmp_path):
     """As containers/storage calls it: a program named mergefs-overlayfs, lower dirs
@@ -109,14 +96,14 @@ def test_fuse_overlayfs_form_through_a_symlink(tmp_path):
         assert (store / "upper/new").read_text() == "x"
         assert "nodev" in next(line for line in open("/proc/self/mounts")
                                if line.split()[1] == str(mnt))
-        assert _servers_of(mnt)
+        assert servers_of(mnt)
     finally:
         if server.is_mounted(str(mnt)):
             subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
     deadline = time.monotonic() + 10
-    while _servers_of(mnt) and time.monotonic() < deadline:
+    while servers_of(mnt) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _servers_of(mnt), "the server outlived its mount"
+    assert not servers_of(mnt), "the server outlived its mount"
     assert not server.is_mounted(str(mnt))
 
 
@@ -161,6 +148,6 @@ def test_in_a_user_namespace_the_upper_uses_user_xattrs(tmp_path):
     st = os.lstat(up / "f")
     assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
     deadline = time.monotonic() + 10
-    while _servers_of(tmp_path / "mnt") and time.monotonic() < deadline:
+    while servers_of(tmp_path / "mnt") and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _servers_of(tmp_path / "mnt")
+    assert not servers_of(tmp_path / "mnt")

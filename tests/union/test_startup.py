@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from mergefs.testing.builders import LayerSpec, materialise_stack
+from mergefs.testing.mounts import servers_of
 from mergefs.union import server
 
 from ..conftest import needs
@@ -135,25 +136,11 @@ def _mergefs(*args, **kw) -> subprocess.CompletedProcess:
                           text=True, timeout=60, **kw)
 
 
-def _servers_of(mnt: Path) -> list[int]:
-    key = os.fsencode(str(mnt))
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            state = Path(f"/proc/{pid}/stat").read_bytes().rpartition(b")")[2].split()[0]
-        except OSError:
-            continue
-        if key in cmd and state != b"Z" and int(pid) != os.getpid():
-            pids.append(int(pid))
-    return pids
-
-
 def _gone(mnt: Path) -> bool:
     deadline = time.monotonic() + 15
-    while _servers_of(mnt) and time.monotonic() < deadline:
+    while servers_of(mnt) and time.monotonic() < deadline:
         time.sleep(0.05)
-    return not _servers_of(mnt)
+    return not servers_of(mnt)
 
 
 @pytest.fixture

@@ -436,11 +436,10 @@ async def test_failed_create_in_place_leaves_nothing(tmp_path, rw, monkeypatch):
     await drv.finish()
 
 
-async def test_U5_merged_dir_rename_copies_the_subtree_where_no_redirect_fits(
-        tmp_path, rw, monkeypatch):
-    """A redirect longer than the kernel's redirect_max: the subtree is copied (as mv)."""
-    from mergefs.union import dirmove
-    monkeypatch.setattr(dirmove, "redirect_max", lambda: 1)
+async def _move_merged_dir_d(rw):
+    """Rename merged dir ``d`` (two layers, a whiteout inside, a hardlink, held
+    inodes) to ``moved`` and check the tree moved as it was; the driver and the
+    inodes of d/a and d/sub/b looked up before the move."""
     specs = [LayerSpec().file("d/a", b"a", mode=0o600, uid=5).file("d/sub/b", b"b")
              .hardlink("d/sub/b2", "d/sub/b").symlink("d/l", "../x").dir("d", mode=0o750)
              .file("d/gone", b"g"),
@@ -458,6 +457,16 @@ async def test_U5_merged_dir_rename_copies_the_subtree_where_no_redirect_fits(
              if p.startswith(b"moved")}
     assert moved == {p: v for p, v in before.entries.items() if p.startswith(b"d")}
     assert not any(p.startswith(b"d") for p in after.entries)
+    return drv, a, sub_b
+
+
+async def test_U5_merged_dir_rename_copies_the_subtree_where_no_redirect_fits(
+        tmp_path, rw, monkeypatch):
+    """A redirect longer than the kernel's redirect_max: the subtree is copied (as mv)."""
+    from mergefs.union import dirmove
+    monkeypatch.setattr(dirmove, "redirect_max", lambda: 1)
+    drv, a, sub_b = await _move_merged_dir_d(rw)
+    ops, ctx = drv.ops, drv.ctx
     assert upper_entries(tmp_path)["d"] == "whiteout"
     assert os.lstat(tmp_path / "upper/moved/sub/b").st_ino == \
         os.lstat(tmp_path / "upper/moved/sub/b2").st_ino          # hardlinks stay linked
@@ -488,23 +497,8 @@ async def test_U5_copy_fallback_below_a_redirected_dir(tmp_path, rw, monkeypatch
 
 
 async def test_R1_merged_dir_rename_writes_a_redirect_and_copies_nothing(tmp_path, rw):
-    specs = [LayerSpec().file("d/a", b"a", mode=0o600, uid=5).file("d/sub/b", b"b")
-             .hardlink("d/sub/b2", "d/sub/b").symlink("d/l", "../x").dir("d", mode=0o750)
-             .file("d/gone", b"g"),
-             LayerSpec().file("d/sub/c", b"c", xattrs={"user.k": b"v"}).file("x/keep", b"k")]
-    drv = rw(specs)
+    drv, a, sub_b = await _move_merged_dir_d(rw)
     ops, ctx = drv.ops, drv.ctx
-    d = await drv.lookup("d")
-    await ops.unlink(d, b"gone", ctx)                      # a whiteout inside the old dir
-    a = await drv.lookup("d/a")
-    sub_b = await drv.lookup("d/sub/b")
-    before = await drv.capture()
-    await ops.rename(1, b"d", 1, b"moved", 0, ctx)
-    after = await drv.capture()
-    moved = {p.replace(b"moved", b"d", 1): v for p, v in after.entries.items()
-             if p.startswith(b"moved")}
-    assert moved == {p: v for p, v in before.entries.items() if p.startswith(b"d")}
-    assert not any(p.startswith(b"d") for p in after.entries)
     assert upper_entries(tmp_path) == {"d": "whiteout", "moved": "dir", "moved/gone": "whiteout"}
     assert os.getxattr(tmp_path / "upper/moved", "trusted.overlay.redirect") == b"/d"
     # inodes the kernel holds keep their numbers and read the same files
