@@ -83,7 +83,8 @@ async def _run() -> None:
         # with one, the next request can be awaited in poll(2) (fuseloop).
         from . import fuseloop
         if not fuseloop.install():
-            log.info("pyfuse3's own request wait (no unique /dev/fuse fd found)")
+            log.info("pyfuse3's own request wait (this pyfuse3 has no _wait_fuse_readable, "
+                     "or no unique /dev/fuse fd was found)")
         await pyfuse3.main(min_tasks=1, max_tasks=1)
         nursery.cancel_scope.cancel()
 

@@ -187,3 +187,23 @@ def test_eperm_from_mount_in_a_user_namespace_is_a_clear_error(tmp_path, mnt):
     assert r.stderr.startswith("mergefs: error: mounting ") and r.stderr.count("\n") == 1
     assert not server.is_mounted(str(mnt))
     assert _gone(mnt)
+
+
+FUSELOOP_PROBE = """
+import os, pyfuse3
+from mergefs.union import fuseloop
+stock = pyfuse3._wait_fuse_readable
+fd = os.open("/dev/fuse", os.O_RDWR)
+print(fuseloop.install(), pyfuse3._wait_fuse_readable is not stock)
+"""
+
+
+@needs_root_fuse
+def test_fuseloop_hooks_the_installed_pyfuse3():
+    """The poll-first request wait (mergefs.union.fuseloop) replaces a function of
+    pyfuse3's module; a pyfuse3 without it keeps its own wait, correct but ~2x the
+    server CPU per request. This fails when the installed pyfuse3 loses the hook."""
+    r = subprocess.run([sys.executable, "-c", FUSELOOP_PROBE], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["True", "True"], r.stdout
