@@ -147,27 +147,37 @@ def log_requests() -> None:
 
 def serve(spec: MountSpec, mountpoint: str, fmt: str = "auto", ready=None) -> None:
     """Serve ``spec`` at ``mountpoint`` until unmounted or signalled."""
+    with contextlib.closing(build_view(spec, fmt)) as view:
+        _serve(spec, view, mountpoint, mountpoint, ready)
+
+
+def _serve(spec: MountSpec, view, target: str, mountpoint: str, ready=None) -> None:
+    """Serve ``view`` through libfuse at ``target``: ``mountpoint`` itself (libfuse
+    mounts and unmounts it) or ``/dev/fd/N``, a connection mounted already (then
+    a dead mount left at ``mountpoint`` is unmounted here: libfuse did not mount it)."""
     import pyfuse3
     import trio
     from .ops import UnionOperations
-    with contextlib.closing(build_view(spec, fmt)) as view:
-        ops = UnionOperations(view, no_open=pyfuse3_passes_inode(), volatile=spec.volatile,
-                              squash=(spec.squash_uid, spec.squash_gid))
-        pyfuse3.init(ops, mountpoint, fuse_options(spec))
-        try:
-            log.info("serving %d layers at %s (%s%s)", len(spec.lowers), mountpoint,
-                     "writable" if spec.writable else "read-only",
-                     ", no-open" if ops.no_open else "")
-            if ready is not None:
-                ready()
-            trio.run(_run)
-        except BaseException:
-            log.exception("server stopped by an error")
-            raise
-        finally:
-            pyfuse3.close(unmount=True)
-            ops.close()
-            log.info("stopped")
+    adopted = target != mountpoint
+    ops = UnionOperations(view, no_open=pyfuse3_passes_inode(), volatile=spec.volatile,
+                          squash=(spec.squash_uid, spec.squash_gid))
+    pyfuse3.init(ops, target, fuse_options(spec))
+    try:
+        log.info("serving %d layers at %s (%s%s)", len(spec.lowers), mountpoint,
+                 "writable" if spec.writable else "read-only", ", no-open" if ops.no_open else "")
+        if ready is not None:
+            ready()
+        trio.run(_run)
+    except BaseException:
+        log.exception("server stopped by an error")
+        raise
+    finally:
+        pyfuse3.close(unmount=not adopted)
+        ops.close()
+        if adopted and is_mergefs_mount(mountpoint) and is_dead(mountpoint):
+            with contextlib.suppress(OSError):
+                syscalls_umount(mountpoint)
+        log.info("stopped")
 
 
 def default_log_path(mountpoint: str) -> str:
@@ -345,27 +355,8 @@ def syscalls_umount(mountpoint: str) -> None:
 def serve_fd(spec: MountSpec, view, mountpoint: str, fd: int) -> None:
     """Serve ``view`` on the already mounted FUSE connection ``fd``; on a signal,
     unmount ``mountpoint`` (libfuse does not: it did not mount it)."""
-    import pyfuse3
-    import trio
-    from .ops import UnionOperations
     os.set_inheritable(fd, False)
-    ops = UnionOperations(view, no_open=pyfuse3_passes_inode(), volatile=spec.volatile,
-                          squash=(spec.squash_uid, spec.squash_gid))
-    pyfuse3.init(ops, f"/dev/fd/{fd}", fuse_options(spec))
-    try:
-        log.info("serving %d layers at %s (%s%s)", len(spec.lowers), mountpoint,
-                 "writable" if spec.writable else "read-only", ", no-open" if ops.no_open else "")
-        trio.run(_run)
-    except BaseException:
-        log.exception("server stopped by an error")
-        raise
-    finally:
-        pyfuse3.close(unmount=False)
-        ops.close()
-        if is_mergefs_mount(mountpoint) and is_dead(mountpoint):
-            with contextlib.suppress(OSError):
-                syscalls_umount(mountpoint)
-        log.info("stopped")
+    _serve(spec, view, f"/dev/fd/{fd}", mountpoint)
 
 
 def _detach_stdio(log_path: str) -> None:
