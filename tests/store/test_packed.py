@@ -267,3 +267,59 @@ def test_sigkill_during_unpack_leaves_the_layer_packed_and_usable(a, b, registry
     assert b.out("merge", "--strategy", "farm", *pulled["layers"]) == mid
     assert _export_digest(b, mid, tmp_path / "on-b") == _export_digest(a, mid, tmp_path / "on-a")
     assert b.json("fsck")["findings"] == []
+
+
+def test_concurrent_first_uses_unpack_once(a, b, registry, layers, monkeypatch):
+    """Four threads ask for the same packed layer's tree at once: one unpack, one tree."""
+    import threading
+    from snapshotter import packed
+    from snapshotter.store import Store
+    _, target, pushed = _pushed(a, registry, layers)
+    b.run("pull", target)
+    lid = pushed["layers"][0]["layer"]
+    calls = []
+    real = packed._extract
+
+    def counted(*args):
+        calls.append(threading.get_ident())
+        return real(*args)
+    monkeypatch.setattr(packed, "_extract", counted)
+    with Store(b.root) as store:
+        got, errors = [], []
+
+        def use():
+            try:
+                got.append(store.layer_tree(lid))
+            except BaseException as e:       # noqa: BLE001 - reported below
+                errors.append(e)
+        threads = [threading.Thread(target=use) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == [] and len(calls) == 1
+        assert got == [store.fs_of(lid)] * 4 and store.get(lid).packed is None
+
+
+@pytest.mark.timeout(90)
+@needs("fuse")
+def test_mount_of_a_packed_image_unpacks_it_and_serves_the_pushed_tree(a, b, registry, layers,
+                                                                       tmp_path):
+    import subprocess
+    from mergefs.union import server
+    mid, target, pushed = _pushed(a, registry, layers)
+    b.run("pull", target)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        b.run("mount", "--log", tmp_path / "log", "app:v1", mnt)
+        assert (mnt / "etc" / "motd").read_bytes() == b"hello\n"
+        assert (mnt / "bin" / "tool").read_bytes() == b"#!/bin/sh\necho mid\n"
+        assert not (mnt / "etc" / "group").exists()                # mid's whiteout
+        assert sorted(os.listdir(mnt / "var" / "cache")) == ["fresh"]   # top's opaque dir
+    finally:
+        if server.is_mounted(str(mnt)):
+            b.run("umount", mnt, check=False)
+        if server.is_mounted(str(mnt)):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+    assert all(_has_tree(b, x["layer"]) for x in pushed["layers"])
