@@ -55,11 +55,6 @@ def tree(store, snapshot_id: str) -> Path:
     return store.fs_of(snapshot_id)
 
 
-def is_packed(store, snapshot_id: str) -> bool:
-    row = store.get(snapshot_id)
-    return row is not None and row.packed is not None
-
-
 def unpack_all(store, ids: list[str]) -> None:
     """Unpack whichever of ``ids`` are packed (bottom first)."""
     for i in ids:

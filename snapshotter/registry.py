@@ -247,9 +247,10 @@ def _platform(index: dict) -> str:
     raise RegistryError(f"the image index has no manifest for linux/{arch}")
 
 
-def _plan(client: Skopeo, target: Target) -> _Plan:
-    """Manifest and config, fetched side by side; the config checked against the manifest."""
-    mproc, cproc = client.inspect(target), client.inspect(target, config=True)
+def _plan(client: Skopeo, target: Target, inspected=None) -> _Plan:
+    """Manifest and config, fetched side by side (``inspected``: the two ``skopeo inspect``
+    processes, already started); the config checked against the manifest."""
+    mproc, cproc = inspected or (client.inspect(target), client.inspect(target, config=True))
     raw = result(mproc, f"pull of {target} failed")
     cfg_raw = result(cproc, f"pull of {target} failed")
     manifest = json.loads(raw)
@@ -421,19 +422,27 @@ def _pause_point(step: str) -> None:
         os.kill(os.getpid(), signal.SIGSTOP)
 
 
-def pull_jobs(missing: int) -> int:
-    """Layers extracted at once: 1, or ``MERGEFS_PULL_JOBS`` (at most one per core).
+def pull_jobs(missing: int, unpack: bool = False) -> int:
+    """Layers handled at once: ``MERGEFS_PULL_JOBS``, else 4 for a lazy pull, 1 with
+    ``unpack``.
 
-    Layers of a pull are extracted without lowers, so they are independent
-    until each is published and may be extracted side by side. Measured on
-    2 shared cores (tools/bench_registry.py, load 8), two at once was slower
-    (median 56.5 s against 49.3 s for 100k files), so one is the default."""
-    from mergefs.oci._compress import cores
+    Lazy: a job downloads one layer and keeps its blob (no CPU to speak of), so
+    jobs are downloads in flight, each started as soon as one ends (skopeo's
+    own copy runs up to 6). ``unpack``: a job extracts one layer while the next
+    one downloads; layers of a pull are extracted without lowers, so they are
+    independent until each is published and may be extracted side by side, at
+    most one per core. Measured on 2 shared cores (tools/bench_registry.py,
+    load 8), two at once was slower (median 56.5 s against 49.3 s for 100k
+    files), so one is the default there."""
+    default = 1 if unpack else 4
     try:
-        jobs = int(os.environ.get("MERGEFS_PULL_JOBS", "1"))
+        jobs = int(os.environ.get("MERGEFS_PULL_JOBS", str(default)))
     except ValueError:
-        jobs = 1
-    return max(1, min(jobs, cores(), missing or 1))
+        jobs = default
+    if unpack:
+        from mergefs.oci._compress import cores
+        jobs = min(jobs, cores())
+    return max(1, min(jobs, missing or 1))
 
 
 def _fetch_all(store: Store, client: Skopeo, plan: _Plan, missing: list[int],
@@ -441,8 +450,9 @@ def _fetch_all(store: Store, client: Skopeo, plan: _Plan, missing: list[int],
                unpack: bool = False) -> list[str]:
     """Fetch and store the ``missing`` layers (indexes into the plan); their blob digests.
 
-    ``pull_jobs`` workers take the layers in order; each layer's download is
-    started one layer ahead, so a download runs while layers are extracted.
+    ``pull_jobs`` workers take the layers in order; each starts its layer's
+    download, and with ``unpack`` the next layer's too, so a download runs
+    while layers are extracted.
     The first error stops the others (their downloads are killed, their
     staging discarded); layers already published stay (a retry resumes)."""
     lock = threading.Lock()
@@ -464,8 +474,8 @@ def _fetch_all(store: Store, client: Skopeo, plan: _Plan, missing: list[int],
                 k = state["next"]
                 state["next"] += 1
                 try:
-                    start(k)
-                    start(k + 1)             # the next download runs while this one extracts
+                    for j in range(ahead + 1):   # downloads run while this one is stored
+                        start(k + j)
                 except BaseException as e:
                     errors.append(e)
                     return
@@ -486,7 +496,8 @@ def _fetch_all(store: Store, client: Skopeo, plan: _Plan, missing: list[int],
                          f"verified, stored {how} as {service.short(rows[i].id)}")
                 _pause_point(f"pull:after-layer-{state['stored']}")
 
-    jobs = pull_jobs(len(missing))
+    jobs = pull_jobs(len(missing), unpack)
+    ahead = 1 if unpack else 0
     threads = [threading.Thread(target=worker, name=f"mergefs-pull-{j}", daemon=True)
                for j in range(jobs - 1)]
     try:
@@ -514,14 +525,14 @@ def default_name(target: Target) -> str:
 
 def pull(store: Store, target: str | Target, name: str | None = None,
          client: Skopeo | None = None, holder: str | None = CLI_HOLDER,
-         progress: Progress = _quiet, unpack: bool = False) -> PullResult:
+         progress: Progress = _quiet, unpack: bool = False, inspected=None) -> PullResult:
     """Fetch the layers of ``target`` the store lacks, keep them packed (``unpack``:
     extract and verify each now), record the image."""
     target = parse_target(target) if isinstance(target, str) else target
     client = client or Skopeo()
     drop_orphans(store)
     name = name or default_name(target)
-    plan = _plan(client, target)
+    plan = _plan(client, target, inspected)
     n = len(plan.layers)
     rows: list[Row | None] = [_present(store, d, i, holder)
                               for d, i in zip(plan.layers, plan.diff_ids)]

@@ -98,11 +98,20 @@ def cmd_push(args) -> int:
 
 
 def cmd_pull(args) -> int:
+    client = _client(args)
+    # the manifest and config are asked for first, while the store opens (and its
+    # modules import): a pull's fixed cost is most of it for a small image
+    early = (client.inspect(args.target), client.inspect(args.target, config=True))
     from snapshotter import registry
-    with _store(args) as sn:
-        res = registry.pull(sn.store, args.target, args.name, _client(args), holder=sn.holder,
-                            progress=_progress if _shown(args) else registry._quiet,
-                            unpack=args.unpack)
+    try:
+        with _store(args) as sn:
+            res = registry.pull(sn.store, args.target, args.name, client, holder=sn.holder,
+                                progress=_progress if _shown(args) else registry._quiet,
+                                unpack=args.unpack, inspected=early)
+    finally:
+        from snapshotter.distribution import stop
+        for proc in early:
+            stop(proc)
     if args.json:
         print(json.dumps({"target": res.target, "manifest": res.manifest_digest,
                           "layers": [r.id for r in res.layers], "fetched": res.fetched,
