@@ -347,49 +347,27 @@ def _claim(store: Store, desc: dict, diff_id: str) -> tuple[str, str | None]:
 def _keep(store: Store, fetch: _Fetch, diff_id: str, source: str, holder) -> tuple[Row, Blob]:
     """Keep the fetched blob (skopeo checked its digest) as a packed layer, unpacked on
     first use (``snapshotter.packed``: digest, size, diffID and tree digest checked then)."""
+    from . import packed
     try:
         layout = fetch.wait()
     except BaseException:
         fetch.cancel()           # its staging goes too (skopeo refused the blob)
         raise
+    desc = fetch.desc
     try:
-        return _keep_blob(store, fetch.desc, diff_id, layout / "blobs" / "sha256" /
-                          _hex(fetch.desc["digest"]), source, holder)
+        path = layout / "blobs" / "sha256" / _hex(desc["digest"])
+        size = os.stat(path).st_size
+        if size != desc["size"]:
+            raise RegistryError(f"{fetch.what}: the blob has {size} bytes, the manifest says "
+                                f"{desc['size']}")
+        lid, tree = _claim(store, desc, diff_id)
+        comp = _compression_of(desc["mediaType"])
+        blob = Blob(lid, comp, desc["digest"], diff_id, size, _MEDIA.get(comp, _MEDIA["none"]))
+        row = packed.publish(store, path, tuple(blob.__dict__.values()), lid, tree,
+                             f"pull of {source}", source, holder)
+        return row, Blob(row.id, *tuple(blob.__dict__.values())[1:])
     finally:
         fetch.cancel()
-
-
-def _keep_blob(store: Store, desc: dict, diff_id: str, path: Path, source: str, holder,
-               link: bool = False) -> tuple[Row, Blob]:
-    """Publish the downloaded blob at ``path`` as the packed layer ``desc`` stands for."""
-    from . import packed
-    size = os.stat(path).st_size
-    if size != desc["size"]:
-        raise RegistryError(f"pull of {source}: the blob {desc['digest'][:19]} has {size} "
-                            f"bytes, the manifest says {desc['size']}")
-    lid, tree = _claim(store, desc, diff_id)
-    comp = _compression_of(desc["mediaType"])
-    blob = Blob(lid, comp, desc["digest"], diff_id, size, _MEDIA.get(comp, _MEDIA["none"]))
-    row = packed.publish(store, path, tuple(blob.__dict__.values()), lid, tree,
-                         f"pull of {source}", source, holder, link=link)
-    return row, Blob(row.id, *tuple(blob.__dict__.values())[1:])
-
-
-def _one_copy(store: Store, spec, plan: _Plan, missing: list[int], rows: list, holder,
-              progress: Progress, source: str) -> list[str]:
-    """The missing layers from one ``skopeo copy`` (``snapshotter.pullcopy``), each
-    published as it lands; their blob digests."""
-    n, stored = len(plan.layers), [0]
-
-    def keep(i: int, path: Path) -> str:
-        rows[i], blob = _keep_blob(store, plan.layers[i], plan.diff_ids[i], path, source,
-                                   holder, link=True)
-        stored[0] += 1
-        progress(f"layer {i + 1}/{n} {blob.digest[:19]} {blob.size} bytes: fetched, "
-                 f"verified, stored packed as {service.short(rows[i].id)}")
-        _pause_point(f"pull:after-layer-{stored[0]}")
-        return blob.digest
-    return spec.fetch(plan, missing, keep)
 
 
 _MEDIA = {"gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
@@ -554,26 +532,14 @@ def pull(store: Store, target: str | Target, name: str | None = None,
     client = client or Skopeo()
     drop_orphans(store)
     name = name or default_name(target)
-    from . import pullcopy
-    spec = pullcopy.Speculative(store, client, target) if pullcopy.wanted(store, unpack) \
-        else None
-    try:
-        plan = _plan(client, target, inspected)
-        n = len(plan.layers)
-        rows: list[Row | None] = [_present(store, d, i, holder)
-                                  for d, i in zip(plan.layers, plan.diff_ids)]
-        missing = [i for i, r in enumerate(rows) if r is None]
-        progress(f"{target}: {n} layers, {n - len(missing)} present, {len(missing)} to fetch")
-        if spec is not None and missing and spec.covers(plan, missing):
-            fetched = _one_copy(store, spec, plan, missing, rows, holder, progress, str(target))
-        else:
-            if spec is not None:
-                spec.cancel()
-            fetched = _fetch_all(store, client, plan, missing, rows, holder, progress,
-                                 str(target), unpack)
-    finally:
-        if spec is not None:
-            spec.cancel()
+    plan = _plan(client, target, inspected)
+    n = len(plan.layers)
+    rows: list[Row | None] = [_present(store, d, i, holder)
+                              for d, i in zip(plan.layers, plan.diff_ids)]
+    missing = [i for i, r in enumerate(rows) if r is None]
+    progress(f"{target}: {n} layers, {n - len(missing)} present, {len(missing)} to fetch")
+    fetched = _fetch_all(store, client, plan, missing, rows, holder, progress, str(target),
+                         unpack)
     if unpack:                         # layers present but packed: unpacked now too
         from . import packed
         packed.unpack_all(store, [r.id for r in rows if r is not None])
