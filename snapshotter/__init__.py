@@ -6,7 +6,9 @@ Glossary (containerd's words, BuildKit's semantics):
   (see ``snapshotter.digest``). Kinds: ``layer`` (imported or committed),
   ``merge`` (served as a ``farm`` or a ``union``), ``diff`` (committed,
   immutable), ``active`` (a writable upper over a committed parent) and
-  ``view`` (a read-only use of a committed snapshot).
+  ``view`` (a read-only use of a committed snapshot). A layer pulled from a
+  registry is **packed** (its blob only) until the first use of its tree
+  unpacks it (``snapshotter.packed``, ``Store.layer_tree``).
 * **name**: an alias (``--name``); **key**: the name of an active or view
   snapshot; **parent**: a snapshot's base (an active/view's parent, a merge's
   flattened inputs, a diff's lower and upper).
