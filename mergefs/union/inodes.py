@@ -50,7 +50,7 @@ def xino(layer: int, st_ino: int) -> int | None:
 
 class Inode:
     __slots__ = ("number", "parent", "name", "node", "lookups", "_attr", "entry", "children",
-                 "unlinked", "others", "redirects", "sources", "__weakref__")
+                 "unlinked", "others", "redirects", "sources", "below", "__weakref__")
 
     def __init__(self, number: int, parent: "Inode | None", name: bytes, node: Node):
         self.number = number
@@ -67,6 +67,9 @@ class Inode:
         # "/abs/path" or "name"), and the layers really serving them (resolver.dir_sources)
         self.redirects: tuple = ()
         self.sources: tuple[int, ...] | None = None
+        # dirs of a writable view: (key, names) of what the lower layers show here
+        # (WritableView.lower_has; the key says which layers and paths it was read from)
+        self.below: tuple | None = None
 
     @property
     def attr(self) -> os.stat_result | None:
@@ -242,7 +245,7 @@ class InodeTable:
         if inode.lookups <= 0:
             del self._live[number]
             inode.lookups = 0
-            inode.children = None
+            inode.children = inode.below = None
             self._dropped[number] = inode
 
     def check(self) -> list[str]:

@@ -291,10 +291,12 @@ class Upper:
         else:
             os.rename(tmp, name, src_dir_fd=self.work_fd, dst_dir_fd=pfd)
 
-    def remove(self, path: bytes) -> None:
-        """Remove the upper's entry at ``path`` (a dir with only whiteouts left in it)."""
+    def remove(self, path: bytes, is_dir: bool = True) -> None:
+        """Remove the upper's entry at ``path`` (a dir with only whiteouts left in it);
+        ``is_dir=False`` when the caller knows it is no directory (no cached fd to drop)."""
         parent, _, name = path.rpartition(b"/")
-        self.forget_dirs(path)
+        if is_dir:
+            self.forget_dirs(path)
         _remove(name, self.borrow_dir(parent))
 
     def set_opaque(self, path: bytes) -> None:

@@ -100,10 +100,23 @@ class WritableView(UnionView):
         return any(i != self.up for i in self.dir_sources(inode))
 
     def lower_has(self, parent: Inode, name: bytes) -> bool:
-        """Does anything below the upper show at ``name`` under ``parent``?"""
-        lowers = [i for i in (parent.sources or parent.node.layers) if i != self.up]
-        return name in merge_listing((i, self.resolver.layer_dir(i, self.layer_path(parent, i)))
-                                     for i in lowers)
+        """Does anything below the upper show at ``name`` under ``parent``?
+
+        The lower layers' merged names are kept on the parent (``Inode.below``):
+        lowers never change, so they stay right as long as the same layers are
+        read at the same paths, which is the key they are kept under (a rename or
+        a redirect changes the paths, an opaque mark the layers)."""
+        lowers = tuple(i for i in (parent.sources or parent.node.layers) if i != self.up)
+        if not lowers:
+            return False
+        if self.redirected:
+            key = (lowers, tuple(self.layer_path(parent, i) for i in lowers))
+        else:
+            key = (lowers, (parent.path,) * len(lowers))
+        if parent.below is None or parent.below[0] != key:
+            parent.below = (key, merge_listing(
+                (i, self.resolver.layer_dir(i, path)) for i, path in zip(*key)))
+        return name in parent.below[1]
 
     def ensure_upper(self, inode: Inode, with_data: bool = True) -> None:
         """Copy ``inode`` (and its parents) up unless the upper already supplies it."""
@@ -299,7 +312,7 @@ class WritableView(UnionView):
             self.ensure_upper(parent)
             self.upper.whiteout(path)      # replaces the upper entry, if any, atomically
         elif node.top == self.up:
-            self.upper.remove(path)
+            self.upper.remove(path, is_dir=node.kind == DIR)
         self._set_child(parent, name, None)
         child = self._live(node)
         if child is not None:
