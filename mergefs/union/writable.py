@@ -217,7 +217,10 @@ class WritableView(UnionView):
 
     # -- creating ---------------------------------------------------------
     def create(self, parent: Inode, name: bytes, mode: int, flags: int, ctx):
-        return self._make(parent, name, REG, mode, ctx)
+        inode, fd = self._make(parent, name, REG, mode, ctx)
+        # its xattrs now (a default ACL, a security label), cheaply through the fd
+        inode.xattrs = (inode.node, frozenset(os.fsencode(a) for a in os.listxattr(fd)))
+        return inode, fd
 
     def mkdir(self, parent: Inode, name: bytes, mode: int, ctx) -> Inode:
         return self._make(parent, name, DIR, mode, ctx)[0]
@@ -291,7 +294,7 @@ class WritableView(UnionView):
         self.ensure_upper(inode)
         with self._parent_fd(inode, self.up) as (fd, name):
             syscalls.setxattr(fd, name, os.fsdecode(attr), value)
-        inode.attr = None
+        inode.attr = inode.xattrs = None
 
     def removexattr(self, inode: Inode, attr: bytes) -> None:
         if is_overlay_private(os.fsdecode(attr)):
@@ -301,7 +304,7 @@ class WritableView(UnionView):
         self.ensure_upper(inode)
         with self._parent_fd(inode, self.up) as (fd, name):
             os.removexattr(syscalls.fd_path(fd, name), os.fsdecode(attr), follow_symlinks=False)
-        inode.attr = None
+        inode.attr = inode.xattrs = None
 
     # -- removing -----------------------------------------------------------
     def _remove_name(self, parent: Inode, name: bytes, node: Node) -> None:
