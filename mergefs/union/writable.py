@@ -60,17 +60,27 @@ class WritableView(UnionView):
 
     def attr(self, inode: Inode) -> os.stat_result:
         """As the view's, with the upper's parent dir from the fd cache."""
-        if inode.attr is None and inode.node.top == self.up and inode.path:
-            parent, _, name = inode.path.rpartition(b"/")
-            inode.attr = syscalls.lstat(name, self.upper.borrow_dir(parent))
+        if inode.attr is None and inode.node.top == self.up:
+            fd, name = self._upper_entry(inode)
+            inode.attr = syscalls.lstat(name, fd)
+            return inode.attr
         return super().attr(inode)
+
+    def _upper_entry(self, inode: Inode) -> tuple[int, bytes]:
+        """(the cached fd of the upper dir holding ``inode``'s entry, its name), or
+        (the upper's root fd, b"") for the root: never close the fd; valid until
+        the upper's directories change (``Upper.borrow_dir``)."""
+        path = inode.path
+        if not path:
+            return self.upper.layer.fd, b""
+        parent, _, name = path.rpartition(b"/")
+        return self.upper.borrow_dir(parent), name
 
     def _parent_fd(self, inode: Inode, layer: int | None = None):
         """The upper's directories come from its fd cache (not closed after use)."""
-        if (inode.node.top if layer is None else layer) != self.up or not inode.path:
+        if (inode.node.top if layer is None else layer) != self.up:
             return super()._parent_fd(inode, layer)
-        parent, _, name = inode.path.rpartition(b"/")
-        return _Borrowed(self.upper.borrow_dir(parent), name)
+        return _Borrowed(*self._upper_entry(inode))
 
     # -- helpers ----------------------------------------------------------
     def _child(self, parent: Inode, name: bytes) -> Node:
@@ -180,26 +190,31 @@ class WritableView(UnionView):
             inode.redirects, inode.sources = (), (self.up,)
         return inode
 
-    def _prepare_new(self, parent: Inode, name: bytes, ctx) -> tuple[int, bool]:
-        """Checks for a new name; returns (gid, below-is-hidden) and copies parent up."""
+    def _prepare_new(self, parent: Inode, name: bytes, ctx) -> os.stat_result:
+        """Checks for a new name and copies its parent up; returns the parent's lstat."""
         if name in self.listing(parent):
             raise AlreadyExists(name)
         self.ensure_upper(parent)
-        pst = self.attr(parent)
-        gid = pst.st_gid if pst.st_mode & stat.S_ISGID else ctx.gid
-        return gid, self.upper.is_whiteout(join(parent.path, name))
+        return self.attr(parent)
 
     def _make(self, parent: Inode, name: bytes, kind: int, mode: int, ctx, rdev: int = 0,
               target: bytes = b"") -> tuple[Inode, int]:
         """A new entry at parent/name: made in place where it hides nothing (a name
         the view does not show and the upper holds no whiteout for), else staged in
-        the work dir and renamed over the whiteout (a directory then opaque)."""
-        gid, hidden = self._prepare_new(parent, name, ctx)
+        the work dir and renamed over the whiteout (a directory then opaque).
+        The upper is not asked first: making the entry in place fails with EEXIST
+        where a whiteout is (one lstat less for every new name)."""
+        pst = self._prepare_new(parent, name, ctx)
+        gid = pst.st_gid if pst.st_mode & stat.S_ISGID else ctx.gid
         if kind == DIR:
-            mode |= self.attr(parent).st_mode & stat.S_ISGID
-        if not hidden:
-            st, fd = self.upper.make_in_place(join(parent.path, name), kind, mode, ctx.uid, gid,
-                                              rdev, target)
+            mode |= pst.st_mode & stat.S_ISGID
+        path = join(parent.path, name)
+        try:
+            st, fd = self.upper.make_in_place(path, kind, mode, ctx.uid, gid, rdev, target)
+        except FileExistsError:
+            if not self.upper.is_whiteout(path):
+                raise
+        else:
             try:
                 return self._new_inode(parent, name, st), fd
             except BaseException:
@@ -261,9 +276,13 @@ class WritableView(UnionView):
 
     def setattr(self, inode: Inode, attr, fields, fd: int) -> None:
         self.ensure_upper(inode, with_data=not (fields.update_size and attr.st_size == 0))
-        with self._parent_fd(inode, self.up) as (pfd, name):   # the root: its own fd, b""
+        pfd, name = self._upper_entry(inode)         # the root: its own fd, b""
+        try:
             self._apply_attrs(pfd, name, inode, attr, fields, fd)
-        inode.attr = None
+        finally:
+            inode.attr = None
+        if not inode.unlinked:      # the new attributes now, through the fd at hand
+            inode.attr = syscalls.lstat(name, pfd)
 
     def _apply_attrs(self, pfd, name, inode, attr, fields, fd) -> None:
         if fields.update_size:
@@ -292,9 +311,10 @@ class WritableView(UnionView):
         if is_overlay_private(os.fsdecode(attr)):
             raise _err(errno.EOPNOTSUPP)      # as kernel overlayfs for its own prefix
         self.ensure_upper(inode)
-        with self._parent_fd(inode, self.up) as (fd, name):
-            syscalls.setxattr(fd, name, os.fsdecode(attr), value)
-        inode.attr = inode.xattrs = None
+        try:
+            syscalls.setxattr(*self._upper_entry(inode), os.fsdecode(attr), value)
+        finally:
+            inode.attr = inode.xattrs = None
 
     def removexattr(self, inode: Inode, attr: bytes) -> None:
         if is_overlay_private(os.fsdecode(attr)):
