@@ -96,6 +96,11 @@ class UnionOperations(pyfuse3.Operations):
         self.view = view
         self.inodes = view.inodes
         self.timeouts = timeouts or Timeouts()
+        # A negative entry (st_ino 0) the kernel may cache: every change of the view
+        # goes through the kernel, which drops it when needed. Built once: pyfuse3
+        # only reads it.
+        self._negative = pyfuse3.EntryAttributes()
+        self._negative.st_ino, self._negative.entry_timeout = 0, self.timeouts.entry
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
         # no-open needs a pyfuse3 that passes the inode as fh when fh is 0
@@ -157,14 +162,12 @@ class UnionOperations(pyfuse3.Operations):
     @fuse_errors
     def lookup(self, parent_inode, name, ctx=None):
         parent = self.inodes.get(parent_inode)
+        if name not in self.view.listing(parent):
+            return self._negative    # before every new name: no exception raised for it
         try:
             return self._entry(self.view.lookup(parent, name))
         except NotFound:
-            # A negative entry (st_ino 0) the kernel may cache: every change of
-            # the view goes through the kernel, which drops it when needed.
-            e = pyfuse3.EntryAttributes()
-            e.st_ino, e.entry_timeout = 0, self.timeouts.entry
-            return e
+            return self._negative
 
     @fuse_errors
     def forget(self, inode_list):
