@@ -100,10 +100,7 @@ class WritableView(UnionView):
         parent.attr = None
 
     def _live(self, node: Node) -> Inode | None:
-        try:
-            return self.inodes.get(self.inodes.number_for(node))
-        except NotFound:
-            return None
+        return self.inodes.live(self.inodes.number_for(node))
 
     def has_lower(self, inode: Inode) -> bool:
         """Does a lower layer serve this directory (by its name or a redirect)?"""
