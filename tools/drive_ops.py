@@ -144,7 +144,6 @@ def main(argv=None) -> int:
     import benchlib
     import bench_metadata
     import gen_stack
-    import bench_writable
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", default="/var/tmp/mergefs-bench-writable")
     ap.add_argument("--tree", action="append", required=True)
@@ -156,7 +155,6 @@ def main(argv=None) -> int:
     listfile = os.path.join(args.workdir, "metadata.list")
     if not os.path.exists(listfile):
         bench_metadata.lower_files(layers, listfile)
-    del bench_writable
     trees = [os.path.abspath(t) for t in args.tree]
     res: dict = {t: {} for t in trees}
     print(f"load average at start: {os.getloadavg()}", flush=True)

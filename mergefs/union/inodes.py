@@ -284,7 +284,7 @@ class InodeTable:
         if inode.lookups <= 0:
             del self._live[number]
             inode.lookups = 0
-            inode.children = inode.below = None
+            inode.children = inode.below = inode.xattrs = None
             self._dropped[number] = inode
 
     def check(self) -> list[str]:
