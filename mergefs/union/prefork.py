@@ -142,6 +142,12 @@ class _Deferred(type(sys)):
 def import_server() -> None:
     """What the server needs before it can answer (and nothing more)."""
     defer_unused()
+    from . import codecache
+    with codecache.using(codecache.load()):     # attrs' generated methods, compiled once
+        import_modules()
+
+
+def import_modules() -> None:
     import pyfuse3  # noqa: F401
     import trio  # noqa: F401
     from . import ops, server  # noqa: F401
