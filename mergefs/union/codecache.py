@@ -31,9 +31,12 @@ from importlib.util import MAGIC_NUMBER
 
 PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__",
                     f"codecache.{sys.implementation.cache_tag}.bin")
+# the flags compile() takes from its caller's frame (CPython's PyCF_MASK): every
+# __future__ feature's but nested_scopes' (CO_NESTED, a plain code flag now)
 FUTURE_FLAGS = 0
 for _name in __future__.all_feature_names:
-    FUTURE_FLAGS |= getattr(__future__, _name).compiler_flag
+    if _name != "nested_scopes":
+        FUTURE_FLAGS |= getattr(__future__, _name).compiler_flag
 
 
 def load(path: str = PATH) -> dict:

@@ -29,6 +29,17 @@ def test_a_hit_is_what_compile_returns_with_the_callers_future_flags():
     assert builtins.compile is not None and compile.__module__ == "builtins"
 
 
+def test_a_nested_callers_code_flags_are_not_taken_for_future_flags():
+    def nested():
+        return compile(SOURCE, "<gen g>", "exec")
+    table: dict = {}
+    with codecache.using(table, record=True):
+        code = nested()
+    assert code == compile(SOURCE, "<gen g>", "exec")
+    ((_, _, _, flags, _),) = table
+    assert flags == code.co_flags & codecache.FUTURE_FLAGS and not flags & 0x10   # CO_NESTED
+
+
 def test_other_calls_go_straight_to_compile():
     table: dict = {}
     with codecache.using(table, record=True):
