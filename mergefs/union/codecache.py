@@ -8,7 +8,11 @@ versions), so ``python -m mergefs.union.codecache`` (run by
 tools/bootstrap.sh) records what ``compile`` returned for each while importing
 what a server imports, and writes it, marshalled as a ``.pyc`` is, beside this
 module's byte code. While the server imports (``using``), ``compile`` looks a
-call up there first and compiles only what it does not find.
+call up there first and compiles only what it does not find; so do ``exec``
+and ``eval`` of a text (dataclasses and namedtuple generate their methods
+so), which compile it as they would (file name ``<string>``, the caller's
+future flags, ``eval`` without leading blanks) and run it in the caller's
+namespaces when given none.
 
 A hit is the code object ``compile`` would return: the key is the whole
 source, the file name, the mode, the effective compiler flags (the caller's
@@ -27,6 +31,7 @@ import contextlib
 import marshal
 import os
 import sys
+import types
 from importlib.util import MAGIC_NUMBER
 
 PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__",
@@ -54,32 +59,59 @@ def load(path: str = PATH) -> dict:
 
 @contextlib.contextmanager
 def using(table: dict, record: bool = False, hits: dict | None = None):
-    """``compile`` answers from ``table`` inside the block (``record``: and adds
-    what it compiles to it; ``hits``: collects the entries it used)."""
-    real = builtins.compile
+    """``compile`` answers from ``table`` inside the block, and so do ``exec``
+    and ``eval`` of a source text (dataclasses and namedtuple generate theirs
+    so): ``record`` adds what is compiled to the table, ``hits`` collects the
+    entries used."""
+    real_compile, real_exec, real_eval = builtins.compile, builtins.exec, builtins.eval
+    recorded: dict = {}
 
-    def cached_compile(source, filename, mode, flags=0, dont_inherit=False, optimize=-1,
-                       **kw):
-        if kw or type(source) is not str or type(filename) is not str or flags & ~FUTURE_FLAGS:
-            return real(source, filename, mode, flags, dont_inherit, optimize, **kw)
-        if not dont_inherit:        # what compile() merges from its caller's frame
-            flags |= sys._getframe(1).f_code.co_flags & FUTURE_FLAGS
+    def code_for(source: str, filename: str, mode: str, flags: int, optimize: int):
         key = (source, filename, mode, flags, sys.flags.optimize if optimize == -1 else optimize)
         code = table.pop(key, None)
         if code is not None and hits is not None:
             hits[key] = code
         if code is None:
-            code = real(source, filename, mode, flags, True, optimize)
+            code = real_compile(source, filename, mode, flags, True, optimize)
             if record:
                 recorded[key] = code
         return code
 
-    recorded: dict = {}
-    builtins.compile = cached_compile
+    def cached_compile(source, filename, mode, flags=0, dont_inherit=False, optimize=-1,
+                       **kw):
+        if kw or type(source) is not str or type(filename) is not str or flags & ~FUTURE_FLAGS:
+            return real_compile(source, filename, mode, flags, dont_inherit, optimize, **kw)
+        if not dont_inherit:        # what compile() merges from its caller's frame
+            flags |= sys._getframe(1).f_code.co_flags & FUTURE_FLAGS
+        return code_for(source, filename, mode, flags, optimize)
+
+    def run(real, mode: str, source, globals, locals, kw):
+        caller = sys._getframe(2)
+        if globals is None:         # the caller's namespaces, as exec/eval take them
+            globals = caller.f_globals
+            if locals is None:
+                locals = caller.f_locals
+        if not isinstance(source, types.CodeType):     # compiled as exec/eval compile a text
+            flags = caller.f_code.co_flags & FUTURE_FLAGS
+            if isinstance(source, (bytes, bytearray)):
+                source = real_compile(source.lstrip(b" \t") if mode == "eval" else source,
+                                      "<string>", mode, flags, True)
+            elif isinstance(source, str):
+                source = code_for(source.lstrip(" \t") if mode == "eval" else source,
+                                  "<string>", mode, flags, -1)
+        return real(source, globals, locals, **kw)
+
+    def cached_exec(source, globals=None, locals=None, /, **kw):
+        return run(real_exec, "exec", source, globals, locals, kw)
+
+    def cached_eval(source, globals=None, locals=None, /):
+        return run(real_eval, "eval", source, globals, locals, {})
+
+    builtins.compile, builtins.exec, builtins.eval = cached_compile, cached_exec, cached_eval
     try:
         yield
     finally:
-        builtins.compile = real
+        builtins.compile, builtins.exec, builtins.eval = real_compile, real_exec, real_eval
         table.update(recorded)
 
 

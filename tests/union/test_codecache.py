@@ -40,6 +40,30 @@ def test_a_nested_callers_code_flags_are_not_taken_for_future_flags():
     assert flags == code.co_flags & codecache.FUTURE_FLAGS and not flags & 0x10   # CO_NESTED
 
 
+def test_exec_and_eval_of_a_text_keep_their_meaning():
+    def in_a_function():
+        z = 7
+        exec("y = z + 1")                        # the caller's namespaces
+        return locals()["y"], eval(" z * 2")      # eval drops leading blanks
+
+    table: dict = {}
+    ns: dict = {}
+    with codecache.using(table, record=True):
+        exec("def h(a: no_such_name) -> None: pass\nx = 1", ns)   # this module's future flags
+        got = in_a_function(), eval("x + 1", ns), eval(b"  x + 2", ns)
+        exec(compile("w = 3", "<c>", "exec"), ns)
+    assert got == ((8, 14), 2, 3) and ns["x"] == 1 and ns["w"] == 3
+    assert ns["h"].__annotations__ == {"a": "no_such_name", "return": "None"}
+    assert ("x + 1", "<string>", "eval") in {k[:3] for k in table}
+    hits: dict = {}
+    ns2: dict = {}
+    with codecache.using(table, hits=hits):
+        exec("def h(a: no_such_name) -> None: pass\nx = 1", ns2)
+        assert eval("x + 1", ns2) == 2
+    assert len(hits) == 2 and ns2["h"].__annotations__ == ns["h"].__annotations__
+    assert exec.__module__ == eval.__module__ == "builtins"
+
+
 def test_other_calls_go_straight_to_compile():
     table: dict = {}
     with codecache.using(table, record=True):
