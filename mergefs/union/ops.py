@@ -2,7 +2,9 @@
 
 Each handler turns FUSE arguments into one call on the ``UnionView`` (read)
 or ``WritableView`` (write) and the result into pyfuse3 types; errors are
-translated in one place (``@fuse_errors``). Lookup counts: ``lookup``,
+translated in one place (``@fuse_errors``, which also makes a plain function a
+coroutine function for pyfuse3: a handler that never awaits is written as a
+plain ``def``, one coroutine per request instead of two). Lookup counts: ``lookup``,
 ``create``, ``mkdir``, ``mknod``, ``symlink``, ``link`` and every entry
 ``readdirplus`` returns add one; ``forget`` subtracts.
 
@@ -94,6 +96,11 @@ class UnionOperations(pyfuse3.Operations):
         self.view = view
         self.inodes = view.inodes
         self.timeouts = timeouts or Timeouts()
+        # A negative entry (st_ino 0) the kernel may cache: every change of the view
+        # goes through the kernel, which drops it when needed. Built once: pyfuse3
+        # only reads it.
+        self._negative = pyfuse3.EntryAttributes()
+        self._negative.st_ino, self._negative.entry_timeout = 0, self.timeouts.entry
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
         # no-open needs a pyfuse3 that passes the inode as fh when fh is 0
@@ -153,28 +160,26 @@ class UnionOperations(pyfuse3.Operations):
 
     # -- names -----------------------------------------------------------
     @fuse_errors
-    async def lookup(self, parent_inode, name, ctx=None):
+    def lookup(self, parent_inode, name, ctx=None):
         parent = self.inodes.get(parent_inode)
+        if name not in self.view.listing(parent):
+            return self._negative    # before every new name: no exception raised for it
         try:
             return self._entry(self.view.lookup(parent, name))
         except NotFound:
-            # A negative entry (st_ino 0) the kernel may cache: every change of
-            # the view goes through the kernel, which drops it when needed.
-            e = pyfuse3.EntryAttributes()
-            e.st_ino, e.entry_timeout = 0, self.timeouts.entry
-            return e
+            return self._negative
 
     @fuse_errors
-    async def forget(self, inode_list):
+    def forget(self, inode_list):
         for number, count in inode_list:
             self.inodes.forget(number, count)
 
     @fuse_errors
-    async def getattr(self, inode, ctx=None):
+    def getattr(self, inode, ctx=None):
         return self._entry(self.inodes.get(inode))
 
     @fuse_errors
-    async def readlink(self, inode, ctx=None):
+    def readlink(self, inode, ctx=None):
         return self.view.readlink(self.inodes.get(inode))
 
     # -- directories -----------------------------------------------------
@@ -276,11 +281,11 @@ class UnionOperations(pyfuse3.Operations):
 
     # -- extended attributes ---------------------------------------------
     @fuse_errors
-    async def listxattr(self, inode, ctx=None):
+    def listxattr(self, inode, ctx=None):
         return self.view.xattr_names(self.inodes.get(inode))
 
     @fuse_errors
-    async def getxattr(self, inode, name, ctx=None):
+    def getxattr(self, inode, name, ctx=None):
         if is_overlay_private(os.fsdecode(name)):
             raise FUSEError(errno.EOPNOTSUPP)   # as kernel overlayfs answers its own prefix
         value = self.view.getxattr(self.inodes.get(inode), name)
@@ -289,61 +294,61 @@ class UnionOperations(pyfuse3.Operations):
         return value
 
     @fuse_errors
-    async def setxattr(self, inode, name, value, ctx=None):
+    def setxattr(self, inode, name, value, ctx=None):
         self._writer().setxattr(self.inodes.get(inode), name, value)
 
     @fuse_errors
-    async def removexattr(self, inode, name, ctx=None):
+    def removexattr(self, inode, name, ctx=None):
         self._writer().removexattr(self.inodes.get(inode), name)
 
     @fuse_errors
-    async def statfs(self, ctx=None):
+    def statfs(self, ctx=None):
         return statfs_reply(self.view.statvfs())
 
     # -- writes (EROFS on a read-only mount, U3) --------------------------
     @fuse_errors
-    async def setattr(self, inode, attr, fields, fh, ctx=None):
+    def setattr(self, inode, attr, fields, fh, ctx=None):
         node = self.inodes.get(inode)
         fd = self.handles[fh].fd if fh is not None and fh in self.handles else -1
         self._writer().setattr(node, attr, fields, fd)
         return self._entry(node)
 
     @fuse_errors
-    async def create(self, parent_inode, name, mode, flags, ctx):
+    def create(self, parent_inode, name, mode, flags, ctx):
         node, fd = self._writer().create(self.inodes.get(parent_inode), name, mode, flags, ctx)
         fh = self._add_handle(Handle(node, fd))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._entry(node)
 
     @fuse_errors
-    async def mkdir(self, parent_inode, name, mode, ctx):
+    def mkdir(self, parent_inode, name, mode, ctx):
         return self._entry(self._writer().mkdir(self.inodes.get(parent_inode), name, mode, ctx))
 
     @fuse_errors
-    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+    def mknod(self, parent_inode, name, mode, rdev, ctx):
         w = self._writer()
         return self._entry(w.mknod(self.inodes.get(parent_inode), name, mode, rdev, ctx))
 
     @fuse_errors
-    async def symlink(self, parent_inode, name, target, ctx):
+    def symlink(self, parent_inode, name, target, ctx):
         w = self._writer()
         return self._entry(w.symlink(self.inodes.get(parent_inode), name, target, ctx))
 
     @fuse_errors
-    async def link(self, inode, new_parent_inode, new_name, ctx):
+    def link(self, inode, new_parent_inode, new_name, ctx):
         w = self._writer()
         node = w.link(self.inodes.get(inode), self.inodes.get(new_parent_inode), new_name)
         return self._entry(node)
 
     @fuse_errors
-    async def unlink(self, parent_inode, name, ctx):
+    def unlink(self, parent_inode, name, ctx):
         self._writer().unlink(self.inodes.get(parent_inode), name)
 
     @fuse_errors
-    async def rmdir(self, parent_inode, name, ctx):
+    def rmdir(self, parent_inode, name, ctx):
         self._writer().rmdir(self.inodes.get(parent_inode), name)
 
     @fuse_errors
-    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+    def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         w = self._writer()
         w.rename(self.inodes.get(parent_inode_old), name_old,
                  self.inodes.get(parent_inode_new), name_new, flags)
