@@ -120,9 +120,15 @@ def main() -> int:
         return 2
     # what an installed package has (pip compiles it; this environment may set
     # PYTHONDONTWRITEBYTECODE, which would compile mergefs on every run)
+    # (and, where the tree has one, the table of compiled attrs methods that
+    # tools/bootstrap.sh builds)
     for tree in filter(None, (ROOT, args.before)):
         subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(tree, "mergefs")],
                        check=True, stdout=subprocess.DEVNULL)
+        if os.path.exists(os.path.join(tree, "mergefs", "union", "codecache.py")):
+            subprocess.run([sys.executable, "-m", "mergefs.union.codecache"], check=True,
+                           stdout=subprocess.DEVNULL, cwd=tree,
+                           env={**os.environ, "PYTHONPATH": os.path.abspath(tree)})
     systems = SYSTEMS + (("mergefs before", "mergefs -o before") if args.before else ())
     base = tempfile.mkdtemp(prefix="bench-mount-")
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", base], check=True)

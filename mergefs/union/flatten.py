@@ -97,17 +97,27 @@ def _drop_xattr(fd: int, attr: str) -> None:
         pass
 
 
-def _fill(view: UnionView, up: int, inode, root: int, links: dict, warnings: list[str]) -> None:
-    """Copy into the upper dir ``inode`` every merged child a lower supplies; recurse."""
-    path = inode.path
-    dfd = syscalls.open_beneath(root, path)
+def _fill(view: UnionView, up: int, top, root: int, links: dict, warnings: list[str]) -> None:
+    """Copy into the upper dir ``top`` every merged child a lower supplies, and so
+    down its subdirectories. Iterative (a stack of open directories, as
+    ``syscalls.rmtree``), so no depth hits Python's recursion limit; each
+    directory's times are set back after its children are done (A2)."""
+    stack = [_open_fill(view, top, syscalls.open_beneath(root, top.path), None, None)]
     try:
-        dst = os.fstat(dfd)
-        for name in os.listdir(dfd):            # whiteouts mean nothing under an opaque dir
-            bname = os.fsencode(name)
-            if syscalls.is_whiteout_stat(syscalls.lstat(bname, dfd)):
-                syscalls.unlink(bname, dfd)
-        for name, node in list(view.listing(inode).items()):
+        while stack:
+            inode, dfd, dst, items, _, _ = frame = stack[-1]
+            item = next(items, None)
+            if item is None:                     # done: its times, then its entry's in the parent
+                stack.pop()
+                try:
+                    os.utime(dfd, ns=(dst.st_atime_ns, dst.st_mtime_ns))
+                finally:
+                    os.close(dfd)
+                name, cst = frame[4], frame[5]
+                if stack:
+                    syscalls.utime_ns(name, cst.st_atime_ns, cst.st_mtime_ns, stack[-1][1])
+                continue
+            name, node = item
             child = view.inodes.entry(inode, name, node)
             if node.top != up:
                 _copy(view, child, root, dfd, name, links, warnings)
@@ -118,13 +128,30 @@ def _fill(view: UnionView, up: int, inode, root: int, links: dict, warnings: lis
                     cst = os.fstat(cfd)
                     for attr in REDIRECT_XATTRS + OPAQUE_XATTRS:
                         _drop_xattr(cfd, attr)
-                finally:
+                except BaseException:
                     os.close(cfd)
-                _fill(view, up, child, root, links, warnings)
-                syscalls.utime_ns(name, cst.st_atime_ns, cst.st_mtime_ns, dfd)
-        os.utime(dfd, ns=(dst.st_atime_ns, dst.st_mtime_ns))
+                    raise
+                stack.append(_open_fill(view, child, cfd, name, cst))
     finally:
+        for frame in stack:
+            os.close(frame[1])
+
+
+def _open_fill(view: UnionView, inode, dfd: int, name, cst) -> tuple:
+    """A directory of ``_fill`` (its fd taken over): whiteouts removed (they mean
+    nothing under an opaque dir); (inode, fd, its stat, merged children, its
+    name in the parent, the parent entry's stat to restore)."""
+    try:
+        dst = os.fstat(dfd)
+        for n in os.listdir(dfd):
+            bname = os.fsencode(n)
+            if syscalls.is_whiteout_stat(syscalls.lstat(bname, dfd)):
+                syscalls.unlink(bname, dfd)
+        items = iter(list(view.listing(inode).items()))
+    except BaseException:
         os.close(dfd)
+        raise
+    return inode, dfd, dst, items, name, cst
 
 
 def _copy(view: UnionView, inode, root: int, dfd: int, name: bytes, links: dict,

@@ -29,10 +29,14 @@ import sys
 # FUSE server never uses; ssl and hmac load OpenSSL (~15% of the server's
 # import time). trio's ``ctypes.util`` imports shutil (which imports bz2, lzma
 # and zlib) and tempfile for its fallbacks when ``ldconfig -p`` fails; a
-# writable server uses shutil to remove staged trees (~1.5% together). The
-# server defers them: each is a module object that runs its code on first
+# writable server uses shutil to remove staged trees (~1.5% together).
+# logging imports traceback (used when an exception is logged), linecache
+# imports tokenize (used to read a source file's lines for a traceback) and
+# subprocess imports locale (for text-mode pipes): ~2% together. The server
+# defers them: each is a module object that runs its code on first
 # attribute access (so any use still works, only later).
-DEFERRED = ("ssl", "hmac", "idna", "shutil", "tempfile")
+DEFERRED = ("ssl", "hmac", "idna", "shutil", "tempfile", "locale", "traceback", "tokenize",
+            "token")
 
 
 class Prefork:
@@ -142,6 +146,12 @@ class _Deferred(type(sys)):
 def import_server() -> None:
     """What the server needs before it can answer (and nothing more)."""
     defer_unused()
+    from . import codecache
+    with codecache.using(codecache.load()):     # attrs' generated methods, compiled once
+        import_modules()
+
+
+def import_modules() -> None:
     import pyfuse3  # noqa: F401
     import trio  # noqa: F401
     from . import ops, server  # noqa: F401

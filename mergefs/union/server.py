@@ -571,6 +571,8 @@ def _child_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     raw = json.loads(args.spec)
     spec = MountSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    from . import prefork
+    prefork.import_server()         # as a forked server does: deferred modules, compiled attrs
     return _serve_detached(spec, args.mountpoint, args.format, args.ready_fd)
 
 

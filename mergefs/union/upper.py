@@ -67,12 +67,11 @@ class Upper:
 
     def _sweep_work(self) -> None:
         """Remove what a crashed server left staged in the work dir (only our names)."""
-        import shutil
         for name in os.listdir(self.work_fd):
             if name.startswith(STAGED_PREFIX):
                 st = os.lstat(name, dir_fd=self.work_fd)
                 if stat.S_ISDIR(st.st_mode):
-                    shutil.rmtree(name, dir_fd=self.work_fd)
+                    syscalls.rmtree(name, dir_fd=self.work_fd)    # iterative: any depth
                 else:
                     os.unlink(name, dir_fd=self.work_fd)
                 log.info("removed %s left in the work dir by an earlier server", name)
@@ -208,13 +207,12 @@ class Upper:
 
     def discard_tree(self, tmp: bytes) -> None:
         """Remove a staged tree (or entry) from the work dir, whatever it holds."""
-        import shutil
         try:
             st = syscalls.lstat(tmp, self.work_fd)
         except FileNotFoundError:
             return
         if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(tmp, dir_fd=self.work_fd)
+            syscalls.rmtree(tmp, dir_fd=self.work_fd)     # iterative: any depth
         else:
             syscalls.unlink(tmp, self.work_fd)
 

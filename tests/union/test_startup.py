@@ -51,8 +51,16 @@ def test_deferred_modules_work_when_used():
     r = _run("""
 from mergefs.union import prefork
 prefork.import_server()
-import ssl, hmac, idna, shutil, tempfile, trio, sys
+import ssl, hmac, idna, shutil, tempfile, trio, sys, linecache, logging
 assert all(type(sys.modules[n]) is prefork._Deferred for n in prefork.DEFERRED)
+try:
+    1 / 0
+except ZeroDivisionError:
+    import traceback
+    assert "ZeroDivisionError" in traceback.format_exc()
+assert linecache.getline(prefork.__file__, 1).startswith(chr(34) * 3)   # tokenize.open
+import locale, token
+assert locale.getpreferredencoding(False) and token.NAME >= 0
 import trio.testing
 ctx = ssl.create_default_context()
 assert isinstance(ctx, ssl.SSLContext) and type(sys.modules["ssl"]) is type(sys)
@@ -64,6 +72,7 @@ d = tempfile.mkdtemp()
 assert shutil.copy(sys.executable, d)
 shutil.rmtree(d)
 assert type(sys.modules["shutil"]) is type(sys.modules["tempfile"]) is type(sys)
+assert not any(type(sys.modules[n]) is prefork._Deferred for n in prefork.DEFERRED)
 print("ok")
 """)
     assert (r.returncode, r.stdout) == (0, "ok\n"), r.stderr
