@@ -464,10 +464,30 @@ class UnionOperations(pyfuse3.Operations):
     async def setattr(self, inode, attr, fields, fh, ctx=None):
         node = self.inodes.get(inode)
         fd = self.handles[fh].fd if fh is not None and fh in self.handles else -1
-        if fd < 0 and node.unlinked and fields.update_size and self.no_open:
-            fd = self._write_fd(node)       # ftruncate of an unlinked file held open
-        self._writer().setattr(node, attr, fields, fd)
+        if node.unlinked and self.no_open and node.kind == REG:
+            self._setattr_unlinked(node, attr, fields)
+        else:
+            self._writer().setattr(node, attr, fields, fd)
         return self._entry(node)
+
+    def _setattr_unlinked(self, inode: Inode, attr, fields) -> None:
+        """No-open: ftruncate/fchmod/fchown/futimens of a file unlinked while held
+        open go to its kept fd (its name is gone: a copy-up by path would bring
+        the name back)."""
+        self._writer()
+        fd = self._write_fd(inode)
+        if fields.update_size:
+            os.ftruncate(fd, attr.st_size)
+        if fields.update_uid or fields.update_gid:
+            os.fchown(fd, attr.st_uid if fields.update_uid else -1,
+                      attr.st_gid if fields.update_gid else -1)
+        if fields.update_mode:
+            os.fchmod(fd, attr.st_mode & 0o7777)
+        if fields.update_atime or fields.update_mtime:
+            cur = os.fstat(fd)
+            os.utime(fd, ns=(attr.st_atime_ns if fields.update_atime else cur.st_atime_ns,
+                             attr.st_mtime_ns if fields.update_mtime else cur.st_mtime_ns))
+        inode.attr = None
 
     @fuse_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
