@@ -491,7 +491,12 @@ class UnionOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
-        node, fd = self._writer().create(self.inodes.get(parent_inode), name, mode, flags, ctx)
+        w = self._writer()
+        if self.no_open:
+            # the kernel then makes new files with MKNOD and opens them no-open:
+            # no RELEASE per new file (mknod keeps the create's fd for the writes)
+            raise FUSEError(errno.ENOSYS)
+        node, fd = w.create(self.inodes.get(parent_inode), name, mode, flags, ctx)
         fh = self._add_handle(Handle(node, fd))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._entry(node)
 
@@ -502,6 +507,10 @@ class UnionOperations(pyfuse3.Operations):
     @fuse_errors
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         w = self._writer()
+        if self.no_open and mode & 0o170000 == 0o100000:   # S_IFREG: an open(O_CREAT)
+            inode, fd = w.create(self.inodes.get(parent_inode), name, mode, os.O_RDWR, ctx)
+            self._keep_fd(inode, fd, True)      # its writes come next, by inode
+            return self._entry(inode)
         return self._entry(w.mknod(self.inodes.get(parent_inode), name, mode, rdev, ctx))
 
     @fuse_errors

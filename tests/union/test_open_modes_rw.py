@@ -33,7 +33,7 @@ def _writable(tmp_path, union_mount, specs, upper=None, work=None):
     return layers, union_mount(layers, upper=upper, work=work)
 
 
-def test_open_with_O_TRUNC_truncates_a_lower_file(tmp_path, union_mount):
+def test_U4a_open_with_O_TRUNC_truncates_a_lower_file(tmp_path, union_mount):
     """No-open: the truncation of open(O_TRUNC) must reach the server (as SETATTR)."""
     specs = [LayerSpec().file("d/a", b"lower a\n").file("d/b", b"lower b\n")
              .file("d/c", b"lower c\n")]
@@ -53,7 +53,7 @@ def test_open_with_O_TRUNC_truncates_a_lower_file(tmp_path, union_mount):
         tree.assert_same(tree.capture(ovl), view, "kernel overlayfs over mergefs's upper")
 
 
-def test_files_held_open_survive_unlink_and_rename_over(tmp_path, union_mount):
+def test_U4a_files_held_open_survive_unlink_and_rename_over(tmp_path, union_mount):
     """An open file whose name goes keeps its content for the holder, in both
     modes: a lower file, an upper file, one made here, one renamed over."""
     specs = [LayerSpec().file("low", b"lower\n").file("low2", b"second lower\n")
@@ -113,7 +113,7 @@ def _names_while_changing(d, removed: list, added: list) -> list:
 @needs_overlay
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_listing_while_names_come_and_go_then_rm_rf_as_kernel_overlay(tmp_path, union_mount):
+def test_U4a_listing_while_names_come_and_go_then_rm_rf_as_kernel_overlay(tmp_path, union_mount):
     """A readdir pass sees every name that stays exactly once, whatever is
     created or removed meanwhile (no-open: offsets into a snapshot per pass);
     then ``rm -rf`` of the big directory, lower and upper names mixed."""
@@ -156,7 +156,7 @@ def test_listing_while_names_come_and_go_then_rm_rf_as_kernel_overlay(tmp_path, 
 
 
 @needs("root")
-def test_no_space_for_a_copy_up_fails_the_write_or_open_and_leaves_nothing(tmp_path,
+def test_U4a_no_space_for_a_copy_up_fails_the_write_or_open_and_leaves_nothing(tmp_path,
                                                                              union_mount):
     """ENOSPC while copying a lower file up: at open with real opens, at the first
     write with no-open; the merged file keeps the lower content, nothing is left
@@ -184,7 +184,7 @@ def test_no_space_for_a_copy_up_fails_the_write_or_open_and_leaves_nothing(tmp_p
         subprocess.run(["umount", "-l", str(small)], capture_output=True)
 
 
-def test_writable_mounts_run_no_open_with_the_v4_build(tmp_path, union_mount):
+def test_U4a_writable_mounts_run_no_open_with_the_v4_build(tmp_path, union_mount):
     """The union tests exercise writable no-open: with the v4 pyfuse3 build (what
     tools/bootstrap.sh installs) the default mode serves writable mounts no-open,
     seen from outside: an open for writing alone never reaches the server, so it
