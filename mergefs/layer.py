@@ -29,7 +29,7 @@ import os
 import stat
 import sys
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 from . import syscalls
 from .errors import InvalidLayer, NotFound
@@ -231,21 +231,6 @@ class Layer:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def walk(self) -> Iterator[tuple[bytes, LayerDir]]:
-        """Every directory of the layer, parents first, as (relpath, LayerDir)."""
-        stack = [(b"", os.dup(self.fd))]
-        while stack:
-            rel, fd = stack.pop()
-            try:
-                ld = read_layer_dir(fd, self.fmt)
-                yield rel, ld
-                for name, e in sorted(ld.entries.items(), reverse=True):
-                    if e.kind == DIR:
-                        stack.append((rel + b"/" + name if rel else name,
-                                      syscalls.open_dir(name, fd)))
-            finally:
-                os.close(fd)
 
 
 def open_layer_root(path: bytes) -> int:
