@@ -14,6 +14,7 @@ import subprocess
 import time
 
 import pytest
+from pyfuse3 import FUSEError
 
 from mergefs.testing import mounts, tree
 from mergefs.testing.builders import LayerSpec, materialise_stack
@@ -201,3 +202,109 @@ def test_U4a_writable_mounts_run_no_open_with_the_v4_build(tmp_path, union_mount
         if os.path.exists(os.path.join(os.path.dirname(pyfuse3.__file__),
                                        server.INODE_FH_MARKER)):
             assert union_mount.writable_no_open, "bootstrap's pyfuse3 build is older than v4"
+
+
+# -- handler level: a no-open writable UnionOperations driven directly ------
+def _no_open_driver(tmp_path, specs):
+    from mergefs.layer import Layer
+    from mergefs.union.ops import UnionOperations
+    from mergefs.union.writable import WritableView
+    from .conftest import Driver
+    layers = materialise_stack(specs, tmp_path / "layers", "overlay")
+    for d in ("up", "wk"):
+        (tmp_path / d).mkdir()
+    view = WritableView([Layer(p) for p in layers], tmp_path / "up", tmp_path / "wk")
+    return view, Driver(UnionOperations(view, no_open=True))
+
+
+async def _readdir_call(drv, ino: int, offset: int, n: int) -> list:
+    """One READDIR of at most ``n`` entries: [(name, next offset)]."""
+    import pyfuse3
+    got = []
+
+    def reply(token, name, attrs, next_id):
+        if len(got) >= n:
+            return False
+        got.append((name, next_id))
+        drv._hold(attrs.st_ino)
+        return True
+    orig, pyfuse3.readdir_reply = pyfuse3.readdir_reply, reply
+    try:
+        await drv.ops.readdir(ino, offset, None)
+    finally:
+        pyfuse3.readdir_reply = orig
+    return got
+
+
+async def _pass(drv, ino: int, n: int) -> list:
+    names, offset = [], 0
+    while got := await _readdir_call(drv, ino, offset, n):
+        names += [name for name, _ in got]
+        offset = got[-1][1]
+    return names
+
+
+async def test_U4a_no_open_readdir_pass_is_a_snapshot(tmp_path):
+    """Offsets of a pass index its own snapshot: names removed meanwhile are
+    skipped, new ones wait for the next pass, the rest come exactly once, also
+    while other passes of the same directory run in between."""
+    spec = LayerSpec()
+    for i in range(60):
+        spec = spec.file(f"d/f{i:02d}", b"%d" % i)
+    view, drv = _no_open_driver(tmp_path, [spec])
+    try:
+        d = await drv.lookup("d")
+        for call in (drv.ops.open(d, os.O_RDONLY, drv.ctx), drv.ops.opendir(d, drv.ctx),
+                     drv.ops.create(d, b"x", 0o644, os.O_WRONLY, drv.ctx)):
+            with pytest.raises(FUSEError) as e:
+                await call
+            assert e.value.errno == errno.ENOSYS
+        names = {b"f%02d" % i for i in range(60)}
+        seen, offset, removed, added = [], 0, set(), set()
+        while got := await _readdir_call(drv, d, offset, 7):
+            seen += [n for n, _ in got]
+            offset = got[-1][1]
+            gone = {b"f%02d" % (len(seen) + 3), b"f%02d" % (len(seen) - 2)} & names - removed
+            for name in sorted(gone):
+                await drv.ops.unlink(d, name, drv.ctx)
+            removed |= gone
+            new = b"new%02d" % len(seen)
+            drv.made(await drv.ops.mknod(d, new, 0o100644, 0, drv.ctx))
+            added.add(new)
+            other = await _pass(drv, d, 5)              # a whole pass meanwhile
+            assert set(other) == names - removed | added
+        assert len(seen) == len(set(seen))
+        assert names - removed <= set(seen) <= names
+        assert set(await _pass(drv, d, 9)) == names - removed | added
+    finally:
+        drv.ops.close()
+        view.close()
+
+
+async def test_U4a_no_open_file_unlinked_while_held_keeps_its_content(tmp_path):
+    """By inode (fh is the inode): a new file's writes use the fd mknod kept; an
+    upper file is pinned at its unlink and read, written and truncated after;
+    a lower one is copied aside (never published) at its first write after."""
+    view, drv = _no_open_driver(tmp_path, [LayerSpec().file("low", b"lower")])
+    ops, ctx = drv.ops, drv.ctx
+    try:
+        made = drv.made(await ops.mknod(1, b"new", 0o100644, 0, ctx))
+        assert await ops.write(made, 0, b"hello") == 5
+        low = await drv.lookup("low")
+        assert await ops.read(low, 0, 100) == b"lower"
+        for name in (b"new", b"low"):
+            await ops.unlink(1, name, ctx)
+        assert await ops.read(made, 0, 100) == b"hello"
+        await ops.write(made, 5, b" world")
+        await ops.write(low, 0, b"L")
+        assert (await ops.read(made, 0, 100), await ops.read(low, 0, 100)) == \
+            (b"hello world", b"Lower")
+        assert (await ops.getattr(made, ctx)).st_size == 11
+        assert sorted(os.listdir(tmp_path / "up")) == ["low"]        # the whiteout only
+        assert os.listdir(tmp_path / "wk") == []
+        assert set(ops._pinned) == {made, low}
+        await ops.forget([(made, drv.held.pop(made)), (low, drv.held.pop(low))])
+        assert not ops._pinned
+    finally:
+        ops.close()
+        view.close()
