@@ -18,7 +18,8 @@ at least 2**54, docs/architecture.md). Content fds are then kept per inode
 (``_fds``, the last FD_CACHE; checked against the inode's node, so a copy-up
 is seen), a writable mount copies a lower file up at its first write (not at
 open), and the fd of a file unlinked while the kernel may hold it open is
-pinned until its FORGET (``_pinned``). Writable listings are snapshots per
+pinned until its FORGET (``_pinned``; an O_PATH fd, reopened through
+/proc/self/fd if the kernel comes back for it). Writable listings are snapshots per
 readdir pass (``_snapshot``).
 """
 from __future__ import annotations
@@ -32,7 +33,6 @@ from pyfuse3 import FUSEError
 
 from ..errors import NotFound
 from ..layer import DIR, REG, is_overlay_private
-from ..resolver import join
 from .errors import fuse_errors, log
 from .inodes import Inode
 from .view import UnionView
@@ -118,7 +118,9 @@ class UnionOperations(pyfuse3.Operations):
         self.no_open = no_open
         self.atomic_o_trunc = not (no_open and view.writable)
         self._fds: dict[int, tuple] = {}      # number -> (fd, node it is on, writable)
-        self._pinned: dict[int, tuple] = {}   # the same, of unlinked files, until FORGET
+        # unlinked files' fds until their FORGET: number -> (fd, node, "rw"|"ro"|"path",
+        # on an upper file?); a "path" pin is an O_PATH fd, reopened at its first use
+        self._pinned: dict[int, tuple] = {}
         self._snapshots: dict[int, tuple] = {}    # generation -> (dir number, names)
         self._listed = 0                      # names in all snapshots
         self._gen = 0
@@ -133,8 +135,8 @@ class UnionOperations(pyfuse3.Operations):
 
     def close(self) -> None:
         for cache in (self._fds, self._pinned):
-            for fd, _, _ in cache.values():
-                os.close(fd)
+            for got in cache.values():
+                os.close(got[0])
             cache.clear()
 
     # -- helpers ---------------------------------------------------------
@@ -330,8 +332,12 @@ class UnionOperations(pyfuse3.Operations):
         number, node = inode.number, inode.node
         if self._pinned:
             got = self._pinned.get(number)
-            if got is not None and (got[2] or not write):
-                return got[0]
+            if got is not None:
+                if got[2] == "rw" or got[2] == "ro" and not write:
+                    return got[0]
+                if got[3]:
+                    return self._reopen_pinned(number, got, write)
+                # a lower file's read fd, asked for a write: a detached copy (-1)
         got = self._fds.pop(number, None)
         if got is not None:
             if (got[1] is node or got[1] == node) and (got[2] or not write):
@@ -345,11 +351,27 @@ class UnionOperations(pyfuse3.Operations):
             old = self._pinned.pop(inode.number, None)
             if old is not None:
                 os.close(old[0])
-            self._pinned[inode.number] = (fd, inode.node, writable)
+            self._pinned[inode.number] = (fd, inode.node, "rw" if writable else "ro",
+                                          self.view.writable and inode.node.top == self.view.up)
             return
         if len(self._fds) >= FD_CACHE:
             os.close(self._fds.pop(next(iter(self._fds)))[0])
         self._fds[inode.number] = (fd, inode.node, writable)
+
+    def _reopen_pinned(self, number: int, got: tuple, write: bool) -> int:
+        """A pinned upper file opened again through its fd (the name is gone):
+        read-write if the server may, else read-only for a read."""
+        fd, node = got[0], got[1]
+        path = f"/proc/self/fd/{fd}"
+        try:
+            new, mode = os.open(path, os.O_RDWR | os.O_CLOEXEC), "rw"
+        except PermissionError:
+            if write:
+                raise
+            new, mode = os.open(path, os.O_RDONLY | os.O_CLOEXEC), "ro"
+        os.close(fd)
+        self._pinned[number] = (new, node, mode, True)
+        return new
 
     def _drop_fds(self, number: int) -> None:
         for cache in (self._fds, self._pinned):
@@ -380,7 +402,9 @@ class UnionOperations(pyfuse3.Operations):
     def _pin(self, parent: Inode, name: bytes) -> None:
         """No-open, before ``parent/name`` is unlinked or renamed over: the kernel may
         hold the file open with no handle here, so keep an fd on its upper file until
-        its FORGET (a lower file stays readable in its layer; nothing to keep)."""
+        its FORGET (a lower file stays readable in its layer; nothing to keep). A
+        cached fd is kept as it is; else an O_PATH one (cheap: ``rm -rf`` pins every
+        file), opened for reading or writing only if the kernel comes back for it."""
         view = self.view
         node = view.listing(parent).get(name)
         if node is None or node.kind != REG or node.top != view.up:
@@ -388,12 +412,15 @@ class UnionOperations(pyfuse3.Operations):
         inode = self.inodes.live(self.inodes.number_for(node))
         if inode is None or inode.number in self._pinned:
             return
-        fd = self._cached_fd(inode, True)
-        if fd >= 0:
-            del self._fds[inode.number]
-        else:
-            fd = view.open_upper(join(parent.path, name))
-        self._pinned[inode.number] = (fd, node, True)
+        got = self._fds.pop(inode.number, None)
+        if got is not None and (got[1] is node or got[1] == node):
+            self._pinned[inode.number] = (got[0], node, "rw" if got[2] else "ro", True)
+            return
+        if got is not None:
+            os.close(got[0])
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=view.upper.borrow_dir(parent.path))
+        self._pinned[inode.number] = (fd, node, "path", True)
 
     @fuse_errors
     async def write(self, fh, off, buf):

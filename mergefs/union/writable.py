@@ -243,11 +243,6 @@ class WritableView(UnionView):
         return syscalls.open_beneath(self.upper.layer.fd, inode.path,
                                      keep | os.O_NOFOLLOW | os.O_CLOEXEC)
 
-    def open_upper(self, path: bytes) -> int:
-        """An O_RDWR fd on the upper's regular file at ``path`` (never a symlink)."""
-        return syscalls.open_beneath(self.upper.layer.fd, path,
-                                     os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-
     def detached_copy(self, inode: Inode) -> int:
         """An O_RDWR fd on a copy of ``inode``'s lower file that no name shows: a
         no-open mount's writes to a lower file unlinked while held open go there
