@@ -48,14 +48,22 @@ def xino(layer: int, st_ino: int) -> int | None:
     return (layer + 1) << XINO_SHIFT | st_ino
 
 
+# Bumped whenever any inode's parent or name changes (a rename, another hardlink
+# name): every cached ``Inode.path`` older than it is computed again.
+_renames = 0
+
+
 class Inode:
-    __slots__ = ("number", "parent", "name", "node", "lookups", "_attr", "entry", "children",
-                 "unlinked", "others", "redirects", "sources", "__weakref__")
+    __slots__ = ("number", "_parent", "_name", "node", "lookups", "_attr", "entry", "children",
+                 "unlinked", "others", "redirects", "sources", "below", "_path", "_path_at",
+                 "xattrs", "__weakref__")
 
     def __init__(self, number: int, parent: "Inode | None", name: bytes, node: Node):
         self.number = number
-        self.parent = parent
-        self.name = name
+        self._parent = parent
+        self._name = name
+        self._path: bytes | None = None         # cached path, valid while _path_at == _renames
+        self._path_at = -1
         self.node = node
         self.lookups = 0
         self._attr: os.stat_result | None = None  # cached lstat of the top entry
@@ -67,6 +75,13 @@ class Inode:
         # "/abs/path" or "name"), and the layers really serving them (resolver.dir_sources)
         self.redirects: tuple = ()
         self.sources: tuple[int, ...] | None = None
+        # dirs of a writable view: (key, names) of what the lower layers show here
+        # (WritableView.lower_has; the key says which layers and paths it was read from)
+        self.below: tuple | None = None
+        # (node, names): the xattr names the entry serving ``node`` had when listed
+        # (UnionView.getxattr); only the view's own setxattr/removexattr adds or
+        # removes one, the kernel may only drop one (chown, write: security.capability)
+        self.xattrs: tuple | None = None
 
     @property
     def attr(self) -> os.stat_result | None:
@@ -86,13 +101,40 @@ class Inode:
         return self.node.kind == DIR
 
     @property
+    def parent(self) -> "Inode | None":
+        return self._parent
+
+    @parent.setter
+    def parent(self, parent: "Inode | None") -> None:
+        global _renames
+        _renames += 1
+        self._parent = parent
+
+    @property
+    def name(self) -> bytes:
+        return self._name
+
+    @name.setter
+    def name(self, name: bytes) -> None:
+        global _renames
+        _renames += 1
+        self._name = name
+
+    @property
     def path(self) -> bytes:
+        """The path from the root ("" for the root), cached until the next rename."""
+        if self._path_at == _renames:
+            return self._path
         parts = []
         cur = self
-        while cur.parent is not None:
-            parts.append(cur.name)
-            cur = cur.parent
-        return b"/".join(reversed(parts))
+        while cur._parent is not None and cur._path_at != _renames:
+            parts.append(cur._name)
+            cur = cur._parent
+        if cur._parent is not None:       # an ancestor with a current path
+            parts.append(cur._path)
+        path = b"/".join(reversed(parts))
+        self._path, self._path_at = path, _renames
+        return path
 
     def __repr__(self) -> str:
         return f"Inode({self.number}, {self.path!r}, lookups={self.lookups})"
@@ -242,7 +284,7 @@ class InodeTable:
         if inode.lookups <= 0:
             del self._live[number]
             inode.lookups = 0
-            inode.children = None
+            inode.children = inode.below = inode.xattrs = None
             self._dropped[number] = inode
 
     def check(self) -> list[str]:

@@ -2,7 +2,9 @@
 
 Each handler turns FUSE arguments into one call on the ``UnionView`` (read)
 or ``WritableView`` (write) and the result into pyfuse3 types; errors are
-translated in one place (``@fuse_errors``). Lookup counts: ``lookup``,
+translated in one place (``@fuse_errors``, which also makes a plain function a
+coroutine function for pyfuse3: a handler that never awaits is written as a
+plain ``def``, one coroutine per request instead of two). Lookup counts: ``lookup``,
 ``create``, ``mkdir``, ``mknod``, ``symlink``, ``link`` and every entry
 ``readdirplus`` returns add one; ``forget`` subtracts.
 
@@ -111,6 +113,11 @@ class UnionOperations(pyfuse3.Operations):
         self.view = view
         self.inodes = view.inodes
         self.timeouts = timeouts or Timeouts()
+        # A negative entry (st_ino 0) the kernel may cache: every change of the view
+        # goes through the kernel, which drops it when needed. Built once: pyfuse3
+        # only reads it.
+        self._negative = pyfuse3.EntryAttributes()
+        self._negative.st_ino, self._negative.entry_timeout = 0, self.timeouts.entry
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
         # no-open needs a pyfuse3 that passes the inode as fh when fh is 0
@@ -181,42 +188,40 @@ class UnionOperations(pyfuse3.Operations):
 
     # -- names -----------------------------------------------------------
     @fuse_errors
-    async def lookup(self, parent_inode, name, ctx=None):
+    def lookup(self, parent_inode, name, ctx=None):
         parent = self.inodes.get(parent_inode)
+        if name not in self.view.listing(parent):
+            return self._negative    # before every new name: no exception raised for it
         try:
             return self._entry(self.view.lookup(parent, name))
         except NotFound:
-            # A negative entry (st_ino 0) the kernel may cache: every change of
-            # the view goes through the kernel, which drops it when needed.
-            e = pyfuse3.EntryAttributes()
-            e.st_ino, e.entry_timeout = 0, self.timeouts.entry
-            return e
+            return self._negative
 
     @fuse_errors
-    async def forget(self, inode_list):
+    def forget(self, inode_list):
         for number, count in inode_list:
             self.inodes.forget(number, count)
             if (self._fds or self._pinned) and self.inodes.live(number) is None:
                 self._drop_fds(number)      # the kernel holds it no more: no read can come
 
     @fuse_errors
-    async def getattr(self, inode, ctx=None):
+    def getattr(self, inode, ctx=None):
         return self._entry(self.inodes.get(inode))
 
     @fuse_errors
-    async def readlink(self, inode, ctx=None):
+    def readlink(self, inode, ctx=None):
         return self.view.readlink(self.inodes.get(inode))
 
     # -- directories -----------------------------------------------------
     @fuse_errors
-    async def opendir(self, inode, ctx=None):
+    def opendir(self, inode, ctx=None):
         if self.no_open:
             raise FUSEError(errno.ENOSYS)    # the kernel caches listings itself from now on
         node = self.inodes.get(inode)
         return self._add_handle(Handle(node, entries=list(self.view.listing(node).items())))
 
     @fuse_errors
-    async def readdir(self, fh, start_id, token):
+    def readdir(self, fh, start_id, token):
         if not self.no_open:
             h = self.handles[fh]
             self._reply_entries(h.inode, h.entries, start_id, 0, token, pairs=True)
@@ -297,16 +302,16 @@ class UnionOperations(pyfuse3.Operations):
         return gen, names
 
     @fuse_errors
-    async def releasedir(self, fh):
+    def releasedir(self, fh):
         del self.handles[fh]
 
     @fuse_errors
-    async def fsyncdir(self, fh, datasync):
+    def fsyncdir(self, fh, datasync):
         pass
 
     # -- files -----------------------------------------------------------
     @fuse_errors
-    async def open(self, inode, flags, ctx=None):
+    def open(self, inode, flags, ctx=None):
         if self.no_open:    # no OPEN/RELEASE any more, for any flags; pages cached
             raise FUSEError(errno.ENOSYS)
         node = self.inodes.get(inode)
@@ -320,7 +325,7 @@ class UnionOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @fuse_errors
-    async def read(self, fh, off, size):
+    def read(self, fh, off, size):
         if self.no_open and fh not in self.handles:    # fh is the inode
             return os.pread(self._content_fd(self.inodes.get(fh)), size, off)
         return os.pread(self.handles[fh].fd, size, off)
@@ -423,7 +428,7 @@ class UnionOperations(pyfuse3.Operations):
         self._pinned[inode.number] = (fd, node, "path", True)
 
     @fuse_errors
-    async def write(self, fh, off, buf):
+    def write(self, fh, off, buf):
         h = self.handles.get(fh) if self.no_open else self.handles[fh]
         if h is None:                       # no-open: fh is the inode
             inode = self.inodes.get(fh)
@@ -435,14 +440,14 @@ class UnionOperations(pyfuse3.Operations):
         return n
 
     @fuse_errors
-    async def flush(self, fh):
+    def flush(self, fh):
         # Nothing to do on close(2): writes go straight to the upper. ENOSYS
         # makes the kernel stop sending FLUSH for good (fc->no_flush), one
         # request less per open file.
         raise FUSEError(errno.ENOSYS)
 
     @fuse_errors
-    async def fsync(self, fh, datasync):
+    def fsync(self, fh, datasync):
         if self.volatile:
             return
         h = self.handles.get(fh) if self.no_open else self.handles[fh]
@@ -456,17 +461,17 @@ class UnionOperations(pyfuse3.Operations):
         (os.fdatasync if datasync else os.fsync)(fd)
 
     @fuse_errors
-    async def release(self, fh):
+    def release(self, fh):
         h = self.handles.pop(fh)
         os.close(h.fd)
 
     # -- extended attributes ---------------------------------------------
     @fuse_errors
-    async def listxattr(self, inode, ctx=None):
+    def listxattr(self, inode, ctx=None):
         return self.view.xattr_names(self.inodes.get(inode))
 
     @fuse_errors
-    async def getxattr(self, inode, name, ctx=None):
+    def getxattr(self, inode, name, ctx=None):
         if is_overlay_private(os.fsdecode(name)):
             raise FUSEError(errno.EOPNOTSUPP)   # as kernel overlayfs answers its own prefix
         value = self.view.getxattr(self.inodes.get(inode), name)
@@ -475,20 +480,20 @@ class UnionOperations(pyfuse3.Operations):
         return value
 
     @fuse_errors
-    async def setxattr(self, inode, name, value, ctx=None):
+    def setxattr(self, inode, name, value, ctx=None):
         self._writer().setxattr(self.inodes.get(inode), name, value)
 
     @fuse_errors
-    async def removexattr(self, inode, name, ctx=None):
+    def removexattr(self, inode, name, ctx=None):
         self._writer().removexattr(self.inodes.get(inode), name)
 
     @fuse_errors
-    async def statfs(self, ctx=None):
+    def statfs(self, ctx=None):
         return statfs_reply(self.view.statvfs())
 
     # -- writes (EROFS on a read-only mount, U3) --------------------------
     @fuse_errors
-    async def setattr(self, inode, attr, fields, fh, ctx=None):
+    def setattr(self, inode, attr, fields, fh, ctx=None):
         node = self.inodes.get(inode)
         fd = self.handles[fh].fd if fh is not None and fh in self.handles else -1
         if node.unlinked and self.no_open and node.kind == REG:
@@ -517,7 +522,7 @@ class UnionOperations(pyfuse3.Operations):
         inode.attr = None
 
     @fuse_errors
-    async def create(self, parent_inode, name, mode, flags, ctx):
+    def create(self, parent_inode, name, mode, flags, ctx):
         w = self._writer()
         if self.no_open:
             # the kernel then makes new files with MKNOD and opens them no-open:
@@ -528,11 +533,11 @@ class UnionOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._entry(node)
 
     @fuse_errors
-    async def mkdir(self, parent_inode, name, mode, ctx):
+    def mkdir(self, parent_inode, name, mode, ctx):
         return self._entry(self._writer().mkdir(self.inodes.get(parent_inode), name, mode, ctx))
 
     @fuse_errors
-    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+    def mknod(self, parent_inode, name, mode, rdev, ctx):
         w = self._writer()
         if self.no_open and mode & 0o170000 == 0o100000:   # S_IFREG: an open(O_CREAT)
             inode, fd = w.create(self.inodes.get(parent_inode), name, mode, os.O_RDWR, ctx)
@@ -541,29 +546,29 @@ class UnionOperations(pyfuse3.Operations):
         return self._entry(w.mknod(self.inodes.get(parent_inode), name, mode, rdev, ctx))
 
     @fuse_errors
-    async def symlink(self, parent_inode, name, target, ctx):
+    def symlink(self, parent_inode, name, target, ctx):
         w = self._writer()
         return self._entry(w.symlink(self.inodes.get(parent_inode), name, target, ctx))
 
     @fuse_errors
-    async def link(self, inode, new_parent_inode, new_name, ctx):
+    def link(self, inode, new_parent_inode, new_name, ctx):
         w = self._writer()
         node = w.link(self.inodes.get(inode), self.inodes.get(new_parent_inode), new_name)
         return self._entry(node)
 
     @fuse_errors
-    async def unlink(self, parent_inode, name, ctx):
+    def unlink(self, parent_inode, name, ctx):
         parent, w = self.inodes.get(parent_inode), self._writer()
         if self.no_open:
             self._pin(parent, name)
         w.unlink(parent, name)
 
     @fuse_errors
-    async def rmdir(self, parent_inode, name, ctx):
+    def rmdir(self, parent_inode, name, ctx):
         self._writer().rmdir(self.inodes.get(parent_inode), name)
 
     @fuse_errors
-    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+    def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         w = self._writer()
         p_new = self.inodes.get(parent_inode_new)
         if self.no_open and not flags & 2:          # RENAME_EXCHANGE unlinks nothing

@@ -104,8 +104,9 @@ def _move(view, inode, p_old, old: bytes, p_new, new: bytes, dst: Node | None,
     if existing is not None and (syscalls.is_whiteout_stat(existing) and inode.is_dir
                                  or stat.S_ISDIR(existing.st_mode)):
         upper.remove(new_path)          # a whiteout a dir cannot replace, or an emptied dir
-    upper.forget_dirs(old_path)
-    upper.forget_dirs(new_path)
+    if inode.is_dir:    # a file's name has no cached dir fds (a dir it replaces: removed above)
+        upper.forget_dirs(old_path)
+        upper.forget_dirs(new_path)
     ofd, nfd = upper.borrow_dir(p_old.path), upper.borrow_dir(p_new.path)
     os.rename(old, new, src_dir_fd=ofd, dst_dir_fd=nfd)
     if below_old:

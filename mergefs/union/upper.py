@@ -283,18 +283,19 @@ class Upper:
         syscalls.mknod(tmp, stat.S_IFCHR | 0o600, os.makedev(0, WHITEOUT_DEV), self.work_fd)
         parent, _, name = path.rpartition(b"/")
         pfd = self.borrow_dir(parent)
-        old = _lstat_or_none(name, pfd)
-        if old is not None and stat.S_ISDIR(old.st_mode):
+        try:        # nothing there or a non-dir: replaced at once (no lstat first)
+            os.rename(tmp, name, src_dir_fd=self.work_fd, dst_dir_fd=pfd)
+        except IsADirectoryError:       # a dir: swapped with the whiteout, then removed
             self.forget_dirs(path)
             syscalls.renameat2(self.work_fd, tmp, pfd, name, syscalls.RENAME_EXCHANGE)
             self.discard_tree(tmp) if tree else _remove(tmp, self.work_fd)
-        else:
-            os.rename(tmp, name, src_dir_fd=self.work_fd, dst_dir_fd=pfd)
 
-    def remove(self, path: bytes) -> None:
-        """Remove the upper's entry at ``path`` (a dir with only whiteouts left in it)."""
+    def remove(self, path: bytes, is_dir: bool = True) -> None:
+        """Remove the upper's entry at ``path`` (a dir with only whiteouts left in it);
+        ``is_dir=False`` when the caller knows it is no directory (no cached fd to drop)."""
         parent, _, name = path.rpartition(b"/")
-        self.forget_dirs(path)
+        if is_dir:
+            self.forget_dirs(path)
         _remove(name, self.borrow_dir(parent))
 
     def set_opaque(self, path: bytes) -> None:
@@ -332,10 +333,11 @@ def _lstat_or_none(name: bytes, dir_fd: int) -> os.stat_result | None:
 
 def _remove(name: bytes, dir_fd: int) -> None:
     """unlink, or rmdir after removing the whiteouts a merged-empty dir may hold."""
-    st = syscalls.lstat(name, dir_fd)
-    if not stat.S_ISDIR(st.st_mode):
-        syscalls.unlink(name, dir_fd)
+    try:
+        syscalls.unlink(name, dir_fd)      # EISDIR from a dir: no lstat for every file
         return
+    except IsADirectoryError:
+        pass
     fd = syscalls.open_dir(name, dir_fd)
     try:
         for child in os.listdir(fd):

@@ -220,6 +220,16 @@ class UnionView:
                     if not is_overlay_private(a)]
 
     def getxattr(self, inode: Inode, attr: bytes) -> bytes | None:
+        """The value of ``attr``, None if the entry has none. A name the entry did
+        not have when its names were listed is answered without a syscall: the
+        kernel asks for ``security.capability`` before every first write and chown."""
+        known = inode.xattrs
+        if known is None or known[0] is not inode.node:
+            with self._parent_fd(inode) as (fd, name):
+                names = frozenset(os.fsencode(a) for a in syscalls.listxattr(fd, name))
+            known = inode.xattrs = (inode.node, names)
+        if attr not in known[1]:
+            return None
         with self._parent_fd(inode) as (fd, name):
             return syscalls.getxattr(fd, name, os.fsdecode(attr))
 

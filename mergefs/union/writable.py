@@ -60,17 +60,27 @@ class WritableView(UnionView):
 
     def attr(self, inode: Inode) -> os.stat_result:
         """As the view's, with the upper's parent dir from the fd cache."""
-        if inode.attr is None and inode.node.top == self.up and inode.path:
-            parent, _, name = inode.path.rpartition(b"/")
-            inode.attr = syscalls.lstat(name, self.upper.borrow_dir(parent))
+        if inode.attr is None and inode.node.top == self.up:
+            fd, name = self._upper_entry(inode)
+            inode.attr = syscalls.lstat(name, fd)
+            return inode.attr
         return super().attr(inode)
+
+    def _upper_entry(self, inode: Inode) -> tuple[int, bytes]:
+        """(the cached fd of the upper dir holding ``inode``'s entry, its name), or
+        (the upper's root fd, b"") for the root: never close the fd; valid until
+        the upper's directories change (``Upper.borrow_dir``)."""
+        path = inode.path
+        if not path:
+            return self.upper.layer.fd, b""
+        parent, _, name = path.rpartition(b"/")
+        return self.upper.borrow_dir(parent), name
 
     def _parent_fd(self, inode: Inode, layer: int | None = None):
         """The upper's directories come from its fd cache (not closed after use)."""
-        if (inode.node.top if layer is None else layer) != self.up or not inode.path:
+        if (inode.node.top if layer is None else layer) != self.up:
             return super()._parent_fd(inode, layer)
-        parent, _, name = inode.path.rpartition(b"/")
-        return _Borrowed(self.upper.borrow_dir(parent), name)
+        return _Borrowed(*self._upper_entry(inode))
 
     # -- helpers ----------------------------------------------------------
     def _child(self, parent: Inode, name: bytes) -> Node:
@@ -90,20 +100,30 @@ class WritableView(UnionView):
         parent.attr = None
 
     def _live(self, node: Node) -> Inode | None:
-        try:
-            return self.inodes.get(self.inodes.number_for(node))
-        except NotFound:
-            return None
+        return self.inodes.live(self.inodes.number_for(node))
 
     def has_lower(self, inode: Inode) -> bool:
         """Does a lower layer serve this directory (by its name or a redirect)?"""
         return any(i != self.up for i in self.dir_sources(inode))
 
     def lower_has(self, parent: Inode, name: bytes) -> bool:
-        """Does anything below the upper show at ``name`` under ``parent``?"""
-        lowers = [i for i in (parent.sources or parent.node.layers) if i != self.up]
-        return name in merge_listing((i, self.resolver.layer_dir(i, self.layer_path(parent, i)))
-                                     for i in lowers)
+        """Does anything below the upper show at ``name`` under ``parent``?
+
+        The lower layers' merged names are kept on the parent (``Inode.below``):
+        lowers never change, so they stay right as long as the same layers are
+        read at the same paths, which is the key they are kept under (a rename or
+        a redirect changes the paths, an opaque mark the layers)."""
+        lowers = tuple(i for i in (parent.sources or parent.node.layers) if i != self.up)
+        if not lowers:
+            return False
+        if self.redirected:
+            key = (lowers, tuple(self.layer_path(parent, i) for i in lowers))
+        else:
+            key = (lowers, (parent.path,) * len(lowers))
+        if parent.below is None or parent.below[0] != key:
+            parent.below = (key, merge_listing(
+                (i, self.resolver.layer_dir(i, path)) for i, path in zip(*key)))
+        return name in parent.below[1]
 
     def ensure_upper(self, inode: Inode, with_data: bool = True) -> None:
         """Copy ``inode`` (and its parents) up unless the upper already supplies it."""
@@ -167,26 +187,31 @@ class WritableView(UnionView):
             inode.redirects, inode.sources = (), (self.up,)
         return inode
 
-    def _prepare_new(self, parent: Inode, name: bytes, ctx) -> tuple[int, bool]:
-        """Checks for a new name; returns (gid, below-is-hidden) and copies parent up."""
+    def _prepare_new(self, parent: Inode, name: bytes, ctx) -> os.stat_result:
+        """Checks for a new name and copies its parent up; returns the parent's lstat."""
         if name in self.listing(parent):
             raise AlreadyExists(name)
         self.ensure_upper(parent)
-        pst = self.attr(parent)
-        gid = pst.st_gid if pst.st_mode & stat.S_ISGID else ctx.gid
-        return gid, self.upper.is_whiteout(join(parent.path, name))
+        return self.attr(parent)
 
     def _make(self, parent: Inode, name: bytes, kind: int, mode: int, ctx, rdev: int = 0,
               target: bytes = b"") -> tuple[Inode, int]:
         """A new entry at parent/name: made in place where it hides nothing (a name
         the view does not show and the upper holds no whiteout for), else staged in
-        the work dir and renamed over the whiteout (a directory then opaque)."""
-        gid, hidden = self._prepare_new(parent, name, ctx)
+        the work dir and renamed over the whiteout (a directory then opaque).
+        The upper is not asked first: making the entry in place fails with EEXIST
+        where a whiteout is (one lstat less for every new name)."""
+        pst = self._prepare_new(parent, name, ctx)
+        gid = pst.st_gid if pst.st_mode & stat.S_ISGID else ctx.gid
         if kind == DIR:
-            mode |= self.attr(parent).st_mode & stat.S_ISGID
-        if not hidden:
-            st, fd = self.upper.make_in_place(join(parent.path, name), kind, mode, ctx.uid, gid,
-                                              rdev, target)
+            mode |= pst.st_mode & stat.S_ISGID
+        path = join(parent.path, name)
+        try:
+            st, fd = self.upper.make_in_place(path, kind, mode, ctx.uid, gid, rdev, target)
+        except FileExistsError:
+            if not self.upper.is_whiteout(path):
+                raise
+        else:
             try:
                 return self._new_inode(parent, name, st), fd
             except BaseException:
@@ -204,7 +229,10 @@ class WritableView(UnionView):
 
     # -- creating ---------------------------------------------------------
     def create(self, parent: Inode, name: bytes, mode: int, flags: int, ctx):
-        return self._make(parent, name, REG, mode, ctx)
+        inode, fd = self._make(parent, name, REG, mode, ctx)
+        # its xattrs now (a default ACL, a security label), cheaply through the fd
+        inode.xattrs = (inode.node, frozenset(os.fsencode(a) for a in os.listxattr(fd)))
+        return inode, fd
 
     def mkdir(self, parent: Inode, name: bytes, mode: int, ctx) -> Inode:
         return self._make(parent, name, DIR, mode, ctx)[0]
@@ -258,9 +286,13 @@ class WritableView(UnionView):
 
     def setattr(self, inode: Inode, attr, fields, fd: int) -> None:
         self.ensure_upper(inode, with_data=not (fields.update_size and attr.st_size == 0))
-        with self._parent_fd(inode, self.up) as (pfd, name):   # the root: its own fd, b""
+        pfd, name = self._upper_entry(inode)         # the root: its own fd, b""
+        try:
             self._apply_attrs(pfd, name, inode, attr, fields, fd)
-        inode.attr = None
+        finally:
+            inode.attr = None
+        if not inode.unlinked:      # the new attributes now, through the fd at hand
+            inode.attr = syscalls.lstat(name, pfd)
 
     def _apply_attrs(self, pfd, name, inode, attr, fields, fd) -> None:
         if fields.update_size:
@@ -289,9 +321,10 @@ class WritableView(UnionView):
         if is_overlay_private(os.fsdecode(attr)):
             raise _err(errno.EOPNOTSUPP)      # as kernel overlayfs for its own prefix
         self.ensure_upper(inode)
-        with self._parent_fd(inode, self.up) as (fd, name):
-            syscalls.setxattr(fd, name, os.fsdecode(attr), value)
-        inode.attr = None
+        try:
+            syscalls.setxattr(*self._upper_entry(inode), os.fsdecode(attr), value)
+        finally:
+            inode.attr = inode.xattrs = None
 
     def removexattr(self, inode: Inode, attr: bytes) -> None:
         if is_overlay_private(os.fsdecode(attr)):
@@ -301,7 +334,7 @@ class WritableView(UnionView):
         self.ensure_upper(inode)
         with self._parent_fd(inode, self.up) as (fd, name):
             os.removexattr(syscalls.fd_path(fd, name), os.fsdecode(attr), follow_symlinks=False)
-        inode.attr = None
+        inode.attr = inode.xattrs = None
 
     # -- removing -----------------------------------------------------------
     def _remove_name(self, parent: Inode, name: bytes, node: Node) -> None:
@@ -312,7 +345,7 @@ class WritableView(UnionView):
             self.ensure_upper(parent)
             self.upper.whiteout(path)      # replaces the upper entry, if any, atomically
         elif node.top == self.up:
-            self.upper.remove(path)
+            self.upper.remove(path, is_dir=node.kind == DIR)
         self._set_child(parent, name, None)
         child = self._live(node)
         if child is not None:
