@@ -6,7 +6,9 @@ Glossary (containerd's words, BuildKit's semantics):
   (see ``snapshotter.digest``). Kinds: ``layer`` (imported or committed),
   ``merge`` (served as a ``farm`` or a ``union``), ``diff`` (committed,
   immutable), ``active`` (a writable upper over a committed parent) and
-  ``view`` (a read-only use of a committed snapshot).
+  ``view`` (a read-only use of a committed snapshot). A layer pulled from a
+  registry is **packed** (its blob only) until the first use of its tree
+  unpacks it (``snapshotter.packed``, ``Store.layer_tree``).
 * **name**: an alias (``--name``); **key**: the name of an active or view
   snapshot; **parent**: a snapshot's base (an active/view's parent, a merge's
   flattened inputs, a diff's lower and upper).
@@ -47,9 +49,21 @@ and ``Usage``; ``Store`` and ``default_root``; ``policy.choose_strategy`` /
 ``Decision``. The modules behind it (``service``, ``store``, ``meta``, ``gc``,
 ``usage``, ``fsck``) are the implementation.
 """
-from .api import Info, Kind, Snapshotter, Usage
-from .policy import Capabilities, Decision, MergeSpec, choose_strategy
-from .store import Store, default_root
-
 __all__ = ["Capabilities", "Decision", "Info", "Kind", "MergeSpec", "Snapshotter", "Store",
            "Usage", "choose_strategy", "default_root"]
+
+# Imported on first use (PEP 562), so that a light module (``snapshotter.distribution``)
+# costs no import of the whole store: ``mergefs pull`` starts skopeo before the rest loads.
+_HOMES = {"Info": "api", "Kind": "api", "Snapshotter": "api", "Usage": "api",
+          "Capabilities": "policy", "Decision": "policy", "MergeSpec": "policy",
+          "choose_strategy": "policy", "Store": "store", "default_root": "store"}
+
+
+def __getattr__(name: str):
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'snapshotter' has no attribute {name!r}")
+    import importlib
+    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    globals()[name] = value
+    return value

@@ -159,7 +159,8 @@ class Snapshotter:
         return self._info(key, self._row(key))
 
     def mounts(self, key: str) -> MountSpec:
-        """What to mount for ``key``, as data. Pure: reads metadata, writes nothing."""
+        """What to mount for ``key``, as data. Reads metadata; writes nothing but the
+        trees of packed layers, unpacked on this first use (``Store.layer_tree``)."""
         row = self._row(key)
         db = self.store.db
         if row.kind == SnapshotKind.ACTIVE:
@@ -192,12 +193,17 @@ class Snapshotter:
         from .usage import inodes_under
         row = self._row(key)
         d = self.store.dir_of(row.id)
+        if row.kind == SnapshotKind.MERGE and row.strategy != Strategy.FARM:
+            row = self.store.get(service.flatten(self.store, row)[-1])
+            d = self.store.dir_of(row.id)
+        if row.packed is not None:          # a packed layer: its blob is what it holds
+            from .blobs import path_of
+            st = os.stat(path_of(self.store, row.packed))
+            return Usage(st.st_blocks * 512, 1)
         if row.kind == SnapshotKind.ACTIVE:
             path = d / "upper"
         elif row.kind == SnapshotKind.VIEW:
             return Usage()
-        elif row.kind == SnapshotKind.MERGE and row.strategy != Strategy.FARM:
-            path = self.store.fs_of(service.flatten(self.store, row)[-1])
         else:
             path = d / "fs"
         inodes: dict = {}
@@ -413,7 +419,8 @@ class Snapshotter:
         return service.flatten(self.store, row)
 
     def layer_dir(self, snapshot_id: str) -> str:
-        return str(self.store.fs_of(snapshot_id))
+        """A layer's tree (a packed layer is unpacked first: ``Store.layer_tree``)."""
+        return str(self.store.layer_tree(snapshot_id))
 
     def describe(self, row: Row) -> dict:
         """A snapshot's metadata as plain data (``ls``/``inspect``/``import --json``)."""

@@ -7,6 +7,10 @@ compression) which blob, with its diffID, size and media type. ``mergefs
 push`` sends a remembered blob as it is (no recompression), which is what
 ``skopeo copy`` does from a layout.
 
+A **packed layer** (``snapshotter.packed``, kept so by a lazy pull) has its
+content here only: its row's ``packed`` column names the blob its tree is
+unpacked from on first use; fsck checks such blobs with the layer.
+
 Rule: **a blob is kept while its layer is in the store.** Removing a layer
 (``prune``, ``fsck --repair``) forgets its rows and deletes every blob file
 no row names any more (``Store.remove`` calls ``forget``). ``mergefs du``
@@ -108,8 +112,11 @@ def check(store, repair: bool = False) -> list[tuple[str, str, str, str]]:
     Repair forgets a row whose file is missing or has the wrong size (the next
     push of the layer writes its blob again) and deletes files no row names."""
     out, named = [], set()
+    packed = {(r.id, r.packed) for r in meta.packed_rows(store.db)}
     for layer, _comp, digest, _diff, size, _media in meta.all_blobs(store.db):
         named.add(hexpart(digest))
+        if (layer, digest) in packed:
+            continue            # a packed layer's content: checked by fsck._packed
         try:
             actual = os.stat(path_of(store, digest)).st_size
         except FileNotFoundError:

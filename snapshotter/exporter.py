@@ -46,7 +46,7 @@ def export(store: Store, ref: str, output: str, fmt: str = "dir", compression: s
     else:
         write = lambda src: _copy_tree(src, output)  # noqa: E731
     if row.kind != SnapshotKind.MERGE:
-        write(store.fs_of(row.id))
+        write(store.layer_tree(row.id))
     elif row.strategy == Strategy.FARM:
         write(store.fs_of(row.id))
     else:                            # a union: materialise the view in staging first

@@ -23,6 +23,9 @@ STEPS = (
     "move-commit:after-commit", # committed; the active snapshot's directory still there
     "prune:after-mark",         # rows marked deleting, directories still in place
     "prune:after-trash",        # one directory moved to staging, its row not yet gone
+    "unpack:mid-extract",       # a packed layer half read: its tree half made in staging
+    "unpack:after-extract",     # extracted and checked in staging, nothing published
+    "unpack:after-rename",      # tree renamed into the layer's dir, the row still packed
 )
 
 

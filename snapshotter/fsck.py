@@ -10,7 +10,11 @@ Findings, each with a severity:
   the upper is moved back on repair;
   a layer blob kept for push whose file
   is gone, or a blob file no layer names (repair forgets / deletes them).
-* ``error``: stored trees without the overlay-format mark (repair adds it
+  A packed layer whose unpack renamed its tree in but did not commit
+  (repair finishes it).
+* ``error``: a packed layer whose blob is missing (repair removes the row),
+  has the wrong size or, re-hashed, the wrong digest (repair marks it
+  corrupt); stored trees without the overlay-format mark (repair adds it
   only where the tree is verifiably overlay format, see ``_unmarked``);
   rows whose directory is missing; directories without a row and
   without a usable journal; pinned parents that do not exist; layers whose
@@ -59,6 +63,7 @@ def fsck(store: Store, repair: bool = False, verify_content: bool = True) -> lis
     out += _staging(store, repair)
     out += _interrupted(store, repair)
     out += _rows_without_dirs(store, repair)
+    out += _packed(store, repair, verify_content)
     out += _dirs_without_rows(store, repair)
     out += _missing_parents(store)
     out += _lost_holders(store, repair)
@@ -118,8 +123,8 @@ def _rows_without_dirs(store: Store, repair: bool) -> list[Finding]:
     out = []
     committing = set(pending(store))
     for row in meta.all_rows(store.db):
-        if row.id in committing:
-            continue                # _interrupted_commits
+        if row.id in committing or (row.packed and store.dir_of(row.id).is_dir()):
+            continue                # _interrupted_commits; _packed (no tree yet)
         d = store.dir_of(row.id)
         needs_fs = row.kind in (SnapshotKind.LAYER, SnapshotKind.DIFF) or row.strategy == Strategy.FARM
         missing = not d.is_dir() or (needs_fs and not (d / "fs").is_dir()) or \
@@ -135,6 +140,42 @@ def _rows_without_dirs(store: Store, repair: bool) -> list[Finding]:
             f.repaired = "row removed (its content was already gone)"
         out.append(f)
     return out
+
+
+def _packed(store: Store, repair: bool, verify_content: bool) -> list[Finding]:
+    """Packed layers (``snapshotter.packed``): the blob they will be unpacked from."""
+    from . import packed
+    out = []
+    for row in meta.packed_rows(store.db):
+        if row.state != "committed" or not store.dir_of(row.id).is_dir():
+            continue                # corrupt: _content; no directory: _rows_without_dirs
+        found = packed.check(store, row, verify_content)
+        if found is None:
+            continue
+        kind, severity, detail = found
+        f = Finding(severity, kind, row.id, detail)
+        if repair:
+            f.repaired = _repair_packed(store, row, kind)
+        out.append(f)
+    return out
+
+
+def _repair_packed(store: Store, row, kind: str) -> str:
+    from . import packed
+    if kind == "interrupted-unpack":
+        try:
+            packed.finish(store, row)
+            return "unpack finished"
+        except packed.Unpackable:
+            pass                    # the tree is not what was recorded: corrupt, below
+    if kind in ("packed-blob-missing", "packed-blob-lost"):
+        with meta.write(store.db):
+            meta.mark_deleting(store.db, row.id)
+        store.remove([row.id])
+        return "row removed (its content was already gone; pull the image again)"
+    with meta.write(store.db):
+        meta.set_state(store.db, row.id, "corrupt")
+    return "marked corrupt (kept; pull the image again to replace it)"
 
 
 def _dirs_without_rows(store: Store, repair: bool) -> list[Finding]:
@@ -178,8 +219,11 @@ def _missing_parents(store: Store) -> list[Finding]:
 
 
 def _content(store: Store, repair: bool) -> list[Finding]:
-    out = [Finding("error", "corrupt", row.id, "marked corrupt by an earlier fsck --repair; "
-                   "re-import the layer to replace it")
+    from .packed import corrupt_reason
+    out = [Finding("error", "corrupt", row.id, (corrupt_reason(store, row.id) or "packed layer: "
+                   "its blob is damaged") + " (unpack refused it; pull the image again to "
+                   "replace it)" if row.packed else "marked corrupt by an earlier fsck "
+                   "--repair; re-import the layer to replace it")
            for row in meta.all_rows(store.db, state="corrupt")]
     for row in meta.all_rows(store.db):
         if not row.tree_digest or not (store.fs_of(row.id)).is_dir():

@@ -15,23 +15,36 @@ sends the very blob it came as.
 
 Identity across machines: each layer descriptor carries two annotations, the
 layer's snapshot id (``org.mergefs.layer.id``) and its tree digest
-(``org.mergefs.layer.tree``, mergefs-tree-v1). A puller stores the layer under
-that id only if the tree digest of what it extracted is the same (the claim
-is checked, not trusted); otherwise under the diffID, like ``import``. So a
-merge of pulled layers has the id the same merge has on the pushing machine.
+(``org.mergefs.layer.tree``, mergefs-tree-v1). A merge id is a digest of its
+layer ids only, so a merge of pulled layers has the id the same merge has on
+the pushing machine as soon as the layers have the pusher's ids.
 
 Pull: the manifest and config (``skopeo inspect``) say which layers there
 are; a layer is present if the store has its annotated id (same tree digest),
 its diffID as an id, or a remembered blob with that diffID. Each missing
 layer is fetched by its own ``skopeo copy`` into a fresh OCI layout where the
 other layers' blobs are sparse placeholders (skopeo reuses a blob that exists
-at the destination, so it downloads exactly one layer blob); the next fetch
-runs while the current layer is extracted. skopeo checks the blob digest as
-it downloads; the extraction checks the digest and size again and the diffID
-while it streams. Each layer is published as soon as it is verified, so an
-interrupted pull resumes without fetching finished layers again. The image
-record is the union merge of the layers, named ``--name`` or ``REPO:TAG``'s
-last path part (like ``import`` of an image).
+at the destination, so it downloads exactly one layer blob), the next fetch
+started while the current one is stored. skopeo checks the blob digest as it
+downloads.
+
+* Lazy (the default): the blob is kept as a **packed layer**
+  (``snapshotter.packed``): moved into the blob area and published under the
+  annotated id with the annotated tree digest recorded (``_claim``; the
+  diffID when there is no annotation, when the store has that id with another
+  tree, or when not root), no tree on disk. The first use of the tree
+  (``Store.layer_tree``) unpacks it and checks digest, size, diffID and tree
+  digest then; a mismatch marks the layer corrupt. The claim is checked, not
+  trusted, only later.
+* ``unpack=True`` (``--unpack``): each blob is extracted as it arrives
+  (digest, size and diffID checked while streaming), its tree digest
+  computed, and the layer stored under the annotated id only if that tree
+  digest is the annotated one, otherwise under the diffID, like ``import``.
+
+Each layer is published as soon as it is stored, so an interrupted pull
+resumes without fetching finished layers again. The image record is the
+union merge of the layers (metadata only: no tree needed), named ``--name``
+or ``REPO:TAG``'s last path part (like ``import`` of an image).
 """
 from __future__ import annotations
 
@@ -41,7 +54,7 @@ import os
 import signal
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -96,6 +109,7 @@ class PullResult:
     layers: list[Row]
     fetched: list[str]         # blob digests downloaded by this pull
     image: Row | None
+    packed: list[str] = field(default_factory=list)   # layer ids still packed
 
 
 def _hex(digest: str) -> str:
@@ -130,7 +144,8 @@ def ensure_blob(store: Store, layer: str, compression: str) -> tuple[Blob, bool]
     tmp = d / f".tmp-{uuid.uuid4().hex}"
     try:
         with open(tmp, "xb") as f:
-            lb = oci.write_layer_tar(store.fs_of(layer), f, lower=None, compression=compression)
+            lb = oci.write_layer_tar(store.layer_tree(layer), f, lower=None,
+                                     compression=compression)
         os.replace(tmp, d / _hex(lb.digest))
     finally:
         if tmp.exists():
@@ -232,9 +247,10 @@ def _platform(index: dict) -> str:
     raise RegistryError(f"the image index has no manifest for linux/{arch}")
 
 
-def _plan(client: Skopeo, target: Target) -> _Plan:
-    """Manifest and config, fetched side by side; the config checked against the manifest."""
-    mproc, cproc = client.inspect(target), client.inspect(target, config=True)
+def _plan(client: Skopeo, target: Target, inspected=None) -> _Plan:
+    """Manifest and config, fetched side by side (``inspected``: the two ``skopeo inspect``
+    processes, already started); the config checked against the manifest."""
+    mproc, cproc = inspected or (client.inspect(target), client.inspect(target, config=True))
     raw = result(mproc, f"pull of {target} failed")
     cfg_raw = result(cproc, f"pull of {target} failed")
     manifest = json.loads(raw)
@@ -306,8 +322,63 @@ class _Fetch:
         self.staged.discard()
 
 
+def _is_digest(text) -> bool:
+    return isinstance(text, str) and text.startswith(_ID) and len(text) == 71 and \
+        all(c in "0123456789abcdef" for c in text[7:])
+
+
+def _claim(store: Store, desc: dict, diff_id: str) -> tuple[str, str | None]:
+    """(id, tree digest to verify at unpack) for a layer kept packed.
+
+    The pusher's annotated id and tree digest are taken (so merges get the ids
+    they have on the pushing machine) unless the store has that id with another
+    tree, or we are not root (an unpack without root cannot give files their
+    owners, so the tree could never match): then the diffID, as ``import``."""
+    ann = desc.get("annotations") or {}
+    claimed, tree = ann.get(ANN_ID), ann.get(ANN_TREE)
+    if not (_is_digest(claimed) and _is_digest(tree)) or os.geteuid() != 0:
+        return diff_id, None
+    have = store.get(claimed)
+    if have is not None and have.state == "committed" and have.tree_digest not in (None, tree):
+        return diff_id, None
+    return claimed, tree
+
+
+def _keep(store: Store, fetch: _Fetch, diff_id: str, source: str, holder) -> tuple[Row, Blob]:
+    """Keep the fetched blob (skopeo checked its digest) as a packed layer, unpacked on
+    first use (``snapshotter.packed``: digest, size, diffID and tree digest checked then)."""
+    from . import packed
+    try:
+        layout = fetch.wait()
+    except BaseException:
+        fetch.cancel()           # its staging goes too (skopeo refused the blob)
+        raise
+    desc = fetch.desc
+    try:
+        path = layout / "blobs" / "sha256" / _hex(desc["digest"])
+        size = os.stat(path).st_size
+        if size != desc["size"]:
+            raise RegistryError(f"{fetch.what}: the blob has {size} bytes, the manifest says "
+                                f"{desc['size']}")
+        lid, tree = _claim(store, desc, diff_id)
+        comp = _compression_of(desc["mediaType"])
+        blob = Blob(lid, comp, desc["digest"], diff_id, size, _MEDIA.get(comp, _MEDIA["none"]))
+        row = packed.publish(store, path, tuple(blob.__dict__.values()), lid, tree,
+                             f"pull of {source}", source, holder)
+        return row, Blob(row.id, *tuple(blob.__dict__.values())[1:])
+    finally:
+        fetch.cancel()
+
+
+_MEDIA = {"gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
+          "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
+          "none": "application/vnd.oci.image.layer.v1.tar"}
+
+
 def _import(store: Store, fetch: _Fetch, diff_id: str, source: str, holder) -> tuple[Row, Blob]:
-    """Extract the fetched blob (digest, size and diffID checked while streaming), publish it."""
+    """``--unpack``: extract the fetched blob (digest, size and diffID checked while
+    streaming) and publish the tree; the id is the annotated one only when the tree
+    digest is the annotated one, else the diffID."""
     from mergefs import oci
     try:
         layout = fetch.wait()
@@ -332,10 +403,7 @@ def _import(store: Store, fetch: _Fetch, diff_id: str, source: str, holder) -> t
                                     tree.digest, "layer", f"pull of {source}", source, None,
                                     holder, "pull")
         comp = _compression_of(desc["mediaType"])
-        media = {"gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
-                 "zstd": "application/vnd.oci.image.layer.v1.tar+zstd"}.get(
-                     comp, "application/vnd.oci.image.layer.v1.tar")
-        blob = Blob(row.id, comp, desc["digest"], diff_id, desc["size"], media)
+        blob = Blob(row.id, comp, desc["digest"], diff_id, desc["size"], _MEDIA[comp])
         os.replace(layout / "blobs" / "sha256" / _hex(blob.digest),
                    blob_dir(store) / _hex(blob.digest))
         with meta.write(store.db):
@@ -354,27 +422,37 @@ def _pause_point(step: str) -> None:
         os.kill(os.getpid(), signal.SIGSTOP)
 
 
-def pull_jobs(missing: int) -> int:
-    """Layers extracted at once: 1, or ``MERGEFS_PULL_JOBS`` (at most one per core).
+def pull_jobs(missing: int, unpack: bool = False) -> int:
+    """Layers handled at once: ``MERGEFS_PULL_JOBS``, else 4 for a lazy pull, 1 with
+    ``unpack``.
 
-    Layers of a pull are extracted without lowers, so they are independent
-    until each is published and may be extracted side by side. Measured on
-    2 shared cores (tools/bench_registry.py, load 8), two at once was slower
-    (median 56.5 s against 49.3 s for 100k files), so one is the default."""
-    from mergefs.oci._compress import cores
+    Lazy: a job downloads one layer and keeps its blob (no CPU to speak of), so
+    jobs are downloads in flight, each started as soon as one ends (skopeo's
+    own copy runs up to 6). ``unpack``: a job extracts one layer while the next
+    one downloads; layers of a pull are extracted without lowers, so they are
+    independent until each is published and may be extracted side by side, at
+    most one per core. Measured on 2 shared cores (tools/bench_registry.py,
+    load 8), two at once was slower (median 56.5 s against 49.3 s for 100k
+    files), so one is the default there."""
+    default = 1 if unpack else 4
     try:
-        jobs = int(os.environ.get("MERGEFS_PULL_JOBS", "1"))
+        jobs = int(os.environ.get("MERGEFS_PULL_JOBS", str(default)))
     except ValueError:
-        jobs = 1
-    return max(1, min(jobs, cores(), missing or 1))
+        jobs = default
+    if unpack:
+        from mergefs.oci._compress import cores
+        jobs = min(jobs, cores())
+    return max(1, min(jobs, missing or 1))
 
 
 def _fetch_all(store: Store, client: Skopeo, plan: _Plan, missing: list[int],
-               rows: list, holder, progress: Progress, source: str) -> list[str]:
+               rows: list, holder, progress: Progress, source: str,
+               unpack: bool = False) -> list[str]:
     """Fetch and store the ``missing`` layers (indexes into the plan); their blob digests.
 
-    ``pull_jobs`` workers take the layers in order; each layer's download is
-    started one layer ahead, so a download runs while layers are extracted.
+    ``pull_jobs`` workers take the layers in order; each starts its layer's
+    download, and with ``unpack`` the next layer's too, so a download runs
+    while layers are extracted.
     The first error stops the others (their downloads are killed, their
     staging discarded); layers already published stay (a retry resumes)."""
     lock = threading.Lock()
@@ -396,15 +474,16 @@ def _fetch_all(store: Store, client: Skopeo, plan: _Plan, missing: list[int],
                 k = state["next"]
                 state["next"] += 1
                 try:
-                    start(k)
-                    start(k + 1)             # the next download runs while this one extracts
+                    for j in range(ahead + 1):   # downloads run while this one is stored
+                        start(k + j)
                 except BaseException as e:
                     errors.append(e)
                     return
                 current = fetches.pop(k)
             i = missing[k]
             try:
-                rows[i], blob = _import(store, current, plan.diff_ids[i], source, holder)
+                rows[i], blob = (_import if unpack else _keep)(store, current, plan.diff_ids[i],
+                                                               source, holder)
             except BaseException as e:
                 with lock:
                     errors.append(e)
@@ -412,11 +491,13 @@ def _fetch_all(store: Store, client: Skopeo, plan: _Plan, missing: list[int],
             with lock:
                 done[k] = blob.digest
                 state["stored"] += 1
+                how = "packed" if rows[i].packed else "unpacked"
                 progress(f"layer {i + 1}/{n} {blob.digest[:19]} {blob.size} bytes: fetched, "
-                         f"verified, stored as {service.short(rows[i].id)}")
+                         f"verified, stored {how} as {service.short(rows[i].id)}")
                 _pause_point(f"pull:after-layer-{state['stored']}")
 
-    jobs = pull_jobs(len(missing))
+    jobs = pull_jobs(len(missing), unpack)
+    ahead = 1 if unpack else 0
     threads = [threading.Thread(target=worker, name=f"mergefs-pull-{j}", daemon=True)
                for j in range(jobs - 1)]
     try:
@@ -444,19 +525,24 @@ def default_name(target: Target) -> str:
 
 def pull(store: Store, target: str | Target, name: str | None = None,
          client: Skopeo | None = None, holder: str | None = CLI_HOLDER,
-         progress: Progress = _quiet) -> PullResult:
-    """Fetch the layers of ``target`` the store lacks, verify, publish, record the image."""
+         progress: Progress = _quiet, unpack: bool = False, inspected=None) -> PullResult:
+    """Fetch the layers of ``target`` the store lacks, keep them packed (``unpack``:
+    extract and verify each now), record the image."""
     target = parse_target(target) if isinstance(target, str) else target
     client = client or Skopeo()
     drop_orphans(store)
     name = name or default_name(target)
-    plan = _plan(client, target)
+    plan = _plan(client, target, inspected)
     n = len(plan.layers)
     rows: list[Row | None] = [_present(store, d, i, holder)
                               for d, i in zip(plan.layers, plan.diff_ids)]
     missing = [i for i, r in enumerate(rows) if r is None]
     progress(f"{target}: {n} layers, {n - len(missing)} present, {len(missing)} to fetch")
-    fetched = _fetch_all(store, client, plan, missing, rows, holder, progress, str(target))
+    fetched = _fetch_all(store, client, plan, missing, rows, holder, progress, str(target),
+                         unpack)
+    if unpack:                         # layers present but packed: unpacked now too
+        from . import packed
+        packed.unpack_all(store, [r.id for r in rows if r is not None])
     layers = [r for r in rows if r is not None]
     image = None
     if len(layers) > 1:
@@ -466,7 +552,8 @@ def pull(store: Store, target: str | Target, name: str | None = None,
         image = store.reuse(layers[0].id, holder, name)
     if image is not None:
         service.record_image_config(store, image.id, plan.config, name)
-    return PullResult(str(target), plan.manifest_digest, layers, fetched, image)
+    packed = [r.id for r in layers if (cur := store.get(r.id)) is not None and cur.packed]
+    return PullResult(str(target), plan.manifest_digest, layers, fetched, image, packed)
 
 
 __all__ = ["push", "pull", "PushResult", "PullResult", "Skopeo", "RegistryError", "parse_target"]

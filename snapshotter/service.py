@@ -45,6 +45,9 @@ def resolve_ref(store: Store, ref: str, fmt: str = "auto") -> Row:
     if is_path_ref(ref):
         return import_dir(store, ref, fmt, holder=None)
     row = store.resolve(ref)
+    if row.state == State.CORRUPT and row.packed:
+        raise FailedPrecondition(f"packed layer {short(row.id)} is corrupt (its blob did not "
+                                 "unpack to what its image recorded); pull the image again")
     if row.state == State.CORRUPT:
         raise FailedPrecondition(f"snapshot {short(row.id)} failed fsck (content does not match "
                                  "its digest); re-import it")
@@ -62,13 +65,14 @@ def flatten(store: Store, row: Row) -> list[str]:
 
 
 def store_layers(store: Store, ids: list[str]) -> list[Layer]:
-    """Stored layers to read: always overlay format, whatever their names (issue 11)."""
-    return [Layer(store.fs_of(i), "overlay") for i in ids]
+    """Stored layers to read: always overlay format, whatever their names (issue 11);
+    packed layers are unpacked first (``Store.layer_tree``)."""
+    return [Layer(store.layer_tree(i), "overlay") for i in ids]
 
 
 def layer_dirs(store: Store, row: Row) -> list[str]:
-    """Directories of the flattened layers of ``row``, bottom first."""
-    return [str(store.fs_of(i)) for i in flatten(store, row)]
+    """Directories of the flattened layers of ``row``, bottom first (packed ones unpacked)."""
+    return [str(store.layer_tree(i)) for i in flatten(store, row)]
 
 
 def release(store: Store, ref: str, holder: str = CLI_HOLDER) -> Row:
@@ -106,6 +110,8 @@ def merge(store: Store, refs: list[str], strategy: str = "auto", name: str | Non
     with store.build_lock(mid):
         row = store.reuse(mid, holder, name, naming)
         if row is not None and row.strategy == Strategy.UNION and strategy != Strategy.UNION:
+            if strategy != Strategy.FARM and row.use_count >= REUSE_FOR_FARM:
+                store_layers(store, flat)   # the policy counts the inputs' entries
             upgrade = _upgrade_decision(store, row, flat, strategy, intent, capabilities)
             if upgrade is not None:
                 return MergeResult(_materialise(store, row, flat, progress), upgrade, False)
@@ -113,6 +119,8 @@ def merge(store: Store, refs: list[str], strategy: str = "auto", name: str | Non
             return MergeResult(row, Decision(row.strategy, (
                 f"reused: this merge exists as a {row.strategy} (the id names the content, "
                 "not how it is served); nothing rebuilt",)), True)
+        if strategy != Strategy.UNION:      # the policy counts entries: trees must be there
+            store_layers(store, flat)
         decision = choose_strategy(merge_spec(store, flat, strategy),
                                    capabilities or machine_capabilities(), intent)
         return MergeResult(_build_merge(store, mid, flat, decision.strategy, holder, name,

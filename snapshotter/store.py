@@ -8,8 +8,11 @@ Layout of a store root::
         holders.json    its names (with labels), refs and image configs, rewritten in every
                         transaction that changes them: a lost or damaged meta.db
                         is rebuilt from meta.json + holders.json
-        fs/             the tree (layer, diff, farm merge)
+        fs/             the tree (layer, diff, farm merge); none yet for a packed
+                        layer (``snapshotter.packed``: its blob is in blobs/)
         upper/ work/    an active snapshot's writable upper and overlay work dir
+    blobs/sha256/<hex>  compressed layer blobs (``snapshotter.blobs``): kept for push, and
+                        the content of packed layers
     staging/<pid>-<start>-<rand>/   work in progress of one live process
     locks/<hex>.lock    per-id build locks (flock), so concurrent builders wait
     locks/meta.lock     held while a process opens meta.db (creation, WAL switch)
@@ -200,7 +203,17 @@ class Store:
         return self.snapshots / hexpart(snapshot_id)
 
     def fs_of(self, snapshot_id: str) -> Path:
+        """Where a snapshot's tree is (a path only: a packed layer has none yet)."""
         return self.dir_of(snapshot_id) / "fs"
+
+    def layer_tree(self, snapshot_id: str) -> Path:
+        """The directory of a stored tree for reading, a packed layer unpacked first.
+
+        The one place the store hands out a layer's directory: merges, mounts,
+        views, the containerd service, export, diff, commit and push all get
+        their trees here (``snapshotter.packed``)."""
+        from . import packed
+        return packed.tree(self, snapshot_id)
 
     # -- lookups -----------------------------------------------------------
     def get(self, snapshot_id: str) -> Row | None:
@@ -286,13 +299,18 @@ class Store:
 
     def publish(self, staged: Staged, row: Row, parents: list[Parent], op: str,
                 holder: str | None = CLI_HOLDER, name: str | None = None,
-                naming: "Naming | None" = None) -> Row:
-        """Make ``staged`` the snapshot ``row`` (C1: if it exists, reuse it and discard ours)."""
+                naming: "Naming | None" = None, journal: dict | None = None,
+                before_rename=None) -> Row:
+        """Make ``staged`` the snapshot ``row`` (C1: if it exists, reuse it and discard ours).
+
+        ``journal``: more keys for ``meta.json``; ``before_rename(db)``: called inside
+        the transaction just before the directory is renamed into place (a packed
+        layer's blob is moved in there)."""
         now = time.time()
         row.created = row.last_used = now
         row.use_count = 1
         (staged.path / "meta.json").write_text(json.dumps(
-            {"row": asdict(row), "parents": [asdict(p) for p in parents]}))
+            {"row": asdict(row), "parents": [asdict(p) for p in parents], **(journal or {})}))
         kill_point(f"{op}:after-build")
         trash: list[Path] = []
         try:
@@ -306,6 +324,8 @@ class Store:
                 if existing is not None:          # deleting or corrupt: finish removing it
                     trash += self._unlink_snapshot(row.id)
                 _mark_overlay(staged.path / "fs")
+                if before_rename is not None:
+                    before_rename(self.db)
                 self._rename_into_place(staged, row.id, trash)
                 kill_point(f"{op}:after-publish-dir")
                 meta.insert(self.db, row, parents)
@@ -449,6 +469,8 @@ class Store:
                 if hexpart(row.id) != d:
                     continue
                 meta.insert(self.db, row, parents)
+                from .packed import restore_blob_row
+                restore_blob_row(self.db, data)
                 restored = self.restore_holders(row.id)
                 actions.append(f"registered {row.id} from its journal" + (
                     f", with {', '.join(restored)}" if restored else ""))

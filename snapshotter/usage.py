@@ -8,8 +8,10 @@ farm merge's exclusive usage is therefore its directories (C3).
 
 ``Usage.total`` walks the whole root (metadata, staging, locks included) and
 equals ``du -s -B1 ROOT``; ``Usage.blobs`` is the layer blobs kept for push
-(``ROOT/blobs``, each kept while its layer is stored); ``Usage.overhead`` is
-the rest outside snapshots.
+(``ROOT/blobs``, each kept while its layer is stored); a packed layer's blob
+is its content, so it also counts in that layer's exclusive usage
+(``Usage.packed`` of ``Usage.blobs``); ``Usage.overhead`` is the rest outside
+snapshots.
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ class Usage:
     blobs: int = 0        # layer blobs kept for push (ROOT/blobs, snapshotter.blobs), on disk
     blob_count: int = 0
     layer_blobs: dict = field(default_factory=dict, repr=False)  # layer id -> its blobs' bytes
+    packed: int = 0       # of ``blobs``: packed layers' blobs, in their snapshots' exclusive
 
     @property
     def exclusive(self) -> int:
@@ -122,6 +125,8 @@ def measure(store: Store, with_total: bool = True) -> Usage:
             owners.setdefault(key, set()).add(row.id)
     out = []
     names = meta.names_by_id(store.db)
+    by_layer = blobs.bytes_by_layer(store)
+    packed = 0
     for row in rows:
         su = SnapshotUsage(row, parents=[p.id for p in meta.parents(store.db, row.id)],
                            names=sorted(names.get(row.id, [])), refs=refs.get(row.id, []))
@@ -130,6 +135,9 @@ def measure(store: Store, with_total: bool = True) -> Usage:
                 su.exclusive += size
             else:
                 su.shared += size
+        if row.packed:               # its content is its blob: freed with it
+            su.exclusive += by_layer.get(row.id, 0)
+            packed += by_layer.get(row.id, 0)
         su.reclaimable = not su.refs and row.id not in leased and not pins.get(row.id)
         out.append(su)
     shared_once = {k: s for inodes in per.values() for k, s in inodes.items() if len(owners[k]) > 1}
@@ -142,8 +150,9 @@ def measure(store: Store, with_total: bool = True) -> Usage:
         total = sum(everything.values())
     snap_bytes = sum(su.exclusive for su in out) + sum(shared_once.values())
     count, blob_bytes = blobs.usage(store)
-    return Usage(out, total, sum(shared_once.values()), max(total - snap_bytes - blob_bytes, 0),
-                 per, owners, blob_bytes, count, blobs.bytes_by_layer(store))
+    return Usage(out, total, sum(shared_once.values()),
+                 max(total - snap_bytes - (blob_bytes - packed), 0),
+                 per, owners, blob_bytes, count, by_layer, packed)
 
 
 def upper_mounted(upper: str) -> bool:

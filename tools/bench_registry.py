@@ -19,23 +19,29 @@ there, and times, as child processes (interpreter start included):
   the 8 layers are tarred and gzipped during the push (work skopeo's copy
   from a ready layout does not do);
 * ``skopeo pull``: ``skopeo copy docker://REG/... oci:NEWDIR`` (anchor; writes
-  8 blobs); ``skopeo pull + mergefs import``: that plus importing the layout
-  into a fresh store (the two-step way to get the layers into a store);
-* ``skopeo pull + umoci unpack`` / ``+ tar -xzf of each blob``: what a
-  usable rootfs costs with standard tools, and the file-creation floor
+  8 blobs); ``skopeo pull + umoci unpack`` / ``+ tar -xzf of each blob``:
+  what a usable rootfs costs with standard tools, and the file-creation floor
   (GNU tar, one directory per blob), after the same ``skopeo pull``;
 * ``mergefs push of the imported layout``: the anchor layout imported into a
   store D (which keeps its blobs), pushed to an empty registry: the same
   blobs skopeo sends, no recompression;
-* ``mergefs pull``: ``mergefs pull`` into a fresh store B (fetch, verify,
-  extract 100k files, tree digests, publish, image record), one layer
-  extracted at a time; ``two layers at once``: the same with
-  ``MERGEFS_PULL_JOBS=2`` into another fresh store;
+* ``mergefs pull`` (lazy, the default): into a fresh store B: fetch, keep
+  each verified blob as a packed layer, image record (no extraction);
+  ``+ first merge``: that plus ``mergefs merge --strategy farm`` of the image
+  on B, the first use of the trees (unpacks the 8 layers, checking digest,
+  diffID and tree digest, then links the farm: a usable rootfs, like umoci's);
+* ``mergefs pull --unpack``: the eager pull into a fresh store E (extract,
+  verify and digest each layer as it arrives, one at a time);
+* ``diffID check of the pulled blobs``: decompress and sha256 the 8 blobs of
+  store B in one child process (what verifying the diffIDs during a lazy
+  pull would add to it; run after the pulls, not part of them);
 * ``mergefs pull, all present``: the same again into B: the registry's access
   log must show no layer blob bytes sent; reported are the whole process and
   the ``registry.pull()`` call alone (target < 0.5 s).
 
-Correctness: B's image has A's merge id and the merged trees' digests match.
+Correctness: B's and E's images have A's merge id, B's layers were packed
+after the pull and unpacked after the merge, and the merged trees' digests
+match (first rep).
 Prints a table of medians and ratios against the anchors of the same run, and
 the load average. Asserts nothing else.
 """
@@ -59,6 +65,21 @@ import gen_stack  # noqa: E402
 from mergefs.testing.registry import RegistryServer  # noqa: E402
 
 PY = sys.executable
+DIFFID_CHILD = """
+import json, os, sys, time
+from mergefs.oci._stream import open_tar_stream
+from snapshotter.store import Store
+t0 = time.perf_counter()
+with Store(sys.argv[1]) as s:
+    rows = s.db.execute("SELECT digest, diff_id FROM layer_blobs").fetchall()
+    for digest, diff_id in rows:
+        with open(s.root / "blobs" / "sha256" / digest[7:], "rb") as f:
+            stream = open_tar_stream(f)
+            stream.drain()
+            stream.close()
+            assert stream.diff_id == diff_id, digest
+print(json.dumps({"seconds": time.perf_counter() - t0, "blobs": len(rows)}))
+"""
 PRESENT_CHILD = """
 import json, sys, time
 t0 = time.perf_counter()
@@ -140,7 +161,6 @@ def one_rep(work: str, rep: int, root_a: str, layout: str, mid: str, table) -> N
         os.makedirs(r.dir)
         r.start()
     root_b = os.path.join(work, f"store-b-{rep}")
-    root_c = os.path.join(work, f"store-c-{rep}")
     root_e = os.path.join(work, f"store-e-{rep}")
     pulled = os.path.join(work, f"skopeo-pull-{rep}")
     unpacked = os.path.join(work, f"umoci-{rep}")
@@ -175,20 +195,30 @@ def one_rep(work: str, rep: int, root_a: str, layout: str, mid: str, table) -> N
                 g = gnu_tar(layout_blobs(pulled), tarred)
                 table.series("skopeo pull + tar -xzf of each blob", anchor="skopeo pull").add(
                     t + g)
-                t += mergefs(root_c, "import", pulled, "--name", "img").seconds
-                table.series("skopeo pull + mergefs import", anchor="skopeo pull").add(t)
             else:
                 res = mergefs(root_b, "pull", f"{m}/bench/app:v1", "--json")
-                table.series("mergefs pull", anchor="skopeo pull").add(res.seconds)
-                table.series("mergefs pull (vs umoci)", anchor="skopeo pull + umoci unpack"
-                             ).add(res.seconds)
-                table.series("mergefs pull (vs tar)", anchor="skopeo pull + tar -xzf of each blob"
-                             ).add(res.seconds)
-                one = benchlib.run_child(
-                    [PY, "-m", "mergefs", "--root", root_e, "pull", f"{m}/bench/app:v1"],
-                    env=dict(os.environ, PYTHONPATH=REPO, MERGEFS_PULL_JOBS="2")).seconds
-                table.series("mergefs pull, two layers at once", anchor="mergefs pull").add(one)
-                assert json.loads(res.stdout)["image"] == mid, "pulled image is not the pushed merge"
+                out = json.loads(res.stdout)
+                assert out["image"] == mid, "pulled image is not the pushed merge"
+                assert len(out["packed"]) == len(out["layers"]), "a lazy pull unpacked"
+                table.series("mergefs pull (lazy)", anchor="skopeo pull").add(res.seconds)
+                merge = mergefs(root_b, "merge", "--strategy", "farm", "app:v1")
+                assert merge.stdout.strip() == mid
+                table.series("first merge after the lazy pull (unpack 8 + farm)").add(
+                    merge.seconds)
+                both = res.seconds + merge.seconds
+                table.series("mergefs pull (lazy) + first merge", anchor="skopeo pull").add(both)
+                table.series("mergefs pull (lazy) + first merge (vs umoci)",
+                             anchor="skopeo pull + umoci unpack").add(both)
+                eager = mergefs(root_e, "pull", f"{m}/bench/app:v1", "--unpack", "--json")
+                assert json.loads(eager.stdout)["image"] == mid
+                table.series("mergefs pull --unpack", anchor="skopeo pull").add(eager.seconds)
+                table.series("mergefs pull --unpack (vs umoci)",
+                             anchor="skopeo pull + umoci unpack").add(eager.seconds)
+        check = benchlib.run_child([PY, "-c", DIFFID_CHILD, root_b],
+                                   env=dict(os.environ, PYTHONPATH=REPO))
+        table.series("diffID check of the pulled blobs (child process)",
+                     anchor="skopeo pull").add(check.seconds)
+        table.series("diffID check of the pulled blobs (CPU s)").add(check.cpu_seconds or 0)
         layer_digests = set(json.loads(mergefs(root_b, "pull", f"{m}/bench/app:v1",
                                                "--json").stdout)["fetched"]) | _pushed(root_a)
         mark = regs["m"].mark()
@@ -204,7 +234,7 @@ def one_rep(work: str, rep: int, root_a: str, layout: str, mid: str, table) -> N
     finally:
         for r in regs.values():
             r.stop()
-        for d in (root_b, root_c, root_e, pulled, unpacked, tarred):
+        for d in (root_b, root_e, pulled, unpacked, tarred):
             rm(d)
         for r in regs.values():
             rm(str(r.dir))

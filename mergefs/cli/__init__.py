@@ -41,8 +41,8 @@ def _version_action():
 
 
 # verbs whose module is known without importing every verb module: ``mergefs mount``
-# builds only its own parser (every module's argparse set-up costs ~30 ms)
-FAST_VERBS = {"mount": "mount", "umount": "mount"}
+# (and pull, push) builds only its own parser (every module's argparse set-up costs ~30 ms)
+FAST_VERBS = {"mount": "mount", "umount": "mount", "pull": "registry", "push": "registry"}
 
 
 def _verb_modules(argv: list[str] | None) -> tuple[str, ...]:

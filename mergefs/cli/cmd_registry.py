@@ -1,7 +1,7 @@
 """Registry verbs: push a snapshot to an OCI registry, pull an image into the store.
 
     mergefs push REF REGISTRY/REPO:TAG [--compression gzip|zstd]
-    mergefs pull REGISTRY/REPO:TAG [--name N]
+    mergefs pull REGISTRY/REPO:TAG [--name N] [--unpack]
 
 skopeo speaks the distribution protocol (see ``snapshotter.distribution``):
 credentials come from ``--authfile``, ``$REGISTRY_AUTH_FILE``, containers'
@@ -54,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "(only the layers it lacks)")
     p.add_argument("target", metavar="REGISTRY/REPO:TAG", type=_target)
     p.add_argument("--name", help="name of the image record (default: REPO:TAG's last part)")
+    p.add_argument("--unpack", action="store_true",
+                   help="extract and verify every layer now (default: keep the layers packed, "
+                   "as their blobs, and unpack each on first use)")
     _common(p)
     p.set_defaults(func=cmd_pull)
 
@@ -95,13 +98,24 @@ def cmd_push(args) -> int:
 
 
 def cmd_pull(args) -> int:
+    client = _client(args)
+    # the manifest and config are asked for first, while the store opens (and its
+    # modules import): a pull's fixed cost is most of it for a small image
+    early = (client.inspect(args.target), client.inspect(args.target, config=True))
     from snapshotter import registry
-    with _store(args) as sn:
-        res = registry.pull(sn.store, args.target, args.name, _client(args), holder=sn.holder,
-                            progress=_progress if _shown(args) else registry._quiet)
+    try:
+        with _store(args) as sn:
+            res = registry.pull(sn.store, args.target, args.name, client, holder=sn.holder,
+                                progress=_progress if _shown(args) else registry._quiet,
+                                unpack=args.unpack, inspected=early)
+    finally:
+        from snapshotter.distribution import stop
+        for proc in early:
+            stop(proc)
     if args.json:
         print(json.dumps({"target": res.target, "manifest": res.manifest_digest,
                           "layers": [r.id for r in res.layers], "fetched": res.fetched,
+                          "packed": res.packed,
                           "image": res.image.id if res.image else None}, indent=2))
     else:
         print(res.image.id if res.image else "")

@@ -236,7 +236,8 @@ def cmd_ls(args) -> int:
     for d in dicts:
         print(f"{d['id'][7:26]:<20} {d['kind']:<7} {d['strategy'] or '-':<8} "
               f"{len(d['refs']):<4} {','.join(d['names']) or '-':<16} {d['description']}"
-              + ("" if d["state"] == "committed" else f" [{d['state']}]"))
+              + ("" if d["state"] == "committed" else f" [{d['state']}]")
+              + (f" [packed: {d['packed'][:19]}]" if d.get("packed") else ""))
     return 0
 
 

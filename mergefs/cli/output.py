@@ -23,7 +23,8 @@ def when(t: float) -> str:
 
 
 def du_dict(s) -> dict:
-    return {"id": s.row.id, "kind": s.row.kind + (f" ({s.row.strategy})" if s.row.strategy else ""),
+    return {"id": s.row.id, "kind": s.row.kind + (f" ({s.row.strategy})" if s.row.strategy else "")
+            + (" (packed)" if s.row.packed else ""),
             "parents": ";".join(s.parents), "names": ";".join(s.names),
             "created": s.row.created, "last_used": s.row.last_used,
             "usage_count": s.row.use_count, "reclaimable": s.reclaimable,
@@ -60,7 +61,8 @@ def print_du(u, verbose: bool = False, as_json: bool = False) -> None:
         print(json.dumps({"snapshots": [du_dict(s) for s in recs], "total": u.total,
                           "exclusive": u.exclusive, "shared": u.shared,
                           "reclaimable": u.reclaimable, "overhead": u.overhead,
-                          "blobs": u.blobs, "blob_count": u.blob_count}))
+                          "blobs": u.blobs, "blob_count": u.blob_count,
+                          "packed_blobs": u.packed}))
         return
     if verbose:
         for s in recs:
@@ -78,10 +80,13 @@ def print_du(u, verbose: bool = False, as_json: bool = False) -> None:
         print(f"{'ID':<20} {'KIND':<7} {'RECLAIMABLE':<12} {'EXCLUSIVE':>10} {'SHARED':>10}  "
               "LAST ACCESSED")
         for s in recs:
-            print(f"{s.row.id[7:26]:<20} {s.row.kind:<7} {str(s.reclaimable).lower():<12} "
+            kind = "packed" if s.row.packed else s.row.kind       # a layer kept as its blob
+            print(f"{s.row.id[7:26]:<20} {kind:<7} {str(s.reclaimable).lower():<12} "
                   f"{human(s.exclusive):>10} {human(s.shared):>10}  {when(s.row.last_used)}")
     print(f"{'Exclusive:':<14}{human(u.exclusive)}\n{'Shared:':<14}{human(u.shared)}\n"
           f"{'Reclaimable:':<14}{human(u.reclaimable)}\n"
-          f"{'Blobs:':<14}{human(u.blobs)} ({u.blob_count} layer blobs kept for push)\n"
+          f"{'Blobs:':<14}{human(u.blobs)} ({u.blob_count} layer blobs kept for push"
+          + (f"; {human(u.packed)} of them packed layers' content, counted above"
+             if u.packed else "") + ")\n"
           f"{'Overhead:':<14}{human(u.overhead)}\n"
           f"{'Total:':<14}{human(u.total)}")

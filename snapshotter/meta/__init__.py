@@ -16,6 +16,13 @@ Readers never block writers (WAL). Tables:
 * ``image_configs`` the OCI image config an imported or pulled image came
   with, per snapshot id and per name it was imported under (schema 3): what
   ``mergefs bundle`` runs
+* ``layer_blobs`` a layer's compressed blob per compression (digest, diffID,
+  size, media type): kept for push, and what a packed layer is unpacked from
+  (schema 4; made on first use before)
+
+A committed layer is **packed** when ``snapshots.packed`` names a blob (schema
+4): its tree is not on disk yet and is unpacked from that blob on first use
+(``snapshotter.packed``); NULL once the tree is there, and for everything else.
 
 States: ``committed`` (visible), ``deleting`` (a prune has begun: invisible,
 finished by the next writer or at open), ``corrupt`` (fsck --repair found its
@@ -35,11 +42,11 @@ from .snapshots import (  # noqa: F401
     mark_deleting, move_refs, drop_holder, holders_named, ids_with_refs,
     mark_deleting_if_unused, children_of, all_ids, ids_in_state, set_state,
     missing_pinned_parents, ids_by_prefix, farm_links, make_farm, add_lease, holders,
-    names_by_id, first_name, count)
+    names_by_id, first_name, count, set_unpacked, packed_rows)
 from .names import (  # noqa: F401
     NameRow, NAME_COLUMNS, id_of_name, name_row, name_rows, add_name, drop_name,
     children_of_name, labels_of, set_labels, holders_of, restore_holders, unaccounted)
 from .images import (  # noqa: F401
-    BLOBS_SCHEMA, BLOB_COLUMNS, has_blobs, ensure_blobs, blobs_of, put_blob, orphan_blobs,
+    BLOBS_SCHEMA, BLOB_COLUMNS, has_blobs, ensure_blobs, blobs_of, blob_row, put_blob, orphan_blobs,
     forget_blobs_of, forget_blob, blob_digests, all_blobs, put_image_config, image_config,
     image_configs_of, restore_image_config)

@@ -10,7 +10,7 @@ from typing import Iterator
 from mergefs.errors import FailedPrecondition, StoreDamaged
 
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT_S = 60.0
 
 SCHEMA = """
@@ -27,7 +27,8 @@ CREATE TABLE IF NOT EXISTS snapshots(
     entries INTEGER NOT NULL DEFAULT 0,
     bytes INTEGER NOT NULL DEFAULT 0,
     tree_digest TEXT,
-    source TEXT);
+    source TEXT,
+    packed TEXT);
 CREATE TABLE IF NOT EXISTS parents(
     child TEXT NOT NULL, pos INTEGER NOT NULL, parent TEXT NOT NULL,
     role TEXT NOT NULL DEFAULT 'input', pin INTEGER NOT NULL DEFAULT 0,
@@ -45,10 +46,16 @@ CREATE TABLE IF NOT EXISTS labels(name TEXT NOT NULL, key TEXT NOT NULL, value T
 CREATE TABLE IF NOT EXISTS image_configs(subject TEXT PRIMARY KEY, id TEXT NOT NULL,
     config TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS image_configs_by_id ON image_configs(id);
+CREATE TABLE IF NOT EXISTS layer_blobs(
+    layer TEXT NOT NULL, compression TEXT NOT NULL, digest TEXT NOT NULL,
+    diff_id TEXT NOT NULL, size INTEGER NOT NULL, media_type TEXT NOT NULL,
+    PRIMARY KEY(layer, compression));
+CREATE INDEX IF NOT EXISTS layer_blobs_by_diff ON layer_blobs(diff_id);
 """
 
 # Upgrades of an existing store, by the version they lead to (run in order, in
-# one transaction with the new schema's CREATE ... IF NOT EXISTS statements).
+# one transaction with the new schema's CREATE ... IF NOT EXISTS statements);
+# an SQL statement, or a function of the connection.
 MIGRATIONS = {
     2: ("ALTER TABLE names ADD COLUMN parent TEXT",
         "ALTER TABLE names ADD COLUMN created REAL NOT NULL DEFAULT 0",
@@ -57,7 +64,13 @@ MIGRATIONS = {
         "WHERE s.id = names.id), 0), updated = COALESCE((SELECT s.created FROM snapshots s "
         "WHERE s.id = names.id), 0)"),
     3: (),          # image_configs: made by the schema's CREATE TABLE IF NOT EXISTS
-}
+    4: (lambda db: _add_column(db, "snapshots", "packed", "TEXT"),),   # packed layers; and
+}                          # layer_blobs, made on first use before: CREATE ... IF NOT EXISTS
+
+
+def _add_column(db: sqlite3.Connection, table: str, column: str, decl: str) -> None:
+    if column not in {r[1] for r in db.execute(f"PRAGMA table_info({table})")}:
+        db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
 
 def connect(path: str) -> sqlite3.Connection:
@@ -88,7 +101,7 @@ def _ensure_schema(db: sqlite3.Connection) -> None:
         if row is not None:
             for version in range(row + 1, SCHEMA_VERSION + 1):
                 for stmt in MIGRATIONS.get(version, ()):
-                    db.execute(stmt)
+                    stmt(db) if callable(stmt) else db.execute(stmt)
         for stmt in SCHEMA.split(";"):
             if stmt.strip():
                 db.execute(stmt)

@@ -7,8 +7,10 @@ import sqlite3
 
 # -- registry blobs (mergefs push / pull) --------------------------------------------
 # One row per (layer, compression): the layer's blob as pushed or pulled, so a
-# layer is compressed once and a pulled layer can be found by its diffID. Made
-# on first use; a layer's rows go when it is removed (snapshotter.blobs.forget).
+# layer is compressed once and a pulled layer can be found by its diffID; a
+# packed layer's tree is unpacked from its row's blob. Part of the schema since
+# version 4 (made on first use before); a layer's rows go when it is removed
+# (snapshotter.blobs.forget).
 BLOBS_SCHEMA = """CREATE TABLE IF NOT EXISTS layer_blobs(
     layer TEXT NOT NULL, compression TEXT NOT NULL, digest TEXT NOT NULL,
     diff_id TEXT NOT NULL, size INTEGER NOT NULL, media_type TEXT NOT NULL,
@@ -37,9 +39,17 @@ def put_blob(db: sqlite3.Connection, values: tuple) -> None:
 
 
 def orphan_blobs(db: sqlite3.Connection) -> list[tuple[str, str]]:
-    """(layer, digest) of blob rows whose layer is no longer committed."""
+    """(layer, digest) of blob rows whose layer is gone (a corrupt layer keeps its blob,
+    for inspection, like its tree)."""
     return db.execute("SELECT b.layer, b.digest FROM layer_blobs b LEFT JOIN snapshots s "
-                      "ON s.id = b.layer AND s.state = 'committed' WHERE s.id IS NULL").fetchall()
+                      "ON s.id = b.layer AND s.state IN ('committed', 'corrupt') "
+                      "WHERE s.id IS NULL").fetchall()
+
+
+def blob_row(db: sqlite3.Connection, layer: str, digest: str) -> tuple | None:
+    """The row of ``layer``'s blob ``digest``, or None."""
+    return db.execute(f"SELECT {BLOB_COLUMNS} FROM layer_blobs WHERE layer=? AND digest=?",
+                      (layer, digest)).fetchone()
 
 
 def forget_blobs_of(db: sqlite3.Connection, layers: list[str]) -> set[str]:

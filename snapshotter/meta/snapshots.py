@@ -29,7 +29,7 @@ class Strategy(str, enum.Enum):
 
 
 COLUMNS = ("id", "kind", "strategy", "state", "created", "last_used", "use_count",
-           "description", "entries", "bytes", "tree_digest", "source")
+           "description", "entries", "bytes", "tree_digest", "source", "packed")
 
 
 @dataclass
@@ -47,6 +47,7 @@ class Row:
     bytes: int = 0
     tree_digest: str | None = None
     source: str | None = None
+    packed: str | None = None      # a packed layer: the blob its tree is unpacked from
 
     def values(self) -> tuple:
         return tuple(getattr(self, c) for c in COLUMNS)
@@ -193,11 +194,12 @@ def set_state(db: sqlite3.Connection, snapshot_id: str, state: str) -> None:
 
 
 def missing_pinned_parents(db: sqlite3.Connection) -> list[tuple[str, str]]:
-    """(child, parent) where a committed child pins a parent that is not committed."""
+    """(child, parent) where a committed child pins a parent that is gone (or going; a
+    corrupt parent is still there, and reported as such)."""
     return list(db.execute(
         "SELECT p.child, p.parent FROM parents p JOIN snapshots c ON c.id = p.child "
         "LEFT JOIN snapshots s ON s.id = p.parent WHERE p.pin = 1 AND c.state = 'committed' "
-        "AND (s.id IS NULL OR s.state != 'committed')"))
+        "AND (s.id IS NULL OR s.state NOT IN ('committed', 'corrupt'))"))
 
 
 def ids_by_prefix(db: sqlite3.Connection, prefix: str, limit: int = 2) -> list[str]:
@@ -251,6 +253,20 @@ def names_by_id(db: sqlite3.Connection) -> dict[str, list[str]]:
 def first_name(db: sqlite3.Connection, snapshot_id: str) -> str | None:
     names = names_of(db, snapshot_id)
     return names[0] if names else None
+
+
+def set_unpacked(db: sqlite3.Connection, snapshot_id: str, tree_digest: str, entries: int,
+                 nbytes: int) -> None:
+    """Inside a write: a packed layer's tree is on disk now (its summary recorded)."""
+    db.execute("UPDATE snapshots SET packed=NULL, tree_digest=?, entries=?, bytes=? WHERE id=?",
+               (tree_digest, entries, nbytes, snapshot_id))
+
+
+def packed_rows(db: sqlite3.Connection) -> list[Row]:
+    """Packed layers (any state but deleting)."""
+    return [Row(*r) for r in db.execute(
+        f"SELECT {','.join(COLUMNS)} FROM snapshots WHERE packed IS NOT NULL "
+        "AND state != 'deleting'")]
 
 
 def count(db: sqlite3.Connection) -> int:

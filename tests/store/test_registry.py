@@ -73,12 +73,12 @@ def test_push_pull_two_machines_same_merge_id_and_tree(a, b, registry, layers, t
     assert "app:v1" in b.out("ls")
 
 
-def test_pull_two_layers_at_once_gives_the_same_merge(a, b, registry, layers, monkeypatch):
+def test_pull_unpacking_two_layers_at_once_gives_the_same_merge(a, b, registry, layers, monkeypatch):
     mid = _app_on(a, layers)
     target = f"{registry.address}/mergefs/app:v1"
     a.run("push", "app", target)
     monkeypatch.setenv("MERGEFS_PULL_JOBS", "2")
-    pulled = json.loads(b.run("pull", target, "--json").stdout)
+    pulled = json.loads(b.run("pull", target, "--unpack", "--json").stdout)
     assert pulled["image"] == mid and len(pulled["fetched"]) == 3
     assert os.listdir(b.root / "staging") == []
 

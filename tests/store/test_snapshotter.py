@@ -207,8 +207,28 @@ def test_schema_1_store_is_migrated(root):
     with Snapshotter(root, reconcile=False) as sn:
         sn.store.db.execute("INSERT INTO labels VALUES('old', 'k', 'v')")   # the table exists
         sn.store.db.execute("SELECT * FROM image_configs")                # schema 3
+        sn.store.db.execute("SELECT packed FROM snapshots")               # schema 4
+        sn.store.db.execute("SELECT * FROM layer_blobs")
         version = sn.store.db.execute("SELECT value FROM meta WHERE key='schema_version'")
-        assert version.fetchone()[0] == "3"
+        assert version.fetchone()[0] == "4"
+
+
+def test_schema_3_store_is_migrated_and_its_layers_stay_usable(root, layers, tmp_path):
+    """Schema 4 adds ``snapshots.packed`` (packed layers) and makes ``layer_blobs`` part of
+    the schema: a store made before keeps its layers, which are not packed."""
+    with Snapshotter(root) as sn:
+        lid = sn.import_dir(layers[0], name="base").id
+    db = sqlite3.connect(root / "meta.db")          # as schema 3 left it (no blobs used yet)
+    db.executescript("ALTER TABLE snapshots DROP COLUMN packed; DROP TABLE layer_blobs;"
+                     "UPDATE meta SET value='3' WHERE key='schema_version';")
+    db.close()
+    with Snapshotter(root) as sn:
+        row = sn.resolve("base")
+        assert row.id == lid and row.packed is None
+        assert sn.store.layer_tree(lid) == sn.store.fs_of(lid)
+        sn.export("base", str(tmp_path / "out"))
+        assert sn.store.db.execute("SELECT value FROM meta WHERE key='schema_version'"
+                                   ).fetchone()[0] == "4"
 
 
 @needs("overlay")
