@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Build pyfuse3 so that read() and readdir() receive the inode when fh is 0.
+"""Build pyfuse3 so that read/readdir/write/fsync receive the inode when fh is 0.
 
     python tools/pyfuse3_inode_fh.py --install    # patch the pyfuse3 of this interpreter (bootstrap)
     python tools/pyfuse3_inode_fh.py --build DIR  # a patched copy in DIR/pyfuse3 (PYTHONPATH=DIR)
@@ -9,14 +9,19 @@ union answers open/opendir with ENOSYS ("no-open") and the kernel stops
 sending OPEN/RELEASE/OPENDIR and caches pages and listings itself: warm
 `tar` of 100k files drops from 3.2x kernel overlayfs to below it. Stock
 pyfuse3 3.5.0 hands read()/readdir() only the file handle, which is 0 under
-no-open, never the inode. This build changes two lines of pyfuse3's
-generated C (``fh ? fh : inode``) and asks for FUSE_CAP_CACHE_SYMLINKS, then
-compiles it against libfuse3 (gcc, libfuse3-dev). A marker file beside the
-module tells ``mergefs.union.server`` to serve read-only mounts no-open;
-writable mounts keep real opens. It refuses a pyfuse3 whose generated C is
-not the expected one, and mergefs then keeps real opens (correct, slower).
-The change is small enough to propose upstream ("pass the inode to
-read/readdir when there is no fh").
+no-open, never the inode. This build changes five lines of pyfuse3's
+generated C (``fh ? fh : inode`` in read, readdirplus, write, write_buf and
+fsync), asks for FUSE_CAP_CACHE_SYMLINKS, and turns FUSE_CAP_ATOMIC_O_TRUNC
+off when the ``Operations`` object says ``atomic_o_trunc = False`` (a
+no-open writable mount: the kernel then sends ``open(O_TRUNC)`` as a SETATTR
+of size 0, which reaches the server; with the capability on, the truncation
+would ride on the OPEN that no-open never sends). It then compiles it against
+libfuse3 (gcc, libfuse3-dev). A marker file beside the module tells
+``mergefs.union.server`` to serve mounts no-open (writable ones only with a
+v4 build, the first whose writes get the inode). It refuses a pyfuse3 whose
+generated C is not the expected one, and mergefs then keeps real opens
+(correct, slower). The change is small enough to propose upstream ("pass the
+inode to the handlers of an open file when there is no fh").
 
 The build also bakes pyfuse3's version string into its pure-Python part
 (``_pyfuse3.py``): stock pyfuse3 3.5.0 looks its own version up through
@@ -45,9 +50,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mergefs.union import server  # noqa: E402
 
-PATCHED_HANDLERS = ("fuse_read", "fuse_readdirplus")
-PATCH_MARK = ("v3: fh 0 -> inode in read/readdir; FUSE_CAP_CACHE_SYMLINKS; "
-              "version baked into _pyfuse3.py\n")
+PATCHED_HANDLERS = ("fuse_read", "fuse_readdirplus", "fuse_write", "fuse_write_buf", "fuse_fsync")
+PATCH_MARK = ("v4: fh 0 -> inode in read/readdir/write/fsync; FUSE_CAP_CACHE_SYMLINKS; "
+              "atomic_o_trunc off on request; version baked into _pyfuse3.py\n")
+# The Operations attribute "atomic_o_trunc" (absent: true, libfuse's default)
+ATOMIC_O_TRUNC = (
+    " { PyObject *mergefs_a = PyObject_GetAttrString(__pyx_v_7pyfuse3_operations,"
+    " \"atomic_o_trunc\"); if (mergefs_a == NULL) PyErr_Clear();"
+    " else { if (PyObject_Not(mergefs_a) == 1)"
+    " __pyx_v_conn->want &= ~((unsigned int)FUSE_CAP_ATOMIC_O_TRUNC);"
+    " Py_DECREF(mergefs_a); } }")
 VERSION_LOOKUP = (
     "from importlib.metadata import PackageNotFoundError, version as package_version\n",
     "# Version information\n"
@@ -73,14 +85,16 @@ def bake_version(text: str, version: str) -> str:
 
 
 def build(dest: str) -> str:
-    """Build the installed pyfuse3 into DEST/pyfuse3 with read() and readdir()
-    given the inode when the kernel's fh is 0 (the "no-open" lever, docs/architecture.md).
+    """Build the installed pyfuse3 into DEST/pyfuse3 with read, readdir, write and
+    fsync given the inode when the kernel's fh is 0 (the "no-open" lever,
+    docs/architecture.md).
 
-    The generated C that pyfuse3 ships is patched in two places (the ``c.fh =
-    fi.fh`` of fuse_read and fuse_readdirplus), its init asks for
-    FUSE_CAP_CACHE_SYMLINKS, and it is compiled against libfuse3;
-    a marker file tells mergefs.union.server to answer open/opendir with
-    ENOSYS on read-only mounts. Needs gcc and libfuse3-dev. Returns DEST.
+    The generated C that pyfuse3 ships is patched in five places (the ``fh =
+    fi.fh`` of each handler in PATCHED_HANDLERS), its init asks for
+    FUSE_CAP_CACHE_SYMLINKS and drops FUSE_CAP_ATOMIC_O_TRUNC when the
+    operations say so, and it is compiled against libfuse3; a marker file
+    tells mergefs.union.server to answer open/opendir with ENOSYS. Needs gcc
+    and libfuse3-dev. Returns DEST.
     """
     import pyfuse3
     pkg = os.path.join(dest, "pyfuse3")
@@ -105,7 +119,8 @@ def build(dest: str) -> str:
             "(~((unsigned int)FUSE_CAP_READDIRPLUS_AUTO)));")
     if init in lines:   # symlinks never change in place: let the kernel cache targets
         lines[lines.index(init)] = init + (" if (__pyx_v_conn->capable & FUSE_CAP_CACHE_SYMLINKS)"
-                                           " __pyx_v_conn->want |= FUSE_CAP_CACHE_SYMLINKS;")
+                                           " __pyx_v_conn->want |= FUSE_CAP_CACHE_SYMLINKS;"
+                                           + ATOMIC_O_TRUNC)
         patched += 1
     if patched != len(PATCHED_HANDLERS) + 1:
         raise RuntimeError(f"patched {patched} of {len(PATCHED_HANDLERS) + 1} places: "

@@ -24,17 +24,19 @@ under no-open, never the inode. mergefs supports both:
 * stock pyfuse3: real opens, as above -- correct and cached, about
   fuse-overlayfs speed warm;
 * the inode-fh build of pyfuse3 that ``tools/bootstrap.sh`` installs
-  (``tools/pyfuse3_inode_fh.py``: two lines of its generated C pass the inode
-  when fh is 0, compiled against libfuse3; a marker beside the module names
-  the module's sha256): read-only mounts then run no-open
-  (``UnionOperations(no_open=True)``). Writable mounts keep real opens either
-  way (a write must find its fd). ``MERGEFS_NO_OPEN=0`` forces real opens.
+  (``tools/pyfuse3_inode_fh.py``: five lines of its generated C pass the inode
+  when fh is 0 -- read, readdir, write, fsync -- and its init can turn atomic
+  O_TRUNC off; compiled against libfuse3; a marker beside the module names
+  the module's sha256 and the patch version): mounts then run no-open
+  (``UnionOperations(no_open=True)``), writable ones with a v4 build or later
+  (``ops.py``: fds per inode, copy-up at the first write, readdir snapshots).
+  ``MERGEFS_NO_OPEN=0`` forces real opens.
 
 Decision: ship the patched build, built at install time (bootstrap already
 needs gcc and libfuse3-dev to build pyfuse3 at all), and fall back to real
 opens whenever it is absent or stale, since the fallback is only slower. The
-change is small and meant for upstream ("pass the inode to read/readdir when
-there is no fh"); once pyfuse3 has it, the patch step goes away.
+change is small and meant for upstream ("pass the inode to the handlers of an
+open file when there is no fh"); once pyfuse3 has it, the patch step goes away.
 """
 import importlib
 

@@ -11,6 +11,18 @@ plain ``def``, one coroutine per request instead of two). Lookup counts: ``looku
 File handles: ``fh`` is a number in ``self.handles`` mapping to the inode and
 its open fd (files) or a snapshot of the listing (directories, so readdir
 offsets are indices that stay valid for the handle's life).
+
+No-open (``no_open``, a pyfuse3 that passes the inode when fh is 0): open and
+opendir answer ENOSYS, so the kernel sends no OPEN/RELEASE/OPENDIR/RELEASEDIR
+and read/write/fsync/readdir arrive with the inode number as ``fh`` (handle
+numbers are small, inode numbers are not: the root is 1, every other one is
+at least 2**54, docs/architecture.md). Content fds are then kept per inode
+(``_fds``, the last FD_CACHE; checked against the inode's node, so a copy-up
+is seen), a writable mount copies a lower file up at its first write (not at
+open), and the fd of a file unlinked while the kernel may hold it open is
+pinned until its FORGET (``_pinned``; an O_PATH fd, reopened through
+/proc/self/fd if the kernel comes back for it). Writable listings are snapshots per
+readdir pass (``_snapshot``).
 """
 from __future__ import annotations
 
@@ -22,13 +34,15 @@ import pyfuse3
 from pyfuse3 import FUSEError
 
 from ..errors import NotFound
-from ..layer import DIR, is_overlay_private
+from ..layer import DIR, REG, is_overlay_private
 from .errors import fuse_errors, log
 from .inodes import Inode
 from .view import UnionView
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 FD_CACHE = 256
+LISTINGS, LISTED_NAMES = 64, 1 << 20   # writable no-opendir: readdir snapshots kept
+GEN_SHIFT = 32                         # their offsets: generation << 32 | position
 
 
 @dataclass
@@ -87,6 +101,9 @@ def _invalidate_attrs(number: int) -> None:
 class UnionOperations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
+    # read by the patched pyfuse3's init (tools/pyfuse3_inode_fh.py): False turns
+    # FUSE_CAP_ATOMIC_O_TRUNC off, so open(O_TRUNC) reaches a no-open server as SETATTR
+    atomic_o_trunc = True
 
     def __init__(self, view: UnionView, timeouts: Timeouts | None = None, no_open: bool = False,
                  volatile: bool = False, squash: tuple = (None, None)):
@@ -104,9 +121,16 @@ class UnionOperations(pyfuse3.Operations):
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
         # no-open needs a pyfuse3 that passes the inode as fh when fh is 0
-        # (see the package docstring); only read-only mounts use it.
-        self.no_open = no_open and not view.writable
-        self._fds: dict[int, int] = {}
+        # (see the module docstring; writable mounts: a v4 build, server.py)
+        self.no_open = no_open
+        self.atomic_o_trunc = not (no_open and view.writable)
+        self._fds: dict[int, tuple] = {}      # number -> (fd, node it is on, writable)
+        # unlinked files' fds until their FORGET: number -> (fd, node, "rw"|"ro"|"path",
+        # on an upper file?); a "path" pin is an O_PATH fd, reopened at its first use
+        self._pinned: dict[int, tuple] = {}
+        self._snapshots: dict[int, tuple] = {}    # generation -> (dir number, names)
+        self._listed = 0                      # names in all snapshots
+        self._gen = 0
 
     def init(self) -> None:
         """pyfuse3 calls this once the kernel connection is up: from now on a copy-up
@@ -117,9 +141,10 @@ class UnionOperations(pyfuse3.Operations):
             self.view.attrs_changed = _invalidate_attrs
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        for cache in (self._fds, self._pinned):
+            for got in cache.values():
+                os.close(got[0])
+            cache.clear()
 
     # -- helpers ---------------------------------------------------------
     def _entry(self, inode: Inode) -> pyfuse3.EntryAttributes:
@@ -134,6 +159,9 @@ class UnionOperations(pyfuse3.Operations):
 
     def _stat(self, inode: Inode) -> os.stat_result:
         if inode.unlinked:
+            pinned = self._pinned.get(inode.number)
+            if pinned is not None:
+                return os.fstat(pinned[0])
             for h in self.handles.values():
                 if h.inode is inode and h.fd >= 0:
                     return os.fstat(h.fd)
@@ -173,6 +201,8 @@ class UnionOperations(pyfuse3.Operations):
     def forget(self, inode_list):
         for number, count in inode_list:
             self.inodes.forget(number, count)
+            if (self._fds or self._pinned) and self.inodes.live(number) is None:
+                self._drop_fds(number)      # the kernel holds it no more: no read can come
 
     @fuse_errors
     def getattr(self, inode, ctx=None):
@@ -184,28 +214,56 @@ class UnionOperations(pyfuse3.Operations):
 
     # -- directories -----------------------------------------------------
     @fuse_errors
-    async def opendir(self, inode, ctx=None):
+    def opendir(self, inode, ctx=None):
         if self.no_open:
             raise FUSEError(errno.ENOSYS)    # the kernel caches listings itself from now on
         node = self.inodes.get(inode)
         return self._add_handle(Handle(node, entries=list(self.view.listing(node).items())))
 
     @fuse_errors
-    async def readdir(self, fh, start_id, token):
-        if self.no_open:        # fh is the inode (patched pyfuse3); the listing never changes
-            parent = self.inodes.get(fh)
-            wanted = self.view.listing(parent).items()[start_id:]
-        else:
+    def readdir(self, fh, start_id, token):
+        if not self.no_open:
             h = self.handles[fh]
-            parent, wanted = h.inode, h.entries[start_id:]
+            self._reply_entries(h.inode, h.entries, start_id, 0, token, pairs=True)
+        elif self.view.writable:    # fh is the inode (patched pyfuse3)
+            parent = self.inodes.get(fh)
+            gen, names = self._snapshot(parent, start_id)
+            self._reply_entries(parent, names, start_id & ((1 << GEN_SHIFT) - 1),
+                                gen << GEN_SHIFT, token)
+        else:                       # a read-only listing never changes: offsets are indices
+            parent = self.inodes.get(fh)
+            entries = self.view.entries(parent, self.view.listing(parent).items()[start_id:])
+            self._reply(parent, entries, token, lambda i=iter(range(start_id + 1, 1 << 62)):
+                        next(i))
+
+    def _reply_entries(self, parent: Inode, names: list, start: int, base: int, token,
+                       pairs: bool = False) -> None:
+        """Reply with the names of ``names[start:]`` (``pairs``: (name, node)s) that
+        the listing still has (a name removed since the snapshot is skipped); each
+        entry's offset is ``base`` plus the position after it in ``names``, so
+        the next call goes on right after it whatever was skipped."""
+        pos = start
+        # a removed directory is empty (rmdir needs it so): never read it again
+        current = self.view.listing(parent) if not parent.unlinked else parent.children or {}
+
+        def present():
+            nonlocal pos
+            for k in range(start, len(names)):
+                name = names[k][0] if pairs else names[k]
+                node = current.get(name)
+                if node is not None:
+                    pos = k + 1
+                    yield name, node
+        self._reply(parent, self.view.entries(parent, present()), token, lambda: base | pos)
+
+    def _reply(self, parent: Inode, entries, token, next_offset) -> None:
         reply = pyfuse3.readdir_reply
-        entries = self.view.entries(parent, wanted)
         try:
-            for i, (name, node, number, st, attrs) in enumerate(entries, start_id + 1):
+            for name, node, number, st, attrs in entries:
                 if attrs is None:
                     merged = node.kind == DIR and self.view.merged(parent, name, node)
                     attrs = entry_attributes(number, st, merged, self.timeouts, self.squash)
-                if not reply(token, name, attrs, i):
+                if not reply(token, name, attrs, next_offset()):
                     break
                 child = self.inodes.entry_of(parent, name, node, number)  # readdirplus counts
                 if child.attr is None:
@@ -214,19 +272,48 @@ class UnionOperations(pyfuse3.Operations):
         finally:
             entries.close()
 
+    def _snapshot(self, parent: Inode, offset: int) -> tuple[int, list]:
+        """The names a readdir pass of a writable directory walks (no-opendir).
+
+        A pass starts at offset 0 with a snapshot of the listing under a new
+        generation; every offset handed out is ``generation << 32 | position``,
+        so the later calls of the pass read the same snapshot whatever is created
+        or removed meanwhile (``rm -rf`` removes while it reads): a name removed
+        since is skipped, a new one shows in the next pass, every other name
+        comes exactly once. The newest LISTINGS snapshots (at most LISTED_NAMES
+        names) are kept; an offset whose snapshot is gone falls back to the
+        position in a snapshot of the current listing."""
+        gen = offset >> GEN_SHIFT
+        kept = self._snapshots.get(gen) if offset else None
+        if kept is not None and kept[0] == parent.number:
+            return gen, kept[1]
+        names = list(self.view.listing(parent))
+        if not offset:
+            self._gen = self._gen % ((1 << 31) - 1) + 1     # offsets stay below 2**63
+            gen = self._gen
+        old = self._snapshots.pop(gen, None)
+        if old is not None:
+            self._listed -= len(old[1])
+        self._snapshots[gen] = (parent.number, names)
+        self._listed += len(names)
+        while len(self._snapshots) > LISTINGS or self._listed > LISTED_NAMES and \
+                len(self._snapshots) > 1:
+            self._listed -= len(self._snapshots.pop(next(iter(self._snapshots)))[1])
+        return gen, names
+
     @fuse_errors
-    async def releasedir(self, fh):
+    def releasedir(self, fh):
         del self.handles[fh]
 
     @fuse_errors
-    async def fsyncdir(self, fh, datasync):
+    def fsyncdir(self, fh, datasync):
         pass
 
     # -- files -----------------------------------------------------------
     @fuse_errors
-    async def open(self, inode, flags, ctx=None):
-        if self.no_open and not flags & WRITE_FLAGS:
-            raise FUSEError(errno.ENOSYS)    # no OPEN/RELEASE any more; pages cached
+    def open(self, inode, flags, ctx=None):
+        if self.no_open:    # no OPEN/RELEASE any more, for any flags; pages cached
+            raise FUSEError(errno.ENOSYS)
         node = self.inodes.get(inode)
         if flags & WRITE_FLAGS:
             fd = self._writer().open_for_write(node, flags)
@@ -238,44 +325,143 @@ class UnionOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @fuse_errors
-    async def read(self, fh, off, size):
-        if self.no_open:
-            return os.pread(self._content_fd(fh), size, off)
+    def read(self, fh, off, size):
+        if self.no_open and fh not in self.handles:    # fh is the inode
+            return os.pread(self._content_fd(self.inodes.get(fh)), size, off)
         return os.pread(self.handles[fh].fd, size, off)
 
-    def _content_fd(self, number: int) -> int:
+    def _cached_fd(self, inode: Inode, write: bool) -> int:
+        """The inode's kept fd (no-open), -1 if none fits: pinned first, then the
+        cache, whose entry must be on the inode's current node (a copy-up or a
+        rename over it changed that) and writable if ``write``."""
+        number, node = inode.number, inode.node
+        if self._pinned:
+            got = self._pinned.get(number)
+            if got is not None:
+                if got[2] == "rw" or got[2] == "ro" and not write:
+                    return got[0]
+                if got[3]:
+                    return self._reopen_pinned(number, got, write)
+                # a lower file's read fd, asked for a write: a detached copy (-1)
+        got = self._fds.pop(number, None)
+        if got is not None:
+            if (got[1] is node or got[1] == node) and (got[2] or not write):
+                self._fds[number] = got      # the most recently used now
+                return got[0]
+            os.close(got[0])
+        return -1
+
+    def _keep_fd(self, inode: Inode, fd: int, writable: bool) -> None:
+        if inode.unlinked:                  # its only way in now: never evicted
+            old = self._pinned.pop(inode.number, None)
+            if old is not None:
+                os.close(old[0])
+            self._pinned[inode.number] = (fd, inode.node, "rw" if writable else "ro",
+                                          self.view.writable and inode.node.top == self.view.up)
+            return
+        if len(self._fds) >= FD_CACHE:
+            os.close(self._fds.pop(next(iter(self._fds)))[0])
+        self._fds[inode.number] = (fd, inode.node, writable)
+
+    def _reopen_pinned(self, number: int, got: tuple, write: bool) -> int:
+        """A pinned upper file opened again through its fd (the name is gone):
+        read-write if the server may, else read-only for a read."""
+        fd, node = got[0], got[1]
+        path = f"/proc/self/fd/{fd}"
+        try:
+            new, mode = os.open(path, os.O_RDWR | os.O_CLOEXEC), "rw"
+        except PermissionError:
+            if write:
+                raise
+            new, mode = os.open(path, os.O_RDONLY | os.O_CLOEXEC), "ro"
+        os.close(fd)
+        self._pinned[number] = (new, node, mode, True)
+        return new
+
+    def _drop_fds(self, number: int) -> None:
+        for cache in (self._fds, self._pinned):
+            got = cache.pop(number, None)
+            if got is not None:
+                os.close(got[0])
+
+    def _content_fd(self, inode: Inode) -> int:
         """No-open reads: an fd per inode, the last FD_CACHE of them kept open."""
-        fd = self._fds.pop(number, None)
-        if fd is None:
-            fd = self.view.open_content(self.inodes.get(number))
-            if len(self._fds) >= FD_CACHE:
-                os.close(self._fds.pop(next(iter(self._fds))))
-        self._fds[number] = fd
+        fd = self._cached_fd(inode, False)
+        if fd < 0:
+            fd = self.view.open_content(inode)
+            self._keep_fd(inode, fd, False)
         return fd
 
+    def _write_fd(self, inode: Inode) -> int:
+        """No-open writes: the inode's fd on its upper file. The first write to a
+        lower file copies it up (kernel overlayfs does at open for write); a lower
+        file unlinked while held open gets a copy of its own, never published."""
+        fd = self._cached_fd(inode, True)
+        if fd < 0:
+            w = self._writer()
+            fd = w.detached_copy(inode) if inode.unlinked and inode.node.top != w.up \
+                else w.open_for_write(inode, os.O_RDWR)
+            self._keep_fd(inode, fd, True)
+        return fd
+
+    def _pin(self, parent: Inode, name: bytes) -> None:
+        """No-open, before ``parent/name`` is unlinked or renamed over: the kernel may
+        hold the file open with no handle here, so keep an fd on its upper file until
+        its FORGET (a lower file stays readable in its layer; nothing to keep). A
+        cached fd is kept as it is; else an O_PATH one (cheap: ``rm -rf`` pins every
+        file), opened for reading or writing only if the kernel comes back for it."""
+        view = self.view
+        node = view.listing(parent).get(name)
+        if node is None or node.kind != REG or node.top != view.up:
+            return
+        inode = self.inodes.live(self.inodes.number_for(node))
+        if inode is None or inode.number in self._pinned:
+            return
+        got = self._fds.pop(inode.number, None)
+        if got is not None and (got[1] is node or got[1] == node):
+            self._pinned[inode.number] = (got[0], node, "rw" if got[2] else "ro", True)
+            return
+        if got is not None:
+            os.close(got[0])
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=view.upper.borrow_dir(parent.path))
+        self._pinned[inode.number] = (fd, node, "path", True)
+
     @fuse_errors
-    async def write(self, fh, off, buf):
-        h = self.handles[fh]
+    def write(self, fh, off, buf):
+        h = self.handles.get(fh) if self.no_open else self.handles[fh]
+        if h is None:                       # no-open: fh is the inode
+            inode = self.inodes.get(fh)
+            n = os.pwrite(self._write_fd(inode), buf, off)
+            inode.attr = None
+            return n
         n = os.pwrite(h.fd, buf, off)
         h.inode.attr = None
         return n
 
     @fuse_errors
-    async def flush(self, fh):
+    def flush(self, fh):
         # Nothing to do on close(2): writes go straight to the upper. ENOSYS
         # makes the kernel stop sending FLUSH for good (fc->no_flush), one
         # request less per open file.
         raise FUSEError(errno.ENOSYS)
 
     @fuse_errors
-    async def fsync(self, fh, datasync):
+    def fsync(self, fh, datasync):
         if self.volatile:
             return
-        fd = self.handles[fh].fd
+        h = self.handles.get(fh) if self.no_open else self.handles[fh]
+        if h is not None:
+            fd = h.fd
+        else:                # no-open: fh is the inode; a lower file has nothing to sync
+            inode = self.inodes.get(fh)   # (kernel overlayfs syncs only an upper file too)
+            if not self.view.writable or inode.node.top != self.view.up:
+                return
+            fd = self._content_fd(inode)
         (os.fdatasync if datasync else os.fsync)(fd)
 
     @fuse_errors
-    async def release(self, fh):
+    def release(self, fh):
         h = self.handles.pop(fh)
         os.close(h.fd)
 
@@ -310,12 +496,39 @@ class UnionOperations(pyfuse3.Operations):
     def setattr(self, inode, attr, fields, fh, ctx=None):
         node = self.inodes.get(inode)
         fd = self.handles[fh].fd if fh is not None and fh in self.handles else -1
-        self._writer().setattr(node, attr, fields, fd)
+        if node.unlinked and self.no_open and node.kind == REG:
+            self._setattr_unlinked(node, attr, fields)
+        else:
+            self._writer().setattr(node, attr, fields, fd)
         return self._entry(node)
+
+    def _setattr_unlinked(self, inode: Inode, attr, fields) -> None:
+        """No-open: ftruncate/fchmod/fchown/futimens of a file unlinked while held
+        open go to its kept fd (its name is gone: a copy-up by path would bring
+        the name back)."""
+        self._writer()
+        fd = self._write_fd(inode)
+        if fields.update_size:
+            os.ftruncate(fd, attr.st_size)
+        if fields.update_uid or fields.update_gid:
+            os.fchown(fd, attr.st_uid if fields.update_uid else -1,
+                      attr.st_gid if fields.update_gid else -1)
+        if fields.update_mode:
+            os.fchmod(fd, attr.st_mode & 0o7777)
+        if fields.update_atime or fields.update_mtime:
+            cur = os.fstat(fd)
+            os.utime(fd, ns=(attr.st_atime_ns if fields.update_atime else cur.st_atime_ns,
+                             attr.st_mtime_ns if fields.update_mtime else cur.st_mtime_ns))
+        inode.attr = None
 
     @fuse_errors
     def create(self, parent_inode, name, mode, flags, ctx):
-        node, fd = self._writer().create(self.inodes.get(parent_inode), name, mode, flags, ctx)
+        w = self._writer()
+        if self.no_open:
+            # the kernel then makes new files with MKNOD and opens them no-open:
+            # no RELEASE per new file (mknod keeps the create's fd for the writes)
+            raise FUSEError(errno.ENOSYS)
+        node, fd = w.create(self.inodes.get(parent_inode), name, mode, flags, ctx)
         fh = self._add_handle(Handle(node, fd))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._entry(node)
 
@@ -326,6 +539,10 @@ class UnionOperations(pyfuse3.Operations):
     @fuse_errors
     def mknod(self, parent_inode, name, mode, rdev, ctx):
         w = self._writer()
+        if self.no_open and mode & 0o170000 == 0o100000:   # S_IFREG: an open(O_CREAT)
+            inode, fd = w.create(self.inodes.get(parent_inode), name, mode, os.O_RDWR, ctx)
+            self._keep_fd(inode, fd, True)      # its writes come next, by inode
+            return self._entry(inode)
         return self._entry(w.mknod(self.inodes.get(parent_inode), name, mode, rdev, ctx))
 
     @fuse_errors
@@ -341,7 +558,10 @@ class UnionOperations(pyfuse3.Operations):
 
     @fuse_errors
     def unlink(self, parent_inode, name, ctx):
-        self._writer().unlink(self.inodes.get(parent_inode), name)
+        parent, w = self.inodes.get(parent_inode), self._writer()
+        if self.no_open:
+            self._pin(parent, name)
+        w.unlink(parent, name)
 
     @fuse_errors
     def rmdir(self, parent_inode, name, ctx):
@@ -350,5 +570,7 @@ class UnionOperations(pyfuse3.Operations):
     @fuse_errors
     def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         w = self._writer()
-        w.rename(self.inodes.get(parent_inode_old), name_old,
-                 self.inodes.get(parent_inode_new), name_new, flags)
+        p_new = self.inodes.get(parent_inode_new)
+        if self.no_open and not flags & 2:          # RENAME_EXCHANGE unlinks nothing
+            self._pin(p_new, name_new)
+        w.rename(self.inodes.get(parent_inode_old), name_old, p_new, name_new, flags)

@@ -105,8 +105,10 @@ def module_identity(path: str) -> str:
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
-def pyfuse3_passes_inode() -> bool:
-    """Is this pyfuse3 the build that hands read()/readdir() the inode when fh is 0?
+def pyfuse3_passes_inode(writes: bool = False) -> bool:
+    """Is this pyfuse3 the build that hands read()/readdir() the inode when fh is 0
+    (``writes``: also write()/fsync(), and turns atomic O_TRUNC off on request: a
+    v4 build or later, what a writable mount needs to run no-open)?
 
     Such a build carries a marker file beside its module naming the module's
     sha256 (tools/bootstrap.sh installs it with tools/pyfuse3_inode_fh.py), so
@@ -120,11 +122,12 @@ def pyfuse3_passes_inode() -> bool:
     if os.environ.get("MERGEFS_NO_OPEN") == "0":
         return False
     import pyfuse3
-    return marked_inode_fh(pyfuse3.__file__)
+    return marked_inode_fh(pyfuse3.__file__, writes)
 
 
-def marked_inode_fh(module: str) -> bool:
-    """Does the marker beside ``module`` name it (identity, else digest)?"""
+def marked_inode_fh(module: str, writes: bool = False) -> bool:
+    """Does the marker beside ``module`` name it (identity, else digest), and, for
+    ``writes``, is it of patch version 4 or later (its first word, "v4:")?"""
     try:
         with open(os.path.join(os.path.dirname(module), INODE_FH_MARKER)) as f:
             words = f.read().split()
@@ -132,6 +135,10 @@ def marked_inode_fh(module: str) -> bool:
         return False
     if len(words) < 2 or words[-2] != "sha256":
         return False
+    if writes:
+        version = re.match(r"v(\d+)", words[0])
+        if version is None or int(version.group(1)) < 4:
+            return False
     if "file" in words[:-3] and words[words.index("file") + 1] == module_identity(module):
         return True
     return words[-1] == module_digest(module)
@@ -159,7 +166,8 @@ def _serve(spec: MountSpec, view, target: str, mountpoint: str, ready=None) -> N
     import trio
     from .ops import UnionOperations
     adopted = target != mountpoint
-    ops = UnionOperations(view, no_open=pyfuse3_passes_inode(), volatile=spec.volatile,
+    ops = UnionOperations(view, no_open=pyfuse3_passes_inode(writes=spec.writable),
+                          volatile=spec.volatile,
                           squash=(spec.squash_uid, spec.squash_gid))
     pyfuse3.init(ops, target, fuse_options(spec))
     try:

@@ -271,6 +271,19 @@ class WritableView(UnionView):
         return syscalls.open_beneath(self.upper.layer.fd, inode.path,
                                      keep | os.O_NOFOLLOW | os.O_CLOEXEC)
 
+    def detached_copy(self, inode: Inode) -> int:
+        """An O_RDWR fd on a copy of ``inode``'s lower file that no name shows: a
+        no-open mount's writes to a lower file unlinked while held open go there
+        (a real-open mount copied it up at the open, before the unlink)."""
+        top = inode.node.top
+        src = self.layer_path(inode, top)
+        tmp = self.upper.copy_of(self.layers[top].fd, src, self.resolver.lstat_in(top, src))
+        try:
+            return syscalls.open_beneath(self.upper.work_fd, tmp,
+                                         os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        finally:
+            self.upper.discard(tmp)
+
     def setattr(self, inode: Inode, attr, fields, fd: int) -> None:
         self.ensure_upper(inode, with_data=not (fields.update_size and attr.st_size == 0))
         pfd, name = self._upper_entry(inode)         # the root: its own fd, b""

@@ -214,7 +214,8 @@ def union_mount(tmp_path, request, monkeypatch):
     unmounts and stops it even when the test failed, and fails the test if the
     server logged an unexpected error. Each test runs twice: with the installed
     pyfuse3's default (no-open on read-only mounts when bootstrap installed the
-    inode-fh build) and with real opens forced (stock pyfuse3 behaviour).
+    inode-fh build; writable ones too with a v4 build: ``mount.writable_no_open``)
+    and with real opens forced (stock pyfuse3 behaviour).
     """
     if request.param == "real-opens":
         monkeypatch.setenv("MERGEFS_NO_OPEN", "0")
@@ -234,6 +235,8 @@ def union_mount(tmp_path, request, monkeypatch):
         return mnt
 
     mount.started = started
+    # does a writable mount run no-open here (copy-up at the first write, not at open)?
+    mount.writable_no_open = server.pyfuse3_passes_inode(writes=True)
     yield mount
     errors = []
     for mnt, pid, log in reversed(started):

@@ -70,7 +70,12 @@ def test_U8_a_reused_upper_inode_never_gives_two_live_files_one_number(tmp_path,
         up_ino = os.lstat(tmp_path / "up" / f"f{i}").st_ino
         os.unlink(p)
         seen[fd] = up_ino
-    assert len(set(seen.values())) < len(seen), "the upper's filesystem reused no inode"
+    if union_mount.writable_no_open:
+        # no-open keeps an fd on an unlinked file the kernel still holds (reads of
+        # it arrive by inode, with no handle), so its upper inode is not reused
+        assert len(set(seen.values())) == len(seen)
+    else:
+        assert len(set(seen.values())) < len(seen), "the upper's filesystem reused no inode"
     live = {os.fstat(fd).st_ino for fd in seen}
     assert len(live) == len(seen)
     (mnt / "late").write_bytes(b"late")
