@@ -77,27 +77,31 @@ class Driver:
         fh = await self.ops.opendir(ino, self.ctx)
         out: list = []
         try:
-            while True:
-                got: list = []
-
-                def reply(token, name, attrs, next_id):
-                    if len(got) >= chunk:
-                        return False
-                    got.append((name, attrs, next_id))
-                    self._hold(attrs.st_ino)
-                    return True
-
-                orig, pyfuse3.readdir_reply = pyfuse3.readdir_reply, reply
-                try:
-                    await self.ops.readdir(fh, start, None)
-                finally:
-                    pyfuse3.readdir_reply = orig
-                if not got:
-                    return out
+            while got := await self.readdir_call(fh, start, chunk):
                 out += got
                 start = got[-1][2]
+            return out
         finally:
             await self.ops.releasedir(fh)
+
+    async def readdir_call(self, fh: int, start: int, n: int) -> list:
+        """One READDIR of at most ``n`` entries from ``start`` (``fh``: a handle, or
+        the inode under no-open): [(name, attrs, next_id)]."""
+        got: list = []
+
+        def reply(token, name, attrs, next_id):
+            if len(got) >= n:
+                return False
+            got.append((name, attrs, next_id))
+            self._hold(attrs.st_ino)
+            return True
+
+        orig, pyfuse3.readdir_reply = pyfuse3.readdir_reply, reply
+        try:
+            await self.ops.readdir(fh, start, None)
+        finally:
+            pyfuse3.readdir_reply = orig
+        return got
 
     async def read(self, path, flags=os.O_RDONLY) -> bytes:
         ino = await self.lookup(path)

@@ -219,21 +219,7 @@ def _no_open_driver(tmp_path, specs):
 
 async def _readdir_call(drv, ino: int, offset: int, n: int) -> list:
     """One READDIR of at most ``n`` entries: [(name, next offset)]."""
-    import pyfuse3
-    got = []
-
-    def reply(token, name, attrs, next_id):
-        if len(got) >= n:
-            return False
-        got.append((name, next_id))
-        drv._hold(attrs.st_ino)
-        return True
-    orig, pyfuse3.readdir_reply = pyfuse3.readdir_reply, reply
-    try:
-        await drv.ops.readdir(ino, offset, None)
-    finally:
-        pyfuse3.readdir_reply = orig
-    return got
+    return [(name, next_id) for name, _, next_id in await drv.readdir_call(ino, offset, n)]
 
 
 async def _pass(drv, ino: int, n: int) -> list:
