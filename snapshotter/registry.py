@@ -314,7 +314,13 @@ class _Fetch:
         self.what = f"pull of {plan.target} failed (layer {self.desc['digest'][:19]})"
 
     def wait(self) -> Path:
-        result(self.proc, self.what)
+        """The layout once skopeo is done; if it failed (or refused the blob), its
+        staging goes too."""
+        try:
+            result(self.proc, self.what)
+        except BaseException:
+            self.cancel()
+            raise
         return self.layout
 
     def cancel(self) -> None:
@@ -348,11 +354,7 @@ def _keep(store: Store, fetch: _Fetch, diff_id: str, source: str, holder) -> tup
     """Keep the fetched blob (skopeo checked its digest) as a packed layer, unpacked on
     first use (``snapshotter.packed``: digest, size, diffID and tree digest checked then)."""
     from . import packed
-    try:
-        layout = fetch.wait()
-    except BaseException:
-        fetch.cancel()           # its staging goes too (skopeo refused the blob)
-        raise
+    layout = fetch.wait()
     desc = fetch.desc
     try:
         path = layout / "blobs" / "sha256" / _hex(desc["digest"])
@@ -380,11 +382,7 @@ def _import(store: Store, fetch: _Fetch, diff_id: str, source: str, holder) -> t
     streaming) and publish the tree; the id is the annotated one only when the tree
     digest is the annotated one, else the diffID."""
     from mergefs import oci
-    try:
-        layout = fetch.wait()
-    except BaseException:
-        fetch.cancel()           # its staging goes too (skopeo refused the blob)
-        raise
+    layout = fetch.wait()
     desc = fetch.desc
     staged = store.stage("pull")
     try:

@@ -33,8 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import signal
 import subprocess
 import sys
 import time
@@ -133,22 +131,10 @@ class Server:
             time.sleep(0.02)
 
     def cpu(self) -> float:
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return benchlib.process_cpu(self.pid)
 
     def requests(self) -> dict:
-        before = os.path.getsize(self.log)
-        os.kill(self.pid, signal.SIGUSR1)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            with open(self.log) as f:
-                f.seek(before)
-                m = re.search(r"requests (\{.*\})", f.read())
-            if m:
-                return json.loads(m.group(1))
-            time.sleep(0.02)
-        return {}
+        return benchlib.server_requests(self.pid, self.log)
 
     def stop(self) -> None:
         benchlib.unmount(self.mnt)

@@ -33,8 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import signal
 import subprocess
 import sys
 import time
@@ -144,24 +142,8 @@ class Mounted:
         """mergefs only: the request counts since the last call (via SIGUSR1 + log)."""
         if not self.system.startswith("mergefs"):
             return {}
-        before = _log_size(self.log)
-        os.kill(self.pid, signal.SIGUSR1)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            with open(self.log) as f:
-                f.seek(before)
-                m = re.search(r"requests (\{.*\})", f.read())
-            if m:
-                return json.loads(m.group(1))
-            time.sleep(0.02)
-        return {}
+        return benchlib.server_requests(self.pid, self.log)
 
-
-def _log_size(path: str) -> int:
-    try:
-        return os.path.getsize(path)
-    except FileNotFoundError:
-        return 0
 
 
 def find_server_pid(program: str, mnt: str, contains: bytes = b"") -> int | None:

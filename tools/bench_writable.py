@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -141,33 +140,14 @@ class System:
             time.sleep(0.05)
 
     def cpu(self) -> float:
-        """User + system CPU seconds of the server so far (0 for the kernel): less
-        sensitive to other load on the machine than wall time."""
-        if not self.pid:
-            return 0.0
-        try:
-            with open(f"/proc/{self.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User + system CPU seconds of the server so far (0 for the kernel)."""
+        return benchlib.process_cpu(self.pid)
 
     def requests(self) -> dict:
         """mergefs: request counts since the last call (SIGUSR1, then read from its log)."""
         if self.name != "mergefs" or not self.pid:
             return {}
-        before = os.path.getsize(self.log)
-        os.kill(self.pid, signal.SIGUSR1)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            with open(self.log) as f:
-                f.seek(before)
-                m = re.search(r"requests (\{.*\})", f.read())
-            if m:
-                return json.loads(m.group(1))
-            time.sleep(0.02)
-        return {}
-
+        return benchlib.server_requests(self.pid, self.log)
 
 def find_server_pid(program: bytes, mnt: str) -> int | None:
     """The daemon serving ``mnt`` (read from /proc; nothing is signalled)."""

@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -28,6 +30,40 @@ from typing import Callable, Iterator, Sequence
 
 
 # -- caches -------------------------------------------------------------------
+
+
+def process_cpu(pid: int | None) -> float:
+    """User + system CPU seconds of process ``pid`` so far (0 when gone or none):
+    less sensitive to other load on the machine than wall time."""
+    if not pid:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_requests(pid: int, log: str) -> dict:
+    """A mergefs server's FUSE request counts since it last logged them: SIGUSR1
+    makes it log ``requests {...}``; read that line back from ``log``."""
+    try:
+        before = os.path.getsize(log)
+    except FileNotFoundError:
+        before = 0
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with open(log) as f:
+            f.seek(before)
+            m = re.search(r"requests (\{.*\})", f.read())
+        if m:
+            return json.loads(m.group(1))
+        time.sleep(0.02)
+    return {}
+
+
 def drop_caches() -> None:
     """Write back dirty data, then drop clean page cache, dentries and inodes."""
     os.sync()
