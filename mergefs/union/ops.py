@@ -468,24 +468,65 @@ class UnionOperations(pyfuse3.Operations):
     # -- extended attributes ---------------------------------------------
     @fuse_errors
     def listxattr(self, inode, ctx=None):
-        return self.view.xattr_names(self.inodes.get(inode))
+        node = self.inodes.get(inode)
+        return self.view.xattr_names(node, self._held_fd(node, False) if node.unlinked else -1)
 
     @fuse_errors
     def getxattr(self, inode, name, ctx=None):
         if is_overlay_private(os.fsdecode(name)):
             raise FUSEError(errno.EOPNOTSUPP)   # as kernel overlayfs answers its own prefix
-        value = self.view.getxattr(self.inodes.get(inode), name)
+        node = self.inodes.get(inode)
+        value = self.view.getxattr(node, name, self._held_fd(node, False) if node.unlinked else -1)
         if value is None:
             raise FUSEError(pyfuse3.ENOATTR)
         return value
 
     @fuse_errors
     def setxattr(self, inode, name, value, ctx=None):
-        self._writer().setxattr(self.inodes.get(inode), name, value)
+        node, w = self.inodes.get(inode), self._writer()
+        w.setxattr(node, name, value, self._held_fd(node, True) if node.unlinked else -1)
 
     @fuse_errors
     def removexattr(self, inode, name, ctx=None):
-        self._writer().removexattr(self.inodes.get(inode), name)
+        node, w = self.inodes.get(inode), self._writer()
+        w.removexattr(node, name, self._held_fd(node, True) if node.unlinked else -1)
+
+    def _held_fd(self, inode: Inode, change: bool, fd: int = -1) -> int:
+        """The fd through which a file unlinked (or renamed over) while held open is
+        read or changed: SETATTR without fh, SETXATTR and GETXATTR come by inode
+        and its name is gone. -1: none needed (a read-only mount, not a file, a
+        lower file only read: its layer still has it). ``change``: a copy of a
+        lower file, private to the holders, is made (``detached_copy``), the
+        view's reads go there from then on. ``fd``: the request's handle's fd."""
+        if not self.view.writable or inode.kind != REG:
+            return -1
+        if fd >= 0:
+            return fd
+        if self.no_open:
+            return self._write_fd(inode) if change else self._cached_fd(inode, False)
+        got = self._pinned.get(inode.number)
+        if got is not None:
+            return got[0]
+        held = [h for h in self.handles.values() if h.inode is inode and h.fd >= 0]
+        w, node = self.view, inode.node
+        if node.top == w.up:        # opened for writing (copied up at the open) or later
+            for h in held:
+                st = os.fstat(h.fd)
+                if st.st_ino == node.inos[0] and st.st_dev == os.fstat(w.upper.layer.fd).st_dev:
+                    return h.fd
+        elif not change:
+            return -1
+        if not held:
+            raise FUSEError(errno.ESTALE)      # no name, no handle: nothing reaches it
+        if node.top == w.up:
+            raise FUSEError(errno.ESTALE)
+        # only read-only handles on a lower file: they move to a private copy
+        copy = w.detached_copy(inode)
+        self._pinned[inode.number] = (copy, node, "rw", False)
+        for h in held:
+            os.close(h.fd)
+            h.fd = os.dup(copy)
+        return copy
 
     @fuse_errors
     def statfs(self, ctx=None):
@@ -496,30 +537,9 @@ class UnionOperations(pyfuse3.Operations):
     def setattr(self, inode, attr, fields, fh, ctx=None):
         node = self.inodes.get(inode)
         fd = self.handles[fh].fd if fh is not None and fh in self.handles else -1
-        if node.unlinked and self.no_open and node.kind == REG:
-            self._setattr_unlinked(node, attr, fields)
-        else:
-            self._writer().setattr(node, attr, fields, fd)
+        held = self._held_fd(node, True, fd) if node.unlinked else -1
+        self._writer().setattr(node, attr, fields, fd, held)
         return self._entry(node)
-
-    def _setattr_unlinked(self, inode: Inode, attr, fields) -> None:
-        """No-open: ftruncate/fchmod/fchown/futimens of a file unlinked while held
-        open go to its kept fd (its name is gone: a copy-up by path would bring
-        the name back)."""
-        self._writer()
-        fd = self._write_fd(inode)
-        if fields.update_size:
-            os.ftruncate(fd, attr.st_size)
-        if fields.update_uid or fields.update_gid:
-            os.fchown(fd, attr.st_uid if fields.update_uid else -1,
-                      attr.st_gid if fields.update_gid else -1)
-        if fields.update_mode:
-            os.fchmod(fd, attr.st_mode & 0o7777)
-        if fields.update_atime or fields.update_mtime:
-            cur = os.fstat(fd)
-            os.utime(fd, ns=(attr.st_atime_ns if fields.update_atime else cur.st_atime_ns,
-                             attr.st_mtime_ns if fields.update_mtime else cur.st_mtime_ns))
-        inode.attr = None
 
     @fuse_errors
     def create(self, parent_inode, name, mode, flags, ctx):

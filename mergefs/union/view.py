@@ -214,15 +214,23 @@ class UnionView:
         with self._parent_fd(inode) as (fd, name):
             return syscalls.readlink(name, fd)
 
-    def xattr_names(self, inode: Inode) -> list[bytes]:
+    def xattr_names(self, inode: Inode, held: int = -1) -> list[bytes]:
+        """``held``: an fd on the file when no name reaches it any more (unlinked
+        while held open, writable mounts): read there, never by path."""
+        if held >= 0:
+            return [os.fsencode(a) for a in syscalls.listxattr(held, b"")
+                    if not is_overlay_private(a)]
         with self._parent_fd(inode) as (fd, name):
             return [os.fsencode(a) for a in syscalls.listxattr(fd, name)
                     if not is_overlay_private(a)]
 
-    def getxattr(self, inode: Inode, attr: bytes) -> bytes | None:
+    def getxattr(self, inode: Inode, attr: bytes, held: int = -1) -> bytes | None:
         """The value of ``attr``, None if the entry has none. A name the entry did
         not have when its names were listed is answered without a syscall: the
-        kernel asks for ``security.capability`` before every first write and chown."""
+        kernel asks for ``security.capability`` before every first write and chown.
+        ``held``: as for ``xattr_names``."""
+        if held >= 0:
+            return syscalls.getxattr(held, b"", os.fsdecode(attr))
         known = inode.xattrs
         if known is None or known[0] is not inode.node:
             with self._parent_fd(inode) as (fd, name):

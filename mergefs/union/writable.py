@@ -284,7 +284,17 @@ class WritableView(UnionView):
         finally:
             self.upper.discard(tmp)
 
-    def setattr(self, inode: Inode, attr, fields, fd: int) -> None:
+    # A file unlinked (or renamed over) while held open has no name left: the ops
+    # pass ``held``, an fd on it (the upper file it was, or a detached copy of a
+    # lower one), and every change goes through that fd, never by path: a copy-up
+    # or a change by path would bring the name back or hit what replaced it.
+    def setattr(self, inode: Inode, attr, fields, fd: int, held: int = -1) -> None:
+        if held >= 0:
+            try:
+                self._apply_attrs(held, b"", inode, attr, fields, held)
+            finally:
+                inode.attr = None
+            return
         self.ensure_upper(inode, with_data=not (fields.update_size and attr.st_size == 0))
         pfd, name = self._upper_entry(inode)         # the root: its own fd, b""
         try:
@@ -317,20 +327,28 @@ class WritableView(UnionView):
             syscalls.utime_ns(name, attr.st_atime_ns if fields.update_atime else cur.st_atime_ns,
                               attr.st_mtime_ns if fields.update_mtime else cur.st_mtime_ns, pfd)
 
-    def setxattr(self, inode: Inode, attr: bytes, value: bytes) -> None:
+    def setxattr(self, inode: Inode, attr: bytes, value: bytes, held: int = -1) -> None:
         if is_overlay_private(os.fsdecode(attr)):
             raise _err(errno.EOPNOTSUPP)      # as kernel overlayfs for its own prefix
+        if held >= 0:
+            syscalls.setxattr(held, b"", os.fsdecode(attr), value)
+            inode.attr = inode.xattrs = None
+            return
         self.ensure_upper(inode)
         try:
             syscalls.setxattr(*self._upper_entry(inode), os.fsdecode(attr), value)
         finally:
             inode.attr = inode.xattrs = None
 
-    def removexattr(self, inode: Inode, attr: bytes) -> None:
+    def removexattr(self, inode: Inode, attr: bytes, held: int = -1) -> None:
         if is_overlay_private(os.fsdecode(attr)):
             raise _err(errno.EOPNOTSUPP)
-        if self.getxattr(inode, attr) is None:
+        if self.getxattr(inode, attr, held) is None:
             raise _err(errno.ENODATA)       # pyfuse3.ENOATTR on Linux
+        if held >= 0:
+            os.removexattr(held, os.fsdecode(attr))
+            inode.attr = inode.xattrs = None
+            return
         self.ensure_upper(inode)
         with self._parent_fd(inode, self.up) as (fd, name):
             os.removexattr(syscalls.fd_path(fd, name), os.fsdecode(attr), follow_symlinks=False)

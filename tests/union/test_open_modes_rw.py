@@ -302,3 +302,86 @@ async def test_U4a_no_open_file_unlinked_while_held_keeps_its_content(tmp_path):
     finally:
         ops.close()
         view.close()
+
+
+# -- attributes and xattrs of files held open after their name went ---------
+def _held_specs():
+    keep = {"user.keep": b"k"}
+    return [LayerSpec().file("low", b"lower\n", xattrs=keep).file("ro", b"read only\n", xattrs=keep)
+            .file("up", b"up\n", xattrs=keep).file("over", b"renamed over\n", xattrs=keep)
+            .file("src", b"src\n")]
+
+
+def _hold_and_unlink(root) -> dict:
+    """Open low/up/over read-write and ro read-only, then unlink them (``over``
+    renamed over by ``src``): {name: fd}."""
+    (root / "up").write_bytes(b"upper now\n")            # copied up: an upper file
+    held = {n: os.open(root / n, os.O_RDWR) for n in ("low", "up", "over")}
+    held["ro"] = os.open(root / "ro", os.O_RDONLY)
+    for n in ("low", "up", "ro"):
+        os.unlink(root / n)
+    os.rename(root / "src", root / "over")
+    return held
+
+
+def _change_through(fd: int, i: int) -> tuple:
+    """fsetxattr, fremovexattr, fchmod, fchown, futimens through ``fd``; what fstat,
+    flistxattr, fgetxattr and pread then see."""
+    os.setxattr(fd, "user.new", b"v%d" % i)
+    os.removexattr(fd, "user.keep")
+    os.fchmod(fd, 0o600 + i)
+    os.fchown(fd, 5 + i, 6 + i)
+    os.utime(fd, ns=(10**9 + i, 2 * 10**9 + i))
+    st = os.fstat(fd)
+    return (sorted(os.listxattr(fd)), os.getxattr(fd, "user.new"), oct(st.st_mode),
+            st.st_uid, st.st_gid, st.st_atime_ns, st.st_mtime_ns, os.pread(fd, 100, 0))
+
+
+@needs_overlay
+@needs("root")
+def test_U4a_attributes_and_xattrs_of_a_held_file_after_its_name_went(tmp_path, union_mount):
+    """fsetxattr/fremovexattr/fchmod/fchown/futimens on a file held open after its
+    unlink (or a rename over it) apply to the open file and bring no name back,
+    lower or upper, in both modes (the kernel sends them by inode, no fh): as
+    kernel overlayfs, whose upper then holds the same. Kernel overlayfs fails
+    them with EEXIST on a lower file opened read-only (its copy-up at that name
+    finds the whiteout); mergefs applies them to a private copy, as to a lower
+    file a no-open mount never copied up."""
+    specs = _held_specs()
+    layers, mnt = _writable(tmp_path, union_mount, specs)
+    oracle = materialise_stack(specs, tmp_path / "oracle", "overlay")
+    for d in ("up2", "wk2", "ovl"):
+        (tmp_path / d).mkdir()
+    start = time.time_ns() - 5 * 10**9     # fs timestamps are coarse: leave a margin
+    with mounts.overlay_mount(oracle, tmp_path / "ovl", upper=tmp_path / "up2",
+                              work=tmp_path / "wk2") as ovl:
+        got = {}
+        for root in (mnt, ovl):
+            held = _hold_and_unlink(root)
+            try:
+                got[root] = {n: _change_through(held[n], i) for i, n in
+                             enumerate(("low", "up", "over")) if n in held}
+                if root == mnt:
+                    ro = _change_through(held["ro"], 3)
+                    assert ro == (["user.new"], b"v3", "0o100603", 8, 9, 10**9 + 3,
+                                  2 * 10**9 + 3, b"read only\n")
+                else:
+                    with pytest.raises(OSError) as e:
+                        os.setxattr(held["ro"], "user.new", b"v")
+                    assert e.value.errno == errno.EEXIST
+                assert sorted(os.listdir(root)) == ["over"], f"{root}: a name came back"
+                assert (root / "over").read_bytes() == b"src\n"
+                assert os.listxattr(root / "over") == []
+            finally:
+                for fd in held.values():
+                    os.close(fd)
+        assert got[mnt] == got[ovl]
+        assert sorted(os.listdir(tmp_path / "up")) == sorted(os.listdir(tmp_path / "up2"))
+        view, oview = tree.capture(mnt), tree.capture(ovl)
+    tree.assert_same(normalised(view, start), normalised(oview, start),
+                     "mergefs vs kernel overlayfs")
+    stop_server(mnt, union_mount.started[-1][1])
+    assert os.listdir(tmp_path / "wk") == []          # no copy left staged
+    with mounts.overlay_mount(layers, tmp_path / "ovl", upper=tmp_path / "up",
+                              work=tmp_path / "wk") as ovl:
+        tree.assert_same(tree.capture(ovl), view, "kernel overlayfs over mergefs's upper")
