@@ -298,14 +298,21 @@ async def test_U4_setattr_xattrs_links_special_files(tmp_path, rw):
     await drv.finish()
 
 
-async def test_hardlink_name_never_looked_up_keeps_lower_content(tmp_path, rw):
-    drv = rw([LayerSpec().file("h1", b"hard").hardlink("h2", "h1")])
+async def test_U8_hardlink_name_never_looked_up_is_linked_at_copy_up(tmp_path, rw):
+    """H1: the copy-up through h1 links h2 and d/h3 (never looked up) to the copy,
+    not h4, which a later layer replaced (H2)."""
+    drv = rw([LayerSpec().file("h1", b"hard").hardlink("h2", "h1").hardlink("d/h3", "h1")
+              .hardlink("h4", "h1"), LayerSpec().file("h4", b"later")])
     h1 = await drv.lookup("h1")
     fi = await drv.ops.open(h1, os.O_WRONLY | os.O_TRUNC, drv.ctx)
     await drv.ops.write(fi.fh, 0, b"new")
     await drv.ops.release(fi.fh)
-    assert (await drv.read("h1"), await drv.read("h2")) == (b"new", b"hard")
-    assert await drv.lookup("h2") != h1
+    assert [await drv.read(n) for n in ("h1", "h2", "d/h3", "h4")] == [b"new"] * 3 + [b"later"]
+    assert await drv.lookup("h2") == await drv.lookup("d/h3") == h1
+    assert (await drv.getattr("h1")).st_nlink == 3
+    up = tmp_path / "upper"
+    assert os.lstat(up / "h1").st_ino == os.lstat(up / "h2").st_ino == os.lstat(up / "d/h3").st_ino
+    assert not (up / "h4").exists()
     await drv.finish()
 
 
