@@ -33,20 +33,19 @@ class LinkNames:
 
 
 def _scan(layer_fd: int) -> dict[int, tuple[bytes, ...]]:
-    seen: dict[int, bytes | list[bytes]] = {}
-    shared: set[int] = set()
+    seen: dict[int, tuple] = {}            # ino -> (parent, name) of its first name
+    more: dict[int, list] = {}             # ino -> its other names
     for parent, de in syscalls.scan_tree_paths(layer_fd):
         if de.is_dir(follow_symlinks=False):
             continue                       # A4: never hardlinked
-        name = os.fsencode(de.name)
-        path = parent + b"/" + name if parent else name
         ino = de.inode()
-        first = seen.get(ino)
-        if first is None:
-            seen[ino] = path
-        elif ino in shared:
-            first.append(path)
+        if ino not in seen:
+            seen[ino] = (parent, de.name)
         else:
-            seen[ino] = [first, path]
-            shared.add(ino)
-    return {ino: tuple(seen[ino]) for ino in shared}
+            more.setdefault(ino, []).append((parent, de.name))
+    return {ino: tuple(_path(p, n) for p, n in [seen[ino]] + names)
+            for ino, names in more.items()}
+
+
+def _path(parent: bytes, name: str) -> bytes:
+    return parent + b"/" + os.fsencode(name) if parent else os.fsencode(name)

@@ -620,3 +620,22 @@ def test_U4_attributes_of_the_mount_root_as_kernel_overlay(tmp_path, union_mount
         st = os.stat(up)
         results.append((st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)))
     assert results[0] == results[2] and results[1] == results[3] == (12, 34, 0o751)
+
+
+def test_linknames_finds_every_name_of_a_layer_inode(tmp_path):
+    """The names a copy-up links: every path of the inode in that one layer (deep
+    ones too), never a directory, nothing for a single name."""
+    from mergefs.union.linknames import LinkNames
+    layer = materialise_stack([LayerSpec().file("a", b"x").hardlink("d/e/f/b", "a")
+                               .hardlink("d/c", "a").file("s", b"s").hardlink("d/s2", "s")
+                               .file("single", b"1").dir("dd")], tmp_path / "layers")[0]
+    fd = os.open(layer, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        links = LinkNames()
+        ino = lambda p: os.lstat(layer / p).st_ino      # noqa: E731
+        assert sorted(links.names(0, fd, ino("a"))) == [b"a", b"d/c", b"d/e/f/b"]
+        assert sorted(links.names(0, fd, ino("s"))) == [b"d/s2", b"s"]
+        assert links.names(0, fd, ino("single")) == ()
+        assert links.names(0, fd, ino("dd")) == ()
+    finally:
+        os.close(fd)
