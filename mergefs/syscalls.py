@@ -290,13 +290,14 @@ def scan_tree(dir_fd: int):
     """Every entry below the open directory ``dir_fd`` (an ``os.DirEntry``, usable until
     the next one is asked for), parents before children, one open fd per level: depth
     safe, never following a symlink. A directory that vanishes meanwhile is skipped."""
-    for _, de in scan_tree_paths(dir_fd):
+    for _, _, de in scan_tree_paths(dir_fd):
         yield de
 
 
 def scan_tree_paths(dir_fd: int):
-    """``scan_tree``, each entry with the path (bytes, relative to ``dir_fd``) of
-    the directory holding it (b"" for ``dir_fd`` itself)."""
+    """``scan_tree``, each entry as (the path of the directory holding it, bytes,
+    relative to ``dir_fd`` (b"" for ``dir_fd`` itself), an fd of that directory
+    (valid until the next entry is asked for), the entry)."""
     fd = os.open(".", O_DIR, dir_fd=dir_fd)
     stack = [(fd, os.scandir(fd), b"")]
     try:
@@ -308,7 +309,7 @@ def scan_tree_paths(dir_fd: int):
                 it.close()
                 os.close(fd)
                 continue
-            yield path, de
+            yield path, fd, de
             if de.is_dir(follow_symlinks=False):
                 try:
                     sub = os.open(de.name, O_DIR, dir_fd=fd)

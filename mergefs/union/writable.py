@@ -19,11 +19,9 @@ Rules, as kernel overlayfs (index=off, redirect_dir=off) applies them:
 
 Hardlinks: copying up a lower file copies it once and links every name the
 merged view shows for that inode to the copy, also names the kernel never
-looked up (``linknames``), so they stay one file with one number (as kernel
-overlayfs with index=on shows them; with index=off it breaks them). Caveat: a
-name that shows only through a renamed (redirected) directory and was never
-looked up is not found; it keeps the lower content and becomes a separate
-inode when it is.
+looked up (``linknames``; also below directories renamed with a redirect),
+so they stay one file with one number (as kernel overlayfs with index=on
+shows them; with index=off it breaks them).
 """
 from __future__ import annotations
 
@@ -36,7 +34,7 @@ from ..errors import AlreadyExists, NotFound
 from ..layer import DIR, LNK, REG, Layer, is_overlay_private
 from ..resolver import Node, join, merge_listing
 from .inodes import Inode
-from .linknames import LinkNames
+from .linknames import LinkNames, moved_dirs, moved_path
 from .upper import Upper
 from .view import UnionView
 
@@ -179,9 +177,20 @@ class WritableView(UnionView):
         become links to the copy too, wherever the merged view still shows that
         lower file (not where a later layer replaced or deleted the name: H2, H3)."""
         layer, ino = lower.top, lower.inos[0]
+        moves = None
+
+        def shows_it(found) -> bool:
+            return found is not None and found[2].top == layer and found[2].inos[0] == ino
+
         for path in self.links.names(layer, self.layers[layer].fd, ino):
             found = self._find(path)
-            if found is not None and found[2].top == layer and found[2].inos[0] == ino:
+            if not shows_it(found):             # below a renamed directory (R1)?
+                if moves is None:
+                    moves = moved_dirs(self.upper.layer.fd,
+                                       self.upper.opaque_xattr.replace("opaque", "redirect"))
+                moved = moved_path(path, moves)
+                found = moved and self._find(moved)
+            if shows_it(found):
                 self._link_known_name(inode, found[0], found[1])
                 self.name_linked(found[0], found[1])
 

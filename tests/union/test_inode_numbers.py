@@ -160,3 +160,37 @@ def test_U8_a_hardlink_name_never_looked_up_stays_one_inode_after_copy_up(
         shown = _names(k)
         assert _relations(shown) == _relations(seen)
         assert {n: v[1] for n, v in shown.items()} == {n: v[1] for n, v in seen.items()}
+
+
+@needs_overlay
+@pytest.mark.timeout(120)
+def test_U8_a_hardlink_name_under_a_renamed_directory_is_linked_at_copy_up(tmp_path, union_mount):
+    """The other names of the lower file sit below directories renamed (redirected,
+    R1) before the copy-up, one inside another, and were never looked up: the
+    copy-up finds them at their new paths, as kernel overlayfs (index=on,
+    redirect_dir=on) does, and after a remount too."""
+    specs = [LayerSpec().file("a", b"hello\n").hardlink("d/b", "a")
+             .hardlink("d/x/c", "a").file("d/other", b"o")]
+    layers = materialise_stack(specs, tmp_path / "layers")
+    for d in ("up", "wk", "kup", "kwk", "kmnt"):
+        (tmp_path / d).mkdir()
+
+    def run(mnt):
+        os.rename(mnt / "d/x", mnt / "d/y")
+        os.rename(mnt / "d", mnt / "e")
+        number = _copy_up_through_a(mnt, "append")
+        seen = {n: (os.lstat(mnt / n).st_ino, (mnt / n).read_bytes())
+                for n in ("e/y/c", "e/b", "a")}
+        return number, seen
+
+    with mounts.overlay_mount(layers, tmp_path / "kmnt", upper=tmp_path / "kup",
+                              work=tmp_path / "kwk",
+                              options=("index=on", "redirect_dir=on")) as k:
+        _, kseen = run(k)
+    assert len(set(kseen.values())) == 1                               # the oracle
+    mnt = union_mount(layers, upper=tmp_path / "up", work=tmp_path / "wk")
+    number, seen = run(mnt)
+    assert set(seen.values()) == {(number, b"hello\nmore\n")}
+    stop_server(mnt, union_mount.started[-1][1])
+    again = union_mount(layers, upper=tmp_path / "up", work=tmp_path / "wk")
+    assert {n: (os.lstat(again / n).st_ino, (again / n).read_bytes()) for n in seen} == seen

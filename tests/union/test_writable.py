@@ -17,7 +17,7 @@ from pyfuse3 import FUSEError
 from mergefs.testing import mounts, tree
 from mergefs.testing.builders import LayerSpec, materialise_stack
 
-from ..conftest import needs_overlay
+from ..conftest import needs_overlay, needs_root
 from .test_readonly import random_stack
 
 
@@ -639,3 +639,26 @@ def test_linknames_finds_every_name_of_a_layer_inode(tmp_path):
         assert links.names(0, fd, ino("dd")) == ()
     finally:
         os.close(fd)
+
+
+@needs_root
+def test_linknames_maps_layer_paths_through_the_uppers_redirects(tmp_path):
+    """Absolute and relative redirects (kernel overlayfs writes a bare name for a
+    rename inside one directory), nested: a layer path is mapped to where the
+    view shows it; a path no redirect covers maps to None."""
+    from mergefs.union.linknames import moved_dirs, moved_path
+    up = tmp_path / "up"
+    for d, value in (("e", b"/d"), ("e/y", b"x"), ("f", b"g"), ("h/i", b"/j/k")):
+        (up / d).mkdir(parents=True)
+        os.setxattr(up / d, "trusted.overlay.redirect", value)
+    (up / "plain").mkdir()
+    fd = os.open(up, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        moves = moved_dirs(fd, "trusted.overlay.redirect")
+    finally:
+        os.close(fd)
+    assert sorted(moves) == [(b"d", b"e"), (b"d/x", b"e/y"), (b"g", b"f"), (b"j/k", b"h/i")]
+    got = {p: moved_path(p, moves) for p in (b"d/b", b"d/x/c", b"d/xx", b"g/1", b"j/k/2",
+                                              b"plain/3", b"dd/4")}
+    assert got == {b"d/b": b"e/b", b"d/x/c": b"e/y/c", b"d/xx": b"e/xx", b"g/1": b"f/1",
+                   b"j/k/2": b"h/i/2", b"plain/3": None, b"dd/4": None}
