@@ -210,10 +210,12 @@ def create_log(log_path: str) -> None:
     """Create the server's log file (kept if it exists) before anything is mounted:
     it exists when ``start`` returns, though the server opens it only later (for
     appending, so nothing is lost), and a path that cannot be a file fails here."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
     try:
-        os.close(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640))
+        os.close(os.open(log_path, flags, 0o640))
     except OSError as exc:
-        raise MountError(f"cannot open the log file {log_path}: {exc.strerror}") from None
+        if exc.errno != errno.ENXIO:        # ENXIO: a FIFO nobody reads yet (never wait here)
+            raise MountError(f"cannot open the log file {log_path}: {exc.strerror}") from None
 
 
 def start(spec: MountSpec, mountpoint: str, fmt: str = "auto", log_path: str | None = None) -> int:
