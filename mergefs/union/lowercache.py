@@ -7,8 +7,9 @@ copy of the same data. ``shared_view`` builds a ``UnionView`` or
 ``WritableView`` whose listings of directories no upper has touched, and whose
 lstats of entries supplied by a lower layer, come from the stack's cache
 (layers are immutable, so they never change), and so do the names of lower
-hardlinks that a copy-up links together (``linknames``). A writable view copies a shared
-listing before it changes it (``_set_child``), so a change stays its own.
+hardlinks that a copy-up links together (``linknames``). A writable view
+copies a shared listing before it changes it (``_set_child``), so a change
+stays its own.
 """
 from __future__ import annotations
 
