@@ -345,6 +345,7 @@ def test_U8_a_lower_file_keeps_its_number_across_views_copy_up_and_restarts(tmp_
         seen = {made} | set(before.values()) | {os.lstat(v / d).st_ino for v in (a, ro2)
                                        for d in (".", "etc", "bin", "usr")}
         assert os.lstat(a / "etc/passwd").st_ino not in seen
+        assert os.lstat(a / "etc/passwd").st_ino == copied                # kept its number
     finally:
         srv.stop()
     assert not srv.errors(), srv.errors()
