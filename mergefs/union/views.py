@@ -29,6 +29,11 @@ share merged listings and lstats, ``lowercache``). How numbers map
   read-only) of a shared file gets ESTALE; a write attempted in a read-only
   view that shares the file with a writable one gets ESTALE, not EROFS
   (bind read-only views ``ro`` and the kernel answers EROFS first).
+- A copy-up in a writable view drops the attributes the kernel cached for
+  what it changed (the parents' times, the copy's ctime) under the private
+  gids the kernel knows them by (``_attrs_changed``; the inner operations'
+  ``init`` is never called here); a lower file renamed in a view is looked up
+  again under its new name, where the kernel's entry still names the shared gid.
 
 Views are added and removed at run time. A removed view's name is never
 reused for another view in the life of the mount: the kernel may still hold
@@ -58,10 +63,12 @@ from .errors import fuse_errors
 from .inodes import ROOT_INODE, Inode
 from .lowercache import LowerCache
 from .ops import WRITE_FLAGS, entry_attributes, statfs_reply
+from .ops import _invalidate_attrs as invalidate_attrs
 from .viewgids import ViewNumbers
 from .viewstate import Shared, View, copy_entry, mounts_using
 
 log = logging.getLogger("mergefs.union")
+RENAME_EXCHANGE = 2
 
 
 class ViewFS(ViewNumbers, pyfuse3.Operations):
@@ -96,6 +103,7 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
         view.root_gid = self._gid(view, ROOT_INODE)
         if view.writable:
             view.uv.name_linked = lambda parent, child: self._name_linked(view, parent, child)
+            view.uv.attrs_changed = lambda number: self._attrs_changed(view, number)
         cache.users += 1
         self._next_vid += 1
         self.views[name] = view
@@ -129,6 +137,15 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
         gid = view.private.get(parent.number)
         if gid is not None:
             pyfuse3.invalidate_entry_async(gid, name, ignore_enoent=True)
+
+    @staticmethod
+    def _attrs_changed(view: View, number: int) -> None:
+        """A copy-up in ``view`` changed its local inode ``number`` behind the kernel's
+        back (the parent's ctime, the copy's): drop the attributes the kernel keeps
+        for the gid it knows it by (none: the kernel holds no private gid for it)."""
+        gid = view.private.get(number)
+        if gid is not None:
+            invalidate_attrs(gid)
 
     def list_views(self) -> list[dict]:
         return [{"name": v.name, "path": os.path.join(self.mountpoint, v.name),
@@ -468,4 +485,17 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
         nview, new = self._dir(parent_inode_new)
         if nview is not view:
             raise FUSEError(errno.EXDEV)
+        moved = self._shown_lower(view, old, name_old), self._shown_lower(view, new, name_new)
         await view.ops.rename(old, name_old, new, name_new, flags, ctx)
+        # The kernel moves its dentry, still on the shared gid of the lower file the
+        # view copied up (its attributes, not the copy's): make it look the name up.
+        if moved[0]:
+            pyfuse3.invalidate_entry_async(parent_inode_new, name_new, ignore_enoent=True)
+        if moved[1] and flags & RENAME_EXCHANGE:
+            pyfuse3.invalidate_entry_async(parent_inode_old, name_old, ignore_enoent=True)
+
+    @staticmethod
+    def _shown_lower(view: View, local: int, name: bytes) -> bool:
+        """Does the view show ``name`` in its directory ``local`` as a lower file?"""
+        node = view.uv.listing(view.uv.inodes.get(local)).get(name)
+        return node is not None and view.shows_lower(node)
