@@ -37,32 +37,37 @@ class Meta(NamedTuple):
                    content_xattrs(dir_fd, name))
 
 
-def apply_meta(dir_fd: int, name: bytes, meta: Meta, warnings: list[str]) -> None:
-    """Give ``name`` in ``dir_fd`` the metadata ``meta`` (b"" = the directory itself)."""
+def apply_meta(dir_fd: int, name: bytes, meta: Meta, warnings: list[str],
+               shown: bytes | None = None) -> None:
+    """Give ``name`` in ``dir_fd`` the metadata ``meta`` (b"" = the directory itself);
+    warnings name it ``shown`` if given (its path in the tree being built)."""
     target = name or b"."
+    shown = name if shown is None else shown
     try:
         syscalls.lchown(target, meta.uid, meta.gid, dir_fd)
     except PermissionError:
         st = syscalls.lstat(target, dir_fd)
         if (st.st_uid, st.st_gid) != (meta.uid, meta.gid):
-            warnings.append(f"{os.fsdecode(name) or '/'}: cannot chown to "
+            warnings.append(f"{os.fsdecode(shown) or '/'}: cannot chown to "
                             f"{meta.uid}:{meta.gid} without root")
     if not stat.S_ISLNK(meta.mode):
         syscalls.chmod(target, stat.S_IMODE(meta.mode), dir_fd)
-    set_xattrs(dir_fd, name, meta.xattrs, warnings)
+    set_xattrs(dir_fd, name, meta.xattrs, warnings, shown)
     syscalls.utime_ns(target, meta.atime_ns, meta.mtime_ns, dir_fd)
 
 
-def set_xattrs(dir_fd: int, name: bytes, xattrs: dict, warnings: list[str]) -> None:
+def set_xattrs(dir_fd: int, name: bytes, xattrs: dict, warnings: list[str],
+               shown: bytes | None = None) -> None:
     """The one A3 rule: an xattr the filesystem refuses (XATTR_REFUSED) is a warning;
     any other failure (ENOSPC, EIO ...) is raised."""
+    shown = name if shown is None else shown
     for attr, value in xattrs.items():
         try:
             syscalls.setxattr(dir_fd, name, attr, value)
         except OSError as e:
             if e.errno not in XATTR_REFUSED:
                 raise
-            warnings.append(f"{os.fsdecode(name) or '/'}: xattr {attr} not set: {e.strerror}")
+            warnings.append(f"{os.fsdecode(shown) or '/'}: xattr {attr} not set: {e.strerror}")
 
 
 def is_symlink_meta(meta: Meta) -> bool:

@@ -21,7 +21,8 @@ from . import syscalls
 from .attrs import Meta
 from .farm import Applier, FarmStats, refuse_out_inside, staged_build
 from .layer import DIR, Layer, as_layers, content_xattrs
-from .plan import DirAttrs, Link, Mkdir, MergedDir, Record, Whiteout, plan_subtree
+from .plan import (DirAttrs, LayerCursors, Link, Mkdir, MergedDir, Record, Whiteout,
+                   plan_subtree)
 from .resolver import join
 
 CHUNK = 1 << 20
@@ -82,12 +83,18 @@ class _Frame:
 
 
 def _flush(frames: Sequence[_Frame]) -> Iterator[Record]:
-    """The held-back Mkdirs of ``frames`` (outermost first), before a record below them."""
-    for f in frames:
-        if not f.emitted:
-            yield from (Mkdir(p) for p in f.pending)
-            f.pending.clear()
-            f.emitted = True
+    """The held-back Mkdirs of ``frames`` (outermost first), before a record below them.
+
+    A frame is emitted only with all its ancestors, so the ones left are the
+    innermost: found from the end, O(1) per frame over the whole diff (scanning
+    every frame per record would be O(depth) per record)."""
+    first = len(frames)
+    while first and not frames[first - 1].emitted:
+        first -= 1
+    for f in frames[first:]:
+        yield from (Mkdir(p) for p in f.pending)
+        f.pending.clear()
+        f.emitted = True
 
 
 def _diff_tree(lo: MergedDir, up: MergedDir) -> Iterator[Record]:
@@ -107,7 +114,8 @@ def _diff_tree(lo: MergedDir, up: MergedDir) -> Iterator[Record]:
                 try:
                     meta = f.up.meta
                     if f.emitted or dir_meta_changed(f.lo.meta, meta):
-                        yield from _flush(stack + [f])
+                        yield from _flush(stack)      # its parents', then its own
+                        yield from _flush((f,))
                         yield DirAttrs(f.up.path, meta)
                 finally:
                     f.close()
@@ -140,19 +148,35 @@ def _diff_tree(lo: MergedDir, up: MergedDir) -> Iterator[Record]:
             f.close()
 
 
-def plan_diff(lower: Sequence[Layer], upper: Sequence[Layer]) -> Iterator[Record]:
-    """The records of Diff(lower, upper); the root's attributes always come last."""
-    lo, up = MergedDir.root(lower), MergedDir.root(upper)
-    root_meta = up.meta
-    saw_root = False
-    for rec in _diff_tree(lo, up):
-        if type(rec) is DirAttrs and rec.path == b"":
-            saw_root = True
-        elif type(rec) is Mkdir and rec.path == b"":
-            continue
-        yield rec
-    if not saw_root:
-        yield DirAttrs(b"", root_meta)
+def plan_diff(lower: Sequence[Layer], upper: Sequence[Layer],
+              up_cursors: LayerCursors | None = None) -> Iterator[Record]:
+    """The records of Diff(lower, upper); the root's attributes always come last.
+    ``up_cursors``: the walk's in ``upper`` (an applier's, to share its moves)."""
+    lo_cursors, own = LayerCursors(lower), LayerCursors(upper)
+    try:
+        lo, up = MergedDir.root(lower, lo_cursors), MergedDir.root(upper, up_cursors or own)
+        root_meta = up.meta
+        saw_root = False
+        for rec in _diff_tree(lo, up):
+            if type(rec) is DirAttrs and rec.path == b"":
+                saw_root = True
+            elif type(rec) is Mkdir and rec.path == b"":
+                continue
+            yield rec
+        if not saw_root:
+            yield DirAttrs(b"", root_meta)
+    finally:
+        lo_cursors.close()
+        own.close()
+
+
+def _apply_diff(lower: Sequence[Layer], upper: Sequence[Layer], fd: int) -> FarmStats:
+    applier = Applier(upper, fd)
+    records = plan_diff(lower, upper, applier.src)
+    try:
+        return applier.run(records)
+    finally:
+        records.close()         # its cursors in ``lower``, also after an error
 
 
 def write_diff(lower: Sequence[Layer | str], upper: Sequence[Layer | str],
@@ -168,7 +192,7 @@ def write_diff(lower: Sequence[Layer | str], upper: Sequence[Layer | str],
     try:
         for layer in all_layers:
             layer.fd
-        return staged_build(out, lambda fd: Applier(upper, fd).run(plan_diff(lower, upper)))
+        return staged_build(out, lambda fd: _apply_diff(lower, upper, fd))
     finally:
         for layer in all_layers:
             layer.close()

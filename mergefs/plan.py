@@ -53,19 +53,41 @@ def refuse_redirect(layer: Layer, path: bytes) -> None:
                        "upper (mergefs commit) to get a layer")
 
 
+class LayerCursors:
+    """One ``syscalls.DirCursor`` per layer (made when first asked for), shared by
+    the directories of one walk and its applier: each directory is then opened
+    from the last one visited in its layer, O(1) opens per directory in a
+    depth-first walk instead of a path walk from the layer root per directory."""
+
+    def __init__(self, layers: Sequence[Layer]):
+        self.layers = layers
+        self._cursors: dict[int, syscalls.DirCursor] = {}
+
+    def __getitem__(self, idx: int) -> syscalls.DirCursor:
+        cursor = self._cursors.get(idx)
+        if cursor is None:
+            cursor = self._cursors[idx] = syscalls.DirCursor(self.layers[idx].fd)
+        return cursor
+
+    def close(self) -> None:
+        for cursor in self._cursors.values():
+            cursor.close()
+
+
 class MergedDir:
     """One directory of a merged view: its children, its attributes, and fds.
 
     Reading it opens the directory once in each contributing layer (through
-    ``open_beneath``, from the layer root, so no symlink is followed and no
-    ancestor fd has to stay open). ``fd_of`` reopens on demand after
-    ``release()``; open fds are thus bounded by the number of layers, not by
-    depth x layers.
+    the walk's ``cursors``: one component at a time with O_NOFOLLOW, so no
+    symlink is followed and no ancestor fd has to stay open). ``fd_of``
+    reopens on demand after ``release()``; open fds are thus bounded by the
+    number of layers, not by depth x layers.
     """
-    __slots__ = ("layers", "path", "sources", "children", "meta", "_fds")
+    __slots__ = ("layers", "path", "sources", "children", "meta", "_fds", "cursors")
 
-    def __init__(self, layers: Sequence[Layer], path: bytes, sources: Sequence[int]):
-        self.layers, self.path, self._fds = layers, path, {}
+    def __init__(self, layers: Sequence[Layer], path: bytes, sources: Sequence[int],
+                 cursors: LayerCursors):
+        self.layers, self.path, self._fds, self.cursors = layers, path, {}, cursors
         try:
             listings = []
             for n, idx in enumerate(sources):
@@ -84,17 +106,18 @@ class MergedDir:
         self.children: dict[bytes, Node] = merge_listing(listings)
 
     @classmethod
-    def root(cls, layers: Sequence[Layer]) -> "MergedDir":
-        return cls(layers, b"", range(len(layers) - 1, -1, -1))
+    def root(cls, layers: Sequence[Layer], cursors: LayerCursors) -> "MergedDir":
+        return cls(layers, b"", range(len(layers) - 1, -1, -1), cursors)
 
     def fd_of(self, idx: int) -> int:
         fd = self._fds.get(idx)
         if fd is None:
-            fd = self._fds[idx] = syscalls.open_beneath(self.layers[idx].fd, self.path)
+            fd = self._fds[idx] = self.cursors[idx].open(self.path)
         return fd
 
     def child(self, name: bytes) -> "MergedDir":
-        return MergedDir(self.layers, join(self.path, name), self.children[name].layers)
+        return MergedDir(self.layers, join(self.path, name), self.children[name].layers,
+                         self.cursors)
 
     def release(self) -> None:
         """Close the open fds (they reopen on demand)."""
@@ -138,6 +161,14 @@ def plan_subtree(top: MergedDir) -> Iterator[Record]:
         stack.extend(("child", (md, name)) for name in reversed(subdirs))
 
 
-def plan_merge(layers: Sequence[Layer | str]) -> Iterator[Record]:
-    """The records that build Merge(layers) (bottom first), root attributes last."""
-    return plan_subtree(MergedDir.root(as_layers(layers)))
+def plan_merge(layers: Sequence[Layer | str],
+               cursors: LayerCursors | None = None) -> Iterator[Record]:
+    """The records that build Merge(layers) (bottom first), root attributes last;
+    ``cursors``: the walk's (an applier's, to share its moves), else its own."""
+    layers = as_layers(layers)
+    own = LayerCursors(layers) if cursors is None else None
+    try:
+        yield from plan_subtree(MergedDir.root(layers, cursors or own))
+    finally:
+        if own is not None:
+            own.close()

@@ -115,6 +115,74 @@ def open_dir_walk(root_fd: int, path: bytes) -> int:
         raise
 
 
+class DirCursor:
+    """A directory below ``root_fd`` that moves to the one asked for in steps of one
+    component: ``..`` up to the common ancestor (the root itself is never left),
+    then names down with ``O_NOFOLLOW``. A depth-first walk thus opens O(1)
+    directories per directory visited and holds one fd, however deep the tree
+    (its paths may exceed PATH_MAX), where opening each from the root costs
+    O(depth). ``at`` lends the fd (valid until the next move); ``open`` gives a
+    new one."""
+
+    def __init__(self, root_fd: int):
+        self.root, self.fd, self.path = root_fd, root_fd, b""
+
+    def at(self, path: bytes) -> int:
+        cur = self.path
+        if path == cur:
+            return self.fd
+        keep = common_dir(cur, path)
+        try:
+            if keep == 0 and cur:
+                self._set(self.root, b"")
+            else:
+                for _ in range(cur.count(b"/", keep)):
+                    self._up()
+            rest = path[keep + 1:] if keep else path
+            for part in rest.split(b"/") if rest else ():
+                if part in (b"", b".", b".."):      # never a name a listing gives
+                    raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
+                fd = os.open(part, O_DIR, dir_fd=self.fd)
+                self._set(fd, self.path + b"/" + part if self.path else part)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, path) from None
+        return self.fd
+
+    def open(self, path: bytes) -> int:
+        """A new fd of the directory ``path``."""
+        return os.open(b".", O_DIR, dir_fd=self.at(path))
+
+    def _up(self) -> None:
+        parent = self.path.rpartition(b"/")[0]
+        try:
+            fd = os.open(b"..", O_DIR, dir_fd=self.fd)
+        except PermissionError:      # EACCES: no search permission here; from the root
+            fd = open_dir_walk(self.root, parent)
+        self._set(fd, parent)
+
+    def _set(self, fd: int, path: bytes) -> None:
+        if self.fd != self.root:
+            os.close(self.fd)
+        self.fd, self.path = fd, path
+
+    def close(self) -> None:
+        self._set(self.root, b"")
+
+
+def common_dir(a: bytes, b: bytes) -> int:
+    """The length of the deepest directory path both ``a`` and ``b`` are at or below
+    (0: the root), found in C-speed steps (no loop over components)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        lcp = n
+    else:
+        x = int.from_bytes(a[:n], "big") ^ int.from_bytes(b[:n], "big")
+        lcp = n - (x.bit_length() + 7) // 8
+    if (lcp == len(a) or a[lcp:lcp + 1] == b"/") and (lcp == len(b) or b[lcp:lcp + 1] == b"/"):
+        return lcp
+    return max(a.rfind(b"/", 0, lcp), 0)
+
+
 def lstat(name: bytes, dir_fd: int) -> os.stat_result:
     if not name:
         return os.fstat(dir_fd)

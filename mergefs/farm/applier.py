@@ -26,7 +26,7 @@ from typing import Iterable, Sequence
 from .. import syscalls
 from ..attrs import Meta, apply_meta
 from ..layer import SOCK, Layer
-from ..plan import DirAttrs, Link, Mkdir, Record, Whiteout
+from ..plan import DirAttrs, LayerCursors, Link, Mkdir, Record, Whiteout
 
 # errno -> reason, for the two failures of link() that fall back to a copy.
 COPY_FALLBACK = {
@@ -55,6 +55,11 @@ class Applier:
     keep H1 across each other. Processes cannot share them, so an applier
     given a ``deferred`` list appends each link that needs a copy there
     instead of copying; one applier replays them all afterwards.
+
+    Directories are reached through cursors (``syscalls.DirCursor``), one in the
+    farm and one per layer (``src``, which the planner of the same walk may
+    share): records come depth first, so each is O(1) opens away from the last
+    and no path is walked from a root (nor limited by PATH_MAX).
     """
 
     def __init__(self, layers: Sequence[Layer], dst_fd: int,
@@ -62,58 +67,53 @@ class Applier:
                  deferred: list | None = None):
         self.layers = layers
         self.deferred = deferred
-        self.layer_fds = [layer.fd for layer in layers]
         self.dst = dst_fd
         self.stats = FarmStats()
         # (layer, ino) -> path of its copy; shared by the appliers of one build
         self._copies: dict[tuple[int, int], bytes] = {} if copies is None else copies
         self._copy_lock = copy_lock or threading.Lock()
-        self._parent: bytes | None = None
-        self._parent_fds: dict[int, int] = {}    # layer (-1: the farm) -> fd of _parent
+        self.src = LayerCursors(layers)
+        self.farm = syscalls.DirCursor(dst_fd)
 
     def _dir_fds(self, path: bytes, layer: int) -> tuple[int, int, bytes]:
-        """(layer's parent dir fd, farm's parent dir fd, name) for ``path``.
-
-        A directory's records come together, so the last parent's fds are kept:
-        links by name are cheaper than re-walking a full path per link.
-        """
+        """(layer's parent dir fd, farm's parent dir fd, name) for ``path``."""
         parent, _, name = path.rpartition(b"/")
-        if parent != self._parent:
-            self.close_dirs()
-            self._parent = parent
-        fds = self._parent_fds
-        src = fds.get(layer)
-        if src is None:
-            src = fds[layer] = syscalls.open_beneath(self.layer_fds[layer], parent)
-        dst = fds.get(-1)
-        if dst is None:
-            dst = fds[-1] = syscalls.open_beneath(self.dst, parent)
-        return src, dst, name
+        return self.src[layer].at(parent), self.farm.at(parent), name
 
-    def close_dirs(self) -> None:
-        fds, self._parent_fds, self._parent = self._parent_fds, {}, None
-        for fd in fds.values():
-            os.close(fd)
+    def _farm_dir(self, path: bytes) -> tuple[int, bytes]:
+        parent, _, name = path.rpartition(b"/")
+        return self.farm.at(parent), name
+
+    def close(self) -> None:
+        for cursor in (self.src, self.farm):
+            cursor.close()
 
     def run(self, records: Iterable[Record]) -> FarmStats:
+        """``apply`` the records, then ``close``."""
         try:
-            self._run(records)
+            self.apply(records)
         finally:
-            self.close_dirs()
+            self.close()
         return self.stats
 
-    def _run(self, records: Iterable[Record]) -> None:
+    def apply(self, records: Iterable[Record]) -> None:
         for rec in records:
             kind = type(rec)
             if kind is Link:
                 self.link(rec)
             elif kind is Mkdir:
-                syscalls.mkdir(rec.path, self.dst)
+                dst, name = self._farm_dir(rec.path)
+                syscalls.mkdir(name, dst)
                 self.stats.dirs += 1
             elif kind is DirAttrs:
-                apply_meta(self.dst, rec.path, rec.meta, self.stats.warnings)
+                if rec.path:
+                    dst, name = self._farm_dir(rec.path)
+                    apply_meta(dst, name, rec.meta, self.stats.warnings, rec.path)
+                else:
+                    apply_meta(self.dst, b"", rec.meta, self.stats.warnings)
             elif kind is Whiteout:
-                syscalls.mknod(rec.path, stat.S_IFCHR | 0o000, 0, self.dst)
+                dst, name = self._farm_dir(rec.path)
+                syscalls.mknod(name, stat.S_IFCHR | 0o000, 0, dst)
                 self.stats.whiteouts += 1
             else:
                 raise TypeError(f"unknown record {rec!r}")
@@ -145,8 +145,13 @@ class Applier:
         key = (rec.layer, rec.ino)
         first = self._copies.get(key)
         if first is not None:
+            # by paths from the two names' common directory (one fd, as for any
+            # link inside the farm): as long as the names are apart, at most
+            k = syscalls.common_dir(first, rec.path)
+            at = self.farm.at(first[:k])
             try:
-                syscalls.link(first, rec.path, self.dst, self.dst)
+                syscalls.link(first[k + 1:] if k else first, rec.path[k + 1:] if k else rec.path,
+                              at, at)
                 return
             except OSError as e:
                 if e.errno != errno.EMLINK:   # the copy itself reached the link limit

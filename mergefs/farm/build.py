@@ -90,9 +90,9 @@ def build_farm(layers: Sequence[Layer | str | os.PathLike], out: str | os.PathLi
 
     def build(fd: int) -> FarmStats:
         if workers is not None and workers <= 1:
-            records = plan_merge(layers)
-            return Applier(layers, fd).run(records if progress is None
-                                           else _counted(records, progress))
+            applier = Applier(layers, fd)
+            records = plan_merge(layers, applier.src)    # the planner moves the applier's cursors
+            return applier.run(records if progress is None else _counted(records, progress))
         mode = pick_parallel(layers, fd, parallel)
         n = DEFAULT_WORKERS[mode] if workers is None else workers
         if mode == "process":

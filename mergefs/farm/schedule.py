@@ -62,19 +62,19 @@ def dir_step(layers: Sequence[Layer], applier: Applier, item: Item,
              late: list) -> list[Item]:
     """Build one merged directory's entries, then its attributes; its subdirectories."""
     path, sources = item
-    md = MergedDir(layers, path, sources)
+    md = MergedDir(layers, path, sources, applier.src)     # one step from the last one
     md.release()
     records, subdirs = plan_entries(md)
     deferred = applier.deferred
     mark = len(deferred) if deferred is not None else 0
-    applier.run(records)
+    applier.apply(records)
     attrs = DirAttrs(path, md.meta)
     if md.meta.mode & OWNER_RWX != OWNER_RWX:
         late.append(attrs)
     elif deferred is not None and len(deferred) > mark:
         deferred.append(attrs)           # after the copies made into it
     else:
-        applier.run((attrs,))
+        applier.apply((attrs,))
     children = md.children
     return [(join(path, name), children[name].layers) for name in subdirs]
 
@@ -130,6 +130,8 @@ def run_threads(layers: Sequence[Layer], dst_fd: int, workers: int,
         t.start()
     for t in threads:
         t.join()
+    for a in appliers:
+        a.close()
     if state["error"] is not None:
         raise state["error"]
     return merge_stats([a.stats for a in appliers] + [finish(layers, dst_fd, [], late, copies)])
@@ -258,6 +260,8 @@ def _work(layers: Sequence[Layer], dst_fd: int, pool: _Pool, conn, parent: int,
     except BaseException as e:
         pool.fail()
         report = ("error", e)
+    finally:
+        applier.close()
     try:
         conn.send(report)
     except Exception as e:      # an exception that does not pickle
@@ -274,8 +278,11 @@ def run_processes(layers: Sequence[Layer], dst_fd: int, workers: int,
     applier = Applier(layers, dst_fd, deferred=[])
     late: list = []
     stack = [root_item(layers)]
-    while stack and applier.stats.links + applier.stats.dirs < SPLIT_MIN:
-        stack.extend(reversed(dir_step(layers, applier, stack.pop(), late)))
+    try:
+        while stack and applier.stats.links + applier.stats.dirs < SPLIT_MIN:
+            stack.extend(reversed(dir_step(layers, applier, stack.pop(), late)))
+    finally:
+        applier.close()
     parts = [applier.stats]
     deferred, copies = applier.deferred, {}
     base = applier.stats.links + applier.stats.dirs
