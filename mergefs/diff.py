@@ -154,7 +154,8 @@ def plan_diff(lower: Sequence[Layer], upper: Sequence[Layer],
     ``up_cursors``: the walk's in ``upper`` (an applier's, to share its moves)."""
     lo_cursors, own = LayerCursors(lower), LayerCursors(upper)
     try:
-        lo, up = MergedDir.root(lower, lo_cursors), MergedDir.root(upper, up_cursors or own)
+        lo = MergedDir.root(lower, lo_cursors)
+        up = MergedDir.root(upper, own if up_cursors is None else up_cursors)
         root_meta = up.meta
         saw_root = False
         for rec in _diff_tree(lo, up):

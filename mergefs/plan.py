@@ -53,55 +53,49 @@ def refuse_redirect(layer: Layer, path: bytes) -> None:
                        "upper (mergefs commit) to get a layer")
 
 
-class LayerCursors:
-    """One ``syscalls.DirCursor`` per layer (made when first asked for), shared by
-    the directories of one walk and its applier: each directory is then opened
+class LayerCursors(dict):
+    """One ``syscalls.DirCursor`` per layer index (made when first asked for), shared
+    by the directories of one walk and its applier: each directory is then opened
     from the last one visited in its layer, O(1) opens per directory in a
     depth-first walk instead of a path walk from the layer root per directory."""
 
     def __init__(self, layers: Sequence[Layer]):
+        super().__init__()
         self.layers = layers
-        self._cursors: dict[int, syscalls.DirCursor] = {}
 
-    def __getitem__(self, idx: int) -> syscalls.DirCursor:
-        cursor = self._cursors.get(idx)
-        if cursor is None:
-            cursor = self._cursors[idx] = syscalls.DirCursor(self.layers[idx].fd)
+    def __missing__(self, idx: int) -> syscalls.DirCursor:
+        cursor = self[idx] = syscalls.DirCursor(self.layers[idx].fd)
         return cursor
 
     def close(self) -> None:
-        for cursor in self._cursors.values():
+        for cursor in self.values():
             cursor.close()
 
 
 class MergedDir:
-    """One directory of a merged view: its children, its attributes, and fds.
+    """One directory of a merged view: its children and its attributes.
 
-    Reading it opens the directory once in each contributing layer (through
-    the walk's ``cursors``: one component at a time with O_NOFOLLOW, so no
-    symlink is followed and no ancestor fd has to stay open). ``fd_of``
-    reopens on demand after ``release()``; open fds are thus bounded by the
-    number of layers, not by depth x layers.
+    Reading it reads the directory in each contributing layer through the
+    walk's ``cursors`` (reached one component at a time with O_NOFOLLOW, so
+    no symlink is followed). It keeps no fd: ``fd_of`` lends the cursor's,
+    valid until that cursor moves, so open fds are bounded by the number of
+    layers, not by depth x layers.
     """
-    __slots__ = ("layers", "path", "sources", "children", "meta", "_fds", "cursors")
+    __slots__ = ("layers", "path", "sources", "children", "meta", "cursors")
 
     def __init__(self, layers: Sequence[Layer], path: bytes, sources: Sequence[int],
                  cursors: LayerCursors):
-        self.layers, self.path, self._fds, self.cursors = layers, path, {}, cursors
-        try:
-            listings = []
-            for n, idx in enumerate(sources):
-                ld = read_layer_dir(self.fd_of(idx), layers[idx].fmt)
-                if ld.redirect is not None and idx > 0:
-                    refuse_redirect(layers[idx], path)
-                listings.append((idx, ld))
-                if ld.opaque:              # D3: lower layers no longer contribute here
-                    sources = sources[: n + 1]
-                    break
-            self.meta = Meta.read(self.fd_of(sources[0]), b"")
-        except BaseException:
-            self.release()
-            raise
+        self.layers, self.path, self.cursors = layers, path, cursors
+        listings = []
+        for n, idx in enumerate(sources):
+            ld = read_layer_dir(self.fd_of(idx), layers[idx].fmt)   # scandir rewinds it
+            if ld.redirect is not None and idx > 0:
+                refuse_redirect(layers[idx], path)
+            listings.append((idx, ld))
+            if ld.opaque:              # D3: lower layers no longer contribute here
+                sources = sources[: n + 1]
+                break
+        self.meta = Meta.read(self.fd_of(sources[0]), b"")
         self.sources = tuple(sources)
         self.children: dict[bytes, Node] = merge_listing(listings)
 
@@ -110,20 +104,16 @@ class MergedDir:
         return cls(layers, b"", range(len(layers) - 1, -1, -1), cursors)
 
     def fd_of(self, idx: int) -> int:
-        fd = self._fds.get(idx)
-        if fd is None:
-            fd = self._fds[idx] = self.cursors[idx].open(self.path)
-        return fd
+        """The directory in layer ``idx``: lent, valid until that layer's cursor moves."""
+        cursor = self.cursors[idx]
+        return cursor.fd if cursor.path == self.path else cursor.at(self.path)
 
     def child(self, name: bytes) -> "MergedDir":
         return MergedDir(self.layers, join(self.path, name), self.children[name].layers,
                          self.cursors)
 
     def release(self) -> None:
-        """Close the open fds (they reopen on demand)."""
-        fds, self._fds = self._fds, {}
-        for fd in fds.values():
-            os.close(fd)
+        """Nothing to close (kept for callers that bound fds before descending)."""
 
     close = release
 
@@ -168,7 +158,7 @@ def plan_merge(layers: Sequence[Layer | str],
     layers = as_layers(layers)
     own = LayerCursors(layers) if cursors is None else None
     try:
-        yield from plan_subtree(MergedDir.root(layers, cursors or own))
+        yield from plan_subtree(MergedDir.root(layers, own if cursors is None else cursors))
     finally:
         if own is not None:
             own.close()

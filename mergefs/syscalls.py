@@ -115,14 +115,19 @@ def open_dir_walk(root_fd: int, path: bytes) -> int:
         raise
 
 
+PATH_MAX = 4096
+JUMP = 8      # a DirCursor walks a path from the root if it has < JUMP x the steps
+
+
 class DirCursor:
     """A directory below ``root_fd`` that moves to the one asked for in steps of one
     component: ``..`` up to the common ancestor (the root itself is never left),
     then names down with ``O_NOFOLLOW``. A depth-first walk thus opens O(1)
     directories per directory visited and holds one fd, however deep the tree
     (its paths may exceed PATH_MAX), where opening each from the root costs
-    O(depth). ``at`` lends the fd (valid until the next move); ``open`` gives a
-    new one."""
+    O(depth). A longer move (another worker's directory) whose path is shorter
+    than ``JUMP`` x its steps and than PATH_MAX is one ``open_beneath`` instead.
+    ``at`` lends the fd, valid until the next move."""
 
     def __init__(self, root_fd: int):
         self.root, self.fd, self.path = root_fd, root_fd, b""
@@ -131,14 +136,23 @@ class DirCursor:
         cur = self.path
         if path == cur:
             return self.fd
-        keep = common_dir(cur, path)
+        if path.startswith(cur) and (not cur or path[len(cur):len(cur) + 1] == b"/"):
+            keep = len(cur)                  # below: most often a child
+        else:
+            keep = common_dir(cur, path)
+        rest = path[keep + 1:] if keep else path
+        ups = cur.count(b"/", keep) if keep else 0      # from the root: none
+        steps = ups + (rest.count(b"/") + 1 if rest else 0)
+        if steps > 1 and len(path) < PATH_MAX and path.count(b"/") < JUMP * steps:
+            # a jump (another worker's directory): one path walk in the kernel is
+            # cheaper than a system call per step, and no longer than JUMP x them
+            self._set(open_beneath(self.root, path), path)
+            return self.fd
         try:
             if keep == 0 and cur:
                 self._set(self.root, b"")
-            else:
-                for _ in range(cur.count(b"/", keep)):
-                    self._up()
-            rest = path[keep + 1:] if keep else path
+            for _ in range(ups):
+                self._up()
             for part in rest.split(b"/") if rest else ():
                 if part in (b"", b".", b".."):      # never a name a listing gives
                     raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
@@ -147,10 +161,6 @@ class DirCursor:
         except OSError as e:
             raise OSError(e.errno, e.strerror, path) from None
         return self.fd
-
-    def open(self, path: bytes) -> int:
-        """A new fd of the directory ``path``."""
-        return os.open(b".", O_DIR, dir_fd=self.at(path))
 
     def _up(self) -> None:
         parent = self.path.rpartition(b"/")[0]

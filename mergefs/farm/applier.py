@@ -78,7 +78,9 @@ class Applier:
     def _dir_fds(self, path: bytes, layer: int) -> tuple[int, int, bytes]:
         """(layer's parent dir fd, farm's parent dir fd, name) for ``path``."""
         parent, _, name = path.rpartition(b"/")
-        return self.src[layer].at(parent), self.farm.at(parent), name
+        src, dst = self.src[layer], self.farm      # most often already there: no call
+        return (src.fd if src.path == parent else src.at(parent),
+                dst.fd if dst.path == parent else dst.at(parent), name)
 
     def _farm_dir(self, path: bytes) -> tuple[int, bytes]:
         parent, _, name = path.rpartition(b"/")
