@@ -148,7 +148,8 @@ def log_requests() -> None:
     """One log line ``requests {json}`` with the counts since the last one (SIGUSR1)."""
     import json
     from .errors import REQUESTS
-    log.info("requests %s", json.dumps(dict(REQUESTS), sort_keys=True))
+    from .fastpath import stats
+    log.info("requests %s", json.dumps(dict(REQUESTS, **stats()), sort_keys=True))
     REQUESTS.clear()
 
 
@@ -373,6 +374,19 @@ def _detach_stdio(log_path: str) -> None:
     os.dup2(nullfd, 0)
     os.dup2(logfd, 1)
     os.dup2(logfd, 2)
+    # the streams too: a server forked by a process whose sys.stderr is not fd 2
+    # (pytest's capture) would log there, not to its log
+    if _stream_fd(sys.stdout) != 1:
+        sys.stdout = open(1, "w", buffering=1, closefd=False)
+    if _stream_fd(sys.stderr) != 2:
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
+
+
+def _stream_fd(stream) -> int:
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return -1
 
 
 def _log_to_stderr() -> None:
