@@ -27,7 +27,9 @@ v5 adds hooks for mergefs's C fast path: the C callbacks of GETATTR, SETATTR,
 READ, WRITE (write and write_buf), FSYNC and GETXATTR first call the matching
 function pointer of an exported struct ``mergefs_fast``
 (mergefs/union/_fasthooks.h); one that returns 1 has replied, and pyfuse3
-makes no coroutine for the request. The pointers are NULL until
+makes no coroutine for the request. The struct also points at pyfuse3's
+session and pending coroutine, so the extension can run the request loop in
+C while requests need no Python (``drain``, used by fuseloop.py). The pointers are NULL until
 mergefs/union/_fastpath.c (built by ``--fastpath``) fills them in: a v5 build
 alone behaves as v4. A server accepts v4 builds (no fast path then).
 
@@ -61,7 +63,7 @@ from mergefs.union import server  # noqa: E402
 PATCHED_HANDLERS = ("fuse_read", "fuse_readdirplus", "fuse_write", "fuse_write_buf", "fuse_fsync")
 PATCH_MARK = ("v5: fh 0 -> inode in read/readdir/write/fsync; FUSE_CAP_CACHE_SYMLINKS; "
               "atomic_o_trunc off on request; version baked into _pyfuse3.py; "
-              "mergefs_fast hooks\n")
+              "mergefs_fast hooks (2: session, retval)\n")
 # v5: the C callbacks of these requests first call the matching hook of the
 # exported ``mergefs_fast`` (mergefs/union/_fasthooks.h), which mergefs's C fast
 # path fills in (mergefs/union/_fastpath.c); a hook that replied ends the request.
@@ -77,6 +79,8 @@ HOOKED = {"fuse_getattr": "getattr(__pyx_v_req, __pyx_v_ino, __pyx_v_fi)",
           "fuse_getxattr": "getxattr(__pyx_v_req, __pyx_v_ino, __pyx_v_name, __pyx_v_size)"}
 HOOKS_HEADER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             "mergefs", "union", "_fasthooks.h")
+STATE = ("static struct fuse_session *__pyx_v_7pyfuse3_session;",   # what the hooks point at
+         "static PyObject *__pyx_v_7pyfuse3_py_retval = 0;")
 FIRST_PROTO = ("static void __pyx_f_7pyfuse3_fuse_getattr(fuse_req_t, fuse_ino_t, "
                "struct fuse_file_info *); /*proto*/")
 # The Operations attribute "atomic_o_trunc" (absent: true, libfuse's default)
@@ -153,7 +157,7 @@ def build(dest: str) -> str:
                                            " __pyx_v_conn->want |= FUSE_CAP_CACHE_SYMLINKS;"
                                            + ATOMIC_O_TRUNC)
         patched += 1
-    if FIRST_PROTO in lines:
+    if FIRST_PROTO in lines and all(d in lines[:lines.index(FIRST_PROTO)] for d in STATE):
         lines[lines.index(FIRST_PROTO)] = hooks_definition() + "\n" + FIRST_PROTO
         patched += 1
     wanted = len(PATCHED_HANDLERS) + len(HOOKED) + 2
@@ -178,8 +182,10 @@ def hooks_definition() -> str:
     with open(HOOKS_HEADER) as f:
         header = f.read()
     return header + ('__attribute__((visibility("default"))) struct mergefs_fast_hooks '
-                     'mergefs_fast = {MERGEFS_FAST_HOOKS_VERSION, '
-                     'sizeof(struct mergefs_fast_hooks)};')
+                     'mergefs_fast = {.version = MERGEFS_FAST_HOOKS_VERSION, '
+                     '.size = sizeof(struct mergefs_fast_hooks), '
+                     '.session = &__pyx_v_7pyfuse3_session, '
+                     '.retval = &__pyx_v_7pyfuse3_py_retval};')
 
 
 def _bake(pkg: str) -> None:

@@ -2,12 +2,13 @@
  * of its C request callbacks, before it makes a coroutine for the request.
  * A hook returns 1 when it replied to the request, 0 to let pyfuse3 go on as
  * usual (the Python handler). NULL hooks: stock behaviour. The patch inserts
- * this file's text into pyfuse3's generated C and exports ``mergefs_fast``;
+ * this file's text into pyfuse3's generated C and exports ``mergefs_fast``
+ * (its last two fields point at pyfuse3's session and pending coroutine);
  * mergefs/union/_fastpath.c finds it with dlsym and fills it in. Change the
  * layout only together with MERGEFS_FAST_HOOKS_VERSION. */
 #ifndef MERGEFS_FAST_HOOKS_H
 #define MERGEFS_FAST_HOOKS_H
-#define MERGEFS_FAST_HOOKS_VERSION 1
+#define MERGEFS_FAST_HOOKS_VERSION 2
 struct mergefs_fast_hooks {
     unsigned int version;     /* MERGEFS_FAST_HOOKS_VERSION of the pyfuse3 build */
     unsigned int size;        /* sizeof(struct mergefs_fast_hooks) there */
@@ -18,5 +19,10 @@ struct mergefs_fast_hooks {
     int (*write_buf)(fuse_req_t, fuse_ino_t, struct fuse_bufvec *, off_t, struct fuse_file_info *);
     int (*fsync)(fuse_req_t, fuse_ino_t, int, struct fuse_file_info *);
     int (*getxattr)(fuse_req_t, fuse_ino_t, const char *, size_t);
+    /* pyfuse3's own state, for a request loop in C (_fastpath.drain): its
+     * session, and ``py_retval``, where a callback leaves the coroutine of a
+     * request that Python serves (the loop must await it) */
+    struct fuse_session **session;
+    PyObject **retval;
 };
 #endif

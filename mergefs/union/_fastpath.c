@@ -30,6 +30,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/limits.h>
+#include <poll.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -364,6 +365,53 @@ static int h_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t s
     return 1;
 }
 
+/* -- the request loop -------------------------------------------------------------- */
+
+/* pyfuse3's loop pays a Python coroutine (its wait for the fd) per request,
+ * more than a request served here costs. drain(budget, timeout_ms) waits for
+ * the fd (poll, at most timeout_ms each time, without the GIL) and reads and
+ * dispatches requests itself, at most ``budget`` of them: those a hook serves
+ * end here; the first one that reaches pyfuse3's Python side leaves its
+ * coroutine in py_retval, which drain hands back for the caller to await (as
+ * pyfuse3's loop does). None: the fd stayed quiet for timeout_ms, a signal
+ * came, the session ended, or the budget is spent (pyfuse3's own loop goes
+ * on from there). */
+static struct fuse_buf drain_buf;
+
+static PyObject *py_drain(PyObject *self, PyObject *args)
+{
+    long budget;
+    int timeout, ready;
+    if (!PyArg_ParseTuple(args, "li", &budget, &timeout))
+        return NULL;
+    if (!hooks || !*hooks->session)
+        Py_RETURN_NONE;
+    struct fuse_session *se = *hooks->session;
+    struct pollfd p = {.fd = fuse_session_fd(se), .events = POLLIN};
+    for (long n = 0; n < budget; n++) {
+        if (fuse_session_exited(se))
+            break;
+        Py_BEGIN_ALLOW_THREADS
+        ready = poll(&p, 1, timeout);
+        Py_END_ALLOW_THREADS
+        if (ready != 1 || !(p.revents & POLLIN))
+            break;          /* quiet, a signal (Python handles it), or the fd failed */
+        int res = fuse_session_receive_buf(se, &drain_buf);
+        if (res == -EINTR)
+            break;
+        if (res <= 0)
+            break;          /* pyfuse3's loop meets the end or the error itself */
+        Py_XSETREF(*hooks->retval, Py_NewRef(Py_None));
+        fuse_session_process_buf(se, &drain_buf);
+        PyObject *pending = *hooks->retval;
+        if (pending && pending != Py_None) {
+            *hooks->retval = Py_NewRef(Py_None);
+            return pending;
+        }
+    }
+    Py_RETURN_NONE;
+}
+
 /* -- the Python API ------------------------------------------------------------ */
 
 static PyObject *py_attach(PyObject *self, PyObject *arg)
@@ -529,6 +577,8 @@ static PyMethodDef methods[] = {
     {"get", py_get, METH_O, "get(number) -> (fd, flags) or None"},
     {"size", py_size, METH_NOARGS, "how many entries"},
     {"stats", py_stats, METH_VARARGS, "stats(reset=False) -> requests served, by name"},
+    {"drain", py_drain, METH_VARARGS,
+     "drain(budget, timeout_ms) -> the coroutine of a request for Python to await, or None"},
     {NULL, NULL, 0, NULL},
 };
 
