@@ -64,6 +64,10 @@ static PyObject *s_node, *s_unlinked, *s_attr, *s_xattrs;
 
 static char *buffer;
 static size_t buffer_size;
+/* Python's ``miss(number)``: called on a READ of an inode with no entry; it may
+ * open the file's content fd and set an entry (ops: the no-open read path
+ * without pyfuse3's coroutine and error wrapper around it). */
+static PyObject *miss_fn;
 
 /* -- the table: open addressing, linear probing, backward-shift deletion -- */
 static size_t slot_of(uint64_t number)
@@ -253,10 +257,29 @@ static int h_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *a, int to_set,
     return 1;
 }
 
+/* No entry for a READ: ask Python to open the file (its errors: Python's read
+ * handler answers, it meets them again). */
+static entry_t *opened(fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    if (!miss_fn || (fi && fi->fh) || find(ino))
+        return NULL;
+    PyObject *number = PyLong_FromUnsignedLongLong(ino);
+    PyObject *r = number ? PyObject_CallOneArg(miss_fn, number) : NULL;
+    Py_XDECREF(number);
+    if (!r) {
+        PyErr_Clear();
+        return NULL;
+    }
+    Py_DECREF(r);
+    return usable(ino, fi);
+}
+
 static int h_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
                   struct fuse_file_info *fi)
 {
     entry_t *e = usable(ino, fi);
+    if (!e)
+        e = opened(ino, fi);
     if (!e)
         return 0;
     if (size > buffer_size) {
@@ -459,8 +482,15 @@ static void clear_table(void)
     used = 0;
 }
 
+static PyObject *py_set_miss(PyObject *self, PyObject *fn)
+{
+    Py_XSETREF(miss_fn, fn == Py_None ? NULL : Py_NewRef(fn));
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_disable(PyObject *self, PyObject *unused)
 {
+    Py_CLEAR(miss_fn);
     if (hooks) {
         hooks->getattr = NULL;
         hooks->setattr = NULL;
@@ -569,6 +599,8 @@ static PyMethodDef methods[] = {
      "enable(attr_timeout, squash_uid, squash_gid, volatile): serve from now on "
      "(-1: no squash)"},
     {"disable", py_disable, METH_NOARGS, "stop serving; forget every entry"},
+    {"set_miss", py_set_miss, METH_O,
+     "set_miss(fn): fn(number) may set an entry when a READ finds none (None: no call)"},
     {"set", py_set, METH_VARARGS,
      "set(number, fd, flags, inode, node): serve inode ``number`` through ``fd`` "
      "(borrowed: drop it before closing the fd)"},

@@ -143,6 +143,15 @@ class UnionOperations(pyfuse3.Operations):
         if self.no_open:      # the C fast path serves the files of the fd cache
             from . import fastpath
             self.fds.fast = fastpath.load(self.timeouts.attr, self.squash, self.volatile)
+            if self.fds.fast is not None:
+                self.fds.fast.set_miss(self._open_for_c)
+
+    def _open_for_c(self, number: int) -> None:
+        """The C fast path found no fd for a READ: open the file's content fd (the
+        cache hands it to C), as ``read`` would; errors are left to ``read``."""
+        inode = self.inodes.live(number)
+        if inode is not None and inode.kind == REG and not inode.unlinked:
+            self.fds.content_fd(inode)
 
     def close(self) -> None:
         self.fds.close()
