@@ -256,7 +256,7 @@ def _note_identity(marker: str, so: str) -> None:
     os.replace(marker + ".new", marker)
 
 
-FASTPATH_SOURCES = ("_fastpath.c", "_fasthooks.h")
+FASTPATH_SOURCES = ("_fastpath.c", "_fasthooks.h", "_fasttable.h")
 
 
 def build_fastpath() -> str:

@@ -4,10 +4,12 @@
  * exported ``mergefs_fast`` at the top of its C callbacks for GETATTR,
  * SETATTR, READ, WRITE, FSYNC and GETXATTR. This module fills them in and
  * answers those requests itself, without a Python coroutine, for the regular
- * files whose content fd the Python side already holds (ops' no-open fd cache,
- * mergefs/union/fdcache.py): a table from FUSE inode number to that fd. All
- * namespace logic (lookup, create, unlink, rename, readdir, copy-up) stays in
- * Python.
+ * files whose content fd the Python side holds (ops' no-open fd cache,
+ * mergefs/union/fdcache.py): a table (_fasttable.h) from FUSE inode number to
+ * that fd. A READ with no entry asks Python to open the file first (set_miss).
+ * All namespace logic (lookup, create, unlink, rename, readdir, copy-up)
+ * stays in Python. ``drain`` runs the request loop itself while requests
+ * need no Python.
  *
  * Ownership: the fd belongs to the Python cache, which drops the entry here
  * before it closes the fd. An entry holds strong references to the Python
@@ -43,15 +45,8 @@
 #define F_WRITE 1u   /* the fd is read-write, on the upper file: writes and setattr */
 #define F_UPPER 2u   /* the file is in the upper: fsync syncs it */
 
-typedef struct {
-    uint64_t number;       /* 0: empty slot */
-    int fd;
-    unsigned flags;
-    PyObject *inode, *node;
-} entry_t;
+#include "_fasttable.h"
 
-static entry_t *table;
-static size_t slots, used;                 /* slots: a power of two, or 0 */
 static struct mergefs_fast_hooks *hooks;
 static double attr_timeout;
 static long long squash_uid = -1, squash_gid = -1;
@@ -68,74 +63,6 @@ static size_t buffer_size;
  * open the file's content fd and set an entry (ops: the no-open read path
  * without pyfuse3's coroutine and error wrapper around it). */
 static PyObject *miss_fn;
-
-/* -- the table: open addressing, linear probing, backward-shift deletion -- */
-static size_t slot_of(uint64_t number)
-{
-    return (size_t)((number * 0x9E3779B97F4A7C15ull) >> 17) & (slots - 1);
-}
-
-static entry_t *find(uint64_t number)
-{
-    if (!used)
-        return NULL;
-    for (size_t i = slot_of(number);; i = (i + 1) & (slots - 1)) {
-        if (table[i].number == number)
-            return &table[i];
-        if (!table[i].number)
-            return NULL;
-    }
-}
-
-static void release(entry_t *e)
-{
-    Py_CLEAR(e->inode);
-    Py_CLEAR(e->node);
-    e->number = 0;
-}
-
-static void remove_at(size_t i)
-{
-    release(&table[i]);
-    used--;
-    for (size_t j = (i + 1) & (slots - 1); table[j].number; j = (j + 1) & (slots - 1)) {
-        size_t home = slot_of(table[j].number);
-        /* move j back to i when its home is not in (i, j] (cyclically) */
-        if ((j > i && (home <= i || home > j)) || (j < i && home <= i && home > j)) {
-            table[i] = table[j];
-            table[j].number = 0;
-            table[j].inode = table[j].node = NULL;
-            i = j;
-        }
-    }
-}
-
-static int grow(void)
-{
-    size_t old_slots = slots, n = slots ? slots * 2 : 512;
-    entry_t *old = table, *fresh = calloc(n, sizeof(entry_t));
-    if (!fresh)
-        return -1;
-    table = fresh;
-    slots = n;
-    for (size_t i = 0; i < old_slots; i++) {
-        if (old[i].number) {
-            size_t j = slot_of(old[i].number);
-            while (table[j].number)
-                j = (j + 1) & (slots - 1);
-            table[j] = old[i];
-        }
-    }
-    free(old);
-    return 0;
-}
-
-static void drop_number(uint64_t number)
-{
-    entry_t *e = find(number);
-    if (e)
-        remove_at((size_t)(e - table));
-}
 
 /* -- per request ------------------------------------------------------------ */
 
@@ -472,14 +399,6 @@ static PyObject *py_enable(PyObject *self, PyObject *args)
     hooks->fsync = h_fsync;
     hooks->getxattr = h_getxattr;
     Py_RETURN_NONE;
-}
-
-static void clear_table(void)
-{
-    for (size_t i = 0; i < slots; i++)
-        if (table[i].number)
-            release(&table[i]);
-    used = 0;
 }
 
 static PyObject *py_set_miss(PyObject *self, PyObject *fn)

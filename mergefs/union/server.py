@@ -374,19 +374,15 @@ def _detach_stdio(log_path: str) -> None:
     os.dup2(nullfd, 0)
     os.dup2(logfd, 1)
     os.dup2(logfd, 2)
-    # the streams too: a server forked by a process whose sys.stderr is not fd 2
-    # (pytest's capture) would log there, not to its log
-    if _stream_fd(sys.stdout) != 1:
-        sys.stdout = open(1, "w", buffering=1, closefd=False)
-    if _stream_fd(sys.stderr) != 2:
-        sys.stderr = open(2, "w", buffering=1, closefd=False)
-
-
-def _stream_fd(stream) -> int:
-    try:
-        return stream.fileno()
-    except (AttributeError, OSError, ValueError):
-        return -1
+    # the streams too: forked by a process whose sys.stderr is not fd 2 (pytest's
+    # capture), a server logged there, not to its log
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        try:
+            ok = getattr(sys, name).fileno() == fd
+        except (AttributeError, OSError, ValueError):
+            ok = False
+        if not ok:
+            setattr(sys, name, open(fd, "w", buffering=1, closefd=False))
 
 
 def _log_to_stderr() -> None:
