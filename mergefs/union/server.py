@@ -387,15 +387,9 @@ def _detach_stdio(log_path: str) -> None:
     os.dup2(nullfd, 0)
     os.dup2(logfd, 1)
     os.dup2(logfd, 2)
-    # the streams too: forked by a process whose sys.stderr is not fd 2 (pytest's
-    # capture), a server logged there, not to its log
-    for fd, name in ((1, "stdout"), (2, "stderr")):
-        try:
-            ok = getattr(sys, name).fileno() == fd
-        except (AttributeError, OSError, ValueError):
-            ok = False
-        if not ok:
-            setattr(sys, name, open(fd, "w", buffering=1, closefd=False))
+    # the streams too (under pytest's capture, sys.stderr is not fd 2)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
 
 
 def _log_to_stderr() -> None:
