@@ -3,11 +3,12 @@
 It answers GETATTR/SETATTR/READ/WRITE/FSYNC/GETXATTR of the regular files the
 no-open fd cache holds; everything else goes through Python. These tests
 make C serve a request, then make Python answer about the same file (a lookup
-after the kernel forgot it, a copy-up, an unlink), and compare with kernel
+of another of its names, a copy-up, an unlink), and compare with kernel
 overlayfs where the kernel decides (chown clearing set-uid). Each runs with
-the fast path on (the default) and off (``MERGEFS_FASTPATH=0``), in both open
-modes; with it on, the server's request counts must show C served them, so
-no test passes with the fast path silently off.
+the fast path on (the default; also with pyfuse3's own loop calling its
+hooks) and off (``MERGEFS_FASTPATH=0``), in both open modes; with it on, the
+server's request counts must show C served them, so no test passes with the
+fast path silently off.
 """
 from __future__ import annotations
 
@@ -42,12 +43,15 @@ def fast_path_expected() -> bool:
         return False
 
 
-@pytest.fixture(params=["fast", "python"])
+@pytest.fixture(params=["fast", "fast-pyfuse3-loop", "python"])
 def fast(request, monkeypatch):
-    """Is the C fast path meant to serve (on, and the mount is no-open)?"""
+    """Is the C fast path meant to serve (on, and the mount is no-open)? Also
+    with pyfuse3's own request loop calling the hooks (no ``drain``)."""
     if request.param == "python":
         monkeypatch.setenv("MERGEFS_FASTPATH", "0")
         return False
+    if request.param == "fast-pyfuse3-loop":
+        monkeypatch.setenv("MERGEFS_FASTPATH_LOOP", "0")
     return os.environ.get("MERGEFS_NO_OPEN") != "0" and fast_path_expected()
 
 
