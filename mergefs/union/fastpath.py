@@ -46,6 +46,14 @@ def load(attr_timeout: float, squash: tuple, volatile: bool):
     return _fastpath
 
 
+def unload() -> None:
+    """Serve nothing in C any more (the mount is closing): hooks, table and loop."""
+    global drain
+    drain = None
+    from . import _fastpath
+    _fastpath.disable()
+
+
 def stats() -> dict:
     """Requests the C fast path served since the last call, as ``fast_NAME`` counts."""
     try:

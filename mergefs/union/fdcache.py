@@ -35,7 +35,9 @@ class FdCache:
 
     def close(self) -> None:
         if self.fast is not None:
-            self.fast.disable()
+            from . import fastpath
+            fastpath.unload()
+            self.fast = None
         for cache in (self.fds, self.pinned):
             for got in cache.values():
                 os.close(got[0])
