@@ -2,12 +2,14 @@
 
 ``PodmanEnv(root, program)`` writes a ``storage.conf`` (overlay driver,
 graphroot/runroot under ``root``, ``mount_program`` = ``program``; none means
-kernel overlayfs) and a ``containers.conf`` (runc, cgroupfs, no network, the
-ulimits runc needs here, podman's tmp dir under ``root``) and runs ``podman``
-with them. ``close()`` removes every container and image, then stops what is
-left by pid and unmounts what is left under ``root``; ``leftovers()`` names
-the mounts and processes still there (a test asserts it is empty *before*
-close cleans up). ``busybox_image`` builds an OCI archive offline with umoci
+kernel overlayfs; a runroot path longer than podman's limit of 50 characters
+goes to a short directory under /tmp instead) and a ``containers.conf`` (runc,
+cgroupfs, no network, the ulimits runc needs here, podman's tmp dir under
+``root``) and runs ``podman`` with them. ``close()`` removes every container
+and image, then stops what is left by pid and unmounts what is left under
+``root`` (and that directory); ``leftovers()`` names the mounts and processes
+still there (a test asserts it is empty *before* close cleans up).
+``busybox_image`` builds an OCI archive offline with umoci
 and busybox-static: three layers with a whiteout, an opaque directory and a
 directory replaced by a file.
 """
@@ -20,6 +22,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +30,10 @@ BUSYBOX = "/bin/busybox"
 APPLETS = ("sh", "ls", "cat", "echo", "rm", "mkdir", "touch", "mv", "test", "find", "stat",
            "sort", "true", "id", "cp", "ln", "wc", "sed", "head", "seq", "rmdir", "chmod")
 PROGRAMS = ("mergefs", "fuse-overlayfs", "kernel")
+# podman refuses a --runroot longer than this, and conmon's exit command (``podman
+# --runroot R ... container cleanup ID``) always passes one: past it the cleanup
+# never runs and ``podman run --rm`` waits out its 20 s conmon timeout.
+RUNROOT_MAX = 50
 
 
 def mergefs_program(where: Path) -> str:
@@ -55,14 +62,20 @@ class PodmanEnv:
     def __init__(self, root: Path, program: str):
         self.root = Path(root)
         self.name = program
-        for d in ("graph", "run", "tmp", "libpod-tmp"):
+        for d in ("graph", "tmp", "libpod-tmp"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
+        self.runroot = self.root / "run"
+        self._short = None              # a short dir holding the runroot, removed by close()
+        if len(str(self.runroot)) > RUNROOT_MAX:
+            self._short = Path(tempfile.mkdtemp(prefix="mergefs-podman-", dir="/tmp"))
+            self.runroot = self._short / "run"
+        self.runroot.mkdir(exist_ok=True)
         self.program = program_path(program, self.root)
         overlay = f'[storage.options.overlay]\nmount_program = "{self.program}"\n' \
             if self.program else ""
         (self.root / "storage.conf").write_text(
             f'[storage]\ndriver = "overlay"\ngraphroot = "{self.root}/graph"\n'
-            f'runroot = "{self.root}/run"\n{overlay}')
+            f'runroot = "{self.runroot}"\n{overlay}')
         (self.root / "containers.conf").write_text(
             '[containers]\nnetns = "none"\n'
             'default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]\n'
@@ -90,21 +103,26 @@ class PodmanEnv:
         return names[0].split(",")[0]
 
     # -- what is left ------------------------------------------------------
+    def _prefixes(self) -> tuple[str, ...]:
+        return (f"{self.root}/",) + ((f"{self._short}/",) if self._short else ())
+
     def mounts(self, fs_only: bool = True) -> list[str]:
-        """Mounts under root (FUSE and overlay ones; every one with fs_only=False)."""
-        prefix = f"{self.root}/"
+        """Mounts under root and the runroot (FUSE and overlay ones; every one with
+        fs_only=False)."""
+        prefixes = self._prefixes()
         out = []
         with open("/proc/self/mounts") as f:
             for line in f:
                 _, target, fstype = line.split()[:3]
-                if target.startswith(prefix) and (not fs_only or fstype == "overlay"
-                                                  or fstype.startswith("fuse")):
+                if target.startswith(prefixes) and (not fs_only or fstype == "overlay"
+                                                    or fstype.startswith("fuse")):
                     out.append(target)
         return out
 
     def processes(self) -> dict[int, str]:
-        """Live processes whose command line names root (podman, conmon, mount servers)."""
-        key = os.fsencode(str(self.root))
+        """Live processes whose command line names root or the runroot (podman, conmon,
+        mount servers)."""
+        keys = [os.fsencode(p) for p in self._prefixes()]
         out = {}
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
@@ -114,7 +132,7 @@ class PodmanEnv:
                     state = f.read().rpartition(b")")[2].split()[0]
             except OSError:
                 continue
-            if key in cmd and state != b"Z" and int(pid) != os.getpid():
+            if any(k in cmd for k in keys) and state != b"Z" and int(pid) != os.getpid():
                 out[int(pid)] = cmd.replace(b"\0", b" ").decode(errors="replace")[:200]
         return out
 
@@ -150,6 +168,8 @@ class PodmanEnv:
         for m in sorted(self.mounts(fs_only=False), key=len, reverse=True):
             if subprocess.run(["umount", m], capture_output=True).returncode != 0:
                 subprocess.run(["umount", "-l", m], capture_output=True)
+        if self._short is not None:
+            shutil.rmtree(self._short, ignore_errors=True)
 
 
 # -- an image built offline ------------------------------------------------

@@ -9,6 +9,7 @@ mount server process naming the storage may be left.
 """
 from __future__ import annotations
 
+import time
 
 import pytest
 
@@ -111,3 +112,30 @@ def test_build_with_run_steps_then_run_the_built_image(podman, tmp_path):
     podman("image", "rm", tag)
     assert_nothing_left(podman)
     assert podman("run", "--rm", podman.image, "sh", "-c", LOOK).stdout == IMAGE_VIEW
+
+
+def test_a_long_storage_path_still_gets_conmons_cleanup(tmp_path_factory, archive):
+    """conmon's exit command is ``podman --runroot R ... container cleanup ID`` and
+    podman refuses a ``--runroot`` longer than 50 characters: with a runroot that
+    long the cleanup never ran, the container stayed "stopped" with its rootfs
+    mounted, and ``podman run --rm`` waited out its 20 s conmon timeout. PodmanEnv
+    keeps the runroot short whatever its root."""
+    root = tmp_path_factory.mktemp("a-storage-root-whose-path-is-long-enough" + "x" * 20)
+    assert len(f"{root}/run") > 50
+    env = PodmanEnv(root, "kernel")
+    try:
+        image = env.load(archive)
+        cid = env("run", "-d", image, "true").stdout.strip()
+        env("wait", cid)
+        state, mounts = "", None
+        for _ in range(50):     # the exit command runs just after conmon sees the exit
+            state = env("inspect", "--format", "{{.State.Status}}", cid).stdout.strip()
+            mounts = env.mounts()
+            if state == "exited" and not mounts:
+                break
+            time.sleep(0.2)
+        assert (state, mounts) == ("exited", [])
+        env("rm", cid)
+    finally:
+        env.close()
+        assert not env.mounts(fs_only=False) and not env.processes()
