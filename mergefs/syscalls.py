@@ -267,7 +267,7 @@ def is_whiteout_stat(st: os.stat_result) -> bool:
 
 
 # -- bind mounts (views: a container's rootfs is a bind of its view) --------------
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND = 1, 2, 4, 32, 4096
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND = 1, 2, 4, 8, 32, 4096
 
 
 def mount(source: str | None, target: str, flags: int, fstype: str | None = None,
@@ -290,6 +290,13 @@ def scan_tree(dir_fd: int):
     """Every entry below the open directory ``dir_fd`` (an ``os.DirEntry``, usable until
     the next one is asked for), parents before children, one open fd per level: depth
     safe, never following a symlink. A directory that vanishes meanwhile is skipped."""
+    for _, de in scan_tree_at(dir_fd):
+        yield de
+
+
+def scan_tree_at(dir_fd: int):
+    """``scan_tree`` as (fd of the entry's directory, entry): the fd (open until the
+    next entry is asked for) is what the ``*at`` and xattr calls here take."""
     fd = os.open(".", O_DIR, dir_fd=dir_fd)
     stack = [(fd, os.scandir(fd))]
     try:
@@ -301,7 +308,7 @@ def scan_tree(dir_fd: int):
                 it.close()
                 os.close(fd)
                 continue
-            yield de
+            yield fd, de
             if de.is_dir(follow_symlinks=False):
                 try:
                     sub = os.open(de.name, O_DIR, dir_fd=fd)

@@ -198,13 +198,14 @@ def _run(*cmd) -> None:
         raise RuntimeError(f"{cmd} failed: {r.stderr.strip()}")
 
 
-def busybox_image(where: Path, name: str = "mergefs-busybox") -> Path:
+def busybox_image(where: Path, name: str = "mergefs-busybox", plain: bool = False) -> Path:
     """An OCI archive (tar of an OCI layout, tag ``name``) built with umoci.
 
     Layer 1: busybox and applets, /etc, /data/keep/{a,b}, /data/old/{x,y},
     /gone, /etc/motd. Layer 2: /etc/motd changed, /data/new. Layer 3 (a raw
     tar, as umoci repack writes no opaque markers): ``.wh.gone``, an opaque
     /data/keep holding only ``c``, and /data/old replaced by a file.
+    ``plain``: layer 1 only (no whiteout, no opaque directory anywhere).
     """
     where = Path(where)
     img, bundle = where / "layout", where / "bundle"
@@ -227,9 +228,20 @@ def busybox_image(where: Path, name: str = "mergefs-busybox") -> Path:
     for n in ("x", "y"):
         (rootfs / "data/old" / n).write_text(f"{n}\n")
     _run("umoci", "repack", "--refresh-bundle", "--image", f"{img}:{name}", bundle)
+    if not plain:
+        _upper_layers(img, name, rootfs, where)
+    _run("umoci", "config", "--image", f"{img}:{name}", "--config.cmd", "/bin/sh",
+         "--config.env", "PATH=/bin")
+    archive = where / f"{name}.tar"
+    _run("tar", "-C", img, "-cf", archive, ".")
+    shutil.rmtree(bundle)
+    return archive
+
+
+def _upper_layers(img: Path, name: str, rootfs: Path, where: Path) -> None:
     (rootfs / "etc/motd").write_text("layer two\n")
     (rootfs / "data/new").write_text("new\n")
-    _run("umoci", "repack", "--image", f"{img}:{name}", bundle)
+    _run("umoci", "repack", "--image", f"{img}:{name}", rootfs.parent)
     raw = where / "layer3.tar"
     raw.write_bytes(_tar([(".wh.gone", "file", b""),
                           ("data/", "dir", b""),
@@ -238,9 +250,3 @@ def busybox_image(where: Path, name: str = "mergefs-busybox") -> Path:
                           ("data/keep/c", "file", b"c\n"),
                           ("data/old", "file", b"a file now\n")]))
     _run("umoci", "raw", "add-layer", "--image", f"{img}:{name}", raw)
-    _run("umoci", "config", "--image", f"{img}:{name}", "--config.cmd", "/bin/sh",
-         "--config.env", "PATH=/bin")
-    archive = where / f"{name}.tar"
-    _run("tar", "-C", img, "-cf", archive, ".")
-    shutil.rmtree(bundle)
-    return archive
