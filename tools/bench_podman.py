@@ -27,6 +27,9 @@ containers.conf as in tests/podman) into which the image is loaded once
   and the copy, ``find /`` over everything), then ``podman image rm``.
 
 Ratios are medians of the same run against fuse-overlayfs. Nothing is asserted.
+``--before TREE`` adds ``mergefs-before``: the mergefs of another source tree
+(e.g. ``git archive`` of an earlier commit), run by this venv's Python, in
+the same runs, interleaved.
 """
 from __future__ import annotations
 
@@ -176,9 +179,16 @@ def run(args) -> int:
     table = benchlib.Table(f"podman {what}: run --rm and run+rm x{args.run_reps}, build x1 per run, "
                            f"{args.runs} runs (seconds)")
     envs, images = {}, {}
+    programs = list(args.programs)
+    if args.before:     # next to mergefs, so the two alternate as closely as the runs allow
+        programs.insert(programs.index("mergefs") + 1 if "mergefs" in programs else 0,
+                        "mergefs-before")
+        prepare_tree(args.before)
     try:
-        for name in args.programs:
-            envs[name] = PodmanEnv(Path(_fresh(work / f"storage-{name}")), name)
+        for name in programs:
+            path = before_script(work, os.path.abspath(args.before)) \
+                if name == "mergefs-before" else None
+            envs[name] = PodmanEnv(Path(_fresh(work / f"storage-{name}")), name, path)
             anchor = None if name == ANCHOR else f"load {ANCHOR}"
             sec = timed(lambda: images.__setitem__(name, envs[name].load(archive)))
             table.series(f"load {name}", anchor=anchor).add(sec)
@@ -186,7 +196,7 @@ def run(args) -> int:
             ctx.mkdir(exist_ok=True)
             (ctx / "Containerfile").write_text(CONTAINERFILE.format(image=images[name]))
         for run_no in range(args.runs):
-            for name in args.programs:
+            for name in programs:
                 measure(envs[name], images[name], table, args.run_reps, work / f"ctx-{name}")
             print(f"run {run_no + 1} done (load average {os.getloadavg()[0]:.1f})", flush=True)
     finally:
@@ -200,6 +210,26 @@ def run(args) -> int:
         with open(args.json, "w") as f:
             json.dump(table.as_dict(), f, indent=1)
     return 0
+
+
+def prepare_tree(tree: str) -> None:
+    """Byte-compile ``tree``'s mergefs and build its table of compiled attrs methods
+    (where it has one), as tools/bootstrap.sh does for this tree."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(tree, "mergefs")],
+                   check=True, stdout=subprocess.DEVNULL)
+    if os.path.exists(os.path.join(tree, "mergefs", "union", "codecache.py")):
+        subprocess.run([sys.executable, "-m", "mergefs.union.codecache"], check=True,
+                       stdout=subprocess.DEVNULL, cwd=tree,
+                       env={**os.environ, "PYTHONPATH": os.path.abspath(tree)})
+
+
+def before_script(where: Path, tree: str) -> str:
+    """A ``mergefs`` script importing mergefs from ``tree`` (this venv's Python)."""
+    path = where / "mergefs-before"
+    path.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {tree!r})\n"
+                    "from mergefs.cli import main\nsys.exit(main())\n")
+    path.chmod(0o755)
+    return str(path)
 
 
 def _fresh(path: Path) -> Path:
@@ -216,6 +246,7 @@ def main(argv=None) -> int:
     ap.add_argument("--programs", nargs="+", default=list(PROGRAMS), choices=PROGRAMS)
     ap.add_argument("--busybox", action="store_true", help="the tests' busybox image instead")
     ap.add_argument("--json", help="write the table as JSON here")
+    ap.add_argument("--before", metavar="TREE", help="also a mergefs-before: mergefs from TREE")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("bench_podman: needs root (podman with private storage)", file=sys.stderr)

@@ -59,7 +59,8 @@ def program_path(name: str, where: Path) -> str | None:
 
 
 class PodmanEnv:
-    def __init__(self, root: Path, program: str):
+    def __init__(self, root: Path, program: str, path: str | None = None):
+        """``program``: one of PROGRAMS, or any name with ``path`` (the mount program)."""
         self.root = Path(root)
         self.name = program
         for d in ("graph", "tmp", "libpod-tmp"):
@@ -70,7 +71,7 @@ class PodmanEnv:
             self._short = Path(tempfile.mkdtemp(prefix="mergefs-podman-", dir="/tmp"))
             self.runroot = self._short / "run"
         self.runroot.mkdir(exist_ok=True)
-        self.program = program_path(program, self.root)
+        self.program = path or program_path(program, self.root)
         overlay = f'[storage.options.overlay]\nmount_program = "{self.program}"\n' \
             if self.program else ""
         (self.root / "storage.conf").write_text(
