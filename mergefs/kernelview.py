@@ -41,7 +41,7 @@ def is_plain(path: str | bytes) -> bool:
     try:
         if _marked(root, b""):
             return False
-        for dir_fd, de in syscalls.scan_tree_at(root):
+        for _, dir_fd, de in syscalls.scan_tree_paths(root):
             name = os.fsencode(de.name)
             if name.startswith(OCI_WHITEOUT):
                 return False
