@@ -29,7 +29,10 @@ containers.conf as in tests/podman) into which the image is loaded once
 Ratios are medians of the same run against fuse-overlayfs. Nothing is asserted.
 ``--before TREE`` adds ``mergefs-before``: the mergefs of another source tree
 (e.g. ``git archive`` of an earlier commit), run by this venv's Python, in
-the same runs, interleaved.
+the same runs, interleaved. ``--fuse-only`` adds ``mergefs-fuse``: this tree's
+mergefs with ``nokernel``, so that every mount is a FUSE server, also the
+read-only parent mounts of the naive diff that ``mergefs`` itself leaves to
+kernel overlayfs when their layers are plain (the FUSE serving path's own ratio).
 """
 from __future__ import annotations
 
@@ -180,6 +183,8 @@ def run(args) -> int:
                            f"{args.runs} runs (seconds)")
     envs, images = {}, {}
     programs = list(args.programs)
+    if args.fuse_only and "mergefs" in programs:   # every mount on FUSE, next to mergefs
+        programs.insert(programs.index("mergefs") + 1, "mergefs-fuse")
     if args.before:     # next to mergefs, so the two alternate as closely as the runs allow
         programs.insert(programs.index("mergefs") + 1 if "mergefs" in programs else 0,
                         "mergefs-before")
@@ -188,6 +193,8 @@ def run(args) -> int:
         for name in programs:
             path = before_script(work, os.path.abspath(args.before)) \
                 if name == "mergefs-before" else None
+            if name == "mergefs-fuse":
+                path = fuse_only_script(work)
             envs[name] = PodmanEnv(Path(_fresh(work / f"storage-{name}")), name, path)
             anchor = None if name == ANCHOR else f"load {ANCHOR}"
             sec = timed(lambda: images.__setitem__(name, envs[name].load(archive)))
@@ -232,6 +239,18 @@ def before_script(where: Path, tree: str) -> str:
     return str(path)
 
 
+def fuse_only_script(where: Path) -> str:
+    """This tree's ``mergefs -o`` with ``nokernel`` added: every mount a FUSE server,
+    also the read-only ones over plain layers (the naive diff's parent mounts),
+    which mergefs otherwise leaves to kernel overlayfs (mergefs/kernelview.py)."""
+    path = where / "mergefs-fuse"
+    path.write_text(f"#!{sys.executable}\nimport sys\n"
+                    "i = sys.argv.index('-o')\nsys.argv[i + 1] += ',nokernel'\n"
+                    "from mergefs.cli import main\nsys.exit(main())\n")
+    path.chmod(0o755)
+    return str(path)
+
+
 def _fresh(path: Path) -> Path:
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
@@ -247,6 +266,8 @@ def main(argv=None) -> int:
     ap.add_argument("--busybox", action="store_true", help="the tests' busybox image instead")
     ap.add_argument("--json", help="write the table as JSON here")
     ap.add_argument("--before", metavar="TREE", help="also a mergefs-before: mergefs from TREE")
+    ap.add_argument("--fuse-only", action="store_true",
+                    help="also mergefs-fuse: mergefs with every mount on FUSE (nokernel)")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("bench_podman: needs root (podman with private storage)", file=sys.stderr)
