@@ -63,13 +63,13 @@ def unpack_all(store, ids: list[str]) -> None:
 
 # -- publishing a packed layer (pull) -----------------------------------------------------
 def publish(store, src: Path, blob: tuple, lid: str, tree_digest: str | None,
-            description: str, source: str, holder: str | None) -> Row:
+            description: str, source: str, holder: str | None, link: bool = False) -> Row:
     """Store the verified blob file ``src`` as the packed layer ``lid``.
 
     ``blob`` is its ``layer_blobs`` row (layer, compression, digest, diffID, size,
     media type); ``tree_digest`` the tree digest the layer must unpack to (the
     pusher's claim), or None. An existing committed ``lid`` is reused (``src``
-    is then left to the caller's staging)."""
+    is then left to the caller's staging). ``link``: hardlink it in, leave ``src``."""
     blob = (lid,) + tuple(blob[1:])
     with store.build_lock(lid):
         existing = store.reuse(lid, holder)
@@ -83,7 +83,12 @@ def publish(store, src: Path, blob: tuple, lid: str, tree_digest: str | None,
             blobs.blob_dir(store)
 
             def place(db) -> None:          # inside the publishing transaction
-                os.replace(src, final)
+                if link:
+                    tmp = final.with_name(f".tmp-{os.getpid()}-{final.name[:12]}")
+                    os.link(src, tmp)
+                    os.replace(tmp, final)
+                else:
+                    os.replace(src, final)
                 meta.put_blob(db, blob)
             return store.publish(staged, row, [], "pull", holder,
                                  journal={"blob": dict(zip(meta.BLOB_COLUMNS.split(", "),

@@ -46,9 +46,12 @@ FAST_VERBS = {"mount": "mount", "umount": "mount", "pull": "registry", "push": "
 
 
 def _verb_modules(argv: list[str] | None) -> tuple[str, ...]:
-    words = [a for a in argv or () if not a.startswith("-")]
-    if words and words[0] == (argv or [None])[0] and words[0] in FAST_VERBS:
-        return (FAST_VERBS[words[0]],)
+    """The verb's module alone when the first word after the global options is a fast verb."""
+    args = list(argv or ())
+    while args[:1] in (["--debug"], ["--root"]) or args[:1] and args[0].startswith("--root="):
+        del args[:2 if args[0] == "--root" else 1]
+    if args and args[0] in FAST_VERBS:
+        return (FAST_VERBS[args[0]],)
     return VERB_MODULES
 
 

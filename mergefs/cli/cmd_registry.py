@@ -102,16 +102,22 @@ def cmd_pull(args) -> int:
     # the manifest and config are asked for first, while the store opens (and its
     # modules import): a pull's fixed cost is most of it for a small image
     early = (client.inspect(args.target), client.inspect(args.target, config=True))
-    from snapshotter import registry
+    copy = None
     try:
+        # and the whole image's copy, when the store's blobs say what it has (pullcopy)
+        from snapshotter import pullcopy
+        copy = pullcopy.start(getattr(args, "root", None), client, args.target, args.unpack)
+        from snapshotter import registry
         with _store(args) as sn:
             res = registry.pull(sn.store, args.target, args.name, client, holder=sn.holder,
                                 progress=_progress if _shown(args) else registry._quiet,
-                                unpack=args.unpack, inspected=early)
+                                unpack=args.unpack, inspected=early, copy=copy)
     finally:
         from snapshotter.distribution import stop
         for proc in early:
             stop(proc)
+        if copy is not None:
+            copy.cancel()
     if args.json:
         print(json.dumps({"target": res.target, "manifest": res.manifest_digest,
                           "layers": [r.id for r in res.layers], "fetched": res.fetched,

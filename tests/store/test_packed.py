@@ -323,3 +323,47 @@ def test_mount_of_a_packed_image_unpacks_it_and_serves_the_pushed_tree(a, b, reg
         if server.is_mounted(str(mnt)):
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
     assert all(_has_tree(b, x["layer"]) for x in pushed["layers"])
+
+
+def test_one_copy_pull_keeps_finished_layers_when_a_blob_fails(a, b, registry, layers):
+    """An empty store pulls with one skopeo copy (snapshotter.pullcopy): a blob the registry
+    serves corrupt fails the copy; every other layer is kept, and the retry, once the
+    registry is fixed, downloads only that blob."""
+    from mergefs.testing.registry import blob_gets
+    mid, target, pushed = _pushed(a, registry, layers)
+    bad = pushed["layers"][1]
+    path = registry.blob_path(bad["digest"])
+    good = path.read_bytes()
+    data = bytearray(good)
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    p = b.run("pull", target, "--retries", "0", check=False)
+    assert p.returncode == 1 and "digest" in p.stderr.lower()
+    kept = set(_rows(b))
+    assert kept == {pushed["layers"][0]["layer"], pushed["layers"][2]["layer"]}
+    path.write_bytes(good)
+    mark = registry.mark()
+    pulled = json.loads(b.run("pull", target, "--json").stdout)
+    assert pulled["image"] == mid and pulled["fetched"] == [bad["digest"]]
+    assert blob_gets(registry.since(mark), {x["digest"] for x in pushed["layers"]}) == \
+        [bad["digest"]]
+    assert os.listdir(b.root / "staging") == []
+    assert b.json("fsck")["findings"] == []
+
+
+def test_one_copy_pull_into_a_store_with_two_of_three_layers_fetches_one_blob(
+        a, b, registry, layers):
+    """B has two of the three layers, pulled (so with their blobs, which seed the copy):
+    the one copy of app downloads the third blob only."""
+    from mergefs.testing.registry import blob_gets
+    mid, target, pushed = _pushed(a, registry, layers)
+    two = f"{registry.address}/mergefs/two:v1"
+    a.run("merge", "--strategy", "union", "--name", "two", "base", "mid")
+    a.run("push", "two", two)
+    assert len(json.loads(b.run("pull", two, "--json").stdout)["fetched"]) == 2
+    mark = registry.mark()
+    pulled = json.loads(b.run("pull", target, "--json").stdout)
+    third = pushed["layers"][2]["digest"]
+    assert pulled["fetched"] == [third] and pulled["image"] == mid
+    assert blob_gets(registry.since(mark), {x["digest"] for x in pushed["layers"]}) == [third]
+    assert os.listdir(b.root / "staging") == []
