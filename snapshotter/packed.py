@@ -227,8 +227,10 @@ def _publish_tree(store, row: Row, staged: Path, summary) -> None:
         os.replace(staged / IMPLICIT_FILE, fs.parent / IMPLICIT_FILE)
         os.rename(staged / "fs", fs)
         kill_point("unpack:after-rename")
-        meta.set_unpacked(store.db, row.id, summary.digest, summary.entries, summary.bytes)
+        merges = meta.set_unpacked(store.db, row.id, summary.digest, summary.entries,
+                                   summary.bytes)
         _rewrite_journal(store, row.id)
+        _rewrite_journals(store, merges)
 
 
 def _rewrite_journal(store, snapshot_id: str, **more) -> None:
@@ -244,6 +246,13 @@ def _rewrite_journal(store, snapshot_id: str, **more) -> None:
     tmp = path.with_name("meta.json.tmp")
     tmp.write_text(json.dumps(data))
     os.rename(tmp, path)
+
+
+def _rewrite_journals(store, ids: list[str]) -> None:
+    """Inside a write: the journals of merges whose entries and bytes changed."""
+    for sid in ids:
+        if (store.dir_of(sid) / "meta.json").exists():
+            _rewrite_journal(store, sid)
 
 
 def finish(store, row: Row) -> str:
@@ -266,8 +275,9 @@ def finish(store, row: Row) -> str:
         raise Unpackable(f"{_what(row)}: the tree left by an interrupted unpack has digest "
                          f"{digest}, recorded {row.tree_digest}; run `mergefs fsck`")
     with meta.write(store.db):
-        meta.set_unpacked(store.db, row.id, digest, entries, nbytes)
+        merges = meta.set_unpacked(store.db, row.id, digest, entries, nbytes)
         _rewrite_journal(store, row.id)
+        _rewrite_journals(store, merges)
     return f"finished the interrupted unpack of {row.id}"
 
 

@@ -367,3 +367,20 @@ def test_one_copy_pull_into_a_store_with_two_of_three_layers_fetches_one_blob(
     assert pulled["fetched"] == [third] and pulled["image"] == mid
     assert blob_gets(registry.since(mark), {x["digest"] for x in pushed["layers"]}) == [third]
     assert os.listdir(b.root / "staging") == []
+
+
+def test_a_union_merge_over_packed_layers_counts_their_entries_once_unpacked(
+        a, b, registry, layers, tmp_path):
+    """A merge's entries and bytes are its inputs' sums: the image record a lazy pull makes
+    over packed layers (which have none yet) gets them when the layers are unpacked."""
+    mid, target, pushed = _pushed(a, registry, layers)
+    b.run("pull", target)
+    ids = [x["layer"] for x in pushed["layers"]]
+    b.run("export", "app:v1", "-o", tmp_path / "out")          # unpacks every layer
+    rows = _rows(b)
+    assert all(rows[i]["packed"] is None for i in ids)
+    for field in ("entries", "bytes"):
+        assert rows[mid][field] == sum(rows[i][field] for i in ids) > 0, field
+        assert rows[mid][field] == _rows(a)[mid][field], field
+    journal = json.loads((b.root / "snapshots" / mid[7:] / "meta.json").read_text())["row"]
+    assert (journal["entries"], journal["bytes"]) == (rows[mid]["entries"], rows[mid]["bytes"])
