@@ -384,3 +384,23 @@ def test_a_union_merge_over_packed_layers_counts_their_entries_once_unpacked(
         assert rows[mid][field] == _rows(a)[mid][field], field
     journal = json.loads((b.root / "snapshots" / mid[7:] / "meta.json").read_text())["row"]
     assert (journal["entries"], journal["bytes"]) == (rows[mid]["entries"], rows[mid]["bytes"])
+
+
+def test_import_of_an_image_whose_layers_are_packed_unpacks_them_once(a, b, registry, layers,
+                                                                       tmp_path):
+    """The layers of an OCI layout B pulled lazily before (skopeo pushed it: no annotations,
+    so B keeps them under their diffIDs): importing the layout reuses them, the upper ones
+    (whose unnamed dirs may take their lowers' attributes) unpacked in place once, not
+    extracted again beside them."""
+    _app_on(a, layers)
+    a.run("export", "app", "-o", tmp_path / "layout", "--format", "oci")
+    target = f"{registry.address}/skopeo/app:v1"
+    _skopeo("copy", "--dest-tls-verify=false", f"oci:{tmp_path / 'layout'}:app",
+            f"docker://{target}")
+    pulled = json.loads(b.run("pull", target, "--json").stdout)
+    assert pulled["packed"] == pulled["layers"]
+    imported = json.loads(b.run("import", tmp_path / "layout", "--json").stdout)
+    assert [x["id"] for x in imported["layers"]] == pulled["layers"]
+    rows = _rows(b)
+    assert all(rows[i]["packed"] is None and _has_tree(b, i) for i in pulled["layers"][1:])
+    assert b.json("fsck")["findings"] == []
