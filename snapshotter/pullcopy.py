@@ -63,7 +63,6 @@ def start(root: str | os.PathLike | None, client, target, unpack: bool = False):
 def seeds(root: Path) -> list[str] | None:
     """The blob names (hex) a copy into this store starts with, or None when a layer
     has no blob (or the database cannot be read)."""
-    import sqlite3
     db = root / "meta.db"
     if not db.exists():             # a new store; a lost meta.db is rebuilt at open
         try:
@@ -72,6 +71,7 @@ def seeds(root: Path) -> list[str] | None:
             return []
         except OSError:
             return None
+    import sqlite3
     try:
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
         try:
