@@ -57,7 +57,6 @@ import json
 import os
 import signal
 import threading
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -145,7 +144,7 @@ def ensure_blob(store: Store, layer: str, compression: str) -> tuple[Blob, bool]
         if row[1] == compression and (blob := _cached(store, row)) is not None:
             return blob, False
     d = blob_dir(store)
-    tmp = d / f".tmp-{uuid.uuid4().hex}"
+    tmp = d / f".tmp-{os.urandom(16).hex()}"
     try:
         with open(tmp, "xb") as f:
             lb = oci.write_layer_tar(store.layer_tree(layer), f, lower=None,

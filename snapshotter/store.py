@@ -38,7 +38,6 @@ import json
 import os
 import threading
 import time
-import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -228,7 +227,7 @@ class Store:
 
         Refs of such holders whose process is gone are dropped at open.
         """
-        return f"{tag}:{os.getpid()}-{self._start}-{uuid.uuid4().hex[:12]}"
+        return f"{tag}:{os.getpid()}-{self._start}-{os.urandom(6).hex()}"
 
     def build_lock(self, snapshot_id: str):
         """Serialise builders of one id, so N concurrent makers build it once."""
@@ -332,7 +331,7 @@ class Store:
 
     def trash(self, path: Path) -> Path:
         """Move ``path`` under ``staging/`` (as this process's); the caller deletes it later."""
-        t = self.staging / f"{os.getpid()}-{self._start}-trash-{uuid.uuid4().hex[:12]}"
+        t = self.staging / f"{os.getpid()}-{self._start}-trash-{os.urandom(6).hex()}"
         os.rename(path, t)
         return t
 
