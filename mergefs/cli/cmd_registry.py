@@ -78,15 +78,19 @@ def _progress(msg: str) -> None:
 
 
 def _store(args):
-    """The store under the CLI's ``Snapshotter`` (its holder keeps what a pull records)."""
-    from .cmd_store import _store as open_snapshotter
-    return open_snapshotter(args)
+    """The store at ``--root``, opened as the CLI's ``Snapshotter`` opens it (its ``cli``
+    holder keeps what a push or pull records), without loading ``snapshotter.api``."""
+    from snapshotter.store import Store
+    store = Store(getattr(args, "root", None))
+    for line in store.reconciled:
+        print(f"mergefs: reconciled: {line}", file=sys.stderr)
+    return store
 
 
 def cmd_push(args) -> int:
     from snapshotter import registry
-    with _store(args) as sn:
-        res = registry.push(sn.store, args.ref, args.target, _client(args), args.compression,
+    with _store(args) as store:
+        res = registry.push(store, args.ref, args.target, _client(args), args.compression,
                             progress=_progress if _shown(args) else registry._quiet)
     if args.json:
         print(json.dumps({"target": res.target, "manifest": res.manifest_digest,
@@ -108,8 +112,9 @@ def cmd_pull(args) -> int:
         from snapshotter import pullcopy
         copy = pullcopy.start(getattr(args, "root", None), client, args.target, args.unpack)
         from snapshotter import registry
-        with _store(args) as sn:
-            res = registry.pull(sn.store, args.target, args.name, client, holder=sn.holder,
+        from snapshotter.store import CLI_HOLDER
+        with _store(args) as store:
+            res = registry.pull(store, args.target, args.name, client, holder=CLI_HOLDER,
                                 progress=_progress if _shown(args) else registry._quiet,
                                 unpack=args.unpack, inspected=early, copy=copy)
     finally:
