@@ -97,6 +97,7 @@ VERB_WORDS = {"umount", "serve", "views", "store", "registry"}
 
 def main(argv: list[str] | None = None) -> int:
     mounting = argv is None and _serves_a_mount(sys.argv[1:])
+    quick_exit = mounting or (argv is None and _verb_modules(sys.argv[1:]) == ("registry",))
     if mounting:
         from ..union import prefork     # the server imports pyfuse3/trio meanwhile
         prefork.start_early()
@@ -106,9 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if "mergefs.union.prefork" in sys.modules:
             sys.modules["mergefs.union.prefork"].cancel()
-    if mounting:
-        # a mount command is done: skip tearing down the interpreter (~10 ms of
-        # the time podman waits for it); nothing it made needs a finaliser
+    if quick_exit:
+        # a mount (or push, pull) command is done: skip tearing down the interpreter
+        # (~10 ms of the time podman, or a pull's caller, waits for it); nothing it
+        # made needs a finaliser (stores are closed, skopeo processes waited for)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
