@@ -21,8 +21,8 @@ a blob into the layout only once its digest checked) is published as a
 packed layer as soon as it appears, and once more after skopeo exits,
 whatever its status: an interrupted pull keeps every finished layer.
 
-Light on purpose (``os``, ``json``, ``sqlite3``): the sooner the copy starts,
-the sooner it ends.
+Light on purpose (``os``, ``json``; ``sqlite3`` and ``meta`` only for a store that
+has a database, read-only): the sooner the copy starts, the sooner it ends.
 """
 from __future__ import annotations
 
@@ -35,14 +35,6 @@ from .paths import default_root, staging_name
 
 MAX_SEED = 256           # blobs hardlinked into the layout (each a link and an unlink)
 POLL_S = 0.05
-# a committed layer the copy could not skip: it has no blob to seed
-_BLOBLESS = ("SELECT 1 FROM snapshots s WHERE s.kind IN ('layer', 'diff') "
-             "AND s.state = 'committed' AND NOT EXISTS "
-             "(SELECT 1 FROM layer_blobs b WHERE b.layer = s.id) LIMIT 1")
-# blobs of committed layers (skopeo reuses a seeded blob without reading it, so never one
-# of a corrupt layer, nor a file no layer names)
-_SEEDS = ("SELECT DISTINCT b.digest FROM layer_blobs b JOIN snapshots s ON s.id = b.layer "
-          "AND s.state = 'committed'")
 
 
 def start(root: str | os.PathLike | None, client, target, unpack: bool = False):
@@ -72,16 +64,17 @@ def seeds(root: Path) -> list[str] | None:
         except OSError:
             return None
     import sqlite3
+
+    from . import meta
     try:
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
         try:
-            if con.execute(_BLOBLESS).fetchone() is not None:
-                return None
-            return sorted(d.split(":", 1)[1] for (d,) in con.execute(_SEEDS))
+            digests = meta.seed_blobs(con)
         finally:
             con.close()
     except sqlite3.Error:
         return None
+    return None if digests is None else [d.split(":", 1)[1] for d in digests]
 
 
 class Speculative:
