@@ -290,26 +290,35 @@ def scan_tree(dir_fd: int):
     """Every entry below the open directory ``dir_fd`` (an ``os.DirEntry``, usable until
     the next one is asked for), parents before children, one open fd per level: depth
     safe, never following a symlink. A directory that vanishes meanwhile is skipped."""
+    for _, _, de in scan_tree_paths(dir_fd):
+        yield de
+
+
+def scan_tree_paths(dir_fd: int):
+    """``scan_tree``, each entry as (the path of the directory holding it, bytes,
+    relative to ``dir_fd`` (b"" for ``dir_fd`` itself), an fd of that directory
+    (valid until the next entry is asked for), the entry)."""
     fd = os.open(".", O_DIR, dir_fd=dir_fd)
-    stack = [(fd, os.scandir(fd))]
+    stack = [(fd, os.scandir(fd), b"")]
     try:
         while stack:
-            fd, it = stack[-1]
+            fd, it, path = stack[-1]
             de = next(it, None)
             if de is None:
                 stack.pop()
                 it.close()
                 os.close(fd)
                 continue
-            yield de
+            yield path, fd, de
             if de.is_dir(follow_symlinks=False):
                 try:
                     sub = os.open(de.name, O_DIR, dir_fd=fd)
                 except FileNotFoundError:
                     continue
-                stack.append((sub, os.scandir(sub)))
+                name = os.fsencode(de.name)
+                stack.append((sub, os.scandir(sub), path + b"/" + name if path else name))
     finally:
-        for fd, it in stack:
+        for fd, it, _ in stack:
             it.close()
             os.close(fd)
 

@@ -46,7 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--squash-gid", type=int, help="report every entry as owned by this gid")
     p.add_argument("--foreground", action="store_true", help="serve in this process")
     p.add_argument("--format", choices=FORMATS, default="auto", help="whiteout format of the layers")
-    p.add_argument("--log", help="server log file (default /run/mergefs/mount-*.log)")
+    p.add_argument("--log", help="server log file, created (appended to if it exists) before "
+                   "the command returns (default /run/mergefs/mount-*.log; empty when a "
+                   "running service serves the mount: it logs to its own log)")
     p.add_argument("-o", dest="options", action="append", default=[],
                    help="extra FUSE mount options (comma separated); -o dev,suid lifts the "
                    "nosuid,nodev default")
@@ -131,6 +133,8 @@ def cmd_mount(args) -> int:
     from ..union import server
     ctl = _service(args)
     if ctl is not None:             # a bind of a view of the service: milliseconds
+        if args.log:                # the service logs to its own log: FILE stays empty
+            server.create_log(args.log)
         from snapshotter.serve.control import call, checked
         checked(call(ctl, {"op": "mount", "ref": args.layers[0], "rw": args.rw,
                            "target": os.path.abspath(args.mountpoint)}))

@@ -173,6 +173,11 @@ class InodeTable:
     def live(self, number: int) -> Inode | None:
         return self._live.get(number)
 
+    def known(self, number: int) -> Inode | None:
+        """The inode object of ``number`` if any exists: live, or forgotten while a
+        live child still names it as its parent."""
+        return self._live.get(number) or self._dropped.get(number)
+
     def number_for(self, node: Node) -> int:
         key = (node[1][0], node[2][0])             # node_key and xino inlined: the hot path
         number = self._numbers.get(key)

@@ -6,8 +6,10 @@ inode and an lstat per inode; views over one image would each hold their own
 copy of the same data. ``shared_view`` builds a ``UnionView`` or
 ``WritableView`` whose listings of directories no upper has touched, and whose
 lstats of entries supplied by a lower layer, come from the stack's cache
-(layers are immutable, so they never change). A writable view copies a shared
-listing before it changes it (``_set_child``), so a change stays its own.
+(layers are immutable, so they never change), and so do the names of lower
+hardlinks that a copy-up links together (``linknames``). A writable view
+copies a shared listing before it changes it (``_set_child``), so a change
+stays its own.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from sortedcontainers import SortedDict
 
 from ..layer import Layer
 from ..mountspec import MountSpec
+from .linknames import LinkNames
 from .view import UnionView
 from .writable import WritableView
 
@@ -30,6 +33,7 @@ class LowerCache:
     def __init__(self):
         self.listings: dict[tuple, SharedListing] = {}
         self.stats: dict[tuple[int, int], object] = {}
+        self.links = LinkNames()            # names of lower hardlinks (copy-up)
         self.users = 0
 
     def stat_for(self, node, st):
@@ -85,6 +89,7 @@ class SharedWritableView(_Sharing, WritableView):
     def __init__(self, lowers, upper, work, cache: LowerCache):
         self.cache = cache
         super().__init__(lowers, upper, work)
+        self.links = cache.links
 
 
 def shared_view(spec: MountSpec, fmt: str, cache: LowerCache) -> UnionView:

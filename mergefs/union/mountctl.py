@@ -103,8 +103,8 @@ class ViewMount:
     def _call(self, fn, *args):
         return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
 
-    def add_view(self, name: str, spec: MountSpec) -> str:
-        return self._call(self.fs.add_view, name, spec)
+    def add_view(self, name: str, spec: MountSpec, ident: str | None = None) -> str:
+        return self._call(self.fs.add_view, name, spec, ident)
 
     def remove_view(self, name: str, force: bool = False) -> None:
         self._call(self.fs.remove_view, name, force)
@@ -150,7 +150,8 @@ def handle_request(fs: ViewFS, req: dict) -> dict:
     try:
         op = req.get("op")
         if op == "add":
-            return {"ok": True, "path": fs.add_view(req["name"], spec_from_json(req["spec"]))}
+            return {"ok": True, "path": fs.add_view(req["name"], spec_from_json(req["spec"]),
+                                                    req.get("ident"))}
         if op == "remove":
             fs.remove_view(req["name"], bool(req.get("force")))
             return {"ok": True}

@@ -206,6 +206,18 @@ def default_log_path(mountpoint: str) -> str:
     return os.path.join(base, f"mount-{name}.log")
 
 
+def create_log(log_path: str) -> None:
+    """Create the server's log file (kept if it exists) before anything is mounted:
+    it exists when ``start`` returns, though the server opens it only later (for
+    appending, so nothing is lost), and a path that cannot be a file fails here."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        os.close(os.open(log_path, flags, 0o640))
+    except OSError as exc:
+        if exc.errno != errno.ENXIO:        # ENXIO: a FIFO nobody reads yet (never wait here)
+            raise MountError(f"cannot open the log file {log_path}: {exc.strerror}") from None
+
+
 def start(spec: MountSpec, mountpoint: str, fmt: str = "auto", log_path: str | None = None) -> int:
     """Start a detached server; return its pid once the mount is live.
 
@@ -220,6 +232,7 @@ def start(spec: MountSpec, mountpoint: str, fmt: str = "auto", log_path: str | N
     if not os.path.isdir(mountpoint):
         raise MountError(f"mount point {mountpoint!r} is not a directory")
     log_path = log_path or default_log_path(mountpoint)
+    create_log(log_path)
     from . import prefork
     pre = prefork.take()            # a server forked early by the CLI, if any
     try:

@@ -2,10 +2,11 @@
 
 A *gid* is a FUSE inode number of the views mount; a view's own inode table
 keeps *local* numbers. Directories, view roots and what a writable view
-changed get a private gid per (view, local number) from a counter; a
-non-directory a view shows unchanged from a lower layer (or that its upper
-supplied from the start) gets a gid derived from the file's ``(st_dev,
-st_ino)`` like xino, the same in every view and after a restart (U8).
+changed or made get a private gid per (view, local number), derived from
+both (a hash of the view's identity and the local number, which the view's
+table keeps across restarts: U8); a non-directory a view shows unchanged
+from a lower layer gets a gid derived from the file's ``(st_dev, st_ino)``
+like xino, the same in every view. Both are the same after a restart.
 ``ViewNumbers`` keeps the maps between them and the handle table; ``ViewFS``
 inherits it and answers the requests.
 """
@@ -17,11 +18,15 @@ import os
 import pyfuse3
 from pyfuse3 import FUSEError
 
-from ..layer import DIR
 from ..resolver import join
 from .inodes import MAX_LAYER, ROOT_INODE, XINO_SHIFT, Inode
 from .ops import entry_attributes
 from .viewstate import Shared, View, copy_entry, detached
+
+
+# Private gids derived from (view, local number) lie in [PRIVATE_BASE, 2 * PRIVATE_BASE);
+# the counter's below; shared lower files' at 1 << XINO_SHIFT and above.
+PRIVATE_BASE = 1 << (XINO_SHIFT - 1)
 
 
 class ViewNumbers:
@@ -32,7 +37,8 @@ class ViewNumbers:
         self._shared: dict[tuple[int, int], int] = {}
         self._private_keys: set[tuple[int, int]] = set()
         self._handles: dict[int, tuple[View | None, int]] = {}
-        self._next_gid = ROOT_INODE + 1
+        self._next_gid = ROOT_INODE + 1                    # counter gids: below PRIVATE_BASE
+        self._retired: dict[int, int] = {}          # gid of a removed view -> kernel's lookups
         self._next_fh = 1
         self._dev_classes: dict[int, int | None] = {}      # st_dev -> high bits of shared gids
 
@@ -57,28 +63,39 @@ class ViewNumbers:
             return self._new_gid()
         return cls << XINO_SHIFT | ino
 
-    def _gid(self, view: View, number: int, node=None, st=None) -> int:
-        """The private gid of a view's local inode (directories, changed entries).
-        A non-directory the view's upper supplies from the start of the service (a
-        file it made; one copied up before) gets the gid of that upper file, derived
-        like a lower file's, so it is the same after a restart (U8)."""
+    def _gid(self, view: View, number: int) -> int:
+        """The private gid of a view's local inode (its root, directories, what a
+        writable view changed or made), derived from the view's identity and the
+        local number (which U8 keeps across restarts), so it is the same after the
+        service restarts and adds the view again. One the kernel may still hold
+        for another target gets a number from the counter (for this mount only)."""
         gid = view.private.get(number)
         if gid is None:
-            gid = self._upper_gid(view, number, node, st) or self._new_gid()
+            h = view.seed.copy()
+            h.update(number.to_bytes(8, "little"))
+            gid = PRIVATE_BASE | int.from_bytes(h.digest(), "little") & (PRIVATE_BASE - 1)
+            if gid in self._targets or gid in self._retired:
+                gid = self._new_gid()
             view.private[number] = gid
             self._targets[gid] = (view, number)
         return gid
 
-    def _upper_gid(self, view: View, number: int, node, st) -> int | None:
-        if node is None:
+    def _retire(self, view: View) -> None:
+        """A removed view's gids: no longer served, and not given to another target
+        while the kernel may still hold them (until it forgets them)."""
+        for number, gid in view.private.items():
+            self._targets.pop(gid, None)
             inode = view.uv.inodes.live(number)
-            if inode is None or inode.unlinked:
-                return None
-            node, st = inode.node, inode.attr
-        if st is None or view.up is None or node.kind == DIR or node.top != view.up:
-            return None
-        gid = self._lower_gid((st.st_dev, st.st_ino))
-        return None if gid in self._targets else gid    # its inode reused while held
+            if inode is not None:
+                self._retired[gid] = inode.lookups
+
+    def _forget_retired(self, gid: int, count: int) -> None:
+        left = self._retired.get(gid)
+        if left is not None:
+            if left <= count:
+                del self._retired[gid]
+            else:
+                self._retired[gid] = left - count
 
     def _shareable(self, view: View, node, st) -> bool:
         return view.shows_lower(node) and not (

@@ -9,7 +9,9 @@ share merged listings and lstats, ``lowercache``). How numbers map
 
 - A *gid* is a FUSE inode number of this mount; a view's own inode table
   keeps *local* numbers. Directories, the view roots and everything a
-  writable view changed get a private gid per (view, local number).
+  writable view changed get a private gid per (view, local number), derived
+  from the view's identity (``viewstate.view_ident``) and the local number,
+  so it is the same after the service restarts and adds the view again.
 - A non-directory that a view shows unchanged from a lower layer gets the gid
   of its lower file, keyed by that file's ``(st_dev, st_ino)``: the same gid in
   every view that shows it, so the kernel keeps one inode and one copy of its
@@ -81,19 +83,21 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
         self._caches: dict[tuple, LowerCache] = {}         # per lower stack
 
     # -- the control API (trio thread) ---------------------------------------
-    def add_view(self, name: str, spec: MountSpec) -> str:
-        """Serve ``spec`` as the directory ``name``; return its path."""
+    def add_view(self, name: str, spec: MountSpec, ident: str | None = None) -> str:
+        """Serve ``spec`` as the directory ``name``; return its path. ``ident``: what
+        its numbers derive from (``viewstate.view_ident``), stable across restarts."""
         if not name or "/" in name or name in (".", "..") or "\0" in name:
             raise ValueError(f"invalid view name {name!r}")
         if name in self.views or name in self.retired:
             raise AlreadyExists(f"view {name!r} exists or existed in this mount")
-        gid = self._new_gid()
         key = (tuple(os.path.realpath(p) for p in spec.lowers), self.fmt)
         cache = self._caches.setdefault(key, LowerCache())
-        view = View(self._next_vid, name, spec, self.fmt, gid, cache)
+        view = View(self._next_vid, name, spec, self.fmt, cache, ident)
+        view.root_gid = self._gid(view, ROOT_INODE)
+        if view.writable:
+            view.uv.name_linked = lambda parent, child: self._name_linked(view, parent, child)
         cache.users += 1
         self._next_vid += 1
-        self._targets[gid] = (view, ROOT_INODE)
         self.views[name] = view
         self.by_vid[view.vid] = view
         self.root_mtime_ns = time.time_ns()
@@ -113,12 +117,18 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
         self.retired.add(name)
         view.removed = True
         self.root_mtime_ns = time.time_ns()
-        for gid in view.private.values():
-            self._targets.pop(gid, None)
+        self._retire(view)
         if view.handles == 0:
             self._close_view(view)
         pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, os.fsencode(name), ignore_enoent=True)
         log.info("view %s removed", name)
+
+    def _name_linked(self, view: View, parent: Inode, name: bytes) -> None:
+        """A copy-up in ``view`` linked ``parent/name`` to the copy: the kernel may
+        still hold that name as the shared lower file; make it look the name up again."""
+        gid = view.private.get(parent.number)
+        if gid is not None:
+            pyfuse3.invalidate_entry_async(gid, name, ignore_enoent=True)
 
     def list_views(self) -> list[dict]:
         return [{"name": v.name, "path": os.path.join(self.mountpoint, v.name),
@@ -189,6 +199,8 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
             elif t is not None:
                 view, local = t
                 view.uv.inodes.forget(local, count)
+            else:
+                self._forget_retired(gid, count)
 
     @fuse_errors
     async def getattr(self, inode, ctx=None):
@@ -252,7 +264,7 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
                 if live is not None and live.attr is not None and not live.unlinked:
                     st = live.attr
                 merged = node.kind == DIR and view.uv.merged(parent, name, node)
-                attrs = entry_attributes(self._gid(view, number, node, st), st, merged,
+                attrs = entry_attributes(self._gid(view, number), st, merged,
                                          view.ops.timeouts)
                 if not pyfuse3.readdir_reply(token, name, attrs, i):
                     break

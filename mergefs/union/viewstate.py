@@ -1,6 +1,7 @@
 """The state behind ``ViewFS`` (views.py): a view, a shared lower file, mount users."""
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 
@@ -17,17 +18,31 @@ ENTRY_FIELDS = ("generation", "entry_timeout", "attr_timeout", "st_mode", "st_nl
                 "st_mtime_ns", "st_ctime_ns")
 
 
+def view_ident(name: str, spec: MountSpec, ident: str | None = None) -> bytes:
+    """What a view's private gids are derived from (``ViewNumbers._gid``), the same
+    when the service adds the view again after a restart: ``ident`` if the caller
+    names one (the service: the snapshot key), else the upper directory of a
+    writable view (its content), else the view's name."""
+    if ident is not None:
+        return b"ident\0" + os.fsencode(ident)
+    if spec.upper is not None:
+        return b"upper\0" + os.fsencode(os.path.realpath(spec.upper))
+    return b"name\0" + os.fsencode(name)
+
+
 class View:
     """One view: its spec, its union, and its local -> private gid map."""
 
-    def __init__(self, vid: int, name: str, spec: MountSpec, fmt: str, root_gid: int,
-                 cache: LowerCache):
-        self.vid, self.name, self.spec, self.root_gid = vid, name, spec, root_gid
+    def __init__(self, vid: int, name: str, spec: MountSpec, fmt: str, cache: LowerCache,
+                 ident: str | None = None):
+        self.vid, self.name, self.spec = vid, name, spec
+        self.seed = hashlib.blake2b(view_ident(name, spec, ident), digest_size=8)
         self.cache = cache
         self.uv = shared_view(spec, fmt, cache)
         self.ops = UnionOperations(self.uv, no_open=False)
         self.up = self.uv.up if self.uv.writable else None
-        self.private: dict[int, int] = {ROOT_INODE: root_gid}
+        self.root_gid = 0                         # set by ViewFS.add_view
+        self.private: dict[int, int] = {}         # local number -> gid
         self.handles = 0
         self.removed = False
         self.created = time.time()

@@ -18,10 +18,10 @@ Rules, as kernel overlayfs (index=off, redirect_dir=off) applies them:
   then whiteout).
 
 Hardlinks: copying up a lower file copies it once and links every name the
-kernel has looked up for that inode to the copy, so they stay one file (as
-fuse-overlayfs; kernel overlayfs with index=off breaks them). Caveat: a name
-of that lower file never looked up keeps the lower content and becomes a
-separate inode when it is.
+merged view shows for that inode to the copy, also names the kernel never
+looked up (``linknames``; also below directories renamed with a redirect),
+so they stay one file with one number (as kernel overlayfs with index=on
+shows them; with index=off it breaks them).
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from ..errors import AlreadyExists, NotFound
 from ..layer import DIR, LNK, REG, Layer, is_overlay_private
 from ..resolver import Node, join, merge_listing
 from .inodes import Inode
+from .linknames import LinkNames, moved_dirs, moved_path
 from .upper import Upper
 from .view import UnionView
 
@@ -50,9 +51,13 @@ class WritableView(UnionView):
         super().__init__(list(lowers) + [self.upper.layer])
         self.up = len(lowers)
         self.dir_rename = dir_rename     # False: EXDEV for merged dirs, as overlayfs
+        self.links = LinkNames()         # the names of lower hardlinks, for copy-up
         # Told the numbers of inodes whose attributes a copy-up changed behind the
         # kernel's back (the ops set it once the kernel connection is up).
         self.attrs_changed = lambda number: None
+        # Told (parent inode, name) of a name a copy-up linked to the copy that this
+        # view's table never handed out (the views mount may show it as shared).
+        self.name_linked = lambda parent, name: None
 
     def close(self) -> None:
         super().close()
@@ -155,6 +160,8 @@ class WritableView(UnionView):
         self.attrs_changed(inode.number)            # now the copy's ctime (and inode)
         for parent, name in inode.others or ():
             self._link_known_name(inode, parent, name)
+        if node.kind != DIR and st.st_nlink > 1:
+            self._link_unseen_names(inode, node)
 
     def _link_known_name(self, inode: Inode, parent: Inode, name: bytes) -> None:
         """Copy-up of a hardlinked lower file: every name the kernel knows for this
@@ -164,6 +171,43 @@ class WritableView(UnionView):
         inode.attr = self.upper.publish(tmp, join(parent.path, name), keep_parent_times=True)
         self._set_child(parent, name, inode.node)
         self.attrs_changed(parent.number)
+
+    def _link_unseen_names(self, inode: Inode, lower: Node) -> None:
+        """Copy-up of a hardlinked lower file: its names the kernel never looked up
+        become links to the copy too, wherever the merged view still shows that
+        lower file (not where a later layer replaced or deleted the name: H2, H3)."""
+        layer, ino = lower.top, lower.inos[0]
+        moves = None
+
+        def shows_it(found) -> bool:
+            return found is not None and found[2].top == layer and found[2].inos[0] == ino
+
+        for path in self.links.names(layer, self.layers[layer].fd, ino):
+            found = self._find(path)
+            if not shows_it(found):             # below a renamed directory (R1)?
+                if moves is None:
+                    moves = moved_dirs(self.upper.layer.fd,
+                                       self.upper.opaque_xattr.replace("opaque", "redirect"))
+                moved = moved_path(path, moves)
+                found = moved and self._find(moved)
+            if shows_it(found):
+                self._link_known_name(inode, found[0], found[1])
+                self.name_linked(found[0], found[1])
+
+    def _find(self, path: bytes) -> tuple[Inode, bytes, Node] | None:
+        """(parent inode, name, node) of ``path`` in the merged view, or None. The
+        directories on the way are the table's inodes where they exist, else
+        inodes of no table (with the numbers the table gives them)."""
+        cur = self.inodes.root
+        *dirs, name = path.split(b"/")
+        for d in dirs:
+            node = self.listing(cur).get(d)
+            if node is None or node.kind != DIR:
+                return None
+            number = self.inodes.number_for(node)
+            cur = self.inodes.known(number) or Inode(number, cur, d, node)
+        node = self.listing(cur).get(name)
+        return None if node is None else (cur, name, node)
 
     def _stage_link(self, inode: Inode) -> bytes:
         """A new name for ``inode``'s upper file in the work dir, ready to publish."""

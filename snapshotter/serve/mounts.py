@@ -113,7 +113,7 @@ class MountRouter:
             name = f"{self._serial:06d}-" + re.sub(r"[^A-Za-z0-9_.-]", "_", key)[-80:]
             if stalling("serve:views-loop"):
                 self.views._call(time.sleep, STALL_S)
-            path = self.views.add_view(name, spec)
+            path = self.views.add_view(name, spec, key)     # numbers derive from the key
             self._by_key[key] = (name, path)
             return path
 

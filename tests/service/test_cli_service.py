@@ -37,9 +37,10 @@ def test_mount_is_a_view_of_the_service_and_ps_lists_it(service, tmp_path):
     ro.mkdir()
     rw.mkdir()
     t0 = time.monotonic()
-    cli(service, "mount", "base", str(ro))
+    cli(service, "mount", "--log", str(tmp_path / "mount.log"), "base", str(ro))
     took = time.monotonic() - t0
     try:
+        assert (tmp_path / "mount.log").exists()                    # made, though empty
         assert mount_source(ro) == "mergefs-views", took          # a bind of the views mount
         assert (ro / "etc/motd").read_text() == "hello\n"
         cli(service, "mount", "--rw", "base", str(rw))

@@ -170,6 +170,44 @@ def test_cli_mount_bad_layer_is_a_clear_error(tmp_path, cli_mounts):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("writable", [False, True])
+def test_cli_mount_log_file_exists_when_the_command_returns(tmp_path, cli_mounts, writable):
+    """``mount --log FILE``: FILE exists as soon as the command returned (a script
+    may check it at once), what was in it stays, and the server appends to it."""
+    layers = materialise_stack(sample_stack(), tmp_path / "layers")
+    up, wk = tmp_path / "up", tmp_path / "wk"
+    rw = ["--upper", str(up), "--work", str(wk)] if writable else []
+    for i in range(3):
+        mnt, log = tmp_path / f"mnt{i}", tmp_path / f"log{i}"
+        for d in (mnt, up, wk):
+            d.mkdir(exist_ok=True)
+        cli_mounts.append(mnt)
+        if i == 2:
+            log.write_text("kept\n")
+        r = _cli("mount", "--log", str(log), *rw, *map(str, layers), str(mnt))
+        assert r.returncode == 0, r.stderr
+        assert log.exists()
+        assert (mnt / "etc/hosts").read_bytes() == b"127.0.0.1\n"
+        assert _cli("umount", str(mnt)).returncode == 0
+        deadline = time.monotonic() + 30
+        while "stopped" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        text = log.read_text()
+        assert "serving" in text and "stopped" in text, text
+        assert text.startswith("kept\n") == (i == 2)
+
+
+def test_cli_mount_log_in_a_missing_directory_is_a_clear_error(tmp_path, cli_mounts):
+    layers = materialise_stack(sample_stack(), tmp_path / "layers")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cli_mounts.append(mnt)
+    r = _cli("mount", "--log", str(tmp_path / "no/such/log"), *map(str, layers), str(mnt))
+    assert r.returncode == 1 and "log" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    assert not server.is_mounted(str(mnt))
+
+
+@pytest.mark.timeout(120)
 def test_cli_mount_premounted_writable_squash_and_signal(tmp_path, cli_mounts):
     """Root's fast path (the CLI mounts /dev/fuse, the forked server adopts it):
     a writable mount with --squash-uid serves the spec, and SIGTERM to the

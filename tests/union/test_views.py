@@ -94,7 +94,9 @@ def test_copy_up_in_one_view_is_isolated(tmp_path, views):
     assert (a / "etc/passwd").read_bytes().endswith(b"daemon:x:1:1\n")
     up, wk = writable(tmp_path, "ovl")
     (tmp_path / "ovl").mkdir()
-    with mounts.overlay_mount(layers, tmp_path / "ovl", upper=up, work=wk) as ovl:
+    # index=on: a copy-up keeps hardlinks (bin/sh, bin/busybox) one file, as mergefs
+    with mounts.overlay_mount(layers, tmp_path / "ovl", upper=up, work=wk,
+                              options=("index=on",)) as ovl:
         _change(ovl)
         expected = tree.capture(ovl)
     tree.assert_same(normalised(tree.capture(a), since), normalised(expected, since),
@@ -343,6 +345,95 @@ def test_U8_a_lower_file_keeps_its_number_across_views_copy_up_and_restarts(tmp_
         seen = {made} | set(before.values()) | {os.lstat(v / d).st_ino for v in (a, ro2)
                                        for d in (".", "etc", "bin", "usr")}
         assert os.lstat(a / "etc/passwd").st_ino not in seen
+        assert os.lstat(a / "etc/passwd").st_ino == copied                # kept its number
     finally:
         srv.stop()
     assert not srv.errors(), srv.errors()
+
+
+def test_U8_hardlinks_stay_one_file_after_a_copy_up_in_a_writable_view(tmp_path):
+    """A copy-up through bin/busybox links bin/sh (shown before under the shared
+    lower number) and bin/sh2 (never looked up): one number, one content in the
+    writable view, as kernel overlayfs with index=on shows them, and after the
+    service restarts; the read-only view keeps showing the lower file."""
+    specs = sample_stack()
+    specs[0].hardlink("bin/sh2", "bin/busybox")
+    layers = materialise_stack(specs, tmp_path / "layers", "overlay")
+    up_a = writable(tmp_path, "a")
+    srv = ViewsServer(tmp_path / "srv1")
+    try:
+        a, ro = srv.add("a", layers, *up_a), srv.add("ro", layers)
+        lower = os.lstat(ro / "bin/sh").st_ino
+        assert os.lstat(a / "bin/sh").st_ino == lower                # shared, cached
+        with open(a / "bin/busybox", "ab") as f:
+            f.write(b"+")
+        names = ("bin/busybox", "bin/sh", "bin/sh2")
+        seen = {n: (os.lstat(a / n).st_ino, (a / n).read_bytes()) for n in names}
+        assert len(set(seen.values())) == 1, {n: (i, len(d)) for n, (i, d) in seen.items()}
+        assert seen["bin/sh"][1] == b"BB" * 100 + b"+"
+        assert os.lstat(a / "bin/sh").st_nlink == 3
+        assert (ro / "bin/sh2").read_bytes() == b"BB" * 100
+        assert os.lstat(ro / "bin/sh2").st_ino == lower
+    finally:
+        srv.stop()
+    assert not srv.errors(), srv.errors()
+    srv = ViewsServer(tmp_path / "srv2")
+    try:
+        a = srv.add("a", layers, *up_a)
+        assert {n: (os.lstat(a / n).st_ino, (a / n).read_bytes()) for n in names} == seen
+    finally:
+        srv.stop()
+    assert not srv.errors(), srv.errors()
+
+
+VIEW_DIRS = (".", "etc", "bin", "bin/sub", "usr", "usr/bin", "lib2", "var", "x")
+
+
+def test_U8_directories_and_view_roots_keep_their_numbers_across_restarts(tmp_path):
+    """As kernel overlayfs keeps a directory's st_ino across a remount, a view's
+    root and directories (lower, copied up, made by the view) keep theirs when the
+    service restarts and adds the view again, in another order, after other views."""
+    layers = materialise_stack(sample_stack(), tmp_path / "layers", "overlay")
+    up_a = writable(tmp_path, "a")
+    srv = ViewsServer(tmp_path / "srv1")
+    try:
+        a, ro = srv.add("a", layers, *up_a), srv.add("ro", layers)
+        os.chmod(a / "etc", 0o750)                                      # copied up
+        (a / "made/deeper").mkdir(parents=True)                         # made by the view
+        dirs = VIEW_DIRS + ("made", "made/deeper")
+        before = {p: os.lstat(a / p).st_ino for p in dirs}
+        before_ro = {p: os.lstat(ro / p).st_ino for p in VIEW_DIRS}
+        assert len(set(before.values()) | set(before_ro.values())) == len(dirs) + len(VIEW_DIRS)
+    finally:
+        srv.stop()
+    assert not srv.errors(), srv.errors()
+    srv = ViewsServer(tmp_path / "srv2")
+    try:
+        other = srv.add("other", layers, *writable(tmp_path, "other"))
+        for _ in os.walk(other):                                        # other numbers first
+            pass
+        ro = srv.add("ro", layers)
+        assert {p: os.lstat(ro / p).st_ino for p in VIEW_DIRS} == before_ro
+        a = srv.add("a", layers, *up_a)
+        assert {p: os.lstat(a / p).st_ino for p in dirs} == before
+    finally:
+        srv.stop()
+    assert not srv.errors(), srv.errors()
+
+
+def test_a_number_the_kernel_still_holds_is_not_given_to_a_new_view(tmp_path, views):
+    """A view removed while a process still holds one of its directories open; a
+    new view over the same upper would derive the same numbers: the held one goes
+    to the new view only once the kernel forgot it."""
+    layers = materialise_stack(sample_stack(), tmp_path / "layers", "overlay")
+    up, wk = writable(tmp_path, "a")
+    a = views.add("a", layers, up, wk)
+    fd = os.open(a / "etc", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        held = os.fstat(fd).st_ino
+        views.remove("a")
+        a2 = views.add("a2", layers, up, wk)
+        assert os.lstat(a2 / "etc").st_ino != held
+        assert os.fstat(fd).st_ino == held
+    finally:
+        os.close(fd)

@@ -17,7 +17,7 @@ from pyfuse3 import FUSEError
 from mergefs.testing import mounts, tree
 from mergefs.testing.builders import LayerSpec, materialise_stack
 
-from ..conftest import needs_overlay
+from ..conftest import needs_overlay, needs_root
 from .test_readonly import random_stack
 
 
@@ -298,14 +298,21 @@ async def test_U4_setattr_xattrs_links_special_files(tmp_path, rw):
     await drv.finish()
 
 
-async def test_hardlink_name_never_looked_up_keeps_lower_content(tmp_path, rw):
-    drv = rw([LayerSpec().file("h1", b"hard").hardlink("h2", "h1")])
+async def test_U8_hardlink_name_never_looked_up_is_linked_at_copy_up(tmp_path, rw):
+    """H1: the copy-up through h1 links h2 and d/h3 (never looked up) to the copy,
+    not h4, which a later layer replaced (H2)."""
+    drv = rw([LayerSpec().file("h1", b"hard").hardlink("h2", "h1").hardlink("d/h3", "h1")
+              .hardlink("h4", "h1"), LayerSpec().file("h4", b"later")])
     h1 = await drv.lookup("h1")
     fi = await drv.ops.open(h1, os.O_WRONLY | os.O_TRUNC, drv.ctx)
     await drv.ops.write(fi.fh, 0, b"new")
     await drv.ops.release(fi.fh)
-    assert (await drv.read("h1"), await drv.read("h2")) == (b"new", b"hard")
-    assert await drv.lookup("h2") != h1
+    assert [await drv.read(n) for n in ("h1", "h2", "d/h3", "h4")] == [b"new"] * 3 + [b"later"]
+    assert await drv.lookup("h2") == await drv.lookup("d/h3") == h1
+    assert (await drv.getattr("h1")).st_nlink == 3
+    up = tmp_path / "upper"
+    assert os.lstat(up / "h1").st_ino == os.lstat(up / "h2").st_ino == os.lstat(up / "d/h3").st_ino
+    assert not (up / "h4").exists()
     await drv.finish()
 
 
@@ -613,3 +620,45 @@ def test_U4_attributes_of_the_mount_root_as_kernel_overlay(tmp_path, union_mount
         st = os.stat(up)
         results.append((st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)))
     assert results[0] == results[2] and results[1] == results[3] == (12, 34, 0o751)
+
+
+def test_linknames_finds_every_name_of_a_layer_inode(tmp_path):
+    """The names a copy-up links: every path of the inode in that one layer (deep
+    ones too), never a directory, nothing for a single name."""
+    from mergefs.union.linknames import LinkNames
+    layer = materialise_stack([LayerSpec().file("a", b"x").hardlink("d/e/f/b", "a")
+                               .hardlink("d/c", "a").file("s", b"s").hardlink("d/s2", "s")
+                               .file("single", b"1").dir("dd")], tmp_path / "layers")[0]
+    fd = os.open(layer, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        links = LinkNames()
+        ino = lambda p: os.lstat(layer / p).st_ino      # noqa: E731
+        assert sorted(links.names(0, fd, ino("a"))) == [b"a", b"d/c", b"d/e/f/b"]
+        assert sorted(links.names(0, fd, ino("s"))) == [b"d/s2", b"s"]
+        assert links.names(0, fd, ino("single")) == ()
+        assert links.names(0, fd, ino("dd")) == ()
+    finally:
+        os.close(fd)
+
+
+@needs_root
+def test_linknames_maps_layer_paths_through_the_uppers_redirects(tmp_path):
+    """Absolute and relative redirects (kernel overlayfs writes a bare name for a
+    rename inside one directory), nested: a layer path is mapped to where the
+    view shows it; a path no redirect covers maps to None."""
+    from mergefs.union.linknames import moved_dirs, moved_path
+    up = tmp_path / "up"
+    for d, value in (("e", b"/d"), ("e/y", b"x"), ("f", b"g"), ("h/i", b"/j/k")):
+        (up / d).mkdir(parents=True)
+        os.setxattr(up / d, "trusted.overlay.redirect", value)
+    (up / "plain").mkdir()
+    fd = os.open(up, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        moves = moved_dirs(fd, "trusted.overlay.redirect")
+    finally:
+        os.close(fd)
+    assert sorted(moves) == [(b"d", b"e"), (b"d/x", b"e/y"), (b"g", b"f"), (b"j/k", b"h/i")]
+    got = {p: moved_path(p, moves) for p in (b"d/b", b"d/x/c", b"d/xx", b"g/1", b"j/k/2",
+                                              b"plain/3", b"dd/4")}
+    assert got == {b"d/b": b"e/b", b"d/x/c": b"e/y/c", b"d/xx": b"e/xx", b"g/1": b"f/1",
+                   b"j/k/2": b"h/i/2", b"plain/3": None, b"dd/4": None}
