@@ -103,14 +103,14 @@ def cmd_push(args) -> int:
 
 def cmd_pull(args) -> int:
     client = _client(args)
-    # the manifest and config are asked for first, while the store opens (and its
-    # modules import): a pull's fixed cost is most of it for a small image
-    early = (client.inspect(args.target), client.inspect(args.target, config=True))
-    copy = None
+    # skopeo starts before the store opens (and its modules import): first the whole
+    # image's copy, when the store's blobs say what it has (pullcopy), the long part;
+    # then the manifest's and config's inspects, most of a small image's pull
+    from snapshotter import pullcopy
+    copy = pullcopy.start(getattr(args, "root", None), client, args.target, args.unpack)
+    early = ()
     try:
-        # and the whole image's copy, when the store's blobs say what it has (pullcopy)
-        from snapshotter import pullcopy
-        copy = pullcopy.start(getattr(args, "root", None), client, args.target, args.unpack)
+        early = (client.inspect(args.target), client.inspect(args.target, config=True))
         from snapshotter import registry
         from snapshotter.store import CLI_HOLDER
         with _store(args) as store:
