@@ -98,6 +98,11 @@ VERB_WORDS = {"umount", "serve", "views", "store", "registry"}
 def main(argv: list[str] | None = None) -> int:
     mounting = argv is None and _serves_a_mount(sys.argv[1:])
     quick_exit = mounting or (argv is None and _verb_modules(sys.argv[1:]) == ("registry",))
+    if mounting and not any("upperdir=" in a for a in sys.argv[1:]):
+        # read-only over plain layers: the kernel's overlayfs, no server (cmd_mount_helper)
+        from .cmd_mount_helper import kernel_read_only
+        if kernel_read_only(sys.argv[1:]) == 0:
+            os._exit(0)
     if mounting:
         from ..union import prefork     # the server imports pyfuse3/trio meanwhile
         prefork.start_early()

@@ -148,7 +148,8 @@ def log_requests() -> None:
     """One log line ``requests {json}`` with the counts since the last one (SIGUSR1)."""
     import json
     from .errors import REQUESTS
-    log.info("requests %s", json.dumps(dict(REQUESTS), sort_keys=True))
+    from .fastpath import stats
+    log.info("requests %s", json.dumps(dict(REQUESTS, **stats()), sort_keys=True))
     REQUESTS.clear()
 
 
@@ -386,6 +387,9 @@ def _detach_stdio(log_path: str) -> None:
     os.dup2(nullfd, 0)
     os.dup2(logfd, 1)
     os.dup2(logfd, 2)
+    # the streams too (under pytest's capture, sys.stderr is not fd 2)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
 
 
 def _log_to_stderr() -> None:
