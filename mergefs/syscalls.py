@@ -345,7 +345,7 @@ def is_whiteout_stat(st: os.stat_result) -> bool:
 
 
 # -- bind mounts (views: a container's rootfs is a bind of its view) --------------
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND = 1, 2, 4, 32, 4096
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND = 1, 2, 4, 8, 32, 4096
 
 
 def mount(source: str | None, target: str, flags: int, fstype: str | None = None,

@@ -34,7 +34,6 @@ gets its own SQLite connection (``Store.db``). ``mounts`` and ``stat``,
 from __future__ import annotations
 
 import enum
-import logging
 import os
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -49,7 +48,6 @@ from .meta import Row, SnapshotKind, State, Strategy
 from .store import CLI_HOLDER, Naming, Store, is_full_id
 
 NAME_HOLDER = "name:"       # the ref a containerd name holds on its snapshot
-log = logging.getLogger("mergefs.snapshotter")
 
 
 class Kind(enum.IntEnum):
@@ -259,7 +257,9 @@ class Snapshotter:
                                lambda db: self._drop_key(db, key, row))
                 return self.stat(name)
             except (NotMovable, NotRewritable) as exc:
-                log.info("commit of %r copies its upper: %s", key, exc)
+                import logging      # only here: the CLI's start need not load it
+                logging.getLogger("mergefs.snapshotter").info(
+                    "commit of %r copies its upper: %s", key, exc)
         tmp = store.temporary_holder()     # holds the new layer until the name does
         try:
             layer = service.commit_dir(store, str(store.dir_of(row.id) / "upper"), flat, key,

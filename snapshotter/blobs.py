@@ -26,7 +26,6 @@ import checked against the blob's digest, read once.
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 from . import meta
@@ -156,7 +155,7 @@ class Keeper:
 
     def __init__(self, store, digest: str, size: int | None):
         self.store, self.digest, self.size = store, digest, size
-        self.tmp = blob_dir(store) / f".tmp-{uuid.uuid4().hex}"
+        self.tmp = blob_dir(store) / f".tmp-{os.urandom(16).hex()}"
         self.f = open(self.tmp, "xb")
         self.reader = None
         self.head = b""

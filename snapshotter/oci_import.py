@@ -223,6 +223,20 @@ def _lower_dirs(store: Store, lower: list[Row], paths: list[str]) -> bool:
     return False
 
 
+def _unpacked(store: Store, diff_id: str) -> bool:
+    """A packed layer stored as ``diff_id`` is unpacked in place (once, verified), so that
+    its unnamed directories are known without extracting a copy; False if it cannot be."""
+    from mergefs.errors import FailedPrecondition, InvalidLayer, NotFound
+    row = store.get(diff_id)
+    if row is None or row.packed is None:
+        return True
+    try:
+        store.layer_tree(diff_id)
+    except (InvalidLayer, FailedPrecondition, NotFound):
+        return False            # corrupt or gone: the blob is extracted as for a new layer
+    return True
+
+
 def _reuse_layer(store: Store, diff_id: str | None, lower: list[Row],
                  holder: str | None) -> Row | None:
     """A stored layer for ``diff_id`` over ``lower``, without reading the blob, or None."""
@@ -232,6 +246,8 @@ def _reuse_layer(store: Store, diff_id: str | None, lower: list[Row],
         row = store.reuse(layer_over_id(diff_id, [r.id for r in lower]), holder)
         if row is not None:
             return row
+        if not _unpacked(store, diff_id):
+            return None
         try:
             implicit = json.loads((store.dir_of(diff_id) / IMPLICIT_FILE).read_text())
         except (OSError, ValueError):

@@ -63,13 +63,13 @@ def unpack_all(store, ids: list[str]) -> None:
 
 # -- publishing a packed layer (pull) -----------------------------------------------------
 def publish(store, src: Path, blob: tuple, lid: str, tree_digest: str | None,
-            description: str, source: str, holder: str | None) -> Row:
+            description: str, source: str, holder: str | None, link: bool = False) -> Row:
     """Store the verified blob file ``src`` as the packed layer ``lid``.
 
     ``blob`` is its ``layer_blobs`` row (layer, compression, digest, diffID, size,
     media type); ``tree_digest`` the tree digest the layer must unpack to (the
     pusher's claim), or None. An existing committed ``lid`` is reused (``src``
-    is then left to the caller's staging)."""
+    is then left to the caller's staging). ``link``: hardlink it in, leave ``src``."""
     blob = (lid,) + tuple(blob[1:])
     with store.build_lock(lid):
         existing = store.reuse(lid, holder)
@@ -83,7 +83,12 @@ def publish(store, src: Path, blob: tuple, lid: str, tree_digest: str | None,
             blobs.blob_dir(store)
 
             def place(db) -> None:          # inside the publishing transaction
-                os.replace(src, final)
+                if link:
+                    tmp = final.with_name(f".tmp-{os.getpid()}-{final.name[:12]}")
+                    os.link(src, tmp)
+                    os.replace(tmp, final)
+                else:
+                    os.replace(src, final)
                 meta.put_blob(db, blob)
             return store.publish(staged, row, [], "pull", holder,
                                  journal={"blob": dict(zip(meta.BLOB_COLUMNS.split(", "),
@@ -222,8 +227,10 @@ def _publish_tree(store, row: Row, staged: Path, summary) -> None:
         os.replace(staged / IMPLICIT_FILE, fs.parent / IMPLICIT_FILE)
         os.rename(staged / "fs", fs)
         kill_point("unpack:after-rename")
-        meta.set_unpacked(store.db, row.id, summary.digest, summary.entries, summary.bytes)
+        merges = meta.set_unpacked(store.db, row.id, summary.digest, summary.entries,
+                                   summary.bytes)
         _rewrite_journal(store, row.id)
+        _rewrite_journals(store, merges)
 
 
 def _rewrite_journal(store, snapshot_id: str, **more) -> None:
@@ -239,6 +246,13 @@ def _rewrite_journal(store, snapshot_id: str, **more) -> None:
     tmp = path.with_name("meta.json.tmp")
     tmp.write_text(json.dumps(data))
     os.rename(tmp, path)
+
+
+def _rewrite_journals(store, ids: list[str]) -> None:
+    """Inside a write: the journals of merges whose entries and bytes changed."""
+    for sid in ids:
+        if (store.dir_of(sid) / "meta.json").exists():
+            _rewrite_journal(store, sid)
 
 
 def finish(store, row: Row) -> str:
@@ -261,8 +275,9 @@ def finish(store, row: Row) -> str:
         raise Unpackable(f"{_what(row)}: the tree left by an interrupted unpack has digest "
                          f"{digest}, recorded {row.tree_digest}; run `mergefs fsck`")
     with meta.write(store.db):
-        meta.set_unpacked(store.db, row.id, digest, entries, nbytes)
+        merges = meta.set_unpacked(store.db, row.id, digest, entries, nbytes)
         _rewrite_journal(store, row.id)
+        _rewrite_journals(store, merges)
     return f"finished the interrupted unpack of {row.id}"
 
 

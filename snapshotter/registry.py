@@ -21,12 +21,16 @@ the pushing machine as soon as the layers have the pusher's ids.
 
 Pull: the manifest and config (``skopeo inspect``) say which layers there
 are; a layer is present if the store has its annotated id (same tree digest),
-its diffID as an id, or a remembered blob with that diffID. Each missing
-layer is fetched by its own ``skopeo copy`` into a fresh OCI layout where the
-other layers' blobs are sparse placeholders (skopeo reuses a blob that exists
-at the destination, so it downloads exactly one layer blob), the next fetch
-started while the current one is stored. skopeo checks the blob digest as it
-downloads.
+its diffID as an id, or a remembered blob with that diffID. When every layer
+of the store has its blob (an empty store, one that only pulled), one
+``skopeo copy`` of the whole image, started before the plan is known into a
+layout seeded with those blobs (``snapshotter.pullcopy``), fetches the
+missing layers, kept only if the plan says it fetches exactly them.
+Otherwise each missing layer is fetched by its own ``skopeo copy`` into a
+fresh OCI layout where the other layers' blobs are sparse placeholders
+(skopeo reuses a blob that exists at the destination, so it downloads
+exactly one layer blob), 4 downloads in flight. skopeo checks the blob
+digest as it downloads.
 
 * Lazy (the default): the blob is kept as a **packed layer**
   (``snapshotter.packed``): moved into the blob area and published under the
@@ -53,7 +57,6 @@ import json
 import os
 import signal
 import threading
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -141,7 +144,7 @@ def ensure_blob(store: Store, layer: str, compression: str) -> tuple[Blob, bool]
         if row[1] == compression and (blob := _cached(store, row)) is not None:
             return blob, False
     d = blob_dir(store)
-    tmp = d / f".tmp-{uuid.uuid4().hex}"
+    tmp = d / f".tmp-{os.urandom(16).hex()}"
     try:
         with open(tmp, "xb") as f:
             lb = oci.write_layer_tar(store.layer_tree(layer), f, lower=None,
@@ -353,23 +356,45 @@ def _claim(store: Store, desc: dict, diff_id: str) -> tuple[str, str | None]:
 def _keep(store: Store, fetch: _Fetch, diff_id: str, source: str, holder) -> tuple[Row, Blob]:
     """Keep the fetched blob (skopeo checked its digest) as a packed layer, unpacked on
     first use (``snapshotter.packed``: digest, size, diffID and tree digest checked then)."""
-    from . import packed
     layout = fetch.wait()
-    desc = fetch.desc
     try:
-        path = layout / "blobs" / "sha256" / _hex(desc["digest"])
-        size = os.stat(path).st_size
-        if size != desc["size"]:
-            raise RegistryError(f"{fetch.what}: the blob has {size} bytes, the manifest says "
-                                f"{desc['size']}")
-        lid, tree = _claim(store, desc, diff_id)
-        comp = _compression_of(desc["mediaType"])
-        blob = Blob(lid, comp, desc["digest"], diff_id, size, _MEDIA.get(comp, _MEDIA["none"]))
-        row = packed.publish(store, path, tuple(blob.__dict__.values()), lid, tree,
-                             f"pull of {source}", source, holder)
-        return row, Blob(row.id, *tuple(blob.__dict__.values())[1:])
+        return _keep_blob(store, fetch.desc, diff_id, layout / "blobs" / "sha256" /
+                          _hex(fetch.desc["digest"]), source, holder)
     finally:
         fetch.cancel()
+
+
+def _keep_blob(store: Store, desc: dict, diff_id: str, path: Path, source: str, holder,
+               link: bool = False) -> tuple[Row, Blob]:
+    """Publish the downloaded blob at ``path`` as the packed layer ``desc`` stands for."""
+    from . import packed
+    size = os.stat(path).st_size
+    if size != desc["size"]:
+        raise RegistryError(f"pull of {source}: the blob {desc['digest'][:19]} has {size} "
+                            f"bytes, the manifest says {desc['size']}")
+    lid, tree = _claim(store, desc, diff_id)
+    comp = _compression_of(desc["mediaType"])
+    blob = Blob(lid, comp, desc["digest"], diff_id, size, _MEDIA.get(comp, _MEDIA["none"]))
+    row = packed.publish(store, path, tuple(blob.__dict__.values()), lid, tree,
+                         f"pull of {source}", source, holder, link=link)
+    return row, Blob(row.id, *tuple(blob.__dict__.values())[1:])
+
+
+def _one_copy(store: Store, spec, plan: _Plan, missing: list[int], rows: list, holder,
+              progress: Progress, source: str) -> list[str]:
+    """The missing layers from one ``skopeo copy`` (``snapshotter.pullcopy``), each
+    published as it lands; their blob digests."""
+    n, stored = len(plan.layers), [0]
+
+    def keep(i: int, path: Path) -> str:
+        rows[i], blob = _keep_blob(store, plan.layers[i], plan.diff_ids[i], path, source,
+                                   holder, link=True)
+        stored[0] += 1
+        progress(f"layer {i + 1}/{n} {blob.digest[:19]} {blob.size} bytes: fetched, "
+                 f"verified, stored packed as {service.short(rows[i].id)}")
+        _pause_point(f"pull:after-layer-{stored[0]}")
+        return blob.digest
+    return spec.fetch(plan, missing, keep)
 
 
 _MEDIA = {"gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
@@ -523,21 +548,37 @@ def default_name(target: Target) -> str:
 
 def pull(store: Store, target: str | Target, name: str | None = None,
          client: Skopeo | None = None, holder: str | None = CLI_HOLDER,
-         progress: Progress = _quiet, unpack: bool = False, inspected=None) -> PullResult:
+         progress: Progress = _quiet, unpack: bool = False, inspected=None,
+         copy=None) -> PullResult:
     """Fetch the layers of ``target`` the store lacks, keep them packed (``unpack``:
-    extract and verify each now), record the image."""
+    extract and verify each now), record the image.
+
+    ``inspected``: the manifest's and config's ``skopeo inspect``, already started;
+    ``copy``: the whole image's copy (``pullcopy.start``), already started; this call
+    ends both. Without them, they are started here."""
     target = parse_target(target) if isinstance(target, str) else target
     client = client or Skopeo()
-    drop_orphans(store)
-    name = name or default_name(target)
-    plan = _plan(client, target, inspected)
-    n = len(plan.layers)
-    rows: list[Row | None] = [_present(store, d, i, holder)
-                              for d, i in zip(plan.layers, plan.diff_ids)]
-    missing = [i for i, r in enumerate(rows) if r is None]
-    progress(f"{target}: {n} layers, {n - len(missing)} present, {len(missing)} to fetch")
-    fetched = _fetch_all(store, client, plan, missing, rows, holder, progress, str(target),
-                         unpack)
+    from . import pullcopy
+    spec = copy or pullcopy.start(store.root, client, target, unpack)
+    try:
+        drop_orphans(store)
+        name = name or default_name(target)
+        plan = _plan(client, target, inspected)
+        n = len(plan.layers)
+        rows: list[Row | None] = [_present(store, d, i, holder)
+                                  for d, i in zip(plan.layers, plan.diff_ids)]
+        missing = [i for i, r in enumerate(rows) if r is None]
+        progress(f"{target}: {n} layers, {n - len(missing)} present, {len(missing)} to fetch")
+        if spec is not None and missing and spec.covers(plan, missing):
+            fetched = _one_copy(store, spec, plan, missing, rows, holder, progress, str(target))
+        else:
+            if spec is not None:
+                spec.cancel()
+            fetched = _fetch_all(store, client, plan, missing, rows, holder, progress,
+                                 str(target), unpack)
+    finally:
+        if spec is not None:
+            spec.cancel()
     if unpack:                         # layers present but packed: unpacked now too
         from . import packed
         packed.unpack_all(store, [r.id for r in rows if r is not None])

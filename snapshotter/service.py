@@ -22,12 +22,21 @@ from mergefs.mountspec import MountSpec
 
 from . import meta
 from .digest import diff_id, key_id, merge_id, tree_digest
-from .importer import copy_layer, import_dir, publish_layer  # noqa: F401 (also for oci_import)
 from .meta import Parent, Row, SnapshotKind, State, Strategy
 from .policy import REUSE_FOR_FARM, Capabilities, Decision, MergeSpec, choose_strategy
 from .store import CLI_HOLDER, Naming, Store
 
 LAYER_KINDS = ("layer", "diff")     # kinds that are one layer in a stack
+_IMPORTER = ("copy_layer", "import_dir", "publish_layer")
+
+
+def __getattr__(name: str):
+    """``copy_layer``, ``import_dir`` and ``publish_layer`` (``snapshotter.importer``), loaded
+    on first use: a pull or a merge does not need the importer's modules."""
+    if name in _IMPORTER:
+        from . import importer
+        return getattr(importer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 SHORT = 12
 
 
@@ -43,6 +52,7 @@ def is_path_ref(ref: str) -> bool:
 def resolve_ref(store: Store, ref: str, fmt: str = "auto") -> Row:
     """A committed snapshot for REF; a path is imported implicitly (no ref held)."""
     if is_path_ref(ref):
+        from .importer import import_dir
         return import_dir(store, ref, fmt, holder=None)
     row = store.resolve(ref)
     if row.state == State.CORRUPT and row.packed:
@@ -293,6 +303,8 @@ def commit_dir(store: Store, upper_dir: str, parent_ids: list[str], what: str,
     Commit applies to the upper it moves (``snapshotter.commit``): one upper
     gives one layer id either way."""
     from mergefs.explicit import make_explicit
+
+    from .importer import copy_layer, publish_layer
     staged = store.stage("commit")
     try:
         copy_layer(upper_dir, staged.path / "fs", "overlay", keep_redirects=True)

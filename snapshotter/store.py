@@ -38,7 +38,6 @@ import json
 import os
 import threading
 import time
-import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,6 +50,8 @@ from . import meta
 from .digest import PREFIX, hexpart
 from .faults import kill_point
 from .meta import Parent, Row, State
+from .paths import default_root, proc_start as _proc_start, staging_name  # noqa: F401
+from .paths import staging_owner_alive  # noqa: F401 (fsck's)
 
 CLI_HOLDER = "cli"
 TEMPORARY = "import"        # tag of temporary holders (``Store.temporary_holder``)
@@ -82,35 +83,6 @@ def check_name_shape(name: str) -> None:
                               "(they would shadow ids)")
 
 
-def default_root(explicit: str | None = None) -> str:
-    """``--root``, else ``$MERGEFS_ROOT``, else /var/lib/mergefs (root) or $XDG_DATA_HOME/mergefs."""
-    if explicit:
-        return explicit
-    if os.environ.get("MERGEFS_ROOT"):
-        return os.environ["MERGEFS_ROOT"]
-    if os.geteuid() == 0:
-        return "/var/lib/mergefs"
-    xdg = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
-    return os.path.join(xdg, "mergefs")
-
-
-def _proc_start(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return data.rsplit(b")", 1)[1].split()[19].decode()
-
-
-def staging_owner_alive(name: str) -> bool:
-    """A staging entry ``<pid>-<start>-<rand>`` belongs to a live process."""
-    parts = name.split("-")
-    if len(parts) < 3 or not parts[0].isdigit():
-        return False
-    return _proc_start(int(parts[0])) == parts[1]
-
-
 @contextmanager
 def _flock(path: Path) -> Iterator[None]:
     """An exclusive flock on ``path`` (created if missing) while the block runs."""
@@ -133,7 +105,7 @@ class Staged:
     """A directory under ``staging/`` owned by this process until published or discarded."""
 
     def __init__(self, store: "Store", tag: str):
-        self.name = f"{os.getpid()}-{store._start}-{tag}-{uuid.uuid4().hex[:12]}"
+        self.name = staging_name(tag, store._start)
         self.path = store.staging / self.name
         os.mkdir(self.path, 0o700)
 
@@ -255,7 +227,7 @@ class Store:
 
         Refs of such holders whose process is gone are dropped at open.
         """
-        return f"{tag}:{os.getpid()}-{self._start}-{uuid.uuid4().hex[:12]}"
+        return f"{tag}:{os.getpid()}-{self._start}-{os.urandom(6).hex()}"
 
     def build_lock(self, snapshot_id: str):
         """Serialise builders of one id, so N concurrent makers build it once."""
@@ -359,7 +331,7 @@ class Store:
 
     def trash(self, path: Path) -> Path:
         """Move ``path`` under ``staging/`` (as this process's); the caller deletes it later."""
-        t = self.staging / f"{os.getpid()}-{self._start}-trash-{uuid.uuid4().hex[:12]}"
+        t = self.staging / f"{os.getpid()}-{self._start}-trash-{os.urandom(6).hex()}"
         os.rename(path, t)
         return t
 

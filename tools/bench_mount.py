@@ -53,7 +53,9 @@ def mount_argv(system: str, mode: str, layers: list[str], mnt: str, up: str, wk:
     if system == "fuse-overlayfs":
         return ["fuse-overlayfs", "-o", opts, mnt]
     if system == "mergefs -o":          # containers/storage's mount_program form
-        return [MERGEFS, "-o", opts, mnt]
+        # nokernel: a read-only one over plain layers would be a kernel overlayfs mount
+        # (cmd_mount_helper.kernel_read_only); this measures the FUSE server's start
+        return [MERGEFS, "-o", opts + ",nokernel", mnt]
     rw = ["--upper", up, "--work", wk] if mode == "rw" else []
     return [MERGEFS, "mount", "--log", os.path.join(mnt + ".log"),
             *rw, *layers, mnt]
@@ -85,6 +87,9 @@ def server_cpu(mnt: str) -> float:
     return 0.0
 
 
+BEFORE_KNOWS_NOKERNEL = True
+
+
 def one(system: str, mode: str, layers: list[str], base: str, rep: int) -> tuple[float, ...]:
     d = os.path.join(base, f"{system.replace(' ', '')}-{mode}-{rep}")
     mnt, up, wk = (os.path.join(d, n) for n in ("mnt", "up", "wk"))
@@ -93,6 +98,8 @@ def one(system: str, mode: str, layers: list[str], base: str, rep: int) -> tuple
     argv = mount_argv(system.removesuffix(" before"), mode, layers, mnt, up, wk)
     if system.endswith(" before"):
         argv[0] = os.path.join(base, "mergefs-before")
+        if not BEFORE_KNOWS_NOKERNEL:     # a tree from before the option (always FUSE)
+            argv = [a.replace(",nokernel", "") for a in argv]
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, cwd=ROOT)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -136,6 +143,9 @@ def main() -> int:
         layers = make_layers(base)
         if args.before:
             before_script(base, os.path.abspath(args.before))
+            global BEFORE_KNOWS_NOKERNEL
+            BEFORE_KNOWS_NOKERNEL = os.path.exists(os.path.join(args.before, "mergefs",
+                                                                "kernelview.py"))
         load0 = os.getloadavg()
         res: dict[tuple[str, str], list[tuple[float, ...]]] = {}
         start: list[float] = []

@@ -13,18 +13,26 @@ containers.conf as in tests/podman) into which the image is loaded once
 (timed: ``load``). Each run then measures, for each program in turn:
 
 * ``run``: ``podman run --rm IMAGE true``, ``--run-reps`` times (each sample
-  is one run: mount, start, stop, unmount, remove). podman 4.3 sometimes
-  misses the exit of so short a container and waits out its 20 s conmon
-  timeout (seen here with fuse-overlayfs only, in the benchmark but not in a
-  lone script): such samples (>= 19 s) are counted and printed, not averaged
-  in;
+  is one run: mount, start, stop, unmount, remove). A sample of 19 s or more
+  means podman waited out its 20 s conmon timeout (conmon's exit command, the
+  ``podman container cleanup`` that marks the container exited, did not run):
+  such samples are counted and printed, not averaged in. That is what every
+  fuse-overlayfs sample did before PodmanEnv kept the runroot short: under the
+  default workdir ``storage-fuse-overlayfs/run`` was 56 characters, past the
+  50 podman accepts for ``--runroot``, which the exit command passes;
 * ``run+rm``: ``podman run --name N IMAGE true`` then ``podman rm N`` (the
-  same work without the ``--rm`` race), ``--run-reps`` times;
+  same work in two commands), ``--run-reps`` times;
 * ``build``: ``podman build --no-cache`` of a Containerfile with four RUN
   steps (copy /usr/bin, write 500 files and edit /etc, delete /usr/share/doc
   and the copy, ``find /`` over everything), then ``podman image rm``.
 
 Ratios are medians of the same run against fuse-overlayfs. Nothing is asserted.
+``--before TREE`` adds ``mergefs-before``: the mergefs of another source tree
+(e.g. ``git archive`` of an earlier commit), run by this venv's Python, in
+the same runs, interleaved. ``--fuse-only`` adds ``mergefs-fuse``: this tree's
+mergefs with ``nokernel``, so that every mount is a FUSE server, also the
+read-only parent mounts of the naive diff that ``mergefs`` itself leaves to
+kernel overlayfs when their layers are plain (the FUSE serving path's own ratio).
 """
 from __future__ import annotations
 
@@ -144,7 +152,7 @@ def measure(env: PodmanEnv, image: str, table: benchlib.Table, reps: int, ctx: P
     row = table.series(f"run {env.name}", anchor=anchor)
     for _ in range(reps):
         sec = timed(lambda: env("run", "--rm", image, "true"))
-        if sec >= STALL:       # podman 4.3 missed the exit and waited out its conmon timeout
+        if sec >= STALL:       # podman waited out its conmon timeout
             STALLS[env.name] = STALLS.get(env.name, 0) + 1
             continue
         row.add(sec)
@@ -174,9 +182,20 @@ def run(args) -> int:
     table = benchlib.Table(f"podman {what}: run --rm and run+rm x{args.run_reps}, build x1 per run, "
                            f"{args.runs} runs (seconds)")
     envs, images = {}, {}
+    programs = list(args.programs)
+    if args.fuse_only and "mergefs" in programs:   # every mount on FUSE, next to mergefs
+        programs.insert(programs.index("mergefs") + 1, "mergefs-fuse")
+    if args.before:     # next to mergefs, so the two alternate as closely as the runs allow
+        programs.insert(programs.index("mergefs") + 1 if "mergefs" in programs else 0,
+                        "mergefs-before")
+        prepare_tree(args.before)
     try:
-        for name in args.programs:
-            envs[name] = PodmanEnv(Path(_fresh(work / f"storage-{name}")), name)
+        for name in programs:
+            path = before_script(work, os.path.abspath(args.before)) \
+                if name == "mergefs-before" else None
+            if name == "mergefs-fuse":
+                path = fuse_only_script(work)
+            envs[name] = PodmanEnv(Path(_fresh(work / f"storage-{name}")), name, path)
             anchor = None if name == ANCHOR else f"load {ANCHOR}"
             sec = timed(lambda: images.__setitem__(name, envs[name].load(archive)))
             table.series(f"load {name}", anchor=anchor).add(sec)
@@ -184,20 +203,52 @@ def run(args) -> int:
             ctx.mkdir(exist_ok=True)
             (ctx / "Containerfile").write_text(CONTAINERFILE.format(image=images[name]))
         for run_no in range(args.runs):
-            for name in args.programs:
+            for name in programs:
                 measure(envs[name], images[name], table, args.run_reps, work / f"ctx-{name}")
             print(f"run {run_no + 1} done (load average {os.getloadavg()[0]:.1f})", flush=True)
     finally:
         for env in envs.values():
             env.close()
     print(table.render())
-    print("run samples left out as podman stalls (>= 19 s: podman 4.3 waits out its 20 s "
-          f"conmon timeout when it misses a fast container's exit): {STALLS or 'none'}")
+    print("run samples left out as podman stalls (>= 19 s: podman waited out its 20 s "
+          f"conmon timeout; conmon's cleanup did not run): {STALLS or 'none'}")
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(table.as_dict(), f, indent=1)
     return 0
+
+
+def prepare_tree(tree: str) -> None:
+    """Byte-compile ``tree``'s mergefs and build its table of compiled attrs methods
+    (where it has one), as tools/bootstrap.sh does for this tree."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(tree, "mergefs")],
+                   check=True, stdout=subprocess.DEVNULL)
+    if os.path.exists(os.path.join(tree, "mergefs", "union", "codecache.py")):
+        subprocess.run([sys.executable, "-m", "mergefs.union.codecache"], check=True,
+                       stdout=subprocess.DEVNULL, cwd=tree,
+                       env={**os.environ, "PYTHONPATH": os.path.abspath(tree)})
+
+
+def before_script(where: Path, tree: str) -> str:
+    """A ``mergefs`` script importing mergefs from ``tree`` (this venv's Python)."""
+    path = where / "mergefs-before"
+    path.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {tree!r})\n"
+                    "from mergefs.cli import main\nsys.exit(main())\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def fuse_only_script(where: Path) -> str:
+    """This tree's ``mergefs -o`` with ``nokernel`` added: every mount a FUSE server,
+    also the read-only ones over plain layers (the naive diff's parent mounts),
+    which mergefs otherwise leaves to kernel overlayfs (mergefs/kernelview.py)."""
+    path = where / "mergefs-fuse"
+    path.write_text(f"#!{sys.executable}\nimport sys\n"
+                    "i = sys.argv.index('-o')\nsys.argv[i + 1] += ',nokernel'\n"
+                    "from mergefs.cli import main\nsys.exit(main())\n")
+    path.chmod(0o755)
+    return str(path)
 
 
 def _fresh(path: Path) -> Path:
@@ -214,6 +265,9 @@ def main(argv=None) -> int:
     ap.add_argument("--programs", nargs="+", default=list(PROGRAMS), choices=PROGRAMS)
     ap.add_argument("--busybox", action="store_true", help="the tests' busybox image instead")
     ap.add_argument("--json", help="write the table as JSON here")
+    ap.add_argument("--before", metavar="TREE", help="also a mergefs-before: mergefs from TREE")
+    ap.add_argument("--fuse-only", action="store_true",
+                    help="also mergefs-fuse: mergefs with every mount on FUSE (nokernel)")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("bench_podman: needs root (podman with private storage)", file=sys.stderr)

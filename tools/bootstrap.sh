@@ -48,6 +48,10 @@ fi
 # mergefs keeps real opens, which is correct, only slower.
 .venv/bin/python tools/pyfuse3_inode_fh.py --install >/dev/null \
   || echo "bootstrap: warning: inode-fh pyfuse3 not built; union mounts keep real opens" >&2
+# The C fast path of union mounts (mergefs/union/_fastpath.c, for the v5 build
+# above): without it every request is served by the Python handlers, correctly.
+.venv/bin/python tools/pyfuse3_inode_fh.py --fastpath >/dev/null \
+  || echo "bootstrap: warning: mergefs/union/_fastpath not built; union mounts serve all in Python" >&2
 # The compiled code of the methods attrs, dataclasses and namedtuple generate, recorded
 # once so a mount's server does not compile them at every start (~10% of its
 # work until its first answer; mergefs/union/codecache.py). Without it a server

@@ -23,6 +23,16 @@ generated C is not the expected one, and mergefs then keeps real opens
 (correct, slower). The change is small enough to propose upstream ("pass the
 inode to the handlers of an open file when there is no fh").
 
+v5 adds hooks for mergefs's C fast path: the C callbacks of GETATTR, SETATTR,
+READ, WRITE (write and write_buf), FSYNC and GETXATTR first call the matching
+function pointer of an exported struct ``mergefs_fast``
+(mergefs/union/_fasthooks.h); one that returns 1 has replied, and pyfuse3
+makes no coroutine for the request. The struct also points at pyfuse3's
+session and pending coroutine, so the extension can run the request loop in
+C while requests need no Python (``drain``, used by fuseloop.py). The pointers are NULL until
+mergefs/union/_fastpath.c (built by ``--fastpath``) fills them in: a v5 build
+alone behaves as v4. A server accepts v4 builds (no fast path then).
+
 The build also bakes pyfuse3's version string into its pure-Python part
 (``_pyfuse3.py``): stock pyfuse3 3.5.0 looks its own version up through
 ``importlib.metadata`` at every import, which scans site-packages and loads
@@ -51,8 +61,28 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mergefs.union import server  # noqa: E402
 
 PATCHED_HANDLERS = ("fuse_read", "fuse_readdirplus", "fuse_write", "fuse_write_buf", "fuse_fsync")
-PATCH_MARK = ("v4: fh 0 -> inode in read/readdir/write/fsync; FUSE_CAP_CACHE_SYMLINKS; "
-              "atomic_o_trunc off on request; version baked into _pyfuse3.py\n")
+PATCH_MARK = ("v5: fh 0 -> inode in read/readdir/write/fsync; FUSE_CAP_CACHE_SYMLINKS; "
+              "atomic_o_trunc off on request; version baked into _pyfuse3.py; "
+              "mergefs_fast hooks (2: session, retval)\n")
+# v5: the C callbacks of these requests first call the matching hook of the
+# exported ``mergefs_fast`` (mergefs/union/_fasthooks.h), which mergefs's C fast
+# path fills in (mergefs/union/_fastpath.c); a hook that replied ends the request.
+HOOKED = {"fuse_getattr": "getattr(__pyx_v_req, __pyx_v_ino, __pyx_v_fi)",
+          "fuse_setattr": "setattr(__pyx_v_req, __pyx_v_ino, __pyx_v_stat, __pyx_v_to_set, "
+                          "__pyx_v_fi)",
+          "fuse_read": "read(__pyx_v_req, __pyx_v_ino, __pyx_v_size, __pyx_v_off, __pyx_v_fi)",
+          "fuse_write": "write(__pyx_v_req, __pyx_v_ino, __pyx_v_buf, __pyx_v_size, "
+                        "__pyx_v_off, __pyx_v_fi)",
+          "fuse_write_buf": "write_buf(__pyx_v_req, __pyx_v_ino, __pyx_v_bufv, __pyx_v_off, "
+                            "__pyx_v_fi)",
+          "fuse_fsync": "fsync(__pyx_v_req, __pyx_v_ino, __pyx_v_datasync, __pyx_v_fi)",
+          "fuse_getxattr": "getxattr(__pyx_v_req, __pyx_v_ino, __pyx_v_name, __pyx_v_size)"}
+HOOKS_HEADER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "mergefs", "union", "_fasthooks.h")
+STATE = ("static struct fuse_session *__pyx_v_7pyfuse3_session;",   # what the hooks point at
+         "static PyObject *__pyx_v_7pyfuse3_py_retval = 0;")
+FIRST_PROTO = ("static void __pyx_f_7pyfuse3_fuse_getattr(fuse_req_t, fuse_ino_t, "
+               "struct fuse_file_info *); /*proto*/")
 # The Operations attribute "atomic_o_trunc" (absent: true, libfuse's default)
 ATOMIC_O_TRUNC = (
     " { PyObject *mergefs_a = PyObject_GetAttrString(__pyx_v_7pyfuse3_operations,"
@@ -109,9 +139,14 @@ def build(dest: str) -> str:
     patched, current = 0, None
     for i, line in enumerate(lines):
         m = re.match(r"static void __pyx_f_7pyfuse3_(\w+)\(fuse_req_t __pyx_v_req, "
-                     r"(CYTHON_UNUSED )?fuse_ino_t", line)
+                     r"(CYTHON_UNUSED )?fuse_ino_t.*\) \{$", line)
         if m:
             current = m.group(1)
+            if current in HOOKED:
+                op = HOOKED[current]
+                lines[i] = line + (f" if (mergefs_fast.{op.split('(')[0]} && "
+                                   f"mergefs_fast.{op}) return;")
+                patched += 1
         elif current in PATCHED_HANDLERS and line.strip() == "__pyx_t_4 = __pyx_v_fi->fh;":
             lines[i] = "  __pyx_t_4 = __pyx_v_fi->fh ? __pyx_v_fi->fh : (uint64_t) __pyx_v_ino;"
             patched, current = patched + 1, None
@@ -122,8 +157,12 @@ def build(dest: str) -> str:
                                            " __pyx_v_conn->want |= FUSE_CAP_CACHE_SYMLINKS;"
                                            + ATOMIC_O_TRUNC)
         patched += 1
-    if patched != len(PATCHED_HANDLERS) + 1:
-        raise RuntimeError(f"patched {patched} of {len(PATCHED_HANDLERS) + 1} places: "
+    if FIRST_PROTO in lines and all(d in lines[:lines.index(FIRST_PROTO)] for d in STATE):
+        lines[lines.index(FIRST_PROTO)] = hooks_definition() + "\n" + FIRST_PROTO
+        patched += 1
+    wanted = len(PATCHED_HANDLERS) + len(HOOKED) + 2
+    if patched != wanted:
+        raise RuntimeError(f"patched {patched} of {wanted} places: "
                            "this pyfuse3's generated C is not the expected one")
     open(src, "w").write("\n".join(lines))
     _bake(pkg)
@@ -136,6 +175,17 @@ def build(dest: str) -> str:
     so = os.path.join(pkg, "__init__" + ext)
     open(marker, "w").write(PATCH_MARK + "sha256 " + server.module_digest(so) + "\n")
     return dest
+
+
+def hooks_definition() -> str:
+    """The hooks' struct (mergefs/union/_fasthooks.h) and the exported, empty instance."""
+    with open(HOOKS_HEADER) as f:
+        header = f.read()
+    return header + ('__attribute__((visibility("default"))) struct mergefs_fast_hooks '
+                     'mergefs_fast = {.version = MERGEFS_FAST_HOOKS_VERSION, '
+                     '.size = sizeof(struct mergefs_fast_hooks), '
+                     '.session = &__pyx_v_7pyfuse3_session, '
+                     '.retval = &__pyx_v_7pyfuse3_py_retval};')
 
 
 def _bake(pkg: str) -> None:
@@ -206,13 +256,40 @@ def _note_identity(marker: str, so: str) -> None:
     os.replace(marker + ".new", marker)
 
 
+FASTPATH_SOURCES = ("_fastpath.c", "_fasthooks.h", "_fasttable.h")
+
+
+def build_fastpath() -> str:
+    """Compile mergefs/union/_fastpath.c (the C fast path that fills in the v5
+    hooks) beside its source, unless the module is newer than its sources.
+    Needs gcc, python3-dev and libfuse3-dev. Returns the module's path."""
+    here = os.path.dirname(HOOKS_HEADER)
+    so = os.path.join(here, "_fastpath" + sysconfig.get_config_var("EXT_SUFFIX"))
+    sources = [os.path.join(here, n) for n in FASTPATH_SOURCES]
+    if os.path.exists(so) and all(os.path.getmtime(so) >= os.path.getmtime(s) for s in sources):
+        return so
+    flags = subprocess.run(["pkg-config", "--cflags", "--libs", "fuse3"], check=True,
+                           capture_output=True, text=True).stdout.split()
+    tmp = so + ".new"
+    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-shared", "-fPIC",
+                    "-I" + sysconfig.get_paths()["include"], sources[0], "-o", tmp, *flags],
+                   check=True)
+    os.replace(tmp, so)      # never rewrite a module a running server has mapped
+    return so
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     g = ap.add_mutually_exclusive_group(required=True)
     g.add_argument("--install", action="store_true")
     g.add_argument("--build", metavar="DIR")
+    g.add_argument("--fastpath", action="store_true",
+                   help="build mergefs/union/_fastpath (the C fast path) if out of date")
     args = ap.parse_args()
-    print(install() if args.install else build(args.build))
+    if args.fastpath:
+        print(build_fastpath())
+    else:
+        print(install() if args.install else build(args.build))
     return 0
 
 

@@ -46,9 +46,12 @@ FAST_VERBS = {"mount": "mount", "umount": "mount", "pull": "registry", "push": "
 
 
 def _verb_modules(argv: list[str] | None) -> tuple[str, ...]:
-    words = [a for a in argv or () if not a.startswith("-")]
-    if words and words[0] == (argv or [None])[0] and words[0] in FAST_VERBS:
-        return (FAST_VERBS[words[0]],)
+    """The verb's module alone when the first word after the global options is a fast verb."""
+    args = list(argv or ())
+    while args[:1] in (["--debug"], ["--root"]) or args[:1] and args[0].startswith("--root="):
+        del args[:2 if args[0] == "--root" else 1]
+    if args and args[0] in FAST_VERBS:
+        return (FAST_VERBS[args[0]],)
     return VERB_MODULES
 
 
@@ -94,6 +97,12 @@ VERB_WORDS = {"umount", "serve", "views", "store", "registry"}
 
 def main(argv: list[str] | None = None) -> int:
     mounting = argv is None and _serves_a_mount(sys.argv[1:])
+    quick_exit = mounting or (argv is None and _verb_modules(sys.argv[1:]) == ("registry",))
+    if mounting and not any("upperdir=" in a for a in sys.argv[1:]):
+        # read-only over plain layers: the kernel's overlayfs, no server (cmd_mount_helper)
+        from .cmd_mount_helper import kernel_read_only
+        if kernel_read_only(sys.argv[1:]) == 0:
+            os._exit(0)
     if mounting:
         from ..union import prefork     # the server imports pyfuse3/trio meanwhile
         prefork.start_early()
@@ -103,9 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if "mergefs.union.prefork" in sys.modules:
             sys.modules["mergefs.union.prefork"].cancel()
-    if mounting:
-        # a mount command is done: skip tearing down the interpreter (~10 ms of
-        # the time podman waits for it); nothing it made needs a finaliser
+    if quick_exit:
+        # a mount (or push, pull) command is done: skip tearing down the interpreter
+        # (~10 ms of the time podman, or a pull's caller, waits for it); nothing it
+        # made needs a finaliser (stores are closed, skopeo processes waited for)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

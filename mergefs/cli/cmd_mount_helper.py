@@ -39,6 +39,15 @@ the mode bits); bookkeeping options (``auto``, ``noauto``, ``user``,
 and ``gidmapping`` (rootless containers/storage with per-container id maps)
 are refused: mergefs does not shift ids. Any other option is refused by name
 (exit code 2), never ignored.
+
+A read-only mount in the fuse-overlayfs form (``lowerdir`` only: what
+containers/storage mounts for the parent layers at each commit of a build)
+over *plain* layers (no whiteout, opaque marker or other overlay xattr in
+either format: ``mergefs.kernelview``) is mounted by the kernel's overlayfs,
+which shows exactly what mergefs would (``kernel_read_only``), when run as
+root in the initial user namespace and with no option that needs the FUSE
+server (``squash_to_*``, ``private``, SELinux contexts, ...). ``nokernel``
+keeps such a mount on FUSE.
 """
 from __future__ import annotations
 
@@ -51,7 +60,7 @@ PASSED = {"ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "no
           "relatime", "norelatime", "strictatime", "sync", "async", "dirsync"}
 PASSED_WITH_VALUE = {"context", "fscontext", "defcontext", "rootcontext"}
 DROPPED = {"rw", "defaults", "auto", "noauto", "user", "nouser", "users", "nofail",
-           "_netdev", "default_permissions", "loop", "noacl"}
+           "_netdev", "default_permissions", "loop", "noacl", "nokernel"}
 REFUSED = {
     "uidmapping": "mergefs does not shift ids; run podman without per-container id "
                   "mappings (--userns/--uidmap) or use fuse-overlayfs for them",
@@ -135,6 +144,42 @@ def translate(argv: list[str]) -> list[str]:
         out += ["-o", ",".join(fuse)]
     # the lowerdir paths themselves are resolved (overlay/l/ID symlinks), never what is in them
     return out + [os.path.realpath(p) for p in spec.lowers] + [os.path.abspath(positional[-1])]
+
+
+# what a kernel mount of plain layers (kernel_read_only) takes: mount flags, and options
+# that change nothing for a read-only mount the kernel serves with the mounter's rights
+KERNEL_FLAGS = {"nodev", "nosuid", "noexec", "dev", "suid", "exec"}
+KERNEL_NEUTRAL = {"ro", "rw", "volatile", "fsync=0", "fsync=1", "allow_other"}
+
+
+def kernel_read_only(argv: list[str]) -> int | None:
+    """Mount a read-only fuse-overlayfs-form call over plain layers with the kernel's
+    overlayfs (``mergefs.kernelview``); 0 once mounted, None when the call is not
+    one (an upper, another option, layers that are not plain, not root of the
+    initial user namespace, a mount(2) that fails): then it goes through FUSE."""
+    positional, options = _split(argv)
+    if len(positional) != 1:
+        return None
+    lowers, flags = None, set()
+    for opt in options:
+        key, _, value = opt.partition("=")
+        if key == "lowerdir":
+            lowers = value.split(":")
+        elif opt in KERNEL_FLAGS:
+            flags.add(opt)
+        elif not (opt in KERNEL_NEUTRAL or opt in DROPPED - {"nokernel"}
+                  or key.startswith("x-")):
+            return None
+    if not lowers:
+        return None
+    from .. import kernelview
+    try:
+        if not kernelview.initial_root() or not all(map(kernelview.is_plain, lowers)):
+            return None
+        kernelview.mount_read_only(lowers, positional[0], flags)
+    except (OSError, ValueError):
+        return None
+    return 0
 
 
 HELPER_NAME = "mount.fuse.mergefs"

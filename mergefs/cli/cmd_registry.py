@@ -78,15 +78,19 @@ def _progress(msg: str) -> None:
 
 
 def _store(args):
-    """The store under the CLI's ``Snapshotter`` (its holder keeps what a pull records)."""
-    from .cmd_store import _store as open_snapshotter
-    return open_snapshotter(args)
+    """The store at ``--root``, opened as the CLI's ``Snapshotter`` opens it (its ``cli``
+    holder keeps what a push or pull records), without loading ``snapshotter.api``."""
+    from snapshotter.store import Store
+    store = Store(getattr(args, "root", None))
+    for line in store.reconciled:
+        print(f"mergefs: reconciled: {line}", file=sys.stderr)
+    return store
 
 
 def cmd_push(args) -> int:
     from snapshotter import registry
-    with _store(args) as sn:
-        res = registry.push(sn.store, args.ref, args.target, _client(args), args.compression,
+    with _store(args) as store:
+        res = registry.push(store, args.ref, args.target, _client(args), args.compression,
                             progress=_progress if _shown(args) else registry._quiet)
     if args.json:
         print(json.dumps({"target": res.target, "manifest": res.manifest_digest,
@@ -99,19 +103,26 @@ def cmd_push(args) -> int:
 
 def cmd_pull(args) -> int:
     client = _client(args)
-    # the manifest and config are asked for first, while the store opens (and its
-    # modules import): a pull's fixed cost is most of it for a small image
-    early = (client.inspect(args.target), client.inspect(args.target, config=True))
-    from snapshotter import registry
+    # skopeo starts before the store opens (and its modules import): first the whole
+    # image's copy, when the store's blobs say what it has (pullcopy), the long part;
+    # then the manifest's and config's inspects, most of a small image's pull
+    from snapshotter import pullcopy
+    copy = pullcopy.start(getattr(args, "root", None), client, args.target, args.unpack)
+    early = ()
     try:
-        with _store(args) as sn:
-            res = registry.pull(sn.store, args.target, args.name, client, holder=sn.holder,
+        early = (client.inspect(args.target), client.inspect(args.target, config=True))
+        from snapshotter import registry
+        from snapshotter.store import CLI_HOLDER
+        with _store(args) as store:
+            res = registry.pull(store, args.target, args.name, client, holder=CLI_HOLDER,
                                 progress=_progress if _shown(args) else registry._quiet,
-                                unpack=args.unpack, inspected=early)
+                                unpack=args.unpack, inspected=early, copy=copy)
     finally:
         from snapshotter.distribution import stop
         for proc in early:
             stop(proc)
+        if copy is not None:
+            copy.cancel()
     if args.json:
         print(json.dumps({"target": res.target, "manifest": res.manifest_digest,
                           "layers": [r.id for r in res.layers], "fetched": res.fetched,

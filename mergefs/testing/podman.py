@@ -2,12 +2,14 @@
 
 ``PodmanEnv(root, program)`` writes a ``storage.conf`` (overlay driver,
 graphroot/runroot under ``root``, ``mount_program`` = ``program``; none means
-kernel overlayfs) and a ``containers.conf`` (runc, cgroupfs, no network, the
-ulimits runc needs here, podman's tmp dir under ``root``) and runs ``podman``
-with them. ``close()`` removes every container and image, then stops what is
-left by pid and unmounts what is left under ``root``; ``leftovers()`` names
-the mounts and processes still there (a test asserts it is empty *before*
-close cleans up). ``busybox_image`` builds an OCI archive offline with umoci
+kernel overlayfs; a runroot path longer than podman's limit of 50 characters
+goes to a short directory under /tmp instead) and a ``containers.conf`` (runc,
+cgroupfs, no network, the ulimits runc needs here, podman's tmp dir under
+``root``) and runs ``podman`` with them. ``close()`` removes every container
+and image, then stops what is left by pid and unmounts what is left under
+``root`` (and that directory); ``leftovers()`` names the mounts and processes
+still there (a test asserts it is empty *before* close cleans up).
+``busybox_image`` builds an OCI archive offline with umoci
 and busybox-static: three layers with a whiteout, an opaque directory and a
 directory replaced by a file.
 """
@@ -20,6 +22,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +30,10 @@ BUSYBOX = "/bin/busybox"
 APPLETS = ("sh", "ls", "cat", "echo", "rm", "mkdir", "touch", "mv", "test", "find", "stat",
            "sort", "true", "id", "cp", "ln", "wc", "sed", "head", "seq", "rmdir", "chmod")
 PROGRAMS = ("mergefs", "fuse-overlayfs", "kernel")
+# podman refuses a --runroot longer than this, and conmon's exit command (``podman
+# --runroot R ... container cleanup ID``) always passes one: past it the cleanup
+# never runs and ``podman run --rm`` waits out its 20 s conmon timeout.
+RUNROOT_MAX = 50
 
 
 def mergefs_program(where: Path) -> str:
@@ -52,17 +59,24 @@ def program_path(name: str, where: Path) -> str | None:
 
 
 class PodmanEnv:
-    def __init__(self, root: Path, program: str):
+    def __init__(self, root: Path, program: str, path: str | None = None):
+        """``program``: one of PROGRAMS, or any name with ``path`` (the mount program)."""
         self.root = Path(root)
         self.name = program
-        for d in ("graph", "run", "tmp", "libpod-tmp"):
+        for d in ("graph", "tmp", "libpod-tmp"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
-        self.program = program_path(program, self.root)
+        self.runroot = self.root / "run"
+        self._short = None              # a short dir holding the runroot, removed by close()
+        if len(str(self.runroot)) > RUNROOT_MAX:
+            self._short = Path(tempfile.mkdtemp(prefix="mergefs-podman-", dir="/tmp"))
+            self.runroot = self._short / "run"
+        self.runroot.mkdir(exist_ok=True)
+        self.program = path or program_path(program, self.root)
         overlay = f'[storage.options.overlay]\nmount_program = "{self.program}"\n' \
             if self.program else ""
         (self.root / "storage.conf").write_text(
             f'[storage]\ndriver = "overlay"\ngraphroot = "{self.root}/graph"\n'
-            f'runroot = "{self.root}/run"\n{overlay}')
+            f'runroot = "{self.runroot}"\n{overlay}')
         (self.root / "containers.conf").write_text(
             '[containers]\nnetns = "none"\n'
             'default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]\n'
@@ -90,21 +104,26 @@ class PodmanEnv:
         return names[0].split(",")[0]
 
     # -- what is left ------------------------------------------------------
+    def _prefixes(self) -> tuple[str, ...]:
+        return (f"{self.root}/",) + ((f"{self._short}/",) if self._short else ())
+
     def mounts(self, fs_only: bool = True) -> list[str]:
-        """Mounts under root (FUSE and overlay ones; every one with fs_only=False)."""
-        prefix = f"{self.root}/"
+        """Mounts under root and the runroot (FUSE and overlay ones; every one with
+        fs_only=False)."""
+        prefixes = self._prefixes()
         out = []
         with open("/proc/self/mounts") as f:
             for line in f:
                 _, target, fstype = line.split()[:3]
-                if target.startswith(prefix) and (not fs_only or fstype == "overlay"
-                                                  or fstype.startswith("fuse")):
+                if target.startswith(prefixes) and (not fs_only or fstype == "overlay"
+                                                    or fstype.startswith("fuse")):
                     out.append(target)
         return out
 
     def processes(self) -> dict[int, str]:
-        """Live processes whose command line names root (podman, conmon, mount servers)."""
-        key = os.fsencode(str(self.root))
+        """Live processes whose command line names root or the runroot (podman, conmon,
+        mount servers)."""
+        keys = [os.fsencode(p) for p in self._prefixes()]
         out = {}
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
@@ -114,7 +133,7 @@ class PodmanEnv:
                     state = f.read().rpartition(b")")[2].split()[0]
             except OSError:
                 continue
-            if key in cmd and state != b"Z" and int(pid) != os.getpid():
+            if any(k in cmd for k in keys) and state != b"Z" and int(pid) != os.getpid():
                 out[int(pid)] = cmd.replace(b"\0", b" ").decode(errors="replace")[:200]
         return out
 
@@ -150,6 +169,8 @@ class PodmanEnv:
         for m in sorted(self.mounts(fs_only=False), key=len, reverse=True):
             if subprocess.run(["umount", m], capture_output=True).returncode != 0:
                 subprocess.run(["umount", "-l", m], capture_output=True)
+        if self._short is not None:
+            shutil.rmtree(self._short, ignore_errors=True)
 
 
 # -- an image built offline ------------------------------------------------
@@ -178,13 +199,14 @@ def _run(*cmd) -> None:
         raise RuntimeError(f"{cmd} failed: {r.stderr.strip()}")
 
 
-def busybox_image(where: Path, name: str = "mergefs-busybox") -> Path:
+def busybox_image(where: Path, name: str = "mergefs-busybox", plain: bool = False) -> Path:
     """An OCI archive (tar of an OCI layout, tag ``name``) built with umoci.
 
     Layer 1: busybox and applets, /etc, /data/keep/{a,b}, /data/old/{x,y},
     /gone, /etc/motd. Layer 2: /etc/motd changed, /data/new. Layer 3 (a raw
     tar, as umoci repack writes no opaque markers): ``.wh.gone``, an opaque
     /data/keep holding only ``c``, and /data/old replaced by a file.
+    ``plain``: layer 1 only (no whiteout, no opaque directory anywhere).
     """
     where = Path(where)
     img, bundle = where / "layout", where / "bundle"
@@ -207,9 +229,20 @@ def busybox_image(where: Path, name: str = "mergefs-busybox") -> Path:
     for n in ("x", "y"):
         (rootfs / "data/old" / n).write_text(f"{n}\n")
     _run("umoci", "repack", "--refresh-bundle", "--image", f"{img}:{name}", bundle)
+    if not plain:
+        _upper_layers(img, name, rootfs, where)
+    _run("umoci", "config", "--image", f"{img}:{name}", "--config.cmd", "/bin/sh",
+         "--config.env", "PATH=/bin")
+    archive = where / f"{name}.tar"
+    _run("tar", "-C", img, "-cf", archive, ".")
+    shutil.rmtree(bundle)
+    return archive
+
+
+def _upper_layers(img: Path, name: str, rootfs: Path, where: Path) -> None:
     (rootfs / "etc/motd").write_text("layer two\n")
     (rootfs / "data/new").write_text("new\n")
-    _run("umoci", "repack", "--image", f"{img}:{name}", bundle)
+    _run("umoci", "repack", "--image", f"{img}:{name}", rootfs.parent)
     raw = where / "layer3.tar"
     raw.write_bytes(_tar([(".wh.gone", "file", b""),
                           ("data/", "dir", b""),
@@ -218,9 +251,3 @@ def busybox_image(where: Path, name: str = "mergefs-busybox") -> Path:
                           ("data/keep/c", "file", b"c\n"),
                           ("data/old", "file", b"a file now\n")]))
     _run("umoci", "raw", "add-layer", "--image", f"{img}:{name}", raw)
-    _run("umoci", "config", "--image", f"{img}:{name}", "--config.cmd", "/bin/sh",
-         "--config.env", "PATH=/bin")
-    archive = where / f"{name}.tar"
-    _run("tar", "-C", img, "-cf", archive, ".")
-    shutil.rmtree(bundle)
-    return archive

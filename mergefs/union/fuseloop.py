@@ -13,7 +13,10 @@ needs trio while a request stream flows: every handler runs to completion
 without awaiting. Trio gets control back when the fd stays quiet for
 ``POLL_MS`` (the server is idle: it then sleeps in trio's epoll, where a
 signal wakes it) and every ``YIELD_EVERY`` requests (so SIGTERM is handled
-under a steady stream too). Only valid with one worker task
+under a steady stream too). With the C fast path on (fastpath.py), the wait
+itself moves to C (``drain``: poll, read, dispatch): requests C serves cost
+no Python at all, and the coroutine of one that reaches Python is awaited
+here, as pyfuse3's loop would. Only valid with one worker task
 (``pyfuse3.main(max_tasks=1)``): the read lock it skips is what keeps
 several workers from reading the fd at once.
 """
@@ -43,6 +46,8 @@ def install() -> bool:
     kept) when this pyfuse3 has no such function or the fd is not unique."""
     import pyfuse3
     import trio
+
+    from . import fastpath
     fd = fuse_fd()
     if fd is None or not callable(getattr(pyfuse3, "_wait_fuse_readable", None)):
         return False
@@ -53,6 +58,13 @@ def install() -> bool:
     async def wait_fuse_readable() -> bool:
         nonlocal served
         served += 1
+        drain = fastpath.drain
+        if drain is not None and served % YIELD_EVERY:
+            for _ in range(YIELD_EVERY):
+                pending = drain(YIELD_EVERY, POLL_MS)
+                if pending is None:
+                    break
+                await pending
         if served % YIELD_EVERY and poller.poll(POLL_MS):
             return True
         try:

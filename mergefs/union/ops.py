@@ -17,12 +17,16 @@ opendir answer ENOSYS, so the kernel sends no OPEN/RELEASE/OPENDIR/RELEASEDIR
 and read/write/fsync/readdir arrive with the inode number as ``fh`` (handle
 numbers are small, inode numbers are not: the root is 1, every other one is
 at least 2**54, docs/architecture.md). Content fds are then kept per inode
-(``_fds``, the last FD_CACHE; checked against the inode's node, so a copy-up
-is seen), a writable mount copies a lower file up at its first write (not at
-open), and the fd of a file unlinked while the kernel may hold it open is
-pinned until its FORGET (``_pinned``; an O_PATH fd, reopened through
-/proc/self/fd if the kernel comes back for it). Writable listings are snapshots per
+(``self.fds``, fdcache.py: the last FD_CACHE, checked against the inode's
+node, so a copy-up is seen; the fd of a file unlinked while the kernel may
+hold it open pinned until its FORGET), a writable mount copies a lower file
+up at its first write (not at open). Writable listings are snapshots per
 readdir pass (``_snapshot``).
+
+The C fast path (fastpath.py, with a pyfuse3 build that has its hooks)
+answers GETATTR, SETATTR, READ, WRITE, FSYNC and GETXATTR of the regular
+files in ``self.fds`` before they reach these handlers; whatever it does not
+serve comes here as before.
 """
 from __future__ import annotations
 
@@ -36,11 +40,11 @@ from pyfuse3 import FUSEError
 from ..errors import NotFound
 from ..layer import DIR, REG, is_overlay_private
 from .errors import fuse_errors, log
+from .fdcache import FdCache
 from .inodes import Inode
 from .view import UnionView
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
-FD_CACHE = 256
 LISTINGS, LISTED_NAMES = 64, 1 << 20   # writable no-opendir: readdir snapshots kept
 GEN_SHIFT = 32                         # their offsets: generation << 32 | position
 
@@ -124,10 +128,7 @@ class UnionOperations(pyfuse3.Operations):
         # (see the module docstring; writable mounts: a v4 build, server.py)
         self.no_open = no_open
         self.atomic_o_trunc = not (no_open and view.writable)
-        self._fds: dict[int, tuple] = {}      # number -> (fd, node it is on, writable)
-        # unlinked files' fds until their FORGET: number -> (fd, node, "rw"|"ro"|"path",
-        # on an upper file?); a "path" pin is an O_PATH fd, reopened at its first use
-        self._pinned: dict[int, tuple] = {}
+        self.fds = FdCache(view)              # no-open: content fds per inode (fdcache)
         self._snapshots: dict[int, tuple] = {}    # generation -> (dir number, names)
         self._listed = 0                      # names in all snapshots
         self._gen = 0
@@ -139,12 +140,21 @@ class UnionOperations(pyfuse3.Operations):
         read it" from tar once a readdir makes the kernel ask again)."""
         if self.view.writable:
             self.view.attrs_changed = _invalidate_attrs
+        if self.no_open:      # the C fast path serves the files of the fd cache
+            from . import fastpath
+            self.fds.fast = fastpath.load(self.timeouts.attr, self.squash, self.volatile)
+            if self.fds.fast is not None:
+                self.fds.fast.set_miss(self._open_for_c)
+
+    def _open_for_c(self, number: int) -> None:
+        """The C fast path found no fd for a READ: open the file's content fd (the
+        cache hands it to C), as ``read`` would; errors are left to ``read``."""
+        inode = self.inodes.live(number)
+        if inode is not None and inode.kind == REG and not inode.unlinked:
+            self.fds.content_fd(inode)
 
     def close(self) -> None:
-        for cache in (self._fds, self._pinned):
-            for got in cache.values():
-                os.close(got[0])
-            cache.clear()
+        self.fds.close()
 
     # -- helpers ---------------------------------------------------------
     def _entry(self, inode: Inode) -> pyfuse3.EntryAttributes:
@@ -159,7 +169,7 @@ class UnionOperations(pyfuse3.Operations):
 
     def _stat(self, inode: Inode) -> os.stat_result:
         if inode.unlinked:
-            pinned = self._pinned.get(inode.number)
+            pinned = self.fds.pinned.get(inode.number)
             if pinned is not None:
                 return os.fstat(pinned[0])
             for h in self.handles.values():
@@ -201,8 +211,8 @@ class UnionOperations(pyfuse3.Operations):
     def forget(self, inode_list):
         for number, count in inode_list:
             self.inodes.forget(number, count)
-            if (self._fds or self._pinned) and self.inodes.live(number) is None:
-                self._drop_fds(number)      # the kernel holds it no more: no read can come
+            if self.fds and self.inodes.live(number) is None:
+                self.fds.drop(number)      # the kernel holds it no more: no read can come
 
     @fuse_errors
     def getattr(self, inode, ctx=None):
@@ -327,112 +337,15 @@ class UnionOperations(pyfuse3.Operations):
     @fuse_errors
     def read(self, fh, off, size):
         if self.no_open and fh not in self.handles:    # fh is the inode
-            return os.pread(self._content_fd(self.inodes.get(fh)), size, off)
+            return os.pread(self.fds.content_fd(self.inodes.get(fh)), size, off)
         return os.pread(self.handles[fh].fd, size, off)
-
-    def _cached_fd(self, inode: Inode, write: bool) -> int:
-        """The inode's kept fd (no-open), -1 if none fits: pinned first, then the
-        cache, whose entry must be on the inode's current node (a copy-up or a
-        rename over it changed that) and writable if ``write``."""
-        number, node = inode.number, inode.node
-        if self._pinned:
-            got = self._pinned.get(number)
-            if got is not None:
-                if got[2] == "rw" or got[2] == "ro" and not write:
-                    return got[0]
-                if got[3]:
-                    return self._reopen_pinned(number, got, write)
-                # a lower file's read fd, asked for a write: a detached copy (-1)
-        got = self._fds.pop(number, None)
-        if got is not None:
-            if (got[1] is node or got[1] == node) and (got[2] or not write):
-                self._fds[number] = got      # the most recently used now
-                return got[0]
-            os.close(got[0])
-        return -1
-
-    def _keep_fd(self, inode: Inode, fd: int, writable: bool) -> None:
-        if inode.unlinked:                  # its only way in now: never evicted
-            old = self._pinned.pop(inode.number, None)
-            if old is not None:
-                os.close(old[0])
-            self._pinned[inode.number] = (fd, inode.node, "rw" if writable else "ro",
-                                          self.view.writable and inode.node.top == self.view.up)
-            return
-        if len(self._fds) >= FD_CACHE:
-            os.close(self._fds.pop(next(iter(self._fds)))[0])
-        self._fds[inode.number] = (fd, inode.node, writable)
-
-    def _reopen_pinned(self, number: int, got: tuple, write: bool) -> int:
-        """A pinned upper file opened again through its fd (the name is gone):
-        read-write if the server may, else read-only for a read."""
-        fd, node = got[0], got[1]
-        path = f"/proc/self/fd/{fd}"
-        try:
-            new, mode = os.open(path, os.O_RDWR | os.O_CLOEXEC), "rw"
-        except PermissionError:
-            if write:
-                raise
-            new, mode = os.open(path, os.O_RDONLY | os.O_CLOEXEC), "ro"
-        os.close(fd)
-        self._pinned[number] = (new, node, mode, True)
-        return new
-
-    def _drop_fds(self, number: int) -> None:
-        for cache in (self._fds, self._pinned):
-            got = cache.pop(number, None)
-            if got is not None:
-                os.close(got[0])
-
-    def _content_fd(self, inode: Inode) -> int:
-        """No-open reads: an fd per inode, the last FD_CACHE of them kept open."""
-        fd = self._cached_fd(inode, False)
-        if fd < 0:
-            fd = self.view.open_content(inode)
-            self._keep_fd(inode, fd, False)
-        return fd
-
-    def _write_fd(self, inode: Inode) -> int:
-        """No-open writes: the inode's fd on its upper file. The first write to a
-        lower file copies it up (kernel overlayfs does at open for write); a lower
-        file unlinked while held open gets a copy of its own, never published."""
-        fd = self._cached_fd(inode, True)
-        if fd < 0:
-            w = self._writer()
-            fd = w.detached_copy(inode) if inode.unlinked and inode.node.top != w.up \
-                else w.open_for_write(inode, os.O_RDWR)
-            self._keep_fd(inode, fd, True)
-        return fd
-
-    def _pin(self, parent: Inode, name: bytes) -> None:
-        """No-open, before ``parent/name`` is unlinked or renamed over: the kernel may
-        hold the file open with no handle here, so keep an fd on its upper file until
-        its FORGET (a lower file stays readable in its layer; nothing to keep). A
-        cached fd is kept as it is; else an O_PATH one (cheap: ``rm -rf`` pins every
-        file), opened for reading or writing only if the kernel comes back for it."""
-        view = self.view
-        node = view.listing(parent).get(name)
-        if node is None or node.kind != REG or node.top != view.up:
-            return
-        inode = self.inodes.live(self.inodes.number_for(node))
-        if inode is None or inode.number in self._pinned:
-            return
-        got = self._fds.pop(inode.number, None)
-        if got is not None and (got[1] is node or got[1] == node):
-            self._pinned[inode.number] = (got[0], node, "rw" if got[2] else "ro", True)
-            return
-        if got is not None:
-            os.close(got[0])
-        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     dir_fd=view.upper.borrow_dir(parent.path))
-        self._pinned[inode.number] = (fd, node, "path", True)
 
     @fuse_errors
     def write(self, fh, off, buf):
         h = self.handles.get(fh) if self.no_open else self.handles[fh]
         if h is None:                       # no-open: fh is the inode
             inode = self.inodes.get(fh)
-            n = os.pwrite(self._write_fd(inode), buf, off)
+            n = os.pwrite(self.fds.write_fd(inode, self._writer()), buf, off)
             inode.attr = None
             return n
         n = os.pwrite(h.fd, buf, off)
@@ -457,7 +370,7 @@ class UnionOperations(pyfuse3.Operations):
             inode = self.inodes.get(fh)   # (kernel overlayfs syncs only an upper file too)
             if not self.view.writable or inode.node.top != self.view.up:
                 return
-            fd = self._content_fd(inode)
+            fd = self.fds.content_fd(inode)
         (os.fdatasync if datasync else os.fsync)(fd)
 
     @fuse_errors
@@ -503,8 +416,9 @@ class UnionOperations(pyfuse3.Operations):
         if fd >= 0:
             return fd
         if self.no_open:
-            return self._write_fd(inode) if change else self._cached_fd(inode, False)
-        got = self._pinned.get(inode.number)
+            return self.fds.write_fd(inode, self._writer()) if change \
+                else self.fds.cached(inode, False)
+        got = self.fds.pinned.get(inode.number)
         if got is not None:
             return got[0]
         held = [h for h in self.handles.values() if h.inode is inode and h.fd >= 0]
@@ -522,7 +436,7 @@ class UnionOperations(pyfuse3.Operations):
             raise FUSEError(errno.ESTALE)
         # only read-only handles on a lower file: they move to a private copy
         copy = w.detached_copy(inode)
-        self._pinned[inode.number] = (copy, node, "rw", False)
+        self.fds.pinned[inode.number] = (copy, node, "rw", False)
         for h in held:
             os.close(h.fd)
             h.fd = os.dup(copy)
@@ -561,7 +475,7 @@ class UnionOperations(pyfuse3.Operations):
         w = self._writer()
         if self.no_open and mode & 0o170000 == 0o100000:   # S_IFREG: an open(O_CREAT)
             inode, fd = w.create(self.inodes.get(parent_inode), name, mode, os.O_RDWR, ctx)
-            self._keep_fd(inode, fd, True)      # its writes come next, by inode
+            self.fds.keep(inode, fd, True)      # its writes come next, by inode
             return self._entry(inode)
         return self._entry(w.mknod(self.inodes.get(parent_inode), name, mode, rdev, ctx))
 
@@ -580,7 +494,7 @@ class UnionOperations(pyfuse3.Operations):
     def unlink(self, parent_inode, name, ctx):
         parent, w = self.inodes.get(parent_inode), self._writer()
         if self.no_open:
-            self._pin(parent, name)
+            self.fds.pin(parent, name)
         w.unlink(parent, name)
 
     @fuse_errors
@@ -592,5 +506,5 @@ class UnionOperations(pyfuse3.Operations):
         w = self._writer()
         p_new = self.inodes.get(parent_inode_new)
         if self.no_open and not flags & 2:          # RENAME_EXCHANGE unlinks nothing
-            self._pin(p_new, name_new)
+            self.fds.pin(p_new, name_new)
         w.rename(self.inodes.get(parent_inode_old), name_old, p_new, name_new, flags)

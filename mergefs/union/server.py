@@ -25,6 +25,8 @@ import sys
 
 from ..errors import MountError
 from ..mountspec import MountSpec
+from .unmount import (FSTYPE, clean_stale, is_dead, is_mergefs_mount,  # noqa: F401
+                      is_mounted, mount_at, unmount)
 
 # pyfuse3 and trio (imported, ~150-300 ms of the mount command's time) are
 # imported by the server process only: ``mergefs mount`` forks before it
@@ -148,7 +150,8 @@ def log_requests() -> None:
     """One log line ``requests {json}`` with the counts since the last one (SIGUSR1)."""
     import json
     from .errors import REQUESTS
-    log.info("requests %s", json.dumps(dict(REQUESTS), sort_keys=True))
+    from .fastpath import stats
+    log.info("requests %s", json.dumps(dict(REQUESTS, **stats()), sort_keys=True))
     REQUESTS.clear()
 
 
@@ -386,6 +389,9 @@ def _detach_stdio(log_path: str) -> None:
     os.dup2(nullfd, 0)
     os.dup2(logfd, 1)
     os.dup2(logfd, 2)
+    # the streams too (under pytest's capture, sys.stderr is not fd 2)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
 
 
 def _log_to_stderr() -> None:
@@ -481,104 +487,6 @@ def _read_ready(fd: int, pid: int) -> bytes:
                 return data or b"the server exited before the mount was live"
             data += chunk
     return data or b"timed out waiting for the server"
-
-
-FSTYPE = "fuse.mergefs"
-
-
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def mount_at(mountpoint: str) -> dict | None:
-    """The topmost mount at ``mountpoint`` from /proc/self/mountinfo, or None.
-
-    Keys: ``dev`` ("major:minor"), ``fstype`` and ``source``.
-    """
-    target = os.path.abspath(mountpoint)
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if _unescape(fields[4]) != target:
-                continue
-            rest = fields[fields.index("-", 6) + 1:]
-            found = {"dev": fields[2], "fstype": rest[0], "source": _unescape(rest[1])}
-    return found
-
-
-def is_mergefs_mount(mountpoint: str) -> bool:
-    info = mount_at(mountpoint)
-    return info is not None and info["fstype"] == FSTYPE
-
-
-def is_dead(mountpoint: str) -> bool:
-    """Is the FUSE mount at ``mountpoint`` one whose server is gone?
-
-    The kernel answers ``stat`` of a dead mount from its attribute cache, so
-    ask for something it never caches: ``statfs`` goes to the server each
-    time and fails with ENOTCONN once the connection was aborted (the server's
-    /dev/fuse fd closed). The connection's entry in /sys/fs/fuse/connections
-    (named by the mount's device number) must exist for a FUSE mount at all.
-    """
-    info = mount_at(mountpoint)
-    if info is None or not info["fstype"].startswith("fuse"):
-        return False
-    try:
-        os.statvfs(mountpoint)
-        return False
-    except OSError as e:
-        return e.errno in (errno.ENOTCONN, errno.ECONNABORTED)
-
-
-def clean_stale(mountpoint: str) -> bool:
-    """Detach a mergefs mount at ``mountpoint`` whose server died (U7); True if one was."""
-    if not is_mergefs_mount(mountpoint) or not is_dead(mountpoint):
-        return False
-    log.info("cleaning the mount of a dead server at %s", mountpoint)
-    _detach(mountpoint)
-    return not is_mounted(mountpoint)
-
-
-def _detach(mountpoint: str) -> None:
-    """Lazy unmount; kick the aborted connection first so nothing waits on it."""
-    import subprocess
-    info = mount_at(mountpoint)
-    if info is not None:
-        minor = info["dev"].split(":")[1]
-        with contextlib.suppress(OSError):
-            with open(f"/sys/fs/fuse/connections/{minor}/abort", "w") as f:
-                f.write("1")
-    subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True)
-    if is_mounted(mountpoint):
-        subprocess.run(["umount", "-l", mountpoint], capture_output=True)
-
-
-def unmount(mountpoint: str) -> None:
-    """Unmount a union; refuse any mount that is not mergefs's.
-
-    A dead server's mount (ENOTCONN) and a busy one are detached lazily.
-    """
-    mountpoint = os.path.abspath(mountpoint)
-    info = mount_at(mountpoint)
-    if info is None:
-        raise MountError(f"{mountpoint} is not mounted")
-    if info["fstype"] != FSTYPE:
-        raise MountError(f"{mountpoint} is not a mergefs mount (it is {info['fstype']}); "
-                         "not unmounting it")
-    import subprocess
-    r = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
-    if r.returncode == 0 or not is_mounted(mountpoint):
-        return
-    _detach(mountpoint)
-    if is_mounted(mountpoint):
-        raise MountError(f"cannot unmount {mountpoint}: {r.stderr.strip()}")
-
-
-def is_mounted(mountpoint: str) -> bool:
-    from .. import mounttable
-    return mounttable.is_mounted(mountpoint)
 
 
 def _child_main(argv: list[str]) -> int:

@@ -46,6 +46,20 @@ def orphan_blobs(db: sqlite3.Connection) -> list[tuple[str, str]]:
                       "WHERE s.id IS NULL").fetchall()
 
 
+def seed_blobs(db: sqlite3.Connection) -> list[str] | None:
+    """The digests of the committed layers' blobs (a pull's copy starts with them:
+    ``snapshotter.pullcopy``), or None when a committed layer has no blob (the copy
+    would fetch it again). A corrupt layer's blob is not one: skopeo does not read a
+    blob the destination has."""
+    if db.execute("SELECT 1 FROM snapshots s WHERE s.kind IN ('layer', 'diff') "
+                  "AND s.state = 'committed' AND NOT EXISTS "
+                  "(SELECT 1 FROM layer_blobs b WHERE b.layer = s.id) LIMIT 1").fetchone():
+        return None
+    return sorted(d for (d,) in db.execute(
+        "SELECT DISTINCT b.digest FROM layer_blobs b JOIN snapshots s ON s.id = b.layer "
+        "AND s.state = 'committed'"))
+
+
 def blob_row(db: sqlite3.Connection, layer: str, digest: str) -> tuple | None:
     """The row of ``layer``'s blob ``digest``, or None."""
     return db.execute(f"SELECT {BLOB_COLUMNS} FROM layer_blobs WHERE layer=? AND digest=?",

@@ -256,10 +256,22 @@ def first_name(db: sqlite3.Connection, snapshot_id: str) -> str | None:
 
 
 def set_unpacked(db: sqlite3.Connection, snapshot_id: str, tree_digest: str, entries: int,
-                 nbytes: int) -> None:
-    """Inside a write: a packed layer's tree is on disk now (its summary recorded)."""
-    db.execute("UPDATE snapshots SET packed=NULL, tree_digest=?, entries=?, bytes=? WHERE id=?",
-               (tree_digest, entries, nbytes, snapshot_id))
+                 nbytes: int) -> list[str]:
+    """Inside a write: a packed layer's tree is on disk now (its summary recorded).
+
+    A merge's entries and bytes are its inputs' sums; merges made while the layer
+    was packed counted it as 0, so each gets its entries and bytes now (once per
+    time it is an input). Returns those merges' ids (their journals change too)."""
+    if db.execute("UPDATE snapshots SET packed=NULL, tree_digest=?, entries=?, bytes=? "
+                  "WHERE id=? AND packed IS NOT NULL",
+                  (tree_digest, entries, nbytes, snapshot_id)).rowcount == 0:
+        return []
+    uses = db.execute("SELECT p.child, COUNT(*) FROM parents p JOIN snapshots s ON s.id = "
+                      "p.child AND s.kind = 'merge' WHERE p.parent = ? AND p.role = 'input' "
+                      "GROUP BY p.child", (snapshot_id,)).fetchall()
+    db.executemany("UPDATE snapshots SET entries = entries + ?, bytes = bytes + ? WHERE id = ?",
+                   [(entries * n, nbytes * n, child) for child, n in uses])
+    return [child for child, _n in uses]
 
 
 def packed_rows(db: sqlite3.Connection) -> list[Row]:

@@ -9,6 +9,9 @@ mount server process naming the storage may be left.
 """
 from __future__ import annotations
 
+import json
+import os
+import time
 
 import pytest
 
@@ -111,3 +114,98 @@ def test_build_with_run_steps_then_run_the_built_image(podman, tmp_path):
     podman("image", "rm", tag)
     assert_nothing_left(podman)
     assert podman("run", "--rm", podman.image, "sh", "-c", LOOK).stdout == IMAGE_VIEW
+
+
+PLAIN_CONTAINERFILE = """\
+FROM {image}
+RUN mkdir /made && echo one > /made/f && echo extra >> /etc/motd
+RUN echo two > /made/g && rm /etc/group
+RUN echo three > /made/h
+"""
+# each step's layer as containers/storage stores it with a mount program (.wh. whiteouts);
+# the first also holds the mount points buildah made for the step (/etc/hostname, /run)
+STEP_LAYERS = [{"etc", "etc/motd", "made", "made/f", "etc/hostname", "run"},
+               {"etc", "etc/.wh.group", "made", "made/g"},
+               {"made", "made/h"}]
+
+
+@pytest.fixture(scope="module")
+def plain_archive(tmp_path_factory):
+    return busybox_image(tmp_path_factory.mktemp("plain"), "mergefs-plain", plain=True)
+
+
+def _files(diff: str) -> set[str]:
+    return {os.path.relpath(os.path.join(d, n), diff)
+            for d, dirs, files in os.walk(diff) for n in dirs + files}
+
+
+def test_build_commits_only_what_each_step_changed(podman, plain_archive, tmp_path):
+    """containers/storage diffs a step with a mount program by walking the parent
+    layers' mount beside the container's (its naive diff). Over a plain image
+    mergefs has the kernel mount the parents (the first two steps here; the third
+    step's parent holds a whiteout, so FUSE): either way each layer must hold the
+    step's changes only, as with fuse-overlayfs; anything the two mounts showed
+    differently (a time, an owner, a size) would land in the layer."""
+    image = podman.load(plain_archive)
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Containerfile").write_text(PLAIN_CONTAINERFILE.format(image=image))
+    tag = f"localhost/plain-{podman.name}"
+    podman("build", "--network", "none", "--tag", tag, ctx)
+    data = json.loads(podman("image", "inspect", "--format", "{{json .GraphDriver.Data}}",
+                             tag).stdout)
+    diffs = [data["UpperDir"]] + data["LowerDir"].split(":")[:2]
+    assert [_files(d) for d in reversed(diffs)] == STEP_LAYERS
+    r = podman("run", "--rm", tag, "sh", "-c", "cat /made/f /made/g /made/h /etc/motd; "
+               "test -e /etc/group || echo no-group")
+    assert r.stdout == "one\ntwo\nthree\nlayer one\nextra\nno-group\n"
+    podman("image", "rm", tag, image)
+    assert_nothing_left(podman)
+
+
+def test_image_mount_of_a_plain_image(podman, plain_archive):
+    """``podman image mount`` is a read-only mount with no upper: over a plain
+    image mergefs hands it to the kernel's overlayfs (a read-only bind for its one
+    layer), no server; ``image unmount`` (fusermount3 -u fails, then umount)
+    leaves nothing."""
+    image = podman.load(plain_archive)
+    where = podman("image", "mount", image).stdout.strip()
+    fstype = next(l.split()[2] for l in open("/proc/self/mounts") if l.split()[1] == where)
+    if podman.name == "mergefs":
+        assert not fstype.startswith("fuse")
+        with pytest.raises(OSError):
+            open(os.path.join(where, "etc/new"), "w").close()
+    else:
+        assert fstype == "fuse.fuse-overlayfs"
+    with open(os.path.join(where, "etc/motd")) as f:
+        assert f.read() == "layer one\n"
+    podman("image", "unmount", image)
+    podman("image", "rm", image)
+    assert_nothing_left(podman)
+
+
+def test_a_long_storage_path_still_gets_conmons_cleanup(tmp_path_factory, archive):
+    """conmon's exit command is ``podman --runroot R ... container cleanup ID`` and
+    podman refuses a ``--runroot`` longer than 50 characters: with a runroot that
+    long the cleanup never ran, the container stayed "stopped" with its rootfs
+    mounted, and ``podman run --rm`` waited out its 20 s conmon timeout. PodmanEnv
+    keeps the runroot short whatever its root."""
+    root = tmp_path_factory.mktemp("a-storage-root-whose-path-is-long-enough" + "x" * 20)
+    assert len(f"{root}/run") > 50
+    env = PodmanEnv(root, "kernel")
+    try:
+        image = env.load(archive)
+        cid = env("run", "-d", image, "true").stdout.strip()
+        env("wait", cid)
+        state, mounts = "", None
+        for _ in range(50):     # the exit command runs just after conmon sees the exit
+            state = env("inspect", "--format", "{{.State.Status}}", cid).stdout.strip()
+            mounts = env.mounts()
+            if state == "exited" and not mounts:
+                break
+            time.sleep(0.2)
+        assert (state, mounts) == ("exited", [])
+        env("rm", cid)
+    finally:
+        env.close()
+        assert not env.mounts(fs_only=False) and not env.processes()

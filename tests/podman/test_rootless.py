@@ -132,7 +132,8 @@ class RootlessPodman(PodmanEnv):
         (self.root / "storage.conf").write_text(
             conf + f'[storage.options.overlay]\nmount_program = "{self.program}"\n')
         (self.root / "xdg").mkdir(mode=0o700)
-        subprocess.run(["chown", "-R", f"{pw.pw_uid}:{pw.pw_gid}", self.root], check=True)
+        owner = f"{pw.pw_uid}:{pw.pw_gid}"
+        subprocess.run(["chown", "-R", owner, self.root, self.runroot.parent], check=True)
         self.env.update(HOME=str(self.root), XDG_RUNTIME_DIR=str(self.root / "xdg"))
 
     def __call__(self, *args, check: bool = True, timeout: float = 300):

@@ -323,3 +323,84 @@ def test_mount_of_a_packed_image_unpacks_it_and_serves_the_pushed_tree(a, b, reg
         if server.is_mounted(str(mnt)):
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
     assert all(_has_tree(b, x["layer"]) for x in pushed["layers"])
+
+
+def test_one_copy_pull_keeps_finished_layers_when_a_blob_fails(a, b, registry, layers):
+    """An empty store pulls with one skopeo copy (snapshotter.pullcopy): a blob the registry
+    serves corrupt fails the copy; every other layer is kept, and the retry, once the
+    registry is fixed, downloads only that blob."""
+    from mergefs.testing.registry import blob_gets
+    mid, target, pushed = _pushed(a, registry, layers)
+    bad = pushed["layers"][1]
+    path = registry.blob_path(bad["digest"])
+    good = path.read_bytes()
+    data = bytearray(good)
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    p = b.run("pull", target, "--retries", "0", check=False)
+    assert p.returncode == 1 and "digest" in p.stderr.lower()
+    kept = set(_rows(b))
+    assert kept == {pushed["layers"][0]["layer"], pushed["layers"][2]["layer"]}
+    path.write_bytes(good)
+    mark = registry.mark()
+    pulled = json.loads(b.run("pull", target, "--json").stdout)
+    assert pulled["image"] == mid and pulled["fetched"] == [bad["digest"]]
+    assert blob_gets(registry.since(mark), {x["digest"] for x in pushed["layers"]}) == \
+        [bad["digest"]]
+    assert os.listdir(b.root / "staging") == []
+    assert b.json("fsck")["findings"] == []
+
+
+def test_one_copy_pull_into_a_store_with_two_of_three_layers_fetches_one_blob(
+        a, b, registry, layers):
+    """B has two of the three layers, pulled (so with their blobs, which seed the copy):
+    the one copy of app downloads the third blob only."""
+    from mergefs.testing.registry import blob_gets
+    mid, target, pushed = _pushed(a, registry, layers)
+    two = f"{registry.address}/mergefs/two:v1"
+    a.run("merge", "--strategy", "union", "--name", "two", "base", "mid")
+    a.run("push", "two", two)
+    assert len(json.loads(b.run("pull", two, "--json").stdout)["fetched"]) == 2
+    mark = registry.mark()
+    pulled = json.loads(b.run("pull", target, "--json").stdout)
+    third = pushed["layers"][2]["digest"]
+    assert pulled["fetched"] == [third] and pulled["image"] == mid
+    assert blob_gets(registry.since(mark), {x["digest"] for x in pushed["layers"]}) == [third]
+    assert os.listdir(b.root / "staging") == []
+
+
+def test_a_union_merge_over_packed_layers_counts_their_entries_once_unpacked(
+        a, b, registry, layers, tmp_path):
+    """A merge's entries and bytes are its inputs' sums: the image record a lazy pull makes
+    over packed layers (which have none yet) gets them when the layers are unpacked."""
+    mid, target, pushed = _pushed(a, registry, layers)
+    b.run("pull", target)
+    ids = [x["layer"] for x in pushed["layers"]]
+    b.run("export", "app:v1", "-o", tmp_path / "out")          # unpacks every layer
+    rows = _rows(b)
+    assert all(rows[i]["packed"] is None for i in ids)
+    for field in ("entries", "bytes"):
+        assert rows[mid][field] == sum(rows[i][field] for i in ids) > 0, field
+        assert rows[mid][field] == _rows(a)[mid][field], field
+    journal = json.loads((b.root / "snapshots" / mid[7:] / "meta.json").read_text())["row"]
+    assert (journal["entries"], journal["bytes"]) == (rows[mid]["entries"], rows[mid]["bytes"])
+
+
+def test_import_of_an_image_whose_layers_are_packed_unpacks_them_once(a, b, registry, layers,
+                                                                       tmp_path):
+    """The layers of an OCI layout B pulled lazily before (skopeo pushed it: no annotations,
+    so B keeps them under their diffIDs): importing the layout reuses them, the upper ones
+    (whose unnamed dirs may take their lowers' attributes) unpacked in place once, not
+    extracted again beside them."""
+    _app_on(a, layers)
+    a.run("export", "app", "-o", tmp_path / "layout", "--format", "oci")
+    target = f"{registry.address}/skopeo/app:v1"
+    _skopeo("copy", "--dest-tls-verify=false", f"oci:{tmp_path / 'layout'}:app",
+            f"docker://{target}")
+    pulled = json.loads(b.run("pull", target, "--json").stdout)
+    assert pulled["packed"] == pulled["layers"]
+    imported = json.loads(b.run("import", tmp_path / "layout", "--json").stdout)
+    assert [x["id"] for x in imported["layers"]] == pulled["layers"]
+    rows = _rows(b)
+    assert all(rows[i]["packed"] is None and _has_tree(b, i) for i in pulled["layers"][1:])
+    assert b.json("fsck")["findings"] == []

@@ -563,3 +563,14 @@ def test_fsck_checks_kept_blobs_and_repair_forgets_bad_ones(a, b, layers, tmp_pa
         fsck(store, repair=True, verify_content=False)
         assert fsck(store, verify_content=False) == []
     assert len(os.listdir(bdir)) == 2
+
+
+def test_push_and_pull_build_only_their_parser_after_global_options():
+    """``mergefs --root R pull ...`` (as the bench and scripts spell it) loads the registry
+    verbs' module alone, as ``mergefs pull ...`` does."""
+    from mergefs.cli import VERB_MODULES, _verb_modules
+    for argv in (["pull", "r/x:y"], ["--root", "/r", "pull", "r/x:y"],
+                 ["--root=/r", "--debug", "push", "a", "r/x:y"]):
+        assert _verb_modules(argv) == ("registry",), argv
+    for argv in (["--root", "pull"], ["ls"], ["--version"], []):
+        assert _verb_modules(argv) == VERB_MODULES, argv

@@ -278,12 +278,12 @@ async def test_U4a_no_open_file_unlinked_while_held_keeps_its_content(tmp_path):
         assert await ops.write(made, 0, b"hello") == 5
         cold = drv.made(await ops.mknod(1, b"cold", 0o100644, 0, ctx))
         await ops.write(cold, 0, b"cold")
-        ops._drop_fds(cold)                # as if evicted: pinned by an O_PATH fd
+        ops.fds.drop(cold)                 # as if evicted: pinned by an O_PATH fd
         low = await drv.lookup("low")
         assert await ops.read(low, 0, 100) == b"lower"
         for name in (b"new", b"low", b"cold"):
             await ops.unlink(1, name, ctx)
-        assert ops._pinned[cold][2] == "path"
+        assert ops.fds.pinned[cold][2] == "path"
         assert (await ops.getattr(cold, ctx)).st_size == 4
         assert await ops.read(cold, 0, 100) == b"cold"
         await ops.write(cold, 4, b"er")
@@ -296,9 +296,9 @@ async def test_U4a_no_open_file_unlinked_while_held_keeps_its_content(tmp_path):
         assert (await ops.getattr(made, ctx)).st_size == 11
         assert sorted(os.listdir(tmp_path / "up")) == ["low"]        # the whiteout only
         assert os.listdir(tmp_path / "wk") == []
-        assert set(ops._pinned) == {made, low, cold}
+        assert set(ops.fds.pinned) == {made, low, cold}
         await ops.forget([(n, drv.held.pop(n)) for n in (made, low, cold)])
-        assert not ops._pinned
+        assert not ops.fds.pinned
     finally:
         ops.close()
         view.close()

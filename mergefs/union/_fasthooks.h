@@ -1,0 +1,28 @@
+/* The hooks the patched pyfuse3 (tools/pyfuse3_inode_fh.py, v5) calls at the top
+ * of its C request callbacks, before it makes a coroutine for the request.
+ * A hook returns 1 when it replied to the request, 0 to let pyfuse3 go on as
+ * usual (the Python handler). NULL hooks: stock behaviour. The patch inserts
+ * this file's text into pyfuse3's generated C and exports ``mergefs_fast``
+ * (its last two fields point at pyfuse3's session and pending coroutine);
+ * mergefs/union/_fastpath.c finds it with dlsym and fills it in. Change the
+ * layout only together with MERGEFS_FAST_HOOKS_VERSION. */
+#ifndef MERGEFS_FAST_HOOKS_H
+#define MERGEFS_FAST_HOOKS_H
+#define MERGEFS_FAST_HOOKS_VERSION 2
+struct mergefs_fast_hooks {
+    unsigned int version;     /* MERGEFS_FAST_HOOKS_VERSION of the pyfuse3 build */
+    unsigned int size;        /* sizeof(struct mergefs_fast_hooks) there */
+    int (*getattr)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
+    int (*setattr)(fuse_req_t, fuse_ino_t, struct stat *, int, struct fuse_file_info *);
+    int (*read)(fuse_req_t, fuse_ino_t, size_t, off_t, struct fuse_file_info *);
+    int (*write)(fuse_req_t, fuse_ino_t, const char *, size_t, off_t, struct fuse_file_info *);
+    int (*write_buf)(fuse_req_t, fuse_ino_t, struct fuse_bufvec *, off_t, struct fuse_file_info *);
+    int (*fsync)(fuse_req_t, fuse_ino_t, int, struct fuse_file_info *);
+    int (*getxattr)(fuse_req_t, fuse_ino_t, const char *, size_t);
+    /* pyfuse3's own state, for a request loop in C (_fastpath.drain): its
+     * session, and ``py_retval``, where a callback leaves the coroutine of a
+     * request that Python serves (the loop must await it) */
+    struct fuse_session **session;
+    PyObject **retval;
+};
+#endif

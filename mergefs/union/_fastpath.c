@@ -1,0 +1,554 @@
+/* The C fast path of a union mount (docs/architecture.md, "Serving paths").
+ *
+ * The patched pyfuse3 (tools/pyfuse3_inode_fh.py, v5) calls the hooks of its
+ * exported ``mergefs_fast`` at the top of its C callbacks for GETATTR,
+ * SETATTR, READ, WRITE, FSYNC and GETXATTR. This module fills them in and
+ * answers those requests itself, without a Python coroutine, for the regular
+ * files whose content fd the Python side holds (ops' no-open fd cache,
+ * mergefs/union/fdcache.py): a table (_fasttable.h) from FUSE inode number to
+ * that fd. A READ with no entry asks Python to open the file first (set_miss).
+ * All namespace logic (lookup, create, unlink, rename, readdir, copy-up)
+ * stays in Python. ``drain`` runs the request loop itself while requests
+ * need no Python.
+ *
+ * Ownership: the fd belongs to the Python cache, which drops the entry here
+ * before it closes the fd. An entry holds strong references to the Python
+ * Inode and to the Node it was set for; a request is served only while
+ * ``inode.node is node`` and ``not inode.unlinked`` (a copy-up, a rename over
+ * it or an unlink changes those: the request falls through to Python, which
+ * sorts it out), and only for no-open requests (fh 0).
+ *
+ * After a change (setattr, write) it drops Python's cached attributes of the
+ * inode (``inode.attr = None``, which drops ``inode.entry`` too) and, after a
+ * chown, its cached xattr names. Every case it does not handle exactly as the
+ * Python handlers would falls through (hook returns 0). The hooks run on
+ * pyfuse3's thread with the GIL held, as the Python handlers do.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#define FUSE_USE_VERSION 35
+#include <fuse_lowlevel.h>
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/limits.h>
+#include <poll.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/xattr.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "_fasthooks.h"
+
+#define F_WRITE 1u   /* the fd is read-write, on the upper file: writes and setattr */
+#define F_UPPER 2u   /* the file is in the upper: fsync syncs it */
+
+#include "_fasttable.h"
+
+static struct mergefs_fast_hooks *hooks;
+static double attr_timeout;
+static long long squash_uid = -1, squash_gid = -1;
+static int volatile_sync;
+
+enum { OP_GETATTR, OP_SETATTR, OP_READ, OP_WRITE, OP_FSYNC, OP_GETXATTR, OP_N };
+static const char *op_names[OP_N] = {"getattr", "setattr", "read", "write", "fsync", "getxattr"};
+static unsigned long long served[OP_N];
+static PyObject *s_node, *s_unlinked, *s_attr, *s_xattrs;
+
+static char *buffer;
+static size_t buffer_size;
+/* Python's ``miss(number)``: called on a READ of an inode with no entry; it may
+ * open the file's content fd and set an entry (ops: the no-open read path
+ * without pyfuse3's coroutine and error wrapper around it). */
+static PyObject *miss_fn;
+
+/* -- per request ------------------------------------------------------------ */
+
+/* The entry that may serve a request on ``ino``: a no-open request (fh 0) on
+ * an inode still served by the node and not unlinked; else NULL (Python). */
+static entry_t *usable(fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    if (fi && fi->fh)
+        return NULL;
+    entry_t *e = find(ino);
+    if (!e)
+        return NULL;
+    PyObject *node = PyObject_GetAttr(e->inode, s_node);
+    if (!node) {
+        PyErr_Clear();
+        return NULL;
+    }
+    Py_DECREF(node);             /* the inode holds it: only its identity is needed */
+    if (node != e->node)
+        return NULL;
+    PyObject *unlinked = PyObject_GetAttr(e->inode, s_unlinked);
+    if (!unlinked) {
+        PyErr_Clear();
+        return NULL;
+    }
+    int gone = unlinked != Py_False;
+    Py_DECREF(unlinked);
+    return gone ? NULL : e;
+}
+
+/* Python's cached attributes of the inode are stale now (its xattr names too
+ * after a chown, which removes security.capability). */
+static void changed(entry_t *e, int xattrs)
+{
+    if (PyObject_SetAttr(e->inode, s_attr, Py_None) < 0)
+        PyErr_Clear();
+    if (xattrs && PyObject_SetAttr(e->inode, s_xattrs, Py_None) < 0)
+        PyErr_Clear();
+}
+
+/* fstat of the entry's fd as the mount shows it (ops.entry_attributes). */
+static int attributes(entry_t *e, fuse_ino_t ino, struct stat *st)
+{
+    if (fstat(e->fd, st) != 0 || !S_ISREG(st->st_mode))
+        return -1;
+    st->st_ino = ino;
+    if (squash_uid >= 0)
+        st->st_uid = (uid_t)squash_uid;
+    if (squash_gid >= 0)
+        st->st_gid = (gid_t)squash_gid;
+    return 0;
+}
+
+static int h_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    struct stat st;
+    entry_t *e = usable(ino, fi);
+    if (!e || attributes(e, ino, &st) < 0)
+        return 0;
+    served[OP_GETATTR]++;
+    fuse_reply_attr(req, &st, attr_timeout);
+    return 1;
+}
+
+#define KNOWN_SET (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID | \
+                   FUSE_SET_ATTR_SIZE | FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME | \
+                   FUSE_SET_ATTR_ATIME_NOW | FUSE_SET_ATTR_MTIME_NOW | FUSE_SET_ATTR_CTIME)
+
+/* WritableView.setattr's order on the upper file: size, owner, mode, times;
+ * a time not asked for is kept; *_NOW is the realtime clock, as pyfuse3 fills it. */
+static int apply(int fd, const struct stat *a, int to_set)
+{
+    if ((to_set & FUSE_SET_ATTR_SIZE) && ftruncate(fd, a->st_size) != 0)
+        return -1;
+    if ((to_set & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) &&
+        fchown(fd, (to_set & FUSE_SET_ATTR_UID) ? a->st_uid : (uid_t)-1,
+               (to_set & FUSE_SET_ATTR_GID) ? a->st_gid : (gid_t)-1) != 0)
+        return -1;
+    if ((to_set & FUSE_SET_ATTR_MODE) && fchmod(fd, a->st_mode & 07777) != 0)
+        return -1;
+    if (to_set & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME |
+                  FUSE_SET_ATTR_ATIME_NOW | FUSE_SET_ATTR_MTIME_NOW)) {
+        struct timespec ts[2] = {{0, UTIME_OMIT}, {0, UTIME_OMIT}}, now;
+        if ((to_set & (FUSE_SET_ATTR_ATIME_NOW | FUSE_SET_ATTR_MTIME_NOW)) &&
+            clock_gettime(CLOCK_REALTIME, &now) != 0)
+            return -1;
+        if (to_set & FUSE_SET_ATTR_ATIME)
+            ts[0] = a->st_atim;
+        else if (to_set & FUSE_SET_ATTR_ATIME_NOW)
+            ts[0] = now;
+        if (to_set & FUSE_SET_ATTR_MTIME)
+            ts[1] = a->st_mtim;
+        else if (to_set & FUSE_SET_ATTR_MTIME_NOW)
+            ts[1] = now;
+        if (futimens(fd, ts) != 0)
+            return -1;
+    }
+    return 0;
+}
+
+static int h_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *a, int to_set,
+                     struct fuse_file_info *fi)
+{
+    struct stat st;
+    if (to_set & ~KNOWN_SET)
+        return 0;
+    entry_t *e = usable(ino, fi);
+    if (!e || !(e->flags & F_WRITE))
+        return 0;           /* a lower file is copied up first: Python (U4) */
+    served[OP_SETATTR]++;
+    int failed = apply(e->fd, a, to_set), err = errno;
+    changed(e, to_set & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID));
+    if (failed)
+        fuse_reply_err(req, err);
+    else if (attributes(e, ino, &st) < 0)
+        fuse_reply_err(req, errno ? errno : EIO);
+    else
+        fuse_reply_attr(req, &st, attr_timeout);
+    return 1;
+}
+
+/* No entry for a READ: ask Python to open the file (its errors: Python's read
+ * handler answers, it meets them again). */
+static entry_t *opened(fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    if (!miss_fn || (fi && fi->fh) || find(ino))
+        return NULL;
+    PyObject *number = PyLong_FromUnsignedLongLong(ino);
+    PyObject *r = number ? PyObject_CallOneArg(miss_fn, number) : NULL;
+    Py_XDECREF(number);
+    if (!r) {
+        PyErr_Clear();
+        return NULL;
+    }
+    Py_DECREF(r);
+    return usable(ino, fi);
+}
+
+static int h_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+                  struct fuse_file_info *fi)
+{
+    entry_t *e = usable(ino, fi);
+    if (!e)
+        e = opened(ino, fi);
+    if (!e)
+        return 0;
+    if (size > buffer_size) {
+        char *b = realloc(buffer, size);
+        if (!b)
+            return 0;
+        buffer = b;
+        buffer_size = size;
+    }
+    served[OP_READ]++;
+    ssize_t n = pread(e->fd, buffer, size, off);
+    if (n < 0)
+        fuse_reply_err(req, errno);
+    else
+        fuse_reply_buf(req, buffer, (size_t)n);
+    return 1;
+}
+
+static int h_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
+                   struct fuse_file_info *fi)
+{
+    entry_t *e = usable(ino, fi);
+    if (!e || !(e->flags & F_WRITE))
+        return 0;           /* a lower file is copied up at its first write: Python */
+    served[OP_WRITE]++;
+    ssize_t n = pwrite(e->fd, buf, size, off);
+    int err = errno;
+    changed(e, 0);
+    if (n < 0)
+        fuse_reply_err(req, err);
+    else
+        fuse_reply_write(req, (size_t)n);
+    return 1;
+}
+
+static int h_write_buf(fuse_req_t req, fuse_ino_t ino, struct fuse_bufvec *bufv, off_t off,
+                       struct fuse_file_info *fi)
+{
+    entry_t *e = usable(ino, fi);
+    if (!e || !(e->flags & F_WRITE))
+        return 0;
+    served[OP_WRITE]++;
+    struct fuse_bufvec dst = FUSE_BUFVEC_INIT(fuse_buf_size(bufv));
+    dst.buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK;
+    dst.buf[0].fd = e->fd;
+    dst.buf[0].pos = off;
+    ssize_t n = fuse_buf_copy(&dst, bufv, 0);
+    changed(e, 0);
+    if (n < 0)
+        fuse_reply_err(req, (int)-n);
+    else
+        fuse_reply_write(req, (size_t)n);
+    return 1;
+}
+
+static int h_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi)
+{
+    entry_t *e = usable(ino, fi);
+    if (!e)
+        return 0;
+    served[OP_FSYNC]++;
+    /* a lower file has nothing to sync (kernel overlayfs syncs only an upper
+     * file); "volatile" mounts sync nothing */
+    int failed = 0;
+    if (!volatile_sync && (e->flags & F_UPPER))
+        failed = (datasync ? fdatasync(e->fd) : fsync(e->fd)) != 0;
+    fuse_reply_err(req, failed ? errno : 0);
+    return 1;
+}
+
+/* mergefs.layer.is_overlay_private: the overlay format's own names */
+static int overlay_private(const char *name)
+{
+    return !strncmp(name, "trusted.overlay.", 16) || !strncmp(name, "user.overlay.", 13);
+}
+
+static int h_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
+{
+    if (overlay_private(name)) {        /* as kernel overlayfs answers its own prefix */
+        served[OP_GETXATTR]++;
+        fuse_reply_err(req, EOPNOTSUPP);
+        return 1;
+    }
+    entry_t *e = usable(ino, NULL);
+    if (!e)
+        return 0;
+    if (size > XATTR_SIZE_MAX)
+        size = XATTR_SIZE_MAX;          /* no value is longer */
+    if (size > buffer_size) {
+        char *b = realloc(buffer, size);
+        if (!b)
+            return 0;
+        buffer = b;
+        buffer_size = size;
+    }
+    ssize_t n = fgetxattr(e->fd, name, size ? buffer : NULL, size);
+    if (n < 0 && errno != ENODATA && errno != ERANGE)
+        return 0;                       /* anything else: Python's rules */
+    served[OP_GETXATTR]++;
+    if (n < 0)
+        fuse_reply_err(req, errno);
+    else if (size == 0)
+        fuse_reply_xattr(req, (size_t)n);
+    else
+        fuse_reply_buf(req, buffer, (size_t)n);
+    return 1;
+}
+
+/* -- the request loop -------------------------------------------------------------- */
+
+/* pyfuse3's loop pays a Python coroutine (its wait for the fd) per request,
+ * more than a request served here costs. drain(budget, timeout_ms) waits for
+ * the fd (poll, at most timeout_ms each time, without the GIL) and reads and
+ * dispatches requests itself, at most ``budget`` of them: those a hook serves
+ * end here; the first one that reaches pyfuse3's Python side leaves its
+ * coroutine in py_retval, which drain hands back for the caller to await (as
+ * pyfuse3's loop does). None: the fd stayed quiet for timeout_ms, a signal
+ * came, the session ended, or the budget is spent (pyfuse3's own loop goes
+ * on from there). */
+static struct fuse_buf drain_buf;
+
+static PyObject *py_drain(PyObject *self, PyObject *args)
+{
+    long budget;
+    int timeout, ready;
+    if (!PyArg_ParseTuple(args, "li", &budget, &timeout))
+        return NULL;
+    if (!hooks || !*hooks->session)
+        Py_RETURN_NONE;
+    struct fuse_session *se = *hooks->session;
+    struct pollfd p = {.fd = fuse_session_fd(se), .events = POLLIN};
+    for (long n = 0; n < budget; n++) {
+        if (fuse_session_exited(se))
+            break;
+        Py_BEGIN_ALLOW_THREADS
+        ready = poll(&p, 1, timeout);
+        Py_END_ALLOW_THREADS
+        if (ready != 1 || !(p.revents & POLLIN))
+            break;          /* quiet, a signal (Python handles it), or the fd failed */
+        int res = fuse_session_receive_buf(se, &drain_buf);
+        if (res == -EINTR)
+            break;
+        if (res <= 0)
+            break;          /* pyfuse3's loop meets the end or the error itself */
+        Py_XSETREF(*hooks->retval, Py_NewRef(Py_None));
+        fuse_session_process_buf(se, &drain_buf);
+        PyObject *pending = *hooks->retval;
+        if (pending && pending != Py_None) {
+            *hooks->retval = Py_NewRef(Py_None);
+            return pending;
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+/* -- the Python API ------------------------------------------------------------ */
+
+static PyObject *py_attach(PyObject *self, PyObject *arg)
+{
+    const char *path = PyUnicode_AsUTF8(arg);
+    if (!path)
+        return NULL;
+    void *so = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
+    if (!so)
+        Py_RETURN_FALSE;
+    struct mergefs_fast_hooks *h = dlsym(so, "mergefs_fast");
+    dlclose(so);                        /* NOLOAD took a reference; the module keeps it */
+    if (!h || h->version != MERGEFS_FAST_HOOKS_VERSION ||
+        h->size != sizeof(struct mergefs_fast_hooks))
+        Py_RETURN_FALSE;
+    hooks = h;
+    Py_RETURN_TRUE;
+}
+
+static PyObject *py_enable(PyObject *self, PyObject *args)
+{
+    int vol;
+    if (!PyArg_ParseTuple(args, "dLLp", &attr_timeout, &squash_uid, &squash_gid, &vol))
+        return NULL;
+    if (!hooks) {
+        PyErr_SetString(PyExc_RuntimeError, "no pyfuse3 with mergefs_fast hooks attached");
+        return NULL;
+    }
+    volatile_sync = vol;
+    hooks->getattr = h_getattr;
+    hooks->setattr = h_setattr;
+    hooks->read = h_read;
+    hooks->write = h_write;
+    hooks->write_buf = h_write_buf;
+    hooks->fsync = h_fsync;
+    hooks->getxattr = h_getxattr;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_set_miss(PyObject *self, PyObject *fn)
+{
+    Py_XSETREF(miss_fn, fn == Py_None ? NULL : Py_NewRef(fn));
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_disable(PyObject *self, PyObject *unused)
+{
+    Py_CLEAR(miss_fn);
+    if (hooks) {
+        hooks->getattr = NULL;
+        hooks->setattr = NULL;
+        hooks->read = NULL;
+        hooks->write = NULL;
+        hooks->write_buf = NULL;
+        hooks->fsync = NULL;
+        hooks->getxattr = NULL;
+    }
+    clear_table();
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_set(PyObject *self, PyObject *args)
+{
+    unsigned long long number;
+    int fd;
+    unsigned flags;
+    PyObject *inode, *node;
+    if (!PyArg_ParseTuple(args, "KiIOO", &number, &fd, &flags, &inode, &node))
+        return NULL;
+    if (!number || fd < 0) {
+        PyErr_SetString(PyExc_ValueError, "inode number 0 or negative fd");
+        return NULL;
+    }
+    entry_t *e = find(number);
+    if (!e) {
+        if ((used + 1) * 2 > slots && grow() < 0)
+            return PyErr_NoMemory();
+        size_t i = slot_of(number);
+        while (table[i].number)
+            i = (i + 1) & (slots - 1);
+        e = &table[i];
+        used++;
+    } else {
+        Py_CLEAR(e->inode);
+        Py_CLEAR(e->node);
+    }
+    e->number = number;
+    e->fd = fd;
+    e->flags = flags;
+    Py_INCREF(inode);
+    e->inode = inode;
+    Py_INCREF(node);
+    e->node = node;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_drop(PyObject *self, PyObject *arg)
+{
+    unsigned long long number = PyLong_AsUnsignedLongLong(arg);
+    if (number == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    drop_number(number);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_clear(PyObject *self, PyObject *unused)
+{
+    clear_table();
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_get(PyObject *self, PyObject *arg)
+{
+    unsigned long long number = PyLong_AsUnsignedLongLong(arg);
+    if (number == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    entry_t *e = find(number);
+    if (!e)
+        Py_RETURN_NONE;
+    return Py_BuildValue("(iI)", e->fd, e->flags);
+}
+
+static PyObject *py_size(PyObject *self, PyObject *unused)
+{
+    return PyLong_FromSize_t(used);
+}
+
+static PyObject *py_stats(PyObject *self, PyObject *args)
+{
+    int reset = 0;
+    if (!PyArg_ParseTuple(args, "|p", &reset))
+        return NULL;
+    PyObject *d = PyDict_New();
+    if (!d)
+        return NULL;
+    for (int i = 0; i < OP_N; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(served[i]);
+        if (!v || PyDict_SetItemString(d, op_names[i], v) < 0) {
+            Py_XDECREF(v);
+            Py_DECREF(d);
+            return NULL;
+        }
+        Py_DECREF(v);
+        if (reset)
+            served[i] = 0;
+    }
+    return d;
+}
+
+static PyMethodDef methods[] = {
+    {"attach", py_attach, METH_O,
+     "attach(pyfuse3_module_path) -> bool: find the pyfuse3 build's mergefs_fast hooks"},
+    {"enable", py_enable, METH_VARARGS,
+     "enable(attr_timeout, squash_uid, squash_gid, volatile): serve from now on "
+     "(-1: no squash)"},
+    {"disable", py_disable, METH_NOARGS, "stop serving; forget every entry"},
+    {"set_miss", py_set_miss, METH_O,
+     "set_miss(fn): fn(number) may set an entry when a READ finds none (None: no call)"},
+    {"set", py_set, METH_VARARGS,
+     "set(number, fd, flags, inode, node): serve inode ``number`` through ``fd`` "
+     "(borrowed: drop it before closing the fd)"},
+    {"drop", py_drop, METH_O, "drop(number): forget the entry, if any (closes nothing)"},
+    {"clear", py_clear, METH_NOARGS, "forget every entry (closes nothing)"},
+    {"get", py_get, METH_O, "get(number) -> (fd, flags) or None"},
+    {"size", py_size, METH_NOARGS, "how many entries"},
+    {"stats", py_stats, METH_VARARGS, "stats(reset=False) -> requests served, by name"},
+    {"drain", py_drain, METH_VARARGS,
+     "drain(budget, timeout_ms) -> the coroutine of a request for Python to await, or None"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastpath", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__fastpath(void)
+{
+    PyObject *m = PyModule_Create(&module);
+    if (!m)
+        return NULL;
+    s_node = PyUnicode_InternFromString("node");
+    s_unlinked = PyUnicode_InternFromString("unlinked");
+    s_attr = PyUnicode_InternFromString("attr");
+    s_xattrs = PyUnicode_InternFromString("xattrs");
+    if (!s_node || !s_unlinked || !s_attr || !s_xattrs ||
+        PyModule_AddIntConstant(m, "WRITE", F_WRITE) < 0 ||
+        PyModule_AddIntConstant(m, "UPPER", F_UPPER) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,63 @@
+"""Loads the C fast path of a union mount (``_fastpath.c``; docs/architecture.md,
+"Serving paths").
+
+It serves GETATTR, SETATTR, READ, WRITE, FSYNC and GETXATTR of the regular
+files whose content fd the no-open fd cache (fdcache.py) holds, from C hooks
+that a v5 build of pyfuse3 calls before it makes a coroutine for a request
+(tools/pyfuse3_inode_fh.py). Without the compiled module, with an older
+pyfuse3 build or with ``MERGEFS_FASTPATH=0``, every request goes through the
+Python handlers, which give the same answers. ``MERGEFS_FASTPATH_LOOP=0``
+keeps pyfuse3's own request loop (no ``drain``), for comparisons.
+"""
+from __future__ import annotations
+
+import os
+
+from .errors import log
+
+# ``_fastpath.drain`` once the fast path is on: fuseloop's wait for the next
+# request lets C read and serve requests first (no coroutine per request)
+drain = None
+
+
+def load(attr_timeout: float, squash: tuple, volatile: bool):
+    """The enabled C table (the ``_fastpath`` module), or None: no fast path."""
+    if os.environ.get("MERGEFS_FASTPATH") == "0":
+        return None
+    try:
+        from . import _fastpath
+    except ImportError as e:
+        log.warning("no C fast path (%s): tools/pyfuse3_inode_fh.py --fastpath builds it", e)
+        return None
+    import pyfuse3
+    try:
+        if not _fastpath.attach(pyfuse3.__file__):
+            log.info("no C fast path: this pyfuse3 build has no mergefs_fast hooks "
+                     "of this version (tools/pyfuse3_inode_fh.py --install)")
+            return None
+        uid, gid = (-1 if s is None else s for s in squash)
+        loop = _fastpath.drain
+        _fastpath.enable(attr_timeout, uid, gid, volatile)
+    except Exception as e:             # a module built from other sources: never fail a mount
+        log.warning("no C fast path: %s (tools/pyfuse3_inode_fh.py --fastpath rebuilds it)", e)
+        return None
+    global drain
+    drain = loop if os.environ.get("MERGEFS_FASTPATH_LOOP") != "0" else None
+    return _fastpath
+
+
+def unload() -> None:
+    """Serve nothing in C any more (the mount is closing): hooks, table and loop."""
+    global drain
+    drain = None
+    from . import _fastpath
+    _fastpath.disable()
+
+
+def stats() -> dict:
+    """Requests the C fast path served since the last call, as ``fast_NAME`` counts."""
+    try:
+        from . import _fastpath
+    except ImportError:
+        return {}
+    return {f"fast_{k}": v for k, v in _fastpath.stats(True).items() if v}

@@ -1,0 +1,168 @@
+"""The content fds of a no-open mount, kept per inode (docs/architecture.md, "Serving paths").
+
+Under no-open the kernel sends no OPEN/RELEASE, so read/write/fsync arrive
+with the inode number and no handle. ``FdCache`` keeps an fd per inode:
+
+- ``fds``: number -> (fd, node it is on, writable), the last FD_CACHE used;
+  an entry counts only while the inode is still served by that node (a
+  copy-up or a rename over it changes ``inode.node``), checked at each use.
+- ``pinned``: number -> (fd, node, "rw"|"ro"|"path", on an upper file?), the
+  fd of a file unlinked (or renamed over) while the kernel may hold it open,
+  kept until its FORGET, never evicted; a "path" pin is an O_PATH fd,
+  reopened through /proc/self/fd at its first use.
+
+The C fast path (``fast``, mergefs/union/_fastpath.c, when loaded) serves
+GETATTR/SETATTR/READ/WRITE/FSYNC/GETXATTR of the regular files in ``fds``
+through the same fds: this cache owns them and tells the C table of every
+entry it adds, replaces, moves to ``pinned`` or closes, before closing.
+"""
+from __future__ import annotations
+
+import os
+
+from ..layer import REG
+from .inodes import Inode
+
+FD_CACHE = 256
+
+
+class FdCache:
+    def __init__(self, view):
+        self.view = view
+        self.fds: dict[int, tuple] = {}
+        self.pinned: dict[int, tuple] = {}
+        self.fast = None                   # the C fast path's table (fastpath.load())
+
+    def close(self) -> None:
+        if self.fast is not None:
+            from . import fastpath
+            fastpath.unload()
+            self.fast = None
+        for cache in (self.fds, self.pinned):
+            for got in cache.values():
+                os.close(got[0])
+            cache.clear()
+
+    def __bool__(self) -> bool:
+        return bool(self.fds or self.pinned)
+
+    def cached(self, inode: Inode, write: bool) -> int:
+        """The inode's kept fd, -1 if none fits: pinned first, then the cache,
+        whose entry must be on the inode's current node and writable if ``write``."""
+        number, node = inode.number, inode.node
+        if self.pinned:
+            got = self.pinned.get(number)
+            if got is not None:
+                if got[2] == "rw" or got[2] == "ro" and not write:
+                    return got[0]
+                if got[3]:
+                    return self._reopen_pinned(number, got, write)
+                # a lower file's read fd, asked for a write: a detached copy (-1)
+        got = self.fds.pop(number, None)
+        if got is not None:
+            if (got[1] is node or got[1] == node) and (got[2] or not write):
+                if got[1] is not node:       # an equal node now: the C table needs this one
+                    got = (got[0], node, got[2])
+                    self._serve(inode, got)
+                self.fds[number] = got       # the most recently used now
+                return got[0]
+            self._close(number, got[0])
+        return -1
+
+    def keep(self, inode: Inode, fd: int, writable: bool) -> None:
+        if inode.unlinked:                  # its only way in now: never evicted
+            self._close_pin(inode.number)
+            self.pinned[inode.number] = (fd, inode.node, "rw" if writable else "ro",
+                                         self.view.writable and inode.node.top == self.view.up)
+            return
+        if len(self.fds) >= FD_CACHE:
+            oldest = next(iter(self.fds))
+            self._close(oldest, self.fds.pop(oldest)[0])
+        old = self.fds.pop(inode.number, None)
+        if old is not None:
+            self._close(inode.number, old[0])
+        got = self.fds[inode.number] = (fd, inode.node, writable)
+        self._serve(inode, got)
+
+    def _serve(self, inode: Inode, got: tuple) -> None:
+        """Hand a regular file's cache entry to the C fast path."""
+        if self.fast is not None and inode.kind == REG:
+            view = self.view
+            upper = view.writable and got[1].top == view.up
+            flags = (self.fast.WRITE if got[2] else 0) | (self.fast.UPPER if upper else 0)
+            self.fast.set(inode.number, got[0], flags, inode, got[1])
+
+    def _close(self, number: int, fd: int) -> None:
+        if self.fast is not None:
+            self.fast.drop(number)
+        os.close(fd)
+
+    def _close_pin(self, number: int) -> None:
+        old = self.pinned.pop(number, None)
+        if old is not None:
+            os.close(old[0])
+
+    def _reopen_pinned(self, number: int, got: tuple, write: bool) -> int:
+        """A pinned upper file opened again through its fd (the name is gone):
+        read-write if the server may, else read-only for a read."""
+        fd, node = got[0], got[1]
+        path = f"/proc/self/fd/{fd}"
+        try:
+            new, mode = os.open(path, os.O_RDWR | os.O_CLOEXEC), "rw"
+        except PermissionError:
+            if write:
+                raise
+            new, mode = os.open(path, os.O_RDONLY | os.O_CLOEXEC), "ro"
+        os.close(fd)
+        self.pinned[number] = (new, node, mode, True)
+        return new
+
+    def drop(self, number: int) -> None:
+        got = self.fds.pop(number, None)
+        if got is not None:
+            self._close(number, got[0])
+        self._close_pin(number)
+
+    def content_fd(self, inode: Inode) -> int:
+        """No-open reads: an fd per inode, the last FD_CACHE of them kept open."""
+        fd = self.cached(inode, False)
+        if fd < 0:
+            fd = self.view.open_content(inode)
+            self.keep(inode, fd, False)
+        return fd
+
+    def write_fd(self, inode: Inode, writer) -> int:
+        """No-open writes: the inode's fd on its upper file. The first write to a
+        lower file copies it up (kernel overlayfs does at open for write); a lower
+        file unlinked while held open gets a copy of its own, never published."""
+        fd = self.cached(inode, True)
+        if fd < 0:
+            fd = writer.detached_copy(inode) if inode.unlinked and inode.node.top != writer.up \
+                else writer.open_for_write(inode, os.O_RDWR)
+            self.keep(inode, fd, True)
+        return fd
+
+    def pin(self, parent: Inode, name: bytes) -> None:
+        """No-open, before ``parent/name`` is unlinked or renamed over: the kernel may
+        hold the file open with no handle here, so keep an fd on its upper file until
+        its FORGET (a lower file stays readable in its layer; nothing to keep). A
+        cached fd is kept as it is; else an O_PATH one (cheap: ``rm -rf`` pins every
+        file), opened for reading or writing only if the kernel comes back for it."""
+        view = self.view
+        node = view.listing(parent).get(name)
+        if node is None or node.kind != REG or node.top != view.up:
+            return
+        inode = view.inodes.live(view.inodes.number_for(node))
+        if inode is None or inode.number in self.pinned:
+            return
+        got = self.fds.pop(inode.number, None)
+        if got is not None and self.fast is not None:
+            self.fast.drop(inode.number)     # C serves no unlinked file
+        if got is not None and (got[1] is node or got[1] == node):
+            self.pinned[inode.number] = (got[0], node, "rw" if got[2] else "ro", True)
+            return
+        if got is not None:
+            os.close(got[0])
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=view.upper.borrow_dir(parent.path))
+        self.pinned[inode.number] = (fd, node, "path", True)

@@ -1,0 +1,258 @@
+"""The C fast path (mergefs/union/_fastpath.c) on real writable mounts.
+
+It answers GETATTR/SETATTR/READ/WRITE/FSYNC/GETXATTR of the regular files the
+no-open fd cache holds; everything else goes through Python. These tests
+make C serve a request, then make Python answer about the same file (a lookup
+of another of its names, a copy-up, an unlink), and compare with kernel
+overlayfs where the kernel decides (chown clearing set-uid). Each runs with
+the fast path on (the default; also with pyfuse3's own loop calling its
+hooks) and off (``MERGEFS_FASTPATH=0``), in both open modes; with it on, the
+server's request counts must show C served them, so no test passes with the
+fast path silently off.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import re
+import signal
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from mergefs.testing import mounts
+from mergefs.testing.builders import LayerSpec, materialise_stack
+from mergefs.union import server
+
+from ..conftest import needs_overlay
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def fast_path_expected() -> bool:
+    """A v5 pyfuse3 build (with the hooks): bootstrap then builds the C module too."""
+    import pyfuse3
+    try:
+        with open(os.path.join(os.path.dirname(pyfuse3.__file__), server.INODE_FH_MARKER)) as f:
+            return int(re.match(r"v(\d+)", f.read()).group(1)) >= 5
+    except (FileNotFoundError, AttributeError):
+        return False
+
+
+@pytest.fixture(params=["fast", "fast-pyfuse3-loop", "python"])
+def fast(request, monkeypatch):
+    """Is the C fast path meant to serve (on, and the mount is no-open)? Also
+    with pyfuse3's own request loop calling the hooks (no ``drain``)."""
+    if request.param == "python":
+        monkeypatch.setenv("MERGEFS_FASTPATH", "0")
+        return False
+    if request.param == "fast-pyfuse3-loop":
+        monkeypatch.setenv("MERGEFS_FASTPATH_LOOP", "0")
+    return os.environ.get("MERGEFS_NO_OPEN") != "0" and fast_path_expected()
+
+
+def served(union_mount) -> dict:
+    """The request counts the server logs on SIGUSR1 (``fast_*``: served in C)."""
+    _, pid, log = union_mount.started[-1]
+    before = log.stat().st_size
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with open(log) as f:
+            f.seek(before)
+            m = re.search(r"requests (\{.*\})", f.read())
+        if m:
+            return json.loads(m.group(1))
+        time.sleep(0.02)
+    raise AssertionError("the server logged no request counts")
+
+
+def forget_all() -> None:
+    """Make the kernel forget unused dentries and inodes: the next stat is a LOOKUP,
+    answered by Python from what it cached."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2\n")
+
+
+def uncached_read(p: Path) -> bytes:
+    """The file's bytes as the server sends them (its cached pages dropped first)."""
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return os.read(fd, 1 << 20)
+    finally:
+        os.close(fd)
+
+
+def writable(tmp_path: Path, union_mount, spec: LayerSpec, name: str = "m") -> Path:
+    layers = materialise_stack([spec], tmp_path / name / "layers")
+    up, wk = tmp_path / name / "up", tmp_path / name / "wk"
+    up.mkdir()
+    wk.mkdir()
+    return union_mount(layers, upper=up, work=wk)
+
+
+def attrs(p: Path) -> tuple:
+    st = os.stat(p)
+    return st.st_size, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns, st.st_ino
+
+
+def test_fastpath_changes_then_lookup_through_python(tmp_path, union_mount, fast):
+    """Each of chown/chmod/truncate/write/utime served in C after a Python lookup
+    filled Python's cache of the file; then a lookup of another of its names
+    (one the kernel has not seen, so Python answers it, and the kernel takes
+    its attributes from that answer) must show the new attributes."""
+    mnt = writable(tmp_path, union_mount, LayerSpec().file("low", b"lower data"))
+    f = mnt / "new"
+    f.write_bytes(b"0123456789")
+    for i in range(6):
+        os.link(f, mnt / f"h{i}")
+    forget_all()                       # the kernel knows no name now; Python forgot the fd
+
+    def append():
+        with open(f, "ab") as fh:      # WRITE with fh 0: Python opens and keeps an rw fd
+            fh.write(b"XY")
+
+    append()
+    os.stat(mnt / "h0")                # a LOOKUP: Python caches the attributes
+    for i, change in enumerate((lambda: os.chown(f, 1234, 5678), lambda: os.chmod(f, 0o640),
+                                lambda: os.truncate(f, 7), append,
+                                lambda: os.utime(f, ns=(1_500_000_000_123, 1_600_000_000_456)))):
+        change()
+        now = attrs(f)
+        assert attrs(mnt / f"h{i + 1}") == now        # Python's answer, cached by the kernel
+        assert attrs(f) == now
+    assert now[:5] == (9, 0o640, 1234, 5678, 1_600_000_000_456)
+    assert uncached_read(f) == b"0123456XY"
+    forget_all()
+    assert attrs(f) == now
+    counts = served(union_mount)
+    if fast:
+        for op in ("getattr", "setattr", "write", "read"):
+            assert counts.get(f"fast_{op}", 0) > 0, (op, counts)
+    else:
+        assert not any(k.startswith("fast_") for k in counts), counts
+
+
+def test_fastpath_copy_up_after_c_served_the_lower_file(tmp_path, union_mount, fast):
+    """C serves reads and getattr of a lower file through its lower fd; a chmod
+    (Python, U4: copy-up) and a truncate then change the upper copy: reads and
+    attributes must come from the upper from then on, also after a forget."""
+    mnt = writable(tmp_path, union_mount, LayerSpec().file("low", b"lower data"))
+    f = mnt / "low"
+    for _ in range(3):
+        assert uncached_read(f) == b"lower data"
+        os.stat(f)
+    os.chmod(f, 0o600)                     # copy-up (Python)
+    os.truncate(f, 5)                      # on the upper copy
+    assert uncached_read(f) == b"lower"
+    assert attrs(f)[:2] == (5, 0o600)
+    with open(f, "ab") as fh:
+        fh.write(b"++")
+    forget_all()
+    assert uncached_read(f) == b"lower++"
+    assert (tmp_path / "m" / "up" / "low").read_bytes() == b"lower++"
+    counts = served(union_mount)
+    assert (counts.get("fast_read", 0) > 0) == fast, counts
+
+
+def test_fastpath_file_held_open_after_unlink_and_rename_over(tmp_path, union_mount, fast):
+    """Files held open after their name went (unlink, rename over): their fd keeps
+    reading, writing and stating the file it had (Python serves unlinked ones)."""
+    mnt = writable(tmp_path, union_mount, LayerSpec().file("low", b"lower"))
+    (mnt / "a").write_bytes(b"aaaa")
+    (mnt / "b").write_bytes(b"bbbbbb")
+    os.stat(mnt / "a")
+    held_a = os.open(mnt / "a", os.O_RDWR)
+    held_b = os.open(mnt / "b", os.O_RDWR)
+    try:
+        os.unlink(mnt / "a")
+        os.rename(mnt / "low", mnt / "b")          # b's file is renamed over
+        for fd, data in ((held_a, b"aaaa"), (held_b, b"bbbbbb")):
+            assert os.pread(fd, 100, 0) == data
+            assert os.fstat(fd).st_nlink == 0
+            os.pwrite(fd, b"Z", 0)
+            os.ftruncate(fd, 3)
+            os.fchmod(fd, 0o604)
+            st = os.fstat(fd)
+            assert (st.st_size, stat.S_IMODE(st.st_mode)) == (3, 0o604)
+            assert os.pread(fd, 100, 0) == b"Z" + data[1:3]
+        assert (mnt / "b").read_bytes() == b"lower"
+        assert sorted(os.listdir(mnt)) == ["b"]
+    finally:
+        os.close(held_a)
+        os.close(held_b)
+    assert sorted(os.listdir(tmp_path / "m" / "up")) == ["b", "low"]   # b, low's whiteout
+
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.getxattr.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
+libc.getxattr.restype = ctypes.c_ssize_t
+
+
+def raw_getxattr(path: Path, name: str, size: int):
+    """getxattr(2) with a buffer of ``size`` bytes: (result or -errno, value)."""
+    buf = ctypes.create_string_buffer(max(size, 1))
+    n = libc.getxattr(os.fsencode(path), name.encode(), buf if size else None, size)
+    return (-ctypes.get_errno(), None) if n < 0 else (n, buf.raw[:n] if size else None)
+
+
+def test_fastpath_getxattr_rules(tmp_path, union_mount, fast):
+    """Overlay-private names: EOPNOTSUPP (as kernel overlayfs); size 0 asks for the
+    length; a buffer too small: ERANGE; an absent name: ENODATA."""
+    mnt = writable(tmp_path, union_mount, LayerSpec().file("low", b"x"))
+    f = mnt / "new"
+    f.write_bytes(b"data")
+    os.setxattr(f, "user.k", b"value12345")
+    low = mnt / "low"
+    low.read_bytes()                       # a lower file's fd in the cache too
+    for p in (f, low):
+        for name in ("trusted.overlay.origin", "user.overlay.x"):
+            assert raw_getxattr(p, name, 0)[0] == -errno.EOPNOTSUPP
+            assert raw_getxattr(p, name, 100)[0] == -errno.EOPNOTSUPP
+        assert raw_getxattr(p, "user.absent", 0)[0] == -errno.ENODATA
+        assert raw_getxattr(p, "user.absent", 100)[0] == -errno.ENODATA
+    assert raw_getxattr(f, "user.k", 0) == (10, None)
+    assert raw_getxattr(f, "user.k", 3)[0] == -errno.ERANGE
+    assert raw_getxattr(f, "user.k", 10) == (10, b"value12345")
+    assert raw_getxattr(f, "user.k", 1000) == (10, b"value12345")
+    counts = served(union_mount)
+    assert (counts.get("fast_getxattr", 0) > 0) == fast, counts
+
+
+@needs_overlay
+def test_fastpath_setuid_chown_and_write_as_kernel_overlay(tmp_path, union_mount, fast):
+    """chown of a set-uid/set-gid file clears the bits (the kernel's rule); the
+    mount shows what kernel overlayfs shows for the same steps."""
+    def steps(root: Path) -> list:
+        f = root / "s"
+        f.write_bytes(b"#!/bin/sh\n")
+        os.chmod(f, 0o6755)
+        out = [stat.S_IMODE(os.stat(f).st_mode)]
+        os.chown(f, 1000, 1000)
+        out.append(attrs(f)[1:4])
+        os.chmod(f, 0o4711)
+        os.chown(f, -1, 2000)
+        out.append(attrs(f)[1:4])
+        with open(f, "ab") as fh:
+            fh.write(b"exit 0\n")
+        out.append(attrs(f)[:4])
+        low = root / "low"
+        os.chown(low, 7, 8)                # a lower file: copy-up first
+        out.append(attrs(low)[:4])
+        return out
+
+    ours = steps(writable(tmp_path, union_mount, LayerSpec().file("low", b"x", mode=0o4755)))
+    layers = materialise_stack([LayerSpec().file("low", b"x", mode=0o4755)],
+                               tmp_path / "k" / "layers")
+    for d in ("up", "wk", "ovl"):
+        (tmp_path / "k" / d).mkdir()
+    with mounts.overlay_mount(layers, tmp_path / "k" / "ovl", upper=tmp_path / "k" / "up",
+                              work=tmp_path / "k" / "wk") as ovl:
+        kernel = steps(Path(ovl))
+    assert ours == kernel
