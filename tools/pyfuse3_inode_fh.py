@@ -24,7 +24,7 @@ generated C is not the expected one, and mergefs then keeps real opens
 inode to the handlers of an open file when there is no fh").
 
 v5 adds hooks for mergefs's C fast path: the C callbacks of GETATTR, SETATTR,
-READ, WRITE (write and write_buf), FSYNC and GETXATTR first call the matching
+READ, WRITE (write and write_buf), FSYNC, GETXATTR (and LISTXATTR, v6) first call the matching
 function pointer of an exported struct ``mergefs_fast``
 (mergefs/union/_fasthooks.h); one that returns 1 has replied, and pyfuse3
 makes no coroutine for the request. The struct also points at pyfuse3's
@@ -32,6 +32,8 @@ session and pending coroutine, so the extension can run the request loop in
 C while requests need no Python (``drain``, used by fuseloop.py). The pointers are NULL until
 mergefs/union/_fastpath.c (built by ``--fastpath``) fills them in: a v5 build
 alone behaves as v4. A server accepts v4 builds (no fast path then).
+v6 adds the LISTXATTR hook (hooks struct version 3, the field appended); the
+fast path still runs on a v5 build, without serving LISTXATTR.
 
 The build also bakes pyfuse3's version string into its pure-Python part
 (``_pyfuse3.py``): stock pyfuse3 3.5.0 looks its own version up through
@@ -61,9 +63,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mergefs.union import server  # noqa: E402
 
 PATCHED_HANDLERS = ("fuse_read", "fuse_readdirplus", "fuse_write", "fuse_write_buf", "fuse_fsync")
-PATCH_MARK = ("v5: fh 0 -> inode in read/readdir/write/fsync; FUSE_CAP_CACHE_SYMLINKS; "
+PATCH_MARK = ("v6: fh 0 -> inode in read/readdir/write/fsync; FUSE_CAP_CACHE_SYMLINKS; "
               "atomic_o_trunc off on request; version baked into _pyfuse3.py; "
-              "mergefs_fast hooks (2: session, retval)\n")
+              "mergefs_fast hooks (3: session, retval, listxattr)\n")
 # v5: the C callbacks of these requests first call the matching hook of the
 # exported ``mergefs_fast`` (mergefs/union/_fasthooks.h), which mergefs's C fast
 # path fills in (mergefs/union/_fastpath.c); a hook that replied ends the request.
@@ -76,7 +78,8 @@ HOOKED = {"fuse_getattr": "getattr(__pyx_v_req, __pyx_v_ino, __pyx_v_fi)",
           "fuse_write_buf": "write_buf(__pyx_v_req, __pyx_v_ino, __pyx_v_bufv, __pyx_v_off, "
                             "__pyx_v_fi)",
           "fuse_fsync": "fsync(__pyx_v_req, __pyx_v_ino, __pyx_v_datasync, __pyx_v_fi)",
-          "fuse_getxattr": "getxattr(__pyx_v_req, __pyx_v_ino, __pyx_v_name, __pyx_v_size)"}
+          "fuse_getxattr": "getxattr(__pyx_v_req, __pyx_v_ino, __pyx_v_name, __pyx_v_size)",
+          "fuse_listxattr": "listxattr(__pyx_v_req, __pyx_v_ino, __pyx_v_size)"}
 HOOKS_HEADER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             "mergefs", "union", "_fasthooks.h")
 STATE = ("static struct fuse_session *__pyx_v_7pyfuse3_session;",   # what the hooks point at

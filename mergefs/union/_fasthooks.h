@@ -1,14 +1,18 @@
-/* The hooks the patched pyfuse3 (tools/pyfuse3_inode_fh.py, v5) calls at the top
+/* The hooks the patched pyfuse3 (tools/pyfuse3_inode_fh.py, v5; v6 adds
+ * LISTXATTR) calls at the top
  * of its C request callbacks, before it makes a coroutine for the request.
  * A hook returns 1 when it replied to the request, 0 to let pyfuse3 go on as
  * usual (the Python handler). NULL hooks: stock behaviour. The patch inserts
  * this file's text into pyfuse3's generated C and exports ``mergefs_fast``
  * (its last two fields point at pyfuse3's session and pending coroutine);
  * mergefs/union/_fastpath.c finds it with dlsym and fills it in. Change the
- * layout only together with MERGEFS_FAST_HOOKS_VERSION. */
+ * layout only together with MERGEFS_FAST_HOOKS_VERSION, and only by appending:
+ * the fast path still attaches to a version-2 build (the struct up to
+ * ``retval``, MERGEFS_FAST_HOOKS_V2_SIZE) and serves it without the hooks
+ * that build lacks. */
 #ifndef MERGEFS_FAST_HOOKS_H
 #define MERGEFS_FAST_HOOKS_H
-#define MERGEFS_FAST_HOOKS_VERSION 2
+#define MERGEFS_FAST_HOOKS_VERSION 3
 struct mergefs_fast_hooks {
     unsigned int version;     /* MERGEFS_FAST_HOOKS_VERSION of the pyfuse3 build */
     unsigned int size;        /* sizeof(struct mergefs_fast_hooks) there */
@@ -24,5 +28,8 @@ struct mergefs_fast_hooks {
      * request that Python serves (the loop must await it) */
     struct fuse_session **session;
     PyObject **retval;
+    /* version 3 */
+    int (*listxattr)(fuse_req_t, fuse_ino_t, size_t);
 };
+#define MERGEFS_FAST_HOOKS_V2_SIZE offsetof(struct mergefs_fast_hooks, listxattr)
 #endif

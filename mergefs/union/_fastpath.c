@@ -2,7 +2,8 @@
  *
  * The patched pyfuse3 (tools/pyfuse3_inode_fh.py, v5) calls the hooks of its
  * exported ``mergefs_fast`` at the top of its C callbacks for GETATTR,
- * SETATTR, READ, WRITE, FSYNC and GETXATTR. This module fills them in and
+ * SETATTR, READ, WRITE, FSYNC and GETXATTR (and LISTXATTR, v6; a v5 build
+ * runs without that hook). This module fills them in and
  * answers those requests itself, without a Python coroutine, for the regular
  * files whose content fd the Python side holds (ops' no-open fd cache,
  * mergefs/union/fdcache.py): a table (_fasttable.h) from FUSE inode number to
@@ -33,6 +34,7 @@
 #include <fcntl.h>
 #include <linux/limits.h>
 #include <poll.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -52,8 +54,9 @@ static double attr_timeout;
 static long long squash_uid = -1, squash_gid = -1;
 static int volatile_sync;
 
-enum { OP_GETATTR, OP_SETATTR, OP_READ, OP_WRITE, OP_FSYNC, OP_GETXATTR, OP_N };
-static const char *op_names[OP_N] = {"getattr", "setattr", "read", "write", "fsync", "getxattr"};
+enum { OP_GETATTR, OP_SETATTR, OP_READ, OP_WRITE, OP_FSYNC, OP_GETXATTR, OP_LISTXATTR, OP_N };
+static const char *op_names[OP_N] = {"getattr", "setattr", "read", "write", "fsync", "getxattr",
+                                     "listxattr"};
 static unsigned long long served[OP_N];
 static PyObject *s_node, *s_unlinked, *s_attr, *s_xattrs;
 
@@ -315,6 +318,53 @@ static int h_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t s
     return 1;
 }
 
+/* The names as ops.listxattr gives them (view.xattr_names): the file's, less
+ * the overlay format's own; none where the filesystem has no xattrs. Then as
+ * pyfuse3 replies: the length for size 0, ERANGE when it does not fit. */
+static int h_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
+{
+    entry_t *e = usable(ino, NULL);
+    if (!e)
+        return 0;
+    ssize_t n = flistxattr(e->fd, NULL, 0);
+    if (n > 0) {
+        if ((size_t)n > buffer_size) {
+            char *b = realloc(buffer, (size_t)n);
+            if (!b)
+                return 0;
+            buffer = b;
+            buffer_size = (size_t)n;
+        }
+        n = flistxattr(e->fd, buffer, (size_t)n);
+    }
+    if (n < 0) {
+        if (errno != ENOTSUP)
+            return 0;                   /* a name added meanwhile (ERANGE), ...: Python */
+        n = 0;
+    }
+    size_t len = 0;                     /* the visible names, moved to the front */
+    for (ssize_t i = 0; i < n;) {
+        size_t one = strnlen(buffer + i, (size_t)(n - i)) + 1;
+        if (!overlay_private(buffer + i)) {
+            memmove(buffer + len, buffer + i, one);
+            len += one;
+        }
+        i += (ssize_t)one;
+    }
+    served[OP_LISTXATTR]++;
+    if (size == 0)
+        fuse_reply_xattr(req, len);
+    else if (len <= size)
+        fuse_reply_buf(req, buffer, len);
+    else
+        fuse_reply_err(req, ERANGE);
+    return 1;
+}
+
+/* Is the attached build's hooks struct long enough for ``field``? */
+#define HAS_HOOK(field) (hooks->size >= offsetof(struct mergefs_fast_hooks, field) + \
+                         sizeof(hooks->field))
+
 /* -- the request loop -------------------------------------------------------------- */
 
 /* pyfuse3's loop pays a Python coroutine (its wait for the fd) per request,
@@ -374,8 +424,10 @@ static PyObject *py_attach(PyObject *self, PyObject *arg)
         Py_RETURN_FALSE;
     struct mergefs_fast_hooks *h = dlsym(so, "mergefs_fast");
     dlclose(so);                        /* NOLOAD took a reference; the module keeps it */
-    if (!h || h->version != MERGEFS_FAST_HOOKS_VERSION ||
-        h->size != sizeof(struct mergefs_fast_hooks))
+    /* this version, or version 2 (a v5 pyfuse3 build: no LISTXATTR hook) */
+    if (!h || !((h->version == MERGEFS_FAST_HOOKS_VERSION &&
+                 h->size == sizeof(struct mergefs_fast_hooks)) ||
+                (h->version == 2 && h->size == MERGEFS_FAST_HOOKS_V2_SIZE)))
         Py_RETURN_FALSE;
     hooks = h;
     Py_RETURN_TRUE;
@@ -398,6 +450,8 @@ static PyObject *py_enable(PyObject *self, PyObject *args)
     hooks->write_buf = h_write_buf;
     hooks->fsync = h_fsync;
     hooks->getxattr = h_getxattr;
+    if (HAS_HOOK(listxattr))
+        hooks->listxattr = h_listxattr;
     Py_RETURN_NONE;
 }
 
@@ -418,6 +472,8 @@ static PyObject *py_disable(PyObject *self, PyObject *unused)
         hooks->write_buf = NULL;
         hooks->fsync = NULL;
         hooks->getxattr = NULL;
+        if (HAS_HOOK(listxattr))
+            hooks->listxattr = NULL;
     }
     clear_table();
     Py_RETURN_NONE;

@@ -256,3 +256,99 @@ def test_fastpath_setuid_chown_and_write_as_kernel_overlay(tmp_path, union_mount
                               work=tmp_path / "k" / "wk") as ovl:
         kernel = steps(Path(ovl))
     assert ours == kernel
+
+
+libc.listxattr.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
+libc.listxattr.restype = ctypes.c_ssize_t
+
+
+def raw_listxattr(path: Path, size: int):
+    """listxattr(2) with a buffer of ``size`` bytes: (result or -errno, names)."""
+    buf = ctypes.create_string_buffer(max(size, 1))
+    n = libc.listxattr(os.fsencode(path), buf if size else None, size)
+    return (-ctypes.get_errno(), None) if n < 0 else (n, buf.raw[:n] if size else None)
+
+
+def visible_names(backing: Path) -> bytes:
+    """What the mount must list for the layer file ``backing``: its names in the
+    filesystem's order, less the overlay format's own (A3)."""
+    names = [n for n in os.listxattr(backing, follow_symlinks=False)
+             if not n.startswith(("trusted.overlay.", "user.overlay."))]
+    return b"".join(os.fsencode(n) + b"\0" for n in names)
+
+
+MIX = {"user.a": b"1", "trusted.overlay.zz": b"q", "user.overlay.y": b"w", "trusted.t": b"22",
+       "user.b": b"333"}
+
+
+def test_fastpath_listxattr_rules(tmp_path, union_mount, fast):
+    """A trusted.overlay.* / user.overlay.* / user.* / trusted.* mix, on a lower
+    file and on an upper one: the overlay format's names are hidden; size 0
+    asks for the length; a buffer too small: ERANGE; exact fit and larger
+    buffers get the names; a file with only hidden names lists none."""
+    mnt = writable(tmp_path, union_mount, LayerSpec().file("low", b"x", xattrs=MIX))
+    up = tmp_path / "m" / "up"
+    f, bare = mnt / "new", mnt / "bare"
+    f.write_bytes(b"data")
+    bare.write_bytes(b"b")
+    for k, v in MIX.items():           # the overlay names straight into the upper layer
+        os.setxattr(up / "new", k, v)
+    os.setxattr(up / "bare", "trusted.overlay.only", b"1")
+    lower = next((tmp_path / "m" / "layers").iterdir()) / "low"
+    for p in (f, bare, mnt / "low"):
+        p.read_bytes()                 # its fd in the cache (C serves it when on)
+    for p, backing in ((f, up / "new"), (mnt / "low", lower), (bare, up / "bare")):
+        want = visible_names(backing)
+        assert raw_listxattr(p, 0) == (len(want), None), p
+        assert raw_listxattr(p, len(want) + 100) == (len(want), want), p
+        if want:
+            assert raw_listxattr(p, len(want)) == (len(want), want), p
+            assert raw_listxattr(p, len(want) - 1)[0] == -errno.ERANGE, p
+            assert raw_listxattr(p, 1)[0] == -errno.ERANGE, p
+    assert sorted(os.listxattr(f)) == ["trusted.t", "user.a", "user.b"]
+    assert sorted(os.listxattr(mnt / "low")) == ["trusted.t", "user.a", "user.b"]
+    assert raw_listxattr(bare, 0) == (0, None)
+    os.setxattr(f, "user.c", b"4")     # Python (setxattr), then C lists it
+    os.removexattr(f, "user.a")
+    assert sorted(os.listxattr(f)) == ["trusted.t", "user.b", "user.c"]
+    counts = served(union_mount)
+    assert (counts.get("fast_listxattr", 0) > 0) == fast, counts
+    if not fast:
+        assert not any(k.startswith("fast_") for k in counts), counts
+
+
+@needs_overlay
+def test_fastpath_listxattr_as_kernel_overlay(tmp_path, union_mount, fast):
+    """The names listed for a lower file, a new file, a copied-up one and after
+    setxattr/removexattr are those kernel overlayfs lists (its own trusted.overlay.*
+    hidden; user.overlay.* is not the kernel's prefix here, so the mix leaves it out)."""
+    mix = {k: v for k, v in MIX.items() if not k.startswith("user.overlay.")}
+
+    def steps(root: Path) -> list:
+        out = []
+        low, new = root / "low", root / "new"
+        low.read_bytes()
+        out.append(sorted(os.listxattr(low)))
+        new.write_bytes(b"n")
+        os.setxattr(new, "user.n", b"1")
+        new.read_bytes()
+        out.append(sorted(os.listxattr(new)))
+        os.setxattr(low, "user.added", b"2")         # copy-up
+        low.read_bytes()
+        out.append(sorted(os.listxattr(low)))
+        os.removexattr(low, "user.a")
+        out.append(sorted(os.listxattr(low)))
+        return out
+
+    spec = LayerSpec().file("low", b"x", xattrs=mix)
+    ours = steps(writable(tmp_path, union_mount, spec))
+    counts = served(union_mount)
+    assert (counts.get("fast_listxattr", 0) > 0) == fast, counts
+    layers = materialise_stack([LayerSpec().file("low", b"x", xattrs=mix)],
+                               tmp_path / "k" / "layers")
+    for d in ("up", "wk", "ovl"):
+        (tmp_path / "k" / d).mkdir()
+    with mounts.overlay_mount(layers, tmp_path / "k" / "ovl", upper=tmp_path / "k" / "up",
+                              work=tmp_path / "k" / "wk") as ovl:
+        kernel = steps(Path(ovl))
+    assert ours == kernel
