@@ -24,9 +24,9 @@ generated C is not the expected one, and mergefs then keeps real opens
 inode to the handlers of an open file when there is no fh").
 
 v5 adds hooks for mergefs's C fast path: the C callbacks of GETATTR, SETATTR,
-READ, WRITE (write and write_buf), FSYNC, GETXATTR (and LISTXATTR, v6) first call the matching
-function pointer of an exported struct ``mergefs_fast``
-(mergefs/union/_fasthooks.h); one that returns 1 has replied, and pyfuse3
+READ, WRITE (write and write_buf), FSYNC, GETXATTR (and LISTXATTR, v6)
+first call the matching function pointer of an exported struct
+``mergefs_fast`` (mergefs/union/_fasthooks.h); one that returns 1 has replied, and pyfuse3
 makes no coroutine for the request. The struct also points at pyfuse3's
 session and pending coroutine, so the extension can run the request loop in
 C while requests need no Python (``drain``, used by fuseloop.py). The pointers are NULL until

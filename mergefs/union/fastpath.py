@@ -1,13 +1,14 @@
 """Loads the C fast path of a union mount (``_fastpath.c``; docs/architecture.md,
 "Serving paths").
 
-It serves GETATTR, SETATTR, READ, WRITE, FSYNC and GETXATTR of the regular
-files whose content fd the no-open fd cache (fdcache.py) holds, from C hooks
-that a v5 build of pyfuse3 calls before it makes a coroutine for a request
-(tools/pyfuse3_inode_fh.py). Without the compiled module, with an older
-pyfuse3 build or with ``MERGEFS_FASTPATH=0``, every request goes through the
-Python handlers, which give the same answers. ``MERGEFS_FASTPATH_LOOP=0``
-keeps pyfuse3's own request loop (no ``drain``), for comparisons.
+It serves GETATTR, SETATTR, READ, WRITE, FSYNC and GETXATTR (and LISTXATTR
+with a v6 build) of the regular files whose content fd the no-open fd cache
+(fdcache.py) holds, from C hooks that a v5 build of pyfuse3 calls before it
+makes a coroutine for a request (tools/pyfuse3_inode_fh.py). Without the
+compiled module, with an older pyfuse3 build or with ``MERGEFS_FASTPATH=0``,
+every request goes through the Python handlers, which give the same answers.
+``MERGEFS_FASTPATH_LOOP=0`` keeps pyfuse3's own request loop (no ``drain``),
+for comparisons.
 """
 from __future__ import annotations
 

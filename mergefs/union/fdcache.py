@@ -12,7 +12,7 @@ with the inode number and no handle. ``FdCache`` keeps an fd per inode:
   reopened through /proc/self/fd at its first use.
 
 The C fast path (``fast``, mergefs/union/_fastpath.c, when loaded) serves
-GETATTR/SETATTR/READ/WRITE/FSYNC/GETXATTR of the regular files in ``fds``
+GETATTR/SETATTR/READ/WRITE/FSYNC/GETXATTR/LISTXATTR of the regular files in ``fds``
 through the same fds: this cache owns them and tells the C table of every
 entry it adds, replaces, moves to ``pinned`` or closes, before closing.
 """

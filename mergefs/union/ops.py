@@ -24,7 +24,7 @@ up at its first write (not at open). Writable listings are snapshots per
 readdir pass (``_snapshot``).
 
 The C fast path (fastpath.py, with a pyfuse3 build that has its hooks)
-answers GETATTR, SETATTR, READ, WRITE, FSYNC and GETXATTR of the regular
+answers GETATTR, SETATTR, READ, WRITE, FSYNC, GETXATTR and LISTXATTR of the regular
 files in ``self.fds`` before they reach these handlers; whatever it does not
 serve comes here as before.
 """

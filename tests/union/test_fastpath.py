@@ -1,6 +1,6 @@
 """The C fast path (mergefs/union/_fastpath.c) on real writable mounts.
 
-It answers GETATTR/SETATTR/READ/WRITE/FSYNC/GETXATTR of the regular files the
+It answers GETATTR/SETATTR/READ/WRITE/FSYNC/GETXATTR/LISTXATTR of the regular files the
 no-open fd cache holds; everything else goes through Python. These tests
 make C serve a request, then make Python answer about the same file (a lookup
 of another of its names, a copy-up, an unlink), and compare with kernel
