@@ -27,6 +27,8 @@ import sys
 import tempfile
 import time
 
+import benchlib
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYSTEMS = ("kernel-overlay", "fuse-overlayfs", "mergefs", "mergefs -o")
 MODES = ("ro", "rw")
@@ -125,17 +127,8 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench_mount: run as root (kernel overlayfs)", file=sys.stderr)
         return 2
-    # what an installed package has (pip compiles it; this environment may set
-    # PYTHONDONTWRITEBYTECODE, which would compile mergefs on every run)
-    # (and, where the tree has one, the table of compiled attrs methods that
-    # tools/bootstrap.sh builds)
     for tree in filter(None, (ROOT, args.before)):
-        subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(tree, "mergefs")],
-                       check=True, stdout=subprocess.DEVNULL)
-        if os.path.exists(os.path.join(tree, "mergefs", "union", "codecache.py")):
-            subprocess.run([sys.executable, "-m", "mergefs.union.codecache"], check=True,
-                           stdout=subprocess.DEVNULL, cwd=tree,
-                           env={**os.environ, "PYTHONPATH": os.path.abspath(tree)})
+        benchlib.prepare_tree(tree)     # byte code and attrs table, as an install has
     systems = SYSTEMS + (("mergefs before", "mergefs -o before") if args.before else ())
     base = tempfile.mkdtemp(prefix="bench-mount-")
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", base], check=True)

@@ -188,7 +188,7 @@ def run(args) -> int:
     if args.before:     # next to mergefs, so the two alternate as closely as the runs allow
         programs.insert(programs.index("mergefs") + 1 if "mergefs" in programs else 0,
                         "mergefs-before")
-        prepare_tree(args.before)
+        benchlib.prepare_tree(args.before)
     try:
         for name in programs:
             path = before_script(work, os.path.abspath(args.before)) \
@@ -217,17 +217,6 @@ def run(args) -> int:
         with open(args.json, "w") as f:
             json.dump(table.as_dict(), f, indent=1)
     return 0
-
-
-def prepare_tree(tree: str) -> None:
-    """Byte-compile ``tree``'s mergefs and build its table of compiled attrs methods
-    (where it has one), as tools/bootstrap.sh does for this tree."""
-    subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(tree, "mergefs")],
-                   check=True, stdout=subprocess.DEVNULL)
-    if os.path.exists(os.path.join(tree, "mergefs", "union", "codecache.py")):
-        subprocess.run([sys.executable, "-m", "mergefs.union.codecache"], check=True,
-                       stdout=subprocess.DEVNULL, cwd=tree,
-                       env={**os.environ, "PYTHONPATH": os.path.abspath(tree)})
 
 
 def before_script(where: Path, tree: str) -> str:

@@ -17,9 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import resource
-import signal
 import statistics
 import subprocess
 import sys
@@ -27,6 +25,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
+
+from mergefs.testing import mounts
 
 
 # -- caches -------------------------------------------------------------------
@@ -46,22 +46,21 @@ def process_cpu(pid: int | None) -> float:
 
 
 def server_requests(pid: int, log: str) -> dict:
-    """A mergefs server's FUSE request counts since it last logged them: SIGUSR1
-    makes it log ``requests {...}``; read that line back from ``log``."""
-    try:
-        before = os.path.getsize(log)
-    except FileNotFoundError:
-        before = 0
-    os.kill(pid, signal.SIGUSR1)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        with open(log) as f:
-            f.seek(before)
-            m = re.search(r"requests (\{.*\})", f.read())
-        if m:
-            return json.loads(m.group(1))
-        time.sleep(0.02)
-    return {}
+    """A mergefs server's FUSE request counts since it last logged them ({} if none)."""
+    return mounts.server_requests(pid, log)
+
+
+def prepare_tree(tree: str) -> None:
+    """Byte-compile ``tree``'s mergefs (what an installed package has: pip compiles
+    it; this environment may set PYTHONDONTWRITEBYTECODE, which would compile it on
+    every run) and build its table of compiled attrs methods where it has one, as
+    tools/bootstrap.sh does for this tree."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(tree, "mergefs")],
+                   check=True, stdout=subprocess.DEVNULL)
+    if os.path.exists(os.path.join(tree, "mergefs", "union", "codecache.py")):
+        subprocess.run([sys.executable, "-m", "mergefs.union.codecache"], check=True,
+                       stdout=subprocess.DEVNULL, cwd=tree,
+                       env={**os.environ, "PYTHONPATH": os.path.abspath(tree)})
 
 
 def drop_caches() -> None:

@@ -6,9 +6,13 @@ context managers unmount in ``finally``, lazily if the mount is busy.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
+import signal
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -45,6 +49,26 @@ def servers_of(mnt: str | os.PathLike) -> list[int]:
 
 # Private roots registered by tests and harnesses -> the mounts below each when registered.
 _WATCHED: dict[str, set[str]] = {}
+
+
+def server_requests(pid: int, log: str | os.PathLike, timeout: float = 5) -> dict:
+    """A mergefs server's FUSE request counts since it last logged them (``fast_*``:
+    served by the C fast path): SIGUSR1 makes it log ``requests {...}``; read that
+    line back from ``log``. {} if none came within ``timeout`` seconds."""
+    try:
+        before = os.path.getsize(log)
+    except FileNotFoundError:
+        before = 0
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError), open(log) as f:
+            f.seek(before)
+            m = re.search(r"requests (\{.*\})", f.read())
+            if m:
+                return json.loads(m.group(1))
+        time.sleep(0.02)
+    return {}
 
 
 def watch_below(path: str | os.PathLike) -> Path:

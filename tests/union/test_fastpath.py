@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import json
 import os
 import re
-import signal
 import stat
-import time
 from pathlib import Path
 
 import pytest
@@ -63,17 +60,9 @@ def fast(request, monkeypatch):
 def served(union_mount) -> dict:
     """The request counts the server logs on SIGUSR1 (``fast_*``: served in C)."""
     _, pid, log = union_mount.started[-1]
-    before = log.stat().st_size
-    os.kill(pid, signal.SIGUSR1)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with open(log) as f:
-            f.seek(before)
-            m = re.search(r"requests (\{.*\})", f.read())
-        if m:
-            return json.loads(m.group(1))
-        time.sleep(0.02)
-    raise AssertionError("the server logged no request counts")
+    counts = mounts.server_requests(pid, log, timeout=10)
+    assert counts, "the server logged no request counts"
+    return counts
 
 
 def forget_all() -> None:
