@@ -433,6 +433,20 @@ static PyObject *py_attach(PyObject *self, PyObject *arg)
     Py_RETURN_TRUE;
 }
 
+/* Point pyfuse3's hooks at this module's handlers (``on``) or back to NULL. */
+static void install(int on)
+{
+    hooks->getattr = on ? h_getattr : NULL;
+    hooks->setattr = on ? h_setattr : NULL;
+    hooks->read = on ? h_read : NULL;
+    hooks->write = on ? h_write : NULL;
+    hooks->write_buf = on ? h_write_buf : NULL;
+    hooks->fsync = on ? h_fsync : NULL;
+    hooks->getxattr = on ? h_getxattr : NULL;
+    if (HAS_HOOK(listxattr))
+        hooks->listxattr = on ? h_listxattr : NULL;
+}
+
 static PyObject *py_enable(PyObject *self, PyObject *args)
 {
     int vol;
@@ -443,15 +457,7 @@ static PyObject *py_enable(PyObject *self, PyObject *args)
         return NULL;
     }
     volatile_sync = vol;
-    hooks->getattr = h_getattr;
-    hooks->setattr = h_setattr;
-    hooks->read = h_read;
-    hooks->write = h_write;
-    hooks->write_buf = h_write_buf;
-    hooks->fsync = h_fsync;
-    hooks->getxattr = h_getxattr;
-    if (HAS_HOOK(listxattr))
-        hooks->listxattr = h_listxattr;
+    install(1);
     Py_RETURN_NONE;
 }
 
@@ -464,17 +470,8 @@ static PyObject *py_set_miss(PyObject *self, PyObject *fn)
 static PyObject *py_disable(PyObject *self, PyObject *unused)
 {
     Py_CLEAR(miss_fn);
-    if (hooks) {
-        hooks->getattr = NULL;
-        hooks->setattr = NULL;
-        hooks->read = NULL;
-        hooks->write = NULL;
-        hooks->write_buf = NULL;
-        hooks->fsync = NULL;
-        hooks->getxattr = NULL;
-        if (HAS_HOOK(listxattr))
-            hooks->listxattr = NULL;
-    }
+    if (hooks)
+        install(0);
     clear_table();
     Py_RETURN_NONE;
 }

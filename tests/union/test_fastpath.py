@@ -91,6 +91,16 @@ def writable(tmp_path: Path, union_mount, spec: LayerSpec, name: str = "m") -> P
     return union_mount(layers, upper=up, work=wk)
 
 
+def on_kernel_overlay(tmp_path: Path, spec: LayerSpec, steps) -> list:
+    """``steps(mnt)`` on kernel overlayfs over the same one-layer stack (the oracle)."""
+    layers = materialise_stack([spec], tmp_path / "k" / "layers")
+    for d in ("up", "wk", "ovl"):
+        (tmp_path / "k" / d).mkdir()
+    with mounts.overlay_mount(layers, tmp_path / "k" / "ovl", upper=tmp_path / "k" / "up",
+                              work=tmp_path / "k" / "wk") as ovl:
+        return steps(Path(ovl))
+
+
 def attrs(p: Path) -> tuple:
     st = os.stat(p)
     return st.st_size, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns, st.st_ino
@@ -241,15 +251,9 @@ def test_fastpath_setuid_chown_and_write_as_kernel_overlay(tmp_path, union_mount
         out.append(attrs(low)[:4])
         return out
 
-    ours = steps(writable(tmp_path, union_mount, LayerSpec().file("low", b"x", mode=0o4755)))
-    layers = materialise_stack([LayerSpec().file("low", b"x", mode=0o4755)],
-                               tmp_path / "k" / "layers")
-    for d in ("up", "wk", "ovl"):
-        (tmp_path / "k" / d).mkdir()
-    with mounts.overlay_mount(layers, tmp_path / "k" / "ovl", upper=tmp_path / "k" / "up",
-                              work=tmp_path / "k" / "wk") as ovl:
-        kernel = steps(Path(ovl))
-    assert ours == kernel
+    spec = LayerSpec().file("low", b"x", mode=0o4755)
+    ours = steps(writable(tmp_path, union_mount, spec))
+    assert ours == on_kernel_overlay(tmp_path, spec, steps)
 
 
 libc.listxattr.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
@@ -338,11 +342,4 @@ def test_fastpath_listxattr_as_kernel_overlay(tmp_path, union_mount, fast):
     ours = steps(writable(tmp_path, union_mount, spec))
     counts = served(union_mount)
     assert (counts.get("fast_listxattr", 0) > 0) == (fast and patch_version() >= 6), counts
-    layers = materialise_stack([LayerSpec().file("low", b"x", xattrs=mix)],
-                               tmp_path / "k" / "layers")
-    for d in ("up", "wk", "ovl"):
-        (tmp_path / "k" / d).mkdir()
-    with mounts.overlay_mount(layers, tmp_path / "k" / "ovl", upper=tmp_path / "k" / "up",
-                              work=tmp_path / "k" / "wk") as ovl:
-        kernel = steps(Path(ovl))
-    assert ours == kernel
+    assert ours == on_kernel_overlay(tmp_path, spec, steps)
