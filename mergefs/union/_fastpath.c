@@ -62,6 +62,20 @@ static PyObject *s_node, *s_unlinked, *s_attr, *s_xattrs;
 
 static char *buffer;
 static size_t buffer_size;
+/* The shared reply buffer at least ``size`` bytes long; -1 when out of memory
+ * (the request then falls through to Python). */
+static int reserve(size_t size)
+{
+    if (size > buffer_size) {
+        char *b = realloc(buffer, size);
+        if (!b)
+            return -1;
+        buffer = b;
+        buffer_size = size;
+    }
+    return 0;
+}
+
 /* Python's ``miss(number)``: called on a READ of an inode with no entry; it may
  * open the file's content fd and set an entry (ops: the no-open read path
  * without pyfuse3's coroutine and error wrapper around it). */
@@ -212,13 +226,8 @@ static int h_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
         e = opened(ino, fi);
     if (!e)
         return 0;
-    if (size > buffer_size) {
-        char *b = realloc(buffer, size);
-        if (!b)
-            return 0;
-        buffer = b;
-        buffer_size = size;
-    }
+    if (reserve(size) < 0)
+        return 0;
     served[OP_READ]++;
     ssize_t n = pread(e->fd, buffer, size, off);
     if (n < 0)
@@ -298,13 +307,8 @@ static int h_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t s
         return 0;
     if (size > XATTR_SIZE_MAX)
         size = XATTR_SIZE_MAX;          /* no value is longer */
-    if (size > buffer_size) {
-        char *b = realloc(buffer, size);
-        if (!b)
-            return 0;
-        buffer = b;
-        buffer_size = size;
-    }
+    if (reserve(size) < 0)
+        return 0;
     ssize_t n = fgetxattr(e->fd, name, size ? buffer : NULL, size);
     if (n < 0 && errno != ENODATA && errno != ERANGE)
         return 0;                       /* anything else: Python's rules */
@@ -328,13 +332,8 @@ static int h_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
         return 0;
     ssize_t n = flistxattr(e->fd, NULL, 0);
     if (n > 0) {
-        if ((size_t)n > buffer_size) {
-            char *b = realloc(buffer, (size_t)n);
-            if (!b)
-                return 0;
-            buffer = b;
-            buffer_size = (size_t)n;
-        }
+        if (reserve((size_t)n) < 0)
+            return 0;
         n = flistxattr(e->fd, buffer, (size_t)n);
     }
     if (n < 0) {
