@@ -2,12 +2,14 @@
  *
  * The patched pyfuse3 (tools/pyfuse3_inode_fh.py, v5) calls the hooks of its
  * exported ``mergefs_fast`` at the top of its C callbacks for GETATTR,
- * SETATTR, READ, WRITE, FSYNC and GETXATTR (and LISTXATTR, v6; a v5 build
- * runs without that hook). This module fills them in and
- * answers those requests itself, without a Python coroutine, for the regular
- * files whose content fd the Python side holds (ops' no-open fd cache,
- * mergefs/union/fdcache.py): a table (_fasttable.h) from FUSE inode number to
- * that fd. A READ with no entry asks Python to open the file first (set_miss).
+ * SETATTR, READ, WRITE, FSYNC and GETXATTR (and LISTXATTR, v6; LOOKUP and
+ * MKNOD, v7; an older build runs without the hooks it lacks). This module
+ * fills them in and answers those requests itself, without a Python
+ * coroutine, for the regular files whose content fd the Python side holds
+ * (ops' no-open fd cache, mergefs/union/fdcache.py): a table (_fasttable.h)
+ * from FUSE inode number to that fd; GETATTR also for the upper directories
+ * no lower layer serves whose O_PATH fd the cache keeps (F_DIR: fstat, their
+ * own nlink). A READ with no entry asks Python to open the file first (set_miss).
  * All namespace logic (lookup, create, unlink, rename, readdir, copy-up)
  * stays in Python; with a v7 build, GETATTR the table does not serve, LOOKUP
  * and MKNOD call the Python handler directly, without pyfuse3's coroutine

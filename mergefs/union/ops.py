@@ -493,7 +493,9 @@ class UnionOperations(pyfuse3.Operations):
     def mknod(self, parent_inode, name, mode, rdev, ctx):
         w = self._writer()
         if self.no_open and mode & 0o170000 == 0o100000:   # S_IFREG: an open(O_CREAT)
-            inode, fd = w.create(self.inodes.get(parent_inode), name, mode, os.O_RDWR, ctx)
+            # the fd cache hands the fd to C, which answers the getxattrs through it
+            inode, fd = w.create(self.inodes.get(parent_inode), name, mode, os.O_RDWR, ctx,
+                                 list_xattrs=self.fds.fast is None)
             self.fds.keep(inode, fd, True)      # its writes come next, by inode
             return self._entry(inode)
         return self._entry(w.mknod(self.inodes.get(parent_inode), name, mode, rdev, ctx))
