@@ -7,7 +7,8 @@ Untars ``--files`` small files (100 a directory, GNU tar as root: per file
 openat(O_CREAT|O_EXCL), write, futimens, fchown, fchmod, close) into the root
 of a fresh writable mount (``python -m mergefs mount --upper``) whose layer,
 upper and work dir are on a private tmpfs, so the upper filesystem's own
-cost is small and the same for every run. Prints, per run, the server's CPU
+cost is small and the same for every run (``--ext4``: on a fresh journaled
+ext4 instead, benchlib.scratch_ext4, as tools/bench_writable.py's uppers). Prints, per run, the server's CPU
 seconds during the untar (the sum of its threads' ``schedstat`` run time, in
 ns, finer than the clock ticks of /proc/PID/stat) and its request counts per
 file as it logs them on SIGUSR1 (``fast_*``: answered from the C fast path's
@@ -24,14 +25,17 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import benchlib  # noqa: E402
 from mergefs.testing import mounts  # noqa: E402
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,10 +101,17 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tree", action="append", help="checkout to run the server from "
                     "(repeatable; default: this one)")
+    ap.add_argument("--ext4", action="store_true", help="a journaled ext4, not a tmpfs")
     args = ap.parse_args(argv)
     trees = args.tree or [HERE]
-    base = tempfile.mkdtemp(prefix="untar-requests-")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4g", "untar-requests", base], check=True)
+    top = tempfile.mkdtemp(prefix="untar-requests-")
+    if args.ext4:
+        fs = benchlib.scratch_ext4(top, size="4G")
+        base = fs.__enter__()
+    else:
+        base = top
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4g", "untar-requests", base],
+                       check=True)
     try:
         tarball = os.path.join(base, "t.tar")
         make_tarball(tarball, args.files)
@@ -115,8 +126,11 @@ def main(argv=None) -> int:
                       f"us/file), {total / args.files:.2f} requests/file [{mix}] load {load:.2f}",
                       flush=True)
     finally:
-        subprocess.run(["umount", base], check=False)
-        os.rmdir(base)
+        if args.ext4:
+            fs.__exit__(None, None, None)
+        else:
+            subprocess.run(["umount", base], check=False)
+        shutil.rmtree(top, ignore_errors=True)
     return 0
 
 
