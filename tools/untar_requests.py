@@ -8,8 +8,8 @@ openat(O_CREAT|O_EXCL), write, futimens, fchown, fchmod, close) into the root
 of a fresh writable mount (``python -m mergefs mount --upper``) whose layer,
 upper and work dir are on a private tmpfs, so the upper filesystem's own
 cost is small and the same for every run (``--ext4``: on a fresh journaled
-ext4 instead, benchlib.scratch_ext4, as tools/bench_writable.py's uppers). Prints, per run, the server's CPU
-seconds during the untar (the sum of its threads' ``schedstat`` run time, in
+ext4 instead, benchlib.scratch_ext4, as tools/bench_writable.py's uppers).
+Prints, per run, the server's CPU seconds during the untar (the sum of its threads' ``schedstat`` run time, in
 ns, finer than the clock ticks of /proc/PID/stat) and its request counts per
 file as it logs them on SIGUSR1 (``fast_*``: answered from the C fast path's
 hooks, ``*_direct`` among them by the plain Python handler called from C).
