@@ -206,7 +206,7 @@ class Strace:
 
 
 def one_round(names, layers, scratch, tag, tarball, append_list, table, results,
-              strace: bool = False) -> None:
+              strace: bool = False, steps=STEPS[1:]) -> None:
     for name in names:
         s = System(name, layers, os.path.join(scratch, f"{tag}-{name}"),
                    os.path.join(scratch, f"{tag}-{name}.log"))
@@ -219,7 +219,7 @@ def one_round(names, layers, scratch, tag, tarball, append_list, table, results,
             if not strace:
                 table_row(table, "mount", name).add(time.perf_counter() - t0)
             s.requests()
-            for step in STEPS[1:]:
+            for step in steps:
                 tracer = Strace(s.pid, os.path.join(scratch, f"{tag}-{name}-{step}.strace")) \
                     if strace and s.pid else None
                 cpu0 = s.cpu()
@@ -271,6 +271,7 @@ def run(args) -> int:
     n_entries = make_tarball(tarball)
     append_list = os.path.join(args.workdir, "append.list")
     pick_append_files(layers, append_list)
+    steps = [s for s in STEPS[1:] if s in args.steps]
     print(f"load average at start: {os.getloadavg()}", flush=True)
     table = benchlib.Table(f"writable union: {args.files}-file stack in 3 layers, "
                            f"{args.rounds} rounds (seconds; ratio vs fuse-overlayfs)")
@@ -278,10 +279,10 @@ def run(args) -> int:
     with benchlib.scratch_ext4(os.path.join(args.workdir, "scratch"), size="8G") as scratch:
         for r in range(args.rounds):
             one_round(args.systems, layers, scratch, f"r{r}", tarball, append_list, table,
-                      results)
+                      results, steps=steps)
         if args.strace:
             one_round([s for s in args.systems if s != "kernel-overlay"], layers, scratch,
-                      "strace", tarball, append_list, table, results, strace=True)
+                      "strace", tarball, append_list, table, results, strace=True, steps=steps)
     print(table.render())
     for key, reqs in results.get("requests", {}).items():
         if any(reqs):
@@ -306,6 +307,8 @@ def main(argv=None) -> int:
     ap.add_argument("--files", type=int, default=30_000)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    ap.add_argument("--steps", nargs="+", choices=STEPS[1:], default=list(STEPS[1:]),
+                    help="run only these steps (in the usual order) after the mount")
     ap.add_argument("--strace", action="store_true",
                     help="one more round with strace -c -f on the FUSE servers (counts only)")
     ap.add_argument("--json", help="also write the results here")
