@@ -389,8 +389,8 @@ async def test_failed_copy_up_leaves_nothing(tmp_path, rw, monkeypatch):
     f = await drv.lookup("d/f")
     real = syscalls.copy_data
 
-    def full_disk(src, dst, size):
-        real(src, dst, size // 2)
+    def full_disk(src, dst, size, *args):
+        real(src, dst, size // 2, *args)
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(syscalls, "copy_data", full_disk)
     with pytest.raises(FUSEError) as e:
