@@ -4,10 +4,14 @@ The upper is a layer like any other, written only here: whiteouts are
 character devices 0/0, an opaque directory carries ``trusted.overlay.opaque=y``
 (``user.overlay.opaque`` when not root, as overlayfs's ``userxattr``). Every
 copy-up, and every new entry that replaces a whiteout, is built in the work
-directory under a temporary name, given its data, owner, mode, xattrs and
-times there (A1 order: chown, chmod, xattrs, times), and only then renamed
-into the upper: a crash leaves at most litter in the work dir, never a
-half-copied file in the merged view. A new entry at a name that hides nothing
+directory, given its data, owner, mode, xattrs and times there (A1 order:
+chown, chmod, xattrs, times), and only then moved into the upper: a crash
+leaves at most litter in the work dir, never a half-copied file in the merged
+view. A regular file's copy is an unnamed file (O_TMPFILE, as kernel
+overlayfs makes it where it can), filled through its fd and linked into the
+upper when complete (a crash leaves nothing at all); that fd then serves the
+write that caused the copy-up. Other entries get a temporary name and are
+renamed. A new entry at a name that hides nothing
 is made in place (``make_in_place``, as kernel overlayfs does): a crash there
 leaves at most an empty entry of mode 0.
 

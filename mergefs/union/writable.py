@@ -141,6 +141,7 @@ class WritableView(UnionView):
         now (the caller closes it), else -1."""
         if inode.node.top == self.up:
             return -1
+        parent_copied = inode.parent.node.top != self.up
         self.ensure_upper(inode.parent)
         node, path = inode.node, inode.path
         src = self.layer_path(inode, node.top)
@@ -160,7 +161,7 @@ class WritableView(UnionView):
                 raise
         try:
             new = self.upper.publish(tmp, path, keep_parent_times=True, fd=fd)
-            self._copied_up(inode, node, new, st)
+            self._copied_up(inode, node, new, st, parent_copied)
         except BaseException:
             if fd >= 0:
                 os.close(fd)
@@ -168,10 +169,12 @@ class WritableView(UnionView):
         return fd
 
     def _copied_up(self, inode: Inode, node: Node, new: os.stat_result,
-                   st: os.stat_result) -> None:
+                   st: os.stat_result, parent_copied: bool = False) -> None:
         """The view after ``inode``'s lower entry ``node`` (lstat ``st``) was copied to
         the upper (lstat ``new``): the inode keeps its number, its other names
-        become links to the copy."""
+        become links to the copy. ``parent_copied``: the parent was copied up in
+        this same request, its cached attributes already dropped (the kernel
+        cannot have asked for them since: one handler at a time)."""
         self.inodes.fresh(self.up, new.st_ino)
         if node.kind == DIR:      # stays merged with its lower layers
             new_node = Node(DIR, (self.up,) + node.layers, (new.st_ino,) + node.inos)
@@ -183,8 +186,9 @@ class WritableView(UnionView):
             inode.sources = (self.up,) + inode.sources
         inode.attr = new
         self._set_child(inode.parent, inode.name, new_node)
-        self.attrs_changed(inode.parent.number)     # its ctime: the copy was renamed into it
-        self.attrs_changed(inode.number)            # now the copy's ctime (and inode)
+        if not parent_copied:
+            self.attrs_changed(inode.parent.number)     # its ctime: the copy was linked into it
+        self.attrs_changed(inode.number)                # now the copy's ctime (and inode)
         for parent, name in inode.others or ():
             self._link_known_name(inode, parent, name)
         if node.kind != DIR and st.st_nlink > 1:
