@@ -8,8 +8,9 @@
  * coroutine, for the regular files whose content fd the Python side holds
  * (ops' no-open fd cache, mergefs/union/fdcache.py): a table (_fasttable.h)
  * from FUSE inode number to that fd; GETATTR also for the upper directories
- * no lower layer serves whose O_PATH fd the cache keeps (F_DIR: fstat, their
- * own nlink). A READ with no entry asks Python to open the file first (set_miss).
+ * whose O_PATH fd the cache keeps (F_DIR: fstat; their own nlink, or 1 for a
+ * directory merged with lower layers, F_MERGED, as kernel overlayfs and
+ * ops.entry_attributes show it, U1). A READ with no entry asks Python to open the file first (set_miss).
  * All namespace logic (lookup, create, unlink, rename, readdir, copy-up)
  * stays in Python; with a v7 build, GETATTR the table does not serve, LOOKUP
  * and MKNOD call the Python handler directly, without pyfuse3's coroutine
@@ -50,8 +51,9 @@
 
 #define F_WRITE 1u   /* the fd is read-write, on the upper file: writes and setattr */
 #define F_UPPER 2u   /* the file is in the upper: fsync syncs it */
-#define F_DIR 4u     /* an O_PATH fd on an upper directory served by the upper alone
-                      * (not merged: its own nlink, U1): GETATTR only */
+#define F_DIR 4u     /* an O_PATH fd on an upper directory: GETATTR only, while the
+                      * inode's sources equal the entry's */
+#define F_MERGED 8u  /* with F_DIR: lower layers serve it too (sources > 1): nlink 1 (U1) */
 
 #include "_fasttable.h"
 
@@ -61,9 +63,11 @@ static long long squash_uid = -1, squash_gid = -1;
 static int volatile_sync;
 
 enum { OP_GETATTR, OP_SETATTR, OP_READ, OP_WRITE, OP_FSYNC, OP_GETXATTR, OP_LISTXATTR,
-       OP_GETATTR_DIR, OP_GETATTR_DIRECT, OP_LOOKUP_DIRECT, OP_MKNOD_DIRECT, OP_N };
+       OP_GETATTR_DIR, OP_GETATTR_MERGED, OP_GETATTR_DIRECT, OP_LOOKUP_DIRECT, OP_MKNOD_DIRECT,
+       OP_N };
 static const char *op_names[OP_N] = {"getattr", "setattr", "read", "write", "fsync", "getxattr",
-                                     "listxattr", "getattr_dir", "getattr_direct", "lookup_direct",
+                                     "listxattr", "getattr_dir", "getattr_merged_dir",
+                                     "getattr_direct", "lookup_direct",
                                      "mknod_direct"};
 static unsigned long long served[OP_N];
 static PyObject *s_node, *s_unlinked, *s_attr, *s_xattrs, *s_sources;
@@ -162,14 +166,16 @@ static void changed(entry_t *e, int xattrs)
         PyErr_Clear();
 }
 
-/* fstat of the entry's fd as the mount shows it (ops.entry_attributes; a
- * directory here is never merged, so its nlink is its own). */
+/* fstat of the entry's fd as the mount shows it (ops.entry_attributes: a
+ * merged directory's nlink is 1, any other entry's its own). */
 static int attributes(entry_t *e, fuse_ino_t ino, struct stat *st)
 {
     if (fstat(e->fd, st) != 0 || !((e->flags & F_DIR) ? S_ISDIR(st->st_mode)
                                                        : S_ISREG(st->st_mode)))
         return -1;
     st->st_ino = ino;
+    if (e->flags & F_MERGED)
+        st->st_nlink = 1;
     if (squash_uid >= 0)
         st->st_uid = (uid_t)squash_uid;
     if (squash_gid >= 0)
@@ -211,7 +217,8 @@ static int h_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
     struct stat st;
     entry_t *e = usable_entry(ino, fi, 1);
     if (e && attributes(e, ino, &st) == 0) {
-        served[(e->flags & F_DIR) ? OP_GETATTR_DIR : OP_GETATTR]++;
+        served[(e->flags & F_MERGED) ? OP_GETATTR_MERGED
+               : (e->flags & F_DIR) ? OP_GETATTR_DIR : OP_GETATTR]++;
         fuse_reply_attr(req, &st, attr_timeout);
         return 1;
     }
@@ -761,7 +768,8 @@ PyMODINIT_FUNC PyInit__fastpath(void)
     if (!s_node || !s_unlinked || !s_attr || !s_xattrs || !s_sources ||
         PyModule_AddIntConstant(m, "WRITE", F_WRITE) < 0 ||
         PyModule_AddIntConstant(m, "UPPER", F_UPPER) < 0 ||
-        PyModule_AddIntConstant(m, "DIR", F_DIR) < 0) {
+        PyModule_AddIntConstant(m, "DIR", F_DIR) < 0 ||
+        PyModule_AddIntConstant(m, "MERGED", F_MERGED) < 0) {
         Py_DECREF(m);
         return NULL;
     }

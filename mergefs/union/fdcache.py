@@ -15,10 +15,11 @@ The C fast path (``fast``, mergefs/union/_fastpath.c, when loaded) serves
 GETATTR/SETATTR/READ/WRITE/FSYNC/GETXATTR/LISTXATTR of the regular files in ``fds``
 through the same fds: this cache owns them and tells the C table of every
 entry it adds, replaces, moves to ``pinned`` or closes, before closing.
-It also keeps ``dirs``: number -> (O_PATH fd, node) of an upper directory that
-no lower layer serves (the last DIR_FDS), whose GETATTR C answers with ``fstat``
-(the kernel asks for a directory's attributes again after every name made
-in it: once per file of an untar).
+It also keeps ``dirs``: number -> (O_PATH fd, node, sources) of an upper
+directory (the last DIR_FDS), whose GETATTR C answers with ``fstat`` (nlink 1
+if it is merged with lower layers): the kernel asks for a directory's
+attributes again after every name made in it (once per file of an untar) and
+after every copy-up into it (the append step).
 """
 from __future__ import annotations
 
@@ -136,19 +137,23 @@ class FdCache:
             self._close(number, got[0])
 
     def serve_dir(self, inode: Inode) -> None:
-        """Let C answer GETATTR of ``inode`` if it is an upper directory served by the
-        upper alone (``sources`` just the upper: not merged, so its nlink is its own,
-        U1): an O_PATH fd on it, which follows it through renames. C answers while
-        the inode's node and sources are the objects they are now and it is not
-        removed; any change of those makes Python answer (and call this again)."""
+        """Let C answer GETATTR of ``inode`` if it is a directory of the upper whose
+        ``sources`` are known (the upper first): an O_PATH fd on it, which follows
+        it through renames, flagged MERGED when lower layers serve it too (nlink
+        1, as ``view.merged`` and kernel overlayfs say, U1; else its own). C
+        answers while the inode's node is the object it is now, its sources an
+        equal tuple and it is not removed; any change of those (a copy-up, a
+        rename, an opaque or redirected directory, a listing read again that
+        found other layers) makes Python answer (and call this again)."""
         view = self.view
+        sources = inode.sources
         if self.fast is None or inode.kind != DIR or not view.writable or \
-                inode.parent is None or inode.unlinked or inode.sources != (view.up,) or \
-                inode.node.top != view.up:
+                inode.parent is None or inode.unlinked or not sources or \
+                sources[0] != view.up or inode.node.top != view.up:
             return
         got = self.dirs.get(inode.number)
         if got is not None:
-            if got[1] is inode.node:
+            if got[1] is inode.node and got[2] == sources:
                 return              # C serves it (or it changed in a way C sees)
             self._close(inode.number, self.dirs.pop(inode.number)[0])
         pfd, name = view._upper_entry(inode)
@@ -160,8 +165,9 @@ class FdCache:
         if len(self.dirs) >= DIR_FDS:
             oldest = next(iter(self.dirs))
             self._close(oldest, self.dirs.pop(oldest)[0])
-        self.dirs[inode.number] = (fd, inode.node)
-        self.fast.set(inode.number, fd, self.fast.DIR, inode, inode.node, inode.sources)
+        self.dirs[inode.number] = (fd, inode.node, sources)
+        flags = self.fast.DIR | (self.fast.MERGED if len(sources) > 1 else 0)
+        self.fast.set(inode.number, fd, flags, inode, inode.node, sources)
 
     def content_fd(self, inode: Inode) -> int:
         """No-open reads: an fd per inode, the last FD_CACHE of them kept open."""

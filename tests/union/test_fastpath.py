@@ -414,6 +414,71 @@ def test_fastpath_directory_getattr_as_kernel_overlay(tmp_path, union_mount, fas
     assert (counts.get("fast_getattr_dir", 0) > 0) == fast, counts
 
 
+def merged_dir_steps(root: Path, check=lambda rel: None) -> list:
+    """Changes inside the lower directory ``a`` once it is merged with its upper
+    copy: copy-ups of children (a write, a rename), names made and removed,
+    lower-only children removed (whiteouts), a child directory copied up, then
+    emptied, removed and made again (opaque: not merged); the nlink, mode and
+    owner of ``a`` (and ``a/deep``) after each step (``check(rel)`` too)."""
+    out = []
+    a = root / "a"
+
+    def seen(*rels):
+        for rel in rels:
+            out.append((rel, dir_attrs(root / rel)))
+            check(rel)
+
+    def append(p: Path) -> None:
+        with open(p, "ab") as f:
+            f.write(b"+")
+
+    seen("a")
+    for step in (lambda: append(a / "f1"),              # copies a up: merged now
+                 lambda: os.mkdir(a / "n"), lambda: os.rmdir(a / "n"),
+                 lambda: (a / "new").write_bytes(b"n"), lambda: os.unlink(a / "new"),
+                 lambda: os.rename(a / "f2", a / "f3"),
+                 lambda: os.rmdir(a / "sub"), lambda: os.unlink(a / "g"),
+                 lambda: os.symlink("t", a / "l"), lambda: os.mkfifo(a / "p"),
+                 lambda: append(a / "deep" / "h"),      # copies a/deep up: merged
+                 lambda: os.chmod(a, 0o750), forget_all,
+                 lambda: os.chown(a, 7, 8)):
+        step()
+        seen("a", "a/deep")
+    os.unlink(a / "deep" / "h")
+    seen("a", "a/deep")
+    os.rmdir(a / "deep")
+    os.mkdir(a / "deep")                               # opaque: served by the upper alone
+    seen("a", "a/deep")
+    os.mkdir(a / "deep" / "x")
+    seen("a", "a/deep")
+    return out
+
+
+@needs_overlay
+def test_fastpath_merged_directory_getattr_as_kernel_overlay(tmp_path, union_mount, fast):
+    """C answers GETATTR of an upper directory merged with a lower one too: nlink 1
+    as kernel overlayfs shows it (U1), mode, owner, size and times of the upper
+    directory, after copy-ups into it, names made and removed, whiteouts, and a
+    child directory removed and made again (opaque: its own nlink again)."""
+    spec = (LayerSpec().dir("a").file("a/f1", b"1").file("a/f2", b"2").file("a/g", b"g")
+            .dir("a/sub").dir("a/deep").file("a/deep/h", b"h"))
+    up = tmp_path / "m" / "up"
+    mnt = writable(tmp_path, union_mount, spec)
+
+    def same_as_upper(rel: str) -> None:
+        ours = os.stat(mnt / rel)
+        if not (up / rel).exists():
+            return                         # not copied up yet
+        upper = os.lstat(up / rel)
+        assert (ours.st_size, ours.st_mtime_ns, ours.st_ctime_ns, ours.st_blocks) == \
+            (upper.st_size, upper.st_mtime_ns, upper.st_ctime_ns, upper.st_blocks), rel
+
+    ours = merged_dir_steps(mnt, same_as_upper)
+    assert ours == on_kernel_overlay(tmp_path, spec, merged_dir_steps)
+    counts = served(union_mount)
+    assert (counts.get("fast_getattr_merged_dir", 0) > 0) == fast, counts
+
+
 def test_fastpath_direct_handlers(tmp_path, union_mount, fast):
     """With a v7 build, LOOKUP, MKNOD and the GETATTR C has no fd for call the
     Python handler without pyfuse3's coroutine: same answers, errors included
