@@ -177,14 +177,15 @@ class FdCache:
             self.keep(inode, fd, False)
         return fd
 
-    def write_fd(self, inode: Inode, writer) -> int:
+    def write_fd(self, inode: Inode, writer, for_write: bool = False) -> int:
         """No-open writes: the inode's fd on its upper file. The first write to a
         lower file copies it up (kernel overlayfs does at open for write); a lower
-        file unlinked while held open gets a copy of its own, never published."""
+        file unlinked while held open gets a copy of its own, never published.
+        ``for_write``: asked by a WRITE request (``Writable._copied_up``)."""
         fd = self.cached(inode, True)
         if fd < 0:
             fd = writer.detached_copy(inode) if inode.unlinked and inode.node.top != writer.up \
-                else writer.open_for_write(inode, os.O_RDWR)
+                else writer.open_for_write(inode, os.O_RDWR, for_write)
             self.keep(inode, fd, True)
         return fd
 

@@ -361,8 +361,16 @@ class UnionOperations(pyfuse3.Operations):
         h = self.handles.get(fh) if self.no_open else self.handles[fh]
         if h is None:                       # no-open: fh is the inode
             inode = self.inodes.get(fh)
-            n = os.pwrite(self.fds.write_fd(inode, self._writer()), buf, off)
-            inode.attr = None
+            # a copy-up made here leaves the file's cached attributes to the kernel,
+            # which drops them after a write that succeeded (Writable._copied_up)
+            try:
+                n = os.pwrite(self.fds.write_fd(inode, self._writer(), True), buf, off)
+            except OSError:
+                if self.view.writable:
+                    self.view.attrs_changed(inode.number)
+                raise
+            finally:
+                inode.attr = None
             return n
         n = os.pwrite(h.fd, buf, off)
         h.inode.attr = None

@@ -136,9 +136,9 @@ class WritableView(UnionView):
         if fd >= 0:
             os.close(fd)
 
-    def _copy_up(self, inode: Inode, with_data: bool = True) -> int:
+    def _copy_up(self, inode: Inode, with_data: bool = True, for_write: bool = False) -> int:
         """``ensure_upper``; returns an O_RDWR fd on the copy of a regular file made
-        now (the caller closes it), else -1."""
+        now (the caller closes it), else -1. ``for_write``: see ``_copied_up``."""
         if inode.node.top == self.up:
             return -1
         parent_copied = inode.parent.node.top != self.up
@@ -161,7 +161,7 @@ class WritableView(UnionView):
                 raise
         try:
             new = self.upper.publish(tmp, path, keep_parent_times=True, fd=fd)
-            self._copied_up(inode, node, new, st, parent_copied)
+            self._copied_up(inode, node, new, st, parent_copied, for_write)
         except BaseException:
             if fd >= 0:
                 os.close(fd)
@@ -169,12 +169,17 @@ class WritableView(UnionView):
         return fd
 
     def _copied_up(self, inode: Inode, node: Node, new: os.stat_result,
-                   st: os.stat_result, parent_copied: bool = False) -> None:
+                   st: os.stat_result, parent_copied: bool = False,
+                   for_write: bool = False) -> None:
         """The view after ``inode``'s lower entry ``node`` (lstat ``st``) was copied to
         the upper (lstat ``new``): the inode keeps its number, its other names
         become links to the copy. ``parent_copied``: the parent was copied up in
         this same request, its cached attributes already dropped (the kernel
-        cannot have asked for them since: one handler at a time)."""
+        cannot have asked for them since: one handler at a time). ``for_write``:
+        the copy-up serves a WRITE request that will succeed or tell the caller
+        (ops.write): the kernel drops the file's cached times and size after
+        the write itself (what the copy changed: its ctime), so its attributes
+        are not dropped here (one notification less per appended lower file)."""
         self.inodes.fresh(self.up, new.st_ino)
         if node.kind == DIR:      # stays merged with its lower layers
             new_node = Node(DIR, (self.up,) + node.layers, (new.st_ino,) + node.inos)
@@ -188,7 +193,8 @@ class WritableView(UnionView):
         self._set_child(inode.parent, inode.name, new_node)
         if not parent_copied:
             self.attrs_changed(inode.parent.number)     # its ctime: the copy was linked into it
-        self.attrs_changed(inode.number)                # now the copy's ctime (and inode)
+        if not for_write:
+            self.attrs_changed(inode.number)            # now the copy's ctime
         for parent, name in inode.others or ():
             self._link_known_name(inode, parent, name)
         if node.kind != DIR and st.st_nlink > 1:
@@ -336,10 +342,12 @@ class WritableView(UnionView):
         return self.inodes.entry(parent, name, inode.node)
 
     # -- content and attributes --------------------------------------------
-    def open_for_write(self, inode: Inode, flags: int) -> int:
+    def open_for_write(self, inode: Inode, flags: int, for_write: bool = False) -> int:
+        """An fd to write ``inode`` through, copied up first if it is lower
+        (``for_write``: by a WRITE request, ``_copied_up``)."""
         if inode.is_dir:
             raise _err(errno.EISDIR)
-        fd = self._copy_up(inode, with_data=not flags & os.O_TRUNC)
+        fd = self._copy_up(inode, with_data=not flags & os.O_TRUNC, for_write=for_write)
         # never O_APPEND: the kernel sends the offset, pwrite must honour it
         keep = flags & (os.O_ACCMODE | os.O_TRUNC | os.O_SYNC | os.O_DSYNC)
         inode.attr = None

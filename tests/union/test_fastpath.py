@@ -479,6 +479,43 @@ def test_fastpath_merged_directory_getattr_as_kernel_overlay(tmp_path, union_mou
     assert (counts.get("fast_getattr_merged_dir", 0) > 0) == fast, counts
 
 
+def append_steps(root: Path, check=lambda rel: None) -> list:
+    """Appends to lower files (the first write copies each up), each stat'ed
+    before, right after the append that copied it up, and after one more."""
+    out = []
+    for rel in ("f", "d/g"):
+        p = root / rel
+        before = os.stat(p)
+        out.append((rel, before.st_size, before.st_nlink))
+        for data in (b"+", b"++"):
+            with open(p, "ab") as f:
+                f.write(data)
+            st = os.stat(p)
+            out.append((rel, st.st_size, st.st_nlink, stat.S_IMODE(st.st_mode), st.st_uid,
+                        st.st_ino == before.st_ino, p.read_bytes()))
+            check(rel)
+    return out
+
+
+@needs_overlay
+def test_fastpath_attributes_right_after_a_copy_up_by_write(tmp_path, union_mount, fast):
+    """A WRITE that copies a lower file up leaves the file's cached attributes to
+    the kernel (it drops them after the write): a stat right after shows the
+    upper file's size and times, the same inode number, and what kernel
+    overlayfs shows."""
+    spec = LayerSpec().file("f", b"x" * 10, mode=0o640).dir("d").file("d/g", b"y", mode=0o604)
+    up = tmp_path / "m" / "up"
+    mnt = writable(tmp_path, union_mount, spec)
+
+    def same_as_upper(rel: str) -> None:
+        ours, upper = os.stat(mnt / rel), os.lstat(up / rel)
+        assert (ours.st_size, ours.st_mtime_ns, ours.st_ctime_ns, ours.st_blocks) == \
+            (upper.st_size, upper.st_mtime_ns, upper.st_ctime_ns, upper.st_blocks), rel
+
+    ours = append_steps(mnt, same_as_upper)
+    assert ours == on_kernel_overlay(tmp_path, spec, append_steps)
+
+
 def test_fastpath_direct_handlers(tmp_path, union_mount, fast):
     """With a v7 build, LOOKUP, MKNOD and the GETATTR C has no fd for call the
     Python handler without pyfuse3's coroutine: same answers, errors included
