@@ -71,6 +71,10 @@ class Upper:
         self._moves: list | None = None           # ``moved_dirs()``
         self.tmpfile = True           # O_TMPFILE in the work dir (False once refused)
         self._no_range: set[tuple[int, int]] = set()   # (src, dst st_dev) copy_file_range refused
+        # make_in_place: who owns what this process creates, and the mode bits that
+        # creating cannot set exactly (the umask's, set-id and sticky)
+        self._creator = (os.geteuid(), os.getegid())
+        self._not_exact = _umask() | 0o7000
 
     def close(self) -> None:
         self.forget_dirs(b"")
@@ -349,22 +353,32 @@ class Upper:
         nothing (no whiteout there, nothing below): what kernel overlayfs does
         outside its work dir. Returns (lstat, fd for a regular file or -1).
 
-        Fewer syscalls than staging (no rename, no lstat of the work dir); a
-        crash between the create and the chown/chmod leaves an empty entry with
-        mode 0 owned by the server's user, never a partly copied one."""
+        Fewer syscalls than staging (no rename, no lstat of the work dir). An
+        entry the server's own user is to own, with a mode the umask keeps and
+        no set-id or sticky bit (``tar -x`` as root), is created with its final
+        mode and needs no chown or chmod when its stat shows it right; any other
+        is created with mode 0, then chowned and chmodded: a crash in between
+        leaves an empty entry that is never set-id for the wrong owner."""
         parent, _, name = path.rpartition(b"/")
         pfd = self.borrow_dir(parent)
+        final = (uid, gid) == self._creator and (kind == LNK or not mode & self._not_exact)
+        made = stat.S_IMODE(mode) if final else 0
         fd = -1
         if kind == REG:
             fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0, dir_fd=pfd)
+                         made, dir_fd=pfd)
         elif kind == DIR:
-            syscalls.mkdir(name, pfd, 0)
+            syscalls.mkdir(name, pfd, made)
         elif kind == LNK:
             syscalls.symlink(target, name, pfd)
         else:
-            syscalls.mknod(name, kind, rdev, pfd)
+            syscalls.mknod(name, kind | made, rdev, pfd)
         try:
+            if final:
+                st = os.fstat(fd) if fd >= 0 else syscalls.lstat(name, pfd)
+                if st.st_uid == uid and st.st_gid == gid and \
+                        (kind == LNK or stat.S_IMODE(st.st_mode) == made):
+                    return st, fd
             if fd >= 0:
                 os.fchown(fd, uid, gid)
                 os.fchmod(fd, stat.S_IMODE(mode))
@@ -432,6 +446,19 @@ class Upper:
         attr = self.opaque_xattr.replace("opaque", "redirect")
         self._moves = None
         syscalls.setxattr(self.borrow_dir(parent), name, attr, value)
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (/proc/self/status; all
+    bits when the kernel does not tell: then nothing is made with its mode)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o777
 
 
 def _remove(name: bytes, dir_fd: int) -> None:

@@ -516,6 +516,74 @@ def test_fastpath_attributes_right_after_a_copy_up_by_write(tmp_path, union_moun
     assert ours == on_kernel_overlay(tmp_path, spec, append_steps)
 
 
+def new_entry_steps(root: Path, upper: Path | None = None) -> list:
+    """New entries of many modes, made with no umask, in a plain and in a set-gid
+    directory, by root and by uid/gid 1234; each one's type, mode and owner in
+    the mount and in its upper (where ``upper`` is given: kernel overlayfs'
+    is read after its unmount by the caller)."""
+    old = os.umask(0)
+    try:
+        os.mkdir(root / "sg", 0o2777)
+        os.chown(root / "sg", 0, 77)
+        os.mkdir(root / "shared", 0o777)
+        for d in ("sg", "shared"):
+            base = root / d
+            for name, mode in (("f644", 0o644), ("f666", 0o666), ("f4755", 0o4755),
+                               ("f2755", 0o2755), ("f1644", 0o1644)):
+                os.close(os.open(base / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode))
+            for name, mode in (("d755", 0o755), ("d1777", 0o1777), ("d2775", 0o2775),
+                               ("d777", 0o777)):
+                os.mkdir(base / name, mode)
+            os.mkfifo(base / "p640", 0o640)
+            os.symlink("t", base / "ln")
+            pid = os.fork()
+            if pid == 0:                   # another user, through an fd on the directory
+                try:
+                    dfd = os.open(base, os.O_PATH | os.O_DIRECTORY)
+                    os.setgroups([])
+                    os.setgid(1234)
+                    os.setuid(1234)
+                    os.close(os.open("u644", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644,
+                                     dir_fd=dfd))
+                    os.close(os.open("u4755", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o4755,
+                                     dir_fd=dfd))
+                    os.mkdir("ud", 0o755, dir_fd=dfd)
+                    os.symlink("t", "uln", dir_fd=dfd)
+                    os._exit(0)
+                except BaseException:
+                    os._exit(1)
+            assert os.waitpid(pid, 0)[1] == 0
+    finally:
+        os.umask(old)
+    out = []
+    for d in ("sg", "shared"):
+        for name in sorted(os.listdir(root / d)):
+            st = os.lstat(root / d / name)
+            out.append((d, name, stat.S_IFMT(st.st_mode), oct(stat.S_IMODE(st.st_mode)),
+                        st.st_uid, st.st_gid))
+            if upper is not None:
+                ours, up = st, os.lstat(upper / d / name)
+                assert (ours.st_mode, ours.st_uid, ours.st_gid, ours.st_ctime_ns) == \
+                    (up.st_mode, up.st_uid, up.st_gid, up.st_ctime_ns), (d, name)
+    return out
+
+
+@needs_overlay
+def test_new_entries_mode_and_owner_as_kernel_overlay(tmp_path, union_mount, fast):
+    """Entries made in place in the upper (some with their final mode at once, no
+    chown or chmod: root's, with a mode the umask keeps, no set-id or sticky
+    bit) show the type, mode and owner kernel overlayfs gives them, by root
+    and by another user, in a set-gid directory too; the upper holds the same."""
+    spec = LayerSpec().file("low", b"x")
+    layers = materialise_stack([spec], tmp_path / "m" / "layers")
+    up, wk = tmp_path / "m" / "up", tmp_path / "m" / "wk"
+    up.mkdir()
+    wk.mkdir()
+    mnt = union_mount(layers, upper=up, work=wk, allow_other=True)
+    ours = new_entry_steps(mnt, up)
+    assert ours == on_kernel_overlay(tmp_path, spec, new_entry_steps)
+
+
 def test_fastpath_direct_handlers(tmp_path, union_mount, fast):
     """With a v7 build, LOOKUP, MKNOD and the GETATTR C has no fd for call the
     Python handler without pyfuse3's coroutine: same answers, errors included
