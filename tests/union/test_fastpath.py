@@ -475,6 +475,14 @@ def test_fastpath_merged_directory_getattr_as_kernel_overlay(tmp_path, union_mou
 
     ours = merged_dir_steps(mnt, same_as_upper)
     assert ours == on_kernel_overlay(tmp_path, spec, merged_dir_steps)
+    # renamed (redirected: kernel overlayfs without redirect_dir says EXDEV), still
+    # merged: nlink 1 before and after names are made in it again
+    os.rename(mnt / "a", mnt / "b")
+    assert os.stat(mnt / "b").st_nlink == 1
+    os.mkdir(mnt / "b" / "again")
+    assert os.stat(mnt / "b").st_nlink == 1
+    assert sorted(os.listdir(mnt / "b")) == ["again", "deep", "f1", "f3", "l", "p"]
+    assert os.stat(mnt / "b").st_nlink == 1
     counts = served(union_mount)
     assert (counts.get("fast_getattr_merged_dir", 0) > 0) == fast, counts
 
