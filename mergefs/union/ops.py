@@ -142,7 +142,7 @@ class UnionOperations(pyfuse3.Operations):
         or they stay stale for attr_timeout and surface later ("file changed as we
         read it" from tar once a readdir makes the kernel ask again)."""
         if self.view.writable:
-            self.view.attrs_changed = _invalidate_attrs
+            self.view.attrs_changed = self._attrs_changed
         if self.no_open:      # the C fast path serves the files of the fd cache
             from . import fastpath
             self.fds.fast = fastpath.load(self.timeouts.attr, self.squash, self.volatile)
@@ -150,6 +150,16 @@ class UnionOperations(pyfuse3.Operations):
                 self.fds.fast.set_miss(self._open_for_c)
                 if os.environ.get("MERGEFS_FASTPATH_DIRECT") != "0":    # "0": for comparisons
                     self.fds.fast.set_direct(*map(self._direct, ("getattr", "lookup", "mknod")))
+
+    def _attrs_changed(self, number: int) -> None:
+        """A copy-up changed inode ``number`` (the parent's ctime): the kernel drops
+        its attributes and will ask again; a directory's GETATTR then goes to
+        C at once (``serve_dir``; else its first one would come to Python)."""
+        _invalidate_attrs(number)
+        if self.fds.fast is not None:
+            inode = self.inodes.live(number)
+            if inode is not None and inode.is_dir:
+                self.fds.serve_dir(inode)
 
     def _direct(self, name: str):
         """This class's handler ``name`` as the C fast path calls it directly (a
