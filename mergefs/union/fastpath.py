@@ -3,7 +3,7 @@
 
 It serves GETATTR, SETATTR, READ, WRITE, FSYNC and GETXATTR (and LISTXATTR
 with a v6 build) of the regular files whose content fd the no-open fd cache
-(fdcache.py) holds, and GETATTR of the upper-only directories it keeps an
+(fdcache.py) holds, and GETATTR of the upper directories (merged ones too) it keeps an
 O_PATH fd for, from C hooks that a v5 build of pyfuse3 calls before it
 makes a coroutine for a request (tools/pyfuse3_inode_fh.py). With a v7 build
 it also calls the plain Python handlers of LOOKUP, MKNOD and the GETATTRs it
