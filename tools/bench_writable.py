@@ -17,7 +17,18 @@ first) and times these steps, in this order, on the same mount:
 4. ``append``: append one byte to 2,000 lower files (copy-up), a bash loop of
    builtins (no process per file);
 5. ``rm``: ``rm -rf`` of 3 lower subtrees (``opt``, ``run``, ``srv``);
-6. ``tar-c``: ``tar -cf - . | cat > /dev/null`` in the mount (reads every file).
+6. ``tar-c``: ``tar -cf - . | cat > /dev/null`` in the mount (reads every file);
+7. ``dpkg``: on a second mount (caches dropped first) of other lowers, a Debian
+   minbase-like root in 3 layers built from this host's installed packages
+   (``debian_layers``: no mirror, no debootstrap), ``chroot MNT dpkg -i`` of
+   perl's .debs: perl, perl-modules, libperl, the two gdbm libraries minbase
+   lacks and perl-base at perl's version (an upgrade: minbase has perl-base,
+   not perl), as apt resolves them now, fetched once with ``apt-get download``
+   into WORKDIR/debs (``dpkg_debs``; if apt cannot, one "FAILED STEP: dpkg: not
+   run, ..." line and the other steps run). The host's /dev and the .debs'
+   directory (read-only, at /mnt) are bind-mounted into the mount for the step
+   (nothing of them reaches the upper). Afterwards dpkg must say perl is
+   installed, and each upper is compared with the kernel's, path by path.
 
 ``--steps find append`` runs only those steps after the mount (in this order);
 ``--before TREE`` adds the system "mergefs-before": the same CLI run from
@@ -36,9 +47,9 @@ server logs them on SIGUSR1). "req/file" for the untar step is mergefs's
 requests divided by the 10,080 entries the tarball creates.
 
 The entries left in each system's upper are counted at the end: what each
-one wrote for the same work. The ``dpkg -i`` step of issue 10 is not here:
-it needs a Debian root filesystem (debootstrap and a mirror); this machine
-has neither offline. Nothing is asserted; the load average is printed.
+one wrote for the same work (for ``dpkg``, also which paths differ from the
+kernel's upper, whiteouts counted apart). Nothing is asserted; the load
+average is printed; the exit status is 1 if a step failed.
 """
 from __future__ import annotations
 
@@ -132,19 +143,21 @@ class DebsUnavailable(RuntimeError):
 
 def debian_layers(where: str) -> list[str]:
     """A Debian minbase-like root (benchlib: this host's minbase packages, no mirror)
-    in DEBIAN_LAYERS layers, bottom first, reused when ``where``/layers.json lists
-    the same packages. The packages, sorted by name, are cut into runs of about
-    equal file counts, one run per layer; a layer holds its packages' files (their
-    directories included), var/lib/dpkg with the status of every package up to
-    it and the info files of its own, as an image built by one ``dpkg -i`` per
-    layer would; the bottom one also has what no package owns (usrmerge links,
-    /tmp, /dev, /mnt, ..., a root-only /etc/passwd)."""
+    in DEBIAN_LAYERS layers, bottom first. The packages, sorted by name, are cut
+    into runs of about equal file counts, one run per layer; a layer holds its
+    packages' files (their directories included), var/lib/dpkg with the status
+    of every package up to it and the info files of its own, as an image built
+    by one ``dpkg -i`` per layer would; the bottom one also has what no package
+    owns (usrmerge links, /tmp, /dev, /mnt, ..., a root-only /etc/passwd). Reused when
+    ``where``/layers.json lists the same packages at the same versions."""
     pkgs = benchlib.minbase_packages()
+    versions = benchlib.installed_packages()
+    made = [f"{p}={versions[p][2]}" for p in pkgs]
     paths = [os.path.join(where, f"l{k}") for k in range(DEBIAN_LAYERS)]
     meta = os.path.join(where, "layers.json")
     if os.path.exists(meta):
         with open(meta) as f:
-            if json.load(f) == pkgs:
+            if json.load(f) == made:
                 return paths
     os.makedirs(where, exist_ok=True)
     for p in paths:
@@ -163,7 +176,7 @@ def debian_layers(where: str) -> list[str]:
             benchlib.minbase_skeleton(path)
         benchlib.dpkg_database(path, [p for g in groups[:k + 1] for p in g], group)
     with open(meta, "w") as f:
-        json.dump(pkgs, f)
+        json.dump(made, f)
     return paths
 
 
@@ -211,8 +224,8 @@ def dpkg_debs(cache: str, image: list[str]) -> list[str]:
                  if ln and not ln.startswith((" ", "<"))]
         deps = _apt_depends(names)
     except subprocess.CalledProcessError as e:
-        raise DebsUnavailable(f"apt-cache knows no {DPKG_TARGET}: "
-                              f"{(e.stderr or '').strip().splitlines()[-1:]}") from None
+        last = " ".join((e.stderr or "").strip().splitlines()[-1:])
+        raise DebsUnavailable(f"apt-cache knows no {DPKG_TARGET}: {last}") from None
     need = {p for p in names if p not in inside}
     while True:
         more = {d for p in need for d, exact in deps.get(p, ())

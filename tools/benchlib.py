@@ -363,8 +363,9 @@ def dpkg_database(rootfs: str | os.PathLike, installed: Sequence[str],
                   own: Sequence[str]) -> None:
     """Write ``rootfs``/var/lib/dpkg as dpkg keeps it with only ``installed``
     installed (their paragraphs of the host's status file, the file and explicit
-    triggers they are interested in, their diversions), and the info files (lists, md5sums, maintainer
-    scripts) of ``own`` (a layer holds the info of the packages it adds)."""
+    triggers they are interested in, their diversions), and the info files
+    (lists, md5sums, maintainer scripts) of ``own`` (a layer holds the info of
+    the packages it adds). No alternatives: minbase has none it needs."""
     db, host = os.path.join(rootfs, "var/lib/dpkg"), "/var/lib/dpkg"
     for d in ("info", "updates", "triggers", "alternatives", "parts"):
         os.makedirs(os.path.join(db, d), exist_ok=True)
