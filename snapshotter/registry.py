@@ -63,7 +63,7 @@ from typing import Callable
 
 from . import meta, service
 from .blobs import blob_dir, drop_orphans
-from .digest import TreeSummary, tree_digest
+from .digest import TreeSummary, merge_id, tree_digest
 from .distribution import RegistryError, Skopeo, Target, parse_target, result, stop
 from .meta import Row
 from .store import CLI_HOLDER, Store
@@ -542,10 +542,6 @@ def _fetch_all(store: Store, client: Skopeo, plan: _Plan, missing: list[int],
     return [done[k] for k in sorted(done)]
 
 
-def default_name(target: Target) -> str:
-    return target.repo.rsplit("/", 1)[-1] + (f":{target.tag}" if target.tag else "")
-
-
 def pull(store: Store, target: str | Target, name: str | None = None,
          client: Skopeo | None = None, holder: str | None = CLI_HOLDER,
          progress: Progress = _quiet, unpack: bool = False, inspected=None,
@@ -559,16 +555,23 @@ def pull(store: Store, target: str | Target, name: str | None = None,
     target = parse_target(target) if isinstance(target, str) else target
     client = client or Skopeo()
     from . import pullcopy
-    spec = copy or pullcopy.start(store.root, client, target, unpack)
+    name = name or target.default_name()
+    spec = copy if copy is not None else pullcopy.start(store.root, client, target, unpack,
+                                                        name)
     try:
         drop_orphans(store)
-        name = name or default_name(target)
         plan = _plan(client, target, inspected)
         n = len(plan.layers)
         rows: list[Row | None] = [_present(store, d, i, holder)
                                   for d, i in zip(plan.layers, plan.diff_ids)]
         missing = [i for i, r in enumerate(rows) if r is None]
         progress(f"{target}: {n} layers, {n - len(missing)} present, {len(missing)} to fetch")
+        if missing and not unpack:        # a name taken by another image: fail before fetching
+            ids = [r.id if r is not None else _claim(store, d, i)[0]
+                   for r, d, i in zip(rows, plan.layers, plan.diff_ids)]
+            store.check_name(name, merge_id(ids) if len(ids) > 1 else ids[0])
+        if spec is None and missing:      # none started before the plan: the image's now
+            spec = pullcopy.start(store.root, client, plan.target, unpack)
         if spec is not None and missing and spec.covers(plan, missing):
             fetched = _one_copy(store, spec, plan, missing, rows, holder, progress, str(target))
         else:

@@ -130,6 +130,74 @@ def test_pull_fetches_only_the_missing_layer(a, b, registry, layers):
     assert blob_gets(registry.since(mark), layer_digests) == []   # the config only
 
 
+def _logging_skopeo(where: Path) -> tuple[dict, Path]:
+    """The real skopeo behind a wrapper first on PATH that logs each run's verb: the
+    environment for a ``mergefs`` process, and the log."""
+    log = where / "skopeo.log"
+    bindir = where / "bin"
+    bindir.mkdir()
+    wrapper = bindir / "skopeo"
+    wrapper.write_text(f'#!/bin/sh\necho "$1" >> {log}\nexec /usr/bin/skopeo "$@"\n')
+    wrapper.chmod(0o755)
+    return {"PATH": f"{bindir}:{os.environ['PATH']}"}, log
+
+
+def _runs(log: Path) -> list[str]:
+    runs = sorted(log.read_text().split()) if log.exists() else []
+    log.unlink(missing_ok=True)
+    return runs
+
+
+def test_pull_starts_skopeo_once_and_no_copy_when_all_present(a, b, registry, layers, tmp_path):
+    """A lazy pull into an empty store runs one ``skopeo copy`` (started from the command
+    line, before argparse) and the two inspects; pulling it again, the store's record of
+    the name says every layer is there: no copy is started (and killed) at all. When the
+    tag moved meanwhile, a pull that would give the name to another image is refused
+    before it fetches anything; under another name it fetches the new layer alone."""
+    mid = _app_on(a, layers)
+    target = f"{registry.address}/mergefs/app:v1"
+    pushed = json.loads(a.run("push", "app", target, "--json").stdout)
+    env, log = _logging_skopeo(tmp_path)
+    assert b.run("pull", target, **env).stdout.strip() == mid
+    assert _runs(log) == ["copy", "inspect", "inspect"]
+    mark = registry.mark()
+    assert json.loads(b.run("pull", target, "--json", **env).stdout)["fetched"] == []
+    assert _runs(log) == ["inspect", "inspect"]
+    assert blob_gets(registry.since(mark), {x["digest"] for x in pushed["layers"]}) == []
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra" / "new-file").write_text("the tag moved\n")
+    a.run("import", tmp_path / "extra", "--name", "extra")   # the tag moves: a fourth layer
+    a.run("merge", "--strategy", "union", "--name", "app2", "app", "extra")
+    moved = json.loads(a.run("push", "app2", target, "--json").stdout)
+    mark = registry.mark()
+    p = b.run("pull", target, check=False, **env)      # its name names the old image
+    assert p.returncode == 4 and "already names" in p.stderr
+    assert _runs(log) == ["inspect", "inspect"]        # refused before any copy
+    assert blob_gets(registry.since(mark), {x["digest"] for x in moved["layers"]}) == []
+    pulled = json.loads(b.run("pull", target, "--name", "app2", "--json", **env).stdout)
+    assert _runs(log) == ["copy", "inspect", "inspect"]
+    assert pulled["fetched"] == [moved["layers"][3]["digest"]]
+    assert blob_gets(registry.since(mark), {x["digest"] for x in moved["layers"]}) == \
+        pulled["fetched"]
+    assert pulled["image"] == a.json("inspect", "app2")["id"]
+
+
+def test_pull_command_line_read_before_argparse():
+    """What ``mergefs pull`` reads from argv to start skopeo early; anything else is left
+    to argparse (None), which then reads the whole command."""
+    from mergefs.cli.cmd_registry import _read_pull_argv
+    root, ns = _read_pull_argv(["--root", "/r", "--debug", "pull", "h:1/x:y", "--name=n",
+                                "--retries", "0", "--insecure", "--authfile", "/a", "--json"])
+    assert root == "/r" and (ns.target, ns.name, ns.retries, ns.insecure, ns.authfile) == \
+        ("h:1/x:y", "n", "0", True, "/a")
+    assert _read_pull_argv(["pull", "h:1/x:y"])[0] is None
+    for argv in (["pull"], ["pull", "a/b:c", "d/e:f"], ["pull", "a/b:c", "--ins"],
+                 ["pull", "a/b:c", "-h"], ["pull", "--name", "--json", "a/b:c"],
+                 ["pull", "--", "a/b:c"], ["--root", "pull"], ["ls"], ["pull", "a/b:c",
+                                                                   "--retries"]):
+        assert _read_pull_argv(argv) is None, argv
+
+
 def test_corrupt_blob_is_refused_and_nothing_stored(a, b, registry, layers):
     _app_on(a, layers)
     target = f"{registry.address}/mergefs/app:v1"
