@@ -1,17 +1,8 @@
 """Push and pull through an OCI registry, by digest (``mergefs push`` / ``mergefs pull``).
 
-Push: REF's flattened layers (a layer, a merge's layer chain, an imported
-image) become layer blobs, an image config whose ``rootfs.diff_ids`` are the
-layers' diffIDs, and a manifest, copied by skopeo from a temporary OCI layout
-(hardlinks into the blob cache) with ``--preserve-digests``. skopeo asks the
-registry for each blob first (HEAD) and uploads only what it lacks.
-
-Compress once: each layer's blob is written the first time it is pushed
-(``write_layer_tar``, deterministic, opaque directories as ``.wh..wh..opq``
-so the blob depends on the layer alone) into ``ROOT/blobs/sha256/``, and its
-digest, diffID and size are remembered in ``layer_blobs`` per (layer,
-compression). Pulled blobs are kept there too, so pushing a pulled layer
-sends the very blob it came as.
+Push (``snapshotter.registry_push``): REF's flattened layers become layer
+blobs (compressed once, remembered per layer), an image config with their
+diffIDs and a manifest carrying the annotations below, copied by skopeo.
 
 Identity across machines: each layer descriptor carries two annotations, the
 layer's snapshot id (``org.mergefs.layer.id``) and its tree digest
@@ -75,7 +66,6 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
-COMPRESSIONS = ("gzip", "zstd")
 _ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le",
          "s390x": "s390x", "riscv64": "riscv64"}
 _ID = "sha256:"
@@ -95,14 +85,6 @@ class Blob:
     diff_id: str
     size: int
     media_type: str
-
-
-@dataclass
-class PushResult:
-    target: str
-    manifest_digest: str
-    layers: list[Blob]
-    compressed: int            # layers compressed by this push (0 when all were remembered)
 
 
 @dataclass
@@ -127,106 +109,8 @@ def _compression_of(media_type: str) -> str:
     return "none"
 
 
-# -- the blob cache (snapshotter.blobs) ---------------------------------------------------
-def _cached(store: Store, row: tuple) -> Blob | None:
-    blob = Blob(*row)
-    try:
-        ok = os.stat(blob_dir(store) / _hex(blob.digest)).st_size == blob.size
-    except FileNotFoundError:
-        ok = False
-    return blob if ok else None
-
-
-def ensure_blob(store: Store, layer: str, compression: str) -> tuple[Blob, bool]:
-    """The layer's blob in the cache, written now only if never written before: (blob, new)."""
-    from mergefs import oci
-    for row in meta.blobs_of(store.db, layer=layer):
-        if row[1] == compression and (blob := _cached(store, row)) is not None:
-            return blob, False
-    d = blob_dir(store)
-    tmp = d / f".tmp-{os.urandom(16).hex()}"
-    try:
-        with open(tmp, "xb") as f:
-            lb = oci.write_layer_tar(store.layer_tree(layer), f, lower=None,
-                                     compression=compression)
-        os.replace(tmp, d / _hex(lb.digest))
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    blob = Blob(layer, compression, lb.digest, lb.diff_id, lb.size, lb.media_type)
-    with meta.write(store.db):
-        meta.put_blob(store.db, tuple(blob.__dict__.values()))
-    return blob, True
-
-
-# -- push -------------------------------------------------------------------------------------
 def _json(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-
-
-def _put(blobs: Path, data: bytes) -> dict:
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    (blobs / _hex(digest)).write_bytes(data)
-    return {"digest": digest, "size": len(data)}
-
-
-def _write_layout(store: Store, where: Path, blobs: list[Blob]) -> str:
-    """An OCI layout of one image (tag ``push``) whose layer blobs are hardlinks into the cache."""
-    bdir = where / "blobs" / "sha256"
-    os.makedirs(bdir)
-    for b in blobs:
-        if not (bdir / _hex(b.digest)).exists():
-            os.link(blob_dir(store) / _hex(b.digest), bdir / _hex(b.digest))
-    machine = os.uname().machine
-    config = {"architecture": _ARCH.get(machine, machine), "os": "linux", "config": {},
-              "rootfs": {"type": "layers", "diff_ids": [b.diff_id for b in blobs]}}
-    layers = []
-    for b in blobs:
-        row = store.get(b.layer)
-        ann = {ANN_ID: b.layer}
-        if row is not None and row.tree_digest:
-            ann[ANN_TREE] = row.tree_digest
-        layers.append({"mediaType": b.media_type, "digest": b.digest, "size": b.size,
-                       "annotations": ann})
-    manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-                "config": {"mediaType": CONFIG_TYPE, **_put(bdir, _json(config))},
-                "layers": layers}
-    mdesc = {"mediaType": OCI_MANIFEST, **_put(bdir, _json(manifest)),
-             "annotations": {"org.opencontainers.image.ref.name": "push"}}
-    (where / "index.json").write_bytes(_json({"schemaVersion": 2, "mediaType": OCI_INDEX,
-                                              "manifests": [mdesc]}))
-    (where / "oci-layout").write_bytes(_json({"imageLayoutVersion": "1.0.0"}))
-    return mdesc["digest"]
-
-
-def push(store: Store, ref: str, target: str | Target, client: Skopeo | None = None,
-         compression: str = "gzip", progress: Progress = _quiet) -> PushResult:
-    """Push REF (its flattened layers, bottom first) to ``target`` as one image."""
-    if compression not in COMPRESSIONS:
-        raise ValueError(f"compression must be one of {COMPRESSIONS}")
-    target = parse_target(target) if isinstance(target, str) else target
-    client = client or Skopeo()
-    drop_orphans(store)
-    flat = service.flatten(store, service.resolve_ref(store, ref))
-    blobs, compressed = [], 0
-    for i, layer in enumerate(flat, 1):
-        if not any(r[1] == compression for r in meta.blobs_of(store.db, layer=layer)):
-            progress(f"layer {i}/{len(flat)} {service.short(layer)}: writing its {compression} "
-                     "blob (once)")
-        blob, new = ensure_blob(store, layer, compression)
-        compressed += new
-        progress(f"layer {i}/{len(flat)} {service.short(layer)}: blob {blob.digest[:19]} "
-                 f"{blob.size} bytes ({'compressed now' if new else 'remembered'})")
-        blobs.append(blob)
-    staged = store.stage("push")
-    try:
-        digest = _write_layout(store, staged.path / "oci", blobs)
-        progress(f"copying to {target}")
-        result(client.copy(f"oci:{staged.path / 'oci'}:push", target.docker(), target,
-                           push=True, preserve_digests=True), f"push to {target} failed")
-    finally:
-        staged.discard()
-    return PushResult(str(target), digest, blobs, compressed)
 
 
 # -- pull -------------------------------------------------------------------------------------
@@ -596,6 +480,18 @@ def pull(store: Store, target: str | Target, name: str | None = None,
         service.record_image_config(store, image.id, plan.config, name)
     packed = [r.id for r in layers if (cur := store.get(r.id)) is not None and cur.packed]
     return PullResult(str(target), plan.manifest_digest, layers, fetched, image, packed)
+
+
+_PUSH = ("push", "PushResult", "ensure_blob", "COMPRESSIONS")
+
+
+def __getattr__(name: str):
+    """The push side (``snapshotter.registry_push``), loaded on first use: a pull does
+    not need it."""
+    if name in _PUSH:
+        from . import registry_push
+        return getattr(registry_push, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["push", "pull", "PushResult", "PullResult", "Skopeo", "RegistryError", "parse_target"]

@@ -179,10 +179,10 @@ def _store(args):
 
 
 def cmd_push(args) -> int:
-    from snapshotter import registry
+    from snapshotter import registry, registry_push
     with _store(args) as store:
-        res = registry.push(store, args.ref, args.target, _client(args), args.compression,
-                            progress=_progress if _shown(args) else registry._quiet)
+        res = registry_push.push(store, args.ref, args.target, _client(args), args.compression,
+                                 progress=_progress if _shown(args) else registry._quiet)
     if args.json:
         print(json.dumps({"target": res.target, "manifest": res.manifest_digest,
                           "compressed": res.compressed,
