@@ -48,9 +48,8 @@ import json
 import os
 import signal
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from . import meta, service
 from .blobs import blob_dir, drop_orphans
@@ -77,8 +76,7 @@ def _quiet(_msg: str) -> None:
     pass
 
 
-@dataclass(frozen=True)
-class Blob:
+class Blob(NamedTuple):           # a layer_blobs row (meta.BLOB_COLUMNS)
     layer: str
     compression: str
     digest: str
@@ -87,14 +85,13 @@ class Blob:
     media_type: str
 
 
-@dataclass
-class PullResult:
+class PullResult(NamedTuple):
     target: str
     manifest_digest: str
     layers: list[Row]
     fetched: list[str]         # blob digests downloaded by this pull
     image: Row | None
-    packed: list[str] = field(default_factory=list)   # layer ids still packed
+    packed: list[str]          # layer ids still packed
 
 
 def _hex(digest: str) -> str:
@@ -114,8 +111,7 @@ def _json(obj) -> bytes:
 
 
 # -- pull -------------------------------------------------------------------------------------
-@dataclass
-class _Plan:
+class _Plan(NamedTuple):
     target: Target              # pinned to the manifest digest
     manifest_digest: str
     manifest: dict
@@ -259,9 +255,9 @@ def _keep_blob(store: Store, desc: dict, diff_id: str, path: Path, source: str, 
     lid, tree = _claim(store, desc, diff_id)
     comp = _compression_of(desc["mediaType"])
     blob = Blob(lid, comp, desc["digest"], diff_id, size, _MEDIA.get(comp, _MEDIA["none"]))
-    row = packed.publish(store, path, tuple(blob.__dict__.values()), lid, tree,
+    row = packed.publish(store, path, tuple(blob), lid, tree,
                          f"pull of {source}", source, holder, link=link)
-    return row, Blob(row.id, *tuple(blob.__dict__.values())[1:])
+    return row, Blob(row.id, *tuple(blob)[1:])
 
 
 def _one_copy(store: Store, spec, plan: _Plan, missing: list[int], rows: list, holder,
@@ -314,7 +310,7 @@ def _import(store: Store, fetch: _Fetch, diff_id: str, source: str, holder) -> t
         os.replace(layout / "blobs" / "sha256" / _hex(blob.digest),
                    blob_dir(store) / _hex(blob.digest))
         with meta.write(store.db):
-            meta.put_blob(store.db, tuple(blob.__dict__.values()))
+            meta.put_blob(store.db, tuple(blob))
         return row, blob
     finally:
         staged.discard()

@@ -69,7 +69,7 @@ def ensure_blob(store: Store, layer: str, compression: str) -> tuple[Blob, bool]
             tmp.unlink()
     blob = Blob(layer, compression, lb.digest, lb.diff_id, lb.size, lb.media_type)
     with meta.write(store.db):
-        meta.put_blob(store.db, tuple(blob.__dict__.values()))
+        meta.put_blob(store.db, tuple(blob))
     return blob, True
 
 

@@ -186,7 +186,7 @@ def cmd_push(args) -> int:
     if args.json:
         print(json.dumps({"target": res.target, "manifest": res.manifest_digest,
                           "compressed": res.compressed,
-                          "layers": [b.__dict__ for b in res.layers]}, indent=2))
+                          "layers": [b._asdict() for b in res.layers]}, indent=2))
     else:
         print(f"{res.target}@{res.manifest_digest}")
     return 0
