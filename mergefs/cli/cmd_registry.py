@@ -139,10 +139,13 @@ def start_early(argv: list[str]) -> None:
     client = _client(ns)
     from snapshotter import pullcopy
     _early = early = _Early((root, ns.target, client, ns.unpack, ns.name))
-    early.copy = pullcopy.start(root, client, ns.target, ns.unpack,
-                                ns.name or ns.target.default_name())
-    early.procs.append(client.inspect(ns.target))
-    early.procs.append(client.inspect(ns.target, config=True))
+    try:
+        early.copy = pullcopy.start(root, client, ns.target, ns.unpack,
+                                    ns.name or ns.target.default_name())
+        early.procs.append(client.inspect(ns.target))
+        early.procs.append(client.inspect(ns.target, config=True))
+    except Exception:           # noqa: BLE001 - no skopeo...: cmd_pull says it, as one line
+        stop_early()
 
 
 def stop_early() -> None:

@@ -357,6 +357,16 @@ def test_unreachable_registry_is_one_clear_line(a, layers):
     assert len(p.stderr.strip().splitlines()) == 1 and "push to 127.0.0.1:" in p.stderr
 
 
+def test_pull_without_skopeo_is_one_clear_line(b, tmp_path):
+    """skopeo is started before argparse runs (cmd_registry.start_early): a missing skopeo
+    is still the CLI's one line, not a traceback."""
+    empty = tmp_path / "no-skopeo"
+    empty.mkdir()
+    p = b.run("pull", "127.0.0.1:1/x/y:z", check=False, PATH=str(empty))
+    assert p.returncode == 1
+    assert p.stderr == "mergefs: error: skopeo is not installed (apt-get install skopeo)\n"
+
+
 # -- credentials: basic auth, from --authfile / $REGISTRY_AUTH_FILE / ~/.docker/config.json --------
 @pytest.fixture
 def auth_registry(tmp_path):
