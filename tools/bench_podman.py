@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -65,51 +64,13 @@ RUN find / -xdev -type f | wc -l > /opt/app/count
 """
 
 
-# -- a Debian minbase-like image from the host's packages ----------------------
-def _installed() -> dict[str, tuple[str, str]]:
-    out = subprocess.run(["dpkg-query", "-W", "-f", "${Package}\t${Priority}\t${Status}\t"
-                          "${Pre-Depends}, ${Depends}\n"], capture_output=True, text=True,
-                         check=True).stdout
-    pkgs = {}
-    for line in out.splitlines():
-        name, prio, status, deps = line.split("\t")
-        if status.endswith(" installed"):
-            pkgs[name] = (prio, deps)
-    return pkgs
-
-
-def minbase_packages() -> list[str]:
-    pkgs = _installed()
-    todo = [p for p, (prio, _) in pkgs.items() if prio == "required"] + ["apt"]
-    seen: set[str] = set()
-    while todo:
-        p = todo.pop()
-        if p in seen or p not in pkgs:
-            continue
-        seen.add(p)
-        for dep in filter(None, (d.strip() for d in pkgs[p][1].split(","))):
-            for alt in dep.split("|"):            # the first installed alternative
-                name = re.split(r"[\s(:]", alt.strip(), maxsplit=1)[0]
-                if name in pkgs:
-                    todo.append(name)
-                    break
-    return sorted(seen)
-
-
+# -- a Debian minbase-like image from the host's packages (benchlib builds the tree) --
 def debian_image(where: Path, name: str = "minbase") -> Path:
     archive = where / f"{name}.tar"
     if archive.exists():
         return archive
     where.mkdir(parents=True, exist_ok=True)
-    files: set[str] = set()
-    for p in minbase_packages():
-        listing = subprocess.run(["dpkg", "-L", p], capture_output=True, text=True).stdout
-        for f in listing.splitlines():
-            if f.startswith("/") and f != "/." and os.path.lexists(f):
-                # usrmerge: /bin/bash is /usr/bin/bash here (bin -> usr/bin is made below)
-                f = os.path.join(os.path.realpath(os.path.dirname(f)), os.path.basename(f))
-                if not os.path.islink(f) or os.path.dirname(f) != "/":
-                    files.add(f)
+    files = benchlib.package_files(benchlib.minbase_packages())
     img, bundle = where / "layout", where / "bundle"
     shutil.rmtree(img, ignore_errors=True)
     shutil.rmtree(bundle, ignore_errors=True)
@@ -118,19 +79,8 @@ def debian_image(where: Path, name: str = "minbase") -> Path:
     subprocess.run(["umoci", "unpack", "--image", f"{img}:{name}", bundle], check=True,
                    stdout=subprocess.DEVNULL)
     rootfs = bundle / "rootfs"
-    lst = where / "files.txt"
-    lst.write_text("\n".join(sorted(f.lstrip("/") for f in files)) + "\n")
-    subprocess.run(f"tar -C / --no-recursion -cf - -T {lst} | tar -C {rootfs} -xf -",
-                   shell=True, check=True)
-    # usrmerge links and the files no package owns
-    for link in ("bin", "sbin", "lib", "lib64"):
-        if os.path.islink(f"/{link}") and not os.path.lexists(rootfs / link):
-            os.symlink(os.readlink(f"/{link}"), rootfs / link)
-    for d in ("tmp", "root", "proc", "sys", "dev", "run", "var/tmp"):
-        (rootfs / d).mkdir(parents=True, exist_ok=True)
-    os.chmod(rootfs / "tmp", 0o1777)
-    (rootfs / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
-    (rootfs / "etc/group").write_text("root:x:0:\n")
+    benchlib.copy_host_files(files, rootfs, str(where / "files.txt"))
+    benchlib.minbase_skeleton(rootfs)
     subprocess.run(["umoci", "repack", "--image", f"{img}:{name}", bundle], check=True)
     subprocess.run(["umoci", "config", "--image", f"{img}:{name}", "--config.cmd", "/bin/bash",
                     "--config.env", "PATH=/usr/sbin:/usr/bin:/sbin:/bin"], check=True)

@@ -17,7 +17,18 @@ first) and times these steps, in this order, on the same mount:
 4. ``append``: append one byte to 2,000 lower files (copy-up), a bash loop of
    builtins (no process per file);
 5. ``rm``: ``rm -rf`` of 3 lower subtrees (``opt``, ``run``, ``srv``);
-6. ``tar-c``: ``tar -cf - . | cat > /dev/null`` in the mount (reads every file).
+6. ``tar-c``: ``tar -cf - . | cat > /dev/null`` in the mount (reads every file);
+7. ``dpkg``: on a second mount (caches dropped first) of other lowers, a Debian
+   minbase-like root in 3 layers built from this host's installed packages
+   (``debian_layers``: no mirror, no debootstrap), ``chroot MNT dpkg -i`` of
+   perl's .debs: perl, perl-modules, libperl, the two gdbm libraries minbase
+   lacks and perl-base at perl's version (an upgrade: minbase has perl-base,
+   not perl), as apt resolves them now, fetched once with ``apt-get download``
+   into WORKDIR/debs (``dpkg_debs``; if apt cannot, one "FAILED STEP: dpkg: not
+   run, ..." line and the other steps run). The host's /dev and the .debs'
+   directory (read-only, at /mnt) are bind-mounted into the mount for the step
+   (nothing of them reaches the upper). Afterwards dpkg must say perl is
+   installed, and each upper is compared with the kernel's, path by path.
 
 ``--steps find append`` runs only those steps after the mount (in this order);
 ``--before TREE`` adds the system "mergefs-before": the same CLI run from
@@ -36,16 +47,20 @@ server logs them on SIGUSR1). "req/file" for the untar step is mergefs's
 requests divided by the 10,080 entries the tarball creates.
 
 The entries left in each system's upper are counted at the end: what each
-one wrote for the same work. The ``dpkg -i`` step of issue 10 is not here:
-it needs a Debian root filesystem (debootstrap and a mirror); this machine
-has neither offline. Nothing is asserted; the load average is printed.
+one wrote for the same work (for ``dpkg``, also which paths differ from the
+kernel's upper, whiteouts counted apart). Nothing is asserted; the load
+average is printed; the exit status is 1 if a step failed.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -59,7 +74,7 @@ import gen_stack  # noqa: E402
 
 SYSTEMS = ("kernel-overlay", "fuse-overlayfs", "mergefs")
 BEFORE = "mergefs-before"        # with --before TREE
-STEPS = ("mount", "untar", "find", "append", "rm", "tar-c")
+STEPS = ("mount", "untar", "find", "append", "rm", "tar-c", "dpkg")
 RM_SUBTREES = ("opt", "run", "srv")
 N_APPEND = 2000
 TAR_DIRS, TAR_FILES_PER_DIR = 100, 100
@@ -114,6 +129,159 @@ def pick_append_files(layers: list[str], out: str) -> None:
     step = max(1, len(found) // N_APPEND)
     with open(out, "w") as f:
         f.write("".join(p + "\n" for p in found[::step][:N_APPEND]))
+
+
+# -- the dpkg step: a 3-layer Debian minbase and perl's .debs ----------------------
+DPKG_TARGET = "perl"
+DEBIAN_LAYERS = 3
+DPKG_CMD = "dpkg -i /mnt/*.deb"         # in the chroot, the .debs bound read-only at /mnt
+
+
+class DebsUnavailable(RuntimeError):
+    """apt could not fetch the .debs of the dpkg step (the message is one line)."""
+
+
+def debian_layers(where: str) -> list[str]:
+    """A Debian minbase-like root (benchlib: this host's minbase packages, no mirror)
+    in DEBIAN_LAYERS layers, bottom first. The packages, sorted by name, are cut
+    into runs of about equal file counts, one run per layer; a layer holds its
+    packages' files (their directories included), var/lib/dpkg with the status
+    of every package up to it and the info files of its own, as an image built
+    by one ``dpkg -i`` per layer would; the bottom one also has what no package
+    owns (usrmerge links, /tmp, /dev, /mnt, ..., a root-only /etc/passwd). Reused when
+    ``where``/layers.json lists the same packages at the same versions."""
+    pkgs = benchlib.minbase_packages()
+    versions = benchlib.installed_packages()
+    made = [f"{p}={versions[p][2]}" for p in pkgs]
+    paths = [os.path.join(where, f"l{k}") for k in range(DEBIAN_LAYERS)]
+    meta = os.path.join(where, "layers.json")
+    if os.path.exists(meta):
+        with open(meta) as f:
+            if json.load(f) == made:
+                return paths
+    os.makedirs(where, exist_ok=True)
+    for p in paths:
+        shutil.rmtree(p, ignore_errors=True)
+    files = {p: benchlib.package_files([p]) for p in pkgs}
+    total, done = sum(len(f) for f in files.values()), 0
+    groups: list[list[str]] = [[] for _ in paths]
+    for p in pkgs:
+        groups[min(DEBIAN_LAYERS - 1, done * DEBIAN_LAYERS // total)].append(p)
+        done += len(files[p])
+    for k, (path, group) in enumerate(zip(paths, groups)):
+        os.makedirs(path)
+        benchlib.copy_host_files(sorted({f for p in group for f in files[p]}), path,
+                                 path + ".files")
+        if k == 0:
+            benchlib.minbase_skeleton(path)
+        benchlib.dpkg_database(path, [p for g in groups[:k + 1] for p in g], group)
+    with open(meta, "w") as f:
+        json.dump(made, f)
+    return paths
+
+
+def _apt_depends(pkgs: list[str]) -> dict[str, list[tuple[str, str | None]]]:
+    """{package: [(dependency, exact version or None)]} of apt's candidates."""
+    out = subprocess.run(["apt-cache", "show", "--no-all-versions", *pkgs], capture_output=True,
+                         text=True, check=True).stdout
+    deps: dict[str, list[tuple[str, str | None]]] = {}
+    for para in out.split("\n\n"):
+        fields = dict(ln.split(": ", 1) for ln in para.splitlines() if ": " in ln
+                      and not ln.startswith(" "))
+        if "Package" not in fields:
+            continue
+        got = deps.setdefault(fields["Package"], [])
+        for dep in ", ".join(filter(None, (fields.get("Pre-Depends"),
+                                           fields.get("Depends")))).split(","):
+            m = re.match(r"\s*([^\s(:|]+)(?::\S+)?(?:\s*\(=\s*([^)\s]+)\))?", dep)
+            if m and "|" not in dep:
+                got.append((m.group(1), m.group(2)))
+    return deps
+
+
+def dpkg_debs(cache: str, image: list[str]) -> list[str]:
+    """The .debs of DPKG_TARGET and of what it needs that ``image`` (package names,
+    at the host's versions) lacks, as apt resolves them now: the packages of its
+    Depends/Pre-Depends closure not in the image, and the image's packages a
+    needed one wants at exactly another version (perl wants perl-base at its own
+    version: an upgrade). Fetched once with ``apt-get download`` into ``cache``
+    (``apt-get update`` first if that fails); DebsUnavailable if apt cannot."""
+    listing = os.path.join(cache, "debs.json")
+    if os.path.exists(listing):
+        with open(listing) as f:
+            debs = json.load(f)
+        if all(os.path.exists(d) for d in debs):
+            return debs
+    os.makedirs(cache, exist_ok=True)
+    installed = benchlib.installed_packages()
+    inside = set(image)
+    try:
+        closure = subprocess.run(
+            ["apt-cache", "depends", "--recurse", "--no-recommends", "--no-suggests",
+             "--no-conflicts", "--no-breaks", "--no-replaces", "--no-enhances", DPKG_TARGET],
+            capture_output=True, text=True, check=True).stdout
+        names = [ln.strip() for ln in closure.splitlines()
+                 if ln and not ln.startswith((" ", "<"))]
+        deps = _apt_depends(names)
+    except subprocess.CalledProcessError as e:
+        last = " ".join((e.stderr or "").strip().splitlines()[-1:])
+        raise DebsUnavailable(f"apt-cache knows no {DPKG_TARGET}: {last}") from None
+    need = {p for p in names if p not in inside}
+    while True:
+        more = {d for p in need for d, exact in deps.get(p, ())
+                if exact and d in inside and d not in need and installed[d][2] != exact}
+        if not more:
+            break
+        need |= more
+    for p in sorted(need):
+        for old in os.listdir(cache):
+            if old.startswith(p + "_"):
+                os.unlink(os.path.join(cache, old))
+    err = ""
+    for update in (False, True):
+        if update:
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True)
+        r = subprocess.run(["apt-get", "download", "-q", *sorted(need)], cwd=cache,
+                           capture_output=True, text=True)
+        if r.returncode == 0:
+            break
+        err = " ".join(r.stderr.strip().splitlines()[-1:])
+    else:
+        raise DebsUnavailable(f"apt-get download {' '.join(sorted(need))} failed: {err}")
+    debs = sorted(os.path.join(cache, n) for n in os.listdir(cache)
+                  if n.endswith(".deb") and n.split("_", 1)[0] in need)
+    with open(listing, "w") as f:
+        json.dump(debs, f)
+    return debs
+
+
+@contextlib.contextmanager
+def chroot_binds(mnt: str, debs: list[str]):
+    """The host's /dev at MNT/dev and the .debs' directory read-only at MNT/mnt while
+    the block runs (bind mounts: nothing of them reaches the upper, and device
+    nodes open whatever the union's nodev)."""
+    done: list[str] = []
+    try:
+        for src, dst, opts in (("/dev", "dev", []),
+                               (os.path.dirname(debs[0]), "mnt", ["-o", "ro"])):
+            target = os.path.join(mnt, dst)
+            subprocess.run(["mount", "--bind", *opts, src, target], check=True)
+            done.append(target)
+        yield
+    finally:
+        for target in reversed(done):
+            benchlib.unmount(target)
+
+
+def dpkg_command(mnt: str) -> str:
+    return (f"chroot {mnt} /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C "
+            f"DEBIAN_FRONTEND=noninteractive /bin/sh -c '{DPKG_CMD}'")
+
+
+def dpkg_installed(mnt: str) -> str:
+    """dpkg's status of DPKG_TARGET in the mount ("install ok installed" after the step)."""
+    return subprocess.run(["dpkg-query", f"--admindir={mnt}/var/lib/dpkg", "-W", "-f",
+                           "${Status}", DPKG_TARGET], capture_output=True, text=True).stdout
 
 
 class System:
@@ -216,43 +384,117 @@ class Strace:
 
 
 def one_round(names, layers, scratch, tag, tarball, append_list, table, results,
-              strace: bool = False, steps=STEPS[1:]) -> None:
+              strace: bool = False, steps=STEPS[1:], debian=None) -> None:
+    """Each system in turn: a mount of the stack and ``steps`` on it, then (step
+    ``dpkg``, ``debian`` = (its layers, its .debs)) a mount of the Debian layers."""
     for name in names:
-        s = System(name, layers, os.path.join(scratch, f"{tag}-{name}"),
-                   os.path.join(scratch, f"{tag}-{name}.log"))
-        cmds = step_commands(s, tarball, append_list)
-        benchlib.drop_caches()
-        try:
-            t0 = time.perf_counter()
-            s.mount()
-            os.listdir(s.mnt)
-            if not strace:
-                table_row(table, "mount", name).add(time.perf_counter() - t0)
-            s.requests()
-            for step in steps:
-                tracer = Strace(s.pid, os.path.join(scratch, f"{tag}-{name}-{step}.strace")) \
-                    if strace and s.pid else None
-                cpu0 = s.cpu()
-                seconds, rc, err = run_step(*cmds[step])
-                cpu = s.cpu() - cpu0
-                sys_counts = tracer.stop() if tracer else {}
-                req = s.requests()
-                if rc != 0:
-                    results.setdefault("failures", []).append(f"{tag} {name} {step}: exit {rc} "
-                                                              f"{err}")
-                if strace:
-                    results.setdefault("strace", {})[f"{name} {step}"] = {
-                        "syscalls": sys_counts, "requests": req}
-                else:
-                    table_row(table, step, name).add(seconds)
-                    if s.pid:
-                        table_row(table, f"{step} server-cpu", name).add(cpu)
-                    results.setdefault("requests", {}).setdefault(f"{name} {step}", []).append(req)
-        finally:
-            s.umount()
-        results.setdefault("upper entries", {}).setdefault(name, []).append(
-            sum(1 + len(f) + len(d) for _, d, f in os.walk(s.upper)) - 1)
+        if [st for st in steps if st != "dpkg"]:
+            stack_round(name, layers, scratch, tag, tarball, append_list, table, results,
+                        strace, steps)
+        if "dpkg" in steps and debian:
+            dpkg_round(name, *debian, scratch, tag, table, results, strace)
         print(f"{tag}: {name} done", flush=True)
+
+
+def stack_round(name, layers, scratch, tag, tarball, append_list, table, results, strace,
+                steps) -> None:
+    s = System(name, layers, os.path.join(scratch, f"{tag}-{name}"),
+               os.path.join(scratch, f"{tag}-{name}.log"))
+    cmds = step_commands(s, tarball, append_list)
+    benchlib.drop_caches()
+    try:
+        t0 = time.perf_counter()
+        s.mount()
+        os.listdir(s.mnt)
+        if not strace:
+            table_row(table, "mount", name).add(time.perf_counter() - t0)
+        s.requests()
+        for step in steps:
+            if step != "dpkg":
+                timed_step(s, step, cmds[step], scratch, tag, table, results, strace)
+    finally:
+        s.umount()
+    results.setdefault("upper entries", {}).setdefault(name, []).append(
+        len(upper_entries(s.upper)))
+
+
+def dpkg_round(name, layers, debs, scratch, tag, table, results, strace) -> None:
+    """``dpkg -i`` of the .debs in a chroot on a fresh writable mount of the Debian
+    layers; a failure if dpkg then does not say DPKG_TARGET is installed."""
+    s = System(name, layers, os.path.join(scratch, f"{tag}-{name}-dpkg"),
+               os.path.join(scratch, f"{tag}-{name}-dpkg.log"))
+    benchlib.drop_caches()
+    try:
+        s.mount()
+        os.listdir(s.mnt)
+        s.requests()
+        with chroot_binds(s.mnt, debs):
+            timed_step(s, "dpkg", (dpkg_command(s.mnt), "/"), scratch, tag, table, results,
+                       strace)
+        status = dpkg_installed(s.mnt)
+        if status != "install ok installed":
+            results.setdefault("failures", []).append(
+                f"{tag} {name} dpkg: {DPKG_TARGET} is {status!r} afterwards")
+    finally:
+        s.umount()
+    entries = upper_entries(s.upper)
+    results.setdefault("dpkg upper entries", {}).setdefault(name, []).append(len(entries))
+    results.setdefault("dpkg uppers", {})[name] = (entries, whiteouts(s.upper, entries))
+
+
+def upper_entries(upper: str) -> set[str]:
+    """Every path below ``upper`` (relative), the entries a system wrote."""
+    return {os.path.relpath(os.path.join(d, n), upper)
+            for d, dirs, files in os.walk(upper) for n in dirs + files}
+
+
+def whiteouts(upper: str, entries: set[str]) -> set[str]:
+    """The entries of ``upper`` that hide a name: 0/0 character devices (overlay
+    format) and ``.wh.`` files (what fuse-overlayfs writes where it cannot mknod)."""
+    out = set()
+    for rel in entries:
+        st = os.lstat(os.path.join(upper, rel))
+        if os.path.basename(rel).startswith(".wh.") or (stat.S_ISCHR(st.st_mode)
+                                                        and st.st_rdev == 0):
+            out.add(rel)
+    return out
+
+
+def timed_step(s: System, step: str, cmd: tuple[str, str], scratch, tag, table, results,
+               strace) -> None:
+    name = s.name
+    tracer = Strace(s.pid, os.path.join(scratch, f"{tag}-{name}-{step}.strace")) \
+        if strace and s.pid else None
+    cpu0 = s.cpu()
+    seconds, rc, err = run_step(*cmd)
+    cpu = s.cpu() - cpu0
+    sys_counts = tracer.stop() if tracer else {}
+    req = s.requests()
+    if rc != 0:
+        results.setdefault("failures", []).append(f"{tag} {name} {step}: exit {rc} {err}")
+    if strace:
+        results.setdefault("strace", {})[f"{name} {step}"] = {
+            "syscalls": sys_counts, "requests": req}
+    else:
+        table_row(table, step, name).add(seconds)
+        if s.pid:
+            table_row(table, f"{step} server-cpu", name).add(cpu)
+        results.setdefault("requests", {}).setdefault(f"{name} {step}", []).append(req)
+
+
+def report_uppers(results: dict) -> list[str]:
+    """The dpkg step's uppers against the kernel's (last round): what each wrote more or less."""
+    uppers = results.get("dpkg uppers", {})
+    kernel = uppers.get("kernel-overlay", (None,))[0]
+    lines = []
+    for name, (entries, hiding) in uppers.items():
+        if kernel is None or name == "kernel-overlay":
+            continue
+        more, less = sorted(entries - kernel), sorted(kernel - entries)
+        wh = len(set(more) & hiding)
+        lines.append(f"dpkg upper of {name} against kernel-overlay's: {len(more)} more "
+                     f"({wh} of them whiteouts) {more[:4]}, {len(less)} fewer {less[:4]}")
+    return lines
 
 
 def table_row(table: benchlib.Table, step: str, name: str) -> benchlib.Series:
@@ -275,13 +517,28 @@ def report_strace(results: dict, files: int) -> list[str]:
 
 def run(args) -> int:
     os.makedirs(args.workdir, exist_ok=True)
-    layers = gen_stack.ensure_stack(os.path.join(args.workdir, "stack"), 3, args.files,
-                                    seed=1, fmt="overlay")
-    tarball = os.path.join(args.workdir, "small10k.tar")
-    n_entries = make_tarball(tarball)
-    append_list = os.path.join(args.workdir, "append.list")
-    pick_append_files(layers, append_list)
     steps = [s for s in STEPS[1:] if s in args.steps]
+    layers = tarball = append_list = None
+    n_entries = 0
+    if [s for s in steps if s != "dpkg"]:
+        layers = gen_stack.ensure_stack(os.path.join(args.workdir, "stack"), 3, args.files,
+                                        seed=1, fmt="overlay")
+        tarball = os.path.join(args.workdir, "small10k.tar")
+        n_entries = make_tarball(tarball)
+        append_list = os.path.join(args.workdir, "append.list")
+        pick_append_files(layers, append_list)
+    debian, failed = None, []
+    if "dpkg" in steps:
+        deb_layers = debian_layers(os.path.join(args.workdir, "debian"))
+        try:
+            debs = dpkg_debs(os.path.join(args.workdir, "debs"), benchlib.minbase_packages())
+            debian = (deb_layers, debs)
+            print(f"dpkg step: {len(debs)} .debs ({' '.join(map(os.path.basename, debs))}) "
+                  f"into a {DEBIAN_LAYERS}-layer minbase "
+                  f"({sum(len(upper_entries(lp)) for lp in deb_layers)} entries)", flush=True)
+        except DebsUnavailable as e:
+            failed.append(f"dpkg: not run, {e}")
+            print(f"FAILED STEP: {failed[-1]}", flush=True)
     if args.before:
         System.before = os.path.abspath(args.before)
         if BEFORE not in args.systems:
@@ -289,30 +546,34 @@ def run(args) -> int:
     print(f"load average at start: {os.getloadavg()}", flush=True)
     table = benchlib.Table(f"writable union: {args.files}-file stack in 3 layers, "
                            f"{args.rounds} rounds (seconds; ratio vs fuse-overlayfs)")
-    results: dict = {}
+    results: dict = {"failures": failed}
     with benchlib.scratch_ext4(os.path.join(args.workdir, "scratch"), size="8G") as scratch:
         for r in range(args.rounds):
             one_round(args.systems, layers, scratch, f"r{r}", tarball, append_list, table,
-                      results, steps=steps)
+                      results, steps=steps, debian=debian)
         if args.strace:
             one_round([s for s in args.systems if s != "kernel-overlay"], layers, scratch,
-                      "strace", tarball, append_list, table, results, strace=True, steps=steps)
+                      "strace", tarball, append_list, table, results, strace=True, steps=steps,
+                      debian=debian)
     print(table.render())
     for key, reqs in results.get("requests", {}).items():
         if any(reqs):
             total = [sum(r.values()) for r in reqs]
             per = f" ({min(total) / n_entries:.1f} per created entry)" if "untar" in key else ""
             print(f"FUSE requests, {key}: {total}{per} {reqs[0]}")
-    for line in report_strace(results, n_entries):
+    for line in report_strace(results, n_entries) + report_uppers(results):
         print(line)
-    print(f"entries in each upper: {results.get('upper entries')}")
+    for key in ("upper entries", "dpkg upper entries"):
+        if key in results:
+            print(f"{key}: {results[key]}")
     for f in results.get("failures", []):
         print(f"FAILED STEP: {f}")
     print(f"load average at end: {os.getloadavg()}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"table": table.as_dict(), **results}, f, indent=1)
-    return 0
+            json.dump({"table": table.as_dict(),
+                       **{k: v for k, v in results.items() if k != "dpkg uppers"}}, f, indent=1)
+    return 1 if results["failures"] else 0
 
 
 def main(argv=None) -> int:

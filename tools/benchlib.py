@@ -8,6 +8,10 @@
   max and the ratio of medians against an anchor measured in the same run.
 * ``scratch_ext4(dir)``: a journaled ext4 on a loop device for the duration of
   a benchmark (see its docstring for why the root filesystem is not used).
+* ``minbase_packages()``, ``package_files()``, ``copy_host_files()``,
+  ``minbase_skeleton()``, ``dpkg_database()``: a Debian minbase-like root
+  built from this host's installed packages, no mirror (tools/bench_podman.py's
+  image, tools/bench_writable.py's ``dpkg`` step).
 
 Benchmarks import this as ``import benchlib`` (tools/ is on sys.path when a
 script in tools/ runs). Nothing here asserts performance; scripts print numbers.
@@ -17,7 +21,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -275,3 +281,125 @@ def scratch_ext4(workdir: str, size: str = "8G", inode_ratio: int = 8192,
             os.unlink(image)
         with contextlib.suppress(OSError):
             os.rmdir(mnt)
+
+
+# -- a Debian minbase-like root from this (Debian) host's installed packages --------
+def installed_packages() -> dict[str, tuple[str, str, str]]:
+    """{package: (priority, "pre-depends, depends", version)} of what dpkg says is installed."""
+    out = subprocess.run(["dpkg-query", "-W", "-f", "${Package}\t${Priority}\t${Status}\t"
+                          "${Pre-Depends}, ${Depends}\t${Version}\n"], capture_output=True,
+                         text=True, check=True).stdout
+    pkgs = {}
+    for line in out.splitlines():
+        name, prio, status, deps, version = line.split("\t")
+        if status.endswith(" installed"):
+            pkgs[name] = (prio, deps, version)
+    return pkgs
+
+
+def minbase_packages() -> list[str]:
+    """Every installed ``Priority: required`` package, ``apt``, and their installed
+    Pre-Depends/Depends closure (the first installed alternative of each): what
+    ``debootstrap --variant=minbase`` installs, as far as this host has it."""
+    pkgs = installed_packages()
+    todo = [p for p, (prio, _, _) in pkgs.items() if prio == "required"] + ["apt"]
+    seen: set[str] = set()
+    while todo:
+        p = todo.pop()
+        if p in seen or p not in pkgs:
+            continue
+        seen.add(p)
+        for dep in filter(None, (d.strip() for d in pkgs[p][1].split(","))):
+            for alt in dep.split("|"):            # the first installed alternative
+                name = re.split(r"[\s(:]", alt.strip(), maxsplit=1)[0]
+                if name in pkgs:
+                    todo.append(name)
+                    break
+    return sorted(seen)
+
+
+def package_files(packages: Sequence[str]) -> list[str]:
+    """The host paths (files and directories) dpkg lists for ``packages``, sorted,
+    each through its directory's real path (usrmerge: /bin/bash is /usr/bin/bash
+    here; the bin -> usr/bin links are ``minbase_skeleton``'s)."""
+    files: set[str] = set()
+    for p in packages:
+        listing = subprocess.run(["dpkg", "-L", p], capture_output=True, text=True).stdout
+        for f in listing.splitlines():
+            if f.startswith("/") and f != "/." and os.path.lexists(f):
+                f = os.path.join(os.path.realpath(os.path.dirname(f)), os.path.basename(f))
+                if not os.path.islink(f) or os.path.dirname(f) != "/":
+                    files.add(f)
+    return sorted(files)
+
+
+def copy_host_files(files: Sequence[str], rootfs: str | os.PathLike, listing: str) -> None:
+    """Copy the host paths ``files`` (as ``package_files`` gives) into ``rootfs``
+    with their metadata (tar, no recursion); ``listing`` is a scratch file."""
+    with open(listing, "w") as f:
+        f.write("".join(p.lstrip("/") + "\n" for p in files))
+    subprocess.run(f"tar -C / --no-recursion -cf - -T {listing} | tar -C {rootfs} -xf -",
+                   shell=True, check=True)
+
+
+def minbase_skeleton(rootfs: str | os.PathLike) -> None:
+    """What no package owns: the usrmerge links, the empty top-level directories, a
+    root-only /etc/passwd and /etc/group."""
+    rootfs = str(rootfs)
+    for link in ("bin", "sbin", "lib", "lib64"):
+        if os.path.islink(f"/{link}") and not os.path.lexists(os.path.join(rootfs, link)):
+            os.symlink(os.readlink(f"/{link}"), os.path.join(rootfs, link))
+    for d in ("tmp", "root", "proc", "sys", "dev", "run", "mnt", "var/tmp"):
+        os.makedirs(os.path.join(rootfs, d), exist_ok=True)
+    os.chmod(os.path.join(rootfs, "tmp"), 0o1777)
+    os.makedirs(os.path.join(rootfs, "etc"), exist_ok=True)
+    with open(os.path.join(rootfs, "etc/passwd"), "w") as f:
+        f.write("root:x:0:0:root:/root:/bin/bash\n")
+    with open(os.path.join(rootfs, "etc/group"), "w") as f:
+        f.write("root:x:0:\n")
+
+
+def dpkg_database(rootfs: str | os.PathLike, installed: Sequence[str],
+                  own: Sequence[str]) -> None:
+    """Write ``rootfs``/var/lib/dpkg as dpkg keeps it with only ``installed``
+    installed (their paragraphs of the host's status file, the file and explicit
+    triggers they are interested in, their diversions), and the info files
+    (lists, md5sums, maintainer scripts) of ``own`` (a layer holds the info of
+    the packages it adds). No alternatives: minbase has none it needs."""
+    db, host = os.path.join(rootfs, "var/lib/dpkg"), "/var/lib/dpkg"
+    for d in ("info", "updates", "triggers", "alternatives", "parts"):
+        os.makedirs(os.path.join(db, d), exist_ok=True)
+    keep = set(installed)
+    with open(os.path.join(host, "status")) as f:
+        paras = f.read().split("\n\n")
+    with open(os.path.join(db, "status"), "w") as f:
+        f.write("\n\n".join(p.strip("\n") for p in paras
+                            if p.strip() and p.split("\n", 1)[0].split(": ", 1)[-1] in keep)
+                + "\n")
+    def interested(line: str) -> bool:        # "PKG[:ARCH][/noawait]"
+        return re.split(r"[:/\n]", line)[0] in keep
+
+    with open(os.path.join(host, "triggers/File")) as f:
+        lines = [ln for ln in f if interested(ln.split(" ", 1)[1])]
+    with open(os.path.join(db, "triggers/File"), "w") as f:
+        f.writelines(lines)
+    for name in os.listdir(os.path.join(host, "triggers")):     # explicit triggers
+        if name not in ("File", "Unincorp", "Lock"):
+            with open(os.path.join(host, "triggers", name)) as f:
+                lines = [ln for ln in f if interested(ln)]
+            if lines:
+                with open(os.path.join(db, "triggers", name), "w") as f:
+                    f.writelines(lines)
+    for name in ("triggers/Unincorp", "available", "statoverride", "lock", "lock-frontend",
+                 "triggers/Lock"):
+        open(os.path.join(db, name), "w").close()
+    with open(os.path.join(host, "diversions")) as f:
+        div = f.read().splitlines()
+    with open(os.path.join(db, "diversions"), "w") as f:
+        for i in range(0, len(div) - 2, 3):
+            if div[i + 2] in keep:
+                f.write("\n".join(div[i:i + 3]) + "\n")
+    mine = set(own)
+    for name in sorted(os.listdir(os.path.join(host, "info"))):
+        if re.split(r":|\.(?=[^.]+$)", name)[0] in mine:
+            shutil.copy2(os.path.join(host, "info", name), os.path.join(db, "info", name))
