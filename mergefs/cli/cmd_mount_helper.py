@@ -53,8 +53,10 @@ from __future__ import annotations
 
 import os
 
-from ..errors import InvalidArgument, UsageError
-from ..mountspec import LAYER_KEYS, from_options
+from ..errors import UsageError
+
+LAYER_KEYS = ("lowerdir", "upperdir", "workdir")       # as mountspec.LAYER_KEYS (not imported:
+DEFAULT_VIEWS = "/run/mergefs/views.sock"              # dataclasses costs the views path 12 ms)
 
 PASSED = {"ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
           "relatime", "norelatime", "strictatime", "sync", "async", "dirsync"}
@@ -98,18 +100,16 @@ def _squash_id(opt: str, value: str) -> str:
     return value
 
 
-def translate(argv: list[str]) -> list[str]:
-    """Helper argv -> ``mount [--upper U --work W] [--allow-other] [--volatile] [--squash-*]
-    [-o ..] LAYER... MNT``; raises UsageError for a wrong argv or an unsupported option."""
-    positional, options = _split(argv)
-    if len(positional) not in (1, 2):
-        raise UsageError(f"usage: mergefs -o lowerdir=TOP:...:BOTTOM[,upperdir=U,workdir=W] "
-                         f"MOUNTPOINT (got {argv})")
-    layer_opts, extra, fuse = [], [], []
+def _classify(options: list[str]) -> tuple[list[str], list[str], list[str], str | None]:
+    """Options -> (layer options, ``mount`` verb flags, FUSE options, views socket or
+    None); raises UsageError for a refused or unknown option."""
+    layer_opts, extra, fuse, views = [], [], [], None
     for opt in options:
         key, _, value = opt.partition("=")
         if key in LAYER_KEYS or opt == "allow_other":
             layer_opts.append(opt)
+        elif key == "views":
+            views = value or DEFAULT_VIEWS
         elif opt == "private":
             extra.append("--private")
         elif key == "volatile" or opt == "fsync=0":
@@ -128,6 +128,24 @@ def translate(argv: list[str]) -> list[str]:
             continue
         else:
             raise UsageError(f"unsupported mount option {opt!r}")
+    return layer_opts, extra, fuse, views
+
+
+def _mountpoint(argv: list[str]) -> tuple[str, list[str]]:
+    positional, options = _split(argv)
+    if len(positional) not in (1, 2):
+        raise UsageError(f"usage: mergefs -o lowerdir=TOP:...:BOTTOM[,upperdir=U,workdir=W] "
+                         f"MOUNTPOINT (got {argv})")
+    return positional[-1], options
+
+
+def translate(argv: list[str]) -> list[str]:
+    """Helper argv -> ``mount [--upper U --work W] [--allow-other] [--volatile] [--squash-*]
+    [-o ..] LAYER... MNT``; raises UsageError for a wrong argv or an unsupported option."""
+    from ..errors import InvalidArgument
+    from ..mountspec import from_options
+    target, options = _mountpoint(argv)
+    layer_opts, extra, fuse, _ = _classify(options)
     try:
         spec = from_options(layer_opts)
     except InvalidArgument as e:
@@ -143,7 +161,62 @@ def translate(argv: list[str]) -> list[str]:
     if fuse:
         out += ["-o", ",".join(fuse)]
     # the lowerdir paths themselves are resolved (overlay/l/ID symlinks), never what is in them
-    return out + [os.path.realpath(p) for p in spec.lowers] + [os.path.abspath(positional[-1])]
+    return out + [os.path.realpath(p) for p in spec.lowers] + [os.path.abspath(target)]
+
+
+# -- through a running views service (views=SOCK) ----------------------------------------
+VIEWS_REFUSED = {"--private": "private", "--squash-uid": "squash_to_*",
+                 "--squash-gid": "squash_to_*"}
+
+
+def views_request(argv: list[str]) -> tuple[str, dict] | None:
+    """(socket, ``mount`` request) for an argv with ``views``/``views=SOCK``, else None.
+
+    The options are checked here as for a mount of its own (unknown and refused
+    ones by name); what only a server of its own can do (``private``,
+    ``squash_to_*``) is refused. The layer options go as they are, with this
+    process's working directory, for the service to resolve (relative
+    ``overlay/l/`` paths); the FUSE options go as bind options (``mountctl``)."""
+    target, options = _mountpoint(argv)
+    layer_opts, extra, fuse, sock = _classify(options)
+    if sock is None:
+        return None
+    for flag in extra:
+        if flag in VIEWS_REFUSED:
+            raise UsageError(f"mount option {VIEWS_REFUSED[flag]!r} is not supported with "
+                             "views= (one server serves every view alike); drop views= "
+                             "for this mount")
+    return sock, {"op": "mount", "layers": layer_opts, "cwd": os.getcwd(),
+                  "volatile": "--volatile" in extra, "options": fuse,
+                  "target": os.path.abspath(target), "mntns": os.readlink("/proc/self/ns/mnt")}
+
+
+def through_views(argv: list[str]) -> int | None:
+    """Mount a helper-form call with ``views=SOCK`` through that running views service:
+    one request, which returns once the bind is live (no server of its own). None
+    when the call names no views service; else the exit code, errors printed on
+    one line. A service that does not answer is an error (exit 1), never a silent
+    mount of its own: a wrong storage.conf should show, not cost every container
+    a server."""
+    import sys
+    from ..errors import categorize, message
+    try:
+        got = views_request(argv)
+        if got is None:
+            return None
+        sock, req = got
+        from ..union.ctlclient import control_call
+        try:
+            control_call(sock, req)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            from ..errors import MountError
+            raise MountError(f"the views service at {sock} does not answer ({exc.strerror}): "
+                             f"start `mergefs views serve --control {sock} MOUNTPOINT`, or "
+                             "drop views= from the mount options") from None
+    except Exception as exc:  # noqa: BLE001  (one line and the table's exit code)
+        print(f"mergefs: error: {message(exc)}", file=sys.stderr)
+        return int(categorize(exc).exit_code)
+    return 0
 
 
 # what a kernel mount of plain layers (kernel_read_only) takes: mount flags, and options
@@ -168,7 +241,7 @@ def kernel_read_only(argv: list[str]) -> int | None:
         elif opt in KERNEL_FLAGS:
             flags.add(opt)
         elif not (opt in KERNEL_NEUTRAL or opt in DROPPED - {"nokernel"}
-                  or key.startswith("x-")):
+                  or key.startswith("x-") or key == "views"):
             return None
     if not lowers:
         return None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 
-DEFAULT_CONTROL = "/run/mergefs/views.sock"
+from .cmd_mount_helper import DEFAULT_VIEWS as DEFAULT_CONTROL
 
 
 def register(sub: argparse._SubParsersAction) -> None:
