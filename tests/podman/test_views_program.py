@@ -1,0 +1,195 @@
+"""``mergefs -o ...,views=SOCK TARGET``: containers/storage's mount program as a bind of a
+view of a running views service (no podman here; tests/podman/test_podman.py runs
+podman on it).
+
+The service (``mergefs views serve``) runs on a private mount point and socket
+and is stopped by pid; every bind a test makes is unmounted in teardown.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mergefs.testing import mounts
+
+from ..conftest import needs
+from ..union.viewsrv import ViewsServer
+
+pytestmark = [needs("root")]
+
+
+def mergefs(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mergefs", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def service(tmp_path):
+    srv = ViewsServer(tmp_path / "service")
+    targets: list[Path] = []
+    srv.targets = targets
+    try:
+        yield srv
+    finally:
+        for t in targets:
+            mounts.force_unmount(t)
+        srv.stop()
+        assert not mounts.is_mounted(srv.mnt)
+
+
+@pytest.fixture
+def layers(tmp_path):
+    """Overlay-format layers, top first as lowerdir lists them: a whiteout, an
+    opaque directory, a file replacing a directory."""
+    base, top = tmp_path / "base", tmp_path / "top"
+    for d in ("etc", "data/keep", "data/old"):
+        (base / d).mkdir(parents=True)
+    (base / "etc/motd").write_text("base\n")
+    (base / "gone").write_text("hidden by top\n")
+    (base / "data/keep/a").write_text("a\n")
+    (base / "data/old/x").write_text("x\n")
+    (top / "data/keep").mkdir(parents=True)
+    os.setxattr(top / "data/keep", "trusted.overlay.opaque", b"y")
+    (top / "data/keep/c").write_text("c\n")
+    (top / "data/old").write_text("a file now\n")
+    os.mknod(top / "gone", 0o600 | 0o020000, os.makedev(0, 0))
+    (top / "etc").mkdir()
+    (top / "etc/motd").write_text("top\n")
+    return [top, base]
+
+
+def tree(root: Path) -> dict[str, tuple]:
+    out = {}
+    for d, dirs, files in os.walk(root):
+        for n in dirs + files:
+            p = os.path.join(d, n)
+            st = os.lstat(p)
+            body = open(p, "rb").read() if os.path.isfile(p) and not os.path.islink(p) else None
+            out[os.path.relpath(p, root)] = (st.st_mode, st.st_uid, st.st_size, body)
+    return out
+
+
+def views(service) -> list[dict]:
+    return service.call(op="list")["views"]
+
+
+def wait_no_views(service, timeout: float = 10.0) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while (left := views(service)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+def writable_opts(tmp_path, layers, name: str) -> str:
+    up, wk = tmp_path / f"{name}-up", tmp_path / f"{name}-wk"
+    up.mkdir()
+    wk.mkdir()
+    return f"lowerdir={':'.join(map(str, layers))},upperdir={up},workdir={wk}"
+
+
+def target(service, tmp_path, name: str) -> Path:
+    t = tmp_path / name
+    t.mkdir()
+    service.targets.append(t)
+    return t
+
+
+@pytest.mark.parametrize("unmount", [["umount"], ["fusermount3", "-u"]])
+def test_a_views_mount_shows_what_a_standalone_mount_shows_and_goes_with_its_bind(
+        service, layers, tmp_path, unmount):
+    mine = target(service, tmp_path, "svc")
+    r = mergefs("-o", writable_opts(tmp_path, layers, "a") + f",volatile,views={service.control}",
+                mine)
+    assert (r.returncode, r.stderr) == (0, "")
+    [view] = views(service)
+    assert view["mounts"] == [str(mine)] and view["writable"]
+    alone = target(service, tmp_path, "alone")
+    r = mergefs("-o", writable_opts(tmp_path, layers, "b"), alone)
+    assert r.returncode == 0, r.stderr
+    try:
+        assert tree(mine) == tree(alone)
+    finally:
+        mergefs("umount", alone)
+    assert (mine / "data/old").read_text() == "a file now\n"
+    assert not (mine / "gone").exists()
+    (mine / "etc/motd").write_text("changed\n")          # lands in the upper only
+    assert (tmp_path / "a-up/etc/motd").read_text() == "changed\n"
+    assert (layers[0] / "etc/motd").read_text() == "top\n"
+    assert subprocess.run([*unmount, str(mine)], capture_output=True).returncode == 0
+    assert wait_no_views(service) == []
+    assert service.errors() == []
+
+
+def test_bind_flags_follow_the_options(service, layers, tmp_path):
+    """nosuid,nodev unless suid/dev, as a FUSE mount of its own; a read-only view
+    (no upper, layers with a whiteout: not the kernel's) is bound ro."""
+    rw, ro = target(service, tmp_path, "rw"), target(service, tmp_path, "ro")
+    assert mergefs("-o", writable_opts(tmp_path, layers, "f") + f",suid,dev,views={service.control}",
+                   rw).returncode == 0
+    lowers = ":".join(map(str, layers))
+    assert mergefs("-o", f"lowerdir={lowers},views={service.control}", ro).returncode == 0
+    opts = {e.target: set(e.options.split(",")) for e in mounts_table()}
+    assert not {"nosuid", "nodev", "ro"} & opts[str(rw)]
+    assert {"nosuid", "nodev", "ro"} <= opts[str(ro)]
+    for t in (rw, ro):
+        subprocess.run(["umount", str(t)], check=True)
+    assert wait_no_views(service) == []
+
+
+def mounts_table():
+    from mergefs import mounttable
+    return mounttable.read()
+
+
+def test_relative_layer_paths_are_the_callers(service, layers, tmp_path):
+    """containers/storage passes ``l/ID`` paths relative to its working directory."""
+    (tmp_path / "l").mkdir()
+    os.symlink(layers[0], tmp_path / "l/TOP")
+    os.symlink(layers[1], tmp_path / "l/BASE")
+    (tmp_path / "up").mkdir()
+    (tmp_path / "wk").mkdir()
+    t = target(service, tmp_path, "rel")
+    r = mergefs("-o", f"lowerdir=l/TOP:l/BASE,upperdir=up,workdir=wk,views={service.control}",
+                "rel", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    [view] = views(service)
+    assert view["lowers"] == [str(layers[1]), str(layers[0])]
+    assert view["upper"] == str(tmp_path / "up")
+    assert (t / "etc/motd").read_text() == "top\n"
+    subprocess.run(["umount", str(t)], check=True)
+    assert wait_no_views(service) == []
+
+
+@pytest.mark.parametrize("option, code, words", [
+    ("bogus", 2, "unsupported mount option 'bogus'"),
+    ("uidmapping=0:100000:65536", 2, "does not shift ids"),
+    ("squash_to_root", 2, "not supported with views="),
+    ("private", 2, "not supported with views="),
+    ("sync", 2, "cannot be set on a bind of a view"),
+])
+def test_options_are_refused_by_name(service, layers, tmp_path, option, code, words):
+    t = target(service, tmp_path, "t")
+    r = mergefs("-o", writable_opts(tmp_path, layers, "r") + f",{option},views={service.control}",
+                t)
+    assert r.returncode == code and words in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not mounts.is_mounted(t) and views(service) == []
+
+
+def test_a_service_that_does_not_answer_is_an_error(layers, tmp_path):
+    t = tmp_path / "t"
+    t.mkdir()
+    r = mergefs("-o", writable_opts(tmp_path, layers, "n") + f",views={tmp_path}/none.sock", t)
+    assert r.returncode == 1 and "does not answer" in r.stderr and r.stderr.count("\n") == 1
+    assert not mounts.is_mounted(t)
+
+
+def test_a_failed_bind_leaves_no_view(service, layers, tmp_path):
+    r = mergefs("-o", writable_opts(tmp_path, layers, "x") + f",views={service.control}",
+                tmp_path / "missing")
+    assert r.returncode == 1 and "cannot bind" in r.stderr, r.stderr
+    assert views(service) == []
