@@ -54,98 +54,16 @@ from __future__ import annotations
 import os
 
 from ..errors import UsageError
-
-LAYER_KEYS = ("lowerdir", "upperdir", "workdir")       # as mountspec.LAYER_KEYS (not imported:
-DEFAULT_VIEWS = "/run/mergefs/views.sock"              # dataclasses costs the views path 12 ms)
-
-PASSED = {"ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
-          "relatime", "norelatime", "strictatime", "sync", "async", "dirsync"}
-PASSED_WITH_VALUE = {"context", "fscontext", "defcontext", "rootcontext"}
-DROPPED = {"rw", "defaults", "auto", "noauto", "user", "nouser", "users", "nofail",
-           "_netdev", "default_permissions", "loop", "noacl", "nokernel"}
-REFUSED = {
-    "uidmapping": "mergefs does not shift ids; run podman without per-container id "
-                  "mappings (--userns/--uidmap) or use fuse-overlayfs for them",
-    "gidmapping": "mergefs does not shift ids; run podman without per-container id "
-                  "mappings (--userns/--uidmap) or use fuse-overlayfs for them",
-}
-SOURCE_NAMES = ("mergefs",)
-
-
-def _split(argv: list[str]) -> tuple[list[str], list[str]]:
-    positional, options, it = [], [], iter(argv)
-    for arg in it:
-        if arg == "-o":
-            options += next(it, "").split(",")
-        elif arg.startswith("-o") and len(arg) > 2:
-            options += arg[2:].split(",")
-        elif arg in ("-n", "-v", "-s", "-f", "-r", "-w"):
-            continue                              # flags mount(8) may add for helpers
-        elif arg == "-t":
-            next(it, None)
-        else:
-            positional.append(arg)
-    return positional, [o for o in options if o]
-
-
-def is_mount_helper_call(argv: list[str]) -> bool:
-    """An argv with ``-o`` options naming a lowerdir= and no verb (either convention)."""
-    positional, options = _split(argv)
-    return len(positional) in (1, 2) and any(o.startswith("lowerdir=") for o in options)
-
-
-def _squash_id(opt: str, value: str) -> str:
-    if not value.isdigit():
-        raise UsageError(f"mount option {opt!r}: expected a number")
-    return value
-
-
-def _classify(options: list[str]) -> tuple[list[str], list[str], list[str], str | None]:
-    """Options -> (layer options, ``mount`` verb flags, FUSE options, views socket or
-    None); raises UsageError for a refused or unknown option."""
-    layer_opts, extra, fuse, views = [], [], [], None
-    for opt in options:
-        key, _, value = opt.partition("=")
-        if key in LAYER_KEYS or opt == "allow_other":
-            layer_opts.append(opt)
-        elif key == "views":
-            views = value or DEFAULT_VIEWS
-        elif opt == "private":
-            extra.append("--private")
-        elif key == "volatile" or opt == "fsync=0":
-            extra.append("--volatile")
-        elif opt == "fsync=1":
-            continue                              # fuse-overlayfs's default: fsync honoured
-        elif key == "squash_to_root":
-            extra += ["--squash-uid", "0", "--squash-gid", "0"]
-        elif key in ("squash_to_uid", "squash_to_gid"):
-            extra += [f"--squash-{key[-3:]}", _squash_id(opt, value)]
-        elif key in REFUSED:
-            raise UsageError(f"mount option {key!r} is not supported: {REFUSED[key]}")
-        elif opt in PASSED or (key in PASSED_WITH_VALUE and value):
-            fuse.append(opt)
-        elif opt in DROPPED or key.startswith("x-"):
-            continue
-        else:
-            raise UsageError(f"unsupported mount option {opt!r}")
-    return layer_opts, extra, fuse, views
-
-
-def _mountpoint(argv: list[str]) -> tuple[str, list[str]]:
-    positional, options = _split(argv)
-    if len(positional) not in (1, 2):
-        raise UsageError(f"usage: mergefs -o lowerdir=TOP:...:BOTTOM[,upperdir=U,workdir=W] "
-                         f"MOUNTPOINT (got {argv})")
-    return positional[-1], options
-
+from ..mounthelper import (DROPPED, classify, is_mount_helper_call,  # noqa: F401
+                           split_argv, target_and_options, through_views, write_script)
 
 def translate(argv: list[str]) -> list[str]:
     """Helper argv -> ``mount [--upper U --work W] [--allow-other] [--volatile] [--squash-*]
     [-o ..] LAYER... MNT``; raises UsageError for a wrong argv or an unsupported option."""
     from ..errors import InvalidArgument
     from ..mountspec import from_options
-    target, options = _mountpoint(argv)
-    layer_opts, extra, fuse, _ = _classify(options)
+    target, options = target_and_options(argv)
+    layer_opts, extra, fuse, _ = classify(options)
     try:
         spec = from_options(layer_opts)
     except InvalidArgument as e:
@@ -164,61 +82,6 @@ def translate(argv: list[str]) -> list[str]:
     return out + [os.path.realpath(p) for p in spec.lowers] + [os.path.abspath(target)]
 
 
-# -- through a running views service (views=SOCK) ----------------------------------------
-VIEWS_REFUSED = {"--private": "private", "--squash-uid": "squash_to_*",
-                 "--squash-gid": "squash_to_*"}
-
-
-def views_request(argv: list[str]) -> tuple[str, dict] | None:
-    """(socket, ``mount`` request) for an argv with ``views``/``views=SOCK``, else None.
-
-    The options are checked here as for a mount of its own (unknown and refused
-    ones by name); what only a server of its own can do (``private``,
-    ``squash_to_*``) is refused. The layer options go as they are, with this
-    process's working directory, for the service to resolve (relative
-    ``overlay/l/`` paths); the FUSE options go as bind options (``mountctl``)."""
-    target, options = _mountpoint(argv)
-    layer_opts, extra, fuse, sock = _classify(options)
-    if sock is None:
-        return None
-    for flag in extra:
-        if flag in VIEWS_REFUSED:
-            raise UsageError(f"mount option {VIEWS_REFUSED[flag]!r} is not supported with "
-                             "views= (one server serves every view alike); drop views= "
-                             "for this mount")
-    return sock, {"op": "mount", "layers": layer_opts, "cwd": os.getcwd(),
-                  "volatile": "--volatile" in extra, "options": fuse,
-                  "target": os.path.abspath(target), "mntns": os.readlink("/proc/self/ns/mnt")}
-
-
-def through_views(argv: list[str]) -> int | None:
-    """Mount a helper-form call with ``views=SOCK`` through that running views service:
-    one request, which returns once the bind is live (no server of its own). None
-    when the call names no views service; else the exit code, errors printed on
-    one line. A service that does not answer is an error (exit 1), never a silent
-    mount of its own: a wrong storage.conf should show, not cost every container
-    a server."""
-    import sys
-    from ..errors import categorize, message
-    try:
-        got = views_request(argv)
-        if got is None:
-            return None
-        sock, req = got
-        from ..union.ctlclient import control_call
-        try:
-            control_call(sock, req)
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            from ..errors import MountError
-            raise MountError(f"the views service at {sock} does not answer ({exc.strerror}): "
-                             f"start `mergefs views serve --control {sock} MOUNTPOINT`, or "
-                             "drop views= from the mount options") from None
-    except Exception as exc:  # noqa: BLE001  (one line and the table's exit code)
-        print(f"mergefs: error: {message(exc)}", file=sys.stderr)
-        return int(categorize(exc).exit_code)
-    return 0
-
-
 # what a kernel mount of plain layers (kernel_read_only) takes: mount flags, and options
 # that change nothing for a read-only mount the kernel serves with the mounter's rights
 KERNEL_FLAGS = {"nodev", "nosuid", "noexec", "dev", "suid", "exec"}
@@ -230,7 +93,7 @@ def kernel_read_only(argv: list[str]) -> int | None:
     overlayfs (``mergefs.kernelview``); 0 once mounted, None when the call is not
     one (an upper, another option, layers that are not plain, not root of the
     initial user namespace, a mount(2) that fails): then it goes through FUSE."""
-    positional, options = _split(argv)
+    positional, options = split_argv(argv)
     if len(positional) != 1:
         return None
     lowers, flags = None, set()
@@ -266,10 +129,4 @@ def helper_script() -> str:
 
 def install_helper(directory: str = "/sbin") -> str:
     """Write DIR/mount.fuse.mergefs (staged, then renamed into place); return its path."""
-    path = os.path.join(directory, HELPER_NAME)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(helper_script())
-    os.chmod(tmp, 0o755)
-    os.rename(tmp, path)
-    return path
+    return write_script(os.path.join(directory, HELPER_NAME), helper_script())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .cmd_mount_helper import DEFAULT_VIEWS as DEFAULT_CONTROL
+from ..mounthelper import DEFAULT_VIEWS as DEFAULT_CONTROL
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,6 +48,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     _control(q)
     q.set_defaults(func=cmd_bind)
 
+    q = vs.add_parser("install-program", help="write DIR/mergefs-overlayfs, the lean mount "
+                      "program for containers/storage (mount_program; mountopt views=SOCK)")
+    q.add_argument("--dir", default="/usr/local/bin")
+    q.set_defaults(func=cmd_install_program)
+
     p = sub.add_parser("bundle", help="write an OCI runtime bundle for REF at DIR (config.json, "
                        "rootfs mounted); then `runc run -b DIR ID`")
     p.add_argument("ref", metavar="REF", help="a store ref, an OCI image path, or LAYER:LAYER...")
@@ -79,6 +84,12 @@ def cmd_serve(args) -> int:
         print(f"serving views at {os.path.abspath(args.mountpoint)} "
               f"(control {os.path.abspath(args.control)})", flush=True)
     serve_views(args.mountpoint, os.path.abspath(args.control), args.allow_other, ready)
+    return 0
+
+
+def cmd_install_program(args) -> int:
+    from ..mounthelper import install_program
+    print(install_program(args.dir))
     return 0
 
 

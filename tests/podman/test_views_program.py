@@ -23,9 +23,19 @@ from ..union.viewsrv import ViewsServer
 pytestmark = [needs("root")]
 
 
-def mergefs(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mergefs", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=60)
+def mergefs(*args, cwd=None, program=None) -> subprocess.CompletedProcess:
+    cmd = [program] if program else [sys.executable, "-m", "mergefs"]
+    return subprocess.run([*cmd, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.fixture(scope="module")
+def lean(tmp_path_factory) -> str:
+    """The mount program ``mergefs views install-program`` writes (python -IS)."""
+    where = tmp_path_factory.mktemp("bin")
+    r = mergefs("views", "install-program", "--dir", where)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
 
 
 @pytest.fixture
@@ -99,12 +109,14 @@ def target(service, tmp_path, name: str) -> Path:
     return t
 
 
-@pytest.mark.parametrize("unmount", [["umount"], ["fusermount3", "-u"]])
+@pytest.mark.parametrize("unmount, entry", [(["umount"], "script"),
+                                            (["fusermount3", "-u"], "script"),
+                                            (["umount"], "lean")])
 def test_a_views_mount_shows_what_a_standalone_mount_shows_and_goes_with_its_bind(
-        service, layers, tmp_path, unmount):
+        service, layers, tmp_path, unmount, entry, lean):
     mine = target(service, tmp_path, "svc")
     r = mergefs("-o", writable_opts(tmp_path, layers, "a") + f",volatile,views={service.control}",
-                mine)
+                mine, program=lean if entry == "lean" else None)
     assert (r.returncode, r.stderr) == (0, "")
     [view] = views(service)
     assert view["mounts"] == [str(mine)] and view["writable"]
@@ -193,3 +205,21 @@ def test_a_failed_bind_leaves_no_view(service, layers, tmp_path):
                 tmp_path / "missing")
     assert r.returncode == 1 and "cannot bind" in r.stderr, r.stderr
     assert views(service) == []
+
+
+def test_the_lean_program_without_views_mounts_on_its_own(layers, tmp_path, lean):
+    """Without views= the lean program loads site and runs the whole CLI: a server of
+    its own, as the console script."""
+    t = tmp_path / "own"
+    t.mkdir()
+    r = mergefs("-o", writable_opts(tmp_path, layers, "o"), t, program=lean)
+    try:
+        assert r.returncode == 0, r.stderr
+        assert next(e.fstype for e in mounts_table() if e.target == str(t)) == "fuse.mergefs"
+        assert (t / "etc/motd").read_text() == "top\n"
+        assert not (t / "gone").exists()
+    finally:
+        mergefs("umount", t)
+        mounts.force_unmount(t)
+    r = mergefs("-o", writable_opts(tmp_path, layers, "p") + ",bogus", t, program=lean)
+    assert r.returncode == 2 and "unsupported mount option 'bogus'" in r.stderr
