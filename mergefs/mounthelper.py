@@ -1,11 +1,13 @@
 """The mount-helper command line's options (mount.fuse3's and fuse-overlayfs's form),
-and the mount of such a call through a running views service.
+and the mount of such a call through a running mount service.
 
 ``mergefs.cli.cmd_mount_helper`` documents the forms and options and turns a
 call into the ``mount`` verb; this module is the option table it uses, and
-``through_views`` (``views=SOCK``, or ``views`` for ``DEFAULT_VIEWS``), which
-hands the mount to that service (``mergefs.union.mountctl``: a bind of a
-view, no server of its own). It is a leaf that imports only ``os`` at first,
+``through_service`` (``service=SOCK``, or ``service`` for ``DEFAULT_SERVICE``),
+which hands the mount to that service: ``mergefs mount-server``
+(``mergefs.union.mountsvc``: a server forked from a process that has imported
+everything) or ``mergefs views serve`` (``mergefs.union.mountctl``: a bind of
+a view of its one mount). It is a leaf that imports only ``os`` at first,
 and the views path runs on the standard library's C modules
 (``union.ctlclient``): containers/storage waits for the whole command, whose
 cost is then Python's start-up (``lean_main``: without ``site``).
@@ -16,6 +18,7 @@ import os
 
 LAYER_KEYS = ("lowerdir", "upperdir", "workdir")       # as mountspec.LAYER_KEYS (not imported:
 DEFAULT_VIEWS = "/run/mergefs/views.sock"              # dataclasses costs ~10 M instructions)
+DEFAULT_SERVICE = "/run/mergefs/mount.sock"            # `mergefs mount-server`'s
 
 PASSED = {"ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
           "relatime", "norelatime", "strictatime", "sync", "async", "dirsync"}
@@ -64,15 +67,15 @@ def _squash_id(opt: str, value: str) -> str:
 
 
 def classify(options: list[str]) -> tuple[list[str], list[str], list[str], str | None]:
-    """Options -> (layer options, ``mount`` verb flags, FUSE options, views socket or
-    None); raises UsageError for a refused or unknown option."""
-    layer_opts, extra, fuse, views = [], [], [], None
+    """Options -> (layer options, ``mount`` verb flags, FUSE options, the mount
+    service's socket or None); raises UsageError for a refused or unknown option."""
+    layer_opts, extra, fuse, service = [], [], [], None
     for opt in options:
         key, _, value = opt.partition("=")
         if key in LAYER_KEYS or opt == "allow_other":
             layer_opts.append(opt)
-        elif key == "views":
-            views = value or DEFAULT_VIEWS
+        elif key == "service":
+            service = value or DEFAULT_SERVICE
         elif opt == "private":
             extra.append("--private")
         elif key == "volatile" or opt == "fsync=0":
@@ -91,7 +94,7 @@ def classify(options: list[str]) -> tuple[list[str], list[str], list[str], str |
             continue
         else:
             raise _usage(f"unsupported mount option {opt!r}")
-    return layer_opts, extra, fuse, views
+    return layer_opts, extra, fuse, service
 
 
 def target_and_options(argv: list[str]) -> tuple[str, list[str]]:
@@ -102,42 +105,36 @@ def target_and_options(argv: list[str]) -> tuple[str, list[str]]:
     return positional[-1], options
 
 
-# -- through a running views service (views=SOCK) ----------------------------------------
-VIEWS_REFUSED = {"--private": "private", "--squash-uid": "squash_to_*",
-                 "--squash-gid": "squash_to_*"}
-
-
-def views_request(argv: list[str]) -> tuple[str, dict] | None:
-    """(socket, ``mount`` request) for an argv with ``views``/``views=SOCK``, else None.
-
-    The options are checked here as for a mount of its own (unknown and refused
-    ones by name); what only a server of its own can do (``private``,
-    ``squash_to_*``) is refused. The layer options go as they are, with this
-    process's working directory, for the service to resolve (relative
-    ``overlay/l/`` paths); the FUSE options go as bind options (``mountctl``)."""
+# -- through a running mount service (service=SOCK) --------------------------------------
+def service_request(argv: list[str]) -> tuple[str, dict] | None:
+    """(socket, ``mount`` request) for an argv with ``service``/``service=SOCK``, else
+    None. The options are checked here as for a mount of its own (unknown and
+    refused ones by name); the service refuses what it cannot do. The layer
+    options go as they are, with this process's working directory, for the
+    service to resolve (relative ``overlay/l/`` paths; ``ctlclient.mount_spec``)."""
     target, options = target_and_options(argv)
     layer_opts, extra, fuse, sock = classify(options)
     if sock is None:
         return None
-    for flag in extra:
-        if flag in VIEWS_REFUSED:
-            raise _usage(f"mount option {VIEWS_REFUSED[flag]!r} is not supported with "
-                             "views= (one server serves every view alike); drop views= "
-                             "for this mount")
+    squash = {f: int(extra[i + 1]) for i, f in enumerate(extra)
+              if f in ("--squash-uid", "--squash-gid")}
     return sock, {"op": "mount", "layers": layer_opts, "cwd": os.getcwd(),
-                  "volatile": "--volatile" in extra, "options": fuse,
+                  "volatile": "--volatile" in extra, "private": "--private" in extra,
+                  "squash_uid": squash.get("--squash-uid"),
+                  "squash_gid": squash.get("--squash-gid"), "options": fuse,
                   "target": os.path.abspath(target), "mntns": os.readlink("/proc/self/ns/mnt")}
 
 
-def through_views(argv: list[str]) -> int | None:
-    """Mount a helper-form call with ``views=SOCK`` through that running views service:
-    one request, which returns once the bind is live (no server of its own). None
-    when the call names no views service; else the exit code, errors printed on
-    one line. A service that does not answer is an error (exit 1), never a silent
-    mount of its own: a wrong storage.conf should show, not cost every container
-    a server."""
+def through_service(argv: list[str]) -> int | None:
+    """Mount a helper-form call with ``service=SOCK`` through that running service
+    (``mergefs mount-server``: a server forked from a warm process; ``mergefs
+    views serve``: a bind of a view): one request, answered once the mount is
+    live. None when the call names no service; else the exit code, errors
+    printed on one line. A service that does not answer is an error (exit 1),
+    never a silent mount of its own: a wrong storage.conf should show, not cost
+    every container a cold server start."""
     try:
-        got = views_request(argv)
+        got = service_request(argv)
         if got is None:
             return None
         sock, req = got
@@ -146,9 +143,9 @@ def through_views(argv: list[str]) -> int | None:
             mount_call(sock, req)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             from .errors import MountError
-            raise MountError(f"the views service at {sock} does not answer ({exc.strerror}): "
-                             f"start `mergefs views serve --control {sock} MOUNTPOINT`, or "
-                             "drop views= from the mount options") from None
+            raise MountError(f"the mount service at {sock} does not answer ({exc.strerror}): "
+                             f"start `mergefs mount-server --control {sock}`, or drop "
+                             "service= from the mount options") from None
     except Exception as exc:  # noqa: BLE001  (one line and the table's exit code)
         import sys
         from .errors import categorize, message
@@ -160,11 +157,11 @@ def through_views(argv: list[str]) -> int | None:
 def lean_main() -> None:
     """The entry of the script ``mergefs views install-program`` writes, run by
     ``python -I -S`` (no ``site``: ~60 M instructions less at every start): a call
-    through a views service runs on the standard library's C modules alone;
+    through a mount service runs on the standard library's C modules alone;
     anything else loads ``site`` (the environment's packages) and runs the whole
     CLI as the ``mergefs`` console script does."""
     import sys
-    code = through_views(sys.argv[1:]) if is_mount_helper_call(sys.argv[1:]) else None
+    code = through_service(sys.argv[1:]) if is_mount_helper_call(sys.argv[1:]) else None
     if code is None:
         import site
         site.main()

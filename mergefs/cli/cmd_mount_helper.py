@@ -55,7 +55,7 @@ import os
 
 from ..errors import UsageError
 from ..mounthelper import (DROPPED, classify, is_mount_helper_call,  # noqa: F401
-                           split_argv, target_and_options, through_views, write_script)
+                           split_argv, target_and_options, through_service, write_script)
 
 def translate(argv: list[str]) -> list[str]:
     """Helper argv -> ``mount [--upper U --work W] [--allow-other] [--volatile] [--squash-*]
@@ -104,7 +104,7 @@ def kernel_read_only(argv: list[str]) -> int | None:
         elif opt in KERNEL_FLAGS:
             flags.add(opt)
         elif not (opt in KERNEL_NEUTRAL or opt in DROPPED - {"nokernel"}
-                  or key.startswith("x-") or key == "views"):
+                  or key.startswith("x-") or key == "service"):
             return None
     if not lowers:
         return None

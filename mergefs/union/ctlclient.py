@@ -1,6 +1,8 @@
-"""The client side of the views control socket (``mountctl``), importable without
-pyfuse3 or trio: ``mergefs -o ...,views=SOCK`` (``mergefs.mounthelper``) runs it in
-a fresh interpreter whose start-up is all containers/storage waits for.
+"""The client side of the control sockets of the views service (``mountctl``) and
+of the mount server (``mountsvc``), importable without pyfuse3 or trio: ``mergefs
+-o ...,service=SOCK`` (``mergefs.mounthelper``) runs it in a fresh interpreter
+whose start-up is all containers/storage waits for; and ``mount_spec``, how
+both services read a ``mount`` request.
 
 One JSON object per line each way; a failure reply ``{"ok": false, "kind": K,
 "error": MSG}`` raises the mergefs error of that kind. ``mount_call`` sends a
@@ -14,6 +16,7 @@ with ``json``.
 from __future__ import annotations
 
 import _socket
+import os
 
 OK = b'{"ok": true'
 
@@ -44,6 +47,19 @@ def _raise(reply: dict) -> None:
            "invalid": InvalidArgument, "usage": UsageError,
            "mount": MountError}.get(reply.get("kind"), MergefsError)
     raise cls(reply.get("error", "failed"))
+
+
+def error_reply(exc: BaseException) -> dict:
+    """The failure reply for ``exc`` (the inverse of ``_raise``)."""
+    from ..errors import (AlreadyExists, FailedPrecondition, MountError, NotFound,
+                          UsageError)
+    kinds = ((UsageError, "usage"), (NotFound, "not_found"), (AlreadyExists, "exists"),
+             (FailedPrecondition, "busy"), (MountError, "mount"), (ValueError, "invalid"),
+             (TypeError, "invalid"))
+    kind = next((k for cls, k in kinds if isinstance(exc, cls)), "error")
+    if isinstance(exc, KeyError):
+        kind, exc = "invalid", ValueError(f"missing field {exc}")
+    return {"ok": False, "kind": kind, "error": str(exc)}
 
 
 def control_call(path: str, req: dict, timeout: float = 30.0) -> dict:
@@ -78,3 +94,20 @@ def _dumps(v) -> str:
         return "{" + ", ".join(f"{encode_basestring_ascii(k)}: {_dumps(x)}"
                                for k, x in v.items()) + "}"
     raise TypeError(f"cannot encode {type(v).__name__}")
+
+
+def mount_spec(req: dict, allow_other: bool = False):
+    """The ``MountSpec`` of a ``mount`` request: overlay-style layer options, paths
+    relative to the caller's directory ``cwd``, the lowerdir paths themselves
+    resolved (containers/storage's ``overlay/l/`` symlinks); FUSE ``options``,
+    ``volatile`` (writable only: nothing to sync otherwise), ``squash_uid``/
+    ``squash_gid``. InvalidArgument if malformed."""
+    from ..mountspec import MountSpec, from_options
+    spec = from_options(list(req["layers"]))
+    cwd = req.get("cwd", "/")
+    at = (lambda p: p and os.path.normpath(os.path.join(cwd, p)))
+    return MountSpec(tuple(os.path.realpath(at(p)) for p in spec.lowers), at(spec.upper),
+                     at(spec.work), allow_other or spec.allow_other,
+                     tuple(req.get("options", ())),
+                     bool(req.get("volatile")) and spec.upper is not None,
+                     req.get("squash_uid"), req.get("squash_gid"))

@@ -15,16 +15,19 @@ directly from that loop (see ``serve_views``). The control socket speaks
 one JSON object per line each way: ``{"op": "add", "name": N, "spec": {...}}``
 -> ``{"ok": true, "path": P}``; ``{"op": "remove", "name": N, "force": false}``;
 ``{"op": "list"}`` -> ``{"ok": true, "views": [...]}``; failures
-``{"ok": false, "error": MSG, "kind": "not_found"|"exists"|"busy"|"invalid"|"mount"|"error"}``.
+``{"ok": false, "error": MSG, "kind": "not_found"|"exists"|"busy"|"invalid"|"usage"|"mount"|"error"}``
+(``ctlclient.error_reply``).
 
 ``{"op": "mount", "layers": ["lowerdir=TOP:...", "upperdir=U", "workdir=W"],
 "cwd": DIR, "volatile": false, "options": ["suid", ...], "target": T, "mntns": NS}``
--> ``{"ok": true, "name": N, "path": P}`` is ``mergefs -o ...,views=SOCK T``
-(cmd_mount_helper, which checked the options): the service adds a view (layer
-paths relative to DIR, the lowerdir paths resolved) under a name of its own
-(never reused), binds it at T with the mount flags of ``options``
-(``bind_flags``: nosuid,nodev unless ``suid``/``dev``, as a FUSE mount of its
-own) and answers once the bind is live. The bind is made by the service, so it must share the
+-> ``{"ok": true, "name": N, "path": P}`` is ``mergefs -o ...,service=SOCK T``
+(``mergefs.mounthelper``, which checked the options; ``mountsvc`` serves the
+same request with a server of its own): the service adds a view
+(``ctlclient.mount_spec``) under a name of its own (never reused), binds it
+at T with the mount flags of ``options`` (``bind_flags``: nosuid,nodev unless
+``suid``/``dev``, as a FUSE mount of its own; ro for a view without upper)
+and answers once the bind is live; ``private`` and ``squash_*`` are refused
+(one server serves every view alike). The bind is made by the service, so it must share the
 caller's mount namespace (``NS``, the caller's ``/proc/self/ns/mnt`` link;
 refused otherwise: the service could not see the bind go). Such a view goes
 away by itself when its last mount goes (``fusermount3 -u T`` or ``umount
@@ -47,16 +50,13 @@ import trio
 
 from .. import syscalls
 from .. import mounttable
-from ..errors import (AlreadyExists, FailedPrecondition, InvalidArgument, MergefsError,
-                      MountError, NotFound, UsageError)
-from ..mountspec import MountSpec, from_options
-from .ctlclient import control_call  # noqa: F401  (the client side, re-exported)
+from ..errors import FailedPrecondition, InvalidArgument, MergefsError, MountError, NotFound
+from ..mountspec import MountSpec
+from .ctlclient import control_call, error_reply, mount_spec  # noqa: F401  (control_call: re-exported)
 from .views import ViewFS
 
 log = logging.getLogger("mergefs.union")
 MNT_DETACH = 2
-KINDS = ((UsageError, "usage"), (NotFound, "not_found"), (AlreadyExists, "exists"), (FailedPrecondition, "busy"),
-         (MountError, "mount"), (ValueError, "invalid"), (TypeError, "invalid"))
 # what a bind of a view takes (mount(8)'s names): flags set, flags cleared
 BIND_FLAGS = {"ro": syscalls.MS_RDONLY, "nosuid": syscalls.MS_NOSUID,
               "nodev": syscalls.MS_NODEV, "noexec": syscalls.MS_NOEXEC, "noatime": 1024,
@@ -79,16 +79,6 @@ def bind_flags(options) -> int:
             raise InvalidArgument(f"mount option {opt!r} cannot be set on a bind of a view "
                                   "(views=); drop views= for this mount")
     return flags
-
-
-def mount_spec(req: dict) -> MountSpec:
-    """The view of a ``mount`` request: overlay-style layer options, paths relative
-    to the caller's directory, the lowerdir paths themselves resolved."""
-    spec = from_options(list(req["layers"]))
-    cwd = req.get("cwd", "/")
-    at = (lambda p: p and os.path.normpath(os.path.join(cwd, p)))
-    return MountSpec(tuple(os.path.realpath(at(p)) for p in spec.lowers), at(spec.upper),
-                     at(spec.work), volatile=bool(req.get("volatile")))
 
 
 def views_options(allow_other: bool) -> set[str]:
@@ -214,13 +204,6 @@ def handle_request(fs: ViewFS, req: dict) -> dict:
         return error_reply(exc)
 
 
-def error_reply(exc: BaseException) -> dict:
-    kind = next((k for cls, k in KINDS if isinstance(exc, cls)), "error")
-    if isinstance(exc, KeyError):
-        kind, exc = "invalid", ValueError(f"missing field {exc}")
-    return {"ok": False, "kind": kind, "error": str(exc)}
-
-
 class AutoViews:
     """The views of ``mount`` requests: each goes when no mount uses it any more."""
 
@@ -249,6 +232,11 @@ class AutoViews:
                     f"{req['mntns']}: start the service where the mounts are made"}
         try:
             flags = bind_flags(req.get("options", ()))
+            if req.get("private") or req.get("squash_uid") is not None \
+                    or req.get("squash_gid") is not None:
+                raise InvalidArgument("mount options 'private' and 'squash_to_*' are not "
+                                      "supported by a views service (one server serves every "
+                                      "view alike); use `mergefs mount-server` for them")
             spec = mount_spec(req)
         except InvalidArgument as exc:
             return {"ok": False, "kind": "usage", "error": str(exc)}

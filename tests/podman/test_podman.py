@@ -5,10 +5,12 @@ temp dir) and loads an image built offline (umoci + busybox-static: a
 whiteout, an opaque dir, a dir replaced by a file). The same tests run with
 fuse-overlayfs as the mount program: they check the check. After every
 ``podman rm`` / ``podman image rm`` no FUSE mount and no podman, conmon or
-mount server process naming the storage may be left. ``mergefs-svc`` is
-mergefs through a views service (``mountopt = "views=SOCK"``) that the
-fixture starts on private paths: there nothing may be left in the service
-either (no view, no bind).
+mount server process naming the storage may be left. ``mergefs-fork`` and
+``mergefs-views`` are mergefs through a mount service that the fixture
+starts on private paths (``mergefs mount-server``, ``mergefs views serve``;
+the lean program of ``mergefs views install-program``, ``mountopt =
+"service=SOCK"``): there nothing may be left either (no forked server; no
+view, no bind).
 """
 from __future__ import annotations
 
@@ -18,17 +20,17 @@ import time
 
 import pytest
 
-from mergefs.testing.podman import PodmanEnv, busybox_image, mergefs_program
+from mergefs.testing.podman import PodmanEnv, busybox_image
+from mergefs.testing.services import MountService, program
 
 from ..conftest import needs, require
-from ..union.viewsrv import ViewsServer
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.timeout(600),
     needs("root", "podman", "runc", "umoci", "busybox"),
 ]
-PROGRAMS = ["mergefs", "mergefs-svc", "fuse-overlayfs"]
+PROGRAMS = ["mergefs", "mergefs-fork", "mergefs-views", "fuse-overlayfs"]
 LOOK = ("cat /etc/motd; ls /data/keep; cat /data/old; "
         "test -e /gone && echo gone-visible || echo gone-hidden; cat /data/new; ls /")
 IMAGE_VIEW = ("layer two\nc\na file now\ngone-hidden\nnew\n"
@@ -46,10 +48,10 @@ def podman(request, tmp_path_factory, archive):
         require("fuse-overlayfs")
     root = tmp_path_factory.mktemp(f"podman-{request.param}")
     service = None
-    if request.param == "mergefs-svc":
-        service = ViewsServer(tmp_path_factory.mktemp("views-service"))
-        env = PodmanEnv(root, request.param, mergefs_program(root),
-                        mountopt=f"views={service.control}")
+    if request.param in ("mergefs-fork", "mergefs-views"):
+        service = MountService(request.param.split("-")[1], tmp_path_factory.mktemp("service"))
+        env = PodmanEnv(root, request.param, program(root),
+                        mountopt=f"service={service.control}")
     else:
         env = PodmanEnv(root, request.param)
     env.service = service
@@ -61,36 +63,26 @@ def podman(request, tmp_path_factory, archive):
             env.close()
             assert not env.mounts(fs_only=False) and not env.processes()
             if service is not None:
-                assert views_left(service) == []
+                assert service.wait_empty() == []
                 assert service.errors() == []
         finally:
             if service is not None:
                 service.stop()
 
 
-def views_left(service: ViewsServer, wait: float = 10.0) -> list[str]:
-    """The service's views once ``wait`` seconds have passed without them going
-    (the service removes a view when it sees its bind go)."""
-    deadline = time.monotonic() + wait
-    while True:
-        left = [v["name"] for v in service.call(op="list")["views"]]
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.1)
-
-
 def assert_nothing_left(podman: PodmanEnv) -> None:
     mounts, procs = podman.leftovers()
     assert not mounts and not procs, f"{podman.name}: left {mounts} {procs}"
-    if podman.service is not None:
-        assert views_left(podman.service) == []
+    if podman.service is not None:       # no view, no forked server left
+        assert podman.service.wait_empty() == []
 
 
 def binds_made(podman: PodmanEnv) -> int:
-    """How many mounts the views service has made (0 without one)."""
+    """How many mounts the service has made (0 without one)."""
     if podman.service is None:
         return 0
-    return podman.service.log.read_text().count(" bound at ")
+    text = podman.service.log.read_text()
+    return text.count(" bound at ") + text.count(" INFO mounted ")
 
 
 def test_run_shows_the_image_merged(podman):

@@ -1,26 +1,27 @@
-"""``mergefs -o ...,views=SOCK TARGET``: containers/storage's mount program as a bind of a
-view of a running views service (no podman here; tests/podman/test_podman.py runs
-podman on it).
+"""``mergefs -o ...,service=SOCK TARGET``: containers/storage's mount program handed to
+a running service, ``mergefs mount-server`` (a warm server forked per mount: "fork")
+or ``mergefs views serve`` (a bind of a view: "views"). No podman here;
+tests/podman/test_podman.py runs podman on both.
 
-The service (``mergefs views serve``) runs on a private mount point and socket
-and is stopped by pid; every bind a test makes is unmounted in teardown.
+The service runs on private paths and is stopped by pid; every mount a test
+makes is unmounted in teardown.
 """
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from mergefs.testing import mounts
+from mergefs.testing.services import MountService, program
 
 from ..conftest import needs
-from ..union.viewsrv import ViewsServer
 
 pytestmark = [needs("root")]
+KINDS = {"fork", "views"}
 
 
 def mergefs(*args, cwd=None, program=None) -> subprocess.CompletedProcess:
@@ -35,18 +36,18 @@ def lean(tmp_path_factory) -> str:
     where = tmp_path_factory.mktemp("bin")
     r = mergefs("views", "install-program", "--dir", where)
     assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == program(where)
     return r.stdout.strip()
 
 
-@pytest.fixture
-def service(tmp_path):
-    srv = ViewsServer(tmp_path / "service")
-    targets: list[Path] = []
-    srv.targets = targets
+@pytest.fixture(params=["fork", "views"])
+def service(request, tmp_path):
+    srv = MountService(request.param, tmp_path / "service")
+    srv.targets = []
     try:
         yield srv
     finally:
-        for t in targets:
+        for t in srv.targets:
             mounts.force_unmount(t)
         srv.stop()
         assert not mounts.is_mounted(srv.mnt)
@@ -85,14 +86,8 @@ def tree(root: Path) -> dict[str, tuple]:
 
 
 def views(service) -> list[dict]:
-    return service.call(op="list")["views"]
-
-
-def wait_no_views(service, timeout: float = 10.0) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while (left := views(service)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return left
+    from mergefs.union.ctlclient import control_call
+    return control_call(service.control, {"op": "list"})["views"]
 
 
 def writable_opts(tmp_path, layers, name: str) -> str:
@@ -115,11 +110,14 @@ def target(service, tmp_path, name: str) -> Path:
 def test_a_views_mount_shows_what_a_standalone_mount_shows_and_goes_with_its_bind(
         service, layers, tmp_path, unmount, entry, lean):
     mine = target(service, tmp_path, "svc")
-    r = mergefs("-o", writable_opts(tmp_path, layers, "a") + f",volatile,views={service.control}",
+    r = mergefs("-o", writable_opts(tmp_path, layers, "a") + f",volatile,service={service.control}",
                 mine, program=lean if entry == "lean" else None)
     assert (r.returncode, r.stderr) == (0, "")
-    [view] = views(service)
-    assert view["mounts"] == [str(mine)] and view["writable"]
+    if service.kind == "views":
+        [view] = views(service)
+        assert view["mounts"] == [str(mine)] and view["writable"]
+    else:
+        assert len(service.left()) == 1           # its server
     alone = target(service, tmp_path, "alone")
     r = mergefs("-o", writable_opts(tmp_path, layers, "b"), alone)
     assert r.returncode == 0, r.stderr
@@ -133,24 +131,27 @@ def test_a_views_mount_shows_what_a_standalone_mount_shows_and_goes_with_its_bin
     assert (tmp_path / "a-up/etc/motd").read_text() == "changed\n"
     assert (layers[0] / "etc/motd").read_text() == "top\n"
     assert subprocess.run([*unmount, str(mine)], capture_output=True).returncode == 0
-    assert wait_no_views(service) == []
+    assert service.wait_empty() == []
     assert service.errors() == []
 
 
-def test_bind_flags_follow_the_options(service, layers, tmp_path):
-    """nosuid,nodev unless suid/dev, as a FUSE mount of its own; a read-only view
-    (no upper, layers with a whiteout: not the kernel's) is bound ro."""
+def test_mount_flags_follow_the_options(service, layers, tmp_path):
+    """nosuid,nodev unless suid/dev, as a FUSE mount of its own; a read-only mount
+    (no upper, layers with a whiteout: not the kernel's) is ro."""
     rw, ro = target(service, tmp_path, "rw"), target(service, tmp_path, "ro")
-    assert mergefs("-o", writable_opts(tmp_path, layers, "f") + f",suid,dev,views={service.control}",
-                   rw).returncode == 0
+    r = mergefs("-o", writable_opts(tmp_path, layers, "f") + f",suid,dev,service={service.control}",
+                rw)
+    assert r.returncode == 0, r.stderr
     lowers = ":".join(map(str, layers))
-    assert mergefs("-o", f"lowerdir={lowers},views={service.control}", ro).returncode == 0
+    assert mergefs("-o", f"lowerdir={lowers},service={service.control}", ro).returncode == 0
     opts = {e.target: set(e.options.split(",")) for e in mounts_table()}
     assert not {"nosuid", "nodev", "ro"} & opts[str(rw)]
     assert {"nosuid", "nodev", "ro"} <= opts[str(ro)]
+    with pytest.raises(OSError):
+        (ro / "new").write_text("x")
     for t in (rw, ro):
         subprocess.run(["umount", str(t)], check=True)
-    assert wait_no_views(service) == []
+    assert service.wait_empty() == []
 
 
 def mounts_table():
@@ -166,49 +167,64 @@ def test_relative_layer_paths_are_the_callers(service, layers, tmp_path):
     (tmp_path / "up").mkdir()
     (tmp_path / "wk").mkdir()
     t = target(service, tmp_path, "rel")
-    r = mergefs("-o", f"lowerdir=l/TOP:l/BASE,upperdir=up,workdir=wk,views={service.control}",
+    r = mergefs("-o", f"lowerdir=l/TOP:l/BASE,upperdir=up,workdir=wk,service={service.control}",
                 "rel", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    [view] = views(service)
-    assert view["lowers"] == [str(layers[1]), str(layers[0])]
-    assert view["upper"] == str(tmp_path / "up")
+    if service.kind == "views":
+        [view] = views(service)
+        assert view["lowers"] == [str(layers[1]), str(layers[0])]
+        assert view["upper"] == str(tmp_path / "up")
     assert (t / "etc/motd").read_text() == "top\n"
+    (t / "made").write_text("m\n")
+    assert (tmp_path / "up/made").read_text() == "m\n"
     subprocess.run(["umount", str(t)], check=True)
-    assert wait_no_views(service) == []
+    assert service.wait_empty() == []
 
 
-@pytest.mark.parametrize("option, code, words", [
-    ("bogus", 2, "unsupported mount option 'bogus'"),
-    ("uidmapping=0:100000:65536", 2, "does not shift ids"),
-    ("squash_to_root", 2, "not supported with views="),
-    ("private", 2, "not supported with views="),
-    ("sync", 2, "cannot be set on a bind of a view"),
+@pytest.mark.parametrize("option, kinds, words", [
+    ("bogus", KINDS, "unsupported mount option 'bogus'"),
+    ("uidmapping=0:100000:65536", KINDS, "does not shift ids"),
+    ("squash_to_root", {"views"}, "not supported by a views service"),
+    ("private", {"views"}, "not supported by a views service"),
+    ("sync", {"views"}, "cannot be set on a bind of a view"),
 ])
-def test_options_are_refused_by_name(service, layers, tmp_path, option, code, words):
+def test_options_are_refused_by_name(service, layers, tmp_path, option, kinds, words):
+    """Refused as for a mount of its own; a views service also refuses what only a
+    server of its own can do, which the mount server does."""
     t = target(service, tmp_path, "t")
-    r = mergefs("-o", writable_opts(tmp_path, layers, "r") + f",{option},views={service.control}",
+    r = mergefs("-o", writable_opts(tmp_path, layers, "r") + f",{option},service={service.control}",
                 t)
-    assert r.returncode == code and words in r.stderr and r.stderr.count("\n") == 1, r.stderr
-    assert not mounts.is_mounted(t) and views(service) == []
+    if service.kind in kinds:
+        assert r.returncode == 2 and words in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        assert not mounts.is_mounted(t) and service.left() == []
+    else:
+        assert r.returncode == 0, r.stderr
+        if option == "squash_to_root":
+            assert {os.lstat(p).st_uid for p in t.rglob("*")} == {0}
+        subprocess.run(["umount", str(t)], check=True)
+        assert service.wait_empty() == []
 
 
 def test_a_service_that_does_not_answer_is_an_error(layers, tmp_path):
     t = tmp_path / "t"
     t.mkdir()
-    r = mergefs("-o", writable_opts(tmp_path, layers, "n") + f",views={tmp_path}/none.sock", t)
+    r = mergefs("-o", writable_opts(tmp_path, layers, "n") + f",service={tmp_path}/none.sock", t)
     assert r.returncode == 1 and "does not answer" in r.stderr and r.stderr.count("\n") == 1
     assert not mounts.is_mounted(t)
 
 
-def test_a_failed_bind_leaves_no_view(service, layers, tmp_path):
-    r = mergefs("-o", writable_opts(tmp_path, layers, "x") + f",views={service.control}",
+def test_a_failed_mount_leaves_nothing(service, layers, tmp_path):
+    r = mergefs("-o", writable_opts(tmp_path, layers, "x") + f",service={service.control}",
                 tmp_path / "missing")
-    assert r.returncode == 1 and "cannot bind" in r.stderr, r.stderr
-    assert views(service) == []
+    assert r.returncode == 1 and "missing" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert service.wait_empty() == []
+    assert mergefs("-o", "lowerdir=/nonexistent,upperdir=/tmp,workdir=/tmp,"
+                   f"service={service.control}", tmp_path).returncode != 0
+    assert service.wait_empty() == []
 
 
 def test_the_lean_program_without_views_mounts_on_its_own(layers, tmp_path, lean):
-    """Without views= the lean program loads site and runs the whole CLI: a server of
+    """Without service= the lean program loads site and runs the whole CLI: a server of
     its own, as the console script."""
     t = tmp_path / "own"
     t.mkdir()
