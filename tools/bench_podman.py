@@ -154,7 +154,8 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def measure(env: PodmanEnv, image: str, table: benchlib.Table, reps: int, ctx: Path) -> None:
+def measure(env: PodmanEnv, image: str, table: benchlib.Table, reps: int, ctx: Path,
+            build: bool = True) -> None:
     anchor = None if env.name == ANCHOR else f"run {ANCHOR}"
     row = table.series(f"run {env.name}", anchor=anchor)
     for _ in range(reps):
@@ -168,6 +169,8 @@ def measure(env: PodmanEnv, image: str, table: benchlib.Table, reps: int, ctx: P
     for i in range(reps):
         row.add(timed(lambda: (env("run", "--name", f"bench-{i}", image, "true"),
                                env("rm", f"bench-{i}"))))
+    if not build:
+        return
     tag = f"localhost/bench-{env.name}"
     anchor = None if env.name == ANCHOR else f"build {ANCHOR}"
     table.series(f"build {env.name}", anchor=anchor).add(
@@ -217,7 +220,8 @@ def run(args) -> int:
             (ctx / "Containerfile").write_text(CONTAINERFILE.format(image=images[name]))
         for run_no in range(args.runs):
             for name in programs:
-                measure(envs[name], images[name], table, args.run_reps, work / f"ctx-{name}")
+                measure(envs[name], images[name], table, args.run_reps, work / f"ctx-{name}",
+                        not args.no_build)
             print(f"run {run_no + 1} done (load average {os.getloadavg()[0]:.1f})", flush=True)
     finally:
         for env in envs.values():
@@ -272,6 +276,7 @@ def main(argv=None) -> int:
     ap.add_argument("--busybox", action="store_true", help="the tests' busybox image instead")
     ap.add_argument("--json", help="write the table as JSON here")
     ap.add_argument("--before", metavar="TREE", help="also a mergefs-before: mergefs from TREE")
+    ap.add_argument("--no-build", action="store_true", help="run and run+rm only")
     ap.add_argument("--fuse-only", action="store_true",
                     help="also mergefs-fuse: mergefs with every mount on FUSE (nokernel)")
     args = ap.parse_args(argv)

@@ -46,7 +46,12 @@ class MountServer:
     def run(self, ready=None) -> None:
         from . import prefork
         prefork.import_server()
-        from . import server  # noqa: F401  (imported by import_server)
+        # what a server loads only when it starts serving (strace of a forked one)
+        from . import fastpath, fuseloop  # noqa: F401
+        try:
+            from . import _fastpath  # noqa: F401
+        except ImportError:
+            pass
         import gc
         gc.collect()
         gc.freeze()
