@@ -307,21 +307,28 @@ def unlink(name: bytes, dir_fd: int) -> None:
     os.unlink(name, dir_fd=dir_fd)
 
 
-def copy_data(src_fd: int, dst_fd: int, size: int) -> None:
-    """Copy ``size`` bytes; copy_file_range shares extents where the fs can."""
+def copy_data(src_fd: int, dst_fd: int, size: int, ranged: bool = True) -> bool:
+    """Copy ``size`` bytes; copy_file_range shares extents where the fs can.
+    Returns False if copy_file_range was refused (the caller may pass
+    ``ranged=False`` for the same two filesystems next time: sendfile at once)."""
     copied = 0
     while copied < size:
-        try:
-            n = os.copy_file_range(src_fd, dst_fd, size - copied)
-        except OSError as e:
-            # EXDEV before Linux 5.19 across filesystems, EINVAL/ENOSYS on some
-            # filesystems (overlay, fuse): plain read/write works everywhere.
-            if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                raise
+        n = -1
+        if ranged:
+            try:
+                n = os.copy_file_range(src_fd, dst_fd, size - copied)
+            except OSError as e:
+                # EXDEV across filesystems (most of them), EINVAL/ENOSYS on some
+                # (overlay, fuse): sendfile works everywhere.
+                if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                ranged = False
+        if n < 0:
             n = os.sendfile(dst_fd, src_fd, None, min(size - copied, 1 << 30))
         if n == 0:
             break
         copied += n
+    return ranged
 
 
 def copy_file(src_dir_fd: int, src: bytes, dst_dir_fd: int, dst: bytes, size: int) -> None:

@@ -19,6 +19,11 @@ first) and times these steps, in this order, on the same mount:
 5. ``rm``: ``rm -rf`` of 3 lower subtrees (``opt``, ``run``, ``srv``);
 6. ``tar-c``: ``tar -cf - . | cat > /dev/null`` in the mount (reads every file).
 
+``--steps find append`` runs only those steps after the mount (in this order);
+``--before TREE`` adds the system "mergefs-before": the same CLI run from
+another source tree (``git worktree add TREE COMMIT``, with its C module
+built or copied in), for before/after ratios measured in the same rounds.
+
 Ratios are medians against fuse-overlayfs measured in the same run (the
 target is <= 1.0x). "STEP server-cpu" rows are the FUSE server's user+system
 CPU seconds during the step (from /proc/PID/stat): on a loaded machine they
@@ -53,6 +58,7 @@ import benchlib  # noqa: E402
 import gen_stack  # noqa: E402
 
 SYSTEMS = ("kernel-overlay", "fuse-overlayfs", "mergefs")
+BEFORE = "mergefs-before"        # with --before TREE
 STEPS = ("mount", "untar", "find", "append", "rm", "tar-c")
 RM_SUBTREES = ("opt", "run", "srv")
 N_APPEND = 2000
@@ -111,6 +117,8 @@ def pick_append_files(layers: list[str], out: str) -> None:
 
 
 class System:
+    before: str | None = None       # --before TREE: the source tree "mergefs-before" runs
+
     def __init__(self, name: str, layers: list[str], base: str, log: str):
         self.name, self.layers, self.log = name, layers, log
         self.mnt, self.upper, self.work = (os.path.join(base, n) for n in ("mnt", "up", "wk"))
@@ -128,9 +136,11 @@ class System:
             subprocess.run(["fuse-overlayfs", "-o", opts, self.mnt], check=True)
             self.pid = find_server_pid(b"fuse-overlayfs", self.mnt)
         else:
+            tree = self.before if self.name == "mergefs-before" else None
+            env = dict(os.environ, PYTHONPATH=tree) if tree else None
             subprocess.run([sys.executable, "-m", "mergefs", "mount", "--log", self.log,
                             "--upper", self.upper, "--work", self.work, *self.layers, self.mnt],
-                           check=True)
+                           check=True, cwd=tree, env=env)
             self.pid = find_server_pid(os.path.basename(sys.executable).encode(), self.mnt)
 
     def umount(self) -> None:
@@ -145,7 +155,7 @@ class System:
 
     def requests(self) -> dict:
         """mergefs: request counts since the last call (SIGUSR1, then read from its log)."""
-        if self.name != "mergefs" or not self.pid:
+        if not self.name.startswith("mergefs") or not self.pid:
             return {}
         return benchlib.server_requests(self.pid, self.log)
 
@@ -206,7 +216,7 @@ class Strace:
 
 
 def one_round(names, layers, scratch, tag, tarball, append_list, table, results,
-              strace: bool = False) -> None:
+              strace: bool = False, steps=STEPS[1:]) -> None:
     for name in names:
         s = System(name, layers, os.path.join(scratch, f"{tag}-{name}"),
                    os.path.join(scratch, f"{tag}-{name}.log"))
@@ -219,7 +229,7 @@ def one_round(names, layers, scratch, tag, tarball, append_list, table, results,
             if not strace:
                 table_row(table, "mount", name).add(time.perf_counter() - t0)
             s.requests()
-            for step in STEPS[1:]:
+            for step in steps:
                 tracer = Strace(s.pid, os.path.join(scratch, f"{tag}-{name}-{step}.strace")) \
                     if strace and s.pid else None
                 cpu0 = s.cpu()
@@ -271,6 +281,11 @@ def run(args) -> int:
     n_entries = make_tarball(tarball)
     append_list = os.path.join(args.workdir, "append.list")
     pick_append_files(layers, append_list)
+    steps = [s for s in STEPS[1:] if s in args.steps]
+    if args.before:
+        System.before = os.path.abspath(args.before)
+        if BEFORE not in args.systems:
+            args.systems.append(BEFORE)
     print(f"load average at start: {os.getloadavg()}", flush=True)
     table = benchlib.Table(f"writable union: {args.files}-file stack in 3 layers, "
                            f"{args.rounds} rounds (seconds; ratio vs fuse-overlayfs)")
@@ -278,10 +293,10 @@ def run(args) -> int:
     with benchlib.scratch_ext4(os.path.join(args.workdir, "scratch"), size="8G") as scratch:
         for r in range(args.rounds):
             one_round(args.systems, layers, scratch, f"r{r}", tarball, append_list, table,
-                      results)
+                      results, steps=steps)
         if args.strace:
             one_round([s for s in args.systems if s != "kernel-overlay"], layers, scratch,
-                      "strace", tarball, append_list, table, results, strace=True)
+                      "strace", tarball, append_list, table, results, strace=True, steps=steps)
     print(table.render())
     for key, reqs in results.get("requests", {}).items():
         if any(reqs):
@@ -305,7 +320,12 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default="/var/tmp/mergefs-bench-writable")
     ap.add_argument("--files", type=int, default=30_000)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    ap.add_argument("--systems", nargs="+", choices=SYSTEMS + (BEFORE,), default=list(SYSTEMS))
+    ap.add_argument("--before", metavar="TREE",
+                    help="also run mergefs from this source tree (an older commit's worktree, "
+                         "its C module built) as system mergefs-before, in the same rounds")
+    ap.add_argument("--steps", nargs="+", choices=STEPS[1:], default=list(STEPS[1:]),
+                    help="run only these steps (in the usual order) after the mount")
     ap.add_argument("--strace", action="store_true",
                     help="one more round with strace -c -f on the FUSE servers (counts only)")
     ap.add_argument("--json", help="also write the results here")

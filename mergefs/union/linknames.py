@@ -37,22 +37,28 @@ class LinkNames:
 
 
 def _scan(layer_fd: int) -> dict[int, tuple[bytes, ...]]:
-    seen: dict[int, tuple] = {}            # ino -> (parent, name) of its first name
+    """Every non-directory's inode number from the layer's getdents. Directories are
+    listed by path below /proc/self/fd/LAYER_FD (opendir: open, getdents, close;
+    an fd-based scandir dups and rewinds each one too, ~4 syscalls a directory
+    more); a layer never changes, so the paths name what the listing saw."""
+    seen: dict[int, bytes] = {}            # ino -> its first name
     more: dict[int, list] = {}             # ino -> its other names
-    for parent, _, de in syscalls.scan_tree_paths(layer_fd):
-        if de.is_dir(follow_symlinks=False):
-            continue                       # A4: never hardlinked
-        ino = de.inode()
-        if ino not in seen:
-            seen[ino] = (parent, de.name)
-        else:
-            more.setdefault(ino, []).append((parent, de.name))
-    return {ino: tuple(_path(p, n) for p, n in [seen[ino]] + names)
-            for ino, names in more.items()}
-
-
-def _path(parent: bytes, name: str) -> bytes:
-    return parent + b"/" + os.fsencode(name) if parent else os.fsencode(name)
+    root = b"/proc/self/fd/%d" % layer_fd
+    stack = [b""]
+    while stack:
+        parent = stack.pop()
+        prefix = parent + b"/" if parent else b""
+        with os.scandir(root + b"/" + parent if parent else root) as it:
+            for de in it:
+                if de.is_dir(follow_symlinks=False):       # A4: never hardlinked
+                    stack.append(prefix + de.name)
+                    continue
+                ino = de.inode()
+                if ino in seen:
+                    more.setdefault(ino, []).append(prefix + de.name)
+                else:
+                    seen[ino] = prefix + de.name
+    return {ino: (seen[ino], *names) for ino, names in more.items()}
 
 
 def moved_dirs(upper_fd: int, attr: str) -> list[tuple[bytes, bytes]]:

@@ -4,10 +4,14 @@ The upper is a layer like any other, written only here: whiteouts are
 character devices 0/0, an opaque directory carries ``trusted.overlay.opaque=y``
 (``user.overlay.opaque`` when not root, as overlayfs's ``userxattr``). Every
 copy-up, and every new entry that replaces a whiteout, is built in the work
-directory under a temporary name, given its data, owner, mode, xattrs and
-times there (A1 order: chown, chmod, xattrs, times), and only then renamed
-into the upper: a crash leaves at most litter in the work dir, never a
-half-copied file in the merged view. A new entry at a name that hides nothing
+directory, given its data, owner, mode, xattrs and times there (A1 order:
+chown, chmod, xattrs, times), and only then moved into the upper: a crash
+leaves at most litter in the work dir, never a half-copied file in the merged
+view. A regular file's copy is an unnamed file (O_TMPFILE, as kernel
+overlayfs makes it where it can), filled through its fd and linked into the
+upper when complete (a crash leaves nothing at all); that fd then serves the
+write that caused the copy-up. Other entries get a temporary name and are
+renamed. A new entry at a name that hides nothing
 is made in place (``make_in_place``, as kernel overlayfs does): a crash there
 leaves at most an empty entry of mode 0.
 
@@ -28,6 +32,7 @@ from .. import syscalls
 from ..attrs import set_xattrs
 from ..errors import InvalidLayer
 from ..layer import DIR, LNK, REG, Layer, content_xattrs, mark_overlay, open_layer_root
+from .linknames import moved_dirs
 
 log = logging.getLogger("mergefs.union")
 WHITEOUT_DEV = 0
@@ -51,7 +56,8 @@ class Upper:
         self.layer = Layer(upper, "overlay")
         mark_overlay(self.layer.fd)   # overlay format whatever its names, for every reader
         self.work_fd = open_layer_root(os.fsencode(work))
-        if os.fstat(self.work_fd).st_dev != os.fstat(self.layer.fd).st_dev:
+        self.dev = os.fstat(self.layer.fd).st_dev
+        if os.fstat(self.work_fd).st_dev != self.dev:
             os.close(self.work_fd)
             raise InvalidLayer("the work dir must be on the upper's filesystem")
         self._sweep_work()
@@ -59,6 +65,12 @@ class Upper:
         self.opaque_xattr = "trusted.overlay.opaque" if root else "user.overlay.opaque"
         self._names = itertools.count()
         self._dirs: OrderedDict[bytes, int] = OrderedDict()   # path -> open dir fd (LRU)
+        # What the upper's directories carry, read or set once while no directory of
+        # the upper is renamed or removed (``forget_dirs`` drops both):
+        self._numbered: set[bytes] = set()        # dirs marked ``mark_numbered``
+        self._moves: list | None = None           # ``moved_dirs()``
+        self.tmpfile = True           # O_TMPFILE in the work dir (False once refused)
+        self._no_range: set[tuple[int, int]] = set()   # (src, dst st_dev) copy_file_range refused
 
     def close(self) -> None:
         self.forget_dirs(b"")
@@ -100,7 +112,10 @@ class Upper:
         return fd
 
     def forget_dirs(self, path: bytes) -> None:
-        """Drop the cached fds of ``path`` and everything below it (b"": all)."""
+        """Drop the cached fds of ``path`` and everything below it (b"": all), and
+        what was read or set on the upper's directories (their paths change)."""
+        self._numbered.clear()
+        self._moves = None
         prefix = path + b"/"
         for p in [p for p in self._dirs if not path or p == path or p.startswith(prefix)]:
             os.close(self._dirs.pop(p))
@@ -117,9 +132,12 @@ class Upper:
         return st is not None and syscalls.is_whiteout_stat(st)
 
     def set_meta(self, name: bytes, st, xattrs: dict[str, bytes] | None = None,
-                 times: bool = True) -> None:
-        """Owner, mode, xattrs, times on a staged entry in the work dir (A1 order)."""
-        fd = self.work_fd
+                 times: bool = True, fd: int = -1, number: int | None = None) -> None:
+        """Owner, mode, xattrs (and the inode ``number`` to keep, U8), times on a
+        staged entry in the work dir (A1 order); ``fd``: on the open file instead
+        (``name`` b"")."""
+        if fd < 0:
+            fd = self.work_fd
         syscalls.lchown(name, st.st_uid, st.st_gid, fd)
         if not stat.S_ISLNK(st.st_mode):
             syscalls.chmod(name, stat.S_IMODE(st.st_mode), fd)
@@ -127,11 +145,15 @@ class Upper:
         set_xattrs(fd, name, xattrs or {}, warnings)   # A3: refused ones reported, ENOSPC raised
         for w in warnings:
             log.warning("copy-up: %s", w)
+        if number is not None:
+            self.record_number(name, number, fd)
         if times:
             syscalls.utime_ns(name, st.st_atime_ns, st.st_mtime_ns, fd)
 
-    def publish(self, tmp: bytes, path: bytes, keep_parent_times: bool = False) -> os.stat_result:
-        """Move a staged entry to ``path`` in the upper (over a whiteout if one is there).
+    def publish(self, tmp: bytes | None, path: bytes, keep_parent_times: bool = False,
+                fd: int = -1) -> os.stat_result:
+        """Move a staged entry to ``path`` in the upper (over a whiteout if one is there);
+        ``tmp`` None: link the unnamed file open as ``fd`` there (``stage_file``).
 
         A copy-up is not a change of the parent: ``keep_parent_times`` restores
         its times afterwards, as kernel overlayfs does (ovl_set_timestamps).
@@ -140,34 +162,46 @@ class Upper:
         try:
             pfd = self.borrow_dir(parent)
         except BaseException:
-            self.discard(tmp)
+            if tmp is not None:
+                self.discard(tmp)
             raise
         if keep_parent_times:
             pst = os.fstat(pfd)
             try:
-                return self._place(tmp, path, pfd)
+                return self._place(tmp, path, pfd, fd)
             finally:
                 os.utime(pfd, ns=(pst.st_atime_ns, pst.st_mtime_ns))
-        return self._place(tmp, path, pfd)
+        return self._place(tmp, path, pfd, fd)
 
-    def _place(self, tmp: bytes, path: bytes, pfd: int) -> os.stat_result:
+    def _place(self, tmp: bytes | None, path: bytes, pfd: int, fd: int = -1) -> os.stat_result:
         name = path.rpartition(b"/")[2]
+        if tmp is None:
+            try:         # the name is free (what a copy-up finds): linked in at once
+                os.link(b"/proc/self/fd/%d" % fd, name, dst_dir_fd=pfd, follow_symlinks=True)
+                return os.fstat(fd)
+            except FileExistsError:     # a whiteout there: named in the work dir, renamed
+                tmp = self.tmp_name()
+                os.link(b"/proc/self/fd/%d" % fd, tmp, dst_dir_fd=self.work_fd,
+                        follow_symlinks=True)
         try:
             self._rename_into(tmp, path, pfd)
         except BaseException:
             self.discard(tmp)          # the view is unchanged: drop the staged entry
             raise
-        return syscalls.lstat(name, pfd)
+        return os.fstat(fd) if fd >= 0 else syscalls.lstat(name, pfd)
 
     def _rename_into(self, tmp: bytes, path: bytes, pfd: int) -> None:
         name = path.rpartition(b"/")[2]
-        old = _lstat_or_none(name, pfd)
-        if old is not None and stat.S_ISDIR(old.st_mode):
+        try:            # nothing there, mostly: no lstat of either name first
+            syscalls.renameat2(self.work_fd, tmp, pfd, name, syscalls.RENAME_NOREPLACE)
+            return
+        except FileExistsError:
+            pass
+        old = syscalls.lstat(name, pfd)
+        if stat.S_ISDIR(old.st_mode):
             self.forget_dirs(path)
         is_dir = stat.S_ISDIR(syscalls.lstat(tmp, self.work_fd).st_mode)
-        if old is None:
-            syscalls.renameat2(self.work_fd, tmp, pfd, name, syscalls.RENAME_NOREPLACE)
-        elif is_dir:
+        if is_dir:
             # a dir cannot be renamed over a char device: swap, then drop it
             syscalls.renameat2(self.work_fd, tmp, pfd, name, syscalls.RENAME_EXCHANGE)
             _remove(tmp, self.work_fd)
@@ -198,6 +232,79 @@ class Upper:
         finally:
             os.close(sfd)
         return tmp
+
+    def stage_file(self, src_root_fd: int, path: bytes, number: int | None,
+                   with_data: bool = True) -> tuple[os.stat_result, bytes | None, int]:
+        """Stage a copy of the lower regular file ``path`` (its data unless not
+        ``with_data``, owner, mode, xattrs, times; ``number`` recorded, U8), all
+        through fds: (the lower file's lstat, the copy's name in the work dir or
+        None for an unnamed O_TMPFILE one, an O_RDWR fd on the copy). ``publish``
+        links it into the upper; the caller closes the fd. A failure (ENOSPC ...)
+        leaves nothing: an unnamed file vanishes with its fd."""
+        sfd = syscalls.open_beneath(src_root_fd, path, syscalls.O_READ)
+        try:
+            st = os.fstat(sfd)
+            if not stat.S_ISREG(st.st_mode):        # the layer changed under us
+                raise OSError(errno.ESTALE, os.strerror(errno.ESTALE), path)
+            tmp, fd = self._new_file()
+            try:
+                if with_data and st.st_size:
+                    self._copy_data(sfd, fd, st)
+                self.set_meta(b"", st, content_xattrs(sfd, b""), fd=fd, number=number)
+            except BaseException:
+                os.close(fd)
+                if tmp is not None:
+                    self.discard(tmp)
+                raise
+        finally:
+            os.close(sfd)
+        return st, tmp, fd
+
+    def stage_dir(self, src_root_fd: int, path: bytes,
+                  number: int) -> tuple[os.stat_result, bytes]:
+        """Stage a copy of the lower directory ``path`` (no children; owner, mode,
+        xattrs, times, ``number`` recorded): (its lstat, the copy's name in the
+        work dir). Read through one fd on the lower dir itself."""
+        sfd = syscalls.open_beneath(src_root_fd, path)
+        try:
+            st = os.fstat(sfd)
+            tmp = self.tmp_name()
+            syscalls.mkdir(tmp, self.work_fd, 0o700)
+            try:
+                self.set_meta(tmp, st, content_xattrs(sfd, b""), number=number)
+            except BaseException:
+                self.discard(tmp)
+                raise
+        finally:
+            os.close(sfd)
+        return st, tmp
+
+    def _new_file(self) -> tuple[bytes | None, int]:
+        """(None, fd) of an unnamed file in the work dir, or (its name, fd) where the
+        filesystem has no O_TMPFILE."""
+        if self.tmpfile:
+            try:
+                return None, os.open(b".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600,
+                                     dir_fd=self.work_fd)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise
+                self.tmpfile = False
+        tmp = self.tmp_name()
+        return tmp, os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                            0o600, dir_fd=self.work_fd)
+
+    def _copy_data(self, sfd: int, fd: int, st: os.stat_result) -> None:
+        """copy_file_range where the two filesystems take it (remembered when not)."""
+        key = (st.st_dev, self.dev)
+        if not syscalls.copy_data(sfd, fd, st.st_size, key not in self._no_range):
+            self._no_range.add(key)
+
+    def moved_dirs(self) -> list[tuple[bytes, bytes]]:
+        """``linknames.moved_dirs`` of the upper, read once until a dir of it moves."""
+        if self._moves is None:
+            self._moves = moved_dirs(self.layer.fd, self.opaque_xattr.replace("opaque", "redirect"))
+        return self._moves
 
     def discard(self, tmp: bytes) -> None:
         try:
@@ -300,33 +407,31 @@ class Upper:
         parent, _, name = path.rpartition(b"/")
         syscalls.setxattr(self.borrow_dir(parent), name, self.opaque_xattr, b"y")
 
-    def record_number(self, tmp: bytes, number: int) -> None:
-        """A staged copy keeps its origin's inode number (U8, union/inodes.py)."""
+    def record_number(self, tmp: bytes, number: int, fd: int = -1) -> None:
+        """A staged copy keeps its origin's inode number (U8, union/inodes.py);
+        ``fd``: the copy's own (``tmp`` b"")."""
         attr = self.opaque_xattr.replace("opaque", "mergefs-ino")
         try:
-            syscalls.setxattr(self.work_fd, tmp, attr, b"%d" % number)
+            syscalls.setxattr(self.work_fd if fd < 0 else fd, tmp, attr, b"%d" % number)
         except OSError as e:    # no (user) xattrs here: the number holds for this mount only
             if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
                 raise
 
     def mark_numbered(self, path: bytes) -> None:
-        """The upper dir at ``path`` holds entries that record their number."""
+        """The upper dir at ``path`` holds entries that record their number (set once)."""
+        if path in self._numbered:
+            return
         parent, _, name = path.rpartition(b"/")
         fd = self.borrow_dir(parent) if path else self.layer.fd
         syscalls.setxattr(fd, name, self.opaque_xattr.replace("opaque", "mergefs-inos"), b"y")
+        self._numbered.add(path)
 
     def set_redirect(self, path: bytes, value: bytes) -> None:
         """Mark the upper dir at ``path`` as served below by ``value`` (R1)."""
         parent, _, name = path.rpartition(b"/")
         attr = self.opaque_xattr.replace("opaque", "redirect")
+        self._moves = None
         syscalls.setxattr(self.borrow_dir(parent), name, attr, value)
-
-
-def _lstat_or_none(name: bytes, dir_fd: int) -> os.stat_result | None:
-    try:
-        return syscalls.lstat(name, dir_fd)
-    except FileNotFoundError:
-        return None
 
 
 def _remove(name: bytes, dir_fd: int) -> None:

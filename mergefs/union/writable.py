@@ -34,7 +34,7 @@ from ..errors import AlreadyExists, NotFound
 from ..layer import DIR, LNK, REG, Layer, is_overlay_private
 from ..resolver import Node, join, merge_listing
 from .inodes import Inode
-from .linknames import LinkNames, moved_dirs, moved_path
+from .linknames import LinkNames, moved_path
 from .upper import Upper
 from .view import UnionView
 
@@ -132,19 +132,49 @@ class WritableView(UnionView):
 
     def ensure_upper(self, inode: Inode, with_data: bool = True) -> None:
         """Copy ``inode`` (and its parents) up unless the upper already supplies it."""
+        fd = self._copy_up(inode, with_data)
+        if fd >= 0:
+            os.close(fd)
+
+    def _copy_up(self, inode: Inode, with_data: bool = True) -> int:
+        """``ensure_upper``; returns an O_RDWR fd on the copy of a regular file made
+        now (the caller closes it), else -1."""
         if inode.node.top == self.up:
-            return
+            return -1
+        parent_copied = inode.parent.node.top != self.up
         self.ensure_upper(inode.parent)
         node, path = inode.node, inode.path
         src = self.layer_path(inode, node.top)
-        st = self.resolver.lstat_in(node.top, src)
-        tmp = self.upper.copy_of(self.layers[node.top].fd, src, st, with_data)
+        fd = -1
+        root_fd = self.layers[node.top].fd
+        if node.kind == REG:        # through fds; an unnamed file linked in when complete
+            st, tmp, fd = self.upper.stage_file(root_fd, src, inode.number, with_data)
+        elif node.kind == DIR:
+            st, tmp = self.upper.stage_dir(root_fd, src, inode.number)
+        else:
+            st = self.resolver.lstat_in(node.top, src)
+            tmp = self.upper.copy_of(root_fd, src, st, with_data)
+            try:
+                self.upper.record_number(tmp, inode.number)    # U8: it keeps its st_ino
+            except BaseException:
+                self.upper.discard(tmp)
+                raise
         try:
-            self.upper.record_number(tmp, inode.number)    # U8: it keeps its st_ino
+            new = self.upper.publish(tmp, path, keep_parent_times=True, fd=fd)
+            self._copied_up(inode, node, new, st, parent_copied)
         except BaseException:
-            self.upper.discard(tmp)
+            if fd >= 0:
+                os.close(fd)
             raise
-        new = self.upper.publish(tmp, path, keep_parent_times=True)
+        return fd
+
+    def _copied_up(self, inode: Inode, node: Node, new: os.stat_result,
+                   st: os.stat_result, parent_copied: bool = False) -> None:
+        """The view after ``inode``'s lower entry ``node`` (lstat ``st``) was copied to
+        the upper (lstat ``new``): the inode keeps its number, its other names
+        become links to the copy. ``parent_copied``: the parent was copied up in
+        this same request, its cached attributes already dropped (the kernel
+        cannot have asked for them since: one handler at a time)."""
         self.inodes.fresh(self.up, new.st_ino)
         if node.kind == DIR:      # stays merged with its lower layers
             new_node = Node(DIR, (self.up,) + node.layers, (new.st_ino,) + node.inos)
@@ -156,8 +186,9 @@ class WritableView(UnionView):
             inode.sources = (self.up,) + inode.sources
         inode.attr = new
         self._set_child(inode.parent, inode.name, new_node)
-        self.attrs_changed(inode.parent.number)     # its ctime: the copy was renamed into it
-        self.attrs_changed(inode.number)            # now the copy's ctime (and inode)
+        if not parent_copied:
+            self.attrs_changed(inode.parent.number)     # its ctime: the copy was linked into it
+        self.attrs_changed(inode.number)                # now the copy's ctime (and inode)
         for parent, name in inode.others or ():
             self._link_known_name(inode, parent, name)
         if node.kind != DIR and st.st_nlink > 1:
@@ -177,7 +208,6 @@ class WritableView(UnionView):
         become links to the copy too, wherever the merged view still shows that
         lower file (not where a later layer replaced or deleted the name: H2, H3)."""
         layer, ino = lower.top, lower.inos[0]
-        moves = None
 
         def shows_it(found) -> bool:
             return found is not None and found[2].top == layer and found[2].inos[0] == ino
@@ -185,10 +215,7 @@ class WritableView(UnionView):
         for path in self.links.names(layer, self.layers[layer].fd, ino):
             found = self._find(path)
             if not shows_it(found):             # below a renamed directory (R1)?
-                if moves is None:
-                    moves = moved_dirs(self.upper.layer.fd,
-                                       self.upper.opaque_xattr.replace("opaque", "redirect"))
-                moved = moved_path(path, moves)
+                moved = moved_path(path, self.upper.moved_dirs())
                 found = moved and self._find(moved)
             if shows_it(found):
                 self._link_known_name(inode, found[0], found[1])
@@ -308,10 +335,14 @@ class WritableView(UnionView):
     def open_for_write(self, inode: Inode, flags: int) -> int:
         if inode.is_dir:
             raise _err(errno.EISDIR)
-        self.ensure_upper(inode, with_data=not flags & os.O_TRUNC)
+        fd = self._copy_up(inode, with_data=not flags & os.O_TRUNC)
         # never O_APPEND: the kernel sends the offset, pwrite must honour it
         keep = flags & (os.O_ACCMODE | os.O_TRUNC | os.O_SYNC | os.O_DSYNC)
         inode.attr = None
+        if fd >= 0:
+            if not keep & os.O_DSYNC:    # the copy's own fd (O_RDWR, empty if O_TRUNC)
+                return fd
+            os.close(fd)                 # O_SYNC/O_DSYNC: only open(2) sets them
         return syscalls.open_beneath(self.upper.layer.fd, inode.path,
                                      keep | os.O_NOFOLLOW | os.O_CLOEXEC)
 
@@ -320,13 +351,10 @@ class WritableView(UnionView):
         no-open mount's writes to a lower file unlinked while held open go there
         (a real-open mount copied it up at the open, before the unlink)."""
         top = inode.node.top
-        src = self.layer_path(inode, top)
-        tmp = self.upper.copy_of(self.layers[top].fd, src, self.resolver.lstat_in(top, src))
-        try:
-            return syscalls.open_beneath(self.upper.work_fd, tmp,
-                                         os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-        finally:
+        _, tmp, fd = self.upper.stage_file(self.layers[top].fd, self.layer_path(inode, top), None)
+        if tmp is not None:
             self.upper.discard(tmp)
+        return fd
 
     # A file unlinked (or renamed over) while held open has no name left: the ops
     # pass ``held``, an fd on it (the upper file it was, or a detached copy of a

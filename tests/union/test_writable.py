@@ -389,8 +389,8 @@ async def test_failed_copy_up_leaves_nothing(tmp_path, rw, monkeypatch):
     f = await drv.lookup("d/f")
     real = syscalls.copy_data
 
-    def full_disk(src, dst, size):
-        real(src, dst, size // 2)
+    def full_disk(src, dst, size, *args):
+        real(src, dst, size // 2, *args)
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(syscalls, "copy_data", full_disk)
     with pytest.raises(FUSEError) as e:
@@ -662,3 +662,39 @@ def test_linknames_maps_layer_paths_through_the_uppers_redirects(tmp_path):
                                               b"plain/3", b"dd/4")}
     assert got == {b"d/b": b"e/b", b"d/x/c": b"e/y/c", b"d/xx": b"e/xx", b"g/1": b"f/1",
                    b"j/k/2": b"h/i/2", b"plain/3": None, b"dd/4": None}
+
+
+async def test_copy_up_without_o_tmpfile_stages_a_named_file(tmp_path, rw):
+    """Where the work dir's filesystem has no O_TMPFILE, a regular file's copy is a
+    named file in the work dir, renamed into the upper: the same result."""
+    drv = rw([LayerSpec().file("d/f", b"lower", mode=0o640, uid=7, gid=8,
+                               xattrs={"user.k": b"v"})])
+    drv.ops.view.upper.tmpfile = False
+    f = await drv.lookup("d/f")
+    fi = await drv.ops.open(f, os.O_WRONLY, drv.ctx)
+    await drv.ops.write(fi.fh, 5, b"+")
+    await drv.ops.release(fi.fh)
+    st = os.lstat(tmp_path / "upper/d/f")
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 7, 8)
+    assert os.getxattr(tmp_path / "upper/d/f", "user.k") == b"v"
+    assert (tmp_path / "upper/d/f").read_bytes() == b"lower+"
+    assert os.listdir(tmp_path / "work") == []
+    await drv.finish()
+
+
+async def test_copy_up_over_an_entry_the_upper_already_has(tmp_path, rw):
+    """The copy of a lower file is linked in where its name is free; if the upper
+    holds something there the view does not show (a whiteout made behind the
+    server's back), the copy is named in the work dir and renamed over it."""
+    drv = rw([LayerSpec().file("d/f", b"lower").file("d/g", b"g")])
+    f = await drv.lookup("d/f")
+    g = await drv.lookup("d/g")
+    fi = await drv.ops.open(g, os.O_WRONLY, drv.ctx)        # d is in the upper now
+    await drv.ops.release(fi.fh)
+    os.mknod(tmp_path / "upper/d/f", stat.S_IFCHR | 0o600, os.makedev(0, 0))
+    fi = await drv.ops.open(f, os.O_WRONLY, drv.ctx)
+    await drv.ops.write(fi.fh, 5, b"+")
+    await drv.ops.release(fi.fh)
+    assert (tmp_path / "upper/d/f").read_bytes() == b"lower+"
+    assert os.listdir(tmp_path / "work") == []
+    await drv.finish()
