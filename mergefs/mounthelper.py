@@ -106,7 +106,8 @@ def target_and_options(argv: list[str]) -> tuple[str, list[str]]:
 
 
 # -- through a running mount service (service=SOCK) --------------------------------------
-def service_request(argv: list[str]) -> tuple[str, dict] | None:
+def service_request(argv: list[str], cwd: str | None = None,
+                    mntns: str | None = None) -> tuple[str, dict] | None:
     """(socket, ``mount`` request) for an argv with ``service``/``service=SOCK``, else
     None. The options are checked here as for a mount of its own (unknown and
     refused ones by name); the service refuses what it cannot do. The layer
@@ -118,11 +119,23 @@ def service_request(argv: list[str]) -> tuple[str, dict] | None:
         return None
     squash = {f: int(extra[i + 1]) for i, f in enumerate(extra)
               if f in ("--squash-uid", "--squash-gid")}
-    return sock, {"op": "mount", "layers": layer_opts, "cwd": os.getcwd(),
+    return sock, {"op": "mount", "layers": layer_opts, "cwd": cwd or os.getcwd(),
                   "volatile": "--volatile" in extra, "private": "--private" in extra,
                   "squash_uid": squash.get("--squash-uid"),
                   "squash_gid": squash.get("--squash-gid"), "options": fuse,
-                  "target": os.path.abspath(target), "mntns": os.readlink("/proc/self/ns/mnt")}
+                  "target": os.path.join(cwd or os.getcwd(), target),
+                  "mntns": mntns or os.readlink("/proc/self/ns/mnt")}
+
+
+def argv_request(req: dict) -> dict:
+    """The ``mount`` request of a ``mount-argv`` one (the C mount program,
+    mountclient.c: the raw argv, working directory and mount namespace, each
+    hex-encoded bytes), checked as ``service_request`` checks its own argv."""
+    text = (lambda h: os.fsdecode(bytes.fromhex(h)))
+    got = service_request([text(a) for a in req["argv"]], text(req["cwd"]), text(req["mntns"]))
+    if got is None:
+        raise _usage("the mount command names no service= option")
+    return got[1]
 
 
 def through_service(argv: list[str]) -> int | None:
@@ -187,8 +200,22 @@ def program_script() -> str:
 
 
 def install_program(directory: str) -> str:
-    """Write DIR/mergefs-overlayfs; return its path."""
-    return write_script(os.path.join(directory, PROGRAM_NAME), program_script())
+    """Write DIR/mergefs-overlayfs; return its path. With a C compiler (``cc``) it is
+    mountclient.c compiled, with the Python program as DIR/mergefs-overlayfs.py
+    for everything but a call through a service; without, the Python program."""
+    import shutil
+    import subprocess
+    path = os.path.join(directory, PROGRAM_NAME)
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mountclient.c")
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None or not os.path.exists(source):
+        return write_script(path, program_script())
+    python = write_script(path + ".py", program_script())
+    tmp = path + ".tmp"
+    subprocess.run([cc, "-O2", "-Wall", f"-DFALLBACK={python!r}".replace("'", '"'), "-o", tmp,
+                    source], check=True, capture_output=True)
+    os.rename(tmp, path)
+    return path
 
 
 def write_script(path: str, text: str) -> str:

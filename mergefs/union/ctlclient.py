@@ -56,10 +56,20 @@ def error_reply(exc: BaseException) -> dict:
     kinds = ((UsageError, "usage"), (NotFound, "not_found"), (AlreadyExists, "exists"),
              (FailedPrecondition, "busy"), (MountError, "mount"), (ValueError, "invalid"),
              (TypeError, "invalid"))
+    from ..errors import categorize
     kind = next((k for cls, k in kinds if isinstance(exc, cls)), "error")
     if isinstance(exc, KeyError):
         kind, exc = "invalid", ValueError(f"missing field {exc}")
-    return {"ok": False, "kind": kind, "error": str(exc)}
+    # "exit": the CLI's exit code for it (the C mount program exits with it)
+    return {"ok": False, "kind": kind, "error": str(exc), "exit": int(categorize(exc).exit_code)}
+
+
+def mount_request(req: dict) -> dict:
+    """A ``mount`` request as it is, or the one a ``mount-argv`` request stands for."""
+    if isinstance(req, dict) and req.get("op") == "mount-argv":
+        from ..mounthelper import argv_request
+        return argv_request(req)
+    return req
 
 
 def control_call(path: str, req: dict, timeout: float = 30.0) -> dict:
@@ -101,9 +111,13 @@ def mount_spec(req: dict, allow_other: bool = False):
     relative to the caller's directory ``cwd``, the lowerdir paths themselves
     resolved (containers/storage's ``overlay/l/`` symlinks); FUSE ``options``,
     ``volatile`` (writable only: nothing to sync otherwise), ``squash_uid``/
-    ``squash_gid``. InvalidArgument if malformed."""
+    ``squash_gid``. UsageError if malformed."""
+    from ..errors import InvalidArgument, UsageError
     from ..mountspec import MountSpec, from_options
-    spec = from_options(list(req["layers"]))
+    try:
+        spec = from_options(list(req["layers"]))
+    except InvalidArgument as exc:          # as a mount of its own (cmd_mount_helper)
+        raise UsageError(str(exc)) from None
     cwd = req.get("cwd", "/")
     at = (lambda p: p and os.path.normpath(os.path.join(cwd, p)))
     return MountSpec(tuple(os.path.realpath(at(p)) for p in spec.lowers), at(spec.upper),

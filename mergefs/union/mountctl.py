@@ -50,9 +50,11 @@ import trio
 
 from .. import syscalls
 from .. import mounttable
-from ..errors import FailedPrecondition, InvalidArgument, MergefsError, MountError, NotFound
+from ..errors import (FailedPrecondition, InvalidArgument, MergefsError, MountError, NotFound,
+                      UsageError)
 from ..mountspec import MountSpec
-from .ctlclient import control_call, error_reply, mount_spec  # noqa: F401  (control_call: re-exported)
+from .ctlclient import (control_call, error_reply, mount_request,  # noqa: F401 (control_call:
+                        mount_spec)                                 # re-exported)
 from .views import ViewFS
 
 log = logging.getLogger("mergefs.union")
@@ -77,7 +79,7 @@ def bind_flags(options) -> int:
             flags &= ~BIND_CLEARS[opt]
         else:
             raise InvalidArgument(f"mount option {opt!r} cannot be set on a bind of a view "
-                                  "(views=); drop views= for this mount")
+                                  "(a views service); drop service= for this mount")
     return flags
 
 
@@ -227,9 +229,8 @@ class AutoViews:
         """Add a view for ``req["spec"]`` and bind it at ``req["target"]``."""
         own = os.readlink("/proc/self/ns/mnt")
         if req.get("mntns", own) != own:
-            return {"ok": False, "kind": "mount", "error":
-                    f"the views service runs in mount namespace {own}, this mount in "
-                    f"{req['mntns']}: start the service where the mounts are made"}
+            raise MountError(f"the views service runs in mount namespace {own}, this mount "
+                             f"in {req['mntns']}: start the service where the mounts are made")
         try:
             flags = bind_flags(req.get("options", ()))
             if req.get("private") or req.get("squash_uid") is not None \
@@ -239,7 +240,7 @@ class AutoViews:
                                       "view alike); use `mergefs mount-server` for them")
             spec = mount_spec(req)
         except InvalidArgument as exc:
-            return {"ok": False, "kind": "usage", "error": str(exc)}
+            raise UsageError(str(exc)) from None
         if spec.upper is None:       # as a read-only mount of its own: EROFS from the kernel
             flags |= syscalls.MS_RDONLY
         target = os.path.abspath(req["target"])
@@ -247,9 +248,9 @@ class AutoViews:
         path = self.fs.add_view(name, spec)
         try:       # in a thread: the kernel's lookup of the view is served by this loop
             await trio.to_thread.run_sync(bind_with_flags, path, target, flags)
-        except MountError as exc:
+        except MountError:
             self.fs.remove_view(name, force=True)
-            return {"ok": False, "kind": "mount", "error": str(exc)}
+            raise
         self.names.add(name)
         log.info("view %s bound at %s", name, target)
         return {"ok": True, "name": name, "path": path}
@@ -348,7 +349,8 @@ async def _client(fs: ViewFS, stream, auto: AutoViews) -> None:
                     except ValueError as exc:
                         reply = {"ok": False, "kind": "invalid", "error": f"bad request: {exc}"}
                     else:
-                        reply = await _mount(auto, req) if req.get("op") == "mount" \
+                        reply = await _mount(auto, req) \
+                            if req.get("op") in ("mount", "mount-argv") \
                             else handle_request(fs, req)
                     await stream.send_all(json.dumps(reply).encode() + b"\n")
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -357,7 +359,7 @@ async def _client(fs: ViewFS, stream, auto: AutoViews) -> None:
 
 async def _mount(auto: AutoViews, req: dict) -> dict:
     try:
-        return await auto.mount(req)
+        return await auto.mount(mount_request(req))
     except (MergefsError, ValueError, TypeError, KeyError, OSError) as exc:
         return error_reply(exc)
 

@@ -29,7 +29,7 @@ import signal
 import socket
 
 from ..errors import MountError
-from .ctlclient import error_reply, mount_spec
+from .ctlclient import error_reply, mount_request, mount_spec
 
 log = logging.getLogger("mergefs.union")
 MAX_REQUEST = 1 << 20
@@ -117,6 +117,7 @@ class MountServer:
 
     def mount(self, req: dict) -> dict:
         from . import server
+        req = mount_request(req)
         if not isinstance(req, dict) or req.get("op") != "mount":
             raise ValueError("this mount server takes mount requests only")
         if req.get("mntns", self.mntns) != self.mntns:

@@ -32,11 +32,14 @@ def mergefs(*args, cwd=None, program=None) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def lean(tmp_path_factory) -> str:
-    """The mount program ``mergefs views install-program`` writes (python -IS)."""
+    """The mount program ``mergefs views install-program`` writes: mountclient.c
+    compiled, python -IS for the rest."""
     where = tmp_path_factory.mktemp("bin")
     r = mergefs("views", "install-program", "--dir", where)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == program(where)
+    with open(r.stdout.strip(), "rb") as f:
+        assert f.read(4) == b"\x7fELF"              # cc is there: the C program
     return r.stdout.strip()
 
 
@@ -188,12 +191,15 @@ def test_relative_layer_paths_are_the_callers(service, layers, tmp_path):
     ("private", {"views"}, "not supported by a views service"),
     ("sync", {"views"}, "cannot be set on a bind of a view"),
 ])
-def test_options_are_refused_by_name(service, layers, tmp_path, option, kinds, words):
-    """Refused as for a mount of its own; a views service also refuses what only a
+@pytest.mark.parametrize("entry", ["script", "lean"])
+def test_options_are_refused_by_name(service, layers, tmp_path, option, kinds, words, entry,
+                                     lean):
+    """Refused as for a mount of its own, also by the C mount program (whose
+    options the service checks); a views service also refuses what only a
     server of its own can do, which the mount server does."""
     t = target(service, tmp_path, "t")
     r = mergefs("-o", writable_opts(tmp_path, layers, "r") + f",{option},service={service.control}",
-                t)
+                t, program=lean if entry == "lean" else None)
     if service.kind in kinds:
         assert r.returncode == 2 and words in r.stderr and r.stderr.count("\n") == 1, r.stderr
         assert not mounts.is_mounted(t) and service.left() == []
@@ -205,10 +211,12 @@ def test_options_are_refused_by_name(service, layers, tmp_path, option, kinds, w
         assert service.wait_empty() == []
 
 
-def test_a_service_that_does_not_answer_is_an_error(layers, tmp_path):
+@pytest.mark.parametrize("entry", ["script", "lean"])
+def test_a_service_that_does_not_answer_is_an_error(layers, tmp_path, entry, lean):
     t = tmp_path / "t"
     t.mkdir()
-    r = mergefs("-o", writable_opts(tmp_path, layers, "n") + f",service={tmp_path}/none.sock", t)
+    r = mergefs("-o", writable_opts(tmp_path, layers, "n") + f",service={tmp_path}/none.sock", t,
+                program=lean if entry == "lean" else None)
     assert r.returncode == 1 and "does not answer" in r.stderr and r.stderr.count("\n") == 1
     assert not mounts.is_mounted(t)
 
@@ -224,8 +232,8 @@ def test_a_failed_mount_leaves_nothing(service, layers, tmp_path):
 
 
 def test_the_lean_program_without_views_mounts_on_its_own(layers, tmp_path, lean):
-    """Without service= the lean program loads site and runs the whole CLI: a server of
-    its own, as the console script."""
+    """Without service= the C program execs the Python one, which loads site and runs
+    the whole CLI: a server of its own, as the console script."""
     t = tmp_path / "own"
     t.mkdir()
     r = mergefs("-o", writable_opts(tmp_path, layers, "o"), t, program=lean)
