@@ -35,7 +35,6 @@ from typing import Callable
 
 from mergefs import syscalls
 from mergefs.errors import AlreadyExists, FailedPrecondition, NotFound
-from mergefs.explicit import NotRewritable, make_explicit  # noqa: F401 (callers catch it)
 from mergefs.layer import mark_overlay_path
 
 from . import meta
@@ -55,9 +54,20 @@ class NotMovable(Exception):
     """The upper cannot be moved now (the caller copies it instead); says why."""
 
 
+def __getattr__(name: str):
+    """``NotRewritable`` (callers catch it) from ``mergefs.explicit``, loaded on first use:
+    every store open imports this module (``undo_interrupted``), few commit."""
+    if name == "NotRewritable":
+        from mergefs.explicit import NotRewritable
+        return NotRewritable
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def commit_by_move(store: Store, active: Row, flat: list[str], key: str, name: str,
                    holder: str, naming: Naming, drop_key: DropKey) -> None:
     """Commit active snapshot ``active`` (key ``key``, over layers ``flat``) as ``name``."""
+    from mergefs.explicit import make_explicit
+
     from .service import commit_description, merge_row, store_layers
     upper = store.dir_of(active.id) / "upper"
     make_explicit(upper, store_layers(store, flat))

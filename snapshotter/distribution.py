@@ -10,6 +10,9 @@ exponential backoff (``--retry-times``) and progress bars on a terminal.
 What this module adds: parsing ``REGISTRY/REPO[:TAG|@DIGEST]``, the TLS rule
 (plain HTTP only with ``insecure`` or for a loopback registry), and one clear
 line for every skopeo failure (``RegistryError``).
+
+Light on purpose (no ``dataclasses``: its import costs ~10 ms of CPU): ``mergefs
+pull`` starts skopeo from its argv with this module alone (``cmd_registry``).
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 from mergefs.errors import MergefsError
 
@@ -32,8 +35,7 @@ class RegistryError(MergefsError):
     """A registry operation failed (unreachable, refused, digest mismatch...)."""
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(NamedTuple):
     """``registry/repo:tag`` or ``registry/repo@sha256:...``."""
     registry: str            # host[:port]
     repo: str
@@ -48,7 +50,11 @@ class Target:
         return f"docker://{self}"
 
     def pinned(self, digest: str) -> "Target":
-        return replace(self, digest=digest)
+        return self._replace(digest=digest)
+
+    def default_name(self) -> str:
+        """The name a pull records the image under without ``--name``: REPO's last part:TAG."""
+        return self.repo.rsplit("/", 1)[-1] + (f":{self.tag}" if self.tag else "")
 
     @property
     def host(self) -> str:
@@ -89,8 +95,7 @@ def parse_target(text: str) -> Target:
     return Target(reg, rest, tag, digest)
 
 
-@dataclass
-class Skopeo:
+class Skopeo(NamedTuple):
     """How to talk to registries: TLS, credentials, retries, progress."""
     insecure: bool = False            # allow plain HTTP / unverified TLS for any registry
     authfile: str | None = None
@@ -98,7 +103,7 @@ class Skopeo:
     token: str | None = None          # a bearer token
     retries: int = 3                  # skopeo backs off 1 s, 2 s, 4 s...
     progress: bool = False            # skopeo draws its bars on our stderr (a terminal)
-    extra_env: dict = field(default_factory=dict)
+    extra_env: dict | None = None     # added to skopeo's environment
 
     def _remote(self, target: Target, side: str) -> list[str]:
         """Flags for one remote end; ``side`` is "" (inspect), "src-" or "dest-"."""
@@ -133,7 +138,7 @@ class Skopeo:
         try:
             return subprocess.Popen(argv, stdout=out, stderr=subprocess.PIPE,
                                     stdin=subprocess.DEVNULL,
-                                    env={**os.environ, **self.extra_env})
+                                    env={**os.environ, **(self.extra_env or {})})
         except FileNotFoundError:
             raise RegistryError("skopeo is not installed (apt-get install skopeo)") from None
 

@@ -37,13 +37,17 @@ MAX_SEED = 256           # blobs hardlinked into the layout (each a link and an 
 POLL_S = 0.05
 
 
-def start(root: str | os.PathLike | None, client, target, unpack: bool = False):
+def start(root: str | os.PathLike | None, client, target, unpack: bool = False,
+          name: str | None = None):
     """The copy of ``target`` into the store at ``root`` (``--root``), started now, or
-    None when the store cannot say which layers it has without the plan."""
+    None when the store cannot say which layers it has without the plan, or when
+    ``name`` (the name the pull records) already names an image whose layers are all
+    in the store: most likely nothing to fetch, so no copy to start and kill (if the
+    tag moved, the pull starts one once its plan says what is missing)."""
     if unpack or os.environ.get("MERGEFS_PULL_JOBS"):
         return None
     root = Path(default_root(os.fspath(root) if root else None)).absolute()
-    names = seeds(root)
+    names = seeds(root, name)
     if names is None or len(names) > MAX_SEED:
         return None
     try:
@@ -52,9 +56,10 @@ def start(root: str | os.PathLike | None, client, target, unpack: bool = False):
         return None             # not a usable root: the store says why when it opens
 
 
-def seeds(root: Path) -> list[str] | None:
+def seeds(root: Path, name: str | None = None) -> list[str] | None:
     """The blob names (hex) a copy into this store starts with, or None when a layer
-    has no blob (or the database cannot be read)."""
+    has no blob (or the database cannot be read), or when ``name`` names an image whose
+    layers are all there."""
     db = root / "meta.db"
     if not db.exists():             # a new store; a lost meta.db is rebuilt at open
         try:
@@ -69,6 +74,8 @@ def seeds(root: Path) -> list[str] | None:
     try:
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
         try:
+            if name and meta.image_present(con, name):
+                return None
             digests = meta.seed_blobs(con)
         finally:
             con.close()

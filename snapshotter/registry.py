@@ -1,17 +1,8 @@
 """Push and pull through an OCI registry, by digest (``mergefs push`` / ``mergefs pull``).
 
-Push: REF's flattened layers (a layer, a merge's layer chain, an imported
-image) become layer blobs, an image config whose ``rootfs.diff_ids`` are the
-layers' diffIDs, and a manifest, copied by skopeo from a temporary OCI layout
-(hardlinks into the blob cache) with ``--preserve-digests``. skopeo asks the
-registry for each blob first (HEAD) and uploads only what it lacks.
-
-Compress once: each layer's blob is written the first time it is pushed
-(``write_layer_tar``, deterministic, opaque directories as ``.wh..wh..opq``
-so the blob depends on the layer alone) into ``ROOT/blobs/sha256/``, and its
-digest, diffID and size are remembered in ``layer_blobs`` per (layer,
-compression). Pulled blobs are kept there too, so pushing a pulled layer
-sends the very blob it came as.
+Push (``snapshotter.registry_push``): REF's flattened layers become layer
+blobs (compressed once, remembered per layer), an image config with their
+diffIDs and a manifest carrying the annotations below, copied by skopeo.
 
 Identity across machines: each layer descriptor carries two annotations, the
 layer's snapshot id (``org.mergefs.layer.id``) and its tree digest
@@ -57,13 +48,12 @@ import json
 import os
 import signal
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from . import meta, service
 from .blobs import blob_dir, drop_orphans
-from .digest import TreeSummary, tree_digest
+from .digest import TreeSummary, merge_id, tree_digest
 from .distribution import RegistryError, Skopeo, Target, parse_target, result, stop
 from .meta import Row
 from .store import CLI_HOLDER, Store
@@ -75,7 +65,6 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
-COMPRESSIONS = ("gzip", "zstd")
 _ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le",
          "s390x": "s390x", "riscv64": "riscv64"}
 _ID = "sha256:"
@@ -87,8 +76,7 @@ def _quiet(_msg: str) -> None:
     pass
 
 
-@dataclass(frozen=True)
-class Blob:
+class Blob(NamedTuple):           # a layer_blobs row (meta.BLOB_COLUMNS)
     layer: str
     compression: str
     digest: str
@@ -97,22 +85,13 @@ class Blob:
     media_type: str
 
 
-@dataclass
-class PushResult:
-    target: str
-    manifest_digest: str
-    layers: list[Blob]
-    compressed: int            # layers compressed by this push (0 when all were remembered)
-
-
-@dataclass
-class PullResult:
+class PullResult(NamedTuple):
     target: str
     manifest_digest: str
     layers: list[Row]
     fetched: list[str]         # blob digests downloaded by this pull
     image: Row | None
-    packed: list[str] = field(default_factory=list)   # layer ids still packed
+    packed: list[str]          # layer ids still packed
 
 
 def _hex(digest: str) -> str:
@@ -127,111 +106,12 @@ def _compression_of(media_type: str) -> str:
     return "none"
 
 
-# -- the blob cache (snapshotter.blobs) ---------------------------------------------------
-def _cached(store: Store, row: tuple) -> Blob | None:
-    blob = Blob(*row)
-    try:
-        ok = os.stat(blob_dir(store) / _hex(blob.digest)).st_size == blob.size
-    except FileNotFoundError:
-        ok = False
-    return blob if ok else None
-
-
-def ensure_blob(store: Store, layer: str, compression: str) -> tuple[Blob, bool]:
-    """The layer's blob in the cache, written now only if never written before: (blob, new)."""
-    from mergefs import oci
-    for row in meta.blobs_of(store.db, layer=layer):
-        if row[1] == compression and (blob := _cached(store, row)) is not None:
-            return blob, False
-    d = blob_dir(store)
-    tmp = d / f".tmp-{os.urandom(16).hex()}"
-    try:
-        with open(tmp, "xb") as f:
-            lb = oci.write_layer_tar(store.layer_tree(layer), f, lower=None,
-                                     compression=compression)
-        os.replace(tmp, d / _hex(lb.digest))
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    blob = Blob(layer, compression, lb.digest, lb.diff_id, lb.size, lb.media_type)
-    with meta.write(store.db):
-        meta.put_blob(store.db, tuple(blob.__dict__.values()))
-    return blob, True
-
-
-# -- push -------------------------------------------------------------------------------------
 def _json(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _put(blobs: Path, data: bytes) -> dict:
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    (blobs / _hex(digest)).write_bytes(data)
-    return {"digest": digest, "size": len(data)}
-
-
-def _write_layout(store: Store, where: Path, blobs: list[Blob]) -> str:
-    """An OCI layout of one image (tag ``push``) whose layer blobs are hardlinks into the cache."""
-    bdir = where / "blobs" / "sha256"
-    os.makedirs(bdir)
-    for b in blobs:
-        if not (bdir / _hex(b.digest)).exists():
-            os.link(blob_dir(store) / _hex(b.digest), bdir / _hex(b.digest))
-    machine = os.uname().machine
-    config = {"architecture": _ARCH.get(machine, machine), "os": "linux", "config": {},
-              "rootfs": {"type": "layers", "diff_ids": [b.diff_id for b in blobs]}}
-    layers = []
-    for b in blobs:
-        row = store.get(b.layer)
-        ann = {ANN_ID: b.layer}
-        if row is not None and row.tree_digest:
-            ann[ANN_TREE] = row.tree_digest
-        layers.append({"mediaType": b.media_type, "digest": b.digest, "size": b.size,
-                       "annotations": ann})
-    manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-                "config": {"mediaType": CONFIG_TYPE, **_put(bdir, _json(config))},
-                "layers": layers}
-    mdesc = {"mediaType": OCI_MANIFEST, **_put(bdir, _json(manifest)),
-             "annotations": {"org.opencontainers.image.ref.name": "push"}}
-    (where / "index.json").write_bytes(_json({"schemaVersion": 2, "mediaType": OCI_INDEX,
-                                              "manifests": [mdesc]}))
-    (where / "oci-layout").write_bytes(_json({"imageLayoutVersion": "1.0.0"}))
-    return mdesc["digest"]
-
-
-def push(store: Store, ref: str, target: str | Target, client: Skopeo | None = None,
-         compression: str = "gzip", progress: Progress = _quiet) -> PushResult:
-    """Push REF (its flattened layers, bottom first) to ``target`` as one image."""
-    if compression not in COMPRESSIONS:
-        raise ValueError(f"compression must be one of {COMPRESSIONS}")
-    target = parse_target(target) if isinstance(target, str) else target
-    client = client or Skopeo()
-    drop_orphans(store)
-    flat = service.flatten(store, service.resolve_ref(store, ref))
-    blobs, compressed = [], 0
-    for i, layer in enumerate(flat, 1):
-        if not any(r[1] == compression for r in meta.blobs_of(store.db, layer=layer)):
-            progress(f"layer {i}/{len(flat)} {service.short(layer)}: writing its {compression} "
-                     "blob (once)")
-        blob, new = ensure_blob(store, layer, compression)
-        compressed += new
-        progress(f"layer {i}/{len(flat)} {service.short(layer)}: blob {blob.digest[:19]} "
-                 f"{blob.size} bytes ({'compressed now' if new else 'remembered'})")
-        blobs.append(blob)
-    staged = store.stage("push")
-    try:
-        digest = _write_layout(store, staged.path / "oci", blobs)
-        progress(f"copying to {target}")
-        result(client.copy(f"oci:{staged.path / 'oci'}:push", target.docker(), target,
-                           push=True, preserve_digests=True), f"push to {target} failed")
-    finally:
-        staged.discard()
-    return PushResult(str(target), digest, blobs, compressed)
-
-
 # -- pull -------------------------------------------------------------------------------------
-@dataclass
-class _Plan:
+class _Plan(NamedTuple):
     target: Target              # pinned to the manifest digest
     manifest_digest: str
     manifest: dict
@@ -375,9 +255,9 @@ def _keep_blob(store: Store, desc: dict, diff_id: str, path: Path, source: str, 
     lid, tree = _claim(store, desc, diff_id)
     comp = _compression_of(desc["mediaType"])
     blob = Blob(lid, comp, desc["digest"], diff_id, size, _MEDIA.get(comp, _MEDIA["none"]))
-    row = packed.publish(store, path, tuple(blob.__dict__.values()), lid, tree,
+    row = packed.publish(store, path, tuple(blob), lid, tree,
                          f"pull of {source}", source, holder, link=link)
-    return row, Blob(row.id, *tuple(blob.__dict__.values())[1:])
+    return row, Blob(row.id, *tuple(blob)[1:])
 
 
 def _one_copy(store: Store, spec, plan: _Plan, missing: list[int], rows: list, holder,
@@ -430,7 +310,7 @@ def _import(store: Store, fetch: _Fetch, diff_id: str, source: str, holder) -> t
         os.replace(layout / "blobs" / "sha256" / _hex(blob.digest),
                    blob_dir(store) / _hex(blob.digest))
         with meta.write(store.db):
-            meta.put_blob(store.db, tuple(blob.__dict__.values()))
+            meta.put_blob(store.db, tuple(blob))
         return row, blob
     finally:
         staged.discard()
@@ -542,10 +422,6 @@ def _fetch_all(store: Store, client: Skopeo, plan: _Plan, missing: list[int],
     return [done[k] for k in sorted(done)]
 
 
-def default_name(target: Target) -> str:
-    return target.repo.rsplit("/", 1)[-1] + (f":{target.tag}" if target.tag else "")
-
-
 def pull(store: Store, target: str | Target, name: str | None = None,
          client: Skopeo | None = None, holder: str | None = CLI_HOLDER,
          progress: Progress = _quiet, unpack: bool = False, inspected=None,
@@ -559,16 +435,23 @@ def pull(store: Store, target: str | Target, name: str | None = None,
     target = parse_target(target) if isinstance(target, str) else target
     client = client or Skopeo()
     from . import pullcopy
-    spec = copy or pullcopy.start(store.root, client, target, unpack)
+    name = name or target.default_name()
+    spec = copy if copy is not None else pullcopy.start(store.root, client, target, unpack,
+                                                        name)
     try:
         drop_orphans(store)
-        name = name or default_name(target)
         plan = _plan(client, target, inspected)
         n = len(plan.layers)
         rows: list[Row | None] = [_present(store, d, i, holder)
                                   for d, i in zip(plan.layers, plan.diff_ids)]
         missing = [i for i, r in enumerate(rows) if r is None]
         progress(f"{target}: {n} layers, {n - len(missing)} present, {len(missing)} to fetch")
+        if missing and not unpack:        # a name taken by another image: fail before fetching
+            ids = [r.id if r is not None else _claim(store, d, i)[0]
+                   for r, d, i in zip(rows, plan.layers, plan.diff_ids)]
+            store.check_name(name, merge_id(ids) if len(ids) > 1 else ids[0])
+        if spec is None and missing:      # none started before the plan: the image's now
+            spec = pullcopy.start(store.root, client, plan.target, unpack)
         if spec is not None and missing and spec.covers(plan, missing):
             fetched = _one_copy(store, spec, plan, missing, rows, holder, progress, str(target))
         else:
@@ -593,6 +476,18 @@ def pull(store: Store, target: str | Target, name: str | None = None,
         service.record_image_config(store, image.id, plan.config, name)
     packed = [r.id for r in layers if (cur := store.get(r.id)) is not None and cur.packed]
     return PullResult(str(target), plan.manifest_digest, layers, fetched, image, packed)
+
+
+_PUSH = ("push", "PushResult", "ensure_blob", "COMPRESSIONS")
+
+
+def __getattr__(name: str):
+    """The push side (``snapshotter.registry_push``), loaded on first use: a pull does
+    not need it."""
+    if name in _PUSH:
+        from . import registry_push
+        return getattr(registry_push, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["push", "pull", "PushResult", "PullResult", "Skopeo", "RegistryError", "parse_target"]

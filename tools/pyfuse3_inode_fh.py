@@ -34,6 +34,12 @@ mergefs/union/_fastpath.c (built by ``--fastpath``) fills them in: a v5 build
 alone behaves as v4. A server accepts v4 builds (no fast path then).
 v6 adds the LISTXATTR hook (hooks struct version 3, the field appended); the
 fast path still runs on a v5 build, without serving LISTXATTR.
+v7 adds LOOKUP and MKNOD hooks and fills in two pointers of its own (struct
+version 4): ``context`` (pyfuse3's RequestContext of a request) and
+``entry_param`` (the reply struct inside an EntryAttributes), so the fast
+path can call a plain Python handler for a request and answer it without
+pyfuse3's coroutine (the "direct" handlers of _fastpath.c); on a v5 or v6
+build it runs without them.
 
 The build also bakes pyfuse3's version string into its pure-Python part
 (``_pyfuse3.py``): stock pyfuse3 3.5.0 looks its own version up through
@@ -63,9 +69,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mergefs.union import server  # noqa: E402
 
 PATCHED_HANDLERS = ("fuse_read", "fuse_readdirplus", "fuse_write", "fuse_write_buf", "fuse_fsync")
-PATCH_MARK = ("v6: fh 0 -> inode in read/readdir/write/fsync; FUSE_CAP_CACHE_SYMLINKS; "
+PATCH_MARK = ("v7: fh 0 -> inode in read/readdir/write/fsync; FUSE_CAP_CACHE_SYMLINKS; "
               "atomic_o_trunc off on request; version baked into _pyfuse3.py; "
-              "mergefs_fast hooks (3: session, retval, listxattr)\n")
+              "mergefs_fast hooks (4: session, retval, listxattr, lookup, mknod, "
+              "context, entry_param)\n")
 # v5: the C callbacks of these requests first call the matching hook of the
 # exported ``mergefs_fast`` (mergefs/union/_fasthooks.h), which mergefs's C fast
 # path fills in (mergefs/union/_fastpath.c); a hook that replied ends the request.
@@ -79,7 +86,10 @@ HOOKED = {"fuse_getattr": "getattr(__pyx_v_req, __pyx_v_ino, __pyx_v_fi)",
                             "__pyx_v_fi)",
           "fuse_fsync": "fsync(__pyx_v_req, __pyx_v_ino, __pyx_v_datasync, __pyx_v_fi)",
           "fuse_getxattr": "getxattr(__pyx_v_req, __pyx_v_ino, __pyx_v_name, __pyx_v_size)",
-          "fuse_listxattr": "listxattr(__pyx_v_req, __pyx_v_ino, __pyx_v_size)"}
+          "fuse_listxattr": "listxattr(__pyx_v_req, __pyx_v_ino, __pyx_v_size)",
+          "fuse_lookup": "lookup(__pyx_v_req, __pyx_v_parent, __pyx_v_name)",
+          "fuse_mknod": "mknod(__pyx_v_req, __pyx_v_parent, __pyx_v_name, __pyx_v_mode, "
+                        "__pyx_v_rdev)"}
 HOOKS_HEADER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             "mergefs", "union", "_fasthooks.h")
 STATE = ("static struct fuse_session *__pyx_v_7pyfuse3_session;",   # what the hooks point at
@@ -167,7 +177,7 @@ def build(dest: str) -> str:
     if patched != wanted:
         raise RuntimeError(f"patched {patched} of {wanted} places: "
                            "this pyfuse3's generated C is not the expected one")
-    open(src, "w").write("\n".join(lines))
+    open(src, "w").write("\n".join(lines) + HELPERS)
     _bake(pkg)
     flags = subprocess.run(["pkg-config", "--cflags", "--libs", "fuse3"], check=True,
                            capture_output=True, text=True).stdout.split()
@@ -181,14 +191,35 @@ def build(dest: str) -> str:
 
 
 def hooks_definition() -> str:
-    """The hooks' struct (mergefs/union/_fasthooks.h) and the exported, empty instance."""
+    """The hooks' struct (mergefs/union/_fasthooks.h) and the exported instance: no
+    hooks yet, pyfuse3's own helpers (defined at the end of the file, HELPERS)."""
     with open(HOOKS_HEADER) as f:
         header = f.read()
-    return header + ('__attribute__((visibility("default"))) struct mergefs_fast_hooks '
+    return header + ("static PyObject *mergefs_context(fuse_req_t);\n"
+                     "static const struct fuse_entry_param *mergefs_entry_param(PyObject *);\n"
+                     '__attribute__((visibility("default"))) struct mergefs_fast_hooks '
                      'mergefs_fast = {.version = MERGEFS_FAST_HOOKS_VERSION, '
                      '.size = sizeof(struct mergefs_fast_hooks), '
                      '.session = &__pyx_v_7pyfuse3_session, '
-                     '.retval = &__pyx_v_7pyfuse3_py_retval};')
+                     '.retval = &__pyx_v_7pyfuse3_py_retval, '
+                     '.context = mergefs_context, .entry_param = mergefs_entry_param};')
+
+
+# v7: what the fast path needs of pyfuse3 to call a handler without a coroutine
+# (mergefs/union/_fastpath.c, the "direct" handlers): the RequestContext pyfuse3
+# builds for a request, and the fuse_entry_param inside an EntryAttributes.
+HELPERS = """
+static PyObject *mergefs_context(fuse_req_t req)
+{
+    return __pyx_f_7pyfuse3_get_request_context(req);
+}
+static const struct fuse_entry_param *mergefs_entry_param(PyObject *o)
+{
+    if (!__Pyx_TypeCheck(o, __pyx_mstate_global->__pyx_ptype_7pyfuse3_EntryAttributes))
+        return NULL;
+    return &((struct __pyx_obj_7pyfuse3_EntryAttributes *)o)->fuse_param;
+}
+"""
 
 
 def _bake(pkg: str) -> None:

@@ -115,10 +115,15 @@ def main(argv: list[str] | None = None) -> int:
         prefork.start_early()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if quick_exit and not mounting:
+            from . import cmd_registry  # pull: skopeo starts from argv, before argparse
+            cmd_registry.start_early(argv)
         code = _main(argv)
     finally:
         if "mergefs.union.prefork" in sys.modules:
             sys.modules["mergefs.union.prefork"].cancel()
+        if "mergefs.cli.cmd_registry" in sys.modules:
+            sys.modules["mergefs.cli.cmd_registry"].stop_early()
     if quick_exit:
         # a mount (or push, pull) command is done: skip tearing down the interpreter
         # (~10 ms of the time podman, or a pull's caller, waits for it); nothing it

@@ -2,15 +2,19 @@
  *
  * The patched pyfuse3 (tools/pyfuse3_inode_fh.py, v5) calls the hooks of its
  * exported ``mergefs_fast`` at the top of its C callbacks for GETATTR,
- * SETATTR, READ, WRITE, FSYNC and GETXATTR (and LISTXATTR, v6; a v5 build
- * runs without that hook). This module fills them in and
- * answers those requests itself, without a Python coroutine, for the regular
- * files whose content fd the Python side holds (ops' no-open fd cache,
- * mergefs/union/fdcache.py): a table (_fasttable.h) from FUSE inode number to
- * that fd. A READ with no entry asks Python to open the file first (set_miss).
+ * SETATTR, READ, WRITE, FSYNC and GETXATTR (and LISTXATTR, v6; LOOKUP and
+ * MKNOD, v7; an older build runs without the hooks it lacks). This module
+ * fills them in and answers those requests itself, without a Python
+ * coroutine, for the regular files whose content fd the Python side holds
+ * (ops' no-open fd cache, mergefs/union/fdcache.py): a table (_fasttable.h)
+ * from FUSE inode number to that fd; GETATTR also for the upper directories
+ * no lower layer serves whose O_PATH fd the cache keeps (F_DIR: fstat, their
+ * own nlink). A READ with no entry asks Python to open the file first (set_miss).
  * All namespace logic (lookup, create, unlink, rename, readdir, copy-up)
- * stays in Python. ``drain`` runs the request loop itself while requests
- * need no Python.
+ * stays in Python; with a v7 build, GETATTR the table does not serve, LOOKUP
+ * and MKNOD call the Python handler directly, without pyfuse3's coroutine
+ * ("direct" handlers, set_direct). ``drain`` runs the request loop itself
+ * while requests need no coroutine.
  *
  * Ownership: the fd belongs to the Python cache, which drops the entry here
  * before it closes the fd. An entry holds strong references to the Python
@@ -46,6 +50,8 @@
 
 #define F_WRITE 1u   /* the fd is read-write, on the upper file: writes and setattr */
 #define F_UPPER 2u   /* the file is in the upper: fsync syncs it */
+#define F_DIR 4u     /* an O_PATH fd on an upper directory served by the upper alone
+                      * (not merged: its own nlink, U1): GETATTR only */
 
 #include "_fasttable.h"
 
@@ -54,11 +60,13 @@ static double attr_timeout;
 static long long squash_uid = -1, squash_gid = -1;
 static int volatile_sync;
 
-enum { OP_GETATTR, OP_SETATTR, OP_READ, OP_WRITE, OP_FSYNC, OP_GETXATTR, OP_LISTXATTR, OP_N };
+enum { OP_GETATTR, OP_SETATTR, OP_READ, OP_WRITE, OP_FSYNC, OP_GETXATTR, OP_LISTXATTR,
+       OP_GETATTR_DIR, OP_GETATTR_DIRECT, OP_LOOKUP_DIRECT, OP_MKNOD_DIRECT, OP_N };
 static const char *op_names[OP_N] = {"getattr", "setattr", "read", "write", "fsync", "getxattr",
-                                     "listxattr"};
+                                     "listxattr", "getattr_dir", "getattr_direct", "lookup_direct",
+                                     "mknod_direct"};
 static unsigned long long served[OP_N];
-static PyObject *s_node, *s_unlinked, *s_attr, *s_xattrs;
+static PyObject *s_node, *s_unlinked, *s_attr, *s_xattrs, *s_sources;
 
 static char *buffer;
 static size_t buffer_size;
@@ -81,24 +89,53 @@ static int reserve(size_t size)
  * without pyfuse3's coroutine and error wrapper around it). */
 static PyObject *miss_fn;
 
+/* The "direct" handlers (v7 builds): plain Python callables, ``getattr(number)``,
+ * ``lookup(parent, name, ctx)`` and ``mknod(parent, name, mode, rdev, ctx)``,
+ * that run the Operations' handler and return its EntryAttributes, or an errno
+ * (they never raise: errors.direct). C calls them for the requests its table
+ * does not serve and answers, so such a request costs no coroutine, no
+ * RequestContext-less detour through pyfuse3's async wrappers and no trip back
+ * to the Python loop; the answer is the handler's own. */
+enum { D_GETATTR, D_LOOKUP, D_MKNOD, D_N };
+static PyObject *direct_fn[D_N];
+
+/* Is ``field`` within the attached build's hooks struct? */
+#define HAS_HOOK(field) (hooks->size >= offsetof(struct mergefs_fast_hooks, field) + \
+                         sizeof(hooks->field))
+
 /* -- per request ------------------------------------------------------------ */
 
+/* Is ``inode.NAME`` still the object ``was`` (``equal``: an equal one)? */
+static int still(PyObject *inode, PyObject *name, PyObject *was, int equal)
+{
+    PyObject *now = PyObject_GetAttr(inode, name);
+    if (!now) {
+        PyErr_Clear();
+        return 0;
+    }
+    int same = now == was;
+    if (!same && equal && (same = PyObject_RichCompareBool(now, was, Py_EQ)) < 0) {
+        PyErr_Clear();
+        same = 0;
+    }
+    Py_DECREF(now);
+    return same;
+}
+
 /* The entry that may serve a request on ``ino``: a no-open request (fh 0) on
- * an inode still served by the node and not unlinked; else NULL (Python). */
-static entry_t *usable(fuse_ino_t ino, struct fuse_file_info *fi)
+ * an inode still served by the node and not unlinked (a directory: only for
+ * ``dirs``, and while the inode's sources are the same layers: a listing read
+ * again sets an equal tuple); else NULL (Python). */
+static entry_t *usable_entry(fuse_ino_t ino, struct fuse_file_info *fi, int dirs)
 {
     if (fi && fi->fh)
         return NULL;
     entry_t *e = find(ino);
-    if (!e)
+    if (!e || ((e->flags & F_DIR) && !dirs))
         return NULL;
-    PyObject *node = PyObject_GetAttr(e->inode, s_node);
-    if (!node) {
-        PyErr_Clear();
+    if (!still(e->inode, s_node, e->node, 0))
         return NULL;
-    }
-    Py_DECREF(node);             /* the inode holds it: only its identity is needed */
-    if (node != e->node)
+    if ((e->flags & F_DIR) && !still(e->inode, s_sources, e->sources, 1))
         return NULL;
     PyObject *unlinked = PyObject_GetAttr(e->inode, s_unlinked);
     if (!unlinked) {
@@ -108,6 +145,11 @@ static entry_t *usable(fuse_ino_t ino, struct fuse_file_info *fi)
     int gone = unlinked != Py_False;
     Py_DECREF(unlinked);
     return gone ? NULL : e;
+}
+
+static entry_t *usable(fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    return usable_entry(ino, fi, 0);
 }
 
 /* Python's cached attributes of the inode are stale now (its xattr names too
@@ -120,10 +162,12 @@ static void changed(entry_t *e, int xattrs)
         PyErr_Clear();
 }
 
-/* fstat of the entry's fd as the mount shows it (ops.entry_attributes). */
+/* fstat of the entry's fd as the mount shows it (ops.entry_attributes; a
+ * directory here is never merged, so its nlink is its own). */
 static int attributes(entry_t *e, fuse_ino_t ino, struct stat *st)
 {
-    if (fstat(e->fd, st) != 0 || !S_ISREG(st->st_mode))
+    if (fstat(e->fd, st) != 0 || !((e->flags & F_DIR) ? S_ISDIR(st->st_mode)
+                                                       : S_ISREG(st->st_mode)))
         return -1;
     st->st_ino = ino;
     if (squash_uid >= 0)
@@ -133,15 +177,103 @@ static int attributes(entry_t *e, fuse_ino_t ino, struct stat *st)
     return 0;
 }
 
+enum { ANSWER_ENTRY, ANSWER_ATTR };
+
+/* Reply with what a direct handler returned (a new reference, or NULL: it raised
+ * anyway, a bug of the wrapper: EIO, as pyfuse3 would answer a failed handler). */
+static void answer(fuse_req_t req, PyObject *fn, PyObject *r, int kind)
+{
+    const struct fuse_entry_param *p = NULL;
+    int err = EIO;
+    if (!r)
+        PyErr_WriteUnraisable(fn);
+    else if (PyLong_CheckExact(r)) {
+        long e = PyLong_AsLong(r);
+        if (e > 0 && e < 4096)
+            err = (int)e;
+        else
+            PyErr_Clear();
+    } else if (!(p = hooks->entry_param(r))) {
+        PyErr_Format(PyExc_TypeError, "direct handler returned %.100s", Py_TYPE(r)->tp_name);
+        PyErr_WriteUnraisable(fn);
+    }
+    if (!p)
+        fuse_reply_err(req, err);
+    else if (kind == ANSWER_ENTRY)
+        fuse_reply_entry(req, p);
+    else
+        fuse_reply_attr(req, &p->attr, p->attr_timeout);
+    Py_XDECREF(r);
+}
+
 static int h_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
     struct stat st;
-    entry_t *e = usable(ino, fi);
-    if (!e || attributes(e, ino, &st) < 0)
+    entry_t *e = usable_entry(ino, fi, 1);
+    if (e && attributes(e, ino, &st) == 0) {
+        served[(e->flags & F_DIR) ? OP_GETATTR_DIR : OP_GETATTR]++;
+        fuse_reply_attr(req, &st, attr_timeout);
+        return 1;
+    }
+    PyObject *fn = direct_fn[D_GETATTR];
+    if (!fn)
         return 0;
-    served[OP_GETATTR]++;
-    fuse_reply_attr(req, &st, attr_timeout);
+    PyObject *number = PyLong_FromUnsignedLongLong(ino);
+    if (!number) {
+        PyErr_Clear();
+        return 0;
+    }
+    served[OP_GETATTR_DIRECT]++;
+    answer(req, fn, PyObject_CallOneArg(fn, number), ANSWER_ATTR);
+    Py_DECREF(number);
     return 1;
+}
+
+/* Call a direct handler with (parent, name, *more, ctx) and answer with an entry.
+ * 0 (not answered: pyfuse3 goes on) only before the handler ran. */
+static int direct_entry(fuse_req_t req, int which, int op, fuse_ino_t parent, const char *name,
+                        PyObject *more1, PyObject *more2)
+{
+    PyObject *fn = direct_fn[which];
+    if (!fn)
+        return 0;
+    PyObject *args[6] = {NULL, PyLong_FromUnsignedLongLong(parent), PyBytes_FromString(name)};
+    size_t n = 3;
+    if (more1) {
+        args[n++] = more1;
+        args[n++] = more2;
+    }
+    PyObject *ctx = args[n] = hooks->context(req);
+    if (!args[1] || !args[2] || !ctx) {
+        Py_XDECREF(args[1]);
+        Py_XDECREF(args[2]);
+        Py_XDECREF(ctx);
+        PyErr_Clear();
+        return 0;
+    }
+    served[op]++;
+    PyObject *r = PyObject_Vectorcall(fn, args + 1, n | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    answer(req, fn, r, ANSWER_ENTRY);
+    Py_DECREF(args[1]);
+    Py_DECREF(args[2]);
+    Py_DECREF(ctx);
+    return 1;
+}
+
+static int h_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+    return direct_entry(req, D_LOOKUP, OP_LOOKUP_DIRECT, parent, name, NULL, NULL);
+}
+
+static int h_mknod(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode, dev_t rdev)
+{
+    PyObject *m = PyLong_FromUnsignedLong(mode), *r = PyLong_FromUnsignedLongLong(rdev);
+    int done = m && r ? direct_entry(req, D_MKNOD, OP_MKNOD_DIRECT, parent, name, m, r) : 0;
+    if (!m || !r)
+        PyErr_Clear();
+    Py_XDECREF(m);
+    Py_XDECREF(r);
+    return done;
 }
 
 #define KNOWN_SET (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID | \
@@ -360,10 +492,6 @@ static int h_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
     return 1;
 }
 
-/* Is the attached build's hooks struct long enough for ``field``? */
-#define HAS_HOOK(field) (hooks->size >= offsetof(struct mergefs_fast_hooks, field) + \
-                         sizeof(hooks->field))
-
 /* -- the request loop -------------------------------------------------------------- */
 
 /* pyfuse3's loop pays a Python coroutine (its wait for the fd) per request,
@@ -423,9 +551,11 @@ static PyObject *py_attach(PyObject *self, PyObject *arg)
         Py_RETURN_FALSE;
     struct mergefs_fast_hooks *h = dlsym(so, "mergefs_fast");
     dlclose(so);                        /* NOLOAD took a reference; the module keeps it */
-    /* this version, or version 2 (a v5 pyfuse3 build: no LISTXATTR hook) */
+    /* this version, version 3 (a v6 pyfuse3 build: no LOOKUP/MKNOD hooks, no
+     * direct handlers) or 2 (v5: no LISTXATTR hook either) */
     if (!h || !((h->version == MERGEFS_FAST_HOOKS_VERSION &&
                  h->size == sizeof(struct mergefs_fast_hooks)) ||
+                (h->version == 3 && h->size == MERGEFS_FAST_HOOKS_V3_SIZE) ||
                 (h->version == 2 && h->size == MERGEFS_FAST_HOOKS_V2_SIZE)))
         Py_RETURN_FALSE;
     hooks = h;
@@ -444,6 +574,16 @@ static void install(int on)
     hooks->getxattr = on ? h_getxattr : NULL;
     if (HAS_HOOK(listxattr))
         hooks->listxattr = on ? h_listxattr : NULL;
+    if (HAS_HOOK(entry_param)) {
+        hooks->lookup = on ? h_lookup : NULL;
+        hooks->mknod = on ? h_mknod : NULL;
+    }
+}
+
+static void clear_direct(void)
+{
+    for (int i = 0; i < D_N; i++)
+        Py_CLEAR(direct_fn[i]);
 }
 
 static PyObject *py_enable(PyObject *self, PyObject *args)
@@ -466,9 +606,25 @@ static PyObject *py_set_miss(PyObject *self, PyObject *fn)
     Py_RETURN_NONE;
 }
 
+/* set_direct(getattr, lookup, mknod) -> bool: use these direct handlers (None:
+ * that request goes through pyfuse3 as before); False, and nothing set, when
+ * the attached build cannot (older than v7). */
+static PyObject *py_set_direct(PyObject *self, PyObject *args)
+{
+    PyObject *fn[D_N];
+    if (!PyArg_ParseTuple(args, "OOO", &fn[D_GETATTR], &fn[D_LOOKUP], &fn[D_MKNOD]))
+        return NULL;
+    if (!hooks || !HAS_HOOK(entry_param) || !hooks->context || !hooks->entry_param)
+        Py_RETURN_FALSE;
+    for (int i = 0; i < D_N; i++)
+        Py_XSETREF(direct_fn[i], fn[i] == Py_None ? NULL : Py_NewRef(fn[i]));
+    Py_RETURN_TRUE;
+}
+
 static PyObject *py_disable(PyObject *self, PyObject *unused)
 {
     Py_CLEAR(miss_fn);
+    clear_direct();
     if (hooks)
         install(0);
     clear_table();
@@ -480,11 +636,12 @@ static PyObject *py_set(PyObject *self, PyObject *args)
     unsigned long long number;
     int fd;
     unsigned flags;
-    PyObject *inode, *node;
-    if (!PyArg_ParseTuple(args, "KiIOO", &number, &fd, &flags, &inode, &node))
+    PyObject *inode, *node, *sources = NULL;
+    if (!PyArg_ParseTuple(args, "KiIOO|O", &number, &fd, &flags, &inode, &node, &sources))
         return NULL;
-    if (!number || fd < 0) {
-        PyErr_SetString(PyExc_ValueError, "inode number 0 or negative fd");
+    if (!number || fd < 0 || !(flags & F_DIR) != !sources) {
+        PyErr_SetString(PyExc_ValueError,
+                        "inode number 0, negative fd, or sources without DIR (or DIR without)");
         return NULL;
     }
     entry_t *e = find(number);
@@ -499,6 +656,7 @@ static PyObject *py_set(PyObject *self, PyObject *args)
     } else {
         Py_CLEAR(e->inode);
         Py_CLEAR(e->node);
+        Py_CLEAR(e->sources);
     }
     e->number = number;
     e->fd = fd;
@@ -507,6 +665,7 @@ static PyObject *py_set(PyObject *self, PyObject *args)
     e->inode = inode;
     Py_INCREF(node);
     e->node = node;
+    e->sources = Py_XNewRef(sources);
     Py_RETURN_NONE;
 }
 
@@ -570,11 +729,13 @@ static PyMethodDef methods[] = {
      "enable(attr_timeout, squash_uid, squash_gid, volatile): serve from now on "
      "(-1: no squash)"},
     {"disable", py_disable, METH_NOARGS, "stop serving; forget every entry"},
+    {"set_direct", py_set_direct, METH_VARARGS,
+     "set_direct(getattr, lookup, mknod) -> bool: the direct handlers (v7 builds)"},
     {"set_miss", py_set_miss, METH_O,
      "set_miss(fn): fn(number) may set an entry when a READ finds none (None: no call)"},
     {"set", py_set, METH_VARARGS,
-     "set(number, fd, flags, inode, node): serve inode ``number`` through ``fd`` "
-     "(borrowed: drop it before closing the fd)"},
+     "set(number, fd, flags, inode, node[, sources]): serve inode ``number`` through ``fd`` "
+     "(borrowed: drop it before closing the fd; sources: a DIR's, for GETATTR)"},
     {"drop", py_drop, METH_O, "drop(number): forget the entry, if any (closes nothing)"},
     {"clear", py_clear, METH_NOARGS, "forget every entry (closes nothing)"},
     {"get", py_get, METH_O, "get(number) -> (fd, flags) or None"},
@@ -596,9 +757,11 @@ PyMODINIT_FUNC PyInit__fastpath(void)
     s_unlinked = PyUnicode_InternFromString("unlinked");
     s_attr = PyUnicode_InternFromString("attr");
     s_xattrs = PyUnicode_InternFromString("xattrs");
-    if (!s_node || !s_unlinked || !s_attr || !s_xattrs ||
+    s_sources = PyUnicode_InternFromString("sources");
+    if (!s_node || !s_unlinked || !s_attr || !s_xattrs || !s_sources ||
         PyModule_AddIntConstant(m, "WRITE", F_WRITE) < 0 ||
-        PyModule_AddIntConstant(m, "UPPER", F_UPPER) < 0) {
+        PyModule_AddIntConstant(m, "UPPER", F_UPPER) < 0 ||
+        PyModule_AddIntConstant(m, "DIR", F_DIR) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -1,5 +1,6 @@
 /* The fast path's table (included once, by _fastpath.c): FUSE inode number ->
- * the borrowed fd, its flags and the Python Inode and Node it was set for.
+ * the borrowed fd, its flags and the Python Inode and Node it was set for (a
+ * directory's entry also the Inode's ``sources`` then, F_DIR).
  * Open addressing with linear probing and backward-shift deletion; inode
  * numbers are sparse 64-bit values (xino-style, mergefs/union/inodes.py),
  * never 0 (an empty slot). */
@@ -7,7 +8,7 @@ typedef struct {
     uint64_t number;       /* 0: empty slot */
     int fd;
     unsigned flags;
-    PyObject *inode, *node;
+    PyObject *inode, *node, *sources;   /* sources: NULL but for a directory */
 } entry_t;
 
 static entry_t *table;
@@ -33,6 +34,7 @@ static void release(entry_t *e)
 {
     Py_CLEAR(e->inode);
     Py_CLEAR(e->node);
+    Py_CLEAR(e->sources);
     e->number = 0;
 }
 
@@ -46,7 +48,7 @@ static void remove_at(size_t i)
         if ((j > i && (home <= i || home > j)) || (j < i && home <= i && home > j)) {
             table[i] = table[j];
             table[j].number = 0;
-            table[j].inode = table[j].node = NULL;
+            table[j].inode = table[j].node = table[j].sources = NULL;
             i = j;
         }
     }

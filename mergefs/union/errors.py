@@ -44,7 +44,7 @@ def fuse_errors(handler):
             except FUSEError:
                 raise
             except Exception as exc:
-                raise _fuse_error(name, args, exc) from None
+                raise _fuse_error(name, args[1:], exc) from None
         return call
 
     @functools.wraps(handler)
@@ -55,15 +55,30 @@ def fuse_errors(handler):
         except FUSEError:
             raise
         except Exception as exc:
-            raise _fuse_error(name, args, exc) from None
+            raise _fuse_error(name, args[1:], exc) from None
     return wrapper
 
 
+def direct(name: str, handler):
+    """``handler`` (a plain function, bound) as the C fast path calls it without a
+    coroutine (mergefs/union/_fastpath.c, the direct handlers): its result, or
+    the errno of the FUSEError ``fuse_errors`` would raise; never an Exception."""
+    def call(*args):
+        try:
+            return handler(*args)
+        except FUSEError as e:
+            return e.errno
+        except Exception as exc:
+            return _fuse_error(name, args, exc).errno
+    return call
+
+
 def _fuse_error(name: str, args: tuple, exc: Exception) -> FUSEError:
-    """The FUSEError for ``exc`` raised by handler ``name``; a bug is logged with its
-    traceback (call it inside the ``except``) and answered with EIO."""
+    """The FUSEError for ``exc`` raised by handler ``name`` called with ``args``; a
+    bug is logged with its traceback (call it inside the ``except``) and answered
+    with EIO."""
     code = to_errno(exc)
     if code is None:
-        log.exception("%s%r failed unexpectedly", name, args[1:])
+        log.exception("%s%r failed unexpectedly", name, args)
         code = errno.EIO
     return FUSEError(code)

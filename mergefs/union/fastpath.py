@@ -3,11 +3,15 @@
 
 It serves GETATTR, SETATTR, READ, WRITE, FSYNC and GETXATTR (and LISTXATTR
 with a v6 build) of the regular files whose content fd the no-open fd cache
-(fdcache.py) holds, from C hooks that a v5 build of pyfuse3 calls before it
-makes a coroutine for a request (tools/pyfuse3_inode_fh.py). Without the
+(fdcache.py) holds, and GETATTR of the upper-only directories it keeps an
+O_PATH fd for, from C hooks that a v5 build of pyfuse3 calls before it
+makes a coroutine for a request (tools/pyfuse3_inode_fh.py). With a v7 build
+it also calls the plain Python handlers of LOOKUP, MKNOD and the GETATTRs it
+cannot serve itself, without pyfuse3's coroutine (ops._direct). Without the
 compiled module, with an older pyfuse3 build or with ``MERGEFS_FASTPATH=0``,
 every request goes through the Python handlers, which give the same answers.
 ``MERGEFS_FASTPATH_LOOP=0`` keeps pyfuse3's own request loop (no ``drain``),
+``MERGEFS_FASTPATH_DIRECT=0`` pyfuse3's coroutines for the direct handlers,
 for comparisons.
 """
 from __future__ import annotations

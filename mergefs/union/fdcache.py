@@ -15,15 +15,20 @@ The C fast path (``fast``, mergefs/union/_fastpath.c, when loaded) serves
 GETATTR/SETATTR/READ/WRITE/FSYNC/GETXATTR/LISTXATTR of the regular files in ``fds``
 through the same fds: this cache owns them and tells the C table of every
 entry it adds, replaces, moves to ``pinned`` or closes, before closing.
+It also keeps ``dirs``: number -> (O_PATH fd, node) of an upper directory that
+no lower layer serves (the last DIR_FDS), whose GETATTR C answers with ``fstat``
+(the kernel asks for a directory's attributes again after every name made
+in it: once per file of an untar).
 """
 from __future__ import annotations
 
 import os
 
-from ..layer import REG
+from ..layer import DIR, REG
 from .inodes import Inode
 
 FD_CACHE = 256
+DIR_FDS = 64
 
 
 class FdCache:
@@ -31,6 +36,7 @@ class FdCache:
         self.view = view
         self.fds: dict[int, tuple] = {}
         self.pinned: dict[int, tuple] = {}
+        self.dirs: dict[int, tuple] = {}
         self.fast = None                   # the C fast path's table (fastpath.load())
 
     def close(self) -> None:
@@ -42,9 +48,12 @@ class FdCache:
             for got in cache.values():
                 os.close(got[0])
             cache.clear()
+        for got in self.dirs.values():
+            os.close(got[0])
+        self.dirs.clear()
 
     def __bool__(self) -> bool:
-        return bool(self.fds or self.pinned)
+        return bool(self.fds or self.pinned or self.dirs)
 
     def cached(self, inode: Inode, write: bool) -> int:
         """The inode's kept fd, -1 if none fits: pinned first, then the cache,
@@ -122,6 +131,37 @@ class FdCache:
         if got is not None:
             self._close(number, got[0])
         self._close_pin(number)
+        got = self.dirs.pop(number, None)
+        if got is not None:
+            self._close(number, got[0])
+
+    def serve_dir(self, inode: Inode) -> None:
+        """Let C answer GETATTR of ``inode`` if it is an upper directory served by the
+        upper alone (``sources`` just the upper: not merged, so its nlink is its own,
+        U1): an O_PATH fd on it, which follows it through renames. C answers while
+        the inode's node and sources are the objects they are now and it is not
+        removed; any change of those makes Python answer (and call this again)."""
+        view = self.view
+        if self.fast is None or inode.kind != DIR or not view.writable or \
+                inode.parent is None or inode.unlinked or inode.sources != (view.up,) or \
+                inode.node.top != view.up:
+            return
+        got = self.dirs.get(inode.number)
+        if got is not None:
+            if got[1] is inode.node:
+                return              # C serves it (or it changed in a way C sees)
+            self._close(inode.number, self.dirs.pop(inode.number)[0])
+        pfd, name = view._upper_entry(inode)
+        try:
+            fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=pfd)
+        except OSError:
+            return                  # Python answers, as before
+        if len(self.dirs) >= DIR_FDS:
+            oldest = next(iter(self.dirs))
+            self._close(oldest, self.dirs.pop(oldest)[0])
+        self.dirs[inode.number] = (fd, inode.node)
+        self.fast.set(inode.number, fd, self.fast.DIR, inode, inode.node, inode.sources)
 
     def content_fd(self, inode: Inode) -> int:
         """No-open reads: an fd per inode, the last FD_CACHE of them kept open."""

@@ -26,11 +26,14 @@ readdir pass (``_snapshot``).
 The C fast path (fastpath.py, with a pyfuse3 build that has its hooks)
 answers GETATTR, SETATTR, READ, WRITE, FSYNC, GETXATTR and LISTXATTR of the regular
 files in ``self.fds`` before they reach these handlers; whatever it does not
-serve comes here as before.
+serve comes here as before. With a v7 build it calls ``getattr``, ``lookup``
+and ``mknod`` itself for the rest (``_direct``: the plain handler, errors as
+errnos; no pyfuse3 coroutine per request).
 """
 from __future__ import annotations
 
 import errno
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -39,7 +42,7 @@ from pyfuse3 import FUSEError
 
 from ..errors import NotFound
 from ..layer import DIR, REG, is_overlay_private
-from .errors import fuse_errors, log
+from .errors import direct, fuse_errors, log
 from .fdcache import FdCache
 from .inodes import Inode
 from .view import UnionView
@@ -145,6 +148,16 @@ class UnionOperations(pyfuse3.Operations):
             self.fds.fast = fastpath.load(self.timeouts.attr, self.squash, self.volatile)
             if self.fds.fast is not None:
                 self.fds.fast.set_miss(self._open_for_c)
+                if os.environ.get("MERGEFS_FASTPATH_DIRECT") != "0":    # "0": for comparisons
+                    self.fds.fast.set_direct(*map(self._direct, ("getattr", "lookup", "mknod")))
+
+    def _direct(self, name: str):
+        """This class's handler ``name`` as the C fast path calls it directly (a
+        plain function under ``@fuse_errors``), or None: pyfuse3 calls it."""
+        plain = getattr(getattr(type(self), name), "__wrapped__", None)
+        if plain is None or inspect.iscoroutinefunction(plain):
+            return None
+        return direct(name, plain.__get__(self))
 
     def _open_for_c(self, number: int) -> None:
         """The C fast path found no fd for a READ: open the file's content fd (the
@@ -216,7 +229,10 @@ class UnionOperations(pyfuse3.Operations):
 
     @fuse_errors
     def getattr(self, inode, ctx=None):
-        return self._entry(self.inodes.get(inode))
+        inode = self.inodes.get(inode)
+        if inode.is_dir and self.fds.fast is not None:
+            self.fds.serve_dir(inode)       # C answers its next GETATTR
+        return self._entry(inode)
 
     @fuse_errors
     def readlink(self, inode, ctx=None):
@@ -468,13 +484,18 @@ class UnionOperations(pyfuse3.Operations):
 
     @fuse_errors
     def mkdir(self, parent_inode, name, mode, ctx):
-        return self._entry(self._writer().mkdir(self.inodes.get(parent_inode), name, mode, ctx))
+        inode = self._writer().mkdir(self.inodes.get(parent_inode), name, mode, ctx)
+        if self.fds.fast is not None:
+            self.fds.serve_dir(inode)       # C answers its GETATTRs
+        return self._entry(inode)
 
     @fuse_errors
     def mknod(self, parent_inode, name, mode, rdev, ctx):
         w = self._writer()
         if self.no_open and mode & 0o170000 == 0o100000:   # S_IFREG: an open(O_CREAT)
-            inode, fd = w.create(self.inodes.get(parent_inode), name, mode, os.O_RDWR, ctx)
+            # the fd cache hands the fd to C, which answers the getxattrs through it
+            inode, fd = w.create(self.inodes.get(parent_inode), name, mode, os.O_RDWR, ctx,
+                                 list_xattrs=self.fds.fast is None)
             self.fds.keep(inode, fd, True)      # its writes come next, by inode
             return self._entry(inode)
         return self._entry(w.mknod(self.inodes.get(parent_inode), name, mode, rdev, ctx))

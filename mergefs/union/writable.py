@@ -299,10 +299,14 @@ class WritableView(UnionView):
             raise
 
     # -- creating ---------------------------------------------------------
-    def create(self, parent: Inode, name: bytes, mode: int, flags: int, ctx):
+    def create(self, parent: Inode, name: bytes, mode: int, flags: int, ctx,
+               list_xattrs: bool = True):
+        """A new regular file and an fd on it; ``list_xattrs``: note its xattr names
+        now (a default ACL, a security label), cheaply through the fd (not needed
+        while the C fast path answers GETXATTR through that fd)."""
         inode, fd = self._make(parent, name, REG, mode, ctx)
-        # its xattrs now (a default ACL, a security label), cheaply through the fd
-        inode.xattrs = (inode.node, frozenset(os.fsencode(a) for a in os.listxattr(fd)))
+        if list_xattrs:
+            inode.xattrs = (inode.node, frozenset(os.fsencode(a) for a in os.listxattr(fd)))
         return inode, fd
 
     def mkdir(self, parent: Inode, name: bytes, mode: int, ctx) -> Inode:

@@ -48,6 +48,6 @@ from .names import (  # noqa: F401
     children_of_name, labels_of, set_labels, holders_of, restore_holders, unaccounted)
 from .images import (  # noqa: F401
     BLOBS_SCHEMA, BLOB_COLUMNS, has_blobs, ensure_blobs, blobs_of, blob_row, put_blob, orphan_blobs,
-    seed_blobs,
+    seed_blobs, image_present,
     forget_blobs_of, forget_blob, blob_digests, all_blobs, put_image_config, image_config,
     image_configs_of, restore_image_config)

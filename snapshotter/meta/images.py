@@ -60,6 +60,17 @@ def seed_blobs(db: sqlite3.Connection) -> list[str] | None:
         "AND s.state = 'committed'"))
 
 
+def image_present(db: sqlite3.Connection, name: str) -> bool:
+    """``name`` names a committed snapshot whose layers are all committed: a pull that
+    would record that name most likely has nothing to fetch, so it starts no copy
+    before its plan says so (``snapshotter.pullcopy``)."""
+    return db.execute(
+        "SELECT 1 FROM names n JOIN snapshots s ON s.id = n.id AND s.state = 'committed' "
+        "WHERE n.name = ? AND NOT EXISTS (SELECT 1 FROM parents p LEFT JOIN snapshots l "
+        "ON l.id = p.parent AND l.state = 'committed' WHERE p.child = s.id "
+        "AND p.role = 'input' AND l.id IS NULL)", (name,)).fetchone() is not None
+
+
 def blob_row(db: sqlite3.Connection, layer: str, digest: str) -> tuple | None:
     """The row of ``layer``'s blob ``digest``, or None."""
     return db.execute(f"SELECT {BLOB_COLUMNS} FROM layer_blobs WHERE layer=? AND digest=?",

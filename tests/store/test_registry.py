@@ -130,6 +130,74 @@ def test_pull_fetches_only_the_missing_layer(a, b, registry, layers):
     assert blob_gets(registry.since(mark), layer_digests) == []   # the config only
 
 
+def _logging_skopeo(where: Path) -> tuple[dict, Path]:
+    """The real skopeo behind a wrapper first on PATH that logs each run's verb: the
+    environment for a ``mergefs`` process, and the log."""
+    log = where / "skopeo.log"
+    bindir = where / "bin"
+    bindir.mkdir()
+    wrapper = bindir / "skopeo"
+    wrapper.write_text(f'#!/bin/sh\necho "$1" >> {log}\nexec /usr/bin/skopeo "$@"\n')
+    wrapper.chmod(0o755)
+    return {"PATH": f"{bindir}:{os.environ['PATH']}"}, log
+
+
+def _runs(log: Path) -> list[str]:
+    runs = sorted(log.read_text().split()) if log.exists() else []
+    log.unlink(missing_ok=True)
+    return runs
+
+
+def test_pull_starts_skopeo_once_and_no_copy_when_all_present(a, b, registry, layers, tmp_path):
+    """A lazy pull into an empty store runs one ``skopeo copy`` (started from the command
+    line, before argparse) and the two inspects; pulling it again, the store's record of
+    the name says every layer is there: no copy is started (and killed) at all. When the
+    tag moved meanwhile, a pull that would give the name to another image is refused
+    before it fetches anything; under another name it fetches the new layer alone."""
+    mid = _app_on(a, layers)
+    target = f"{registry.address}/mergefs/app:v1"
+    pushed = json.loads(a.run("push", "app", target, "--json").stdout)
+    env, log = _logging_skopeo(tmp_path)
+    assert b.run("pull", target, **env).stdout.strip() == mid
+    assert _runs(log) == ["copy", "inspect", "inspect"]
+    mark = registry.mark()
+    assert json.loads(b.run("pull", target, "--json", **env).stdout)["fetched"] == []
+    assert _runs(log) == ["inspect", "inspect"]
+    assert blob_gets(registry.since(mark), {x["digest"] for x in pushed["layers"]}) == []
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra" / "new-file").write_text("the tag moved\n")
+    a.run("import", tmp_path / "extra", "--name", "extra")   # the tag moves: a fourth layer
+    a.run("merge", "--strategy", "union", "--name", "app2", "app", "extra")
+    moved = json.loads(a.run("push", "app2", target, "--json").stdout)
+    mark = registry.mark()
+    p = b.run("pull", target, check=False, **env)      # its name names the old image
+    assert p.returncode == 4 and "already names" in p.stderr
+    assert _runs(log) == ["inspect", "inspect"]        # refused before any copy
+    assert blob_gets(registry.since(mark), {x["digest"] for x in moved["layers"]}) == []
+    pulled = json.loads(b.run("pull", target, "--name", "app2", "--json", **env).stdout)
+    assert _runs(log) == ["copy", "inspect", "inspect"]
+    assert pulled["fetched"] == [moved["layers"][3]["digest"]]
+    assert blob_gets(registry.since(mark), {x["digest"] for x in moved["layers"]}) == \
+        pulled["fetched"]
+    assert pulled["image"] == a.json("inspect", "app2")["id"]
+
+
+def test_pull_command_line_read_before_argparse():
+    """What ``mergefs pull`` reads from argv to start skopeo early; anything else is left
+    to argparse (None), which then reads the whole command."""
+    from mergefs.cli.cmd_registry import _read_pull_argv
+    root, ns = _read_pull_argv(["--root", "/r", "--debug", "pull", "h:1/x:y", "--name=n",
+                                "--retries", "0", "--insecure", "--authfile", "/a", "--json"])
+    assert root == "/r" and (ns.target, ns.name, ns.retries, ns.insecure, ns.authfile) == \
+        ("h:1/x:y", "n", "0", True, "/a")
+    assert _read_pull_argv(["pull", "h:1/x:y"])[0] is None
+    for argv in (["pull"], ["pull", "a/b:c", "d/e:f"], ["pull", "a/b:c", "--ins"],
+                 ["pull", "a/b:c", "-h"], ["pull", "--name", "--json", "a/b:c"],
+                 ["pull", "--", "a/b:c"], ["--root", "pull"], ["ls"], ["pull", "a/b:c",
+                                                                   "--retries"]):
+        assert _read_pull_argv(argv) is None, argv
+
+
 def test_corrupt_blob_is_refused_and_nothing_stored(a, b, registry, layers):
     _app_on(a, layers)
     target = f"{registry.address}/mergefs/app:v1"
@@ -189,6 +257,83 @@ def test_registry_stopped_mid_pull_then_retry_resumes(a, b, registry, layers):
     assert pushed["layers"][2]["digest"] in pulled["fetched"]
 
 
+BIG = 96 << 20          # one layer skopeo is still downloading when the registry stops
+
+
+def _staged_copy(root: Path) -> Path | None:
+    """The layout of the one-copy pull in the store's staging (``snapshotter.pullcopy``)."""
+    for entry in os.scandir(root / "staging") if (root / "staging").is_dir() else ():
+        if (Path(entry.path) / "oci").is_dir():
+            return Path(entry.path) / "oci"
+    return None
+
+
+def _partial_size(layout: Path) -> int:
+    """Bytes of the largest blob skopeo is writing (its ``oci-put-blob*`` temporary file)."""
+    sizes = [0]
+    for entry in os.scandir(layout):
+        if entry.name.startswith("oci-put-blob"):
+            try:
+                sizes.append(entry.stat().st_size)
+            except FileNotFoundError:
+                pass
+    return max(sizes)
+
+
+def test_registry_stopped_mid_one_copy_pull_then_retry_resumes(a, b, registry, layers, tmp_path):
+    """The lazy pull into an empty store is one ``skopeo copy`` of the whole image: the
+    registry dies while a big layer is half downloaded and the small ones have landed ->
+    one clear line, the finished layers are kept; a retry fetches only the rest."""
+    big = tmp_path / "big"
+    big.mkdir()
+    with open(big / "data", "wb") as f:             # incompressible: zstd keeps it big
+        for _ in range(BIG >> 20):
+            f.write(os.urandom(1 << 20))
+    from snapshotter import service
+    from snapshotter.store import Store
+    with Store(a.root) as store:
+        for name, d in (("base", layers[0]), ("mid", layers[1]), ("big", big)):
+            service.import_dir(store, d, name=name)
+        mid = service.merge(store, ["base", "mid", "big"], strategy="union", name="app").row.id
+    target = f"{registry.address}/mergefs/app:v1"
+    pushed = json.loads(a.run("push", "app", target, "--compression", "zstd", "--json").stdout)
+    small = [x["digest"] for x in pushed["layers"][:2]]
+    large = pushed["layers"][2]["digest"]
+    proc = subprocess.Popen(b.argv("pull", target, "--retries", "0"), env=b.env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reg = registry.proc.pid
+    try:
+        deadline = time.monotonic() + 60
+        while True:     # the registry runs 2 ms in 12 (a slow link), looked at while stopped
+            os.kill(reg, signal.SIGSTOP)
+            layout = _staged_copy(b.root)
+            if layout is not None and all((b.root / "blobs" / "sha256" / d[7:]).exists()
+                                          for d in small) and _partial_size(layout) > 0:
+                break                   # the small layers are stored, the big one half-way
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.01)
+            os.kill(reg, signal.SIGCONT)
+            time.sleep(0.002)
+        assert not (layout / "blobs" / "sha256" / large[7:]).exists(), "the big layer landed"
+        registry.stop()                                        # SIGKILL: connections reset
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, (out, err)
+    assert len(err.strip().splitlines()) == 1 and err.startswith("mergefs: error: pull of"), err
+    assert b.run("inspect", "app:v1", check=False).returncode == 3   # no image record
+    assert os.listdir(b.root / "staging") == []
+    kept = {x["id"] for x in json.loads(b.run("ls", "--json").stdout)}
+    assert kept == {x["layer"] for x in pushed["layers"][:2]}   # the finished layers, packed
+    registry.start()                                    # same port and storage
+    pulled = json.loads(b.run("pull", target, "--json").stdout)
+    assert pulled["image"] == mid
+    assert pulled["fetched"] == [large]
+    assert blob_gets(registry.requests(), {x["digest"] for x in pushed["layers"]}) == [large]
+
+
 @pytest.mark.slow
 def test_zstd_push_pull(a, b, registry, layers):
     mid = _app_on(a, layers)
@@ -210,6 +355,16 @@ def test_unreachable_registry_is_one_clear_line(a, layers):
     p = a.run("push", "base", f"127.0.0.1:{free_port()}/x/y:z", "--retries", "0", check=False)
     assert p.returncode == 1
     assert len(p.stderr.strip().splitlines()) == 1 and "push to 127.0.0.1:" in p.stderr
+
+
+def test_pull_without_skopeo_is_one_clear_line(b, tmp_path):
+    """skopeo is started before argparse runs (cmd_registry.start_early): a missing skopeo
+    is still the CLI's one line, not a traceback."""
+    empty = tmp_path / "no-skopeo"
+    empty.mkdir()
+    p = b.run("pull", "127.0.0.1:1/x/y:z", check=False, PATH=str(empty))
+    assert p.returncode == 1
+    assert p.stderr == "mergefs: error: skopeo is not installed (apt-get install skopeo)\n"
 
 
 # -- credentials: basic auth, from --authfile / $REGISTRY_AUTH_FILE / ~/.docker/config.json --------

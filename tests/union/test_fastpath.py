@@ -343,3 +343,104 @@ def test_fastpath_listxattr_as_kernel_overlay(tmp_path, union_mount, fast):
     counts = served(union_mount)
     assert (counts.get("fast_listxattr", 0) > 0) == (fast and patch_version() >= 6), counts
     assert ours == on_kernel_overlay(tmp_path, spec, steps)
+
+
+def dir_attrs(p: Path) -> tuple:
+    st = os.stat(p)
+    return st.st_nlink, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+
+
+def dir_steps(root: Path, check=lambda rel: None) -> list:
+    """Names made, removed and renamed in an upper-only directory (``d``, then
+    ``e``) and in a merged one (``low``); every directory's nlink, mode and
+    owner after each step (``check(rel)`` after each too)."""
+    out = []
+
+    def seen(*rels):
+        for rel in rels:
+            out.append((rel, dir_attrs(root / rel)))
+            check(rel)
+
+    os.mkdir(root / "d")
+    seen("d")
+    for step in (lambda: os.mkdir(root / "d" / "s1"), lambda: os.mkdir(root / "d" / "s2"),
+                 lambda: os.symlink("t", root / "d" / "l"), lambda: os.mkfifo(root / "d" / "p"),
+                 lambda: (root / "d" / "f").write_bytes(b"f"),
+                 lambda: os.rmdir(root / "d" / "s1"),
+                 lambda: os.rename(root / "d" / "s2", root / "d" / "s3"),
+                 lambda: os.chmod(root / "d", 0o750),
+                 lambda: os.rename(root / "low" / "x", root / "d" / "x"),
+                 lambda: os.mkdir(root / "low" / "y"), lambda: os.rmdir(root / "low" / "y"),
+                 lambda: os.mkdir(root / "low" / "z")):
+        step()
+        seen("d", "d/s3" if (root / "d" / "s3").exists() else "d", "low")
+    os.rename(root / "d", root / "e")
+    os.mkdir(root / "e" / "after")
+    seen("e", "low")
+    for i in range(70):                    # more than the fd cache's directories
+        os.mkdir(root / f"m{i}")
+        os.mkdir(root / f"m{i}" / "c")
+        seen(f"m{i}")
+    os.rmdir(root / "m0" / "c")
+    os.mkdir(root / "e" / "again")
+    seen("m0", "e")
+    return out
+
+
+@needs_overlay
+def test_fastpath_directory_getattr_as_kernel_overlay(tmp_path, union_mount, fast):
+    """C answers GETATTR of an upper directory no lower layer serves (fstat of an
+    O_PATH fd, its own nlink): after names are made, removed and renamed in it,
+    after it is renamed and after it left the fd cache, every directory shows the
+    nlink, mode and owner kernel overlayfs shows (a merged one: nlink 1, U1), and
+    the times, nlink and size of its upper directory."""
+    spec = LayerSpec().dir("low").file("low/x", b"x")
+    up = tmp_path / "m" / "up"
+    mnt = writable(tmp_path, union_mount, spec)
+
+    def same_as_upper(rel: str) -> None:
+        ours = os.stat(mnt / rel)
+        if not (up / rel).exists():
+            return                         # low, not copied up yet
+        upper = os.lstat(up / rel)
+        assert (ours.st_size, ours.st_mtime_ns, ours.st_ctime_ns) == \
+            (upper.st_size, upper.st_mtime_ns, upper.st_ctime_ns), rel
+        if rel != "low":                   # merged: nlink 1 (U1, compared with the kernel's)
+            assert ours.st_nlink == upper.st_nlink, rel
+
+    ours = dir_steps(mnt, same_as_upper)
+    assert ours == on_kernel_overlay(tmp_path, spec, dir_steps)
+    counts = served(union_mount)
+    assert (counts.get("fast_getattr_dir", 0) > 0) == fast, counts
+
+
+def test_fastpath_direct_handlers(tmp_path, union_mount, fast):
+    """With a v7 build, LOOKUP, MKNOD and the GETATTR C has no fd for call the
+    Python handler without pyfuse3's coroutine: same answers, errors included
+    (a whiteout device: EPERM, as kernel overlayfs; a name below a file: ENOTDIR)."""
+    mnt = writable(tmp_path, union_mount, LayerSpec().file("low", b"x").dir("ld"))
+    assert not (mnt / "absent").exists()                        # negative lookup
+    os.mknod(mnt / "fifo", stat.S_IFIFO | 0o640)
+    os.mknod(mnt / "reg", stat.S_IFREG | 0o604)
+    with pytest.raises(PermissionError):
+        os.mknod(mnt / "wh", stat.S_IFCHR | 0o600, 0)
+    with pytest.raises(FileExistsError):
+        os.mknod(mnt / "low", stat.S_IFREG | 0o600)
+    with pytest.raises(NotADirectoryError):
+        os.mknod(mnt / "low" / "x", stat.S_IFREG | 0o600)
+    os.symlink("target", mnt / "ln")
+    forget_all()
+    assert stat.S_IMODE(os.stat(mnt / "fifo").st_mode) == 0o640
+    assert stat.S_ISFIFO(os.stat(mnt / "fifo").st_mode)
+    assert stat.S_IMODE(os.stat(mnt / "reg").st_mode) == 0o604
+    assert os.readlink(mnt / "ln") == "target"
+    assert os.lstat(mnt / "ln").st_size == 6
+    assert os.stat(mnt / "ld").st_nlink == 2
+    assert sorted(os.listdir(mnt)) == ["fifo", "ld", "ln", "low", "reg"]
+    assert sorted(os.listdir(tmp_path / "m" / "up")) == ["fifo", "ln", "reg"]
+    counts = served(union_mount)
+    direct = fast and patch_version() >= 7
+    for op in ("lookup_direct", "mknod_direct", "getattr_direct"):
+        assert (counts.get(f"fast_{op}", 0) > 0) == direct, (op, counts)
+    if direct:
+        assert not {"lookup", "mknod"} & set(counts), counts
