@@ -48,6 +48,13 @@ which shows exactly what mergefs would (``kernel_read_only``), when run as
 root in the initial user namespace and with no option that needs the FUSE
 server (``squash_to_*``, ``private``, SELinux contexts, ...). ``nokernel``
 keeps such a mount on FUSE.
+
+``service=SOCK`` (``service``: ``/run/mergefs/mount.sock``) hands the mount to
+a running service instead of starting a server (``mergefs.mounthelper``,
+``through_service``): ``mergefs mount-server`` forks a warm server,
+``mergefs views serve`` binds a new view. The option table and that path
+live in ``mergefs.mounthelper``, a leaf the lean programs of ``mergefs views
+install-program`` import without the CLI.
 """
 from __future__ import annotations
 
