@@ -10,7 +10,12 @@ run the mount command (for mergefs both ``mergefs mount`` and the
 fuse-overlayfs form ``mergefs -o lowerdir=...`` that podman runs, through the
 installed ``mergefs`` script), note when it returned ("return"), ``ls`` the mount
 root and note when that was done ("live": the first answer from the server),
-then unmount (not timed). Reps are interleaved across systems, so a burst of
+then unmount (not timed). ``mergefs -o fork`` and ``mergefs -o views``: the
+same call with ``service=SOCK`` through the lean program of ``mergefs views
+install-program`` to a service started here: ``mergefs mount-server`` (a warm
+server forked per mount, whose command line is the mount server's: not found
+by ``server_cpu``) or ``mergefs views serve`` (a bind of a view, no server of
+its own); their server CPU column stays 0. Reps are interleaved across systems, so a burst of
 load from other processes hits all of them. Prints medians and p90 in ms,
 the interpreter start-up (``python -c pass``) measured in the same run, and
 the load average before and after. The mergefs package is byte-compiled
@@ -26,11 +31,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import benchlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SYSTEMS = ("kernel-overlay", "fuse-overlayfs", "mergefs", "mergefs -o")
+sys.path.insert(0, ROOT)
+SERVICES = {}     # "fork", "views": the services' sockets; "program": the lean mount program
+SYSTEMS = ("kernel-overlay", "fuse-overlayfs", "mergefs", "mergefs -o", "mergefs -o fork",
+           "mergefs -o views")
 MODES = ("ro", "rw")
 MERGEFS = os.path.join(os.path.dirname(sys.executable), "mergefs")   # the console script
 
@@ -54,6 +63,9 @@ def mount_argv(system: str, mode: str, layers: list[str], mnt: str, up: str, wk:
         return ["mount", "-t", "overlay", "overlay", "-o", opts, mnt]
     if system == "fuse-overlayfs":
         return ["fuse-overlayfs", "-o", opts, mnt]
+    if system in ("mergefs -o fork", "mergefs -o views"):     # through a service
+        sock = SERVICES[system.split()[-1]]
+        return [SERVICES["program"], "-o", f"{opts},nokernel,service={sock}", mnt]
     if system == "mergefs -o":          # containers/storage's mount_program form
         # nokernel: a read-only one over plain layers would be a kernel overlayfs mount
         # (cmd_mount_helper.kernel_read_only); this measures the FUSE server's start
@@ -132,7 +144,13 @@ def main() -> int:
     systems = SYSTEMS + (("mergefs before", "mergefs -o before") if args.before else ())
     base = tempfile.mkdtemp(prefix="bench-mount-")
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", base], check=True)
+    services = []
     try:
+        from mergefs.testing.services import MountService, program
+        for kind in ("fork", "views"):
+            services.append(MountService(kind, Path(base) / f"service-{kind}"))
+            SERVICES[kind] = services[-1].control
+        SERVICES["program"] = program(Path(base))
         layers = make_layers(base)
         if args.before:
             before_script(base, os.path.abspath(args.before))
@@ -164,6 +182,8 @@ def main() -> int:
             print(f"{system:18} {mode:4} {ms(ret, 50):10.0f} {ms(ret, 90):6.0f} "
                   f"{ms(live, 50):9.0f} {ms(live, 90):6.0f} {ms(cmd, 50):8.0f} {ms(srv, 50):8.0f}")
     finally:
+        for service in services:
+            service.stop()
         subprocess.run(["umount", "-l", base])
         shutil.rmtree(base, ignore_errors=True)
     return 0

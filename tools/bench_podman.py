@@ -33,6 +33,12 @@ the same runs, interleaved. ``--fuse-only`` adds ``mergefs-fuse``: this tree's
 mergefs with ``nokernel``, so that every mount is a FUSE server, also the
 read-only parent mounts of the naive diff that ``mergefs`` itself leaves to
 kernel overlayfs when their layers are plain (the FUSE serving path's own ratio).
+``mergefs-fork`` and ``mergefs-views`` are mergefs through a mount service
+(README, "As podman's or buildah's overlay mount program"): ``mergefs
+mount-server`` (a warm server forked per mount) or ``mergefs views serve`` (a
+bind of a view per mount), started here on private paths (stopped by pid at
+the end), the lean program of ``mergefs views install-program`` as
+mount_program and ``mountopt = "service=SOCK"``.
 """
 from __future__ import annotations
 
@@ -50,8 +56,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import benchlib  # noqa: E402
 from mergefs.testing.podman import PodmanEnv, busybox_image  # noqa: E402
+from mergefs.testing.services import MountService, program  # noqa: E402
 
-PROGRAMS = ("mergefs", "fuse-overlayfs", "kernel")
+PROGRAMS = ("mergefs", "mergefs-fork", "mergefs-views", "fuse-overlayfs", "kernel")
 ANCHOR = "fuse-overlayfs"
 STALL = 19.0          # podman's "Exceeded conmon timeout waiting for container to exit" (20 s)
 STALLS: dict[str, int] = {}
@@ -97,7 +104,8 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def measure(env: PodmanEnv, image: str, table: benchlib.Table, reps: int, ctx: Path) -> None:
+def measure(env: PodmanEnv, image: str, table: benchlib.Table, reps: int, ctx: Path,
+            build: bool = True) -> None:
     anchor = None if env.name == ANCHOR else f"run {ANCHOR}"
     row = table.series(f"run {env.name}", anchor=anchor)
     for _ in range(reps):
@@ -111,6 +119,8 @@ def measure(env: PodmanEnv, image: str, table: benchlib.Table, reps: int, ctx: P
     for i in range(reps):
         row.add(timed(lambda: (env("run", "--name", f"bench-{i}", image, "true"),
                                env("rm", f"bench-{i}"))))
+    if not build:
+        return
     tag = f"localhost/bench-{env.name}"
     anchor = None if env.name == ANCHOR else f"build {ANCHOR}"
     table.series(f"build {env.name}", anchor=anchor).add(
@@ -132,6 +142,7 @@ def run(args) -> int:
     table = benchlib.Table(f"podman {what}: run --rm and run+rm x{args.run_reps}, build x1 per run, "
                            f"{args.runs} runs (seconds)")
     envs, images = {}, {}
+    services = {}
     programs = list(args.programs)
     if args.fuse_only and "mergefs" in programs:   # every mount on FUSE, next to mergefs
         programs.insert(programs.index("mergefs") + 1, "mergefs-fuse")
@@ -145,7 +156,12 @@ def run(args) -> int:
                 if name == "mergefs-before" else None
             if name == "mergefs-fuse":
                 path = fuse_only_script(work)
-            envs[name] = PodmanEnv(Path(_fresh(work / f"storage-{name}")), name, path)
+            mountopt = None
+            if name in ("mergefs-fork", "mergefs-views"):
+                kind = name.split("-")[1]
+                services[name] = MountService(kind, _fresh(work / f"service-{kind}"))
+                path, mountopt = program(work), f"service={services[name].control}"
+            envs[name] = PodmanEnv(Path(_fresh(work / f"storage-{name}")), name, path, mountopt)
             anchor = None if name == ANCHOR else f"load {ANCHOR}"
             sec = timed(lambda: images.__setitem__(name, envs[name].load(archive)))
             table.series(f"load {name}", anchor=anchor).add(sec)
@@ -154,11 +170,16 @@ def run(args) -> int:
             (ctx / "Containerfile").write_text(CONTAINERFILE.format(image=images[name]))
         for run_no in range(args.runs):
             for name in programs:
-                measure(envs[name], images[name], table, args.run_reps, work / f"ctx-{name}")
+                measure(envs[name], images[name], table, args.run_reps, work / f"ctx-{name}",
+                        not args.no_build)
             print(f"run {run_no + 1} done (load average {os.getloadavg()[0]:.1f})", flush=True)
     finally:
         for env in envs.values():
             env.close()
+        for name, service in services.items():
+            left = service.wait_empty(5.0)
+            service.stop()
+            print(f"{name}: left in the service after podman's clean-up: {left or 'nothing'}")
     print(table.render())
     print("run samples left out as podman stalls (>= 19 s: podman waited out its 20 s "
           f"conmon timeout; conmon's cleanup did not run): {STALLS or 'none'}")
@@ -205,6 +226,7 @@ def main(argv=None) -> int:
     ap.add_argument("--busybox", action="store_true", help="the tests' busybox image instead")
     ap.add_argument("--json", help="write the table as JSON here")
     ap.add_argument("--before", metavar="TREE", help="also a mergefs-before: mergefs from TREE")
+    ap.add_argument("--no-build", action="store_true", help="run and run+rm only")
     ap.add_argument("--fuse-only", action="store_true",
                     help="also mergefs-fuse: mergefs with every mount on FUSE (nokernel)")
     args = ap.parse_args(argv)

@@ -103,6 +103,13 @@ def main(argv: list[str] | None = None) -> int:
         from .cmd_mount_helper import kernel_read_only
         if kernel_read_only(sys.argv[1:]) == 0:
             os._exit(0)
+    if mounting and any("service" in a for a in sys.argv[1:]):
+        # service=SOCK: mounted by that running service (cmd_mount_helper), no cold start
+        from .cmd_mount_helper import through_service
+        code = through_service(sys.argv[1:])
+        if code is not None:
+            sys.stderr.flush()
+            os._exit(code)
     if mounting:
         from ..union import prefork     # the server imports pyfuse3/trio meanwhile
         prefork.start_early()

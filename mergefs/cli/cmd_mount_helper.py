@@ -48,86 +48,29 @@ which shows exactly what mergefs would (``kernel_read_only``), when run as
 root in the initial user namespace and with no option that needs the FUSE
 server (``squash_to_*``, ``private``, SELinux contexts, ...). ``nokernel``
 keeps such a mount on FUSE.
+
+``service=SOCK`` (``service``: ``/run/mergefs/mount.sock``) hands the mount to
+a running service instead of starting a server (``mergefs.mounthelper``,
+``through_service``): ``mergefs mount-server`` forks a warm server,
+``mergefs views serve`` binds a new view. The option table and that path
+live in ``mergefs.mounthelper``, a leaf the lean programs of ``mergefs views
+install-program`` import without the CLI.
 """
 from __future__ import annotations
 
 import os
 
-from ..errors import InvalidArgument, UsageError
-from ..mountspec import LAYER_KEYS, from_options
-
-PASSED = {"ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
-          "relatime", "norelatime", "strictatime", "sync", "async", "dirsync"}
-PASSED_WITH_VALUE = {"context", "fscontext", "defcontext", "rootcontext"}
-DROPPED = {"rw", "defaults", "auto", "noauto", "user", "nouser", "users", "nofail",
-           "_netdev", "default_permissions", "loop", "noacl", "nokernel"}
-REFUSED = {
-    "uidmapping": "mergefs does not shift ids; run podman without per-container id "
-                  "mappings (--userns/--uidmap) or use fuse-overlayfs for them",
-    "gidmapping": "mergefs does not shift ids; run podman without per-container id "
-                  "mappings (--userns/--uidmap) or use fuse-overlayfs for them",
-}
-SOURCE_NAMES = ("mergefs",)
-
-
-def _split(argv: list[str]) -> tuple[list[str], list[str]]:
-    positional, options, it = [], [], iter(argv)
-    for arg in it:
-        if arg == "-o":
-            options += next(it, "").split(",")
-        elif arg.startswith("-o") and len(arg) > 2:
-            options += arg[2:].split(",")
-        elif arg in ("-n", "-v", "-s", "-f", "-r", "-w"):
-            continue                              # flags mount(8) may add for helpers
-        elif arg == "-t":
-            next(it, None)
-        else:
-            positional.append(arg)
-    return positional, [o for o in options if o]
-
-
-def is_mount_helper_call(argv: list[str]) -> bool:
-    """An argv with ``-o`` options naming a lowerdir= and no verb (either convention)."""
-    positional, options = _split(argv)
-    return len(positional) in (1, 2) and any(o.startswith("lowerdir=") for o in options)
-
-
-def _squash_id(opt: str, value: str) -> str:
-    if not value.isdigit():
-        raise UsageError(f"mount option {opt!r}: expected a number")
-    return value
-
+from ..errors import UsageError
+from ..mounthelper import (DROPPED, classify, is_mount_helper_call,  # noqa: F401
+                           split_argv, target_and_options, through_service, write_script)
 
 def translate(argv: list[str]) -> list[str]:
     """Helper argv -> ``mount [--upper U --work W] [--allow-other] [--volatile] [--squash-*]
     [-o ..] LAYER... MNT``; raises UsageError for a wrong argv or an unsupported option."""
-    positional, options = _split(argv)
-    if len(positional) not in (1, 2):
-        raise UsageError(f"usage: mergefs -o lowerdir=TOP:...:BOTTOM[,upperdir=U,workdir=W] "
-                         f"MOUNTPOINT (got {argv})")
-    layer_opts, extra, fuse = [], [], []
-    for opt in options:
-        key, _, value = opt.partition("=")
-        if key in LAYER_KEYS or opt == "allow_other":
-            layer_opts.append(opt)
-        elif opt == "private":
-            extra.append("--private")
-        elif key == "volatile" or opt == "fsync=0":
-            extra.append("--volatile")
-        elif opt == "fsync=1":
-            continue                              # fuse-overlayfs's default: fsync honoured
-        elif key == "squash_to_root":
-            extra += ["--squash-uid", "0", "--squash-gid", "0"]
-        elif key in ("squash_to_uid", "squash_to_gid"):
-            extra += [f"--squash-{key[-3:]}", _squash_id(opt, value)]
-        elif key in REFUSED:
-            raise UsageError(f"mount option {key!r} is not supported: {REFUSED[key]}")
-        elif opt in PASSED or (key in PASSED_WITH_VALUE and value):
-            fuse.append(opt)
-        elif opt in DROPPED or key.startswith("x-"):
-            continue
-        else:
-            raise UsageError(f"unsupported mount option {opt!r}")
+    from ..errors import InvalidArgument
+    from ..mountspec import from_options
+    target, options = target_and_options(argv)
+    layer_opts, extra, fuse, _ = classify(options)
     try:
         spec = from_options(layer_opts)
     except InvalidArgument as e:
@@ -143,7 +86,7 @@ def translate(argv: list[str]) -> list[str]:
     if fuse:
         out += ["-o", ",".join(fuse)]
     # the lowerdir paths themselves are resolved (overlay/l/ID symlinks), never what is in them
-    return out + [os.path.realpath(p) for p in spec.lowers] + [os.path.abspath(positional[-1])]
+    return out + [os.path.realpath(p) for p in spec.lowers] + [os.path.abspath(target)]
 
 
 # what a kernel mount of plain layers (kernel_read_only) takes: mount flags, and options
@@ -157,7 +100,7 @@ def kernel_read_only(argv: list[str]) -> int | None:
     overlayfs (``mergefs.kernelview``); 0 once mounted, None when the call is not
     one (an upper, another option, layers that are not plain, not root of the
     initial user namespace, a mount(2) that fails): then it goes through FUSE."""
-    positional, options = _split(argv)
+    positional, options = split_argv(argv)
     if len(positional) != 1:
         return None
     lowers, flags = None, set()
@@ -168,7 +111,7 @@ def kernel_read_only(argv: list[str]) -> int | None:
         elif opt in KERNEL_FLAGS:
             flags.add(opt)
         elif not (opt in KERNEL_NEUTRAL or opt in DROPPED - {"nokernel"}
-                  or key.startswith("x-")):
+                  or key.startswith("x-") or key == "service"):
             return None
     if not lowers:
         return None
@@ -193,10 +136,4 @@ def helper_script() -> str:
 
 def install_helper(directory: str = "/sbin") -> str:
     """Write DIR/mount.fuse.mergefs (staged, then renamed into place); return its path."""
-    path = os.path.join(directory, HELPER_NAME)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(helper_script())
-    os.chmod(tmp, 0o755)
-    os.rename(tmp, path)
-    return path
+    return write_script(os.path.join(directory, HELPER_NAME), helper_script())

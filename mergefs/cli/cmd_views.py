@@ -1,4 +1,5 @@
-"""Verbs ``views`` (one FUSE mount serving many views) and ``bundle``/``unbundle``.
+"""Verbs ``views`` (one FUSE mount serving many views), ``mount-server`` (warm
+servers forked per mount) and ``bundle``/``unbundle``.
 
 ``mergefs views serve --control SOCK MNT`` serves views in the foreground
 until SIGTERM; ``views add|rm|ls|bind`` talk to it over SOCK. ``mergefs
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 
-DEFAULT_CONTROL = "/run/mergefs/views.sock"
+from ..mounthelper import DEFAULT_SERVICE, DEFAULT_VIEWS as DEFAULT_CONTROL
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,6 +49,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     _control(q)
     q.set_defaults(func=cmd_bind)
 
+    q = vs.add_parser("install-program", help="write DIR/mergefs-overlayfs, the lean mount "
+                      "program for containers/storage (mount_program; mountopt views=SOCK)")
+    q.add_argument("--dir", default="/usr/local/bin")
+    q.set_defaults(func=cmd_install_program)
+
+    p = sub.add_parser("mount-server", help="serve mount requests (`mergefs -o ...,service=SOCK "
+                       "TARGET`): a warm FUSE server forked per mount, in the foreground")
+    p.add_argument("--control", default=DEFAULT_SERVICE, metavar="SOCK",
+                   help=f"control socket (default {DEFAULT_SERVICE})")
+    p.set_defaults(func=cmd_mount_server)
+
     p = sub.add_parser("bundle", help="write an OCI runtime bundle for REF at DIR (config.json, "
                        "rootfs mounted); then `runc run -b DIR ID`")
     p.add_argument("ref", metavar="REF", help="a store ref, an OCI image path, or LAYER:LAYER...")
@@ -79,6 +91,24 @@ def cmd_serve(args) -> int:
         print(f"serving views at {os.path.abspath(args.mountpoint)} "
               f"(control {os.path.abspath(args.control)})", flush=True)
     serve_views(args.mountpoint, os.path.abspath(args.control), args.allow_other, ready)
+    return 0
+
+
+def cmd_mount_server(args) -> int:
+    import logging
+    from ..union.mountsvc import serve_mounts
+    logging.basicConfig(level=logging.INFO, format="mergefs-mounts %(levelname)s %(message)s")
+    os.makedirs(os.path.dirname(os.path.abspath(args.control)), exist_ok=True)
+
+    def ready():
+        print(f"serving mounts (control {os.path.abspath(args.control)})", flush=True)
+    serve_mounts(args.control, ready)
+    return 0
+
+
+def cmd_install_program(args) -> int:
+    from ..mounthelper import install_program
+    print(install_program(args.dir))
     return 0
 
 

@@ -59,8 +59,11 @@ def program_path(name: str, where: Path) -> str | None:
 
 
 class PodmanEnv:
-    def __init__(self, root: Path, program: str, path: str | None = None):
-        """``program``: one of PROGRAMS, or any name with ``path`` (the mount program)."""
+    def __init__(self, root: Path, program: str, path: str | None = None,
+                 mountopt: str | None = None):
+        """``program``: one of PROGRAMS, or any name with ``path`` (the mount program);
+        ``mountopt``: storage.conf's overlay ``mountopt`` (passed to every mount),
+        e.g. ``views=SOCK`` for mergefs through a views service."""
         self.root = Path(root)
         self.name = program
         for d in ("graph", "tmp", "libpod-tmp"):
@@ -74,6 +77,8 @@ class PodmanEnv:
         self.program = path or program_path(program, self.root)
         overlay = f'[storage.options.overlay]\nmount_program = "{self.program}"\n' \
             if self.program else ""
+        if mountopt:
+            overlay += f'mountopt = "{mountopt}"\n'
         (self.root / "storage.conf").write_text(
             f'[storage]\ndriver = "overlay"\ngraphroot = "{self.root}/graph"\n'
             f'runroot = "{self.runroot}"\n{overlay}')

@@ -15,13 +15,32 @@ directly from that loop (see ``serve_views``). The control socket speaks
 one JSON object per line each way: ``{"op": "add", "name": N, "spec": {...}}``
 -> ``{"ok": true, "path": P}``; ``{"op": "remove", "name": N, "force": false}``;
 ``{"op": "list"}`` -> ``{"ok": true, "views": [...]}``; failures
-``{"ok": false, "error": MSG, "kind": "not_found"|"exists"|"busy"|"invalid"|"error"}``.
+``{"ok": false, "error": MSG, "kind": "not_found"|"exists"|"busy"|"invalid"|"usage"|"mount"|"error"}``
+(``ctlclient.error_reply``).
+
+``{"op": "mount", "layers": ["lowerdir=TOP:...", "upperdir=U", "workdir=W"],
+"cwd": DIR, "volatile": false, "options": ["suid", ...], "target": T, "mntns": NS}``
+-> ``{"ok": true, "name": N, "path": P}`` is ``mergefs -o ...,service=SOCK T``
+(``mergefs.mounthelper``, which checked the options; ``mountsvc`` serves the
+same request with a server of its own): the service adds a view
+(``ctlclient.mount_spec``) under a name of its own (never reused), binds it
+at T with the mount flags of ``options`` (``bind_flags``: nosuid,nodev unless
+``suid``/``dev``, as a FUSE mount of its own; ro for a view without upper)
+and answers once the bind is live; ``private`` and ``squash_*`` are refused
+(one server serves every view alike). The bind is made by the service, so it must share the
+caller's mount namespace (``NS``, the caller's ``/proc/self/ns/mnt`` link;
+refused otherwise: the service could not see the bind go). Such a view goes
+away by itself when its last mount goes (``fusermount3 -u T`` or ``umount
+T``): ``AutoViews``, checked at every change of the service's mount table
+(``watch_mounts``: ``/proc/self/mountinfo`` polls POLLPRI on a change).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
+import select
 import signal
 import socket
 import threading
@@ -30,14 +49,38 @@ import pyfuse3
 import trio
 
 from .. import syscalls
-from ..errors import AlreadyExists, FailedPrecondition, MergefsError, MountError, NotFound
+from .. import mounttable
+from ..errors import (FailedPrecondition, InvalidArgument, MergefsError, MountError, NotFound,
+                      UsageError)
 from ..mountspec import MountSpec
+from .ctlclient import (control_call, error_reply, mount_request,  # noqa: F401 (control_call:
+                        mount_spec)                                 # re-exported)
 from .views import ViewFS
 
 log = logging.getLogger("mergefs.union")
 MNT_DETACH = 2
-KINDS = ((NotFound, "not_found"), (AlreadyExists, "exists"), (FailedPrecondition, "busy"),
-         (ValueError, "invalid"), (TypeError, "invalid"))
+# what a bind of a view takes (mount(8)'s names): flags set, flags cleared
+BIND_FLAGS = {"ro": syscalls.MS_RDONLY, "nosuid": syscalls.MS_NOSUID,
+              "nodev": syscalls.MS_NODEV, "noexec": syscalls.MS_NOEXEC, "noatime": 1024,
+              "nodiratime": 2048, "relatime": 1 << 21, "strictatime": 1 << 24}
+BIND_CLEARS = {"rw": syscalls.MS_RDONLY, "suid": syscalls.MS_NOSUID, "dev": syscalls.MS_NODEV,
+               "exec": syscalls.MS_NOEXEC, "atime": 1024, "norelatime": 1 << 21}
+
+
+def bind_flags(options) -> int:
+    """The flags of a bind for mount options: nosuid,nodev unless ``suid``/``dev``
+    (as libfuse mounts); an option a bind cannot set (``sync``, ``context=``: the
+    views mount's own) is an InvalidArgument."""
+    flags = syscalls.MS_NOSUID | syscalls.MS_NODEV
+    for opt in options:
+        if opt in BIND_FLAGS:
+            flags |= BIND_FLAGS[opt]
+        elif opt in BIND_CLEARS:
+            flags &= ~BIND_CLEARS[opt]
+        else:
+            raise InvalidArgument(f"mount option {opt!r} cannot be set on a bind of a view "
+                                  "(a views service); drop service= for this mount")
+    return flags
 
 
 def views_options(allow_other: bool) -> set[str]:
@@ -49,7 +92,8 @@ def views_options(allow_other: bool) -> set[str]:
 
 
 def spec_from_json(raw: dict) -> MountSpec:
-    return MountSpec(lowers=tuple(raw["lowers"]), upper=raw.get("upper"), work=raw.get("work"))
+    return MountSpec(lowers=tuple(raw["lowers"]), upper=raw.get("upper"), work=raw.get("work"),
+                     volatile=bool(raw.get("volatile")))
 
 
 class ViewMount:
@@ -159,14 +203,112 @@ def handle_request(fs: ViewFS, req: dict) -> dict:
             return {"ok": True, "views": fs.list_views()}
         return {"ok": False, "kind": "invalid", "error": f"unknown op {op!r}"}
     except (MergefsError, ValueError, TypeError, KeyError, OSError) as exc:
-        kind = next((k for cls, k in KINDS if isinstance(exc, cls)), "error")
-        if isinstance(exc, KeyError):
-            kind, exc = "invalid", ValueError(f"missing field {exc}")
-        return {"ok": False, "kind": kind, "error": str(exc)}
+        return error_reply(exc)
+
+
+class AutoViews:
+    """The views of ``mount`` requests: each goes when no mount uses it any more."""
+
+    def __init__(self, fs: ViewFS):
+        self.fs = fs
+        self.names: set[str] = set()
+        self._count = 0
+
+    def new_name(self, target: str) -> str:
+        """A name no view of this mount had: ``mount-N-TAG`` (TAG from the target's
+        path, e.g. containers/storage's layer id, for people reading ``views ls``)."""
+        parts = [p for p in target.split("/") if p and p not in ("merged", "rootfs")]
+        tag = re.sub(r"[^A-Za-z0-9_.-]", "_", parts[-1] if parts else "root")[:16]
+        while True:
+            self._count += 1
+            name = f"mount-{self._count}-{tag}"
+            if name not in self.fs.views and name not in self.fs.retired:
+                return name
+
+    async def mount(self, req: dict) -> dict:
+        """Add a view for ``req["spec"]`` and bind it at ``req["target"]``."""
+        own = os.readlink("/proc/self/ns/mnt")
+        if req.get("mntns", own) != own:
+            raise MountError(f"the views service runs in mount namespace {own}, this mount "
+                             f"in {req['mntns']}: start the service where the mounts are made")
+        try:
+            flags = bind_flags(req.get("options", ()))
+            if req.get("private") or req.get("squash_uid") is not None \
+                    or req.get("squash_gid") is not None:
+                raise InvalidArgument("mount options 'private' and 'squash_to_*' are not "
+                                      "supported by a views service (one server serves every "
+                                      "view alike); use `mergefs mount-server` for them")
+            spec = mount_spec(req)
+        except InvalidArgument as exc:
+            raise UsageError(str(exc)) from None
+        if spec.upper is None:       # as a read-only mount of its own: EROFS from the kernel
+            flags |= syscalls.MS_RDONLY
+        target = os.path.abspath(req["target"])
+        name = self.new_name(target)
+        path = self.fs.add_view(name, spec)
+        try:       # in a thread: the kernel's lookup of the view is served by this loop
+            await trio.to_thread.run_sync(bind_with_flags, path, target, flags)
+        except MountError:
+            self.fs.remove_view(name, force=True)
+            raise
+        self.names.add(name)
+        log.info("view %s bound at %s", name, target)
+        return {"ok": True, "name": name, "path": path}
+
+    def check(self) -> None:
+        """Remove every auto view that no mount uses any more."""
+        if not self.names:
+            return
+        for name in sorted(self.names - bound_views(self.fs.mountpoint)):
+            try:
+                self.fs.remove_view(name)
+            except FailedPrecondition:        # something is mounted inside it: keep watching
+                continue
+            except NotFound:                  # removed by hand (views rm)
+                pass
+            self.names.discard(name)
+
+
+def bound_views(mountpoint: str) -> set[str]:
+    """Names of the views that a mount of this process's table uses: a bind of the
+    view (or below it), or a mount inside it (``viewstate.mounts_using``, for all
+    views at once)."""
+    rows = mounttable.read()
+    dev = next((r.device for r in reversed(rows) if r.target == mountpoint), None)
+    inside = mountpoint.rstrip("/") + "/"
+    out = set()
+    for r in rows:
+        if r.target == mountpoint:
+            continue
+        if r.device == dev and r.root.startswith("/") and len(r.root) > 1:
+            out.add(r.root[1:].split("/", 1)[0])
+        if r.target.startswith(inside):
+            out.add(r.target[len(inside):].split("/", 1)[0])
+    return out
+
+
+async def watch_mounts(on_change, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Call ``on_change()`` after every change of this process's mount table, until
+    cancelled. ``/proc/self/mountinfo`` reports POLLPRI|POLLERR once per change (it is
+    always readable); an epoll set holding only those events is readable exactly
+    then, and trio waits on that set's fd."""
+    fd = os.open(mounttable.MOUNTINFO, os.O_RDONLY | os.O_CLOEXEC)
+    ep = select.epoll()
+    try:
+        ep.register(fd, select.EPOLLPRI | select.EPOLLERR)
+        task_status.started()
+        while True:
+            await trio.lowlevel.wait_readable(ep.fileno())
+            ep.poll(0)
+            on_change()
+    finally:
+        ep.close()
+        os.close(fd)
 
 
 async def serve_control(fs: ViewFS, path: str, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve the JSON-lines control API on a unix socket (mode 0600) until cancelled."""
+    """Serve the JSON-lines control API on a unix socket (mode 0600) until cancelled,
+    and remove the views of ``mount`` requests when their mounts go."""
     with _suppress_missing():
         os.unlink(path)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -174,18 +316,20 @@ async def serve_control(fs: ViewFS, path: str, task_status=trio.TASK_STATUS_IGNO
     os.chmod(path, 0o600)
     sock.listen(16)
     listener = trio.SocketListener(sock)
+    auto = AutoViews(fs)
     try:
         async with trio.open_nursery() as nursery:
+            await nursery.start(watch_mounts, auto.check)
             task_status.started()
             while True:
                 stream = await listener.accept()
-                nursery.start_soon(_client, fs, stream)
+                nursery.start_soon(_client, fs, stream, auto)
     finally:
         with _suppress_missing():
             os.unlink(path)
 
 
-async def _client(fs: ViewFS, stream) -> None:
+async def _client(fs: ViewFS, stream, auto: AutoViews) -> None:
     buf = b""
     async with stream:
         try:
@@ -205,10 +349,19 @@ async def _client(fs: ViewFS, stream) -> None:
                     except ValueError as exc:
                         reply = {"ok": False, "kind": "invalid", "error": f"bad request: {exc}"}
                     else:
-                        reply = handle_request(fs, req)
+                        reply = await _mount(auto, req) \
+                            if req.get("op") in ("mount", "mount-argv") \
+                            else handle_request(fs, req)
                     await stream.send_all(json.dumps(reply).encode() + b"\n")
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
+
+
+async def _mount(auto: AutoViews, req: dict) -> dict:
+    try:
+        return await auto.mount(mount_request(req))
+    except (MergefsError, ValueError, TypeError, KeyError, OSError) as exc:
+        return error_reply(exc)
 
 
 class _suppress_missing:
@@ -217,26 +370,6 @@ class _suppress_missing:
 
     def __exit__(self, typ, exc, tb):
         return typ is not None and issubclass(typ, FileNotFoundError)
-
-
-def control_call(path: str, req: dict, timeout: float = 30.0) -> dict:
-    """One request to a control socket; raises the matching mergefs error on failure."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(path)
-        s.sendall(json.dumps(req).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                raise MountError(f"{path}: the views server closed the connection")
-            data += chunk
-    reply = json.loads(data)
-    if not reply.get("ok"):
-        cls = {"not_found": NotFound, "exists": AlreadyExists, "busy": FailedPrecondition,
-               "invalid": ValueError}.get(reply.get("kind"), MergefsError)
-        raise cls(reply.get("error", "failed"))
-    return reply
 
 
 def serve_views(mountpoint: str, control: str, allow_other: bool = True, ready=None) -> None:
@@ -270,17 +403,18 @@ def bind(view_path: str, target: str, suid_dev: bool = True, readonly: bool = Fa
     """Bind ``view_path`` at ``target``; libfuse mounts nosuid,nodev, so a container
     image that needs setuid binaries or device nodes gets them back on the bind
     (``suid_dev``); ``readonly`` makes the kernel refuse writes (EROFS) itself."""
+    flags = 0 if suid_dev else syscalls.MS_NOSUID | syscalls.MS_NODEV
+    bind_with_flags(view_path, target, flags | (syscalls.MS_RDONLY if readonly else 0))
+
+
+def bind_with_flags(view_path: str, target: str, flags: int) -> None:
+    """Bind ``view_path`` at ``target``, then set the bind's flags (``BIND_FLAGS``)."""
     try:
         syscalls.mount(view_path, target, syscalls.MS_BIND)
     except OSError as exc:
         raise MountError(f"cannot bind {view_path} at {target}: {exc.strerror}") from None
-    flags = syscalls.MS_REMOUNT | syscalls.MS_BIND
-    if not suid_dev:
-        flags |= syscalls.MS_NOSUID | syscalls.MS_NODEV
-    if readonly:
-        flags |= syscalls.MS_RDONLY
     try:
-        syscalls.mount(None, target, flags)
+        syscalls.mount(None, target, syscalls.MS_REMOUNT | syscalls.MS_BIND | flags)
     except OSError as exc:
         unbind(target)
         raise MountError(f"cannot set the flags of the bind at {target}: {exc.strerror}") from None

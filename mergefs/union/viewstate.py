@@ -39,7 +39,7 @@ class View:
         self.seed = hashlib.blake2b(view_ident(name, spec, ident), digest_size=8)
         self.cache = cache
         self.uv = shared_view(spec, fmt, cache)
-        self.ops = UnionOperations(self.uv, no_open=False)
+        self.ops = UnionOperations(self.uv, no_open=False, volatile=spec.volatile)
         self.up = self.uv.up if self.uv.writable else None
         self.root_gid = 0                         # set by ViewFS.add_view
         self.private: dict[int, int] = {}         # local number -> gid

@@ -5,7 +5,12 @@ temp dir) and loads an image built offline (umoci + busybox-static: a
 whiteout, an opaque dir, a dir replaced by a file). The same tests run with
 fuse-overlayfs as the mount program: they check the check. After every
 ``podman rm`` / ``podman image rm`` no FUSE mount and no podman, conmon or
-mount server process naming the storage may be left.
+mount server process naming the storage may be left. ``mergefs-fork`` and
+``mergefs-views`` are mergefs through a mount service that the fixture
+starts on private paths (``mergefs mount-server``, ``mergefs views serve``;
+the lean program of ``mergefs views install-program``, ``mountopt =
+"service=SOCK"``): there nothing may be left either (no forked server; no
+view, no bind).
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import time
 import pytest
 
 from mergefs.testing.podman import PodmanEnv, busybox_image
+from mergefs.testing.services import MountService, program
 
 from ..conftest import needs, require
 
@@ -24,7 +30,7 @@ pytestmark = [
     pytest.mark.timeout(600),
     needs("root", "podman", "runc", "umoci", "busybox"),
 ]
-PROGRAMS = ["mergefs", "fuse-overlayfs"]
+PROGRAMS = ["mergefs", "mergefs-fork", "mergefs-views", "fuse-overlayfs"]
 LOOK = ("cat /etc/motd; ls /data/keep; cat /data/old; "
         "test -e /gone && echo gone-visible || echo gone-hidden; cat /data/new; ls /")
 IMAGE_VIEW = ("layer two\nc\na file now\ngone-hidden\nnew\n"
@@ -40,25 +46,52 @@ def archive(tmp_path_factory):
 def podman(request, tmp_path_factory, archive):
     if request.param == "fuse-overlayfs":
         require("fuse-overlayfs")
-    env = PodmanEnv(tmp_path_factory.mktemp(f"podman-{request.param}"), request.param)
+    root = tmp_path_factory.mktemp(f"podman-{request.param}")
+    service = None
+    if request.param in ("mergefs-fork", "mergefs-views"):
+        service = MountService(request.param.split("-")[1], tmp_path_factory.mktemp("service"))
+        env = PodmanEnv(root, request.param, program(root),
+                        mountopt=f"service={service.control}")
+    else:
+        env = PodmanEnv(root, request.param)
+    env.service = service
     try:
         env.image = env.load(archive)
         yield env
     finally:
-        env.close()
-        assert not env.mounts(fs_only=False) and not env.processes()
+        try:
+            env.close()
+            assert not env.mounts(fs_only=False) and not env.processes()
+            if service is not None:
+                assert service.wait_empty() == []
+                assert service.errors() == []
+        finally:
+            if service is not None:
+                service.stop()
 
 
 def assert_nothing_left(podman: PodmanEnv) -> None:
     mounts, procs = podman.leftovers()
     assert not mounts and not procs, f"{podman.name}: left {mounts} {procs}"
+    if podman.service is not None:       # no view, no forked server left
+        assert podman.service.wait_empty() == []
+
+
+def binds_made(podman: PodmanEnv) -> int:
+    """How many mounts the service has made (0 without one)."""
+    if podman.service is None:
+        return 0
+    text = podman.service.log.read_text()
+    return text.count(" bound at ") + text.count(" INFO mounted ")
 
 
 def test_run_shows_the_image_merged(podman):
+    before = binds_made(podman)
     r = podman("run", "--rm", podman.image, "sh", "-c", LOOK + "; ls /data/old/x", check=False)
     assert (r.returncode, r.stdout) == (1, IMAGE_VIEW)
     assert r.stderr == "ls: /data/old/x: Not a directory\n"
     assert_nothing_left(podman)
+    assert binds_made(podman) == before + (podman.service is not None)
 
 
 def test_container_writes_stay_in_the_container(podman):
@@ -102,7 +135,10 @@ def test_build_with_run_steps_then_run_the_built_image(podman, tmp_path):
     ctx.mkdir()
     (ctx / "Containerfile").write_text(CONTAINERFILE.format(image=podman.image))
     tag = f"localhost/built-{podman.name}"
+    before = binds_made(podman)
     podman("build", "--network", "none", "--tag", tag, ctx)
+    if podman.service is not None:        # a working container per RUN step at least
+        assert binds_made(podman) >= before + 3
     r = podman("run", "--rm", tag, "sh", "-c",
                "cat /etc/motd; ls /made; cat /made/g; ls /data/keep; ls /data/old; "
                "test -e /etc/group || echo no-group; ls /data; ls /etc")
@@ -171,7 +207,7 @@ def test_image_mount_of_a_plain_image(podman, plain_archive):
     image = podman.load(plain_archive)
     where = podman("image", "mount", image).stdout.strip()
     fstype = next(l.split()[2] for l in open("/proc/self/mounts") if l.split()[1] == where)
-    if podman.name == "mergefs":
+    if podman.name.startswith("mergefs"):
         assert not fstype.startswith("fuse")
         with pytest.raises(OSError):
             open(os.path.join(where, "etc/new"), "w").close()

@@ -1,0 +1,249 @@
+"""``mergefs -o ...,service=SOCK TARGET``: containers/storage's mount program handed to
+a running service, ``mergefs mount-server`` (a warm server forked per mount: "fork")
+or ``mergefs views serve`` (a bind of a view: "views"). No podman here;
+tests/podman/test_podman.py runs podman on both.
+
+The service runs on private paths and is stopped by pid; every mount a test
+makes is unmounted in teardown.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mergefs.testing import mounts
+from mergefs.testing.services import MountService, program
+
+from ..conftest import needs
+
+pytestmark = [needs("root")]
+KINDS = {"fork", "views"}
+
+
+def mergefs(*args, cwd=None, program=None) -> subprocess.CompletedProcess:
+    cmd = [program] if program else [sys.executable, "-m", "mergefs"]
+    return subprocess.run([*cmd, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.fixture(scope="module")
+def lean(tmp_path_factory) -> str:
+    """The mount program ``mergefs views install-program`` writes: mountclient.c
+    compiled, python -IS for the rest."""
+    where = tmp_path_factory.mktemp("bin")
+    r = mergefs("views", "install-program", "--dir", where)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == program(where)
+    with open(r.stdout.strip(), "rb") as f:
+        assert f.read(4) == b"\x7fELF"              # cc is there: the C program
+    return r.stdout.strip()
+
+
+@pytest.fixture(params=["fork", "views"])
+def service(request, tmp_path):
+    srv = MountService(request.param, tmp_path / "service")
+    srv.targets = []
+    try:
+        yield srv
+    finally:
+        for t in srv.targets:
+            mounts.force_unmount(t)
+        srv.stop()
+        assert not mounts.is_mounted(srv.mnt)
+
+
+@pytest.fixture
+def layers(tmp_path):
+    """Overlay-format layers, top first as lowerdir lists them: a whiteout, an
+    opaque directory, a file replacing a directory."""
+    base, top = tmp_path / "base", tmp_path / "top"
+    for d in ("etc", "data/keep", "data/old"):
+        (base / d).mkdir(parents=True)
+    (base / "etc/motd").write_text("base\n")
+    (base / "gone").write_text("hidden by top\n")
+    (base / "data/keep/a").write_text("a\n")
+    (base / "data/old/x").write_text("x\n")
+    (top / "data/keep").mkdir(parents=True)
+    os.setxattr(top / "data/keep", "trusted.overlay.opaque", b"y")
+    (top / "data/keep/c").write_text("c\n")
+    (top / "data/old").write_text("a file now\n")
+    os.mknod(top / "gone", 0o600 | 0o020000, os.makedev(0, 0))
+    (top / "etc").mkdir()
+    (top / "etc/motd").write_text("top\n")
+    return [top, base]
+
+
+def tree(root: Path) -> dict[str, tuple]:
+    out = {}
+    for d, dirs, files in os.walk(root):
+        for n in dirs + files:
+            p = os.path.join(d, n)
+            st = os.lstat(p)
+            body = open(p, "rb").read() if os.path.isfile(p) and not os.path.islink(p) else None
+            out[os.path.relpath(p, root)] = (st.st_mode, st.st_uid, st.st_size, body)
+    return out
+
+
+def views(service) -> list[dict]:
+    from mergefs.union.ctlclient import control_call
+    return control_call(service.control, {"op": "list"})["views"]
+
+
+def writable_opts(tmp_path, layers, name: str) -> str:
+    up, wk = tmp_path / f"{name}-up", tmp_path / f"{name}-wk"
+    up.mkdir()
+    wk.mkdir()
+    return f"lowerdir={':'.join(map(str, layers))},upperdir={up},workdir={wk}"
+
+
+def target(service, tmp_path, name: str) -> Path:
+    t = tmp_path / name
+    t.mkdir()
+    service.targets.append(t)
+    return t
+
+
+@pytest.mark.parametrize("unmount, entry", [(["umount"], "script"),
+                                            (["fusermount3", "-u"], "script"),
+                                            (["umount"], "lean")])
+def test_a_views_mount_shows_what_a_standalone_mount_shows_and_goes_with_its_bind(
+        service, layers, tmp_path, unmount, entry, lean):
+    mine = target(service, tmp_path, "svc")
+    r = mergefs("-o", writable_opts(tmp_path, layers, "a") + f",volatile,service={service.control}",
+                mine, program=lean if entry == "lean" else None)
+    assert (r.returncode, r.stderr) == (0, "")
+    if service.kind == "views":
+        [view] = views(service)
+        assert view["mounts"] == [str(mine)] and view["writable"]
+    else:
+        assert len(service.left()) == 1           # its server
+    alone = target(service, tmp_path, "alone")
+    r = mergefs("-o", writable_opts(tmp_path, layers, "b"), alone)
+    assert r.returncode == 0, r.stderr
+    try:
+        assert tree(mine) == tree(alone)
+    finally:
+        mergefs("umount", alone)
+    assert (mine / "data/old").read_text() == "a file now\n"
+    assert not (mine / "gone").exists()
+    (mine / "etc/motd").write_text("changed\n")          # lands in the upper only
+    assert (tmp_path / "a-up/etc/motd").read_text() == "changed\n"
+    assert (layers[0] / "etc/motd").read_text() == "top\n"
+    assert subprocess.run([*unmount, str(mine)], capture_output=True).returncode == 0
+    assert service.wait_empty() == []
+    assert service.errors() == []
+
+
+def test_mount_flags_follow_the_options(service, layers, tmp_path):
+    """nosuid,nodev unless suid/dev, as a FUSE mount of its own; a read-only mount
+    (no upper, layers with a whiteout: not the kernel's) is ro."""
+    rw, ro = target(service, tmp_path, "rw"), target(service, tmp_path, "ro")
+    r = mergefs("-o", writable_opts(tmp_path, layers, "f") + f",suid,dev,service={service.control}",
+                rw)
+    assert r.returncode == 0, r.stderr
+    lowers = ":".join(map(str, layers))
+    assert mergefs("-o", f"lowerdir={lowers},service={service.control}", ro).returncode == 0
+    opts = {e.target: set(e.options.split(",")) for e in mounts_table()}
+    assert not {"nosuid", "nodev", "ro"} & opts[str(rw)]
+    assert {"nosuid", "nodev", "ro"} <= opts[str(ro)]
+    with pytest.raises(OSError):
+        (ro / "new").write_text("x")
+    for t in (rw, ro):
+        subprocess.run(["umount", str(t)], check=True)
+    assert service.wait_empty() == []
+
+
+def mounts_table():
+    from mergefs import mounttable
+    return mounttable.read()
+
+
+def test_relative_layer_paths_are_the_callers(service, layers, tmp_path):
+    """containers/storage passes ``l/ID`` paths relative to its working directory."""
+    (tmp_path / "l").mkdir()
+    os.symlink(layers[0], tmp_path / "l/TOP")
+    os.symlink(layers[1], tmp_path / "l/BASE")
+    (tmp_path / "up").mkdir()
+    (tmp_path / "wk").mkdir()
+    t = target(service, tmp_path, "rel")
+    r = mergefs("-o", f"lowerdir=l/TOP:l/BASE,upperdir=up,workdir=wk,service={service.control}",
+                "rel", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    if service.kind == "views":
+        [view] = views(service)
+        assert view["lowers"] == [str(layers[1]), str(layers[0])]
+        assert view["upper"] == str(tmp_path / "up")
+    assert (t / "etc/motd").read_text() == "top\n"
+    (t / "made").write_text("m\n")
+    assert (tmp_path / "up/made").read_text() == "m\n"
+    subprocess.run(["umount", str(t)], check=True)
+    assert service.wait_empty() == []
+
+
+@pytest.mark.parametrize("option, kinds, words", [
+    ("bogus", KINDS, "unsupported mount option 'bogus'"),
+    ("uidmapping=0:100000:65536", KINDS, "does not shift ids"),
+    ("squash_to_root", {"views"}, "not supported by a views service"),
+    ("private", {"views"}, "not supported by a views service"),
+    ("sync", {"views"}, "cannot be set on a bind of a view"),
+])
+@pytest.mark.parametrize("entry", ["script", "lean"])
+def test_options_are_refused_by_name(service, layers, tmp_path, option, kinds, words, entry,
+                                     lean):
+    """Refused as for a mount of its own, also by the C mount program (whose
+    options the service checks); a views service also refuses what only a
+    server of its own can do, which the mount server does."""
+    t = target(service, tmp_path, "t")
+    r = mergefs("-o", writable_opts(tmp_path, layers, "r") + f",{option},service={service.control}",
+                t, program=lean if entry == "lean" else None)
+    if service.kind in kinds:
+        assert r.returncode == 2 and words in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        assert not mounts.is_mounted(t) and service.left() == []
+    else:
+        assert r.returncode == 0, r.stderr
+        if option == "squash_to_root":
+            assert {os.lstat(p).st_uid for p in t.rglob("*")} == {0}
+        subprocess.run(["umount", str(t)], check=True)
+        assert service.wait_empty() == []
+
+
+@pytest.mark.parametrize("entry", ["script", "lean"])
+def test_a_service_that_does_not_answer_is_an_error(layers, tmp_path, entry, lean):
+    t = tmp_path / "t"
+    t.mkdir()
+    r = mergefs("-o", writable_opts(tmp_path, layers, "n") + f",service={tmp_path}/none.sock", t,
+                program=lean if entry == "lean" else None)
+    assert r.returncode == 1 and "does not answer" in r.stderr and r.stderr.count("\n") == 1
+    assert not mounts.is_mounted(t)
+
+
+def test_a_failed_mount_leaves_nothing(service, layers, tmp_path):
+    r = mergefs("-o", writable_opts(tmp_path, layers, "x") + f",service={service.control}",
+                tmp_path / "missing")
+    assert r.returncode == 1 and "missing" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert service.wait_empty() == []
+    assert mergefs("-o", "lowerdir=/nonexistent,upperdir=/tmp,workdir=/tmp,"
+                   f"service={service.control}", tmp_path).returncode != 0
+    assert service.wait_empty() == []
+
+
+def test_the_lean_program_without_views_mounts_on_its_own(layers, tmp_path, lean):
+    """Without service= the C program execs the Python one, which loads site and runs
+    the whole CLI: a server of its own, as the console script."""
+    t = tmp_path / "own"
+    t.mkdir()
+    r = mergefs("-o", writable_opts(tmp_path, layers, "o"), t, program=lean)
+    try:
+        assert r.returncode == 0, r.stderr
+        assert next(e.fstype for e in mounts_table() if e.target == str(t)) == "fuse.mergefs"
+        assert (t / "etc/motd").read_text() == "top\n"
+        assert not (t / "gone").exists()
+    finally:
+        mergefs("umount", t)
+        mounts.force_unmount(t)
+    r = mergefs("-o", writable_opts(tmp_path, layers, "p") + ",bogus", t, program=lean)
+    assert r.returncode == 2 and "unsupported mount option 'bogus'" in r.stderr
