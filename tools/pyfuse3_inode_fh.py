@@ -290,26 +290,36 @@ def _note_identity(marker: str, so: str) -> None:
     os.replace(marker + ".new", marker)
 
 
-FASTPATH_SOURCES = ("_fastpath.c", "_fasthooks.h", "_fasttable.h")
-
-
 def build_fastpath() -> str:
     """Compile mergefs/union/_fastpath.c (the C fast path that fills in the v5
-    hooks) beside its source, unless the module is newer than its sources.
-    Needs gcc, python3-dev and libfuse3-dev. Returns the module's path."""
+    hooks) beside its source, unless the module there was built from these
+    very sources (``fastpath.sources_identity``, which it carries and a server
+    checks). Needs gcc, python3-dev and libfuse3-dev. Returns the module's path."""
+    from mergefs.union import fastpath
     here = os.path.dirname(HOOKS_HEADER)
     so = os.path.join(here, "_fastpath" + sysconfig.get_config_var("EXT_SUFFIX"))
-    sources = [os.path.join(here, n) for n in FASTPATH_SOURCES]
-    if os.path.exists(so) and all(os.path.getmtime(so) >= os.path.getmtime(s) for s in sources):
+    sources = [os.path.join(here, n) for n in fastpath.SOURCES]
+    identity = fastpath.sources_identity(here)
+    if os.path.exists(so) and _built_from(so) == identity:
         return so
     flags = subprocess.run(["pkg-config", "--cflags", "--libs", "fuse3"], check=True,
                            capture_output=True, text=True).stdout.split()
     tmp = so + ".new"
     subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-shared", "-fPIC",
+                    f'-DMERGEFS_FAST_SOURCES="{identity}"',
                     "-I" + sysconfig.get_paths()["include"], sources[0], "-o", tmp, *flags],
                    check=True)
     os.replace(tmp, so)      # never rewrite a module a running server has mapped
     return so
+
+
+def _built_from(so: str) -> str:
+    """The sources identity compiled into the module ``so`` ("" if none or unloadable),
+    read in a child: a module once imported cannot be unloaded from this one."""
+    code = ("import importlib.util, sys; s = importlib.util.spec_from_file_location('_fastpath', sys.argv[1]);"
+            " m = importlib.util.module_from_spec(s); s.loader.exec_module(m); print(getattr(m, 'SOURCES', ''))")
+    r = subprocess.run([sys.executable, "-c", code, so], capture_output=True, text=True)
+    return r.stdout.strip() if r.returncode == 0 else ""
 
 
 def main() -> int:

@@ -755,6 +755,13 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastpath", NULL, -1, methods};
 
+/* The identity of the sources this module was compiled from (fastpath.SOURCES:
+   name, size and mtime of each), passed by the build: a server refuses a module
+   built from other sources, whose functions may take other arguments. */
+#ifndef MERGEFS_FAST_SOURCES
+#define MERGEFS_FAST_SOURCES ""
+#endif
+
 PyMODINIT_FUNC PyInit__fastpath(void)
 {
     PyObject *m = PyModule_Create(&module);
@@ -769,7 +776,8 @@ PyMODINIT_FUNC PyInit__fastpath(void)
         PyModule_AddIntConstant(m, "WRITE", F_WRITE) < 0 ||
         PyModule_AddIntConstant(m, "UPPER", F_UPPER) < 0 ||
         PyModule_AddIntConstant(m, "DIR", F_DIR) < 0 ||
-        PyModule_AddIntConstant(m, "MERGED", F_MERGED) < 0) {
+        PyModule_AddIntConstant(m, "MERGED", F_MERGED) < 0 ||
+        PyModule_AddStringConstant(m, "SOURCES", MERGEFS_FAST_SOURCES) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -10,6 +10,9 @@ it also calls the plain Python handlers of LOOKUP, MKNOD and the GETATTRs it
 cannot serve itself, without pyfuse3's coroutine (ops._direct). Without the
 compiled module, with an older pyfuse3 build or with ``MERGEFS_FASTPATH=0``,
 every request goes through the Python handlers, which give the same answers.
+A module compiled from other sources than the ones beside it (a checkout that
+moved since ``tools/bootstrap.sh``) is refused the same way, with one warning:
+its functions may take other arguments (``sources_identity``).
 ``MERGEFS_FASTPATH_LOOP=0`` keeps pyfuse3's own request loop (no ``drain``),
 ``MERGEFS_FASTPATH_DIRECT=0`` pyfuse3's coroutines for the direct handlers,
 for comparisons.
@@ -19,6 +22,30 @@ from __future__ import annotations
 import os
 
 from .errors import log
+
+SOURCES = ("_fastpath.c", "_fasthooks.h", "_fasttable.h")
+
+
+def sources_identity(here: str = os.path.dirname(os.path.abspath(__file__))) -> str:
+    """Name, size and mtime of each C source: what the build compiles into the
+    module (``_fastpath.SOURCES``) and a server compares before using it. A
+    stat per file, no hashing: a mount's start-up pays for it."""
+    parts = []
+    for name in SOURCES:
+        st = os.stat(os.path.join(here, name))
+        parts.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
+    return ";".join(parts)
+
+
+def stale(module) -> str | None:
+    """Why ``module`` (the compiled ``_fastpath``) must not serve, or None."""
+    built = getattr(module, "SOURCES", "")
+    try:
+        now = sources_identity()
+    except OSError as e:            # an installed copy without its sources: trust it
+        return None if built else f"cannot check its sources ({e})"
+    return None if built == now else "built from other sources than these"
+
 
 # ``_fastpath.drain`` once the fast path is on: fuseloop's wait for the next
 # request lets C read and serve requests first (no coroutine per request)
@@ -33,6 +60,10 @@ def load(attr_timeout: float, squash: tuple, volatile: bool):
         from . import _fastpath
     except ImportError as e:
         log.warning("no C fast path (%s): tools/pyfuse3_inode_fh.py --fastpath builds it", e)
+        return None
+    why = stale(_fastpath)
+    if why:
+        log.warning("no C fast path: the module was %s (tools/bootstrap.sh rebuilds it)", why)
         return None
     import pyfuse3
     try:

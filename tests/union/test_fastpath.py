@@ -622,3 +622,32 @@ def test_fastpath_direct_handlers(tmp_path, union_mount, fast):
         assert (counts.get(f"fast_{op}", 0) > 0) == direct, (op, counts)
     if direct:
         assert not {"lookup", "mknod"} & set(counts), counts
+
+
+@pytest.mark.parametrize("changed", [False, True])
+def test_fastpath_module_built_from_other_sources_is_refused(tmp_path, changed):
+    """A checkout whose C sources moved after the build (``git merge`` without
+    ``tools/bootstrap.sh``) keeps serving, in Python: the compiled module carries
+    the identity of the sources it was built from, and a server whose sources
+    differ refuses it with one warning instead of calling functions whose
+    arguments changed (before, every mount's server died)."""
+    import shutil
+    import subprocess
+    import sys
+    import mergefs
+    pkg = Path(mergefs.__file__).parent
+    if not fast_path_expected():
+        pytest.skip("no pyfuse3 build with the fast path's hooks")
+    copy = tmp_path / "mergefs"
+    shutil.copytree(pkg, copy, symlinks=True)
+    if changed:
+        src = copy / "union" / "_fastpath.c"
+        src.write_bytes(src.read_bytes() + b"\n/* moved on */\n")
+    code = ("import logging, sys; logging.basicConfig(stream=sys.stderr);"
+            "from mergefs.union import fastpath;"
+            "print(fastpath.load(1.0, (None, None), False) is not None)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                       text=True, env={**os.environ, "PYTHONPATH": str(tmp_path)}, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(not changed)
+    assert ("built from other sources" in r.stderr) == changed, r.stderr
