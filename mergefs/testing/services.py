@@ -66,8 +66,17 @@ class MountService:
         return left
 
     def errors(self) -> list[str]:
-        return [line for line in self.log.read_text(errors="replace").splitlines()
-                if "ERROR" in line or "Traceback" in line]
+        """The log's ERROR lines and tracebacks, each traceback with the exception it
+        ends with (a failing assert then says which errno, not only where)."""
+        found, in_tb = [], False
+        for line in self.log.read_text(errors="replace").splitlines():
+            if "ERROR" in line or "Traceback" in line:
+                found.append(line)
+                in_tb = in_tb or "Traceback" in line
+            elif in_tb and line and not line[0].isspace():
+                found.append(line)                    # the exception that ended it
+                in_tb = False
+        return found
 
     def stop(self) -> None:
         if self.proc.poll() is None:
