@@ -28,11 +28,31 @@ pytestmark = pytest.mark.timeout(300)
 WANT = {"leaf": b"changed\n", "leaf2": b"changed\n", "link": b"-> leaf"}
 
 
-def _pair(tmp_path, depth: int):
+def _pair(tmp_path, depth: int, name: str = "d"):
     a, b = tmp_path / f"a{depth}", tmp_path / f"b{depth}"
-    make_deep(a, depth)
-    make_deep(b, depth, leaf=b"changed\n")
+    make_deep(a, depth, name)
+    make_deep(b, depth, name, leaf=b"changed\n")
+    # The two symlinks have one target; F2 sees b's as changed by its mtime only,
+    # which the kernel's coarse clock can make equal to a's when the trees are
+    # made within one tick (a flaky diff case): one second later, always.
+    fa, fb = _deepest(a, depth, name), _deepest(b, depth, name)
+    try:
+        t = os.stat("link", dir_fd=fa, follow_symlinks=False).st_mtime_ns + 1_000_000_000
+        os.utime("link", ns=(t, t), dir_fd=fb, follow_symlinks=False)
+    finally:
+        os.close(fa)
+        os.close(fb)
     return a, b
+
+
+def _deepest(root, depth: int, name: str = "d") -> int:
+    """An fd on the deepest directory of ``make_deep(root, depth)``, reached by fds."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(depth):
+        sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+        os.close(fd)
+        fd = sub
+    return fd
 
 
 def _components(args) -> int:
@@ -102,10 +122,7 @@ DEPTH, NAME = 1500, "ddd"
 
 @pytest.fixture(scope="module")
 def past_path_max(tmp_path_factory):
-    where = tmp_path_factory.mktemp("past-path-max")
-    a, b = where / "a", where / "b"
-    make_deep(a, DEPTH, NAME)
-    make_deep(b, DEPTH, NAME, leaf=b"changed\n")
+    a, b = _pair(tmp_path_factory.mktemp("past-path-max"), DEPTH, NAME)
     yield a, b
     for p in (a, b):
         syscalls.rmtree(p)
