@@ -214,8 +214,9 @@ class Upper:
 
     # -- building entries --------------------------------------------------
     def copy_of(self, src_root_fd: int, path: bytes, st: os.stat_result,
-                with_data: bool = True) -> bytes:
-        """Stage a copy of a lower entry (no children for dirs); return its tmp name."""
+                with_data: bool = True, number: int | None = None) -> bytes:
+        """Stage a copy of a lower entry (no children for dirs; ``number`` recorded,
+        U8); return its tmp name."""
         tmp = self.tmp_name()
         parent, _, name = path.rpartition(b"/")
         sfd = syscalls.open_beneath(src_root_fd, parent)
@@ -229,7 +230,7 @@ class Upper:
                 syscalls.copy_file(sfd, name, self.work_fd, tmp, st.st_size if with_data else 0)
             else:
                 syscalls.mknod(tmp, kind | 0o600, st.st_rdev, self.work_fd)
-            self.set_meta(tmp, st, content_xattrs(sfd, name))
+            self.set_meta(tmp, st, content_xattrs(sfd, name), number=number)
         except BaseException:
             self.discard(tmp)        # a failed copy-up (ENOSPC ...) leaves nothing behind
             raise

@@ -153,12 +153,7 @@ class WritableView(UnionView):
             st, tmp = self.upper.stage_dir(root_fd, src, inode.number)
         else:
             st = self.resolver.lstat_in(node.top, src)
-            tmp = self.upper.copy_of(root_fd, src, st, with_data)
-            try:
-                self.upper.record_number(tmp, inode.number)    # U8: it keeps its st_ino
-            except BaseException:
-                self.upper.discard(tmp)
-                raise
+            tmp = self.upper.copy_of(root_fd, src, st, with_data, inode.number)   # U8
         try:
             new = self.upper.publish(tmp, path, keep_parent_times=True, fd=fd)
             self._copied_up(inode, node, new, st, parent_copied, for_write)
