@@ -72,6 +72,17 @@ def mount_request(req: dict) -> dict:
     return req
 
 
+def check_mount_namespace(req: dict, service: str) -> None:
+    """Refuse a ``mount`` request made in another mount namespace than the service's
+    (``req["mntns"]``, the caller's ``/proc/self/ns/mnt`` link): the mount would
+    be made, or watched, where the caller cannot see it."""
+    own = os.readlink("/proc/self/ns/mnt")
+    if req.get("mntns", own) != own:
+        from ..errors import MountError
+        raise MountError(f"the {service} runs in mount namespace {own}, this mount in "
+                         f"{req['mntns']}: start it where the mounts are made")
+
+
 def control_call(path: str, req: dict, timeout: float = 30.0) -> dict:
     """One request to a control socket; raises the matching mergefs error on failure."""
     import json

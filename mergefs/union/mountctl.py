@@ -53,8 +53,8 @@ from .. import mounttable
 from ..errors import (FailedPrecondition, InvalidArgument, MergefsError, MountError, NotFound,
                       UsageError)
 from ..mountspec import MountSpec
-from .ctlclient import (control_call, error_reply, mount_request,  # noqa: F401 (control_call:
-                        mount_spec)                                 # re-exported)
+from .ctlclient import (check_mount_namespace, control_call,  # noqa: F401 (control_call:
+                        error_reply, mount_request, mount_spec)  # re-exported)
 from .views import ViewFS
 
 log = logging.getLogger("mergefs.union")
@@ -227,10 +227,7 @@ class AutoViews:
 
     async def mount(self, req: dict) -> dict:
         """Add a view for ``req["spec"]`` and bind it at ``req["target"]``."""
-        own = os.readlink("/proc/self/ns/mnt")
-        if req.get("mntns", own) != own:
-            raise MountError(f"the views service runs in mount namespace {own}, this mount "
-                             f"in {req['mntns']}: start the service where the mounts are made")
+        check_mount_namespace(req, "views service")
         try:
             flags = bind_flags(req.get("options", ()))
             if req.get("private") or req.get("squash_uid") is not None \

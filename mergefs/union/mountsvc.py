@@ -28,8 +28,7 @@ import os
 import signal
 import socket
 
-from ..errors import MountError
-from .ctlclient import error_reply, mount_request, mount_spec
+from .ctlclient import check_mount_namespace, error_reply, mount_request, mount_spec
 
 log = logging.getLogger("mergefs.union")
 MAX_REQUEST = 1 << 20
@@ -38,7 +37,6 @@ MAX_REQUEST = 1 << 20
 class MountServer:
     def __init__(self, control: str):
         self.control = os.path.abspath(control)
-        self.mntns = os.readlink("/proc/self/ns/mnt")
         self.sock: socket.socket | None = None
         self.conn: socket.socket | None = None
         self.stopping = False
@@ -120,9 +118,7 @@ class MountServer:
         req = mount_request(req)
         if not isinstance(req, dict) or req.get("op") != "mount":
             raise ValueError("this mount server takes mount requests only")
-        if req.get("mntns", self.mntns) != self.mntns:
-            raise MountError(f"the mount server runs in mount namespace {self.mntns}, this "
-                             f"mount in {req['mntns']}: start it where the mounts are made")
+        check_mount_namespace(req, "mount server")
         # run as root, other users get in unless `private` (as cmd_mount.multi_user)
         spec = mount_spec(req, allow_other=os.geteuid() == 0 and not req.get("private"))
         target = os.path.abspath(req["target"])

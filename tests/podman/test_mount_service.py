@@ -247,3 +247,18 @@ def test_the_lean_program_without_views_mounts_on_its_own(layers, tmp_path, lean
         mounts.force_unmount(t)
     r = mergefs("-o", writable_opts(tmp_path, layers, "p") + ",bogus", t, program=lean)
     assert r.returncode == 2 and "unsupported mount option 'bogus'" in r.stderr
+
+
+def test_a_mount_from_another_mount_namespace_is_refused(service, layers, tmp_path):
+    """A service makes (fork) or watches (views) the mount in its own mount namespace:
+    a request naming another is refused with one clear error and mounts nothing."""
+    from mergefs.errors import MountError
+    from mergefs.union.ctlclient import control_call
+    t = target(service, tmp_path, "elsewhere")
+    req = {"op": "mount", "layers": [f"lowerdir={layers[0]}:{layers[1]}"], "cwd": "/",
+           "options": [], "target": str(t), "mntns": "mnt:[1]"}
+    with pytest.raises(MountError, match="mount namespace .* start it where the mounts"):
+        control_call(service.control, req)
+    assert not mounts.is_mounted(t)
+    if service.kind == "views":
+        assert views(service) == []
