@@ -152,9 +152,89 @@ def import_server() -> None:
 
 
 def import_modules() -> None:
+    import_trio()
     import pyfuse3  # noqa: F401
     import trio  # noqa: F401
     from . import ops, server  # noqa: F401
+
+
+# Parts of trio its ``__init__`` imports for names a FUSE server never uses
+# (TLS, DTLS, file I/O, paths, memory channels, the high-level socket helpers):
+# ~6% of a server's work until its first answer.
+TRIO_LAZY = ("_channel", "_dtls", "_file_io", "_highlevel_open_tcp_listeners",
+             "_highlevel_open_tcp_stream", "_highlevel_open_unix_stream",
+             "_highlevel_serve_listeners", "_highlevel_socket", "_highlevel_ssl_helpers", "_path",
+             "_ssl")
+TRIO_IMPORT = r"^from \.(_\w+) import (\([^)]*\)|[^\n(]*)\n"
+TRIO_GETATTR = """
+def __getattr__(name, _before=globals().get("__getattr__")):
+    try:
+        part, original = _LAZY[name]
+    except KeyError:
+        if _before is not None:         # trio's own (deprecated names)
+            return _before(name)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    import importlib
+    value = getattr(importlib.import_module(f"{__name__}.{part}"), original)
+    from ._util import fixup_module_metadata
+    fixup_module_metadata(__name__, {name: value})
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+"""
+
+
+def import_trio() -> None:
+    """Import trio with the names of ``TRIO_LAZY`` loaded on their first use.
+
+    trio's ``__init__`` is run from its own text minus those parts' ``from
+    ._part import A as A, ...`` statements, plus a module ``__getattr__``
+    (PEP 562) that imports a part when one of its names is first asked for
+    (``trio.open_file``, ``from trio import SSLStream``) and gives the value
+    trio's public module name, as trio's ``__init__`` does for the others
+    (and a ``__dir__`` that lists them).
+    Anything unexpected in the text (another trio, a statement in another
+    form) and trio is imported as usual.
+    """
+    if "trio" in sys.modules:
+        return
+    import importlib.util
+    import re
+    spec = importlib.util.find_spec("trio")
+    try:
+        with open(spec.origin, encoding="utf-8") as f:
+            text = f.read()
+    except (AttributeError, TypeError, OSError):
+        return
+    lazy: dict[str, tuple[str, str]] = {}
+    seen: list[str] = []
+
+    def drop(m: re.Match) -> str:
+        if m.group(1) not in TRIO_LAZY:
+            return m.group(0)
+        seen.append(m.group(1))
+        for item in m.group(2).strip("()\n ").split(","):
+            original, _, name = item.strip().partition(" as ")
+            if item.strip():
+                lazy[(name or original).strip()] = (m.group(1), original.strip())
+        return ""
+    text = re.sub(TRIO_IMPORT, drop, text, flags=re.M)
+    if sorted(seen) != sorted(TRIO_LAZY) or not all(
+            n.isidentifier() and o.isidentifier() for n, (_, o) in lazy.items()):
+        return                              # not the trio this was written for
+    text += f"\n_LAZY = {lazy!r}\n{TRIO_GETATTR}"
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["trio"] = module
+    try:
+        exec(compile(text, spec.origin, "exec"), module.__dict__)
+    except BaseException:
+        sys.modules.pop("trio", None)
+        for name in [n for n in sys.modules if n.startswith("trio.")]:
+            del sys.modules[name]
+        raise
 
 
 def _child(r: int, reply: int, fuse_fd: int) -> int:

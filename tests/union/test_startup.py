@@ -22,7 +22,8 @@ needs_root_fuse = needs("fuse")
 # hashes, JSON, argument parsing, the store's database, archives
 NOT_EXECUTED = ("ssl", "_ssl", "hmac", "hashlib", "_hashlib", "idna", "json", "argparse",
                 "sqlite3", "tarfile", "logging.handlers", "mergefs.cli.cmd_mount",
-                "snapshotter")
+                "snapshotter", "trio._dtls", "trio._ssl", "trio._file_io", "trio._path",
+                "trio._channel", "trio._highlevel_open_tcp_stream")
 
 PROBE = """
 import sys
@@ -73,6 +74,60 @@ assert shutil.copy(sys.executable, d)
 shutil.rmtree(d)
 assert type(sys.modules["shutil"]) is type(sys.modules["tempfile"]) is type(sys)
 assert not any(type(sys.modules[n]) is prefork._Deferred for n in prefork.DEFERRED)
+print("ok")
+""")
+    assert (r.returncode, r.stdout) == (0, "ok\n"), r.stderr
+
+
+TRIO_NAMES = """
+import sys, trio
+print(" ".join(f"{n}={getattr(trio, n).__module__}.{getattr(getattr(trio, n), '__qualname__', '')}"
+               for n in sorted(dir(trio)) if not n.startswith("_")
+               and hasattr(getattr(trio, n), "__module__")))
+"""
+
+
+def test_a_servers_trio_has_every_name_of_trio():
+    """The server's trio (prefork.import_trio) loads its TLS, DTLS, file,
+    path, channel and high-level socket parts when first used: every public
+    name of a plain ``import trio`` is there, with trio's public module name,
+    also through ``from trio import``; a deprecated-name lookup is trio's."""
+    plain = _run(TRIO_NAMES)
+    lean = _run("from mergefs.union import prefork\nprefork.import_server()\n" + TRIO_NAMES)
+    assert plain.returncode == lean.returncode == 0, plain.stderr + lean.stderr
+    assert lean.stdout == plain.stdout and len(plain.stdout.split()) > 60
+    r = _run("""
+import sys
+from mergefs.union import prefork
+prefork.import_server()
+import trio
+assert "trio._ssl" not in sys.modules and "trio._dtls" not in sys.modules
+from trio import SSLStream, open_memory_channel
+send, receive = open_memory_channel(1)
+assert "trio._ssl" in sys.modules and "trio._dtls" not in sys.modules
+async def main():
+    await send.send(1)
+    return await receive.receive(), await trio.Path("/").is_dir()
+assert trio.run(main) == (1, True)
+try:
+    trio.no_such_name
+except AttributeError as e:
+    assert str(e) == "module 'trio' has no attribute 'no_such_name'", e
+print("ok")
+""")
+    assert (r.returncode, r.stdout) == (0, "ok\n"), r.stderr
+
+
+def test_another_trio_is_imported_as_usual():
+    """A trio whose ``__init__`` does not import a lazy part the expected way is
+    imported whole (a later trio version, a patched one)."""
+    r = _run("""
+import sys
+from mergefs.union import prefork
+prefork.TRIO_LAZY += ("_no_such_part",)
+prefork.import_server()
+import trio
+assert "trio._dtls" in sys.modules and not hasattr(trio, "_LAZY")
 print("ok")
 """)
     assert (r.returncode, r.stdout) == (0, "ok\n"), r.stderr
