@@ -18,7 +18,10 @@ by ``server_cpu``) or ``mergefs views serve`` (a bind of a view, no server of
 its own); their server CPU column stays 0. Reps are interleaved across systems, so a burst of
 load from other processes hits all of them. Prints medians and p90 in ms,
 the interpreter start-up (``python -c pass``) measured in the same run, and
-the load average before and after. The mergefs package is byte-compiled
+the load average before and after. ``--instructions`` also counts, once
+per tree, the instructions (cachegrind) of ``mergefs mount``'s command and of
+its server until after the first answer, read-only and writable: the
+evidence that load does not move. The mergefs package is byte-compiled
 first, as an installed one is. Nothing is asserted.
 """
 from __future__ import annotations
@@ -129,9 +132,42 @@ def one(system: str, mode: str, layers: list[str], base: str, rep: int) -> tuple
     return t1 - t0, t2 - t0, usage.ru_utime + usage.ru_stime, cpu
 
 
+def instructions(script: str, mode: str, layers: list[str], base: str, tag: str):
+    """Millions of instructions (valgrind's cachegrind) of ``script mount ...`` and of
+    the server it forks, until the server exits after the first ``ls`` and the
+    unmount (a forked child's count includes its parent's up to the fork, so the
+    server's is the whole path to its first answer): what load does not change."""
+    d = os.path.join(base, f"cg-{tag}-{mode}")
+    mnt, up, wk = (os.path.join(d, n) for n in ("mnt", "up", "wk"))
+    for p in (mnt, up, wk):
+        os.makedirs(p)
+    argv = mount_argv("mergefs", mode, layers, mnt, up, wk)
+    argv[0] = script
+    proc = subprocess.Popen(["valgrind", "--tool=cachegrind", "--cache-sim=no",
+                             f"--cachegrind-out-file={d}/cg.%p", *argv],
+                            cwd=ROOT, stderr=subprocess.DEVNULL)
+    assert proc.wait() == 0, f"{argv} failed under valgrind"
+    assert "etc" in os.listdir(mnt)         # waits for the (slow) server's first answer
+    subprocess.run(["umount", mnt], check=True)
+    counts: dict[int, float] = {}
+    deadline = time.monotonic() + 120
+    while len(counts) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        for name in os.listdir(d):
+            if name.startswith("cg."):
+                with open(os.path.join(d, name)) as f:
+                    total = [ln.split()[1] for ln in f if ln.startswith("summary:")]
+                if total:
+                    counts[int(name[3:])] = int(total[0]) / 1e6
+    return counts.pop(proc.pid, 0.0), sum(counts.values())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--instructions", action="store_true",
+                    help="also count instructions (cachegrind) of `mergefs mount`'s command and "
+                    "server, read-only and writable, once per tree (valgrind; ~1 min)")
     ap.add_argument("--before", metavar="TREE",
                     help="also run mergefs from this source tree (e.g. a worktree of an older "
                     "commit), interleaved, with this environment's dependencies")
@@ -168,6 +204,14 @@ def main() -> int:
                 for mode in MODES:
                     res.setdefault((system, mode), []).append(one(system, mode, layers, base, rep))
         load1 = os.getloadavg()
+        counts = {}
+        if args.instructions:
+            scripts = {"now": MERGEFS}
+            if args.before:
+                scripts["before"] = os.path.join(base, "mergefs-before")
+            for tag, script in scripts.items():
+                for mode in MODES:
+                    counts[tag, mode] = instructions(script, mode, layers, base, tag)
         ms = lambda xs, q: 1000 * (statistics.median(xs) if q == 50 else  # noqa: E731
                                    sorted(xs)[min(len(xs) - 1, int(len(xs) * 0.9))])
         print(f"load average {load0[0]:.2f} before, {load1[0]:.2f} after; {args.reps} reps")
@@ -181,6 +225,12 @@ def main() -> int:
             cmd, srv = [x[2] for x in xs], [x[3] for x in xs]
             print(f"{system:18} {mode:4} {ms(ret, 50):10.0f} {ms(ret, 90):6.0f} "
                   f"{ms(live, 50):9.0f} {ms(live, 90):6.0f} {ms(cmd, 50):8.0f} {ms(srv, 50):8.0f}")
+        if counts:
+            print("millions of instructions (cachegrind) of `mergefs mount`: the command, and "
+                  "the server until it exits after the first answer (its parent's up to the fork "
+                  "included)")
+            for (tag, mode), (cmd, srv) in counts.items():
+                print(f"{'mergefs ' + tag:18} {mode:4} command {cmd:7.1f}  server {srv:7.1f}")
     finally:
         for service in services:
             service.stop()
