@@ -271,3 +271,28 @@ def test_fuseloop_hooks_the_installed_pyfuse3():
                        text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["True", "True"], r.stdout
+
+
+@needs_root_fuse
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case, code, words", [
+    ("unknown option", 2, "unrecognized arguments"),
+    ("missing layer", 1, "does not exist"),
+    ("helper form, missing layer", 1, "does not exist"),
+])
+def test_a_failing_mount_command_leaves_no_server(tmp_path, mnt, case, code, words):
+    """The server is forked before the command parses anything: when the command
+    then fails (a usage error, a layer that is not there), it exits with one
+    line and its code, nothing is mounted, and the forked server exits too
+    (once its imports are done) without serving anything."""
+    layers = materialise_stack([LayerSpec().file("a", b"a")], tmp_path / "l")
+    missing = str(tmp_path / "missing")
+    argv = {"unknown option": ["mount", "--no-such-option", str(layers[0]), str(mnt)],
+            "missing layer": ["mount", "--log", str(tmp_path / "log"), missing, str(mnt)],
+            "helper form, missing layer": ["-o", f"lowerdir={missing},nokernel", str(mnt)]}[case]
+    r = subprocess.run([sys.executable, "-c", "import sys; from mergefs.cli import main; "
+                        "sys.exit(main())", *argv], capture_output=True, text=True, timeout=60)
+    assert r.returncode == code, r.stderr
+    assert words in r.stderr and r.stderr.count("\n") == (1 if code == 1 else 2), r.stderr
+    assert not server.is_mounted(str(mnt))
+    assert _gone(mnt)
