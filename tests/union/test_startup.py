@@ -296,3 +296,33 @@ def test_a_failing_mount_command_leaves_no_server(tmp_path, mnt, case, code, wor
     assert words in r.stderr and r.stderr.count("\n") == (1 if code == 1 else 2), r.stderr
     assert not server.is_mounted(str(mnt))
     assert _gone(mnt)
+
+
+def test_the_servers_imports_run_no_ldconfig():
+    """trio's import looks up pthread_setname_np through find_library("pthread"),
+    which runs ``ldconfig -p``: on glibc 2.34 or later the server's imports
+    answer libc (where the function is) without a process, trio still names
+    its worker threads, and find_library is the real one afterwards."""
+    import os
+    name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+    if name != "glibc" or tuple(map(int, version.split(".")[:2])) < (2, 34):
+        pytest.skip(f"{name} {version}: find_library asks ldconfig")
+    r = _run("""
+import sys, threading
+spawned = []
+sys.addaudithook(lambda event, args: event == "subprocess.Popen" and spawned.append(args))
+import ctypes.util
+real = ctypes.util.find_library
+from mergefs.union import prefork
+prefork.import_server()
+import trio
+assert spawned == [] and ctypes.util.find_library is real, spawned
+assert trio._core._thread_cache.set_os_thread_name is not None
+
+async def main():
+    return await trio.to_thread.run_sync(lambda: open(
+        f"/proc/self/task/{threading.get_native_id()}/comm").read().strip())
+print(trio.run(main))
+""")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("<lambda>"), r.stdout      # named by trio, not "python"
