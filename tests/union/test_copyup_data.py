@@ -72,6 +72,8 @@ def test_U4_append_copies_up_as_kernel_overlay(tmp_path, union_mount):
     layers = lower_stack(tmp_path)
     for name in ("up", "wk", "kup", "kwk"):
         (tmp_path / name).mkdir()
+    for name in ("up", "kup"):      # the root shows the upper's times: made apart, equal here
+        os.utime(tmp_path / name, ns=(1_700_000_000 * 10**9,) * 2)
     mnt = union_mount(layers, upper=tmp_path / "up", work=tmp_path / "wk")
     append_each(mnt)
     with mounts.overlay_mount(layers, upper=tmp_path / "kup", work=tmp_path / "kwk") as kmnt:
