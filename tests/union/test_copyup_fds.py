@@ -14,15 +14,16 @@ import os
 import resource
 import shutil
 import signal
+import stat
 import subprocess
 import time
 
 import pytest
 
-from mergefs.testing import mounts
+from mergefs.testing import mounts, tree
 from mergefs.testing.builders import LayerSpec, materialise_stack
 
-from ..conftest import needs
+from ..conftest import needs, needs_overlay
 from .test_fastpath import fast_path_expected
 
 pytestmark = [needs("fuse"), pytest.mark.timeout(180)]
@@ -181,3 +182,46 @@ def test_U4_copy_up_chowns_and_chmods_only_what_needs_it(tmp_path, union_mount):
     for path, (mode, uid, gid) in LOWER.items():
         st = os.lstat(tmp_path / "up" / path)
         assert (oct(st.st_mode & 0o7777), st.st_uid, st.st_gid) == (oct(mode), uid, gid), path
+
+
+def dpkg_renames(root) -> None:
+    """What dpkg does to install a file: NAME.dpkg-new written, renamed over NAME
+    (a lower file, an upper one, a name whose lower file was removed: a whiteout
+    in the upper, a fresh name), and a lower file renamed over another."""
+    root = str(root)
+    os.unlink(os.path.join(root, "p/gone"))
+    with open(os.path.join(root, "p/mine"), "wb") as f:
+        f.write(b"upper\n")
+    for name in ("lower", "mine", "gone", "fresh"):
+        with open(os.path.join(root, f"p/{name}.dpkg-new"), "wb") as f:
+            f.write(name.encode() + b" new\n")
+        os.rename(os.path.join(root, f"p/{name}.dpkg-new"), os.path.join(root, f"p/{name}"))
+    os.rename(os.path.join(root, "p/a"), os.path.join(root, "p/b"))
+
+
+@needs_overlay
+def test_U5_dpkg_like_file_renames_as_kernel_overlay(tmp_path, union_mount):
+    """A file renamed in the upper needs no look at the name it replaces (whatever
+    the upper has there is renamed over): same tree and upper as the kernel's."""
+    spec = (LayerSpec().file("p/lower", b"lower\n").file("p/gone", b"gone\n")
+            .file("p/a", b"a\n").file("p/b", b"b\n"))
+    layers = materialise_stack([spec, LayerSpec().file("q", b"q\n")], tmp_path / "layers",
+                               "overlay")
+    for name in ("up", "wk", "kup", "kwk"):
+        (tmp_path / name).mkdir()
+    for name in ("up", "kup"):      # the root shows the upper's times
+        os.utime(tmp_path / name, ns=(1_700_000_000 * 10**9,) * 2)
+    mnt = union_mount(layers, upper=tmp_path / "up", work=tmp_path / "wk")
+    dpkg_renames(mnt)
+    with mounts.overlay_mount(layers, upper=tmp_path / "kup", work=tmp_path / "kwk") as kmnt:
+        dpkg_renames(kmnt)
+        expected = tree.capture(kmnt)
+    got = tree.capture(mnt)
+    strip = lambda v: tree.View({p: a._replace(mtime_ns=0) for p, a in v.entries.items()},  # noqa: E731
+                                frozenset())
+    tree.assert_same(strip(got), strip(expected))
+    assert sorted(os.listdir(tmp_path / "up/p")) == sorted(os.listdir(tmp_path / "kup/p"))
+    a, gone = os.lstat(tmp_path / "up/p/a"), os.lstat(tmp_path / "up/p/gone")
+    assert stat.S_ISCHR(a.st_mode) and a.st_rdev == 0      # the whiteout a left behind
+    assert stat.S_ISREG(gone.st_mode)                       # renamed over gone's whiteout
+    assert (mnt / "p/gone").read_bytes() == b"gone new\n"
