@@ -225,3 +225,41 @@ def test_U5_dpkg_like_file_renames_as_kernel_overlay(tmp_path, union_mount):
     assert stat.S_ISCHR(a.st_mode) and a.st_rdev == 0      # the whiteout a left behind
     assert stat.S_ISREG(gone.st_mode)                       # renamed over gone's whiteout
     assert (mnt / "p/gone").read_bytes() == b"gone new\n"
+
+
+def test_U4_append_reads_the_lower_directory_once(tmp_path, union_mount):
+    """strace of the server during the first write to a lower file looked up before
+    (its directory copied up already): the lower directory's fd kept from the
+    lookup serves the xattr names the kernel asks for; only the file is opened."""
+    if os.geteuid() != 0 or not shutil.which("strace"):
+        pytest.skip("needs root and strace")
+    if not union_mount.writable_no_open:
+        pytest.skip("real opens: the copy-up comes with the open")
+    spec = LayerSpec().file("d/sub/first", b"1\n").file("d/sub/second", b"2\n",
+                                                          xattrs={"user.k": b"v"})
+    layers = materialise_stack([spec, LayerSpec().file("top", b"top\n")], tmp_path / "layers",
+                               "overlay")
+    for name in ("up", "wk"):
+        (tmp_path / name).mkdir()
+    mnt = union_mount(layers, upper=tmp_path / "up", work=tmp_path / "wk")
+    _, pid, _ = union_mount.started[-1]
+    with open(mnt / "d/sub/first", "ab") as f:      # d and d/sub copied up
+        f.write(b"+")
+    os.lstat(mnt / "d/sub/second")
+    out = tmp_path / "strace.out"
+    tids = os.listdir(f"/proc/{pid}/task")
+    tracer = subprocess.Popen(["strace", "-f", "-qq", "-o", str(out), "-e", "trace=openat2",
+                               *[a for t in tids for a in ("-p", t)]],
+                              stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        with open(mnt / "d/sub/second", "ab") as f:
+            f.write(b"+")
+        time.sleep(0.2)
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(timeout=30)
+    opened = [ln for ln in out.read_text().splitlines() if "openat2(" in ln]
+    assert len(opened) == 1 and '"d/sub/second"' in opened[0], opened
+    assert (mnt / "d/sub/second").read_bytes() == b"2\n+"
+    assert os.getxattr(tmp_path / "up/d/sub/second", "user.k") == b"v"
