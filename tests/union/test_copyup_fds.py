@@ -10,6 +10,7 @@ and the syscalls a copy makes, with the result checked as a user sees it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import shutil
@@ -24,6 +25,7 @@ from mergefs.testing import mounts, tree
 from mergefs.testing.builders import LayerSpec, materialise_stack
 
 from ..conftest import needs, needs_overlay
+from .test_copyup_data import on_mergefs_and_kernel
 from .test_fastpath import fast_path_expected
 
 pytestmark = [needs("fuse"), pytest.mark.timeout(180)]
@@ -94,6 +96,23 @@ LOWER = {                  # path: (mode, uid, gid) of lower entries appended to
 }
 
 
+@contextlib.contextmanager
+def traced(pid: int, calls: str, out):
+    """``strace -f -e trace=CALLS`` on every thread of the server ``pid`` while the
+    block runs, into ``out``."""
+    tids = os.listdir(f"/proc/{pid}/task")
+    tracer = subprocess.Popen(["strace", "-f", "-qq", "-o", str(out), "-e", f"trace={calls}",
+                               *[a for t in tids for a in ("-p", t)]],
+                              stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)                    # attached (strace prints nothing to wait on)
+        yield
+        time.sleep(0.2)                    # the last calls written
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(timeout=30)
+
+
 def lower_layers(tmp_path):
     spec = LayerSpec()
     for path, (mode, uid, gid) in LOWER.items():
@@ -153,13 +172,7 @@ def test_U4_copy_up_chowns_and_chmods_only_what_needs_it(tmp_path, union_mount):
     for path in LOWER:
         os.lstat(mnt / path)               # looked up before the trace
     out = tmp_path / "strace.out"
-    tids = os.listdir(f"/proc/{pid}/task")
-    tracer = subprocess.Popen(["strace", "-f", "-qq", "-o", str(out), "-e",
-                               "trace=/^(f|l)?ch(own|mod)",
-                               *[a for t in tids for a in ("-p", t)]],
-                              stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(0.5)                    # attached
+    with traced(pid, "/^(f|l)?ch(own|mod)", out):
         with open(mnt / "d/root644", "ab") as f:
             f.write(b"+")
         time.sleep(0.2)
@@ -167,10 +180,6 @@ def test_U4_copy_up_chowns_and_chmods_only_what_needs_it(tmp_path, union_mount):
         for path in ("d/user640", "d/suid", "e/f"):
             with open(mnt / path, "ab") as f:
                 f.write(b"+")
-        time.sleep(0.2)
-    finally:
-        tracer.send_signal(signal.SIGINT)
-        tracer.wait(timeout=30)
     calls = [ln for ln in out.read_text().splitlines() if "(" in ln]
     first = [ln for ln in mark.splitlines() if "(" in ln]
     assert first == [], first               # d (0755 root) and d/root644: made right
@@ -207,16 +216,7 @@ def test_U5_dpkg_like_file_renames_as_kernel_overlay(tmp_path, union_mount):
             .file("p/a", b"a\n").file("p/b", b"b\n"))
     layers = materialise_stack([spec, LayerSpec().file("q", b"q\n")], tmp_path / "layers",
                                "overlay")
-    for name in ("up", "wk", "kup", "kwk"):
-        (tmp_path / name).mkdir()
-    for name in ("up", "kup"):      # the root shows the upper's times
-        os.utime(tmp_path / name, ns=(1_700_000_000 * 10**9,) * 2)
-    mnt = union_mount(layers, upper=tmp_path / "up", work=tmp_path / "wk")
-    dpkg_renames(mnt)
-    with mounts.overlay_mount(layers, upper=tmp_path / "kup", work=tmp_path / "kwk") as kmnt:
-        dpkg_renames(kmnt)
-        expected = tree.capture(kmnt)
-    got = tree.capture(mnt)
+    mnt, got, expected = on_mergefs_and_kernel(tmp_path, union_mount, layers, dpkg_renames)
     strip = lambda v: tree.View({p: a._replace(mtime_ns=0) for p, a in v.entries.items()},  # noqa: E731
                                 frozenset())
     tree.assert_same(strip(got), strip(expected))
@@ -247,18 +247,9 @@ def test_U4_append_reads_the_lower_directory_once(tmp_path, union_mount):
         f.write(b"+")
     os.lstat(mnt / "d/sub/second")
     out = tmp_path / "strace.out"
-    tids = os.listdir(f"/proc/{pid}/task")
-    tracer = subprocess.Popen(["strace", "-f", "-qq", "-o", str(out), "-e", "trace=openat2",
-                               *[a for t in tids for a in ("-p", t)]],
-                              stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(0.5)
+    with traced(pid, "openat2", out):
         with open(mnt / "d/sub/second", "ab") as f:
             f.write(b"+")
-        time.sleep(0.2)
-    finally:
-        tracer.send_signal(signal.SIGINT)
-        tracer.wait(timeout=30)
     opened = [ln for ln in out.read_text().splitlines() if "openat2(" in ln]
     assert len(opened) == 1 and '"d/sub/second"' in opened[0], opened
     assert (mnt / "d/sub/second").read_bytes() == b"2\n+"
