@@ -75,6 +75,7 @@ class Upper:
         # creating cannot set exactly (the umask's, set-id and sticky)
         self._creator = (os.geteuid(), os.getegid())
         self._not_exact = _umask() | 0o7000
+        self._staged_owner: tuple[int, int] | None | bool = False   # ``staged_owner``
 
     def close(self) -> None:
         self.forget_dirs(b"")
@@ -135,15 +136,48 @@ class Upper:
         st = self.lstat(path)
         return st is not None and syscalls.is_whiteout_stat(st)
 
+    def made_mode(self, st: os.stat_result) -> int | None:
+        """The mode to make a copy of ``st`` with in the work dir so that it needs
+        no chmod (and maybe no chown, ``set_meta``): its own where the umask keeps
+        it and it has no set-id or sticky bit, else None (made 0o600 or 0o700,
+        fixed up by ``set_meta``). The copy is in the work dir, unnamed or under a
+        name no one looks up, until it is complete (crash-safe either way)."""
+        mode = stat.S_IMODE(st.st_mode)
+        return None if mode & self._not_exact or self.staged_owner() is None else mode
+
+    def staged_owner(self) -> tuple[int, int] | None:
+        """(uid, gid) what this process makes in the work dir gets (its own, or the
+        work dir's group where the filesystem gives that: ``grpid``), read once
+        from an unnamed probe file; None where it cannot tell, or the work dir is
+        set-gid (a directory made there would be set-gid too)."""
+        if self._staged_owner is False:
+            owner = None
+            if not os.fstat(self.work_fd).st_mode & stat.S_ISGID:
+                try:
+                    fd = os.open(b".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600,
+                                 dir_fd=self.work_fd)
+                except OSError:
+                    pass
+                else:
+                    st = os.fstat(fd)
+                    os.close(fd)
+                    owner = (st.st_uid, st.st_gid)
+            self._staged_owner = owner
+        return self._staged_owner
+
     def set_meta(self, name: bytes, st, xattrs: dict[str, bytes] | None = None,
-                 times: bool = True, fd: int = -1, number: int | None = None) -> None:
+                 times: bool = True, fd: int = -1, number: int | None = None,
+                 made: int | None = None) -> None:
         """Owner, mode, xattrs (and the inode ``number`` to keep, U8), times on a
         staged entry in the work dir (A1 order); ``fd``: on the open file instead
-        (``name`` b"")."""
+        (``name`` b""). ``made``: the entry was made with ``made_mode(st)`` (not
+        None): no chown where the work dir gave it the right owner already, no
+        chmod (that mode has no set-id bit a chown would clear)."""
         if fd < 0:
             fd = self.work_fd
-        syscalls.lchown(name, st.st_uid, st.st_gid, fd)
-        if not stat.S_ISLNK(st.st_mode):
+        if made is None or (st.st_uid, st.st_gid) != self.staged_owner():
+            syscalls.lchown(name, st.st_uid, st.st_gid, fd)
+        if not stat.S_ISLNK(st.st_mode) and made != stat.S_IMODE(st.st_mode):
             syscalls.chmod(name, stat.S_IMODE(st.st_mode), fd)
         warnings: list[str] = []
         set_xattrs(fd, name, xattrs or {}, warnings)   # A3: refused ones reported, ENOSPC raised
@@ -251,11 +285,13 @@ class Upper:
             st = os.fstat(sfd)
             if not stat.S_ISREG(st.st_mode):        # the layer changed under us
                 raise OSError(errno.ESTALE, os.strerror(errno.ESTALE), path)
-            tmp, fd = self._new_file()
+            made = self.made_mode(st)
+            tmp, fd = self._new_file(0o600 if made is None else made)
             try:
                 if with_data and st.st_size:
                     self._copy_data(sfd, fd, st)
-                self.set_meta(b"", st, content_xattrs(sfd, b""), fd=fd, number=number)
+                self.set_meta(b"", st, content_xattrs(sfd, b""), fd=fd, number=number,
+                              made=made)
             except BaseException:
                 os.close(fd)
                 if tmp is not None:
@@ -274,9 +310,10 @@ class Upper:
         try:
             st = os.fstat(sfd)
             tmp = self.tmp_name()
-            syscalls.mkdir(tmp, self.work_fd, 0o700)
+            made = self.made_mode(st)
+            syscalls.mkdir(tmp, self.work_fd, 0o700 if made is None else made)
             try:
-                self.set_meta(tmp, st, content_xattrs(sfd, b""), number=number)
+                self.set_meta(tmp, st, content_xattrs(sfd, b""), number=number, made=made)
             except BaseException:
                 self.discard(tmp)
                 raise
@@ -284,12 +321,12 @@ class Upper:
             os.close(sfd)
         return st, tmp
 
-    def _new_file(self) -> tuple[bytes | None, int]:
+    def _new_file(self, mode: int = 0o600) -> tuple[bytes | None, int]:
         """(None, fd) of an unnamed file in the work dir, or (its name, fd) where the
-        filesystem has no O_TMPFILE."""
+        filesystem has no O_TMPFILE; made with ``mode``."""
         if self.tmpfile:
             try:
-                return None, os.open(b".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600,
+                return None, os.open(b".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, mode,
                                      dir_fd=self.work_fd)
             except OSError as e:
                 if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
@@ -297,7 +334,7 @@ class Upper:
                 self.tmpfile = False
         tmp = self.tmp_name()
         return tmp, os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                            0o600, dir_fd=self.work_fd)
+                            mode, dir_fd=self.work_fd)
 
     def _copy_data(self, sfd: int, fd: int, st: os.stat_result) -> None:
         """copy_file_range where the two filesystems take it (remembered when not)."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections import OrderedDict
 
 from .. import syscalls
 from ..errors import AlreadyExists, NotFound
@@ -37,6 +38,9 @@ from .inodes import Inode
 from .linknames import LinkNames, moved_path
 from .upper import Upper
 from .view import UnionView
+
+
+LOWER_DIR_FDS = 32      # lower directories kept open (``lower_dir``; per view)
 
 
 def _err(code: int) -> OSError:
@@ -58,16 +62,38 @@ class WritableView(UnionView):
         # Told (parent inode, name) of a name a copy-up linked to the copy that this
         # view's table never handed out (the views mount may show it as shared).
         self.name_linked = lambda parent, name: None
+        self._lower_dirs: OrderedDict[tuple[int, bytes], int] = OrderedDict()
 
     def close(self) -> None:
+        for fd in self._lower_dirs.values():
+            os.close(fd)
+        self._lower_dirs.clear()
         super().close()
         self.upper.close()
 
+    def lower_dir(self, layer: int, path: bytes) -> int:
+        """A kept fd of directory ``path`` of lower layer ``layer`` (never close it;
+        the last LOWER_DIR_FDS are kept): a lower layer never changes, so the fd
+        stays right. A copy-up reads its file's entry three times (the lstat of
+        its lookup, the xattr names the kernel asks for before the first write,
+        then the copy) and its parent's once: one open of the directory for all."""
+        key = (layer, path)
+        fd = self._lower_dirs.get(key)
+        if fd is not None:
+            self._lower_dirs.move_to_end(key)
+            return fd
+        fd = syscalls.open_beneath(self.layers[layer].fd, path)
+        self._lower_dirs[key] = fd
+        if len(self._lower_dirs) > LOWER_DIR_FDS:
+            os.close(self._lower_dirs.popitem(last=False)[1])
+        return fd
+
     def attr(self, inode: Inode) -> os.stat_result:
-        """As the view's, with the upper's parent dir from the fd cache."""
-        if inode.attr is None and inode.node.top == self.up:
-            fd, name = self._upper_entry(inode)
-            inode.attr = syscalls.lstat(name, fd)
+        """As the view's, with the parent dir's fd kept (upper: ``Upper.borrow_dir``,
+        lower: ``lower_dir``)."""
+        if inode.attr is None and inode.parent is not None:
+            with self._parent_fd(inode) as (fd, name):
+                inode.attr = syscalls.lstat(name, fd)
             return inode.attr
         return super().attr(inode)
 
@@ -82,10 +108,16 @@ class WritableView(UnionView):
         return self.upper.borrow_dir(parent), name
 
     def _parent_fd(self, inode: Inode, layer: int | None = None):
-        """The upper's directories come from its fd cache (not closed after use)."""
-        if (inode.node.top if layer is None else layer) != self.up:
+        """Directories come from the fd caches (not closed after use): the upper's
+        (``Upper.borrow_dir``) and the lowers' (``lower_dir``)."""
+        layer = inode.node.top if layer is None else layer
+        if layer == self.up:
+            return _Borrowed(*self._upper_entry(inode))
+        path = self.layer_path(inode, layer)
+        if not path:
             return super()._parent_fd(inode, layer)
-        return _Borrowed(*self._upper_entry(inode))
+        parent, _, name = path.rpartition(b"/")
+        return _Borrowed(self.lower_dir(layer, parent), name)
 
     # -- helpers ----------------------------------------------------------
     def _child(self, parent: Inode, name: bytes) -> Node:

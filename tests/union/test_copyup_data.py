@@ -67,17 +67,26 @@ def comparable(view: tree.View) -> tree.View:
                      frozenset())
 
 
+def on_mergefs_and_kernel(tmp_path, union_mount, layers, act):
+    """``act(root)`` on a mergefs mount (upper ``up``) and on kernel overlayfs
+    (upper ``kup``) over ``layers``: (the mount, its tree, the kernel's tree).
+    The two upper roots get the same times (the root shows its upper's)."""
+    for name in ("up", "wk", "kup", "kwk"):
+        (tmp_path / name).mkdir()
+    for name in ("up", "kup"):
+        os.utime(tmp_path / name, ns=(1_700_000_000 * 10**9,) * 2)
+    mnt = union_mount(layers, upper=tmp_path / "up", work=tmp_path / "wk")
+    act(mnt)
+    with mounts.overlay_mount(layers, upper=tmp_path / "kup", work=tmp_path / "kwk") as kmnt:
+        act(kmnt)
+        expected = tree.capture(kmnt)
+    return mnt, tree.capture(mnt), expected
+
+
 @needs_overlay
 def test_U4_append_copies_up_as_kernel_overlay(tmp_path, union_mount):
     layers = lower_stack(tmp_path)
-    for name in ("up", "wk", "kup", "kwk"):
-        (tmp_path / name).mkdir()
-    mnt = union_mount(layers, upper=tmp_path / "up", work=tmp_path / "wk")
-    append_each(mnt)
-    with mounts.overlay_mount(layers, upper=tmp_path / "kup", work=tmp_path / "kwk") as kmnt:
-        append_each(kmnt)
-        expected = tree.capture(kmnt)
-    got = tree.capture(mnt)
+    mnt, got, expected = on_mergefs_and_kernel(tmp_path, union_mount, layers, append_each)
     tree.assert_same(comparable(got), comparable(expected))
     for rel in APPENDED:     # every byte, the hole read back as zeros
         assert (mnt / rel).read_bytes() == (layers[0] / rel).read_bytes() + b"+", rel
