@@ -41,6 +41,7 @@ import pyfuse3
 from pyfuse3 import FUSEError
 
 from ..errors import NotFound
+from .. import syscalls
 from ..layer import DIR, REG, is_overlay_private
 from .errors import direct, fuse_errors, log
 from .fdcache import FdCache
@@ -284,7 +285,8 @@ class UnionOperations(pyfuse3.Operations):
         lookup now, as ``(items, fds)``: an item is ``(name, next offset, number,
         EntryAttributes or a directory fd in which C lstats the entry, merged)``; C
         closes the fds and hands back (``_unlisted``) the numbers it could not answer.
-        A name not known yet costs no lstat and no EntryAttributes here."""
+        A file not known yet costs no lstat and no EntryAttributes here (its
+        GETATTRs go to C once it is read); a directory's are kept as before."""
         parent, names, next_offset = self._pass(fh, start_id)
         items, fds, counted = [], {}, []
         inodes, room = self.inodes, size
@@ -293,9 +295,15 @@ class UnionOperations(pyfuse3.Operations):
                 room -= (DIRENTPLUS + len(name) + 7) & ~7
                 if room < 0:
                     break
+                if st is None and node.kind == DIR:
+                    # a directory's attributes are kept (its GETATTRs come to Python)
+                    try:
+                        st = syscalls.lstat(name, fd)
+                    except FileNotFoundError:
+                        room += (DIRENTPLUS + len(name) + 7) & ~7
+                        continue
                 if st is None:          # C lstats it; the inode gets its attributes later
-                    items.append((name, next_offset(), number, fd,
-                                  node.kind == DIR and self.view.merged(parent, name, node)))
+                    items.append((name, next_offset(), number, fd, False))
                 else:
                     if attrs is None:
                         attrs = self._entry_attrs(parent, name, node, number, st)
