@@ -288,10 +288,11 @@ static int h_mknod(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t m
  * Python's ``readdir(number, offset, size)`` (ops._readdir_direct) chooses the
  * entries of a no-open READDIRPLUS reply that fit in ``size`` bytes and counts
  * the kernel's lookup of each; it returns ``(items, fds)`` (or an errno), an
- * item being ``(name, next_offset, number, attributes, merged)``: attributes is
- * the EntryAttributes Python has, or an fd of ``fds`` (closed here afterwards)
- * on the directory in which C lstats the entry and makes its attributes as
- * ops.entry_attributes would (nlink 1 for a ``merged`` directory, U1; squash).
+ * item being ``(name, next_offset, number, attributes)``: attributes is the
+ * EntryAttributes Python has, or an fd of ``fds`` (closed here afterwards) on
+ * the directory in which C lstats the entry, a non-directory (Python keeps a
+ * directory's attributes: nlink 1 when merged, U1), and makes its attributes
+ * as ops.entry_attributes would (squashed ownership).
  * An entry C cannot answer (its lstat fails: gone from its layer) is handed
  * to ``unlisted(numbers)``, which takes its count back: the kernel's lookup
  * counts stay exact. */
@@ -304,7 +305,7 @@ static int plus_entry(fuse_req_t req, PyObject *item, char *buf, size_t left, si
 {
     struct fuse_entry_param p;
     const struct fuse_entry_param *pp = &p;
-    if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 5)
+    if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 4)
         return -1;
     const char *name = PyBytes_AsString(PyTuple_GET_ITEM(item, 0));
     off_t next = (off_t)PyLong_AsLongLong(PyTuple_GET_ITEM(item, 1));
@@ -323,8 +324,6 @@ static int plus_entry(fuse_req_t req, PyObject *item, char *buf, size_t left, si
         if (fstatat(fd, name, &p.attr, AT_SYMLINK_NOFOLLOW) != 0)
             return 1;
         p.attr.st_ino = p.ino;
-        if (PyTuple_GET_ITEM(item, 4) == Py_True)
-            p.attr.st_nlink = 1;
         if (squash_uid >= 0)
             p.attr.st_uid = (uid_t)squash_uid;
         if (squash_gid >= 0)
@@ -353,7 +352,7 @@ static void reply_items(fuse_req_t req, size_t size, PyObject *items, PyObject *
         }
         if (r == 0)
             used += len;
-        else if (PyTuple_Check(item) && PyTuple_GET_SIZE(item) == 5 &&
+        else if (PyTuple_Check(item) && PyTuple_GET_SIZE(item) == 4 &&
                  PyList_Append(gone, PyTuple_GET_ITEM(item, 2)) < 0)
             PyErr_Clear();
     }

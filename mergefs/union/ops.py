@@ -283,7 +283,7 @@ class UnionOperations(pyfuse3.Operations):
         """READDIRPLUS as the C fast path answers it (``_fastpath.set_readdir``; no-open):
         the entries from ``start_id`` on that fit in ``size`` bytes, each counted as a
         lookup now, as ``(items, fds)``: an item is ``(name, next offset, number,
-        EntryAttributes or a directory fd in which C lstats the entry, merged)``; C
+        EntryAttributes or a directory fd in which C lstats the entry)``; C
         closes the fds and hands back (``_unlisted``) the numbers it could not answer.
         A file not known yet costs no lstat and no EntryAttributes here (its
         GETATTRs go to C once it is read); a directory's are kept as before."""
@@ -303,11 +303,11 @@ class UnionOperations(pyfuse3.Operations):
                         room += (DIRENTPLUS + len(name) + 7) & ~7
                         continue
                 if st is None:          # C lstats it; the inode gets its attributes later
-                    items.append((name, next_offset(), number, fd, False))
+                    items.append((name, next_offset(), number, fd))
                 else:
                     if attrs is None:
                         attrs = self._entry_attrs(parent, name, node, number, st)
-                    items.append((name, next_offset(), number, attrs, False))
+                    items.append((name, next_offset(), number, attrs))
                 counted.append((name, node, number, st, attrs))
         except BaseException:
             for fd in fds.values():
