@@ -41,7 +41,7 @@ path can call a plain Python handler for a request and answer it without
 pyfuse3's coroutine (the "direct" handlers of _fastpath.c); on a v5 or v6
 build it runs without them.
 v8 adds the READDIRPLUS hook (struct version 5): the fast path fills a
-listing's reply buffer in C (lstat of the entries Python has no attributes
+listing's reply buffer in C (lstat of the files Python has no attributes
 for, ``fuse_add_direntry_plus``) from the entries the Python side chose and
 counted; on a v7 build it runs without it.
 
