@@ -40,6 +40,10 @@ version 4): ``context`` (pyfuse3's RequestContext of a request) and
 path can call a plain Python handler for a request and answer it without
 pyfuse3's coroutine (the "direct" handlers of _fastpath.c); on a v5 or v6
 build it runs without them.
+v8 adds the READDIRPLUS hook (struct version 5): the fast path fills a
+listing's reply buffer in C (lstat of the files Python has no attributes
+for, ``fuse_add_direntry_plus``) from the entries the Python side chose and
+counted; on a v7 build it runs without it.
 
 The build also bakes pyfuse3's version string into its pure-Python part
 (``_pyfuse3.py``): stock pyfuse3 3.5.0 looks its own version up through
@@ -69,10 +73,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mergefs.union import server  # noqa: E402
 
 PATCHED_HANDLERS = ("fuse_read", "fuse_readdirplus", "fuse_write", "fuse_write_buf", "fuse_fsync")
-PATCH_MARK = ("v7: fh 0 -> inode in read/readdir/write/fsync; FUSE_CAP_CACHE_SYMLINKS; "
+PATCH_MARK = ("v8: fh 0 -> inode in read/readdir/write/fsync; FUSE_CAP_CACHE_SYMLINKS; "
               "atomic_o_trunc off on request; version baked into _pyfuse3.py; "
-              "mergefs_fast hooks (4: session, retval, listxattr, lookup, mknod, "
-              "context, entry_param)\n")
+              "mergefs_fast hooks (5: session, retval, listxattr, lookup, mknod, "
+              "context, entry_param, readdirplus)\n")
 # v5: the C callbacks of these requests first call the matching hook of the
 # exported ``mergefs_fast`` (mergefs/union/_fasthooks.h), which mergefs's C fast
 # path fills in (mergefs/union/_fastpath.c); a hook that replied ends the request.
@@ -89,7 +93,9 @@ HOOKED = {"fuse_getattr": "getattr(__pyx_v_req, __pyx_v_ino, __pyx_v_fi)",
           "fuse_listxattr": "listxattr(__pyx_v_req, __pyx_v_ino, __pyx_v_size)",
           "fuse_lookup": "lookup(__pyx_v_req, __pyx_v_parent, __pyx_v_name)",
           "fuse_mknod": "mknod(__pyx_v_req, __pyx_v_parent, __pyx_v_name, __pyx_v_mode, "
-                        "__pyx_v_rdev)"}
+                        "__pyx_v_rdev)",
+          "fuse_readdirplus": "readdirplus(__pyx_v_req, __pyx_v_ino, __pyx_v_size, __pyx_v_off, "
+                              "__pyx_v_fi)"}
 HOOKS_HEADER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             "mergefs", "union", "_fasthooks.h")
 STATE = ("static struct fuse_session *__pyx_v_7pyfuse3_session;",   # what the hooks point at

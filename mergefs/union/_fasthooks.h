@@ -1,5 +1,5 @@
 /* The hooks the patched pyfuse3 (tools/pyfuse3_inode_fh.py, v5; v6 adds
- * LISTXATTR; v7 LOOKUP, MKNOD and two helpers of pyfuse3's own) calls at the top
+ * LISTXATTR; v7 LOOKUP, MKNOD and two helpers of pyfuse3's own; v8 READDIRPLUS) calls at the top
  * of its C request callbacks, before it makes a coroutine for the request.
  * A hook returns 1 when it replied to the request, 0 to let pyfuse3 go on as
  * usual (the Python handler). NULL hooks: stock behaviour. The patch inserts
@@ -7,12 +7,12 @@
  * (its last two fields point at pyfuse3's session and pending coroutine);
  * mergefs/union/_fastpath.c finds it with dlsym and fills it in. Change the
  * layout only together with MERGEFS_FAST_HOOKS_VERSION, and only by appending:
- * the fast path still attaches to a version-2 or -3 build (the struct up to
- * ``retval`` or ``listxattr``, MERGEFS_FAST_HOOKS_V2_SIZE / _V3_SIZE) and serves
- * it without the hooks that build lacks. */
+ * the fast path still attaches to a version-2, -3 or -4 build (the struct up to
+ * ``retval``, ``listxattr`` or ``entry_param``, MERGEFS_FAST_HOOKS_V2_SIZE / _V3_SIZE /
+ * _V4_SIZE) and serves it without the hooks that build lacks. */
 #ifndef MERGEFS_FAST_HOOKS_H
 #define MERGEFS_FAST_HOOKS_H
-#define MERGEFS_FAST_HOOKS_VERSION 4
+#define MERGEFS_FAST_HOOKS_VERSION 5
 struct mergefs_fast_hooks {
     unsigned int version;     /* MERGEFS_FAST_HOOKS_VERSION of the pyfuse3 build */
     unsigned int size;        /* sizeof(struct mergefs_fast_hooks) there */
@@ -38,7 +38,10 @@ struct mergefs_fast_hooks {
      * an EntryAttributes (NULL for any other object) */
     PyObject *(*context)(fuse_req_t);
     const struct fuse_entry_param *(*entry_param)(PyObject *);
+    /* version 5 */
+    int (*readdirplus)(fuse_req_t, fuse_ino_t, size_t, off_t, struct fuse_file_info *);
 };
 #define MERGEFS_FAST_HOOKS_V2_SIZE offsetof(struct mergefs_fast_hooks, listxattr)
 #define MERGEFS_FAST_HOOKS_V3_SIZE offsetof(struct mergefs_fast_hooks, lookup)
+#define MERGEFS_FAST_HOOKS_V4_SIZE offsetof(struct mergefs_fast_hooks, readdirplus)
 #endif

@@ -14,7 +14,8 @@
  * All namespace logic (lookup, create, unlink, rename, readdir, copy-up)
  * stays in Python; with a v7 build, GETATTR the table does not serve, LOOKUP
  * and MKNOD call the Python handler directly, without pyfuse3's coroutine
- * ("direct" handlers, set_direct). ``drain`` runs the request loop itself
+ * ("direct" handlers, set_direct); with a v8 build, READDIRPLUS fills its
+ * reply in C from the entries Python chose (set_readdir). ``drain`` runs the request loop itself
  * while requests need no coroutine.
  *
  * Ownership: the fd belongs to the Python cache, which drops the entry here
@@ -64,11 +65,11 @@ static int volatile_sync;
 
 enum { OP_GETATTR, OP_SETATTR, OP_READ, OP_WRITE, OP_FSYNC, OP_GETXATTR, OP_LISTXATTR,
        OP_GETATTR_DIR, OP_GETATTR_MERGED, OP_GETATTR_DIRECT, OP_LOOKUP_DIRECT, OP_MKNOD_DIRECT,
-       OP_N };
+       OP_READDIRPLUS, OP_N };
 static const char *op_names[OP_N] = {"getattr", "setattr", "read", "write", "fsync", "getxattr",
                                      "listxattr", "getattr_dir", "getattr_merged_dir",
                                      "getattr_direct", "lookup_direct",
-                                     "mknod_direct"};
+                                     "mknod_direct", "readdirplus"};
 static unsigned long long served[OP_N];
 static PyObject *s_node, *s_unlinked, *s_attr, *s_xattrs, *s_sources;
 
@@ -281,6 +282,130 @@ static int h_mknod(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t m
     Py_XDECREF(m);
     Py_XDECREF(r);
     return done;
+}
+
+/* -- READDIRPLUS (v8 builds) --------------------------------------------------
+ * Python's ``readdir(number, offset, size)`` (ops._readdir_direct) chooses the
+ * entries of a no-open READDIRPLUS reply that fit in ``size`` bytes and counts
+ * the kernel's lookup of each; it returns ``(items, fds)`` (or an errno), an
+ * item being ``(name, next_offset, number, attributes)``: attributes is the
+ * EntryAttributes Python has, or an fd of ``fds`` (closed here afterwards) on
+ * the directory in which C lstats the entry, a non-directory (Python keeps a
+ * directory's attributes: nlink 1 when merged, U1), and makes its attributes
+ * as ops.entry_attributes would (squashed ownership).
+ * An entry C cannot answer (its lstat fails: gone from its layer) is handed
+ * to ``unlisted(numbers)``, which takes its count back: the kernel's lookup
+ * counts stay exact. */
+static PyObject *readdir_fn, *unlisted_fn;
+static double entry_timeout;
+
+/* Add one item to ``buf`` (``*len``: its size, more than ``left`` when it did not
+ * fit); 1: not answered (lstat failed); -1: not an item (a bug). */
+static int plus_entry(fuse_req_t req, PyObject *item, char *buf, size_t left, size_t *len)
+{
+    struct fuse_entry_param p;
+    const struct fuse_entry_param *pp = &p;
+    if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 4)
+        return -1;
+    const char *name = PyBytes_AsString(PyTuple_GET_ITEM(item, 0));
+    off_t next = (off_t)PyLong_AsLongLong(PyTuple_GET_ITEM(item, 1));
+    PyObject *what = PyTuple_GET_ITEM(item, 3);
+    if (!name || PyErr_Occurred())
+        return -1;
+    if (!PyLong_CheckExact(what)) {
+        if (!(pp = hooks->entry_param(what)))
+            return -1;
+    } else {
+        memset(&p, 0, sizeof(p));
+        p.ino = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(item, 2));
+        int fd = PyLong_AsLong(what);
+        if (PyErr_Occurred())
+            return -1;
+        if (fstatat(fd, name, &p.attr, AT_SYMLINK_NOFOLLOW) != 0)
+            return 1;
+        p.attr.st_ino = p.ino;
+        if (squash_uid >= 0)
+            p.attr.st_uid = (uid_t)squash_uid;
+        if (squash_gid >= 0)
+            p.attr.st_gid = (gid_t)squash_gid;
+        p.attr_timeout = attr_timeout;
+        p.entry_timeout = entry_timeout;
+    }
+    *len = fuse_add_direntry_plus(req, buf, left, name, pp, next);
+    return 0;
+}
+
+/* Reply with the items that fit; the numbers of the others go to ``gone``. */
+static void reply_items(fuse_req_t req, size_t size, PyObject *items, PyObject *gone)
+{
+    size_t used = 0;
+    int full = 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(items); i++) {
+        PyObject *item = PyList_GET_ITEM(items, i);
+        size_t len = 0;
+        int r = full ? 1 : plus_entry(req, item, buffer + used, size - used, &len);
+        if (r == 0 && len > size - used)
+            r = 1, full = 1;                    /* Python measured wrong: the rest waits */
+        if (r < 0) {
+            PyErr_WriteUnraisable(readdir_fn);  /* a bug: the rest is not answered */
+            r = 1, full = 1;
+        }
+        if (r == 0)
+            used += len;
+        else if (PyTuple_Check(item) && PyTuple_GET_SIZE(item) == 4 &&
+                 PyList_Append(gone, PyTuple_GET_ITEM(item, 2)) < 0)
+            PyErr_Clear();
+    }
+    fuse_reply_buf(req, buffer, used);
+}
+
+static int h_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+                         struct fuse_file_info *fi)
+{
+    if (!readdir_fn || (fi && fi->fh) || reserve(size) < 0)
+        return 0;
+    PyObject *args[3] = {PyLong_FromUnsignedLongLong(ino), PyLong_FromLongLong(off),
+                         PyLong_FromSize_t(size)};
+    PyObject *gone = PyList_New(0), *r = NULL, *items, *fds;
+    if (!args[0] || !args[1] || !args[2] || !gone) {
+        for (int i = 0; i < 3; i++)
+            Py_XDECREF(args[i]);
+        Py_XDECREF(gone);
+        PyErr_Clear();
+        return 0;
+    }
+    served[OP_READDIRPLUS]++;
+    r = PyObject_Vectorcall(readdir_fn, args, 3, NULL);
+    for (int i = 0; i < 3; i++)
+        Py_DECREF(args[i]);
+    if (r && PyLong_CheckExact(r)) {            /* an errno */
+        long e = PyLong_AsLong(r);
+        fuse_reply_err(req, e > 0 && e < 4096 ? (int)e : EIO);
+    } else if (!r || !PyTuple_Check(r) || PyTuple_GET_SIZE(r) != 2 ||
+               !PyList_Check(items = PyTuple_GET_ITEM(r, 0)) ||
+               !PyList_Check(fds = PyTuple_GET_ITEM(r, 1))) {
+        if (r)                                  /* a bug of the handler (nothing counted) */
+            PyErr_Format(PyExc_TypeError, "readdir returned %.100s", Py_TYPE(r)->tp_name);
+        PyErr_WriteUnraisable(readdir_fn);
+        fuse_reply_err(req, EIO);
+    } else {
+        reply_items(req, size, items, gone);
+        for (Py_ssize_t k = 0; k < PyList_GET_SIZE(fds); k++) {
+            long fd = PyLong_AsLong(PyList_GET_ITEM(fds, k));
+            if (fd >= 0)
+                close((int)fd);
+        }
+        PyErr_Clear();
+        if (PyList_GET_SIZE(gone) && unlisted_fn) {
+            PyObject *u = PyObject_CallOneArg(unlisted_fn, gone);
+            if (!u)
+                PyErr_WriteUnraisable(unlisted_fn);
+            Py_XDECREF(u);
+        }
+    }
+    Py_XDECREF(r);
+    Py_DECREF(gone);
+    return 1;
 }
 
 #define KNOWN_SET (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID | \
@@ -558,10 +683,11 @@ static PyObject *py_attach(PyObject *self, PyObject *arg)
         Py_RETURN_FALSE;
     struct mergefs_fast_hooks *h = dlsym(so, "mergefs_fast");
     dlclose(so);                        /* NOLOAD took a reference; the module keeps it */
-    /* this version, version 3 (a v6 pyfuse3 build: no LOOKUP/MKNOD hooks, no
-     * direct handlers) or 2 (v5: no LISTXATTR hook either) */
+    /* this version, version 4 (a v7 pyfuse3 build: no READDIRPLUS hook), 3 (v6:
+     * no LOOKUP/MKNOD hooks, no direct handlers either) or 2 (v5: no LISTXATTR hook either) */
     if (!h || !((h->version == MERGEFS_FAST_HOOKS_VERSION &&
                  h->size == sizeof(struct mergefs_fast_hooks)) ||
+                (h->version == 4 && h->size == MERGEFS_FAST_HOOKS_V4_SIZE) ||
                 (h->version == 3 && h->size == MERGEFS_FAST_HOOKS_V3_SIZE) ||
                 (h->version == 2 && h->size == MERGEFS_FAST_HOOKS_V2_SIZE)))
         Py_RETURN_FALSE;
@@ -585,6 +711,8 @@ static void install(int on)
         hooks->lookup = on ? h_lookup : NULL;
         hooks->mknod = on ? h_mknod : NULL;
     }
+    if (HAS_HOOK(readdirplus))
+        hooks->readdirplus = on ? h_readdirplus : NULL;
 }
 
 static void clear_direct(void)
@@ -628,9 +756,28 @@ static PyObject *py_set_direct(PyObject *self, PyObject *args)
     Py_RETURN_TRUE;
 }
 
+/* set_readdir(readdir, unlisted, entry_timeout) -> bool: fill READDIRPLUS
+ * replies in C with what ``readdir`` chooses (None: pyfuse3 serves them as
+ * before); False, and nothing set, when the attached build cannot (older than v8). */
+static PyObject *py_set_readdir(PyObject *self, PyObject *args)
+{
+    PyObject *fn, *unlisted;
+    double timeout;
+    if (!PyArg_ParseTuple(args, "OOd", &fn, &unlisted, &timeout))
+        return NULL;
+    if (!hooks || !HAS_HOOK(readdirplus) || !hooks->entry_param)
+        Py_RETURN_FALSE;
+    Py_XSETREF(readdir_fn, fn == Py_None ? NULL : Py_NewRef(fn));
+    Py_XSETREF(unlisted_fn, unlisted == Py_None ? NULL : Py_NewRef(unlisted));
+    entry_timeout = timeout;
+    Py_RETURN_TRUE;
+}
+
 static PyObject *py_disable(PyObject *self, PyObject *unused)
 {
     Py_CLEAR(miss_fn);
+    Py_CLEAR(readdir_fn);
+    Py_CLEAR(unlisted_fn);
     clear_direct();
     if (hooks)
         install(0);
@@ -738,6 +885,9 @@ static PyMethodDef methods[] = {
     {"disable", py_disable, METH_NOARGS, "stop serving; forget every entry"},
     {"set_direct", py_set_direct, METH_VARARGS,
      "set_direct(getattr, lookup, mknod) -> bool: the direct handlers (v7 builds)"},
+    {"set_readdir", py_set_readdir, METH_VARARGS,
+     "set_readdir(readdir, unlisted, entry_timeout) -> bool: READDIRPLUS replies filled "
+     "in C (v8 builds)"},
     {"set_miss", py_set_miss, METH_O,
      "set_miss(fn): fn(number) may set an entry when a READ finds none (None: no call)"},
     {"set", py_set, METH_VARARGS,

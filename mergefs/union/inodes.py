@@ -235,9 +235,11 @@ class InodeTable:
         if number is not None and number in self._live:
             self._numbers[(layer, st_ino)] = self._fallback()
 
-    def entry(self, parent: Inode, name: bytes, node: Node) -> Inode:
-        """The live inode for ``name`` in ``parent``, created if needed; count +1."""
-        number = self.number_for(node)
+    def entry(self, parent: Inode, name: bytes, node: Node, number: int | None = None) -> Inode:
+        """The live inode for ``name`` in ``parent``, created if needed; count +1
+        (``number``: ``number_for(node)``, if the caller has it)."""
+        if number is None:
+            number = self.number_for(node)
         inode = self._live.get(number)
         if inode is None:
             inode = self._dropped.pop(number, None) or Inode(number, parent, name, node)
@@ -260,7 +262,7 @@ class InodeTable:
                 and not inode.unlinked:
             inode.lookups += 1
             return inode
-        return self.entry(parent, name, node)
+        return self.entry(parent, name, node, number)
 
     def drop_name(self, inode: Inode, parent: Inode, name: bytes) -> None:
         """``parent/name`` no longer names ``inode``; it is unlinked when no known name is left."""

@@ -41,6 +41,7 @@ import pyfuse3
 from pyfuse3 import FUSEError
 
 from ..errors import NotFound
+from .. import syscalls
 from ..layer import DIR, REG, is_overlay_private
 from .errors import direct, fuse_errors, log
 from .fdcache import FdCache
@@ -50,6 +51,7 @@ from .view import UnionView
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 LISTINGS, LISTED_NAMES = 64, 1 << 20   # writable no-opendir: readdir snapshots kept
 GEN_SHIFT = 32                         # their offsets: generation << 32 | position
+DIRENTPLUS = 152                       # a READDIRPLUS entry's size before its name (fuse_kernel.h)
 
 
 @dataclass
@@ -150,6 +152,9 @@ class UnionOperations(pyfuse3.Operations):
                 self.fds.fast.set_miss(self._open_for_c)
                 if os.environ.get("MERGEFS_FASTPATH_DIRECT") != "0":    # "0": for comparisons
                     self.fds.fast.set_direct(*map(self._direct, ("getattr", "lookup", "mknod")))
+                    # READDIRPLUS replies filled in C (v8 builds; _readdir_direct)
+                    self.fds.fast.set_readdir(direct("readdir", self._readdir_direct),
+                                              self._unlisted, self.timeouts.entry)
 
     def _attrs_changed(self, number: int) -> None:
         """A copy-up changed inode ``number`` (the parent's ctime): the kernel drops
@@ -258,47 +263,13 @@ class UnionOperations(pyfuse3.Operations):
 
     @fuse_errors
     def readdir(self, fh, start_id, token):
-        if not self.no_open:
-            h = self.handles[fh]
-            self._reply_entries(h.inode, h.entries, start_id, 0, token, pairs=True)
-        elif self.view.writable:    # fh is the inode (patched pyfuse3)
-            parent = self.inodes.get(fh)
-            gen, names = self._snapshot(parent, start_id)
-            self._reply_entries(parent, names, start_id & ((1 << GEN_SHIFT) - 1),
-                                gen << GEN_SHIFT, token)
-        else:                       # a read-only listing never changes: offsets are indices
-            parent = self.inodes.get(fh)
-            entries = self.view.entries(parent, self.view.listing(parent).items()[start_id:])
-            self._reply(parent, entries, token, lambda i=iter(range(start_id + 1, 1 << 62)):
-                        next(i))
-
-    def _reply_entries(self, parent: Inode, names: list, start: int, base: int, token,
-                       pairs: bool = False) -> None:
-        """Reply with the names of ``names[start:]`` (``pairs``: (name, node)s) that
-        the listing still has (a name removed since the snapshot is skipped); each
-        entry's offset is ``base`` plus the position after it in ``names``, so
-        the next call goes on right after it whatever was skipped."""
-        pos = start
-        # a removed directory is empty (rmdir needs it so): never read it again
-        current = self.view.listing(parent) if not parent.unlinked else parent.children or {}
-
-        def present():
-            nonlocal pos
-            for k in range(start, len(names)):
-                name = names[k][0] if pairs else names[k]
-                node = current.get(name)
-                if node is not None:
-                    pos = k + 1
-                    yield name, node
-        self._reply(parent, self.view.entries(parent, present()), token, lambda: base | pos)
-
-    def _reply(self, parent: Inode, entries, token, next_offset) -> None:
+        parent, names, next_offset = self._pass(fh, start_id)
         reply = pyfuse3.readdir_reply
+        entries = self.view.entries(parent, names)
         try:
-            for name, node, number, st, attrs in entries:
+            for name, node, number, st, attrs, _ in entries:
                 if attrs is None:
-                    merged = node.kind == DIR and self.view.merged(parent, name, node)
-                    attrs = entry_attributes(number, st, merged, self.timeouts, self.squash)
+                    attrs = self._entry_attrs(parent, name, node, number, st)
                 if not reply(token, name, attrs, next_offset()):
                     break
                 child = self.inodes.entry_of(parent, name, node, number)  # readdirplus counts
@@ -307,6 +278,99 @@ class UnionOperations(pyfuse3.Operations):
                     child.entry = attrs
         finally:
             entries.close()
+
+    def _readdir_direct(self, fh: int, start_id: int, size: int):
+        """READDIRPLUS as the C fast path answers it (``_fastpath.set_readdir``; no-open):
+        the entries from ``start_id`` on that fit in ``size`` bytes, each counted as a
+        lookup now, as ``(items, fds)``: an item is ``(name, next offset, number,
+        EntryAttributes or a directory fd in which C lstats the entry)``; C
+        closes the fds and hands back (``_unlisted``) the numbers it could not answer.
+        A file not known yet costs no lstat and no EntryAttributes here (its
+        GETATTRs go to C once it is read); a directory's are kept as before."""
+        parent, names, next_offset = self._pass(fh, start_id)
+        items, fds, counted = [], {}, []
+        inodes, room = self.inodes, size
+        try:
+            for name, node, number, st, attrs, fd in self.view.entries(parent, names, fds):
+                room -= (DIRENTPLUS + len(name) + 7) & ~7
+                if room < 0:
+                    break
+                if st is None and node.kind == DIR:
+                    # a directory's attributes are kept (its GETATTRs come to Python)
+                    try:
+                        st = syscalls.lstat(name, fd)
+                    except FileNotFoundError:
+                        room += (DIRENTPLUS + len(name) + 7) & ~7
+                        continue
+                if st is None:          # C lstats it; the inode gets its attributes later
+                    items.append((name, next_offset(), number, fd))
+                else:
+                    if attrs is None:
+                        attrs = self._entry_attrs(parent, name, node, number, st)
+                    items.append((name, next_offset(), number, attrs))
+                counted.append((name, node, number, st, attrs))
+        except BaseException:
+            for fd in fds.values():
+                os.close(fd)
+            raise
+        for name, node, number, st, attrs in counted:    # nothing raises from here on
+            child = inodes.entry_of(parent, name, node, number)
+            if st is not None and child.attr is None:
+                child.attr = st
+                child.entry = attrs
+        return items, list(fds.values())
+
+    def _unlisted(self, numbers: list) -> None:
+        """The C fast path could not answer these entries of a READDIRPLUS: their
+        lookups (``_readdir_direct`` counted them) did not happen."""
+        for number in numbers:
+            self.inodes.forget(number, 1)
+
+    def _entry_attrs(self, parent: Inode, name: bytes, node, number: int,
+                     st: os.stat_result) -> pyfuse3.EntryAttributes:
+        merged = node.kind == DIR and self.view.merged(parent, name, node)
+        return entry_attributes(number, st, merged, self.timeouts, self.squash)
+
+    def _pass(self, fh: int, start_id: int):
+        """What a readdir request walks: the directory, its (name, node) entries from
+        offset ``start_id`` on that the listing still has, and ``next_offset()``, the
+        offset that goes on right after the entry last taken from them.
+
+        With opendir, the handle's snapshot; no-open writable, the pass's snapshot
+        (``_snapshot``); no-open read-only, the listing itself (it never changes).
+        Offsets are ``base`` plus the position after the entry in that list, so
+        an entry skipped (removed since the snapshot) moves no other's offset."""
+        if not self.no_open:
+            h = self.handles[fh]
+            parent, names, start, base = h.inode, h.entries, start_id, 0
+        elif self.view.writable:    # fh is the inode (patched pyfuse3)
+            parent = self.inodes.get(fh)
+            gen, keys = self._snapshot(parent, start_id)
+            names = None
+            start, base = start_id & ((1 << GEN_SHIFT) - 1), gen << GEN_SHIFT
+        else:
+            parent = self.inodes.get(fh)
+            names, start, base = self.view.listing(parent).items(), start_id, 0
+        pos = start
+        # a removed directory is empty (rmdir needs it so): never read it again
+        current = self.view.listing(parent) if not parent.unlinked else parent.children or {}
+
+        def present():
+            nonlocal pos
+            if names is None:       # a snapshot of names
+                for k in range(start, len(keys)):
+                    node = current.get(keys[k])
+                    if node is not None:
+                        pos = k + 1
+                        yield keys[k], node
+            else:                   # (name, node) pairs
+                for k in range(start, len(names)):
+                    name = names[k][0]
+                    node = current.get(name)
+                    if node is not None:
+                        pos = k + 1
+                        yield name, node
+        return parent, present(), lambda: base | pos
 
     def _snapshot(self, parent: Inode, offset: int) -> tuple[int, list]:
         """The names a readdir pass of a writable directory walks (no-opendir).

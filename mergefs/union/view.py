@@ -157,40 +157,44 @@ class UnionView:
         self.attr(inode)
         return inode
 
-    def entries(self, parent: Inode, names: Iterable[tuple[bytes, Node]]):
-        """Yield (name, node, number, lstat, EntryAttributes|None) for listing entries.
+    def entries(self, parent: Inode, names: Iterable[tuple[bytes, Node]],
+                fds: dict[int, int] | None = None):
+        """Yield (name, node, number, lstat, EntryAttributes|None, dir fd) for listing entries.
 
         Attributes of live inodes come from the table (a warm listing stats
-        nothing); the rest are lstat'ed through one dir fd per layer. A name
-        gone since the listing was taken (a writable mount) is skipped.
+        nothing); the rest are lstat'ed through one dir fd per layer (the
+        ``dir fd``, or -1 for a live one). ``names`` are the listing's current
+        ones (ops._pass). ``fds``: the caller lstats (the C
+        fast path: lstat None when not known) and closes the dir fds, which this
+        dict gathers by layer; else they are closed when the generator ends.
         """
-        fds: dict[int, int] = {}
-        current = parent.children
+        own = fds is None
+        fds = {} if own else fds
         table = self.inodes
         try:
             for name, node in names:
-                if current is not None and current.get(name) != node:
-                    node = current.get(name)
-                    if node is None:
-                        continue
                 number = table.number_for(node)
                 inode = table.live(number)
                 if inode is not None and inode.attr is not None and not inode.unlinked:
-                    yield name, node, number, inode.attr, inode.entry
+                    yield name, node, number, inode.attr, inode.entry, -1
                     continue
                 top = node.top
                 fd = fds.get(top)
                 if fd is None:
                     fd = fds[top] = syscalls.open_beneath(self.layers[top].fd,
                                                           self.layer_path(parent, top))
+                if not own:
+                    yield name, node, number, None, None, fd
+                    continue
                 try:
                     st = syscalls.lstat(name, fd)
                 except FileNotFoundError:
                     continue
-                yield name, node, number, st, None
+                yield name, node, number, st, None, fd
         finally:
-            for fd in fds.values():
-                os.close(fd)
+            if own:
+                for fd in fds.values():
+                    os.close(fd)
 
     # -- attributes ------------------------------------------------------
     def attr(self, inode: Inode) -> os.stat_result:
