@@ -386,13 +386,30 @@ def serve_views(mountpoint: str, control: str, allow_other: bool = True, ready=N
             nursery.start_soon(on_signal)
             if ready is not None:
                 ready()
-            await pyfuse3.main()
+            # as a server of its own (server._run): one worker task, which waits
+            # for the next request in poll(2) while requests flow; every handler
+            # runs to completion without awaiting (a bind's lookups are served
+            # while the bind runs in a thread)
+            from . import fuseloop
+            wake = _trio_epoll_fd()
+            if wake is None or not fuseloop.install(wake):
+                log.info("views: pyfuse3's own request wait")
+            await pyfuse3.main(min_tasks=1, max_tasks=1)
             nursery.cancel_scope.cancel()
     try:
         trio.run(main)
     finally:
         pyfuse3.close(unmount=True)
         fs.close()
+
+
+def _trio_epoll_fd() -> int | None:
+    """The epoll fd of the running trio loop (trio has no public way to name it)."""
+    try:
+        from trio._core._run import GLOBAL_RUN_CONTEXT
+        return GLOBAL_RUN_CONTEXT.runner.io_manager._epoll.fileno()
+    except AttributeError:
+        return None
 
 
 # -- binds ---------------------------------------------------------------------------
