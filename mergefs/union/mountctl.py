@@ -392,7 +392,9 @@ def serve_views(mountpoint: str, control: str, allow_other: bool = True, ready=N
             # while the bind runs in a thread)
             from . import fuseloop
             wake = _trio_epoll_fd()
-            if wake is None or not fuseloop.install(wake):
+            if wake is not None and fuseloop.install(wake):
+                log.info("views: one worker, the next request awaited in poll(2)")
+            else:
                 log.info("views: pyfuse3's own request wait")
             await pyfuse3.main(min_tasks=1, max_tasks=1)
             nursery.cancel_scope.cancel()

@@ -394,3 +394,70 @@ def test_a_stopped_service_leaves_no_spare(tmp_path, sig):
         assert gone(spare)
     finally:
         srv.stop()
+
+
+# -- the views service's request loop -------------------------------------------------
+def test_views_control_requests_are_answered_while_a_view_is_read(tmp_path, lean):
+    """The views service waits for FUSE requests in poll(2) first (one worker task,
+    fuseloop), woken by trio's own fds too: while a container reads a view as fast
+    as it can, list requests and another view's mount and unmount go through, and
+    every read is right."""
+    import threading
+    from mergefs.union.ctlclient import control_call
+    srv = MountService("views", tmp_path / "service")
+    low = tmp_path / "low"
+    for d in range(5):
+        (low / f"d{d}").mkdir(parents=True)
+        for f in range(40):
+            (low / f"d{d}/f{f}").write_text(f"{d}/{f}\n")
+    reader, other = tmp_path / "reader", tmp_path / "other"
+    targets, errors, stop = [], [], threading.Event()
+    try:
+        for t, name in ((reader, "r"), (other, "o")):
+            t.mkdir()
+            up, wk = tmp_path / f"{name}-up", tmp_path / f"{name}-wk"
+            up.mkdir()
+            wk.mkdir()
+            opts = f"lowerdir={low},upperdir={up},workdir={wk},service={srv.control}"
+            if t is reader:
+                r = mergefs("-o", opts, t, program=lean)
+                assert (r.returncode, r.stderr) == (0, "")
+                targets.append(t)
+            else:
+                other_opts = opts
+
+        def read():
+            n = 0
+            while not stop.is_set():
+                p = reader / f"d{n % 5}/f{n % 40}"
+                if p.read_text() != f"{n % 5}/{n % 40}\n":
+                    errors.append(str(p))
+                n += 1
+            errors.append(n)
+        th = threading.Thread(target=read)
+        th.start()
+        try:
+            for _ in range(3):
+                t0 = time.monotonic()
+                assert [str(reader)] in [v["mounts"] for v in
+                                         control_call(srv.control, {"op": "list"})["views"]]
+                r = mergefs("-o", other_opts, other, program=lean)
+                assert (r.returncode, r.stderr) == (0, "")
+                assert (other / "d1/f2").read_text() == "1/2\n"
+                subprocess.run(["umount", str(other)], check=True)
+                assert time.monotonic() - t0 < 10
+        finally:
+            stop.set()
+            th.join(30)
+        assert len(errors) == 1 and errors[0] > 100, errors[:5]      # only the count
+        subprocess.run(["umount", str(reader)], check=True)
+        targets.clear()
+        assert srv.wait_empty() == []
+        assert srv.errors() == []
+        assert "one worker, the next request awaited in poll(2)" in srv.log.read_text()
+    finally:
+        stop.set()
+        for t in targets + [other]:
+            mounts.force_unmount(t)
+        srv.stop()
+        assert not mounts.is_mounted(srv.mnt)
