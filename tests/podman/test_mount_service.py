@@ -461,3 +461,39 @@ def test_views_control_requests_are_answered_while_a_view_is_read(tmp_path, lean
             mounts.force_unmount(t)
         srv.stop()
         assert not mounts.is_mounted(srv.mnt)
+
+
+def test_an_auto_view_stays_while_a_mount_inside_it_stays(tmp_path, layers, lean):
+    """The service removes a mount request's view once no mount uses it: not while
+    a mount inside the view is left after the bind went (a views mount point with
+    a space, which mountinfo writes escaped, too)."""
+    srv = MountService("views", tmp_path / "a space" / "service")
+    t = tmp_path / "t"
+    t.mkdir()
+    inside = None
+    try:
+        r = mergefs("-o", writable_opts(tmp_path, layers, "s") + f",service={srv.control}", t,
+                    program=lean)
+        assert (r.returncode, r.stderr) == (0, "")
+        [view] = views(srv)
+        other = tmp_path / "other"
+        other.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "none", str(other)], check=True)
+        subprocess.run(["umount", str(other)], check=True)
+        time.sleep(0.5)                       # the service saw the changes: its bind counts
+        assert [v["name"] for v in views(srv)] == [view["name"]]
+        inside = Path(view["path"]) / "data/keep"
+        subprocess.run(["mount", "-t", "tmpfs", "none", str(inside)], check=True)
+        subprocess.run(["umount", str(t)], check=True)
+        time.sleep(0.5)                       # the service saw both changes
+        assert [v["name"] for v in views(srv)] == [view["name"]]
+        subprocess.run(["umount", str(inside)], check=True)
+        inside = None
+        assert srv.wait_empty() == []
+        assert srv.errors() == []
+    finally:
+        for m in (inside, t):
+            if m is not None:
+                mounts.force_unmount(m)
+        srv.stop()
+        assert not mounts.is_mounted(srv.mnt)
