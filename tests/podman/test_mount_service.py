@@ -45,9 +45,9 @@ def lean(tmp_path_factory) -> str:
     return r.stdout.strip()
 
 
-@pytest.fixture(params=["fork", "views"])
-def service(request, tmp_path):
-    srv = MountService(request.param, tmp_path / "service")
+def started(kind: str, tmp_path):
+    """A service whose ``targets`` are unmounted when it is stopped."""
+    srv = MountService(kind, tmp_path / "service")
     srv.targets = []
     try:
         yield srv
@@ -56,6 +56,11 @@ def service(request, tmp_path):
             mounts.force_unmount(t)
         srv.stop()
         assert not mounts.is_mounted(srv.mnt)
+
+
+@pytest.fixture(params=["fork", "views"])
+def service(request, tmp_path):
+    yield from started(request.param, tmp_path)
 
 
 @pytest.fixture
@@ -309,14 +314,7 @@ def gone(pid: int, timeout: float = 10.0) -> bool:
 
 @pytest.fixture
 def fork_service(tmp_path):
-    srv = MountService("fork", tmp_path / "service")
-    srv.targets = []
-    try:
-        yield srv
-    finally:
-        for t in srv.targets:
-            mounts.force_unmount(t)
-        srv.stop()
+    yield from started("fork", tmp_path)
 
 
 def test_the_next_mounts_server_is_forked_before_the_request(fork_service, layers, tmp_path,
