@@ -301,6 +301,9 @@ def _mountinfo_path(path: str) -> bytes:
     return out
 
 
+RECHECK = 1.0
+
+
 async def watch_mounts(on_change, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Call ``on_change()`` after every change of this process's mount table, until
     cancelled. ``/proc/self/mountinfo`` reports POLLPRI|POLLERR once per change (it is
@@ -312,7 +315,11 @@ async def watch_mounts(on_change, task_status=trio.TASK_STATUS_IGNORED) -> None:
         ep.register(fd, select.EPOLLPRI | select.EPOLLERR)
         task_status.started()
         while True:
-            await trio.lowlevel.wait_readable(ep.fileno())
+            # and once a RECHECK without one: the views loop polls trio's epoll fd
+            # (fuseloop's wake_fd), and that poll, checking the nested epoll set,
+            # consumes mountinfo's once-per-change event before trio sees it
+            with trio.move_on_after(RECHECK):
+                await trio.lowlevel.wait_readable(ep.fileno())
             ep.poll(0)
             on_change()
     finally:
