@@ -10,7 +10,9 @@ host's installed packages: the files of every ``Priority: required`` package,
 one layer (``--busybox`` uses the small busybox image of the podman tests
 instead). Each mount program has its own private storage (graphroot, runroot,
 containers.conf as in tests/podman) into which the image is loaded once
-(timed: ``load``). Each run then measures, for each program in turn:
+(timed: ``load``). Each run then measures (the runs each program once per
+rep in turn, so that a burst of other load hits every program alike; then the
+builds, program after program):
 
 * ``run``: ``podman run --rm IMAGE true``, ``--run-reps`` times (each sample
   is one run: mount, start, stop, unmount, remove). A sample of 19 s or more
@@ -110,21 +112,31 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def measure_runs(envs: list[PodmanEnv], images: dict, table: benchlib.Table, reps: int) -> None:
+    """``run --rm`` then ``run`` + ``rm``, each program once per rep in turn (a burst of
+    other load then hits every program alike, not one program's block of reps)."""
+    for env in envs:
+        table.series(f"run {env.name}", anchor=None if env.name == ANCHOR else f"run {ANCHOR}")
+    for _ in range(reps):
+        for env in envs:
+            sec = timed(lambda: env("run", "--rm", images[env.name], "true"))
+            if sec >= STALL:       # podman waited out its conmon timeout
+                STALLS[env.name] = STALLS.get(env.name, 0) + 1
+                continue
+            table.series(f"run {env.name}").add(sec)
+    for env in envs:
+        table.series(f"run+rm {env.name}",
+                     anchor=None if env.name == ANCHOR else f"run+rm {ANCHOR}")
+    for i in range(reps):
+        for env in envs:
+            table.series(f"run+rm {env.name}").add(timed(lambda: (
+                env("run", "--name", f"bench-{i}", images[env.name], "true"),
+                env("rm", f"bench-{i}"))))
+
+
 def measure(env: PodmanEnv, image: str, table: benchlib.Table, reps: int, ctx: Path,
             build: bool = True) -> None:
-    anchor = None if env.name == ANCHOR else f"run {ANCHOR}"
-    row = table.series(f"run {env.name}", anchor=anchor)
-    for _ in range(reps):
-        sec = timed(lambda: env("run", "--rm", image, "true"))
-        if sec >= STALL:       # podman waited out its conmon timeout
-            STALLS[env.name] = STALLS.get(env.name, 0) + 1
-            continue
-        row.add(sec)
-    anchor = None if env.name == ANCHOR else f"run+rm {ANCHOR}"
-    row = table.series(f"run+rm {env.name}", anchor=anchor)
-    for i in range(reps):
-        row.add(timed(lambda: (env("run", "--name", f"bench-{i}", image, "true"),
-                               env("rm", f"bench-{i}"))))
+    """The build (one)."""
     if not build:
         return
     tag = f"localhost/bench-{env.name}"
@@ -232,6 +244,7 @@ def run(args) -> int:
             ctx.mkdir(exist_ok=True)
             (ctx / "Containerfile").write_text(CONTAINERFILE.format(image=images[name]))
         for run_no in range(args.runs):
+            measure_runs([envs[n] for n in programs], images, table, args.run_reps)
             for name in programs:
                 measure(envs[name], images[name], table, args.run_reps, work / f"ctx-{name}",
                         not args.no_build)
