@@ -10,7 +10,9 @@ host's installed packages: the files of every ``Priority: required`` package,
 one layer (``--busybox`` uses the small busybox image of the podman tests
 instead). Each mount program has its own private storage (graphroot, runroot,
 containers.conf as in tests/podman) into which the image is loaded once
-(timed: ``load``). Each run then measures, for each program in turn:
+(timed: ``load``). Each run then measures (the runs each program once per
+rep in turn, so that a burst of other load hits every program alike; then the
+builds, program after program):
 
 * ``run``: ``podman run --rm IMAGE true``, ``--run-reps`` times (each sample
   is one run: mount, start, stop, unmount, remove). A sample of 19 s or more
@@ -33,6 +35,10 @@ the same runs, interleaved. ``--fuse-only`` adds ``mergefs-fuse``: this tree's
 mergefs with ``nokernel``, so that every mount is a FUSE server, also the
 read-only parent mounts of the naive diff that ``mergefs`` itself leaves to
 kernel overlayfs when their layers are plain (the FUSE serving path's own ratio).
+``--trace N`` then runs N more ``podman run --rm`` per program with the
+kernel's fuse tracepoints on (tracefs; mounted at /sys/kernel/tracing if it
+is not) and prints the FUSE requests of each run by opcode and how long they
+waited for their answers: evidence that does not move with the load.
 ``mergefs-fork`` and ``mergefs-views`` are mergefs through a mount service
 (README, "As podman's or buildah's overlay mount program"): ``mergefs
 mount-server`` (a warm server forked per mount) or ``mergefs views serve`` (a
@@ -43,8 +49,10 @@ mount_program and ``mountopt = "service=SOCK"``.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -104,21 +112,31 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def measure_runs(envs: list[PodmanEnv], images: dict, table: benchlib.Table, reps: int) -> None:
+    """``run --rm`` then ``run`` + ``rm``, each program once per rep in turn (a burst of
+    other load then hits every program alike, not one program's block of reps)."""
+    for env in envs:
+        table.series(f"run {env.name}", anchor=None if env.name == ANCHOR else f"run {ANCHOR}")
+    for _ in range(reps):
+        for env in envs:
+            sec = timed(lambda: env("run", "--rm", images[env.name], "true"))
+            if sec >= STALL:       # podman waited out its conmon timeout
+                STALLS[env.name] = STALLS.get(env.name, 0) + 1
+                continue
+            table.series(f"run {env.name}").add(sec)
+    for env in envs:
+        table.series(f"run+rm {env.name}",
+                     anchor=None if env.name == ANCHOR else f"run+rm {ANCHOR}")
+    for i in range(reps):
+        for env in envs:
+            table.series(f"run+rm {env.name}").add(timed(lambda: (
+                env("run", "--name", f"bench-{i}", images[env.name], "true"),
+                env("rm", f"bench-{i}"))))
+
+
 def measure(env: PodmanEnv, image: str, table: benchlib.Table, reps: int, ctx: Path,
             build: bool = True) -> None:
-    anchor = None if env.name == ANCHOR else f"run {ANCHOR}"
-    row = table.series(f"run {env.name}", anchor=anchor)
-    for _ in range(reps):
-        sec = timed(lambda: env("run", "--rm", image, "true"))
-        if sec >= STALL:       # podman waited out its conmon timeout
-            STALLS[env.name] = STALLS.get(env.name, 0) + 1
-            continue
-        row.add(sec)
-    anchor = None if env.name == ANCHOR else f"run+rm {ANCHOR}"
-    row = table.series(f"run+rm {env.name}", anchor=anchor)
-    for i in range(reps):
-        row.add(timed(lambda: (env("run", "--name", f"bench-{i}", image, "true"),
-                               env("rm", f"bench-{i}"))))
+    """The build (one)."""
     if not build:
         return
     tag = f"localhost/bench-{env.name}"
@@ -126,6 +144,63 @@ def measure(env: PodmanEnv, image: str, table: benchlib.Table, reps: int, ctx: P
     table.series(f"build {env.name}", anchor=anchor).add(
         timed(lambda: env("build", "--no-cache", "--network", "none", "--tag", tag, ctx)))
     env("image", "rm", tag)
+
+
+# -- FUSE requests of a container (load-independent): the kernel's fuse tracepoints --
+TRACEFS = "/sys/kernel/tracing"
+TRACE_LINE = re.compile(r"^\s*(.+?)-\d+\s+\[\d+\]\s+\S+\s+([\d.]+): fuse_request_(send|end): "
+                        r"connection (\d+) req (\d+)(?: opcode \d+ \((\w+)\))?")
+CONTAINER_COMMS = ("podman", "true", "runc", "conmon", "bind_with_flags")
+
+
+def trace_requests(env: PodmanEnv, image: str, reps: int) -> tuple[collections.Counter, dict]:
+    """FUSE requests per ``podman run --rm`` (by opcode) and the time they waited
+    for their answers (ms per opcode), over ``reps`` runs: the connections whose
+    requests come from podman, runc or the container (not other FUSE mounts)."""
+    inst = f"{TRACEFS}/instances/bench-podman"
+    mounted = not os.path.isdir(f"{TRACEFS}/events") and subprocess.run(
+        ["mount", "-t", "tracefs", "nodev", TRACEFS], capture_output=True).returncode == 0
+    os.makedirs(inst, exist_ok=True)
+    ops, waited = collections.Counter(), collections.Counter()
+
+    def put(name, value):
+        with open(f"{inst}/{name}", "w") as f:
+            f.write(value)
+    try:
+        put("events/fuse/enable", "1")
+        for _ in range(reps):
+            put("trace", "")
+            put("tracing_on", "1")
+            env("run", "--rm", image, "true")
+            put("tracing_on", "0")
+            with open(f"{inst}/trace") as f:
+                rows = [m.groups() for m in map(TRACE_LINE.match, f) if m]
+            ours = {conn for comm, _, ev, conn, _, _ in rows
+                    if ev == "send" and comm.startswith(CONTAINER_COMMS)}
+            sent = {}
+            for comm, ts, ev, conn, req, op in rows:
+                if conn not in ours:
+                    continue
+                if ev == "send":
+                    ops[op] += 1
+                    sent[conn, req] = (float(ts), op)
+                elif (conn, req) in sent:
+                    t0, op = sent.pop((conn, req))
+                    waited[op] += (float(ts) - t0) * 1000
+    finally:
+        put("tracing_on", "0")
+        os.rmdir(inst)
+        if mounted:
+            subprocess.run(["umount", TRACEFS], capture_output=True)
+    return ops, waited
+
+
+def print_requests(name: str, ops: collections.Counter, waited: dict, reps: int) -> None:
+    total = sum(ops.values()) / reps
+    print(f"{name}: {total:.1f} FUSE requests per run --rm, answers waited for "
+          f"{sum(waited.values()) / reps:.1f} ms: " +
+          ", ".join(f"{op.removeprefix('FUSE_').lower()} {n / reps:g} ({waited[op] / reps:.1f} ms)"
+                    for op, n in ops.most_common()))
 
 
 def run(args) -> int:
@@ -169,10 +244,14 @@ def run(args) -> int:
             ctx.mkdir(exist_ok=True)
             (ctx / "Containerfile").write_text(CONTAINERFILE.format(image=images[name]))
         for run_no in range(args.runs):
+            measure_runs([envs[n] for n in programs], images, table, args.run_reps)
             for name in programs:
                 measure(envs[name], images[name], table, args.run_reps, work / f"ctx-{name}",
                         not args.no_build)
             print(f"run {run_no + 1} done (load average {os.getloadavg()[0]:.1f})", flush=True)
+        for name in programs if args.trace else ():
+            print_requests(name, *trace_requests(envs[name], images[name], args.trace),
+                           args.trace)
     finally:
         for env in envs.values():
             env.close()
@@ -227,6 +306,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the table as JSON here")
     ap.add_argument("--before", metavar="TREE", help="also a mergefs-before: mergefs from TREE")
     ap.add_argument("--no-build", action="store_true", help="run and run+rm only")
+    ap.add_argument("--trace", type=int, default=0, metavar="N",
+                    help="then N more run --rm per program with the kernel's fuse tracepoints "
+                         "on: FUSE requests per run by opcode and the time they waited")
     ap.add_argument("--fuse-only", action="store_true",
                     help="also mergefs-fuse: mergefs with every mount on FUSE (nokernel)")
     args = ap.parse_args(argv)

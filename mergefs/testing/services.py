@@ -44,20 +44,12 @@ class MountService:
             raise RuntimeError(f"{kind} service did not start: {self.log.read_text()}")
 
     def left(self) -> list[str]:
-        """Views still there, or forked servers still running."""
+        """Views still there, or forked servers still running (not the spare)."""
+        from mergefs.union.ctlclient import control_call
+        reply = control_call(self.control, {"op": "list"})
         if self.kind == "views":
-            from mergefs.union.ctlclient import control_call
-            return [v["name"] for v in control_call(self.control, {"op": "list"})["views"]]
-        out = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open(f"/proc/{pid}/stat", "rb") as f:
-                    fields = f.read().rpartition(b")")[2].split()
-            except OSError:
-                continue
-            if int(fields[1]) == self.proc.pid and fields[0] != b"Z":
-                out.append(pid)
-        return out
+            return [v["name"] for v in reply["views"]]
+        return [str(p) for p in reply["servers"]]
 
     def wait_empty(self, timeout: float = 10.0) -> list[str]:
         deadline = time.monotonic() + timeout

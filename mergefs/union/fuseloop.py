@@ -41,9 +41,12 @@ def fuse_fd() -> int | None:
     return found[0] if len(found) == 1 else None
 
 
-def install() -> bool:
+def install(wake_fd: int | None = None) -> bool:
     """Use the poll-first wait in pyfuse3's loop; False (pyfuse3's own wait
-    kept) when this pyfuse3 has no such function or the fd is not unique."""
+    kept) when this pyfuse3 has no such function or the fd is not unique.
+    ``wake_fd`` (the views service: trio's own epoll fd, readable when a
+    control connection, a thread's result or a signal waits for trio) ends
+    the plain poll early: trio then runs what is ready."""
     import pyfuse3
     import trio
 
@@ -53,6 +56,8 @@ def install() -> bool:
         return False
     poller = select.poll()
     poller.register(fd, select.POLLIN)
+    if wake_fd is not None:
+        poller.register(wake_fd, select.POLLIN)
     served = 0
 
     async def wait_fuse_readable() -> bool:
@@ -65,7 +70,7 @@ def install() -> bool:
                 if pending is None:
                     break
                 await pending
-        if served % YIELD_EVERY and poller.poll(POLL_MS):
+        if served % YIELD_EVERY and any(f == fd for f, _ in poller.poll(POLL_MS)):
             return True
         try:
             await trio.lowlevel.wait_readable(fd)

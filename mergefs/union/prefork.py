@@ -78,6 +78,14 @@ def start_early() -> None:
     global _PENDING
     if _PENDING is not None or "trio" in sys.modules or len(os.listdir("/proc/self/task")) != 1:
         return
+    _PENDING = fork_waiting()
+
+
+def fork_waiting(warm=None) -> Prefork:
+    """Fork a server-to-be that waits for ``hand_over`` (the caller runs one thread
+    and no trio loop: ``start_early``, or the mount server, which forks the
+    server of its next mount ahead, ``mountsvc``); ``warm``: what the child
+    runs before it waits, to make its start after the hand-over shorter."""
     fuse_fd = -1
     if os.geteuid() == 0:           # also uid 0 of a user namespace: it may mount FUSE
         try:
@@ -94,18 +102,24 @@ def start_early() -> None:
         try:
             os.close(w)
             os.close(reply_r)
-            code = _child(r, reply_w, fuse_fd)
+            code = _child(r, reply_w, fuse_fd, warm)
         finally:
             os._exit(code)
     os.close(r)
     os.close(reply_w)
-    _PENDING = Prefork(pid, fuse_fd, w, reply_r)
+    return Prefork(pid, fuse_fd, w, reply_r)
 
 
 def take() -> Prefork | None:
     global _PENDING
     pre, _PENDING = _PENDING, None
     return pre
+
+
+def pend(pre: Prefork | None) -> None:
+    """Make ``pre`` the server the next ``server.start`` takes."""
+    global _PENDING
+    _PENDING = pre
 
 
 def cancel() -> None:
@@ -275,7 +289,7 @@ def import_trio() -> None:
         raise
 
 
-def _child(r: int, reply: int, fuse_fd: int) -> int:
+def _child(r: int, reply: int, fuse_fd: int, warm=None) -> int:
     import gc
     gc.disable()                    # ~4% of the imports' time is collections that free nothing
     null = os.open(os.devnull, os.O_RDWR)
@@ -285,6 +299,8 @@ def _child(r: int, reply: int, fuse_fd: int) -> int:
     import_server()                 # the point of this process: import while the parent works
     gc.freeze()                     # the modules stay: keep them out of later collections
     gc.enable()
+    if warm is not None:
+        warm()
     data = b""
     while chunk := os.read(r, 65536):
         data += chunk

@@ -9,8 +9,10 @@ makes is unmounted in teardown.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,9 +45,9 @@ def lean(tmp_path_factory) -> str:
     return r.stdout.strip()
 
 
-@pytest.fixture(params=["fork", "views"])
-def service(request, tmp_path):
-    srv = MountService(request.param, tmp_path / "service")
+def started(kind: str, tmp_path):
+    """A service whose ``targets`` are unmounted when it is stopped."""
+    srv = MountService(kind, tmp_path / "service")
     srv.targets = []
     try:
         yield srv
@@ -54,6 +56,11 @@ def service(request, tmp_path):
             mounts.force_unmount(t)
         srv.stop()
         assert not mounts.is_mounted(srv.mnt)
+
+
+@pytest.fixture(params=["fork", "views"])
+def service(request, tmp_path):
+    yield from started(request.param, tmp_path)
 
 
 @pytest.fixture
@@ -262,3 +269,229 @@ def test_a_mount_from_another_mount_namespace_is_refused(service, layers, tmp_pa
     assert not mounts.is_mounted(t)
     if service.kind == "views":
         assert views(service) == []
+
+
+# -- the mount server's spare: the server of the next mount, forked ahead ----------
+def listing(service) -> dict:
+    from mergefs.union.ctlclient import control_call
+    return control_call(service.control, {"op": "list"})
+
+
+def wait_spare(service, not_pid=None, timeout: float = 10.0) -> int:
+    """The spare's pid once there is one (other than ``not_pid``)."""
+    deadline = time.monotonic() + timeout
+    while (spare := listing(service)["spare"]) in (None, not_pid):
+        assert time.monotonic() < deadline, "no spare forked"
+        time.sleep(0.02)
+    return spare
+
+
+def children(pid: int) -> set[int]:
+    out = set()
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{p}/stat", "rb") as f:
+                fields = f.read().rpartition(b")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != b"Z":
+            out.add(int(p))
+    return out
+
+
+def gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                if f.read().rpartition(b")")[2].split()[0] == b"Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.fixture
+def fork_service(tmp_path):
+    yield from started("fork", tmp_path)
+
+
+def test_the_next_mounts_server_is_forked_before_the_request(fork_service, layers, tmp_path,
+                                                             lean):
+    """Before any request the service has one child, waiting; the mount podman's
+    program asks for is served by that very process, shows what a mount of its
+    own shows, and a new spare is forked for the mount after it."""
+    srv = fork_service
+    spare = wait_spare(srv)
+    assert children(srv.proc.pid) == {spare} and listing(srv)["servers"] == []
+    mine = target(srv, tmp_path, "svc")
+    r = mergefs("-o", writable_opts(tmp_path, layers, "a") + f",service={srv.control}", mine,
+                program=lean)
+    assert (r.returncode, r.stderr) == (0, "")
+    assert listing(srv)["servers"] == [spare]          # the spare serves it
+    alone = target(srv, tmp_path, "alone")
+    assert mergefs("-o", writable_opts(tmp_path, layers, "b"), alone).returncode == 0
+    try:
+        assert tree(mine) == tree(alone)
+    finally:
+        mergefs("umount", alone)
+    (mine / "etc/motd").write_text("changed\n")
+    assert (tmp_path / "a-up/etc/motd").read_text() == "changed\n"
+    following = wait_spare(srv, not_pid=spare)
+    second = target(srv, tmp_path, "second")
+    r = mergefs("-o", f"lowerdir={layers[0]}:{layers[1]},service={srv.control}", second,
+                program=lean)
+    assert (r.returncode, r.stderr) == (0, "")
+    assert listing(srv)["servers"] == sorted([spare, following])
+    assert (second / "etc/motd").read_text() == "top\n"
+    for t in (mine, second):
+        subprocess.run(["umount", str(t)], check=True)
+    assert srv.wait_empty() == [] and gone(spare) and gone(following)
+    assert srv.errors() == []
+
+
+def test_a_refused_mount_keeps_the_spare(fork_service, layers, tmp_path, lean):
+    srv = fork_service
+    spare = wait_spare(srv)
+    t = target(srv, tmp_path, "t")
+    r = mergefs("-o", writable_opts(tmp_path, layers, "r") + f",bogus,service={srv.control}", t,
+                program=lean)
+    assert r.returncode == 2 and "unsupported mount option 'bogus'" in r.stderr
+    r = mergefs("-o", writable_opts(tmp_path, layers, "x") + f",service={srv.control}",
+                tmp_path / "missing", program=lean)
+    assert r.returncode == 1 and "missing" in r.stderr
+    assert not mounts.is_mounted(t)
+    assert listing(srv) == {"ok": True, "servers": [], "spare": spare}
+    assert children(srv.proc.pid) == {spare}
+
+
+def test_a_killed_spare_is_replaced_before_it_is_handed_a_mount(fork_service, layers, tmp_path):
+    srv = fork_service
+    spare = wait_spare(srv)
+    os.kill(spare, signal.SIGKILL)
+    assert gone(spare)
+    t = target(srv, tmp_path, "t")
+    r = mergefs("-o", f"lowerdir={layers[0]}:{layers[1]},service={srv.control}", t)
+    assert (r.returncode, r.stderr) == (0, "")
+    assert (t / "etc/motd").read_text() == "top\n"
+    [server] = listing(srv)["servers"]
+    assert server != spare
+    subprocess.run(["umount", str(t)], check=True)
+    assert srv.wait_empty() == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_stopped_service_leaves_no_spare(tmp_path, sig):
+    """However the service ends, its waiting spare ends too (its pipe closes)."""
+    srv = MountService("fork", tmp_path / "service")
+    try:
+        spare = wait_spare(srv)
+        srv.proc.send_signal(sig)
+        srv.proc.wait(10)
+        assert gone(spare)
+    finally:
+        srv.stop()
+
+
+# -- the views service's request loop -------------------------------------------------
+def test_views_control_requests_are_answered_while_a_view_is_read(tmp_path, lean):
+    """The views service waits for FUSE requests in poll(2) first (one worker task,
+    fuseloop), woken by trio's own fds too: while a container reads a view as fast
+    as it can, list requests and another view's mount and unmount go through, and
+    every read is right."""
+    import threading
+    from mergefs.union.ctlclient import control_call
+    srv = MountService("views", tmp_path / "service")
+    low = tmp_path / "low"
+    for d in range(5):
+        (low / f"d{d}").mkdir(parents=True)
+        for f in range(40):
+            (low / f"d{d}/f{f}").write_text(f"{d}/{f}\n")
+    reader, other = tmp_path / "reader", tmp_path / "other"
+    targets, errors, stop = [], [], threading.Event()
+    try:
+        for t, name in ((reader, "r"), (other, "o")):
+            t.mkdir()
+            up, wk = tmp_path / f"{name}-up", tmp_path / f"{name}-wk"
+            up.mkdir()
+            wk.mkdir()
+            opts = f"lowerdir={low},upperdir={up},workdir={wk},service={srv.control}"
+            if t is reader:
+                r = mergefs("-o", opts, t, program=lean)
+                assert (r.returncode, r.stderr) == (0, "")
+                targets.append(t)
+            else:
+                other_opts = opts
+
+        def read():
+            n = 0
+            while not stop.is_set():
+                p = reader / f"d{n % 5}/f{n % 40}"
+                if p.read_text() != f"{n % 5}/{n % 40}\n":
+                    errors.append(str(p))
+                n += 1
+            errors.append(n)
+        th = threading.Thread(target=read)
+        th.start()
+        try:
+            for _ in range(3):
+                t0 = time.monotonic()
+                assert [str(reader)] in [v["mounts"] for v in
+                                         control_call(srv.control, {"op": "list"})["views"]]
+                r = mergefs("-o", other_opts, other, program=lean)
+                assert (r.returncode, r.stderr) == (0, "")
+                assert (other / "d1/f2").read_text() == "1/2\n"
+                subprocess.run(["umount", str(other)], check=True)
+                assert time.monotonic() - t0 < 10
+        finally:
+            stop.set()
+            th.join(30)
+        assert len(errors) == 1 and errors[0] > 100, errors[:5]      # only the count
+        subprocess.run(["umount", str(reader)], check=True)
+        targets.clear()
+        assert srv.wait_empty() == []
+        assert srv.errors() == []
+        assert "one worker, the next request awaited in poll(2)" in srv.log.read_text()
+    finally:
+        stop.set()
+        for t in targets + [other]:
+            mounts.force_unmount(t)
+        srv.stop()
+        assert not mounts.is_mounted(srv.mnt)
+
+
+def test_an_auto_view_stays_while_a_mount_inside_it_stays(tmp_path, layers, lean):
+    """The service removes a mount request's view once no mount uses it: not while
+    a mount inside the view is left after the bind went (a views mount point with
+    a space, which mountinfo writes escaped, too)."""
+    srv = MountService("views", tmp_path / "a space" / "service")
+    t = tmp_path / "t"
+    t.mkdir()
+    inside = None
+    try:
+        r = mergefs("-o", writable_opts(tmp_path, layers, "s") + f",service={srv.control}", t,
+                    program=lean)
+        assert (r.returncode, r.stderr) == (0, "")
+        [view] = views(srv)
+        other = tmp_path / "other"
+        other.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "none", str(other)], check=True)
+        subprocess.run(["umount", str(other)], check=True)
+        time.sleep(0.5)                       # the service saw the changes: its bind counts
+        assert [v["name"] for v in views(srv)] == [view["name"]]
+        inside = Path(view["path"]) / "data/keep"
+        subprocess.run(["mount", "-t", "tmpfs", "none", str(inside)], check=True)
+        subprocess.run(["umount", str(t)], check=True)
+        time.sleep(0.5)                       # the service saw both changes
+        assert [v["name"] for v in views(srv)] == [view["name"]]
+        subprocess.run(["umount", str(inside)], check=True)
+        inside = None
+        assert srv.wait_empty() == []
+        assert srv.errors() == []
+    finally:
+        for m in (inside, t):
+            if m is not None:
+                mounts.force_unmount(m)
+        srv.stop()
+        assert not mounts.is_mounted(srv.mnt)
