@@ -42,10 +42,22 @@ def parse_line(line: bytes) -> MountEntry:
                       unescape(fields[sep + 3]) if len(fields) > sep + 3 else "")
 
 
-def read(path: str = MOUNTINFO) -> list[MountEntry]:
-    """Every mount, in mount order (a later entry at the same target covers an earlier one)."""
+def escape(path: str) -> bytes:
+    """``path`` as mountinfo writes it (the inverse of ``unescape``)."""
+    out = os.fsencode(path)
+    for c in (b"\\", b" ", b"\t", b"\n"):      # the backslash first
+        out = out.replace(c, b"\\%03o" % c[0])
+    return out
+
+
+def read(path: str = MOUNTINFO, naming=None) -> list[MountEntry]:
+    """Every mount, in mount order (a later entry at the same target covers an earlier one).
+    ``naming``: only the lines that name one of these paths (or names) somewhere;
+    the others are not parsed."""
+    keys = None if naming is None else [escape(n) for n in naming]
     with open(path, "rb") as f:
-        return [parse_line(line) for line in f if line.strip()]
+        return [parse_line(line) for line in f
+                if line.strip() and (keys is None or any(k in line for k in keys))]
 
 
 def targets(below: str | None = None, fstypes: tuple[str, ...] | None = None) -> set[str]:

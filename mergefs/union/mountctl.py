@@ -273,13 +273,7 @@ def bound_views(mountpoint: str, names=None) -> set[str]:
     nor the views mount cannot make one bound and is not parsed (the service
     checks at every change of the table, the host's included: parsing all of it
     took ~0.8 ms of the thread that answers FUSE requests, ~10 times a container)."""
-    if names is None:
-        rows = mounttable.read()
-    else:
-        keys = [os.fsencode(n) for n in names] + [_mountinfo_path(mountpoint)]
-        with open(mounttable.MOUNTINFO, "rb") as f:
-            rows = [mounttable.parse_line(line) for line in f.read().splitlines()
-                    if line.strip() and any(k in line for k in keys)]
+    rows = mounttable.read(naming=None if names is None else [*names, mountpoint])
     dev = next((r.device for r in reversed(rows) if r.target == mountpoint), None)
     inside = mountpoint.rstrip("/") + "/"
     out = set()
@@ -290,14 +284,6 @@ def bound_views(mountpoint: str, names=None) -> set[str]:
             out.add(r.root[1:].split("/", 1)[0])
         if r.target.startswith(inside):
             out.add(r.target[len(inside):].split("/", 1)[0])
-    return out
-
-
-def _mountinfo_path(path: str) -> bytes:
-    """``path`` as mountinfo writes it (octal escapes, ``mounttable.unescape``)."""
-    out = os.fsencode(path)
-    for c, e in ((b"\\", b"\\134"), (b" ", b"\\040"), (b"\t", b"\\011"), (b"\n", b"\\012")):
-        out = out.replace(c, e)
     return out
 
 

@@ -292,16 +292,16 @@ class UnionOperations(pyfuse3.Operations):
         inodes, room = self.inodes, size
         try:
             for name, node, number, st, attrs, fd in self.view.entries(parent, names, fds):
-                room -= (DIRENTPLUS + len(name) + 7) & ~7
-                if room < 0:
+                need = (DIRENTPLUS + len(name) + 7) & ~7
+                if need > room:
                     break
                 if st is None and node.kind == DIR:
                     # a directory's attributes are kept (its GETATTRs come to Python)
                     try:
                         st = syscalls.lstat(name, fd)
                     except FileNotFoundError:
-                        room += (DIRENTPLUS + len(name) + 7) & ~7
                         continue
+                room -= need
                 if st is None:          # C lstats it; the inode gets its attributes later
                     items.append((name, next_offset(), number, fd))
                 else:
