@@ -156,6 +156,15 @@ def log_requests() -> None:
     REQUESTS.clear()
 
 
+def _start_counts() -> None:
+    """A server's request counts start at zero: one forked from a process that
+    served requests in-process (a test run) inherits that process's counts."""
+    from .errors import REQUESTS
+    from .fastpath import stats
+    REQUESTS.clear()
+    stats()
+
+
 def serve(spec: MountSpec, mountpoint: str, fmt: str = "auto", ready=None) -> None:
     """Serve ``spec`` at ``mountpoint`` until unmounted or signalled."""
     with contextlib.closing(build_view(spec, fmt)) as view:
@@ -187,6 +196,7 @@ def _serve(spec: MountSpec, view, target: str, mountpoint: str, ready=None) -> N
                  "writable" if spec.writable else "read-only", ", no-open" if ops.no_open else "")
         if ready is not None:
             ready()
+        _start_counts()
         gc.set_threshold(*GC_THRESHOLDS)
         trio.run(_run)
     except BaseException:

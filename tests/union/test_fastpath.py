@@ -651,3 +651,19 @@ def test_fastpath_module_built_from_other_sources_is_refused(tmp_path, changed):
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(not changed)
     assert ("built from other sources" in r.stderr) == changed, r.stderr
+
+
+def test_server_counts_start_at_zero_in_a_forked_server(tmp_path, union_mount):
+    """The counts a server logs on SIGUSR1 are its own: a server forked from a
+    process that counted requests in-process (this test process, after an
+    in-process handler test) does not report those (seen as a test-order
+    failure of test_fastpath_direct_handlers)."""
+    from mergefs.union.errors import REQUESTS
+    REQUESTS["inherited_from_parent"] += 7
+    try:
+        mnt = writable(tmp_path, union_mount, LayerSpec().file("low", b"x"))
+        assert (mnt / "low").read_bytes() == b"x"
+        counts = served(union_mount)
+    finally:
+        del REQUESTS["inherited_from_parent"]
+    assert "inherited_from_parent" not in counts, counts
