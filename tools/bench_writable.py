@@ -7,7 +7,10 @@ The lowers are tools/gen_stack.py's stack (3 layers, overlay format, ~34k
 entries; reused from --workdir when its stack.json matches). Uppers and work
 dirs live on a fresh journaled ext4 (benchlib.scratch_ext4), a new pair per
 system and round. Each round mounts every system afresh (caches dropped
-first) and times these steps, in this order, on the same mount:
+first; odd rounds take the systems in reverse order, so a position effect
+such as the slowdown of the system run right after fuse-overlayfs evens out
+over an even number of rounds) and times these steps, in this order, on the
+same mount:
 
 1. ``mount``: from starting the mount command to the first ``ls`` done
    (mergefs: the standalone CLI, ``python -m mergefs mount --upper ...``);
@@ -549,7 +552,10 @@ def run(args) -> int:
     results: dict = {"failures": failed}
     with benchlib.scratch_ext4(os.path.join(args.workdir, "scratch"), size="8G") as scratch:
         for r in range(args.rounds):
-            one_round(args.systems, layers, scratch, f"r{r}", tarball, append_list, table,
+            # odd rounds run the systems in reverse (ABBA): a system measures slower
+            # right after fuse-overlayfs, so a fixed order favoured whoever came first
+            order = args.systems[::-1] if r % 2 else args.systems
+            one_round(order, layers, scratch, f"r{r}", tarball, append_list, table,
                       results, steps=steps, debian=debian)
         if args.strace:
             one_round([s for s in args.systems if s != "kernel-overlay"], layers, scratch,
