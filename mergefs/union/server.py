@@ -239,9 +239,10 @@ def start(spec: MountSpec, mountpoint: str, fmt: str = "auto", log_path: str | N
     loop running here; otherwise a fresh ``python -m mergefs.union.server``.
     """
     mountpoint = os.path.abspath(mountpoint)
-    clean_stale(mountpoint)
-    if is_mounted(mountpoint):
-        raise MountError(f"{mountpoint} is already a mount point")
+    if mount_at(mountpoint) is not None:    # one read of the mount table when nothing is there
+        clean_stale(mountpoint)
+        if is_mounted(mountpoint):
+            raise MountError(f"{mountpoint} is already a mount point")
     if not os.path.isdir(mountpoint):
         raise MountError(f"mount point {mountpoint!r} is not a directory")
     log_path = log_path or default_log_path(mountpoint)
