@@ -96,9 +96,10 @@ class MountServer:
                 except (socket.timeout, InterruptedError):
                     continue
                 with self.conn:
-                    self._client(self.conn)
+                    mounting = self._client(self.conn)
                 self.conn = None
-                spare_at = time.monotonic() + SPARE_DELAY
+                if mounting:        # (a list request does not put the spare off)
+                    spare_at = time.monotonic() + SPARE_DELAY
         finally:
             if self.spare is not None:
                 self.spare.close()          # it reads the end of its pipe and exits
@@ -108,18 +109,20 @@ class MountServer:
             except FileNotFoundError:
                 pass
 
-    def _fork_spare(self) -> None:
+    def _fork_spare(self, warm: bool = True) -> None:
         """Fork the server of the next mount now, between requests (``prefork``): it
         waits on a pipe, holding a /dev/fuse fd this process mounts when a request
         comes; a mount then costs no fork, and its server's first answer comes
-        sooner. A spare a request did not use is kept for the next one."""
+        sooner. A spare a request did not use is kept for the next one. ``warm``:
+        it warms up first (``_warm``); not for one forked for a request waiting
+        now, which the warm-up would only delay (~10 ms)."""
         if self.spare is not None and not _alive(self.spare.pid):
             self.spare.close()          # killed: hand nothing to it
             self.spare = None
         if self.spare is None and not self.stopping:
             from . import prefork
             try:
-                self.spare = prefork.fork_waiting(_warm)
+                self.spare = prefork.fork_waiting(_warm if warm else None)
             except OSError as exc:
                 log.warning("cannot fork ahead: %s", exc)
 
@@ -137,25 +140,28 @@ class MountServer:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    def _client(self, conn: socket.socket) -> None:
+    def _client(self, conn: socket.socket) -> bool:
+        """Answer one request; False if it was a list request (or none came)."""
         conn.settimeout(30.0)
         data = b""
+        mounting = False
         try:
             while not data.endswith(b"\n") and len(data) < MAX_REQUEST:
                 chunk = conn.recv(65536)
                 if not chunk:
-                    return
+                    return mounting
                 data += chunk
             try:
                 req = json.loads(data)
-                reply = self.list() if isinstance(req, dict) and req.get("op") == "list" \
-                    else self.mount(req)
+                mounting = not (isinstance(req, dict) and req.get("op") == "list")
+                reply = self.mount(req) if mounting else self.list()
             except Exception as exc:  # noqa: BLE001  (every failure is a reply)
                 reply = error_reply(exc)
                 log.warning("mount request failed: %s", reply["error"])
             conn.sendall(json.dumps(reply).encode() + b"\n")
         except OSError as exc:
             log.warning("control connection: %s", exc)
+        return mounting
 
     def mount(self, req: dict) -> dict:
         from . import server
@@ -167,7 +173,7 @@ class MountServer:
         spec = mount_spec(req, allow_other=os.geteuid() == 0 and not req.get("private"))
         target = os.path.abspath(req["target"])
         from . import prefork
-        self._fork_spare()              # (a new one if it died)
+        self._fork_spare(warm=False)    # (a new one if there is none: used or died)
         prefork.pend(self.spare)        # server.start takes it, or leaves it for the next
         try:
             pid = server.start(spec, target, "auto", None)
@@ -192,7 +198,8 @@ def _warm() -> None:
     than the next (pages copied on write, first set-up): ~4 ms for trio; the
     view and handlers took another 1.6-5 ms off the mount's first answer (p50
     12.5 -> 10.9 and 20.3 -> 15.1 ms, 30 interleaved mounts each, load 3-4),
-    the lookups and getattrs 0.6-0.8 ms more (9.2 -> 8.6, 10.5 -> 9.7, load 2)."""
+    the lookups and getattrs 0.6-0.8 ms more (9.2 -> 8.6, 10.5 -> 9.7, load 2).
+    Last, the log's streams and handler (``server.streams_ahead``)."""
     import tempfile
 
     import pyfuse3
@@ -226,6 +233,7 @@ def _warm() -> None:
             ops.close()
         finally:
             view.close()
+    server.streams_ahead()
 
 
 def _alive(pid: int) -> bool:

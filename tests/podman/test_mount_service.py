@@ -366,6 +366,68 @@ def test_a_refused_mount_keeps_the_spare(fork_service, layers, tmp_path, lean):
     assert children(srv.proc.pid) == {spare}
 
 
+def test_a_served_mount_logs_to_its_own_file(fork_service, layers, tmp_path, lean):
+    """The spare makes its log streams and handler while it waits (server.streams_ahead);
+    handed a mount, its lines go to that mount's log file, under its own pid."""
+    from mergefs.union.server import default_log_path
+    srv = fork_service
+    spare = wait_spare(srv)
+    time.sleep(0.5)                                 # its warm-up is over
+    t = target(srv, tmp_path, "logged")
+    log = Path(default_log_path(str(t)))
+    log.unlink(missing_ok=True)
+    r = mergefs("-o", writable_opts(tmp_path, layers, "l") + f",service={srv.control}", t,
+                program=lean)
+    assert (r.returncode, r.stderr) == (0, "")
+    assert (t / "etc/motd").read_text() == "top\n"
+    subprocess.run(["umount", str(t)], check=True)
+    assert srv.wait_empty() == [] and gone(spare)
+    lines = log.read_text().splitlines()
+    assert f"mergefs[{spare}] INFO serving 2 layers at {t} (writable" in lines[0], lines
+    assert lines[-1].endswith(f"mergefs[{spare}] INFO stopped"), lines
+    assert srv.errors() == []
+
+
+def test_back_to_back_mounts_are_each_served(fork_service, layers, tmp_path, lean):
+    """Mounts asked for faster than a spare is forked (0.1 s after a request): each
+    one without a spare forks its server then (not warmed up: it is waited for)
+    and each shows the layers, as the one the spare served."""
+    srv = fork_service
+    spare = wait_spare(srv)
+    time.sleep(0.5)
+    ts = [target(srv, tmp_path, f"b{i}") for i in range(3)]
+    for i, t in enumerate(ts):
+        r = mergefs("-o", writable_opts(tmp_path, layers, f"b{i}") + f",service={srv.control}",
+                    t, program=lean)
+        assert (r.returncode, r.stderr) == (0, "")
+    servers = listing(srv)["servers"]
+    assert len(servers) == 3 and spare in servers
+    assert tree(ts[1]) == tree(ts[0]) and tree(ts[2]) == tree(ts[0])
+    for t in ts:
+        subprocess.run(["umount", str(t)], check=True)
+    assert srv.wait_empty() == []
+    assert srv.errors() == []
+
+
+def test_a_mounted_target_is_refused(fork_service, layers, tmp_path, lean):
+    """A target with a mount on it is refused (one read of the mount table when there
+    is none: server.start) and the mount there stays served; the spare is kept."""
+    srv = fork_service
+    wait_spare(srv)
+    t = target(srv, tmp_path, "twice")
+    r = mergefs("-o", writable_opts(tmp_path, layers, "t1") + f",service={srv.control}", t,
+                program=lean)
+    assert (r.returncode, r.stderr) == (0, "")
+    spare = wait_spare(srv)         # the next one (list requests do not put it off)
+    r = mergefs("-o", writable_opts(tmp_path, layers, "t2") + f",service={srv.control}", t,
+                program=lean)
+    assert r.returncode == 1 and "already a mount point" in r.stderr, r.stderr
+    assert (t / "etc/motd").read_text() == "top\n"
+    assert listing(srv)["spare"] == spare and len(listing(srv)["servers"]) == 1
+    subprocess.run(["umount", str(t)], check=True)
+    assert srv.wait_empty() == []
+
+
 def test_a_killed_spare_is_replaced_before_it_is_handed_a_mount(fork_service, layers, tmp_path):
     srv = fork_service
     spare = wait_spare(srv)
