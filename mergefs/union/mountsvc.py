@@ -159,6 +159,8 @@ class MountServer:
                 reply = error_reply(exc)
                 log.warning("mount request failed: %s", reply["error"])
             conn.sendall(json.dumps(reply).encode() + b"\n")
+            if reply.get("pid"):            # logged once the caller has its answer
+                log.info("mounted %s (server %d)", reply["target"], reply["pid"])
         except OSError as exc:
             log.warning("control connection: %s", exc)
         return mounting
@@ -180,8 +182,7 @@ class MountServer:
         finally:
             self.spare = prefork.take()
         self.servers.add(pid)
-        log.info("mounted %s (server %d)", target, pid)
-        return {"ok": True, "pid": pid}
+        return {"ok": True, "pid": pid, "target": target}
 
     def list(self) -> dict:
         """The servers of this process's mounts still running, and the spare."""
