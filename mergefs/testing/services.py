@@ -37,10 +37,11 @@ class MountService:
         else:
             self.mnt.mkdir(exist_ok=True)
             argv += ["views", "serve", "--control", self.control, str(self.mnt)]
+        # (-m puts the working directory first on the path: run it in the tree)
         env = None if tree is None else {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
         with open(self.log, "ab") as logf:
             self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=logf,
-                                         stdin=subprocess.DEVNULL, env=env)
+                                         stdin=subprocess.DEVNULL, env=env, cwd=tree)
         if not self.proc.stdout.readline().startswith(b"serving"):
             self.stop()
             raise RuntimeError(f"{kind} service did not start: {self.log.read_text()}")

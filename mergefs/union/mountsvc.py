@@ -192,28 +192,25 @@ class MountServer:
 
 
 def _warm() -> None:
-    """What the spare runs before it waits: a first ``trio.run``, and a writable view
-    of a small temporary layer with its handlers (a lookup and getattr of each
-    entry; closed again; nothing global: the C fast path is loaded only by
-    ``UnionOperations.init``). Done first in a forked process, each costs more
-    than the next (pages copied on write, first set-up): ~4 ms for trio; the
-    view and handlers took another 1.6-5 ms off the mount's first answer (p50
-    12.5 -> 10.9 and 20.3 -> 15.1 ms, 30 interleaved mounts each, load 3-4),
-    the lookups and getattrs 0.6-0.8 ms more (9.2 -> 8.6, 10.5 -> 9.7, load 2).
-    Last, the log's streams and handler (``server.streams_ahead``)."""
+    """What the spare runs before it waits (in a running trio loop: ``prefork``): a
+    writable view of a small temporary layer with its handlers (a lookup and
+    getattr of each entry; closed again; nothing global: the C fast path is
+    loaded only by ``UnionOperations.init``), then the log's streams and
+    handler (``server.streams_ahead``). Done first in a forked process, each
+    costs more than the next (pages copied on write, first set-up): the view
+    and handlers took 1.6-5 ms off the mount's first answer (p50 12.5 -> 10.9
+    and 20.3 -> 15.1 ms, 30 interleaved mounts each, load 3-4), the lookups
+    and getattrs 0.6-0.8 ms more (9.2 -> 8.6, 10.5 -> 9.7, load 2). (A first
+    ``trio.run`` of its own, ~4 ms of CPU, was here until the spare waited in
+    the loop it serves in.)"""
     import tempfile
 
     import pyfuse3
-    import trio
 
     from ..mountspec import MountSpec
     from . import server
     from .ops import UnionOperations
 
-    async def nothing():
-        async with trio.open_nursery():
-            await trio.lowlevel.checkpoint()
-    trio.run(nothing)
     with tempfile.TemporaryDirectory(prefix="mergefs-spare-") as d:
         lower, upper, work = (os.path.join(d, n) for n in ("lower", "upper", "work"))
         for p in (lower, upper, work):

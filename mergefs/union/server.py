@@ -174,8 +174,14 @@ def _serve(spec: MountSpec, view, target: str, mountpoint: str, ready=None) -> N
     """Serve ``view`` through libfuse at ``target``: ``mountpoint`` itself (libfuse
     mounts and unmounts it) or ``/dev/fd/N``, a connection mounted already (then
     a dead mount left at ``mountpoint`` is unmounted here: libfuse did not mount it)."""
-    import pyfuse3
     import trio
+    trio.run(_serve_in_loop, spec, view, target, mountpoint, ready)
+
+
+async def _serve_in_loop(spec: MountSpec, view, target: str, mountpoint: str,
+                         ready=None) -> None:
+    """``_serve`` in a running trio loop."""
+    import pyfuse3
     from .ops import UnionOperations
     adopted = target != mountpoint
     ops = UnionOperations(view, no_open=pyfuse3_passes_inode(writes=spec.writable),
@@ -188,7 +194,7 @@ def _serve(spec: MountSpec, view, target: str, mountpoint: str, ready=None) -> N
         if ready is not None:
             ready()
         gc.set_threshold(*GC_THRESHOLDS)
-        trio.run(_run)
+        await _run()
     except BaseException:
         log.exception("server stopped by an error")
         raise
@@ -368,13 +374,23 @@ def _fork_premounted(spec, view, mountpoint: str, fd: int, log_path: str) -> int
 def serve_handed_over(spec: MountSpec, mountpoint: str, fmt: str, log_path: str, fd: int,
                       view=None) -> int:
     """Body of a server process whose mount the parent made: detach, log to
-    ``log_path``, serve; if anything fails, detach the mount (nobody serves it)."""
+    ``log_path``, serve the connection ``fd``; if anything fails, or on a signal,
+    detach the mount (nobody serves it; libfuse does not: it did not mount it)."""
+    import trio
+    return trio.run(serve_handed_over_in_loop, spec, mountpoint, fmt, log_path, fd, view)
+
+
+async def serve_handed_over_in_loop(spec: MountSpec, mountpoint: str, fmt: str, log_path: str,
+                                    fd: int, view=None) -> int:
+    """``serve_handed_over`` in a running trio loop (the mount server's spare waits
+    for its mount in one: ``prefork``)."""
     os.setsid()
     _detach_stdio(log_path)
     if not _STREAMS_AHEAD:
         _log_to_stderr()
     try:
-        serve_fd(spec, view or build_view(spec, fmt), mountpoint, fd)
+        os.set_inheritable(fd, False)
+        await _serve_in_loop(spec, view or build_view(spec, fmt), f"/dev/fd/{fd}", mountpoint)
         return 0
     except BaseException:
         log.exception("cannot serve %s", mountpoint)
@@ -386,13 +402,6 @@ def serve_handed_over(spec: MountSpec, mountpoint: str, fmt: str, log_path: str,
 def syscalls_umount(mountpoint: str) -> None:
     from .. import syscalls
     syscalls.umount(mountpoint, 2)          # MNT_DETACH
-
-
-def serve_fd(spec: MountSpec, view, mountpoint: str, fd: int) -> None:
-    """Serve ``view`` on the already mounted FUSE connection ``fd``; on a signal,
-    unmount ``mountpoint`` (libfuse does not: it did not mount it)."""
-    os.set_inheritable(fd, False)
-    _serve(spec, view, f"/dev/fd/{fd}", mountpoint)
 
 
 def _detach_stdio(log_path: str) -> None:
