@@ -14,8 +14,10 @@ containers.conf as in tests/podman) into which the image is loaded once
 rep in turn, so that a burst of other load hits every program alike; then the
 builds, program after program):
 
-* ``run``: ``podman run --rm IMAGE true``, ``--run-reps`` times (each sample
-  is one run: mount, start, stop, unmount, remove). A sample of 19 s or more
+* ``run``: ``podman run --rm IMAGE true``, ``--run-reps`` times (the order of
+  the programs rotates from rep to rep, so none always follows another's
+  clean-up; each sample is one run: mount, start, stop, unmount, remove).
+  A sample of 19 s or more
   means podman waited out its 20 s conmon timeout (conmon's exit command, the
   ``podman container cleanup`` that marks the container exited, did not run):
   such samples are counted and printed, not averaged in. That is what every
@@ -118,8 +120,8 @@ def measure_runs(envs: list[PodmanEnv], images: dict, table: benchlib.Table, rep
     other load then hits every program alike, not one program's block of reps)."""
     for env in envs:
         table.series(f"run {env.name}", anchor=None if env.name == ANCHOR else f"run {ANCHOR}")
-    for _ in range(reps):
-        for env in envs:
+    for rep in range(reps):
+        for env in rotated(envs, rep):
             sec = timed(lambda: env("run", "--rm", images[env.name], "true"))
             if sec >= STALL:       # podman waited out its conmon timeout
                 STALLS[env.name] = STALLS.get(env.name, 0) + 1
@@ -129,10 +131,17 @@ def measure_runs(envs: list[PodmanEnv], images: dict, table: benchlib.Table, rep
         table.series(f"run+rm {env.name}",
                      anchor=None if env.name == ANCHOR else f"run+rm {ANCHOR}")
     for i in range(reps):
-        for env in envs:
+        for env in rotated(envs, i):
             table.series(f"run+rm {env.name}").add(timed(lambda: (
                 env("run", "--name", f"bench-{i}", images[env.name], "true"),
                 env("rm", f"bench-{i}"))))
+
+
+def rotated(envs: list, rep: int) -> list:
+    """The programs in turn, starting one further each rep: each comes first (after
+    the last one's clean-up) as often as the others."""
+    k = rep % len(envs)
+    return envs[k:] + envs[:k]
 
 
 def measure(env: PodmanEnv, image: str, table: benchlib.Table, reps: int, ctx: Path,
