@@ -428,6 +428,38 @@ def test_a_mounted_target_is_refused(fork_service, layers, tmp_path, lean):
     assert srv.wait_empty() == []
 
 
+def test_the_rehearsal_between_requests_mounts_nothing(tmp_path, layers, lean):
+    """After forking a spare the service rehearses a request (refused: its target is a
+    file) in a scratch directory of its own: nothing is mounted or forked for it,
+    nothing is logged, and the scratch directory goes with the service."""
+    import glob
+    before = set(glob.glob("/tmp/mergefs-mount-server-*"))
+    srv = MountService("fork", tmp_path / "service")
+    try:
+        spare = wait_spare(srv)
+        deadline = time.monotonic() + 10
+        while not (mine := set(glob.glob("/tmp/mergefs-mount-server-*")) - before):
+            assert time.monotonic() < deadline, "no rehearsal"
+            time.sleep(0.02)
+        [scratch] = mine
+        assert not [e for e in mounts_table() if e.target.startswith(scratch)]
+        assert os.path.isfile(os.path.join(scratch, "target"))
+        assert listing(srv) == {"ok": True, "servers": [], "spare": spare}
+        assert children(srv.proc.pid) == {spare}
+        t = tmp_path / "t"
+        t.mkdir()
+        r = mergefs("-o", writable_opts(tmp_path, layers, "r") + f",service={srv.control}", t,
+                    program=lean)
+        assert (r.returncode, r.stderr) == (0, "")
+        assert listing(srv)["servers"] == [spare]
+        subprocess.run(["umount", str(t)], check=True)
+        assert srv.wait_empty() == []
+        assert "WARNING" not in srv.log.read_text() and srv.errors() == []
+    finally:
+        srv.stop()
+    assert not os.path.exists(scratch)
+
+
 def test_a_killed_spare_is_replaced_before_it_is_handed_a_mount(fork_service, layers, tmp_path):
     srv = fork_service
     spare = wait_spare(srv)
