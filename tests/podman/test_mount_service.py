@@ -45,6 +45,33 @@ def lean(tmp_path_factory) -> str:
     return r.stdout.strip()
 
 
+PT_INTERP = 3       # the segment naming a dynamic executable's loader
+
+
+def elf_segments(path: str) -> set[int]:
+    """The program header types of a 64-bit little-endian ELF file."""
+    with open(path, "rb") as f:
+        elf = f.read()
+    assert elf[:6] == b"\x7fELF\x02\x01"
+    phoff = int.from_bytes(elf[32:40], "little")
+    size, count = int.from_bytes(elf[54:56], "little"), int.from_bytes(elf[56:58], "little")
+    return {int.from_bytes(elf[phoff + i * size:phoff + i * size + 4], "little")
+            for i in range(count)}
+
+
+def test_the_c_program_is_linked_statically_where_it_can_be(lean, tmp_path):
+    """No loader and no libc mapped at each exec of the mount program (~0.4-0.5 ms of
+    each mount) when this machine's C library links statically."""
+    probe = tmp_path / "probe.c"
+    probe.write_text("int main(void) { return 0; }\n")
+    static = subprocess.run(["cc", "-static", "-o", tmp_path / "probe", probe],
+                            capture_output=True).returncode == 0
+    assert (PT_INTERP not in elf_segments(lean)) == static
+    r = subprocess.run([lean, "-o", "lowerdir=/nonexistent,service=/nonexistent.sock",
+                        str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "does not answer" in r.stderr     # it runs (its fallback too)
+
+
 def started(kind: str, tmp_path):
     """A service whose ``targets`` are unmounted when it is stopped."""
     srv = MountService(kind, tmp_path / "service")
