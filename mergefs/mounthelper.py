@@ -201,8 +201,9 @@ def program_script() -> str:
 
 def install_program(directory: str) -> str:
     """Write DIR/mergefs-overlayfs; return its path. With a C compiler (``cc``) it is
-    mountclient.c compiled, with the Python program as DIR/mergefs-overlayfs.py
-    for everything but a call through a service; without, the Python program."""
+    mountclient.c compiled (statically linked where the C library allows), with the
+    Python program as DIR/mergefs-overlayfs.py for everything but a call through a
+    service; without, the Python program."""
     import shutil
     import subprocess
     path = os.path.join(directory, PROGRAM_NAME)
@@ -212,8 +213,11 @@ def install_program(directory: str) -> str:
         return write_script(path, program_script())
     python = write_script(path + ".py", program_script())
     tmp = path + ".tmp"
-    subprocess.run([cc, "-O2", "-Wall", f"-DFALLBACK={python!r}".replace("'", '"'), "-o", tmp,
-                    source], check=True, capture_output=True)
+    argv = [cc, "-O2", "-Wall", f"-DFALLBACK={python!r}".replace("'", '"'), "-o", tmp, source]
+    # static where the C library can be (no loader and no libc to map at each exec:
+    # ~0.4-0.5 ms less per mount, measured on an empty program), else as usual
+    if subprocess.run([*argv, "-static"], capture_output=True).returncode != 0:
+        subprocess.run(argv, check=True, capture_output=True)
     os.rename(tmp, path)
     return path
 

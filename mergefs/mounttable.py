@@ -89,7 +89,7 @@ def entry_at(path: str | os.PathLike) -> MountEntry | None:
 
 def is_mounted(path: str | os.PathLike) -> bool:
     target = canonical(path)
-    return any(e.target == target for e in read())
+    return any(e.target == target for e in read(naming=(target,)))
 
 
 def users_of(path: str | os.PathLike) -> list[str]:

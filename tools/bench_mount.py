@@ -66,8 +66,8 @@ def mount_argv(system: str, mode: str, layers: list[str], mnt: str, up: str, wk:
         return ["mount", "-t", "overlay", "overlay", "-o", opts, mnt]
     if system == "fuse-overlayfs":
         return ["fuse-overlayfs", "-o", opts, mnt]
-    if system in ("mergefs -o fork", "mergefs -o views"):     # through a service
-        sock = SERVICES[system.split()[-1]]
+    if system.startswith(("mergefs -o fork", "mergefs -o views")):     # through a service
+        sock = SERVICES[system.removeprefix("mergefs -o ")]
         return [SERVICES["program"], "-o", f"{opts},nokernel,service={sock}", mnt]
     if system == "mergefs -o":          # containers/storage's mount_program form
         # nokernel: a read-only one over plain layers would be a kernel overlayfs mount
@@ -105,6 +105,7 @@ def server_cpu(mnt: str) -> float:
 
 
 BEFORE_KNOWS_NOKERNEL = True
+GAP = 0.0       # seconds before each mount (--gap)
 
 
 def one(system: str, mode: str, layers: list[str], base: str, rep: int) -> tuple[float, ...]:
@@ -112,8 +113,10 @@ def one(system: str, mode: str, layers: list[str], base: str, rep: int) -> tuple
     mnt, up, wk = (os.path.join(d, n) for n in ("mnt", "up", "wk"))
     for p in (mnt, up, wk):
         os.makedirs(p)
-    argv = mount_argv(system.removesuffix(" before"), mode, layers, mnt, up, wk)
-    if system.endswith(" before"):
+    time.sleep(GAP)
+    argv = mount_argv(system if "fork" in system else system.removesuffix(" before"),
+                      mode, layers, mnt, up, wk)
+    if system.endswith(" before") and "fork" not in system:
         argv[0] = os.path.join(base, "mergefs-before")
         if not BEFORE_KNOWS_NOKERNEL:     # a tree from before the option (always FUSE)
             argv = [a.replace(",nokernel", "") for a in argv]
@@ -170,21 +173,35 @@ def main() -> int:
                     "server, read-only and writable, once per tree (valgrind; ~1 min)")
     ap.add_argument("--before", metavar="TREE",
                     help="also run mergefs from this source tree (e.g. a worktree of an older "
-                    "commit), interleaved, with this environment's dependencies")
+                    "commit), interleaved, with this environment's dependencies (also a mount "
+                    "server of that tree: `mergefs -o fork before`)")
+    ap.add_argument("--only", nargs="+", metavar="SYSTEM", choices=SYSTEMS,
+                    help="only these systems (and their before rows)")
+    ap.add_argument("--gap", type=float, default=0.0, metavar="SEC",
+                    help="wait this long before each mount: the mount server forks the server "
+                    "of its next mount 0.1 s after a request (podman's run --rm mounts every "
+                    "~0.2 s); without a gap each mount there forks its own")
     args = ap.parse_args()
+    global GAP
+    GAP = args.gap
     if os.geteuid() != 0:
         print("bench_mount: run as root (kernel overlayfs)", file=sys.stderr)
         return 2
     for tree in filter(None, (ROOT, args.before)):
         benchlib.prepare_tree(tree)     # byte code and attrs table, as an install has
-    systems = SYSTEMS + (("mergefs before", "mergefs -o before") if args.before else ())
+    systems = SYSTEMS + (("mergefs before", "mergefs -o before", "mergefs -o fork before")
+                         if args.before else ())
+    if args.only:
+        systems = tuple(s for s in systems if s in args.only or s.removesuffix(" before")
+                        in args.only)
     base = tempfile.mkdtemp(prefix="bench-mount-")
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", base], check=True)
     services = []
     try:
         from mergefs.testing.services import MountService, program
-        for kind in ("fork", "views"):
-            services.append(MountService(kind, Path(base) / f"service-{kind}"))
+        for kind in ("fork", "views") + (("fork before",) if args.before else ()):
+            services.append(MountService(kind.split()[0], Path(base) / f"service-{kind}",
+                                         args.before if "before" in kind else None))
             SERVICES[kind] = services[-1].control
         SERVICES["program"] = program(Path(base))
         layers = make_layers(base)
@@ -218,13 +235,13 @@ def main() -> int:
         print(f"python -c pass: p50 {ms(start, 50):.0f} ms, p90 {ms(start, 90):.0f} ms")
         print("CPU: of the mount command, and of mergefs's server until its first answer "
               "(p50; load-independent where wall times are not)")
-        print(f"{'system':18} {'mode':4} {'return p50':>10} {'p90':>6} {'live p50':>9} {'p90':>6}"
+        print(f"{'system':22} {'mode':4} {'return p50':>10} {'p90':>6} {'live p50':>9} {'p90':>6}"
               f" {'cmd cpu':>8} {'srv cpu':>8}")
         for (system, mode), xs in res.items():
             ret, live = [x[0] for x in xs], [x[1] for x in xs]
             cmd, srv = [x[2] for x in xs], [x[3] for x in xs]
-            print(f"{system:18} {mode:4} {ms(ret, 50):10.0f} {ms(ret, 90):6.0f} "
-                  f"{ms(live, 50):9.0f} {ms(live, 90):6.0f} {ms(cmd, 50):8.0f} {ms(srv, 50):8.0f}")
+            print(f"{system:22} {mode:4} {ms(ret, 50):10.1f} {ms(ret, 90):6.1f} "
+                  f"{ms(live, 50):9.1f} {ms(live, 90):6.1f} {ms(cmd, 50):8.1f} {ms(srv, 50):8.1f}")
         if counts:
             print("millions of instructions (cachegrind) of `mergefs mount`: the command, and "
                   "the server until it exits after the first answer (its parent's up to the fork "

@@ -14,8 +14,10 @@ containers.conf as in tests/podman) into which the image is loaded once
 rep in turn, so that a burst of other load hits every program alike; then the
 builds, program after program):
 
-* ``run``: ``podman run --rm IMAGE true``, ``--run-reps`` times (each sample
-  is one run: mount, start, stop, unmount, remove). A sample of 19 s or more
+* ``run``: ``podman run --rm IMAGE true``, ``--run-reps`` times (the order of
+  the programs rotates from rep to rep, so none always follows another's
+  clean-up; each sample is one run: mount, start, stop, unmount, remove).
+  A sample of 19 s or more
   means podman waited out its 20 s conmon timeout (conmon's exit command, the
   ``podman container cleanup`` that marks the container exited, did not run):
   such samples are counted and printed, not averaged in. That is what every
@@ -31,7 +33,8 @@ builds, program after program):
 Ratios are medians of the same run against fuse-overlayfs. Nothing is asserted.
 ``--before TREE`` adds ``mergefs-before``: the mergefs of another source tree
 (e.g. ``git archive`` of an earlier commit), run by this venv's Python, in
-the same runs, interleaved. ``--fuse-only`` adds ``mergefs-fuse``: this tree's
+the same runs, interleaved (with ``mergefs-fork`` among the programs, also
+``mergefs-fork-before``: a mount server of TREE). ``--fuse-only`` adds ``mergefs-fuse``: this tree's
 mergefs with ``nokernel``, so that every mount is a FUSE server, also the
 read-only parent mounts of the naive diff that ``mergefs`` itself leaves to
 kernel overlayfs when their layers are plain (the FUSE serving path's own ratio).
@@ -117,8 +120,8 @@ def measure_runs(envs: list[PodmanEnv], images: dict, table: benchlib.Table, rep
     other load then hits every program alike, not one program's block of reps)."""
     for env in envs:
         table.series(f"run {env.name}", anchor=None if env.name == ANCHOR else f"run {ANCHOR}")
-    for _ in range(reps):
-        for env in envs:
+    for rep in range(reps):
+        for env in rotated(envs, rep):
             sec = timed(lambda: env("run", "--rm", images[env.name], "true"))
             if sec >= STALL:       # podman waited out its conmon timeout
                 STALLS[env.name] = STALLS.get(env.name, 0) + 1
@@ -128,10 +131,17 @@ def measure_runs(envs: list[PodmanEnv], images: dict, table: benchlib.Table, rep
         table.series(f"run+rm {env.name}",
                      anchor=None if env.name == ANCHOR else f"run+rm {ANCHOR}")
     for i in range(reps):
-        for env in envs:
+        for env in rotated(envs, i):
             table.series(f"run+rm {env.name}").add(timed(lambda: (
                 env("run", "--name", f"bench-{i}", images[env.name], "true"),
                 env("rm", f"bench-{i}"))))
+
+
+def rotated(envs: list, rep: int) -> list:
+    """The programs in turn, starting one further each rep: each comes first (after
+    the last one's clean-up) as often as the others."""
+    k = rep % len(envs)
+    return envs[k:] + envs[:k]
 
 
 def measure(env: PodmanEnv, image: str, table: benchlib.Table, reps: int, ctx: Path,
@@ -222,8 +232,11 @@ def run(args) -> int:
     if args.fuse_only and "mergefs" in programs:   # every mount on FUSE, next to mergefs
         programs.insert(programs.index("mergefs") + 1, "mergefs-fuse")
     if args.before:     # next to mergefs, so the two alternate as closely as the runs allow
-        programs.insert(programs.index("mergefs") + 1 if "mergefs" in programs else 0,
-                        "mergefs-before")
+        if "mergefs" in programs or "mergefs-fork" not in programs:
+            programs.insert(programs.index("mergefs") + 1 if "mergefs" in programs else 0,
+                            "mergefs-before")
+        if "mergefs-fork" in programs:
+            programs.insert(programs.index("mergefs-fork") + 1, "mergefs-fork-before")
         benchlib.prepare_tree(args.before)
     try:
         for name in programs:
@@ -232,9 +245,11 @@ def run(args) -> int:
             if name == "mergefs-fuse":
                 path = fuse_only_script(work)
             mountopt = None
-            if name in ("mergefs-fork", "mergefs-views"):
+            if name in ("mergefs-fork", "mergefs-views", "mergefs-fork-before"):
                 kind = name.split("-")[1]
-                services[name] = MountService(kind, _fresh(work / f"service-{kind}"))
+                services[name] = MountService(
+                    kind, _fresh(work / f"service-{name.removeprefix('mergefs-')}"),
+                    args.before if name.endswith("-before") else None)
                 path, mountopt = program(work), f"service={services[name].control}"
             envs[name] = PodmanEnv(Path(_fresh(work / f"storage-{name}")), name, path, mountopt)
             anchor = None if name == ANCHOR else f"load {ANCHOR}"

@@ -1,7 +1,8 @@
 """A mount service for tests and benchmarks: ``mergefs mount-server`` (``fork``) or
 ``mergefs views serve`` (``views``) as a child process on private paths.
 
-``MountService(kind, where)`` starts it and waits until it serves; ``left()``
+``MountService(kind, where)`` starts it (``tree``: the mergefs of that source
+tree instead, for a before/after benchmark) and waits until it serves; ``left()``
 names what it still holds (views: the views; fork: its live forked servers),
 ``wait_empty()`` waits for that to drain, and ``stop()`` ends it by pid and
 unmounts the views mount (lazily if it must), also after a failure.
@@ -21,7 +22,7 @@ KINDS = ("fork", "views")
 
 
 class MountService:
-    def __init__(self, kind: str, where: Path):
+    def __init__(self, kind: str, where: Path, tree: str | None = None):
         if kind not in KINDS:
             raise ValueError(f"unknown service {kind!r}; one of {KINDS}")
         self.kind, self.where = kind, Path(where)
@@ -36,9 +37,11 @@ class MountService:
         else:
             self.mnt.mkdir(exist_ok=True)
             argv += ["views", "serve", "--control", self.control, str(self.mnt)]
+        # (-m puts the working directory first on the path: run it in the tree)
+        env = None if tree is None else {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
         with open(self.log, "ab") as logf:
             self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=logf,
-                                         stdin=subprocess.DEVNULL)
+                                         stdin=subprocess.DEVNULL, env=env, cwd=tree)
         if not self.proc.stdout.readline().startswith(b"serving"):
             self.stop()
             raise RuntimeError(f"{kind} service did not start: {self.log.read_text()}")

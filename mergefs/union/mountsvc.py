@@ -53,6 +53,7 @@ class MountServer:
         self.stopping = False
         self.spare = None               # the server of the next mount, forked ahead
         self.servers: set[int] = set()  # the servers of mounts made here, until reaped
+        self.scratch: str | None = None  # the layer and target of ``_rehearse``
 
     def run(self, ready=None) -> None:
         from . import prefork
@@ -96,9 +97,10 @@ class MountServer:
                 except (socket.timeout, InterruptedError):
                     continue
                 with self.conn:
-                    self._client(self.conn)
+                    mounting = self._client(self.conn)
                 self.conn = None
-                spare_at = time.monotonic() + SPARE_DELAY
+                if mounting:        # (a list request does not put the spare off)
+                    spare_at = time.monotonic() + SPARE_DELAY
         finally:
             if self.spare is not None:
                 self.spare.close()          # it reads the end of its pipe and exits
@@ -107,21 +109,65 @@ class MountServer:
                 os.unlink(self.control)
             except FileNotFoundError:
                 pass
+            if self.scratch is not None:
+                import shutil
+                shutil.rmtree(self.scratch, ignore_errors=True)
 
-    def _fork_spare(self) -> None:
+    def _fork_spare(self, warm: bool = True) -> None:
         """Fork the server of the next mount now, between requests (``prefork``): it
         waits on a pipe, holding a /dev/fuse fd this process mounts when a request
         comes; a mount then costs no fork, and its server's first answer comes
-        sooner. A spare a request did not use is kept for the next one."""
+        sooner. A spare a request did not use is kept for the next one. ``warm``:
+        it warms up first (``_warm``); not for one forked for a request waiting
+        now, which the warm-up would only delay (~10 ms)."""
         if self.spare is not None and not _alive(self.spare.pid):
             self.spare.close()          # killed: hand nothing to it
             self.spare = None
         if self.spare is None and not self.stopping:
             from . import prefork
             try:
-                self.spare = prefork.fork_waiting(_warm)
+                self.spare = prefork.fork_waiting(_warm if warm else None)
             except OSError as exc:
                 log.warning("cannot fork ahead: %s", exc)
+            if warm:
+                self._rehearse()
+
+    def _rehearse(self) -> None:
+        """After a fork, each page this process shares with the spare is copied at
+        the first write of either: ~550 of them while the next request was
+        handled (~1 ms of its CPU). Take them now, between requests: a request
+        like containers/storage's for a mount in a scratch directory, refused at
+        its last check (the target is a file), its reply, and a writable view of
+        the scratch layer, made, pickled (as a hand-over is) and closed."""
+        import pickle
+        import tempfile
+
+        from .server import build_view
+        if self.scratch is None:
+            self.scratch = tempfile.mkdtemp(prefix="mergefs-mount-server-")
+            for name in ("lower/d", "upper", "work"):
+                os.makedirs(os.path.join(self.scratch, name))
+            with open(os.path.join(self.scratch, "target"), "w"):
+                pass
+        hexed = (lambda t: os.fsencode(t).hex())
+        opts = "-o", "lowerdir=lower,upperdir=upper,workdir=work,volatile,service"
+        req = json.dumps({"op": "mount-argv", "argv": [hexed(a) for a in (*opts, "target")],
+                          "cwd": hexed(self.scratch),
+                          "mntns": hexed(os.readlink("/proc/self/ns/mnt"))})
+        try:
+            self.mount(json.loads(req))
+            log.warning("rehearsal: a mount at a file was made")    # (never)
+        except Exception as exc:  # noqa: BLE001  (refused, as it should be)
+            json.dumps(error_reply(exc))
+        json.dumps({"ok": True, "pid": os.getpid(), "target": self.scratch})
+        spec = mount_spec({"layers": [f"lowerdir={self.scratch}/lower",
+                                      f"upperdir={self.scratch}/upper",
+                                      f"workdir={self.scratch}/work"]})
+        try:
+            pickle.dumps((spec, self.scratch, "auto", self.scratch, True))
+            build_view(spec).close()
+        except Exception as exc:  # noqa: BLE001  (only a rehearsal)
+            log.warning("rehearsal: %s", exc)
 
     def _stop(self, signum, frame) -> None:
         self.stopping = True
@@ -137,25 +183,30 @@ class MountServer:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    def _client(self, conn: socket.socket) -> None:
+    def _client(self, conn: socket.socket) -> bool:
+        """Answer one request; False if it was a list request (or none came)."""
         conn.settimeout(30.0)
         data = b""
+        mounting = False
         try:
             while not data.endswith(b"\n") and len(data) < MAX_REQUEST:
                 chunk = conn.recv(65536)
                 if not chunk:
-                    return
+                    return mounting
                 data += chunk
             try:
                 req = json.loads(data)
-                reply = self.list() if isinstance(req, dict) and req.get("op") == "list" \
-                    else self.mount(req)
+                mounting = not (isinstance(req, dict) and req.get("op") == "list")
+                reply = self.mount(req) if mounting else self.list()
             except Exception as exc:  # noqa: BLE001  (every failure is a reply)
                 reply = error_reply(exc)
                 log.warning("mount request failed: %s", reply["error"])
             conn.sendall(json.dumps(reply).encode() + b"\n")
+            if reply.get("pid"):            # logged once the caller has its answer
+                log.info("mounted %s (server %d)", reply["target"], reply["pid"])
         except OSError as exc:
             log.warning("control connection: %s", exc)
+        return mounting
 
     def mount(self, req: dict) -> dict:
         from . import server
@@ -167,15 +218,14 @@ class MountServer:
         spec = mount_spec(req, allow_other=os.geteuid() == 0 and not req.get("private"))
         target = os.path.abspath(req["target"])
         from . import prefork
-        self._fork_spare()              # (a new one if it died)
+        self._fork_spare(warm=False)    # (a new one if there is none: used or died)
         prefork.pend(self.spare)        # server.start takes it, or leaves it for the next
         try:
             pid = server.start(spec, target, "auto", None)
         finally:
             self.spare = prefork.take()
         self.servers.add(pid)
-        log.info("mounted %s (server %d)", target, pid)
-        return {"ok": True, "pid": pid}
+        return {"ok": True, "pid": pid, "target": target}
 
     def list(self) -> dict:
         """The servers of this process's mounts still running, and the spare."""
@@ -185,27 +235,25 @@ class MountServer:
 
 
 def _warm() -> None:
-    """What the spare runs before it waits: a first ``trio.run``, and a writable view
-    of a small temporary layer with its handlers (a lookup and getattr of each
-    entry; closed again; nothing global: the C fast path is loaded only by
-    ``UnionOperations.init``). Done first in a forked process, each costs more
-    than the next (pages copied on write, first set-up): ~4 ms for trio; the
-    view and handlers took another 1.6-5 ms off the mount's first answer (p50
-    12.5 -> 10.9 and 20.3 -> 15.1 ms, 30 interleaved mounts each, load 3-4),
-    the lookups and getattrs 0.6-0.8 ms more (9.2 -> 8.6, 10.5 -> 9.7, load 2)."""
+    """What the spare runs before it waits (in a running trio loop: ``prefork``): a
+    writable view of a small temporary layer with its handlers (a lookup and
+    getattr of each entry; closed again; nothing global: the C fast path is
+    loaded only by ``UnionOperations.init``), then the log's streams and
+    handler (``server.streams_ahead``). Done first in a forked process, each
+    costs more than the next (pages copied on write, first set-up): the view
+    and handlers took 1.6-5 ms off the mount's first answer (p50 12.5 -> 10.9
+    and 20.3 -> 15.1 ms, 30 interleaved mounts each, load 3-4), the lookups
+    and getattrs 0.6-0.8 ms more (9.2 -> 8.6, 10.5 -> 9.7, load 2). (A first
+    ``trio.run`` of its own, ~4 ms of CPU, was here until the spare waited in
+    the loop it serves in.)"""
     import tempfile
 
     import pyfuse3
-    import trio
 
     from ..mountspec import MountSpec
     from . import server
     from .ops import UnionOperations
 
-    async def nothing():
-        async with trio.open_nursery():
-            await trio.lowlevel.checkpoint()
-    trio.run(nothing)
     with tempfile.TemporaryDirectory(prefix="mergefs-spare-") as d:
         lower, upper, work = (os.path.join(d, n) for n in ("lower", "upper", "work"))
         for p in (lower, upper, work):
@@ -226,6 +274,7 @@ def _warm() -> None:
             ops.close()
         finally:
             view.close()
+    server.streams_ahead()
 
 
 def _alive(pid: int) -> bool:

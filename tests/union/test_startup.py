@@ -87,6 +87,28 @@ print(" ".join(f"{n}={getattr(trio, n).__module__}.{getattr(getattr(trio, n), '_
 """
 
 
+def test_a_fork_of_an_imported_server_does_not_import_again():
+    """The mount server's spare is forked from a process that ran import_server: the
+    spare's own call does nothing (it read and unmarshalled the compiled-code table
+    again, ~2-4.5 ms of each spare's CPU); a fresh process still imports."""
+    r = _run("""
+import os, sys
+from mergefs.union import codecache, prefork
+loads = []
+real = codecache.load
+codecache.load = lambda *a: loads.append(1) or real(*a)
+prefork.import_server()
+assert loads == [1] and "pyfuse3" in sys.modules
+pid = os.fork()
+if pid == 0:
+    prefork.import_server()
+    os._exit(0 if loads == [1] else 3)
+assert os.waitpid(pid, 0)[1] == 0
+print("ok")
+""")
+    assert (r.returncode, r.stdout.strip()) == (0, "ok"), r.stderr
+
+
 def test_a_servers_trio_has_every_name_of_trio():
     """The server's trio (prefork.import_trio) loads its TLS, DTLS, file,
     path, channel and high-level socket parts when first used: every public
