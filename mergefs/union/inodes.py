@@ -163,7 +163,9 @@ class InodeTable:
         self._live: dict[int, Inode] = {ROOT_INODE: self.root}
         # Forgotten inodes that a live child still names as its parent: found
         # again, the same object comes back, so a rename seen by one is seen by all.
-        self._dropped: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        # Weak references in a plain dict (a WeakValueDictionary's pop, done for
+        # every inode made, costs a Python call); a reference removes itself.
+        self._dropped: dict[int, weakref.ref] = {}
         # number -> [lookups, parent Inode, name, Node]: the lazy entries (glossary)
         self.lazy: dict[int, list] = {}
 
@@ -192,7 +194,24 @@ class InodeTable:
     def known(self, number: int) -> Inode | None:
         """The inode object of ``number`` if any exists: live, or forgotten while a
         live child still names it as its parent."""
-        return self.live(number) or self._dropped.get(number)
+        if (inode := self.live(number)) is not None:
+            return inode
+        ref = self._dropped.get(number)
+        return None if ref is None else ref()
+
+    def _drop(self, inode: Inode) -> None:
+        dropped, number = self._dropped, inode.number
+
+        def gone(ref: weakref.ref) -> None:
+            if dropped.get(number) is ref:
+                del dropped[number]
+        dropped[number] = weakref.ref(inode, gone)
+
+    def _made(self, number: int, parent: Inode, name: bytes, node: Node) -> Inode:
+        """A new Inode, or the forgotten one of ``number`` if a child still names it."""
+        ref = self._dropped.pop(number, None)
+        inode = ref() if ref is not None else None
+        return Inode(number, parent, name, node) if inode is None else inode
 
     def held(self, number: int) -> bool:
         """Does the kernel hold ``number`` (live or lazy)? Makes no Inode."""
@@ -202,7 +221,7 @@ class InodeTable:
         """The Inode of lazy entry ``number``, made as ``entry`` would have made it
         at the entry's first listing and counted as often as it was listed."""
         count, parent, name, node = self.lazy.pop(number)
-        inode = self._dropped.pop(number, None) or Inode(number, parent, name, node)
+        inode = self._made(number, parent, name, node)
         if inode.node is not node and inode.node != node:
             inode.node, inode.attr = node, None
         inode.lookups = count
@@ -273,8 +292,7 @@ class InodeTable:
             number = self.number_for(node)
         inode = self.live(number)
         if inode is None:
-            inode = self._dropped.pop(number, None) or Inode(number, parent, name, node)
-            self._live[number] = inode
+            inode = self._live[number] = self._made(number, parent, name, node)
         elif inode.parent is not parent or inode.name != name or inode.unlinked:
             # another hardlink name, or the same entry found again after a rename
             if not inode.unlinked and not inode.is_dir:
@@ -333,7 +351,7 @@ class InodeTable:
             del self._live[number]
             inode.lookups = 0
             inode.children = inode.below = inode.xattrs = None
-            self._dropped[number] = inode
+            self._drop(inode)
             return True
         return False
 
