@@ -40,11 +40,13 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/limits.h>
+#include <linux/openat2.h>
 #include <poll.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/xattr.h>
 #include <time.h>
 #include <unistd.h>
@@ -889,6 +891,26 @@ static PyObject *py_drain(PyObject *self, PyObject *args)
 
 /* -- the Python API ------------------------------------------------------------ */
 
+/* openat2(root_fd, path, flags, mode) -> fd: mergefs.syscalls.open_beneath's
+ * openat2 (RESOLVE_BENEATH, no symlinks, no magic links) without ctypes, whose
+ * call and open_how struct cost more than the system call (a no-open READ opens
+ * every file it reads this way). OSError as os.open raises it. */
+static PyObject *py_openat2(PyObject *self, PyObject *args)
+{
+    int root;
+    PyObject *path;
+    unsigned long long flags, mode = 0;
+    if (!PyArg_ParseTuple(args, "iSK|K", &root, &path, &flags, &mode))
+        return NULL;
+    struct open_how how = {.flags = flags, .mode = mode,
+                           .resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
+                                      RESOLVE_NO_MAGICLINKS};
+    long fd = syscall(SYS_openat2, root, PyBytes_AS_STRING(path), &how, sizeof(how));
+    if (fd < 0)
+        return PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path);
+    return PyLong_FromLong(fd);
+}
+
 static PyObject *py_attach(PyObject *self, PyObject *arg)
 {
     const char *path = PyUnicode_AsUTF8(arg);
@@ -1104,6 +1126,8 @@ static PyMethodDef methods[] = {
     {"set_readdir", py_set_readdir, METH_VARARGS,
      "set_readdir(readdir, unlisted, entry_timeout) -> bool: READDIRPLUS replies filled "
      "in C (v8 builds)"},
+    {"openat2", py_openat2, METH_VARARGS,
+     "openat2(root_fd, path, flags, mode=0) -> fd: beneath root_fd, following no symlink"},
     {"walk", py_walk, METH_VARARGS,
      "walk(w, size) -> bytes or -errno: the READDIRPLUS reply the walk ``w`` makes (tests)"},
     {"set_miss", py_set_miss, METH_O,

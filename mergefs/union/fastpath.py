@@ -81,6 +81,8 @@ def load(attr_timeout: float, squash: tuple, volatile: bool):
         return None
     global drain
     drain = loop if os.environ.get("MERGEFS_FASTPATH_LOOP") != "0" else None
+    from .. import syscalls
+    syscalls.fast_openat2 = _fastpath.openat2
     return _fastpath
 
 
