@@ -482,6 +482,12 @@ static long fill_plus(fuse_req_t req, char *buf, size_t size, PyObject *w)
         long kind = PyLong_AsLong(PyTuple_GET_ITEM(node, 0));
         uint64_t n = kind == S_IFDIR ? 0 : number_of(node, numbers, claims);
         PyErr_Clear();
+        /* the fd first: opener is Python, ``record`` (borrowed) is used right away */
+        int fd = layer_fd(&fds, opener, PyTuple_GET_ITEM(PyTuple_GET_ITEM(node, 1), 0));
+        if (fd < 0) {
+            err = fd;
+            goto done;
+        }
         int fast = 0;
         if (n) {
             if (!(number = PyLong_FromUnsignedLongLong(n)))
@@ -493,11 +499,6 @@ static long fill_plus(fuse_req_t req, char *buf, size_t size, PyObject *w)
             if (record && !same_listing(record, parent, name, node))
                 fast = 0;
             PyErr_Clear();
-        }
-        int fd = layer_fd(&fds, opener, PyTuple_GET_ITEM(PyTuple_GET_ITEM(node, 1), 0));
-        if (fd < 0) {
-            err = fd;
-            goto done;
         }
         struct fuse_entry_param p;
         const struct fuse_entry_param *pp = &p;
