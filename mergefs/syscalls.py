@@ -35,6 +35,8 @@ class _OpenHow(ctypes.Structure):
 
 
 _openat2_works = True
+# openat2 without ctypes: the C fast path's (mergefs.union.fastpath.load sets it)
+fast_openat2 = None
 
 
 def open_beneath(root_fd: int, path: bytes, flags: int = O_DIR, mode: int = 0) -> int:
@@ -46,6 +48,13 @@ def open_beneath(root_fd: int, path: bytes, flags: int = O_DIR, mode: int = 0) -
     global _openat2_works
     if not path:
         return os.open(".", flags | os.O_CLOEXEC, dir_fd=root_fd)
+    if _openat2_works and fast_openat2 is not None:
+        try:
+            return fast_openat2(root_fd, path, flags | os.O_CLOEXEC, mode)
+        except OSError as e:
+            if e.errno != errno.ENOSYS:
+                raise
+            _openat2_works = False
     if _openat2_works:
         how = _OpenHow(flags | os.O_CLOEXEC, mode,
                        RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)

@@ -14,8 +14,9 @@
  * All namespace logic (lookup, create, unlink, rename, readdir, copy-up)
  * stays in Python; with a v7 build, GETATTR the table does not serve, LOOKUP
  * and MKNOD call the Python handler directly, without pyfuse3's coroutine
- * ("direct" handlers, set_direct); with a v8 build, READDIRPLUS fills its
- * reply in C from the entries Python chose (set_readdir). ``drain`` runs the request loop itself
+ * ("direct" handlers, set_direct); with a v8 build, READDIRPLUS walks the
+ * pass Python gives and answers the files itself, their lookups counted in the
+ * inode table's lazy records (set_readdir). ``drain`` runs the request loop itself
  * while requests need no coroutine.
  *
  * Ownership: the fd belongs to the Python cache, which drops the entry here
@@ -39,11 +40,13 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/limits.h>
+#include <linux/openat2.h>
 #include <poll.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/xattr.h>
 #include <time.h>
 #include <unistd.h>
@@ -285,78 +288,292 @@ static int h_mknod(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t m
 }
 
 /* -- READDIRPLUS (v8 builds) --------------------------------------------------
- * Python's ``readdir(number, offset, size)`` (ops._readdir_direct) chooses the
- * entries of a no-open READDIRPLUS reply that fit in ``size`` bytes and counts
- * the kernel's lookup of each; it returns ``(items, fds)`` (or an errno), an
- * item being ``(name, next_offset, number, attributes)``: attributes is the
- * EntryAttributes Python has, or an fd of ``fds`` (closed here afterwards) on
- * the directory in which C lstats the entry, a non-directory (Python keeps a
- * directory's attributes: nlink 1 when merged, U1), and makes its attributes
- * as ops.entry_attributes would (squashed ownership).
- * An entry C cannot answer (its lstat fails: gone from its layer) is handed
- * to ``unlisted(numbers)``, which takes its count back: the kernel's lookup
- * counts stay exact. */
+ * Python's ``readdir(number, offset, size)`` (ops._readdir_direct) says what a
+ * no-open READDIRPLUS walks, as a tuple (the P_* fields below; or an errno):
+ * the names ``keys[start:]`` that the listing ``current`` still has, each
+ * answered while it fits, with the next offset ``base | position + 1``.
+ * A non-directory whose number the inode table does not hold live is answered
+ * here: lstat in the parent's directory of its layer (``opener(layer)``: an fd,
+ * closed here afterwards, or -errno), its attributes as ops.entry_attributes
+ * makes them (squashed ownership), and the kernel's lookup counted in the
+ * table's ``lazy`` dict, number -> [count, parent, name, node]
+ * (mergefs/union/inodes.py, "lazy entry"; no Python Inode until a request
+ * for it reaches Python). Every other entry (a directory, a live inode, a
+ * lazy record under another name or node, a number only Python can give)
+ * goes to ``slow(name, node, fd)``, which counts it and returns its
+ * EntryAttributes (None: gone from its layer, skipped; an int: an errno).
+ * An entry whose lstat fails is left out, uncounted: the kernel's lookup
+ * counts stay exact. ``unlisted(numbers)`` takes back the counts of entries
+ * ``slow`` counted that did not fit after all (cannot happen: C measures
+ * each entry before it asks). */
 static PyObject *readdir_fn, *unlisted_fn;
 static double entry_timeout;
 
-/* Add one item to ``buf`` (``*len``: its size, more than ``left`` when it did not
- * fit); 1: not answered (lstat failed); -1: not an item (a bug). */
-static int plus_entry(fuse_req_t req, PyObject *item, char *buf, size_t left, size_t *len)
+enum { P_PARENT, P_KEYS, P_START, P_BASE, P_CURRENT, P_LIVE, P_LAZY, P_NUMBERS, P_CLAIMS,
+       P_OPEN, P_SLOW, P_N };
+
+#define XINO_SHIFT 54                                     /* inodes.XINO_SHIFT */
+#define MAX_LAYER ((1ll << (64 - XINO_SHIFT)) - 2)        /* inodes.MAX_LAYER */
+#define MAX_LAYER_FDS 64
+
+/* inodes.InodeTable.number_for where the answer is plain: a key in ``numbers``
+ * or its xino number not claimed by another key; 0: Python decides (slow). */
+static uint64_t number_of(PyObject *node, PyObject *numbers, PyObject *claims)
 {
-    struct fuse_entry_param p;
-    const struct fuse_entry_param *pp = &p;
-    if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 4)
-        return -1;
-    const char *name = PyBytes_AsString(PyTuple_GET_ITEM(item, 0));
-    off_t next = (off_t)PyLong_AsLongLong(PyTuple_GET_ITEM(item, 1));
-    PyObject *what = PyTuple_GET_ITEM(item, 3);
-    if (!name || PyErr_Occurred())
-        return -1;
-    if (!PyLong_CheckExact(what)) {
-        if (!(pp = hooks->entry_param(what)))
-            return -1;
-    } else {
-        memset(&p, 0, sizeof(p));
-        p.ino = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(item, 2));
-        int fd = PyLong_AsLong(what);
-        if (PyErr_Occurred())
-            return -1;
-        if (fstatat(fd, name, &p.attr, AT_SYMLINK_NOFOLLOW) != 0)
-            return 1;
-        p.attr.st_ino = p.ino;
-        if (squash_uid >= 0)
-            p.attr.st_uid = (uid_t)squash_uid;
-        if (squash_gid >= 0)
-            p.attr.st_gid = (gid_t)squash_gid;
-        p.attr_timeout = attr_timeout;
-        p.entry_timeout = entry_timeout;
+    PyObject *layers = PyTuple_GET_ITEM(node, 1), *inos = PyTuple_GET_ITEM(node, 2);
+    if (!PyTuple_Check(layers) || !PyTuple_Check(inos) || !PyTuple_GET_SIZE(layers) ||
+        !PyTuple_GET_SIZE(inos))
+        return 0;
+    PyObject *l = PyTuple_GET_ITEM(layers, 0), *i = PyTuple_GET_ITEM(inos, 0), *key = NULL;
+    long long layer = PyLong_AsLongLong(l);
+    unsigned long long ino = PyLong_AsUnsignedLongLong(i);
+    uint64_t number = 0;
+    if (PyErr_Occurred())
+        goto out;
+    if (PyDict_GET_SIZE(numbers) || PyDict_GET_SIZE(claims)) {
+        if (!(key = PyTuple_Pack(2, l, i)))
+            goto out;
     }
-    *len = fuse_add_direntry_plus(req, buf, left, name, pp, next);
-    return 0;
+    if (PyDict_GET_SIZE(numbers)) {
+        PyObject *n = PyDict_GetItemWithError(numbers, key);
+        if (n) {
+            number = PyLong_AsUnsignedLongLong(n);
+            goto out;
+        }
+        if (PyErr_Occurred())
+            goto out;
+    }
+    if (ino >> XINO_SHIFT || layer < 0 || layer >= MAX_LAYER)
+        goto out;
+    number = (uint64_t)(layer + 1) << XINO_SHIFT | ino;
+    if (PyDict_GET_SIZE(claims)) {
+        PyObject *n = PyLong_FromUnsignedLongLong(number), *claim;
+        claim = n ? PyDict_GetItemWithError(claims, n) : NULL;
+        Py_XDECREF(n);
+        if (PyErr_Occurred() || (claim && PyObject_RichCompareBool(claim, key, Py_EQ) != 1))
+            number = 0;
+    }
+out:
+    Py_XDECREF(key);
+    if (PyErr_Occurred() || number == (uint64_t)-1) {
+        PyErr_Clear();
+        return 0;
+    }
+    return number;
 }
 
-/* Reply with the items that fit; the numbers of the others go to ``gone``. */
-static void reply_items(fuse_req_t req, size_t size, PyObject *items, PyObject *gone)
+/* Is ``record`` (a lazy record) this listing of ``parent/name`` with ``node``? */
+static int same_listing(PyObject *record, PyObject *parent, PyObject *name, PyObject *node)
 {
-    size_t used = 0;
-    int full = 0;
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(items); i++) {
-        PyObject *item = PyList_GET_ITEM(items, i);
-        size_t len = 0;
-        int r = full ? 1 : plus_entry(req, item, buffer + used, size - used, &len);
-        if (r == 0 && len > size - used)
-            r = 1, full = 1;                    /* Python measured wrong: the rest waits */
-        if (r < 0) {
-            PyErr_WriteUnraisable(readdir_fn);  /* a bug: the rest is not answered */
-            r = 1, full = 1;
-        }
-        if (r == 0)
-            used += len;
-        else if (PyTuple_Check(item) && PyTuple_GET_SIZE(item) == 4 &&
-                 PyList_Append(gone, PyTuple_GET_ITEM(item, 2)) < 0)
-            PyErr_Clear();
+    if (!PyList_CheckExact(record) || PyList_GET_SIZE(record) != 4 ||
+        PyList_GET_ITEM(record, 1) != parent)
+        return 0;
+    PyObject *n = PyList_GET_ITEM(record, 2), *was = PyList_GET_ITEM(record, 3);
+    if (n != name && PyObject_RichCompareBool(n, name, Py_EQ) != 1)
+        return 0;
+    if (was != node && PyObject_RichCompareBool(was, node, Py_EQ) != 1)
+        return 0;
+    return !PyErr_Occurred();
+}
+
+/* One more lookup of lazy entry ``number`` (``record``: its record, or NULL: a
+ * new one). -1: not counted (out of memory). */
+static int count_lazy(PyObject *lazy, PyObject *number, PyObject *record, PyObject *parent,
+                      PyObject *name, PyObject *node)
+{
+    if (record) {
+        PyObject *c = PyList_GET_ITEM(record, 0);
+        long long n = PyLong_AsLongLong(c);
+        PyObject *more = n >= 0 && !PyErr_Occurred() ? PyLong_FromLongLong(n + 1) : NULL;
+        if (!more)
+            return -1;
+        PyList_SetItem(record, 0, more);
+        return 0;
     }
-    fuse_reply_buf(req, buffer, used);
+    PyObject *one = PyLong_FromLong(1), *r = one ? PyList_New(4) : NULL;
+    if (!r) {
+        Py_XDECREF(one);
+        return -1;
+    }
+    PyList_SET_ITEM(r, 0, one);
+    PyList_SET_ITEM(r, 1, Py_NewRef(parent));
+    PyList_SET_ITEM(r, 2, Py_NewRef(name));
+    PyList_SET_ITEM(r, 3, Py_NewRef(node));
+    int failed = PyDict_SetItem(lazy, number, r);
+    Py_DECREF(r);
+    return failed;
+}
+
+struct layer_fds {
+    int n;
+    long layer[MAX_LAYER_FDS];
+    int fd[MAX_LAYER_FDS];
+};
+
+/* The parent's directory in ``layer`` (opened once per request); -errno. */
+static int layer_fd(struct layer_fds *fds, PyObject *opener, PyObject *layer_obj)
+{
+    long layer = PyLong_AsLong(layer_obj);
+    if (PyErr_Occurred()) {
+        PyErr_Clear();
+        return -EIO;
+    }
+    for (int i = 0; i < fds->n; i++)
+        if (fds->layer[i] == layer)
+            return fds->fd[i];
+    if (fds->n == MAX_LAYER_FDS)
+        return -EMFILE;
+    PyObject *r = PyObject_CallOneArg(opener, layer_obj);
+    long fd = r ? PyLong_AsLong(r) : -EIO;
+    Py_XDECREF(r);
+    if (PyErr_Occurred()) {
+        PyErr_WriteUnraisable(opener);
+        return -EIO;
+    }
+    if (fd < 0)
+        return (int)fd;
+    fds->layer[fds->n] = layer;
+    fds->fd[fds->n++] = (int)fd;
+    return (int)fd;
+}
+
+/* Fill ``buf`` (``size`` bytes) with the entries of the walk ``w`` (the tuple
+ * above); returns the bytes used, or -errno when it failed before any entry
+ * (an error after some: the entries so far). ``req`` is only passed on to
+ * fuse_add_direntry_plus, which does not use it (walk() calls this with NULL). */
+static long fill_plus(fuse_req_t req, char *buf, size_t size, PyObject *w)
+{
+    if (!PyTuple_Check(w) || PyTuple_GET_SIZE(w) != P_N)
+        return -EIO - 10000;
+    PyObject *parent = PyTuple_GET_ITEM(w, P_PARENT), *keys = PyTuple_GET_ITEM(w, P_KEYS),
+             *current = PyTuple_GET_ITEM(w, P_CURRENT), *live = PyTuple_GET_ITEM(w, P_LIVE),
+             *lazy = PyTuple_GET_ITEM(w, P_LAZY), *numbers = PyTuple_GET_ITEM(w, P_NUMBERS),
+             *claims = PyTuple_GET_ITEM(w, P_CLAIMS), *opener = PyTuple_GET_ITEM(w, P_OPEN),
+             *slow = PyTuple_GET_ITEM(w, P_SLOW);
+    Py_ssize_t start = PyLong_AsSsize_t(PyTuple_GET_ITEM(w, P_START));
+    long long base = PyLong_AsLongLong(PyTuple_GET_ITEM(w, P_BASE));
+    if (PyErr_Occurred() || !PyList_Check(keys) || !PyDict_Check(current) ||
+        !PyDict_Check(live) || !PyDict_Check(lazy) || !PyDict_Check(numbers) ||
+        !PyDict_Check(claims) || start < 0)
+        return -EIO - 10000;
+    struct layer_fds fds = {0};
+    size_t used = 0;
+    int err = 0;
+    for (Py_ssize_t k = start; k < PyList_GET_SIZE(keys) && !err; k++) {
+        PyObject *name = PyList_GET_ITEM(keys, k);
+        PyObject *node = PyDict_GetItemWithError(current, name);
+        if (!node) {
+            if (PyErr_Occurred())
+                err = -EIO - 10000;
+            continue;                         /* removed since the snapshot */
+        }
+        const char *cname = PyBytes_AsString(name);
+        if (!cname || !PyTuple_Check(node) || PyTuple_GET_SIZE(node) < 3) {
+            err = -EIO - 10000;
+            break;
+        }
+        Py_INCREF(name);
+        Py_INCREF(node);
+        off_t next = (off_t)(base | (k + 1));
+        size_t len = fuse_add_direntry_plus(req, NULL, 0, cname, NULL, 0);
+        PyObject *number = NULL, *record = NULL, *r = NULL;
+        if (len > size - used)
+            goto full;
+        long kind = PyLong_AsLong(PyTuple_GET_ITEM(node, 0));
+        uint64_t n = kind == S_IFDIR ? 0 : number_of(node, numbers, claims);
+        PyErr_Clear();
+        /* the fd first: opener is Python, ``record`` (borrowed) is used right away */
+        int fd = layer_fd(&fds, opener, PyTuple_GET_ITEM(PyTuple_GET_ITEM(node, 1), 0));
+        if (fd < 0) {
+            err = fd;
+            goto done;
+        }
+        int fast = 0;
+        if (n) {
+            if (!(number = PyLong_FromUnsignedLongLong(n)))
+                goto fail;
+            fast = !PyDict_GetItemWithError(live, number);
+            record = fast ? PyDict_GetItemWithError(lazy, number) : NULL;
+            if (PyErr_Occurred())
+                goto fail;
+            if (record && !same_listing(record, parent, name, node))
+                fast = 0;
+            PyErr_Clear();
+        }
+        struct fuse_entry_param p;
+        const struct fuse_entry_param *pp = &p;
+        if (fast) {
+            memset(&p, 0, sizeof(p));
+            if (fstatat(fd, cname, &p.attr, AT_SYMLINK_NOFOLLOW) != 0)
+                goto done;                    /* gone from its layer: left out */
+            p.ino = p.attr.st_ino = n;
+            if (squash_uid >= 0)
+                p.attr.st_uid = (uid_t)squash_uid;
+            if (squash_gid >= 0)
+                p.attr.st_gid = (gid_t)squash_gid;
+            p.attr_timeout = attr_timeout;
+            p.entry_timeout = entry_timeout;
+            if (count_lazy(lazy, number, record, parent, name, node) < 0)
+                goto fail;
+        } else {
+            PyObject *fdo = PyLong_FromLong(fd);
+            PyObject *args[3] = {name, node, fdo};
+            r = fdo ? PyObject_Vectorcall(slow, args, 3, NULL) : NULL;
+            Py_XDECREF(fdo);
+            if (!r) {
+                PyErr_WriteUnraisable(slow);
+                err = -EIO;
+                goto done;
+            }
+            if (r == Py_None)
+                goto done;
+            if (PyLong_CheckExact(r)) {
+                long e = PyLong_AsLong(r);
+                err = e > 0 && e < 4096 ? (int)-e : -EIO;
+                PyErr_Clear();
+                goto done;
+            }
+            if (!(pp = hooks->entry_param(r))) {
+                PyErr_Format(PyExc_TypeError, "slow returned %.100s", Py_TYPE(r)->tp_name);
+                PyErr_WriteUnraisable(slow);
+                err = -EIO;
+                goto done;
+            }
+        }
+        len = fuse_add_direntry_plus(req, buf + used, size - used, cname, pp, next);
+        if (len > size - used) {              /* measured above: cannot happen */
+            if (!fast && unlisted_fn) {
+                PyObject *gone = Py_BuildValue("[K]", (unsigned long long)pp->ino);
+                PyObject *u = gone ? PyObject_CallOneArg(unlisted_fn, gone) : NULL;
+                if (!u)
+                    PyErr_WriteUnraisable(unlisted_fn);
+                Py_XDECREF(u);
+                Py_XDECREF(gone);
+            }
+            goto full;
+        }
+        used += len;
+        goto done;
+fail:
+        PyErr_Clear();
+        err = -ENOMEM;
+        goto done;
+full:
+        err = 1;
+done:
+        Py_XDECREF(r);
+        Py_XDECREF(number);
+        Py_DECREF(name);
+        Py_DECREF(node);
+    }
+    for (int i = 0; i < fds.n; i++)
+        close(fds.fd[i]);
+    if (err < -10000) {
+        PyErr_SetString(PyExc_TypeError, "readdir walk of an unexpected shape");
+        PyErr_WriteUnraisable(readdir_fn ? readdir_fn : Py_None);
+        err = -EIO;
+    }
+    return err < 0 && !used ? err : (long)used;
 }
 
 static int h_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
@@ -366,46 +583,48 @@ static int h_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
         return 0;
     PyObject *args[3] = {PyLong_FromUnsignedLongLong(ino), PyLong_FromLongLong(off),
                          PyLong_FromSize_t(size)};
-    PyObject *gone = PyList_New(0), *r = NULL, *items, *fds;
-    if (!args[0] || !args[1] || !args[2] || !gone) {
+    if (!args[0] || !args[1] || !args[2]) {
         for (int i = 0; i < 3; i++)
             Py_XDECREF(args[i]);
-        Py_XDECREF(gone);
         PyErr_Clear();
         return 0;
     }
     served[OP_READDIRPLUS]++;
-    r = PyObject_Vectorcall(readdir_fn, args, 3, NULL);
+    PyObject *r = PyObject_Vectorcall(readdir_fn, args, 3, NULL);
     for (int i = 0; i < 3; i++)
         Py_DECREF(args[i]);
     if (r && PyLong_CheckExact(r)) {            /* an errno */
         long e = PyLong_AsLong(r);
+        PyErr_Clear();
         fuse_reply_err(req, e > 0 && e < 4096 ? (int)e : EIO);
-    } else if (!r || !PyTuple_Check(r) || PyTuple_GET_SIZE(r) != 2 ||
-               !PyList_Check(items = PyTuple_GET_ITEM(r, 0)) ||
-               !PyList_Check(fds = PyTuple_GET_ITEM(r, 1))) {
-        if (r)                                  /* a bug of the handler (nothing counted) */
-            PyErr_Format(PyExc_TypeError, "readdir returned %.100s", Py_TYPE(r)->tp_name);
+    } else if (!r) {                            /* a bug of the wrapper */
         PyErr_WriteUnraisable(readdir_fn);
         fuse_reply_err(req, EIO);
     } else {
-        reply_items(req, size, items, gone);
-        for (Py_ssize_t k = 0; k < PyList_GET_SIZE(fds); k++) {
-            long fd = PyLong_AsLong(PyList_GET_ITEM(fds, k));
-            if (fd >= 0)
-                close((int)fd);
-        }
-        PyErr_Clear();
-        if (PyList_GET_SIZE(gone) && unlisted_fn) {
-            PyObject *u = PyObject_CallOneArg(unlisted_fn, gone);
-            if (!u)
-                PyErr_WriteUnraisable(unlisted_fn);
-            Py_XDECREF(u);
-        }
+        long n = fill_plus(req, buffer, size, r);
+        if (n < 0)
+            fuse_reply_err(req, (int)-n);
+        else
+            fuse_reply_buf(req, buffer, (size_t)n);
     }
     Py_XDECREF(r);
-    Py_DECREF(gone);
     return 1;
+}
+
+/* walk(w, size) -> bytes: the READDIRPLUS reply ``w`` (what ops._readdir_direct
+ * returns) makes, or -errno as an int; for tests, no request needed. */
+static PyObject *py_walk(PyObject *self, PyObject *args)
+{
+    PyObject *w;
+    Py_ssize_t size;
+    if (!PyArg_ParseTuple(args, "On", &w, &size))
+        return NULL;
+    if (!hooks || !hooks->entry_param || size < 0 || reserve((size_t)size) < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "no pyfuse3 with mergefs_fast hooks attached");
+        return NULL;
+    }
+    long n = fill_plus(NULL, buffer, (size_t)size, w);
+    return n < 0 ? PyLong_FromLong(n) : PyBytes_FromStringAndSize(buffer, n);
 }
 
 #define KNOWN_SET (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID | \
@@ -673,6 +892,26 @@ static PyObject *py_drain(PyObject *self, PyObject *args)
 
 /* -- the Python API ------------------------------------------------------------ */
 
+/* openat2(root_fd, path, flags, mode) -> fd: mergefs.syscalls.open_beneath's
+ * openat2 (RESOLVE_BENEATH, no symlinks, no magic links) without ctypes, whose
+ * call and open_how struct cost more than the system call (a no-open READ opens
+ * every file it reads this way). OSError as os.open raises it. */
+static PyObject *py_openat2(PyObject *self, PyObject *args)
+{
+    int root;
+    PyObject *path;
+    unsigned long long flags, mode = 0;
+    if (!PyArg_ParseTuple(args, "iSK|K", &root, &path, &flags, &mode))
+        return NULL;
+    struct open_how how = {.flags = flags, .mode = mode,
+                           .resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
+                                      RESOLVE_NO_MAGICLINKS};
+    long fd = syscall(SYS_openat2, root, PyBytes_AS_STRING(path), &how, sizeof(how));
+    if (fd < 0)
+        return PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path);
+    return PyLong_FromLong(fd);
+}
+
 static PyObject *py_attach(PyObject *self, PyObject *arg)
 {
     const char *path = PyUnicode_AsUTF8(arg);
@@ -888,6 +1127,10 @@ static PyMethodDef methods[] = {
     {"set_readdir", py_set_readdir, METH_VARARGS,
      "set_readdir(readdir, unlisted, entry_timeout) -> bool: READDIRPLUS replies filled "
      "in C (v8 builds)"},
+    {"openat2", py_openat2, METH_VARARGS,
+     "openat2(root_fd, path, flags, mode=0) -> fd: beneath root_fd, following no symlink"},
+    {"walk", py_walk, METH_VARARGS,
+     "walk(w, size) -> bytes or -errno: the READDIRPLUS reply the walk ``w`` makes (tests)"},
     {"set_miss", py_set_miss, METH_O,
      "set_miss(fn): fn(number) may set an entry when a READ finds none (None: no call)"},
     {"set", py_set, METH_VARARGS,

@@ -7,7 +7,9 @@ with a v6 build) of the regular files whose content fd the no-open fd cache
 O_PATH fd for, from C hooks that a v5 build of pyfuse3 calls before it
 makes a coroutine for a request (tools/pyfuse3_inode_fh.py). With a v7 build
 it also calls the plain Python handlers of LOOKUP, MKNOD and the GETATTRs it
-cannot serve itself, without pyfuse3's coroutine (ops._direct). Without the
+cannot serve itself, without pyfuse3's coroutine (ops._direct); with a v8
+build it walks no-open READDIRPLUS passes and answers their files itself
+(ops._readdir_direct). Without the
 compiled module, with an older pyfuse3 build or with ``MERGEFS_FASTPATH=0``,
 every request goes through the Python handlers, which give the same answers.
 A module compiled from other sources than the ones beside it (a checkout that
@@ -79,6 +81,8 @@ def load(attr_timeout: float, squash: tuple, volatile: bool):
         return None
     global drain
     drain = loop if os.environ.get("MERGEFS_FASTPATH_LOOP") != "0" else None
+    from .. import syscalls
+    syscalls.fast_openat2 = _fastpath.openat2
     return _fastpath
 
 

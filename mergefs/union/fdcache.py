@@ -33,6 +33,7 @@ the file.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 
 from ..layer import DIR, REG
 from .inodes import Inode
@@ -63,9 +64,12 @@ def fd_budget(want: int = FD_CACHE + DIR_FDS + FD_RESERVE) -> tuple[int, int]:
 class FdCache:
     def __init__(self, view):
         self.view = view
-        self.fds: dict[int, tuple] = {}
+        # Oldest first (evicted first). OrderedDicts: a dict's first item, after
+        # many were popped from its front, is found by a scan over their slots
+        # (``next(iter(d))`` cost ~14k instructions per eviction in ``tar -c``).
+        self.fds: OrderedDict[int, tuple] = OrderedDict()
         self.pinned: dict[int, tuple] = {}
-        self.dirs: dict[int, tuple] = {}
+        self.dirs: OrderedDict[int, tuple] = OrderedDict()
         self.fast = None                   # the C fast path's table (fastpath.load())
         self.max_fds, self.max_dirs = fd_budget()
 
@@ -115,8 +119,8 @@ class FdCache:
                                          self.view.writable and inode.node.top == self.view.up)
             return
         if len(self.fds) >= self.max_fds:
-            oldest = next(iter(self.fds))
-            self._close(oldest, self.fds.pop(oldest)[0])
+            oldest, got = self.fds.popitem(last=False)
+            self._close(oldest, got[0])
         old = self.fds.pop(inode.number, None)
         if old is not None:
             self._close(inode.number, old[0])
@@ -192,8 +196,8 @@ class FdCache:
         except OSError:
             return                  # Python answers, as before
         if len(self.dirs) >= self.max_dirs:
-            oldest = next(iter(self.dirs))
-            self._close(oldest, self.dirs.pop(oldest)[0])
+            oldest, got = self.dirs.popitem(last=False)
+            self._close(oldest, got[0])
         self.dirs[inode.number] = (fd, inode.node, sources)
         flags = self.fast.DIR | (self.fast.MERGED if len(sources) > 1 else 0)
         self.fast.set(inode.number, fd, flags, inode, inode.node, sources)

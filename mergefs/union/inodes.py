@@ -20,6 +20,13 @@ Glossary:
 - *lookup count*: how many times the kernel was handed the inode (lookup,
   readdirplus entry, create, mkdir ...) minus what it ``forget``s. An inode
   with a zero count is dropped from the live table (its number stays).
+- *lazy entry*: a non-directory the kernel was handed only by READDIRPLUS
+  replies the C fast path filled (ops._readdir_direct): no ``Inode`` yet, only
+  ``lazy[number] = [count, parent, name, node]``, counted there by C. Any use
+  of the number in this table (``live``, ``get``, ``entry``, iterating ...)
+  makes its Inode first, as ``entry`` would have made it at the first listing;
+  ``forget`` takes counts from the record without making one. A number is
+  never both live and lazy.
 
 An ``Inode`` knows its name by a strong reference to its parent ``Inode`` plus
 its name, so a rename moves a whole subtree by updating one object, and a
@@ -156,27 +163,70 @@ class InodeTable:
         self._live: dict[int, Inode] = {ROOT_INODE: self.root}
         # Forgotten inodes that a live child still names as its parent: found
         # again, the same object comes back, so a rename seen by one is seen by all.
-        self._dropped: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        # Weak references in a plain dict (a WeakValueDictionary's pop, done for
+        # every inode made, costs a Python call); a reference removes itself.
+        self._dropped: dict[int, weakref.ref] = {}
+        # number -> [lookups, parent Inode, name, Node]: the lazy entries (glossary)
+        self.lazy: dict[int, list] = {}
 
     def __len__(self) -> int:
-        return len(self._live)
+        return len(self._live) + len(self.lazy)
 
     def __iter__(self) -> Iterator[Inode]:
+        for number in list(self.lazy):
+            self._wake(number)
         return iter(self._live.values())
 
     def get(self, number: int) -> Inode:
         try:
             return self._live[number]
         except KeyError:
+            if number in self.lazy:
+                return self._wake(number)
             raise NotFound(f"inode {number} is not known") from None
 
     def live(self, number: int) -> Inode | None:
-        return self._live.get(number)
+        inode = self._live.get(number)
+        if inode is None and number in self.lazy:
+            return self._wake(number)
+        return inode
 
     def known(self, number: int) -> Inode | None:
         """The inode object of ``number`` if any exists: live, or forgotten while a
         live child still names it as its parent."""
-        return self._live.get(number) or self._dropped.get(number)
+        if (inode := self.live(number)) is not None:
+            return inode
+        ref = self._dropped.get(number)
+        return None if ref is None else ref()
+
+    def _drop(self, inode: Inode) -> None:
+        dropped, number = self._dropped, inode.number
+
+        def gone(ref: weakref.ref) -> None:
+            if dropped.get(number) is ref:
+                del dropped[number]
+        dropped[number] = weakref.ref(inode, gone)
+
+    def _made(self, number: int, parent: Inode, name: bytes, node: Node) -> Inode:
+        """A new Inode, or the forgotten one of ``number`` if a child still names it."""
+        ref = self._dropped.pop(number, None)
+        inode = ref() if ref is not None else None
+        return Inode(number, parent, name, node) if inode is None else inode
+
+    def held(self, number: int) -> bool:
+        """Does the kernel hold ``number`` (live or lazy)? Makes no Inode."""
+        return number in self._live or number in self.lazy
+
+    def _wake(self, number: int) -> Inode:
+        """The Inode of lazy entry ``number``, made as ``entry`` would have made it
+        at the entry's first listing and counted as often as it was listed."""
+        count, parent, name, node = self.lazy.pop(number)
+        inode = self._made(number, parent, name, node)
+        if inode.node is not node and inode.node != node:
+            inode.node, inode.attr = node, None
+        inode.lookups = count
+        self._live[number] = inode
+        return inode
 
     def number_for(self, node: Node) -> int:
         key = (node[1][0], node[2][0])             # node_key and xino inlined: the hot path
@@ -214,7 +264,7 @@ class InodeTable:
         ``key``, unless another live inode holds it (then one for this mount only)."""
         if key in self._numbers:
             return
-        holder = self._live.get(number)
+        holder = self.live(number)
         if holder is not None and node_key(holder.node) != key:
             number = self._fallback()
         else:
@@ -232,7 +282,7 @@ class InodeTable:
         while the kernel still holds that inode, the new file needs another number."""
         self._numbers.pop((layer, st_ino), None)
         number = xino(layer, st_ino)
-        if number is not None and number in self._live:
+        if number is not None and self.held(number):
             self._numbers[(layer, st_ino)] = self._fallback()
 
     def entry(self, parent: Inode, name: bytes, node: Node, number: int | None = None) -> Inode:
@@ -240,10 +290,9 @@ class InodeTable:
         (``number``: ``number_for(node)``, if the caller has it)."""
         if number is None:
             number = self.number_for(node)
-        inode = self._live.get(number)
+        inode = self.live(number)
         if inode is None:
-            inode = self._dropped.pop(number, None) or Inode(number, parent, name, node)
-            self._live[number] = inode
+            inode = self._live[number] = self._made(number, parent, name, node)
         elif inode.parent is not parent or inode.name != name or inode.unlinked:
             # another hardlink name, or the same entry found again after a rename
             if not inode.unlinked and not inode.is_dir:
@@ -283,16 +332,28 @@ class InodeTable:
             inode.others = [(new_parent, new) if (p is old_parent and n == old) else (p, n)
                             for p, n in inode.others]
 
-    def forget(self, number: int, count: int) -> None:
+    def forget(self, number: int, count: int) -> bool:
+        """The kernel forgets ``count`` lookups of ``number``; True when it holds the
+        number no more (a lazy entry's Inode is not made for it)."""
         inode = self._live.get(number)
-        if inode is None or inode is self.root:
-            return
+        if inode is None:
+            record = self.lazy.get(number)
+            if record is not None:
+                record[0] -= count
+                if record[0] > 0:
+                    return False
+                del self.lazy[number]
+            return True
+        if inode is self.root:
+            return False
         inode.lookups -= count
         if inode.lookups <= 0:
             del self._live[number]
             inode.lookups = 0
             inode.children = inode.below = inode.xattrs = None
-            self._dropped[number] = inode
+            self._drop(inode)
+            return True
+        return False
 
     def check(self) -> list[str]:
         """Invariant violations (empty when consistent); tests end with this."""
@@ -302,4 +363,9 @@ class InodeTable:
                 problems.append(f"{inode!r} filed under {number}")
             if inode.lookups <= 0:
                 problems.append(f"{inode!r} is live with no lookups")
+        for number, record in self.lazy.items():
+            if number in self._live:
+                problems.append(f"{number} is both live and lazy")
+            if record[0] <= 0:
+                problems.append(f"lazy {number} has {record[0]} lookups")
         return problems

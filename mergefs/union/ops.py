@@ -6,7 +6,9 @@ translated in one place (``@fuse_errors``, which also makes a plain function a
 coroutine function for pyfuse3: a handler that never awaits is written as a
 plain ``def``, one coroutine per request instead of two). Lookup counts: ``lookup``,
 ``create``, ``mkdir``, ``mknod``, ``symlink``, ``link`` and every entry
-``readdirplus`` returns add one; ``forget`` subtracts.
+``readdirplus`` returns add one; ``forget`` subtracts. A file the C fast path
+listed is counted in the table's lazy records, its Inode made only when a
+request for it reaches Python (inodes.py, "lazy entry").
 
 File handles: ``fh`` is a number in ``self.handles`` mapping to the inode and
 its open fd (files) or a snapshot of the listing (directories, so readdir
@@ -49,9 +51,8 @@ from .inodes import Inode
 from .view import UnionView
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
-LISTINGS, LISTED_NAMES = 64, 1 << 20   # writable no-opendir: readdir snapshots kept
+LISTINGS, LISTED_NAMES = 64, 1 << 20   # no-opendir: readdir snapshots kept
 GEN_SHIFT = 32                         # their offsets: generation << 32 | position
-DIRENTPLUS = 152                       # a READDIRPLUS entry's size before its name (fuse_kernel.h)
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Handle:
     inode: Inode
     fd: int = -1                     # files: the content fd
     entries: list | None = None      # directories: (name, Node) snapshot
+    names: list | None = None        # its names (readdir: ``_pass``)
 
 
 def statfs_reply(sv: os.statvfs_result) -> "pyfuse3.StatvfsData":
@@ -238,8 +240,7 @@ class UnionOperations(pyfuse3.Operations):
     @fuse_errors
     def forget(self, inode_list):
         for number, count in inode_list:
-            self.inodes.forget(number, count)
-            if self.fds and self.inodes.live(number) is None:
+            if self.inodes.forget(number, count) and self.fds:
                 self.fds.drop(number)      # the kernel holds it no more: no read can come
 
     @fuse_errors
@@ -263,14 +264,23 @@ class UnionOperations(pyfuse3.Operations):
 
     @fuse_errors
     def readdir(self, fh, start_id, token):
-        parent, names, next_offset = self._pass(fh, start_id)
+        parent, keys, current, start, base = self._pass(fh, start_id)
         reply = pyfuse3.readdir_reply
-        entries = self.view.entries(parent, names)
+        pos = start
+
+        def present():
+            nonlocal pos
+            for k in range(start, len(keys)):
+                node = current.get(keys[k])
+                if node is not None:
+                    pos = k + 1
+                    yield keys[k], node
+        entries = self.view.entries(parent, present())
         try:
             for name, node, number, st, attrs, _ in entries:
                 if attrs is None:
                     attrs = self._entry_attrs(parent, name, node, number, st)
-                if not reply(token, name, attrs, next_offset()):
+                if not reply(token, name, attrs, base | pos):
                     break
                 child = self.inodes.entry_of(parent, name, node, number)  # readdirplus counts
                 if child.attr is None:
@@ -279,50 +289,53 @@ class UnionOperations(pyfuse3.Operations):
         finally:
             entries.close()
 
-    def _readdir_direct(self, fh: int, start_id: int, size: int):
+    def _readdir_direct(self, fh: int, start_id: int, size: int) -> tuple:
         """READDIRPLUS as the C fast path answers it (``_fastpath.set_readdir``; no-open):
-        the entries from ``start_id`` on that fit in ``size`` bytes, each counted as a
-        lookup now, as ``(items, fds)``: an item is ``(name, next offset, number,
-        EntryAttributes or a directory fd in which C lstats the entry)``; C
-        closes the fds and hands back (``_unlisted``) the numbers it could not answer.
-        A file not known yet costs no lstat and no EntryAttributes here (its
-        GETATTRs go to C once it is read); a directory's are kept as before."""
-        parent, names, next_offset = self._pass(fh, start_id)
-        items, fds, counted = [], {}, []
-        inodes, room = self.inodes, size
-        try:
-            for name, node, number, st, attrs, fd in self.view.entries(parent, names, fds):
-                need = (DIRENTPLUS + len(name) + 7) & ~7
-                if need > room:
-                    break
-                if st is None and node.kind == DIR:
-                    # a directory's attributes are kept (its GETATTRs come to Python)
-                    try:
-                        st = syscalls.lstat(name, fd)
-                    except FileNotFoundError:
-                        continue
-                room -= need
-                if st is None:          # C lstats it; the inode gets its attributes later
-                    items.append((name, next_offset(), number, fd))
-                else:
-                    if attrs is None:
-                        attrs = self._entry_attrs(parent, name, node, number, st)
-                    items.append((name, next_offset(), number, attrs))
-                counted.append((name, node, number, st, attrs))
-        except BaseException:
-            for fd in fds.values():
-                os.close(fd)
-            raise
-        for name, node, number, st, attrs in counted:    # nothing raises from here on
+        what C walks, ``(parent, keys, start, base, current, live, lazy, numbers,
+        claims, opener, slow)``. C takes the names ``keys[start:]`` that
+        ``current`` still has while they fit in ``size`` bytes (offset ``base |
+        position + 1``). A non-directory the table does not hold live (``live``)
+        C lstats in ``opener(layer)``, the parent's directory in that layer (an
+        fd C closes, or -errno), and counts in ``lazy`` (inodes.py, "lazy
+        entry"): no Inode, no Python per file. Any other entry (a directory: its
+        attributes are Python's, nlink 1 when merged, U1; a live inode; a number
+        the table must decide, ``numbers``/``claims``) goes to ``slow(name,
+        node, fd)``, which counts it and returns its EntryAttributes (None: gone
+        from its layer; an int: an errno)."""
+        parent, keys, current, start, base = self._pass(fh, start_id)
+        view, inodes = self.view, self.inodes
+
+        def opener(layer: int) -> int:
+            try:
+                return syscalls.open_beneath(view.layers[layer].fd, view.layer_path(parent, layer))
+            except OSError as e:
+                return -(e.errno or errno.EIO)
+
+        def slow(name: bytes, node, fd: int):
+            number = inodes.number_for(node)
+            inode = inodes.live(number)
+            if inode is not None and inode.attr is not None and not inode.unlinked:
+                st, attrs = inode.attr, inode.entry
+            else:
+                try:
+                    st = syscalls.lstat(name, fd)
+                except FileNotFoundError:
+                    return None
+                attrs = None
+            if attrs is None:
+                attrs = self._entry_attrs(parent, name, node, number, st)
             child = inodes.entry_of(parent, name, node, number)
-            if st is not None and child.attr is None:
+            if child.attr is None:
                 child.attr = st
                 child.entry = attrs
-        return items, list(fds.values())
+            return attrs
+        return (parent, keys, start, base, current, inodes._live, inodes.lazy, inodes._numbers,
+                inodes._claims, opener, direct("readdir", slow))
 
     def _unlisted(self, numbers: list) -> None:
-        """The C fast path could not answer these entries of a READDIRPLUS: their
-        lookups (``_readdir_direct`` counted them) did not happen."""
+        """The C fast path could not answer these entries of a READDIRPLUS after
+        ``slow`` counted them (a bug: C measures before it asks): the kernel's
+        lookups did not happen."""
         for number in numbers:
             self.inodes.forget(number, 1)
 
@@ -331,49 +344,29 @@ class UnionOperations(pyfuse3.Operations):
         merged = node.kind == DIR and self.view.merged(parent, name, node)
         return entry_attributes(number, st, merged, self.timeouts, self.squash)
 
-    def _pass(self, fh: int, start_id: int):
-        """What a readdir request walks: the directory, its (name, node) entries from
-        offset ``start_id`` on that the listing still has, and ``next_offset()``, the
-        offset that goes on right after the entry last taken from them.
+    def _pass(self, fh: int, start_id: int) -> tuple:
+        """What a readdir request walks: ``(parent, keys, current, start, base)``,
+        the names ``keys[start:]`` that the listing ``current`` still has (an
+        entry removed since the snapshot ``keys`` is skipped, and moves no other's
+        offset); the offset after ``keys[k]`` is ``base | k + 1``.
 
-        With opendir, the handle's snapshot; no-open writable, the pass's snapshot
-        (``_snapshot``); no-open read-only, the listing itself (it never changes).
-        Offsets are ``base`` plus the position after the entry in that list, so
-        an entry skipped (removed since the snapshot) moves no other's offset."""
+        With opendir, the handle's snapshot; no-open, the pass's snapshot
+        (``_snapshot``)."""
         if not self.no_open:
             h = self.handles[fh]
-            parent, names, start, base = h.inode, h.entries, start_id, 0
-        elif self.view.writable:    # fh is the inode (patched pyfuse3)
+            if h.names is None:
+                h.names = [name for name, _ in h.entries]
+            parent, keys, start, base = h.inode, h.names, start_id, 0
+        else:    # fh is the inode (patched pyfuse3)
             parent = self.inodes.get(fh)
             gen, keys = self._snapshot(parent, start_id)
-            names = None
             start, base = start_id & ((1 << GEN_SHIFT) - 1), gen << GEN_SHIFT
-        else:
-            parent = self.inodes.get(fh)
-            names, start, base = self.view.listing(parent).items(), start_id, 0
-        pos = start
         # a removed directory is empty (rmdir needs it so): never read it again
         current = self.view.listing(parent) if not parent.unlinked else parent.children or {}
-
-        def present():
-            nonlocal pos
-            if names is None:       # a snapshot of names
-                for k in range(start, len(keys)):
-                    node = current.get(keys[k])
-                    if node is not None:
-                        pos = k + 1
-                        yield keys[k], node
-            else:                   # (name, node) pairs
-                for k in range(start, len(names)):
-                    name = names[k][0]
-                    node = current.get(name)
-                    if node is not None:
-                        pos = k + 1
-                        yield name, node
-        return parent, present(), lambda: base | pos
+        return parent, keys, current, start, base
 
     def _snapshot(self, parent: Inode, offset: int) -> tuple[int, list]:
-        """The names a readdir pass of a writable directory walks (no-opendir).
+        """The names a readdir pass of a directory walks (no-opendir).
 
         A pass starts at offset 0 with a snapshot of the listing under a new
         generation; every offset handed out is ``generation << 32 | position``,

@@ -1,18 +1,21 @@
 """Listings of writable mounts (U1, U4a): READDIRPLUS filled in C.
 
 With a v8 pyfuse3 build and the C fast path, a no-open READDIRPLUS is answered
-without pyfuse3's coroutine: Python (``ops._readdir_direct``) picks the entries
-of the pass that fit and counts the kernel's lookup of each, C lstats the
-entries Python has no attributes for and fills the reply; an entry C cannot
-answer gives its count back (``ops._unlisted``). The mount tests compare what
-users see with kernel overlayfs (both open modes; the fast path on, through
+without pyfuse3's coroutine: Python (``ops._readdir_direct``) says what the
+pass walks, C walks it, lstats each file the inode table does not hold and
+counts the kernel's lookup of it in the table's lazy records (no Python
+Inode until a request for it reaches Python; inodes.py, "lazy entry"); a
+directory or a live inode goes to Python. The mount tests compare what users
+see with kernel overlayfs (both open modes; the fast path on, through
 pyfuse3's loop, and off) and check from the server's request counts that C
-answered; the handler tests check the lookup counts stay balanced.
+answered; the handler tests run the C walk itself (``_fastpath.walk``) and
+check the lookup counts stay balanced and the inode numbers stable.
 """
 from __future__ import annotations
 
 import os
 import stat
+import struct
 import time
 from pathlib import Path
 
@@ -146,71 +149,139 @@ def test_U4a_entry_gone_from_its_layer_is_left_out(tmp_path, union_mount, fast):
     assert (counts.get("fast_readdirplus", 0) > 0) == fast, counts
 
 
-# -- handler level: the lookup counts of _readdir_direct ------------------------
-def _answer(drv, items, lost=()):
-    """What C does with ``items``: answers all but the names in ``lost`` (their
-    lstat failed) and hands those back; [(name, next offset)] answered."""
-    got, gone = [], []
-    for name, offset, number, what in items:
-        if isinstance(what, int):
-            os.lstat(name, dir_fd=what)     # what C does: the fd is the entry's dir
-        if name in lost:
-            gone.append(number)
-        else:
-            got.append((name, offset))
-            drv._hold(number)
-    if gone:
-        drv.ops._unlisted(gone)
-    return got
+# -- handler level: the lookup counts of the C walk (_readdir_direct) ----------
+DIRENTPLUS = struct.Struct("<QQQQII" "QQQQQQIIIIIIIIII" "QQII")   # fuse_kernel.h, 152 bytes
 
 
-async def test_U4a_readdir_direct_counts_each_answered_entry_once(tmp_path):
-    """The entries that fit the kernel's buffer, counted once each; those C could
-    not answer given back; a pass goes on from the last offset; after the
-    kernel forgets what it was handed, only the root is live."""
+def _walk(drv, number: int, offset: int, size: int) -> list:
+    """One no-open READDIRPLUS of inode ``number`` as the C fast path answers it
+    (``_fastpath.walk``, the server's own code, without a request), each entry
+    held as the kernel would: [(name, st_ino, mode, next offset)]."""
+    from mergefs.union import _fastpath
+    reply = _fastpath.walk(drv.ops._readdir_direct(number, offset, size), size)
+    assert isinstance(reply, bytes), reply
+    out, at = [], 0
+    while at < len(reply):
+        f = DIRENTPLUS.unpack_from(reply, at)
+        nodeid, ino, mode, d_ino, off, namelen = f[0], f[6], f[15], f[22], f[23], f[24]
+        name = reply[at + DIRENTPLUS.size:at + DIRENTPLUS.size + namelen]
+        assert nodeid == ino == d_ino
+        out.append((name, drv._hold(nodeid), mode, off))
+        at += (DIRENTPLUS.size + namelen + 7) & ~7
+    assert at == len(reply) <= size
+    return out
+
+
+def _walk_all(drv, number: int, size: int = 4096) -> list:
+    seen, offset = [], 0
+    while got := _walk(drv, number, offset, size):
+        seen += got
+        offset = got[-1][3]
+    return seen
+
+
+@pytest.fixture
+def walker(tmp_path):
+    """A writable no-open UnionOperations and its driver, with the C walk."""
+    import pyfuse3
+    from mergefs.union import _fastpath
+    if not _fastpath.attach(pyfuse3.__file__):
+        pytest.skip("no pyfuse3 build with the mergefs_fast hooks")
     spec = LayerSpec()
     for i in range(120):
         spec = spec.file(f"d/f{i:03d}", b"%d" % i)
-    spec = spec.dir("d/sub").file("d/sub/x", b"x")
+    spec = spec.dir("d/sub").file("d/sub/x", b"x").file("d/h1", b"h").hardlink("d/h2", "d/h1")
     view, drv = _no_open_driver(tmp_path, [spec, LayerSpec().dir("d/sub")])
     try:
-        d = await drv.lookup("d")
-        seen, offset, size = [], 0, 4096
-        while True:
-            items, fds = drv.ops._readdir_direct(d, offset, size)
-            try:
-                assert sum((152 + len(i[0]) + 7) & ~7 for i in items) <= size
-                got = _answer(drv, items, lost={b"f010", b"f050"})
-            finally:
-                for fd in fds:
-                    os.close(fd)
-            if not got:
-                break
-            seen += [n for n, _ in got]
-            offset = got[-1][1]
-        names = {b"f%03d" % i for i in range(120)} | {b"sub"}
-        assert sorted(seen) == sorted(names - {b"f010", b"f050"})
-        # a directory goes with its attributes (a merged one: nlink 1), a file to C
-        items, fds = drv.ops._readdir_direct(d, 0, 1 << 20)
-        for fd in fds:
-            os.close(fd)
-        sub = [i[3] for i in items if i[0] == b"sub"]
-        assert len(sub) == 1 and not isinstance(sub[0], int) and sub[0].st_nlink == 1
-        assert all(isinstance(i[3], int) for i in items if i[0] != b"sub")
-        drv.ops._unlisted([i[2] for i in items])
-        # live inodes with attributes go as EntryAttributes, not lstat'ed again
-        f = await drv.lookup("d/f000")
-        await drv.ops.getattr(f, drv.ctx)
-        items, fds = drv.ops._readdir_direct(d, 0, 1 << 20)
-        for fd in fds:
-            os.close(fd)
-        first = items[0]
-        assert first[0] == b"f000" and not isinstance(first[3], int) and first[3].st_ino == f
-        drv.ops._unlisted([i[2] for i in items])
-        await drv.finish()
+        yield view, drv
     finally:
         drv.ops.close()
         view.close()
         # servers are forked from this process: leave them no request counts
         # of these handler calls (test_fastpath reads what a server logs)
         REQUESTS.clear()
+
+
+async def test_U4a_walk_counts_each_listed_entry_once_without_an_inode(walker):
+    """The entries that fit the kernel's buffer, counted once each: a file in the
+    table's lazy records (no Inode), a directory live with its attributes (a
+    merged one: nlink 1, U1); a pass goes on from the last offset; the kernel
+    forgetting what it was handed leaves only the root (Driver.finish)."""
+    view, drv = walker
+    inodes = drv.ops.inodes
+    d = await drv.lookup("d")
+    seen = _walk_all(drv, d)
+    names = {b"f%03d" % i for i in range(120)} | {b"sub", b"h1", b"h2"}
+    assert sorted(n for n, *_ in seen) == sorted(names)
+    files = {n: ino for n, ino, mode, _ in seen if stat.S_ISREG(mode)}
+    assert len(files) == 122 and len(set(files.values())) == 121      # h1, h2: one inode
+    plain = {n: ino for n, ino in files.items() if n not in (b"h1", b"h2")}
+    assert all(inodes._live.get(ino) is None for ino in plain.values())
+    assert inodes.lazy[files[b"f000"]][0] == 1
+    # the second name of a hardlinked file: Python makes the Inode, both names known
+    h = inodes._live[files[b"h1"]]
+    assert h.lookups == 2 and {h.name, *(n for _, n in h.others)} == {b"h1", b"h2"}
+    sub = next(ino for n, ino, *_ in seen if n == b"sub")
+    assert inodes._live[sub].lookups == 1
+    assert drv.ops.check() == []
+    again = _walk_all(drv, d, 1 << 16)                 # a second pass: counted again
+    assert [(n, i) for n, i, *_ in again] == [(n, i) for n, i, *_ in seen]
+    assert inodes.lazy[files[b"f000"]][0] == 2
+    await drv.finish()
+    assert inodes.lazy == {}
+
+
+async def test_U8_entry_listed_then_looked_up_is_one_inode(walker):
+    """A file first seen through READDIRPLUS, then by LOOKUP: the same number,
+    made into an Inode then, with both lookups counted; GETATTR of a listed file
+    makes its Inode too; a FORGET of a listed file needs no Inode."""
+    view, drv = walker
+    inodes = drv.ops.inodes
+    d = await drv.lookup("d")
+    seen = {n: ino for n, ino, *_ in _walk_all(drv, d)}
+    f = await drv.lookup("d/f001")
+    assert f == seen[b"f001"] and inodes._live[f].lookups == 2 and f not in inodes.lazy
+    attrs = await drv.ops.getattr(seen[b"f002"], drv.ctx)
+    assert attrs.st_ino == seen[b"f002"] and inodes._live[seen[b"f002"]].lookups == 1
+    await drv.ops.forget([(seen[b"f003"], 1)])
+    drv.held.pop(seen[b"f003"])
+    assert seen[b"f003"] not in inodes.lazy and inodes.known(seen[b"f003"]) is None
+    assert drv.ops.check() == []
+    await drv.finish()
+
+
+async def test_U8_listed_entry_renamed_unlinked_copied_up(walker, tmp_path):
+    """Files the kernel holds only from a listing, then renamed, unlinked and
+    written (copied up): each keeps its number, the unlinked one is gone from
+    the next listing, the renamed one is listed under its new name, the copy
+    keeps its inode number (issue 10 item 5), and the counts stay balanced."""
+    view, drv = walker
+    inodes, ctx = drv.ops.inodes, drv.ctx
+    d = await drv.lookup("d")
+    seen = {n: ino for n, ino, *_ in _walk_all(drv, d)}
+    await drv.ops.rename(d, b"f010", d, b"moved", 0, ctx)
+    await drv.ops.unlink(d, b"f011", ctx)
+    await drv.ops.write(seen[b"f012"], 0, b"new")       # no-open: fh is the inode
+    assert (tmp_path / "up/d/f012").read_bytes() == b"new"
+    after = {n: ino for n, ino, *_ in _walk_all(drv, d)}
+    assert b"f010" not in after and b"f011" not in after
+    assert after[b"moved"] == seen[b"f010"] and after[b"f012"] == seen[b"f012"]
+    assert (await drv.ops.getattr(seen[b"f012"], ctx)).st_size == 3
+    assert inodes._live[seen[b"f010"]].name == b"moved"
+    assert inodes._live[seen[b"f011"]].unlinked
+    assert drv.ops.check() == []
+    await drv.finish()
+
+
+async def test_U4a_walk_leaves_out_an_entry_gone_from_its_layer(walker, tmp_path):
+    """A file removed from its layer after the listing was read: its lstat fails,
+    the reply leaves it out and nothing is counted for it."""
+    view, drv = walker
+    d = await drv.lookup("d")
+    _walk_all(drv, d)                       # the server read the listing of d
+    gone = view.inodes.number_for(view.listing(view.inodes.get(d))[b"f020"])
+    os.unlink(tmp_path / "layers/l0/d/f020")
+    names = [n for n, *_ in _walk_all(drv, d)]
+    assert b"f020" not in names and len(names) == 122
+    assert view.inodes.lazy[gone][0] == 1         # the first pass's only
+    await drv.finish()
