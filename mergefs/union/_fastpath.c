@@ -65,11 +65,12 @@ static int volatile_sync;
 
 enum { OP_GETATTR, OP_SETATTR, OP_READ, OP_WRITE, OP_FSYNC, OP_GETXATTR, OP_LISTXATTR,
        OP_GETATTR_DIR, OP_GETATTR_MERGED, OP_GETATTR_DIRECT, OP_LOOKUP_DIRECT, OP_MKNOD_DIRECT,
-       OP_READDIRPLUS, OP_N };
+       OP_READDIRPLUS, OP_GETXATTR_DIRECT, OP_WRITE_COPIED, OP_N };
 static const char *op_names[OP_N] = {"getattr", "setattr", "read", "write", "fsync", "getxattr",
                                      "listxattr", "getattr_dir", "getattr_merged_dir",
                                      "getattr_direct", "lookup_direct",
-                                     "mknod_direct", "readdirplus"};
+                                     "mknod_direct", "readdirplus", "getxattr_direct",
+                                     "write_copied"};
 static unsigned long long served[OP_N];
 static PyObject *s_node, *s_unlinked, *s_attr, *s_xattrs, *s_sources;
 
@@ -465,6 +466,133 @@ static int h_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *a, int to_set,
     return 1;
 }
 
+/* -- GETXATTR and the first WRITE of a file the table does not serve --------------
+ * The kernel asks for ``security.capability`` before the first write to a file
+ * (and a chown); that first write of a lower file copies it up. Neither has an
+ * entry here yet: ``getxattr(number, name)`` (ops.getxattr as a direct handler:
+ * the value, or an errno) answers the first without pyfuse3's coroutine, and
+ * ``write_miss(number, 0)`` (fdcache.FdCache.write_for_c: the copy-up, and the
+ * copy's writable fd handed to this table; None, or an errno) lets C write the
+ * second itself; if that write fails, ``write_miss(number, errno)`` tells the
+ * kernel what the copy-up changed (ops.write does the same). set_copyup. */
+static PyObject *getxattr_fn, *write_miss_fn;
+
+/* Reply to a GETXATTR of ``size`` with a value (bytes), as pyfuse3 does: its
+ * length for size 0, ERANGE when it does not fit. */
+static void reply_value(fuse_req_t req, PyObject *fn, PyObject *r, size_t size)
+{
+    int err = EIO;
+    if (r && PyBytes_Check(r)) {
+        size_t len = (size_t)PyBytes_GET_SIZE(r);
+        if (size == 0)
+            fuse_reply_xattr(req, len);
+        else if (len <= size)
+            fuse_reply_buf(req, PyBytes_AS_STRING(r), len);
+        else
+            fuse_reply_err(req, ERANGE);
+        Py_DECREF(r);
+        return;
+    }
+    if (r && PyLong_CheckExact(r)) {
+        long e = PyLong_AsLong(r);
+        if (e > 0 && e < 4096)
+            err = (int)e;
+        else
+            PyErr_Clear();
+    } else {
+        if (r)
+            PyErr_Format(PyExc_TypeError, "getxattr returned %.100s", Py_TYPE(r)->tp_name);
+        PyErr_WriteUnraisable(fn);
+    }
+    Py_XDECREF(r);
+    fuse_reply_err(req, err);
+}
+
+static int getxattr_direct(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
+{
+    PyObject *fn = getxattr_fn;
+    if (!fn)
+        return 0;
+    PyObject *args[2] = {PyLong_FromUnsignedLongLong(ino), PyBytes_FromString(name)};
+    if (!args[0] || !args[1]) {
+        Py_XDECREF(args[0]);
+        Py_XDECREF(args[1]);
+        PyErr_Clear();
+        return 0;
+    }
+    served[OP_GETXATTR_DIRECT]++;
+    Py_INCREF(fn);                  /* the handler may replace it (set_copyup) */
+    reply_value(req, fn, PyObject_Vectorcall(fn, args, 2, NULL), size);
+    Py_DECREF(fn);
+    Py_DECREF(args[0]);
+    Py_DECREF(args[1]);
+    return 1;
+}
+
+/* Python's write_miss(number, err): None (done), an errno, or NULL (raised, a
+ * bug: reported). -1 when it could not be called. */
+static long call_write_miss(fuse_ino_t ino, int err)
+{
+    PyObject *args[2] = {PyLong_FromUnsignedLongLong(ino), PyLong_FromLong(err)};
+    PyObject *r = args[0] && args[1] ? PyObject_Vectorcall(write_miss_fn, args, 2, NULL) : NULL;
+    int called = args[0] && args[1];
+    Py_XDECREF(args[0]);
+    Py_XDECREF(args[1]);
+    if (!called) {
+        PyErr_Clear();
+        return -1;
+    }
+    long e = 0;
+    if (!r) {
+        PyErr_WriteUnraisable(write_miss_fn);
+        e = EIO;
+    } else if (PyLong_CheckExact(r)) {
+        e = PyLong_AsLong(r);
+        if (e <= 0 || e >= 4096) {
+            PyErr_Clear();
+            e = EIO;
+        }
+    }
+    Py_XDECREF(r);
+    return e;
+}
+
+/* The writable entry a no-open WRITE goes through, made by ``write_miss`` when
+ * there is none (``*copied`` 1 then). NULL: answered already (``*replied``, the
+ * copy-up's error) or left to pyfuse3 (no write_miss; an fd the table does
+ * not serve, e.g. a file unlinked while held open). */
+static entry_t *writable(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi,
+                         int *copied, int *replied)
+{
+    entry_t *e = usable(ino, fi);
+    *copied = *replied = 0;
+    if (e && (e->flags & F_WRITE))
+        return e;
+    if (!write_miss_fn || (fi && fi->fh))
+        return NULL;
+    long err = call_write_miss(ino, 0);
+    if (err < 0)
+        return NULL;
+    if (err > 0) {
+        fuse_reply_err(req, (int)err);
+        *replied = 1;
+        return NULL;
+    }
+    e = usable(ino, fi);
+    if (!e || !(e->flags & F_WRITE))
+        return NULL;
+    *copied = 1;
+    served[OP_WRITE_COPIED]++;
+    return e;
+}
+
+/* The write after a copy-up failed: Python tells the kernel (see above). */
+static void write_failed(fuse_ino_t ino, int copied, int err)
+{
+    if (copied && write_miss_fn && call_write_miss(ino, err ? err : EIO) < 0)
+        PyErr_Clear();
+}
+
 /* No entry for a READ: ask Python to open the file (its errors: Python's read
  * handler answers, it meets them again). */
 static entry_t *opened(fuse_ino_t ino, struct fuse_file_info *fi)
@@ -504,16 +632,18 @@ static int h_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 static int h_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
                    struct fuse_file_info *fi)
 {
-    entry_t *e = usable(ino, fi);
-    if (!e || !(e->flags & F_WRITE))
-        return 0;           /* a lower file is copied up at its first write: Python */
+    int copied, replied;
+    entry_t *e = writable(req, ino, fi, &copied, &replied);
+    if (!e)
+        return replied;     /* else pyfuse3: Python's write (and its copy-up) */
     served[OP_WRITE]++;
     ssize_t n = pwrite(e->fd, buf, size, off);
     int err = errno;
     changed(e, 0);
-    if (n < 0)
+    if (n < 0) {
+        write_failed(ino, copied, err);
         fuse_reply_err(req, err);
-    else
+    } else
         fuse_reply_write(req, (size_t)n);
     return 1;
 }
@@ -521,9 +651,10 @@ static int h_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size,
 static int h_write_buf(fuse_req_t req, fuse_ino_t ino, struct fuse_bufvec *bufv, off_t off,
                        struct fuse_file_info *fi)
 {
-    entry_t *e = usable(ino, fi);
-    if (!e || !(e->flags & F_WRITE))
-        return 0;
+    int copied, replied;
+    entry_t *e = writable(req, ino, fi, &copied, &replied);
+    if (!e)
+        return replied;
     served[OP_WRITE]++;
     struct fuse_bufvec dst = FUSE_BUFVEC_INIT(fuse_buf_size(bufv));
     dst.buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK;
@@ -531,9 +662,10 @@ static int h_write_buf(fuse_req_t req, fuse_ino_t ino, struct fuse_bufvec *bufv,
     dst.buf[0].pos = off;
     ssize_t n = fuse_buf_copy(&dst, bufv, 0);
     changed(e, 0);
-    if (n < 0)
+    if (n < 0) {
+        write_failed(ino, copied, (int)-n);
         fuse_reply_err(req, (int)-n);
-    else
+    } else
         fuse_reply_write(req, (size_t)n);
     return 1;
 }
@@ -568,14 +700,14 @@ static int h_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t s
     }
     entry_t *e = usable(ino, NULL);
     if (!e)
-        return 0;
+        return getxattr_direct(req, ino, name, size);
     if (size > XATTR_SIZE_MAX)
         size = XATTR_SIZE_MAX;          /* no value is longer */
     if (reserve(size) < 0)
         return 0;
     ssize_t n = fgetxattr(e->fd, name, size ? buffer : NULL, size);
     if (n < 0 && errno != ENODATA && errno != ERANGE)
-        return 0;                       /* anything else: Python's rules */
+        return getxattr_direct(req, ino, name, size);   /* anything else: Python's rules */
     served[OP_GETXATTR]++;
     if (n < 0)
         fuse_reply_err(req, errno);
@@ -773,11 +905,28 @@ static PyObject *py_set_readdir(PyObject *self, PyObject *args)
     Py_RETURN_TRUE;
 }
 
+/* set_copyup(getxattr, write_miss) -> bool: the handlers of GETXATTR and of the
+ * first WRITE of files the table does not serve (see above; None: pyfuse3
+ * serves those as before); False, and nothing set, with no hooks attached. */
+static PyObject *py_set_copyup(PyObject *self, PyObject *args)
+{
+    PyObject *get, *miss;
+    if (!PyArg_ParseTuple(args, "OO", &get, &miss))
+        return NULL;
+    if (!hooks)
+        Py_RETURN_FALSE;
+    Py_XSETREF(getxattr_fn, get == Py_None ? NULL : Py_NewRef(get));
+    Py_XSETREF(write_miss_fn, miss == Py_None ? NULL : Py_NewRef(miss));
+    Py_RETURN_TRUE;
+}
+
 static PyObject *py_disable(PyObject *self, PyObject *unused)
 {
     Py_CLEAR(miss_fn);
     Py_CLEAR(readdir_fn);
     Py_CLEAR(unlisted_fn);
+    Py_CLEAR(getxattr_fn);
+    Py_CLEAR(write_miss_fn);
     clear_direct();
     if (hooks)
         install(0);
@@ -888,6 +1037,9 @@ static PyMethodDef methods[] = {
     {"set_readdir", py_set_readdir, METH_VARARGS,
      "set_readdir(readdir, unlisted, entry_timeout) -> bool: READDIRPLUS replies filled "
      "in C (v8 builds)"},
+    {"set_copyup", py_set_copyup, METH_VARARGS,
+     "set_copyup(getxattr, write_miss) -> bool: GETXATTR and first WRITEs of files with "
+     "no entry, without pyfuse3's coroutine"},
     {"set_miss", py_set_miss, METH_O,
      "set_miss(fn): fn(number) may set an entry when a READ finds none (None: no call)"},
     {"set", py_set, METH_VARARGS,
