@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ import pytest
 from mergefs.testing.builders import LayerSpec, materialise_stack
 
 from ..conftest import needs, needs_overlay
+from .test_copyup_fds import traced
 from .test_fastpath import (fast, fast_path_expected, on_kernel_overlay,  # noqa: F401
                             raw_getxattr, served, writable)
 
@@ -202,3 +204,47 @@ def test_hardlinked_lower_file_copied_up_through_each_name(tmp_path, union_mount
     assert len(uppers) == 1
     assert os.lstat(up / "a").st_nlink == len(LINK_NAMES)
     assert not (up / "d3" / "gone").exists()
+
+
+@pytest.mark.parametrize("through", ("a", "d2/sub/c2"))
+def test_hardlinked_lower_file_whose_names_were_all_listed_reads_no_layer(
+        tmp_path, union_mount, fast, through):
+    """After a walk of the tree (``find``: the kernel knows every name) the copy-up
+    of a hardlinked lower file links the names it knows and reads no layer for
+    others (strace of the server: no getdents64), when they are all its names
+    (its st_nlink); the result is the same as through names never looked up.
+    Where a later layer hides one of its names (d3/gone) one more name exists
+    than the view shows: the layer is read, and that name stays hidden."""
+    if os.geteuid() != 0 or not shutil.which("strace"):
+        pytest.skip("needs root and strace")
+    if not union_mount.writable_no_open:
+        pytest.skip("real opens: the copy-up comes with the open")
+    specs = [LayerSpec().file("a", b"shared\n").hardlink("d1/b", "a").hardlink("d2/sub/c", "a")
+             .hardlink("d2/sub/c2", "a").file("d1/other", b"o").file("h", b"h\n")
+             .hardlink("d1/h2", "h").hardlink("d3/gone", "h"),
+             LayerSpec().file("d2/sub/new", b"n").file("d3/gone", b"replaced\n")]
+    layers = materialise_stack(specs, tmp_path / "layers")
+    up, wk = tmp_path / "up", tmp_path / "wk"
+    up.mkdir()
+    wk.mkdir()
+    mnt = union_mount(layers, upper=up, work=wk)
+    _, pid, _ = union_mount.started[-1]
+    ino = os.stat(mnt / through).st_ino
+    names = [os.path.join(d, n) for d, _, files in os.walk(mnt) for n in files]   # find
+    assert len(names) == 9
+    out = tmp_path / "strace.out"
+    with traced(pid, "getdents64", out):
+        with open(mnt / through, "ab") as f:
+            f.write(b"more\n")
+    assert "getdents64" not in out.read_text()
+    with traced(pid, "getdents64", out):
+        with open(mnt / "h", "ab") as f:         # 3 names, 2 shown: the layer is read
+            f.write(b"+")
+    assert "getdents64" in out.read_text()
+    for rel in LINK_NAMES:
+        assert (mnt / rel).read_bytes() == b"shared\nmore\n", rel
+        assert os.stat(mnt / rel).st_ino == ino, rel
+    assert os.lstat(up / "a").st_nlink == len(LINK_NAMES)
+    assert (mnt / "d1" / "h2").read_bytes() == b"h\n+"
+    assert (mnt / "d3" / "gone").read_bytes() == b"replaced\n"
+    assert os.lstat(up / "h").st_nlink == 2 and not (up / "d3" / "gone").exists()
