@@ -474,7 +474,8 @@ static int h_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *a, int to_set,
  * ``write_miss(number, 0)`` (fdcache.FdCache.write_for_c: the copy-up, and the
  * copy's writable fd handed to this table; None, or an errno) lets C write the
  * second itself; if that write fails, ``write_miss(number, errno)`` tells the
- * kernel what the copy-up changed (ops.write does the same). set_copyup. */
+ * kernel what the copy-up changed (ops.write does the same). set_copyup.
+ * Counted as getxattr_direct and write_copied (not also as write). */
 static PyObject *getxattr_fn, *write_miss_fn;
 
 /* Reply to a GETXATTR of ``size`` with a value (bytes), as pyfuse3 does: its
@@ -582,7 +583,6 @@ static entry_t *writable(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *
     if (!e || !(e->flags & F_WRITE))
         return NULL;
     *copied = 1;
-    served[OP_WRITE_COPIED]++;
     return e;
 }
 
@@ -636,7 +636,7 @@ static int h_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size,
     entry_t *e = writable(req, ino, fi, &copied, &replied);
     if (!e)
         return replied;     /* else pyfuse3: Python's write (and its copy-up) */
-    served[OP_WRITE]++;
+    served[copied ? OP_WRITE_COPIED : OP_WRITE]++;
     ssize_t n = pwrite(e->fd, buf, size, off);
     int err = errno;
     changed(e, 0);
@@ -655,7 +655,7 @@ static int h_write_buf(fuse_req_t req, fuse_ino_t ino, struct fuse_bufvec *bufv,
     entry_t *e = writable(req, ino, fi, &copied, &replied);
     if (!e)
         return replied;
-    served[OP_WRITE]++;
+    served[copied ? OP_WRITE_COPIED : OP_WRITE]++;
     struct fuse_bufvec dst = FUSE_BUFVEC_INIT(fuse_buf_size(bufv));
     dst.buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK;
     dst.buf[0].fd = e->fd;
