@@ -35,6 +35,7 @@
 #include <Python.h>
 #define FUSE_USE_VERSION 35
 #include <fuse_lowlevel.h>
+#include <dirent.h>
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -803,6 +804,163 @@ static PyObject *py_drain(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* -- the names of a layer's hardlinked files (linknames.py) -----------------------
+ * layer_links(fd) -> {inode number: (path, ...)}: the non-directories of the
+ * layer whose root is open as ``fd`` that have two names or more in it, by the
+ * d_ino of their getdents entries, with their paths relative to the root in the
+ * order the walk met them; what linknames._scan_python gives, without a Python
+ * object per entry and without the GIL. Each directory is opened below its
+ * parent's fd (O_NOFOLLOW: a symlink the layer holds is never followed). */
+struct lname { uint64_t ino; size_t off; };
+struct lscan {
+    struct lname *v;
+    size_t n, cap;
+    char *arena;                /* the paths, NUL-terminated, at lname.off */
+    size_t used, size;
+    char path[PATH_MAX];        /* the entry being looked at */
+};
+
+static int lscan_add(struct lscan *s, uint64_t ino, size_t len)
+{
+    if (s->n == s->cap) {
+        size_t cap = s->cap ? s->cap * 2 : 4096;
+        struct lname *v = realloc(s->v, cap * sizeof(*v));
+        if (!v)
+            return -1;
+        s->v = v;
+        s->cap = cap;
+    }
+    if (s->used + len + 1 > s->size) {
+        size_t size = s->size ? s->size * 2 : 1 << 18;
+        while (size < s->used + len + 1)
+            size *= 2;
+        char *a = realloc(s->arena, size);
+        if (!a)
+            return -1;
+        s->arena = a;
+        s->size = size;
+    }
+    memcpy(s->arena + s->used, s->path, len + 1);
+    s->v[s->n].ino = ino;
+    s->v[s->n++].off = s->used;
+    s->used += len + 1;
+    return 0;
+}
+
+/* Walk the directory open as ``fd`` (its path: s->path[0:len]); -1 and errno set
+ * on a failure. */
+static int lscan_dir(struct lscan *s, int fd, size_t len)
+{
+    enum { BUF = 32768 };
+    char *buf = malloc(BUF);
+    if (!buf)
+        return -1;
+    for (;;) {
+        ssize_t n = getdents64(fd, buf, BUF);
+        if (n <= 0) {
+            free(buf);
+            return n < 0 ? -1 : 0;
+        }
+        for (ssize_t at = 0; at < n;) {
+            struct dirent64 *d = (struct dirent64 *)(buf + at);
+            at += d->d_reclen;
+            const char *name = d->d_name;
+            if (name[0] == '.' && (!name[1] || (name[1] == '.' && !name[2])))
+                continue;
+            size_t nlen = strlen(name), full = len + (len ? 1 : 0) + nlen;
+            if (full >= PATH_MAX) {
+                errno = ENAMETOOLONG;
+                goto fail;
+            }
+            char *p = s->path + len;
+            if (len)
+                *p++ = '/';
+            memcpy(p, name, nlen + 1);
+            unsigned char type = d->d_type;
+            if (type == DT_UNKNOWN) {
+                struct stat st;
+                if (fstatat(fd, name, &st, AT_SYMLINK_NOFOLLOW) != 0)
+                    goto fail;
+                type = S_ISDIR(st.st_mode) ? DT_DIR : DT_REG;
+            }
+            if (type != DT_DIR) {
+                if (lscan_add(s, d->d_ino, full) < 0)
+                    goto fail;
+                continue;
+            }
+            int sub = openat(fd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+            if (sub < 0)
+                goto fail;
+            int r = lscan_dir(s, sub, full), err = errno;
+            close(sub);
+            errno = err;
+            if (r < 0)
+                goto fail;
+        }
+    }
+fail:
+    free(buf);
+    return -1;
+}
+
+static int lname_order(const void *a, const void *b)
+{
+    const struct lname *x = a, *y = b;
+    if (x->ino != y->ino)
+        return x->ino < y->ino ? -1 : 1;
+    return x->off < y->off ? -1 : x->off > y->off;     /* the walk's order */
+}
+
+static PyObject *py_layer_links(PyObject *self, PyObject *arg)
+{
+    int fd = PyLong_AsLong(arg), failed, err = 0;
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    struct lscan *s = calloc(1, sizeof(*s));
+    if (!s)
+        return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS
+    int dup_fd = openat(fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);   /* its own offset */
+    failed = dup_fd < 0 || lscan_dir(s, dup_fd, 0) < 0;
+    err = errno;
+    if (dup_fd >= 0)
+        close(dup_fd);
+    if (!failed)
+        qsort(s->v, s->n, sizeof(*s->v), lname_order);
+    Py_END_ALLOW_THREADS
+    PyObject *out = failed ? NULL : PyDict_New();
+    if (failed) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+    }
+    for (size_t i = 0; out && i < s->n;) {
+        size_t j = i + 1;
+        while (j < s->n && s->v[j].ino == s->v[i].ino)
+            j++;
+        if (j - i > 1) {
+            PyObject *names = PyTuple_New((Py_ssize_t)(j - i));
+            PyObject *key = names ? PyLong_FromUnsignedLongLong(s->v[i].ino) : NULL;
+            for (size_t k = i; key && k < j; k++) {
+                PyObject *b = PyBytes_FromString(s->arena + s->v[k].off);
+                if (!b) {
+                    Py_CLEAR(key);
+                    break;
+                }
+                PyTuple_SET_ITEM(names, (Py_ssize_t)(k - i), b);
+            }
+            if (!key || PyDict_SetItem(out, key, names) < 0)
+                Py_CLEAR(out);
+            Py_XDECREF(key);
+            Py_XDECREF(names);
+        }
+        i = j;
+    }
+    free(s->v);
+    free(s->arena);
+    free(s);
+    return out;
+}
+
 /* -- the Python API ------------------------------------------------------------ */
 
 static PyObject *py_attach(PyObject *self, PyObject *arg)
@@ -1040,6 +1198,9 @@ static PyMethodDef methods[] = {
     {"set_copyup", py_set_copyup, METH_VARARGS,
      "set_copyup(getxattr, write_miss) -> bool: GETXATTR and first WRITEs of files with "
      "no entry, without pyfuse3's coroutine"},
+    {"layer_links", py_layer_links, METH_O,
+     "layer_links(root_fd) -> {inode number: (path, ...)}: a layer's non-directories "
+     "with two names or more (linknames)"},
     {"set_miss", py_set_miss, METH_O,
      "set_miss(fn): fn(number) may set an entry when a READ finds none (None: no call)"},
     {"set", py_set, METH_VARARGS,

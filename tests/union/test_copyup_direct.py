@@ -248,3 +248,47 @@ def test_hardlinked_lower_file_whose_names_were_all_listed_reads_no_layer(
     assert (mnt / "d1" / "h2").read_bytes() == b"h\n+"
     assert (mnt / "d3" / "gone").read_bytes() == b"replaced\n"
     assert os.lstat(up / "h").st_nlink == 2 and not (up / "d3" / "gone").exists()
+
+
+def test_layer_walk_in_c_finds_the_names_python_finds(tmp_path):
+    """``linknames.scan`` (the C walk when the module is built) gives every group of
+    two or more names the Python walk gives: names that are not UTF-8, with
+    spaces, deep ones, a fifo's; a symlink to a directory is a name, never
+    followed; a single name and a directory give nothing."""
+    from mergefs.union import linknames
+    if linknames._c_walk() is None:
+        pytest.skip("no C fast path module built from these sources")
+    root = tmp_path / "layer"
+    deep = root / "a" / "b c" / "d" / "e" / "f"
+    deep.mkdir(parents=True)
+    (root / "dir2").mkdir()
+    (root / "empty").mkdir()
+    (root / "one").write_bytes(b"1")
+    (root / "f").write_bytes(b"f")
+    os.link(root / "f", deep / "f-deep")
+    os.link(root / "f", os.path.join(os.fsencode(root / "dir2"), b"\xff\xfe name"))
+    os.mkfifo(root / "fifo")
+    os.link(root / "fifo", root / "dir2" / "fifo2")
+    os.symlink("a", root / "ln")                 # to a directory: a name, not walked
+    os.link(root / "ln", root / "dir2" / "ln2", follow_symlinks=False)
+    for i in range(300):                         # more than one getdents buffer
+        (root / "dir2" / f"{'x' * 100}{i}").write_bytes(b"")
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        c, py = linknames.scan(fd), linknames._scan_python(fd)
+        assert linknames.scan(fd) == c          # the layer's fd is not read through
+    finally:
+        os.close(fd)
+    norm = lambda groups: {k: sorted(v) for k, v in groups.items()}   # noqa: E731
+    assert norm(c) == norm(py)
+    ino = lambda p: os.lstat(p).st_ino           # noqa: E731
+    assert norm(c) == {ino(root / "f"): sorted([b"f", b"a/b c/d/e/f/f-deep",
+                                                b"dir2/\xff\xfe name"]),
+                       ino(root / "fifo"): [b"dir2/fifo2", b"fifo"],
+                       ino(root / "ln"): [b"dir2/ln2", b"ln"]}
+    with pytest.raises(NotADirectoryError):
+        fd = os.open(root / "one", os.O_RDONLY)
+        try:
+            linknames.scan(fd)
+        finally:
+            os.close(fd)
