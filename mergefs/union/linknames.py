@@ -39,9 +39,16 @@ class LinkNames:
 
 def scan(layer_fd: int) -> dict[int, tuple[bytes, ...]]:
     """Every name group of the layer: the C fast path's walk (``layer_links``: no
-    Python object per entry, ~5x faster), or ``_scan_python`` without it."""
+    Python object per entry, ~10x faster), or ``_scan_python`` without it or
+    where it fails (it holds an fd per level of depth: EMFILE in a very deep
+    layer; a real error, EACCES ..., the Python walk meets again and raises)."""
     fast = _c_walk()
-    return fast(layer_fd) if fast is not None else _scan_python(layer_fd)
+    if fast is not None:
+        try:
+            return fast(layer_fd)
+        except OSError:
+            pass
+    return _scan_python(layer_fd)
 
 
 _C_WALK: list = []         # [the C walk, or None], once looked for

@@ -292,3 +292,25 @@ def test_layer_walk_in_c_finds_the_names_python_finds(tmp_path):
             linknames.scan(fd)
         finally:
             os.close(fd)
+
+
+def test_layer_walk_deeper_than_the_fd_limit(tmp_path):
+    """The C walk holds an fd per level: in a layer deeper than the fds left, it
+    fails (EMFILE) and the Python walk gives the names."""
+    import resource
+    from mergefs.union import linknames
+    root = tmp_path / "layer"
+    deep = root.joinpath(*["d"] * 150)
+    deep.mkdir(parents=True)
+    (root / "f").write_bytes(b"f")
+    os.link(root / "f", deep / "g")
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 50, hard))
+        groups = linknames.scan(fd)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        os.close(fd)
+    assert {k: sorted(v) for k, v in groups.items()} == \
+        {os.lstat(root / "f").st_ino: sorted([b"f", b"/".join([b"d"] * 150) + b"/g"])}
