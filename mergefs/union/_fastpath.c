@@ -36,6 +36,7 @@
 #include <Python.h>
 #define FUSE_USE_VERSION 35
 #include <fuse_lowlevel.h>
+#include <dirent.h>
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -68,11 +69,12 @@ static int volatile_sync;
 
 enum { OP_GETATTR, OP_SETATTR, OP_READ, OP_WRITE, OP_FSYNC, OP_GETXATTR, OP_LISTXATTR,
        OP_GETATTR_DIR, OP_GETATTR_MERGED, OP_GETATTR_DIRECT, OP_LOOKUP_DIRECT, OP_MKNOD_DIRECT,
-       OP_READDIRPLUS, OP_N };
+       OP_READDIRPLUS, OP_GETXATTR_DIRECT, OP_WRITE_COPIED, OP_N };
 static const char *op_names[OP_N] = {"getattr", "setattr", "read", "write", "fsync", "getxattr",
                                      "listxattr", "getattr_dir", "getattr_merged_dir",
                                      "getattr_direct", "lookup_direct",
-                                     "mknod_direct", "readdirplus"};
+                                     "mknod_direct", "readdirplus", "getxattr_direct",
+                                     "write_copied"};
 static unsigned long long served[OP_N];
 static PyObject *s_node, *s_unlinked, *s_attr, *s_xattrs, *s_sources;
 
@@ -684,6 +686,133 @@ static int h_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *a, int to_set,
     return 1;
 }
 
+/* -- GETXATTR and the first WRITE of a file the table does not serve --------------
+ * The kernel asks for ``security.capability`` before the first write to a file
+ * (and a chown); that first write of a lower file copies it up. Neither has an
+ * entry here yet: ``getxattr(number, name)`` (ops.getxattr as a direct handler:
+ * the value, or an errno) answers the first without pyfuse3's coroutine, and
+ * ``write_miss(number, 0)`` (fdcache.FdCache.write_for_c: the copy-up, and the
+ * copy's writable fd handed to this table; None, or an errno) lets C write the
+ * second itself; if that write fails, ``write_miss(number, errno)`` tells the
+ * kernel what the copy-up changed (ops.write does the same). set_copyup.
+ * Counted as getxattr_direct and write_copied (not also as write). */
+static PyObject *getxattr_fn, *write_miss_fn;
+
+/* Reply to a GETXATTR of ``size`` with a value (bytes), as pyfuse3 does: its
+ * length for size 0, ERANGE when it does not fit. */
+static void reply_value(fuse_req_t req, PyObject *fn, PyObject *r, size_t size)
+{
+    int err = EIO;
+    if (r && PyBytes_Check(r)) {
+        size_t len = (size_t)PyBytes_GET_SIZE(r);
+        if (size == 0)
+            fuse_reply_xattr(req, len);
+        else if (len <= size)
+            fuse_reply_buf(req, PyBytes_AS_STRING(r), len);
+        else
+            fuse_reply_err(req, ERANGE);
+        Py_DECREF(r);
+        return;
+    }
+    if (r && PyLong_CheckExact(r)) {
+        long e = PyLong_AsLong(r);
+        if (e > 0 && e < 4096)
+            err = (int)e;
+        else
+            PyErr_Clear();
+    } else {
+        if (r)
+            PyErr_Format(PyExc_TypeError, "getxattr returned %.100s", Py_TYPE(r)->tp_name);
+        PyErr_WriteUnraisable(fn);
+    }
+    Py_XDECREF(r);
+    fuse_reply_err(req, err);
+}
+
+static int getxattr_direct(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
+{
+    PyObject *fn = getxattr_fn;
+    if (!fn)
+        return 0;
+    PyObject *args[2] = {PyLong_FromUnsignedLongLong(ino), PyBytes_FromString(name)};
+    if (!args[0] || !args[1]) {
+        Py_XDECREF(args[0]);
+        Py_XDECREF(args[1]);
+        PyErr_Clear();
+        return 0;
+    }
+    served[OP_GETXATTR_DIRECT]++;
+    Py_INCREF(fn);                  /* the handler may replace it (set_copyup) */
+    reply_value(req, fn, PyObject_Vectorcall(fn, args, 2, NULL), size);
+    Py_DECREF(fn);
+    Py_DECREF(args[0]);
+    Py_DECREF(args[1]);
+    return 1;
+}
+
+/* Python's write_miss(number, err): None (done), an errno, or NULL (raised, a
+ * bug: reported). -1 when it could not be called. */
+static long call_write_miss(fuse_ino_t ino, int err)
+{
+    PyObject *args[2] = {PyLong_FromUnsignedLongLong(ino), PyLong_FromLong(err)};
+    PyObject *r = args[0] && args[1] ? PyObject_Vectorcall(write_miss_fn, args, 2, NULL) : NULL;
+    int called = args[0] && args[1];
+    Py_XDECREF(args[0]);
+    Py_XDECREF(args[1]);
+    if (!called) {
+        PyErr_Clear();
+        return -1;
+    }
+    long e = 0;
+    if (!r) {
+        PyErr_WriteUnraisable(write_miss_fn);
+        e = EIO;
+    } else if (PyLong_CheckExact(r)) {
+        e = PyLong_AsLong(r);
+        if (e <= 0 || e >= 4096) {
+            PyErr_Clear();
+            e = EIO;
+        }
+    }
+    Py_XDECREF(r);
+    return e;
+}
+
+/* The writable entry a no-open WRITE goes through, made by ``write_miss`` when
+ * there is none (``*copied`` 1 then). NULL: answered already (``*replied``, the
+ * copy-up's error) or left to pyfuse3 (no write_miss; an fd the table does
+ * not serve, e.g. a file unlinked while held open). */
+static entry_t *writable(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi,
+                         int *copied, int *replied)
+{
+    entry_t *e = usable(ino, fi);
+    *copied = *replied = 0;
+    if (e && (e->flags & F_WRITE))
+        return e;
+    if (!write_miss_fn || (fi && fi->fh))
+        return NULL;
+    long err = call_write_miss(ino, 0);
+    if (err < 0)
+        return NULL;
+    if (err > 0) {
+        fuse_reply_err(req, (int)err);
+        *replied = 1;
+        return NULL;
+    }
+    e = usable(ino, fi);
+    if (!e || !(e->flags & F_WRITE))
+        return NULL;
+    *copied = 1;
+    return e;
+}
+
+/* The write after a copy-up failed: Python tells the kernel (see above). */
+static void write_failed(fuse_ino_t ino, int copied, int err)
+{
+    if (copied && write_miss_fn && call_write_miss(ino, err ? err : EIO) < 0)
+        PyErr_Clear();
+}
+
 /* No entry for a READ: ask Python to open the file (its errors: Python's read
  * handler answers, it meets them again). */
 static entry_t *opened(fuse_ino_t ino, struct fuse_file_info *fi)
@@ -723,16 +852,18 @@ static int h_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 static int h_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
                    struct fuse_file_info *fi)
 {
-    entry_t *e = usable(ino, fi);
-    if (!e || !(e->flags & F_WRITE))
-        return 0;           /* a lower file is copied up at its first write: Python */
-    served[OP_WRITE]++;
+    int copied, replied;
+    entry_t *e = writable(req, ino, fi, &copied, &replied);
+    if (!e)
+        return replied;     /* else pyfuse3: Python's write (and its copy-up) */
+    served[copied ? OP_WRITE_COPIED : OP_WRITE]++;
     ssize_t n = pwrite(e->fd, buf, size, off);
     int err = errno;
     changed(e, 0);
-    if (n < 0)
+    if (n < 0) {
+        write_failed(ino, copied, err);
         fuse_reply_err(req, err);
-    else
+    } else
         fuse_reply_write(req, (size_t)n);
     return 1;
 }
@@ -740,19 +871,21 @@ static int h_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size,
 static int h_write_buf(fuse_req_t req, fuse_ino_t ino, struct fuse_bufvec *bufv, off_t off,
                        struct fuse_file_info *fi)
 {
-    entry_t *e = usable(ino, fi);
-    if (!e || !(e->flags & F_WRITE))
-        return 0;
-    served[OP_WRITE]++;
+    int copied, replied;
+    entry_t *e = writable(req, ino, fi, &copied, &replied);
+    if (!e)
+        return replied;
+    served[copied ? OP_WRITE_COPIED : OP_WRITE]++;
     struct fuse_bufvec dst = FUSE_BUFVEC_INIT(fuse_buf_size(bufv));
     dst.buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK;
     dst.buf[0].fd = e->fd;
     dst.buf[0].pos = off;
     ssize_t n = fuse_buf_copy(&dst, bufv, 0);
     changed(e, 0);
-    if (n < 0)
+    if (n < 0) {
+        write_failed(ino, copied, (int)-n);
         fuse_reply_err(req, (int)-n);
-    else
+    } else
         fuse_reply_write(req, (size_t)n);
     return 1;
 }
@@ -787,14 +920,14 @@ static int h_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t s
     }
     entry_t *e = usable(ino, NULL);
     if (!e)
-        return 0;
+        return getxattr_direct(req, ino, name, size);
     if (size > XATTR_SIZE_MAX)
         size = XATTR_SIZE_MAX;          /* no value is longer */
     if (reserve(size) < 0)
         return 0;
     ssize_t n = fgetxattr(e->fd, name, size ? buffer : NULL, size);
     if (n < 0 && errno != ENODATA && errno != ERANGE)
-        return 0;                       /* anything else: Python's rules */
+        return getxattr_direct(req, ino, name, size);   /* anything else: Python's rules */
     served[OP_GETXATTR]++;
     if (n < 0)
         fuse_reply_err(req, errno);
@@ -888,6 +1021,163 @@ static PyObject *py_drain(PyObject *self, PyObject *args)
         }
     }
     Py_RETURN_NONE;
+}
+
+/* -- the names of a layer's hardlinked files (linknames.py) -----------------------
+ * layer_links(fd) -> {inode number: (path, ...)}: the non-directories of the
+ * layer whose root is open as ``fd`` that have two names or more in it, by the
+ * d_ino of their getdents entries, with their paths relative to the root in the
+ * order the walk met them; what linknames._scan_python gives, without a Python
+ * object per entry and without the GIL. Each directory is opened below its
+ * parent's fd (O_NOFOLLOW: a symlink the layer holds is never followed). */
+struct lname { uint64_t ino; size_t off; };
+struct lscan {
+    struct lname *v;
+    size_t n, cap;
+    char *arena;                /* the paths, NUL-terminated, at lname.off */
+    size_t used, size;
+    char path[PATH_MAX];        /* the entry being looked at */
+};
+
+static int lscan_add(struct lscan *s, uint64_t ino, size_t len)
+{
+    if (s->n == s->cap) {
+        size_t cap = s->cap ? s->cap * 2 : 4096;
+        struct lname *v = realloc(s->v, cap * sizeof(*v));
+        if (!v)
+            return -1;
+        s->v = v;
+        s->cap = cap;
+    }
+    if (s->used + len + 1 > s->size) {
+        size_t size = s->size ? s->size * 2 : 1 << 18;
+        while (size < s->used + len + 1)
+            size *= 2;
+        char *a = realloc(s->arena, size);
+        if (!a)
+            return -1;
+        s->arena = a;
+        s->size = size;
+    }
+    memcpy(s->arena + s->used, s->path, len + 1);
+    s->v[s->n].ino = ino;
+    s->v[s->n++].off = s->used;
+    s->used += len + 1;
+    return 0;
+}
+
+/* Walk the directory open as ``fd`` (its path: s->path[0:len]); -1 and errno set
+ * on a failure. */
+static int lscan_dir(struct lscan *s, int fd, size_t len)
+{
+    enum { BUF = 32768 };
+    char *buf = malloc(BUF);
+    if (!buf)
+        return -1;
+    for (;;) {
+        ssize_t n = getdents64(fd, buf, BUF);
+        if (n <= 0) {
+            free(buf);
+            return n < 0 ? -1 : 0;
+        }
+        for (ssize_t at = 0; at < n;) {
+            struct dirent64 *d = (struct dirent64 *)(buf + at);
+            at += d->d_reclen;
+            const char *name = d->d_name;
+            if (name[0] == '.' && (!name[1] || (name[1] == '.' && !name[2])))
+                continue;
+            size_t nlen = strlen(name), full = len + (len ? 1 : 0) + nlen;
+            if (full >= PATH_MAX) {
+                errno = ENAMETOOLONG;
+                goto fail;
+            }
+            char *p = s->path + len;
+            if (len)
+                *p++ = '/';
+            memcpy(p, name, nlen + 1);
+            unsigned char type = d->d_type;
+            if (type == DT_UNKNOWN) {
+                struct stat st;
+                if (fstatat(fd, name, &st, AT_SYMLINK_NOFOLLOW) != 0)
+                    goto fail;
+                type = S_ISDIR(st.st_mode) ? DT_DIR : DT_REG;
+            }
+            if (type != DT_DIR) {
+                if (lscan_add(s, d->d_ino, full) < 0)
+                    goto fail;
+                continue;
+            }
+            int sub = openat(fd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+            if (sub < 0)
+                goto fail;
+            int r = lscan_dir(s, sub, full), err = errno;
+            close(sub);
+            errno = err;
+            if (r < 0)
+                goto fail;
+        }
+    }
+fail:
+    free(buf);
+    return -1;
+}
+
+static int lname_order(const void *a, const void *b)
+{
+    const struct lname *x = a, *y = b;
+    if (x->ino != y->ino)
+        return x->ino < y->ino ? -1 : 1;
+    return x->off < y->off ? -1 : x->off > y->off;     /* the walk's order */
+}
+
+static PyObject *py_layer_links(PyObject *self, PyObject *arg)
+{
+    int fd = PyLong_AsLong(arg), failed, err = 0;
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    struct lscan *s = calloc(1, sizeof(*s));
+    if (!s)
+        return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS
+    int dup_fd = openat(fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);   /* its own offset */
+    failed = dup_fd < 0 || lscan_dir(s, dup_fd, 0) < 0;
+    err = errno;
+    if (dup_fd >= 0)
+        close(dup_fd);
+    if (!failed)
+        qsort(s->v, s->n, sizeof(*s->v), lname_order);
+    Py_END_ALLOW_THREADS
+    PyObject *out = failed ? NULL : PyDict_New();
+    if (failed) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+    }
+    for (size_t i = 0; out && i < s->n;) {
+        size_t j = i + 1;
+        while (j < s->n && s->v[j].ino == s->v[i].ino)
+            j++;
+        if (j - i > 1) {
+            PyObject *names = PyTuple_New((Py_ssize_t)(j - i));
+            PyObject *key = names ? PyLong_FromUnsignedLongLong(s->v[i].ino) : NULL;
+            for (size_t k = i; key && k < j; k++) {
+                PyObject *b = PyBytes_FromString(s->arena + s->v[k].off);
+                if (!b) {
+                    Py_CLEAR(key);
+                    break;
+                }
+                PyTuple_SET_ITEM(names, (Py_ssize_t)(k - i), b);
+            }
+            if (!key || PyDict_SetItem(out, key, names) < 0)
+                Py_CLEAR(out);
+            Py_XDECREF(key);
+            Py_XDECREF(names);
+        }
+        i = j;
+    }
+    free(s->v);
+    free(s->arena);
+    free(s);
+    return out;
 }
 
 /* -- the Python API ------------------------------------------------------------ */
@@ -1012,11 +1302,28 @@ static PyObject *py_set_readdir(PyObject *self, PyObject *args)
     Py_RETURN_TRUE;
 }
 
+/* set_copyup(getxattr, write_miss) -> bool: the handlers of GETXATTR and of the
+ * first WRITE of files the table does not serve (see above; None: pyfuse3
+ * serves those as before); False, and nothing set, with no hooks attached. */
+static PyObject *py_set_copyup(PyObject *self, PyObject *args)
+{
+    PyObject *get, *miss;
+    if (!PyArg_ParseTuple(args, "OO", &get, &miss))
+        return NULL;
+    if (!hooks)
+        Py_RETURN_FALSE;
+    Py_XSETREF(getxattr_fn, get == Py_None ? NULL : Py_NewRef(get));
+    Py_XSETREF(write_miss_fn, miss == Py_None ? NULL : Py_NewRef(miss));
+    Py_RETURN_TRUE;
+}
+
 static PyObject *py_disable(PyObject *self, PyObject *unused)
 {
     Py_CLEAR(miss_fn);
     Py_CLEAR(readdir_fn);
     Py_CLEAR(unlisted_fn);
+    Py_CLEAR(getxattr_fn);
+    Py_CLEAR(write_miss_fn);
     clear_direct();
     if (hooks)
         install(0);
@@ -1131,6 +1438,12 @@ static PyMethodDef methods[] = {
      "openat2(root_fd, path, flags, mode=0) -> fd: beneath root_fd, following no symlink"},
     {"walk", py_walk, METH_VARARGS,
      "walk(w, size) -> bytes or -errno: the READDIRPLUS reply the walk ``w`` makes (tests)"},
+    {"set_copyup", py_set_copyup, METH_VARARGS,
+     "set_copyup(getxattr, write_miss) -> bool: GETXATTR and first WRITEs of files with "
+     "no entry, without pyfuse3's coroutine"},
+    {"layer_links", py_layer_links, METH_O,
+     "layer_links(root_fd) -> {inode number: (path, ...)}: a layer's non-directories "
+     "with two names or more (linknames)"},
     {"set_miss", py_set_miss, METH_O,
      "set_miss(fn): fn(number) may set an entry when a READ finds none (None: no call)"},
     {"set", py_set, METH_VARARGS,

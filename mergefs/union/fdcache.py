@@ -14,7 +14,9 @@ with the inode number and no handle. ``FdCache`` keeps an fd per inode:
 The C fast path (``fast``, mergefs/union/_fastpath.c, when loaded) serves
 GETATTR/SETATTR/READ/WRITE/FSYNC/GETXATTR/LISTXATTR of the regular files in ``fds``
 through the same fds: this cache owns them and tells the C table of every
-entry it adds, replaces, moves to ``pinned`` or closes, before closing.
+entry it adds, replaces, moves to ``pinned`` or closes, before closing. The
+first WRITE of a file with no writable fd there (a lower file: its copy-up)
+C hands to ``write_for_c``, then writes through the fd it made.
 It also keeps ``dirs``: number -> (O_PATH fd, node, sources) of an upper
 directory (the last ``max_dirs``), whose GETATTR C answers with ``fstat`` (nlink 1
 if it is merged with lower layers): the kernel asks for a directory's
@@ -221,6 +223,25 @@ class FdCache:
                 else writer.open_for_write(inode, os.O_RDWR, for_write)
             self.keep(inode, fd, True)
         return fd
+
+    def write_for_c(self, number: int, failed: int = 0) -> None:
+        """The C fast path has a no-open WRITE of inode ``number`` and no writable fd
+        for it (``_fastpath.set_copyup``): what ``ops.write`` does before its
+        pwrite, here the copy-up of a lower file (``write_fd`` for a WRITE) and
+        the fd handed to C, which then writes (an error: the kernel is told what
+        the copy-up changed, as ops.write does). ``failed``: C's write to the
+        copy made here failed with that errno: the kernel is told now."""
+        inode, view = self.view.inodes.get(number), self.view
+        try:
+            if not failed:
+                self.write_fd(inode, view, True)
+                return
+        except OSError:
+            view.attrs_changed(number)
+            raise
+        finally:
+            inode.attr = None
+        view.attrs_changed(number)
 
     def pin(self, parent: Inode, name: bytes) -> None:
         """No-open, before ``parent/name`` is unlinked or renamed over: the kernel may

@@ -154,6 +154,9 @@ class UnionOperations(pyfuse3.Operations):
                 self.fds.fast.set_miss(self._open_for_c)
                 if os.environ.get("MERGEFS_FASTPATH_DIRECT") != "0":    # "0": for comparisons
                     self.fds.fast.set_direct(*map(self._direct, ("getattr", "lookup", "mknod")))
+                    # GETXATTR and a lower file's first WRITE (its copy-up) without a coroutine
+                    self.fds.fast.set_copyup(self._direct("getxattr"), direct(
+                        "write", self.fds.write_for_c) if self.view.writable else None)
                     # READDIRPLUS replies filled in C (v8 builds; _readdir_direct)
                     self.fds.fast.set_readdir(direct("readdir", self._readdir_direct),
                                               self._unlisted, self.timeouts.entry)

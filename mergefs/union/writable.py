@@ -222,9 +222,12 @@ class WritableView(UnionView):
             self.attrs_changed(inode.parent.number)     # its ctime: the copy was linked into it
         if not for_write:
             self.attrs_changed(inode.number)            # now the copy's ctime
+        known = 1                   # names of the lower file now linked to the copy
         for parent, name in inode.others or ():
-            self._link_known_name(inode, parent, name)
-        if node.kind != DIR and st.st_nlink > 1:
+            if self.listing(parent).get(name) == node:      # (not one removed meanwhile)
+                self._link_known_name(inode, parent, name)
+                known += 1
+        if node.kind != DIR and st.st_nlink > known:        # names the kernel never looked up
             self._link_unseen_names(inode, node)
 
     def _link_known_name(self, inode: Inode, parent: Inode, name: bytes) -> None:
@@ -239,7 +242,10 @@ class WritableView(UnionView):
     def _link_unseen_names(self, inode: Inode, lower: Node) -> None:
         """Copy-up of a hardlinked lower file: its names the kernel never looked up
         become links to the copy too, wherever the merged view still shows that
-        lower file (not where a later layer replaced or deleted the name: H2, H3)."""
+        lower file (not where a later layer replaced or deleted the name: H2, H3).
+        Only called while the lower file has more names (st_nlink) than the kernel
+        knows: after a ``find`` of the tree every name is known, and the layer is
+        never read for its names (``linknames``: a read of the whole layer)."""
         layer, ino = lower.top, lower.inos[0]
 
         def shows_it(found) -> bool:
