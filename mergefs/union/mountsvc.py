@@ -14,9 +14,12 @@ that this process mounts; ``prefork.fork_waiting``), the same server as a
 standalone mount's (its own process, the C fast path, its log under
 /run/mergefs, gone when TARGET is unmounted), and the reply goes back once
 the mount is made. The spare takes the fork and the first calls of a
-server's start (``_warm``) off the request's path: the mount's first answer
-came p50 19.7 -> 12.8 ms (30 interleaved mounts, load 1.3). ``{"op": "list"}`` names the servers of the mounts made here
-that still run, and the spare.
+server's start (``_warm``; then it waits in the trio loop it serves in) off
+the request's path: the mount's first answer came p50 19.7 -> 12.8 ms (30
+interleaved mounts, load 1.3). After forking a spare this process rehearses
+a request (``_rehearse``), so that the pages it shares with the spare are
+copied then and not while the next request is handled. ``{"op": "list"}``
+names the servers of the mounts made here that still run, and the spare.
 
 It must stay single-threaded and never run trio (``server.start`` forks only
 then), and must share the caller's mount namespace (the request names the
