@@ -147,7 +147,8 @@ class MountServer:
 
         from .server import build_view
         if self.scratch is None:
-            self.scratch = tempfile.mkdtemp(prefix="mergefs-mount-server-")
+            _remove_scratch_of_dead_servers()
+            self.scratch = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
             for name in ("lower/d", "upper", "work"):
                 os.makedirs(os.path.join(self.scratch, name))
             with open(os.path.join(self.scratch, "target"), "w"):
@@ -278,6 +279,28 @@ def _warm() -> None:
         finally:
             view.close()
     server.streams_ahead()
+
+
+SCRATCH_PREFIX = "mergefs-mount-server-"     # then the service's pid, a dash
+
+
+def _remove_scratch_of_dead_servers() -> None:
+    """A mount server that was killed (SIGKILL) left its scratch directory: remove
+    those whose pid runs no mount server any more."""
+    import glob
+    import shutil
+    import tempfile
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), SCRATCH_PREFIX + "*-*")):
+        pid = os.path.basename(path)[len(SCRATCH_PREFIX):].partition("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"mount-server" in f.read():
+                    continue            # running (or a reused pid of another mount server)
+        except FileNotFoundError:
+            pass
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
