@@ -504,15 +504,33 @@ def test_a_killed_spare_is_replaced_before_it_is_handed_a_mount(fork_service, la
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_a_stopped_service_leaves_no_spare(tmp_path, sig):
-    """However the service ends, its waiting spare ends too (its pipe closes)."""
+    """However the service ends, its waiting spare ends too (its pipe closes); the
+    scratch directory of its rehearsal goes with it, or, killed, with the start of
+    the next mount server."""
+    import glob
     srv = MountService("fork", tmp_path / "service")
     try:
         spare = wait_spare(srv)
+        deadline = time.monotonic() + 10
+        while not (scratch := glob.glob(f"/tmp/mergefs-mount-server-{srv.proc.pid}-*")):
+            assert time.monotonic() < deadline, "no rehearsal"
+            time.sleep(0.02)
         srv.proc.send_signal(sig)
         srv.proc.wait(10)
         assert gone(spare)
     finally:
         srv.stop()
+    assert os.path.exists(scratch[0]) == (sig == signal.SIGKILL)
+    if sig == signal.SIGKILL:
+        following = MountService("fork", tmp_path / "following")
+        try:
+            wait_spare(following)
+            deadline = time.monotonic() + 10
+            while os.path.exists(scratch[0]):
+                assert time.monotonic() < deadline, "the killed one's scratch stays"
+                time.sleep(0.02)
+        finally:
+            following.stop()
 
 
 # -- the views service's request loop -------------------------------------------------
