@@ -125,6 +125,7 @@ class MountServer:
         now, which the warm-up would only delay (~10 ms)."""
         if self.spare is not None and not _alive(self.spare.pid):
             self.spare.close()          # killed: hand nothing to it
+            _remove_spare_dirs(self.spare.pid)
             self.spare = None
         if self.spare is None and not self.stopping:
             from . import prefork
@@ -258,7 +259,9 @@ def _warm() -> None:
     from . import server
     from .ops import UnionOperations
 
-    with tempfile.TemporaryDirectory(prefix="mergefs-spare-") as d:
+    # named with the service's pid and its own: a spare killed while it warms
+    # up leaves it, and the service (or, once it is gone, the next one) removes it
+    with tempfile.TemporaryDirectory(prefix=f"{SPARE_PREFIX}{os.getppid()}-{os.getpid()}-") as d:
         lower, upper, work = (os.path.join(d, n) for n in ("lower", "upper", "work"))
         for p in (lower, upper, work):
             os.mkdir(p)
@@ -282,25 +285,42 @@ def _warm() -> None:
 
 
 SCRATCH_PREFIX = "mergefs-mount-server-"     # then the service's pid, a dash
+SPARE_PREFIX = "mergefs-spare-"              # a spare's warm-up (_warm): the same
 
 
-def _remove_scratch_of_dead_servers() -> None:
-    """A mount server that was killed (SIGKILL) left its scratch directory: remove
-    those whose pid runs no mount server any more."""
+def _remove_spare_dirs(spare: int) -> None:
+    """The warm-up directory of this service's spare ``spare``, dead: it was
+    killed while it warmed up, if there is one."""
     import glob
     import shutil
     import tempfile
-    for path in glob.glob(os.path.join(tempfile.gettempdir(), SCRATCH_PREFIX + "*-*")):
-        pid = os.path.basename(path)[len(SCRATCH_PREFIX):].partition("-")[0]
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"mount-server" in f.read():
-                    continue            # running (or a reused pid of another mount server)
-        except FileNotFoundError:
-            pass
+    pattern = f"{SPARE_PREFIX}{os.getpid()}-{spare}-*"
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), pattern)):
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_scratch_of_dead_servers() -> None:
+    """A mount server that was killed (SIGKILL) left its scratch directory, and
+    maybe a spare's warm-up directory: remove those whose pid runs no mount
+    server any more."""
+    import glob
+    import tempfile
+    for prefix in (SCRATCH_PREFIX, SPARE_PREFIX):
+        for path in glob.glob(os.path.join(tempfile.gettempdir(), prefix + "*-*")):
+            pid = os.path.basename(path)[len(prefix):].partition("-")[0]
+            if pid.isdigit():
+                _remove_unless_serving(path, pid)
+
+
+def _remove_unless_serving(path: str, pid: str) -> None:
+    import shutil
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"mount-server" in f.read():
+                return              # running (or a reused pid of another mount server)
+    except FileNotFoundError:
+        pass
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

@@ -9,6 +9,7 @@ makes is unmounted in teardown.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -500,6 +501,33 @@ def test_a_killed_spare_is_replaced_before_it_is_handed_a_mount(fork_service, la
     assert server != spare
     subprocess.run(["umount", str(t)], check=True)
     assert srv.wait_empty() == []
+
+
+def test_a_spare_killed_while_it_warms_up_leaves_no_directory(fork_service, layers, tmp_path):
+    """A spare warms up in a directory named with the service's pid and its own;
+    killed before it is done, it leaves that directory behind, which the service
+    removes when it finds the spare dead (before, every spare a test or a signal
+    killed early left a /tmp/mergefs-spare-* directory for good)."""
+    import tempfile
+    srv = fork_service
+    spare = wait_spare(srv)
+    os.kill(spare, signal.SIGSTOP)
+    left = tempfile.mkdtemp(prefix=f"mergefs-spare-{srv.proc.pid}-{spare}-")
+    os.makedirs(os.path.join(left, "lower", "d"))      # as its warm-up makes them
+    other = tempfile.mkdtemp(prefix=f"mergefs-spare-{srv.proc.pid}-{spare + 1}x-")
+    try:
+        os.kill(spare, signal.SIGKILL)
+        assert gone(spare)
+        t = target(srv, tmp_path, "t")
+        r = mergefs("-o", f"lowerdir={layers[0]}:{layers[1]},service={srv.control}", t)
+        assert (r.returncode, r.stderr) == (0, "")
+        assert not os.path.exists(left)
+        assert os.path.exists(other)                    # not that spare's
+        subprocess.run(["umount", str(t)], check=True)
+        assert srv.wait_empty() == []
+    finally:
+        shutil.rmtree(left, ignore_errors=True)
+        shutil.rmtree(other, ignore_errors=True)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
