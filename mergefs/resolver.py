@@ -247,6 +247,10 @@ class Resolver:
     directories it needs (the union mount keeps its own cache per inode).
     """
 
+    # A faster reader of a layer directory's entries (``read_layer_dir``'s ``scan``),
+    # set by the union when its C module is there.
+    scan = None
+
     def __init__(self, layers: Sequence[Layer | str | bytes]):
         self.layers = as_layers(layers)
         n = len(self.layers)
@@ -269,7 +273,7 @@ class Resolver:
         layer = self.layers[idx]
         fd = syscalls.open_beneath(layer.fd, path)
         try:
-            return read_layer_dir(fd, layer.fmt)
+            return read_layer_dir(fd, layer.fmt, self.scan)
         finally:
             os.close(fd)
 

@@ -22,6 +22,7 @@ from .. import syscalls
 from ..errors import NotFound
 from ..layer import LNK, NUMBER_XATTRS, Layer, is_overlay_private
 from ..resolver import Node, Resolver, join, merge_listing, redirect_value
+from .fastpath import compiled
 from .inodes import Inode, InodeTable
 
 
@@ -32,6 +33,7 @@ class UnionView:
 
     def __init__(self, layers: Sequence[Layer]):
         self.resolver = Resolver(layers)
+        self.resolver.scan = compiled("layer_entries")     # None: read_layer_dir's own loop
         self.layers = self.resolver.layers
         self.inodes = InodeTable(self.resolver.root)
         self.redirected = False      # a redirect was seen: layer paths may differ from merged ones
@@ -157,44 +159,35 @@ class UnionView:
         self.attr(inode)
         return inode
 
-    def entries(self, parent: Inode, names: Iterable[tuple[bytes, Node]],
-                fds: dict[int, int] | None = None):
-        """Yield (name, node, number, lstat, EntryAttributes|None, dir fd) for listing entries.
+    def entries(self, parent: Inode, names: Iterable[tuple[bytes, Node]]):
+        """Yield (name, node, number, lstat, EntryAttributes|None) for listing entries.
 
         Attributes of live inodes come from the table (a warm listing stats
-        nothing); the rest are lstat'ed through one dir fd per layer (the
-        ``dir fd``, or -1 for a live one). ``names`` are the listing's current
-        ones (ops._pass). ``fds``: the caller lstats (the C
-        fast path: lstat None when not known) and closes the dir fds, which this
-        dict gathers by layer; else they are closed when the generator ends.
-        """
-        own = fds is None
-        fds = {} if own else fds
+        nothing); the rest are lstat'ed through one dir fd per layer, closed
+        when the generator ends. ``names`` are the listing's current ones
+        (ops._pass)."""
+        fds: dict[int, int] = {}
         table = self.inodes
         try:
             for name, node in names:
                 number = table.number_for(node)
                 inode = table.live(number)
                 if inode is not None and inode.attr is not None and not inode.unlinked:
-                    yield name, node, number, inode.attr, inode.entry, -1
+                    yield name, node, number, inode.attr, inode.entry
                     continue
                 top = node.top
                 fd = fds.get(top)
                 if fd is None:
                     fd = fds[top] = syscalls.open_beneath(self.layers[top].fd,
                                                           self.layer_path(parent, top))
-                if not own:
-                    yield name, node, number, None, None, fd
-                    continue
                 try:
                     st = syscalls.lstat(name, fd)
                 except FileNotFoundError:
                     continue
-                yield name, node, number, st, None, fd
+                yield name, node, number, st, None
         finally:
-            if own:
-                for fd in fds.values():
-                    os.close(fd)
+            for fd in fds.values():
+                os.close(fd)
 
     # -- attributes ------------------------------------------------------
     def attr(self, inode: Inode) -> os.stat_result:
