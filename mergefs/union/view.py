@@ -20,10 +20,15 @@ from sortedcontainers import SortedDict
 
 from .. import syscalls
 from ..errors import NotFound
-from ..layer import LNK, NUMBER_XATTRS, Layer, is_overlay_private
+from ..layer import LNK, NUMBER_XATTRS, Layer, LayerDir, is_overlay_private
 from ..resolver import Node, Resolver, join, merge_listing, redirect_value
 from .fastpath import compiled
 from .inodes import Inode, InodeTable
+
+
+# Lower directories ``merged`` read whole, kept for the ``read_dir`` that usually
+# follows (at most this many entries in all, the oldest dropped first).
+READ_AHEAD_ENTRIES = 1 << 16
 
 
 class UnionView:
@@ -37,6 +42,8 @@ class UnionView:
         self.layers = self.resolver.layers
         self.inodes = InodeTable(self.resolver.root)
         self.redirected = False      # a redirect was seen: layer paths may differ from merged ones
+        self._ahead: dict[tuple[int, bytes], LayerDir] = {}    # ``_read_ahead``
+        self._ahead_n = 0
 
     def close(self) -> None:
         self.resolver.close()
@@ -82,7 +89,8 @@ class UnionView:
 
     def read_dir(self, inode: Inode) -> SortedDict:
         """Read a directory's merged listing from its layers; note its redirects."""
-        found, redirects = self._sources(inode.parent, inode.name, inode.node, inode.path)
+        found, redirects = self._sources(inode.parent, inode.name, inode.node, inode.path,
+                                         self._layer_dir if self._ahead else None)
         if redirects:
             self.redirected = True
         inode.redirects, inode.sources = redirects, tuple(s.layer for s in found)
@@ -90,6 +98,33 @@ class UnionView:
             if s.ld.numbered and s.layer == getattr(self, "up", None):
                 self._recorded_numbers(s)
         return SortedDict(merge_listing((s.layer, s.ld) for s in found))
+
+    def _read_ahead(self, layer: int, path: bytes) -> LayerDir:
+        """A lower directory read whole for ``merged`` (its markers are what it
+        needs): a listing (READDIRPLUS) asks that of each child directory, and
+        its reader (find, du, tar) mostly lists that child next, which
+        ``_layer_dir`` then takes from here instead of opening and reading it
+        again. A lower layer never changes, so what is kept stays right."""
+        ld = self.resolver.layer_dir(layer, path)
+        n = len(ld.entries) + 1
+        if n <= READ_AHEAD_ENTRIES:
+            ahead = self._ahead
+            old = ahead.pop((layer, path), None)
+            if old is not None:
+                self._ahead_n -= len(old.entries) + 1
+            while self._ahead_n + n > READ_AHEAD_ENTRIES:
+                self._ahead_n -= len(ahead.pop(next(iter(ahead))).entries) + 1
+            ahead[(layer, path)] = ld
+            self._ahead_n += n
+        return ld
+
+    def _layer_dir(self, layer: int, path: bytes) -> LayerDir:
+        """``resolver.layer_dir``, taken from the read-ahead when it is there."""
+        ld = self._ahead.pop((layer, path), None)
+        if ld is None:
+            return self.resolver.layer_dir(layer, path)
+        self._ahead_n -= len(ld.entries) + 1
+        return ld
 
     def _recorded_numbers(self, source) -> None:
         """The inode numbers a writable view's upper entries kept from their origins."""
@@ -120,15 +155,16 @@ class UnionView:
         one layer? Kernel overlayfs reports nlink 1 for such a directory and the
         layer's own count otherwise (U1): a redirected directory is merged even with
         nothing below its new name, an opaque one is not even with something there.
-        Costs at most one read of the top layer's markers (none once it was read)."""
+        Costs at most one read of the top layer's markers (none once it was read),
+        a read of the whole directory when that layer is a lower (``_read_ahead``)."""
         if inode is not None and inode.sources is not None:
             return len(inode.sources) > 1
         top = node.layers[0]
         if parent is None or top == 0:        # the root's layers are cut already
             return len(node.layers) > 1
         path = join(parent.path, name)
-        ld = self.resolver.layer_markers(
-            top, path if not self.redirected else join(self.layer_path(parent, top), name))
+        read = self.resolver.layer_markers if top == getattr(self, "up", None) else self._read_ahead
+        ld = read(top, path if not self.redirected else join(self.layer_path(parent, top), name))
         if ld.opaque:
             return False
         if redirect_value(ld.redirect) is None:
