@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 
 from mergefs.layer import read_layer_dir
-from mergefs.testing import mounts
 from mergefs.testing.builders import LayerSpec, materialise_stack
 from mergefs.union.fastpath import compiled
 
 from ..conftest import needs_overlay
-from .test_readdir import listing
+from .test_readdir import listing, mounted_pair
 
 ODD = b"caf\xe9-\xff"                      # not UTF-8
 
@@ -61,14 +60,8 @@ def test_D1_D3_listings_and_later_changes_as_kernel_overlay(tmp_path, union_moun
     """Listed whole (children read ahead), then a whiteout and an opaque directory
     made through the mount in directories already read ahead: listed as kernel
     overlayfs lists them."""
-    specs = stack()
-    ours = materialise_stack(specs, tmp_path / "ours", "overlay")
-    oracle = materialise_stack(specs, tmp_path / "oracle", "overlay")
-    for d in ("up1", "wk1", "up2", "wk2", "ovl"):
-        (tmp_path / d).mkdir()
-    mnt = union_mount(ours, upper=tmp_path / "up1", work=tmp_path / "wk1")
-    with mounts.overlay_mount(oracle, tmp_path / "ovl", upper=tmp_path / "up2",
-                              work=tmp_path / "wk2") as ovl:
+    mnt, ovl_cm = mounted_pair(tmp_path, union_mount, stack())
+    with ovl_cm as ovl:
         ovl = Path(ovl)
         for root in (mnt, ovl):
             os.listdir(root)                       # the children read ahead, not listed
