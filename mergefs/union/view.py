@@ -118,6 +118,11 @@ class UnionView:
             self._ahead_n += n
         return ld
 
+    def _reads_ahead(self, node: Node) -> bool:
+        """Does ``merged`` read this directory's top layer whole? Where it is a lower
+        (an upper directory changes: only its markers are read)."""
+        return node.top != getattr(self, "up", None)
+
     def _layer_dir(self, layer: int, path: bytes) -> LayerDir:
         """``resolver.layer_dir``, taken from the read-ahead when it is there."""
         ld = self._ahead.pop((layer, path), None)
@@ -163,7 +168,7 @@ class UnionView:
         if parent is None or top == 0:        # the root's layers are cut already
             return len(node.layers) > 1
         path = join(parent.path, name)
-        read = self.resolver.layer_markers if top == getattr(self, "up", None) else self._read_ahead
+        read = self._read_ahead if self._reads_ahead(node) else self.resolver.layer_markers
         ld = read(top, path if not self.redirected else join(self.layer_path(parent, top), name))
         if ld.opaque:
             return False

@@ -76,3 +76,32 @@ def test_D1_D3_listings_and_later_changes_as_kernel_overlay(tmp_path, union_moun
         assert os.listdir(mnt / "opq") == ["new"]
         assert (mnt / os.fsdecode(b"m/" + ODD)).read_bytes() == b"odd"
         assert len(os.listdir(mnt / "big")) == 1199
+
+
+def test_U1_merged_reads_a_lower_child_once_and_not_a_shared_one(tmp_path):
+    """``merged`` of a lower child directory reads it whole and the listing that
+    follows takes that read (no second read of the layer directory); a view whose
+    stack cache holds the listing already reads only the markers."""
+    from mergefs.layer import Layer
+    from mergefs.union.lowercache import LowerCache, SharedUnionView
+
+    layers = materialise_stack(stack(), tmp_path, "overlay")
+    cache = LowerCache()
+    first = SharedUnionView([Layer(str(p)) for p in layers], cache)
+    root = first.inodes.get(1)
+    node = first.listing(root)[b"m"]
+    assert first.merged(root, b"m", node) is True
+    assert set(first._ahead) == {(node.top, b"m")}
+    calls = []
+    read = first.resolver.layer_dir
+    first.resolver.layer_dir = lambda *a: calls.append(a) or read(*a)
+    child = first.lookup(root, b"m")
+    assert b"gone" not in first.listing(child) and b"low" in first.listing(child)
+    assert calls == [(0, b"m")] and not first._ahead      # the top layer's came from merged
+
+    second = SharedUnionView([Layer(str(p)) for p in layers], cache)
+    root2 = second.inodes.get(1)
+    assert second.merged(root2, b"m", second.listing(root2)[b"m"]) is True
+    assert not second._ahead
+    first.close()
+    second.close()
