@@ -139,13 +139,22 @@ def mark_overlay(dir_fd: int) -> None:
             raise
 
 
-def read_layer_dir(dir_fd: int, fmt: str = "auto") -> LayerDir:
-    """Read one open directory of a layer into a LayerDir (names are bytes)."""
+def read_layer_dir(dir_fd: int, fmt: str = "auto", scan=None) -> LayerDir:
+    """Read one open directory of a layer into a LayerDir (names are bytes).
+
+    ``scan``: the C reader (``_fastpath.layer_entries``, given by the union),
+    which reads ``dir_fd`` itself (its offset moves: the caller opened it for
+    this read) with no Python object per name; not where xattr whiteouts need
+    a look at each empty file."""
     overlay, oci = fmt != "oci", fmt != "overlay"
     out = LayerDir()
     xwhite = False
     if overlay:
         out.opaque, xwhite, out.redirect, out.numbered = dir_markers(dir_fd)
+    if scan is not None and not xwhite:
+        out.entries, out.whiteouts, oci_opaque = scan(dir_fd, Entry, oci, overlay)
+        out.opaque |= oci_opaque
+        return out
     entries, whiteouts = out.entries, out.whiteouts
     encode, new_entry = str.encode, tuple.__new__    # hot loop: one pass per entry per layer
     with os.scandir(dir_fd) as it:

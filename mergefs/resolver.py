@@ -60,31 +60,31 @@ def merge_listing(listings: Iterable[tuple[int, LayerDir]]) -> dict[bytes, Node]
     non-dir starts fresh; D1 whiteouts hide lower entries; D2 not the same
     layer's; D3 an opaque directory hides every lower child.
     """
-    listings = list(listings)
-    if len(listings) == 1:       # one layer: nothing to merge (most deep directories)
-        idx, ld = listings[0]
-        new = tuple.__new__
-        return {name: new(Node, (e.kind, (idx,), (e.ino,))) for name, e in ld.entries.items()}
-    out: dict[bytes, list] = {}
+    new = tuple.__new__          # hot: one Node per name, made once unless dirs merge
+    out: dict[bytes, Node] = {}
     closed: set[bytes] = set()   # names whose lower layers can no longer contribute
     for idx, ld in listings:
-        for name, entry in ld.entries.items():
-            if name in closed:
-                continue
-            cur = out.get(name)
-            if cur is None:
-                out[name] = [entry.kind, [idx], [entry.ino]]
-                if entry.kind != DIR:
-                    closed.add(name)
-            elif entry.kind == DIR:          # dir under a dir: children merge
-                cur[1].append(idx)
-                cur[2].append(entry.ino)
-            else:                            # non-dir under a dir: M3
-                closed.add(name)
-        closed |= ld.whiteouts
+        if not out:              # the top listing (or all above it empty): every name is new
+            out = {name: new(Node, (e.kind, (idx,), (e.ino,))) for name, e in ld.entries.items()
+                   if name not in closed}
+        else:
+            get = out.get
+            for name, e in ld.entries.items():
+                cur = get(name)
+                if cur is None:
+                    if name not in closed:
+                        out[name] = new(Node, (e.kind, (idx,), (e.ino,)))
+                elif cur.kind == DIR and name not in closed:
+                    if e.kind == DIR:            # dir under a dir: children merge
+                        out[name] = new(Node, (DIR, cur.layers + (idx,), cur.inos + (e.ino,)))
+                    else:                        # non-dir under a dir: M3
+                        closed.add(name)
+                # a non-dir above hides this one (M2)
+        if ld.whiteouts:
+            closed |= ld.whiteouts
         if ld.opaque:
             break
-    return {name: Node(k, tuple(ls), tuple(inos)) for name, (k, ls, inos) in out.items()}
+    return out
 
 
 def join(parent: bytes, name: bytes) -> bytes:
@@ -247,6 +247,10 @@ class Resolver:
     directories it needs (the union mount keeps its own cache per inode).
     """
 
+    # A faster reader of a layer directory's entries (``read_layer_dir``'s ``scan``),
+    # set by the union when its C module is there.
+    scan = None
+
     def __init__(self, layers: Sequence[Layer | str | bytes]):
         self.layers = as_layers(layers)
         n = len(self.layers)
@@ -269,7 +273,7 @@ class Resolver:
         layer = self.layers[idx]
         fd = syscalls.open_beneath(layer.fd, path)
         try:
-            return read_layer_dir(fd, layer.fmt)
+            return read_layer_dir(fd, layer.fmt, self.scan)
         finally:
             os.close(fd)
 

@@ -1180,6 +1180,128 @@ static PyObject *py_layer_links(PyObject *self, PyObject *arg)
     return out;
 }
 
+/* -- one layer directory's entries (layer.read_layer_dir) ----------------------- */
+
+struct layer_dirent64 {       /* getdents64's record */
+    uint64_t d_ino;
+    int64_t d_off;
+    unsigned short d_reclen;
+    unsigned char d_type;
+    char d_name[];
+};
+
+/* The S_IFMT kind of a getdents entry: from d_type, or an lstat where the
+ * filesystem gives none (DT_UNKNOWN) or it is a character device (an overlay
+ * whiteout is one with device number 0/0: kind 0 then). -1: gone meanwhile. */
+static long dent_kind(int fd, const struct layer_dirent64 *d, int overlay)
+{
+    switch (d->d_type) {
+    case DT_DIR: return S_IFDIR;
+    case DT_REG: return S_IFREG;
+    case DT_LNK: return S_IFLNK;
+    case DT_FIFO: return S_IFIFO;
+    case DT_SOCK: return S_IFSOCK;
+    case DT_BLK: return S_IFBLK;
+    case DT_CHR:
+        if (!overlay)
+            return S_IFCHR;
+        break;
+    default:
+        break;
+    }
+    struct stat st;
+    if (fstatat(fd, d->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0)
+        return errno == ENOENT ? -1 : -2;
+    if (overlay && S_ISCHR(st.st_mode) && st.st_rdev == 0)
+        return 0;
+    return st.st_mode & S_IFMT;
+}
+
+/* layer_entries(fd, Entry, oci, overlay) -> (entries, whiteouts, oci_opaque):
+ * ``entries`` {name: Entry(kind, ino)}, ``whiteouts`` a set of names, read
+ * with getdents64 on ``fd`` itself (a directory the caller opened for this and
+ * closes next: its offset moves; no dup, no rewind, no DirEntry per name). */
+static PyObject *py_layer_entries(PyObject *self, PyObject *args)
+{
+    int fd, oci, overlay;
+    PyTypeObject *etype;
+    if (!PyArg_ParseTuple(args, "iO!pp", &fd, &PyType_Type, &etype, &oci, &overlay))
+        return NULL;
+    PyObject *entries = PyDict_New(), *whiteouts = PySet_New(NULL);
+    int opaque = 0;
+    char buf[32768] __attribute__((aligned(8)));
+    if (!entries || !whiteouts)
+        goto fail;
+    for (;;) {
+        long n = syscall(SYS_getdents64, fd, buf, sizeof(buf));
+        if (n < 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto fail;
+        }
+        if (n == 0)
+            break;
+        for (long off = 0; off < n;) {
+            struct layer_dirent64 *d = (struct layer_dirent64 *)(buf + off);
+            off += d->d_reclen;
+            const char *name = d->d_name;
+            if (name[0] == '.' && (!name[1] || (name[1] == '.' && !name[2])))
+                continue;
+            size_t len = strlen(name);
+            if (oci && len >= 4 && memcmp(name, ".wh.", 4) == 0) {
+                if (strcmp(name, ".wh..wh..opq") == 0) {
+                    opaque = 1;
+                    continue;
+                }
+                PyObject *w = PyBytes_FromStringAndSize(name + 4, (Py_ssize_t)len - 4);
+                if (!w || PySet_Add(whiteouts, w) < 0) {
+                    Py_XDECREF(w);
+                    goto fail;
+                }
+                Py_DECREF(w);
+                continue;
+            }
+            long kind = dent_kind(fd, d, overlay);
+            if (kind == -1)
+                continue;
+            if (kind == -2) {
+                PyErr_SetFromErrno(PyExc_OSError);
+                goto fail;
+            }
+            PyObject *key = PyBytes_FromStringAndSize(name, (Py_ssize_t)len);
+            if (!key)
+                goto fail;
+            if (kind == 0) {
+                int r = PySet_Add(whiteouts, key);
+                Py_DECREF(key);
+                if (r < 0)
+                    goto fail;
+                continue;
+            }
+            PyObject *e = etype->tp_alloc(etype, 2);
+            PyObject *k = e ? PyLong_FromLong(kind) : NULL;
+            PyObject *i = k ? PyLong_FromUnsignedLongLong(d->d_ino) : NULL;
+            if (!i) {
+                Py_XDECREF(k);
+                Py_XDECREF(e);
+                Py_DECREF(key);
+                goto fail;
+            }
+            PyTuple_SET_ITEM(e, 0, k);
+            PyTuple_SET_ITEM(e, 1, i);
+            int r = PyDict_SetItem(entries, key, e);
+            Py_DECREF(key);
+            Py_DECREF(e);
+            if (r < 0)
+                goto fail;
+        }
+    }
+    return Py_BuildValue("(NNO)", entries, whiteouts, opaque ? Py_True : Py_False);
+fail:
+    Py_XDECREF(entries);
+    Py_XDECREF(whiteouts);
+    return NULL;
+}
+
 /* -- the Python API ------------------------------------------------------------ */
 
 /* openat2(root_fd, path, flags, mode) -> fd: mergefs.syscalls.open_beneath's
@@ -1441,6 +1563,9 @@ static PyMethodDef methods[] = {
     {"set_copyup", py_set_copyup, METH_VARARGS,
      "set_copyup(getxattr, write_miss) -> bool: GETXATTR and first WRITEs of files with "
      "no entry, without pyfuse3's coroutine"},
+    {"layer_entries", py_layer_entries, METH_VARARGS,
+     "layer_entries(dir_fd, Entry, oci, overlay) -> ({name: Entry(kind, ino)}, whiteouts, "
+     "oci_opaque): one layer directory read with getdents64 on dir_fd (moves its offset)"},
     {"layer_links", py_layer_links, METH_O,
      "layer_links(root_fd) -> {inode number: (path, ...)}: a layer's non-directories "
      "with two names or more (linknames)"},

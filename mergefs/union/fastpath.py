@@ -57,6 +57,22 @@ def stale(module) -> str | None:
 drain = None
 
 
+_COMPILED: dict = {}
+
+
+def compiled(name: str):
+    """``_fastpath.NAME`` if the compiled module is there, built from these sources
+    (``stale``) and has it, else None (looked for once per name): the plain
+    functions other modules use without the fast path being on."""
+    if name not in _COMPILED:
+        try:
+            from . import _fastpath
+            _COMPILED[name] = None if stale(_fastpath) else getattr(_fastpath, name, None)
+        except ImportError:
+            _COMPILED[name] = None
+    return _COMPILED[name]
+
+
 def load(attr_timeout: float, squash: tuple, volatile: bool):
     """The enabled C table (the ``_fastpath`` module), or None: no fast path."""
     if os.environ.get("MERGEFS_FASTPATH") == "0":

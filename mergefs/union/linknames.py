@@ -20,6 +20,7 @@ import os
 
 from .. import syscalls
 from ..resolver import join, redirect_value
+from .fastpath import compiled
 
 
 class LinkNames:
@@ -51,20 +52,10 @@ def scan(layer_fd: int) -> dict[int, tuple[bytes, ...]]:
     return _scan_python(layer_fd)
 
 
-_C_WALK: list = []         # [the C walk, or None], once looked for
-
-
 def _c_walk():
     """``_fastpath.layer_links`` if the compiled module is there and built from these
-    sources (``fastpath.stale``), else None."""
-    if not _C_WALK:
-        try:
-            from . import _fastpath
-            from .fastpath import stale
-            _C_WALK.append(None if stale(_fastpath) else getattr(_fastpath, "layer_links", None))
-        except ImportError:
-            _C_WALK.append(None)
-    return _C_WALK[0]
+    sources, else None."""
+    return compiled("layer_links")
 
 
 def _scan_python(layer_fd: int) -> dict[int, tuple[bytes, ...]]:

@@ -63,6 +63,10 @@ class _Sharing:
             inode.children = shared
         return super().listing(inode)
 
+    def _reads_ahead(self, node) -> bool:
+        """Not when the stack's cache has the directory's listing already."""
+        return super()._reads_ahead(node) and (node.layers, node.inos) not in self.cache.listings
+
     def attr(self, inode):
         if inode.attr is None and (self.up is None or inode.node.top != self.up):
             key = (inode.node.top, inode.node.inos[0])

@@ -280,7 +280,7 @@ class UnionOperations(pyfuse3.Operations):
                     yield keys[k], node
         entries = self.view.entries(parent, present())
         try:
-            for name, node, number, st, attrs, _ in entries:
+            for name, node, number, st, attrs in entries:
                 if attrs is None:
                     attrs = self._entry_attrs(parent, name, node, number, st)
                 if not reply(token, name, attrs, base | pos):

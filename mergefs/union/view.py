@@ -20,9 +20,15 @@ from sortedcontainers import SortedDict
 
 from .. import syscalls
 from ..errors import NotFound
-from ..layer import LNK, NUMBER_XATTRS, Layer, is_overlay_private
+from ..layer import LNK, NUMBER_XATTRS, Layer, LayerDir, is_overlay_private
 from ..resolver import Node, Resolver, join, merge_listing, redirect_value
+from .fastpath import compiled
 from .inodes import Inode, InodeTable
+
+
+# Lower directories ``merged`` read whole, kept for the ``read_dir`` that usually
+# follows (at most this many entries in all, the oldest dropped first).
+READ_AHEAD_ENTRIES = 1 << 16
 
 
 class UnionView:
@@ -32,9 +38,12 @@ class UnionView:
 
     def __init__(self, layers: Sequence[Layer]):
         self.resolver = Resolver(layers)
+        self.resolver.scan = compiled("layer_entries")     # None: read_layer_dir's own loop
         self.layers = self.resolver.layers
         self.inodes = InodeTable(self.resolver.root)
         self.redirected = False      # a redirect was seen: layer paths may differ from merged ones
+        self._ahead: dict[tuple[int, bytes], LayerDir] = {}    # ``_read_ahead``
+        self._ahead_n = 0
 
     def close(self) -> None:
         self.resolver.close()
@@ -80,7 +89,8 @@ class UnionView:
 
     def read_dir(self, inode: Inode) -> SortedDict:
         """Read a directory's merged listing from its layers; note its redirects."""
-        found, redirects = self._sources(inode.parent, inode.name, inode.node, inode.path)
+        found, redirects = self._sources(inode.parent, inode.name, inode.node, inode.path,
+                                         self._layer_dir if self._ahead else None)
         if redirects:
             self.redirected = True
         inode.redirects, inode.sources = redirects, tuple(s.layer for s in found)
@@ -88,6 +98,38 @@ class UnionView:
             if s.ld.numbered and s.layer == getattr(self, "up", None):
                 self._recorded_numbers(s)
         return SortedDict(merge_listing((s.layer, s.ld) for s in found))
+
+    def _read_ahead(self, layer: int, path: bytes) -> LayerDir:
+        """A lower directory read whole for ``merged`` (its markers are what it
+        needs): a listing (READDIRPLUS) asks that of each child directory, and
+        its reader (find, du, tar) mostly lists that child next, which
+        ``_layer_dir`` then takes from here instead of opening and reading it
+        again. A lower layer never changes, so what is kept stays right."""
+        ld = self.resolver.layer_dir(layer, path)
+        n = len(ld.entries) + 1
+        if n <= READ_AHEAD_ENTRIES:
+            ahead = self._ahead
+            old = ahead.pop((layer, path), None)
+            if old is not None:
+                self._ahead_n -= len(old.entries) + 1
+            while self._ahead_n + n > READ_AHEAD_ENTRIES:
+                self._ahead_n -= len(ahead.pop(next(iter(ahead))).entries) + 1
+            ahead[(layer, path)] = ld
+            self._ahead_n += n
+        return ld
+
+    def _reads_ahead(self, node: Node) -> bool:
+        """Does ``merged`` read this directory's top layer whole? Where it is a lower
+        (an upper directory changes: only its markers are read)."""
+        return node.top != getattr(self, "up", None)
+
+    def _layer_dir(self, layer: int, path: bytes) -> LayerDir:
+        """``resolver.layer_dir``, taken from the read-ahead when it is there."""
+        ld = self._ahead.pop((layer, path), None)
+        if ld is None:
+            return self.resolver.layer_dir(layer, path)
+        self._ahead_n -= len(ld.entries) + 1
+        return ld
 
     def _recorded_numbers(self, source) -> None:
         """The inode numbers a writable view's upper entries kept from their origins."""
@@ -118,15 +160,16 @@ class UnionView:
         one layer? Kernel overlayfs reports nlink 1 for such a directory and the
         layer's own count otherwise (U1): a redirected directory is merged even with
         nothing below its new name, an opaque one is not even with something there.
-        Costs at most one read of the top layer's markers (none once it was read)."""
+        Costs at most one read of the top layer's markers (none once it was read),
+        a read of the whole directory when that layer is a lower (``_read_ahead``)."""
         if inode is not None and inode.sources is not None:
             return len(inode.sources) > 1
         top = node.layers[0]
         if parent is None or top == 0:        # the root's layers are cut already
             return len(node.layers) > 1
         path = join(parent.path, name)
-        ld = self.resolver.layer_markers(
-            top, path if not self.redirected else join(self.layer_path(parent, top), name))
+        read = self._read_ahead if self._reads_ahead(node) else self.resolver.layer_markers
+        ld = read(top, path if not self.redirected else join(self.layer_path(parent, top), name))
         if ld.opaque:
             return False
         if redirect_value(ld.redirect) is None:
@@ -157,44 +200,35 @@ class UnionView:
         self.attr(inode)
         return inode
 
-    def entries(self, parent: Inode, names: Iterable[tuple[bytes, Node]],
-                fds: dict[int, int] | None = None):
-        """Yield (name, node, number, lstat, EntryAttributes|None, dir fd) for listing entries.
+    def entries(self, parent: Inode, names: Iterable[tuple[bytes, Node]]):
+        """Yield (name, node, number, lstat, EntryAttributes|None) for listing entries.
 
         Attributes of live inodes come from the table (a warm listing stats
-        nothing); the rest are lstat'ed through one dir fd per layer (the
-        ``dir fd``, or -1 for a live one). ``names`` are the listing's current
-        ones (ops._pass). ``fds``: the caller lstats (the C
-        fast path: lstat None when not known) and closes the dir fds, which this
-        dict gathers by layer; else they are closed when the generator ends.
-        """
-        own = fds is None
-        fds = {} if own else fds
+        nothing); the rest are lstat'ed through one dir fd per layer, closed
+        when the generator ends. ``names`` are the listing's current ones
+        (ops._pass)."""
+        fds: dict[int, int] = {}
         table = self.inodes
         try:
             for name, node in names:
                 number = table.number_for(node)
                 inode = table.live(number)
                 if inode is not None and inode.attr is not None and not inode.unlinked:
-                    yield name, node, number, inode.attr, inode.entry, -1
+                    yield name, node, number, inode.attr, inode.entry
                     continue
                 top = node.top
                 fd = fds.get(top)
                 if fd is None:
                     fd = fds[top] = syscalls.open_beneath(self.layers[top].fd,
                                                           self.layer_path(parent, top))
-                if not own:
-                    yield name, node, number, None, None, fd
-                    continue
                 try:
                     st = syscalls.lstat(name, fd)
                 except FileNotFoundError:
                     continue
-                yield name, node, number, st, None, fd
+                yield name, node, number, st, None
         finally:
-            if own:
-                for fd in fds.values():
-                    os.close(fd)
+            for fd in fds.values():
+                os.close(fd)
 
     # -- attributes ------------------------------------------------------
     def attr(self, inode: Inode) -> os.stat_result:

@@ -92,8 +92,10 @@ def uncount(union_mount) -> None:
     mounts.server_requests(pid, log, timeout=10)
 
 
-def mounted_pair(tmp_path, union_mount):
-    specs = stack()
+def mounted_pair(tmp_path, union_mount, specs=None):
+    """(our writable mount of ``specs``, default ``stack()``, the kernel overlayfs
+    mount of the same as a context manager)."""
+    specs = stack() if specs is None else specs
     ours = materialise_stack(specs, tmp_path / "ours", "overlay")
     oracle = materialise_stack(specs, tmp_path / "oracle", "overlay")
     for d in ("up1", "wk1", "up2", "wk2", "ovl"):
