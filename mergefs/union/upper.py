@@ -63,6 +63,7 @@ class Upper:
         self._sweep_work()
         root = os.geteuid() == 0 and _initial_user_namespace()
         self.opaque_xattr = "trusted.overlay.opaque" if root else "user.overlay.opaque"
+        self.ino_xattr = self.opaque_xattr.replace("opaque", "mergefs-ino")   # record_number
         self._names = itertools.count()
         self._dirs: OrderedDict[bytes, int] = OrderedDict()   # path -> open dir fd (LRU)
         # What the upper's directories carry, read or set once while no directory of
@@ -175,14 +176,15 @@ class Upper:
         chmod (that mode has no set-id bit a chown would clear)."""
         if fd < 0:
             fd = self.work_fd
-        if made is None or (st.st_uid, st.st_gid) != self.staged_owner():
+        if made is None or (st.st_uid, st.st_gid) != self._staged_owner:
             syscalls.lchown(name, st.st_uid, st.st_gid, fd)
         if not stat.S_ISLNK(st.st_mode) and made != stat.S_IMODE(st.st_mode):
             syscalls.chmod(name, stat.S_IMODE(st.st_mode), fd)
-        warnings: list[str] = []
-        set_xattrs(fd, name, xattrs or {}, warnings)   # A3: refused ones reported, ENOSPC raised
-        for w in warnings:
-            log.warning("copy-up: %s", w)
+        if xattrs:
+            warnings: list[str] = []
+            set_xattrs(fd, name, xattrs, warnings)   # A3: refused ones reported, ENOSPC raised
+            for w in warnings:
+                log.warning("copy-up: %s", w)
         if number is not None:
             self.record_number(name, number, fd)
         if times:
@@ -462,9 +464,8 @@ class Upper:
     def record_number(self, tmp: bytes, number: int, fd: int = -1) -> None:
         """A staged copy keeps its origin's inode number (U8, union/inodes.py);
         ``fd``: the copy's own (``tmp`` b"")."""
-        attr = self.opaque_xattr.replace("opaque", "mergefs-ino")
         try:
-            syscalls.setxattr(self.work_fd if fd < 0 else fd, tmp, attr, b"%d" % number)
+            syscalls.setxattr(self.work_fd if fd < 0 else fd, tmp, self.ino_xattr, b"%d" % number)
         except OSError as e:    # no (user) xattrs here: the number holds for this mount only
             if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
                 raise

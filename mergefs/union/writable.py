@@ -171,23 +171,27 @@ class WritableView(UnionView):
     def _copy_up(self, inode: Inode, with_data: bool = True, for_write: bool = False) -> int:
         """``ensure_upper``; returns an O_RDWR fd on the copy of a regular file made
         now (the caller closes it), else -1. ``for_write``: see ``_copied_up``."""
-        if inode.node.top == self.up:
+        node, up = inode.node, self.up
+        top = node.layers[0]
+        if top == up:
             return -1
-        parent_copied = inode.parent.node.top != self.up
-        self.ensure_upper(inode.parent)
-        node, path = inode.node, inode.path
-        src = self.layer_path(inode, node.top)
+        parent = inode.parent
+        parent_copied = parent.node.layers[0] != up
+        if parent_copied:           # (an upper parent: nothing to copy, no call)
+            self.ensure_upper(parent)
+        path = inode.path
+        src = self.layer_path(inode, top) if self.redirected else path
         fd = -1
-        root_fd = self.layers[node.top].fd
+        upper, root_fd = self.upper, self.layers[top].fd
         if node.kind == REG:        # through fds; an unnamed file linked in when complete
-            st, tmp, fd = self.upper.stage_file(root_fd, src, inode.number, with_data)
+            st, tmp, fd = upper.stage_file(root_fd, src, inode.number, with_data)
         elif node.kind == DIR:
-            st, tmp = self.upper.stage_dir(root_fd, src, inode.number)
+            st, tmp = upper.stage_dir(root_fd, src, inode.number)
         else:
-            st = self.resolver.lstat_in(node.top, src)
-            tmp = self.upper.copy_of(root_fd, src, st, with_data, inode.number)   # U8
+            st = self.resolver.lstat_in(top, src)
+            tmp = upper.copy_of(root_fd, src, st, with_data, inode.number)   # U8
         try:
-            new = self.upper.publish(tmp, path, keep_parent_times=True, fd=fd)
+            new = upper.publish(tmp, path, keep_parent_times=True, fd=fd)
             self._copied_up(inode, node, new, st, parent_copied, for_write)
         except BaseException:
             if fd >= 0:
