@@ -208,13 +208,13 @@ class Upper:
         if keep_parent_times:
             pst = os.fstat(pfd)
             try:
-                return self._place(tmp, path, pfd, fd)
+                return self._place(tmp, path, pfd, fd, name)
             finally:
                 os.utime(pfd, ns=(pst.st_atime_ns, pst.st_mtime_ns))
-        return self._place(tmp, path, pfd, fd)
+        return self._place(tmp, path, pfd, fd, name)
 
-    def _place(self, tmp: bytes | None, path: bytes, pfd: int, fd: int = -1) -> os.stat_result:
-        name = path.rpartition(b"/")[2]
+    def _place(self, tmp: bytes | None, path: bytes, pfd: int, fd: int,
+               name: bytes) -> os.stat_result:
         if tmp is None:
             try:         # the name is free (what a copy-up finds): linked in at once
                 os.link(b"/proc/self/fd/%d" % fd, name, dst_dir_fd=pfd, follow_symlinks=True)

@@ -211,27 +211,31 @@ class WritableView(UnionView):
         (ops.write): the kernel drops the file's cached times and size after
         the write itself (what the copy changed: its ctime), so its attributes
         are not dropped here (one notification less per appended lower file)."""
-        self.inodes.fresh(self.up, new.st_ino)
-        if node.kind == DIR:      # stays merged with its lower layers
-            new_node = Node(DIR, (self.up,) + node.layers, (new.st_ino,) + node.inos)
+        inodes, up, kind = self.inodes, self.up, node.kind
+        inodes.fresh(up, new.st_ino)
+        if kind == DIR:           # stays merged with its lower layers
+            new_node = Node(DIR, (up,) + node.layers, (new.st_ino,) + node.inos)
         else:
-            new_node = Node(node.kind, (self.up,), (new.st_ino,))
-            self.inodes.unmap(node)
-        self.inodes.alias(inode, new_node)
-        if node.kind == DIR and inode.sources is not None:
-            inode.sources = (self.up,) + inode.sources
+            new_node = Node(kind, (up,), (new.st_ino,))
+            inodes.unmap(node)
+        inodes.alias(inode, new_node)
+        if kind == DIR and inode.sources is not None:
+            inode.sources = (up,) + inode.sources
         inode.attr = new
-        self._set_child(inode.parent, inode.name, new_node)
+        parent = inode.parent
+        self._set_child(parent, inode.name, new_node)
         if not parent_copied:
-            self.attrs_changed(inode.parent.number)     # its ctime: the copy was linked into it
+            self.attrs_changed(parent.number)           # its ctime: the copy was linked into it
         if not for_write:
             self.attrs_changed(inode.number)            # now the copy's ctime
+        if kind == DIR:
+            return
         known = 1                   # names of the lower file now linked to the copy
         for parent, name in inode.others or ():
             if self.listing(parent).get(name) == node:      # (not one removed meanwhile)
                 self._link_known_name(inode, parent, name)
                 known += 1
-        if node.kind != DIR and st.st_nlink > known:        # names the kernel never looked up
+        if st.st_nlink > known:     # names the kernel never looked up
             self._link_unseen_names(inode, node)
 
     def _link_known_name(self, inode: Inode, parent: Inode, name: bytes) -> None:
