@@ -187,7 +187,9 @@ class Upper:
                 log.warning("copy-up: %s", w)
         if number is not None:
             self.record_number(name, number, fd)
-        if times:
+        if times and not name:          # the open copy (stage_file): no path to make
+            os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        elif times:
             syscalls.utime_ns(name, st.st_atime_ns, st.st_mtime_ns, fd)
 
     def publish(self, tmp: bytes | None, path: bytes, keep_parent_times: bool = False,
@@ -465,7 +467,11 @@ class Upper:
         """A staged copy keeps its origin's inode number (U8, union/inodes.py);
         ``fd``: the copy's own (``tmp`` b"")."""
         try:
-            syscalls.setxattr(self.work_fd if fd < 0 else fd, tmp, self.ino_xattr, b"%d" % number)
+            if fd >= 0 and not tmp:     # the copy's own fd: no path to make
+                os.setxattr(fd, self.ino_xattr, b"%d" % number)
+            else:
+                syscalls.setxattr(self.work_fd if fd < 0 else fd, tmp, self.ino_xattr,
+                                  b"%d" % number)
         except OSError as e:    # no (user) xattrs here: the number holds for this mount only
             if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
                 raise
