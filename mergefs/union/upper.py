@@ -63,6 +63,7 @@ class Upper:
         self._sweep_work()
         root = os.geteuid() == 0 and _initial_user_namespace()
         self.opaque_xattr = "trusted.overlay.opaque" if root else "user.overlay.opaque"
+        self.ino_xattr = self.opaque_xattr.replace("opaque", "mergefs-ino")   # record_number
         self._names = itertools.count()
         self._dirs: OrderedDict[bytes, int] = OrderedDict()   # path -> open dir fd (LRU)
         # What the upper's directories carry, read or set once while no directory of
@@ -175,17 +176,20 @@ class Upper:
         chmod (that mode has no set-id bit a chown would clear)."""
         if fd < 0:
             fd = self.work_fd
-        if made is None or (st.st_uid, st.st_gid) != self.staged_owner():
+        if made is None or (st.st_uid, st.st_gid) != self._staged_owner:
             syscalls.lchown(name, st.st_uid, st.st_gid, fd)
         if not stat.S_ISLNK(st.st_mode) and made != stat.S_IMODE(st.st_mode):
             syscalls.chmod(name, stat.S_IMODE(st.st_mode), fd)
-        warnings: list[str] = []
-        set_xattrs(fd, name, xattrs or {}, warnings)   # A3: refused ones reported, ENOSPC raised
-        for w in warnings:
-            log.warning("copy-up: %s", w)
+        if xattrs:
+            warnings: list[str] = []
+            set_xattrs(fd, name, xattrs, warnings)   # A3: refused ones reported, ENOSPC raised
+            for w in warnings:
+                log.warning("copy-up: %s", w)
         if number is not None:
             self.record_number(name, number, fd)
-        if times:
+        if times and not name:          # the open copy (stage_file): no path to make
+            os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        elif times:
             syscalls.utime_ns(name, st.st_atime_ns, st.st_mtime_ns, fd)
 
     def publish(self, tmp: bytes | None, path: bytes, keep_parent_times: bool = False,
@@ -206,13 +210,13 @@ class Upper:
         if keep_parent_times:
             pst = os.fstat(pfd)
             try:
-                return self._place(tmp, path, pfd, fd)
+                return self._place(tmp, path, pfd, fd, name)
             finally:
                 os.utime(pfd, ns=(pst.st_atime_ns, pst.st_mtime_ns))
-        return self._place(tmp, path, pfd, fd)
+        return self._place(tmp, path, pfd, fd, name)
 
-    def _place(self, tmp: bytes | None, path: bytes, pfd: int, fd: int = -1) -> os.stat_result:
-        name = path.rpartition(b"/")[2]
+    def _place(self, tmp: bytes | None, path: bytes, pfd: int, fd: int,
+               name: bytes) -> os.stat_result:
         if tmp is None:
             try:         # the name is free (what a copy-up finds): linked in at once
                 os.link(b"/proc/self/fd/%d" % fd, name, dst_dir_fd=pfd, follow_symlinks=True)
@@ -462,9 +466,12 @@ class Upper:
     def record_number(self, tmp: bytes, number: int, fd: int = -1) -> None:
         """A staged copy keeps its origin's inode number (U8, union/inodes.py);
         ``fd``: the copy's own (``tmp`` b"")."""
-        attr = self.opaque_xattr.replace("opaque", "mergefs-ino")
         try:
-            syscalls.setxattr(self.work_fd if fd < 0 else fd, tmp, attr, b"%d" % number)
+            if fd >= 0 and not tmp:     # the copy's own fd: no path to make
+                os.setxattr(fd, self.ino_xattr, b"%d" % number)
+            else:
+                syscalls.setxattr(self.work_fd if fd < 0 else fd, tmp, self.ino_xattr,
+                                  b"%d" % number)
         except OSError as e:    # no (user) xattrs here: the number holds for this mount only
             if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
                 raise

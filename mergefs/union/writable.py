@@ -171,23 +171,27 @@ class WritableView(UnionView):
     def _copy_up(self, inode: Inode, with_data: bool = True, for_write: bool = False) -> int:
         """``ensure_upper``; returns an O_RDWR fd on the copy of a regular file made
         now (the caller closes it), else -1. ``for_write``: see ``_copied_up``."""
-        if inode.node.top == self.up:
+        node, up = inode.node, self.up
+        top = node.layers[0]
+        if top == up:
             return -1
-        parent_copied = inode.parent.node.top != self.up
-        self.ensure_upper(inode.parent)
-        node, path = inode.node, inode.path
-        src = self.layer_path(inode, node.top)
+        parent = inode.parent
+        parent_copied = parent.node.layers[0] != up
+        if parent_copied:           # (an upper parent: nothing to copy, no call)
+            self.ensure_upper(parent)
+        path = inode.path
+        src = self.layer_path(inode, top) if self.redirected else path
         fd = -1
-        root_fd = self.layers[node.top].fd
+        upper, root_fd = self.upper, self.layers[top].fd
         if node.kind == REG:        # through fds; an unnamed file linked in when complete
-            st, tmp, fd = self.upper.stage_file(root_fd, src, inode.number, with_data)
+            st, tmp, fd = upper.stage_file(root_fd, src, inode.number, with_data)
         elif node.kind == DIR:
-            st, tmp = self.upper.stage_dir(root_fd, src, inode.number)
+            st, tmp = upper.stage_dir(root_fd, src, inode.number)
         else:
-            st = self.resolver.lstat_in(node.top, src)
-            tmp = self.upper.copy_of(root_fd, src, st, with_data, inode.number)   # U8
+            st = self.resolver.lstat_in(top, src)
+            tmp = upper.copy_of(root_fd, src, st, with_data, inode.number)   # U8
         try:
-            new = self.upper.publish(tmp, path, keep_parent_times=True, fd=fd)
+            new = upper.publish(tmp, path, keep_parent_times=True, fd=fd)
             self._copied_up(inode, node, new, st, parent_copied, for_write)
         except BaseException:
             if fd >= 0:
@@ -207,27 +211,31 @@ class WritableView(UnionView):
         (ops.write): the kernel drops the file's cached times and size after
         the write itself (what the copy changed: its ctime), so its attributes
         are not dropped here (one notification less per appended lower file)."""
-        self.inodes.fresh(self.up, new.st_ino)
-        if node.kind == DIR:      # stays merged with its lower layers
-            new_node = Node(DIR, (self.up,) + node.layers, (new.st_ino,) + node.inos)
+        inodes, up, kind = self.inodes, self.up, node.kind
+        inodes.fresh(up, new.st_ino)
+        if kind == DIR:           # stays merged with its lower layers
+            new_node = Node(DIR, (up,) + node.layers, (new.st_ino,) + node.inos)
         else:
-            new_node = Node(node.kind, (self.up,), (new.st_ino,))
-            self.inodes.unmap(node)
-        self.inodes.alias(inode, new_node)
-        if node.kind == DIR and inode.sources is not None:
-            inode.sources = (self.up,) + inode.sources
+            new_node = Node(kind, (up,), (new.st_ino,))
+            inodes.unmap(node)
+        inodes.alias(inode, new_node)
+        if kind == DIR and inode.sources is not None:
+            inode.sources = (up,) + inode.sources
         inode.attr = new
-        self._set_child(inode.parent, inode.name, new_node)
+        parent = inode.parent
+        self._set_child(parent, inode.name, new_node)
         if not parent_copied:
-            self.attrs_changed(inode.parent.number)     # its ctime: the copy was linked into it
+            self.attrs_changed(parent.number)           # its ctime: the copy was linked into it
         if not for_write:
             self.attrs_changed(inode.number)            # now the copy's ctime
+        if kind == DIR:
+            return
         known = 1                   # names of the lower file now linked to the copy
         for parent, name in inode.others or ():
             if self.listing(parent).get(name) == node:      # (not one removed meanwhile)
                 self._link_known_name(inode, parent, name)
                 known += 1
-        if node.kind != DIR and st.st_nlink > known:        # names the kernel never looked up
+        if st.st_nlink > known:     # names the kernel never looked up
             self._link_unseen_names(inode, node)
 
     def _link_known_name(self, inode: Inode, parent: Inode, name: bytes) -> None:

@@ -165,3 +165,34 @@ def test_writes_after_a_copy_up_reach_the_copy_through_its_fd(tmp_path, union_mo
         assert counts.get("fast_write", 0) == 3 and "write" not in counts, counts
     with contextlib.suppress(FileNotFoundError):
         assert [n for n in os.listdir(tmp_path / "wk") if n.startswith("#mergefs-")] == []
+
+
+def test_U4_U8_second_copy_up_into_a_copied_parent(tmp_path, union_mount):
+    """The copy-up of a file whose parent the upper already holds (no copy-up of
+    the parent, no call for it) keeps the parent's times (U4: a copy-up is no
+    change of the parent, as kernel overlayfs), records the file's number on
+    the copy (U8, through the copy's fd), and carries its owner, mode, data and
+    xattrs; the number the mount shows does not change."""
+    dir_mtime = 1_500_000_000_000_000_000
+    specs = [LayerSpec().dir("d", mtime_ns=dir_mtime).file("d/a", b"a\n")
+             .file("d/b", b"b" * 5000, mode=0o640, uid=123, gid=456,
+                   xattrs={"user.k": b"v"})]
+    layers = materialise_stack(specs, tmp_path / "layers")
+    up, wk = tmp_path / "up", tmp_path / "wk"
+    up.mkdir()
+    wk.mkdir()
+    mnt = union_mount(layers, upper=up, work=wk)
+    ino = os.stat(mnt / "d/b").st_ino
+    with open(mnt / "d/a", "ab") as f:        # copies d up, then a
+        f.write(b"+")
+    assert os.stat(up / "d").st_mtime_ns == dir_mtime
+    with open(mnt / "d/b", "ab") as f:        # d is in the upper already
+        f.write(b"+")
+    st = os.stat(up / "d/b")
+    assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o640, 123, 456)
+    assert (up / "d/b").read_bytes() == b"b" * 5000 + b"+"
+    assert os.getxattr(up / "d/b", "user.k") == b"v"
+    assert os.stat(up / "d").st_mtime_ns == dir_mtime
+    assert os.stat(mnt / "d/b").st_ino == ino
+    prefix = "trusted" if os.geteuid() == 0 else "user"
+    assert os.getxattr(up / "d/b", prefix + ".overlay.mergefs-ino") == b"%d" % ino
