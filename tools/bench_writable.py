@@ -13,7 +13,11 @@ over an even number of rounds) and times these steps, in this order, on the
 same mount:
 
 1. ``mount``: from starting the mount command to the first ``ls`` done
-   (mergefs: the standalone CLI, ``python -m mergefs mount --upper ...``);
+   (mergefs: the standalone CLI, ``python -m mergefs mount --upper ...``;
+   mergefs-service: the fuse-overlayfs form with ``service=SOCK`` through
+   the lean mount program of ``mergefs views install-program``, to a
+   ``mergefs mount-server`` started once for the run, which forks a warm
+   server per mount: how podman runs it with ``mountopt = "service=..."``);
 2. ``untar``: ``tar -xf`` of 10k small files (100 dirs, with a ``./`` member)
    into the mount root; tar's exit status is recorded (non-zero is a bug);
 3. ``find``: ``find MNT`` of everything;
@@ -75,8 +79,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import benchlib  # noqa: E402
 import gen_stack  # noqa: E402
 
-SYSTEMS = ("kernel-overlay", "fuse-overlayfs", "mergefs")
+SYSTEMS = ("kernel-overlay", "fuse-overlayfs", "mergefs", "mergefs-service")
 BEFORE = "mergefs-before"        # with --before TREE
+SERVICE = "mergefs-service"
 STEPS = ("mount", "untar", "find", "append", "rm", "tar-c", "dpkg")
 RM_SUBTREES = ("opt", "run", "srv")
 N_APPEND = 2000
@@ -289,6 +294,8 @@ def dpkg_installed(mnt: str) -> str:
 
 class System:
     before: str | None = None       # --before TREE: the source tree "mergefs-before" runs
+    service = None                  # the mount server (testing.services.MountService)
+    program: str | None = None      # its lean mount program
 
     def __init__(self, name: str, layers: list[str], base: str, log: str):
         self.name, self.layers, self.log = name, layers, log
@@ -306,6 +313,12 @@ class System:
         elif self.name == "fuse-overlayfs":
             subprocess.run(["fuse-overlayfs", "-o", opts, self.mnt], check=True)
             self.pid = find_server_pid(b"fuse-overlayfs", self.mnt)
+        elif self.name == SERVICE:
+            from mergefs.union.server import default_log_path
+            self.log = default_log_path(self.mnt)    # where a forked server logs (/run/mergefs)
+            subprocess.run([self.program, "-o", f"{opts},service={self.service.control}",
+                            self.mnt], check=True)
+            self.pid = served_by(str(self.service.log), self.mnt)
         else:
             tree = self.before if self.name == "mergefs-before" else None
             env = dict(os.environ, PYTHONPATH=tree) if tree else None
@@ -319,6 +332,9 @@ class System:
         deadline = time.monotonic() + 10
         while self.pid and os.path.exists(f"/proc/{self.pid}") and time.monotonic() < deadline:
             time.sleep(0.05)
+        if self.name == SERVICE:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.log)
 
     def cpu(self) -> float:
         """User + system CPU seconds of the server so far (0 for the kernel)."""
@@ -340,6 +356,20 @@ def find_server_pid(program: bytes, mnt: str) -> int | None:
             continue
         if args and os.path.basename(args[0]) == program and mnt.encode() in args:
             return int(pid)
+    return None
+
+
+def served_by(log: str, mnt: str, timeout: float = 5.0) -> int | None:
+    """The pid of the server the mount service forked for ``mnt``: it logs
+    "mounted MNT (server PID)" once the mount command has its answer."""
+    pattern = re.compile(rf"mounted {re.escape(mnt)} \(server (\d+)\)")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(log) as f:
+            found = pattern.findall(f.read())
+        if found:
+            return int(found[-1])
+        time.sleep(0.01)
     return None
 
 
@@ -546,6 +576,19 @@ def run(args) -> int:
         System.before = os.path.abspath(args.before)
         if BEFORE not in args.systems:
             args.systems.append(BEFORE)
+    with contextlib.ExitStack() as stack:
+        if SERVICE in args.systems:
+            from pathlib import Path
+            from mergefs.testing.services import MountService, program
+            where = Path(args.workdir, "service")
+            shutil.rmtree(where, ignore_errors=True)
+            System.service = MountService("fork", where)
+            stack.callback(System.service.stop)
+            System.program = program(where)
+        return rounds(args, steps, layers, tarball, append_list, n_entries, debian, failed)
+
+
+def rounds(args, steps, layers, tarball, append_list, n_entries, debian, failed) -> int:
     print(f"load average at start: {os.getloadavg()}", flush=True)
     table = benchlib.Table(f"writable union: {args.files}-file stack in 3 layers, "
                            f"{args.rounds} rounds (seconds; ratio vs fuse-overlayfs)")
