@@ -197,6 +197,7 @@ async def _serve_in_loop(spec: MountSpec, view, target: str, mountpoint: str,
                           volatile=spec.volatile,
                           squash=(spec.squash_uid, spec.squash_gid))
     pyfuse3.init(ops, target, fuse_options(spec))
+    clean = False
     try:
         log.info("serving %d layers at %s (%s%s)", len(spec.lowers), mountpoint,
                  "writable" if spec.writable else "read-only", ", no-open" if ops.no_open else "")
@@ -205,6 +206,7 @@ async def _serve_in_loop(spec: MountSpec, view, target: str, mountpoint: str,
         _start_counts()
         gc.set_threshold(*GC_THRESHOLDS)
         await _run()
+        clean = True
     except BaseException:
         log.exception("server stopped by an error")
         raise
@@ -215,6 +217,29 @@ async def _serve_in_loop(spec: MountSpec, view, target: str, mountpoint: str,
             with contextlib.suppress(OSError):
                 syscalls_umount(mountpoint)
         log.info("stopped")
+        if clean:
+            drop_quiet_log(mountpoint)
+
+
+def drop_quiet_log(mountpoint: str) -> bool:
+    """Remove this server's log if it is the default one of ``mountpoint``
+    (``default_log_path``, where stderr points) and says nothing but INFO lines
+    (serving, stopped, request counts): gone with its mount, as a container's
+    is with the container, instead of one file per container piling up in
+    /run/mergefs until the next boot. A warning, an error or anything written
+    to stderr keeps it. True if removed."""
+    try:
+        path = os.readlink("/proc/self/fd/2")
+        if path != default_log_path(mountpoint):
+            return False                  # --log FILE, a terminal, a pipe: the caller's
+        with open(path, "rb") as f:
+            data = f.read(1 << 16)
+        if len(data) == 1 << 16 or not all(b" INFO " in line for line in data.splitlines()):
+            return False
+        os.unlink(path)
+        return True
+    except OSError:
+        return False
 
 
 def default_log_path(mountpoint: str) -> str:

@@ -197,6 +197,46 @@ def test_cli_mount_log_file_exists_when_the_command_returns(tmp_path, cli_mounts
         assert text.startswith("kept\n") == (i == 2)
 
 
+@pytest.mark.timeout(120)
+def test_cli_mount_default_log_goes_with_a_quiet_mount(tmp_path, cli_mounts):
+    """Without --log the server logs to /run/mergefs/mount-NAME.log (default_log_path):
+    there while mounted; removed at a clean unmount when it holds only INFO lines, so
+    a host running many containers does not keep one file per container; kept when
+    something else was written to it (here a warning line, as a server's would be)."""
+    layers = materialise_stack(sample_stack(), tmp_path / "layers")
+    for kept in (False, True):
+        mnt = tmp_path / f"mnt-{kept}"
+        mnt.mkdir()
+        cli_mounts.append(mnt)
+        log = Path(server.default_log_path(str(mnt)))
+        log.unlink(missing_ok=True)
+        r = _cli("mount", *map(str, layers), str(mnt))
+        assert r.returncode == 0, r.stderr
+        assert (mnt / "etc/hosts").read_bytes() == b"127.0.0.1\n"
+        assert "INFO serving" in log.read_text()
+        if kept:
+            with open(log, "a") as f:
+                f.write("2026-01-01 00:00:00,000 mergefs[1] WARNING something to look at\n")
+        pid = next(int(p) for p in os.listdir("/proc") if p.isdigit()
+                   and _cmdline(int(p)).endswith(str(mnt).encode()))
+        assert _cli("umount", str(mnt)).returncode == 0
+        deadline = time.monotonic() + 30
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert log.exists() == kept
+        if kept:
+            assert log.read_text().rstrip().endswith("INFO stopped")
+            log.unlink()
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().rstrip(b"\0")
+    except OSError:
+        return b""
+
+
 def test_cli_mount_log_in_a_missing_directory_is_a_clear_error(tmp_path, cli_mounts):
     layers = materialise_stack(sample_stack(), tmp_path / "layers")
     mnt = tmp_path / "mnt"
