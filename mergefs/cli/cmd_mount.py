@@ -47,7 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--foreground", action="store_true", help="serve in this process")
     p.add_argument("--format", choices=FORMATS, default="auto", help="whiteout format of the layers")
     p.add_argument("--log", help="server log file, created (appended to if it exists) before "
-                   "the command returns (default /run/mergefs/mount-*.log; empty when a "
+                   "the command returns (default /run/mergefs/mount-*.log, removed at a clean "
+                   "unmount when it holds only INFO lines; empty when a "
                    "running service serves the mount: it logs to its own log)")
     p.add_argument("-o", dest="options", action="append", default=[],
                    help="extra FUSE mount options (comma separated); -o dev,suid lifts the "
