@@ -43,19 +43,13 @@ def scan(layer_fd: int) -> dict[int, tuple[bytes, ...]]:
     Python object per entry, ~10x faster), or ``_scan_python`` without it or
     where it fails (it holds an fd per level of depth: EMFILE in a very deep
     layer; a real error, EACCES ..., the Python walk meets again and raises)."""
-    fast = _c_walk()
+    fast = compiled("layer_links")          # None without a module built from these sources
     if fast is not None:
         try:
             return fast(layer_fd)
         except OSError:
             pass
     return _scan_python(layer_fd)
-
-
-def _c_walk():
-    """``_fastpath.layer_links`` if the compiled module is there and built from these
-    sources, else None."""
-    return compiled("layer_links")
 
 
 def _scan_python(layer_fd: int) -> dict[int, tuple[bytes, ...]]:
