@@ -51,6 +51,8 @@ import threading
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+from mergefs.platforms import oci_architecture
+
 from . import meta, service
 from .blobs import blob_dir, drop_orphans
 from .digest import TreeSummary, merge_id, tree_digest
@@ -65,8 +67,6 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
-_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le",
-         "s390x": "s390x", "riscv64": "riscv64"}
 _ID = "sha256:"
 
 Progress = Callable[[str], None]
@@ -121,8 +121,7 @@ class _Plan(NamedTuple):
 
 
 def _platform(index: dict) -> str:
-    machine = os.uname().machine
-    arch = _ARCH.get(machine, machine)
+    arch = oci_architecture()
     for m in index.get("manifests", []):
         p = m.get("platform", {})
         if p.get("os") == "linux" and p.get("architecture") == arch:

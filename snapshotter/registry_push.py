@@ -22,10 +22,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from mergefs.platforms import oci_architecture
+
 from . import meta, service
 from .blobs import blob_dir, drop_orphans
 from .distribution import Skopeo, Target, parse_target, result
-from .registry import (_ARCH, ANN_ID, ANN_TREE, CONFIG_TYPE, OCI_INDEX, OCI_MANIFEST, Blob,
+from .registry import (ANN_ID, ANN_TREE, CONFIG_TYPE, OCI_INDEX, OCI_MANIFEST, Blob,
                        Progress, _hex, _json, _quiet)
 from .store import Store
 
@@ -87,8 +89,7 @@ def _write_layout(store: Store, where: Path, blobs: list[Blob]) -> str:
     for b in blobs:
         if not (bdir / _hex(b.digest)).exists():
             os.link(blob_dir(store) / _hex(b.digest), bdir / _hex(b.digest))
-    machine = os.uname().machine
-    config = {"architecture": _ARCH.get(machine, machine), "os": "linux", "config": {},
+    config = {"architecture": oci_architecture(), "os": "linux", "config": {},
               "rootfs": {"type": "layers", "diff_ids": [b.diff_id for b in blobs]}}
     layers = []
     for b in blobs:

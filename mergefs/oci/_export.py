@@ -33,7 +33,8 @@ from ..plan import refuse_redirect
 from ..resolver import Resolver
 from . import _compress, _tar
 from ._extract import MAX_DEPTH
-from ._image import INDEX, MANIFEST, REF_NAME, _ARCH
+from ..platforms import oci_architecture
+from ._image import INDEX, MANIFEST, REF_NAME
 
 CHUNK = 1 << 20
 MEDIA_TYPES = {None: "application/vnd.oci.image.layer.v1.tar",
@@ -336,7 +337,7 @@ def export_layout(layers: Sequence, out, *, ref: str = "latest", compression: st
         blobs = os.path.join(staging, "blobs", "sha256")
         os.makedirs(blobs)
         written = _write_layers(blobs, layers, compression, progress)
-        cfg = {"architecture": _ARCH.get(os.uname().machine, os.uname().machine), "os": "linux",
+        cfg = {"architecture": oci_architecture(), "os": "linux",
                "config": {}, **(config or {}),
                "rootfs": {"type": "layers", "diff_ids": [b.diff_id for b in written]}}
         cfg_desc = {"mediaType": CONFIG_TYPE, **_put_blob(blobs, _json_bytes(cfg))}

@@ -28,6 +28,7 @@ from typing import BinaryIO, Iterator
 
 from .. import syscalls
 from ..errors import InvalidLayer, MergefsError, NotFound, UnsafeContent
+from ..platforms import oci_architecture
 from ._extract import clean_path
 from ._stream import sniff_compression
 
@@ -50,8 +51,6 @@ MAX_NESTING = 64         # image metadata nests a few levels; json.loads recurse
 MAX_JSON = 16 << 20      # manifests and configs are kilobytes; refuse to buffer a huge one
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _HEX_NAME = re.compile(r"^(blobs/sha256/)?([0-9a-f]{64})(\.json|\.tar|/layer\.tar|/json|/VERSION)?$")
-_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le",
-         "s390x": "s390x", "riscv64": "riscv64"}
 
 
 @dataclass(frozen=True)
@@ -439,7 +438,7 @@ def _pick(descs: list[dict], ref: str | None, what: str) -> dict:
 
 
 def _platform_manifest(source: _Source, index: dict) -> dict:
-    arch = _ARCH.get(os.uname().machine, os.uname().machine)
+    arch = oci_architecture()
     descs = index.get("manifests") or []
     hits = [d for d in descs if d.get("platform", {}).get("os", "linux") == "linux"
             and d.get("platform", {}).get("architecture", arch) == arch]
