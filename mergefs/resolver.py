@@ -31,7 +31,7 @@ from sortedcontainers import SortedDict
 
 from . import syscalls
 from .layer import (DIR, OCI_OPAQUE, OCI_WHITEOUT, Layer, LayerDir, as_layers, dir_markers,
-                    read_layer_dir)
+                    read_layer_dir, read_layer_name)
 
 
 class Node(NamedTuple):
@@ -240,6 +240,42 @@ def _markers(layer: Layer, fd: int) -> tuple[bool, bytes | None]:
     return opaque, redirect
 
 
+class NameReader:
+    """A ``read`` for ``dir_sources`` that looks up one name instead of listing:
+    each layer directory's markers and what it says about ``name``
+    (``read_layer_name``), so ``merge_listing`` of what it read gives exactly the
+    node the whole listings give for ``name`` (every rule of the merge is per
+    name, given the directories' opacity). Once a layer decides the name (its
+    whiteout, or a non-directory: nothing below shows, M2, M3, D1), the layers
+    below are read for their markers only, which the directory's sources (and
+    the redirects its children's layer paths follow) still need.
+
+    ``open_dir(layer, path) -> (fd, close it?)`` gives the layer's directory;
+    ``stats`` holds the lstat of the name in each layer that has an entry."""
+
+    def __init__(self, layers: Sequence[Layer], name: bytes, open_dir):
+        self.layers, self.name, self.open_dir = layers, name, open_dir
+        self.stats: dict[int, os.stat_result] = {}
+        self.decided = False
+
+    def __call__(self, idx: int, path: bytes) -> LayerDir:
+        fd, owned = self.open_dir(idx, path)
+        try:
+            ld, st = read_layer_name(fd, self.name, self.layers[idx].fmt, not self.decided)
+        finally:
+            if owned:
+                os.close(fd)
+        if st is not None:
+            self.stats[idx] = st
+            self.decided = stat.S_IFMT(st.st_mode) != DIR
+        if self.name in ld.whiteouts:
+            self.decided = True
+        return ld
+
+    def node(self, found: Sequence[Source]) -> Node | None:
+        return merge_listing((s.layer, s.ld) for s in found).get(self.name)
+
+
 class Resolver:
     """Point look-ups and listings of a merged view (used by union and explain).
 
@@ -287,6 +323,10 @@ class Resolver:
             os.close(fd)
         return LayerDir(opaque=opaque, redirect=redirect)
 
+    def open_dir(self, idx: int, path: bytes) -> tuple[int, bool]:
+        """A ``NameReader``'s ``open_dir``: a new fd on the layer's directory."""
+        return syscalls.open_beneath(self.layers[idx].fd, path), True
+
     def sources(self, cands, parent_path=None, read=None) -> list[Source]:
         """``dir_sources`` over this resolver's layers (full listings read, unless
         ``read`` is ``layer_markers``)."""
@@ -327,8 +367,9 @@ class Resolver:
         for name in path.split(b"/") if path else ():
             if node.kind != DIR:
                 return None
-            found = self.sources([(i, paths[i]) for i in node.layers], up.get)
-            node = merge_listing((s.layer, s.ld) for s in found).get(name)
+            read = NameReader(self.layers, name, self.open_dir)    # no directory listed
+            found = self.sources([(i, paths[i]) for i in node.layers], up.get, read)
+            node = read.node(found)
             if node is None:
                 return None
             up = {s.layer: s.path for s in found}
