@@ -286,6 +286,9 @@ class Resolver:
     # A faster reader of a layer directory's entries (``read_layer_dir``'s ``scan``),
     # set by the union when its C module is there.
     scan = None
+    # How many layer directories were read whole (``layer_dir``): what a cold
+    # lookup must not cost (``NameReader``); tests and benchmarks read it.
+    dirs_listed = 0
 
     def __init__(self, layers: Sequence[Layer | str | bytes]):
         self.layers = as_layers(layers)
@@ -308,6 +311,7 @@ class Resolver:
         """One layer's view of one directory (path must be a directory there)."""
         layer = self.layers[idx]
         fd = syscalls.open_beneath(layer.fd, path)
+        self.dirs_listed += 1
         try:
             return read_layer_dir(fd, layer.fmt, self.scan)
         finally:
@@ -342,8 +346,9 @@ class Resolver:
         """The layers a directory really merges from: ``node.layers`` cut after
         the first opaque one (a listing cannot know that without reading the
         child directories, so ``Node.layers`` of a directory may run longer),
-        or replaced below a redirect."""
-        return tuple(s.layer for s in self.sources([(i, path) for i in node.layers]))
+        or replaced below a redirect. Reads the directories' markers only."""
+        return tuple(s.layer for s in self.sources([(i, path) for i in node.layers],
+                                                   read=self.layer_markers))
 
     def lstat(self, path: bytes, node: Node) -> os.stat_result:
         """Attributes of a merged entry: those of its top layer's entry."""
