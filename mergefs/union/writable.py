@@ -88,6 +88,13 @@ class WritableView(UnionView):
             os.close(self._lower_dirs.popitem(last=False)[1])
         return fd
 
+    def _open_layer_dir(self, layer: int, path: bytes) -> tuple[int, bool]:
+        """``read_name``'s directories from the fd caches, left open: the upper's
+        (``Upper.borrow_dir``) and the lowers' (``lower_dir``)."""
+        if layer == self.up:
+            return self.upper.borrow_dir(path), False
+        return self.lower_dir(layer, path), False
+
     def attr(self, inode: Inode) -> os.stat_result:
         """As the view's, with the parent dir's fd kept (upper: ``Upper.borrow_dir``,
         lower: ``lower_dir``)."""
