@@ -99,8 +99,9 @@ def dir_markers(dir_fd: int) -> tuple[bool, bool, bytes | None, bool]:
     return opaque, xwhite, redirect, numbered
 
 
-def _is_xattr_whiteout(dir_fd: int, name: bytes) -> bool:
-    st = syscalls.lstat(name, dir_fd)
+def _is_xattr_whiteout(dir_fd: int, name: bytes, st: os.stat_result | None = None) -> bool:
+    if st is None:
+        st = syscalls.lstat(name, dir_fd)
     if st.st_size != 0:
         return False
     return any(syscalls.getxattr(dir_fd, name, a) is not None for a in XWHITEOUT_XATTRS)
@@ -184,6 +185,56 @@ def read_layer_dir(dir_fd: int, fmt: str = "auto", scan=None) -> LayerDir:
             entries[name] = new_entry(Entry, (kind, de.inode()))
     # D2: an entry of the same layer is not hidden by its own whiteout.
     return out
+
+
+def _lstat_or_none(name: bytes, dir_fd: int) -> os.stat_result | None:
+    """lstat of ``name``, None where there is none (ENAMETOOLONG: a ``.wh.`` name
+    made of a name near NAME_MAX, which no layer can hold)."""
+    try:
+        return syscalls.lstat(name, dir_fd)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            return None
+        raise
+
+
+def read_layer_name(dir_fd: int, name: bytes, fmt: str = "auto",
+                    look: bool = True) -> tuple[LayerDir, os.stat_result | None]:
+    """What one open directory of a layer says about one ``name``, without listing
+    it: a LayerDir with the directory's markers (opaque, redirect, numbered, as
+    ``read_layer_dir`` reads them) and, of its entries and whiteouts, at most
+    ``name``'s, exactly as ``read_layer_dir`` would hold them (both formats, xattr
+    whiteouts, D2); and the entry's lstat (None when it has no entry).
+
+    An OCI whiteout ``.wh.NAME`` beside a non-directory NAME is not looked for:
+    what lies below a non-directory never shows (M2, M3), so it changes nothing.
+    ``look=False``: the markers only (the name is decided by a layer above)."""
+    overlay, oci = fmt != "oci", fmt != "overlay"
+    out = LayerDir()
+    xwhite = False
+    if overlay:
+        out.opaque, xwhite, out.redirect, out.numbered = dir_markers(dir_fd)
+    if oci and _lstat_or_none(OCI_OPAQUE, dir_fd) is not None:
+        out.opaque = True
+    if not look:
+        return out, None
+    st = None
+    if not (oci and name.startswith(OCI_WHITEOUT)):     # such a name is a marker in OCI
+        st = _lstat_or_none(name, dir_fd)
+    kind = None
+    if st is not None:
+        kind = stat.S_IFMT(st.st_mode)
+        if overlay and (syscalls.is_whiteout_stat(st) or kind == REG and xwhite
+                        and _is_xattr_whiteout(dir_fd, name, st)):
+            out.whiteouts.add(name)
+            return out, None
+        out.entries[name] = Entry(kind, st.st_ino)
+    if oci and kind in (None, DIR) and OCI_WHITEOUT + name != OCI_OPAQUE and \
+            _lstat_or_none(OCI_WHITEOUT + name, dir_fd) is not None:
+        out.whiteouts.add(name)
+    return out, st
 
 
 def content_xattrs(dir_fd: int, name: bytes) -> dict[str, bytes]:

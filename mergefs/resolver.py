@@ -31,7 +31,7 @@ from sortedcontainers import SortedDict
 
 from . import syscalls
 from .layer import (DIR, OCI_OPAQUE, OCI_WHITEOUT, Layer, LayerDir, as_layers, dir_markers,
-                    read_layer_dir)
+                    read_layer_dir, read_layer_name)
 
 
 class Node(NamedTuple):
@@ -240,6 +240,42 @@ def _markers(layer: Layer, fd: int) -> tuple[bool, bytes | None]:
     return opaque, redirect
 
 
+class NameReader:
+    """A ``read`` for ``dir_sources`` that looks up one name instead of listing:
+    each layer directory's markers and what it says about ``name``
+    (``read_layer_name``), so ``merge_listing`` of what it read gives exactly the
+    node the whole listings give for ``name`` (every rule of the merge is per
+    name, given the directories' opacity). Once a layer decides the name (its
+    whiteout, or a non-directory: nothing below shows, M2, M3, D1), the layers
+    below are read for their markers only, which the directory's sources (and
+    the redirects its children's layer paths follow) still need.
+
+    ``open_dir(layer, path) -> (fd, close it?)`` gives the layer's directory;
+    ``stats`` holds the lstat of the name in each layer that has an entry."""
+
+    def __init__(self, layers: Sequence[Layer], name: bytes, open_dir):
+        self.layers, self.name, self.open_dir = layers, name, open_dir
+        self.stats: dict[int, os.stat_result] = {}
+        self.decided = False
+
+    def __call__(self, idx: int, path: bytes) -> LayerDir:
+        fd, owned = self.open_dir(idx, path)
+        try:
+            ld, st = read_layer_name(fd, self.name, self.layers[idx].fmt, not self.decided)
+        finally:
+            if owned:
+                os.close(fd)
+        if st is not None:
+            self.stats[idx] = st
+            self.decided = stat.S_IFMT(st.st_mode) != DIR
+        if self.name in ld.whiteouts:
+            self.decided = True
+        return ld
+
+    def node(self, found: Sequence[Source]) -> Node | None:
+        return merge_listing((s.layer, s.ld) for s in found).get(self.name)
+
+
 class Resolver:
     """Point look-ups and listings of a merged view (used by union and explain).
 
@@ -250,6 +286,9 @@ class Resolver:
     # A faster reader of a layer directory's entries (``read_layer_dir``'s ``scan``),
     # set by the union when its C module is there.
     scan = None
+    # How many layer directories were read whole (``layer_dir``): what a cold
+    # lookup must not cost (``NameReader``); tests and benchmarks read it.
+    dirs_listed = 0
 
     def __init__(self, layers: Sequence[Layer | str | bytes]):
         self.layers = as_layers(layers)
@@ -272,6 +311,7 @@ class Resolver:
         """One layer's view of one directory (path must be a directory there)."""
         layer = self.layers[idx]
         fd = syscalls.open_beneath(layer.fd, path)
+        self.dirs_listed += 1
         try:
             return read_layer_dir(fd, layer.fmt, self.scan)
         finally:
@@ -286,6 +326,10 @@ class Resolver:
         finally:
             os.close(fd)
         return LayerDir(opaque=opaque, redirect=redirect)
+
+    def open_dir(self, idx: int, path: bytes) -> tuple[int, bool]:
+        """A ``NameReader``'s ``open_dir``: a new fd on the layer's directory."""
+        return syscalls.open_beneath(self.layers[idx].fd, path), True
 
     def sources(self, cands, parent_path=None, read=None) -> list[Source]:
         """``dir_sources`` over this resolver's layers (full listings read, unless
@@ -302,8 +346,9 @@ class Resolver:
         """The layers a directory really merges from: ``node.layers`` cut after
         the first opaque one (a listing cannot know that without reading the
         child directories, so ``Node.layers`` of a directory may run longer),
-        or replaced below a redirect."""
-        return tuple(s.layer for s in self.sources([(i, path) for i in node.layers]))
+        or replaced below a redirect. Reads the directories' markers only."""
+        return tuple(s.layer for s in self.sources([(i, path) for i in node.layers],
+                                                   read=self.layer_markers))
 
     def lstat(self, path: bytes, node: Node) -> os.stat_result:
         """Attributes of a merged entry: those of its top layer's entry."""
@@ -327,8 +372,9 @@ class Resolver:
         for name in path.split(b"/") if path else ():
             if node.kind != DIR:
                 return None
-            found = self.sources([(i, paths[i]) for i in node.layers], up.get)
-            node = merge_listing((s.layer, s.ld) for s in found).get(name)
+            read = NameReader(self.layers, name, self.open_dir)    # no directory listed
+            found = self.sources([(i, paths[i]) for i in node.layers], up.get, read)
+            node = read.node(found)
             if node is None:
                 return None
             up = {s.layer: s.path for s in found}

@@ -250,7 +250,7 @@ class FdCache:
         cached fd is kept as it is; else an O_PATH one (cheap: ``rm -rf`` pins every
         file), opened for reading or writing only if the kernel comes back for it."""
         view = self.view
-        node = view.listing(parent).get(name)
+        node = view.child(parent, name)
         if node is None or node.kind != REG or node.top != view.up:
             return
         inode = view.inodes.live(view.inodes.number_for(node))

@@ -53,15 +53,33 @@ class _Sharing:
     def listing(self, inode):
         if inode.children is None and inode.is_dir and self._lower_only(inode.node):
             key = (inode.node.layers, inode.node.inos)
-            shared = self.cache.listings.get(key)
-            if shared is None:
+            if self._take_shared(inode) is None:
                 shared = self.cache.listings[key] = SharedListing(self.read_dir(inode))
                 shared.redirects, shared.sources = inode.redirects, inode.sources
-            elif shared.redirects:
+                inode.children = shared
+        return super().listing(inode)
+
+    def listed(self, inode):
+        """The stack's listing counts as at hand (a lookup takes its answer there)."""
+        if inode.children is None and inode.is_dir and self._lower_only(inode.node):
+            self._take_shared(inode)
+        return super().listed(inode)
+
+    def _take_shared(self, inode):
+        """The stack's cached listing of a lower-only directory, made the inode's
+        (with its redirects and serving layers), or None when it has none."""
+        shared = self.cache.listings.get((inode.node.layers, inode.node.inos))
+        if shared is not None:
+            if shared.redirects:
                 self.redirected = True
             inode.redirects, inode.sources = shared.redirects, shared.sources
             inode.children = shared
-        return super().listing(inode)
+        return shared
+
+    def _looked_up(self, node, st):
+        if self.up is None or node.top != self.up:
+            return self.cache.stat_for(node, st)
+        return super()._looked_up(node, st)
 
     def _reads_ahead(self, node) -> bool:
         """Not when the stack's cache has the directory's listing already."""

@@ -42,7 +42,6 @@ from dataclasses import dataclass
 import pyfuse3
 from pyfuse3 import FUSEError
 
-from ..errors import NotFound
 from .. import syscalls
 from ..layer import DIR, REG, is_overlay_private
 from .errors import direct, fuse_errors, log
@@ -232,13 +231,10 @@ class UnionOperations(pyfuse3.Operations):
     # -- names -----------------------------------------------------------
     @fuse_errors
     def lookup(self, parent_inode, name, ctx=None):
-        parent = self.inodes.get(parent_inode)
-        if name not in self.view.listing(parent):
-            return self._negative    # before every new name: no exception raised for it
-        try:
-            return self._entry(self.view.lookup(parent, name))
-        except NotFound:
-            return self._negative
+        # one name looked up in the layers, no directory listed (view.read_name);
+        # before every new name: no exception raised for its absence
+        inode = self.view.lookup_or_none(self.inodes.get(parent_inode), name)
+        return self._negative if inode is None else self._entry(inode)
 
     @fuse_errors
     def forget(self, inode_list):

@@ -21,7 +21,7 @@ from sortedcontainers import SortedDict
 from .. import syscalls
 from ..errors import NotFound
 from ..layer import LNK, NUMBER_XATTRS, Layer, LayerDir, is_overlay_private
-from ..resolver import Node, Resolver, join, merge_listing, redirect_value
+from ..resolver import NameReader, Node, Resolver, join, merge_listing, redirect_value
 from .fastpath import compiled
 from .inodes import Inode, InodeTable
 
@@ -89,15 +89,38 @@ class UnionView:
 
     def read_dir(self, inode: Inode) -> SortedDict:
         """Read a directory's merged listing from its layers; note its redirects."""
-        found, redirects = self._sources(inode.parent, inode.name, inode.node, inode.path,
-                                         self._layer_dir if self._ahead else None)
+        found = self._read(inode, self._layer_dir if self._ahead else None)
+        return SortedDict(merge_listing((s.layer, s.ld) for s in found))
+
+    def _read(self, inode: Inode, read) -> list:
+        """``_sources`` of a directory inode, each layer read with ``read``; the
+        inode's redirects and serving layers noted, and the numbers the upper's
+        entries recorded (U8)."""
+        found, redirects = self._sources(inode.parent, inode.name, inode.node, inode.path, read)
         if redirects:
             self.redirected = True
         inode.redirects, inode.sources = redirects, tuple(s.layer for s in found)
         for s in found:
             if s.ld.numbered and s.layer == getattr(self, "up", None):
                 self._recorded_numbers(s)
-        return SortedDict(merge_listing((s.layer, s.ld) for s in found))
+        return found
+
+    def read_name(self, parent: Inode, name: bytes) -> tuple[Node | None, os.stat_result | None]:
+        """``name`` in the directory ``parent`` as its listing would give it, found
+        without listing a directory: looked up in each layer serving ``parent``,
+        top first, with whiteouts, opaque directories and redirects applied as the
+        listing applies them (``resolver.NameReader``), as kernel overlayfs looks a
+        name up. Returns the node (None: no such name) and the lstat of its top
+        entry (None when there is none)."""
+        if not parent.is_dir:
+            raise OSError(20, "Not a directory")   # ENOTDIR, as ``listing``
+        read = NameReader(self.layers, name, self._open_layer_dir)
+        node = read.node(self._read(parent, read))
+        return node, (None if node is None else read.stats.get(node.top))
+
+    def _open_layer_dir(self, layer: int, path: bytes) -> tuple[int, bool]:
+        """(an fd on the directory ``path`` of ``layer``, must the caller close it?)"""
+        return self.resolver.open_dir(layer, path)
 
     def _read_ahead(self, layer: int, path: bytes) -> LayerDir:
         """A lower directory read whole for ``merged`` (its markers are what it
@@ -168,7 +191,10 @@ class UnionView:
         if parent is None or top == 0:        # the root's layers are cut already
             return len(node.layers) > 1
         path = join(parent.path, name)
-        read = self._read_ahead if self._reads_ahead(node) else self.resolver.layer_markers
+        # an inode's (a LOOKUP's, a GETATTR's) is not read ahead: the names in it are
+        # looked up one by one (``read_name``), no listing takes the read
+        read = self._read_ahead if inode is None and self._reads_ahead(node) else \
+            self.resolver.layer_markers
         ld = read(top, path if not self.redirected else join(self.layer_path(parent, top), name))
         if ld.opaque:
             return False
@@ -191,14 +217,45 @@ class UnionView:
             inode.children = self.read_dir(inode)
         return inode.children
 
+    def listed(self, inode: Inode) -> SortedDict | None:
+        """The directory's merged listing where one is at hand (never read for
+        this): it is then the answer for any name in it."""
+        return inode.children
+
+    def child(self, parent: Inode, name: bytes) -> Node | None:
+        """``listing(parent).get(name)``: from the listing when it is at hand, else
+        by ``read_name`` (no directory listed for one name)."""
+        children = self.listed(parent)
+        if children is not None:
+            return children.get(name)
+        return self.read_name(parent, name)[0]
+
     def lookup(self, parent: Inode, name: bytes) -> Inode:
         """The child inode (lookup count +1); NotFound if the view has no such name."""
-        node = self.listing(parent).get(name)
-        if node is None:
+        inode = self.lookup_or_none(parent, name)
+        if inode is None:
             raise NotFound(name)
+        return inode
+
+    def lookup_or_none(self, parent: Inode, name: bytes) -> Inode | None:
+        """``lookup``, None for a name the view does not have (no exception: the
+        kernel looks up every new name before it is made)."""
+        children, st = self.listed(parent), None
+        if children is not None:
+            node = children.get(name)
+        else:
+            node, st = self.read_name(parent, name)
+        if node is None:
+            return None
         inode = self.inodes.entry(parent, name, node)
+        if inode.attr is None and st is not None:
+            inode.attr = self._looked_up(node, st)
         self.attr(inode)
         return inode
+
+    def _looked_up(self, node: Node, st: os.stat_result) -> os.stat_result:
+        """The lstat to keep for ``node``'s entry, given the one its lookup made."""
+        return st
 
     def entries(self, parent: Inode, names: Iterable[tuple[bytes, Node]]):
         """Yield (name, node, number, lstat, EntryAttributes|None) for listing entries.

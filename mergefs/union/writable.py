@@ -88,6 +88,13 @@ class WritableView(UnionView):
             os.close(self._lower_dirs.popitem(last=False)[1])
         return fd
 
+    def _open_layer_dir(self, layer: int, path: bytes) -> tuple[int, bool]:
+        """``read_name``'s directories from the fd caches, left open: the upper's
+        (``Upper.borrow_dir``) and the lowers' (``lower_dir``)."""
+        if layer == self.up:
+            return self.upper.borrow_dir(path), False
+        return self.lower_dir(layer, path), False
+
     def attr(self, inode: Inode) -> os.stat_result:
         """As the view's, with the parent dir's fd kept (upper: ``Upper.borrow_dir``,
         lower: ``lower_dir``)."""
@@ -121,7 +128,7 @@ class WritableView(UnionView):
 
     # -- helpers ----------------------------------------------------------
     def _child(self, parent: Inode, name: bytes) -> Node:
-        node = self.listing(parent).get(name)
+        node = self.child(parent, name)
         if node is None:
             raise NotFound(name)
         return node
@@ -232,7 +239,7 @@ class WritableView(UnionView):
             return
         known = 1                   # names of the lower file now linked to the copy
         for parent, name in inode.others or ():
-            if self.listing(parent).get(name) == node:      # (not one removed meanwhile)
+            if self.child(parent, name) == node:      # (not one removed meanwhile)
                 self._link_known_name(inode, parent, name)
                 known += 1
         if st.st_nlink > known:     # names the kernel never looked up
@@ -307,7 +314,7 @@ class WritableView(UnionView):
 
     def _prepare_new(self, parent: Inode, name: bytes, ctx) -> os.stat_result:
         """Checks for a new name and copies its parent up; returns the parent's lstat."""
-        if name in self.listing(parent):
+        if self.child(parent, name) is not None:
             raise AlreadyExists(name)
         self.ensure_upper(parent)
         return self.attr(parent)
@@ -373,7 +380,7 @@ class WritableView(UnionView):
     def link(self, inode: Inode, parent: Inode, name: bytes) -> Inode:
         if inode.is_dir:
             raise _err(errno.EPERM)
-        if name in self.listing(parent):
+        if self.child(parent, name) is not None:
             raise AlreadyExists(name)
         self.ensure_upper(inode)
         self.ensure_upper(parent)

@@ -1,0 +1,167 @@
+"""One name looked up in each layer (``layer.read_layer_name``, ``resolver.NameReader``)
+gives exactly what the merged listing gives for it (M1-M3, D1-D3, R1), over random
+stacks in both formats, with redirects, xattr whiteouts and names that are OCI
+markers; and it lists no layer directory."""
+from __future__ import annotations
+
+import os
+import random
+import stat
+import tempfile
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mergefs.layer import DIR, OCI_WHITEOUT, Layer, read_layer_dir, read_layer_name
+from mergefs.resolver import Resolver, join, merge_listing
+from mergefs.testing.builders import LayerSpec, materialise, materialise_stack
+from mergefs.testing.strategies import NAMES, stacks
+
+from ..conftest import needs_root
+
+SETTINGS = settings(max_examples=80, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def by_listing(res: Resolver, path: bytes):
+    """The node at ``path`` found through whole listings: what ``Resolver.lookup``
+    did before it looked names up one by one (the reference)."""
+    node = res.root
+    paths = {i: b"" for i in node.layers}
+    up: dict = {}
+    for name in path.split(b"/") if path else ():
+        if node.kind != DIR:
+            return None
+        found = res.sources([(i, paths[i]) for i in node.layers], up.get)
+        node = merge_listing((s.layer, s.ld) for s in found).get(name)
+        if node is None:
+            return None
+        up = {s.layer: s.path for s in found}
+        paths = {i: join(up[i], name) for i in node.layers}
+    return node
+
+
+def layer_paths(layers) -> set[bytes]:
+    """Every relative path any layer holds, also as the name an OCI marker stands for."""
+    out = set()
+    for layer in layers:
+        root = os.fsencode(layer)
+        for d, dirs, files in os.walk(root):
+            rel = os.path.relpath(d, root)
+            rel = b"" if rel == b"." else rel
+            for name in dirs + files:
+                out.add(join(rel, name))
+                if name.startswith(OCI_WHITEOUT):
+                    out.add(join(rel, name[len(OCI_WHITEOUT):]))
+    return out
+
+
+def decorate(layers, rnd: random.Random) -> None:
+    """Overlay-format extras the strategies do not make: redirects (absolute and
+    relative, also to nowhere), xattr whiteouts in marked directories, an empty
+    file with the whiteout xattr in an unmarked one (a file), a user.overlay opaque."""
+    dirs = sorted(p for p in layer_paths(layers) if p)
+    for layer in layers[1:]:
+        for d, subdirs, files in os.walk(os.fsencode(layer)):
+            for name in subdirs:
+                full = os.path.join(d, name)
+                roll = rnd.random()
+                if roll < 0.25 and dirs:
+                    os.setxattr(full, "trusted.overlay.redirect",
+                                b"/" + rnd.choice(dirs + [b"nowhere"]))
+                elif roll < 0.35:
+                    os.setxattr(full, "trusted.overlay.redirect", rnd.choice(NAMES))
+                elif roll < 0.4:
+                    os.setxattr(full, "user.overlay.opaque", b"y")
+            for name in files:
+                full = os.path.join(d, name)
+                st_ = os.lstat(full)
+                if stat.S_ISCHR(st_.st_mode) and st_.st_rdev == 0 and rnd.random() < 0.5:
+                    os.unlink(full)                       # a Linux 6.7 xattr whiteout
+                    open(full, "wb").close()
+                    os.setxattr(full, "trusted.overlay.whiteout", b"")
+                    os.setxattr(d, rnd.choice(["trusted.overlay.whiteouts",
+                                               "trusted.overlay.opaque"]),
+                                b"x" if rnd.random() < 0.5 else b"y")
+                elif stat.S_ISREG(st_.st_mode) and st_.st_size == 0 and rnd.random() < 0.3:
+                    os.setxattr(full, "trusted.overlay.whiteout", b"")
+
+
+def check_stack(layers, fmt: str) -> None:
+    res = Resolver([Layer(str(p), fmt) for p in layers])
+    try:
+        paths = layer_paths(layers)
+        paths |= {join(p, b"missing") for p in paths} | {b"missing", b".wh.a", b"a/.wh..opq"}
+        for path in sorted(paths):
+            expected = by_listing(res, path)
+            listed = res.dirs_listed
+            assert res.lookup(path) == expected, (fmt, path)
+            assert res.dirs_listed == listed, "a lookup read a directory whole"
+    finally:
+        res.close()
+
+
+@SETTINGS
+@given(specs=stacks(max_size=4))
+def test_M1_D1_D3_name_lookup_equals_listing_both_formats(specs):
+    for fmt in ("overlay", "oci"):
+        with tempfile.TemporaryDirectory() as where:
+            check_stack(materialise_stack(specs, where, fmt), "auto")
+            check_stack(materialise_stack(specs, Path(where) / "f", fmt), fmt)
+
+
+@needs_root
+@SETTINGS
+@given(specs=stacks(min_size=2, max_size=4), seed=st.integers(0, 2**32 - 1))
+def test_R1_D1_name_lookup_equals_listing_with_redirects_and_xattr_whiteouts(specs, seed):
+    with tempfile.TemporaryDirectory() as where:
+        layers = materialise_stack(specs, where, "overlay")
+        decorate(layers, random.Random(seed))
+        check_stack(layers, "overlay")
+
+
+def test_D2_read_layer_name_holds_what_read_layer_dir_holds(tmp_path):
+    """Every name of a directory with OCI markers, a same-layer whiteout and entry
+    (D2), a char device that is not a whiteout, names near NAME_MAX: one name read
+    says of it what the whole listing says (entry kind and inode, whiteout), and the
+    directory's markers alike."""
+    long = "n" * 255
+    spec = (LayerSpec().file("d/a", b"a").whiteout("d/a").dir("d/sub").whiteout("d/sub")
+            .whiteout("d/gone").char("d/tty", 5, 0).file(f"d/{long}", b"l").opaque_dir("d"))
+    for fmt in ("overlay", "oci"):
+        layer = materialise(spec, tmp_path / fmt, fmt)
+        fd = os.open(layer / "d", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            whole = read_layer_dir(fd, fmt)
+            names = {os.fsencode(n) for n in os.listdir(layer / "d")} | {b"a", b"sub", b"gone",
+                                                                        b"none", b".wh.a"}
+            for name in names:
+                one, st_ = read_layer_name(fd, name, fmt)
+                assert (one.opaque, one.redirect) == (whole.opaque, whole.redirect)
+                assert one.entries == {k: v for k, v in whole.entries.items() if k == name}
+                held = name in whole.whiteouts
+                if name in one.entries and one.entries[name].kind != DIR:
+                    held = False            # not looked for beside a non-directory (M2)
+                if name in one.entries:
+                    assert (stat.S_IFMT(st_.st_mode), st_.st_ino) == whole.entries[name]
+                assert (name in one.whiteouts) == held, (fmt, name)
+        finally:
+            os.close(fd)
+
+
+def test_D2_D7_recreated_directory_over_a_directory(tmp_path):
+    """A layer that whites out a directory and makes it again (D2, D7): the name is
+    the new directory alone, nothing of the lower one merges in."""
+    specs = [LayerSpec().file("d/old", b"o").file("e/keep", b"k"),
+             LayerSpec().whiteout("d").dir("d").file("d/new", b"n").dir("e")]
+    for fmt in ("overlay", "oci"):
+        layers = materialise_stack(specs, tmp_path / fmt, fmt)
+        check_stack(layers, fmt)
+        res = Resolver([Layer(str(p), fmt) for p in layers])
+        try:
+            assert res.dir_layers(b"d", res.lookup(b"d")) == (1,)    # cut where opaque
+            assert res.lookup(b"d/old") is None and res.lookup(b"d/new") is not None
+            assert res.lookup(b"e").layers == (1, 0) and res.lookup(b"e/keep") is not None
+        finally:
+            res.close()
