@@ -30,7 +30,7 @@ from typing import Iterable, NamedTuple, Sequence
 from sortedcontainers import SortedDict
 
 from . import syscalls
-from .layer import (DIR, OCI_OPAQUE, OCI_WHITEOUT, Layer, LayerDir, as_layers, dir_markers,
+from .layer import (DIR, OCI_WHITEOUT, Layer, LayerDir, as_layers, layer_dir_markers,
                     read_layer_dir, read_layer_name)
 
 
@@ -232,11 +232,7 @@ def _find_dir(layer: Layer, parts: list[bytes]) -> tuple[bool, bool, list[bytes]
 
 def _markers(layer: Layer, fd: int) -> tuple[bool, bytes | None]:
     """(opaque, redirect) of an open directory of ``layer``."""
-    opaque, redirect = False, None
-    if layer.fmt != "oci":
-        opaque, _, redirect, _ = dir_markers(fd)
-    if layer.fmt != "overlay" and _exists(OCI_OPAQUE, fd):
-        opaque = True
+    opaque, _, redirect, _ = layer_dir_markers(fd, layer.fmt)
     return opaque, redirect
 
 
@@ -251,17 +247,34 @@ class NameReader:
     the redirects its children's layer paths follow) still need.
 
     ``open_dir(layer, path) -> (fd, close it?)`` gives the layer's directory;
-    ``stats`` holds the lstat of the name in each layer that has an entry."""
+    ``stats`` holds the lstat of the name in each layer that has an entry.
+    ``marks``: the caller's cache of what a directory's markers are and how big it
+    is, (layer, path) -> (``layer_dir_markers``, st_size), for every layer but
+    ``mutable`` (a layer never changes); ``sizes`` the st_size of each of those
+    directories read (what listing them would cost)."""
 
-    def __init__(self, layers: Sequence[Layer], name: bytes, open_dir):
+    def __init__(self, layers: Sequence[Layer], name: bytes, open_dir,
+                 marks: dict | None = None, mutable: int | None = None):
         self.layers, self.name, self.open_dir = layers, name, open_dir
+        self.marks, self.mutable = marks, mutable
         self.stats: dict[int, os.stat_result] = {}
+        self.sizes: list[int] = []
         self.decided = False
 
     def __call__(self, idx: int, path: bytes) -> LayerDir:
         fd, owned = self.open_dir(idx, path)
         try:
-            ld, st = read_layer_name(fd, self.name, self.layers[idx].fmt, not self.decided)
+            fmt = self.layers[idx].fmt
+            marks = self.marks
+            got = None
+            if marks is not None and idx != self.mutable:
+                key = (idx, path)
+                kept = marks.get(key)
+                if kept is None:
+                    kept = marks[key] = (layer_dir_markers(fd, fmt), os.fstat(fd).st_size)
+                got = kept[0]
+                self.sizes.append(kept[1])
+            ld, st = read_layer_name(fd, self.name, fmt, not self.decided, got)
         finally:
             if owned:
                 os.close(fd)
