@@ -236,6 +236,18 @@ def _markers(layer: Layer, fd: int) -> tuple[bool, bytes | None]:
     return opaque, redirect
 
 
+class KeptMarkers(dict):
+    """What directories of layers that never change say of themselves, kept:
+    (layer, path) -> (``layer_dir_markers``, st_size)."""
+
+    def of(self, idx: int, path: bytes, fd: int, fmt: str) -> tuple[tuple, int]:
+        """The entry for the directory ``path`` of layer ``idx``, open as ``fd``."""
+        kept = self.get((idx, path))
+        if kept is None:
+            kept = self[(idx, path)] = (layer_dir_markers(fd, fmt), os.fstat(fd).st_size)
+        return kept
+
+
 class NameReader:
     """A ``read`` for ``dir_sources`` that looks up one name instead of listing:
     each layer directory's markers and what it says about ``name``
@@ -248,13 +260,12 @@ class NameReader:
 
     ``open_dir(layer, path) -> (fd, close it?)`` gives the layer's directory;
     ``stats`` holds the lstat of the name in each layer that has an entry.
-    ``marks``: the caller's cache of what a directory's markers are and how big it
-    is, (layer, path) -> (``layer_dir_markers``, st_size), for every layer but
-    ``mutable`` (a layer never changes); ``sizes`` the st_size of each of those
-    directories read (what listing them would cost)."""
+    ``marks``: the caller's ``KeptMarkers``, for every layer but ``mutable``;
+    ``sizes`` the st_size of each of those directories read (what listing them
+    would cost)."""
 
     def __init__(self, layers: Sequence[Layer], name: bytes, open_dir,
-                 marks: dict | None = None, mutable: int | None = None):
+                 marks: KeptMarkers | None = None, mutable: int | None = None):
         self.layers, self.name, self.open_dir = layers, name, open_dir
         self.marks, self.mutable = marks, mutable
         self.stats: dict[int, os.stat_result] = {}
@@ -268,12 +279,8 @@ class NameReader:
             marks = self.marks
             got = None
             if marks is not None and idx != self.mutable:
-                key = (idx, path)
-                kept = marks.get(key)
-                if kept is None:
-                    kept = marks[key] = (layer_dir_markers(fd, fmt), os.fstat(fd).st_size)
-                got = kept[0]
-                self.sizes.append(kept[1])
+                got, size = marks.of(idx, path, fd, fmt)
+                self.sizes.append(size)
             ld, st = read_layer_name(fd, self.name, fmt, not self.decided, got)
         finally:
             if owned:

@@ -20,8 +20,9 @@ from sortedcontainers import SortedDict
 
 from .. import syscalls
 from ..errors import NotFound
-from ..layer import LNK, NUMBER_XATTRS, Layer, LayerDir, is_overlay_private
-from ..resolver import NameReader, Node, Resolver, join, merge_listing, redirect_value
+from ..layer import LNK, NUMBER_XATTRS, Layer, LayerDir, is_overlay_private, layer_dir_markers
+from ..resolver import (KeptMarkers, NameReader, Node, Resolver, join, merge_listing,
+                        redirect_value)
 from .fastpath import compiled
 from .inodes import Inode, InodeTable
 
@@ -59,7 +60,7 @@ class UnionView:
         self.redirected = False      # a redirect was seen: layer paths may differ from merged ones
         self._ahead: dict[tuple[int, bytes], LayerDir] = {}    # ``_read_ahead``
         self._ahead_n = 0
-        self._marks: dict[tuple[int, bytes], tuple] = {}        # ``read_name``'s
+        self._marks = KeptMarkers()          # of lower directories (``_layer_markers``)
 
     def close(self) -> None:
         self.resolver.close()
@@ -142,6 +143,23 @@ class UnionView:
         """(an fd on the directory ``path`` of ``layer``, must the caller close it?)"""
         return self.resolver.open_dir(layer, path)
 
+    def _layer_markers(self, layer: int, path: bytes) -> LayerDir:
+        """``resolver.layer_markers``, through ``_open_layer_dir``; those of a lower
+        directory are kept (``_marks``: a lower layer never changes)."""
+        if layer != getattr(self, "up", None) and (layer, path) in self._marks:
+            got = self._marks[(layer, path)][0]
+        else:
+            fd, owned = self._open_layer_dir(layer, path)
+            try:
+                if layer != getattr(self, "up", None):
+                    got = self._marks.of(layer, path, fd, self.layers[layer].fmt)[0]
+                else:
+                    got = layer_dir_markers(fd, self.layers[layer].fmt)
+            finally:
+                if owned:
+                    os.close(fd)
+        return LayerDir(opaque=got[0], redirect=got[2])
+
     def _read_ahead(self, layer: int, path: bytes) -> LayerDir:
         """A lower directory read whole for ``merged`` (its markers are what it
         needs): a listing (READDIRPLUS) asks that of each child directory, and
@@ -176,7 +194,7 @@ class UnionView:
 
     def _recorded_numbers(self, source) -> None:
         """The inode numbers a writable view's upper entries kept from their origins."""
-        fd = syscalls.open_beneath(self.layers[source.layer].fd, source.path)
+        fd, owned = self._open_layer_dir(source.layer, source.path)
         try:
             for name, entry in source.ld.entries.items():
                 for attr in NUMBER_XATTRS:
@@ -185,13 +203,14 @@ class UnionView:
                         self.inodes.remember((source.layer, entry.ino), int(value))
                         break
         finally:
-            os.close(fd)
+            if owned:
+                os.close(fd)
 
     def dir_sources(self, inode: Inode) -> tuple[int, ...]:
         """The layers really serving a directory (its markers read if not known yet)."""
         if inode.sources is None:
             found, redirects = self._sources(inode.parent, inode.name, inode.node, inode.path,
-                                             self.resolver.layer_markers)
+                                             self._layer_markers)
             if redirects:
                 self.redirected = True
             inode.redirects, inode.sources = redirects, tuple(s.layer for s in found)
@@ -203,8 +222,9 @@ class UnionView:
         one layer? Kernel overlayfs reports nlink 1 for such a directory and the
         layer's own count otherwise (U1): a redirected directory is merged even with
         nothing below its new name, an opaque one is not even with something there.
-        Costs at most one read of the top layer's markers (none once it was read),
-        a read of the whole directory when that layer is a lower (``_read_ahead``)."""
+        Costs at most one read of the top layer's markers (none once it was read, or
+        kept: ``_layer_markers``), a read of the whole directory when that layer is a
+        lower and the directory an entry of a listing (``_read_ahead``)."""
         if inode is not None and inode.sources is not None:
             return len(inode.sources) > 1
         top = node.layers[0]
@@ -214,13 +234,13 @@ class UnionView:
         # an inode's (a LOOKUP's, a GETATTR's) is not read ahead: the names in it are
         # looked up one by one (``read_name``), no listing takes the read
         read = self._read_ahead if inode is None and self._reads_ahead(node) else \
-            self.resolver.layer_markers
+            self._layer_markers
         ld = read(top, path if not self.redirected else join(self.layer_path(parent, top), name))
         if ld.opaque:
             return False
         if redirect_value(ld.redirect) is None:
             return len(node.layers) > 1
-        found, _ = self._sources(parent, name, node, path, self.resolver.layer_markers)
+        found, _ = self._sources(parent, name, node, path, self._layer_markers)
         return len(found) > 1
 
     def listing_of(self, parent: Inode, name: bytes, node: Node) -> SortedDict:
