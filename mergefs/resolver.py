@@ -238,12 +238,19 @@ def _markers(layer: Layer, fd: int) -> tuple[bool, bytes | None]:
 
 class KeptMarkers(dict):
     """What directories of layers that never change say of themselves, kept:
-    (layer, path) -> (``layer_dir_markers``, st_size)."""
+    (layer, path) -> (``layer_dir_markers``, st_size); at most ``limit`` of them
+    (all forgotten when full)."""
+
+    def __init__(self, limit: int = 1 << 15):
+        super().__init__()
+        self.limit = limit
 
     def of(self, idx: int, path: bytes, fd: int, fmt: str) -> tuple[tuple, int]:
         """The entry for the directory ``path`` of layer ``idx``, open as ``fd``."""
         kept = self.get((idx, path))
         if kept is None:
+            if len(self) >= self.limit:
+                self.clear()
             kept = self[(idx, path)] = (layer_dir_markers(fd, fmt), os.fstat(fd).st_size)
         return kept
 

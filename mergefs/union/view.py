@@ -60,7 +60,7 @@ class UnionView:
         self.redirected = False      # a redirect was seen: layer paths may differ from merged ones
         self._ahead: dict[tuple[int, bytes], LayerDir] = {}    # ``_read_ahead``
         self._ahead_n = 0
-        self._marks = KeptMarkers()          # of lower directories (``_layer_markers``)
+        self._marks = KeptMarkers(KEPT_MARKERS)     # lower directories' (``_layer_markers``)
 
     def close(self) -> None:
         self.resolver.close()
@@ -131,8 +131,6 @@ class UnionView:
         entry (None when there is none)."""
         if not parent.is_dir:
             raise OSError(20, "Not a directory")   # ENOTDIR, as ``listing``
-        if len(self._marks) > KEPT_MARKERS:
-            self._marks.clear()
         read = NameReader(self.layers, name, self._open_layer_dir, self._marks,
                           getattr(self, "up", None))
         node = read.node(self._read(parent, read))
