@@ -20,6 +20,12 @@ the way ends the search, an opaque directory on the way makes that layer the
 last); a bare name replaces the directory's name in its parent. So a
 directory's sources are only known by reading it, like its opacity:
 ``dir_sources`` does that, given where the directory was found by name.
+
+One name is found without listing anything, as kernel overlayfs looks names
+up: ``NameReader`` is a ``dir_sources`` reader that takes each layer
+directory's markers and that one name (``layer.read_layer_name``), so
+``merge_listing`` of what it read is exactly what the whole listings give
+for that name (``Resolver.lookup``, the union's ``read_name``).
 """
 from __future__ import annotations
 

@@ -2,7 +2,10 @@
 
 A thin cache over the resolver's pure merge rules (``merge_listing``): each
 directory inode keeps its merged listing once read; each inode keeps the
-lstat of the entry that supplies it. Layers are immutable, so on a read-only
+lstat of the entry that supplies it. A lookup in a directory whose listing
+is not at hand looks its one name up in each layer (``read_name``), and a
+directory is listed only when a READDIR asks, or when its names looked up
+one by one have cost what its listing would (``_at_hand``). Layers are immutable, so on a read-only
 mount nothing is ever invalidated; the writable view (``writable.py``) drops
 what it changes.
 
