@@ -200,8 +200,20 @@ def _lstat_or_none(name: bytes, dir_fd: int) -> os.stat_result | None:
         raise
 
 
-def read_layer_name(dir_fd: int, name: bytes, fmt: str = "auto",
-                    look: bool = True) -> tuple[LayerDir, os.stat_result | None]:
+def layer_dir_markers(dir_fd: int, fmt: str = "auto") -> tuple[bool, bool, bytes | None, bool]:
+    """(opaque, holds xattr whiteouts, redirect, numbered) of an open directory of a
+    layer read as ``fmt`` (both formats' opacity), without its entries."""
+    opaque = xwhite = numbered = False
+    redirect = None
+    if fmt != "oci":
+        opaque, xwhite, redirect, numbered = dir_markers(dir_fd)
+    if fmt != "overlay" and _lstat_or_none(OCI_OPAQUE, dir_fd) is not None:
+        opaque = True
+    return opaque, xwhite, redirect, numbered
+
+
+def read_layer_name(dir_fd: int, name: bytes, fmt: str = "auto", look: bool = True,
+                    markers: tuple | None = None) -> tuple[LayerDir, os.stat_result | None]:
     """What one open directory of a layer says about one ``name``, without listing
     it: a LayerDir with the directory's markers (opaque, redirect, numbered, as
     ``read_layer_dir`` reads them) and, of its entries and whiteouts, at most
@@ -210,14 +222,11 @@ def read_layer_name(dir_fd: int, name: bytes, fmt: str = "auto",
 
     An OCI whiteout ``.wh.NAME`` beside a non-directory NAME is not looked for:
     what lies below a non-directory never shows (M2, M3), so it changes nothing.
-    ``look=False``: the markers only (the name is decided by a layer above)."""
+    ``look=False``: the markers only (the name is decided by a layer above).
+    ``markers``: the directory's ``layer_dir_markers``, when the caller has them."""
     overlay, oci = fmt != "oci", fmt != "overlay"
-    out = LayerDir()
-    xwhite = False
-    if overlay:
-        out.opaque, xwhite, out.redirect, out.numbered = dir_markers(dir_fd)
-    if oci and _lstat_or_none(OCI_OPAQUE, dir_fd) is not None:
-        out.opaque = True
+    opaque, xwhite, redirect, numbered = markers or layer_dir_markers(dir_fd, fmt)
+    out = LayerDir(opaque=opaque, redirect=redirect, numbered=numbered)
     if not look:
         return out, None
     st = None

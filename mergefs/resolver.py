@@ -20,6 +20,12 @@ the way ends the search, an opaque directory on the way makes that layer the
 last); a bare name replaces the directory's name in its parent. So a
 directory's sources are only known by reading it, like its opacity:
 ``dir_sources`` does that, given where the directory was found by name.
+
+One name is found without listing anything, as kernel overlayfs looks names
+up: ``NameReader`` is a ``dir_sources`` reader that takes each layer
+directory's markers and that one name (``layer.read_layer_name``), so
+``merge_listing`` of what it read is exactly what the whole listings give
+for that name (``Resolver.lookup``, the union's ``read_name``).
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ from typing import Iterable, NamedTuple, Sequence
 from sortedcontainers import SortedDict
 
 from . import syscalls
-from .layer import (DIR, OCI_OPAQUE, OCI_WHITEOUT, Layer, LayerDir, as_layers, dir_markers,
+from .layer import (DIR, OCI_WHITEOUT, Layer, LayerDir, as_layers, layer_dir_markers,
                     read_layer_dir, read_layer_name)
 
 
@@ -232,12 +238,27 @@ def _find_dir(layer: Layer, parts: list[bytes]) -> tuple[bool, bool, list[bytes]
 
 def _markers(layer: Layer, fd: int) -> tuple[bool, bytes | None]:
     """(opaque, redirect) of an open directory of ``layer``."""
-    opaque, redirect = False, None
-    if layer.fmt != "oci":
-        opaque, _, redirect, _ = dir_markers(fd)
-    if layer.fmt != "overlay" and _exists(OCI_OPAQUE, fd):
-        opaque = True
+    opaque, _, redirect, _ = layer_dir_markers(fd, layer.fmt)
     return opaque, redirect
+
+
+class KeptMarkers(dict):
+    """What directories of layers that never change say of themselves, kept:
+    (layer, path) -> (``layer_dir_markers``, st_size); at most ``limit`` of them
+    (all forgotten when full)."""
+
+    def __init__(self, limit: int = 1 << 15):
+        super().__init__()
+        self.limit = limit
+
+    def of(self, idx: int, path: bytes, fd: int, fmt: str) -> tuple[tuple, int]:
+        """The entry for the directory ``path`` of layer ``idx``, open as ``fd``."""
+        kept = self.get((idx, path))
+        if kept is None:
+            if len(self) >= self.limit:
+                self.clear()
+            kept = self[(idx, path)] = (layer_dir_markers(fd, fmt), os.fstat(fd).st_size)
+        return kept
 
 
 class NameReader:
@@ -251,17 +272,29 @@ class NameReader:
     the redirects its children's layer paths follow) still need.
 
     ``open_dir(layer, path) -> (fd, close it?)`` gives the layer's directory;
-    ``stats`` holds the lstat of the name in each layer that has an entry."""
+    ``stats`` holds the lstat of the name in each layer that has an entry.
+    ``marks``: the caller's ``KeptMarkers``, for every layer but ``mutable``;
+    ``sizes`` the st_size of each of those directories read (what listing them
+    would cost)."""
 
-    def __init__(self, layers: Sequence[Layer], name: bytes, open_dir):
+    def __init__(self, layers: Sequence[Layer], name: bytes, open_dir,
+                 marks: KeptMarkers | None = None, mutable: int | None = None):
         self.layers, self.name, self.open_dir = layers, name, open_dir
+        self.marks, self.mutable = marks, mutable
         self.stats: dict[int, os.stat_result] = {}
+        self.sizes: list[int] = []
         self.decided = False
 
     def __call__(self, idx: int, path: bytes) -> LayerDir:
         fd, owned = self.open_dir(idx, path)
         try:
-            ld, st = read_layer_name(fd, self.name, self.layers[idx].fmt, not self.decided)
+            fmt = self.layers[idx].fmt
+            marks = self.marks
+            got = None
+            if marks is not None and idx != self.mutable:
+                got, size = marks.of(idx, path, fd, fmt)
+                self.sizes.append(size)
+            ld, st = read_layer_name(fd, self.name, fmt, not self.decided, got)
         finally:
             if owned:
                 os.close(fd)

@@ -63,7 +63,7 @@ _renames = 0
 class Inode:
     __slots__ = ("number", "_parent", "_name", "node", "lookups", "_attr", "entry", "children",
                  "unlinked", "others", "redirects", "sources", "below", "_path", "_path_at",
-                 "xattrs", "__weakref__")
+                 "xattrs", "named", "__weakref__")
 
     def __init__(self, number: int, parent: "Inode | None", name: bytes, node: Node):
         self.number = number
@@ -89,6 +89,9 @@ class Inode:
         # (UnionView.getxattr); only the view's own setxattr/removexattr adds or
         # removes one, the kernel may only drop one (chown, write: security.capability)
         self.xattrs: tuple | None = None
+        # dirs: how many more names are looked up one by one while no listing is at
+        # hand before it is read (UnionView._at_hand); None: none looked up yet
+        self.named: int | None = None
 
     @property
     def attr(self) -> os.stat_result | None:
