@@ -1473,34 +1473,37 @@ static PyObject *py_attach(PyObject *self, PyObject *arg)
     Py_RETURN_TRUE;
 }
 
-/* Point pyfuse3's hooks at this module's handlers (``on``) or back to NULL. */
+/* Point pyfuse3's hooks at this module's handlers (``on``) or back to NULL:
+ * those of the attached build's struct (HAS_HOOK). */
 static void install(int on)
 {
-    hooks->getattr = on ? h_getattr : NULL;
-    hooks->setattr = on ? h_setattr : NULL;
-    hooks->read = on ? h_read : NULL;
-    hooks->write = on ? h_write : NULL;
-    hooks->write_buf = on ? h_write_buf : NULL;
-    hooks->fsync = on ? h_fsync : NULL;
-    hooks->getxattr = on ? h_getxattr : NULL;
+#define SET_HOOK(name) (hooks->name = on ? h_##name : NULL)
+    SET_HOOK(getattr);
+    SET_HOOK(setattr);
+    SET_HOOK(read);
+    SET_HOOK(write);
+    SET_HOOK(write_buf);
+    SET_HOOK(fsync);
+    SET_HOOK(getxattr);
     if (HAS_HOOK(listxattr))
-        hooks->listxattr = on ? h_listxattr : NULL;
+        SET_HOOK(listxattr);
     if (HAS_HOOK(entry_param)) {
-        hooks->lookup = on ? h_lookup : NULL;
-        hooks->mknod = on ? h_mknod : NULL;
+        SET_HOOK(lookup);
+        SET_HOOK(mknod);
     }
     if (HAS_HOOK(readdirplus))
-        hooks->readdirplus = on ? h_readdirplus : NULL;
-    if (HAS_HOOK(setattr_args)) {
-        hooks->mkdir = on ? h_mkdir : NULL;
-        hooks->unlink = on ? h_unlink : NULL;
-        hooks->rmdir = on ? h_rmdir : NULL;
-        hooks->symlink = on ? h_symlink : NULL;
-        hooks->rename = on ? h_rename : NULL;
-        hooks->link = on ? h_link : NULL;
-        hooks->setxattr = on ? h_setxattr : NULL;
-        hooks->removexattr = on ? h_removexattr : NULL;
+        SET_HOOK(readdirplus);
+    if (HAS_HOOK(setattr_args)) {     /* v9: the namespace requests */
+        SET_HOOK(mkdir);
+        SET_HOOK(unlink);
+        SET_HOOK(rmdir);
+        SET_HOOK(symlink);
+        SET_HOOK(rename);
+        SET_HOOK(link);
+        SET_HOOK(setxattr);
+        SET_HOOK(removexattr);
     }
+#undef SET_HOOK
 }
 
 static void clear_direct(void)
