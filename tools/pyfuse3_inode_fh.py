@@ -44,13 +44,14 @@ v8 adds the READDIRPLUS hook (struct version 5): the fast path fills a
 listing's reply buffer in C (lstat of the files Python has no attributes
 for, ``fuse_add_direntry_plus``) from the entries the Python side chose and
 counted; on a v7 build it runs without it.
-v9 adds the MKDIR, UNLINK, RMDIR, SYMLINK, RENAME, LINK, SETXATTR and
-REMOVEXATTR hooks and a third helper of pyfuse3's own (struct version 6):
-``setattr_args``, the ``(EntryAttributes, SetattrFields)`` pyfuse3 hands its
-setattr handler for a SETATTR, so the fast path calls the Python handlers of
-the namespace requests and of the SETATTRs it does not answer itself (a
-directory, a lower file) without a coroutine; on a v8 build it runs without
-them.
+v9 adds the MKDIR, UNLINK, RMDIR, SYMLINK, RENAME, LINK, SETXATTR,
+REMOVEXATTR and FORGET (and FORGET_MULTI) hooks and a third helper of
+pyfuse3's own (struct version 6): ``setattr_args``, the ``(EntryAttributes,
+SetattrFields)`` pyfuse3 hands its setattr handler for a SETATTR, so the fast
+path calls the Python handlers of the namespace requests, of FORGET, and of
+the SETATTRs and FSYNCs it does not answer itself (a directory, a lower file,
+a file whose fd it does not hold) without a coroutine; on a v8 build it runs
+without them.
 
 The build also bakes pyfuse3's version string into its pure-Python part
 (``_pyfuse3.py``): stock pyfuse3 3.5.0 looks its own version up through
@@ -84,7 +85,7 @@ PATCH_MARK = ("v9: fh 0 -> inode in read/readdir/write/fsync; FUSE_CAP_CACHE_SYM
               "atomic_o_trunc off on request; version baked into _pyfuse3.py; "
               "mergefs_fast hooks (6: session, retval, listxattr, lookup, mknod, "
               "context, entry_param, readdirplus, mkdir, unlink, rmdir, symlink, rename, "
-              "link, setxattr, removexattr, setattr_args)\n")
+              "link, setxattr, removexattr, forget, forget_multi, setattr_args)\n")
 # v5: the C callbacks of these requests first call the matching hook of the
 # exported ``mergefs_fast`` (mergefs/union/_fasthooks.h), which mergefs's C fast
 # path fills in (mergefs/union/_fastpath.c); a hook that replied ends the request.
@@ -114,7 +115,9 @@ HOOKED = {"fuse_getattr": "getattr(__pyx_v_req, __pyx_v_ino, __pyx_v_fi)",
           "fuse_link": "link(__pyx_v_req, __pyx_v_ino, __pyx_v_newparent, __pyx_v_newname)",
           "fuse_setxattr": "setxattr(__pyx_v_req, __pyx_v_ino, __pyx_v_cname, __pyx_v_cvalue, "
                            "__pyx_v_size, __pyx_v_flags)",
-          "fuse_removexattr": "removexattr(__pyx_v_req, __pyx_v_ino, __pyx_v_name)"}
+          "fuse_removexattr": "removexattr(__pyx_v_req, __pyx_v_ino, __pyx_v_name)",
+          "fuse_forget": "forget(__pyx_v_req, __pyx_v_ino, __pyx_v_nlookup)",
+          "fuse_forget_multi": "forget_multi(__pyx_v_req, __pyx_v_count, __pyx_v_forgets)"}
 HOOKS_HEADER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             "mergefs", "union", "_fasthooks.h")
 STATE = ("static struct fuse_session *__pyx_v_7pyfuse3_session;",   # what the hooks point at
@@ -177,7 +180,7 @@ def build(dest: str) -> str:
     patched, current = 0, None
     for i, line in enumerate(lines):
         m = re.match(r"static void __pyx_f_7pyfuse3_(\w+)\(fuse_req_t __pyx_v_req, "
-                     r"(CYTHON_UNUSED )?(fuse_ino_t|const char \*).*\) \{$", line)
+                     r"(CYTHON_UNUSED )?(fuse_ino_t|const char \*|size_t).*\) \{$", line)
         if m:
             current = m.group(1)
             if current in HOOKED:

@@ -1,7 +1,7 @@
 /* The hooks the patched pyfuse3 (tools/pyfuse3_inode_fh.py, v5; v6 adds
  * LISTXATTR; v7 LOOKUP, MKNOD and two helpers of pyfuse3's own; v8 READDIRPLUS;
- * v9 MKDIR, UNLINK, RMDIR, SYMLINK, RENAME, LINK, SETXATTR, REMOVEXATTR and a
- * third helper) calls at the top
+ * v9 MKDIR, UNLINK, RMDIR, SYMLINK, RENAME, LINK, SETXATTR, REMOVEXATTR, FORGET
+ * and a third helper) calls at the top
  * of its C request callbacks, before it makes a coroutine for the request.
  * A hook returns 1 when it replied to the request, 0 to let pyfuse3 go on as
  * usual (the Python handler). NULL hooks: stock behaviour. The patch inserts
@@ -52,6 +52,8 @@ struct mergefs_fast_hooks {
     int (*link)(fuse_req_t, fuse_ino_t, fuse_ino_t, const char *);
     int (*setxattr)(fuse_req_t, fuse_ino_t, const char *, const char *, size_t, int);
     int (*removexattr)(fuse_req_t, fuse_ino_t, const char *);
+    int (*forget)(fuse_req_t, fuse_ino_t, uint64_t);
+    int (*forget_multi)(fuse_req_t, size_t, struct fuse_forget_data *);
     /* filled in by pyfuse3 (never NULL in a version-6 build): the
      * ``(EntryAttributes, SetattrFields)`` its setattr handler is called with for
      * a SETATTR's stat and to_set (a new reference; NULL and an exception set

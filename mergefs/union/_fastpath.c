@@ -73,7 +73,7 @@ enum { OP_GETATTR, OP_SETATTR, OP_READ, OP_WRITE, OP_FSYNC, OP_GETXATTR, OP_LIST
        OP_GETATTR_DIR, OP_GETATTR_MERGED, OP_GETATTR_DIRECT, OP_LOOKUP_DIRECT, OP_MKNOD_DIRECT,
        OP_READDIRPLUS, OP_GETXATTR_DIRECT, OP_WRITE_COPIED, OP_MKDIR_DIRECT, OP_UNLINK_DIRECT,
        OP_RMDIR_DIRECT, OP_SYMLINK_DIRECT, OP_RENAME_DIRECT, OP_LINK_DIRECT, OP_SETATTR_DIRECT,
-       OP_SETXATTR_DIRECT, OP_REMOVEXATTR_DIRECT, OP_N };
+       OP_SETXATTR_DIRECT, OP_REMOVEXATTR_DIRECT, OP_FORGET_DIRECT, OP_FSYNC_DIRECT, OP_N };
 static const char *op_names[OP_N] = {"getattr", "setattr", "read", "write", "fsync", "getxattr",
                                      "listxattr", "getattr_dir", "getattr_merged_dir",
                                      "getattr_direct", "lookup_direct",
@@ -81,7 +81,7 @@ static const char *op_names[OP_N] = {"getattr", "setattr", "read", "write", "fsy
                                      "write_copied", "mkdir_direct", "unlink_direct",
                                      "rmdir_direct", "symlink_direct", "rename_direct",
                                      "link_direct", "setattr_direct", "setxattr_direct",
-                                     "removexattr_direct"};
+                                     "removexattr_direct", "forget_direct", "fsync_direct"};
 static unsigned long long served[OP_N];
 static PyObject *s_node, *s_unlinked, *s_attr, *s_xattrs, *s_sources;
 
@@ -120,12 +120,14 @@ static PyObject *miss_fn;
  * ``rename(parent, name, new_parent, new_name, flags, ctx)``,
  * ``setxattr(number, name, value, ctx)`` and ``removexattr(number, name, ctx)``
  * None; ``setattr(number, attr, fields, fh, ctx)`` (the SETATTRs the table does
- * not serve: directories, lower files, ...) the new attributes. */
+ * not serve: directories, lower files, ...) the new attributes; and, without a
+ * ctx, ``forget([(number, nlookup), ...])`` (no reply but "none") and
+ * ``fsync(fh_or_number, datasync)`` (the FSYNCs the table does not serve) None. */
 enum { D_GETATTR, D_LOOKUP, D_MKNOD, D_MKDIR, D_UNLINK, D_RMDIR, D_SYMLINK, D_RENAME, D_LINK,
-       D_SETATTR, D_SETXATTR, D_REMOVEXATTR, D_N };
+       D_SETATTR, D_SETXATTR, D_REMOVEXATTR, D_FORGET, D_FSYNC, D_N };
 static const char *direct_names[D_N] = {"getattr", "lookup", "mknod", "mkdir", "unlink", "rmdir",
                                         "symlink", "rename", "link", "setattr", "setxattr",
-                                        "removexattr"};
+                                        "removexattr", "forget", "fsync"};
 static PyObject *direct_fn[D_N];
 
 /* Is ``field`` within the attached build's hooks struct? */
@@ -414,6 +416,73 @@ static int setattr_direct(fuse_req_t req, fuse_ino_t ino, struct stat *a, int to
         Py_DECREF(pair);
     }
     return call_direct(req, D_SETATTR, OP_SETATTR_DIRECT, ANSWER_ATTR, args, 4);
+}
+
+/* FORGET and FORGET_MULTI: ``forget([(number, nlookup), ...])`` as pyfuse3 calls it,
+ * then the reply "none" (pyfuse3 replies before its coroutine runs; the kernel
+ * waits for nothing either way). Its result is not looked at: errors.direct
+ * has logged a bug. */
+static int forget_direct(fuse_req_t req, size_t count, const struct fuse_forget_data *forgets)
+{
+    PyObject *fn = direct_fn[D_FORGET], *list = fn ? PyList_New((Py_ssize_t)count) : NULL;
+    if (!list) {
+        PyErr_Clear();
+        return 0;
+    }
+    for (size_t i = 0; i < count; i++) {
+        PyObject *pair = Py_BuildValue("(KK)", (unsigned long long)forgets[i].ino,
+                                       (unsigned long long)forgets[i].nlookup);
+        if (!pair) {
+            Py_DECREF(list);
+            PyErr_Clear();
+            return 0;
+        }
+        PyList_SET_ITEM(list, (Py_ssize_t)i, pair);
+    }
+    served[OP_FORGET_DIRECT]++;
+    Py_INCREF(fn);
+    PyObject *r = PyObject_CallOneArg(fn, list);
+    if (!r)
+        PyErr_WriteUnraisable(fn);
+    Py_XDECREF(r);
+    Py_DECREF(fn);
+    Py_DECREF(list);
+    fuse_reply_none(req);
+    return 1;
+}
+
+static int h_forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup)
+{
+    struct fuse_forget_data one = {.ino = ino, .nlookup = nlookup};
+    return forget_direct(req, 1, &one);
+}
+
+static int h_forget_multi(fuse_req_t req, size_t count, struct fuse_forget_data *forgets)
+{
+    return forget_direct(req, count, forgets);
+}
+
+/* An FSYNC the table does not serve (no fd for it): ``fsync(fh, datasync)`` with
+ * what pyfuse3 passes as fh (the patch's: the inode number when fh is 0). */
+static int fsync_direct(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi)
+{
+    PyObject *fn = direct_fn[D_FSYNC];
+    if (!fn)
+        return 0;
+    PyObject *args[2] = {PyLong_FromUnsignedLongLong(fi && fi->fh ? fi->fh : ino),
+                         PyBool_FromLong(datasync)};
+    if (!args[0]) {
+        Py_DECREF(args[1]);
+        PyErr_Clear();
+        return 0;
+    }
+    served[OP_FSYNC_DIRECT]++;
+    Py_INCREF(fn);
+    answer(req, fn, PyObject_Vectorcall(fn, args, 2, NULL), ANSWER_NONE);
+    Py_DECREF(fn);
+    Py_DECREF(args[0]);
+    Py_DECREF(args[1]);
+    return 1;
 }
 
 /* -- READDIRPLUS (v8 builds) --------------------------------------------------
@@ -1019,7 +1088,7 @@ static int h_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_fil
 {
     entry_t *e = usable(ino, fi);
     if (!e)
-        return 0;
+        return fsync_direct(req, ino, datasync, fi);
     served[OP_FSYNC]++;
     /* a lower file has nothing to sync (kernel overlayfs syncs only an upper
      * file); "volatile" mounts sync nothing */
@@ -1502,6 +1571,8 @@ static void install(int on)
         SET_HOOK(link);
         SET_HOOK(setxattr);
         SET_HOOK(removexattr);
+        SET_HOOK(forget);
+        SET_HOOK(forget_multi);
     }
 #undef SET_HOOK
 }
@@ -1534,7 +1605,7 @@ static PyObject *py_set_miss(PyObject *self, PyObject *fn)
 
 /* set_direct(**handlers) -> tuple: use these direct handlers, by request name
  * (getattr, lookup, mknod, mkdir, unlink, rmdir, symlink, rename, link, setattr,
- * setxattr, removexattr; None or left out: that request goes through pyfuse3
+ * setxattr, removexattr, forget, fsync; None or left out: that request goes through pyfuse3
  * as before), and return the names the attached build calls them for: none
  * (and nothing set) older than v7, the first three with a v7 or v8 build. */
 static PyObject *py_set_direct(PyObject *self, PyObject *args, PyObject *kwargs)
@@ -1543,9 +1614,9 @@ static PyObject *py_set_direct(PyObject *self, PyObject *args, PyObject *kwargs)
     PyObject *fn[D_N] = {NULL};
     for (int i = 0; i < D_N; i++)
         names[i] = (char *)direct_names[i];
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$OOOOOOOOOOOO", names, &fn[0], &fn[1],
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$OOOOOOOOOOOOOO", names, &fn[0], &fn[1],
                                      &fn[2], &fn[3], &fn[4], &fn[5], &fn[6], &fn[7], &fn[8],
-                                     &fn[9], &fn[10], &fn[11]))
+                                     &fn[9], &fn[10], &fn[11], &fn[12], &fn[13]))
         return NULL;
     if (!hooks || !HAS_HOOK(entry_param) || !hooks->context || !hooks->entry_param)
         return PyTuple_New(0);
@@ -1716,7 +1787,7 @@ static PyMethodDef methods[] = {
     {"set_direct", (PyCFunction)(void (*)(void))py_set_direct, METH_VARARGS | METH_KEYWORDS,
      "set_direct(**handlers) -> names: the direct handlers by request name (getattr, lookup, "
      "mknod: v7 builds; mkdir, unlink, rmdir, symlink, rename, link, setattr, setxattr, "
-     "removexattr: v9); the names the build calls them for"},
+     "removexattr, forget, fsync: v9); the names the build calls them for"},
     {"set_readdir", py_set_readdir, METH_VARARGS,
      "set_readdir(readdir, unlisted, entry_timeout) -> bool: READDIRPLUS replies filled "
      "in C (v8 builds)"},

@@ -32,7 +32,7 @@ serve comes here as before. With a v7 build it calls ``getattr``, ``lookup``
 and ``mknod`` itself for the rest (``_direct``: the plain handler, errors as
 errnos; no pyfuse3 coroutine per request), with v9 the namespace handlers
 (``mkdir``, ``unlink``, ``rmdir``, ``symlink``, ``rename``, ``link``), the
-xattr writes and ``setattr`` too (``DIRECT``). None of them awaits: a handler
+xattr writes, ``forget``, and ``setattr`` and ``fsync`` too (``DIRECT``). None of them awaits: a handler
 that must (a coroutine function) stays with pyfuse3 (``_direct`` gives None).
 """
 from __future__ import annotations
@@ -58,7 +58,7 @@ LISTINGS, LISTED_NAMES = 64, 1 << 20   # no-opendir: readdir snapshots kept
 # the handlers the C fast path calls without pyfuse3's coroutine (``_direct``):
 # the first three with a v7 build, all with v9 (setattr: what C does not answer)
 DIRECT = ("getattr", "lookup", "mknod", "mkdir", "unlink", "rmdir", "symlink", "rename", "link",
-          "setattr", "setxattr", "removexattr")
+          "setattr", "setxattr", "removexattr", "forget", "fsync")
 GEN_SHIFT = 32                         # their offsets: generation << 32 | position
 
 

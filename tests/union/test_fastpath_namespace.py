@@ -1,8 +1,9 @@
 """The namespace requests through the C fast path's direct handlers (pyfuse3 patch v9).
 
 With a v9 build, MKDIR, UNLINK, RMDIR, SYMLINK, RENAME, LINK, SETXATTR,
-REMOVEXATTR and the SETATTRs C does not answer itself (a directory, a lower
-file that is copied up, a symlink) call the plain Python handler from pyfuse3's
+REMOVEXATTR, FORGET and the SETATTRs and FSYNCs C does not answer itself (a
+directory, a lower file that is copied up, a symlink; a file it holds no fd
+for) call the plain Python handler from pyfuse3's
 C callback (``_fastpath`` ``set_direct``, ``ops.DIRECT``): no coroutine, the
 same answers. These tests drive every one of them the way programs do, errors
 included (a handler's FUSEError is the request's errno), compare the tree, the
@@ -37,7 +38,7 @@ pytestmark = [needs("fuse"), pytest.mark.timeout(180)]
 
 # the requests v9 serves direct, as the server counts them
 NAMESPACE = ("mkdir", "unlink", "rmdir", "symlink", "rename", "link", "setattr", "setxattr",
-             "removexattr")
+             "removexattr", "fsync", "forget")
 
 
 @pytest.fixture(params=["direct", "direct-pyfuse3-loop", "coroutines", "python"])
@@ -141,7 +142,16 @@ def namespace_steps(mnt: Path) -> list:
     do("removexattr of a lower dir", lambda: os.removexattr(mnt / "xd", "user.d"))
     do("removexattr of a lower file", lambda: os.removexattr(mnt / "xf", "user.k"))
     do("removexattr of a name not there", lambda: os.removexattr(mnt / "nf2", "user.absent"))
+    do("fsync a lower file never read", lambda: fsync(mnt / "full" / "x"))
     return out + tree(mnt)
+
+
+def fsync(p: Path) -> None:
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # directory times the steps set themselves (the others move with the run's clock)
@@ -193,6 +203,8 @@ def test_namespace_requests_as_kernel_overlay(tmp_path, union_mount, path):
     theirs = on_kernel_overlay(tmp_path, SPEC, namespace_steps)
     assert ours == theirs
     assert upper_entries(tmp_path / "m" / "up") == upper_entries(tmp_path / "k" / "up")
+    forget_all()                        # FORGETs of what the steps removed
+    assert (mnt / "nf2").read_bytes() == b"second\n"
     counts = served(union_mount)
     for op in NAMESPACE:
         assert (counts.get(f"fast_{op}_direct", 0) > 0) == (path == "direct"), (op, counts)
@@ -311,6 +323,7 @@ def test_entry_replies_count_one_lookup_each(tmp_path, path, union_mount):
     assert lines[:3] == ["live after forget 0 []"] * 3, r.stdout + r.stderr[-3000:]
     assert lines[3] == "under []", r.stdout
     direct = eval(lines[4].split(" ", 1)[1])
-    want = {f"fast_{op}_direct" for op in ("mkdir", "symlink", "link", "unlink", "rmdir")}
+    want = {f"fast_{op}_direct" for op in ("mkdir", "symlink", "link", "unlink", "rmdir",
+                                           "forget")}
     assert (want <= set(direct)) == (path == "direct"), direct
     assert "failed unexpectedly" not in r.stderr and "Traceback" not in r.stderr, r.stderr
