@@ -105,6 +105,7 @@ def one_run(spec: str, base: str, low: str, files: int, callgrind: bool) -> tupl
             time.sleep(0.2)
     else:
         subprocess.run(cmd, check=True, cwd=tree, env=env)
+    pid = None
     try:
         pid = server_of(mnt)
         prepare(mnt, files)
@@ -121,12 +122,24 @@ def one_run(spec: str, base: str, low: str, files: int, callgrind: bool) -> tupl
         counts = mounts.server_requests(pid, log, timeout=60)
     finally:
         mounts.force_unmount(mnt)
+        if child is not None:                # valgrind writes its counts as it exits
+            child.wait(timeout=300)
+        deadline = time.monotonic() + 30     # its files on the tmpfs closed before it goes
+        while pid and os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
     if callgrind:
-        child.wait(timeout=300)
         with open(out) as f:
             totals = [ln for ln in f if ln.startswith(("summary:", "totals:"))]
         cpu = int(totals[-1].split()[1]) / 1e6
     return cpu, counts
+
+
+def describe(cost: float, counts: dict, args) -> str:
+    """One run's line: the server's cost per file, its requests, the load."""
+    per = (f"{cost:.1f} M instructions ({cost / args.files * 1e3:.1f} k/file)" if args.callgrind
+           else f"cpu {cost:.3f} s ({cost / args.files * 1e6:.1f} us/file)")
+    mix = " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+    return f"server {per}, {sum(counts.values())} requests [{mix}] load {os.getloadavg()[0]:.2f}"
 
 
 def main(argv=None) -> int:
@@ -146,17 +159,12 @@ def main(argv=None) -> int:
         low = os.path.join(base, "low")
         os.mkdir(low)
         make_layer(low, args.files)
-        for rep in range(args.reps):
-            for tree in (trees if rep % 2 == 0 else trees[::-1]):
-                cpu, counts = one_run(tree, base, low, args.files, args.callgrind)
-                load = os.getloadavg()[0]
-                total = sum(counts.values())
-                mix = " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
-                what = (f"{cpu:.1f} M instructions ({cpu / args.files * 1e3:.1f} k/file)"
-                        if args.callgrind else
-                        f"cpu {cpu:.3f} s ({cpu / args.files * 1e6:.1f} us/file)")
-                print(f"rep {rep} {tree}: server {what}, {total} requests [{mix}] "
-                      f"load {load:.2f}", flush=True)
+        order = [(rep, tree) for rep in range(args.reps)      # forwards, then backwards
+                 for tree in (trees if rep % 2 == 0 else trees[::-1])]
+        for rep, tree in order:
+            print(f"rep {rep} {tree}: " +
+                  describe(*one_run(tree, base, low, args.files, args.callgrind), args),
+                  flush=True)
     finally:
         subprocess.run(["umount", base], check=False)
         shutil.rmtree(base, ignore_errors=True)

@@ -4,7 +4,8 @@
  * exported ``mergefs_fast`` at the top of its C callbacks for GETATTR,
  * SETATTR, READ, WRITE, FSYNC and GETXATTR (and LISTXATTR, v6; LOOKUP and
  * MKNOD, v7; READDIRPLUS, v8; MKDIR, UNLINK, RMDIR, SYMLINK, RENAME, LINK,
- * SETXATTR and REMOVEXATTR, v9; an older build runs without the hooks it lacks). This module
+ * SETXATTR, REMOVEXATTR and FORGET, v9; an older build runs without the hooks
+ * it lacks). This module
  * fills them in and answers those requests itself, without a Python
  * coroutine, for the regular files whose content fd the Python side holds
  * (ops' no-open fd cache, mergefs/union/fdcache.py): a table (_fasttable.h)
@@ -15,8 +16,9 @@
  * All namespace logic (lookup, create, unlink, rename, readdir, copy-up)
  * stays in Python; with a v7 build, GETATTR the table does not serve, LOOKUP
  * and MKNOD call the Python handler directly, without pyfuse3's coroutine
- * ("direct" handlers, set_direct; with a v9 build the namespace requests and
- * the SETATTRs the table does not serve too); with a v8 build, READDIRPLUS walks the
+ * ("direct" handlers, set_direct; with a v9 build the namespace requests,
+ * FORGET, and the SETATTRs and FSYNCs the table does not serve too); with a
+ * v8 build, READDIRPLUS walks the
  * pass Python gives and answers the files itself, their lookups counted in the
  * inode table's lazy records (set_readdir). ``drain`` runs the request loop itself
  * while requests need no coroutine.
