@@ -44,6 +44,14 @@ v8 adds the READDIRPLUS hook (struct version 5): the fast path fills a
 listing's reply buffer in C (lstat of the files Python has no attributes
 for, ``fuse_add_direntry_plus``) from the entries the Python side chose and
 counted; on a v7 build it runs without it.
+v9 adds the MKDIR, UNLINK, RMDIR, SYMLINK, RENAME, LINK, SETXATTR,
+REMOVEXATTR and FORGET (and FORGET_MULTI) hooks and a third helper of
+pyfuse3's own (struct version 6): ``setattr_args``, the ``(EntryAttributes,
+SetattrFields)`` pyfuse3 hands its setattr handler for a SETATTR, so the fast
+path calls the Python handlers of the namespace requests, of FORGET, and of
+the SETATTRs and FSYNCs it does not answer itself (a directory, a lower file,
+a file whose fd it does not hold) without a coroutine; on a v8 build it runs
+without them.
 
 The build also bakes pyfuse3's version string into its pure-Python part
 (``_pyfuse3.py``): stock pyfuse3 3.5.0 looks its own version up through
@@ -73,10 +81,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mergefs.union import server  # noqa: E402
 
 PATCHED_HANDLERS = ("fuse_read", "fuse_readdirplus", "fuse_write", "fuse_write_buf", "fuse_fsync")
-PATCH_MARK = ("v8: fh 0 -> inode in read/readdir/write/fsync; FUSE_CAP_CACHE_SYMLINKS; "
+PATCH_MARK = ("v9: fh 0 -> inode in read/readdir/write/fsync; FUSE_CAP_CACHE_SYMLINKS; "
               "atomic_o_trunc off on request; version baked into _pyfuse3.py; "
-              "mergefs_fast hooks (5: session, retval, listxattr, lookup, mknod, "
-              "context, entry_param, readdirplus)\n")
+              "mergefs_fast hooks (6: session, retval, listxattr, lookup, mknod, "
+              "context, entry_param, readdirplus, mkdir, unlink, rmdir, symlink, rename, "
+              "link, setxattr, removexattr, forget, forget_multi, setattr_args)\n")
 # v5: the C callbacks of these requests first call the matching hook of the
 # exported ``mergefs_fast`` (mergefs/union/_fasthooks.h), which mergefs's C fast
 # path fills in (mergefs/union/_fastpath.c); a hook that replied ends the request.
@@ -95,7 +104,20 @@ HOOKED = {"fuse_getattr": "getattr(__pyx_v_req, __pyx_v_ino, __pyx_v_fi)",
           "fuse_mknod": "mknod(__pyx_v_req, __pyx_v_parent, __pyx_v_name, __pyx_v_mode, "
                         "__pyx_v_rdev)",
           "fuse_readdirplus": "readdirplus(__pyx_v_req, __pyx_v_ino, __pyx_v_size, __pyx_v_off, "
-                              "__pyx_v_fi)"}
+                              "__pyx_v_fi)",
+          # v9: the namespace requests
+          "fuse_mkdir": "mkdir(__pyx_v_req, __pyx_v_parent, __pyx_v_name, __pyx_v_mode)",
+          "fuse_unlink": "unlink(__pyx_v_req, __pyx_v_parent, __pyx_v_name)",
+          "fuse_rmdir": "rmdir(__pyx_v_req, __pyx_v_parent, __pyx_v_name)",
+          "fuse_symlink": "symlink(__pyx_v_req, __pyx_v_link, __pyx_v_parent, __pyx_v_name)",
+          "fuse_rename": "rename(__pyx_v_req, __pyx_v_parent, __pyx_v_name, __pyx_v_newparent, "
+                         "__pyx_v_newname, __pyx_v_flags)",
+          "fuse_link": "link(__pyx_v_req, __pyx_v_ino, __pyx_v_newparent, __pyx_v_newname)",
+          "fuse_setxattr": "setxattr(__pyx_v_req, __pyx_v_ino, __pyx_v_cname, __pyx_v_cvalue, "
+                           "__pyx_v_size, __pyx_v_flags)",
+          "fuse_removexattr": "removexattr(__pyx_v_req, __pyx_v_ino, __pyx_v_name)",
+          "fuse_forget": "forget(__pyx_v_req, __pyx_v_ino, __pyx_v_nlookup)",
+          "fuse_forget_multi": "forget_multi(__pyx_v_req, __pyx_v_count, __pyx_v_forgets)"}
 HOOKS_HEADER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             "mergefs", "union", "_fasthooks.h")
 STATE = ("static struct fuse_session *__pyx_v_7pyfuse3_session;",   # what the hooks point at
@@ -158,7 +180,7 @@ def build(dest: str) -> str:
     patched, current = 0, None
     for i, line in enumerate(lines):
         m = re.match(r"static void __pyx_f_7pyfuse3_(\w+)\(fuse_req_t __pyx_v_req, "
-                     r"(CYTHON_UNUSED )?fuse_ino_t.*\) \{$", line)
+                     r"(CYTHON_UNUSED )?(fuse_ino_t|const char \*|size_t).*\) \{$", line)
         if m:
             current = m.group(1)
             if current in HOOKED:
@@ -203,12 +225,14 @@ def hooks_definition() -> str:
         header = f.read()
     return header + ("static PyObject *mergefs_context(fuse_req_t);\n"
                      "static const struct fuse_entry_param *mergefs_entry_param(PyObject *);\n"
+                     "static PyObject *mergefs_setattr_args(const struct stat *, int);\n"
                      '__attribute__((visibility("default"))) struct mergefs_fast_hooks '
                      'mergefs_fast = {.version = MERGEFS_FAST_HOOKS_VERSION, '
                      '.size = sizeof(struct mergefs_fast_hooks), '
                      '.session = &__pyx_v_7pyfuse3_session, '
                      '.retval = &__pyx_v_7pyfuse3_py_retval, '
-                     '.context = mergefs_context, .entry_param = mergefs_entry_param};')
+                     '.context = mergefs_context, .entry_param = mergefs_entry_param, '
+                     '.setattr_args = mergefs_setattr_args};')
 
 
 # v7: what the fast path needs of pyfuse3 to call a handler without a coroutine
@@ -224,6 +248,43 @@ static const struct fuse_entry_param *mergefs_entry_param(PyObject *o)
     if (!__Pyx_TypeCheck(o, __pyx_mstate_global->__pyx_ptype_7pyfuse3_EntryAttributes))
         return NULL;
     return &((struct __pyx_obj_7pyfuse3_EntryAttributes *)o)->fuse_param;
+}
+/* v9: what fuse_setattr_async makes of a SETATTR for the setattr handler, made
+ * the same way: the stat in an EntryAttributes (a *_NOW time: the realtime
+ * clock's) and the SetattrFields of to_set. */
+static PyObject *mergefs_setattr_args(const struct stat *stat, int to_set)
+{
+    struct timespec now = {0, 0};
+    if ((to_set & (FUSE_SET_ATTR_ATIME_NOW | FUSE_SET_ATTR_MTIME_NOW)) &&
+        clock_gettime(CLOCK_REALTIME, &now) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    PyObject *entry = PyObject_CallNoArgs(
+        (PyObject *)__pyx_mstate_global->__pyx_ptype_7pyfuse3_EntryAttributes);
+    PyObject *fields = PyObject_CallNoArgs(
+        (PyObject *)__pyx_mstate_global->__pyx_ptype_7pyfuse3_SetattrFields);
+    PyObject *pair = entry && fields ? PyTuple_Pack(2, entry, fields) : NULL;
+    if (pair) {
+        struct stat *attr = ((struct __pyx_obj_7pyfuse3_EntryAttributes *)entry)->attr;
+        struct __pyx_obj_7pyfuse3_SetattrFields *f =
+            (struct __pyx_obj_7pyfuse3_SetattrFields *)fields;
+        memcpy(attr, stat, sizeof(struct stat));
+        if (!(to_set & FUSE_SET_ATTR_ATIME) && (to_set & FUSE_SET_ATTR_ATIME_NOW))
+            attr->st_atim = now;
+        if (!(to_set & FUSE_SET_ATTR_MTIME) && (to_set & FUSE_SET_ATTR_MTIME_NOW))
+            attr->st_mtim = now;
+#define MERGEFS_FIELD(name, set) Py_SETREF(f->name, Py_NewRef((set) ? Py_True : Py_False))
+        MERGEFS_FIELD(update_atime, to_set & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_ATIME_NOW));
+        MERGEFS_FIELD(update_mtime, to_set & (FUSE_SET_ATTR_MTIME | FUSE_SET_ATTR_MTIME_NOW));
+        MERGEFS_FIELD(update_ctime, to_set & FUSE_SET_ATTR_CTIME);
+        MERGEFS_FIELD(update_mode, to_set & FUSE_SET_ATTR_MODE);
+        MERGEFS_FIELD(update_uid, to_set & FUSE_SET_ATTR_UID);
+        MERGEFS_FIELD(update_gid, to_set & FUSE_SET_ATTR_GID);
+        MERGEFS_FIELD(update_size, to_set & FUSE_SET_ATTR_SIZE);
+#undef MERGEFS_FIELD
+    }
+    Py_XDECREF(entry);
+    Py_XDECREF(fields);
+    return pair;
 }
 """
 

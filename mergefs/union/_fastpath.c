@@ -3,7 +3,9 @@
  * The patched pyfuse3 (tools/pyfuse3_inode_fh.py, v5) calls the hooks of its
  * exported ``mergefs_fast`` at the top of its C callbacks for GETATTR,
  * SETATTR, READ, WRITE, FSYNC and GETXATTR (and LISTXATTR, v6; LOOKUP and
- * MKNOD, v7; an older build runs without the hooks it lacks). This module
+ * MKNOD, v7; READDIRPLUS, v8; MKDIR, UNLINK, RMDIR, SYMLINK, RENAME, LINK,
+ * SETXATTR, REMOVEXATTR and FORGET, v9; an older build runs without the hooks
+ * it lacks). This module
  * fills them in and answers those requests itself, without a Python
  * coroutine, for the regular files whose content fd the Python side holds
  * (ops' no-open fd cache, mergefs/union/fdcache.py): a table (_fasttable.h)
@@ -14,7 +16,9 @@
  * All namespace logic (lookup, create, unlink, rename, readdir, copy-up)
  * stays in Python; with a v7 build, GETATTR the table does not serve, LOOKUP
  * and MKNOD call the Python handler directly, without pyfuse3's coroutine
- * ("direct" handlers, set_direct); with a v8 build, READDIRPLUS walks the
+ * ("direct" handlers, set_direct; with a v9 build the namespace requests,
+ * FORGET, and the SETATTRs and FSYNCs the table does not serve too); with a
+ * v8 build, READDIRPLUS walks the
  * pass Python gives and answers the files itself, their lookups counted in the
  * inode table's lazy records (set_readdir). ``drain`` runs the request loop itself
  * while requests need no coroutine.
@@ -69,12 +73,17 @@ static int volatile_sync;
 
 enum { OP_GETATTR, OP_SETATTR, OP_READ, OP_WRITE, OP_FSYNC, OP_GETXATTR, OP_LISTXATTR,
        OP_GETATTR_DIR, OP_GETATTR_MERGED, OP_GETATTR_DIRECT, OP_LOOKUP_DIRECT, OP_MKNOD_DIRECT,
-       OP_READDIRPLUS, OP_GETXATTR_DIRECT, OP_WRITE_COPIED, OP_N };
+       OP_READDIRPLUS, OP_GETXATTR_DIRECT, OP_WRITE_COPIED, OP_MKDIR_DIRECT, OP_UNLINK_DIRECT,
+       OP_RMDIR_DIRECT, OP_SYMLINK_DIRECT, OP_RENAME_DIRECT, OP_LINK_DIRECT, OP_SETATTR_DIRECT,
+       OP_SETXATTR_DIRECT, OP_REMOVEXATTR_DIRECT, OP_FORGET_DIRECT, OP_FSYNC_DIRECT, OP_N };
 static const char *op_names[OP_N] = {"getattr", "setattr", "read", "write", "fsync", "getxattr",
                                      "listxattr", "getattr_dir", "getattr_merged_dir",
                                      "getattr_direct", "lookup_direct",
                                      "mknod_direct", "readdirplus", "getxattr_direct",
-                                     "write_copied"};
+                                     "write_copied", "mkdir_direct", "unlink_direct",
+                                     "rmdir_direct", "symlink_direct", "rename_direct",
+                                     "link_direct", "setattr_direct", "setxattr_direct",
+                                     "removexattr_direct", "forget_direct", "fsync_direct"};
 static unsigned long long served[OP_N];
 static PyObject *s_node, *s_unlinked, *s_attr, *s_xattrs, *s_sources;
 
@@ -105,8 +114,22 @@ static PyObject *miss_fn;
  * (they never raise: errors.direct). C calls them for the requests its table
  * does not serve and answers, so such a request costs no coroutine, no
  * RequestContext-less detour through pyfuse3's async wrappers and no trip back
- * to the Python loop; the answer is the handler's own. */
-enum { D_GETATTR, D_LOOKUP, D_MKNOD, D_N };
+ * to the Python loop; the answer is the handler's own. v9 builds add the
+ * namespace requests, with the Operations' arguments (pyfuse3's handlers.pxi):
+ * ``mkdir(parent, name, mode, ctx)``, ``symlink(parent, name, target, ctx)`` and
+ * ``link(number, new_parent, new_name, ctx)`` answer an entry (counted by the
+ * kernel as a lookup, as from pyfuse3); ``unlink``/``rmdir(parent, name, ctx)``,
+ * ``rename(parent, name, new_parent, new_name, flags, ctx)``,
+ * ``setxattr(number, name, value, ctx)`` and ``removexattr(number, name, ctx)``
+ * None; ``setattr(number, attr, fields, fh, ctx)`` (the SETATTRs the table does
+ * not serve: directories, lower files, ...) the new attributes; and, without a
+ * ctx, ``forget([(number, nlookup), ...])`` (no reply but "none") and
+ * ``fsync(fh_or_number, datasync)`` (the FSYNCs the table does not serve) None. */
+enum { D_GETATTR, D_LOOKUP, D_MKNOD, D_MKDIR, D_UNLINK, D_RMDIR, D_SYMLINK, D_RENAME, D_LINK,
+       D_SETATTR, D_SETXATTR, D_REMOVEXATTR, D_FORGET, D_FSYNC, D_N };
+static const char *direct_names[D_N] = {"getattr", "lookup", "mknod", "mkdir", "unlink", "rmdir",
+                                        "symlink", "rename", "link", "setattr", "setxattr",
+                                        "removexattr", "forget", "fsync"};
 static PyObject *direct_fn[D_N];
 
 /* Is ``field`` within the attached build's hooks struct? */
@@ -189,10 +212,12 @@ static int attributes(entry_t *e, fuse_ino_t ino, struct stat *st)
     return 0;
 }
 
-enum { ANSWER_ENTRY, ANSWER_ATTR };
+enum { ANSWER_ENTRY, ANSWER_ATTR, ANSWER_NONE };
 
 /* Reply with what a direct handler returned (a new reference, or NULL: it raised
- * anyway, a bug of the wrapper: EIO, as pyfuse3 would answer a failed handler). */
+ * anyway, a bug of the wrapper: EIO, as pyfuse3 would answer a failed handler):
+ * an errno; else, by ``kind``, an EntryAttributes as an entry or as attributes,
+ * or None as success (UNLINK, RENAME, ...: an errno 0). */
 static void answer(fuse_req_t req, PyObject *fn, PyObject *r, int kind)
 {
     const struct fuse_entry_param *p = NULL;
@@ -205,7 +230,9 @@ static void answer(fuse_req_t req, PyObject *fn, PyObject *r, int kind)
             err = (int)e;
         else
             PyErr_Clear();
-    } else if (!(p = hooks->entry_param(r))) {
+    } else if (kind == ANSWER_NONE && r == Py_None)
+        err = 0;
+    else if (kind == ANSWER_NONE || !(p = hooks->entry_param(r))) {
         PyErr_Format(PyExc_TypeError, "direct handler returned %.100s", Py_TYPE(r)->tp_name);
         PyErr_WriteUnraisable(fn);
     }
@@ -242,51 +269,222 @@ static int h_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
     return 1;
 }
 
-/* Call a direct handler with (parent, name, *more, ctx) and answer with an entry.
- * 0 (not answered: pyfuse3 goes on) only before the handler ran. */
-static int direct_entry(fuse_req_t req, int which, int op, fuse_ino_t parent, const char *name,
-                        PyObject *more1, PyObject *more2)
+#define MAX_ARGS 5      /* of a direct handler, its ctx not counted (setattr, rename) */
+
+/* Call direct handler ``which`` with ``args[1..n]`` (new references, any of them
+ * NULL when it could not be made: all released here) and the request's
+ * RequestContext, and answer as ``kind``. 0 (not answered: pyfuse3 goes on)
+ * only before the handler ran. ``args[0]`` is free (PY_VECTORCALL_ARGUMENTS_OFFSET). */
+static int call_direct(fuse_req_t req, int which, int op, int kind, PyObject **args, size_t n)
 {
     PyObject *fn = direct_fn[which];
-    if (!fn)
-        return 0;
-    PyObject *args[6] = {NULL, PyLong_FromUnsignedLongLong(parent), PyBytes_FromString(name)};
-    size_t n = 3;
-    if (more1) {
-        args[n++] = more1;
-        args[n++] = more2;
-    }
-    PyObject *ctx = args[n] = hooks->context(req);
-    if (!args[1] || !args[2] || !ctx) {
-        Py_XDECREF(args[1]);
-        Py_XDECREF(args[2]);
-        Py_XDECREF(ctx);
+    int ready = fn != NULL;
+    for (size_t i = 1; i <= n; i++)
+        ready = ready && args[i];
+    if (ready)
+        ready = (args[++n] = hooks->context(req)) != NULL;
+    else
+        args[++n] = NULL;
+    if (ready) {
+        served[op]++;
+        Py_INCREF(fn);                  /* the handler may replace it (set_direct) */
+        answer(req, fn, PyObject_Vectorcall(fn, args + 1, n | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                            NULL), kind);
+        Py_DECREF(fn);
+    } else
         PyErr_Clear();
+    for (size_t i = 1; i <= n; i++)
+        Py_XDECREF(args[i]);
+    return ready;
+}
+
+/* A direct handler's ``(parent, name, *more)`` answered as ``kind``: more1/more2
+ * new references (NULL: none; or could not be made, when ``more`` says so). */
+static int direct_named(fuse_req_t req, int which, int op, int kind, fuse_ino_t parent,
+                        const char *name, int more, PyObject *more1, PyObject *more2)
+{
+    if (!direct_fn[which]) {
+        Py_XDECREF(more1);
+        Py_XDECREF(more2);
         return 0;
     }
-    served[op]++;
-    PyObject *r = PyObject_Vectorcall(fn, args + 1, n | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-    answer(req, fn, r, ANSWER_ENTRY);
-    Py_DECREF(args[1]);
-    Py_DECREF(args[2]);
-    Py_DECREF(ctx);
-    return 1;
+    PyObject *args[MAX_ARGS + 2] = {NULL, PyLong_FromUnsignedLongLong(parent),
+                                    PyBytes_FromString(name), more1, more2};
+    return call_direct(req, which, op, kind, args, 2 + more);
 }
 
 static int h_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
-    return direct_entry(req, D_LOOKUP, OP_LOOKUP_DIRECT, parent, name, NULL, NULL);
+    return direct_named(req, D_LOOKUP, OP_LOOKUP_DIRECT, ANSWER_ENTRY, parent, name, 0, NULL,
+                        NULL);
 }
 
 static int h_mknod(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode, dev_t rdev)
 {
-    PyObject *m = PyLong_FromUnsignedLong(mode), *r = PyLong_FromUnsignedLongLong(rdev);
-    int done = m && r ? direct_entry(req, D_MKNOD, OP_MKNOD_DIRECT, parent, name, m, r) : 0;
-    if (!m || !r)
+    if (!direct_fn[D_MKNOD])
+        return 0;
+    return direct_named(req, D_MKNOD, OP_MKNOD_DIRECT, ANSWER_ENTRY, parent, name, 2,
+                        PyLong_FromUnsignedLong(mode), PyLong_FromUnsignedLongLong(rdev));
+}
+
+/* -- the namespace requests (v9 builds): the direct handlers, as pyfuse3 calls them */
+
+static int h_mkdir(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode)
+{
+    if (!direct_fn[D_MKDIR])
+        return 0;
+    mode = (mode & ~(mode_t)S_IFMT) | S_IFDIR;     /* as pyfuse3's fuse_mkdir_async */
+    return direct_named(req, D_MKDIR, OP_MKDIR_DIRECT, ANSWER_ENTRY, parent, name, 1,
+                        PyLong_FromUnsignedLong(mode), NULL);
+}
+
+static int h_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+    return direct_named(req, D_UNLINK, OP_UNLINK_DIRECT, ANSWER_NONE, parent, name, 0, NULL,
+                        NULL);
+}
+
+static int h_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+    return direct_named(req, D_RMDIR, OP_RMDIR_DIRECT, ANSWER_NONE, parent, name, 0, NULL,
+                        NULL);
+}
+
+static int h_symlink(fuse_req_t req, const char *target, fuse_ino_t parent, const char *name)
+{
+    if (!direct_fn[D_SYMLINK])
+        return 0;
+    return direct_named(req, D_SYMLINK, OP_SYMLINK_DIRECT, ANSWER_ENTRY, parent, name, 1,
+                        PyBytes_FromString(target), NULL);
+}
+
+static int h_rename(fuse_req_t req, fuse_ino_t parent, const char *name, fuse_ino_t new_parent,
+                    const char *new_name, unsigned int flags)
+{
+    if (!direct_fn[D_RENAME])
+        return 0;
+    PyObject *args[MAX_ARGS + 2] = {NULL, PyLong_FromUnsignedLongLong(parent),
+                                    PyBytes_FromString(name),
+                                    PyLong_FromUnsignedLongLong(new_parent),
+                                    PyBytes_FromString(new_name), PyLong_FromUnsignedLong(flags)};
+    return call_direct(req, D_RENAME, OP_RENAME_DIRECT, ANSWER_NONE, args, 5);
+}
+
+static int h_link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t new_parent, const char *new_name)
+{
+    if (!direct_fn[D_LINK])
+        return 0;
+    PyObject *args[MAX_ARGS + 2] = {NULL, PyLong_FromUnsignedLongLong(ino),
+                                    PyLong_FromUnsignedLongLong(new_parent),
+                                    PyBytes_FromString(new_name)};
+    return call_direct(req, D_LINK, OP_LINK_DIRECT, ANSWER_ENTRY, args, 3);
+}
+
+/* XATTR_CREATE/XATTR_REPLACE: pyfuse3 asks the getxattr handler first; those
+ * stay with its coroutine (rare: tar and dpkg set with flags 0). */
+static int h_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name, const char *value,
+                      size_t size, int flags)
+{
+    if (!direct_fn[D_SETXATTR] || flags || size > PY_SSIZE_T_MAX)
+        return 0;
+    PyObject *args[MAX_ARGS + 2] = {NULL, PyLong_FromUnsignedLongLong(ino),
+                                    PyBytes_FromString(name),
+                                    PyBytes_FromStringAndSize(value, (Py_ssize_t)size)};
+    return call_direct(req, D_SETXATTR, OP_SETXATTR_DIRECT, ANSWER_NONE, args, 3);
+}
+
+static int h_removexattr(fuse_req_t req, fuse_ino_t ino, const char *name)
+{
+    if (!direct_fn[D_REMOVEXATTR])
+        return 0;
+    PyObject *args[MAX_ARGS + 2] = {NULL, PyLong_FromUnsignedLongLong(ino),
+                                    PyBytes_FromString(name)};
+    return call_direct(req, D_REMOVEXATTR, OP_REMOVEXATTR_DIRECT, ANSWER_NONE, args, 2);
+}
+
+/* A SETATTR the table does not serve, by the setattr handler (v9 builds: pyfuse3
+ * makes its arguments, ``setattr_args``); fh None without a file info, as pyfuse3. */
+static int setattr_direct(fuse_req_t req, fuse_ino_t ino, struct stat *a, int to_set,
+                          struct fuse_file_info *fi)
+{
+    if (!direct_fn[D_SETATTR] || !HAS_HOOK(setattr_args) || !hooks->setattr_args)
+        return 0;
+    PyObject *pair = hooks->setattr_args(a, to_set);
+    PyObject *args[MAX_ARGS + 2] = {NULL, PyLong_FromUnsignedLongLong(ino), NULL, NULL,
+                                    fi ? PyLong_FromUnsignedLongLong(fi->fh) : Py_NewRef(Py_None)};
+    if (pair) {
+        args[2] = Py_NewRef(PyTuple_GET_ITEM(pair, 0));
+        args[3] = Py_NewRef(PyTuple_GET_ITEM(pair, 1));
+        Py_DECREF(pair);
+    }
+    return call_direct(req, D_SETATTR, OP_SETATTR_DIRECT, ANSWER_ATTR, args, 4);
+}
+
+/* FORGET and FORGET_MULTI: ``forget([(number, nlookup), ...])`` as pyfuse3 calls it,
+ * then the reply "none" (pyfuse3 replies before its coroutine runs; the kernel
+ * waits for nothing either way). Its result is not looked at: errors.direct
+ * has logged a bug. */
+static int forget_direct(fuse_req_t req, size_t count, const struct fuse_forget_data *forgets)
+{
+    PyObject *fn = direct_fn[D_FORGET], *list = fn ? PyList_New((Py_ssize_t)count) : NULL;
+    if (!list) {
         PyErr_Clear();
-    Py_XDECREF(m);
+        return 0;
+    }
+    for (size_t i = 0; i < count; i++) {
+        PyObject *pair = Py_BuildValue("(KK)", (unsigned long long)forgets[i].ino,
+                                       (unsigned long long)forgets[i].nlookup);
+        if (!pair) {
+            Py_DECREF(list);
+            PyErr_Clear();
+            return 0;
+        }
+        PyList_SET_ITEM(list, (Py_ssize_t)i, pair);
+    }
+    served[OP_FORGET_DIRECT]++;
+    Py_INCREF(fn);
+    PyObject *r = PyObject_CallOneArg(fn, list);
+    if (!r)
+        PyErr_WriteUnraisable(fn);
     Py_XDECREF(r);
-    return done;
+    Py_DECREF(fn);
+    Py_DECREF(list);
+    fuse_reply_none(req);
+    return 1;
+}
+
+static int h_forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup)
+{
+    struct fuse_forget_data one = {.ino = ino, .nlookup = nlookup};
+    return forget_direct(req, 1, &one);
+}
+
+static int h_forget_multi(fuse_req_t req, size_t count, struct fuse_forget_data *forgets)
+{
+    return forget_direct(req, count, forgets);
+}
+
+/* An FSYNC the table does not serve (no fd for it): ``fsync(fh, datasync)`` with
+ * what pyfuse3 passes as fh (the patch's: the inode number when fh is 0). */
+static int fsync_direct(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi)
+{
+    PyObject *fn = direct_fn[D_FSYNC];
+    if (!fn)
+        return 0;
+    PyObject *args[2] = {PyLong_FromUnsignedLongLong(fi && fi->fh ? fi->fh : ino),
+                         PyBool_FromLong(datasync)};
+    if (!args[0]) {
+        Py_DECREF(args[1]);
+        PyErr_Clear();
+        return 0;
+    }
+    served[OP_FSYNC_DIRECT]++;
+    Py_INCREF(fn);
+    answer(req, fn, PyObject_Vectorcall(fn, args, 2, NULL), ANSWER_NONE);
+    Py_DECREF(fn);
+    Py_DECREF(args[0]);
+    Py_DECREF(args[1]);
+    return 1;
 }
 
 /* -- READDIRPLUS (v8 builds) --------------------------------------------------
@@ -669,11 +867,9 @@ static int h_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *a, int to_set,
                      struct fuse_file_info *fi)
 {
     struct stat st;
-    if (to_set & ~KNOWN_SET)
-        return 0;
-    entry_t *e = usable(ino, fi);
-    if (!e || !(e->flags & F_WRITE))
-        return 0;           /* a lower file is copied up first: Python (U4) */
+    entry_t *e = (to_set & ~KNOWN_SET) ? NULL : usable(ino, fi);
+    if (!e || !(e->flags & F_WRITE))   /* a lower file is copied up first: Python (U4) */
+        return setattr_direct(req, ino, a, to_set, fi);
     served[OP_SETATTR]++;
     int failed = apply(e->fd, a, to_set), err = errno;
     changed(e, to_set & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID));
@@ -894,7 +1090,7 @@ static int h_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_fil
 {
     entry_t *e = usable(ino, fi);
     if (!e)
-        return 0;
+        return fsync_direct(req, ino, datasync, fi);
     served[OP_FSYNC]++;
     /* a lower file has nothing to sync (kernel overlayfs syncs only an upper
      * file); "volatile" mounts sync nothing */
@@ -1334,10 +1530,12 @@ static PyObject *py_attach(PyObject *self, PyObject *arg)
         Py_RETURN_FALSE;
     struct mergefs_fast_hooks *h = dlsym(so, "mergefs_fast");
     dlclose(so);                        /* NOLOAD took a reference; the module keeps it */
-    /* this version, version 4 (a v7 pyfuse3 build: no READDIRPLUS hook), 3 (v6:
-     * no LOOKUP/MKNOD hooks, no direct handlers either) or 2 (v5: no LISTXATTR hook either) */
+    /* this version, version 5 (a v8 pyfuse3 build: no namespace hooks), 4 (v7: no
+     * READDIRPLUS hook either), 3 (v6: no LOOKUP/MKNOD hooks, no direct handlers
+     * either) or 2 (v5: no LISTXATTR hook either) */
     if (!h || !((h->version == MERGEFS_FAST_HOOKS_VERSION &&
                  h->size == sizeof(struct mergefs_fast_hooks)) ||
+                (h->version == 5 && h->size == MERGEFS_FAST_HOOKS_V5_SIZE) ||
                 (h->version == 4 && h->size == MERGEFS_FAST_HOOKS_V4_SIZE) ||
                 (h->version == 3 && h->size == MERGEFS_FAST_HOOKS_V3_SIZE) ||
                 (h->version == 2 && h->size == MERGEFS_FAST_HOOKS_V2_SIZE)))
@@ -1346,24 +1544,39 @@ static PyObject *py_attach(PyObject *self, PyObject *arg)
     Py_RETURN_TRUE;
 }
 
-/* Point pyfuse3's hooks at this module's handlers (``on``) or back to NULL. */
+/* Point pyfuse3's hooks at this module's handlers (``on``) or back to NULL:
+ * those of the attached build's struct (HAS_HOOK). */
 static void install(int on)
 {
-    hooks->getattr = on ? h_getattr : NULL;
-    hooks->setattr = on ? h_setattr : NULL;
-    hooks->read = on ? h_read : NULL;
-    hooks->write = on ? h_write : NULL;
-    hooks->write_buf = on ? h_write_buf : NULL;
-    hooks->fsync = on ? h_fsync : NULL;
-    hooks->getxattr = on ? h_getxattr : NULL;
+#define SET_HOOK(name) (hooks->name = on ? h_##name : NULL)
+    SET_HOOK(getattr);
+    SET_HOOK(setattr);
+    SET_HOOK(read);
+    SET_HOOK(write);
+    SET_HOOK(write_buf);
+    SET_HOOK(fsync);
+    SET_HOOK(getxattr);
     if (HAS_HOOK(listxattr))
-        hooks->listxattr = on ? h_listxattr : NULL;
+        SET_HOOK(listxattr);
     if (HAS_HOOK(entry_param)) {
-        hooks->lookup = on ? h_lookup : NULL;
-        hooks->mknod = on ? h_mknod : NULL;
+        SET_HOOK(lookup);
+        SET_HOOK(mknod);
     }
     if (HAS_HOOK(readdirplus))
-        hooks->readdirplus = on ? h_readdirplus : NULL;
+        SET_HOOK(readdirplus);
+    if (HAS_HOOK(setattr_args)) {     /* v9: the namespace requests */
+        SET_HOOK(mkdir);
+        SET_HOOK(unlink);
+        SET_HOOK(rmdir);
+        SET_HOOK(symlink);
+        SET_HOOK(rename);
+        SET_HOOK(link);
+        SET_HOOK(setxattr);
+        SET_HOOK(removexattr);
+        SET_HOOK(forget);
+        SET_HOOK(forget_multi);
+    }
+#undef SET_HOOK
 }
 
 static void clear_direct(void)
@@ -1392,19 +1605,41 @@ static PyObject *py_set_miss(PyObject *self, PyObject *fn)
     Py_RETURN_NONE;
 }
 
-/* set_direct(getattr, lookup, mknod) -> bool: use these direct handlers (None:
- * that request goes through pyfuse3 as before); False, and nothing set, when
- * the attached build cannot (older than v7). */
-static PyObject *py_set_direct(PyObject *self, PyObject *args)
+/* set_direct(**handlers) -> tuple: use these direct handlers, by request name
+ * (getattr, lookup, mknod, mkdir, unlink, rmdir, symlink, rename, link, setattr,
+ * setxattr, removexattr, forget, fsync; None or left out: that request goes through pyfuse3
+ * as before), and return the names the attached build calls them for: none
+ * (and nothing set) older than v7, the first three with a v7 or v8 build. */
+static PyObject *py_set_direct(PyObject *self, PyObject *args, PyObject *kwargs)
 {
-    PyObject *fn[D_N];
-    if (!PyArg_ParseTuple(args, "OOO", &fn[D_GETATTR], &fn[D_LOOKUP], &fn[D_MKNOD]))
+    static char *names[D_N + 1];
+    PyObject *fn[D_N] = {NULL};
+    for (int i = 0; i < D_N; i++)
+        names[i] = (char *)direct_names[i];
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$OOOOOOOOOOOOOO", names, &fn[0], &fn[1],
+                                     &fn[2], &fn[3], &fn[4], &fn[5], &fn[6], &fn[7], &fn[8],
+                                     &fn[9], &fn[10], &fn[11], &fn[12], &fn[13]))
         return NULL;
     if (!hooks || !HAS_HOOK(entry_param) || !hooks->context || !hooks->entry_param)
-        Py_RETURN_FALSE;
-    for (int i = 0; i < D_N; i++)
-        Py_XSETREF(direct_fn[i], fn[i] == Py_None ? NULL : Py_NewRef(fn[i]));
-    Py_RETURN_TRUE;
+        return PyTuple_New(0);
+    int all = HAS_HOOK(setattr_args) && hooks->setattr_args;
+    PyObject *used = PyList_New(0);
+    if (!used)
+        return NULL;
+    for (int i = 0; i < D_N; i++) {
+        PyObject *f = fn[i] && fn[i] != Py_None && (all || i <= D_MKNOD) ? fn[i] : NULL;
+        Py_XSETREF(direct_fn[i], Py_XNewRef(f));
+        PyObject *name = f ? PyUnicode_FromString(direct_names[i]) : NULL;
+        if (f && (!name || PyList_Append(used, name) < 0)) {
+            Py_XDECREF(name);
+            Py_DECREF(used);
+            return NULL;
+        }
+        Py_XDECREF(name);
+    }
+    PyObject *out = PyList_AsTuple(used);
+    Py_DECREF(used);
+    return out;
 }
 
 /* set_readdir(readdir, unlisted, entry_timeout) -> bool: fill READDIRPLUS
@@ -1551,8 +1786,10 @@ static PyMethodDef methods[] = {
      "enable(attr_timeout, squash_uid, squash_gid, volatile): serve from now on "
      "(-1: no squash)"},
     {"disable", py_disable, METH_NOARGS, "stop serving; forget every entry"},
-    {"set_direct", py_set_direct, METH_VARARGS,
-     "set_direct(getattr, lookup, mknod) -> bool: the direct handlers (v7 builds)"},
+    {"set_direct", (PyCFunction)(void (*)(void))py_set_direct, METH_VARARGS | METH_KEYWORDS,
+     "set_direct(**handlers) -> names: the direct handlers by request name (getattr, lookup, "
+     "mknod: v7 builds; mkdir, unlink, rmdir, symlink, rename, link, setattr, setxattr, "
+     "removexattr, forget, fsync: v9); the names the build calls them for"},
     {"set_readdir", py_set_readdir, METH_VARARGS,
      "set_readdir(readdir, unlisted, entry_timeout) -> bool: READDIRPLUS replies filled "
      "in C (v8 builds)"},

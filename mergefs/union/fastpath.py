@@ -11,7 +11,11 @@ cannot serve itself, without pyfuse3's coroutine (ops._direct); with a v8
 build it walks no-open READDIRPLUS passes and answers their files itself
 (ops._readdir_direct), and calls ``ops.getxattr`` for inodes it has no fd for
 and ``FdCache.write_for_c`` for the copy-up at a lower file's first WRITE
-(``set_copyup``). ``layer_links`` (a layer's hardlinked names, for linknames)
+(``set_copyup``); with a v9 build it calls the namespace handlers too (mkdir,
+unlink, rmdir, symlink, rename, link, setxattr, removexattr), ``forget``, and
+``setattr`` and ``fsync`` for what it does not answer itself (directories,
+lower files, files whose fd it does not hold: ops.DIRECT).
+``layer_links`` (a layer's hardlinked names, for linknames)
 and ``openat2`` (syscalls.open_beneath) need no pyfuse3 build. Without the
 compiled module, with an older pyfuse3 build or with ``MERGEFS_FASTPATH=0``,
 every request goes through the Python handlers, which give the same answers.

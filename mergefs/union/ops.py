@@ -30,7 +30,10 @@ answers GETATTR, SETATTR, READ, WRITE, FSYNC, GETXATTR and LISTXATTR of the regu
 files in ``self.fds`` before they reach these handlers; whatever it does not
 serve comes here as before. With a v7 build it calls ``getattr``, ``lookup``
 and ``mknod`` itself for the rest (``_direct``: the plain handler, errors as
-errnos; no pyfuse3 coroutine per request).
+errnos; no pyfuse3 coroutine per request), with v9 the namespace handlers
+(``mkdir``, ``unlink``, ``rmdir``, ``symlink``, ``rename``, ``link``), the
+xattr writes, ``forget``, and ``setattr`` and ``fsync`` too (``DIRECT``). None of them awaits: a handler
+that must (a coroutine function) stays with pyfuse3 (``_direct`` gives None).
 """
 from __future__ import annotations
 
@@ -51,6 +54,10 @@ from .view import UnionView
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 LISTINGS, LISTED_NAMES = 64, 1 << 20   # no-opendir: readdir snapshots kept
+# the handlers the C fast path calls without pyfuse3's coroutine (``_direct``):
+# the first three with a v7 build, all with v9 (setattr: what C does not answer)
+DIRECT = ("getattr", "lookup", "mknod", "mkdir", "unlink", "rmdir", "symlink", "rename", "link",
+          "setattr", "setxattr", "removexattr", "forget", "fsync")
 GEN_SHIFT = 32                         # their offsets: generation << 32 | position
 
 
@@ -152,7 +159,7 @@ class UnionOperations(pyfuse3.Operations):
             if self.fds.fast is not None:
                 self.fds.fast.set_miss(self._open_for_c)
                 if os.environ.get("MERGEFS_FASTPATH_DIRECT") != "0":    # "0": for comparisons
-                    self.fds.fast.set_direct(*map(self._direct, ("getattr", "lookup", "mknod")))
+                    self.fds.fast.set_direct(**{n: self._direct(n) for n in DIRECT})
                     # GETXATTR and a lower file's first WRITE (its copy-up) without a coroutine
                     self.fds.fast.set_copyup(self._direct("getxattr"), direct(
                         "write", self.fds.write_for_c) if self.view.writable else None)
