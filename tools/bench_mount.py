@@ -13,8 +13,8 @@ root and note when that was done ("live": the first answer from the server),
 then unmount (not timed). ``mergefs -o fork`` and ``mergefs -o views``: the
 same call with ``service=SOCK`` through the lean program of ``mergefs views
 install-program`` to a service started here: ``mergefs mount-server`` (a warm
-server forked per mount, whose command line is the mount server's: not found
-by ``server_cpu``) or ``mergefs views serve`` (a bind of a view, no server of
+server per mount, forked or back from an earlier mount, whose command line is
+the mount server's: not found by ``server_cpu``) or ``mergefs views serve`` (a bind of a view, no server of
 its own); their server CPU column stays 0; instead the CPU and minor page faults per
 mount of each mount server with all its children (forked servers, spares;
 from /proc/PID/stat, the first spare's warm-up left out) are printed below the
