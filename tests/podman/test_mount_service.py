@@ -549,6 +549,16 @@ def test_a_server_whose_mount_ended_serves_the_next_mount(fork_service, layers, 
     assert sorted(os.listdir(second)) == ["data", "etc", "gone"]     # base only, no "mine"
     assert (second / "etc/motd").read_text() == "base\n"
     assert (tmp_path / "f-up/mine").read_text() == "first's\n"
+    os.kill(spare, signal.SIGUSR1)                  # its request counts, this mount's only
+    deadline = time.monotonic() + 10
+    while "INFO requests" not in log.read_text():
+        assert time.monotonic() < deadline, "no requests line"
+        time.sleep(0.02)
+    from mergefs.union import fastpath
+    [counts] = [ln for ln in log.read_text().splitlines() if "INFO requests" in ln]
+    if fastpath.compiled("attach") is not None:     # the C fast path serves again
+        assert '"fast_' in counts, counts
+    assert "no C fast path" not in log.read_text()
     subprocess.run(["umount", str(second)], check=True)
     assert srv.wait_empty() == [] and spare in wait_spares(srv, {spare})
     assert fds_of(spare) == held
