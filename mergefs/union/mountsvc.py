@@ -79,6 +79,9 @@ class MountServer:
             from . import _fastpath  # noqa: F401
         except ImportError:
             pass
+        from .server import pyfuse3_passes_inode
+        for writes in (False, True):    # asked once here, not by every server (the marker)
+            pyfuse3_passes_inode(writes)
         import gc
         gc.collect()
         gc.freeze()

@@ -127,11 +127,23 @@ def pyfuse3_passes_inode(writes: bool = False) -> bool:
     that still matches, the digest it checked stands and is not recomputed
     (hashing loads OpenSSL, ~10 ms of a mount's start-up). ``MERGEFS_NO_OPEN=0``
     keeps real opens with either build (for comparisons and debugging).
+
+    The answer is kept for the process (the module it loaded does not change
+    under it): a mount server asks before it forks (``mountsvc``), so its
+    servers, and each later mount of one, do not read the marker again, nor
+    hash the module where its identity no longer matches (a touched file: 1-5
+    ms of each mount's start).
     """
     if os.environ.get("MERGEFS_NO_OPEN") == "0":
         return False
     import pyfuse3
-    return marked_inode_fh(pyfuse3.__file__, writes)
+    key = (pyfuse3.__file__, writes)
+    if key not in _PASSES_INODE:
+        _PASSES_INODE[key] = marked_inode_fh(pyfuse3.__file__, writes)
+    return _PASSES_INODE[key]
+
+
+_PASSES_INODE: dict[tuple[str, bool], bool] = {}
 
 
 def marked_inode_fh(module: str, writes: bool = False) -> bool:
