@@ -1,5 +1,5 @@
 """``mergefs -o ...,service=SOCK TARGET``: containers/storage's mount program handed to
-a running service, ``mergefs mount-server`` (a warm server forked per mount: "fork")
+a running service, ``mergefs mount-server`` (a warm server per mount, forked or back: "fork")
 or ``mergefs views serve`` (a bind of a view: "views"). No podman here;
 tests/podman/test_podman.py runs podman on both.
 
