@@ -13,9 +13,12 @@ root and note when that was done ("live": the first answer from the server),
 then unmount (not timed). ``mergefs -o fork`` and ``mergefs -o views``: the
 same call with ``service=SOCK`` through the lean program of ``mergefs views
 install-program`` to a service started here: ``mergefs mount-server`` (a warm
-server forked per mount, whose command line is the mount server's: not found
-by ``server_cpu``) or ``mergefs views serve`` (a bind of a view, no server of
-its own); their server CPU column stays 0. Reps are interleaved across systems, so a burst of
+server per mount, forked or back from an earlier mount, whose command line is
+the mount server's: not found by ``server_cpu``) or ``mergefs views serve`` (a bind of a view, no server of
+its own); their server CPU column stays 0; instead the CPU and minor page faults per
+mount of each mount server with all its children (forked servers, spares;
+from /proc/PID/stat, the first spare's warm-up left out) are printed below the
+table. Reps are interleaved across systems, so a burst of
 load from other processes hits all of them. Prints medians and p90 in ms,
 the interpreter start-up (``python -c pass``) measured in the same run, and
 the load average before and after. ``--instructions`` also counts, once
@@ -102,6 +105,27 @@ def server_cpu(mnt: str) -> float:
         except OSError:
             continue
     return 0.0
+
+
+def service_cost(pid: int) -> tuple[float, int]:
+    """CPU seconds and minor page faults of a mount server so far: its own, its
+    reaped children's (its forked servers that exited) and its live children's
+    (the spares, servers still serving or back as spares)."""
+    tck = os.sysconf("SC_CLK_TCK")
+
+    def fields(p) -> list[str]:
+        with open(f"/proc/{p}/stat") as f:
+            return f.read().rpartition(")")[2].split()
+    f = fields(pid)
+    cpu, faults = sum(int(x) for x in f[11:15]) / tck, int(f[7]) + int(f[8])
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            c = fields(p)
+        except OSError:
+            continue
+        if int(c[1]) == pid and c[0] != "Z":
+            cpu, faults = cpu + (int(c[11]) + int(c[12])) / tck, faults + int(c[7])
+    return cpu, faults
 
 
 BEFORE_KNOWS_NOKERNEL = True
@@ -211,6 +235,10 @@ def main() -> int:
             BEFORE_KNOWS_NOKERNEL = os.path.exists(os.path.join(args.before, "mergefs",
                                                                 "kernelview.py"))
         load0 = os.getloadavg()
+        time.sleep(1.0)         # the services' first spares warmed up: counted by neither
+        forks = {kind: s for kind, s in zip(("fork", "views", "fork before"), services)
+                 if kind.startswith("fork")}
+        cost0 = {kind: service_cost(s.proc.pid) for kind, s in forks.items()}
         res: dict[tuple[str, str], list[tuple[float, ...]]] = {}
         start: list[float] = []
         for rep in range(args.reps):
@@ -221,6 +249,14 @@ def main() -> int:
                 for mode in MODES:
                     res.setdefault((system, mode), []).append(one(system, mode, layers, base, rep))
         load1 = os.getloadavg()
+        cost = {}
+        if cost0:
+            for s in services:
+                s.wait_empty()
+            time.sleep(1.5)     # exited servers reaped (the service's loop: every second)
+            for kind, s in forks.items():
+                c1 = service_cost(s.proc.pid)
+                cost[kind] = (c1[0] - cost0[kind][0], c1[1] - cost0[kind][1])
         counts = {}
         if args.instructions:
             scripts = {"now": MERGEFS}
@@ -242,6 +278,12 @@ def main() -> int:
             cmd, srv = [x[2] for x in xs], [x[3] for x in xs]
             print(f"{system:22} {mode:4} {ms(ret, 50):10.1f} {ms(ret, 90):6.1f} "
                   f"{ms(live, 50):9.1f} {ms(live, 90):6.1f} {ms(cmd, 50):8.1f} {ms(srv, 50):8.1f}")
+        for kind, (cpu, faults) in cost.items():
+            n = sum(len(xs) for (system, _), xs in res.items()
+                    if system == f"mergefs -o {kind}")
+            if n:
+                print(f"mergefs -o {kind}: per mount, the mount server and its children: CPU "
+                      f"{1000 * cpu / n:.1f} ms, minor faults {faults / n:.0f} ({n} mounts)")
         if counts:
             print("millions of instructions (cachegrind) of `mergefs mount`: the command, and "
                   "the server until it exits after the first answer (its parent's up to the fork "

@@ -44,7 +44,7 @@ is not) and prints the FUSE requests of each run by opcode and how long they
 waited for their answers: evidence that does not move with the load.
 ``mergefs-fork`` and ``mergefs-views`` are mergefs through a mount service
 (README, "As podman's or buildah's overlay mount program"): ``mergefs
-mount-server`` (a warm server forked per mount) or ``mergefs views serve`` (a
+mount-server`` (a warm server per mount: forked, or back from an earlier one) or ``mergefs views serve`` (a
 bind of a view per mount), started here on private paths (stopped by pid at
 the end), the lean program of ``mergefs views install-program`` as
 mount_program and ``mountopt = "service=SOCK"``.

@@ -55,7 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=cmd_install_program)
 
     p = sub.add_parser("mount-server", help="serve mount requests (`mergefs -o ...,service=SOCK "
-                       "TARGET`): a warm FUSE server forked per mount, in the foreground")
+                       "TARGET`): a warm FUSE server per mount (forked, or back from an earlier "
+                       "mount), in the foreground")
     p.add_argument("--control", default=DEFAULT_SERVICE, metavar="SOCK",
                    help=f"control socket (default {DEFAULT_SERVICE})")
     p.set_defaults(func=cmd_mount_server)

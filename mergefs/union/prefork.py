@@ -81,11 +81,15 @@ def start_early() -> None:
     _PENDING = fork_waiting()
 
 
-def fork_waiting(warm=None) -> Prefork:
+def fork_waiting(warm=None, again=None) -> Prefork:
     """Fork a server-to-be that waits for ``hand_over`` (the caller runs one thread
     and no trio loop: ``start_early``, or the mount server, which forks the
     server of its next mount ahead, ``mountsvc``); ``warm``: what the child
-    runs before it waits, to make its start after the hand-over shorter."""
+    runs before it waits, to make its start after the hand-over shorter;
+    ``again`` (with ``warm``): called once the mount it served has ended (by
+    its unmount, not a signal), the ends it waits on for its next hand-over
+    (``Prefork.fds``' counterpart: hand-over pipe, reply pipe, /dev/fuse fd),
+    or None: it exits."""
     fuse_fd = -1
     if os.geteuid() == 0:           # also uid 0 of a user namespace: it may mount FUSE
         try:
@@ -102,7 +106,7 @@ def fork_waiting(warm=None) -> Prefork:
         try:
             os.close(w)
             os.close(reply_r)
-            code = _child(r, reply_w, fuse_fd, warm)
+            code = _child(r, reply_w, fuse_fd, warm, again)
         finally:
             os._exit(code)
     os.close(r)
@@ -299,7 +303,7 @@ def import_trio() -> None:
         raise
 
 
-def _child(r: int, reply: int, fuse_fd: int, warm=None) -> int:
+def _child(r: int, reply: int, fuse_fd: int, warm=None, again=None) -> int:
     import gc
     gc.disable()                    # ~4% of the imports' time is collections that free nothing
     null = os.open(os.devnull, os.O_RDWR)
@@ -312,7 +316,7 @@ def _child(r: int, reply: int, fuse_fd: int, warm=None) -> int:
     if warm is not None:
         warm()
         import trio
-        got = trio.run(_handed_over_in_loop, r, reply, fuse_fd)
+        got = trio.run(_handed_over_in_loop, r, reply, fuse_fd, again)
         return got if isinstance(got, int) else _serve_message(got, reply, fuse_fd)
     return _serve_message(_message(r), reply, fuse_fd)
 
@@ -329,23 +333,33 @@ def _message(r: int) -> tuple | None:
     return pickle.loads(data)
 
 
-async def _handed_over_in_loop(r: int, reply: int, fuse_fd: int):
+async def _handed_over_in_loop(r: int, reply: int, fuse_fd: int, again=None):
     """A warmed-up spare (the mount server's) waits for its hand-over inside a
     running trio loop: the loop's start (~1 ms after the hand-over) is behind it
-    when the mount comes. Serves a mount made for it; returns the exit code, or
-    the message of a mount it is to make through libfuse (served outside this
-    loop: ``serve_reporting`` runs its own)."""
+    when the mount comes. Serves a mount made for it, then, while ``again``
+    gives it the ends of a next hand-over, waits for that one and serves it in
+    the same process and loop; returns the exit code, or the message of a mount
+    it is to make through libfuse (served outside this loop:
+    ``serve_reporting`` runs its own)."""
     import trio
-    await trio.lowlevel.wait_readable(r)
-    msg = _message(r)
-    if msg is None:
-        return 0
-    spec, mountpoint, fmt, log_path, mounted = msg
-    if not mounted:
-        return msg
-    os.close(reply)
+
     from . import server
-    return await server.serve_handed_over_in_loop(spec, mountpoint, fmt, log_path, fuse_fd)
+    while True:
+        await trio.lowlevel.wait_readable(r)
+        msg = _message(r)
+        if msg is None:
+            return 0
+        spec, mountpoint, fmt, log_path, mounted = msg
+        if not mounted:
+            return msg
+        os.close(reply)
+        code = await server.serve_handed_over_in_loop(spec, mountpoint, fmt, log_path, fuse_fd)
+        if code or again is None or server.SIGNALLED:
+            return code
+        ends = again()
+        if ends is None:
+            return code
+        r, reply, fuse_fd = ends
 
 
 def _serve_message(msg: tuple | None, reply: int, fuse_fd: int) -> int:

@@ -74,6 +74,8 @@ async def _run() -> None:
                         log_requests()
                         continue
                     log.info("signal received, stopping")
+                    global SIGNALLED
+                    SIGNALLED = True
                     pyfuse3.terminate()
                     return
         # Handlers installed before the first request is served: the request
@@ -91,6 +93,10 @@ async def _run() -> None:
         await pyfuse3.main(min_tasks=1, max_tasks=1)
         nursery.cancel_scope.cancel()
 
+
+# a signal stopped the server (not its unmount): a mount server's server then
+# exits rather than wait for another mount (``prefork._handed_over_in_loop``)
+SIGNALLED = False
 
 INODE_FH_MARKER = "MERGEFS_INODE_FH"
 
@@ -121,11 +127,23 @@ def pyfuse3_passes_inode(writes: bool = False) -> bool:
     that still matches, the digest it checked stands and is not recomputed
     (hashing loads OpenSSL, ~10 ms of a mount's start-up). ``MERGEFS_NO_OPEN=0``
     keeps real opens with either build (for comparisons and debugging).
+
+    The answer is kept for the process (the module it loaded does not change
+    under it): a mount server asks before it forks (``mountsvc``), so its
+    servers, and each later mount of one, do not read the marker again, nor
+    hash the module where its identity no longer matches (a touched file: 1-5
+    ms of each mount's start).
     """
     if os.environ.get("MERGEFS_NO_OPEN") == "0":
         return False
     import pyfuse3
-    return marked_inode_fh(pyfuse3.__file__, writes)
+    key = (pyfuse3.__file__, writes)
+    if key not in _PASSES_INODE:
+        _PASSES_INODE[key] = marked_inode_fh(pyfuse3.__file__, writes)
+    return _PASSES_INODE[key]
+
+
+_PASSES_INODE: dict[tuple[str, bool], bool] = {}
 
 
 def marked_inode_fh(module: str, writes: bool = False) -> bool:
@@ -419,13 +437,19 @@ async def serve_handed_over_in_loop(spec: MountSpec, mountpoint: str, fmt: str, 
                                     fd: int, view=None) -> int:
     """``serve_handed_over`` in a running trio loop (the mount server's spare waits
     for its mount in one: ``prefork``)."""
-    os.setsid()
+    if os.getsid(0) != os.getpid():     # (a mount server's server, on its next mount: it is)
+        os.setsid()
     _detach_stdio(log_path)
     if not _STREAMS_AHEAD:
         _log_to_stderr()
     try:
         os.set_inheritable(fd, False)
-        await _serve_in_loop(spec, view or build_view(spec, fmt), f"/dev/fd/{fd}", mountpoint)
+        if view is None:
+            view = build_view(spec, fmt)
+        try:
+            await _serve_in_loop(spec, view, f"/dev/fd/{fd}", mountpoint)
+        finally:
+            view.close()            # (a process that serves another mount next keeps no fds)
         return 0
     except BaseException:
         log.exception("cannot serve %s", mountpoint)
@@ -445,6 +469,8 @@ def _detach_stdio(log_path: str) -> None:
     os.dup2(nullfd, 0)
     os.dup2(logfd, 1)
     os.dup2(logfd, 2)
+    os.close(nullfd)            # (a mount server's server serves other mounts after this one)
+    os.close(logfd)
     if not _STREAMS_AHEAD:
         _streams_on_fds()
 

@@ -1,5 +1,5 @@
 """``mergefs -o ...,service=SOCK TARGET``: containers/storage's mount program handed to
-a running service, ``mergefs mount-server`` (a warm server forked per mount: "fork")
+a running service, ``mergefs mount-server`` (a warm server per mount, forked or back: "fork")
 or ``mergefs views serve`` (a bind of a view: "views"). No podman here;
 tests/podman/test_podman.py runs podman on both.
 
@@ -314,6 +314,21 @@ def wait_spare(service, not_pid=None, timeout: float = 10.0) -> int:
     return spare
 
 
+def wait_spares(service, pids: set[int], timeout: float = 10.0) -> set[int]:
+    """The spares once ``pids`` are all among them (or at the timeout)."""
+    deadline = time.monotonic() + timeout
+    while not pids <= (spares := set(listing(service)["spares"])) \
+            and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return spares
+
+
+def fds_of(pid: int) -> list[str]:
+    """What ``pid`` holds open (a pipe or socket by its kind, not its inode)."""
+    return sorted(os.readlink(f"/proc/{pid}/fd/{n}").partition(":[")[0]
+                  for n in os.listdir(f"/proc/{pid}/fd"))
+
+
 def children(pid: int) -> set[int]:
     out = set()
     for p in filter(str.isdigit, os.listdir("/proc")):
@@ -349,7 +364,8 @@ def test_the_next_mounts_server_is_forked_before_the_request(fork_service, layer
                                                              lean):
     """Before any request the service has one child, waiting; the mount podman's
     program asks for is served by that very process, shows what a mount of its
-    own shows, and a new spare is forked for the mount after it."""
+    own shows, and a new spare is forked for the mount after it. Once their
+    mounts are gone both servers wait as spares (none left as a server)."""
     srv = fork_service
     spare = wait_spare(srv)
     assert children(srv.proc.pid) == {spare} and listing(srv)["servers"] == []
@@ -375,7 +391,9 @@ def test_the_next_mounts_server_is_forked_before_the_request(fork_service, layer
     assert (second / "etc/motd").read_text() == "top\n"
     for t in (mine, second):
         subprocess.run(["umount", str(t)], check=True)
-    assert srv.wait_empty() == [] and gone(spare) and gone(following)
+    assert srv.wait_empty() == []
+    assert wait_spares(srv, {spare, following}) == {spare, following}
+    assert children(srv.proc.pid) == {spare, following}
     assert srv.errors() == []
 
 
@@ -390,7 +408,7 @@ def test_a_refused_mount_keeps_the_spare(fork_service, layers, tmp_path, lean):
                 tmp_path / "missing", program=lean)
     assert r.returncode == 1 and "missing" in r.stderr
     assert not mounts.is_mounted(t)
-    assert listing(srv) == {"ok": True, "servers": [], "spare": spare}
+    assert listing(srv) == {"ok": True, "servers": [], "spare": spare, "spares": [spare]}
     assert children(srv.proc.pid) == {spare}
 
 
@@ -412,7 +430,7 @@ def test_a_served_mount_logs_to_its_own_file(fork_service, layers, tmp_path, lea
     lines = log.read_text().splitlines()
     assert f"mergefs[{spare}] INFO serving 2 layers at {t} (writable" in lines[0], lines
     subprocess.run(["umount", str(t)], check=True)
-    assert srv.wait_empty() == [] and gone(spare)
+    assert srv.wait_empty() == [] and wait_spares(srv, {spare}) == {spare}
     assert not log.exists()             # nothing but INFO in it: gone with the mount
     assert srv.errors() == []
 
@@ -473,7 +491,7 @@ def test_the_rehearsal_between_requests_mounts_nothing(tmp_path, layers, lean):
         [scratch] = mine
         assert not [e for e in mounts_table() if e.target.startswith(scratch)]
         assert os.path.isfile(os.path.join(scratch, "target"))
-        assert listing(srv) == {"ok": True, "servers": [], "spare": spare}
+        assert listing(srv) == {"ok": True, "servers": [], "spare": spare, "spares": [spare]}
         assert children(srv.proc.pid) == {spare}
         t = tmp_path / "t"
         t.mkdir()
@@ -502,6 +520,114 @@ def test_a_killed_spare_is_replaced_before_it_is_handed_a_mount(fork_service, la
     assert server != spare
     subprocess.run(["umount", str(t)], check=True)
     assert srv.wait_empty() == []
+
+
+def test_a_server_whose_mount_ended_serves_the_next_mount(fork_service, layers, tmp_path,
+                                                          lean):
+    """Unmounted, a server offers itself to the service again (mountsvc._offer) and
+    the next mount is served by that process, not a fork: that mount shows its
+    own layers and upper only (nothing of the last one's), logs to its own file,
+    and the process holds the same open files after each mount (no fd left of the
+    last mount); the last log ends with its "stopped" line."""
+    from mergefs.union.server import default_log_path
+    srv = fork_service
+    spare = wait_spare(srv)
+    time.sleep(0.5)
+    first = target(srv, tmp_path, "first")
+    r = mergefs("-o", writable_opts(tmp_path, layers, "f") + f",service={srv.control}", first,
+                program=lean)
+    assert (r.returncode, r.stderr) == (0, "")
+    (first / "mine").write_text("first's\n")
+    subprocess.run(["umount", str(first)], check=True)
+    assert srv.wait_empty() == [] and spare in wait_spares(srv, {spare})
+    held = fds_of(spare)
+    second = target(srv, tmp_path, "second")
+    log = Path(default_log_path(str(second)))
+    log.unlink(missing_ok=True)
+    r = mergefs("-o", f"lowerdir={layers[1]},service={srv.control}", second, program=lean)
+    assert (r.returncode, r.stderr) == (0, "")
+    assert listing(srv)["servers"] == [spare]
+    assert sorted(os.listdir(second)) == ["data", "etc", "gone"]     # base only, no "mine"
+    assert (second / "etc/motd").read_text() == "base\n"
+    assert (tmp_path / "f-up/mine").read_text() == "first's\n"
+    os.kill(spare, signal.SIGUSR1)                  # its request counts, this mount's only
+    deadline = time.monotonic() + 10
+    while "INFO requests" not in log.read_text():
+        assert time.monotonic() < deadline, "no requests line"
+        time.sleep(0.02)
+    from mergefs.union import fastpath
+    [counts] = [ln for ln in log.read_text().splitlines() if "INFO requests" in ln]
+    if fastpath.compiled("attach") is not None:     # the C fast path serves again
+        assert '"fast_' in counts, counts
+    assert "no C fast path" not in log.read_text()
+    subprocess.run(["umount", str(second)], check=True)
+    assert srv.wait_empty() == [] and spare in wait_spares(srv, {spare})
+    assert fds_of(spare) == held
+    lines = log.read_text().splitlines()
+    assert f"mergefs[{spare}] INFO serving 1 layers at {second} (read-only" in lines[0], lines
+    assert lines[-1].endswith(f"mergefs[{spare}] INFO stopped"), lines
+    first_log = Path(default_log_path(str(first))).read_text().splitlines()
+    assert first_log[-1].endswith(f"mergefs[{spare}] INFO stopped"), first_log
+    assert srv.errors() == []
+
+
+def test_a_server_stopped_by_a_signal_exits(fork_service, layers, tmp_path, lean):
+    """SIGTERM stops a server and the process exits: only a server whose mount was
+    unmounted waits for the next one."""
+    srv = fork_service
+    spare = wait_spare(srv)
+    t = target(srv, tmp_path, "t")
+    r = mergefs("-o", f"lowerdir={layers[0]}:{layers[1]},service={srv.control}", t,
+                program=lean)
+    assert (r.returncode, r.stderr) == (0, "")
+    os.kill(spare, signal.SIGTERM)
+    assert gone(spare)
+    assert srv.wait_empty() == [] and spare not in listing(srv)["spares"]
+
+
+def test_servers_back_as_spares_exit_with_the_service(tmp_path, layers, lean):
+    srv = MountService("fork", tmp_path / "service")
+    try:
+        spare = wait_spare(srv)
+        t = tmp_path / "t"
+        t.mkdir()
+        r = mergefs("-o", f"lowerdir={layers[0]}:{layers[1]},service={srv.control}", t,
+                    program=lean)
+        assert (r.returncode, r.stderr) == (0, "")
+        subprocess.run(["umount", str(t)], check=True)
+        spares = wait_spares(srv, {spare})
+        assert spare in spares
+    finally:
+        srv.stop()
+    assert all(gone(p) for p in spares)
+
+
+def test_only_a_server_of_the_service_is_taken_back(fork_service):
+    """The ``spare`` op (a server's ends as SCM_RIGHTS) from any other process is
+    refused: nothing is added, and the ends it sent are closed (its pipe reads EOF)."""
+    import socket
+
+    from mergefs.union.mountsvc import SPARE_OP
+    srv = fork_service
+    before = listing(srv)["spares"]
+    r, w = os.pipe()
+    reply_r, reply_w = os.pipe()
+    fuse = os.open("/dev/fuse", os.O_RDWR)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(srv.control)
+            socket.send_fds(s, [SPARE_OP], [fuse, w, reply_r])
+            s.settimeout(10)
+            assert s.recv(100) == b""           # no reply; closed
+        os.close(w)
+        w = -1
+        assert os.read(r, 1) == b""             # the service's copy is closed too
+        assert listing(srv)["spares"] == before
+    finally:
+        for fd in (r, w, reply_r, reply_w, fuse):
+            if fd >= 0:
+                os.close(fd)
+    assert srv.errors() == []
 
 
 def test_a_spare_killed_while_it_warms_up_leaves_no_directory(fork_service, layers, tmp_path):

@@ -174,6 +174,26 @@ def test_inode_fh_marker_identity_stands_for_the_digest(tmp_path):
     assert not server.marked_inode_fh(str(so))
 
 
+def test_inode_fh_answer_is_kept_for_the_process():
+    """pyfuse3_passes_inode reads the marker (and hashes the module where its
+    identity is stale) once per process and question: a mount server asks before
+    it forks, its servers and each of their later mounts do not ask again;
+    MERGEFS_NO_OPEN=0 still turns no-open off."""
+    r = _run("""
+import os
+from mergefs.union import server
+first = server.pyfuse3_passes_inode(writes=True), server.pyfuse3_passes_inode()
+def asked(*a):
+    raise AssertionError("the marker was read again")
+server.marked_inode_fh = asked
+assert (server.pyfuse3_passes_inode(writes=True), server.pyfuse3_passes_inode()) == first
+os.environ["MERGEFS_NO_OPEN"] = "0"
+assert server.pyfuse3_passes_inode(writes=True) is False
+print("ok")
+""")
+    assert (r.returncode, r.stdout) == (0, "ok\n"), r.stderr
+
+
 def _inode_fh_tool():
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
     try:
