@@ -113,10 +113,11 @@ def unload() -> None:
     _fastpath.disable()
 
 
-def stats() -> dict:
-    """Requests the C fast path served since the last call, as ``fast_NAME`` counts."""
+def stats(reset: bool = True) -> dict:
+    """Requests the C fast path served since the last reset, as ``fast_NAME`` counts
+    (``reset``: and start counting from zero again)."""
     try:
         from . import _fastpath
     except ImportError:
         return {}
-    return {f"fast_{k}": v for k, v in _fastpath.stats(True).items() if v}
+    return {f"fast_{k}": v for k, v in _fastpath.stats(reset).items() if v}
