@@ -396,7 +396,9 @@ class _suppress_missing:
 
 
 def serve_views(mountpoint: str, control: str, allow_other: bool = True, ready=None) -> None:
-    """Foreground: the views mount plus its control socket, until SIGTERM/SIGINT."""
+    """Foreground: the views mount plus its control socket, until SIGTERM/SIGINT
+    (SIGUSR1: one log line ``requests {...}``, the counts since the last one, as
+    a mount's own server logs them)."""
     fs = ViewFS(mountpoint)
     pyfuse3.init(fs, os.path.abspath(mountpoint), views_options(allow_other))
 
@@ -404,12 +406,18 @@ def serve_views(mountpoint: str, control: str, allow_other: bool = True, ready=N
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_control, fs, control)
 
-            async def on_signal():
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
-                    async for _ in sigs:
+            async def on_signal(task_status=trio.TASK_STATUS_IGNORED):
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
+                                               signal.SIGUSR1) as sigs:
+                    task_status.started()
+                    async for sig in sigs:
+                        if sig == signal.SIGUSR1:
+                            log.info("requests %s", json.dumps(request_counts(True),
+                                                               sort_keys=True))
+                            continue
                         pyfuse3.terminate()
                         return
-            nursery.start_soon(on_signal)
+            await nursery.start(on_signal)
             if ready is not None:
                 ready()
             # as a server of its own (server._run): one worker task, which waits

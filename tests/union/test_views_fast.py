@@ -189,3 +189,17 @@ def test_fd_held_across_view_removal_reads_on(tmp_path, views, fast):
         assert os.pread(f.fileno(), 10, 9990) == b"0123456789"
         assert os.fstat(f.fileno()).st_size == 10000
     assert_c_served(counts(views), fast, "read")
+
+
+def test_sigusr1_logs_the_request_counts(tmp_path, views, fast):
+    """SIGUSR1 logs ``requests {...}`` as a mount's own server does (``fast_*``: C),
+    and the service keeps serving."""
+    layer = tmp_path / "low"
+    layer.mkdir()
+    (layer / "f").write_bytes(b"data")
+    v = views.add("a", [layer])
+    counts(views)
+    assert (v / "f").read_bytes() == b"data"
+    got = mounts.server_requests(views.proc.pid, views.log, timeout=10)
+    assert got.get("fast_read" if fast else "read", 0) == 1, got
+    assert (v / "f").read_bytes() == b"data" and views.proc.poll() is None
