@@ -25,7 +25,8 @@ from mergefs.testing.builders import LayerSpec, materialise_stack
 from ..conftest import needs, needs_overlay
 from .test_fastpath import fast_path_expected, patch_version, raw_getxattr
 from .test_readonly import sample_stack
-from .viewsrv import ViewsServer
+from .test_views import writable
+from .viewsrv import ViewsServer, serving
 
 pytestmark = [needs("fuse"), pytest.mark.timeout(120)]
 
@@ -41,24 +42,13 @@ def fast(request, monkeypatch):
 
 @pytest.fixture
 def views(tmp_path, fast):
-    srv = ViewsServer(tmp_path / "srv")
-    try:
+    with serving(tmp_path / "srv") as srv:
         yield srv
-    finally:
-        srv.stop()
-    assert not srv.errors(), srv.errors()
 
 
 def counts(views: ViewsServer) -> dict:
     """The service's request counts since the last call (``fast_*``: C)."""
     return views.call(op="stats", reset=True)["requests"]
-
-
-def writable(tmp_path: Path, name: str) -> tuple[Path, Path]:
-    up, wk = tmp_path / f"{name}-up", tmp_path / f"{name}-wk"
-    up.mkdir()
-    wk.mkdir()
-    return up, wk
 
 
 def assert_c_served(got: dict, fast: bool, *ops: str) -> None:
