@@ -84,6 +84,10 @@ def _plain(name: str):
     return fn
 
 
+# ViewFS's handlers C may call directly (ViewFS.init): those the module's
+# ``set_direct`` takes (v7 builds: the first three)
+DIRECT = ("getattr", "lookup", "mknod", "mkdir", "unlink", "rmdir", "symlink", "rename", "link",
+          "setattr", "setxattr", "removexattr")
 # the inner operations' handlers: ``OPS.lookup(view.ops, local, name, ctx)``
 OPS = types.SimpleNamespace(**{n: _plain(n) for n in (
     "lookup", "getattr", "readlink", "opendir", "releasedir", "open", "read", "write",
@@ -200,15 +204,17 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
         """pyfuse3 calls this once the kernel connection is up: serve what C can.
 
         With the compiled fast path (fastpath.py) C calls this class's plain
-        handlers of LOOKUP, GETATTR and MKNOD (v7 builds) and GETXATTR without a
-        coroutine (``direct``); READ, GETATTR and FSYNC of an open file are
+        handlers of LOOKUP, GETATTR and MKNOD (v7 builds; the others of ``DIRECT``
+        too where the module takes them) and GETXATTR without a coroutine
+        (``direct``); READ, GETATTR and FSYNC of an open file are
         served from the fd its open registered under the file handle
         (``_serve_handle``), and the request loop moves to C (``drain``, when
-        fuseloop runs the loop). Writes, setattr and everything else stay in
-        Python: the ESTALE of a write to a shared gid is decided at its open
-        (``_writable_target``), and a handle C serves belongs to a target
-        already chosen. Every case C cannot answer exactly falls through to
-        the handlers here, which give the same answer."""
+        fuseloop runs the loop). C never writes or sets attributes itself here
+        (a handle's entry is not ``WRITE``): those reach the handlers, where a
+        change to a shared gid gets its ESTALE (``_writable_target``); a handle
+        C reads through belongs to a target its open chose already. Every case
+        C cannot answer exactly falls through to the handlers here, which give
+        the same answer."""
         from . import fastpath
         fast = fastpath.load(Timeouts().attr, (None, None), False)
         if fast is None:
@@ -216,7 +222,11 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
         fast.set_handles(True)
         self.fast = fast
         if os.environ.get("MERGEFS_FASTPATH_DIRECT") != "0":      # "0": for comparisons
-            fast.set_direct(*map(self._plain_handler, ("getattr", "lookup", "mknod")))
+            handlers = {n: self._plain_handler(n) for n in DIRECT}
+            try:            # a module that takes them by name (v9: namespace handlers too)
+                fast.set_direct(**handlers)
+            except TypeError:       # one that takes set_direct(getattr, lookup, mknod)
+                fast.set_direct(handlers["getattr"], handlers["lookup"], handlers["mknod"])
             fast.set_copyup(self._plain_handler("getxattr"), None)
 
     def _plain_handler(self, name: str):
