@@ -223,10 +223,17 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
         self.fast = fast
         if os.environ.get("MERGEFS_FASTPATH_DIRECT") != "0":      # "0": for comparisons
             handlers = {n: self._plain_handler(n) for n in DIRECT}
-            try:            # a module that takes them by name (v9: namespace handlers too)
-                fast.set_direct(**handlers)
-            except TypeError:       # one that takes set_direct(getattr, lookup, mknod)
-                fast.set_direct(handlers["getattr"], handlers["lookup"], handlers["mknod"])
+            # a module that takes them by name (v9: namespace handlers too), else
+            # one that takes set_direct(getattr, lookup, mknod); neither: none (the
+            # handlers here answer those requests through pyfuse3, as before)
+            for args, kwargs in (((), handlers), ([handlers[n] for n in DIRECT[:3]], {})):
+                try:
+                    fast.set_direct(*args, **kwargs)
+                    break
+                except TypeError as exc:
+                    why = exc
+            else:
+                log.warning("views: no direct handlers in C (%s)", why)
             fast.set_copyup(self._plain_handler("getxattr"), None)
 
     def _plain_handler(self, name: str):
