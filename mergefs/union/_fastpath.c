@@ -63,6 +63,9 @@
 #define F_DIR 4u     /* an O_PATH fd on an upper directory: GETATTR only, while the
                       * inode's sources equal the entry's */
 #define F_MERGED 8u  /* with F_DIR: lower layers serve it too (sources > 1): nlink 1 (U1) */
+#define F_HANDLE 16u /* keyed by a file handle, not an inode number: the fd of an open
+                      * of the views mount (views.py, real opens), served for requests
+                      * that carry that handle (set_handles) */
 
 #include "_fasttable.h"
 
@@ -86,6 +89,11 @@ static const char *op_names[OP_N] = {"getattr", "setattr", "read", "write", "fsy
                                      "removexattr_direct", "forget_direct", "fsync_direct"};
 static unsigned long long served[OP_N];
 static PyObject *s_node, *s_unlinked, *s_attr, *s_xattrs, *s_sources;
+
+/* set_handles(True): a request with a file handle looks up an F_HANDLE entry
+ * under that handle (the views mount, whose handle numbers never meet its
+ * inode numbers); else such a request is never served from the table */
+static int handle_keys;
 
 static char *buffer;
 static size_t buffer_size;
@@ -156,14 +164,18 @@ static int still(PyObject *inode, PyObject *name, PyObject *was, int equal)
 }
 
 /* The entry that may serve a request on ``ino``: a no-open request (fh 0) on
- * an inode still served by the node and not unlinked (a directory: only for
+ * an inode (or, set_handles, a request with the file handle of an F_HANDLE
+ * entry) still served by the node and not unlinked (a directory: only for
  * ``dirs``, and while the inode's sources are the same layers: a listing read
  * again sets an equal tuple); else NULL (Python). */
 static entry_t *usable_entry(fuse_ino_t ino, struct fuse_file_info *fi, int dirs)
 {
-    if (fi && fi->fh)
+    entry_t *e;
+    if (fi && fi->fh) {
+        if (!handle_keys || !(e = find(fi->fh)) || !(e->flags & F_HANDLE))
+            return NULL;
+    } else if ((e = find(ino)) && (e->flags & F_HANDLE))
         return NULL;
-    entry_t *e = find(ino);
     if (!e || ((e->flags & F_DIR) && !dirs))
         return NULL;
     if (!still(e->inode, s_node, e->node, 0))
@@ -1177,7 +1189,8 @@ static int h_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
 /* pyfuse3's loop pays a Python coroutine (its wait for the fd) per request,
  * more than a request served here costs. drain(budget, timeout_ms) waits for
  * the fd (poll, at most timeout_ms each time, without the GIL) and reads and
- * dispatches requests itself, at most ``budget`` of them: those a hook serves
+ * dispatches requests itself, at most ``budget`` of them (``wake``: an fd
+ * that ends the wait too): those a hook serves
  * end here; the first one that reaches pyfuse3's Python side leaves its
  * coroutine in py_retval, which drain hands back for the caller to await (as
  * pyfuse3's loop does). None: the fd stayed quiet for timeout_ms, a signal
@@ -1188,21 +1201,25 @@ static struct fuse_buf drain_buf;
 static PyObject *py_drain(PyObject *self, PyObject *args)
 {
     long budget;
-    int timeout, ready;
-    if (!PyArg_ParseTuple(args, "li", &budget, &timeout))
+    int timeout, ready, wake = -1;
+    if (!PyArg_ParseTuple(args, "li|i", &budget, &timeout, &wake))
         return NULL;
     if (!hooks || !*hooks->session)
         Py_RETURN_NONE;
     struct fuse_session *se = *hooks->session;
-    struct pollfd p = {.fd = fuse_session_fd(se), .events = POLLIN};
+    /* p[1]: ``wake`` (optional; the views service: trio's epoll fd), readable when
+     * something waits for trio (a control connection, a thread's result): return */
+    struct pollfd p[2] = {{.fd = fuse_session_fd(se), .events = POLLIN},
+                          {.fd = wake, .events = POLLIN}};
     for (long n = 0; n < budget; n++) {
         if (fuse_session_exited(se))
             break;
         Py_BEGIN_ALLOW_THREADS
-        ready = poll(&p, 1, timeout);
+        ready = poll(p, wake >= 0 ? 2 : 1, timeout);
         Py_END_ALLOW_THREADS
-        if (ready != 1 || !(p.revents & POLLIN))
-            break;          /* quiet, a signal (Python handles it), or the fd failed */
+        if (ready < 1 || !(p[0].revents & POLLIN) || (wake >= 0 && p[1].revents))
+            break;          /* quiet, a signal (Python handles it), the fd failed, or
+                             * trio has work */
         int res = fuse_session_receive_buf(se, &drain_buf);
         if (res == -EINTR)
             break;
@@ -1674,8 +1691,20 @@ static PyObject *py_set_copyup(PyObject *self, PyObject *args)
     Py_RETURN_TRUE;
 }
 
+/* set_handles(on): serve requests that carry a file handle from the F_HANDLE
+ * entries set under that handle (the views mount's opens) */
+static PyObject *py_set_handles(PyObject *self, PyObject *arg)
+{
+    int on = PyObject_IsTrue(arg);
+    if (on < 0)
+        return NULL;
+    handle_keys = on;
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_disable(PyObject *self, PyObject *unused)
 {
+    handle_keys = 0;
     Py_CLEAR(miss_fn);
     Py_CLEAR(readdir_fn);
     Py_CLEAR(unlisted_fn);
@@ -1817,7 +1846,11 @@ static PyMethodDef methods[] = {
     {"size", py_size, METH_NOARGS, "how many entries"},
     {"stats", py_stats, METH_VARARGS, "stats(reset=False) -> requests served, by name"},
     {"drain", py_drain, METH_VARARGS,
-     "drain(budget, timeout_ms) -> the coroutine of a request for Python to await, or None"},
+     "drain(budget, timeout_ms[, wake_fd]) -> the coroutine of a request for Python to "
+     "await, or None"},
+    {"set_handles", py_set_handles, METH_O,
+     "set_handles(on): requests with a file handle served from the HANDLE entries set "
+     "under that handle"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1845,6 +1878,7 @@ PyMODINIT_FUNC PyInit__fastpath(void)
         PyModule_AddIntConstant(m, "UPPER", F_UPPER) < 0 ||
         PyModule_AddIntConstant(m, "DIR", F_DIR) < 0 ||
         PyModule_AddIntConstant(m, "MERGED", F_MERGED) < 0 ||
+        PyModule_AddIntConstant(m, "HANDLE", F_HANDLE) < 0 ||
         PyModule_AddStringConstant(m, "SOURCES", MERGEFS_FAST_SOURCES) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -22,6 +22,10 @@ every request goes through the Python handlers, which give the same answers.
 A module compiled from other sources than the ones beside it (a checkout that
 moved since ``tools/bootstrap.sh``) is refused the same way, with one warning:
 its functions may take other arguments (``sources_identity``).
+The views mount (views.py) loads it too: direct LOOKUP, GETATTR, MKNOD and
+GETXATTR handlers of its own, and READ, GETATTR and FSYNC of its (real) opens
+from entries kept under the file handle (``HANDLE``, ``set_handles``);
+``drain`` then also returns when trio's own fd is readable (its third argument).
 ``MERGEFS_FASTPATH_LOOP=0`` keeps pyfuse3's own request loop (no ``drain``),
 ``MERGEFS_FASTPATH_DIRECT=0`` pyfuse3's coroutines for the direct handlers,
 for comparisons.
@@ -117,10 +121,11 @@ def unload() -> None:
     _fastpath.disable()
 
 
-def stats() -> dict:
-    """Requests the C fast path served since the last call, as ``fast_NAME`` counts."""
+def stats(reset: bool = True) -> dict:
+    """Requests the C fast path served since the last reset, as ``fast_NAME`` counts
+    (``reset``: and start counting from zero again)."""
     try:
         from . import _fastpath
     except ImportError:
         return {}
-    return {f"fast_{k}": v for k, v in _fastpath.stats(True).items() if v}
+    return {f"fast_{k}": v for k, v in _fastpath.stats(reset).items() if v}

@@ -46,7 +46,7 @@ def install(wake_fd: int | None = None) -> bool:
     kept) when this pyfuse3 has no such function or the fd is not unique.
     ``wake_fd`` (the views service: trio's own epoll fd, readable when a
     control connection, a thread's result or a signal waits for trio) ends
-    the plain poll early: trio then runs what is ready."""
+    the plain poll (and C's, ``drain``) early: trio then runs what is ready."""
     import pyfuse3
     import trio
 
@@ -66,7 +66,8 @@ def install(wake_fd: int | None = None) -> bool:
         drain = fastpath.drain
         if drain is not None and served % YIELD_EVERY:
             for _ in range(YIELD_EVERY):
-                pending = drain(YIELD_EVERY, POLL_MS)
+                pending = drain(YIELD_EVERY, POLL_MS) if wake_fd is None \
+                    else drain(YIELD_EVERY, POLL_MS, wake_fd)
                 if pending is None:
                     break
                 await pending

@@ -14,7 +14,10 @@ A process that runs its own trio loop may instead call ``ViewFS`` methods
 directly from that loop (see ``serve_views``). The control socket speaks
 one JSON object per line each way: ``{"op": "add", "name": N, "spec": {...}}``
 -> ``{"ok": true, "path": P}``; ``{"op": "remove", "name": N, "force": false}``;
-``{"op": "list"}`` -> ``{"ok": true, "views": [...]}``; failures
+``{"op": "list"}`` -> ``{"ok": true, "views": [...]}``; ``{"op": "stats", "reset":
+false}`` -> ``{"ok": true, "requests": {NAME: N, "fast_NAME": N}, "cpu": S}`` (the
+requests served since the last reset, by handler; ``fast_*``: served by the C
+fast path, ``fastpath.stats``; the process's CPU seconds, user plus system); failures
 ``{"ok": false, "error": MSG, "kind": "not_found"|"exists"|"busy"|"invalid"|"usage"|"mount"|"error"}``
 (``ctlclient.error_reply``).
 
@@ -201,9 +204,22 @@ def handle_request(fs: ViewFS, req: dict) -> dict:
             return {"ok": True}
         if op == "list":
             return {"ok": True, "views": fs.list_views()}
+        if op == "stats":
+            return {"ok": True, "requests": request_counts(bool(req.get("reset"))),
+                    "cpu": sum(os.times()[:2])}
         return {"ok": False, "kind": "invalid", "error": f"unknown op {op!r}"}
     except (MergefsError, ValueError, TypeError, KeyError, OSError) as exc:
         return error_reply(exc)
+
+
+def request_counts(reset: bool = False) -> dict:
+    """Requests served by the handlers and (``fast_*``) by C, since the last reset."""
+    from . import fastpath
+    from .errors import REQUESTS
+    counts = dict(REQUESTS, **fastpath.stats(reset))
+    if reset:
+        REQUESTS.clear()
+    return counts
 
 
 class AutoViews:
@@ -380,7 +396,9 @@ class _suppress_missing:
 
 
 def serve_views(mountpoint: str, control: str, allow_other: bool = True, ready=None) -> None:
-    """Foreground: the views mount plus its control socket, until SIGTERM/SIGINT."""
+    """Foreground: the views mount plus its control socket, until SIGTERM/SIGINT
+    (SIGUSR1: one log line ``requests {...}``, the counts since the last one, as
+    a mount's own server logs them)."""
     fs = ViewFS(mountpoint)
     pyfuse3.init(fs, os.path.abspath(mountpoint), views_options(allow_other))
 
@@ -388,12 +406,18 @@ def serve_views(mountpoint: str, control: str, allow_other: bool = True, ready=N
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_control, fs, control)
 
-            async def on_signal():
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
-                    async for _ in sigs:
+            async def on_signal(task_status=trio.TASK_STATUS_IGNORED):
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
+                                               signal.SIGUSR1) as sigs:
+                    task_status.started()
+                    async for sig in sigs:
+                        if sig == signal.SIGUSR1:
+                            log.info("requests %s", json.dumps(request_counts(True),
+                                                               sort_keys=True))
+                            continue
                         pyfuse3.terminate()
                         return
-            nursery.start_soon(on_signal)
+            await nursery.start(on_signal)
             if ready is not None:
                 ready()
             # as a server of its own (server._run): one worker task, which waits

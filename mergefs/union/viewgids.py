@@ -7,8 +7,8 @@ both (a hash of the view's identity and the local number, which the view's
 table keeps across restarts: U8); a non-directory a view shows unchanged
 from a lower layer gets a gid derived from the file's ``(st_dev, st_ino)``
 like xino, the same in every view. Both are the same after a restart.
-``ViewNumbers`` keeps the maps between them and the handle table; ``ViewFS``
-inherits it and answers the requests.
+``ViewNumbers`` keeps the maps between them and the handle table (handles count
+from ``HANDLE_BASE``, never a gid); ``ViewFS`` inherits it and answers the requests.
 """
 from __future__ import annotations
 
@@ -27,6 +27,10 @@ from .viewstate import Shared, View, copy_entry, detached
 # Private gids derived from (view, local number) lie in [PRIVATE_BASE, 2 * PRIVATE_BASE);
 # the counter's below; shared lower files' at 1 << XINO_SHIFT and above.
 PRIVATE_BASE = 1 << (XINO_SHIFT - 1)
+# File handles count from HANDLE_BASE, far above the counter's gids: the C fast path
+# keeps the fds of open files under their handles in the table it keeps open
+# files under by inode number elsewhere (views.py, ``_serve_handle``).
+HANDLE_BASE = 1 << (XINO_SHIFT - 2)
 
 
 class ViewNumbers:
@@ -39,7 +43,7 @@ class ViewNumbers:
         self._handles: dict[int, tuple[View | None, int]] = {}
         self._next_gid = ROOT_INODE + 1                    # counter gids: below PRIVATE_BASE
         self._retired: dict[int, int] = {}          # gid of a removed view -> kernel's lookups
-        self._next_fh = 1
+        self._next_fh = HANDLE_BASE
         self._dev_classes: dict[int, int | None] = {}      # st_dev -> high bits of shared gids
 
     def _new_gid(self) -> int:
@@ -185,9 +189,13 @@ class ViewNumbers:
             raise FUSEError(errno.ESTALE)
         return self._local(gid)
 
-    def _add_handle(self, view: View | None, local_fh: int) -> int:
+    def _new_fh(self) -> int:
         fh = self._next_fh
         self._next_fh += 1
+        return fh
+
+    def _add_handle(self, view: View | None, local_fh: int) -> int:
+        fh = self._new_fh()
         self._handles[fh] = (view, local_fh)
         if view is not None:
             view.handles += 1

@@ -47,10 +47,12 @@ runs the mount in a thread and calls them from any other thread.
 from __future__ import annotations
 
 import errno
+import inspect
 import logging
 import os
 import stat
 import time
+import types
 
 import pyfuse3
 from pyfuse3 import FUSEError
@@ -59,16 +61,38 @@ from ..errors import AlreadyExists, FailedPrecondition, NotFound
 from .. import syscalls
 from ..layer import DIR, is_overlay_private
 from ..mountspec import MountSpec
-from .errors import fuse_errors
+from .errors import direct, fuse_errors
 from .inodes import ROOT_INODE, Inode
 from .lowercache import LowerCache
-from .ops import WRITE_FLAGS, entry_attributes, statfs_reply
+from .ops import WRITE_FLAGS, Timeouts, UnionOperations, entry_attributes, statfs_reply
 from .ops import _invalidate_attrs as invalidate_attrs
 from .viewgids import ViewNumbers
 from .viewstate import Shared, View, copy_entry, mounts_using
 
 log = logging.getLogger("mergefs.union")
 RENAME_EXCHANGE = 2
+
+
+def _plain(name: str):
+    """``UnionOperations``' handler ``name`` as the plain function under its
+    ``@fuse_errors``: ViewFS's own handler (counted and translated once) calls it
+    without a coroutine, so a request ViewFS serves costs none at all when C
+    calls ViewFS's handler directly (``ViewFS.init``)."""
+    fn = getattr(UnionOperations, name).__wrapped__
+    if inspect.iscoroutinefunction(fn):
+        raise TypeError(f"UnionOperations.{name} must be a plain function under @fuse_errors")
+    return fn
+
+
+# ViewFS's handlers C may call directly (ViewFS.init): those the module's
+# ``set_direct`` takes (v7 builds: the first three)
+DIRECT = ("getattr", "lookup", "mknod", "mkdir", "unlink", "rmdir", "symlink", "rename", "link",
+          "setattr", "setxattr", "removexattr")
+# the inner operations' handlers: ``OPS.lookup(view.ops, local, name, ctx)``
+OPS = types.SimpleNamespace(**{n: _plain(n) for n in (
+    "lookup", "getattr", "readlink", "opendir", "releasedir", "open", "read", "write",
+    "fsync", "release", "listxattr", "getxattr", "setxattr", "removexattr", "setattr",
+    "create", "mkdir", "mknod", "symlink", "link", "unlink", "rmdir", "rename")})
 
 
 class ViewFS(ViewNumbers, pyfuse3.Operations):
@@ -84,6 +108,7 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
         self.retired: set[str] = set()
         self._init_numbers()
         self._direct: dict[int, int] = {}             # fh -> fd: shared files open for reading
+        self.fast = None                              # the C fast path (init), or None
         self._next_vid = 1
         self.root_mtime_ns = time.time_ns()
         self._root_listings: dict[int, list[str]] = {}
@@ -165,10 +190,63 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
             self._caches = {k: c for k, c in self._caches.items() if c is not view.cache}
 
     def close(self) -> None:
+        if self.fast is not None:
+            from . import fastpath
+            fastpath.unload()
+            self.fast = None
         for view in list(self.by_vid.values()):
             view.close()
         self.by_vid.clear()
         self.views.clear()
+
+    # -- the C fast path ---------------------------------------------------------
+    def init(self) -> None:
+        """pyfuse3 calls this once the kernel connection is up: serve what C can.
+
+        With the compiled fast path (fastpath.py) C calls this class's plain
+        handlers of LOOKUP, GETATTR and MKNOD (v7 builds; the others of ``DIRECT``
+        too where the module takes them) and GETXATTR without a coroutine
+        (``direct``); READ, GETATTR and FSYNC of an open file are
+        served from the fd its open registered under the file handle
+        (``_serve_handle``), and the request loop moves to C (``drain``, when
+        fuseloop runs the loop). C never writes or sets attributes itself here
+        (a handle's entry is not ``WRITE``): those reach the handlers, where a
+        change to a shared gid gets its ESTALE (``_writable_target``); a handle
+        C reads through belongs to a target its open chose already. Every case
+        C cannot answer exactly falls through to the handlers here, which give
+        the same answer."""
+        from . import fastpath
+        fast = fastpath.load(Timeouts().attr, (None, None), False)
+        if fast is None:
+            return
+        fast.set_handles(True)
+        self.fast = fast
+        if os.environ.get("MERGEFS_FASTPATH_DIRECT") != "0":      # "0": for comparisons
+            handlers = {n: self._plain_handler(n) for n in DIRECT}
+            # a module that takes them by name (v9: namespace handlers too), else
+            # one that takes set_direct(getattr, lookup, mknod); neither: none (the
+            # handlers here answer those requests through pyfuse3, as before)
+            for args, kwargs in (((), handlers), ([handlers[n] for n in DIRECT[:3]], {})):
+                try:
+                    fast.set_direct(*args, **kwargs)
+                    break
+                except TypeError as exc:
+                    why = exc
+            else:
+                log.warning("views: no direct handlers in C (%s)", why)
+            fast.set_copyup(self._plain_handler("getxattr"), None)
+
+    def _plain_handler(self, name: str):
+        """This class's handler ``name`` as C calls it (errors as errnos)."""
+        return direct(name, getattr(type(self), name).__wrapped__.__get__(self))
+
+    def _serve_handle(self, fh: int, fd: int, inode: Inode, synced: bool) -> None:
+        """Let C serve READ, GETATTR (fstat) and FSYNC (``synced``: fsync the fd, as
+        the view's ``fsync`` does unless volatile) of handle ``fh`` through ``fd``
+        while ``inode.node`` is the node it is now and the inode not unlinked."""
+        if self.fast is not None:
+            self.fast.set(fh, fd, self.fast.HANDLE | (self.fast.UPPER if synced else 0),
+                          inode, inode.node)
 
     def _root_attr(self) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -179,21 +257,21 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
         e.attr_timeout = e.entry_timeout = 0
         return e
 
-    async def _view_root_entry(self, view: View, ctx) -> pyfuse3.EntryAttributes:
-        e = copy_entry(await view.ops.getattr(ROOT_INODE, ctx), view.root_gid)
+    def _view_root_entry(self, view: View, ctx) -> pyfuse3.EntryAttributes:
+        e = copy_entry(OPS.getattr(view.ops, ROOT_INODE, ctx), view.root_gid)
         e.entry_timeout = 86400.0     # dropped by remove_view (invalidate_entry)
         return e
 
     # -- names -----------------------------------------------------------------
     @fuse_errors
-    async def lookup(self, parent_inode, name, ctx=None):
+    def lookup(self, parent_inode, name, ctx=None):
         if parent_inode == pyfuse3.ROOT_INODE:
             view = self.views.get(os.fsdecode(name))
             if view is None:
                 e = pyfuse3.EntryAttributes()
                 e.st_ino, e.entry_timeout = 0, 0
                 return e
-            return await self._view_root_entry(view, ctx)
+            return self._view_root_entry(view, ctx)
         view, local = self._dir(parent_inode)
         parent = view.uv.inodes.get(local)
         node = view.uv.listing(parent).get(name)
@@ -202,10 +280,10 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
             if self._shareable(view, node, st):
                 gid = self._share(view, parent, name, node, st, 1)
                 return self._shared_entry(gid, self._targets[gid])
-        return self._out(view, await view.ops.lookup(local, name, ctx), 1)
+        return self._out(view, OPS.lookup(view.ops, local, name, ctx), 1)
 
     @fuse_errors
-    async def forget(self, inode_list):
+    def forget(self, inode_list):
         for gid, count in inode_list:
             t = self._targets.get(gid)
             if isinstance(t, Shared):
@@ -220,42 +298,42 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
                 self._forget_retired(gid, count)
 
     @fuse_errors
-    async def getattr(self, inode, ctx=None):
+    def getattr(self, inode, ctx=None):
         if inode == pyfuse3.ROOT_INODE:
             return self._root_attr()
         t = self._targets.get(inode)
         if isinstance(t, Shared):
             return self._shared_entry(inode, t)
         view, local = self._local(inode)
-        e = copy_entry(await view.ops.getattr(local, ctx), inode)
+        e = copy_entry(OPS.getattr(view.ops, local, ctx), inode)
         if local == ROOT_INODE:
             e.entry_timeout = 86400.0
         return e
 
     @fuse_errors
-    async def readlink(self, inode, ctx=None):
+    def readlink(self, inode, ctx=None):
         t = self._targets.get(inode)
         if isinstance(t, Shared):
             view, src = self._source(t)
             return view.uv.readlink(src)
         view, local = self._local(inode)
-        return await view.ops.readlink(local, ctx)
+        return OPS.readlink(view.ops, local, ctx)
 
     # -- directories -------------------------------------------------------------
     @fuse_errors
-    async def opendir(self, inode, ctx=None):
+    def opendir(self, inode, ctx=None):
         if inode == pyfuse3.ROOT_INODE:
             fh = self._add_handle(None, 0)
             self._root_listings[fh] = sorted(self.views)
             return fh
         view, local = self._dir(inode)
-        return self._add_handle(view, await view.ops.opendir(local, ctx))
+        return self._add_handle(view, OPS.opendir(view.ops, local, ctx))
 
     @fuse_errors
-    async def readdir(self, fh, start_id, token):
+    def readdir(self, fh, start_id, token):
         view, local_fh = self._handles[fh]
         if view is None:
-            await self._readdir_root(fh, start_id, token)
+            self._readdir_root(fh, start_id, token)
             return
         h = view.ops.handles[local_fh]
         parent, current = h.inode, h.inode.children
@@ -310,81 +388,92 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
             return None
         return view.cache.stat_for(node, st) if lower else st
 
-    async def _readdir_root(self, fh, start_id, token):
+    def _readdir_root(self, fh, start_id, token):
         names = self._root_listings[fh]
         for i, name in enumerate(names[start_id:], start_id + 1):
             view = self.views.get(name)
             if view is None:
                 continue
-            e = await self._view_root_entry(view, None)
+            e = self._view_root_entry(view, None)
             if not pyfuse3.readdir_reply(token, os.fsencode(name), e, i):
                 break
 
     @fuse_errors
-    async def releasedir(self, fh):
+    def releasedir(self, fh):
         view, local = self._drop_handle(fh)
         if view is None:
             self._root_listings.pop(fh, None)
         else:
-            await view.ops.releasedir(local)
+            OPS.releasedir(view.ops, local)
             self._after_release(view)
 
     @fuse_errors
-    async def fsyncdir(self, fh, datasync):
+    def fsyncdir(self, fh, datasync):
         pass
 
     # -- files -------------------------------------------------------------------
     @fuse_errors
-    async def open(self, inode, flags, ctx=None):
+    def open(self, inode, flags, ctx=None):
         if flags & WRITE_FLAGS:
             view, local = self._writable_target(inode)
         else:
             t = self._targets.get(inode)
             if isinstance(t, Shared):       # read straight from the lower file
                 view, src = self._source(t)
-                fh = self._next_fh
-                self._next_fh += 1
-                self._direct[fh] = view.uv.open_content(src)
+                fh = self._new_fh()
+                fd = self._direct[fh] = view.uv.open_content(src)
+                self._serve_handle(fh, fd, src, False)    # a lower file: nothing to sync
                 return pyfuse3.FileInfo(fh=fh, keep_cache=True)
             view, local = self._local(inode)
-        fi = await view.ops.open(local, flags, ctx)
-        return pyfuse3.FileInfo(fh=self._add_handle(view, fi.fh), keep_cache=fi.keep_cache)
+        fi = OPS.open(view.ops, local, flags, ctx)
+        return pyfuse3.FileInfo(fh=self._inner_handle(view, fi.fh), keep_cache=fi.keep_cache)
+
+    def _inner_handle(self, view: View, local_fh: int) -> int:
+        """A handle of this mount for the view's open file ``local_fh``, served by C."""
+        fh = self._add_handle(view, local_fh)
+        h = view.ops.handles[local_fh]
+        self._serve_handle(fh, h.fd, h.inode, not view.ops.volatile)
+        return fh
 
     @fuse_errors
-    async def read(self, fh, off, size):
+    def read(self, fh, off, size):
         fd = self._direct.get(fh)
         if fd is not None:
             return os.pread(fd, size, off)
         view, local = self._handles[fh]
-        return await view.ops.read(local, off, size)
+        return OPS.read(view.ops, local, off, size)
 
     @fuse_errors
-    async def write(self, fh, off, buf):
+    def write(self, fh, off, buf):
         view, local = self._handles[fh]
-        return await view.ops.write(local, off, buf)
+        return OPS.write(view.ops, local, off, buf)
 
     @fuse_errors
-    async def flush(self, fh):
+    def flush(self, fh):
         raise FUSEError(errno.ENOSYS)    # as UnionOperations: nothing to do on close(2)
 
     @fuse_errors
-    async def fsync(self, fh, datasync):
+    def fsync(self, fh, datasync):
+        if fh in self._direct:          # a lower file: nothing to sync (as kernel overlayfs)
+            return
         view, local = self._handles[fh]
-        await view.ops.fsync(local, datasync)
+        OPS.fsync(view.ops, local, datasync)
 
     @fuse_errors
-    async def release(self, fh):
+    def release(self, fh):
+        if self.fast is not None:
+            self.fast.drop(fh)          # before its fd closes
         fd = self._direct.pop(fh, None)
         if fd is not None:
             os.close(fd)
             return
         view, local = self._drop_handle(fh)
-        await view.ops.release(local)
+        OPS.release(view.ops, local)
         self._after_release(view)
 
     # -- extended attributes -----------------------------------------------------
     @fuse_errors
-    async def listxattr(self, inode, ctx=None):
+    def listxattr(self, inode, ctx=None):
         if inode == pyfuse3.ROOT_INODE:
             return []
         t = self._targets.get(inode)
@@ -392,33 +481,33 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
             view, src = self._source(t)
             return view.uv.xattr_names(src)
         view, local = self._local(inode)
-        return await view.ops.listxattr(local, ctx)
+        return OPS.listxattr(view.ops, local, ctx)
 
     @fuse_errors
-    async def getxattr(self, inode, name, ctx=None):
+    def getxattr(self, inode, name, ctx=None):
+        if is_overlay_private(os.fsdecode(name)):
+            raise FUSEError(errno.EOPNOTSUPP)         # as UnionOperations (and C) answer
         if inode == pyfuse3.ROOT_INODE:
             raise FUSEError(pyfuse3.ENOATTR)
         t = self._targets.get(inode)
         if isinstance(t, Shared):
-            if is_overlay_private(os.fsdecode(name)):
-                raise FUSEError(errno.EOPNOTSUPP)     # as UnionOperations
             view, src = self._source(t)
             value = view.uv.getxattr(src, name)
             if value is None:
                 raise FUSEError(pyfuse3.ENOATTR)
             return value
         view, local = self._local(inode)
-        return await view.ops.getxattr(local, name, ctx)
+        return OPS.getxattr(view.ops, local, name, ctx)
 
     @fuse_errors
-    async def setxattr(self, inode, name, value, ctx=None):
+    def setxattr(self, inode, name, value, ctx=None):
         view, local = self._change_target(inode)
-        await view.ops.setxattr(local, name, value, ctx)
+        OPS.setxattr(view.ops, local, name, value, ctx)
 
     @fuse_errors
-    async def removexattr(self, inode, name, ctx=None):
+    def removexattr(self, inode, name, ctx=None):
         view, local = self._change_target(inode)
-        await view.ops.removexattr(local, name, ctx)
+        OPS.removexattr(view.ops, local, name, ctx)
 
     def _change_target(self, gid: int) -> tuple[View, int]:
         if gid == pyfuse3.ROOT_INODE:
@@ -426,67 +515,67 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
         return self._writable_target(gid)
 
     @fuse_errors
-    async def statfs(self, ctx=None):
+    def statfs(self, ctx=None):
         return statfs_reply(os.statvfs(self.mountpoint if not self.views else
                                        next(iter(self.views.values())).spec.lowers[-1]))
 
     # -- changes (each view's own rules; EROFS in a read-only view) --------------
     @fuse_errors
-    async def setattr(self, inode, attr, fields, fh, ctx=None):
+    def setattr(self, inode, attr, fields, fh, ctx=None):
         view, local = self._change_target(inode)
         local_fh = None
         if fh is not None and fh in self._handles:
             local_fh = self._handles[fh][1]
-        return self._out(view, await view.ops.setattr(local, attr, fields, local_fh, ctx), 0)
+        return self._out(view, OPS.setattr(view.ops, local, attr, fields, local_fh, ctx), 0)
 
     @fuse_errors
-    async def create(self, parent_inode, name, mode, flags, ctx):
+    def create(self, parent_inode, name, mode, flags, ctx):
         view, local = self._dir(parent_inode)
-        fi, e = await view.ops.create(local, name, mode, flags, ctx)
-        return (pyfuse3.FileInfo(fh=self._add_handle(view, fi.fh), keep_cache=fi.keep_cache),
+        fi, e = OPS.create(view.ops, local, name, mode, flags, ctx)
+        return (pyfuse3.FileInfo(fh=self._inner_handle(view, fi.fh), keep_cache=fi.keep_cache),
                 self._out(view, e, 1))
 
     @fuse_errors
-    async def mkdir(self, parent_inode, name, mode, ctx):
+    def mkdir(self, parent_inode, name, mode, ctx):
         view, local = self._dir(parent_inode)
-        return self._out(view, await view.ops.mkdir(local, name, mode, ctx), 1)
+        return self._out(view, OPS.mkdir(view.ops, local, name, mode, ctx), 1)
 
     @fuse_errors
-    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+    def mknod(self, parent_inode, name, mode, rdev, ctx):
         view, local = self._dir(parent_inode)
-        return self._out(view, await view.ops.mknod(local, name, mode, rdev, ctx), 1)
+        return self._out(view, OPS.mknod(view.ops, local, name, mode, rdev, ctx), 1)
 
     @fuse_errors
-    async def symlink(self, parent_inode, name, target, ctx):
+    def symlink(self, parent_inode, name, target, ctx):
         view, local = self._dir(parent_inode)
-        return self._out(view, await view.ops.symlink(local, name, target, ctx), 1)
+        return self._out(view, OPS.symlink(view.ops, local, name, target, ctx), 1)
 
     @fuse_errors
-    async def link(self, inode, new_parent_inode, new_name, ctx):
+    def link(self, inode, new_parent_inode, new_name, ctx):
         view, local = self._change_target(inode)
         pview, plocal = self._dir(new_parent_inode)
         if pview is not view:
             raise FUSEError(errno.EXDEV)
-        return self._out(view, await view.ops.link(local, plocal, new_name, ctx), 1)
+        return self._out(view, OPS.link(view.ops, local, plocal, new_name, ctx), 1)
 
     @fuse_errors
-    async def unlink(self, parent_inode, name, ctx):
+    def unlink(self, parent_inode, name, ctx):
         view, local = self._dir(parent_inode)
-        await view.ops.unlink(local, name, ctx)
+        OPS.unlink(view.ops, local, name, ctx)
 
     @fuse_errors
-    async def rmdir(self, parent_inode, name, ctx):
+    def rmdir(self, parent_inode, name, ctx):
         view, local = self._dir(parent_inode)
-        await view.ops.rmdir(local, name, ctx)
+        OPS.rmdir(view.ops, local, name, ctx)
 
     @fuse_errors
-    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+    def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         view, old = self._dir(parent_inode_old)
         nview, new = self._dir(parent_inode_new)
         if nview is not view:
             raise FUSEError(errno.EXDEV)
         moved = self._shown_lower(view, old, name_old), self._shown_lower(view, new, name_new)
-        await view.ops.rename(old, name_old, new, name_new, flags, ctx)
+        OPS.rename(view.ops, old, name_old, new, name_new, flags, ctx)
         # The kernel moves its dentry, still on the shared gid of the lower file the
         # view copied up (its attributes, not the copy's): make it look the name up.
         if moved[0]:

@@ -21,19 +21,15 @@ from mergefs.testing.builders import LayerSpec, materialise_stack
 from ..conftest import needs
 from .test_readonly import random_stack, sample_stack
 from .test_writable import normalised
-from .viewsrv import ViewsServer
+from .viewsrv import ViewsServer, serving
 
 pytestmark = [needs("fuse"), pytest.mark.timeout(120)]
 
 
 @pytest.fixture
 def views(tmp_path):
-    srv = ViewsServer(tmp_path / "srv")
-    try:
+    with serving(tmp_path / "srv") as srv:
         yield srv
-    finally:
-        srv.stop()
-    assert not srv.errors(), srv.errors()
 
 
 def writable(tmp_path: Path, name: str) -> tuple[Path, Path]:

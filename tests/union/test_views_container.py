@@ -16,7 +16,7 @@ from mergefs.testing import mounts
 
 from ..conftest import needs
 from .test_container import BUSYBOX, bundle, busybox_layers, public_dir, run_container  # noqa: F401
-from .viewsrv import ViewsServer
+from .viewsrv import serving
 
 pytestmark = [
     pytest.mark.slow,
@@ -27,12 +27,8 @@ pytestmark = [
 
 @pytest.fixture
 def views(public_dir):       # noqa: F811 -- the views must be enterable by uid 65534
-    srv = ViewsServer(public_dir / "srv")
-    try:
+    with serving(public_dir / "srv") as srv:
         yield srv
-    finally:
-        srv.stop()
-    assert not srv.errors(), srv.errors()
 
 
 def test_runc_on_binds_of_views_root_and_nobody(tmp_path, public_dir, views):  # noqa: F811

@@ -3,10 +3,12 @@
 ``ViewsServer`` (a ``mergefs.testing.services.MountService``) starts it on a
 private mount point and control socket, waits until it is live, and on
 ``stop()`` unbinds what the test bound, terminates the server by pid and
-makes sure nothing stays mounted (also on failure).
+makes sure nothing stays mounted (also on failure). ``serving(where)`` is the
+tests' fixture body: a server, stopped at the end, whose log must hold no error.
 """
 from __future__ import annotations
 
+import contextlib
 import subprocess
 from pathlib import Path
 
@@ -47,3 +49,13 @@ class ViewsServer(MountService):
                 subprocess.run(["umount", "-l", t], capture_output=True)
         self.binds.clear()
         super().stop()
+
+
+@contextlib.contextmanager
+def serving(where: Path):
+    srv = ViewsServer(where)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+    assert not srv.errors(), srv.errors()
