@@ -275,7 +275,10 @@ class NameReader:
     ``stats`` holds the lstat of the name in each layer that has an entry.
     ``marks``: the caller's ``KeptMarkers``, for every layer but ``mutable``;
     ``sizes`` the st_size of each of those directories read (what listing them
-    would cost)."""
+    would cost). ``unsure``: an entry read is on another filesystem than its
+    layer's root (a mount point, or below one), whose lstat's st_ino is not the
+    d_ino a listing gives (the inode number of the entry depends on it): the
+    caller asks the listings instead."""
 
     def __init__(self, layers: Sequence[Layer], name: bytes, open_dir,
                  marks: KeptMarkers | None = None, mutable: int | None = None):
@@ -283,7 +286,7 @@ class NameReader:
         self.marks, self.mutable = marks, mutable
         self.stats: dict[int, os.stat_result] = {}
         self.sizes: list[int] = []
-        self.decided = False
+        self.decided = self.unsure = False
 
     def __call__(self, idx: int, path: bytes) -> LayerDir:
         fd, owned = self.open_dir(idx, path)
@@ -301,6 +304,8 @@ class NameReader:
         if st is not None:
             self.stats[idx] = st
             self.decided = stat.S_IFMT(st.st_mode) != DIR
+            if st.st_dev != self.layers[idx].dev:
+                self.unsure = True
         if self.name in ld.whiteouts:
             self.decided = True
         return ld
@@ -405,9 +410,13 @@ class Resolver:
         for name in path.split(b"/") if path else ():
             if node.kind != DIR:
                 return None
+            cands = [(i, paths[i]) for i in node.layers]
             read = NameReader(self.layers, name, self.open_dir)    # no directory listed
-            found = self.sources([(i, paths[i]) for i in node.layers], up.get, read)
+            found = self.sources(cands, up.get, read)
             node = read.node(found)
+            if read.unsure:                                         # a mount point: list
+                found = self.sources(cands, up.get)
+                node = merge_listing((s.layer, s.ld) for s in found).get(name)
             if node is None:
                 return None
             up = {s.layer: s.path for s in found}
