@@ -402,8 +402,10 @@ class Resolver:
         finally:
             os.close(fd)
 
-    def lookup(self, path: bytes) -> Node | None:
-        """The merged node at ``path``, or None if the merged view has nothing there."""
+    def lookup(self, path: bytes, listings: bool = False) -> Node | None:
+        """The merged node at ``path``, or None if the merged view has nothing there.
+        Each name is looked up alone (``NameReader``), unless ``listings``: then
+        the whole listings of the directories on the way are read."""
         node = self.root
         paths = {i: b"" for i in node.layers}      # the current dir's path in each layer
         up: dict = {}                               # its parent's
@@ -411,12 +413,11 @@ class Resolver:
             if node.kind != DIR:
                 return None
             cands = [(i, paths[i]) for i in node.layers]
-            read = NameReader(self.layers, name, self.open_dir)    # no directory listed
+            read = None if listings else NameReader(self.layers, name, self.open_dir)
             found = self.sources(cands, up.get, read)
-            node = read.node(found)
-            if read.unsure:                                         # a mount point: list
+            if read is not None and read.unsure:                    # a mount point: list
                 found = self.sources(cands, up.get)
-                node = merge_listing((s.layer, s.ld) for s in found).get(name)
+            node = merge_listing((s.layer, s.ld) for s in found).get(name)
             if node is None:
                 return None
             up = {s.layer: s.path for s in found}

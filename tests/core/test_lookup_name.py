@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mergefs.layer import DIR, OCI_WHITEOUT, Layer, read_layer_dir, read_layer_name
-from mergefs.resolver import Resolver, join, merge_listing
+from mergefs.resolver import Resolver, join
 from mergefs.testing.builders import LayerSpec, materialise, materialise_stack
 from mergefs.testing.strategies import NAMES, stacks
 
@@ -25,21 +25,8 @@ SETTINGS = settings(max_examples=80, deadline=None,
 
 
 def by_listing(res: Resolver, path: bytes):
-    """The node at ``path`` found through whole listings: what ``Resolver.lookup``
-    did before it looked names up one by one (the reference)."""
-    node = res.root
-    paths = {i: b"" for i in node.layers}
-    up: dict = {}
-    for name in path.split(b"/") if path else ():
-        if node.kind != DIR:
-            return None
-        found = res.sources([(i, paths[i]) for i in node.layers], up.get)
-        node = merge_listing((s.layer, s.ld) for s in found).get(name)
-        if node is None:
-            return None
-        up = {s.layer: s.path for s in found}
-        paths = {i: join(up[i], name) for i in node.layers}
-    return node
+    """The node at ``path`` found through whole listings (the reference)."""
+    return res.lookup(path, listings=True)
 
 
 def layer_paths(layers) -> set[bytes]:
