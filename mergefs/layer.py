@@ -270,6 +270,7 @@ class Layer:
         self.path = os.fsencode(path)
         self._fmt = fmt
         self._fd: int | None = None
+        self._dev: int | None = None
 
     def __repr__(self) -> str:
         return f"Layer({os.fsdecode(self.path)!r}, fmt={self._fmt!r})"
@@ -288,6 +289,13 @@ class Layer:
             if self._fmt == "auto" and marked_format(self._fd) == "overlay":
                 self._fmt = "overlay"
         return self._fd
+
+    @property
+    def dev(self) -> int:
+        """The st_dev of the layer's root (an entry on another is a mount point)."""
+        if self._dev is None:
+            self._dev = os.fstat(self.fd).st_dev
+        return self._dev
 
     def close(self) -> None:
         if self._fd is not None:

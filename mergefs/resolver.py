@@ -275,7 +275,10 @@ class NameReader:
     ``stats`` holds the lstat of the name in each layer that has an entry.
     ``marks``: the caller's ``KeptMarkers``, for every layer but ``mutable``;
     ``sizes`` the st_size of each of those directories read (what listing them
-    would cost)."""
+    would cost). ``unsure``: an entry read is on another filesystem than its
+    layer's root (a mount point, or below one), whose lstat's st_ino is not the
+    d_ino a listing gives (the inode number of the entry depends on it): the
+    caller asks the listings instead."""
 
     def __init__(self, layers: Sequence[Layer], name: bytes, open_dir,
                  marks: KeptMarkers | None = None, mutable: int | None = None):
@@ -283,7 +286,7 @@ class NameReader:
         self.marks, self.mutable = marks, mutable
         self.stats: dict[int, os.stat_result] = {}
         self.sizes: list[int] = []
-        self.decided = False
+        self.decided = self.unsure = False
 
     def __call__(self, idx: int, path: bytes) -> LayerDir:
         fd, owned = self.open_dir(idx, path)
@@ -301,6 +304,8 @@ class NameReader:
         if st is not None:
             self.stats[idx] = st
             self.decided = stat.S_IFMT(st.st_mode) != DIR
+            if st.st_dev != self.layers[idx].dev:
+                self.unsure = True
         if self.name in ld.whiteouts:
             self.decided = True
         return ld
@@ -397,17 +402,22 @@ class Resolver:
         finally:
             os.close(fd)
 
-    def lookup(self, path: bytes) -> Node | None:
-        """The merged node at ``path``, or None if the merged view has nothing there."""
+    def lookup(self, path: bytes, listings: bool = False) -> Node | None:
+        """The merged node at ``path``, or None if the merged view has nothing there.
+        Each name is looked up alone (``NameReader``), unless ``listings``: then
+        the whole listings of the directories on the way are read."""
         node = self.root
         paths = {i: b"" for i in node.layers}      # the current dir's path in each layer
         up: dict = {}                               # its parent's
         for name in path.split(b"/") if path else ():
             if node.kind != DIR:
                 return None
-            read = NameReader(self.layers, name, self.open_dir)    # no directory listed
-            found = self.sources([(i, paths[i]) for i in node.layers], up.get, read)
-            node = read.node(found)
+            cands = [(i, paths[i]) for i in node.layers]
+            read = None if listings else NameReader(self.layers, name, self.open_dir)
+            found = self.sources(cands, up.get, read)
+            if read is not None and read.unsure:                    # a mount point: list
+                found = self.sources(cands, up.get)
+            node = merge_listing((s.layer, s.ld) for s in found).get(name)
             if node is None:
                 return None
             up = {s.layer: s.path for s in found}

@@ -137,6 +137,8 @@ class UnionView:
         read = NameReader(self.layers, name, self._open_layer_dir, self._marks,
                           getattr(self, "up", None))
         node = read.node(self._read(parent, read))
+        if read.unsure:           # a mount point in a layer: its number is the listing's
+            return self.listing(parent).get(name), None
         self._named(parent, read)
         return node, (None if node is None else read.stats.get(node.top))
 

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pyfuse3
 import pytest
-import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mergefs.layer import DIR, Layer
+from mergefs.layer import Layer
 from mergefs.testing.builders import LayerSpec, materialise_stack
 from mergefs.testing.strategies import stacks
 from mergefs.union.lowercache import LowerCache, SharedUnionView
