@@ -33,7 +33,7 @@ def _err(code: int) -> OSError:
 
 def rename(view, p_old, old: bytes, p_new, new: bytes, flags: int) -> None:
     src = view._child(p_old, old)
-    dst = view.listing(p_new).get(new)
+    dst = view.child(p_new, new)
     if flags & RENAME_EXCHANGE:
         if dst is None:
             raise _err(errno.ENOENT)

@@ -152,7 +152,7 @@ class ViewNumbers:
         cur, node = view.uv.inodes.root, None
         names = path.split(b"/")
         for i, name in enumerate(names):
-            node = view.uv.listing(cur).get(name)
+            node = view.uv.child(cur, name)
             if node is None:
                 return None
             if i < len(names) - 1:

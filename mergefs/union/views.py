@@ -274,7 +274,7 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
             return self._view_root_entry(view, ctx)
         view, local = self._dir(parent_inode)
         parent = view.uv.inodes.get(local)
-        node = view.uv.listing(parent).get(name)
+        node = view.uv.child(parent, name)
         if node is not None and view.shows_lower(node):
             st = self._lower_stat(view, parent, name, node)
             if self._shareable(view, node, st):
@@ -586,5 +586,5 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
     @staticmethod
     def _shown_lower(view: View, local: int, name: bytes) -> bool:
         """Does the view show ``name`` in its directory ``local`` as a lower file?"""
-        node = view.uv.listing(view.uv.inodes.get(local)).get(name)
+        node = view.uv.child(view.uv.inodes.get(local), name)
         return node is not None and view.shows_lower(node)
