@@ -304,8 +304,21 @@ def start(spec: MountSpec, mountpoint: str, fmt: str = "auto", log_path: str | N
             raise MountError(f"{mountpoint} is already a mount point")
     if not os.path.isdir(mountpoint):
         raise MountError(f"mount point {mountpoint!r} is not a directory")
+    default_log = log_path is None
     log_path = log_path or default_log_path(mountpoint)
     create_log(log_path)
+    try:
+        return _start_logged(spec, mountpoint, fmt, log_path)
+    except BaseException:
+        if default_log:               # made here, and nothing was written to it
+            with contextlib.suppress(OSError):
+                if os.stat(log_path).st_size == 0:
+                    os.unlink(log_path)
+        raise
+
+
+def _start_logged(spec: MountSpec, mountpoint: str, fmt: str, log_path: str) -> int:
+    """``start`` once the log file exists."""
     from . import prefork
     pre = prefork.take()            # a server forked early by the CLI, if any
     try:
@@ -383,9 +396,8 @@ def _start_premounted(spec: MountSpec, mountpoint: str, fmt: str, log_path: str,
     own_fd = pre is None or pre.fuse_fd < 0
     try:
         view = build_view(spec, fmt)
-    except Exception as exc:
-        raise MountError(f"mounting {mountpoint} failed: {str(exc) or repr(exc)} "
-                         f"(log: {log_path})") from None
+    except Exception as exc:        # (nothing logged: the message says it all)
+        raise MountError(f"mounting {mountpoint} failed: {str(exc) or repr(exc)}") from None
     try:
         fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC) if own_fd else pre.fuse_fd
         flags, data = kernel_mount_args(spec, fd)

@@ -229,6 +229,23 @@ def test_cli_mount_default_log_goes_with_a_quiet_mount(tmp_path, cli_mounts):
             log.unlink()
 
 
+def test_a_failed_mount_leaves_no_default_log(tmp_path, cli_mounts):
+    """A mount that fails before its server logs anything (a missing layer, found
+    when the view is built) leaves no empty /run/mergefs/mount-NAME.log behind."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cli_mounts.append(mnt)
+    log = Path(server.default_log_path(str(mnt)))
+    log.unlink(missing_ok=True)
+    up, wk = tmp_path / "up", tmp_path / "wk"
+    up.mkdir()
+    wk.mkdir()
+    r = _cli("-o", f"lowerdir={tmp_path / 'missing'},upperdir={up},workdir={wk}", str(mnt))
+    assert r.returncode == 1 and "missing" in r.stderr, r.stderr
+    assert not server.is_mounted(str(mnt))
+    assert not log.exists()
+
+
 def _cmdline(pid: int) -> bytes:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
