@@ -61,6 +61,16 @@ DIRECT = ("getattr", "lookup", "mknod", "mkdir", "unlink", "rmdir", "symlink", "
 GEN_SHIFT = 32                         # their offsets: generation << 32 | position
 
 
+def direct_handler(ops, name: str):
+    """``ops``' handler ``name`` as the C fast path calls it directly (the plain
+    function under ``@fuse_errors``, errors returned as errnos), or None: pyfuse3
+    calls it (a coroutine handler)."""
+    plain = getattr(getattr(type(ops), name), "__wrapped__", None)
+    if plain is None or inspect.iscoroutinefunction(plain):
+        return None
+    return direct(name, plain.__get__(ops))
+
+
 @dataclass
 class Handle:
     inode: Inode
@@ -159,9 +169,9 @@ class UnionOperations(pyfuse3.Operations):
             if self.fds.fast is not None:
                 self.fds.fast.set_miss(self._open_for_c)
                 if os.environ.get("MERGEFS_FASTPATH_DIRECT") != "0":    # "0": for comparisons
-                    self.fds.fast.set_direct(**{n: self._direct(n) for n in DIRECT})
+                    self.fds.fast.set_direct(**{n: direct_handler(self, n) for n in DIRECT})
                     # GETXATTR and a lower file's first WRITE (its copy-up) without a coroutine
-                    self.fds.fast.set_copyup(self._direct("getxattr"), direct(
+                    self.fds.fast.set_copyup(direct_handler(self, "getxattr"), direct(
                         "write", self.fds.write_for_c) if self.view.writable else None)
                     # READDIRPLUS replies filled in C (v8 builds; _readdir_direct)
                     self.fds.fast.set_readdir(direct("readdir", self._readdir_direct),
@@ -176,14 +186,6 @@ class UnionOperations(pyfuse3.Operations):
             inode = self.inodes.live(number)
             if inode is not None and inode.is_dir:
                 self.fds.serve_dir(inode)
-
-    def _direct(self, name: str):
-        """This class's handler ``name`` as the C fast path calls it directly (a
-        plain function under ``@fuse_errors``), or None: pyfuse3 calls it."""
-        plain = getattr(getattr(type(self), name), "__wrapped__", None)
-        if plain is None or inspect.iscoroutinefunction(plain):
-            return None
-        return direct(name, plain.__get__(self))
 
     def _open_for_c(self, number: int) -> None:
         """The C fast path found no fd for a READ: open the file's content fd (the

@@ -61,10 +61,12 @@ from ..errors import AlreadyExists, FailedPrecondition, NotFound
 from .. import syscalls
 from ..layer import DIR, is_overlay_private
 from ..mountspec import MountSpec
-from .errors import direct, fuse_errors
+from .errors import fuse_errors
 from .inodes import ROOT_INODE, Inode
 from .lowercache import LowerCache
-from .ops import WRITE_FLAGS, Timeouts, UnionOperations, entry_attributes, statfs_reply
+from .ops import DIRECT as OPS_DIRECT
+from .ops import (WRITE_FLAGS, Timeouts, UnionOperations, direct_handler, entry_attributes,
+                  statfs_reply)
 from .ops import _invalidate_attrs as invalidate_attrs
 from .viewgids import ViewNumbers
 from .viewstate import Shared, View, copy_entry, mounts_using
@@ -85,9 +87,9 @@ def _plain(name: str):
 
 
 # ViewFS's handlers C may call directly (ViewFS.init): those the module's
-# ``set_direct`` takes (v7 builds: the first three)
-DIRECT = ("getattr", "lookup", "mknod", "mkdir", "unlink", "rmdir", "symlink", "rename", "link",
-          "setattr", "setxattr", "removexattr")
+# ``set_direct`` takes (v7 builds: the first three), but forget and fsync, which
+# stay with pyfuse3 here
+DIRECT = tuple(n for n in OPS_DIRECT if n not in ("forget", "fsync"))
 # the inner operations' handlers: ``OPS.lookup(view.ops, local, name, ctx)``
 OPS = types.SimpleNamespace(**{n: _plain(n) for n in (
     "lookup", "getattr", "readlink", "opendir", "releasedir", "open", "read", "write",
@@ -222,7 +224,7 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
         fast.set_handles(True)
         self.fast = fast
         if os.environ.get("MERGEFS_FASTPATH_DIRECT") != "0":      # "0": for comparisons
-            handlers = {n: self._plain_handler(n) for n in DIRECT}
+            handlers = {n: direct_handler(self, n) for n in DIRECT}
             # a module that takes them by name (v9: namespace handlers too), else
             # one that takes set_direct(getattr, lookup, mknod); neither: none (the
             # handlers here answer those requests through pyfuse3, as before)
@@ -234,11 +236,7 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
                     why = exc
             else:
                 log.warning("views: no direct handlers in C (%s)", why)
-            fast.set_copyup(self._plain_handler("getxattr"), None)
-
-    def _plain_handler(self, name: str):
-        """This class's handler ``name`` as C calls it (errors as errnos)."""
-        return direct(name, getattr(type(self), name).__wrapped__.__get__(self))
+            fast.set_copyup(direct_handler(self, "getxattr"), None)
 
     def _serve_handle(self, fh: int, fd: int, inode: Inode, synced: bool) -> None:
         """Let C serve READ, GETATTR (fstat) and FSYNC (``synced``: fsync the fd, as
