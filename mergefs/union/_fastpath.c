@@ -78,7 +78,8 @@ enum { OP_GETATTR, OP_SETATTR, OP_READ, OP_WRITE, OP_FSYNC, OP_GETXATTR, OP_LIST
        OP_GETATTR_DIR, OP_GETATTR_MERGED, OP_GETATTR_DIRECT, OP_LOOKUP_DIRECT, OP_MKNOD_DIRECT,
        OP_READDIRPLUS, OP_GETXATTR_DIRECT, OP_WRITE_COPIED, OP_MKDIR_DIRECT, OP_UNLINK_DIRECT,
        OP_RMDIR_DIRECT, OP_SYMLINK_DIRECT, OP_RENAME_DIRECT, OP_LINK_DIRECT, OP_SETATTR_DIRECT,
-       OP_SETXATTR_DIRECT, OP_REMOVEXATTR_DIRECT, OP_FORGET_DIRECT, OP_FSYNC_DIRECT, OP_N };
+       OP_SETXATTR_DIRECT, OP_REMOVEXATTR_DIRECT, OP_FORGET_DIRECT, OP_FSYNC_DIRECT,
+       OP_LOOKUP_LISTED, OP_N };
 static const char *op_names[OP_N] = {"getattr", "setattr", "read", "write", "fsync", "getxattr",
                                      "listxattr", "getattr_dir", "getattr_merged_dir",
                                      "getattr_direct", "lookup_direct",
@@ -86,9 +87,10 @@ static const char *op_names[OP_N] = {"getattr", "setattr", "read", "write", "fsy
                                      "write_copied", "mkdir_direct", "unlink_direct",
                                      "rmdir_direct", "symlink_direct", "rename_direct",
                                      "link_direct", "setattr_direct", "setxattr_direct",
-                                     "removexattr_direct", "forget_direct", "fsync_direct"};
+                                     "removexattr_direct", "forget_direct", "fsync_direct",
+                                     "lookup_listed"};
 static unsigned long long served[OP_N];
-static PyObject *s_node, *s_unlinked, *s_attr, *s_xattrs, *s_sources;
+static PyObject *s_node, *s_unlinked, *s_attr, *s_xattrs, *s_sources, *s_children;
 
 /* set_handles(True): a request with a file handle looks up an F_HANDLE entry
  * under that handle (the views mount, whose handle numbers never meet its
@@ -325,8 +327,52 @@ static int direct_named(fuse_req_t req, int which, int op, int kind, fuse_ino_t 
     return call_direct(req, which, op, kind, args, 2 + more);
 }
 
+/* set_listed(live, timeout): the inode table's live inodes (``InodeTable._live``,
+ * number -> Inode) and the entry timeout of a negative answer. A LOOKUP whose
+ * parent is live with its merged listing at hand (``Inode.children``, a dict:
+ * SortedDict) and a name that listing lacks is answered "no such name" here,
+ * as ``ops.lookup`` would (``UnionView.lookup_or_none``: a listing at hand is
+ * the answer for any name; nothing counted, nothing read). Any other LOOKUP
+ * goes on to the direct handler. Package managers and compilers look up many
+ * new names (``x.dpkg-new``, ``x.dpkg-tmp``) before they make them. */
+static PyObject *live_table;
+static double negative_timeout;
+
+static int lookup_listed(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+    PyObject *key = PyLong_FromUnsignedLongLong(parent);
+    PyObject *inode = key ? PyDict_GetItemWithError(live_table, key) : NULL;
+    Py_XDECREF(key);
+    if (!inode) {
+        PyErr_Clear();
+        return 0;
+    }
+    Py_INCREF(inode);
+    PyObject *children = PyObject_GetAttr(inode, s_children);
+    Py_DECREF(inode);
+    int has = 1;
+    if (children && PyDict_Check(children)) {
+        PyObject *n = PyBytes_FromString(name);
+        has = n ? PyDict_Contains(children, n) : -1;
+        Py_XDECREF(n);
+    }
+    Py_XDECREF(children);
+    if (has < 0 || !children)
+        PyErr_Clear();
+    if (has != 0)
+        return 0;
+    struct fuse_entry_param e;
+    memset(&e, 0, sizeof(e));       /* ino 0: a negative entry the kernel may cache */
+    e.entry_timeout = negative_timeout;
+    served[OP_LOOKUP_LISTED]++;
+    fuse_reply_entry(req, &e);
+    return 1;
+}
+
 static int h_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
+    if (live_table && lookup_listed(req, parent, name))
+        return 1;
     return direct_named(req, D_LOOKUP, OP_LOOKUP_DIRECT, ANSWER_ENTRY, parent, name, 0, NULL,
                         NULL);
 }
@@ -1676,6 +1722,23 @@ static PyObject *py_set_readdir(PyObject *self, PyObject *args)
     Py_RETURN_TRUE;
 }
 
+static PyObject *py_set_listed(PyObject *self, PyObject *args)
+{
+    PyObject *live;
+    double timeout;
+    if (!PyArg_ParseTuple(args, "Od", &live, &timeout))
+        return NULL;
+    if (live != Py_None && !PyDict_Check(live)) {
+        PyErr_SetString(PyExc_TypeError, "set_listed: a dict or None");
+        return NULL;
+    }
+    if (!hooks || !HAS_HOOK(entry_param))      /* the builds with a LOOKUP hook */
+        Py_RETURN_FALSE;
+    Py_XSETREF(live_table, live == Py_None ? NULL : Py_NewRef(live));
+    negative_timeout = timeout;
+    Py_RETURN_TRUE;
+}
+
 /* set_copyup(getxattr, write_miss) -> bool: the handlers of GETXATTR and of the
  * first WRITE of files the table does not serve (see above; None: pyfuse3
  * serves those as before); False, and nothing set, with no hooks attached. */
@@ -1710,6 +1773,7 @@ static PyObject *py_disable(PyObject *self, PyObject *unused)
     Py_CLEAR(unlisted_fn);
     Py_CLEAR(getxattr_fn);
     Py_CLEAR(write_miss_fn);
+    Py_CLEAR(live_table);
     clear_direct();
     if (hooks)
         install(0);
@@ -1822,6 +1886,9 @@ static PyMethodDef methods[] = {
     {"set_readdir", py_set_readdir, METH_VARARGS,
      "set_readdir(readdir, unlisted, entry_timeout) -> bool: READDIRPLUS replies filled "
      "in C (v8 builds)"},
+    {"set_listed", py_set_listed, METH_VARARGS,
+     "set_listed(live, entry_timeout) -> bool: LOOKUPs of names a live parent's listing "
+     "lacks answered in C (None: none)"},
     {"openat2", py_openat2, METH_VARARGS,
      "openat2(root_fd, path, flags, mode=0) -> fd: beneath root_fd, following no symlink"},
     {"walk", py_walk, METH_VARARGS,
@@ -1873,7 +1940,8 @@ PyMODINIT_FUNC PyInit__fastpath(void)
     s_attr = PyUnicode_InternFromString("attr");
     s_xattrs = PyUnicode_InternFromString("xattrs");
     s_sources = PyUnicode_InternFromString("sources");
-    if (!s_node || !s_unlinked || !s_attr || !s_xattrs || !s_sources ||
+    s_children = PyUnicode_InternFromString("children");
+    if (!s_node || !s_unlinked || !s_attr || !s_xattrs || !s_sources || !s_children ||
         PyModule_AddIntConstant(m, "WRITE", F_WRITE) < 0 ||
         PyModule_AddIntConstant(m, "UPPER", F_UPPER) < 0 ||
         PyModule_AddIntConstant(m, "DIR", F_DIR) < 0 ||

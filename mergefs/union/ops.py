@@ -170,6 +170,8 @@ class UnionOperations(pyfuse3.Operations):
                 self.fds.fast.set_miss(self._open_for_c)
                 if os.environ.get("MERGEFS_FASTPATH_DIRECT") != "0":    # "0": for comparisons
                     self.fds.fast.set_direct(**{n: direct_handler(self, n) for n in DIRECT})
+                    # a LOOKUP of a name the parent's listing at hand lacks: answered in C
+                    self.fds.fast.set_listed(self.inodes._live, self.timeouts.entry)
                     # GETXATTR and a lower file's first WRITE (its copy-up) without a coroutine
                     self.fds.fast.set_copyup(direct_handler(self, "getxattr"), direct(
                         "write", self.fds.write_for_c) if self.view.writable else None)

@@ -327,3 +327,97 @@ def test_entry_replies_count_one_lookup_each(tmp_path, path, union_mount):
                                            "forget")}
     assert (want <= set(direct)) == (path == "direct"), direct
     assert "failed unexpectedly" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# two layers: "usr" and "usr/share" merged from both, "usr/lib" only in the top one,
+# "etc" only in the bottom one; "usr/share/old" a file the package replaces
+DPKG_LAYERS = (LayerSpec().dir("usr").dir("usr/share").file("usr/share/old", b"old 1\n")
+               .file("usr/share/keep", b"k").dir("etc").file("etc/conf", b"c=1\n"),
+               LayerSpec().dir("usr").dir("usr/share").file("usr/share/top", b"t")
+               .dir("usr/lib").file("usr/lib/libx.so", b"elf"))
+# what the package installs: new files in a merged dir, in a dir only one layer has,
+# in new dirs, and a replaced lower file (dpkg's backup link, then the rename over it)
+DPKG_FILES = ("usr/share/new1", "usr/share/new2", "usr/lib/libperl.so", "usr/share/pkg/a.pm",
+              "usr/share/pkg/b.pm", "usr/share/pkg/sub/c.pm", "usr/share/old", "etc/conf")
+
+
+def dpkg_steps(mnt: Path) -> list:
+    """``dpkg -i``'s requests for one package, as it sends them (strace of dpkg
+    1.21's unpack): per directory, an lstat of the name, then ``mkdir
+    NAME.dpkg-new`` and a rename into place; per file, an lstat of the name and of
+    ``NAME.dpkg-new`` (both absent but for a replaced file), ``open(NAME.dpkg-new,
+    O_CREAT|O_EXCL)``, write, fchown, fchmod, futimens, fsync, close; then, for a
+    replaced file, ``link(NAME, NAME.dpkg-tmp)``; the rename of ``NAME.dpkg-new``
+    over NAME; the backup unlinked. Most lookups are of names the parent's listing
+    lacks (after dpkg listed it, or after the server read it). Each step's errno or
+    result, then the tree."""
+    out = []
+
+    def lookup(p: Path):
+        try:
+            os.lstat(p)
+            out.append((str(p.relative_to(mnt)), "there"))
+        except OSError as e:
+            out.append((str(p.relative_to(mnt)), e.errno))
+
+    out.append(sorted(os.listdir(mnt / "usr" / "share")))      # dpkg reads what it replaces
+    for d in ("usr/share/pkg", "usr/share/pkg/sub"):
+        lookup(mnt / d)
+        os.mkdir(mnt / (d + ".dpkg-new"), 0o700)
+        os.chmod(mnt / (d + ".dpkg-new"), 0o755)
+        os.rename(mnt / (d + ".dpkg-new"), mnt / d)
+    for i, f in enumerate(DPKG_FILES):
+        p, new, tmp = mnt / f, mnt / (f + ".dpkg-new"), mnt / (f + ".dpkg-tmp")
+        for q in (p, new, tmp):
+            lookup(q)
+        fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0)
+        try:
+            os.write(fd, b"version 2 of %s\n" % f.encode())
+            os.fchown(fd, 0, 0)
+            os.fchmod(fd, 0o644)
+            os.utime(fd, ns=(1_600_000_000_000_000_000 + i, 1_600_000_000_000_000_000 + i))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if p.exists():
+            os.link(p, tmp)
+        os.rename(new, p)
+        if tmp.exists():
+            os.unlink(tmp)
+        for q in (p, new, tmp):
+            lookup(q)
+    forget_all()                # the kernel's entries dropped: every lookup reaches the server
+    for f in DPKG_FILES:
+        for q in (mnt / f, mnt / (f + ".dpkg-new"), mnt / (f + ".dpkg-tmp")):
+            lookup(q)
+    # the times: the run's clock (none set by these steps but the files', shown in mtimes)
+    return out + [e[:-1] if isinstance(e, tuple) else e for e in tree(mnt)]
+
+
+@needs_overlay
+def test_dpkg_sequence_as_kernel_overlay(tmp_path, union_mount, path):
+    """A package's unpack as dpkg sends it (``dpkg_steps``) over two layers: each
+    lookup's answer, the tree and the upper's entries are kernel overlayfs's
+    (SEMANTICS: U2 whiteouts where a replaced lower name is renamed over and its
+    backup unlinked, U4 copy-up, U5 a renamed upper directory). With the C fast
+    path, the lookups of names a directory's listing at hand lacks (``NAME.dpkg-new``,
+    ``NAME.dpkg-tmp``, a new file's own name) are answered in C
+    (``fast_lookup_listed``), the others by the Python handler."""
+    from mergefs.testing import mounts
+    from mergefs.testing.builders import materialise_stack
+    layers = materialise_stack(DPKG_LAYERS, tmp_path / "m" / "layers")
+    for d in ("up", "wk"):
+        (tmp_path / "m" / d).mkdir()
+    mnt = union_mount(layers, upper=tmp_path / "m" / "up", work=tmp_path / "m" / "wk")
+    ours = dpkg_steps(mnt)
+    klayers = materialise_stack(DPKG_LAYERS, tmp_path / "k" / "layers")
+    for d in ("up", "wk", "ovl"):
+        (tmp_path / "k" / d).mkdir()
+    with mounts.overlay_mount(klayers, tmp_path / "k" / "ovl", upper=tmp_path / "k" / "up",
+                              work=tmp_path / "k" / "wk") as ovl:
+        theirs = dpkg_steps(Path(ovl))
+    assert ours == theirs
+    assert upper_entries(tmp_path / "m" / "up") == upper_entries(tmp_path / "k" / "up")
+    counts = served(union_mount)
+    assert (counts.get("fast_lookup_listed", 0) > 10) == (path == "direct"), counts
+    assert counts.get("fast_lookup_direct", 0) > 0 or path != "direct", counts
