@@ -46,7 +46,8 @@ PROFILED = ("import cProfile, sys, time\nfrom mergefs.cli import main\n"
 
 
 def one_run(spec: str, base: str, layers: list[str], debs: list[str], mode: str,
-            profile: str | None, attach: str | None = None) -> tuple[float, dict]:
+            profile: str | None, attach: str | None = None,
+            keep: str | None = None) -> tuple[float, dict]:
     """One mount, dpkg in it: the server's CPU seconds (callgrind: M instructions)
     and its request counts."""
     tree, *pairs = spec.split(",")
@@ -112,6 +113,8 @@ def one_run(spec: str, base: str, layers: list[str], debs: list[str], mode: str,
         while pid and os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
             time.sleep(0.05)
     if mode == "callgrind":
+        if keep:
+            shutil.copy(out, os.path.join(keep, f"callgrind.{os.path.basename(tree)}.{pid}"))
         with open(out) as f:
             totals = [ln for ln in f if ln.startswith(("summary:", "totals:"))]
         cpu = int(totals[-1].split()[1]) / 1e6
@@ -135,6 +138,8 @@ def main(argv=None) -> int:
                     "with VAR=VALUE pairs after commas (repeatable; default: this one)")
     ap.add_argument("--callgrind", action="store_true",
                     help="count the server's instructions (valgrind) instead of its CPU time")
+    ap.add_argument("--keep", help="with --callgrind: copy each run's callgrind output "
+                    "into this directory (for callgrind_annotate)")
     ap.add_argument("--profile", help="one run under cProfile, its stats written here")
     ap.add_argument("--attach", help="a command run beside dpkg ({pid}: the server's), "
                     "e.g. 'strace -c -f -p {pid}' or 'perf record -g -p {pid} -o OUT'")
@@ -154,7 +159,8 @@ def main(argv=None) -> int:
                  for tree in (trees if rep % 2 == 0 else trees[::-1])]
         for rep, tree in order:
             print(f"rep {rep} {tree}: " + describe(
-                *one_run(tree, base, layers, debs, mode, args.profile, args.attach), args.callgrind),
+                *one_run(tree, base, layers, debs, mode, args.profile, args.attach,
+                        args.keep), args.callgrind),
                 flush=True)
     finally:
         subprocess.run(["umount", base], check=False)

@@ -47,7 +47,7 @@ def rename(view, p_old, old: bytes, p_new, new: bytes, flags: int) -> None:
             raise _err(errno.EISDIR if dst.kind == DIR else errno.ENOTDIR)
     if dst is not None:
         _check_replace(view, p_new, new, src, dst)
-    with _held(view, p_old, old) as inode:
+    with _held(view, p_old, old, src) as inode:
         if src.kind == DIR and view.has_lower(inode):
             if not view.dir_rename:
                 raise _err(errno.EXDEV)     # as kernel overlayfs without redirect_dir
@@ -75,13 +75,14 @@ def _check_replace(view, p_new, new, src: Node, dst: Node) -> None:
 
 
 class _held:
-    """The inode of parent/name, held (lookup count +1) for the length of a block."""
+    """The inode of parent/name (the view's ``node`` there), held (lookup count +1)
+    for the length of a block; its attributes are not read (a rename drops them)."""
 
-    def __init__(self, view, parent, name):
-        self.view, self.parent, self.name = view, parent, name
+    def __init__(self, view, parent, name, node: Node):
+        self.view, self.parent, self.name, self.node = view, parent, name, node
 
     def __enter__(self):
-        self.inode = self.view.lookup(self.parent, self.name)
+        self.inode = self.view.inodes.entry(self.parent, self.name, self.node)
         return self.inode
 
     def __exit__(self, *exc):
@@ -128,7 +129,7 @@ def _move(view, inode, p_old, old: bytes, p_new, new: bytes, dst: Node | None,
 
 
 def _exchange(view, p_old, old, src: Node, p_new, new, dst: Node) -> None:
-    with _held(view, p_old, old) as a, _held(view, p_new, new) as b:
+    with _held(view, p_old, old, src) as a, _held(view, p_new, new, dst) as b:
         moved = {}                      # merged dirs: their redirects (R1)
         for x in (a, b):
             if x.is_dir and view.has_lower(x):

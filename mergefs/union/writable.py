@@ -30,6 +30,8 @@ import os
 import stat
 from collections import OrderedDict
 
+from sortedcontainers import SortedDict
+
 from .. import syscalls
 from ..errors import AlreadyExists, NotFound
 from ..layer import DIR, LNK, REG, Layer, is_overlay_private
@@ -310,6 +312,9 @@ class WritableView(UnionView):
         inode.attr = st
         if node.kind == DIR:      # served by the upper alone: no markers to read (U1 nlink)
             inode.redirects, inode.sources = (), (self.up,)
+            # and empty (made in place, or opaque over a whiteout): its listing is at
+            # hand, the lookups of the names made in it next need no layer read
+            inode.children = SortedDict()
         return inode
 
     def _prepare_new(self, parent: Inode, name: bytes, ctx) -> os.stat_result:
@@ -317,7 +322,10 @@ class WritableView(UnionView):
         if self.child(parent, name) is not None:
             raise AlreadyExists(name)
         self.ensure_upper(parent)
-        return self.attr(parent)
+        if parent.attr is None:     # (dropped by every entry made in it) through its cached fd
+            parent.attr = os.fstat(self.upper.borrow_dir(parent.path) if parent.parent is not None
+                                   else self.upper.layer.fd)
+        return parent.attr
 
     def _make(self, parent: Inode, name: bytes, kind: int, mode: int, ctx, rdev: int = 0,
               target: bytes = b"") -> tuple[Inode, int]:

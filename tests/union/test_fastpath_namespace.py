@@ -332,7 +332,8 @@ def test_entry_replies_count_one_lookup_each(tmp_path, path, union_mount):
 # two layers: "usr" and "usr/share" merged from both, "usr/lib" only in the top one,
 # "etc" only in the bottom one; "usr/share/old" a file the package replaces
 DPKG_LAYERS = (LayerSpec().dir("usr").dir("usr/share").file("usr/share/old", b"old 1\n")
-               .file("usr/share/keep", b"k").dir("etc").file("etc/conf", b"c=1\n"),
+               .file("usr/share/keep", b"k").dir("etc").file("etc/conf", b"c=1\n")
+               .dir("opt").file("opt/f", b"f"),
                LayerSpec().dir("usr").dir("usr/share").file("usr/share/top", b"t")
                .dir("usr/lib").file("usr/lib/libx.so", b"elf"))
 # what the package installs: new files in a merged dir, in a dir only one layer has,
@@ -361,6 +362,16 @@ def dpkg_steps(mnt: Path) -> list:
             out.append((str(p.relative_to(mnt)), e.errno))
 
     out.append(sorted(os.listdir(mnt / "usr" / "share")))      # dpkg reads what it replaces
+    # a lower directory removed and made again: opaque, empty (U5); names in it
+    # looked up before and after one is made there
+    os.unlink(mnt / "opt" / "f")
+    os.rmdir(mnt / "opt")
+    os.mkdir(mnt / "opt")
+    lookup(mnt / "opt" / "f")
+    (mnt / "opt" / "g").write_bytes(b"g")
+    for n in ("f", "g"):
+        lookup(mnt / "opt" / n)
+    out.append(sorted(os.listdir(mnt / "opt")))
     for d in ("usr/share/pkg", "usr/share/pkg/sub"):
         lookup(mnt / d)
         os.mkdir(mnt / (d + ".dpkg-new"), 0o700)
