@@ -21,6 +21,7 @@ now in the work dir, is unlinked -- the same dance kernel overlayfs does.
 """
 from __future__ import annotations
 
+import bisect
 import errno
 import itertools
 import logging
@@ -66,6 +67,7 @@ class Upper:
         self.ino_xattr = self.opaque_xattr.replace("opaque", "mergefs-ino")   # record_number
         self._names = itertools.count()
         self._dirs: OrderedDict[bytes, int] = OrderedDict()   # path -> open dir fd (LRU)
+        self._sorted: list[bytes] = []        # its paths, sorted: a subtree's are one run
         # What the upper's directories carry, read or set once while no directory of
         # the upper is renamed or removed (``forget_dirs`` drops both):
         self._numbered: set[bytes] = set()        # dirs marked ``mark_numbered``
@@ -113,18 +115,31 @@ class Upper:
             return fd
         fd = syscalls.open_beneath(self.layer.fd, path)
         self._dirs[path] = fd
+        bisect.insort(self._sorted, path)
         if len(self._dirs) > DIR_FD_CACHE:
-            os.close(self._dirs.popitem(last=False)[1])
+            old, old_fd = self._dirs.popitem(last=False)
+            del self._sorted[bisect.bisect_left(self._sorted, old)]
+            os.close(old_fd)
         return fd
 
     def forget_dirs(self, path: bytes) -> None:
         """Drop the cached fds of ``path`` and everything below it (b"": all), and
-        what was read or set on the upper's directories (their paths change)."""
+        what was read or set on the upper's directories (their paths change).
+        The paths below ``path`` are the sorted run from ``path/`` up to ``path0``
+        ("0" follows "/"): no scan of the whole cache per directory renamed."""
         self._numbered.clear()
         self._moves = None
-        prefix = path + b"/"
-        for p in [p for p in self._dirs if not path or p == path or p.startswith(prefix)]:
+        paths = self._sorted
+        if not path:
+            lo, hi = 0, len(paths)
+        else:
+            lo = bisect.bisect_left(paths, path)
+            hi = bisect.bisect_left(paths, path + b"0", lo)
+        gone = [p for p in paths[lo:hi] if not path or p == path or p[len(path)] == 47]   # "/"
+        for p in gone:
             os.close(self._dirs.pop(p))
+        if gone:
+            self._sorted = [p for p in paths if p in self._dirs]
 
     def lstat(self, path: bytes) -> os.stat_result | None:
         parent, _, name = path.rpartition(b"/")
