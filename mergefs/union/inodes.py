@@ -55,8 +55,9 @@ def xino(layer: int, st_ino: int) -> int | None:
     return (layer + 1) << XINO_SHIFT | st_ino
 
 
-# Bumped whenever any inode's parent or name changes (a rename, another hardlink
-# name): every cached ``Inode.path`` older than it is computed again.
+# Bumped whenever a directory inode's parent or name changes (a rename): every
+# cached ``Inode.path`` older than it is computed again (a non-directory's
+# change drops only its own, ``Inode._moved``).
 _renames = 0
 
 
@@ -116,8 +117,7 @@ class Inode:
 
     @parent.setter
     def parent(self, parent: "Inode | None") -> None:
-        global _renames
-        _renames += 1
+        self._moved()
         self._parent = parent
 
     @property
@@ -126,9 +126,18 @@ class Inode:
 
     @name.setter
     def name(self, name: bytes) -> None:
-        global _renames
-        _renames += 1
+        self._moved()
         self._name = name
+
+    def _moved(self) -> None:
+        """Its parent or name changes: a directory's path is part of every path
+        below it (all cached paths are computed again), a non-directory's is
+        only its own (a ``dpkg -i`` renames thousands of files)."""
+        global _renames
+        if self.node.kind == DIR:
+            _renames += 1
+        else:
+            self._path_at = -1
 
     @property
     def path(self) -> bytes:
