@@ -106,6 +106,17 @@ class WritableView(UnionView):
             return inode.attr
         return super().attr(inode)
 
+    def merged(self, parent: Inode | None, name: bytes, node: Node,
+               inode: Inode | None = None) -> bool:
+        """As the view's, but an inode's serving layers are read once and kept on
+        it (``dir_sources``): its next attributes need no markers read again, and
+        the C fast path answers its GETATTRs from then on (``FdCache.serve_dir``
+        wants them known)."""
+        if inode is not None and inode.sources is None and parent is not None and \
+                not inode.unlinked:
+            self.dir_sources(inode)
+        return super().merged(parent, name, node, inode)
+
     def _upper_entry(self, inode: Inode) -> tuple[int, bytes]:
         """(the cached fd of the upper dir holding ``inode``'s entry, its name), or
         (the upper's root fd, b"") for the root: never close the fd; valid until

@@ -487,6 +487,38 @@ def test_fastpath_merged_directory_getattr_as_kernel_overlay(tmp_path, union_mou
     assert (counts.get("fast_getattr_merged_dir", 0) > 0) == fast, counts
 
 
+def looked_up_dir_steps(root: Path) -> list:
+    """A lower directory copied up (a file made in it), forgotten by the kernel,
+    looked up by name (never listed), then changed and stat'ed again and again:
+    its nlink (1: merged, U1), mode and the names in it after each change."""
+    out = []
+    (root / "a" / "new0").write_bytes(b"0")
+    forget_all()
+    for i in range(1, 4):
+        st = os.stat(root / "a")
+        out.append((st.st_nlink, oct(st.st_mode), st.st_uid))
+        (root / "a" / f"new{i}").write_bytes(b"%d" % i)       # drops its attributes
+    os.chmod(root / "a", 0o705)
+    st = os.stat(root / "a")
+    out.append((st.st_nlink, oct(st.st_mode), sorted(os.listdir(root / "a"))))
+    return out
+
+
+@needs_overlay
+def test_fastpath_looked_up_merged_directory_getattr(tmp_path, union_mount, fast):
+    """A merged directory the kernel found by LOOKUP (its listing never read),
+    changed and stat'ed again and again: nlink 1 (U1), mode and names as kernel
+    overlayfs shows them, whether C (its serving layers known: ``serve_dir``) or
+    Python answers each GETATTR; C answers some."""
+    spec = LayerSpec().dir("a").file("a/f", b"f").dir("a/sub")
+    mnt = writable(tmp_path, union_mount, spec)
+    ours = looked_up_dir_steps(mnt)
+    assert ours == on_kernel_overlay(tmp_path, spec, looked_up_dir_steps)
+    assert ours[0][0] == 1
+    counts = served(union_mount)
+    assert (counts.get("fast_getattr_merged_dir", 0) > 0) == fast, counts
+
+
 def append_steps(root: Path, check=lambda rel: None) -> list:
     """Appends to lower files (the first write copies each up), each stat'ed
     before, right after the append that copied it up, and after one more."""
