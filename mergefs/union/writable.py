@@ -403,10 +403,27 @@ class WritableView(UnionView):
             raise AlreadyExists(name)
         self.ensure_upper(inode)
         self.ensure_upper(parent)
-        st = self.upper.publish(self._stage_link(inode), join(parent.path, name))
+        st = self._link_to(inode, parent, name)
         self._set_child(parent, name, inode.node)
         inode.attr = st
         return self.inodes.entry(parent, name, inode.node)
+
+    def _link_to(self, inode: Inode, parent: Inode, name: bytes) -> os.stat_result:
+        """Another name at parent/name for ``inode``'s upper file: linked there at
+        once where it hides nothing (as ``_make`` makes new entries in place),
+        staged in the work dir and renamed over the whiteout that makes the link
+        fail with EEXIST (the upper is not asked first). Returns its lstat."""
+        src_parent, _, src_name = inode.path.rpartition(b"/")
+        sfd = self.upper.borrow_dir(src_parent)
+        dfd = self.upper.borrow_dir(parent.path)
+        try:
+            syscalls.link(src_name, name, sfd, dfd)
+        except FileExistsError:
+            path = join(parent.path, name)
+            if not self.upper.is_whiteout(path):
+                raise
+            return self.upper.publish(self._stage_link(inode), path)
+        return syscalls.lstat(name, dfd)
 
     # -- content and attributes --------------------------------------------
     def open_for_write(self, inode: Inode, flags: int, for_write: bool = False) -> int:

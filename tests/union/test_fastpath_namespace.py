@@ -397,6 +397,10 @@ def dpkg_steps(mnt: Path) -> list:
             os.unlink(tmp)
         for q in (p, new, tmp):
             lookup(q)
+    # a lower file removed (a whiteout), its name given to another file by link (U2)
+    os.unlink(mnt / "usr" / "share" / "keep")
+    os.link(mnt / "usr" / "share" / "new1", mnt / "usr" / "share" / "keep")
+    lookup(mnt / "usr" / "share" / "keep")
     forget_all()                # the kernel's entries dropped: every lookup reaches the server
     for f in DPKG_FILES:
         for q in (mnt / f, mnt / (f + ".dpkg-new"), mnt / (f + ".dpkg-tmp")):
