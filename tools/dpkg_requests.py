@@ -14,7 +14,9 @@ small and the same for every run. Prints per run the server's CPU during
 dpkg (its threads' ``schedstat`` run time; ``--callgrind``: the instructions
 it ran then, counted by valgrind, which a loaded machine does not blur), per
 request, and its request counts; ``--profile OUT``: one run with the server
-under cProfile (its stats to OUT; the mount, too, is profiled).
+under cProfile (its stats to OUT; the mount, too, is profiled), or, when OUT
+ends in ``.py``, run by that script instead (for ad hoc counters: it gets
+OUT, ``mount`` and the mount's arguments, as ``mergefs.cli.main`` would).
 
 ``--attach CMD`` runs CMD beside dpkg ({pid}: the server), stopped with SIGINT
 after it (strace -c, perf record). ``--tree DIR[,VAR=VALUE...]`` as in tools/untar_requests.py; several alternate
@@ -30,7 +32,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -38,6 +39,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import bench_writable  # noqa: E402
 from mergefs.testing import mounts  # noqa: E402
+from namespace_requests import (alternating, callgrind_argv, foreground,  # noqa: E402
+                                instructions, private_tmpfs, run_dirs)
 from untar_requests import HERE, cpu_ns, server_of  # noqa: E402
 
 PROFILED = ("import cProfile, sys, time\nfrom mergefs.cli import main\n"
@@ -50,31 +53,16 @@ def one_run(spec: str, base: str, layers: list[str], debs: list[str], mode: str,
             keep: str | None = None) -> tuple[float, dict]:
     """One mount, dpkg in it: the server's CPU seconds (callgrind: M instructions)
     and its request counts."""
-    tree, *pairs = spec.split(",")
-    env = dict(os.environ, PYTHONHASHSEED="0", **dict(p.split("=", 1) for p in pairs))
-    run = tempfile.mkdtemp(dir=base)
-    up, wk, mnt = (os.path.join(run, d) for d in ("up", "wk", "mnt"))
-    for d in (up, wk, mnt):
-        os.mkdir(d)
-    log, out = os.path.join(run, "log"), os.path.join(run, "callgrind.out")
+    tree, env, (up, wk, mnt, log, out) = run_dirs(spec, base)
     cmd = ["mount", "--log", log, "--upper", up, "--work", wk, *layers, mnt]
     child = None
-    if mode == "callgrind" or profile:     # in the foreground (it logs to its stderr)
-        if profile:
-            code = PROFILED if not profile.endswith(".py") else open(profile).read()
-            argv = [sys.executable, "-c", code, profile, "mount", "--foreground", *cmd[1:]]
-        else:
-            argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
-                    f"--callgrind-out-file={out}", f"--log-file={out}.log",
-                    sys.executable, "-m", "mergefs", *cmd, "--foreground"]
-        with open(log, "w") as err:
-            child = subprocess.Popen(argv, cwd=tree, env=env, stdout=subprocess.DEVNULL,
-                                     stderr=err)
-        deadline = time.monotonic() + 300
-        while not os.path.ismount(mnt):
-            if child.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"no mount (see {log})")
-            time.sleep(0.2)
+    if profile:        # in the foreground (it logs to its stderr)
+        code = PROFILED if not profile.endswith(".py") else open(profile).read()
+        child = foreground([sys.executable, "-c", code, profile, "mount", "--foreground",
+                            *cmd[1:]], tree, env, log, mnt)
+    elif mode == "callgrind":
+        child = foreground(callgrind_argv(out, [sys.executable, "-m", "mergefs", *cmd,
+                                                "--foreground"]), tree, env, log, mnt)
     else:
         subprocess.run([sys.executable, "-m", "mergefs", *cmd], check=True, cwd=tree, env=env)
     pid = None
@@ -115,9 +103,7 @@ def one_run(spec: str, base: str, layers: list[str], debs: list[str], mode: str,
     if mode == "callgrind":
         if keep:
             shutil.copy(out, os.path.join(keep, f"callgrind.{os.path.basename(tree)}.{pid}"))
-        with open(out) as f:
-            totals = [ln for ln in f if ln.startswith(("summary:", "totals:"))]
-        cpu = int(totals[-1].split()[1]) / 1e6
+        cpu = instructions(out)
     return cpu, counts
 
 
@@ -149,22 +135,14 @@ def main(argv=None) -> int:
     with open(os.path.join(args.workdir, "debs", "debs.json")) as f:
         debs = json.load(f)
     trees = args.tree or [HERE]
-    base = tempfile.mkdtemp(prefix="dpkg-requests-")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2g", "dpkg-requests", base], check=True)
     mode = "callgrind" if args.callgrind else "cpu"
-    try:
-        if args.profile:
-            trees, args.reps = trees[:1], 1
-        order = [(rep, tree) for rep in range(args.reps)
-                 for tree in (trees if rep % 2 == 0 else trees[::-1])]
-        for rep, tree in order:
-            print(f"rep {rep} {tree}: " + describe(
-                *one_run(tree, base, layers, debs, mode, args.profile, args.attach,
-                        args.keep), args.callgrind),
-                flush=True)
-    finally:
-        subprocess.run(["umount", base], check=False)
-        shutil.rmtree(base, ignore_errors=True)
+    if args.profile:
+        trees, args.reps = trees[:1], 1
+    with private_tmpfs("dpkg-requests-") as base:
+        for rep, tree in alternating(trees, args.reps):
+            cost, counts = one_run(tree, base, layers, debs, mode, args.profile, args.attach,
+                                   args.keep)
+            print(f"rep {rep} {tree}: " + describe(cost, counts, args.callgrind), flush=True)
     return 0
 
 

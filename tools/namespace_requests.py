@@ -26,6 +26,7 @@ alternate per rep, forwards and backwards. Nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -79,30 +80,71 @@ def namespace_work(mnt: str, files: int) -> None:
             os.removexattr(d, "user.k")               # REMOVEXATTR
 
 
-def one_run(spec: str, base: str, low: str, files: int, callgrind: bool) -> tuple[float, dict]:
-    """One mount, prepared, then the timed part: the server's CPU seconds (with
-    ``callgrind``: the instructions it ran, in millions) and its request counts."""
+def callgrind_argv(out: str, argv: list) -> list:
+    """``argv`` under callgrind, counting nothing until ``callgrind_control -i on``;
+    its counts to ``out`` when it exits (``instructions``)."""
+    return ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+            f"--log-file={out}.log", *argv]
+
+
+def instructions(out: str) -> float:
+    """The instructions (millions) a callgrind run counted, from its output file."""
+    with open(out) as f:
+        totals = [ln for ln in f if ln.startswith(("summary:", "totals:"))]
+    return int(totals[-1].split()[1]) / 1e6
+
+
+def foreground(argv: list, tree: str, env: dict, log: str, mnt: str) -> subprocess.Popen:
+    """A server run in the foreground (it logs to its stderr: ``log``) from ``tree``,
+    once ``mnt`` is mounted (slow under valgrind)."""
+    with open(log, "w") as err:
+        child = subprocess.Popen(argv, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    deadline = time.monotonic() + 300
+    while not os.path.ismount(mnt):
+        if child.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"no mount (see {log})")
+        time.sleep(0.2)
+    return child
+
+
+def alternating(trees: list, reps: int) -> list:
+    """(rep, tree) in the order runs take them: forwards, then backwards."""
+    return [(rep, tree) for rep in range(reps) for tree in (trees if rep % 2 == 0 else trees[::-1])]
+
+
+@contextlib.contextmanager
+def private_tmpfs(prefix: str):
+    """A tmpfs mounted on a new directory for the block, removed after it."""
+    base = tempfile.mkdtemp(prefix=prefix)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2g", prefix.strip("-"), base], check=True)
+    try:
+        yield base
+    finally:
+        subprocess.run(["umount", base], check=False)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def run_dirs(spec: str, base: str) -> tuple[str, dict, tuple]:
+    """A ``--tree`` spec's checkout and environment, and a new run's upper, work
+    dir and mount point (made) and its log and callgrind output paths, below ``base``."""
     tree, *pairs = spec.split(",")
     env = dict(os.environ, PYTHONHASHSEED="0", **dict(p.split("=", 1) for p in pairs))
     run = tempfile.mkdtemp(dir=base)
     up, wk, mnt = (os.path.join(run, d) for d in ("up", "wk", "mnt"))
     for d in (up, wk, mnt):
         os.mkdir(d)
-    log, out = os.path.join(run, "log"), os.path.join(run, "callgrind.out")
+    return tree, env, (up, wk, mnt, os.path.join(run, "log"), os.path.join(run, "callgrind.out"))
+
+
+def one_run(spec: str, base: str, low: str, files: int, callgrind: bool) -> tuple[float, dict]:
+    """One mount, prepared, then the timed part: the server's CPU seconds (with
+    ``callgrind``: the instructions it ran, in millions) and its request counts."""
+    tree, env, (up, wk, mnt, log, out) = run_dirs(spec, base)
     cmd = [sys.executable, "-m", "mergefs", "mount", "--log", log, "--upper", up, "--work", wk,
            low, mnt]
     child = None
     if callgrind:       # in the foreground under valgrind, counting only the timed part
-        with open(log, "w") as err:      # a foreground server logs to its stderr
-            child = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no",
-                                      f"--callgrind-out-file={out}", f"--log-file={out}.log",
-                                      *cmd, "--foreground"],
-                                     cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=err)
-        deadline = time.monotonic() + 300
-        while not os.path.ismount(mnt):
-            if child.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"no mount under valgrind (see {log})")
-            time.sleep(0.2)
+        child = foreground(callgrind_argv(out, [*cmd, "--foreground"]), tree, env, log, mnt)
     else:
         subprocess.run(cmd, check=True, cwd=tree, env=env)
     pid = None
@@ -128,9 +170,7 @@ def one_run(spec: str, base: str, low: str, files: int, callgrind: bool) -> tupl
         while pid and os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
             time.sleep(0.05)
     if callgrind:
-        with open(out) as f:
-            totals = [ln for ln in f if ln.startswith(("summary:", "totals:"))]
-        cpu = int(totals[-1].split()[1]) / 1e6
+        cpu = instructions(out)
     return cpu, counts
 
 
@@ -152,22 +192,14 @@ def main(argv=None) -> int:
                     help="count the server's instructions (valgrind) instead of its CPU time")
     args = ap.parse_args(argv)
     trees = args.tree or [HERE]
-    base = tempfile.mkdtemp(prefix="namespace-requests-")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2g", "namespace-requests", base],
-                   check=True)
-    try:
+    with private_tmpfs("namespace-requests-") as base:
         low = os.path.join(base, "low")
         os.mkdir(low)
         make_layer(low, args.files)
-        order = [(rep, tree) for rep in range(args.reps)      # forwards, then backwards
-                 for tree in (trees if rep % 2 == 0 else trees[::-1])]
-        for rep, tree in order:
+        for rep, tree in alternating(trees, args.reps):
             print(f"rep {rep} {tree}: " +
                   describe(*one_run(tree, base, low, args.files, args.callgrind), args),
                   flush=True)
-    finally:
-        subprocess.run(["umount", base], check=False)
-        shutil.rmtree(base, ignore_errors=True)
     return 0
 
 
