@@ -20,7 +20,9 @@
  * FORGET, and the SETATTRs and FSYNCs the table does not serve too); with a
  * v8 build, READDIRPLUS walks the
  * pass Python gives and answers the files itself, their lookups counted in the
- * inode table's lazy records (set_readdir). ``drain`` runs the request loop itself
+ * inode table's lazy records (set_readdir); a LOOKUP of a name that its live
+ * parent's merged listing (at hand in Python) lacks is answered "no such name"
+ * here (set_listed). ``drain`` runs the request loop itself
  * while requests need no coroutine.
  *
  * Ownership: the fd belongs to the Python cache, which drops the entry here

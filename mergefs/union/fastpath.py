@@ -11,7 +11,9 @@ cannot serve itself, without pyfuse3's coroutine (ops._direct); with a v8
 build it walks no-open READDIRPLUS passes and answers their files itself
 (ops._readdir_direct), and calls ``ops.getxattr`` for inodes it has no fd for
 and ``FdCache.write_for_c`` for the copy-up at a lower file's first WRITE
-(``set_copyup``); with a v9 build it calls the namespace handlers too (mkdir,
+(``set_copyup``), and answers a LOOKUP of a name its live parent's listing at hand
+lacks itself (``set_listed``: the inode table's live inodes; ``fast_lookup_listed``);
+with a v9 build it calls the namespace handlers too (mkdir,
 unlink, rmdir, symlink, rename, link, setxattr, removexattr), ``forget``, and
 ``setattr`` and ``fsync`` for what it does not answer itself (directories,
 lower files, files whose fd it does not hold: ops.DIRECT).
