@@ -47,6 +47,7 @@
 #include <linux/limits.h>
 #include <linux/openat2.h>
 #include <poll.h>
+#include <sched.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -1210,10 +1211,13 @@ static struct fuse_buf drain_buf;
  * than that (the requester does something else, or nothing) halves it, and
  * below SPIN_START_NS it is 0. So an idle server, or one whose requests come
  * further apart than ``spin_max``, does not spin at all; one under a stream
- * spins at most the gap between two requests. ``set_spin(0)``: never. */
+ * spins at most the gap between two requests. The spin yields the CPU between
+ * polls, so a requester waiting for this CPU runs first; when a yield comes
+ * back later than ``spin_max`` the CPUs are busy (no idle one to wake): the
+ * window drops to 0. ``set_spin(0)``: never. */
 #define SPIN_START_NS 10000L
 static long spin_max_ns = 0, spin_ns = 0;
-static unsigned long long spin_waits, spin_hits, spin_sleeps;
+static unsigned long long spin_waits, spin_hits, spin_sleeps, spin_contended;
 
 static long ns_since(const struct timespec *t0)
 {
@@ -1233,14 +1237,27 @@ static int spin_poll(struct pollfd *p, nfds_t n, int timeout)
     spin_waits++;
     struct timespec t0;
     clock_gettime(CLOCK_MONOTONIC, &t0);
+    long spun = 0;
     while (spin_ns > 0) {
         ready = poll(p, n, 0);
         if (ready != 0) {
             spin_hits++;
             return ready;
         }
-        if (ns_since(&t0) >= spin_ns)
+        if (spun >= spin_ns)
             break;
+        /* a requester runnable on this CPU goes first (it then sends its request
+         * and sleeps, and this spin meets it); something else that keeps the CPU
+         * longer than the bound means the CPUs are busy: no idle one to wake,
+         * so sleep and stop spinning until sleeps are short again */
+        sched_yield();
+        long now = ns_since(&t0);
+        if (now - spun > spin_max_ns) {
+            spin_ns = 0;
+            spin_contended++;
+            break;
+        }
+        spun = now;
     }
     spin_sleeps++;
     ready = poll(p, n, timeout);
@@ -1267,11 +1284,12 @@ static PyObject *py_spin_stats(PyObject *self, PyObject *args)
     int reset = 0;
     if (!PyArg_ParseTuple(args, "|p", &reset))
         return NULL;
-    PyObject *d = Py_BuildValue("{s:K,s:K,s:K,s:l,s:l}", "waits", spin_waits, "hits", spin_hits,
-                                "sleeps", spin_sleeps, "window_us", spin_ns / 1000,
+    PyObject *d = Py_BuildValue("{s:K,s:K,s:K,s:K,s:l,s:l}", "waits", spin_waits,
+                                "hits", spin_hits, "sleeps", spin_sleeps,
+                                "contended", spin_contended, "window_us", spin_ns / 1000,
                                 "max_us", spin_max_ns / 1000);
     if (d && reset)
-        spin_waits = spin_hits = spin_sleeps = 0;
+        spin_waits = spin_hits = spin_sleeps = spin_contended = 0;
     return d;
 }
 
@@ -1925,8 +1943,9 @@ static PyMethodDef methods[] = {
     {"set_spin", py_set_spin, METH_VARARGS,
      "set_spin(max_us): drain polls the fd up to max_us (adaptive) before sleeping; 0: never"},
     {"spin_stats", py_spin_stats, METH_VARARGS,
-     "spin_stats(reset=False) -> {waits, hits, sleeps, window_us, max_us}: drain's waits "
-     "that found the fd empty, those a spin ended, those that slept"},
+     "spin_stats(reset=False) -> {waits, hits, sleeps, contended, window_us, max_us}: "
+     "drain's waits that found the fd empty, those a spin ended, those that slept, "
+     "spins cut short by a busy CPU"},
     {"drain", py_drain, METH_VARARGS,
      "drain(budget, timeout_ms[, wake_fd]) -> the coroutine of a request for Python to "
      "await, or None"},
