@@ -10,7 +10,7 @@ mergefs mount --upper``) of bench_writable's 3-layer Debian minbase, as that
 step does, both taken from ``--workdir`` (``debian/`` and ``debs/``, made by
 a bench_writable run with that workdir: this tool builds nothing). The upper
 and work dir are on a private tmpfs, so the upper filesystem's own cost is
-small and the same for every run. Prints per run the server's CPU during
+small and the same for every run. Prints per run dpkg's wall time, the server's CPU during
 dpkg (its threads' ``schedstat`` run time; ``--callgrind``: the instructions
 it ran then, counted by valgrind, which a loaded machine does not blur), per
 request, and its request counts; ``--profile OUT``: one run with the server
@@ -79,10 +79,10 @@ def one_run(spec: str, base: str, layers: list[str], debs: list[str], mode: str,
                 tracer = subprocess.Popen(attach.format(pid=pid), shell=True,
                                           start_new_session=True)
                 time.sleep(2)
-            before = cpu_ns(pid)
+            before, start = cpu_ns(pid), time.monotonic()
             subprocess.run(bench_writable.dpkg_command(mnt), shell=True, check=True,
                            stdout=subprocess.DEVNULL)
-            cpu = (cpu_ns(pid) - before) / 1e9
+            cpu, wall = (cpu_ns(pid) - before) / 1e9, time.monotonic() - start
             if tracer is not None:
                 os.killpg(tracer.pid, signal.SIGINT)
                 tracer.wait(timeout=120)
@@ -90,6 +90,7 @@ def one_run(spec: str, base: str, layers: list[str], debs: list[str], mode: str,
                 subprocess.run(["callgrind_control", "-i", "off", str(pid)], check=True,
                                stdout=subprocess.DEVNULL)
         counts = mounts.server_requests(pid, log, timeout=60)
+        counts["wall_ms"] = round(wall * 1000)       # (not a request: describe() takes it out)
         status = bench_writable.dpkg_installed(mnt)
         if status != "install ok installed":
             raise RuntimeError(f"perl is {status!r} after dpkg")
@@ -108,11 +109,13 @@ def one_run(spec: str, base: str, layers: list[str], debs: list[str], mode: str,
 
 
 def describe(cost: float, counts: dict, callgrind: bool) -> str:
+    wall = counts.pop("wall_ms")
     n = sum(counts.values()) or 1
     per = (f"{cost:.1f} M instructions ({cost / n * 1e3:.1f} k/request)" if callgrind
            else f"cpu {cost:.3f} s ({cost / n * 1e6:.1f} us/request)")
     mix = " ".join(f"{k}={v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
-    return f"server {per}, {n} requests [{mix}] load {os.getloadavg()[0]:.2f}"
+    return (f"dpkg {wall} ms, server {per}, {n} requests [{mix}] "
+            f"load {os.getloadavg()[0]:.2f}")
 
 
 def main(argv=None) -> int:
