@@ -15,8 +15,9 @@ and ``FdCache.write_for_c`` for the copy-up at a lower file's first WRITE
 unlink, rmdir, symlink, rename, link, setxattr, removexattr), ``forget``, and
 ``setattr`` and ``fsync`` for what it does not answer itself (directories,
 lower files, files whose fd it does not hold: ops.DIRECT).
-``layer_links`` (a layer's hardlinked names, for linknames)
-and ``openat2`` (syscalls.open_beneath) need no pyfuse3 build. Without the
+``layer_links`` (a layer's hardlinked names, for linknames), ``openat2``
+(syscalls.open_beneath) and ``copy_up_file`` (a lower regular file's copy-up,
+upper.Upper.copy_up_file; _fastcopy.h) need no pyfuse3 build. Without the
 compiled module, with an older pyfuse3 build or with ``MERGEFS_FASTPATH=0``,
 every request goes through the Python handlers, which give the same answers.
 A module compiled from other sources than the ones beside it (a checkout that
@@ -36,7 +37,7 @@ import os
 
 from .errors import log
 
-SOURCES = ("_fastpath.c", "_fasthooks.h", "_fasttable.h")
+SOURCES = ("_fastpath.c", "_fasthooks.h", "_fasttable.h", "_fastcopy.h")
 
 
 def sources_identity(here: str = os.path.dirname(os.path.abspath(__file__))) -> str:
