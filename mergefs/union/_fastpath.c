@@ -1839,6 +1839,10 @@ static PyMethodDef methods[] = {
      "copy_up_file(src_dir, name, work, dst_dir, leaf, with_data, xattrs, not_exact, owner, "
      "ino_xattr, number, no_range) -> (fd, st_ino, lower st_nlink, linked) or (None, why): "
      "a lower regular file copied into the upper (Upper.copy_up_file)"},
+    {"copy_up_dir", py_copy_up_dir, METH_VARARGS,
+     "copy_up_dir(src_root, path, work, tmp, dst_dir, leaf, xattrs, not_exact, owner, "
+     "ino_xattr, number) -> (st_ino, placed) or (None, why): a lower directory (no children) "
+     "copied into the upper (Upper.copy_up_dir)"},
     {"layer_links", py_layer_links, METH_O,
      "layer_links(root_fd) -> {inode number: (path, ...)}: a layer's non-directories "
      "with two names or more (linknames)"},

@@ -341,6 +341,29 @@ class Upper:
             raise
         return fd, new.st_ino, st.st_nlink, new
 
+    def copy_up_dir(self, src_root_fd: int, src: bytes, path: bytes, number: int,
+                    xattrs: bool = True) -> tuple[int, os.stat_result | None]:
+        """The lower directory ``src`` (below ``src_root_fd``; no children) copied to
+        ``path`` in the upper: ``stage_dir`` then ``publish`` keeping the parent's
+        times. Returns (the copy's st_ino, its lstat or None). In one C call
+        (``_fastpath.copy_up_dir``, the same syscalls) where the module is built;
+        here for what C leaves: an xattr the upper refuses (reported here), a
+        whiteout at ``path`` (C leaves the copy staged)."""
+        fast = compiled("copy_up_dir")      # None: no module built from these sources
+        if fast is not None:
+            parent, _, leaf = path.rpartition(b"/")
+            tmp = self.tmp_name()
+            got = fast(src_root_fd, src, self.work_fd, tmp, self.borrow_dir(parent), leaf,
+                       xattrs, self._not_exact, self.staged_owner(), self.ino_xattr, number)
+            if got[0] is not None:
+                if got[1]:
+                    return got[0], None
+                new = self.publish(tmp, path, keep_parent_times=True)   # over a whiteout
+                return new.st_ino, new
+        _, tmp = self.stage_dir(src_root_fd, src, number)
+        new = self.publish(tmp, path, keep_parent_times=True)
+        return new.st_ino, new
+
     def stage_dir(self, src_root_fd: int, path: bytes,
                   number: int) -> tuple[os.stat_result, bytes]:
         """Stage a copy of the lower directory ``path`` (no children; owner, mode,

@@ -202,10 +202,12 @@ class WritableView(UnionView):
             return fd
         root_fd = self.layers[top].fd
         if node.kind == DIR:
-            st, tmp = upper.stage_dir(root_fd, src, inode.number)
-        else:
-            st = self.resolver.lstat_in(top, src)
-            tmp = upper.copy_of(root_fd, src, st, with_data, inode.number)   # U8
+            ino, new = upper.copy_up_dir(root_fd, src, path, inode.number,
+                                         self._content_xattrs(inode, node))
+            self._copied_up(inode, node, ino, 1, new, parent_copied, for_write)
+            return -1
+        st = self.resolver.lstat_in(top, src)
+        tmp = upper.copy_of(root_fd, src, st, with_data, inode.number)   # U8
         new = upper.publish(tmp, path, keep_parent_times=True)
         self._copied_up(inode, node, new.st_ino, st.st_nlink, new, parent_copied, for_write)
         return -1

@@ -141,6 +141,62 @@ def test_U4_copy_up_in_c_makes_the_upper_python_makes(tmp_path):
     assert nlinks["hard1"] == 2 and nlinks["plain"] == 1      # the lower file's, told by C
 
 
+DIR_SPEC = (LayerSpec().dir("a", mtime_ns=1_500_000_000_123_456_789)
+            .dir("a/plain").dir("a/sticky", mode=0o1777).dir("a/sgid", mode=0o2750, uid=5, gid=6)
+            .dir("a/private", mode=0o700, uid=7, gid=8)
+            .dir("a/xattrs", xattrs={"user.d": b"dv", "trusted.overlay.opaque": b"y"})
+            .file("a/xattrs/child", b"not copied with its directory")
+            .dir("a/wh", mode=0o750))
+
+
+@needs("root")
+def test_U4_directory_copy_up_in_c_makes_the_upper_python_makes(tmp_path):
+    """As above, for directories (no children; a name taken by a whiteout: C
+    leaves the copy staged and Python swaps it with the whiteout)."""
+    if compiled("copy_up_dir") is None:
+        assert not fast_path_expected(), "the C module is not built from these sources"
+        pytest.skip("no C module built from these sources")
+    todo = names(DIR_SPEC)
+    ups = {}
+    for how in ("c", "py"):
+        layer, upper = lower_and_upper(tmp_path / how, DIR_SPEC)
+        ups[how] = tmp_path / how / "up"
+        parent = os.lstat(ups[how] / "a")
+        root_fd = os.open(layer, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for number, name in enumerate(todo, 100):
+                path = b"a/" + name.encode()
+                if how == "c":
+                    ino, new = upper.copy_up_dir(root_fd, path, path, number)
+                    assert (new is None) == (name != "wh"), name
+                    assert ino == os.lstat(ups[how] / "a" / name).st_ino, name
+                else:
+                    _, tmp = upper.stage_dir(root_fd, path, number)
+                    upper.publish(tmp, path, keep_parent_times=True)
+        finally:
+            os.close(root_fd)
+            upper.close()
+        assert os.listdir(tmp_path / how / "wk") == []
+        now = os.lstat(ups[how] / "a")
+        assert (now.st_atime_ns, now.st_mtime_ns) == (parent.st_atime_ns, parent.st_mtime_ns)
+    for name in todo:
+        c, py = (ups[how] / "a" / name for how in ("c", "py"))
+        assert entry_of_dir(c) == entry_of_dir(py), name
+        assert os.listdir(c) == []                      # no children
+    got = entry_of_dir(ups["c"] / "a/xattrs")[6]
+    assert got["user.d"] == b"dv" and "trusted.overlay.opaque" not in got
+    assert entry_of_dir(ups["c"] / "a/sgid")[:3] == ("drwxr-s---", 5, 6)
+    assert entry_of_dir(ups["c"] / "a/sticky")[0] == "drwxrwxrwt"
+
+
+def entry_of_dir(path: Path) -> tuple:
+    st = os.lstat(path)
+    xattrs = {a: os.getxattr(path, a, follow_symlinks=False)
+              for a in sorted(os.listxattr(path, follow_symlinks=False))}
+    return (stat.filemode(st.st_mode), st.st_uid, st.st_gid, st.st_nlink, st.st_atime_ns,
+            st.st_mtime_ns, xattrs)
+
+
 def upper_tree(up: Path) -> dict:
     """What the copy-ups left in an upper, comparable across kernel overlayfs and
     mergefs: each entry's mode, owner, content xattrs (not the overlay format's
