@@ -55,6 +55,13 @@ def server_requests(pid: int, log: str | os.PathLike, timeout: float = 5) -> dic
     """A mergefs server's FUSE request counts since it last logged them (``fast_*``:
     served by the C fast path): SIGUSR1 makes it log ``requests {...}``; read that
     line back from ``log``. {} if none came within ``timeout`` seconds."""
+    return server_counts(pid, log, timeout)[0]
+
+
+def server_counts(pid: int, log: str | os.PathLike, timeout: float = 5) -> tuple[dict, dict]:
+    """``server_requests`` and, beside it, the server's ``waits {...}`` line: how its C
+    request loop waited since the last SIGUSR1 (``waits``, ``hits``: ended by the
+    spin, ``sleeps``, ``window_us``, ``max_us``; {} for a server without it)."""
     try:
         before = os.path.getsize(log)
     except FileNotFoundError:
@@ -64,11 +71,12 @@ def server_requests(pid: int, log: str | os.PathLike, timeout: float = 5) -> dic
     while time.monotonic() < deadline:
         with contextlib.suppress(FileNotFoundError), open(log) as f:
             f.seek(before)
-            m = re.search(r"requests (\{.*\})", f.read())
-            if m:
-                return json.loads(m.group(1))
+            text = f.read()
+            m, w = re.search(r"requests (\{.*\})", text), re.search(r"waits (\{.*\})", text)
+            if m and w:
+                return json.loads(m.group(1)), json.loads(w.group(1))
         time.sleep(0.02)
-    return {}
+    return {}, {}
 
 
 def watch_below(path: str | os.PathLike) -> Path:

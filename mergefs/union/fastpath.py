@@ -28,6 +28,10 @@ The views mount (views.py) loads it too: direct LOOKUP, GETATTR, MKNOD and
 GETXATTR handlers of its own, and READ, GETATTR and FSYNC of its (real) opens
 from entries kept under the file handle (``HANDLE``, ``set_handles``);
 ``drain`` then also returns when trio's own fd is readable (its third argument).
+``drain`` spins a little before it sleeps while requests come back to back
+(``spin_poll`` in the C: on a VM, waking a sleeping server costs more than
+most requests do); ``MERGEFS_SPIN_US`` bounds the spin (default
+``SPIN_US``; 0: never spin).
 ``MERGEFS_FASTPATH_LOOP=0`` keeps pyfuse3's own request loop (no ``drain``),
 ``MERGEFS_FASTPATH_DIRECT=0`` pyfuse3's coroutines for the direct handlers,
 for comparisons.
@@ -39,6 +43,21 @@ import os
 from .errors import log
 
 SOURCES = ("_fastpath.c", "_fasthooks.h", "_fasttable.h", "_fastcopy.h")
+SPIN_US = 200         # the haltpoll governor's default bound
+
+
+def spin_us() -> int:
+    """The bound of drain's spin: ``MERGEFS_SPIN_US`` (microseconds, 0: never spin),
+    ``SPIN_US`` when unset or not a number."""
+    value = os.environ.get("MERGEFS_SPIN_US")
+    if value is None:
+        return SPIN_US
+    try:
+        return max(0, int(value))
+    except ValueError:
+        log.warning("MERGEFS_SPIN_US=%r is not a number of microseconds: %d used",
+                    value, SPIN_US)
+        return SPIN_US
 
 
 def sources_identity(here: str = os.path.dirname(os.path.abspath(__file__))) -> str:
@@ -105,6 +124,7 @@ def load(attr_timeout: float, squash: tuple, volatile: bool):
         uid, gid = (-1 if s is None else s for s in squash)
         loop = _fastpath.drain
         _fastpath.enable(attr_timeout, uid, gid, volatile)
+        _fastpath.set_spin(spin_us())
     except Exception as e:             # a module built from other sources: never fail a mount
         log.warning("no C fast path: %s (tools/pyfuse3_inode_fh.py --fastpath rebuilds it)", e)
         return None
@@ -131,3 +151,31 @@ def stats(reset: bool = True) -> dict:
     except ImportError:
         return {}
     return {f"fast_{k}": v for k, v in _fastpath.stats(reset).items() if v}
+
+
+def request_counts(reset: bool = False) -> dict:
+    """Requests served by the Python handlers and (``fast_*``) by C, since the last reset."""
+    from .errors import REQUESTS
+    counts = dict(REQUESTS, **stats(reset))
+    if reset:
+        REQUESTS.clear()
+    return counts
+
+
+def log_counts() -> None:
+    """A server's answer to SIGUSR1: one log line ``requests {json}`` with the counts
+    since the last one, and one ``waits {json}`` (``spin_stats``)."""
+    import json
+    log.info("requests %s", json.dumps(request_counts(True), sort_keys=True))
+    log.info("waits %s", json.dumps(spin_stats()))
+
+
+def spin_stats(reset: bool = True) -> dict:
+    """``drain``'s waits since the last reset: ``waits`` (the fd was empty), ``hits``
+    (a spin ended the wait), ``sleeps``, and the spin's current ``window_us`` and
+    bound ``max_us``; {} without the module."""
+    try:
+        from . import _fastpath
+    except ImportError:
+        return {}
+    return _fastpath.spin_stats(reset)

@@ -56,6 +56,7 @@ from .. import mounttable
 from ..errors import (FailedPrecondition, InvalidArgument, MergefsError, MountError, NotFound,
                       UsageError)
 from ..mountspec import MountSpec
+from . import fastpath
 from .ctlclient import (check_mount_namespace, control_call,  # noqa: F401 (control_call:
                         error_reply, mount_request, mount_spec)  # re-exported)
 from .views import ViewFS
@@ -205,21 +206,11 @@ def handle_request(fs: ViewFS, req: dict) -> dict:
         if op == "list":
             return {"ok": True, "views": fs.list_views()}
         if op == "stats":
-            return {"ok": True, "requests": request_counts(bool(req.get("reset"))),
+            return {"ok": True, "requests": fastpath.request_counts(bool(req.get("reset"))),
                     "cpu": sum(os.times()[:2])}
         return {"ok": False, "kind": "invalid", "error": f"unknown op {op!r}"}
     except (MergefsError, ValueError, TypeError, KeyError, OSError) as exc:
         return error_reply(exc)
-
-
-def request_counts(reset: bool = False) -> dict:
-    """Requests served by the handlers and (``fast_*``) by C, since the last reset."""
-    from . import fastpath
-    from .errors import REQUESTS
-    counts = dict(REQUESTS, **fastpath.stats(reset))
-    if reset:
-        REQUESTS.clear()
-    return counts
 
 
 class AutoViews:
@@ -412,8 +403,7 @@ def serve_views(mountpoint: str, control: str, allow_other: bool = True, ready=N
                     task_status.started()
                     async for sig in sigs:
                         if sig == signal.SIGUSR1:
-                            log.info("requests %s", json.dumps(request_counts(True),
-                                                               sort_keys=True))
+                            fastpath.log_counts()
                             continue
                         pyfuse3.terminate()
                         return

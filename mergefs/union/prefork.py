@@ -311,6 +311,8 @@ def _child(r: int, reply: int, fuse_fd: int, warm=None, again=None) -> int:
         os.dup2(null, fd)
     os.close(null)
     import_server()                 # the point of this process: import while the parent works
+    from . import server
+    server.quiet_usr1()             # before any mount it will serve is live
     gc.freeze()                     # the modules stay: keep them out of later collections
     gc.enable()
     if warm is not None:

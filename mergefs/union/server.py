@@ -64,6 +64,8 @@ def fuse_options(spec: MountSpec) -> set[str]:
 async def _run() -> None:
     import pyfuse3
     import trio
+
+    from .fastpath import log_counts
     async with trio.open_nursery() as nursery:
         async def on_signal(task_status=trio.TASK_STATUS_IGNORED):
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
@@ -71,7 +73,7 @@ async def _run() -> None:
                 task_status.started()
                 async for sig in sigs:
                     if sig == signal.SIGUSR1:
-                        log_requests()
+                        log_counts()
                         continue
                     log.info("signal received, stopping")
                     global SIGNALLED
@@ -165,22 +167,12 @@ def marked_inode_fh(module: str, writes: bool = False) -> bool:
     return words[-1] == module_digest(module)
 
 
-def log_requests() -> None:
-    """One log line ``requests {json}`` with the counts since the last one (SIGUSR1)."""
-    import json
-    from .errors import REQUESTS
-    from .fastpath import stats
-    log.info("requests %s", json.dumps(dict(REQUESTS, **stats()), sort_keys=True))
-    REQUESTS.clear()
-
-
 def _start_counts() -> None:
     """A server's request counts start at zero: one forked from a process that
     served requests in-process (a test run) inherits that process's counts."""
-    from .errors import REQUESTS
-    from .fastpath import stats
-    REQUESTS.clear()
-    stats()
+    from .fastpath import request_counts, spin_stats
+    request_counts(reset=True)
+    spin_stats()
 
 
 def serve(spec: MountSpec, mountpoint: str, fmt: str = "auto", ready=None) -> None:
@@ -422,8 +414,11 @@ def _fork_child(body) -> int:
     """Fork; the child runs ``body()`` and exits with its code (1 if it raised)."""
     sys.stdout.flush()
     sys.stderr.flush()
+    # the child ignores SIGUSR1 from its first instruction (quiet_usr1)
+    usr1 = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     pid = os.fork()
     if pid:
+        signal.signal(signal.SIGUSR1, usr1)
         return pid
     code = 1
     try:
@@ -604,9 +599,17 @@ def _read_ready(fd: int, pid: int) -> bytes:
     return data or b"timed out waiting for the server"
 
 
+def quiet_usr1() -> None:
+    """A server process ignores SIGUSR1 until its loop logs the counts on it
+    (``_run``): the mount is live before that, and the signal's default action
+    would kill the server and leave the mount dead."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def _child_main(argv: list[str]) -> int:
     import argparse
     import json
+    quiet_usr1()
     p = argparse.ArgumentParser(prog="mergefs-server")
     p.add_argument("--ready-fd", type=int, required=True)
     p.add_argument("--format", default="auto")

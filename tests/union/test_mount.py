@@ -128,6 +128,18 @@ def test_U7_dead_server_is_cleaned_by_umount(tmp_path, union_mount):
     assert not server.is_mounted(str(mnt))
 
 
+def test_sigusr1_as_soon_as_the_mount_is_live_does_not_kill_the_server(tmp_path, union_mount):
+    """SIGUSR1 logs the request counts; sent before the server's loop listens for it
+    (the mount is live earlier), it used to kill the server and leave a dead mount."""
+    layers = materialise_stack(sample_stack(), tmp_path)
+    mnt = union_mount(layers)
+    pid = union_mount.started[-1][1]
+    os.kill(pid, signal.SIGUSR1)
+    time.sleep(0.2)
+    assert _alive(pid)
+    assert tree.capture(mnt).entries      # every entry answers (a dead server: ENOTCONN)
+
+
 def _cli(*args, **kw):
     return subprocess.run([sys.executable, "-m", "mergefs", *args], capture_output=True,
                           text=True, timeout=60, **kw)
