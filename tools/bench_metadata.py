@@ -2,6 +2,7 @@
 """Server CPU per metadata request of a writable mergefs mount, step by step.
 
     sudo .venv/bin/python tools/bench_metadata.py [--rounds 3] [--profile OUT.prof]
+        [--strace] [--callgrind OUT]
 
 What ``tools/bench_writable.py`` measures end to end, cut into steps that each
 exercise a few FUSE handlers, on one fresh writable mount per round over
@@ -18,6 +19,9 @@ Steps, in this order on the same mount:
 - ``find``: ``find MNT`` (opendir, readdirplus, releasedir);
 - ``mkdir``, ``symlink``, ``mknod``: 2,000 each in new directories;
 - ``chown``: ``lchown`` of 2,000 lower files (copy-up, getxattr, setattr);
+- ``append``: one byte appended to 2,000 other lower files (open O_APPEND,
+  write, close: bench_writable's append step; getxattr, the copy-up at the
+  first write);
 - ``getxattr``/``listxattr``: of 6,000 names (no xattr on them);
 - ``rename``: 2,000 files renamed within the upper;
 - ``unlink``: ``rm -rf`` of the untarred tree (upper only: unlink, rmdir);
@@ -25,6 +29,12 @@ Steps, in this order on the same mount:
 
 ``--profile OUT`` runs the server in the foreground under cProfile (CPU time)
 for one round and writes its stats to OUT (read with ``python -m pstats``).
+``--callgrind OUT`` runs it under valgrind's callgrind for one round, its
+counts zeroed before each step and dumped after: OUT.STEP (``callgrind_annotate``),
+its instruction count per request printed (user space only: the kernel's
+side of the syscalls is not in it; slow, ~50x). ``--strace`` attaches
+``strace -c -f`` to the server during each step (one more round after the
+timed ones) and prints the syscalls per request and the top ones.
 Compare two trees by running each at the same load, interleaved; the load
 average is printed.
 """
@@ -56,6 +66,9 @@ CLIENT = {
     "symlink": "os.mkdir(M + '/sl')\nfor i in range(N): os.symlink('t%d' % i, M + '/sl/l%d' % i)",
     "mknod": "os.mkdir(M + '/nd')\nfor i in range(N): os.mkfifo(M + '/nd/f%d' % i)",
     "chown": "for p in L[:N]: os.chown(M + '/' + p, 1, 1, follow_symlinks=False)",
+    "append": ("for p in L[N:2*N]:\n"
+               "  fd = os.open(M + '/' + p, os.O_WRONLY | os.O_APPEND)\n"
+               "  os.write(fd, b'x'); os.close(fd)"),
     "getxattr": ("for p in L[:3*N]:\n"
                  "  try: os.getxattr(M + '/' + p, 'security.capability', follow_symlinks=False)\n"
                  "  except OSError: pass"),
@@ -97,21 +110,31 @@ def run_step(step: str, mnt: str, tarball: str, files: str) -> int:
 
 
 class Server:
-    def __init__(self, base: str, layers: list[str], profile: str | None, tree: str):
+    """A mount's server: daemonized by the CLI; or in the foreground under
+    cProfile (``profile``: its stats file) or valgrind's callgrind (``callgrind``:
+    the output file's prefix, a dump per step: ``collect``)."""
+
+    def __init__(self, base: str, layers: list[str], profile: str | None, tree: str,
+                 callgrind: str | None = None):
         self.mnt, self.upper, self.work = (os.path.join(base, n) for n in ("mnt", "up", "wk"))
         for d in (self.mnt, self.upper, self.work):
             os.makedirs(d)
         self.log = os.path.join(base, "server.log")
         env = dict(os.environ, PYTHONPATH=tree)
         argv = ["mount", "--log", self.log, "--upper", self.upper, "--work", self.work, *layers, self.mnt]
-        if profile:
-            code = ("import cProfile, sys, time\nfrom mergefs.cli import main\n"
-                    "p = cProfile.Profile(time.process_time)\np.enable()\n"
-                    "try: main(sys.argv[2:])\nfinally:\n p.disable(); p.dump_stats(sys.argv[1])")
-            self.proc = subprocess.Popen([sys.executable, "-c", code, profile, argv[0],
-                                          "--foreground", *argv[1:]],
+        if profile or callgrind:
+            if profile:
+                code = ("import cProfile, sys, time\nfrom mergefs.cli import main\n"
+                        "p = cProfile.Profile(time.process_time)\np.enable()\n"
+                        "try: main(sys.argv[2:])\nfinally:\n p.disable(); p.dump_stats(sys.argv[1])")
+                cmd = [sys.executable, "-c", code, profile]
+            else:
+                code = "import sys\nfrom mergefs.cli import main\nmain(sys.argv[1:])"
+                cmd = ["valgrind", "--tool=callgrind",
+                       f"--callgrind-out-file={callgrind}.%p", sys.executable, "-c", code]
+            self.proc = subprocess.Popen([*cmd, argv[0], "--foreground", *argv[1:]],
                                          stderr=open(self.log + ".err", "w"), env=env, cwd=tree)
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + (300 if callgrind else 30)
             while not benchlib.is_mounted(self.mnt):
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     raise RuntimeError("the profiled server did not mount")
@@ -133,6 +156,13 @@ class Server:
     def cpu(self) -> float:
         return benchlib.process_cpu(self.pid)
 
+    def collect(self, on: bool, dump: str = "") -> None:
+        """callgrind: start counting from zero, or dump what was counted since
+        (``dump``: the dump's name, ``callgrind_control``'s hint). Instrumented
+        from the start (toggling it mid-request leaves the call tree wrong)."""
+        subprocess.run(["callgrind_control", "-z" if on else f"--dump={dump}", str(self.pid)],
+                       check=True, stdout=subprocess.DEVNULL)
+
     def requests(self) -> dict:
         return benchlib.server_requests(self.pid, self.log)
 
@@ -145,26 +175,70 @@ class Server:
             time.sleep(0.05)
 
 
-def one_round(layers, base, tarball, files, profile, steps, results, tree) -> None:
+def one_round(layers, base, tarball, files, profile, steps, results, tree,
+              strace: bool = False, callgrind: str | None = None) -> None:
     benchlib.drop_caches()
-    s = Server(base, layers, profile, tree)
+    s = Server(base, layers, profile, tree, callgrind)
     try:
         s.requests()
         for step in steps:
+            if callgrind:
+                s.collect(True)
+            tracer = strace and bench_writable.Strace(s.pid, os.path.join(base, f"{step}.strace"))
             cpu0 = s.cpu()
             rc = run_step(step, s.mnt, tarball, files)
             cpu = s.cpu() - cpu0
+            if callgrind:
+                s.collect(False, step)
+            syscalls = tracer.stop() if tracer else None
             req = s.requests()
             if rc:
                 results.setdefault("failures", []).append(f"{step}: exit {rc}")
-            results.setdefault(step, []).append((cpu, sum(req.values()), req))
+            if syscalls is not None:
+                results.setdefault("strace", {})[step] = (syscalls, req)
+            else:
+                results.setdefault(step, []).append((cpu, sum(req.values()), req))
+            if callgrind:
+                results.setdefault("callgrind", {})[step] = (callgrind_total(callgrind, s.pid),
+                                                            sum(req.values()))
     finally:
         s.stop()
+    if callgrind:       # the dumps by step name (the last one is the server's exit)
+        for n, step in enumerate(steps, 1):
+            os.replace(f"{callgrind}.{s.pid}.{n}", f"{callgrind}.{step}")
+
+
+def callgrind_total(prefix: str, pid: int) -> int:
+    """The instructions (Ir) of callgrind's latest dump of ``pid``."""
+    dumps = [f for f in os.listdir(os.path.dirname(prefix) or ".")
+             if f.startswith(os.path.basename(prefix) + f".{pid}.")]
+    last = max(dumps, key=lambda f: int(f.rsplit(".", 1)[1]))
+    total = 0
+    with open(os.path.join(os.path.dirname(prefix), last)) as f:
+        for line in f:      # "totals:" (its "summary:" can be wrong after a toggle)
+            if line.startswith("totals:"):
+                total = int(line.split()[1])
+    return total
 
 
 def median(rows) -> float:
     cpus = sorted(c for c, _, _ in rows)
     return cpus[len(cpus) // 2]
+
+
+def report_counts(results: dict, steps) -> None:
+    """--strace and --callgrind: syscalls and instructions per request of each step."""
+    for step in steps:
+        if step in results.get("strace", {}):
+            sc, req = results["strace"][step]
+            total, nreq = sum(sc.values()), max(sum(req.values()), 1)
+            top = sorted(sc.items(), key=lambda kv: -kv[1])[:8]
+            print(f"{step:10} syscalls {total} ({total / nreq:.1f}/request, {nreq} requests) "
+                  f"top={dict(top)}")
+        if step in results.get("callgrind", {}):
+            ir, nreq = results["callgrind"][step]
+            print(f"{step:10} instructions {ir:,} ({ir / max(nreq, 1):,.0f}/request, "
+                  f"{nreq} requests)")
 
 
 def report(results: dict, steps) -> None:
@@ -186,6 +260,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
     ap.add_argument("--profile", help="one round, server under cProfile; stats to this file")
+    ap.add_argument("--callgrind", metavar="OUT",
+                    help="one round, server under callgrind while the steps run; OUT.STEP")
+    ap.add_argument("--strace", action="store_true",
+                    help="one more round with strace -c -f on the server: syscalls per step")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--tree", action="append",
                     help="serve from this source tree (PYTHONPATH); given twice or more, "
@@ -203,14 +281,20 @@ def main(argv=None) -> int:
     trees = [os.path.abspath(t) for t in args.tree or [REPO]]
     results: dict = {t: {} for t in trees}
     with benchlib.scratch_ext4(os.path.join(args.workdir, "scratch-md"), size="4G") as scratch:
-        for r in range(1 if args.profile else args.rounds):
+        one = args.profile or args.callgrind
+        for r in range(1 if one else args.rounds):
             for k, tree in enumerate(trees):
                 one_round(layers, os.path.join(scratch, f"r{r}-{k}"), tarball, files,
                           args.profile and os.path.abspath(args.profile), args.steps,
-                          results[tree], tree)
+                          results[tree], tree, callgrind=args.callgrind and os.path.abspath(
+                              args.callgrind + (f".{k}" if len(trees) > 1 else "")))
+        for k, tree in enumerate(trees if args.strace else ()):
+            one_round(layers, os.path.join(scratch, f"strace-{k}"), tarball, files, None,
+                      args.steps, results[tree], tree, strace=True)
     for tree in trees:
         print(f"tree {tree}:")
         report(results[tree], args.steps)
+        report_counts(results[tree], args.steps)
     if len(trees) == 2:
         a, b = (results[t] for t in trees)
         print("cpu ratio (second tree / first), medians:")

@@ -19,6 +19,8 @@ Phases (the requests of each, per entry):
   each dir: lookup, mkdir, getattr);
 - ``lookup``: lookup + forget of the created files and of 6,000 lower files;
 - ``chown``: getxattr + setattr uid/gid of 2,000 lower files (copy-up);
+- ``append``: getxattr + the copy-up C asks for at the first no-open WRITE
+  (``FdCache.write_for_c``) + the write, of 2,000 other lower files;
 - ``unlink``: unlink of the created files, rmdir of their dirs.
 """
 from __future__ import annotations
@@ -126,6 +128,15 @@ for ino in looked[:2000]:
     call("setattr", ino, attr, own, None, ctx)
     call("getattr", ino, ctx)
 out["chown"] = time.process_time() - t0
+
+t0 = time.process_time()
+for ino in looked[2000:4000]:
+    if ino is None:
+        continue
+    call("getxattr", ino, CAP, ctx)
+    ops.fds.write_for_c(ino)                # what C calls at the first no-open WRITE
+    os.pwrite(ops.fds.cached(ops.inodes.get(ino), True), b"x", 0)
+out["append"] = time.process_time() - t0
 
 t0 = time.process_time()
 for d, dino in enumerate(dirs):

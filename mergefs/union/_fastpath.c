@@ -1233,6 +1233,9 @@ static int h_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
     return 1;
 }
 
+/* -- the copy-up of a lower regular file (upper.Upper.copy_up_file) ----------------- */
+#include "_fastcopy.h"
+
 /* -- the request loop -------------------------------------------------------------- */
 
 /* pyfuse3's loop pays a Python coroutine (its wait for the fd) per request,
@@ -1996,6 +1999,14 @@ static PyMethodDef methods[] = {
     {"layer_entries", py_layer_entries, METH_VARARGS,
      "layer_entries(dir_fd, Entry, oci, overlay) -> ({name: Entry(kind, ino)}, whiteouts, "
      "oci_opaque): one layer directory read with getdents64 on dir_fd (moves its offset)"},
+    {"copy_up_file", py_copy_up_file, METH_VARARGS,
+     "copy_up_file(src_dir, name, work, dst_dir, leaf, with_data, xattrs, not_exact, owner, "
+     "ino_xattr, number, no_range) -> (fd, st_ino, lower st_nlink, linked) or (None, why): "
+     "a lower regular file copied into the upper (Upper.copy_up_file)"},
+    {"copy_up_dir", py_copy_up_dir, METH_VARARGS,
+     "copy_up_dir(src_root, path, work, tmp, dst_dir, leaf, xattrs, not_exact, owner, "
+     "ino_xattr, number) -> (st_ino, placed) or (None, why): a lower directory (no children) "
+     "copied into the upper (Upper.copy_up_dir)"},
     {"layer_links", py_layer_links, METH_O,
      "layer_links(root_fd) -> {inode number: (path, ...)}: a layer's non-directories "
      "with two names or more (linknames)"},

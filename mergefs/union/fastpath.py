@@ -17,8 +17,10 @@ with a v9 build it calls the namespace handlers too (mkdir,
 unlink, rmdir, symlink, rename, link, setxattr, removexattr), ``forget``, and
 ``setattr`` and ``fsync`` for what it does not answer itself (directories,
 lower files, files whose fd it does not hold: ops.DIRECT).
-``layer_links`` (a layer's hardlinked names, for linknames)
-and ``openat2`` (syscalls.open_beneath) need no pyfuse3 build. Without the
+``layer_links`` (a layer's hardlinked names, for linknames), ``openat2``
+(syscalls.open_beneath), ``copy_up_file`` and ``copy_up_dir`` (the copy-up of a
+lower regular file or directory, upper.Upper.copy_up_file/copy_up_dir;
+_fastcopy.h) need no pyfuse3 build. Without the
 compiled module, with an older pyfuse3 build or with ``MERGEFS_FASTPATH=0``,
 every request goes through the Python handlers, which give the same answers.
 A module compiled from other sources than the ones beside it (a checkout that
@@ -42,7 +44,7 @@ import os
 
 from .errors import log
 
-SOURCES = ("_fastpath.c", "_fasthooks.h", "_fasttable.h")
+SOURCES = ("_fastpath.c", "_fasthooks.h", "_fasttable.h", "_fastcopy.h")
 SPIN_US = 200         # the haltpoll governor's default bound
 
 

@@ -33,6 +33,7 @@ from .. import syscalls
 from ..attrs import set_xattrs
 from ..errors import InvalidLayer
 from ..layer import DIR, LNK, REG, Layer, content_xattrs, mark_overlay, open_layer_root
+from .fastpath import compiled
 from .linknames import moved_dirs
 
 log = logging.getLogger("mergefs.union")
@@ -73,7 +74,7 @@ class Upper:
         self._numbered: set[bytes] = set()        # dirs marked ``mark_numbered``
         self._moves: list | None = None           # ``moved_dirs()``
         self.tmpfile = True           # O_TMPFILE in the work dir (False once refused)
-        self._no_range: set[tuple[int, int]] = set()   # (src, dst st_dev) copy_file_range refused
+        self._no_range: set[int] = set()   # source st_dev copy_file_range to the upper refused
         # make_in_place: who owns what this process creates, and the mode bits that
         # creating cannot set exactly (the umask's, set-id and sticky)
         self._creator = (os.geteuid(), os.getegid())
@@ -320,6 +321,64 @@ class Upper:
             os.close(sfd)
         return st, tmp, fd
 
+    def copy_up_file(self, src_dir_fd: int, name: bytes, path: bytes, number: int,
+                     with_data: bool = True, xattrs: bool = True
+                     ) -> tuple[int, int, int, os.stat_result | None]:
+        """The lower regular file ``name`` in ``src_dir_fd`` copied to ``path`` in the
+        upper: ``stage_file`` then ``publish`` keeping the parent's times (``number``
+        recorded, U8; ``xattrs`` False: the caller knows it has no content xattrs).
+        Returns (an O_RDWR fd on the copy, for the caller to close; the copy's
+        st_ino; the lower file's st_nlink; the copy's lstat or None). Done in one
+        C call (``_fastpath.copy_up_file``, the same syscalls) where the module is
+        built; here for what C leaves: no O_TMPFILE, an xattr the upper refuses
+        (reported here), a whiteout at ``path``."""
+        fast = compiled("copy_up_file")     # None: no module built from these sources
+        if fast is not None and self.tmpfile:
+            parent, _, leaf = path.rpartition(b"/")
+            got = fast(src_dir_fd, name, self.work_fd, self.borrow_dir(parent), leaf, with_data,
+                       xattrs, self._not_exact, self.staged_owner(), self.ino_xattr, number,
+                       self._no_range)
+            fd = got[0]
+            if fd is not None:
+                if got[3]:
+                    return fd, got[1], got[2], None
+                try:            # the name is taken (a whiteout): renamed over it
+                    new = self.publish(None, path, keep_parent_times=True, fd=fd)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                return fd, new.st_ino, got[2], new
+        st, tmp, fd = self.stage_file(src_dir_fd, name, number, with_data)
+        try:
+            new = self.publish(tmp, path, keep_parent_times=True, fd=fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, new.st_ino, st.st_nlink, new
+
+    def copy_up_dir(self, src_root_fd: int, src: bytes, path: bytes, number: int,
+                    xattrs: bool = True) -> tuple[int, os.stat_result | None]:
+        """The lower directory ``src`` (below ``src_root_fd``; no children) copied to
+        ``path`` in the upper: ``stage_dir`` then ``publish`` keeping the parent's
+        times. Returns (the copy's st_ino, its lstat or None). In one C call
+        (``_fastpath.copy_up_dir``, the same syscalls) where the module is built;
+        here for what C leaves: an xattr the upper refuses (reported here), a
+        whiteout at ``path`` (C leaves the copy staged)."""
+        fast = compiled("copy_up_dir")      # None: no module built from these sources
+        if fast is not None:
+            parent, _, leaf = path.rpartition(b"/")
+            tmp = self.tmp_name()
+            got = fast(src_root_fd, src, self.work_fd, tmp, self.borrow_dir(parent), leaf,
+                       xattrs, self._not_exact, self.staged_owner(), self.ino_xattr, number)
+            if got[0] is not None:
+                if got[1]:
+                    return got[0], None
+                new = self.publish(tmp, path, keep_parent_times=True)   # over a whiteout
+                return new.st_ino, new
+        _, tmp = self.stage_dir(src_root_fd, src, number)
+        new = self.publish(tmp, path, keep_parent_times=True)
+        return new.st_ino, new
+
     def stage_dir(self, src_root_fd: int, path: bytes,
                   number: int) -> tuple[os.stat_result, bytes]:
         """Stage a copy of the lower directory ``path`` (no children; owner, mode,
@@ -357,9 +416,8 @@ class Upper:
 
     def _copy_data(self, sfd: int, fd: int, st: os.stat_result) -> None:
         """copy_file_range where the two filesystems take it (remembered when not)."""
-        key = (st.st_dev, self.dev)
-        if not syscalls.copy_data(sfd, fd, st.st_size, key not in self._no_range):
-            self._no_range.add(key)
+        if not syscalls.copy_data(sfd, fd, st.st_size, st.st_dev not in self._no_range):
+            self._no_range.add(st.st_dev)
 
     def moved_dirs(self) -> list[tuple[bytes, bytes]]:
         """``linknames.moved_dirs`` of the upper, read once until a dir of it moves."""

@@ -201,30 +201,45 @@ class WritableView(UnionView):
             self.ensure_upper(parent)
         path = inode.path
         src = self.layer_path(inode, top) if self.redirected else path
-        fd = -1
-        upper, root_fd = self.upper, self.layers[top].fd
+        upper = self.upper
         if node.kind == REG:        # through fds; an unnamed file linked in when complete
-            st, tmp, fd = upper.stage_file(root_fd, src, inode.number, with_data)
-        elif node.kind == DIR:
-            st, tmp = upper.stage_dir(root_fd, src, inode.number)
-        else:
-            st = self.resolver.lstat_in(top, src)
-            tmp = upper.copy_of(root_fd, src, st, with_data, inode.number)   # U8
-        try:
-            new = upper.publish(tmp, path, keep_parent_times=True, fd=fd)
-            self._copied_up(inode, node, new, st, parent_copied, for_write)
-        except BaseException:
-            if fd >= 0:
+            src_dir, _, name = src.rpartition(b"/")
+            fd, ino, nlink, new = upper.copy_up_file(
+                self.lower_dir(top, src_dir), name, path, inode.number, with_data,
+                self._content_xattrs(inode, node))
+            try:
+                self._copied_up(inode, node, ino, nlink, new, parent_copied, for_write)
+            except BaseException:
                 os.close(fd)
-            raise
-        return fd
+                raise
+            return fd
+        root_fd = self.layers[top].fd
+        if node.kind == DIR:
+            ino, new = upper.copy_up_dir(root_fd, src, path, inode.number,
+                                         self._content_xattrs(inode, node))
+            self._copied_up(inode, node, ino, 1, new, parent_copied, for_write)
+            return -1
+        st = self.resolver.lstat_in(top, src)
+        tmp = upper.copy_of(root_fd, src, st, with_data, inode.number)   # U8
+        new = upper.publish(tmp, path, keep_parent_times=True)
+        self._copied_up(inode, node, new.st_ino, st.st_nlink, new, parent_copied, for_write)
+        return -1
 
-    def _copied_up(self, inode: Inode, node: Node, new: os.stat_result,
-                   st: os.stat_result, parent_copied: bool = False,
+    @staticmethod
+    def _content_xattrs(inode: Inode, node: Node) -> bool:
+        """May the lower file of ``node`` have content xattrs? Not if the names read
+        for it (``view.getxattr``: the kernel asks for security.capability before
+        the first write) were all the overlay format's own, or none."""
+        known = inode.xattrs
+        return known is None or known[0] is not node or \
+            any(not is_overlay_private(os.fsdecode(a)) for a in known[1])
+
+    def _copied_up(self, inode: Inode, node: Node, new_ino: int, nlink: int,
+                   new: os.stat_result | None, parent_copied: bool = False,
                    for_write: bool = False) -> None:
-        """The view after ``inode``'s lower entry ``node`` (lstat ``st``) was copied to
-        the upper (lstat ``new``): the inode keeps its number, its other names
-        become links to the copy. ``parent_copied``: the parent was copied up in
+        """The view after ``inode``'s lower entry ``node`` (``nlink`` names) was copied
+        to the upper (inode ``new_ino``, lstat ``new`` if read): the inode keeps its
+        number, its other names become links to the copy. ``parent_copied``: the parent was copied up in
         this same request, its cached attributes already dropped (the kernel
         cannot have asked for them since: one handler at a time). ``for_write``:
         the copy-up serves a WRITE request that will succeed or tell the caller
@@ -232,11 +247,11 @@ class WritableView(UnionView):
         the write itself (what the copy changed: its ctime), so its attributes
         are not dropped here (one notification less per appended lower file)."""
         inodes, up, kind = self.inodes, self.up, node.kind
-        inodes.fresh(up, new.st_ino)
+        inodes.fresh(up, new_ino)
         if kind == DIR:           # stays merged with its lower layers
-            new_node = Node(DIR, (up,) + node.layers, (new.st_ino,) + node.inos)
+            new_node = Node(DIR, (up,) + node.layers, (new_ino,) + node.inos)
         else:
-            new_node = Node(kind, (up,), (new.st_ino,))
+            new_node = Node(kind, (up,), (new_ino,))
             inodes.unmap(node)
         inodes.alias(inode, new_node)
         if kind == DIR and inode.sources is not None:
@@ -255,7 +270,7 @@ class WritableView(UnionView):
             if self.child(parent, name) == node:      # (not one removed meanwhile)
                 self._link_known_name(inode, parent, name)
                 known += 1
-        if st.st_nlink > known:     # names the kernel never looked up
+        if nlink > known:           # names the kernel never looked up
             self._link_unseen_names(inode, node)
 
     def _link_known_name(self, inode: Inode, parent: Inode, name: bytes) -> None:
