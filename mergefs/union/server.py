@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import signal
+import stat
 import sys
 
 from ..errors import MountError
@@ -274,12 +275,10 @@ def create_log(log_path: str) -> None:
     """Create the server's log file (kept if it exists) before anything is mounted:
     it exists when ``start`` returns, though the server opens it only later (for
     appending, so nothing is lost), and a path that cannot be a file fails here."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
     try:
-        os.close(os.open(log_path, flags, 0o640))
+        os.close(open_log(log_path))
     except OSError as exc:
-        if exc.errno != errno.ENXIO:        # ENXIO: a FIFO nobody reads yet (never wait here)
-            raise MountError(f"cannot open the log file {log_path}: {exc.strerror}") from None
+        raise MountError(f"cannot open the log file {log_path}: {exc.strerror}") from None
 
 
 def start(spec: MountSpec, mountpoint: str, fmt: str = "auto", log_path: str | None = None) -> int:
@@ -470,8 +469,26 @@ def syscalls_umount(mountpoint: str) -> None:
     syscalls.umount(mountpoint, 2)          # MNT_DETACH
 
 
+def open_log(log_path: str) -> int:
+    """The server's log fd, opened without waiting for anything: a FIFO nobody
+    reads yet is opened read-write (which never blocks on Linux; the lines wait
+    in the pipe for a reader), and a FIFO's fd stays non-blocking, so a full
+    pipe drops lines instead of stopping the server and every process using
+    its mount. Anything else is written as usual (blocking)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(log_path, flags, 0o640)
+    except OSError as exc:
+        if exc.errno != errno.ENXIO:        # ENXIO: a FIFO with no reader
+            raise
+        fd = os.open(log_path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+        os.set_blocking(fd, True)
+    return fd
+
+
 def _detach_stdio(log_path: str) -> None:
-    logfd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    logfd = open_log(log_path)
     nullfd = os.open(os.devnull, os.O_RDONLY)
     os.dup2(nullfd, 0)
     os.dup2(logfd, 1)
@@ -548,7 +565,7 @@ def _spawn_server(spec, mountpoint, fmt, log_path, ready_fd) -> int:
     import json
     import subprocess
     from dataclasses import asdict
-    with open(log_path, "ab") as logf:
+    with open(open_log(log_path), "ab") as logf:
         proc = subprocess.Popen(
             [sys.executable, "-m", "mergefs.union.server", "--ready-fd", str(ready_fd),
              "--format", fmt, json.dumps(asdict(spec)), mountpoint],

@@ -210,6 +210,39 @@ def test_cli_mount_log_file_exists_when_the_command_returns(tmp_path, cli_mounts
 
 
 @pytest.mark.timeout(120)
+def test_cli_mount_log_fifo_never_blocks_the_server(tmp_path, cli_mounts):
+    """``mount --log FIFO`` with nobody reading: the mount is live at once, the
+    lines wait in the pipe for a reader that comes later, and a pipe left full
+    drops lines instead of stopping the server (it would hang every process
+    that touches the mount)."""
+    layers = materialise_stack(sample_stack(), tmp_path / "layers")
+    mnt, fifo = tmp_path / "mnt", tmp_path / "log"
+    mnt.mkdir()
+    os.mkfifo(fifo)
+    cli_mounts.append(mnt)
+    r = _cli("mount", "--log", str(fifo), *map(str, layers), str(mnt))
+    assert r.returncode == 0, r.stderr
+    assert (mnt / "etc/hosts").read_bytes() == b"127.0.0.1\n"
+    (pid,) = mounts.servers_of(mnt)
+    for _ in range(2000):         # SIGUSR1 logs the request counts: ~100 kB, > a pipe
+        os.kill(pid, signal.SIGUSR1)
+    time.sleep(1)
+    for _ in range(3):                  # still served, with the pipe full
+        assert (mnt / "etc/hosts").read_bytes() == b"127.0.0.1\n"
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        text = os.read(fd, 1 << 16).decode()
+    finally:
+        os.close(fd)
+    assert "serving" in text and "requests {" in text, text[:500]
+    assert _cli("umount", str(mnt)).returncode == 0
+    deadline = time.monotonic() + 30
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pid)
+
+
+@pytest.mark.timeout(120)
 def test_cli_mount_default_log_goes_with_a_quiet_mount(tmp_path, cli_mounts):
     """Without --log the server logs to /run/mergefs/mount-NAME.log (default_log_path):
     there while mounted; removed at a clean unmount when it holds only INFO lines, so
