@@ -68,7 +68,6 @@ static int fastopen_dir(PyObject *parent, PyObject *layer_obj, long layer)
         PyErr_WriteUnraisable(fastopen_dir_fn);
         return -1;
     }
-    served[OP_OPEN_DIR]++;
     if (fd < 0)
         return -1;
     if (fastopen_dirs[h].parent) {
@@ -211,7 +210,6 @@ static entry_t *fastopen(fuse_ino_t ino, struct fuse_file_info *fi)
         goto out;
     }
     fd = -1;                            /* the cache's now */
-    served[OP_OPEN_FAST]++;
     e = find(ino);
 out:
     if (fd >= 0)

@@ -82,7 +82,7 @@ enum { OP_GETATTR, OP_SETATTR, OP_READ, OP_WRITE, OP_FSYNC, OP_GETXATTR, OP_LIST
        OP_READDIRPLUS, OP_GETXATTR_DIRECT, OP_WRITE_COPIED, OP_MKDIR_DIRECT, OP_UNLINK_DIRECT,
        OP_RMDIR_DIRECT, OP_SYMLINK_DIRECT, OP_RENAME_DIRECT, OP_LINK_DIRECT, OP_SETATTR_DIRECT,
        OP_SETXATTR_DIRECT, OP_REMOVEXATTR_DIRECT, OP_FORGET_DIRECT, OP_FSYNC_DIRECT,
-       OP_LOOKUP_LISTED, OP_OPEN_FAST, OP_OPEN_DIR, OP_N };
+       OP_LOOKUP_LISTED, OP_READ_OPENED, OP_N };
 static const char *op_names[OP_N] = {"getattr", "setattr", "read", "write", "fsync", "getxattr",
                                      "listxattr", "getattr_dir", "getattr_merged_dir",
                                      "getattr_direct", "lookup_direct",
@@ -91,7 +91,7 @@ static const char *op_names[OP_N] = {"getattr", "setattr", "read", "write", "fsy
                                      "rmdir_direct", "symlink_direct", "rename_direct",
                                      "link_direct", "setattr_direct", "setxattr_direct",
                                      "removexattr_direct", "forget_direct", "fsync_direct",
-                                     "lookup_listed", "read_opened", "read_opened_dir"};
+                                     "lookup_listed", "read_opened"};
 static unsigned long long served[OP_N];
 static PyObject *s_node, *s_unlinked, *s_attr, *s_xattrs, *s_sources, *s_children;
 
@@ -1096,15 +1096,14 @@ static int h_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
                   struct fuse_file_info *fi)
 {
     entry_t *e = usable(ino, fi);
-    if (!e)
-        e = fastopen(ino, fi);
+    int fresh = !e && (e = fastopen(ino, fi)) != NULL;      /* counted as read_opened */
     if (!e)
         e = opened(ino, fi);
     if (!e)
         return 0;
     if (reserve(size) < 0)
         return 0;
-    served[OP_READ]++;
+    served[fresh ? OP_READ_OPENED : OP_READ]++;
     ssize_t n = pread(e->fd, buffer, size, off);
     if (n < 0)
         fuse_reply_err(req, errno);
