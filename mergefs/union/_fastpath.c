@@ -12,7 +12,8 @@
  * from FUSE inode number to that fd; GETATTR also for the upper directories
  * whose O_PATH fd the cache keeps (F_DIR: fstat; their own nlink, or 1 for a
  * directory merged with lower layers, F_MERGED, as kernel overlayfs and
- * ops.entry_attributes show it, U1). A READ with no entry asks Python to open the file first (set_miss).
+ * ops.entry_attributes show it, U1). A READ with no entry opens the file here (_fastopen.h,
+ * set_fastopen) or asks Python to open it first (set_miss).
  * All namespace logic (lookup, create, unlink, rename, readdir, copy-up)
  * stays in Python; with a v7 build, GETATTR the table does not serve, LOOKUP
  * and MKNOD call the Python handler directly, without pyfuse3's coroutine

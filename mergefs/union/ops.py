@@ -196,8 +196,10 @@ class UnionOperations(pyfuse3.Operations):
                 self.fds.serve_dir(inode)
 
     def _open_for_c(self, number: int) -> None:
-        """The C fast path found no fd for a READ: open the file's content fd (the
-        cache hands it to C), as ``read`` would; errors are left to ``read``."""
+        """The C fast path found no fd for a READ and could not open the file itself
+        (_fastopen.h: a hardlink, a non-regular or unlinked inode, ...): open the
+        file's content fd (the cache hands it to C), as ``read`` would; errors are
+        left to ``read``."""
         inode = self.inodes.live(number)
         if inode is not None and inode.kind == REG and not inode.unlinked:
             self.fds.content_fd(inode)
