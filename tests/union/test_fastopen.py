@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from mergefs.testing.builders import LayerSpec
+from mergefs.testing.builders import LayerSpec, materialise_stack
 
 from .test_fastpath import fast, forget_all, served, uncached_read, writable  # noqa: F401
 
@@ -206,3 +206,34 @@ def test_fastopen_fds_closed_on_forget(tmp_path, union_mount, fast):
     opened = opened_in_c(union_mount)
     assert (opened == 200) == fast, opened
     assert forgotten(union_mount, layers) == []
+
+
+def test_fastopen_entry_serves_on_once_python_made_the_inode(tmp_path, union_mount, fast):
+    """A file C opened from its lazy record, then a request only Python answers (a
+    GETXATTR of a name no filesystem namespace has: it makes the file's Inode):
+    C goes on reading through the fd it opened (the same node), Python opens
+    nothing."""
+    mnt = writable(tmp_path, union_mount, LayerSpec().file("d/f", b"lower"))
+    f = mnt / "d" / "f"
+    os.listdir(mnt / "d")
+    assert uncached_read(f) == b"lower"
+    assert opened_in_c(union_mount) == (1 if fast else 0)
+    with pytest.raises(OSError):
+        os.getxattr(f, "nosuch.name")
+    assert uncached_read(f) == b"lower"
+    counts = served(union_mount)
+    assert counts.get("fast_read", 0) == (1 if fast else 0), counts
+    assert not counts.get("fast_read_opened") and (not counts.get("read") or not fast), counts
+
+
+def test_fastopen_read_only_mount(tmp_path, union_mount, fast):
+    """A read-only mount's files are opened in C too (no upper: none is flagged so)."""
+    spec = LayerSpec().file("d/a", b"top a").file("d/b", b"top b")
+    layers = materialise_stack([LayerSpec().file("d/a", b"low a"), spec], tmp_path / "layers")
+    mnt = union_mount(layers)
+    assert sorted(os.listdir(mnt / "d")) == ["a", "b"]
+    assert uncached_read(mnt / "d" / "a") == b"top a"
+    assert uncached_read(mnt / "d" / "b") == b"top b"
+    assert uncached_read(mnt / "d" / "a") == b"top a"
+    counts = served(union_mount)
+    assert counts.get("fast_read_opened", 0) == (2 if fast else 0), counts
