@@ -12,7 +12,8 @@
  * from FUSE inode number to that fd; GETATTR also for the upper directories
  * whose O_PATH fd the cache keeps (F_DIR: fstat; their own nlink, or 1 for a
  * directory merged with lower layers, F_MERGED, as kernel overlayfs and
- * ops.entry_attributes show it, U1). A READ with no entry asks Python to open the file first (set_miss).
+ * ops.entry_attributes show it, U1). A READ with no entry opens the file here (_fastopen.h,
+ * set_fastopen) or asks Python to open it first (set_miss).
  * All namespace logic (lookup, create, unlink, rename, readdir, copy-up)
  * stays in Python; with a v7 build, GETATTR the table does not serve, LOOKUP
  * and MKNOD call the Python handler directly, without pyfuse3's coroutine
@@ -82,7 +83,7 @@ enum { OP_GETATTR, OP_SETATTR, OP_READ, OP_WRITE, OP_FSYNC, OP_GETXATTR, OP_LIST
        OP_READDIRPLUS, OP_GETXATTR_DIRECT, OP_WRITE_COPIED, OP_MKDIR_DIRECT, OP_UNLINK_DIRECT,
        OP_RMDIR_DIRECT, OP_SYMLINK_DIRECT, OP_RENAME_DIRECT, OP_LINK_DIRECT, OP_SETATTR_DIRECT,
        OP_SETXATTR_DIRECT, OP_REMOVEXATTR_DIRECT, OP_FORGET_DIRECT, OP_FSYNC_DIRECT,
-       OP_LOOKUP_LISTED, OP_N };
+       OP_LOOKUP_LISTED, OP_READ_OPENED, OP_N };
 static const char *op_names[OP_N] = {"getattr", "setattr", "read", "write", "fsync", "getxattr",
                                      "listxattr", "getattr_dir", "getattr_merged_dir",
                                      "getattr_direct", "lookup_direct",
@@ -91,7 +92,7 @@ static const char *op_names[OP_N] = {"getattr", "setattr", "read", "write", "fsy
                                      "rmdir_direct", "symlink_direct", "rename_direct",
                                      "link_direct", "setattr_direct", "setxattr_direct",
                                      "removexattr_direct", "forget_direct", "fsync_direct",
-                                     "lookup_listed"};
+                                     "lookup_listed", "read_opened"};
 static unsigned long long served[OP_N];
 static PyObject *s_node, *s_unlinked, *s_attr, *s_xattrs, *s_sources, *s_children;
 
@@ -168,6 +169,9 @@ static int still(PyObject *inode, PyObject *name, PyObject *was, int equal)
     return same;
 }
 
+/* -- the first READ of a file with no entry, opened in C ------------------------ */
+#include "_fastopen.h"
+
 /* The entry that may serve a request on ``ino``: a no-open request (fh 0) on
  * an inode (or, set_handles, a request with the file handle of an F_HANDLE
  * entry) still served by the node and not unlinked (a directory: only for
@@ -183,6 +187,8 @@ static entry_t *usable_entry(fuse_ino_t ino, struct fuse_file_info *fi, int dirs
         return NULL;
     if (!e || ((e->flags & F_DIR) && !dirs))
         return NULL;
+    if (e->flags & F_LAZY)
+        return fastopen_current(e) ? e : NULL;
     if (!still(e->inode, s_node, e->node, 0))
         return NULL;
     if ((e->flags & F_DIR) && !still(e->inode, s_sources, e->sources, 1))
@@ -1091,13 +1097,14 @@ static int h_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
                   struct fuse_file_info *fi)
 {
     entry_t *e = usable(ino, fi);
+    int fresh = !e && (e = fastopen(ino, fi)) != NULL;      /* counted as read_opened */
     if (!e)
         e = opened(ino, fi);
     if (!e)
         return 0;
     if (reserve(size) < 0)
         return 0;
-    served[OP_READ]++;
+    served[fresh ? OP_READ_OPENED : OP_READ]++;
     ssize_t n = pread(e->fd, buffer, size, off);
     if (n < 0)
         fuse_reply_err(req, errno);
@@ -1874,6 +1881,11 @@ static PyObject *py_disable(PyObject *self, PyObject *unused)
     Py_CLEAR(getxattr_fn);
     Py_CLEAR(write_miss_fn);
     Py_CLEAR(live_table);
+    Py_CLEAR(fastopen_lazy);
+    Py_CLEAR(fastopen_live);
+    Py_CLEAR(fastopen_fds);
+    Py_CLEAR(fastopen_dir_fn);
+    fastopen_forget_dirs();
     clear_direct();
     if (hooks)
         install(0);
@@ -1894,28 +1906,8 @@ static PyObject *py_set(PyObject *self, PyObject *args)
                         "inode number 0, negative fd, or sources without DIR (or DIR without)");
         return NULL;
     }
-    entry_t *e = find(number);
-    if (!e) {
-        if ((used + 1) * 2 > slots && grow() < 0)
-            return PyErr_NoMemory();
-        size_t i = slot_of(number);
-        while (table[i].number)
-            i = (i + 1) & (slots - 1);
-        e = &table[i];
-        used++;
-    } else {
-        Py_CLEAR(e->inode);
-        Py_CLEAR(e->node);
-        Py_CLEAR(e->sources);
-    }
-    e->number = number;
-    e->fd = fd;
-    e->flags = flags;
-    Py_INCREF(inode);
-    e->inode = inode;
-    Py_INCREF(node);
-    e->node = node;
-    e->sources = Py_XNewRef(sources);
+    if (put(number, fd, flags, inode, node, sources) < 0)
+        return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
@@ -2010,6 +2002,9 @@ static PyMethodDef methods[] = {
     {"layer_links", py_layer_links, METH_O,
      "layer_links(root_fd) -> {inode number: (path, ...)}: a layer's non-directories "
      "with two names or more (linknames)"},
+    {"set_fastopen", py_set_fastopen, METH_VARARGS,
+     "set_fastopen(lazy, live, fds, max_fds, up, dir_opener) -> bool: the first READ of a "
+     "file with no entry opened in C, its fd put in ``fds`` (None: off)"},
     {"set_miss", py_set_miss, METH_O,
      "set_miss(fn): fn(number) may set an entry when a READ finds none (None: no call)"},
     {"set", py_set, METH_VARARGS,

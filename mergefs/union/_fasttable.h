@@ -88,3 +88,31 @@ static void clear_table(void)
             release(&table[i]);
     used = 0;
 }
+
+/* Serve ``number`` through ``fd`` (set or replaced; new references to the objects);
+ * -1: out of memory. */
+static int put(uint64_t number, int fd, unsigned flags, PyObject *inode, PyObject *node,
+               PyObject *sources)
+{
+    entry_t *e = find(number);
+    if (!e) {
+        if ((used + 1) * 2 > slots && grow() < 0)
+            return -1;
+        size_t i = slot_of(number);
+        while (table[i].number)
+            i = (i + 1) & (slots - 1);
+        e = &table[i];
+        used++;
+    } else {
+        Py_CLEAR(e->inode);
+        Py_CLEAR(e->node);
+        Py_CLEAR(e->sources);
+    }
+    e->number = number;
+    e->fd = fd;
+    e->flags = flags;
+    e->inode = Py_NewRef(inode);
+    e->node = Py_NewRef(node);
+    e->sources = Py_XNewRef(sources);
+    return 0;
+}

@@ -44,7 +44,7 @@ import os
 
 from .errors import log
 
-SOURCES = ("_fastpath.c", "_fasthooks.h", "_fasttable.h", "_fastcopy.h")
+SOURCES = ("_fastpath.c", "_fasthooks.h", "_fasttable.h", "_fastcopy.h", "_fastopen.h")
 SPIN_US = 200         # the haltpoll governor's default bound
 
 

@@ -17,6 +17,11 @@ through the same fds: this cache owns them and tells the C table of every
 entry it adds, replaces, moves to ``pinned`` or closes, before closing. The
 first WRITE of a file with no writable fd there (a lower file: its copy-up)
 C hands to ``write_for_c``, then writes through the fd it made.
+The first READ of a regular file with no fd there C opens itself where it
+can (mergefs/union/_fastopen.h: from the lazy record or Inode, below the
+parent's directory in the file's layer) and puts the fd in ``fds`` as
+``content_fd`` would, evicting the oldest the same way: from then on it is
+this cache's like any other (closed on forget, replaced after a copy-up).
 It also keeps ``dirs``: number -> (O_PATH fd, node, sources) of an upper
 directory (the last ``max_dirs``), whose GETATTR C answers with ``fstat`` (nlink 1
 if it is merged with lower layers): the kernel asks for a directory's

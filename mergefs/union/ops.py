@@ -178,6 +178,12 @@ class UnionOperations(pyfuse3.Operations):
                     # READDIRPLUS replies filled in C (v8 builds; _readdir_direct)
                     self.fds.fast.set_readdir(direct("readdir", self._readdir_direct),
                                               self._unlisted, self.timeouts.entry)
+                if os.environ.get("MERGEFS_FASTOPEN") != "0":      # "0": for comparisons
+                    # a READ with no fd: the file opened in C from its lazy record or Inode
+                    up = self.view.up if self.view.writable else -1
+                    self.fds.fast.set_fastopen(self.inodes.lazy, self.inodes._live,
+                                               self.fds.fds, self.fds.max_fds, up,
+                                               self._layer_dir)
 
     def _attrs_changed(self, number: int) -> None:
         """A copy-up changed inode ``number`` (the parent's ctime): the kernel drops
@@ -190,8 +196,10 @@ class UnionOperations(pyfuse3.Operations):
                 self.fds.serve_dir(inode)
 
     def _open_for_c(self, number: int) -> None:
-        """The C fast path found no fd for a READ: open the file's content fd (the
-        cache hands it to C), as ``read`` would; errors are left to ``read``."""
+        """The C fast path found no fd for a READ and could not open the file itself
+        (_fastopen.h: a hardlink, a non-regular or unlinked inode, ...): open the
+        file's content fd (the cache hands it to C), as ``read`` would; errors are
+        left to ``read``."""
         inode = self.inodes.live(number)
         if inode is not None and inode.kind == REG and not inode.unlinked:
             self.fds.content_fd(inode)
@@ -316,10 +324,7 @@ class UnionOperations(pyfuse3.Operations):
         view, inodes = self.view, self.inodes
 
         def opener(layer: int) -> int:
-            try:
-                return syscalls.open_beneath(view.layers[layer].fd, view.layer_path(parent, layer))
-            except OSError as e:
-                return -(e.errno or errno.EIO)
+            return self._layer_dir(parent, layer)
 
         def slow(name: bytes, node, fd: int):
             number = inodes.number_for(node)
@@ -341,6 +346,16 @@ class UnionOperations(pyfuse3.Operations):
             return attrs
         return (parent, keys, start, base, current, inodes._live, inodes.lazy, inodes._numbers,
                 inodes._claims, opener, direct("readdir", slow))
+
+    def _layer_dir(self, parent: Inode, layer: int) -> int:
+        """An fd on ``parent``'s directory in ``layer`` (the caller closes it), or
+        -errno: where the C fast path finds the entries of a READDIRPLUS and the
+        files whose first READ it opens itself (``_fastpath.set_fastopen``)."""
+        view = self.view
+        try:
+            return syscalls.open_beneath(view.layers[layer].fd, view.layer_path(parent, layer))
+        except OSError as e:
+            return -(e.errno or errno.EIO)
 
     def _unlisted(self, numbers: list) -> None:
         """The C fast path could not answer these entries of a READDIRPLUS after
