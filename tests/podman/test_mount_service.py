@@ -522,6 +522,59 @@ def test_a_killed_spare_is_replaced_before_it_is_handed_a_mount(fork_service, la
     assert srv.wait_empty() == []
 
 
+def test_a_held_hand_over_goes_out_at_its_release():
+    """The mount server holds the hand-over of a mount it made until the caller has
+    its reply (``Prefork.later``): nothing reaches the server's pipe before
+    ``release``, ``close`` (server.start's) keeps the pipe open meanwhile, and
+    the release writes the work and closes it; a server gone by then is
+    reported (False: the service unmounts what nobody will serve)."""
+    import pickle
+
+    from mergefs.union.prefork import Prefork
+    for reader_alive in (True, False):
+        r, w = os.pipe()
+        pre = Prefork(12345, -1, w, -1)
+        pre.later = True
+        assert pre.hand_over("spec", "/mnt", "auto", "/log") == 12345
+        pre.close()
+        os.set_blocking(r, False)
+        with pytest.raises(BlockingIOError):
+            os.read(r, 1)                               # held: nothing sent yet
+        if not reader_alive:
+            os.close(r)
+        assert pre.release() is reader_alive
+        assert pre.pipe == -1
+        if reader_alive:
+            assert pickle.loads(os.read(r, 65536)) == ("spec", "/mnt", "auto", "/log", True)
+            assert os.read(r, 1) == b""                 # and closed
+            os.close(r)
+
+
+def test_a_mount_is_made_before_its_server_has_it(fork_service, layers, tmp_path, lean):
+    """The mount command does not wait for its server (the reply goes out before
+    the hand-over): with the spare stopped it returns, the mount made; the
+    first request waits until the server runs, then is answered; unmounted
+    the way containers/storage does (fusermount3 -u), no server is left but
+    the spare it became."""
+    srv = fork_service
+    spare = wait_spare(srv)
+    time.sleep(0.5)                                 # its warm-up is over
+    os.kill(spare, signal.SIGSTOP)
+    t = target(srv, tmp_path, "held")
+    try:
+        r = mergefs("-o", writable_opts(tmp_path, layers, "h") + f",service={srv.control}", t,
+                    program=lean)
+        assert (r.returncode, r.stderr) == (0, "")
+        assert mounts.is_mounted(t)
+    finally:
+        os.kill(spare, signal.SIGCONT)
+    assert (t / "etc/motd").read_text() == "top\n"
+    assert listing(srv)["servers"] == [spare]
+    subprocess.run(["fusermount3", "-u", str(t)], check=True)
+    assert srv.wait_empty() == [] and wait_spares(srv, {spare}) == {spare}
+    assert srv.errors() == []
+
+
 def test_a_server_whose_mount_ended_serves_the_next_mount(fork_service, layers, tmp_path,
                                                           lean):
     """Unmounted, a server offers itself to the service again (mountsvc._offer) and
