@@ -299,6 +299,97 @@ def test_a_mount_from_another_mount_namespace_is_refused(service, layers, tmp_pa
         assert views(service) == []
 
 
+@pytest.fixture
+def views_service(tmp_path):
+    yield from started("views", tmp_path)
+
+
+def test_containers_one_after_another_see_a_layer_made_again(views_service, tmp_path, lean):
+    """Containers of one image in turn (podman run --rm: mount, read, fusermount3 -u)
+    through the views service, whose stack cache outlives each view
+    (views.IDLE_STACKS); the image's layer then removed and extracted again at
+    the same path with other content (an image pulled again): the next
+    container shows the new layer, as a mount of its own does."""
+    srv = views_service
+    layer = tmp_path / "layer"
+
+    def extract(body: str, extra: str | None) -> None:
+        shutil.rmtree(layer, ignore_errors=True)
+        (layer / "etc/sub").mkdir(parents=True)
+        (layer / "etc/motd").write_text(body)
+        (layer / "etc/sub/f").write_text(body * 2)
+        if extra:
+            (layer / "etc" / extra).write_text(extra)
+
+    def container(name: str) -> dict:
+        t = target(srv, tmp_path, name)
+        r = mergefs("-o", writable_opts(tmp_path, [layer], name) + f",service={srv.control}",
+                    t, program=lean)
+        assert (r.returncode, r.stderr) == (0, "")
+        try:
+            return tree(t)
+        finally:
+            subprocess.run(["fusermount3", "-u", str(t)], check=True)
+            deadline = time.monotonic() + 10
+            while views(srv) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert views(srv) == []
+
+    extract("one\n", None)
+    first = container("c1")
+    assert first["etc/motd"][3] == b"one\n" and container("c2") == first
+    extract("second version\n", "new")
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    assert mergefs("-o", f"lowerdir={layer},nokernel", alone).returncode == 0
+    try:
+        expected = tree(alone)
+    finally:
+        mergefs("umount", alone)
+    got = container("c3")
+    assert got == expected and got["etc/new"][3] == b"new" and got != first
+    assert srv.errors() == []
+
+
+def test_a_stacks_cache_outlives_its_last_view(tmp_path):
+    """The merged listings and lstats of a lower stack stay for its next view when its
+    last one goes (a sequence of containers of one image), up to IDLE_STACKS
+    stacks, oldest dropped first; a layer made again at its path is another stack."""
+    from mergefs.mountspec import MountSpec
+    from mergefs.union import views as views_mod
+    fs = views_mod.ViewFS(str(tmp_path / "mnt"))
+    layers = []
+    for i in range(views_mod.IDLE_STACKS + 2):
+        (tmp_path / f"l{i}/etc").mkdir(parents=True)
+        layers.append(str(tmp_path / f"l{i}"))
+
+    def view(name: str, lower: str):
+        fs.add_view(name, MountSpec((lower,)))
+        return fs.views[name]
+
+    def close(name: str) -> None:
+        fs._close_view(fs.views.pop(name))
+    try:
+        a = view("a", layers[0])
+        a.uv.listing(a.uv.inodes.live(1))
+        cache = a.cache
+        close("a")
+        assert view("b", layers[0]).cache is cache          # kept for the next view
+        close("b")
+        for i in range(1, views_mod.IDLE_STACKS + 1):       # other stacks come and go
+            view(f"o{i}", layers[i])
+            close(f"o{i}")
+        assert view("c", layers[0]).cache is not cache      # the oldest idle one went
+        close("c")
+        cache = view("d", layers[0]).cache
+        close("d")
+        shutil.rmtree(layers[0])
+        (tmp_path / "l0/etc").mkdir(parents=True)
+        assert view("e", layers[0]).cache is not cache      # made again: another stack
+    finally:
+        fs.close()
+
+
 # -- the mount server's spare: the server of the next mount, forked ahead ----------
 def listing(service) -> dict:
     from mergefs.union.ctlclient import control_call
