@@ -33,8 +33,9 @@ builds, program after program):
 Ratios are medians of the same run against fuse-overlayfs. Nothing is asserted.
 ``--before TREE`` adds ``mergefs-before``: the mergefs of another source tree
 (e.g. ``git archive`` of an earlier commit), run by this venv's Python, in
-the same runs, interleaved (with ``mergefs-fork`` among the programs, also
-``mergefs-fork-before``: a mount server of TREE). ``--fuse-only`` adds ``mergefs-fuse``: this tree's
+the same runs, interleaved (with ``mergefs-fork`` or ``mergefs-views`` among the
+programs, instead ``mergefs-fork-before`` / ``mergefs-views-before``: that
+service of TREE). ``--fuse-only`` adds ``mergefs-fuse``: this tree's
 mergefs with ``nokernel``, so that every mount is a FUSE server, also the
 read-only parent mounts of the naive diff that ``mergefs`` itself leaves to
 kernel overlayfs when their layers are plain (the FUSE serving path's own ratio).
@@ -232,11 +233,12 @@ def run(args) -> int:
     if args.fuse_only and "mergefs" in programs:   # every mount on FUSE, next to mergefs
         programs.insert(programs.index("mergefs") + 1, "mergefs-fuse")
     if args.before:     # next to mergefs, so the two alternate as closely as the runs allow
-        if "mergefs" in programs or "mergefs-fork" not in programs:
+        if "mergefs" in programs or not {"mergefs-fork", "mergefs-views"} & set(programs):
             programs.insert(programs.index("mergefs") + 1 if "mergefs" in programs else 0,
                             "mergefs-before")
-        if "mergefs-fork" in programs:
-            programs.insert(programs.index("mergefs-fork") + 1, "mergefs-fork-before")
+        for served in ("mergefs-fork", "mergefs-views"):
+            if served in programs:
+                programs.insert(programs.index(served) + 1, f"{served}-before")
         benchlib.prepare_tree(args.before)
     try:
         for name in programs:
@@ -245,7 +247,8 @@ def run(args) -> int:
             if name == "mergefs-fuse":
                 path = fuse_only_script(work)
             mountopt = None
-            if name in ("mergefs-fork", "mergefs-views", "mergefs-fork-before"):
+            if name in ("mergefs-fork", "mergefs-views", "mergefs-fork-before",
+                        "mergefs-views-before"):
                 kind = name.split("-")[1]
                 services[name] = MountService(
                     kind, _fresh(work / f"service-{name.removeprefix('mergefs-')}"),
