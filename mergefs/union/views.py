@@ -62,6 +62,7 @@ from ..errors import AlreadyExists, FailedPrecondition, NotFound
 from .. import syscalls
 from ..layer import DIR, is_overlay_private
 from ..mountspec import MountSpec
+from .ctlclient import real_path
 from .errors import fuse_errors
 from .inodes import ROOT_INODE, Inode
 from .lowercache import LowerCache
@@ -111,7 +112,7 @@ def stack_key(spec: MountSpec, fmt: str) -> tuple:
     the cache is keyed by, may name other files now), and the whiteout format."""
     out = []
     for p in spec.lowers:
-        real = os.path.realpath(p)
+        real = real_path(p)
         try:
             st = os.stat(real)
             out.append((real, st.st_dev, st.st_ino, st.st_ctime_ns))

@@ -936,3 +936,23 @@ def test_an_auto_view_stays_while_a_mount_inside_it_stays(tmp_path, layers, lean
                 mounts.force_unmount(m)
         srv.stop()
         assert not mounts.is_mounted(srv.mnt)
+
+
+def test_layer_paths_resolve_as_realpath_does(tmp_path):
+    """The mount server resolves lowerdir paths with the kernel (ctlclient.real_path):
+    the same answer as os.path.realpath for containers/storage's overlay/l/
+    links and for what realpath answers without a file there."""
+    from mergefs.union.ctlclient import real_path
+    (tmp_path / "store/layer1/diff/sub").mkdir(parents=True)
+    (tmp_path / "store/l").mkdir()
+    (tmp_path / "store/l/ABC").symlink_to("../layer1/diff")
+    (tmp_path / "store/l/chain").symlink_to("ABC/sub")
+    (tmp_path / "store/l/dangling").symlink_to("../nowhere")
+    (tmp_path / "store/l/loop").symlink_to("loop")
+    (tmp_path / "file").write_text("f")
+    (tmp_path / "odd\udcff name").mkdir()
+    for rel in ("store/l/ABC", "store/l/ABC/", "store/l/ABC/../ABC/sub", "store/l/chain",
+                "store/l/dangling", "store/l/loop", "store/l/missing/x", "file",
+                "odd\udcff name", "store/l/ABC/sub/../.."):
+        p = str(tmp_path / rel)
+        assert real_path(p) == os.path.realpath(p), rel
