@@ -39,7 +39,9 @@ service of TREE). ``--fuse-only`` adds ``mergefs-fuse``: this tree's
 mergefs with ``nokernel``, so that every mount is a FUSE server, also the
 read-only parent mounts of the naive diff that ``mergefs`` itself leaves to
 kernel overlayfs when their layers are plain (the FUSE serving path's own ratio).
-``--trace N`` then runs N more ``podman run --rm`` per program with the
+For ``mergefs-fork`` and ``mergefs-views`` (and their ``-before``) it prints the
+CPU of the service and its servers per container of the run samples (what
+does not move with the load as wall times do). ``--trace N`` then runs N more ``podman run --rm`` per program with the
 kernel's fuse tracepoints on (tracefs; mounted at /sys/kernel/tracing if it
 is not) and prints the FUSE requests of each run by opcode and how long they
 waited for their answers: evidence that does not move with the load.
@@ -69,6 +71,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import benchlib  # noqa: E402
 from mergefs.testing.podman import PodmanEnv, busybox_image  # noqa: E402
 from mergefs.testing.services import MountService, program  # noqa: E402
+
+from bench_mount import service_cost  # noqa: E402
 
 PROGRAMS = ("mergefs", "mergefs-fork", "mergefs-views", "fuse-overlayfs", "kernel")
 ANCHOR = "fuse-overlayfs"
@@ -261,12 +265,19 @@ def run(args) -> int:
             ctx = work / f"ctx-{name}"
             ctx.mkdir(exist_ok=True)
             (ctx / "Containerfile").write_text(CONTAINERFILE.format(image=images[name]))
+        cpu = {name: 0.0 for name in services}
         for run_no in range(args.runs):
+            before = {name: service_cost(s.proc.pid)[0] for name, s in services.items()}
             measure_runs([envs[n] for n in programs], images, table, args.run_reps)
+            for name, s in services.items():
+                cpu[name] += service_cost(s.proc.pid)[0] - before[name]
             for name in programs:
                 measure(envs[name], images[name], table, args.run_reps, work / f"ctx-{name}",
                         not args.no_build)
             print(f"run {run_no + 1} done (load average {os.getloadavg()[0]:.1f})", flush=True)
+        for name, sec in cpu.items():     # (servers reaped later are not in it: few)
+            print(f"{name}: CPU of the service and its servers per container of the run "
+                  f"samples: {1000 * sec / (2 * args.runs * args.run_reps):.1f} ms")
         for name in programs if args.trace else ():
             print_requests(name, *trace_requests(envs[name], images[name], args.trace),
                            args.trace)

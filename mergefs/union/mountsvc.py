@@ -13,8 +13,10 @@ time: ``server.start`` mounts and hands the mount to a server forked ahead
 that this process mounts; ``prefork.fork_waiting``), the same server as a
 standalone mount's (its own process, the C fast path, its log under
 /run/mergefs, gone when TARGET is unmounted), and the reply goes back once
-the mount is made. The spare takes the fork and the first calls of a
-server's start (``_warm``; then it waits in the trio loop it serves in) off
+the mount is made, before the spare is handed the mount (``_release``: the
+woken server's start no longer competes with the caller's exit for a CPU).
+The spare takes the fork and the first calls of a server's start
+(``_warm``; then it waits in the trio loop it serves in) off
 the request's path: the mount's first answer came p50 19.7 -> 12.8 ms (30
 interleaved mounts, load 1.3). After forking a spare this process rehearses
 a request (``_rehearse``), so that the pages it shares with the spare are
