@@ -33,12 +33,15 @@ builds, program after program):
 Ratios are medians of the same run against fuse-overlayfs. Nothing is asserted.
 ``--before TREE`` adds ``mergefs-before``: the mergefs of another source tree
 (e.g. ``git archive`` of an earlier commit), run by this venv's Python, in
-the same runs, interleaved (with ``mergefs-fork`` among the programs, also
-``mergefs-fork-before``: a mount server of TREE). ``--fuse-only`` adds ``mergefs-fuse``: this tree's
+the same runs, interleaved (with ``mergefs-fork`` or ``mergefs-views`` among the
+programs, instead ``mergefs-fork-before`` / ``mergefs-views-before``: that
+service of TREE). ``--fuse-only`` adds ``mergefs-fuse``: this tree's
 mergefs with ``nokernel``, so that every mount is a FUSE server, also the
 read-only parent mounts of the naive diff that ``mergefs`` itself leaves to
 kernel overlayfs when their layers are plain (the FUSE serving path's own ratio).
-``--trace N`` then runs N more ``podman run --rm`` per program with the
+For ``mergefs-fork`` and ``mergefs-views`` (and their ``-before``) it prints the
+CPU of the service and its servers per container of the run samples (what
+does not move with the load as wall times do). ``--trace N`` then runs N more ``podman run --rm`` per program with the
 kernel's fuse tracepoints on (tracefs; mounted at /sys/kernel/tracing if it
 is not) and prints the FUSE requests of each run by opcode and how long they
 waited for their answers: evidence that does not move with the load.
@@ -68,6 +71,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import benchlib  # noqa: E402
 from mergefs.testing.podman import PodmanEnv, busybox_image  # noqa: E402
 from mergefs.testing.services import MountService, program  # noqa: E402
+
+from bench_mount import service_cost  # noqa: E402
 
 PROGRAMS = ("mergefs", "mergefs-fork", "mergefs-views", "fuse-overlayfs", "kernel")
 ANCHOR = "fuse-overlayfs"
@@ -232,11 +237,12 @@ def run(args) -> int:
     if args.fuse_only and "mergefs" in programs:   # every mount on FUSE, next to mergefs
         programs.insert(programs.index("mergefs") + 1, "mergefs-fuse")
     if args.before:     # next to mergefs, so the two alternate as closely as the runs allow
-        if "mergefs" in programs or "mergefs-fork" not in programs:
+        if "mergefs" in programs or not {"mergefs-fork", "mergefs-views"} & set(programs):
             programs.insert(programs.index("mergefs") + 1 if "mergefs" in programs else 0,
                             "mergefs-before")
-        if "mergefs-fork" in programs:
-            programs.insert(programs.index("mergefs-fork") + 1, "mergefs-fork-before")
+        for served in ("mergefs-fork", "mergefs-views"):
+            if served in programs:
+                programs.insert(programs.index(served) + 1, f"{served}-before")
         benchlib.prepare_tree(args.before)
     try:
         for name in programs:
@@ -245,7 +251,8 @@ def run(args) -> int:
             if name == "mergefs-fuse":
                 path = fuse_only_script(work)
             mountopt = None
-            if name in ("mergefs-fork", "mergefs-views", "mergefs-fork-before"):
+            if name in ("mergefs-fork", "mergefs-views", "mergefs-fork-before",
+                        "mergefs-views-before"):
                 kind = name.split("-")[1]
                 services[name] = MountService(
                     kind, _fresh(work / f"service-{name.removeprefix('mergefs-')}"),
@@ -258,12 +265,19 @@ def run(args) -> int:
             ctx = work / f"ctx-{name}"
             ctx.mkdir(exist_ok=True)
             (ctx / "Containerfile").write_text(CONTAINERFILE.format(image=images[name]))
+        cpu = {name: 0.0 for name in services}
         for run_no in range(args.runs):
+            before = {name: service_cost(s.proc.pid)[0] for name, s in services.items()}
             measure_runs([envs[n] for n in programs], images, table, args.run_reps)
+            for name, s in services.items():
+                cpu[name] += service_cost(s.proc.pid)[0] - before[name]
             for name in programs:
                 measure(envs[name], images[name], table, args.run_reps, work / f"ctx-{name}",
                         not args.no_build)
             print(f"run {run_no + 1} done (load average {os.getloadavg()[0]:.1f})", flush=True)
+        for name, sec in cpu.items():     # (servers reaped later are not in it: few)
+            print(f"{name}: CPU of the service and its servers per container of the run "
+                  f"samples: {1000 * sec / (2 * args.runs * args.run_reps):.1f} ms")
         for name in programs if args.trace else ():
             print_requests(name, *trace_requests(envs[name], images[name], args.trace),
                            args.trace)

@@ -131,8 +131,28 @@ def mount_spec(req: dict, allow_other: bool = False):
         raise UsageError(str(exc)) from None
     cwd = req.get("cwd", "/")
     at = (lambda p: p and os.path.normpath(os.path.join(cwd, p)))
-    return MountSpec(tuple(os.path.realpath(at(p)) for p in spec.lowers), at(spec.upper),
+    return MountSpec(tuple(real_path(at(p)) for p in spec.lowers), at(spec.upper),
                      at(spec.work), allow_other or spec.allow_other,
                      tuple(req.get("options", ())),
                      bool(req.get("volatile")) and spec.upper is not None,
                      req.get("squash_uid"), req.get("squash_gid"))
+
+
+def real_path(path: str) -> str:
+    """``os.path.realpath`` of an existing path in three system calls (an O_PATH open,
+    the readlink of its /proc/self/fd link, the close: the kernel resolves the
+    symlinks) where realpath lstats every component (a containers/storage
+    lowerdir, ``.../overlay/l/ID`` to ``../LAYER/diff``: ~10 lstats, ~40 us of
+    the mount server per layer); realpath's own answer for anything else."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        return os.path.realpath(path)
+    try:
+        got = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        got = ""
+    finally:
+        os.close(fd)
+    return got if got.startswith("/") and not got.endswith(" (deleted)") else \
+        os.path.realpath(path)

@@ -45,29 +45,52 @@ class Prefork:
 
     def __init__(self, pid: int, fuse_fd: int, pipe: int, reply: int):
         self.pid, self.fuse_fd, self.pipe, self.reply = pid, fuse_fd, pipe, reply
+        self.later = False              # hold a hand-over of a mount made (``release``)
+        self.held: bytes | None = None
 
     def hand_over(self, spec, mountpoint: str, fmt: str, log_path: str,
                   mounted: bool = True) -> int:
         """Send the work and close this end. ``mounted``: the parent made the
         kernel mount on ``fuse_fd``; else the child mounts through libfuse and
-        answers on the reply pipe, which the caller took first (``take_reply``)."""
+        answers on the reply pipe, which the caller took first (``take_reply``).
+        With ``later`` set, the work of a mount made is held (and this end kept
+        open) until ``release``."""
         import pickle
         msg = pickle.dumps((spec, mountpoint, fmt, log_path, mounted))
+        if self.later and mounted:
+            self.held = msg
+            return self.pid
         try:
             os.write(self.pipe, msg)
         finally:
             self.close()
         return self.pid
 
+    def release(self) -> bool:
+        """Send a held hand-over (``later``) and close this end; False if the child
+        is gone (its mount then has no server: the caller unmounts it)."""
+        msg, self.held = self.held, None
+        try:
+            if msg is not None:
+                os.write(self.pipe, msg)
+            return True
+        except OSError:                 # EPIPE: it died after the mount was made
+            return False
+        finally:
+            self.close()
+
     def take_reply(self) -> int:
         fd, self.reply = self.reply, -1
         return fd
 
     def close(self) -> None:
-        for fd in (self.pipe, self.fuse_fd, self.reply):
+        """Close this end (a held hand-over's pipe stays open until ``release``)."""
+        for fd in (self.fuse_fd, self.reply) + ((self.pipe,) if self.held is None else ()):
             if fd >= 0:
                 os.close(fd)
-        self.pipe = self.fuse_fd = self.reply = -1
+        self.fuse_fd = self.reply = -1
+        if self.held is None:
+            self.pipe = -1
 
 
 _PENDING: Prefork | None = None

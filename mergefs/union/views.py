@@ -53,6 +53,7 @@ import os
 import stat
 import time
 import types
+from collections import OrderedDict
 
 import pyfuse3
 from pyfuse3 import FUSEError
@@ -61,6 +62,7 @@ from ..errors import AlreadyExists, FailedPrecondition, NotFound
 from .. import syscalls
 from ..layer import DIR, is_overlay_private
 from ..mountspec import MountSpec
+from .ctlclient import real_path
 from .errors import fuse_errors
 from .inodes import ROOT_INODE, Inode
 from .lowercache import LowerCache
@@ -97,6 +99,28 @@ OPS = types.SimpleNamespace(**{n: _plain(n) for n in (
     "create", "mkdir", "mknod", "symlink", "link", "unlink", "rmdir", "rename")})
 
 
+# lower stacks whose cache (merged listings, lstats) stays when their last view is
+# removed: containers started one after another (podman run --rm, a build's RUN
+# steps) each found it gone and listed and stat'ed the image again
+IDLE_STACKS = 4
+
+
+def stack_key(spec: MountSpec, fmt: str) -> tuple:
+    """What a ``LowerCache`` is kept by: each lower's real path and its root's
+    device, inode number and ctime (a layer removed and made again at the same
+    path -- an image pulled again -- is another stack: its inode numbers, which
+    the cache is keyed by, may name other files now), and the whiteout format."""
+    out = []
+    for p in spec.lowers:
+        real = real_path(p)
+        try:
+            st = os.stat(real)
+            out.append((real, st.st_dev, st.st_ino, st.st_ctime_ns))
+        except OSError:
+            out.append((real,))         # (the view then fails to open it, and says so)
+    return tuple(out), fmt
+
+
 class ViewFS(ViewNumbers, pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
@@ -115,6 +139,7 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
         self.root_mtime_ns = time.time_ns()
         self._root_listings: dict[int, list[str]] = {}
         self._caches: dict[tuple, LowerCache] = {}         # per lower stack
+        self._idle: OrderedDict[tuple, None] = OrderedDict()  # those no view uses, oldest first
 
     # -- the control API (trio thread) ---------------------------------------
     def add_view(self, name: str, spec: MountSpec, ident: str | None = None) -> str:
@@ -124,8 +149,9 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
             raise ValueError(f"invalid view name {name!r}")
         if name in self.views or name in self.retired:
             raise AlreadyExists(f"view {name!r} exists or existed in this mount")
-        key = (tuple(os.path.realpath(p) for p in spec.lowers), self.fmt)
+        key = stack_key(spec, self.fmt)
         cache = self._caches.setdefault(key, LowerCache())
+        self._idle.pop(key, None)
         view = View(self._next_vid, name, spec, self.fmt, cache, ident)
         view.root_gid = self._gid(view, ROOT_INODE)
         if view.writable:
@@ -188,8 +214,11 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
         self.by_vid.pop(view.vid, None)
         view.close()
         view.cache.users -= 1
-        if view.cache.users == 0:
-            self._caches = {k: c for k, c in self._caches.items() if c is not view.cache}
+        if view.cache.users == 0:           # kept for the stack's next view (IDLE_STACKS)
+            for key in [k for k, c in self._caches.items() if c is view.cache]:
+                self._idle[key] = None
+            while len(self._idle) > IDLE_STACKS:
+                self._caches.pop(self._idle.popitem(last=False)[0], None)
 
     def close(self) -> None:
         if self.fast is not None:

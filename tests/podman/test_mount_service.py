@@ -299,6 +299,97 @@ def test_a_mount_from_another_mount_namespace_is_refused(service, layers, tmp_pa
         assert views(service) == []
 
 
+@pytest.fixture
+def views_service(tmp_path):
+    yield from started("views", tmp_path)
+
+
+def test_containers_one_after_another_see_a_layer_made_again(views_service, tmp_path, lean):
+    """Containers of one image in turn (podman run --rm: mount, read, fusermount3 -u)
+    through the views service, whose stack cache outlives each view
+    (views.IDLE_STACKS); the image's layer then removed and extracted again at
+    the same path with other content (an image pulled again): the next
+    container shows the new layer, as a mount of its own does."""
+    srv = views_service
+    layer = tmp_path / "layer"
+
+    def extract(body: str, extra: str | None) -> None:
+        shutil.rmtree(layer, ignore_errors=True)
+        (layer / "etc/sub").mkdir(parents=True)
+        (layer / "etc/motd").write_text(body)
+        (layer / "etc/sub/f").write_text(body * 2)
+        if extra:
+            (layer / "etc" / extra).write_text(extra)
+
+    def container(name: str) -> dict:
+        t = target(srv, tmp_path, name)
+        r = mergefs("-o", writable_opts(tmp_path, [layer], name) + f",service={srv.control}",
+                    t, program=lean)
+        assert (r.returncode, r.stderr) == (0, "")
+        try:
+            return tree(t)
+        finally:
+            subprocess.run(["fusermount3", "-u", str(t)], check=True)
+            deadline = time.monotonic() + 10
+            while views(srv) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert views(srv) == []
+
+    extract("one\n", None)
+    first = container("c1")
+    assert first["etc/motd"][3] == b"one\n" and container("c2") == first
+    extract("second version\n", "new")
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    assert mergefs("-o", f"lowerdir={layer},nokernel", alone).returncode == 0
+    try:
+        expected = tree(alone)
+    finally:
+        mergefs("umount", alone)
+    got = container("c3")
+    assert got == expected and got["etc/new"][3] == b"new" and got != first
+    assert srv.errors() == []
+
+
+def test_a_stacks_cache_outlives_its_last_view(tmp_path):
+    """The merged listings and lstats of a lower stack stay for its next view when its
+    last one goes (a sequence of containers of one image), up to IDLE_STACKS
+    stacks, oldest dropped first; a layer made again at its path is another stack."""
+    from mergefs.mountspec import MountSpec
+    from mergefs.union import views as views_mod
+    fs = views_mod.ViewFS(str(tmp_path / "mnt"))
+    layers = []
+    for i in range(views_mod.IDLE_STACKS + 2):
+        (tmp_path / f"l{i}/etc").mkdir(parents=True)
+        layers.append(str(tmp_path / f"l{i}"))
+
+    def view(name: str, lower: str):
+        fs.add_view(name, MountSpec((lower,)))
+        return fs.views[name]
+
+    def close(name: str) -> None:
+        fs._close_view(fs.views.pop(name))
+    try:
+        a = view("a", layers[0])
+        a.uv.listing(a.uv.inodes.live(1))
+        cache = a.cache
+        close("a")
+        assert view("b", layers[0]).cache is cache          # kept for the next view
+        close("b")
+        for i in range(1, views_mod.IDLE_STACKS + 1):       # other stacks come and go
+            view(f"o{i}", layers[i])
+            close(f"o{i}")
+        assert view("c", layers[0]).cache is not cache      # the oldest idle one went
+        close("c")
+        cache = view("d", layers[0]).cache
+        close("d")
+        shutil.rmtree(layers[0])
+        (tmp_path / "l0/etc").mkdir(parents=True)
+        assert view("e", layers[0]).cache is not cache      # made again: another stack
+    finally:
+        fs.close()
+
+
 # -- the mount server's spare: the server of the next mount, forked ahead ----------
 def listing(service) -> dict:
     from mergefs.union.ctlclient import control_call
@@ -520,6 +611,59 @@ def test_a_killed_spare_is_replaced_before_it_is_handed_a_mount(fork_service, la
     assert server != spare
     subprocess.run(["umount", str(t)], check=True)
     assert srv.wait_empty() == []
+
+
+def test_a_held_hand_over_goes_out_at_its_release():
+    """The mount server holds the hand-over of a mount it made until the caller has
+    its reply (``Prefork.later``): nothing reaches the server's pipe before
+    ``release``, ``close`` (server.start's) keeps the pipe open meanwhile, and
+    the release writes the work and closes it; a server gone by then is
+    reported (False: the service unmounts what nobody will serve)."""
+    import pickle
+
+    from mergefs.union.prefork import Prefork
+    for reader_alive in (True, False):
+        r, w = os.pipe()
+        pre = Prefork(12345, -1, w, -1)
+        pre.later = True
+        assert pre.hand_over("spec", "/mnt", "auto", "/log") == 12345
+        pre.close()
+        os.set_blocking(r, False)
+        with pytest.raises(BlockingIOError):
+            os.read(r, 1)                               # held: nothing sent yet
+        if not reader_alive:
+            os.close(r)
+        assert pre.release() is reader_alive
+        assert pre.pipe == -1
+        if reader_alive:
+            assert pickle.loads(os.read(r, 65536)) == ("spec", "/mnt", "auto", "/log", True)
+            assert os.read(r, 1) == b""                 # and closed
+            os.close(r)
+
+
+def test_a_mount_is_made_before_its_server_has_it(fork_service, layers, tmp_path, lean):
+    """The mount command does not wait for its server (the reply goes out before
+    the hand-over): with the spare stopped it returns, the mount made; the
+    first request waits until the server runs, then is answered; unmounted
+    the way containers/storage does (fusermount3 -u), no server is left but
+    the spare it became."""
+    srv = fork_service
+    spare = wait_spare(srv)
+    time.sleep(0.5)                                 # its warm-up is over
+    os.kill(spare, signal.SIGSTOP)
+    t = target(srv, tmp_path, "held")
+    try:
+        r = mergefs("-o", writable_opts(tmp_path, layers, "h") + f",service={srv.control}", t,
+                    program=lean)
+        assert (r.returncode, r.stderr) == (0, "")
+        assert mounts.is_mounted(t)
+    finally:
+        os.kill(spare, signal.SIGCONT)
+    assert (t / "etc/motd").read_text() == "top\n"
+    assert listing(srv)["servers"] == [spare]
+    subprocess.run(["fusermount3", "-u", str(t)], check=True)
+    assert srv.wait_empty() == [] and wait_spares(srv, {spare}) == {spare}
+    assert srv.errors() == []
 
 
 def test_a_server_whose_mount_ended_serves_the_next_mount(fork_service, layers, tmp_path,
@@ -792,3 +936,23 @@ def test_an_auto_view_stays_while_a_mount_inside_it_stays(tmp_path, layers, lean
                 mounts.force_unmount(m)
         srv.stop()
         assert not mounts.is_mounted(srv.mnt)
+
+
+def test_layer_paths_resolve_as_realpath_does(tmp_path):
+    """The mount server resolves lowerdir paths with the kernel (ctlclient.real_path):
+    the same answer as os.path.realpath for containers/storage's overlay/l/
+    links and for what realpath answers without a file there."""
+    from mergefs.union.ctlclient import real_path
+    (tmp_path / "store/layer1/diff/sub").mkdir(parents=True)
+    (tmp_path / "store/l").mkdir()
+    (tmp_path / "store/l/ABC").symlink_to("../layer1/diff")
+    (tmp_path / "store/l/chain").symlink_to("ABC/sub")
+    (tmp_path / "store/l/dangling").symlink_to("../nowhere")
+    (tmp_path / "store/l/loop").symlink_to("loop")
+    (tmp_path / "file").write_text("f")
+    (tmp_path / "odd\udcff name").mkdir()
+    for rel in ("store/l/ABC", "store/l/ABC/", "store/l/ABC/../ABC/sub", "store/l/chain",
+                "store/l/dangling", "store/l/loop", "store/l/missing/x", "file",
+                "odd\udcff name", "store/l/ABC/sub/../.."):
+        p = str(tmp_path / rel)
+        assert real_path(p) == os.path.realpath(p), rel
