@@ -1276,6 +1276,7 @@ static struct fuse_buf drain_buf;
 #define SPIN_START_NS 10000L
 static long spin_max_ns = 0, spin_ns = 0;
 static unsigned long long spin_waits, spin_hits, spin_sleeps, spin_contended;
+static unsigned long long spin_missed_ns;    /* spun in waits that then slept */
 
 static long ns_since(const struct timespec *t0)
 {
@@ -1318,6 +1319,7 @@ static int spin_poll(struct pollfd *p, nfds_t n, int timeout)
         spun = now;
     }
     spin_sleeps++;
+    spin_missed_ns += spun;
     ready = poll(p, n, timeout);
     if (ready > 0 && ns_since(&t0) <= spin_max_ns)
         spin_ns = spin_ns ? (spin_ns * 2 < spin_max_ns ? spin_ns * 2 : spin_max_ns)
@@ -1342,12 +1344,13 @@ static PyObject *py_spin_stats(PyObject *self, PyObject *args)
     int reset = 0;
     if (!PyArg_ParseTuple(args, "|p", &reset))
         return NULL;
-    PyObject *d = Py_BuildValue("{s:K,s:K,s:K,s:K,s:l,s:l}", "waits", spin_waits,
+    PyObject *d = Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:l,s:l}", "waits", spin_waits,
                                 "hits", spin_hits, "sleeps", spin_sleeps,
-                                "contended", spin_contended, "window_us", spin_ns / 1000,
-                                "max_us", spin_max_ns / 1000);
+                                "contended", spin_contended,
+                                "missed_us", spin_missed_ns / 1000,
+                                "window_us", spin_ns / 1000, "max_us", spin_max_ns / 1000);
     if (d && reset)
-        spin_waits = spin_hits = spin_sleeps = spin_contended = 0;
+        spin_waits = spin_hits = spin_sleeps = spin_contended = spin_missed_ns = 0;
     return d;
 }
 
