@@ -175,6 +175,11 @@ class UnionOperations(pyfuse3.Operations):
                     # GETXATTR and a lower file's first WRITE (its copy-up) without a coroutine
                     self.fds.fast.set_copyup(direct_handler(self, "getxattr"), direct(
                         "write", self.fds.write_for_c) if self.view.writable else None)
+                    # ... and the GETXATTRs of files C holds no fd for, read in C through
+                    # the entry's directory (a lower file's before its first write)
+                    if self.view.writable:
+                        self.fds.fast.set_xattr_at(self.inodes._live, self.inodes.lazy,
+                                                   self.view.entry_dir)
                     # READDIRPLUS replies filled in C (v8 builds; _readdir_direct)
                     self.fds.fast.set_readdir(direct("readdir", self._readdir_direct),
                                               self._unlisted, self.timeouts.entry)
