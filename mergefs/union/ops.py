@@ -191,8 +191,8 @@ class UnionOperations(pyfuse3.Operations):
         _invalidate_attrs(number)
         if self.fds.fast is not None:
             inode = self.inodes.live(number)
-            if inode is not None and inode.is_dir:
-                self.fds.serve_dir(inode)
+            if inode is not None:
+                self.fds.serve_dir(inode)       # (nothing for a file)
 
     def _open_for_c(self, number: int) -> None:
         """The C fast path found no fd for a READ: open the file's content fd (the
