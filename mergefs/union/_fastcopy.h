@@ -74,7 +74,7 @@ static int open_beneath(int root, const char *path, int flags)
 }
 
 struct copy_job {
-    int src_dir, work, dst_dir, with_data, xattrs, ranged, has_number;
+    int src_dir, work, dst_dir, with_data, xattrs, ranged, has_number, sync;
     const char *name, *leaf, *ino_xattr;
     unsigned not_exact;
     long long owner_uid, owner_gid;     /* -1: what the work dir gives is not known */
@@ -247,6 +247,8 @@ static int copy_up(struct copy_job *j, PyObject *no_range)
     struct timespec times[2] = {j->st.st_atim, j->st.st_mtim};
     if (futimens(j->fd, times) < 0)
         FAIL("utime");
+    if (j->sync && fsync(j->fd) < 0)   /* on disk before a name shows it (Upper.sync_copies) */
+        FAIL("fsync");
     close(sfd);
     sfd = -1;
     struct stat parent;
@@ -309,18 +311,19 @@ static PyObject *job_error(struct copy_job *j)
 }
 
 /* copy_up_file(src_dir, name, work, dst_dir, leaf, with_data, xattrs, not_exact,
- *              owner, ino_xattr, number, no_range)
+ *              owner, ino_xattr, number, no_range[, sync])
  *   -> (fd, the copy's st_ino, the lower file's st_nlink, linked), or (None, why):
  * Python's path ("no O_TMPFILE", "xattr refused"). ``owner``: (uid, gid) what the
  * work dir gives a new file, or None; ``number``: the inode number to record, or
- * None; ``no_range``: a set of source st_dev values, added to here. */
+ * None; ``no_range``: a set of source st_dev values, added to here; ``sync``: fsync
+ * the copy before it is linked in. */
 static PyObject *py_copy_up_file(PyObject *self, PyObject *args)
 {
     struct copy_job j = {0};
     PyObject *owner, *number, *no_range;
-    if (!PyArg_ParseTuple(args, "iyiiyppIOsOO!", &j.src_dir, &j.name, &j.work, &j.dst_dir,
+    if (!PyArg_ParseTuple(args, "iyiiyppIOsOO!|p", &j.src_dir, &j.name, &j.work, &j.dst_dir,
                           &j.leaf, &j.with_data, &j.xattrs, &j.not_exact, &owner, &j.ino_xattr,
-                          &number, &PySet_Type, &no_range))
+                          &number, &PySet_Type, &no_range, &j.sync))
         return NULL;
     if (strchr(j.name, '/') || !strcmp(j.name, ".") || !strcmp(j.name, "..") || !*j.name ||
         strchr(j.leaf, '/') || !*j.leaf) {

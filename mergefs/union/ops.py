@@ -136,6 +136,9 @@ class UnionOperations(pyfuse3.Operations):
                  volatile: bool = False, squash: tuple = (None, None)):
         super().__init__()
         self.volatile = volatile         # fsync is a no-op (overlay's "volatile")
+        if view.writable:   # copy-ups fsynced (kernel overlayfs's default; fuse-overlayfs's not)
+            view.upper.sync_copies = not volatile and \
+                os.environ.get("MERGEFS_COPYUP_FSYNC") == "1"
         self.squash = squash
         self.view = view
         self.inodes = view.inodes
