@@ -257,17 +257,13 @@ class InodeTable:
         self._next += 1
         return number
 
-    def alias(self, inode: Inode, node: Node) -> bool:
-        """``inode`` is now served by ``node`` (after copy-up): same number, new key.
-        Returns ``recorded(node)``: must its upper entry record the number?"""
+    def alias(self, inode: Inode, node: Node) -> None:
+        """``inode`` is now served by ``node`` (after copy-up): same number, new key."""
         key = node_key(node)
-        number = inode.number
-        self._numbers[key] = number
-        own = xino(*key)
-        if number != own:
-            self._claims[number] = key
+        self._numbers[key] = inode.number
+        if inode.number != xino(*key):
+            self._claims[inode.number] = key
         inode.node = node
-        return number != own and number < FALLBACK_BASE
 
     def recorded(self, node: Node) -> bool:
         """Must the upper entry of ``node`` record its number (not its own xino)?"""

@@ -162,12 +162,8 @@ class WritableView(UnionView):
             raise NotFound(name)
         return node
 
-    def _set_child(self, parent: Inode, name: bytes, node: Node | None,
-                   recorded: bool | None = None) -> None:
-        """``name`` in ``parent`` is ``node`` now (None: gone). ``recorded``: what
-        ``inodes.recorded(node)`` says, when the caller knows it already."""
-        if node is not None and node.layers[0] == self.up and (
-                self.inodes.recorded(node) if recorded is None else recorded):
+    def _set_child(self, parent: Inode, name: bytes, node: Node | None) -> None:
+        if node is not None and node.layers[0] == self.up and self.inodes.recorded(node):
             self.upper.mark_numbered(parent.path)     # U8: look for recorded numbers here
         if parent.children is not None:
             if node is None:
@@ -273,12 +269,12 @@ class WritableView(UnionView):
         else:
             new_node = Node(kind, (up,), (new_ino,))
             inodes.unmap(node)
-        recorded = inodes.alias(inode, new_node)
+        inodes.alias(inode, new_node)
         if kind == DIR and inode.sources is not None:
             inode.sources = (up,) + inode.sources
         inode.attr = new
         parent = inode.parent
-        self._set_child(parent, inode.name, new_node, recorded)
+        self._set_child(parent, inode.name, new_node)
         if not parent_copied:
             self.attrs_changed(parent.number)           # its ctime: the copy was linked into it
         if not for_write:
