@@ -74,7 +74,7 @@ static int open_beneath(int root, const char *path, int flags)
 }
 
 struct copy_job {
-    int src_dir, work, dst_dir, with_data, xattrs, ranged, has_number;
+    int src_dir, work, dst_dir, with_data, xattrs, ranged, has_number, sync;
     const char *name, *leaf, *ino_xattr;
     unsigned not_exact;
     long long owner_uid, owner_gid;     /* -1: what the work dir gives is not known */
@@ -247,6 +247,8 @@ static int copy_up(struct copy_job *j, PyObject *no_range)
     struct timespec times[2] = {j->st.st_atim, j->st.st_mtim};
     if (futimens(j->fd, times) < 0)
         FAIL("utime");
+    if (j->sync && fsync(j->fd) < 0)   /* on disk before a name shows it (Upper.sync_copies) */
+        FAIL("fsync");
     close(sfd);
     sfd = -1;
     struct stat parent;
@@ -309,18 +311,19 @@ static PyObject *job_error(struct copy_job *j)
 }
 
 /* copy_up_file(src_dir, name, work, dst_dir, leaf, with_data, xattrs, not_exact,
- *              owner, ino_xattr, number, no_range)
+ *              owner, ino_xattr, number, no_range[, sync])
  *   -> (fd, the copy's st_ino, the lower file's st_nlink, linked), or (None, why):
  * Python's path ("no O_TMPFILE", "xattr refused"). ``owner``: (uid, gid) what the
  * work dir gives a new file, or None; ``number``: the inode number to record, or
- * None; ``no_range``: a set of source st_dev values, added to here. */
+ * None; ``no_range``: a set of source st_dev values, added to here; ``sync``: fsync
+ * the copy before it is linked in. */
 static PyObject *py_copy_up_file(PyObject *self, PyObject *args)
 {
     struct copy_job j = {0};
     PyObject *owner, *number, *no_range;
-    if (!PyArg_ParseTuple(args, "iyiiyppIOsOO!", &j.src_dir, &j.name, &j.work, &j.dst_dir,
+    if (!PyArg_ParseTuple(args, "iyiiyppIOsOO!|p", &j.src_dir, &j.name, &j.work, &j.dst_dir,
                           &j.leaf, &j.with_data, &j.xattrs, &j.not_exact, &owner, &j.ino_xattr,
-                          &number, &PySet_Type, &no_range))
+                          &number, &PySet_Type, &no_range, &j.sync))
         return NULL;
     if (strchr(j.name, '/') || !strcmp(j.name, ".") || !strcmp(j.name, "..") || !*j.name ||
         strchr(j.leaf, '/') || !*j.leaf) {
@@ -445,4 +448,128 @@ static PyObject *py_copy_up_dir(PyObject *self, PyObject *args)
     if (r > 0)
         return Py_BuildValue("(Os)", Py_None, "xattr refused");
     return Py_BuildValue("(KO)", (unsigned long long)j.copy.st_ino, placed ? Py_True : Py_False);
+}
+
+/* -- GETXATTR of a file the table has no fd for -----------------------------------
+ * The kernel asks for ``security.capability`` before the first write to a file
+ * and before a chown: for a lower file that is the request just before its
+ * copy-up, and the table holds no fd for it yet. ``getxattr_at`` answers it
+ * as ops.getxattr would (view.getxattr: the value of the name on the entry in
+ * its top layer, read through its directory; none, ENODATA, where the
+ * filesystem has no xattrs), for a non-directory the inode table holds live
+ * (not unlinked) or lazily (inodes.py, "lazy entry": no Inode is made for it):
+ * its parent, name and node from there, the fd of the directory that holds
+ * the entry from ``entry_dir(parent, node)`` (WritableView.entry_dir: an fd its
+ * caches keep, never closed here; -1: none), then one lgetxattr through
+ * /proc/self/fd. Anything else (a directory, the root, a file unlinked while
+ * held open, an error other than ENODATA, ENOTSUP or ERANGE) returns 0: the
+ * caller hands it to Python's handler. The overlay format's own names never
+ * come here (h_getxattr answers them first). set_xattr_at. */
+static PyObject *xattr_live, *xattr_lazy, *entry_dir_fn, *s_parent_, *s_name_;
+
+/* parent, name and node (new references) of inode ``ino``: 0, or -1 (none: not
+ * known, a directory, unlinked ...; no exception left set) */
+static int entry_of(fuse_ino_t ino, PyObject **parent, PyObject **leaf, PyObject **node)
+{
+    *parent = *leaf = *node = NULL;
+    PyObject *number = PyLong_FromUnsignedLongLong(ino);
+    PyObject *inode = number ? PyDict_GetItemWithError(xattr_live, number) : NULL;
+    if (inode) {
+        Py_INCREF(inode);
+        PyObject *unlinked = PyObject_GetAttr(inode, s_unlinked);
+        if (unlinked == Py_False) {
+            *node = PyObject_GetAttr(inode, s_node);
+            *parent = *node ? PyObject_GetAttr(inode, s_parent_) : NULL;
+            *leaf = *parent ? PyObject_GetAttr(inode, s_name_) : NULL;
+        }
+        Py_XDECREF(unlinked);
+        Py_DECREF(inode);
+    } else if (number && !PyErr_Occurred()) {
+        PyObject *record = PyDict_GetItemWithError(xattr_lazy, number);
+        if (record && PyList_CheckExact(record) && PyList_GET_SIZE(record) == 4) {
+            *parent = Py_NewRef(PyList_GET_ITEM(record, 1));
+            *leaf = Py_NewRef(PyList_GET_ITEM(record, 2));
+            *node = Py_NewRef(PyList_GET_ITEM(record, 3));
+        }
+    }
+    Py_XDECREF(number);
+    int ok = *leaf && PyBytes_Check(*leaf) && *parent != Py_None && PyTuple_Check(*node) &&
+             PyTuple_GET_SIZE(*node) >= 3 &&
+             PyLong_AsLong(PyTuple_GET_ITEM(*node, 0)) != S_IFDIR && !PyErr_Occurred();
+    PyErr_Clear();
+    if (!ok) {
+        Py_CLEAR(*parent);
+        Py_CLEAR(*leaf);
+        Py_CLEAR(*node);
+        return -1;
+    }
+    return 0;
+}
+
+static int getxattr_at(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
+{
+    PyObject *parent, *leaf, *node;
+    if (!entry_dir_fn || entry_of(ino, &parent, &leaf, &node) < 0)
+        return 0;
+    PyObject *args[2] = {parent, node};
+    PyObject *r = PyObject_Vectorcall(entry_dir_fn, args, 2, NULL);
+    long fd = r && PyLong_CheckExact(r) ? PyLong_AsLong(r) : -1;
+    Py_XDECREF(r);
+    PyErr_Clear();
+    char path[PATH_MAX];
+    int answered = 0;
+    if (fd >= 0 && (size_t)snprintf(path, sizeof(path), "/proc/self/fd/%ld/%s", fd,
+                                    PyBytes_AS_STRING(leaf)) < sizeof(path) &&
+        reserve(size > XATTR_SIZE_MAX ? XATTR_SIZE_MAX : size) == 0) {
+        if (size > XATTR_SIZE_MAX)
+            size = XATTR_SIZE_MAX;          /* no value is longer */
+        ssize_t n = lgetxattr(path, name, size ? buffer : NULL, size);
+        int err = n < 0 ? errno : 0;
+        if (err == ENOTSUP || err == EOPNOTSUPP)
+            err = ENODATA;                  /* syscalls.getxattr: no such value */
+        if (n >= 0 || err == ENODATA || err == ERANGE) {
+            answered = 1;
+            served[OP_GETXATTR]++;
+            if (n < 0)
+                fuse_reply_err(req, err);
+            else if (size == 0)
+                fuse_reply_xattr(req, (size_t)n);
+            else
+                fuse_reply_buf(req, buffer, (size_t)n);
+        }
+    }
+    Py_DECREF(parent);
+    Py_DECREF(leaf);
+    Py_DECREF(node);
+    return answered;
+}
+
+static void clear_xattr_at(void)
+{
+    Py_CLEAR(xattr_live);
+    Py_CLEAR(xattr_lazy);
+    Py_CLEAR(entry_dir_fn);
+}
+
+/* set_xattr_at(live, lazy, entry_dir) -> bool: the inode table's live and lazy
+ * entries (dicts by number) and WritableView.entry_dir, for ``getxattr_at``;
+ * entry_dir None: none answered there (the caller's Python handler answers). */
+static PyObject *py_set_xattr_at(PyObject *self, PyObject *args)
+{
+    PyObject *live, *lazy, *fn;
+    if (!PyArg_ParseTuple(args, "O!O!O", &PyDict_Type, &live, &PyDict_Type, &lazy, &fn))
+        return NULL;
+    if (!s_parent_ && !(s_parent_ = PyUnicode_InternFromString("_parent")))
+        return NULL;
+    if (!s_name_ && !(s_name_ = PyUnicode_InternFromString("_name")))
+        return NULL;
+    if (!hooks)
+        Py_RETURN_FALSE;
+    clear_xattr_at();
+    if (fn != Py_None) {
+        xattr_live = Py_NewRef(live);
+        xattr_lazy = Py_NewRef(lazy);
+        entry_dir_fn = Py_NewRef(fn);
+    }
+    Py_RETURN_TRUE;
 }

@@ -1175,6 +1175,8 @@ static int overlay_private(const char *name)
     return !strncmp(name, "trusted.overlay.", 16) || !strncmp(name, "user.overlay.", 13);
 }
 
+static int getxattr_at(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size);
+
 static int h_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
 {
     if (overlay_private(name)) {        /* as kernel overlayfs answers its own prefix */
@@ -1183,8 +1185,8 @@ static int h_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t s
         return 1;
     }
     entry_t *e = usable(ino, NULL);
-    if (!e)
-        return getxattr_direct(req, ino, name, size);
+    if (!e)     /* no fd here: in C where the entry is known (_fastcopy.h), else Python */
+        return getxattr_at(req, ino, name, size) || getxattr_direct(req, ino, name, size);
     if (size > XATTR_SIZE_MAX)
         size = XATTR_SIZE_MAX;          /* no value is longer */
     if (reserve(size) < 0)
@@ -1889,6 +1891,7 @@ static PyObject *py_disable(PyObject *self, PyObject *unused)
     Py_CLEAR(fastopen_fds);
     Py_CLEAR(fastopen_dir_fn);
     fastopen_forget_dirs();
+    clear_xattr_at();
     clear_direct();
     if (hooks)
         install(0);
@@ -1991,6 +1994,9 @@ static PyMethodDef methods[] = {
     {"set_copyup", py_set_copyup, METH_VARARGS,
      "set_copyup(getxattr, write_miss) -> bool: GETXATTR and first WRITEs of files with "
      "no entry, without pyfuse3's coroutine"},
+    {"set_xattr_at", py_set_xattr_at, METH_VARARGS,
+     "set_xattr_at(live, lazy, entry_dir) -> bool: GETXATTR of files the table has no fd "
+     "for read in C, through the directory fd entry_dir(parent, node) gives"},
     {"layer_entries", py_layer_entries, METH_VARARGS,
      "layer_entries(dir_fd, Entry, oci, overlay) -> ({name: Entry(kind, ino)}, whiteouts, "
      "oci_opaque): one layer directory read with getdents64 on dir_fd (moves its offset)"},

@@ -138,7 +138,7 @@ class FdCache:
         """Hand a regular file's cache entry to the C fast path."""
         if self.fast is not None and inode.kind == REG:
             view = self.view
-            upper = view.writable and got[1].top == view.up
+            upper = view.writable and got[1].layers[0] == view.up
             flags = (self.fast.WRITE if got[2] else 0) | (self.fast.UPPER if upper else 0)
             self.fast.set(inode.number, got[0], flags, inode, got[1])
 
@@ -185,16 +185,17 @@ class FdCache:
         equal tuple and it is not removed; any change of those (a copy-up, a
         rename, an opaque or redirected directory, a listing read again that
         found other layers) makes Python answer (and call this again)."""
-        view = self.view
         sources = inode.sources
+        got = self.dirs.get(inode.number)
+        if got is not None and got[1] is inode.node and got[2] == sources and \
+                not inode.unlinked:
+            return                  # C serves it (or it changed in a way C sees)
+        view = self.view
         if self.fast is None or inode.kind != DIR or not view.writable or \
                 inode.parent is None or inode.unlinked or not sources or \
                 sources[0] != view.up or inode.node.top != view.up:
             return
-        got = self.dirs.get(inode.number)
-        if got is not None:
-            if got[1] is inode.node and got[2] == sources:
-                return              # C serves it (or it changed in a way C sees)
+        if got is not None:         # another node or other sources now
             self._close(inode.number, self.dirs.pop(inode.number)[0])
         pfd, name = view._upper_entry(inode)
         try:

@@ -136,6 +136,9 @@ class UnionOperations(pyfuse3.Operations):
                  volatile: bool = False, squash: tuple = (None, None)):
         super().__init__()
         self.volatile = volatile         # fsync is a no-op (overlay's "volatile")
+        if view.writable:   # copy-ups fsynced (kernel overlayfs's default; fuse-overlayfs's not)
+            view.upper.sync_copies = not volatile and \
+                os.environ.get("MERGEFS_COPYUP_FSYNC") == "1"
         self.squash = squash
         self.view = view
         self.inodes = view.inodes
@@ -175,6 +178,11 @@ class UnionOperations(pyfuse3.Operations):
                     # GETXATTR and a lower file's first WRITE (its copy-up) without a coroutine
                     self.fds.fast.set_copyup(direct_handler(self, "getxattr"), direct(
                         "write", self.fds.write_for_c) if self.view.writable else None)
+                    # ... and the GETXATTRs of files C holds no fd for, read in C through
+                    # the entry's directory (a lower file's before its first write)
+                    if self.view.writable:
+                        self.fds.fast.set_xattr_at(self.inodes._live, self.inodes.lazy,
+                                                   self.view.entry_dir)
                     # READDIRPLUS replies filled in C (v8 builds; _readdir_direct)
                     self.fds.fast.set_readdir(direct("readdir", self._readdir_direct),
                                               self._unlisted, self.timeouts.entry)
@@ -192,8 +200,8 @@ class UnionOperations(pyfuse3.Operations):
         _invalidate_attrs(number)
         if self.fds.fast is not None:
             inode = self.inodes.live(number)
-            if inode is not None and inode.is_dir:
-                self.fds.serve_dir(inode)
+            if inode is not None:
+                self.fds.serve_dir(inode)       # (nothing for a file)
 
     def _open_for_c(self, number: int) -> None:
         """The C fast path found no fd for a READ and could not open the file itself

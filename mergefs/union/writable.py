@@ -90,6 +90,22 @@ class WritableView(UnionView):
             os.close(self._lower_dirs.popitem(last=False)[1])
         return fd
 
+    def entry_dir(self, parent: Inode, node: Node) -> int:
+        """The fd of the directory holding the entry of the non-directory ``node``
+        named in ``parent``, in its top layer (the one ``_parent_fd`` gives): kept
+        by the fd caches (``Upper.borrow_dir``, ``lower_dir``), never to be
+        closed; -1 where it cannot be opened (the caller's handler then meets the
+        error itself). The C fast path reads a GETXATTR's value through it
+        (``_fastpath.set_xattr_at``) without making the file's Inode; the copy-up
+        that follows reads the lower file through the same kept fd."""
+        top = node[1][0]
+        try:
+            if top == self.up:
+                return self.upper.borrow_dir(parent.path)
+            return self.lower_dir(top, self.layer_path(parent, top))
+        except OSError:
+            return -1
+
     def _open_layer_dir(self, layer: int, path: bytes) -> tuple[int, bool]:
         """``read_name``'s directories from the fd caches, left open: the upper's
         (``Upper.borrow_dir``) and the lowers' (``lower_dir``)."""
@@ -147,7 +163,7 @@ class WritableView(UnionView):
         return node
 
     def _set_child(self, parent: Inode, name: bytes, node: Node | None) -> None:
-        if node is not None and node.top == self.up and self.inodes.recorded(node):
+        if node is not None and node.layers[0] == self.up and self.inodes.recorded(node):
             self.upper.mark_numbered(parent.path)     # U8: look for recorded numbers here
         if parent.children is not None:
             if node is None:
