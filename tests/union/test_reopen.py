@@ -21,6 +21,7 @@ from mergefs.testing import mounts
 from mergefs.testing.builders import LayerSpec, materialise_stack
 
 from ..conftest import needs, needs_overlay
+from .test_views_fast import assert_c_served, counts, fast  # noqa: F401 (fixture)
 from .viewsrv import serving
 
 pytestmark = [needs("fuse"), pytest.mark.timeout(120)]
@@ -42,17 +43,20 @@ def _dirs(tmp_path: Path, name: str) -> tuple[Path, Path]:
     return up, wk
 
 
-def _sequence(path: Path, read_first: bool) -> tuple[bytes, bytes, bytes]:
+def _sequence(path: Path, read_first: bool, mark=lambda: None) -> tuple[bytes, bytes, bytes]:
     """A opens ``path`` read-only (and reads a little: ``read_first``), B appends,
-    then what A reads from 0, what A reads again, and what a new open reads."""
+    then what A reads from 0, what A reads again, and what a new open reads.
+    ``mark()`` is called after the append and after A's reads."""
     a = os.open(path, os.O_RDONLY)
     try:
         if read_first:
             assert os.pread(a, 10, 0) == OLD[:10]
         with open(path, "ab") as b:          # B: the copy-up, then the append
             b.write(NEW)
+        mark()
         seen = [os.pread(a, 1 << 20, 0)]
         seen.append(os.pread(a, 1 << 20, 0))
+        mark()
     finally:
         os.close(a)
     seen.append(path.read_bytes())
@@ -81,10 +85,12 @@ def test_U4_a_reader_open_before_the_copy_up_reads_the_copy(tmp_path, union_moun
 
 @needs_overlay
 @pytest.mark.parametrize("read_first", [False, True], ids=["unread", "read"])
-def test_U4_a_reader_open_before_the_copy_up_in_a_view_reads_the_copy(tmp_path, read_first):
+def test_U4_a_reader_open_before_the_copy_up_in_a_view_reads_the_copy(tmp_path, read_first,
+                                                                      fast):
     """The views service, a file private to the writable view (a write in another
     writable view made its key private): A's handle is the view's real open,
-    served by C (``_serve_handle``) until the copy-up."""
+    served by C (``_serve_handle``) before the copy-up and after it (the entry
+    registered again for the copy's node: ``ViewFS._serve_moved``)."""
     layers = _layers(tmp_path)
     with serving(tmp_path / "srv") as views:
         other = views.add("other", layers, *_dirs(tmp_path, "other"))
@@ -92,9 +98,12 @@ def test_U4_a_reader_open_before_the_copy_up_in_a_view_reads_the_copy(tmp_path, 
         with open(other / "d/f", "ab") as f:     # d/f's key: private in writable views
             f.write(b"x")
         assert os.stat(w / "d/f").st_ino != os.stat(other / "d/f").st_ino
-        got = _sequence(w / "d/f", read_first)
+        marks = []
+        got = _sequence(w / "d/f", read_first, lambda: marks.append(counts(views)))
     assert got == (OLD + NEW,) * 3
     assert got == _oracle(tmp_path, layers, read_first)
+    assert_c_served(marks[1], fast, "read")                 # A's reads after the copy-up
+    assert marks[1].get("read", 0) == 0 or not fast, marks[1]
 
 
 @pytest.mark.xfail(strict=True, reason="known limit: a file a view shares with others is "
