@@ -117,3 +117,31 @@ def test_U4_a_reader_of_a_shared_file_in_a_view_reads_the_copy(tmp_path):
         w = views.add("w", layers, *_dirs(tmp_path, "w"))
         got = _sequence(w / "d/f", True)
     assert got == (OLD + NEW,) * 3
+
+
+
+def _rewritten(path: Path) -> tuple[bytes, bytes, int]:
+    """A opens ``path`` read-only and reads it, B rewrites it (``open(O_TRUNC)``:
+    a copy-up without the data), then what A reads, what a new open reads, and
+    the size A's fstat shows."""
+    a = os.open(path, os.O_RDONLY)
+    try:
+        assert os.pread(a, 1 << 20, 0) == OLD
+        with open(path, "wb") as b:
+            b.write(NEW)
+        return os.pread(a, 1 << 20, 0), path.read_bytes(), os.fstat(a).st_size
+    finally:
+        os.close(a)
+
+
+@needs_overlay
+def test_U4_a_reader_open_before_a_rewrite_reads_the_new_data(tmp_path, union_mount):
+    layers = _layers(tmp_path)
+    up, wk = _dirs(tmp_path, "up")
+    mnt = union_mount(layers, upper=up, work=wk)
+    got = _rewritten(mnt / "d/g")
+    assert got == (NEW, NEW, len(NEW))
+    oup, owk = _dirs(tmp_path, "ovl")
+    (tmp_path / "ovl").mkdir()
+    with mounts.overlay_mount(layers, tmp_path / "ovl", upper=oup, work=owk) as ovl:
+        assert _rewritten(ovl / "d/g") == got
