@@ -38,6 +38,7 @@ that must (a coroutine function) stays with pyfuse3 (``_direct`` gives None).
 from __future__ import annotations
 
 import errno
+import fcntl
 import inspect
 import os
 from dataclasses import dataclass
@@ -155,6 +156,8 @@ class UnionOperations(pyfuse3.Operations):
         self.no_open = no_open
         self.atomic_o_trunc = not (no_open and view.writable)
         self.fds = FdCache(view)              # no-open: content fds per inode (fdcache)
+        if view.writable and not no_open:     # (no-open: the fd cache sees the new node)
+            view.copied_up = self._reopen_readers
         self._snapshots: dict[int, tuple] = {}    # generation -> (dir number, names)
         self._listed = 0                      # names in all snapshots
         self._gen = 0
@@ -202,6 +205,33 @@ class UnionOperations(pyfuse3.Operations):
             inode = self.inodes.live(number)
             if inode is not None:
                 self.fds.serve_dir(inode)       # (nothing for a file)
+
+    def _reopen_readers(self, inode: Inode) -> list[int]:
+        """A copy-up moved ``inode`` to the upper: the handles opened read-only before
+        it (on the lower file) read the copy from now on, as with kernel overlayfs
+        (its file operations re-open the real file); else they read the old bytes,
+        and a read past the old end comes back short, which makes the FUSE kernel
+        shrink the file's cached size for every opener. Each handle keeps its fd
+        number (``dup2``: what registered it, such as C's HANDLE entries, stays
+        valid). Returns the handles moved."""
+        held = [fh for fh, h in self.handles.items() if h.inode is inode and h.fd >= 0]
+        if not held or inode.kind != REG:
+            return []
+        try:
+            fd = self.view.open_content(inode)
+        except OSError as e:                 # the copy-up itself succeeded: never fail it
+            log.warning("re-opening the readers of inode %d: %s", inode.number, e)
+            return []
+        moved = []
+        try:
+            for fh in held:
+                h = self.handles[fh]
+                if fcntl.fcntl(h.fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+                    os.dup2(fd, h.fd, inheritable=False)
+                    moved.append(fh)
+        finally:
+            os.close(fd)
+        return moved
 
     def _open_for_c(self, number: int) -> None:
         """The C fast path found no fd for a READ and could not open the file itself

@@ -157,6 +157,8 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
         if view.writable:
             view.uv.name_linked = lambda parent, child: self._name_linked(view, parent, child)
             view.uv.attrs_changed = lambda number: self._attrs_changed(view, number)
+            moved = view.uv.copied_up           # the inner ops' (moves its readers' fds)
+            view.uv.copied_up = lambda inode: self._serve_moved(view, moved(inode))
         cache.users += 1
         self._next_vid += 1
         self.views[name] = view
@@ -274,6 +276,17 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
         if self.fast is not None:
             self.fast.set(fh, fd, self.fast.HANDLE | (self.fast.UPPER if synced else 0),
                           inode, inode.node)
+
+    def _serve_moved(self, view: View, local_fhs: list[int]) -> None:
+        """A copy-up in ``view`` moved the fds of its open handles ``local_fhs`` to the
+        copy (``UnionOperations._reopen_readers``): C serves them again, now for
+        the copy's node (their entries still named the lower one: Python served)."""
+        if self.fast is None or not local_fhs:
+            return
+        for fh, (v, local) in self._handles.items():
+            if v is view and local in local_fhs:
+                h = view.ops.handles[local]
+                self._serve_handle(fh, h.fd, h.inode, not view.ops.volatile)
 
     def _root_attr(self) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()

@@ -64,6 +64,9 @@ class WritableView(UnionView):
         # Told (parent inode, name) of a name a copy-up linked to the copy that this
         # view's table never handed out (the views mount may show it as shared).
         self.name_linked = lambda parent, name: None
+        # Told each non-directory inode a copy-up moved to the upper (real opens:
+        # the ops move the fds their handles opened on the lower file to the copy).
+        self.copied_up = lambda inode: None
         self._lower_dirs: OrderedDict[tuple[int, bytes], int] = OrderedDict()
 
     def close(self) -> None:
@@ -281,6 +284,7 @@ class WritableView(UnionView):
             self.attrs_changed(inode.number)            # now the copy's ctime
         if kind == DIR:
             return
+        self.copied_up(inode)
         known = 1                   # names of the lower file now linked to the copy
         for parent, name in inode.others or ():
             if self.child(parent, name) == node:      # (not one removed meanwhile)
