@@ -89,8 +89,9 @@ def one_run(spec: str, base: str, layers: list[str], debs: list[str], mode: str,
             if mode == "callgrind":
                 subprocess.run(["callgrind_control", "-i", "off", str(pid)], check=True,
                                stdout=subprocess.DEVNULL)
-        counts = mounts.server_requests(pid, log, timeout=60)
-        counts["wall_ms"] = round(wall * 1000)       # (not a request: describe() takes it out)
+        counts, waits = mounts.server_counts(pid, log, timeout=60)
+        counts["wall_ms"] = round(wall * 1000)       # (not requests: describe() takes them out)
+        counts["waits"] = waits
         status = bench_writable.dpkg_installed(mnt)
         if status != "install ok installed":
             raise RuntimeError(f"perl is {status!r} after dpkg")
@@ -109,13 +110,13 @@ def one_run(spec: str, base: str, layers: list[str], debs: list[str], mode: str,
 
 
 def describe(cost: float, counts: dict, callgrind: bool) -> str:
-    wall = counts.pop("wall_ms")
+    wall, waits = counts.pop("wall_ms"), counts.pop("waits")
     n = sum(counts.values()) or 1
     per = (f"{cost:.1f} M instructions ({cost / n * 1e3:.1f} k/request)" if callgrind
            else f"cpu {cost:.3f} s ({cost / n * 1e6:.1f} us/request)")
     mix = " ".join(f"{k}={v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
     return (f"dpkg {wall} ms, server {per}, {n} requests [{mix}] "
-            f"load {os.getloadavg()[0]:.2f}")
+            f"waits {waits} load {os.getloadavg()[0]:.2f}")
 
 
 def main(argv=None) -> int:
