@@ -40,9 +40,12 @@ for comparisons.
 """
 from __future__ import annotations
 
+import logging
 import os
 
-from .errors import log
+# (not .errors' logger object: that module imports pyfuse3, and with it trio, which
+# the mount command that builds a view before it forks the server never needs)
+log = logging.getLogger("mergefs.union")
 
 SOURCES = ("_fastpath.c", "_fasthooks.h", "_fasttable.h", "_fastcopy.h", "_fastopen.h")
 SPIN_US = 200         # the haltpoll governor's default bound
