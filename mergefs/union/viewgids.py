@@ -198,13 +198,13 @@ class ViewNumbers:
         fh = self._new_fh()
         self._handles[fh] = (view, local_fh)
         if view is not None:
-            view.handles += 1
+            view.fhs[local_fh] = fh
         return fh
 
     def _drop_handle(self, fh: int) -> tuple[View | None, int]:
         view, local = self._handles.pop(fh)
         if view is not None:
-            view.handles -= 1
+            del view.fhs[local]
         return view, local
 
     def _after_release(self, view: View | None) -> None:

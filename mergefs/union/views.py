@@ -283,10 +283,9 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
         the copy's node (their entries still named the lower one: Python served)."""
         if self.fast is None or not local_fhs:
             return
-        for fh, (v, local) in self._handles.items():
-            if v is view and local in local_fhs:
-                h = view.ops.handles[local]
-                self._serve_handle(fh, h.fd, h.inode, not view.ops.volatile)
+        for local in local_fhs:
+            h = view.ops.handles[local]
+            self._serve_handle(view.fhs[local], h.fd, h.inode, not view.ops.volatile)
 
     def _root_attr(self) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()

@@ -43,9 +43,13 @@ class View:
         self.up = self.uv.up if self.uv.writable else None
         self.root_gid = 0                         # set by ViewFS.add_view
         self.private: dict[int, int] = {}         # local number -> gid
-        self.handles = 0
+        self.fhs: dict[int, int] = {}             # its open handles: local fh -> the mount's
         self.removed = False
         self.created = time.time()
+
+    @property
+    def handles(self) -> int:
+        return len(self.fhs)
 
     @property
     def writable(self) -> bool:
