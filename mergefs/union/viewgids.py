@@ -122,11 +122,15 @@ class ViewNumbers:
         sh = self._targets[gid]
         sh.count += count
         sh.writable = sh.writable or view.writable
+        if sh.seen != view.vid:
+            sh.seen = view.vid if not sh.seen else -1
         return gid
 
     def _shared_entry(self, gid: int, sh: Shared) -> pyfuse3.EntryAttributes:
         if sh.entry is None:
             sh.entry = entry_attributes(gid, sh.inode.attr, False, sh.view.ops.timeouts)
+            if sh.moved:            # readers split between a copy and the lower file
+                sh.entry.attr_timeout = 0
         return sh.entry
 
     def _source(self, sh: Shared) -> tuple[View, Inode]:
