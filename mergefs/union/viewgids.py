@@ -40,6 +40,7 @@ class ViewNumbers:
         self._targets: dict[int, object] = {}     # gid -> (View, local) | Shared
         self._shared: dict[tuple[int, int], int] = {}
         self._private_keys: set[tuple[int, int]] = set()
+        self._split_keys: set[tuple[int, int]] = set()     # ViewFS._split: shared no more
         self._handles: dict[int, tuple[View | None, int]] = {}
         self._next_gid = ROOT_INODE + 1                    # counter gids: below PRIVATE_BASE
         self._retired: dict[int, int] = {}          # gid of a removed view -> kernel's lookups
@@ -102,8 +103,9 @@ class ViewNumbers:
                 self._retired[gid] = left - count
 
     def _shareable(self, view: View, node, st) -> bool:
+        key = (st.st_dev, st.st_ino)
         return view.shows_lower(node) and not (
-            view.writable and (st.st_dev, st.st_ino) in self._private_keys)
+            view.writable and key in self._private_keys) and key not in self._split_keys
 
     def _lower_stat(self, view: View, parent: Inode, name: bytes, node) -> os.stat_result:
         st = view.cache.stats.get((node.top, node.inos[0]))

@@ -324,6 +324,8 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
         sh = self._targets.get(gid) if gid is not None else None
         if not isinstance(sh, Shared) or not sh.readers:
             return
+        if sh.seen != view.vid and not getattr(self.fast, "FRESH", None):
+            return      # other views hold the gid too: without C's FRESH, its pages would mix
         mine = [fh for fh, v in sh.readers.items() if v is view and fh not in (sh.moved or ())]
         if mine and self._move(gid, sh, mine, view, inode):
             invalidate_attrs(gid)    # its next read asks with its handle (fstat: the copy)
@@ -353,8 +355,14 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
         the gid, so while any reader reads a copy, the gid's attributes are never
         cached (``sh.entry``, and C's GETATTR of each handle, fstat of its own fd):
         every read asks again with its handle, and a size or mtime that changed
-        makes the kernel drop the pages the other readers read."""
+        makes the kernel drop the pages the other readers read. No view is given
+        the gid meanwhile (``_split_keys``: a lookup gets a private gid): its pages
+        are the copy's as often as the lower file's."""
         sh.entry = None
+        if sh.moved:
+            self._split_keys.add(sh.key)
+        else:
+            self._split_keys.discard(sh.key)
         if self.fast is None:
             return
         fresh = getattr(self.fast, "FRESH", None)
