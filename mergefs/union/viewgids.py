@@ -103,9 +103,9 @@ class ViewNumbers:
                 self._retired[gid] = left - count
 
     def _shareable(self, view: View, node, st) -> bool:
-        key = (st.st_dev, st.st_ino)
         return view.shows_lower(node) and not (
-            view.writable and key in self._private_keys) and key not in self._split_keys
+            view.writable and (st.st_dev, st.st_ino) in self._private_keys) and not (
+            self._split_keys and (st.st_dev, st.st_ino) in self._split_keys)
 
     def _lower_stat(self, view: View, parent: Inode, name: bytes, node) -> os.stat_result:
         st = view.cache.stats.get((node.top, node.inos[0]))
