@@ -37,7 +37,11 @@ share merged listings and lstats, ``lowercache``). How numbers map
   not which view's name an open came through). Other views' handles always
   keep the lower file. The kernel keeps one inode for the gid, so while its
   readers are split, its attributes are not cached: each read asks again with
-  its handle (C: fstat of the handle's fd), a new size or mtime drops the pages.
+  its handle (C: fstat of the handle's fd), a new size or mtime drops the pages,
+  and a view that looks the file up meanwhile gets a private gid. Without C
+  (GETATTR answered without the handle) a reader moves only while no other
+  view has looked the gid up; fstat, whose GETATTR never carries the handle,
+  shows a moved reader the copy's attributes only then too.
 - A copy-up in a writable view drops the attributes the kernel cached for
   what it changed (the parents' times, the copy's ctime) under the private
   gids the kernel knows them by (``_attrs_changed``; the inner operations'
