@@ -70,6 +70,8 @@
 #define F_HANDLE 16u /* keyed by a file handle, not an inode number: the fd of an open
                       * of the views mount (views.py, real opens), served for requests
                       * that carry that handle (set_handles) */
+#define F_FRESH 64u  /* with F_HANDLE: GETATTR replied with attr timeout 0 (views.py: a shared
+                      * gid whose readers are split between a view's copy and the lower file) */
 
 #include "_fasttable.h"
 
@@ -275,7 +277,7 @@ static int h_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
     if (e && attributes(e, ino, &st) == 0) {
         served[(e->flags & F_MERGED) ? OP_GETATTR_MERGED
                : (e->flags & F_DIR) ? OP_GETATTR_DIR : OP_GETATTR]++;
-        fuse_reply_attr(req, &st, attr_timeout);
+        fuse_reply_attr(req, &st, (e->flags & F_FRESH) ? 0 : attr_timeout);
         return 1;
     }
     PyObject *fn = direct_fn[D_GETATTR];
@@ -2065,6 +2067,7 @@ PyMODINIT_FUNC PyInit__fastpath(void)
         PyModule_AddIntConstant(m, "DIR", F_DIR) < 0 ||
         PyModule_AddIntConstant(m, "MERGED", F_MERGED) < 0 ||
         PyModule_AddIntConstant(m, "HANDLE", F_HANDLE) < 0 ||
+        PyModule_AddIntConstant(m, "FRESH", F_FRESH) < 0 ||
         PyModule_AddStringConstant(m, "SOURCES", MERGEFS_FAST_SOURCES) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -12,7 +12,9 @@ request for it reaches Python (inodes.py, "lazy entry").
 
 File handles: ``fh`` is a number in ``self.handles`` mapping to the inode and
 its open fd (files) or a snapshot of the listing (directories, so readdir
-offsets are indices that stay valid for the handle's life).
+offsets are indices that stay valid for the handle's life); ``self._held``
+indexes them by inode (``_handles_of``: a copy-up or a request on an unlinked
+file finds the handles of its inode without walking every open file).
 
 No-open (``no_open``, a pyfuse3 that passes the inode when fh is 0): open and
 opendir answer ENOSYS, so the kernel sends no OPEN/RELEASE/OPENDIR/RELEASEDIR
@@ -150,6 +152,7 @@ class UnionOperations(pyfuse3.Operations):
         self._negative = pyfuse3.EntryAttributes()
         self._negative.st_ino, self._negative.entry_timeout = 0, self.timeouts.entry
         self.handles: dict[int, Handle] = {}
+        self._held: dict[Inode, dict[int, None]] = {}     # inode -> its handles (a set, ordered)
         self._next_fh = 1
         # no-open needs a pyfuse3 that passes the inode as fh when fh is 0
         # (see the module docstring; writable mounts: a v4 build, server.py)
@@ -214,8 +217,10 @@ class UnionOperations(pyfuse3.Operations):
         shrink the file's cached size for every opener. Each handle keeps its fd
         number (``dup2``: what registered it, such as C's HANDLE entries, stays
         valid). Returns the handles moved."""
-        held = [fh for fh, h in self.handles.items() if h.inode is inode and h.fd >= 0]
-        if not held or inode.kind != REG:
+        if inode.kind != REG:
+            return []
+        held = [fh for fh in self._held.get(inode, ()) if self.handles[fh].fd >= 0]
+        if not held:
             return []
         try:
             fd = self.view.open_content(inode)
@@ -261,16 +266,31 @@ class UnionOperations(pyfuse3.Operations):
             pinned = self.fds.pinned.get(inode.number)
             if pinned is not None:
                 return os.fstat(pinned[0])
-            for h in self.handles.values():
-                if h.inode is inode and h.fd >= 0:
-                    return os.fstat(h.fd)
+            for h in self._handles_of(inode):
+                return os.fstat(h.fd)
         return self.view.attr(inode)
 
     def _add_handle(self, handle: Handle) -> int:
         fh = self._next_fh
         self._next_fh += 1
         self.handles[fh] = handle
+        self._held.setdefault(handle.inode, {})[fh] = None
         return fh
+
+    def _drop_handle(self, fh: int) -> Handle:
+        h = self.handles.pop(fh)
+        fhs = self._held[h.inode]
+        del fhs[fh]
+        if not fhs:
+            del self._held[h.inode]
+        return h
+
+    def _handles_of(self, inode: Inode) -> list[Handle]:
+        """The open file handles (those with a content fd) of ``inode``."""
+        fhs = self._held.get(inode)
+        if not fhs:
+            return []
+        return [h for fh in fhs if (h := self.handles[fh]).fd >= 0]
 
     def _writer(self):
         if not self.view.writable:
@@ -278,11 +298,16 @@ class UnionOperations(pyfuse3.Operations):
         return self.view
 
     def check(self) -> list[str]:
-        """Invariants for tests: the inode table's, and every handle's inode is live."""
+        """Invariants for tests: the inode table's, every handle's inode is live, and
+        the handles by inode are the handles."""
         problems = self.inodes.check()
+        by_inode: dict[Inode, dict[int, None]] = {}
         for fh, h in self.handles.items():
             if h.inode.lookups <= 0:
                 problems.append(f"handle {fh} on forgotten {h.inode!r}")
+            by_inode.setdefault(h.inode, {})[fh] = None
+        if by_inode != self._held:
+            problems.append(f"handles by inode {self._held} != {by_inode}")
         return problems
 
     # -- names -----------------------------------------------------------
@@ -459,7 +484,7 @@ class UnionOperations(pyfuse3.Operations):
 
     @fuse_errors
     def releasedir(self, fh):
-        del self.handles[fh]
+        self._drop_handle(fh)
 
     @fuse_errors
     def fsyncdir(self, fh, datasync):
@@ -529,8 +554,7 @@ class UnionOperations(pyfuse3.Operations):
 
     @fuse_errors
     def release(self, fh):
-        h = self.handles.pop(fh)
-        os.close(h.fd)
+        os.close(self._drop_handle(fh).fd)
 
     # -- extended attributes ---------------------------------------------
     @fuse_errors
@@ -575,7 +599,7 @@ class UnionOperations(pyfuse3.Operations):
         got = self.fds.pinned.get(inode.number)
         if got is not None:
             return got[0]
-        held = [h for h in self.handles.values() if h.inode is inode and h.fd >= 0]
+        held = self._handles_of(inode)
         w, node = self.view, inode.node
         if node.top == w.up:        # opened for writing (copied up at the open) or later
             for h in held:

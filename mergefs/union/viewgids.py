@@ -40,6 +40,7 @@ class ViewNumbers:
         self._targets: dict[int, object] = {}     # gid -> (View, local) | Shared
         self._shared: dict[tuple[int, int], int] = {}
         self._private_keys: set[tuple[int, int]] = set()
+        self._split_keys: set[tuple[int, int]] = set()     # ViewFS._split: shared no more
         self._handles: dict[int, tuple[View | None, int]] = {}
         self._next_gid = ROOT_INODE + 1                    # counter gids: below PRIVATE_BASE
         self._retired: dict[int, int] = {}          # gid of a removed view -> kernel's lookups
@@ -103,7 +104,8 @@ class ViewNumbers:
 
     def _shareable(self, view: View, node, st) -> bool:
         return view.shows_lower(node) and not (
-            view.writable and (st.st_dev, st.st_ino) in self._private_keys)
+            view.writable and (st.st_dev, st.st_ino) in self._private_keys) and not (
+            self._split_keys and (st.st_dev, st.st_ino) in self._split_keys)
 
     def _lower_stat(self, view: View, parent: Inode, name: bytes, node) -> os.stat_result:
         st = view.cache.stats.get((node.top, node.inos[0]))
@@ -122,11 +124,15 @@ class ViewNumbers:
         sh = self._targets[gid]
         sh.count += count
         sh.writable = sh.writable or view.writable
+        if sh.seen != view.vid:
+            sh.seen = view.vid if not sh.seen else -1
         return gid
 
     def _shared_entry(self, gid: int, sh: Shared) -> pyfuse3.EntryAttributes:
         if sh.entry is None:
             sh.entry = entry_attributes(gid, sh.inode.attr, False, sh.view.ops.timeouts)
+            if sh.moved:            # readers split between a copy and the lower file
+                sh.entry.attr_timeout = 0
         return sh.entry
 
     def _source(self, sh: Shared) -> tuple[View, Inode]:
@@ -198,13 +204,13 @@ class ViewNumbers:
         fh = self._new_fh()
         self._handles[fh] = (view, local_fh)
         if view is not None:
-            view.handles += 1
+            view.fhs[local_fh] = fh
         return fh
 
     def _drop_handle(self, fh: int) -> tuple[View | None, int]:
         view, local = self._handles.pop(fh)
         if view is not None:
-            view.handles -= 1
+            del view.fhs[local]
         return view, local
 
     def _after_release(self, view: View | None) -> None:

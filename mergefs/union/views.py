@@ -29,6 +29,19 @@ share merged listings and lstats, ``lowercache``). How numbers map
   read-only) of a shared file gets ESTALE; a write attempted in a read-only
   view that shares the file with a writable one gets ESTALE, not EROFS
   (bind read-only views ``ro`` and the kernel answers EROFS first).
+- A file opened read-only under a shared gid is read from the lower file
+  (``_direct``). When the view it was opened through copies the file up, the
+  handle reads the copy from then on (U4a, ``_move_readers``); the view is
+  known when only one view had looked the gid up before the open (``Shared.seen``),
+  else the handle keeps reading the lower file (known limit: the kernel tells
+  not which view's name an open came through). Other views' handles always
+  keep the lower file. The kernel keeps one inode for the gid, so while its
+  readers are split, its attributes are not cached: each read asks again with
+  its handle (C: fstat of the handle's fd), a new size or mtime drops the pages,
+  and a view that looks the file up meanwhile gets a private gid. Without C
+  (GETATTR answered without the handle) a reader moves only while no other
+  view has looked the gid up; fstat, whose GETATTR never carries the handle,
+  shows a moved reader the copy's attributes only then too.
 - A copy-up in a writable view drops the attributes the kernel cached for
   what it changed (the parents' times, the copy's ctime) under the private
   gids the kernel knows them by (``_attrs_changed``; the inner operations'
@@ -134,6 +147,7 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
         self.retired: set[str] = set()
         self._init_numbers()
         self._direct: dict[int, int] = {}             # fh -> fd: shared files open for reading
+        self._direct_gid: dict[int, int] = {}         # ... and their gids
         self.fast = None                              # the C fast path (init), or None
         self._next_vid = 1
         self.root_mtime_ns = time.time_ns()
@@ -158,7 +172,7 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
             view.uv.name_linked = lambda parent, child: self._name_linked(view, parent, child)
             view.uv.attrs_changed = lambda number: self._attrs_changed(view, number)
             moved = view.uv.copied_up           # the inner ops' (moves its readers' fds)
-            view.uv.copied_up = lambda inode: self._serve_moved(view, moved(inode))
+            view.uv.copied_up = lambda inode: self._copied_up(view, inode, moved(inode))
         cache.users += 1
         self._next_vid += 1
         self.views[name] = view
@@ -283,10 +297,102 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
         the copy's node (their entries still named the lower one: Python served)."""
         if self.fast is None or not local_fhs:
             return
-        for fh, (v, local) in self._handles.items():
-            if v is view and local in local_fhs:
-                h = view.ops.handles[local]
-                self._serve_handle(fh, h.fd, h.inode, not view.ops.volatile)
+        for local in local_fhs:
+            h = view.ops.handles[local]
+            self._serve_handle(view.fhs[local], h.fd, h.inode, not view.ops.volatile)
+
+    def _copied_up(self, view: View, inode: Inode, local_fhs: list[int]) -> None:
+        """A copy-up in ``view`` of its inode ``inode``: the view's own handles were
+        moved to the copy (``local_fhs``), and so are the handles opened through the
+        view on the gid it shared the lower file under (``_move_readers``)."""
+        self._serve_moved(view, local_fhs)
+        key = view.lower_keys.pop(inode.number, None) if view.lower_keys else None
+        if key is not None:
+            self._move_readers(view, inode, key)
+
+    def _note_lower(self, view: View, number: int, st) -> None:
+        """``view``'s local inode ``number`` is a lower file (``st``) the view showed
+        under a shared gid that handles opened through the view still hold: their
+        fds move to the copy if the view copies it up (``_copied_up``)."""
+        gid = self._shared.get((st.st_dev, st.st_ino))
+        sh = self._targets.get(gid) if gid is not None else None
+        if isinstance(sh, Shared) and sh.readers and view in sh.readers.values():
+            view.lower_keys[number] = sh.key
+
+    def _move_readers(self, view: View, inode: Inode, key: tuple[int, int]) -> None:
+        """A copy-up in ``view`` of the lower file ``key``: the read-only handles
+        opened through ``view`` on its shared gid read the copy from now on (their
+        fds ``dup2``'d onto it, as ``UnionOperations._reopen_readers`` does), as
+        with kernel overlayfs; other views' handles keep reading the lower file."""
+        gid = self._shared.get(key)
+        sh = self._targets.get(gid) if gid is not None else None
+        if not isinstance(sh, Shared) or not sh.readers:
+            return
+        if sh.seen != view.vid and not getattr(self.fast, "FRESH", None):
+            return      # other views hold the gid too: without C's FRESH, its pages would mix
+        mine = [fh for fh, v in sh.readers.items() if v is view and fh not in (sh.moved or ())]
+        if mine and self._move(gid, sh, mine, view, inode):
+            invalidate_attrs(gid)    # its next read asks with its handle (fstat: the copy)
+
+    def _move(self, gid: int, sh: Shared, fhs: list[int], view: View, inode: Inode) -> bool:
+        """The handles ``fhs`` of the shared gid read ``view``'s copy ``inode`` from now
+        on: each keeps its fd number (``dup2``: C's entry stays valid)."""
+        try:
+            fd = view.uv.open_content(inode)
+        except OSError as e:                 # the copy-up itself succeeded: never fail it
+            log.warning("re-opening the readers of gid %d in view %s: %s", gid, view.name, e)
+            return False
+        try:
+            for fh in fhs:
+                os.dup2(fd, self._direct[fh], inheritable=False)
+        finally:
+            os.close(fd)
+        if sh.moved is None:
+            sh.moved = {}
+        sh.moved.update(dict.fromkeys(fhs, (view, inode)))
+        self._split(gid, sh)
+        return True
+
+    def _split(self, gid: int, sh: Shared) -> None:
+        """The shared gid's readers are split between copies and the lower file (or
+        no longer): the kernel keeps one inode, one size and one set of pages for
+        the gid, so while any reader reads a copy, the gid's attributes are never
+        cached (``sh.entry``, and C's GETATTR of each handle, fstat of its own fd):
+        every read asks again with its handle, and a size or mtime that changed
+        makes the kernel drop the pages the other readers read. No view is given
+        the gid meanwhile (``_split_keys``: a lookup gets a private gid): its pages
+        are the copy's as often as the lower file's."""
+        sh.entry = None
+        if sh.moved:
+            self._split_keys.add(sh.key)
+        else:
+            self._split_keys.discard(sh.key)
+        if self.fast is None:
+            return
+        fresh = getattr(self.fast, "FRESH", None)
+        try:
+            src = self._source(sh)[1]
+        except FUSEError:                       # no view shows the lower file any more
+            src = None
+        for fh in sh.readers:
+            inode = sh.moved[fh][1] if sh.moved and fh in sh.moved else src
+            if inode is None or sh.moved and fresh is None:  # (a build without it: Python)
+                self.fast.drop(fh)
+            else:
+                self.fast.set(fh, self._direct[fh],
+                              self.fast.HANDLE | (fresh if sh.moved else 0), inode, inode.node)
+
+    def _moved_entry(self, gid: int, sh: Shared) -> pyfuse3.EntryAttributes:
+        """The shared gid's attributes, asked without a handle (fstat, a path's stat):
+        the lower file's (``_shared_entry``) but when only one view ever looked it up
+        and its readers read that view's copy (every one: moved by the copy-up or at
+        their open), which no other view can then ask for: the copy's."""
+        if sh.seen <= 0 or not sh.moved:
+            return self._shared_entry(gid, sh)
+        e = entry_attributes(gid, os.fstat(self._direct[next(iter(sh.moved))]), False,
+                             sh.view.ops.timeouts)
+        e.attr_timeout = 0
+        return e
 
     def _root_attr(self) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -320,6 +426,10 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
             if self._shareable(view, node, st):
                 gid = self._share(view, parent, name, node, st, 1)
                 return self._shared_entry(gid, self._targets[gid])
+            e = OPS.lookup(view.ops, local, name, ctx)
+            if view.writable:
+                self._note_lower(view, e.st_ino, st)
+            return self._out(view, e, 1)
         return self._out(view, OPS.lookup(view.ops, local, name, ctx), 1)
 
     @fuse_errors
@@ -343,7 +453,7 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
             return self._root_attr()
         t = self._targets.get(inode)
         if isinstance(t, Shared):
-            return self._shared_entry(inode, t)
+            return self._moved_entry(inode, t) if t.moved else self._shared_entry(inode, t)
         view, local = self._local(inode)
         e = copy_entry(OPS.getattr(view.ops, local, ctx), inode)
         if local == ROOT_INODE:
@@ -395,6 +505,8 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
                     self._targets[gid].count += 1         # readdirplus counts as a lookup
                     continue
                 number = inodes.number_for(node)
+                if view.writable and view.shows_lower(node):
+                    self._note_lower(view, number, st)
                 live = inodes.live(number)
                 if live is not None and live.attr is not None and not live.unlinked:
                     st = live.attr
@@ -462,7 +574,17 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
                 view, src = self._source(t)
                 fh = self._new_fh()
                 fd = self._direct[fh] = view.uv.open_content(src)
-                self._serve_handle(fh, fd, src, False)    # a lower file: nothing to sync
+                self._direct_gid[fh] = inode
+                if t.readers is None:
+                    t.readers = {}
+                # the view it was opened through, if only one can have been
+                owner = t.readers[fh] = self.by_vid.get(t.seen) if t.seen > 0 else None
+                if t.moved:         # (through /proc/PID/fd of a moved reader: its copy)
+                    copy = next((c for v, c in t.moved.values() if v is owner), None)
+                    if copy is None or not self._move(inode, t, [fh], owner, copy):
+                        self._split(inode, t)
+                else:
+                    self._serve_handle(fh, fd, src, False)    # a lower file: nothing to sync
                 return pyfuse3.FileInfo(fh=fh, keep_cache=True)
             view, local = self._local(inode)
         fi = OPS.open(view.ops, local, flags, ctx)
@@ -506,10 +628,20 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
         fd = self._direct.pop(fh, None)
         if fd is not None:
             os.close(fd)
+            self._release_reader(fh)
             return
         view, local = self._drop_handle(fh)
         OPS.release(view.ops, local)
         self._after_release(view)
+
+    def _release_reader(self, fh: int) -> None:
+        gid = self._direct_gid.pop(fh)
+        sh = self._targets.get(gid)
+        if not isinstance(sh, Shared):
+            return
+        del sh.readers[fh]
+        if sh.moved and sh.moved.pop(fh, None) is not None and not sh.moved:
+            self._split(gid, sh)        # none reads a copy now: cached again
 
     # -- extended attributes -----------------------------------------------------
     @fuse_errors

@@ -43,9 +43,15 @@ class View:
         self.up = self.uv.up if self.uv.writable else None
         self.root_gid = 0                         # set by ViewFS.add_view
         self.private: dict[int, int] = {}         # local number -> gid
-        self.handles = 0
+        # local number -> key of the shared lower file it was (ViewFS._note_lower)
+        self.lower_keys: dict[int, tuple[int, int]] = {}
+        self.fhs: dict[int, int] = {}             # its open handles: local fh -> the mount's
         self.removed = False
         self.created = time.time()
+
+    @property
+    def handles(self) -> int:
+        return len(self.fhs)
 
     @property
     def writable(self) -> bool:
@@ -66,14 +72,26 @@ class Shared:
     that showed it, another of the same lowers once that one is gone) from
     ``inode``, detached from every table (it names the file's path in its lower
     layer); ``count`` is the kernel's lookup count for the gid.
+
+    Its open handles (``ViewFS.open``, read-only: the fd on the lower file):
+    ``readers`` maps each to the view it was opened through when only one view
+    can have opened it (``seen``: the vid of the only view that looked the gid
+    up, -1 once another did), else None. ``moved``: the readers a copy-up in
+    their view moved onto the copy (fh -> the view and its inode of the copy); while
+    there are any, the gid's attributes are never cached by the kernel (each
+    read asks again, with its handle: ``ViewFS._split``).
     """
-    __slots__ = ("key", "view", "inode", "entry", "count", "writable")
+    __slots__ = ("key", "view", "inode", "entry", "count", "writable", "seen", "readers",
+                 "moved")
 
     def __init__(self, key, view: "View", inode: Inode):
         self.key, self.view, self.inode = key, view, inode
         self.entry = None
         self.count = 0
         self.writable = False
+        self.seen = 0
+        self.readers: dict[int, View | None] | None = None
+        self.moved: dict[int, tuple[View, Inode]] | None = None
 
 
 _DETACHED_ROOT = Inode(ROOT_INODE, None, b"", None)
