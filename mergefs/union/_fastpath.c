@@ -83,7 +83,7 @@ enum { OP_GETATTR, OP_SETATTR, OP_READ, OP_WRITE, OP_FSYNC, OP_GETXATTR, OP_LIST
        OP_READDIRPLUS, OP_GETXATTR_DIRECT, OP_WRITE_COPIED, OP_MKDIR_DIRECT, OP_UNLINK_DIRECT,
        OP_RMDIR_DIRECT, OP_SYMLINK_DIRECT, OP_RENAME_DIRECT, OP_LINK_DIRECT, OP_SETATTR_DIRECT,
        OP_SETXATTR_DIRECT, OP_REMOVEXATTR_DIRECT, OP_FORGET_DIRECT, OP_FSYNC_DIRECT,
-       OP_LOOKUP_LISTED, OP_READ_OPENED, OP_N };
+       OP_LOOKUP_LISTED, OP_READ_OPENED, OP_LOOKUP_NAMED, OP_N };
 static const char *op_names[OP_N] = {"getattr", "setattr", "read", "write", "fsync", "getxattr",
                                      "listxattr", "getattr_dir", "getattr_merged_dir",
                                      "getattr_direct", "lookup_direct",
@@ -92,7 +92,7 @@ static const char *op_names[OP_N] = {"getattr", "setattr", "read", "write", "fsy
                                      "rmdir_direct", "symlink_direct", "rename_direct",
                                      "link_direct", "setattr_direct", "setxattr_direct",
                                      "removexattr_direct", "forget_direct", "fsync_direct",
-                                     "lookup_listed", "read_opened"};
+                                     "lookup_listed", "read_opened", "lookup_named"};
 static unsigned long long served[OP_N];
 static PyObject *s_node, *s_unlinked, *s_attr, *s_xattrs, *s_sources, *s_children;
 
@@ -378,9 +378,15 @@ static int lookup_listed(fuse_req_t req, fuse_ino_t parent, const char *name)
     return 1;
 }
 
+static int lookup_named(fuse_req_t req, fuse_ino_t parent, const char *name);  /* _fastns.h */
+static PyObject *named_numbers;
+static double named_timeout;
+
 static int h_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
     if (live_table && lookup_listed(req, parent, name))
+        return 1;
+    if (live_table && named_numbers && lookup_named(req, parent, name))
         return 1;
     return direct_named(req, D_LOOKUP, OP_LOOKUP_DIRECT, ANSWER_ENTRY, parent, name, 0, NULL,
                         NULL);
@@ -1244,6 +1250,7 @@ static int h_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
 
 /* -- the copy-up of a lower regular file (upper.Upper.copy_up_file) ----------------- */
 #include "_fastcopy.h"
+#include "_fastns.h"
 
 /* -- the request loop -------------------------------------------------------------- */
 
@@ -1892,6 +1899,7 @@ static PyObject *py_disable(PyObject *self, PyObject *unused)
     Py_CLEAR(fastopen_dir_fn);
     fastopen_forget_dirs();
     clear_xattr_at();
+    clear_named();
     clear_direct();
     if (hooks)
         install(0);
@@ -1984,6 +1992,10 @@ static PyMethodDef methods[] = {
     {"set_readdir", py_set_readdir, METH_VARARGS,
      "set_readdir(readdir, unlisted, entry_timeout) -> bool: READDIRPLUS replies filled "
      "in C (v8 builds)"},
+    {"set_named", py_set_named, METH_VARARGS,
+     "set_named(numbers, claims, lazy, entry_dir, entry_timeout) -> bool: LOOKUPs of "
+     "names a live parent's listing has, of inodes the table serves or no Inode holds, "
+     "answered in C (_fastns.h; None: none)"},
     {"set_listed", py_set_listed, METH_VARARGS,
      "set_listed(live, entry_timeout) -> bool: LOOKUPs of names a live parent's listing "
      "lacks answered in C (None: none)"},

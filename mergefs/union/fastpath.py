@@ -12,7 +12,9 @@ build it walks no-open READDIRPLUS passes and answers their files itself
 (ops._readdir_direct), and calls ``ops.getxattr`` for inodes it has no fd for
 and ``FdCache.write_for_c`` for the copy-up at a lower file's first WRITE
 (``set_copyup``), and answers a LOOKUP of a name its live parent's listing at hand
-lacks itself (``set_listed``: the inode table's live inodes; ``fast_lookup_listed``);
+lacks itself (``set_listed``: the inode table's live inodes; ``fast_lookup_listed``),
+and one it has whose inode is live and served by its table, or a file no Inode
+holds yet (``set_named``, _fastns.h; ``fast_lookup_named``);
 with a v9 build it calls the namespace handlers too (mkdir,
 unlink, rmdir, symlink, rename, link, setxattr, removexattr), ``forget``, and
 ``setattr`` and ``fsync`` for what it does not answer itself (directories,
@@ -44,7 +46,8 @@ import os
 
 from .errors import log
 
-SOURCES = ("_fastpath.c", "_fasthooks.h", "_fasttable.h", "_fastcopy.h", "_fastopen.h")
+SOURCES = ("_fastpath.c", "_fasthooks.h", "_fasttable.h", "_fastcopy.h", "_fastopen.h",
+           "_fastns.h")
 SPIN_US = 200         # the haltpoll governor's default bound
 
 

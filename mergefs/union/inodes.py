@@ -21,7 +21,8 @@ Glossary:
   readdirplus entry, create, mkdir ...) minus what it ``forget``s. An inode
   with a zero count is dropped from the live table (its number stays).
 - *lazy entry*: a non-directory the kernel was handed only by READDIRPLUS
-  replies the C fast path filled (ops._readdir_direct): no ``Inode`` yet, only
+  replies the C fast path filled (ops._readdir_direct) or LOOKUPs it answered
+  (``_fastns.h``): no ``Inode`` yet, only
   ``lazy[number] = [count, parent, name, node]``, counted there by C. Any use
   of the number in this table (``live``, ``get``, ``entry``, iterating ...)
   makes its Inode first, as ``entry`` would have made it at the first listing;

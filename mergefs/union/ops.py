@@ -186,6 +186,14 @@ class UnionOperations(pyfuse3.Operations):
                     if self.view.writable:
                         self.fds.fast.set_xattr_at(self.inodes._live, self.inodes.lazy,
                                                    self.view.entry_dir)
+                    # a LOOKUP of a name the parent's listing at hand has: in C when its
+                    # inode is live and served there, or a file no Inode holds yet (lstat
+                    # through entry_dir, counted lazily; _fastns.h). "0": for comparisons
+                    if self.view.writable and os.environ.get("MERGEFS_FAST_LOOKUP") != "0" \
+                            and hasattr(self.fds.fast, "set_named"):
+                        self.fds.fast.set_named(self.inodes._numbers, self.inodes._claims,
+                                                self.inodes.lazy, self.view.entry_dir,
+                                                self.timeouts.entry)
                     # READDIRPLUS replies filled in C (v8 builds; _readdir_direct)
                     self.fds.fast.set_readdir(direct("readdir", self._readdir_direct),
                                               self._unlisted, self.timeouts.entry)

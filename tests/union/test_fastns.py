@@ -1,0 +1,252 @@
+"""LOOKUPs answered in C (``_fastns.h``, ``fast_lookup_named``): a name the
+parent's listing at hand has, whose inode is live and served by the C table
+(the kernel revalidating a dentry it holds: a rename's source or target,
+``open(O_CREAT|O_EXCL)`` of a name there), or a file no Inode holds yet
+(counted in the table's lazy records, inodes.py "lazy entry").
+
+They must answer what ``ops.lookup`` answers (the differential test against
+kernel overlayfs: names made, looked up again, renamed, linked, listed,
+removed, around whiteouts and an opaque directory, then after a remount with
+the same inode numbers, U8) and count exactly what it counts (the server in a
+child process: after the kernel forgets everything, nothing is live or lazy,
+and no FORGET takes off more than was counted), whichever path serves them
+(``MERGEFS_FAST_LOOKUP=0``: the Python handler), in both open modes.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mergefs.testing.builders import LayerSpec, materialise_stack
+
+from ..conftest import needs, needs_overlay
+from .conftest import stop_server
+from .test_fastpath import forget_all, patch_version, served
+from .test_fastpath_namespace import tree, upper_entries
+
+pytestmark = [needs("fuse"), pytest.mark.timeout(180)]
+
+LOWER = (LayerSpec().dir("d").file("d/a", b"a\n").file("d/b", b"b\n").file("d/c", b"c\n")
+         .file("d/h1", b"h\n").hardlink("d/h2", "d/h1").symlink("d/l", "a")
+         .dir("o").file("o/x", b"x\n").dir("o/sub").file("o/sub/y", b"y\n"),
+         LayerSpec().dir("d").file("d/top", b"top\n").whiteout("d/c"))
+
+
+@pytest.fixture(params=["c", "python"])
+def lookups(request, monkeypatch, union_mount):
+    """Who answers the LOOKUPs of names a listing at hand has: "c" (the default,
+    where the build has it: no-open writable mounts with the C fast path) or
+    "python" (``MERGEFS_FAST_LOOKUP=0``)."""
+    if request.param == "python":
+        monkeypatch.setenv("MERGEFS_FAST_LOOKUP", "0")
+        return "python"
+    fast = union_mount.writable_no_open and os.environ.get("MERGEFS_NO_OPEN") != "0" and \
+        os.environ.get("MERGEFS_FASTPATH") != "0" and patch_version() >= 9
+    return "c" if fast else "python"
+
+
+def lstat_or_errno(p: Path):
+    try:
+        st = os.lstat(p)
+        return (st.st_mode, st.st_size, st.st_nlink)
+    except OSError as e:
+        return e.errno
+
+
+def steps(mnt: Path) -> list:
+    """Names made, looked up again (by the kernel revalidating its dentries and
+    after it forgot them), renamed, linked, listed and removed; what each
+    lookup saw, then the tree."""
+    out = []
+
+    def see(*names):
+        out.append([(n, lstat_or_errno(mnt / n)) for n in names])
+
+    os.listdir(mnt / "d")                     # the listing at hand from here on
+    see("d/a", "d/h1", "d/h2", "d/l", "d/top", "d/c")
+    forget_all()                              # every name looked up again: lazily in C
+    see("d/a", "d/b", "d/h1", "d/h2", "d/l", "d/top", "d/c")
+    for n in ("new", "n2"):                   # dpkg's new file: made, revalidated, renamed
+        fd = os.open(mnt / "d" / (n + ".dpkg-new"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, n.encode())
+        os.close(fd)
+        with pytest.raises(FileExistsError):  # LOOKUP_EXCL: the dentry revalidated
+            os.open(mnt / "d" / (n + ".dpkg-new"), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        os.rename(mnt / "d" / (n + ".dpkg-new"), mnt / "d" / n)
+    os.mkdir(mnt / "d" / "nd.dpkg-new", 0o755)
+    with pytest.raises(FileExistsError):
+        os.mkdir(mnt / "d" / "nd.dpkg-new")
+    os.rename(mnt / "d" / "nd.dpkg-new", mnt / "d" / "nd")
+    (mnt / "d" / "nd" / "f").write_bytes(b"f\n")
+    os.rename(mnt / "d" / "n2", mnt / "d" / "b")      # over a lower file
+    os.link(mnt / "d" / "a", mnt / "d" / "a.dpkg-tmp")    # a lower file copied up
+    os.rename(mnt / "d" / "new", mnt / "d" / "a")
+    os.unlink(mnt / "d" / "a.dpkg-tmp")
+    os.unlink(mnt / "d" / "top")                      # whiteouts (U2)
+    os.rename(mnt / "d" / "l", mnt / "d" / "l2")
+    see("d/a", "d/b", "d/top", "d/l", "d/l2", "d/nd", "d/nd/f")
+    for p in ("o/sub/y", "o/x"):                      # an opaque directory (U5)
+        os.unlink(mnt / p)
+    os.rmdir(mnt / "o" / "sub")
+    os.rmdir(mnt / "o")
+    os.mkdir(mnt / "o")
+    (mnt / "o" / "x").write_bytes(b"new x\n")
+    forget_all()
+    see("d/a", "d/b", "d/h1", "d/h2", "d/l2", "d/nd", "d/nd/f", "o/x", "o/sub", "d/top")
+    out.append(sorted(os.listdir(mnt / "d")))
+    return out + shown(mnt)
+
+
+def shown(mnt: Path) -> list:
+    """``tree`` without times (no step sets any: they move with the run's clock)."""
+    return [e[:-1] if isinstance(e, tuple) else e for e in tree(mnt)]
+
+
+def numbers(mnt: Path) -> dict:
+    return {os.path.relpath(os.path.join(d, n), mnt): os.lstat(os.path.join(d, n)).st_ino
+            for d, dirs, files in os.walk(mnt) for n in dirs + files}
+
+
+@needs_overlay
+def test_lookups_as_kernel_overlay_and_after_remount(tmp_path, union_mount, lookups):
+    """The steps' lookups, the tree and the upper's entries are kernel overlayfs's
+    (U2 whiteouts, U4 copy-up, U5 an opaque directory); the mount made again over
+    the same upper shows the same tree with the same inode numbers (U8); with the
+    C lookups on, some were answered there."""
+    from mergefs.testing import mounts
+    layers = materialise_stack(LOWER, tmp_path / "m" / "layers")
+    up, wk = tmp_path / "m" / "up", tmp_path / "m" / "wk"
+    up.mkdir()
+    wk.mkdir()
+    mnt = union_mount(layers, upper=up, work=wk)
+    ours = steps(mnt)
+    counts = served(union_mount)
+    klayers = materialise_stack(LOWER, tmp_path / "k" / "layers")
+    for d in ("up", "wk", "ovl"):
+        (tmp_path / "k" / d).mkdir()
+    with mounts.overlay_mount(klayers, tmp_path / "k" / "ovl", upper=tmp_path / "k" / "up",
+                              work=tmp_path / "k" / "wk") as ovl:
+        theirs = steps(Path(ovl))
+    assert ours == theirs
+    assert upper_entries(up) == upper_entries(tmp_path / "k" / "up")
+    assert (counts.get("fast_lookup_named", 0) > 5) == (lookups == "c"), counts
+    before = numbers(mnt)
+    seen = shown(mnt)
+    _, pid, _ = union_mount.started[-1]
+    stop_server(mnt, pid)
+    again = union_mount(layers, upper=up, work=wk, mnt=mnt)
+    assert numbers(again) == before
+    assert shown(again) == seen
+
+
+COUNTS_SCRIPT = r'''
+import os, sys, threading, subprocess, time
+from mergefs.mountspec import MountSpec
+from mergefs.union import inodes, ops, server
+
+mnt, up, wk, layer = sys.argv[1:5]
+made, under = [], []
+orig_init, orig_forget = ops.UnionOperations.__init__, inodes.InodeTable.forget
+
+def init(self, *a, **k):
+    orig_init(self, *a, **k)
+    made.append(self)
+
+def forget(self, number, count):
+    inode = self._live.get(number)
+    record = self.lazy.get(number)
+    held = inode.lookups if inode is not None else record[0] if record is not None else 0
+    if inode is not self.root and count > held:
+        under.append((number, count, held))          # the kernel held more than counted
+    return orig_forget(self, number, count)
+
+ops.UnionOperations.__init__, inodes.InodeTable.forget = init, forget
+
+def forget_all():
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2\n")
+
+def live(o):       # the server's thread changes them: copies first
+    return [n for n in list(o.inodes._live) if n != 1] + list(o.inodes.lazy)
+
+def excl(p):
+    try:
+        os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        pass
+
+def work():
+    try:
+        while not os.path.ismount(mnt):
+            time.sleep(0.01)
+        o = made[0]
+        os.listdir(os.path.join(mnt, "d"))
+        for round in range(3):
+            d = os.path.join(mnt, "d")
+            for i in range(30):
+                f = os.path.join(d, "f%d" % i)
+                os.lstat(f)                               # lower files: lazily, in C
+                os.lstat(os.path.join(d, "h%d" % (i % 2)))    # hardlinked names
+                with open(f + ".new", "w") as out:
+                    out.write("x")
+                excl(f + ".new")                          # revalidated: live, in C
+                os.mkdir(f + ".dir")
+                excl(f + ".dir")
+                os.rename(f + ".new", f)                  # over the lower file
+                os.lstat(f)
+                excl(f)
+            forget_all()
+            for i in range(30):
+                os.lstat(os.path.join(d, "f%d" % i))
+                os.lstat(os.path.join(d, "f%d.dir" % i))
+            forget_all()
+            for _ in range(200):
+                if not live(o):
+                    break
+                time.sleep(0.02)
+            print("live after forget", len(live(o)), o.check())
+            for i in range(30):
+                os.rmdir(os.path.join(d, "f%d.dir" % i))
+        print("under", under)
+        from mergefs.union import fastpath
+        print("served", fastpath.stats().get("fast_lookup_named", 0))
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", mnt])
+
+threading.Thread(target=work, daemon=True).start()
+server.serve(MountSpec((layer,), up, wk, False, ()), mnt)
+'''
+
+
+def test_lookups_count_exactly(tmp_path, union_mount, lookups):
+    """Every lookup counted once, in the live table or the lazy records, whoever
+    answered it: a server in a child process (its table visible); lower files
+    looked up (two hardlinked names among them), new files and directories
+    revalidated by the kernel, renamed over lower files, looked up again after
+    the kernel forgot them; once it forgets everything, nothing is live or lazy
+    and no FORGET took off more than was counted. Three rounds, names reused."""
+    from mergefs.testing import mounts
+    spec = LayerSpec().dir("d").file("d/h0", b"h").hardlink("d/h1", "d/h0")
+    for i in range(30):
+        spec = spec.file(f"d/f{i}", b"lower %d\n" % i)
+    (layer,) = materialise_stack([spec], tmp_path / "layers")
+    dirs = [tmp_path / n for n in ("mnt", "up", "wk")]
+    for d in dirs:
+        d.mkdir()
+    try:
+        r = subprocess.run([sys.executable, "-c", COUNTS_SCRIPT, *map(str, dirs), str(layer)],
+                           capture_output=True, text=True, timeout=150)
+    finally:
+        if mounts.is_mounted(dirs[0]):
+            subprocess.run(["fusermount3", "-u", "-z", str(dirs[0])])
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert lines[:3] == ["live after forget 0 []"] * 3, r.stdout + r.stderr[-3000:]
+    assert lines[3] == "under []", r.stdout
+    assert (int(lines[4].split()[1]) > 100) == (lookups == "c"), r.stdout
+    assert "failed unexpectedly" not in r.stderr and "Traceback" not in r.stderr, r.stderr
