@@ -135,8 +135,12 @@ out:
     return answered;
 }
 
+static PyObject *named_sorted;
+
 static void clear_named(void)
 {
+    Py_CLEAR(made_fn);
+    Py_CLEAR(named_sorted);
     Py_CLEAR(named_numbers);
     Py_CLEAR(named_claims);
     Py_CLEAR(named_lazy);
@@ -174,5 +178,138 @@ static PyObject *py_set_named(PyObject *self, PyObject *args)
         named_dir_fn = fn == Py_None ? NULL : Py_NewRef(fn);
     }
     named_timeout = timeout;
+    Py_RETURN_TRUE;
+}
+
+/* -- MKNOD of a regular file in an upper directory the table serves ------------
+ * ``ops.mknod`` of a regular file (the kernel's open(O_CREAT) on a no-open
+ * mount) makes the file in place in the parent's upper directory
+ * (``WritableView._make``, ``Upper.make_in_place``) and keeps its fd for the
+ * writes that follow. Where the parent is live, its listing at hand (a
+ * SortedDict that is its own: ``named_sorted``, not a view's shared one)
+ * lacks the name and the table serves the parent (an upper directory's O_PATH
+ * fd: ``usable_entry``, so its node and sources are the ones set), the file
+ * is made here with the same syscalls: openat(O_CREAT|O_EXCL|O_NOFOLLOW) with
+ * its final mode when the request's owner is the server's own and the umask
+ * keeps the mode (no set-id or sticky bit: ``made_not_exact``), else mode 0
+ * then fchown and fchmod; the group is the parent's when it is set-gid.
+ * ``made(parent, name, st_ino, fd)`` (ops._made_in_c) then does Python's
+ * bookkeeping (the listing, the inode table, the fd cache, which hands the fd
+ * to this table) and returns the inode number, or an errno; the reply is the
+ * fstat made here. EEXIST (a whiteout there: staged and renamed over it) and
+ * anything else unusual go to the direct handler, which decides as before. */
+static long long made_uid = -1, made_gid = -1;
+static unsigned made_not_exact = 07777;
+static double made_timeout;
+
+static int mknod_made(fuse_req_t req, fuse_ino_t parent_ino, const char *cname, mode_t mode)
+{
+    PyObject *key = PyLong_FromUnsignedLongLong(parent_ino);
+    PyObject *parent = key ? PyDict_GetItemWithError(live_table, key) : NULL;
+    Py_XDECREF(key);
+    if (!parent) {
+        PyErr_Clear();
+        return 0;
+    }
+    Py_INCREF(parent);
+    PyObject *children = PyObject_GetAttr(parent, s_children), *name = NULL;
+    int answered = 0, fd = -1;
+    if (!children || (PyObject *)Py_TYPE(children) != named_sorted ||
+        !(name = PyBytes_FromString(cname)) || PyDict_Contains(children, name) != 0)
+        goto out;
+    entry_t *e = usable_entry(parent_ino, NULL, 1);
+    struct stat pst, st;
+    if (!e || !(e->flags & F_DIR) || e->inode != parent || fstat(e->fd, &pst) != 0)
+        goto out;
+    int dir = e->fd;                  /* (e is not used after Python ran: the table may move) */
+    const struct fuse_ctx *ctx = fuse_req_ctx(req);
+    uid_t uid = ctx->uid;
+    gid_t gid = (pst.st_mode & S_ISGID) ? pst.st_gid : ctx->gid;
+    int final = (long long)uid == made_uid && (long long)gid == made_gid &&
+                !(mode & made_not_exact);
+    mode_t made = final ? (mode & 07777) : 0;
+    fd = openat(dir, cname, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, made);
+    if (fd < 0) {
+        if (errno == EEXIST)
+            goto out;                     /* a whiteout (or a race): Python */
+        answered = 1;
+        fuse_reply_err(req, errno);
+        goto out;
+    }
+    int ok = final && fstat(fd, &st) == 0 && st.st_uid == uid && st.st_gid == gid &&
+             (st.st_mode & 07777) == made;
+    if (!ok && (fchown(fd, uid, gid) != 0 || fchmod(fd, mode & 07777) != 0 ||
+                fstat(fd, &st) != 0)) {
+        int err = errno;
+        close(fd);
+        fd = -1;
+        unlinkat(dir, cname, 0);          /* the view is unchanged (EPERM, EDQUOT ...) */
+        answered = 1;
+        fuse_reply_err(req, err);
+        goto out;
+    }
+    PyObject *args[5] = {NULL, PyLong_FromUnsignedLongLong(parent_ino), Py_NewRef(name),
+                         PyLong_FromUnsignedLongLong(st.st_ino), PyLong_FromLong(fd)};
+    PyObject *r = args[1] && args[3] && args[4] ?
+        PyObject_Vectorcall(made_fn, args + 1, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL) : NULL;
+    for (int i = 1; i < 5; i++)
+        Py_XDECREF(args[i]);
+    unsigned long long n = r && PyLong_CheckExact(r) ? PyLong_AsUnsignedLongLong(r) : 0;
+    Py_XDECREF(r);
+    if (!r)
+        PyErr_WriteUnraisable(made_fn);
+    PyErr_Clear();
+    answered = 1;
+    if (n < 4096) {                       /* an errno (or a bug: EIO); the fd was not kept */
+        close(fd);
+        fd = -1;
+        fuse_reply_err(req, n > 0 ? (int)n : EIO);
+        goto out;
+    }
+    fd = -1;                              /* the fd cache's now */
+    struct fuse_entry_param p;
+    memset(&p, 0, sizeof(p));
+    p.attr = st;
+    p.ino = p.attr.st_ino = n;
+    if (squash_uid >= 0)
+        p.attr.st_uid = (uid_t)squash_uid;
+    if (squash_gid >= 0)
+        p.attr.st_gid = (gid_t)squash_gid;
+    p.attr_timeout = attr_timeout;
+    p.entry_timeout = made_timeout;
+    served[OP_MKNOD_MADE]++;
+    fuse_reply_entry(req, &p);
+out:
+    PyErr_Clear();
+    Py_XDECREF(name);
+    Py_XDECREF(children);
+    Py_DECREF(parent);
+    return answered;
+}
+
+/* set_made(made, sorted_type, uid, gid, not_exact, entry_timeout) -> bool:
+ * ``made(parent, name, st_ino, fd)`` for ``mknod_made`` (None: no MKNOD made
+ * here), the listing type it may add to, the server's own uid and gid and the
+ * mode bits creating cannot set exactly (Upper._creator, Upper._not_exact). */
+static PyObject *py_set_made(PyObject *self, PyObject *args)
+{
+    PyObject *fn, *type;
+    long long uid, gid;
+    unsigned int not_exact;
+    double timeout;
+    if (!PyArg_ParseTuple(args, "OOLLId", &fn, &type, &uid, &gid, &not_exact, &timeout))
+        return NULL;
+    if (!hooks || !HAS_HOOK(entry_param))
+        Py_RETURN_FALSE;
+    Py_CLEAR(made_fn);
+    Py_CLEAR(named_sorted);
+    if (fn != Py_None) {
+        made_fn = Py_NewRef(fn);
+        named_sorted = Py_NewRef(type);
+    }
+    made_uid = uid;
+    made_gid = gid;
+    made_not_exact = not_exact;
+    made_timeout = timeout;
     Py_RETURN_TRUE;
 }

@@ -83,7 +83,7 @@ enum { OP_GETATTR, OP_SETATTR, OP_READ, OP_WRITE, OP_FSYNC, OP_GETXATTR, OP_LIST
        OP_READDIRPLUS, OP_GETXATTR_DIRECT, OP_WRITE_COPIED, OP_MKDIR_DIRECT, OP_UNLINK_DIRECT,
        OP_RMDIR_DIRECT, OP_SYMLINK_DIRECT, OP_RENAME_DIRECT, OP_LINK_DIRECT, OP_SETATTR_DIRECT,
        OP_SETXATTR_DIRECT, OP_REMOVEXATTR_DIRECT, OP_FORGET_DIRECT, OP_FSYNC_DIRECT,
-       OP_LOOKUP_LISTED, OP_READ_OPENED, OP_LOOKUP_NAMED, OP_N };
+       OP_LOOKUP_LISTED, OP_READ_OPENED, OP_LOOKUP_NAMED, OP_MKNOD_MADE, OP_N };
 static const char *op_names[OP_N] = {"getattr", "setattr", "read", "write", "fsync", "getxattr",
                                      "listxattr", "getattr_dir", "getattr_merged_dir",
                                      "getattr_direct", "lookup_direct",
@@ -92,7 +92,8 @@ static const char *op_names[OP_N] = {"getattr", "setattr", "read", "write", "fsy
                                      "rmdir_direct", "symlink_direct", "rename_direct",
                                      "link_direct", "setattr_direct", "setxattr_direct",
                                      "removexattr_direct", "forget_direct", "fsync_direct",
-                                     "lookup_listed", "read_opened", "lookup_named"};
+                                     "lookup_listed", "read_opened", "lookup_named",
+                                     "mknod_made"};
 static unsigned long long served[OP_N];
 static PyObject *s_node, *s_unlinked, *s_attr, *s_xattrs, *s_sources, *s_children;
 
@@ -379,7 +380,8 @@ static int lookup_listed(fuse_req_t req, fuse_ino_t parent, const char *name)
 }
 
 static int lookup_named(fuse_req_t req, fuse_ino_t parent, const char *name);  /* _fastns.h */
-static PyObject *named_numbers;
+static int mknod_made(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode);
+static PyObject *named_numbers, *made_fn;
 static double named_timeout;
 
 static int h_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
@@ -396,6 +398,8 @@ static int h_mknod(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t m
 {
     if (!direct_fn[D_MKNOD])
         return 0;
+    if (S_ISREG(mode) && live_table && made_fn && mknod_made(req, parent, name, mode))
+        return 1;
     return direct_named(req, D_MKNOD, OP_MKNOD_DIRECT, ANSWER_ENTRY, parent, name, 2,
                         PyLong_FromUnsignedLong(mode), PyLong_FromUnsignedLongLong(rdev));
 }
@@ -1992,6 +1996,9 @@ static PyMethodDef methods[] = {
     {"set_readdir", py_set_readdir, METH_VARARGS,
      "set_readdir(readdir, unlisted, entry_timeout) -> bool: READDIRPLUS replies filled "
      "in C (v8 builds)"},
+    {"set_made", py_set_made, METH_VARARGS,
+     "set_made(made, sorted_type, uid, gid, not_exact, entry_timeout) -> bool: MKNODs of regular files in "
+     "upper directories the table serves made in C (_fastns.h; made None: none)"},
     {"set_named", py_set_named, METH_VARARGS,
      "set_named(numbers, claims, lazy, entry_dir, entry_timeout) -> bool: LOOKUPs of "
      "names a live parent's listing has, of inodes the table serves or no Inode holds, "

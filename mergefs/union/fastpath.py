@@ -14,7 +14,9 @@ and ``FdCache.write_for_c`` for the copy-up at a lower file's first WRITE
 (``set_copyup``), and answers a LOOKUP of a name its live parent's listing at hand
 lacks itself (``set_listed``: the inode table's live inodes; ``fast_lookup_listed``),
 and one it has whose inode is live and served by its table, or a file no Inode
-holds yet (``set_named``, _fastns.h; ``fast_lookup_named``);
+holds yet (``set_named``, _fastns.h; ``fast_lookup_named``), and makes the
+new regular files of a MKNOD in an upper directory its table serves, the
+bookkeeping left to ``ops._made_in_c`` (``set_made``; ``fast_mknod_made``);
 with a v9 build it calls the namespace handlers too (mkdir,
 unlink, rmdir, symlink, rename, link, setxattr, removexattr), ``forget``, and
 ``setattr`` and ``fsync`` for what it does not answer itself (directories,

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 import pyfuse3
 from pyfuse3 import FUSEError
+from sortedcontainers import SortedDict
 
 from .. import syscalls
 from ..layer import DIR, REG, is_overlay_private
@@ -194,6 +195,14 @@ class UnionOperations(pyfuse3.Operations):
                         self.fds.fast.set_named(self.inodes._numbers, self.inodes._claims,
                                                 self.inodes.lazy, self.view.entry_dir,
                                                 self.timeouts.entry)
+                    # open(O_CREAT) of a new file in an upper directory C serves: made
+                    # in C, the bookkeeping here (_made_in_c). "0": for comparisons
+                    if self.view.writable and os.environ.get("MERGEFS_FAST_MKNOD") != "0" \
+                            and hasattr(self.fds.fast, "set_made"):
+                        upper = self.view.upper
+                        self.fds.fast.set_made(direct("mknod", self._made_in_c), SortedDict,
+                                               *upper._creator, upper._not_exact,
+                                               self.timeouts.entry)
                     # READDIRPLUS replies filled in C (v8 builds; _readdir_direct)
                     self.fds.fast.set_readdir(direct("readdir", self._readdir_direct),
                                               self._unlisted, self.timeouts.entry)
@@ -645,6 +654,16 @@ class UnionOperations(pyfuse3.Operations):
             self.fds.keep(inode, fd, True)      # its writes come next, by inode
             return self._entry(inode)
         return self._entry(w.mknod(self.inodes.get(parent_inode), name, mode, rdev, ctx))
+
+    def _made_in_c(self, parent_number: int, name: bytes, ino: int, fd: int) -> int:
+        """The C fast path made the regular file ``name`` (upper inode ``ino``, open
+        as ``fd``) in the upper directory of live inode ``parent_number``, as
+        ``mknod`` would have (``_fastns.h``, ``mknod_made``): the view and the
+        inode table take it, the fd cache its fd (handed back to C) for the
+        writes that follow. Returns its number (the entry C replies with)."""
+        inode = self.view.made(self.inodes.get(parent_number), name, REG, ino)
+        self.fds.keep(inode, fd, True)
+        return inode.number
 
     @fuse_errors
     def symlink(self, parent_inode, name, target, ctx):

@@ -361,12 +361,19 @@ class WritableView(UnionView):
 
     def _new_inode(self, parent: Inode, name: bytes, st: os.stat_result) -> Inode:
         """The inode of a new upper entry now at parent/name (lstat ``st``)."""
-        up, ino, kind = self.up, st.st_ino, stat.S_IFMT(st.st_mode)
+        inode = self.made(parent, name, stat.S_IFMT(st.st_mode), st.st_ino)
+        inode.attr = st
+        return inode
+
+    def made(self, parent: Inode, name: bytes, kind: int, ino: int) -> Inode:
+        """The inode of a new upper entry of type ``kind`` now at parent/name (upper
+        inode ``ino``; its attributes not read): the listing and the inode table
+        take it, counted once (also for the C fast path's MKNOD, _fastns.h)."""
+        up = self.up
         self.inodes.fresh(up, ino)
         node = _new_node(Node, (kind, (up,), (ino,)))
         self._set_child(parent, name, node)
         inode = self.inodes.entry(parent, name, node)
-        inode.attr = st
         if kind == DIR:           # served by the upper alone: no markers to read (U1 nlink)
             inode.redirects, inode.sources = (), (self.up,)
             # and empty (made in place, or opaque over a whiteout): its listing is at

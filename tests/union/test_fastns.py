@@ -1,16 +1,19 @@
-"""LOOKUPs answered in C (``_fastns.h``, ``fast_lookup_named``): a name the
-parent's listing at hand has, whose inode is live and served by the C table
-(the kernel revalidating a dentry it holds: a rename's source or target,
-``open(O_CREAT|O_EXCL)`` of a name there), or a file no Inode holds yet
-(counted in the table's lazy records, inodes.py "lazy entry").
+"""Namespace requests answered in C (``_fastns.h``): LOOKUPs of a name the
+parent's listing at hand has (``fast_lookup_named``), whose inode is live and
+served by the C table (the kernel revalidating a dentry it holds: a rename's
+source or target, ``open(O_CREAT|O_EXCL)`` of a name there), or a file no
+Inode holds yet (counted in the table's lazy records, inodes.py "lazy
+entry"); MKNODs of regular files in an upper directory the table serves
+(``fast_mknod_made``: made in C, Python's bookkeeping called from there).
 
-They must answer what ``ops.lookup`` answers (the differential test against
-kernel overlayfs: names made, looked up again, renamed, linked, listed,
-removed, around whiteouts and an opaque directory, then after a remount with
-the same inode numbers, U8) and count exactly what it counts (the server in a
-child process: after the kernel forgets everything, nothing is live or lazy,
-and no FORGET takes off more than was counted), whichever path serves them
-(``MERGEFS_FAST_LOOKUP=0``: the Python handler), in both open modes.
+They must answer what the Python handlers answer (the differential test
+against kernel overlayfs: names made, looked up again, renamed, linked,
+listed, removed, made again over a whiteout, in an opaque directory, then
+after a remount with the same inode numbers, U8) and count exactly what
+they count (the server in a child process: after the kernel forgets
+everything, nothing is live or lazy, and no FORGET takes off more than was
+counted), whichever path serves them (``MERGEFS_FAST_LOOKUP=0``,
+``MERGEFS_FAST_MKNOD=0``: the Python handlers), in both open modes.
 """
 from __future__ import annotations
 
@@ -38,11 +41,12 @@ LOWER = (LayerSpec().dir("d").file("d/a", b"a\n").file("d/b", b"b\n").file("d/c"
 
 @pytest.fixture(params=["c", "python"])
 def lookups(request, monkeypatch, union_mount):
-    """Who answers the LOOKUPs of names a listing at hand has: "c" (the default,
-    where the build has it: no-open writable mounts with the C fast path) or
-    "python" (``MERGEFS_FAST_LOOKUP=0``)."""
+    """Who answers the LOOKUPs of names a listing at hand has and the MKNODs of new
+    files: "c" (the default, where the build has it: no-open writable mounts with
+    the C fast path) or "python" (``MERGEFS_FAST_LOOKUP=0``, ``MERGEFS_FAST_MKNOD=0``)."""
     if request.param == "python":
         monkeypatch.setenv("MERGEFS_FAST_LOOKUP", "0")
+        monkeypatch.setenv("MERGEFS_FAST_MKNOD", "0")
         return "python"
     fast = union_mount.writable_no_open and os.environ.get("MERGEFS_NO_OPEN") != "0" and \
         os.environ.get("MERGEFS_FASTPATH") != "0" and patch_version() >= 9
@@ -89,14 +93,32 @@ def steps(mnt: Path) -> list:
     os.unlink(mnt / "d" / "top")                      # whiteouts (U2)
     os.rename(mnt / "d" / "l", mnt / "d" / "l2")
     see("d/a", "d/b", "d/top", "d/l", "d/l2", "d/nd", "d/nd/f")
+    (mnt / "d" / "top").write_bytes(b"again\n")       # over its whiteout (staged)
+    (mnt / "d" / "c").write_bytes(b"c again\n")       # over the top layer's whiteout
+    old = os.umask(0)
+    try:                                              # modes made exactly or fixed up
+        for name, mode in (("m600", 0o600), ("m4755", 0o4755), ("m1644", 0o1644)):
+            os.close(os.open(mnt / "d" / "nd" / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode))
+    finally:
+        os.umask(old)
+    os.mkdir(mnt / "d" / "sg", 0o2777)              # a set-gid directory: its group
+    os.chown(mnt / "d" / "sg", 0, 77)
+    os.chmod(mnt / "d" / "sg", 0o2777)
+    (mnt / "d" / "sg" / "g").write_bytes(b"g\n")
+    os.link(mnt / "d" / "nd" / "f", mnt / "d" / "nd" / "f2")
+    os.rename(mnt / "d" / "nd" / "f", mnt / "d" / "f3")
+    see("d/top", "d/c", "d/f3", "d/nd/f", "d/nd/f2", "d/nd/m600", "d/nd/m4755")
     for p in ("o/sub/y", "o/x"):                      # an opaque directory (U5)
         os.unlink(mnt / p)
     os.rmdir(mnt / "o" / "sub")
     os.rmdir(mnt / "o")
     os.mkdir(mnt / "o")
     (mnt / "o" / "x").write_bytes(b"new x\n")
+    os.mkdir(mnt / "o" / "sub")
+    (mnt / "o" / "sub" / "z").write_bytes(b"z\n")
     forget_all()
-    see("d/a", "d/b", "d/h1", "d/h2", "d/l2", "d/nd", "d/nd/f", "o/x", "o/sub", "d/top")
+    see("d/a", "d/b", "d/h1", "d/h2", "d/l2", "d/nd", "d/nd/f", "o/x", "o/sub", "o/sub/y",
+        "o/sub/z", "d/top")
     out.append(sorted(os.listdir(mnt / "d")))
     return out + shown(mnt)
 
@@ -134,6 +156,7 @@ def test_lookups_as_kernel_overlay_and_after_remount(tmp_path, union_mount, look
     assert ours == theirs
     assert upper_entries(up) == upper_entries(tmp_path / "k" / "up")
     assert (counts.get("fast_lookup_named", 0) > 5) == (lookups == "c"), counts
+    assert (counts.get("fast_mknod_made", 0) >= 5) == (lookups == "c"), counts
     before = numbers(mnt)
     seen = shown(mnt)
     _, pid, _ = union_mount.started[-1]
@@ -197,6 +220,11 @@ def work():
                 excl(f + ".new")                          # revalidated: live, in C
                 os.mkdir(f + ".dir")
                 excl(f + ".dir")
+                for n in ("x", "y"):                      # new files in a new dir: made in C
+                    with open(os.path.join(f + ".dir", n), "w") as out:
+                        out.write(n)
+                os.link(os.path.join(f + ".dir", "x"), os.path.join(f + ".dir", "x2"))
+                os.rename(os.path.join(f + ".dir", "y"), os.path.join(f + ".dir", "x"))
                 os.rename(f + ".new", f)                  # over the lower file
                 os.lstat(f)
                 excl(f)
@@ -204,6 +232,7 @@ def work():
             for i in range(30):
                 os.lstat(os.path.join(d, "f%d" % i))
                 os.lstat(os.path.join(d, "f%d.dir" % i))
+                os.lstat(os.path.join(d, "f%d.dir" % i, "x2"))
             forget_all()
             for _ in range(200):
                 if not live(o):
@@ -211,10 +240,13 @@ def work():
                 time.sleep(0.02)
             print("live after forget", len(live(o)), o.check())
             for i in range(30):
+                for n in ("x", "x2"):
+                    os.unlink(os.path.join(d, "f%d.dir" % i, n))
                 os.rmdir(os.path.join(d, "f%d.dir" % i))
         print("under", under)
         from mergefs.union import fastpath
-        print("served", fastpath.stats().get("fast_lookup_named", 0))
+        stats = fastpath.stats()
+        print("served", stats.get("fast_lookup_named", 0), stats.get("fast_mknod_made", 0))
     finally:
         subprocess.run(["fusermount3", "-u", "-z", mnt])
 
@@ -249,4 +281,5 @@ def test_lookups_count_exactly(tmp_path, union_mount, lookups):
     assert lines[:3] == ["live after forget 0 []"] * 3, r.stdout + r.stderr[-3000:]
     assert lines[3] == "under []", r.stdout
     assert (int(lines[4].split()[1]) > 100) == (lookups == "c"), r.stdout
+    assert (int(lines[4].split()[2]) >= 180) == (lookups == "c"), r.stdout
     assert "failed unexpectedly" not in r.stderr and "Traceback" not in r.stderr, r.stderr
