@@ -135,10 +135,13 @@ out:
     return answered;
 }
 
-static PyObject *named_sorted;
+static PyObject *named_sorted, *lower_has_fn, *pin_fn;
 
 static void clear_named(void)
 {
+    Py_CLEAR(renamed_fn);
+    Py_CLEAR(lower_has_fn);
+    Py_CLEAR(pin_fn);
     Py_CLEAR(made_fn);
     Py_CLEAR(named_sorted);
     Py_CLEAR(named_numbers);
@@ -311,5 +314,206 @@ static PyObject *py_set_made(PyObject *self, PyObject *args)
     made_gid = gid;
     made_not_exact = not_exact;
     made_timeout = timeout;
+    Py_RETURN_TRUE;
+}
+
+/* -- RENAME of an upper file the kernel holds by that name ----------------------
+ * ``ops.rename`` of an upper file (dpkg's NAME.dpkg-new into place) whose live
+ * inode carries exactly that name renames it inside the upper and updates the
+ * view (rename._move, nothing copied up). Here, where both parents are live
+ * with their own listings at hand (``named_sorted``) and served by the table
+ * (their upper O_PATH fds), the source is a non-directory of the upper layer
+ * (``made_up``) whose live inode is named so, nothing below the upper shows at
+ * the old name (no whiteout needed: a parent served by the upper alone, else
+ * ``lower_has(parent, name)`` says False) and the new name shows nothing or a
+ * non-directory of another inode (an upper file the kernel holds pinned
+ * first, as ops.rename pins it), the rename is one renameat here, then
+ * ``renamed(parent, name, new_parent, new_name, inode, dst)`` (the Inodes,
+ * the source's live Inode and the node shown at the new name or None:
+ * WritableView.renamed) updates the listings and the inode table. Needs
+ * ``set_named``'s tables; everything else goes to the direct handler. */
+static long made_up = -1;
+
+/* The live directory ``ino``, its listing (exact ``named_sorted``) and its table
+ * fd: 0, or -1 (new references in *inode, *children only on 0). */
+static int served_dir(fuse_ino_t ino, PyObject **inode, PyObject **children, int *fd)
+{
+    PyObject *key = PyLong_FromUnsignedLongLong(ino);
+    *inode = key ? PyDict_GetItemWithError(live_table, key) : NULL;
+    Py_XDECREF(key);
+    if (!*inode)
+        return -1;
+    Py_INCREF(*inode);
+    *children = PyObject_GetAttr(*inode, s_children);
+    entry_t *e = *children && (PyObject *)Py_TYPE(*children) == named_sorted ?
+        usable_entry(ino, NULL, 1) : NULL;
+    if (!e || !(e->flags & F_DIR) || e->inode != *inode) {
+        Py_CLEAR(*inode);
+        Py_CLEAR(*children);
+        return -1;
+    }
+    *fd = e->fd;
+    return 0;
+}
+
+/* Is ``inode`` live, not unlinked, named ``parent/name`` and served by ``node``? */
+static int named_so(PyObject *inode, PyObject *parent, PyObject *name, PyObject *node)
+{
+    PyObject *was = PyObject_GetAttr(inode, s_parent_);
+    PyObject *leaf = was == parent ? PyObject_GetAttr(inode, s_name_) : NULL;
+    PyObject *now = leaf ? PyObject_GetAttr(inode, s_node) : NULL;
+    PyObject *unlinked = now == node ? PyObject_GetAttr(inode, s_unlinked) : NULL;
+    int same = unlinked == Py_False && PyBytes_CheckExact(leaf) &&
+               PyObject_RichCompareBool(leaf, name, Py_EQ) == 1;
+    Py_XDECREF(was);
+    Py_XDECREF(leaf);
+    Py_XDECREF(now);
+    Py_XDECREF(unlinked);
+    PyErr_Clear();
+    return same;
+}
+
+/* Does anything below the upper show at ``parent/name``? 1, 0, or -1 (unknown) */
+static int below(PyObject *parent, PyObject *name)
+{
+    PyObject *sources = PyObject_GetAttr(parent, s_sources);
+    int only_upper = sources && PyTuple_Check(sources) && PyTuple_GET_SIZE(sources) == 1 &&
+                     PyLong_AsLong(PyTuple_GET_ITEM(sources, 0)) == made_up;
+    Py_XDECREF(sources);
+    PyErr_Clear();
+    if (only_upper)
+        return 0;
+    PyObject *args[2] = {parent, name};
+    PyObject *r = PyObject_Vectorcall(lower_has_fn, args, 2, NULL);
+    int has = r == Py_False ? 0 : r == Py_True ? 1 : -1;
+    Py_XDECREF(r);
+    PyErr_Clear();
+    return has;
+}
+
+/* A non-directory node of the upper layer (kind, layers, inos): its number, or 0. */
+static uint64_t upper_file(PyObject *node)
+{
+    if (!node || !PyTuple_Check(node) || PyTuple_GET_SIZE(node) < 3)
+        return 0;
+    PyObject *layers = PyTuple_GET_ITEM(node, 1);
+    long kind = PyLong_AsLong(PyTuple_GET_ITEM(node, 0));
+    if (kind == S_IFDIR || !PyTuple_Check(layers) || !PyTuple_GET_SIZE(layers) ||
+        PyLong_AsLong(PyTuple_GET_ITEM(layers, 0)) != made_up || PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    return number_of(node, named_numbers, named_claims);
+}
+
+/* A node the view shows at the new name: may it be renamed over here? A
+ * non-directory of another number (an inode the kernel holds for it loses that
+ * name in ``renamed``): 1; 2 when it is an upper file the kernel holds, which
+ * ``pin`` (ops.rename's: FdCache.pin) keeps an fd on first; else 0. */
+static int replaceable(PyObject *dst, uint64_t n)
+{
+    PyObject *layers = PyTuple_Check(dst) && PyTuple_GET_SIZE(dst) >= 3 ?
+        PyTuple_GET_ITEM(dst, 1) : NULL;
+    if (!layers || !PyTuple_Check(layers) || !PyTuple_GET_SIZE(layers) ||
+        PyLong_AsLong(PyTuple_GET_ITEM(dst, 0)) == S_IFDIR || PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    int lower = PyLong_AsLong(PyTuple_GET_ITEM(layers, 0)) != made_up;
+    uint64_t m = number_of(dst, named_numbers, named_claims);
+    PyObject *number = m && m != n ? PyLong_FromUnsignedLongLong(m) : NULL;
+    int ok = number && !PyErr_Occurred();
+    int held = ok && !lower && (PyDict_Contains(live_table, number) != 0 ||
+                                PyDict_Contains(named_lazy, number) != 0);
+    Py_XDECREF(number);
+    PyErr_Clear();
+    return !ok ? 0 : held ? 2 : 1;
+}
+
+static int rename_made(fuse_req_t req, fuse_ino_t p1, const char *n1, fuse_ino_t p2,
+                       const char *n2)
+{
+    PyObject *parent1 = NULL, *children1 = NULL, *parent2 = NULL, *children2 = NULL;
+    PyObject *name1 = NULL, *name2 = NULL, *src = NULL, *dst = NULL, *inode = NULL,
+             *number = NULL;
+    int fd1, fd2, answered = 0;
+    if (served_dir(p1, &parent1, &children1, &fd1) < 0 ||
+        served_dir(p2, &parent2, &children2, &fd2) < 0 ||
+        !(name1 = PyBytes_FromString(n1)) || !(name2 = PyBytes_FromString(n2)))
+        goto out;
+    src = Py_XNewRef(PyDict_GetItemWithError(children1, name1));
+    uint64_t n = upper_file(src);
+    if (!n || !(number = PyLong_FromUnsignedLongLong(n)))
+        goto out;
+    inode = Py_XNewRef(PyDict_GetItemWithError(live_table, number));
+    if (!inode || !named_so(inode, parent1, name1, src))
+        goto out;
+    dst = Py_XNewRef(PyDict_GetItemWithError(children2, name2));
+    int over = dst ? replaceable(dst, n) : 1;
+    if (PyErr_Occurred() || !over || below(parent1, name1) != 0)
+        goto out;
+    answered = 1;
+    if (over == 2) {                      /* the kernel may hold it open: an fd kept */
+        PyObject *args[3] = {NULL, parent2, name2};
+        PyObject *r = PyObject_Vectorcall(pin_fn, args + 1, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                          NULL);
+        int err = r == Py_None ? 0 : r && PyLong_CheckExact(r) ? (int)PyLong_AsLong(r) : EIO;
+        if (!r)
+            PyErr_WriteUnraisable(pin_fn);
+        Py_XDECREF(r);
+        if (err) {
+            fuse_reply_err(req, err > 0 && err < 4096 ? err : EIO);
+            goto out;
+        }
+    }
+    if (renameat(fd1, n1, fd2, n2) != 0) {
+        fuse_reply_err(req, errno);
+        goto out;
+    }
+    PyObject *args[7] = {NULL, parent1, name1, parent2, name2, inode, dst ? dst : Py_None};
+    PyObject *r = PyObject_Vectorcall(renamed_fn, args + 1, 6 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                      NULL);
+    int err = r == Py_None ? 0 : r && PyLong_CheckExact(r) ? (int)PyLong_AsLong(r) : EIO;
+    if (!r)
+        PyErr_WriteUnraisable(renamed_fn);
+    Py_XDECREF(r);
+    served[OP_RENAME_MADE]++;
+    fuse_reply_err(req, err > 0 && err < 4096 ? err : err ? EIO : 0);
+out:
+    PyErr_Clear();
+    Py_XDECREF(number);
+    Py_XDECREF(inode);
+    Py_XDECREF(dst);
+    Py_XDECREF(src);
+    Py_XDECREF(name2);
+    Py_XDECREF(name1);
+    Py_XDECREF(children2);
+    Py_XDECREF(parent2);
+    Py_XDECREF(children1);
+    Py_XDECREF(parent1);
+    return answered;
+}
+
+/* set_renamed(renamed, lower_has, pin, up) -> bool: ``renamed(parent, name,
+ * new_parent, new_name, inode, dst)`` for ``rename_made`` (None: no RENAME here),
+ * WritableView.lower_has, ``pin(parent, name)`` (FdCache.pin: None or an
+ * errno) and the upper's layer index. */
+static PyObject *py_set_renamed(PyObject *self, PyObject *args)
+{
+    PyObject *fn, *has, *pin;
+    long up;
+    if (!PyArg_ParseTuple(args, "OOOl", &fn, &has, &pin, &up))
+        return NULL;
+    if (!hooks || !HAS_HOOK(entry_param))
+        Py_RETURN_FALSE;
+    Py_CLEAR(renamed_fn);
+    Py_CLEAR(lower_has_fn);
+    Py_CLEAR(pin_fn);
+    if (fn != Py_None) {
+        renamed_fn = Py_NewRef(fn);
+        lower_has_fn = Py_NewRef(has);
+        pin_fn = Py_NewRef(pin);
+    }
+    made_up = up;
     Py_RETURN_TRUE;
 }

@@ -83,7 +83,7 @@ enum { OP_GETATTR, OP_SETATTR, OP_READ, OP_WRITE, OP_FSYNC, OP_GETXATTR, OP_LIST
        OP_READDIRPLUS, OP_GETXATTR_DIRECT, OP_WRITE_COPIED, OP_MKDIR_DIRECT, OP_UNLINK_DIRECT,
        OP_RMDIR_DIRECT, OP_SYMLINK_DIRECT, OP_RENAME_DIRECT, OP_LINK_DIRECT, OP_SETATTR_DIRECT,
        OP_SETXATTR_DIRECT, OP_REMOVEXATTR_DIRECT, OP_FORGET_DIRECT, OP_FSYNC_DIRECT,
-       OP_LOOKUP_LISTED, OP_READ_OPENED, OP_LOOKUP_NAMED, OP_MKNOD_MADE, OP_N };
+       OP_LOOKUP_LISTED, OP_READ_OPENED, OP_LOOKUP_NAMED, OP_MKNOD_MADE, OP_RENAME_MADE, OP_N };
 static const char *op_names[OP_N] = {"getattr", "setattr", "read", "write", "fsync", "getxattr",
                                      "listxattr", "getattr_dir", "getattr_merged_dir",
                                      "getattr_direct", "lookup_direct",
@@ -93,7 +93,7 @@ static const char *op_names[OP_N] = {"getattr", "setattr", "read", "write", "fsy
                                      "link_direct", "setattr_direct", "setxattr_direct",
                                      "removexattr_direct", "forget_direct", "fsync_direct",
                                      "lookup_listed", "read_opened", "lookup_named",
-                                     "mknod_made"};
+                                     "mknod_made", "rename_made"};
 static unsigned long long served[OP_N];
 static PyObject *s_node, *s_unlinked, *s_attr, *s_xattrs, *s_sources, *s_children;
 
@@ -381,7 +381,9 @@ static int lookup_listed(fuse_req_t req, fuse_ino_t parent, const char *name)
 
 static int lookup_named(fuse_req_t req, fuse_ino_t parent, const char *name);  /* _fastns.h */
 static int mknod_made(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode);
-static PyObject *named_numbers, *made_fn;
+static int rename_made(fuse_req_t req, fuse_ino_t parent, const char *name,
+                       fuse_ino_t new_parent, const char *new_name);
+static PyObject *named_numbers, *made_fn, *renamed_fn;
 static double named_timeout;
 
 static int h_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
@@ -440,6 +442,9 @@ static int h_rename(fuse_req_t req, fuse_ino_t parent, const char *name, fuse_in
 {
     if (!direct_fn[D_RENAME])
         return 0;
+    if (!flags && live_table && named_numbers && renamed_fn &&
+        rename_made(req, parent, name, new_parent, new_name))
+        return 1;
     PyObject *args[MAX_ARGS + 2] = {NULL, PyLong_FromUnsignedLongLong(parent),
                                     PyBytes_FromString(name),
                                     PyLong_FromUnsignedLongLong(new_parent),
@@ -1996,6 +2001,9 @@ static PyMethodDef methods[] = {
     {"set_readdir", py_set_readdir, METH_VARARGS,
      "set_readdir(readdir, unlisted, entry_timeout) -> bool: READDIRPLUS replies filled "
      "in C (v8 builds)"},
+    {"set_renamed", py_set_renamed, METH_VARARGS,
+     "set_renamed(renamed, lower_has, pin, up) -> bool: RENAMEs of upper files the kernel holds "
+     "by that name where no whiteout is needed, renamed in C (_fastns.h; renamed None: none)"},
     {"set_made", py_set_made, METH_VARARGS,
      "set_made(made, sorted_type, uid, gid, not_exact, entry_timeout) -> bool: MKNODs of regular files in "
      "upper directories the table serves made in C (_fastns.h; made None: none)"},

@@ -203,6 +203,14 @@ class UnionOperations(pyfuse3.Operations):
                         self.fds.fast.set_made(direct("mknod", self._made_in_c), SortedDict,
                                                *upper._creator, upper._not_exact,
                                                self.timeouts.entry)
+                    # rename of an upper file the kernel holds by that name, nothing below
+                    # to white out: in C (needs set_named's tables), the bookkeeping in
+                    # WritableView.renamed. "0": for comparisons
+                    if self.view.writable and os.environ.get("MERGEFS_FAST_RENAME") != "0" \
+                            and hasattr(self.fds.fast, "set_renamed"):
+                        self.fds.fast.set_renamed(direct("rename", self.view.renamed),
+                                                  self.view.lower_has,
+                                                  direct("rename", self.fds.pin), self.view.up)
                     # READDIRPLUS replies filled in C (v8 builds; _readdir_direct)
                     self.fds.fast.set_readdir(direct("readdir", self._readdir_direct),
                                               self._unlisted, self.timeouts.entry)

@@ -125,6 +125,15 @@ def _move(view, inode, p_old, old: bytes, p_new, new: bytes, dst: Node | None,
     os.rename(old, new, src_dir_fd=ofd, dst_dir_fd=nfd)
     if below_old:
         upper.whiteout(join(p_old.path, old))
+    follow_move(view, inode, p_old, old, p_new, new, dst)
+    if redirect is not None:
+        set_redirect(view, inode, redirect)
+
+
+def follow_move(view, inode, p_old, old: bytes, p_new, new: bytes, dst: Node | None) -> None:
+    """The view after the upper's entry of ``inode`` moved from ``p_old/old`` to
+    ``p_new/new`` (over ``dst``, the node the view showed there, or None); also
+    after the C fast path renamed an upper file (``WritableView.renamed``)."""
     if dst is not None:
         gone = view._live(dst)
         if gone is not None:
@@ -133,8 +142,6 @@ def _move(view, inode, p_old, old: bytes, p_new, new: bytes, dst: Node | None,
     view._set_child(p_old, old, None)
     view._set_child(p_new, new, inode.node)
     view.inodes.move_name(inode, p_old, old, p_new, new)
-    if redirect is not None:
-        set_redirect(view, inode, redirect)
     inode.attr = None
 
 

@@ -618,13 +618,29 @@ class WritableView(UnionView):
 
     # -- renaming ------------------------------------------------------------
     def rename(self, p_old: Inode, old: bytes, p_new: Inode, new: bytes, flags: int) -> None:
-        global _rename
-        if _rename is None:     # imported at the first rename (a mount starts without it)
-            from .rename import rename as _rename
-        _rename(self, p_old, old, p_new, new, flags)
+        _renames().rename(self, p_old, old, p_new, new, flags)
+
+    def renamed(self, p_old: Inode, old: bytes, p_new: Inode, new: bytes, inode: Inode,
+                dst: Node | None) -> None:
+        """The C fast path renamed the upper file of ``inode``, live and named
+        ``p_old/old``, to ``p_new/new`` where the view showed ``dst`` (or None),
+        as ``rename`` would have (_fastns.h, ``rename_made``: nothing below to
+        white out, what was at the new name pinned first where ``rename`` pins
+        it): the view and the inode table follow (``rename.follow_move``)."""
+        _renames().follow_move(self, inode, p_old, old, p_new, new, dst)
 
 
-_rename = None      # rename.rename, once imported (an import per call costs ~10 us)
+_rename_module = None
+
+
+def _renames():
+    """The rename module, imported at the first rename (a mount starts without it;
+    an import statement per call costs ~10 us)."""
+    global _rename_module
+    if _rename_module is None:
+        from . import rename
+        _rename_module = rename
+    return _rename_module
 
 
 class _Borrowed:

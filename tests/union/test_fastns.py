@@ -4,7 +4,9 @@ served by the C table (the kernel revalidating a dentry it holds: a rename's
 source or target, ``open(O_CREAT|O_EXCL)`` of a name there), or a file no
 Inode holds yet (counted in the table's lazy records, inodes.py "lazy
 entry"); MKNODs of regular files in an upper directory the table serves
-(``fast_mknod_made``: made in C, Python's bookkeeping called from there).
+(``fast_mknod_made``: made in C, Python's bookkeeping called from there);
+RENAMEs of an upper file the kernel holds by its name, where no whiteout is
+needed and nothing the kernel holds is renamed over (``fast_rename_made``).
 
 They must answer what the Python handlers answer (the differential test
 against kernel overlayfs: names made, looked up again, renamed, linked,
@@ -13,7 +15,8 @@ after a remount with the same inode numbers, U8) and count exactly what
 they count (the server in a child process: after the kernel forgets
 everything, nothing is live or lazy, and no FORGET takes off more than was
 counted), whichever path serves them (``MERGEFS_FAST_LOOKUP=0``,
-``MERGEFS_FAST_MKNOD=0``: the Python handlers), in both open modes.
+``MERGEFS_FAST_MKNOD=0``, ``MERGEFS_FAST_RENAME=0``: the Python handlers), in
+both open modes.
 """
 from __future__ import annotations
 
@@ -42,11 +45,13 @@ LOWER = (LayerSpec().dir("d").file("d/a", b"a\n").file("d/b", b"b\n").file("d/c"
 @pytest.fixture(params=["c", "python"])
 def lookups(request, monkeypatch, union_mount):
     """Who answers the LOOKUPs of names a listing at hand has and the MKNODs of new
-    files: "c" (the default, where the build has it: no-open writable mounts with
-    the C fast path) or "python" (``MERGEFS_FAST_LOOKUP=0``, ``MERGEFS_FAST_MKNOD=0``)."""
+    files and the RENAMEs of upper files: "c" (the default, where the build has
+    it: no-open writable mounts with the C fast path) or "python"
+    (``MERGEFS_FAST_LOOKUP=0``, ``MERGEFS_FAST_MKNOD=0``, ``MERGEFS_FAST_RENAME=0``)."""
     if request.param == "python":
         monkeypatch.setenv("MERGEFS_FAST_LOOKUP", "0")
         monkeypatch.setenv("MERGEFS_FAST_MKNOD", "0")
+        monkeypatch.setenv("MERGEFS_FAST_RENAME", "0")
         return "python"
     fast = union_mount.writable_no_open and os.environ.get("MERGEFS_NO_OPEN") != "0" and \
         os.environ.get("MERGEFS_FASTPATH") != "0" and patch_version() >= 9
@@ -87,12 +92,15 @@ def steps(mnt: Path) -> list:
     os.rename(mnt / "d" / "nd.dpkg-new", mnt / "d" / "nd")
     (mnt / "d" / "nd" / "f").write_bytes(b"f\n")
     os.rename(mnt / "d" / "n2", mnt / "d" / "b")      # over a lower file
+    os.rename(mnt / "d" / "b", mnt / "d" / "b2")      # away from it: a whiteout (U2)
+    os.rename(mnt / "d" / "b2", mnt / "d" / "b")      # and back over it
+    os.rename(mnt / "d" / "b", mnt / "d" / "b3")
     os.link(mnt / "d" / "a", mnt / "d" / "a.dpkg-tmp")    # a lower file copied up
     os.rename(mnt / "d" / "new", mnt / "d" / "a")
     os.unlink(mnt / "d" / "a.dpkg-tmp")
     os.unlink(mnt / "d" / "top")                      # whiteouts (U2)
     os.rename(mnt / "d" / "l", mnt / "d" / "l2")
-    see("d/a", "d/b", "d/top", "d/l", "d/l2", "d/nd", "d/nd/f")
+    see("d/a", "d/b", "d/b2", "d/b3", "d/top", "d/l", "d/l2", "d/nd", "d/nd/f")
     (mnt / "d" / "top").write_bytes(b"again\n")       # over its whiteout (staged)
     (mnt / "d" / "c").write_bytes(b"c again\n")       # over the top layer's whiteout
     old = os.umask(0)
@@ -107,7 +115,21 @@ def steps(mnt: Path) -> list:
     (mnt / "d" / "sg" / "g").write_bytes(b"g\n")
     os.link(mnt / "d" / "nd" / "f", mnt / "d" / "nd" / "f2")
     os.rename(mnt / "d" / "nd" / "f", mnt / "d" / "f3")
-    see("d/top", "d/c", "d/f3", "d/nd/f", "d/nd/f2", "d/nd/m600", "d/nd/m4755")
+    for n in ("v1", "v2", "v3"):
+        (mnt / "d" / "nd" / n).write_bytes(n.encode())
+    os.rename(mnt / "d" / "nd" / "m600", mnt / "d" / "nd" / "m600b")
+    forget_all()                                      # v2 no longer held by the kernel
+    os.rename(mnt / "d" / "nd" / "v1", mnt / "d" / "nd" / "v2")
+    os.rename(mnt / "d" / "nd" / "v3", mnt / "d" / "v3")
+    os.rename(mnt / "d" / "nd" / "f2", mnt / "d" / "nd" / "m600b")   # over a held file
+    (mnt / "d" / "nd" / "held").write_bytes(b"old bytes\n")
+    (mnt / "d" / "nd" / "repl").write_bytes(b"new\n")
+    with open(mnt / "d" / "nd" / "held", "rb") as f:     # open while renamed over
+        os.rename(mnt / "d" / "nd" / "repl", mnt / "d" / "nd" / "held")
+        forget_all()
+        out.append((f.read(), os.fstat(f.fileno()).st_size))
+    see("d/top", "d/c", "d/f3", "d/nd/f", "d/nd/f2", "d/nd/m600", "d/nd/m600b", "d/nd/m4755",
+        "d/nd/v1", "d/nd/v2", "d/v3")
     for p in ("o/sub/y", "o/x"):                      # an opaque directory (U5)
         os.unlink(mnt / p)
     os.rmdir(mnt / "o" / "sub")
@@ -157,6 +179,7 @@ def test_lookups_as_kernel_overlay_and_after_remount(tmp_path, union_mount, look
     assert upper_entries(up) == upper_entries(tmp_path / "k" / "up")
     assert (counts.get("fast_lookup_named", 0) > 5) == (lookups == "c"), counts
     assert (counts.get("fast_mknod_made", 0) >= 5) == (lookups == "c"), counts
+    assert (counts.get("fast_rename_made", 0) >= 3) == (lookups == "c"), counts
     before = numbers(mnt)
     seen = shown(mnt)
     _, pid, _ = union_mount.started[-1]
@@ -225,6 +248,9 @@ def work():
                         out.write(n)
                 os.link(os.path.join(f + ".dir", "x"), os.path.join(f + ".dir", "x2"))
                 os.rename(os.path.join(f + ".dir", "y"), os.path.join(f + ".dir", "x"))
+                with open(os.path.join(f + ".dir", "z"), "w") as out:
+                    out.write("z")
+                os.rename(os.path.join(f + ".dir", "z"), os.path.join(f + ".dir", "w"))
                 os.rename(f + ".new", f)                  # over the lower file
                 os.lstat(f)
                 excl(f)
@@ -240,13 +266,14 @@ def work():
                 time.sleep(0.02)
             print("live after forget", len(live(o)), o.check())
             for i in range(30):
-                for n in ("x", "x2"):
+                for n in ("x", "x2", "w"):
                     os.unlink(os.path.join(d, "f%d.dir" % i, n))
                 os.rmdir(os.path.join(d, "f%d.dir" % i))
         print("under", under)
         from mergefs.union import fastpath
         stats = fastpath.stats()
-        print("served", stats.get("fast_lookup_named", 0), stats.get("fast_mknod_made", 0))
+        print("served", stats.get("fast_lookup_named", 0), stats.get("fast_mknod_made", 0),
+              stats.get("fast_rename_made", 0))
     finally:
         subprocess.run(["fusermount3", "-u", "-z", mnt])
 
@@ -282,4 +309,5 @@ def test_lookups_count_exactly(tmp_path, union_mount, lookups):
     assert lines[3] == "under []", r.stdout
     assert (int(lines[4].split()[1]) > 100) == (lookups == "c"), r.stdout
     assert (int(lines[4].split()[2]) >= 180) == (lookups == "c"), r.stdout
+    assert (int(lines[4].split()[3]) >= 90) == (lookups == "c"), r.stdout
     assert "failed unexpectedly" not in r.stderr and "Traceback" not in r.stderr, r.stderr
