@@ -320,7 +320,10 @@ static PyObject *py_set_made(PyObject *self, PyObject *args)
 /* -- RENAME of an upper file the kernel holds by that name ----------------------
  * ``ops.rename`` of an upper file (dpkg's NAME.dpkg-new into place) whose live
  * inode carries exactly that name renames it inside the upper and updates the
- * view (rename._move, nothing copied up). Here, where both parents are live
+ * view (rename._move, nothing copied up). So it does a directory the upper
+ * alone serves (node and sources: dpkg's DIR.dpkg-new) to a name that shows
+ * nothing, where nothing below shows at either name (no whiteout, no opaque
+ * mark; Python then drops its cached fds of both paths). Here, where both parents are live
  * with their own listings at hand (``named_sorted``) and served by the table
  * (their upper O_PATH fds), the source is a non-directory of the upper layer
  * (``made_up``) whose live inode is named so, nothing below the upper shows at
@@ -373,15 +376,21 @@ static int named_so(PyObject *inode, PyObject *parent, PyObject *name, PyObject 
     return same;
 }
 
+/* Is the directory ``inode`` served by the upper alone (its ``sources``)? */
+static int only_upper(PyObject *inode)
+{
+    PyObject *sources = PyObject_GetAttr(inode, s_sources);
+    int only = sources && PyTuple_Check(sources) && PyTuple_GET_SIZE(sources) == 1 &&
+               PyLong_AsLong(PyTuple_GET_ITEM(sources, 0)) == made_up;
+    Py_XDECREF(sources);
+    PyErr_Clear();
+    return only;
+}
+
 /* Does anything below the upper show at ``parent/name``? 1, 0, or -1 (unknown) */
 static int below(PyObject *parent, PyObject *name)
 {
-    PyObject *sources = PyObject_GetAttr(parent, s_sources);
-    int only_upper = sources && PyTuple_Check(sources) && PyTuple_GET_SIZE(sources) == 1 &&
-                     PyLong_AsLong(PyTuple_GET_ITEM(sources, 0)) == made_up;
-    Py_XDECREF(sources);
-    PyErr_Clear();
-    if (only_upper)
+    if (only_upper(parent))
         return 0;
     PyObject *args[2] = {parent, name};
     PyObject *r = PyObject_Vectorcall(lower_has_fn, args, 2, NULL);
@@ -391,14 +400,15 @@ static int below(PyObject *parent, PyObject *name)
     return has;
 }
 
-/* A non-directory node of the upper layer (kind, layers, inos): its number, or 0. */
-static uint64_t upper_file(PyObject *node)
+/* A node (kind, layers, inos) of the upper layer: a non-directory, or a
+ * directory the upper alone serves (``*dir`` 1): its number, or 0. */
+static uint64_t upper_entry(PyObject *node, int *dir)
 {
     if (!node || !PyTuple_Check(node) || PyTuple_GET_SIZE(node) < 3)
         return 0;
     PyObject *layers = PyTuple_GET_ITEM(node, 1);
-    long kind = PyLong_AsLong(PyTuple_GET_ITEM(node, 0));
-    if (kind == S_IFDIR || !PyTuple_Check(layers) || !PyTuple_GET_SIZE(layers) ||
+    *dir = PyLong_AsLong(PyTuple_GET_ITEM(node, 0)) == S_IFDIR;
+    if (!PyTuple_Check(layers) || PyTuple_GET_SIZE(layers) != 1 ||
         PyLong_AsLong(PyTuple_GET_ITEM(layers, 0)) != made_up || PyErr_Occurred()) {
         PyErr_Clear();
         return 0;
@@ -442,15 +452,17 @@ static int rename_made(fuse_req_t req, fuse_ino_t p1, const char *n1, fuse_ino_t
         !(name1 = PyBytes_FromString(n1)) || !(name2 = PyBytes_FromString(n2)))
         goto out;
     src = Py_XNewRef(PyDict_GetItemWithError(children1, name1));
-    uint64_t n = upper_file(src);
+    int dir = 0;
+    uint64_t n = upper_entry(src, &dir);
     if (!n || !(number = PyLong_FromUnsignedLongLong(n)))
         goto out;
     inode = Py_XNewRef(PyDict_GetItemWithError(live_table, number));
     if (!inode || !named_so(inode, parent1, name1, src))
         goto out;
     dst = Py_XNewRef(PyDict_GetItemWithError(children2, name2));
-    int over = dst ? replaceable(dst, n) : 1;
-    if (PyErr_Occurred() || !over || below(parent1, name1) != 0)
+    int over = dst ? (dir ? 0 : replaceable(dst, n)) : 1;
+    if (PyErr_Occurred() || !over || below(parent1, name1) != 0 ||
+        (dir && (below(parent2, name2) != 0 || !only_upper(inode))))
         goto out;
     answered = 1;
     if (over == 2) {                      /* the kernel may hold it open: an fd kept */

@@ -622,11 +622,15 @@ class WritableView(UnionView):
 
     def renamed(self, p_old: Inode, old: bytes, p_new: Inode, new: bytes, inode: Inode,
                 dst: Node | None) -> None:
-        """The C fast path renamed the upper file of ``inode``, live and named
+        """The C fast path renamed the upper entry of ``inode``, live and named
         ``p_old/old``, to ``p_new/new`` where the view showed ``dst`` (or None),
         as ``rename`` would have (_fastns.h, ``rename_made``: nothing below to
         white out, what was at the new name pinned first where ``rename`` pins
-        it): the view and the inode table follow (``rename.follow_move``)."""
+        it; a directory the upper alone serves, to a name that hides nothing):
+        the view and the inode table follow (``rename.follow_move``)."""
+        if inode.node.kind == DIR:      # its path and those below it changed
+            self.upper.forget_dirs(join(p_old.path, old))
+            self.upper.forget_dirs(join(p_new.path, new))
         _renames().follow_move(self, inode, p_old, old, p_new, new, dst)
 
 

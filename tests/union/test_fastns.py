@@ -122,6 +122,19 @@ def steps(mnt: Path) -> list:
     os.rename(mnt / "d" / "nd" / "v1", mnt / "d" / "nd" / "v2")
     os.rename(mnt / "d" / "nd" / "v3", mnt / "d" / "v3")
     os.rename(mnt / "d" / "nd" / "f2", mnt / "d" / "nd" / "m600b")   # over a held file
+    os.mkdir(mnt / "d" / "m.dpkg-new")                # a directory with content moved
+    os.mkdir(mnt / "d" / "m.dpkg-new" / "sub")
+    (mnt / "d" / "m.dpkg-new" / "sub" / "f").write_bytes(b"f\n")
+    os.rename(mnt / "d" / "m.dpkg-new", mnt / "d" / "m")
+    (mnt / "d" / "m" / "sub" / "g").write_bytes(b"g\n")     # made through its new path
+    os.mkdir(mnt / "d" / "m.dpkg-new")                # the old names again: new directories
+    os.mkdir(mnt / "d" / "m.dpkg-new" / "sub")
+    (mnt / "d" / "m.dpkg-new" / "sub" / "k").write_bytes(b"k\n")
+    os.rename(mnt / "d" / "m" / "sub", mnt / "d" / "nd" / "msub")
+    (mnt / "d" / "nd" / "msub" / "h").write_bytes(b"h\n")
+    os.rename(mnt / "d" / "m", mnt / "d" / "l")       # over the whiteout of "l": opaque
+    see("d/m", "d/l", "d/nd/msub/f", "d/nd/msub/g", "d/nd/msub/h", "d/nd/msub/k",
+        "d/m.dpkg-new/sub/k")
     (mnt / "d" / "nd" / "held").write_bytes(b"old bytes\n")
     (mnt / "d" / "nd" / "repl").write_bytes(b"new\n")
     with open(mnt / "d" / "nd" / "held", "rb") as f:     # open while renamed over
