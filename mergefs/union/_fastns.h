@@ -136,9 +136,11 @@ out:
 }
 
 static PyObject *named_sorted, *lower_has_fn, *pin_fn;
+static int dir_setattr;
 
 static void clear_named(void)
 {
+    dir_setattr = 0;
     Py_CLEAR(renamed_fn);
     Py_CLEAR(lower_has_fn);
     Py_CLEAR(pin_fn);
@@ -527,5 +529,82 @@ static PyObject *py_set_renamed(PyObject *self, PyObject *args)
         pin_fn = Py_NewRef(pin);
     }
     made_up = up;
+    Py_RETURN_TRUE;
+}
+
+/* -- SETATTR of an upper directory the table serves ------------------------------
+ * chown, chmod and utimes of a directory (dpkg sets all three on each one it
+ * makes) go to WritableView.setattr, which changes the upper directory by name
+ * in its parent (owner, mode, times: ``apply``'s order) and reads its
+ * attributes again. For a directory the table serves (an upper one: its
+ * O_PATH fd, ``usable_entry`` with dirs) the same calls go through that fd
+ * here (fchownat AT_EMPTY_PATH; chmod and utimensat through /proc/self/fd,
+ * which an O_PATH fd allows), Python's cached attributes are dropped
+ * (``changed``) and the reply is its fstat (``attributes``: nlink 1 when
+ * merged, U1). A size, a file handle or anything else: the direct handler. */
+#define DIR_SET (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID | \
+                 FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME | FUSE_SET_ATTR_ATIME_NOW | \
+                 FUSE_SET_ATTR_MTIME_NOW | FUSE_SET_ATTR_CTIME)
+
+static int apply_dir(int fd, const struct stat *a, int to_set)
+{
+    char path[64];
+    snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+    if ((to_set & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) &&
+        fchownat(fd, "", (to_set & FUSE_SET_ATTR_UID) ? a->st_uid : (uid_t)-1,
+                 (to_set & FUSE_SET_ATTR_GID) ? a->st_gid : (gid_t)-1,
+                 AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) != 0)
+        return -1;
+    if ((to_set & FUSE_SET_ATTR_MODE) && chmod(path, a->st_mode & 07777) != 0)
+        return -1;
+    if (to_set & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME |
+                  FUSE_SET_ATTR_ATIME_NOW | FUSE_SET_ATTR_MTIME_NOW)) {
+        struct timespec ts[2] = {{0, UTIME_OMIT}, {0, UTIME_OMIT}}, now;
+        if ((to_set & (FUSE_SET_ATTR_ATIME_NOW | FUSE_SET_ATTR_MTIME_NOW)) &&
+            clock_gettime(CLOCK_REALTIME, &now) != 0)
+            return -1;
+        if (to_set & FUSE_SET_ATTR_ATIME)
+            ts[0] = a->st_atim;
+        else if (to_set & FUSE_SET_ATTR_ATIME_NOW)
+            ts[0] = now;
+        if (to_set & FUSE_SET_ATTR_MTIME)
+            ts[1] = a->st_mtim;
+        else if (to_set & FUSE_SET_ATTR_MTIME_NOW)
+            ts[1] = now;
+        if (utimensat(AT_FDCWD, path, ts, 0) != 0)
+            return -1;
+    }
+    return 0;
+}
+
+static int setattr_dir(fuse_req_t req, fuse_ino_t ino, const struct stat *a, int to_set,
+                       struct fuse_file_info *fi)
+{
+    if (!dir_setattr || (to_set & ~DIR_SET) || (fi && fi->fh))
+        return 0;
+    entry_t *e = usable_entry(ino, NULL, 1);
+    struct stat st;
+    if (!e || !(e->flags & F_DIR) || (e->flags & F_LAZY))
+        return 0;
+    served[OP_SETATTR_DIR]++;
+    int failed = apply_dir(e->fd, a, to_set), err = errno;
+    changed(e, to_set & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID));
+    if (failed)
+        fuse_reply_err(req, err);
+    else if (attributes(e, ino, &st) < 0)
+        fuse_reply_err(req, errno ? errno : EIO);
+    else
+        fuse_reply_attr(req, &st, attr_timeout);
+    return 1;
+}
+
+/* set_dir_setattr(on) -> bool: SETATTRs of the upper directories the table serves
+ * answered here (``setattr_dir``; a writable mount's). */
+static PyObject *py_set_dir_setattr(PyObject *self, PyObject *arg)
+{
+    dir_setattr = PyObject_IsTrue(arg) == 1;
+    PyErr_Clear();
+    if (!hooks)
+        Py_RETURN_FALSE;
     Py_RETURN_TRUE;
 }

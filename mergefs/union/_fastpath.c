@@ -83,7 +83,7 @@ enum { OP_GETATTR, OP_SETATTR, OP_READ, OP_WRITE, OP_FSYNC, OP_GETXATTR, OP_LIST
        OP_READDIRPLUS, OP_GETXATTR_DIRECT, OP_WRITE_COPIED, OP_MKDIR_DIRECT, OP_UNLINK_DIRECT,
        OP_RMDIR_DIRECT, OP_SYMLINK_DIRECT, OP_RENAME_DIRECT, OP_LINK_DIRECT, OP_SETATTR_DIRECT,
        OP_SETXATTR_DIRECT, OP_REMOVEXATTR_DIRECT, OP_FORGET_DIRECT, OP_FSYNC_DIRECT,
-       OP_LOOKUP_LISTED, OP_READ_OPENED, OP_LOOKUP_NAMED, OP_MKNOD_MADE, OP_RENAME_MADE, OP_N };
+       OP_LOOKUP_LISTED, OP_READ_OPENED, OP_LOOKUP_NAMED, OP_MKNOD_MADE, OP_RENAME_MADE, OP_SETATTR_DIR, OP_N };
 static const char *op_names[OP_N] = {"getattr", "setattr", "read", "write", "fsync", "getxattr",
                                      "listxattr", "getattr_dir", "getattr_merged_dir",
                                      "getattr_direct", "lookup_direct",
@@ -93,7 +93,8 @@ static const char *op_names[OP_N] = {"getattr", "setattr", "read", "write", "fsy
                                      "link_direct", "setattr_direct", "setxattr_direct",
                                      "removexattr_direct", "forget_direct", "fsync_direct",
                                      "lookup_listed", "read_opened", "lookup_named",
-                                     "mknod_made", "rename_made"};
+                                     "mknod_made", "rename_made",
+                                     "setattr_dir"};
 static unsigned long long served[OP_N];
 static PyObject *s_node, *s_unlinked, *s_attr, *s_xattrs, *s_sources, *s_children;
 
@@ -383,6 +384,8 @@ static int lookup_named(fuse_req_t req, fuse_ino_t parent, const char *name);  /
 static int mknod_made(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode);
 static int rename_made(fuse_req_t req, fuse_ino_t parent, const char *name,
                        fuse_ino_t new_parent, const char *new_name);
+static int setattr_dir(fuse_req_t req, fuse_ino_t ino, const struct stat *a, int to_set,
+                       struct fuse_file_info *fi);
 static PyObject *named_numbers, *made_fn, *renamed_fn;
 static double named_timeout;
 
@@ -950,6 +953,8 @@ static int h_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *a, int to_set,
 {
     struct stat st;
     entry_t *e = (to_set & ~KNOWN_SET) ? NULL : usable(ino, fi);
+    if ((!e || !(e->flags & F_WRITE)) && setattr_dir(req, ino, a, to_set, fi))
+        return 1;                      /* an upper directory (_fastns.h) */
     if (!e || !(e->flags & F_WRITE))   /* a lower file is copied up first: Python (U4) */
         return setattr_direct(req, ino, a, to_set, fi);
     served[OP_SETATTR]++;
@@ -2001,6 +2006,9 @@ static PyMethodDef methods[] = {
     {"set_readdir", py_set_readdir, METH_VARARGS,
      "set_readdir(readdir, unlisted, entry_timeout) -> bool: READDIRPLUS replies filled "
      "in C (v8 builds)"},
+    {"set_dir_setattr", py_set_dir_setattr, METH_O,
+     "set_dir_setattr(on) -> bool: SETATTRs of upper directories the table serves "
+     "answered in C (_fastns.h)"},
     {"set_renamed", py_set_renamed, METH_VARARGS,
      "set_renamed(renamed, lower_has, pin, up) -> bool: RENAMEs of upper files the kernel holds "
      "by that name where no whiteout is needed, renamed in C (_fastns.h; renamed None: none)"},

@@ -16,7 +16,12 @@ lacks itself (``set_listed``: the inode table's live inodes; ``fast_lookup_liste
 and one it has whose inode is live and served by its table, or a file no Inode
 holds yet (``set_named``, _fastns.h; ``fast_lookup_named``), and makes the
 new regular files of a MKNOD in an upper directory its table serves, the
-bookkeeping left to ``ops._made_in_c`` (``set_made``; ``fast_mknod_made``);
+bookkeeping left to ``ops._made_in_c`` (``set_made``; ``fast_mknod_made``),
+renames upper files the kernel holds by that name and upper-only
+directories where no whiteout is needed (``set_renamed``, the bookkeeping in
+``WritableView.renamed``; ``fast_rename_made``), and sets the owner, mode and
+times of the upper directories its table serves (``set_dir_setattr``;
+``fast_setattr_dir``);
 with a v9 build it calls the namespace handlers too (mkdir,
 unlink, rmdir, symlink, rename, link, setxattr, removexattr), ``forget``, and
 ``setattr`` and ``fsync`` for what it does not answer itself (directories,

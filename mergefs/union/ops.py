@@ -203,6 +203,10 @@ class UnionOperations(pyfuse3.Operations):
                         self.fds.fast.set_made(direct("mknod", self._made_in_c), SortedDict,
                                                *upper._creator, upper._not_exact,
                                                self.timeouts.entry)
+                    # chown/chmod/utimes of an upper directory C serves: in C. "0": off
+                    if self.view.writable and os.environ.get("MERGEFS_FAST_DIR_SETATTR") != "0" \
+                            and hasattr(self.fds.fast, "set_dir_setattr"):
+                        self.fds.fast.set_dir_setattr(True)
                     # rename of an upper file the kernel holds by that name, nothing below
                     # to white out: in C (needs set_named's tables), the bookkeeping in
                     # WritableView.renamed. "0": for comparisons

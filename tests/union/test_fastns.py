@@ -5,8 +5,9 @@ source or target, ``open(O_CREAT|O_EXCL)`` of a name there), or a file no
 Inode holds yet (counted in the table's lazy records, inodes.py "lazy
 entry"); MKNODs of regular files in an upper directory the table serves
 (``fast_mknod_made``: made in C, Python's bookkeeping called from there);
-RENAMEs of an upper file the kernel holds by its name, where no whiteout is
-needed and nothing the kernel holds is renamed over (``fast_rename_made``).
+RENAMEs of an upper file the kernel holds by its name (or of a directory
+the upper alone serves) where no whiteout is needed (``fast_rename_made``);
+SETATTRs of upper directories the table serves (``fast_setattr_dir``).
 
 They must answer what the Python handlers answer (the differential test
 against kernel overlayfs: names made, looked up again, renamed, linked,
@@ -15,8 +16,8 @@ after a remount with the same inode numbers, U8) and count exactly what
 they count (the server in a child process: after the kernel forgets
 everything, nothing is live or lazy, and no FORGET takes off more than was
 counted), whichever path serves them (``MERGEFS_FAST_LOOKUP=0``,
-``MERGEFS_FAST_MKNOD=0``, ``MERGEFS_FAST_RENAME=0``: the Python handlers), in
-both open modes.
+``MERGEFS_FAST_MKNOD=0``, ``MERGEFS_FAST_RENAME=0``,
+``MERGEFS_FAST_DIR_SETATTR=0``: the Python handlers), in both open modes.
 """
 from __future__ import annotations
 
@@ -45,13 +46,14 @@ LOWER = (LayerSpec().dir("d").file("d/a", b"a\n").file("d/b", b"b\n").file("d/c"
 @pytest.fixture(params=["c", "python"])
 def lookups(request, monkeypatch, union_mount):
     """Who answers the LOOKUPs of names a listing at hand has and the MKNODs of new
-    files and the RENAMEs of upper files: "c" (the default, where the build has
-    it: no-open writable mounts with the C fast path) or "python"
-    (``MERGEFS_FAST_LOOKUP=0``, ``MERGEFS_FAST_MKNOD=0``, ``MERGEFS_FAST_RENAME=0``)."""
+    files, the RENAMEs of upper entries and SETATTRs of upper directories: "c"
+    (the default, where the build has it: no-open writable mounts with the C
+    fast path) or "python" (``MERGEFS_FAST_*=0``)."""
     if request.param == "python":
         monkeypatch.setenv("MERGEFS_FAST_LOOKUP", "0")
         monkeypatch.setenv("MERGEFS_FAST_MKNOD", "0")
         monkeypatch.setenv("MERGEFS_FAST_RENAME", "0")
+        monkeypatch.setenv("MERGEFS_FAST_DIR_SETATTR", "0")
         return "python"
     fast = union_mount.writable_no_open and os.environ.get("MERGEFS_NO_OPEN") != "0" and \
         os.environ.get("MERGEFS_FASTPATH") != "0" and patch_version() >= 9
@@ -135,6 +137,15 @@ def steps(mnt: Path) -> list:
     os.rename(mnt / "d" / "m", mnt / "d" / "l")       # over the whiteout of "l": opaque
     see("d/m", "d/l", "d/nd/msub/f", "d/nd/msub/g", "d/nd/msub/h", "d/nd/msub/k",
         "d/m.dpkg-new/sub/k")
+    for i, p in enumerate((mnt / "d" / "nd", mnt / "d" / "nd" / "msub", mnt / "d")):
+        os.chown(p, 5 + i, 6 + i)                     # a directory's attributes (dpkg's)
+        os.chmod(p, 0o2750 - i)
+        os.utime(p, ns=(1_500_000_000_000_000_000 + i, 1_600_000_000_000_000_000 + i))
+        os.utime(p, ns=(1_500_000_000_000_000_000 + i, 1_600_000_000_000_000_000 + i))
+        st = os.lstat(p)
+        out.append((str(p.relative_to(mnt)), oct(st.st_mode), st.st_uid, st.st_gid,
+                    st.st_atime_ns, st.st_mtime_ns, st.st_nlink))
+    os.chmod(mnt / "d", 0o755)
     (mnt / "d" / "nd" / "held").write_bytes(b"old bytes\n")
     (mnt / "d" / "nd" / "repl").write_bytes(b"new\n")
     with open(mnt / "d" / "nd" / "held", "rb") as f:     # open while renamed over
@@ -193,6 +204,7 @@ def test_lookups_as_kernel_overlay_and_after_remount(tmp_path, union_mount, look
     assert (counts.get("fast_lookup_named", 0) > 5) == (lookups == "c"), counts
     assert (counts.get("fast_mknod_made", 0) >= 5) == (lookups == "c"), counts
     assert (counts.get("fast_rename_made", 0) >= 3) == (lookups == "c"), counts
+    assert (counts.get("fast_setattr_dir", 0) >= 8) == (lookups == "c"), counts
     before = numbers(mnt)
     seen = shown(mnt)
     _, pid, _ = union_mount.started[-1]
