@@ -201,13 +201,16 @@ static PyObject *py_set_named(PyObject *self, PyObject *args)
  * ``made(parent, name, st_ino, fd)`` (ops._made_in_c) then does Python's
  * bookkeeping (the listing, the inode table, the fd cache, which hands the fd
  * to this table) and returns the inode number, or an errno; the reply is the
- * fstat made here. EEXIST (a whiteout there: staged and renamed over it) and
+ * fstat made here. MKDIR the same way (mkdirat, the parent's set-gid bit
+ * kept, fchownat/fchmodat by name; ``made`` with fd -1 also has the table
+ * serve the new directory, as ops.mkdir). EEXIST (a whiteout there: staged and renamed over it) and
  * anything else unusual go to the direct handler, which decides as before. */
 static long long made_uid = -1, made_gid = -1;
 static unsigned made_not_exact = 07777;
 static double made_timeout;
 
-static int mknod_made(fuse_req_t req, fuse_ino_t parent_ino, const char *cname, mode_t mode)
+static int made_in(fuse_req_t req, fuse_ino_t parent_ino, const char *cname, mode_t mode,
+                   int is_dir)
 {
     PyObject *key = PyLong_FromUnsignedLongLong(parent_ino);
     PyObject *parent = key ? PyDict_GetItemWithError(live_table, key) : NULL;
@@ -230,31 +233,40 @@ static int mknod_made(fuse_req_t req, fuse_ino_t parent_ino, const char *cname, 
     const struct fuse_ctx *ctx = fuse_req_ctx(req);
     uid_t uid = ctx->uid;
     gid_t gid = (pst.st_mode & S_ISGID) ? pst.st_gid : ctx->gid;
+    if (is_dir)
+        mode |= pst.st_mode & S_ISGID;      /* as WritableView._make */
     int final = (long long)uid == made_uid && (long long)gid == made_gid &&
                 !(mode & made_not_exact);
     mode_t made = final ? (mode & 07777) : 0;
-    fd = openat(dir, cname, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, made);
-    if (fd < 0) {
+    if (is_dir)
+        fd = mkdirat(dir, cname, made) == 0 ? -2 : -1;    /* -2: made, no fd */
+    else
+        fd = openat(dir, cname, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, made);
+    if (fd == -1) {
         if (errno == EEXIST)
             goto out;                     /* a whiteout (or a race): Python */
         answered = 1;
         fuse_reply_err(req, errno);
         goto out;
     }
-    int ok = final && fstat(fd, &st) == 0 && st.st_uid == uid && st.st_gid == gid &&
-             (st.st_mode & 07777) == made;
-    if (!ok && (fchown(fd, uid, gid) != 0 || fchmod(fd, mode & 07777) != 0 ||
-                fstat(fd, &st) != 0)) {
+    int ok = final && (is_dir ? fstatat(dir, cname, &st, AT_SYMLINK_NOFOLLOW) : fstat(fd, &st))
+             == 0 && st.st_uid == uid && st.st_gid == gid && (st.st_mode & 07777) == made;
+    if (!ok && (is_dir ? fchownat(dir, cname, uid, gid, AT_SYMLINK_NOFOLLOW) != 0 ||
+                         fchmodat(dir, cname, mode & 07777, 0) != 0 ||
+                         fstatat(dir, cname, &st, AT_SYMLINK_NOFOLLOW) != 0
+                       : fchown(fd, uid, gid) != 0 || fchmod(fd, mode & 07777) != 0 ||
+                         fstat(fd, &st) != 0)) {
         int err = errno;
-        close(fd);
+        if (fd >= 0)
+            close(fd);
         fd = -1;
-        unlinkat(dir, cname, 0);          /* the view is unchanged (EPERM, EDQUOT ...) */
+        unlinkat(dir, cname, is_dir ? AT_REMOVEDIR : 0);  /* the view is unchanged */
         answered = 1;
         fuse_reply_err(req, err);
         goto out;
     }
     PyObject *args[5] = {NULL, PyLong_FromUnsignedLongLong(parent_ino), Py_NewRef(name),
-                         PyLong_FromUnsignedLongLong(st.st_ino), PyLong_FromLong(fd)};
+                         PyLong_FromUnsignedLongLong(st.st_ino), PyLong_FromLong(is_dir ? -1 : fd)};
     PyObject *r = args[1] && args[3] && args[4] ?
         PyObject_Vectorcall(made_fn, args + 1, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL) : NULL;
     for (int i = 1; i < 5; i++)
@@ -266,7 +278,8 @@ static int mknod_made(fuse_req_t req, fuse_ino_t parent_ino, const char *cname, 
     PyErr_Clear();
     answered = 1;
     if (n < 4096) {                       /* an errno (or a bug: EIO); the fd was not kept */
-        close(fd);
+        if (fd >= 0)
+            close(fd);
         fd = -1;
         fuse_reply_err(req, n > 0 ? (int)n : EIO);
         goto out;
@@ -282,7 +295,7 @@ static int mknod_made(fuse_req_t req, fuse_ino_t parent_ino, const char *cname, 
         p.attr.st_gid = (gid_t)squash_gid;
     p.attr_timeout = attr_timeout;
     p.entry_timeout = made_timeout;
-    served[OP_MKNOD_MADE]++;
+    served[is_dir ? OP_MKDIR_MADE : OP_MKNOD_MADE]++;
     fuse_reply_entry(req, &p);
 out:
     PyErr_Clear();
@@ -292,9 +305,19 @@ out:
     return answered;
 }
 
+static int mknod_made(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode)
+{
+    return made_in(req, parent, name, mode, 0);
+}
+
+static int mkdir_made(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode)
+{
+    return made_in(req, parent, name, mode, 1);
+}
+
 /* set_made(made, sorted_type, uid, gid, not_exact, entry_timeout) -> bool:
- * ``made(parent, name, st_ino, fd)`` for ``mknod_made`` (None: no MKNOD made
- * here), the listing type it may add to, the server's own uid and gid and the
+ * ``made(parent, name, st_ino, fd)`` for ``made_in`` (None: no MKNOD or MKDIR
+ * made here), the listing type it may add to, the server's own uid and gid and the
  * mode bits creating cannot set exactly (Upper._creator, Upper._not_exact). */
 static PyObject *py_set_made(PyObject *self, PyObject *args)
 {

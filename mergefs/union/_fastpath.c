@@ -83,7 +83,7 @@ enum { OP_GETATTR, OP_SETATTR, OP_READ, OP_WRITE, OP_FSYNC, OP_GETXATTR, OP_LIST
        OP_READDIRPLUS, OP_GETXATTR_DIRECT, OP_WRITE_COPIED, OP_MKDIR_DIRECT, OP_UNLINK_DIRECT,
        OP_RMDIR_DIRECT, OP_SYMLINK_DIRECT, OP_RENAME_DIRECT, OP_LINK_DIRECT, OP_SETATTR_DIRECT,
        OP_SETXATTR_DIRECT, OP_REMOVEXATTR_DIRECT, OP_FORGET_DIRECT, OP_FSYNC_DIRECT,
-       OP_LOOKUP_LISTED, OP_READ_OPENED, OP_LOOKUP_NAMED, OP_MKNOD_MADE, OP_RENAME_MADE, OP_SETATTR_DIR, OP_N };
+       OP_LOOKUP_LISTED, OP_READ_OPENED, OP_LOOKUP_NAMED, OP_MKNOD_MADE, OP_RENAME_MADE, OP_SETATTR_DIR, OP_MKDIR_MADE, OP_N };
 static const char *op_names[OP_N] = {"getattr", "setattr", "read", "write", "fsync", "getxattr",
                                      "listxattr", "getattr_dir", "getattr_merged_dir",
                                      "getattr_direct", "lookup_direct",
@@ -94,7 +94,7 @@ static const char *op_names[OP_N] = {"getattr", "setattr", "read", "write", "fsy
                                      "removexattr_direct", "forget_direct", "fsync_direct",
                                      "lookup_listed", "read_opened", "lookup_named",
                                      "mknod_made", "rename_made",
-                                     "setattr_dir"};
+                                     "setattr_dir", "mkdir_made"};
 static unsigned long long served[OP_N];
 static PyObject *s_node, *s_unlinked, *s_attr, *s_xattrs, *s_sources, *s_children;
 
@@ -382,6 +382,7 @@ static int lookup_listed(fuse_req_t req, fuse_ino_t parent, const char *name)
 
 static int lookup_named(fuse_req_t req, fuse_ino_t parent, const char *name);  /* _fastns.h */
 static int mknod_made(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode);
+static int mkdir_made(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode);
 static int rename_made(fuse_req_t req, fuse_ino_t parent, const char *name,
                        fuse_ino_t new_parent, const char *new_name);
 static int setattr_dir(fuse_req_t req, fuse_ino_t ino, const struct stat *a, int to_set,
@@ -416,6 +417,8 @@ static int h_mkdir(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t m
     if (!direct_fn[D_MKDIR])
         return 0;
     mode = (mode & ~(mode_t)S_IFMT) | S_IFDIR;     /* as pyfuse3's fuse_mkdir_async */
+    if (live_table && made_fn && mkdir_made(req, parent, name, mode))
+        return 1;
     return direct_named(req, D_MKDIR, OP_MKDIR_DIRECT, ANSWER_ENTRY, parent, name, 1,
                         PyLong_FromUnsignedLong(mode), NULL);
 }
@@ -2013,8 +2016,8 @@ static PyMethodDef methods[] = {
      "set_renamed(renamed, lower_has, pin, up) -> bool: RENAMEs of upper files the kernel holds "
      "by that name where no whiteout is needed, renamed in C (_fastns.h; renamed None: none)"},
     {"set_made", py_set_made, METH_VARARGS,
-     "set_made(made, sorted_type, uid, gid, not_exact, entry_timeout) -> bool: MKNODs of regular files in "
-     "upper directories the table serves made in C (_fastns.h; made None: none)"},
+     "set_made(made, sorted_type, uid, gid, not_exact, entry_timeout) -> bool: MKNODs of regular files "
+     "and MKDIRs in upper directories the table serves made in C (_fastns.h; made None: none)"},
     {"set_named", py_set_named, METH_VARARGS,
      "set_named(numbers, claims, lazy, entry_dir, entry_timeout) -> bool: LOOKUPs of "
      "names a live parent's listing has, of inodes the table serves or no Inode holds, "

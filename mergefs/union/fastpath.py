@@ -15,7 +15,8 @@ and ``FdCache.write_for_c`` for the copy-up at a lower file's first WRITE
 lacks itself (``set_listed``: the inode table's live inodes; ``fast_lookup_listed``),
 and one it has whose inode is live and served by its table, or a file no Inode
 holds yet (``set_named``, _fastns.h; ``fast_lookup_named``), and makes the
-new regular files of a MKNOD in an upper directory its table serves, the
+new regular files of a MKNOD and the directories of a MKDIR in an upper
+directory its table serves, the
 bookkeeping left to ``ops._made_in_c`` (``set_made``; ``fast_mknod_made``),
 renames upper files the kernel holds by that name and upper-only
 directories where no whiteout is needed (``set_renamed``, the bookkeeping in

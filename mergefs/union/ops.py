@@ -195,8 +195,8 @@ class UnionOperations(pyfuse3.Operations):
                         self.fds.fast.set_named(self.inodes._numbers, self.inodes._claims,
                                                 self.inodes.lazy, self.view.entry_dir,
                                                 self.timeouts.entry)
-                    # open(O_CREAT) of a new file in an upper directory C serves: made
-                    # in C, the bookkeeping here (_made_in_c). "0": for comparisons
+                    # open(O_CREAT) of a new file, mkdir, in an upper directory C serves:
+                    # made in C, the bookkeeping here (_made_in_c). "0": for comparisons
                     if self.view.writable and os.environ.get("MERGEFS_FAST_MKNOD") != "0" \
                             and hasattr(self.fds.fast, "set_made"):
                         upper = self.view.upper
@@ -668,12 +668,19 @@ class UnionOperations(pyfuse3.Operations):
         return self._entry(w.mknod(self.inodes.get(parent_inode), name, mode, rdev, ctx))
 
     def _made_in_c(self, parent_number: int, name: bytes, ino: int, fd: int) -> int:
-        """The C fast path made the regular file ``name`` (upper inode ``ino``, open
-        as ``fd``) in the upper directory of live inode ``parent_number``, as
-        ``mknod`` would have (``_fastns.h``, ``mknod_made``): the view and the
-        inode table take it, the fd cache its fd (handed back to C) for the
-        writes that follow. Returns its number (the entry C replies with)."""
-        inode = self.view.made(self.inodes.get(parent_number), name, REG, ino)
+        """The C fast path made ``name`` (upper inode ``ino``) in the upper directory
+        of live inode ``parent_number``, as ``mknod`` (a regular file, open as
+        ``fd``) or ``mkdir`` (``fd`` -1) would have (``_fastns.h``,
+        ``made_in``): the view and the inode table take it; the fd cache a
+        file's fd (handed back to C) for the writes that follow, a directory
+        is served by C as ``mkdir`` has it. Returns its number (the entry C
+        replies with)."""
+        parent = self.inodes.get(parent_number)
+        if fd < 0:
+            inode = self.view.made(parent, name, DIR, ino)
+            self.fds.serve_dir(inode)
+            return inode.number
+        inode = self.view.made(parent, name, REG, ino)
         self.fds.keep(inode, fd, True)
         return inode.number
 

@@ -4,7 +4,8 @@ served by the C table (the kernel revalidating a dentry it holds: a rename's
 source or target, ``open(O_CREAT|O_EXCL)`` of a name there), or a file no
 Inode holds yet (counted in the table's lazy records, inodes.py "lazy
 entry"); MKNODs of regular files in an upper directory the table serves
-(``fast_mknod_made``: made in C, Python's bookkeeping called from there);
+and MKDIRs there (``fast_mknod_made``, ``fast_mkdir_made``: made in C,
+Python's bookkeeping called from there);
 RENAMEs of an upper file the kernel holds by its name (or of a directory
 the upper alone serves) where no whiteout is needed (``fast_rename_made``);
 SETATTRs of upper directories the table serves (``fast_setattr_dir``).
@@ -115,6 +116,9 @@ def steps(mnt: Path) -> list:
     os.chown(mnt / "d" / "sg", 0, 77)
     os.chmod(mnt / "d" / "sg", 0o2777)
     (mnt / "d" / "sg" / "g").write_bytes(b"g\n")
+    os.mkdir(mnt / "d" / "sg" / "sub", 0o755)         # set-gid and its group inherited
+    os.mkdir(mnt / "d" / "sg" / "sticky", 0o1777)     # a mode made 0, then set
+    os.mkdir(mnt / "d" / "sg" / "sub" / "deeper", 0o700)
     os.link(mnt / "d" / "nd" / "f", mnt / "d" / "nd" / "f2")
     os.rename(mnt / "d" / "nd" / "f", mnt / "d" / "f3")
     for n in ("v1", "v2", "v3"):
@@ -152,7 +156,7 @@ def steps(mnt: Path) -> list:
         os.rename(mnt / "d" / "nd" / "repl", mnt / "d" / "nd" / "held")
         forget_all()
         out.append((f.read(), os.fstat(f.fileno()).st_size))
-    see("d/top", "d/c", "d/f3", "d/nd/f", "d/nd/f2", "d/nd/m600", "d/nd/m600b", "d/nd/m4755",
+    see("d/sg/sub", "d/sg/sticky", "d/sg/sub/deeper", "d/top", "d/c", "d/f3", "d/nd/f", "d/nd/f2", "d/nd/m600", "d/nd/m600b", "d/nd/m4755",
         "d/nd/v1", "d/nd/v2", "d/v3")
     for p in ("o/sub/y", "o/x"):                      # an opaque directory (U5)
         os.unlink(mnt / p)
@@ -205,6 +209,7 @@ def test_lookups_as_kernel_overlay_and_after_remount(tmp_path, union_mount, look
     assert (counts.get("fast_mknod_made", 0) >= 5) == (lookups == "c"), counts
     assert (counts.get("fast_rename_made", 0) >= 3) == (lookups == "c"), counts
     assert (counts.get("fast_setattr_dir", 0) >= 8) == (lookups == "c"), counts
+    assert (counts.get("fast_mkdir_made", 0) >= 5) == (lookups == "c"), counts
     before = numbers(mnt)
     seen = shown(mnt)
     _, pid, _ = union_mount.started[-1]
