@@ -26,6 +26,38 @@
  * entry whose type is not the listing's) goes on to the direct handler. */
 static PyObject *named_claims, *named_lazy, *named_dir_fn, *s_lookups;
 
+/* ``p`` as an entry reply for inode ``n`` with the attributes in it (squashed as
+ * the mount shows them) and ``timeout``. */
+static void entry_reply(struct fuse_entry_param *p, uint64_t n, double timeout)
+{
+    p->ino = p->attr.st_ino = n;
+    if (squash_uid >= 0)
+        p->attr.st_uid = (uid_t)squash_uid;
+    if (squash_gid >= 0)
+        p->attr.st_gid = (gid_t)squash_gid;
+    p->attr_timeout = attr_timeout;
+    p->entry_timeout = timeout;
+}
+
+/* The live inode ``ino`` and its listing at hand (new references), if it has
+ * one (a dict; of exactly ``type`` unless that is NULL): 0, else -1 with
+ * nothing set and no exception left. */
+static int live_listing(fuse_ino_t ino, PyObject *type, PyObject **inode, PyObject **children)
+{
+    PyObject *key = PyLong_FromUnsignedLongLong(ino);
+    *inode = key ? Py_XNewRef(PyDict_GetItemWithError(live_table, key)) : NULL;
+    Py_XDECREF(key);
+    *children = *inode ? PyObject_GetAttr(*inode, s_children) : NULL;
+    if (!*children || !PyDict_Check(*children) ||
+        (type && (PyObject *)Py_TYPE(*children) != type)) {
+        PyErr_Clear();
+        Py_CLEAR(*inode);
+        Py_CLEAR(*children);
+        return -1;
+    }
+    return 0;
+}
+
 /* One more lookup of the live ``inode`` (Inode.lookups += 1); -1: not counted. */
 static int count_live(PyObject *inode)
 {
@@ -73,27 +105,16 @@ static int lazy_entry(PyObject *number, PyObject *record, PyObject *parent, PyOb
     if (fd < 0 || fstatat((int)fd, PyBytes_AS_STRING(name), &p->attr, AT_SYMLINK_NOFOLLOW) != 0 ||
         (long)(p->attr.st_mode & S_IFMT) != kind)
         return 0;                        /* Python looks (and answers what it finds) */
-    if (squash_uid >= 0)
-        p->attr.st_uid = (uid_t)squash_uid;
-    if (squash_gid >= 0)
-        p->attr.st_gid = (gid_t)squash_gid;
     return count_lazy(named_lazy, number, record, parent, name, node) == 0;
 }
 
 static int lookup_named(fuse_req_t req, fuse_ino_t parent_ino, const char *cname)
 {
-    PyObject *key = PyLong_FromUnsignedLongLong(parent_ino);
-    PyObject *parent = key ? PyDict_GetItemWithError(live_table, key) : NULL;
-    Py_XDECREF(key);
-    if (!parent) {
-        PyErr_Clear();
+    PyObject *parent, *children, *name = NULL, *node = NULL, *number = NULL;
+    if (live_listing(parent_ino, NULL, &parent, &children) < 0)
         return 0;
-    }
-    Py_INCREF(parent);
-    PyObject *children = PyObject_GetAttr(parent, s_children), *name = NULL, *node = NULL,
-             *number = NULL;
     int answered = 0;
-    if (!children || !PyDict_Check(children) || !(name = PyBytes_FromString(cname)))
+    if (!(name = PyBytes_FromString(cname)))
         goto out;
     node = PyDict_GetItemWithError(children, name);
     if (!node || !PyTuple_Check(node) || PyTuple_GET_SIZE(node) < 3)
@@ -119,9 +140,7 @@ static int lookup_named(fuse_req_t req, fuse_ino_t parent_ino, const char *cname
         }
     }
     if (answered) {
-        p.ino = p.attr.st_ino = n;
-        p.attr_timeout = attr_timeout;
-        p.entry_timeout = named_timeout;
+        entry_reply(&p, n, named_timeout);   /* (attributes() squashed a held one) */
         served[OP_LOOKUP_NAMED]++;
         fuse_reply_entry(req, &p);
     }
@@ -212,18 +231,11 @@ static double made_timeout;
 static int made_in(fuse_req_t req, fuse_ino_t parent_ino, const char *cname, mode_t mode,
                    int is_dir)
 {
-    PyObject *key = PyLong_FromUnsignedLongLong(parent_ino);
-    PyObject *parent = key ? PyDict_GetItemWithError(live_table, key) : NULL;
-    Py_XDECREF(key);
-    if (!parent) {
-        PyErr_Clear();
+    PyObject *parent, *children, *name = NULL;
+    if (live_listing(parent_ino, named_sorted, &parent, &children) < 0)
         return 0;
-    }
-    Py_INCREF(parent);
-    PyObject *children = PyObject_GetAttr(parent, s_children), *name = NULL;
     int answered = 0, fd = -1;
-    if (!children || (PyObject *)Py_TYPE(children) != named_sorted ||
-        !(name = PyBytes_FromString(cname)) || PyDict_Contains(children, name) != 0)
+    if (!(name = PyBytes_FromString(cname)) || PyDict_Contains(children, name) != 0)
         goto out;
     entry_t *e = usable_entry(parent_ino, NULL, 1);
     struct stat pst, st;
@@ -288,13 +300,7 @@ static int made_in(fuse_req_t req, fuse_ino_t parent_ino, const char *cname, mod
     struct fuse_entry_param p;
     memset(&p, 0, sizeof(p));
     p.attr = st;
-    p.ino = p.attr.st_ino = n;
-    if (squash_uid >= 0)
-        p.attr.st_uid = (uid_t)squash_uid;
-    if (squash_gid >= 0)
-        p.attr.st_gid = (gid_t)squash_gid;
-    p.attr_timeout = attr_timeout;
-    p.entry_timeout = made_timeout;
+    entry_reply(&p, n, made_timeout);
     served[is_dir ? OP_MKDIR_MADE : OP_MKNOD_MADE]++;
     fuse_reply_entry(req, &p);
 out:
@@ -366,15 +372,9 @@ static long made_up = -1;
  * fd: 0, or -1 (new references in *inode, *children only on 0). */
 static int served_dir(fuse_ino_t ino, PyObject **inode, PyObject **children, int *fd)
 {
-    PyObject *key = PyLong_FromUnsignedLongLong(ino);
-    *inode = key ? PyDict_GetItemWithError(live_table, key) : NULL;
-    Py_XDECREF(key);
-    if (!*inode)
+    if (live_listing(ino, named_sorted, inode, children) < 0)
         return -1;
-    Py_INCREF(*inode);
-    *children = PyObject_GetAttr(*inode, s_children);
-    entry_t *e = *children && (PyObject *)Py_TYPE(*children) == named_sorted ?
-        usable_entry(ino, NULL, 1) : NULL;
+    entry_t *e = usable_entry(ino, NULL, 1);
     if (!e || !(e->flags & F_DIR) || e->inode != *inode) {
         Py_CLEAR(*inode);
         Py_CLEAR(*children);
@@ -560,69 +560,29 @@ static PyObject *py_set_renamed(PyObject *self, PyObject *args)
  * makes) go to WritableView.setattr, which changes the upper directory by name
  * in its parent (owner, mode, times: ``apply``'s order) and reads its
  * attributes again. For a directory the table serves (an upper one: its
- * O_PATH fd, ``usable_entry`` with dirs) the same calls go through that fd
- * here (fchownat AT_EMPTY_PATH; chmod and utimensat through /proc/self/fd,
- * which an O_PATH fd allows), Python's cached attributes are dropped
- * (``changed``) and the reply is its fstat (``attributes``: nlink 1 when
- * merged, U1). A size, a file handle or anything else: the direct handler. */
+ * O_PATH fd, ``usable_entry`` with dirs) h_setattr makes the same calls
+ * (``apply``) through the directory opened again from that fd
+ * (``dir_to_set``: the entry, the new fd in *fd, which the caller closes),
+ * drops Python's cached attributes (``changed``) and replies with its fstat
+ * (``attributes``: nlink 1 when merged, U1). A size, a file handle, a
+ * directory the server cannot open, anything else: the direct handler. */
 #define DIR_SET (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID | \
                  FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME | FUSE_SET_ATTR_ATIME_NOW | \
                  FUSE_SET_ATTR_MTIME_NOW | FUSE_SET_ATTR_CTIME)
 
-static int apply_dir(int fd, const struct stat *a, int to_set)
-{
-    char path[64];
-    snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
-    if ((to_set & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) &&
-        fchownat(fd, "", (to_set & FUSE_SET_ATTR_UID) ? a->st_uid : (uid_t)-1,
-                 (to_set & FUSE_SET_ATTR_GID) ? a->st_gid : (gid_t)-1,
-                 AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) != 0)
-        return -1;
-    if ((to_set & FUSE_SET_ATTR_MODE) && chmod(path, a->st_mode & 07777) != 0)
-        return -1;
-    if (to_set & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME |
-                  FUSE_SET_ATTR_ATIME_NOW | FUSE_SET_ATTR_MTIME_NOW)) {
-        struct timespec ts[2] = {{0, UTIME_OMIT}, {0, UTIME_OMIT}}, now;
-        if ((to_set & (FUSE_SET_ATTR_ATIME_NOW | FUSE_SET_ATTR_MTIME_NOW)) &&
-            clock_gettime(CLOCK_REALTIME, &now) != 0)
-            return -1;
-        if (to_set & FUSE_SET_ATTR_ATIME)
-            ts[0] = a->st_atim;
-        else if (to_set & FUSE_SET_ATTR_ATIME_NOW)
-            ts[0] = now;
-        if (to_set & FUSE_SET_ATTR_MTIME)
-            ts[1] = a->st_mtim;
-        else if (to_set & FUSE_SET_ATTR_MTIME_NOW)
-            ts[1] = now;
-        if (utimensat(AT_FDCWD, path, ts, 0) != 0)
-            return -1;
-    }
-    return 0;
-}
-
-static int setattr_dir(fuse_req_t req, fuse_ino_t ino, const struct stat *a, int to_set,
-                       struct fuse_file_info *fi)
+static entry_t *dir_to_set(fuse_ino_t ino, int to_set, struct fuse_file_info *fi, int *fd)
 {
     if (!dir_setattr || (to_set & ~DIR_SET) || (fi && fi->fh))
-        return 0;
+        return NULL;
     entry_t *e = usable_entry(ino, NULL, 1);
-    struct stat st;
     if (!e || !(e->flags & F_DIR) || (e->flags & F_LAZY))
-        return 0;
-    served[OP_SETATTR_DIR]++;
-    int failed = apply_dir(e->fd, a, to_set), err = errno;
-    changed(e, to_set & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID));
-    if (failed)
-        fuse_reply_err(req, err);
-    else if (attributes(e, ino, &st) < 0)
-        fuse_reply_err(req, errno ? errno : EIO);
-    else
-        fuse_reply_attr(req, &st, attr_timeout);
-    return 1;
+        return NULL;
+    *fd = openat(e->fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    return *fd < 0 ? NULL : e;
 }
 
 /* set_dir_setattr(on) -> bool: SETATTRs of the upper directories the table serves
- * answered here (``setattr_dir``; a writable mount's). */
+ * answered here (``dir_to_set``; a writable mount's). */
 static PyObject *py_set_dir_setattr(PyObject *self, PyObject *arg)
 {
     dir_setattr = PyObject_IsTrue(arg) == 1;

@@ -385,8 +385,7 @@ static int mknod_made(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
 static int mkdir_made(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode);
 static int rename_made(fuse_req_t req, fuse_ino_t parent, const char *name,
                        fuse_ino_t new_parent, const char *new_name);
-static int setattr_dir(fuse_req_t req, fuse_ino_t ino, const struct stat *a, int to_set,
-                       struct fuse_file_info *fi);
+static entry_t *dir_to_set(fuse_ino_t ino, int to_set, struct fuse_file_info *fi, int *fd);
 static PyObject *named_numbers, *made_fn, *renamed_fn;
 static double named_timeout;
 
@@ -956,12 +955,15 @@ static int h_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *a, int to_set,
 {
     struct stat st;
     entry_t *e = (to_set & ~KNOWN_SET) ? NULL : usable(ino, fi);
-    if ((!e || !(e->flags & F_WRITE)) && setattr_dir(req, ino, a, to_set, fi))
-        return 1;                      /* an upper directory (_fastns.h) */
-    if (!e || !(e->flags & F_WRITE))   /* a lower file is copied up first: Python (U4) */
+    int fd = e && (e->flags & F_WRITE) ? e->fd : -1, dir = 0;
+    if (fd < 0 && (e = dir_to_set(ino, to_set, fi, &fd)))
+        dir = 1;                       /* an upper directory, opened (_fastns.h) */
+    if (fd < 0)                        /* a lower file is copied up first: Python (U4) */
         return setattr_direct(req, ino, a, to_set, fi);
-    served[OP_SETATTR]++;
-    int failed = apply(e->fd, a, to_set), err = errno;
+    served[dir ? OP_SETATTR_DIR : OP_SETATTR]++;
+    int failed = apply(fd, a, to_set), err = errno;
+    if (dir)
+        close(fd);
     changed(e, to_set & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID));
     if (failed)
         fuse_reply_err(req, err);
