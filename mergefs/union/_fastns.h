@@ -13,6 +13,9 @@
  *   kernel revalidating a dentry it holds (a rename's source, ``LOOKUP_EXCL``),
  *   as dpkg makes it do for every ``NAME.dpkg-new``. Its attributes by fstat
  *   (``attributes``: a merged directory's nlink 1, U1), ``inode.lookups`` + 1;
+ * - a live upper non-directory the table holds no fd for, or named otherwise
+ *   (``upper_entry_named``: lstat'ed in its parent's upper directory, counted
+ *   by InodeTable.entry itself);
  * - a non-directory no inode or a lazy record of this very listing holds
  *   (inodes.py, "lazy entry"): lstat'ed in the directory that holds its entry
  *   (``WritableView.entry_dir(parent, node)``, a kept fd, never closed here)
@@ -24,7 +27,8 @@
  * plain). Anything else (a directory not live, a number Python must decide, a
  * live inode named otherwise or not in the table, an lstat that fails, an
  * entry whose type is not the listing's) goes on to the direct handler. */
-static PyObject *named_claims, *named_lazy, *named_dir_fn, *s_lookups;
+static PyObject *named_claims, *named_lazy, *named_dir_fn, *named_entry_fn, *s_lookups;
+static long made_up = -1;           /* the upper's layer index (set_renamed) */
 
 /* ``p`` as an entry reply for inode ``n`` with the attributes in it (squashed as
  * the mount shows them) and ``timeout``. */
@@ -108,6 +112,38 @@ static int lazy_entry(PyObject *number, PyObject *record, PyObject *parent, PyOb
     return count_lazy(named_lazy, number, record, parent, name, node) == 0;
 }
 
+/* A live non-directory of the upper that ``held_entry`` does not answer (no fd in
+ * the table; another of a hardlink's names, as after dpkg's backup link; a
+ * name made again): lstat'ed in its parent's upper directory (the table's
+ * O_PATH fd), then counted by ``entry(parent, name, node, number)``
+ * (InodeTable.entry: it makes this name the inode's own, as ops.lookup has
+ * it): 1 and ``p`` filled, else 0 (nothing counted). */
+static int upper_entry_named(fuse_ino_t parent_ino, PyObject *parent, PyObject *name,
+                             PyObject *node, long kind, PyObject *number,
+                             struct fuse_entry_param *p)
+{
+    PyObject *layers = PyTuple_GET_ITEM(node, 1);
+    if (!named_entry_fn || made_up < 0 || !PyTuple_Check(layers) ||
+        PyTuple_GET_SIZE(layers) != 1 || PyLong_AsLong(PyTuple_GET_ITEM(layers, 0)) != made_up) {
+        PyErr_Clear();
+        return 0;
+    }
+    entry_t *e = usable_entry(parent_ino, NULL, 1);
+    if (!e || !(e->flags & F_DIR) || e->inode != parent ||
+        fstatat(e->fd, PyBytes_AS_STRING(name), &p->attr, AT_SYMLINK_NOFOLLOW) != 0 ||
+        (long)(p->attr.st_mode & S_IFMT) != kind)
+        return 0;
+    PyObject *args[5] = {NULL, parent, name, node, number};
+    PyObject *r = PyObject_Vectorcall(named_entry_fn, args + 1,
+                                      4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    int counted = r && !PyLong_Check(r);     /* (an int: the errno of a bug) */
+    if (!r)
+        PyErr_WriteUnraisable(named_entry_fn);
+    Py_XDECREF(r);
+    PyErr_Clear();
+    return counted;
+}
+
 static int lookup_named(fuse_req_t req, fuse_ino_t parent_ino, const char *cname)
 {
     PyObject *parent, *children, *name = NULL, *node = NULL, *number = NULL;
@@ -131,6 +167,8 @@ static int lookup_named(fuse_req_t req, fuse_ino_t parent_ino, const char *cname
         Py_INCREF(inode);
         answered = held_entry(inode, n, parent, name, node, &p);
         Py_DECREF(inode);
+        if (!answered && kind != S_IFDIR)
+            answered = upper_entry_named(parent_ino, parent, name, node, kind, number, &p);
     } else if (!PyErr_Occurred() && kind != S_IFDIR && named_dir_fn) {
         PyObject *record = PyDict_GetItemWithError(named_lazy, number);
         if (!PyErr_Occurred()) {
@@ -160,6 +198,7 @@ static int dir_setattr;
 static void clear_named(void)
 {
     dir_setattr = 0;
+    Py_CLEAR(named_entry_fn);
     Py_CLEAR(renamed_fn);
     Py_CLEAR(lower_has_fn);
     Py_CLEAR(pin_fn);
@@ -171,15 +210,17 @@ static void clear_named(void)
     Py_CLEAR(named_dir_fn);
 }
 
-/* set_named(numbers, claims, lazy, entry_dir, entry_timeout) -> bool: the inode
- * table's ``_numbers``, ``_claims`` and ``lazy`` dicts and
- * WritableView.entry_dir, for ``lookup_named`` (it needs ``set_listed``'s live
+/* set_named(numbers, claims, lazy, entry_dir, entry, entry_timeout) -> bool: the
+ * inode table's ``_numbers``, ``_claims`` and ``lazy`` dicts, WritableView.entry_dir
+ * and InodeTable.entry (None: no live upper file answered by lstat), for
+ * ``lookup_named`` (it needs ``set_listed``'s live
  * table too); numbers None: no LOOKUP answered here. */
 static PyObject *py_set_named(PyObject *self, PyObject *args)
 {
     PyObject *numbers, *claims, *lazy, *fn;
     double timeout;
-    if (!PyArg_ParseTuple(args, "OOOOd", &numbers, &claims, &lazy, &fn, &timeout))
+    PyObject *entry;
+    if (!PyArg_ParseTuple(args, "OOOOOd", &numbers, &claims, &lazy, &fn, &entry, &timeout))
         return NULL;
     if (numbers != Py_None && (!PyDict_Check(numbers) || !PyDict_Check(claims) ||
                                !PyDict_Check(lazy))) {
@@ -200,6 +241,7 @@ static PyObject *py_set_named(PyObject *self, PyObject *args)
         named_claims = Py_NewRef(claims);
         named_lazy = Py_NewRef(lazy);
         named_dir_fn = fn == Py_None ? NULL : Py_NewRef(fn);
+        named_entry_fn = entry == Py_None ? NULL : Py_NewRef(entry);
     }
     named_timeout = timeout;
     Py_RETURN_TRUE;
@@ -366,7 +408,6 @@ static PyObject *py_set_made(PyObject *self, PyObject *args)
  * the source's live Inode and the node shown at the new name or None:
  * WritableView.renamed) updates the listings and the inode table. Needs
  * ``set_named``'s tables; everything else goes to the direct handler. */
-static long made_up = -1;
 
 /* The live directory ``ino``, its listing (exact ``named_sorted``) and its table
  * fd: 0, or -1 (new references in *inode, *children only on 0). */

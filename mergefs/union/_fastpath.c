@@ -2021,7 +2021,7 @@ static PyMethodDef methods[] = {
      "set_made(made, sorted_type, uid, gid, not_exact, entry_timeout) -> bool: MKNODs of regular files "
      "and MKDIRs in upper directories the table serves made in C (_fastns.h; made None: none)"},
     {"set_named", py_set_named, METH_VARARGS,
-     "set_named(numbers, claims, lazy, entry_dir, entry_timeout) -> bool: LOOKUPs of "
+     "set_named(numbers, claims, lazy, entry_dir, entry, entry_timeout) -> bool: LOOKUPs of "
      "names a live parent's listing has, of inodes the table serves or no Inode holds, "
      "answered in C (_fastns.h; None: none)"},
     {"set_listed", py_set_listed, METH_VARARGS,

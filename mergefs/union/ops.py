@@ -194,6 +194,7 @@ class UnionOperations(pyfuse3.Operations):
                             and hasattr(self.fds.fast, "set_named"):
                         self.fds.fast.set_named(self.inodes._numbers, self.inodes._claims,
                                                 self.inodes.lazy, self.view.entry_dir,
+                                                direct("lookup", self.inodes.entry),
                                                 self.timeouts.entry)
                     # open(O_CREAT) of a new file, mkdir, in an upper directory C serves:
                     # made in C, the bookkeeping here (_made_in_c). "0": for comparisons

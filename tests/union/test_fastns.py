@@ -118,6 +118,8 @@ def steps(mnt: Path) -> list:
     os.mkdir(mnt / "d" / "sg" / "sticky", 0o1777)     # a mode made 0, then set
     os.mkdir(mnt / "d" / "sg" / "sub" / "deeper", 0o700)
     os.link(mnt / "d" / "nd" / "f", mnt / "d" / "nd" / "f2")
+    with pytest.raises(FileExistsError):              # the other name revalidated
+        os.open(mnt / "d" / "nd" / "f", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     os.rename(mnt / "d" / "nd" / "f", mnt / "d" / "f3")
     for n in ("v1", "v2", "v3"):
         (mnt / "d" / "nd" / n).write_bytes(n.encode())
@@ -250,6 +252,7 @@ def work():
                     with open(os.path.join(f + ".dir", n), "w") as out:
                         out.write(n)
                 os.link(os.path.join(f + ".dir", "x"), os.path.join(f + ".dir", "x2"))
+                excl(os.path.join(f + ".dir", "x"))       # a hardlink's other name revalidated
                 os.rename(os.path.join(f + ".dir", "y"), os.path.join(f + ".dir", "x"))
                 with open(os.path.join(f + ".dir", "z"), "w") as out:
                     out.write("z")
