@@ -34,6 +34,13 @@ errnos; no pyfuse3 coroutine per request), with v9 the namespace handlers
 (``mkdir``, ``unlink``, ``rmdir``, ``symlink``, ``rename``, ``link``), the
 xattr writes, ``forget``, and ``setattr`` and ``fsync`` too (``DIRECT``). None of them awaits: a handler
 that must (a coroutine function) stays with pyfuse3 (``_direct`` gives None).
+On a writable no-open mount C serves the common namespace requests of a
+package manager itself (``_fastns.h``): LOOKUPs of names a listing at hand
+has, MKNOD and MKDIR in upper directories it serves (the bookkeeping in
+``_made_in_c``), RENAMEs of upper entries where no whiteout is needed (the
+bookkeeping in ``WritableView.renamed``) and SETATTRs of upper directories;
+``MERGEFS_FAST_LOOKUP``, ``_MKNOD``, ``_RENAME``, ``_DIR_SETATTR`` = 0 turn
+each off, for comparisons.
 """
 from __future__ import annotations
 
