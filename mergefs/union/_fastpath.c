@@ -85,7 +85,7 @@ enum { OP_GETATTR, OP_SETATTR, OP_READ, OP_WRITE, OP_FSYNC, OP_GETXATTR, OP_LIST
        OP_READDIRPLUS, OP_GETXATTR_DIRECT, OP_WRITE_COPIED, OP_MKDIR_DIRECT, OP_UNLINK_DIRECT,
        OP_RMDIR_DIRECT, OP_SYMLINK_DIRECT, OP_RENAME_DIRECT, OP_LINK_DIRECT, OP_SETATTR_DIRECT,
        OP_SETXATTR_DIRECT, OP_REMOVEXATTR_DIRECT, OP_FORGET_DIRECT, OP_FSYNC_DIRECT,
-       OP_LOOKUP_LISTED, OP_READ_OPENED, OP_N };
+       OP_LOOKUP_LISTED, OP_READ_OPENED, OP_LOOKUP_NAMED, OP_MKNOD_MADE, OP_RENAME_MADE, OP_SETATTR_DIR, OP_MKDIR_MADE, OP_N };
 static const char *op_names[OP_N] = {"getattr", "setattr", "read", "write", "fsync", "getxattr",
                                      "listxattr", "getattr_dir", "getattr_merged_dir",
                                      "getattr_direct", "lookup_direct",
@@ -94,7 +94,9 @@ static const char *op_names[OP_N] = {"getattr", "setattr", "read", "write", "fsy
                                      "rmdir_direct", "symlink_direct", "rename_direct",
                                      "link_direct", "setattr_direct", "setxattr_direct",
                                      "removexattr_direct", "forget_direct", "fsync_direct",
-                                     "lookup_listed", "read_opened"};
+                                     "lookup_listed", "read_opened", "lookup_named",
+                                     "mknod_made", "rename_made",
+                                     "setattr_dir", "mkdir_made"};
 static unsigned long long served[OP_N];
 static PyObject *s_node, *s_unlinked, *s_attr, *s_xattrs, *s_sources, *s_children;
 
@@ -380,9 +382,20 @@ static int lookup_listed(fuse_req_t req, fuse_ino_t parent, const char *name)
     return 1;
 }
 
+static int lookup_named(fuse_req_t req, fuse_ino_t parent, const char *name);  /* _fastns.h */
+static int mknod_made(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode);
+static int mkdir_made(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode);
+static int rename_made(fuse_req_t req, fuse_ino_t parent, const char *name,
+                       fuse_ino_t new_parent, const char *new_name);
+static entry_t *dir_to_set(fuse_ino_t ino, int to_set, struct fuse_file_info *fi, int *fd);
+static PyObject *named_numbers, *made_fn, *renamed_fn;
+static double named_timeout;
+
 static int h_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
     if (live_table && lookup_listed(req, parent, name))
+        return 1;
+    if (live_table && named_numbers && lookup_named(req, parent, name))
         return 1;
     return direct_named(req, D_LOOKUP, OP_LOOKUP_DIRECT, ANSWER_ENTRY, parent, name, 0, NULL,
                         NULL);
@@ -392,6 +405,8 @@ static int h_mknod(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t m
 {
     if (!direct_fn[D_MKNOD])
         return 0;
+    if (S_ISREG(mode) && live_table && made_fn && mknod_made(req, parent, name, mode))
+        return 1;
     return direct_named(req, D_MKNOD, OP_MKNOD_DIRECT, ANSWER_ENTRY, parent, name, 2,
                         PyLong_FromUnsignedLong(mode), PyLong_FromUnsignedLongLong(rdev));
 }
@@ -403,6 +418,8 @@ static int h_mkdir(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t m
     if (!direct_fn[D_MKDIR])
         return 0;
     mode = (mode & ~(mode_t)S_IFMT) | S_IFDIR;     /* as pyfuse3's fuse_mkdir_async */
+    if (live_table && made_fn && mkdir_made(req, parent, name, mode))
+        return 1;
     return direct_named(req, D_MKDIR, OP_MKDIR_DIRECT, ANSWER_ENTRY, parent, name, 1,
                         PyLong_FromUnsignedLong(mode), NULL);
 }
@@ -432,6 +449,9 @@ static int h_rename(fuse_req_t req, fuse_ino_t parent, const char *name, fuse_in
 {
     if (!direct_fn[D_RENAME])
         return 0;
+    if (!flags && live_table && named_numbers && renamed_fn &&
+        rename_made(req, parent, name, new_parent, new_name))
+        return 1;
     PyObject *args[MAX_ARGS + 2] = {NULL, PyLong_FromUnsignedLongLong(parent),
                                     PyBytes_FromString(name),
                                     PyLong_FromUnsignedLongLong(new_parent),
@@ -937,10 +957,15 @@ static int h_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *a, int to_set,
 {
     struct stat st;
     entry_t *e = (to_set & ~KNOWN_SET) ? NULL : usable(ino, fi);
-    if (!e || !(e->flags & F_WRITE))   /* a lower file is copied up first: Python (U4) */
+    int fd = e && (e->flags & F_WRITE) ? e->fd : -1, dir = 0;
+    if (fd < 0 && (e = dir_to_set(ino, to_set, fi, &fd)))
+        dir = 1;                       /* an upper directory, opened (_fastns.h) */
+    if (fd < 0)                        /* a lower file is copied up first: Python (U4) */
         return setattr_direct(req, ino, a, to_set, fi);
-    served[OP_SETATTR]++;
-    int failed = apply(e->fd, a, to_set), err = errno;
+    served[dir ? OP_SETATTR_DIR : OP_SETATTR]++;
+    int failed = apply(fd, a, to_set), err = errno;
+    if (dir)
+        close(fd);
     changed(e, to_set & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID));
     if (failed)
         fuse_reply_err(req, err);
@@ -1246,6 +1271,7 @@ static int h_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
 
 /* -- the copy-up of a lower regular file (upper.Upper.copy_up_file) ----------------- */
 #include "_fastcopy.h"
+#include "_fastns.h"
 
 /* -- the request loop -------------------------------------------------------------- */
 
@@ -1894,6 +1920,7 @@ static PyObject *py_disable(PyObject *self, PyObject *unused)
     Py_CLEAR(fastopen_dir_fn);
     fastopen_forget_dirs();
     clear_xattr_at();
+    clear_named();
     clear_direct();
     if (hooks)
         install(0);
@@ -1986,6 +2013,19 @@ static PyMethodDef methods[] = {
     {"set_readdir", py_set_readdir, METH_VARARGS,
      "set_readdir(readdir, unlisted, entry_timeout) -> bool: READDIRPLUS replies filled "
      "in C (v8 builds)"},
+    {"set_dir_setattr", py_set_dir_setattr, METH_O,
+     "set_dir_setattr(on) -> bool: SETATTRs of upper directories the table serves "
+     "answered in C (_fastns.h)"},
+    {"set_renamed", py_set_renamed, METH_VARARGS,
+     "set_renamed(renamed, lower_has, pin, up) -> bool: RENAMEs of upper files the kernel holds "
+     "by that name where no whiteout is needed, renamed in C (_fastns.h; renamed None: none)"},
+    {"set_made", py_set_made, METH_VARARGS,
+     "set_made(made, sorted_type, uid, gid, not_exact, entry_timeout) -> bool: MKNODs of regular files "
+     "and MKDIRs in upper directories the table serves made in C (_fastns.h; made None: none)"},
+    {"set_named", py_set_named, METH_VARARGS,
+     "set_named(numbers, claims, lazy, entry_dir, entry, entry_timeout) -> bool: LOOKUPs of "
+     "names a live parent's listing has, of inodes the table serves or no Inode holds, "
+     "answered in C (_fastns.h; None: none)"},
     {"set_listed", py_set_listed, METH_VARARGS,
      "set_listed(live, entry_timeout) -> bool: LOOKUPs of names a live parent's listing "
      "lacks answered in C (None: none)"},

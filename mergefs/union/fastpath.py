@@ -12,7 +12,17 @@ build it walks no-open READDIRPLUS passes and answers their files itself
 (ops._readdir_direct), and calls ``ops.getxattr`` for inodes it has no fd for
 and ``FdCache.write_for_c`` for the copy-up at a lower file's first WRITE
 (``set_copyup``), and answers a LOOKUP of a name its live parent's listing at hand
-lacks itself (``set_listed``: the inode table's live inodes; ``fast_lookup_listed``);
+lacks itself (``set_listed``: the inode table's live inodes; ``fast_lookup_listed``),
+and one it has whose inode is live and served by its table, or a file no Inode
+holds yet (``set_named``, _fastns.h; ``fast_lookup_named``), and makes the
+new regular files of a MKNOD and the directories of a MKDIR in an upper
+directory its table serves, the
+bookkeeping left to ``ops._made_in_c`` (``set_made``; ``fast_mknod_made``),
+renames upper files the kernel holds by that name and upper-only
+directories where no whiteout is needed (``set_renamed``, the bookkeeping in
+``WritableView.renamed``; ``fast_rename_made``), and sets the owner, mode and
+times of the upper directories its table serves (``set_dir_setattr``;
+``fast_setattr_dir``);
 with a v9 build it calls the namespace handlers too (mkdir,
 unlink, rmdir, symlink, rename, link, setxattr, removexattr), ``forget``, and
 ``setattr`` and ``fsync`` for what it does not answer itself (directories,
@@ -47,7 +57,8 @@ import os
 # the mount command that builds a view before it forks the server never needs)
 log = logging.getLogger("mergefs.union")
 
-SOURCES = ("_fastpath.c", "_fasthooks.h", "_fasttable.h", "_fastcopy.h", "_fastopen.h")
+SOURCES = ("_fastpath.c", "_fasthooks.h", "_fasttable.h", "_fastcopy.h", "_fastopen.h",
+           "_fastns.h")
 SPIN_US = 200         # the haltpoll governor's default bound
 
 

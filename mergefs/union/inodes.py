@@ -21,7 +21,8 @@ Glossary:
   readdirplus entry, create, mkdir ...) minus what it ``forget``s. An inode
   with a zero count is dropped from the live table (its number stays).
 - *lazy entry*: a non-directory the kernel was handed only by READDIRPLUS
-  replies the C fast path filled (ops._readdir_direct): no ``Inode`` yet, only
+  replies the C fast path filled (ops._readdir_direct) or LOOKUPs it answered
+  (``_fastns.h``): no ``Inode`` yet, only
   ``lazy[number] = [count, parent, name, node]``, counted there by C. Any use
   of the number in this table (``live``, ``get``, ``entry``, iterating ...)
   makes its Inode first, as ``entry`` would have made it at the first listing;
@@ -267,7 +268,7 @@ class InodeTable:
 
     def recorded(self, node: Node) -> bool:
         """Must the upper entry of ``node`` record its number (not its own xino)?"""
-        key = node_key(node)
+        key = (node[1][0], node[2][0])           # node_key inlined: every new name asks
         number = self._numbers.get(key)
         return number is not None and number < FALLBACK_BASE and number != xino(*key)
 
@@ -316,6 +317,16 @@ class InodeTable:
         inode.lookups += 1
         return inode
 
+    def named(self, parent: Inode, name: bytes, node: Node) -> Inode | None:
+        """The live inode whose own name ``parent/name`` shows ``node`` (no count
+        taken), or None: none live, or ``entry`` would have to change it first
+        (another name of a hardlink, an entry found again, a node changed)."""
+        inode = self._live.get(self.number_for(node))
+        if inode is not None and inode._parent is parent and inode.node is node and \
+                not inode.unlinked and inode._name == name:
+            return inode
+        return None
+
     def entry_of(self, parent: Inode, name: bytes, node: Node, number: int) -> Inode:
         """``entry`` when the caller already has the number (readdirplus)."""
         inode = self._live.get(number)
@@ -338,8 +349,9 @@ class InodeTable:
     def move_name(self, inode: Inode, old_parent: Inode, old: bytes,
                   new_parent: Inode, new: bytes) -> None:
         """A rename: the name ``old_parent/old`` of ``inode`` is now ``new_parent/new``."""
-        if inode.parent is old_parent and inode.name == old:
-            inode.parent, inode.name = new_parent, new
+        if inode._parent is old_parent and inode._name == old:
+            inode._moved()                  # (the setters' work, done once)
+            inode._parent, inode._name = new_parent, new
         elif inode.others:
             inode.others = [(new_parent, new) if (p is old_parent and n == old) else (p, n)
                             for p, n in inode.others]

@@ -36,6 +36,13 @@ errnos; no pyfuse3 coroutine per request), with v9 the namespace handlers
 (``mkdir``, ``unlink``, ``rmdir``, ``symlink``, ``rename``, ``link``), the
 xattr writes, ``forget``, and ``setattr`` and ``fsync`` too (``DIRECT``). None of them awaits: a handler
 that must (a coroutine function) stays with pyfuse3 (``_direct`` gives None).
+On a writable no-open mount C serves the common namespace requests of a
+package manager itself (``_fastns.h``): LOOKUPs of names a listing at hand
+has, MKNOD and MKDIR in upper directories it serves (the bookkeeping in
+``_made_in_c``), RENAMEs of upper entries where no whiteout is needed (the
+bookkeeping in ``WritableView.renamed``) and SETATTRs of upper directories;
+``MERGEFS_FAST_LOOKUP``, ``_MKNOD``, ``_RENAME``, ``_DIR_SETATTR`` = 0 turn
+each off, for comparisons.
 """
 from __future__ import annotations
 
@@ -47,6 +54,7 @@ from dataclasses import dataclass
 
 import pyfuse3
 from pyfuse3 import FUSEError
+from sortedcontainers import SortedDict
 
 from .. import syscalls
 from ..layer import DIR, REG, is_overlay_private
@@ -189,6 +197,35 @@ class UnionOperations(pyfuse3.Operations):
                     if self.view.writable:
                         self.fds.fast.set_xattr_at(self.inodes._live, self.inodes.lazy,
                                                    self.view.entry_dir)
+                    # a LOOKUP of a name the parent's listing at hand has: in C when its
+                    # inode is live and served there, or a file no Inode holds yet (lstat
+                    # through entry_dir, counted lazily; _fastns.h). "0": for comparisons
+                    if self.view.writable and os.environ.get("MERGEFS_FAST_LOOKUP") != "0" \
+                            and hasattr(self.fds.fast, "set_named"):
+                        self.fds.fast.set_named(self.inodes._numbers, self.inodes._claims,
+                                                self.inodes.lazy, self.view.entry_dir,
+                                                direct("lookup", self.inodes.entry),
+                                                self.timeouts.entry)
+                    # open(O_CREAT) of a new file, mkdir, in an upper directory C serves:
+                    # made in C, the bookkeeping here (_made_in_c). "0": for comparisons
+                    if self.view.writable and os.environ.get("MERGEFS_FAST_MKNOD") != "0" \
+                            and hasattr(self.fds.fast, "set_made"):
+                        upper = self.view.upper
+                        self.fds.fast.set_made(direct("mknod", self._made_in_c), SortedDict,
+                                               *upper._creator, upper._not_exact,
+                                               self.timeouts.entry)
+                    # chown/chmod/utimes of an upper directory C serves: in C. "0": off
+                    if self.view.writable and os.environ.get("MERGEFS_FAST_DIR_SETATTR") != "0" \
+                            and hasattr(self.fds.fast, "set_dir_setattr"):
+                        self.fds.fast.set_dir_setattr(True)
+                    # rename of an upper file the kernel holds by that name, nothing below
+                    # to white out: in C (needs set_named's tables), the bookkeeping in
+                    # WritableView.renamed. "0": for comparisons
+                    if self.view.writable and os.environ.get("MERGEFS_FAST_RENAME") != "0" \
+                            and hasattr(self.fds.fast, "set_renamed"):
+                        self.fds.fast.set_renamed(direct("rename", self.view.renamed),
+                                                  self.view.lower_has,
+                                                  direct("rename", self.fds.pin), self.view.up)
                     # READDIRPLUS replies filled in C (v8 builds; _readdir_direct)
                     self.fds.fast.set_readdir(direct("readdir", self._readdir_direct),
                                               self._unlisted, self.timeouts.entry)
@@ -661,6 +698,23 @@ class UnionOperations(pyfuse3.Operations):
             self.fds.keep(inode, fd, True)      # its writes come next, by inode
             return self._entry(inode)
         return self._entry(w.mknod(self.inodes.get(parent_inode), name, mode, rdev, ctx))
+
+    def _made_in_c(self, parent_number: int, name: bytes, ino: int, fd: int) -> int:
+        """The C fast path made ``name`` (upper inode ``ino``) in the upper directory
+        of live inode ``parent_number``, as ``mknod`` (a regular file, open as
+        ``fd``) or ``mkdir`` (``fd`` -1) would have (``_fastns.h``,
+        ``made_in``): the view and the inode table take it; the fd cache a
+        file's fd (handed back to C) for the writes that follow, a directory
+        is served by C as ``mkdir`` has it. Returns its number (the entry C
+        replies with)."""
+        parent = self.inodes.get(parent_number)
+        if fd < 0:
+            inode = self.view.made(parent, name, DIR, ino)
+            self.fds.serve_dir(inode)
+            return inode.number
+        inode = self.view.made(parent, name, REG, ino)
+        self.fds.keep(inode, fd, True)
+        return inode.number
 
     @fuse_errors
     def symlink(self, parent_inode, name, target, ctx):

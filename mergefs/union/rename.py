@@ -47,6 +47,14 @@ def rename(view, p_old, old: bytes, p_new, new: bytes, flags: int) -> None:
             raise _err(errno.EISDIR if dst.kind == DIR else errno.ENOTDIR)
     if dst is not None:
         _check_replace(view, p_new, new, src, dst)
+    up = view.up
+    if src.kind != DIR and src.layers[0] == up and p_new.node.layers[0] == up:
+        # an upper file (dpkg's NAME.dpkg-new): nothing to copy up, no subtree to
+        # move; its inode is the live one the name names, else one made for the move
+        inode = view.inodes.named(p_old, old, src)
+        if inode is not None:
+            _move(view, inode, p_old, old, p_new, new, dst)
+            return
     with _held(view, p_old, old, src) as inode:
         if src.kind == DIR and view.has_lower(inode):
             if not view.dir_rename:
@@ -95,26 +103,37 @@ def _move(view, inode, p_old, old: bytes, p_new, new: bytes, dst: Node | None,
     A directory with ``redirect`` is a merged one (``dirmove``): the redirect,
     not opacity, decides what lies below its new name."""
     upper = view.upper
-    old_path, new_path = join(p_old.path, old), join(p_new.path, new)
     below_old = view.lower_has(p_old, old)
-    if redirect is not None:
-        upper.set_redirect(old_path, redirect)
-    elif inode.is_dir and view.lower_has(p_new, new):
-        upper.set_opaque(old_path)
-    # A file renames over whatever the upper has at the new name (a whiteout, or the
-    # file the view shows: a directory there would be in the view, EISDIR above),
-    # so only a directory's rename looks first (one lstat less per dpkg -i file).
-    existing = upper.lstat(new_path) if inode.is_dir else None
-    if existing is not None and (syscalls.is_whiteout_stat(existing)
-                                 or stat.S_ISDIR(existing.st_mode)):
-        upper.remove(new_path)          # a whiteout a dir cannot replace, or an emptied dir
-    if inode.is_dir:    # a file's name has no cached dir fds
-        upper.forget_dirs(old_path)
+    is_dir = inode.node.kind == DIR
+    if is_dir or redirect is not None:
+        old_path, new_path = join(p_old.path, old), join(p_new.path, new)
+        if redirect is not None:
+            upper.set_redirect(old_path, redirect)
+        elif view.lower_has(p_new, new):
+            upper.set_opaque(old_path)
+        # A file renames over whatever the upper has at the new name (a whiteout, or the
+        # file the view shows: a directory there would be in the view, EISDIR above),
+        # so only a directory's rename looks first (one lstat less per dpkg -i file).
+        existing = upper.lstat(new_path)
+        if existing is not None and (syscalls.is_whiteout_stat(existing)
+                                     or stat.S_ISDIR(existing.st_mode)):
+            upper.remove(new_path)      # a whiteout a dir cannot replace, or an emptied dir
+        upper.forget_dirs(old_path)     # (a file's name has no cached dir fds)
         upper.forget_dirs(new_path)
-    ofd, nfd = upper.borrow_dir(p_old.path), upper.borrow_dir(p_new.path)
+    ofd = upper.borrow_dir(p_old.path)
+    nfd = ofd if p_new is p_old else upper.borrow_dir(p_new.path)
     os.rename(old, new, src_dir_fd=ofd, dst_dir_fd=nfd)
     if below_old:
-        upper.whiteout(old_path)
+        upper.whiteout(join(p_old.path, old))
+    follow_move(view, inode, p_old, old, p_new, new, dst)
+    if redirect is not None:
+        set_redirect(view, inode, redirect)
+
+
+def follow_move(view, inode, p_old, old: bytes, p_new, new: bytes, dst: Node | None) -> None:
+    """The view after the upper's entry of ``inode`` moved from ``p_old/old`` to
+    ``p_new/new`` (over ``dst``, the node the view showed there, or None); also
+    after the C fast path renamed an upper file (``WritableView.renamed``)."""
     if dst is not None:
         gone = view._live(dst)
         if gone is not None:
@@ -123,8 +142,6 @@ def _move(view, inode, p_old, old: bytes, p_new, new: bytes, dst: Node | None,
     view._set_child(p_old, old, None)
     view._set_child(p_new, new, inode.node)
     view.inodes.move_name(inode, p_old, old, p_new, new)
-    if redirect is not None:
-        set_redirect(view, inode, redirect)
     inode.attr = None
 
 

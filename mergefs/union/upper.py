@@ -468,9 +468,10 @@ class Upper:
             syscalls.chmod(tmp, stat.S_IMODE(mode), self.work_fd)
         return tmp, fd
 
-    def make_in_place(self, path: bytes, kind: int, mode: int, uid: int, gid: int,
+    def make_in_place(self, pfd: int, name: bytes, kind: int, mode: int, uid: int, gid: int,
                       rdev: int = 0, target: bytes = b"") -> tuple[os.stat_result, int]:
-        """Create a new entry at ``path`` directly in the upper, where it hides
+        """Create a new entry ``name`` in the upper's directory ``pfd`` (a kept fd,
+        ``borrow_dir``) directly, where it hides
         nothing (no whiteout there, nothing below): what kernel overlayfs does
         outside its work dir. Returns (lstat, fd for a regular file or -1).
 
@@ -480,8 +481,6 @@ class Upper:
         mode and needs no chown or chmod when its stat shows it right; any other
         is created with mode 0, then chowned and chmodded: a crash in between
         leaves an empty entry that is never set-id for the wrong owner."""
-        parent, _, name = path.rpartition(b"/")
-        pfd = self.borrow_dir(parent)
         final = (uid, gid) == self._creator and (kind == LNK or not mode & self._not_exact)
         made = stat.S_IMODE(mode) if final else 0
         fd = -1

@@ -43,6 +43,7 @@ from .view import UnionView
 
 
 LOWER_DIR_FDS = 32      # lower directories kept open (``lower_dir``; per view)
+_new_node = tuple.__new__   # Node(...) without the namedtuple's Python-level __new__
 
 
 def _err(code: int) -> OSError:
@@ -119,10 +120,11 @@ class WritableView(UnionView):
     def attr(self, inode: Inode) -> os.stat_result:
         """As the view's, with the parent dir's fd kept (upper: ``Upper.borrow_dir``,
         lower: ``lower_dir``)."""
-        if inode.attr is None and inode.parent is not None:
-            with self._parent_fd(inode) as (fd, name):
-                inode.attr = syscalls.lstat(name, fd)
-            return inode.attr
+        st = inode._attr
+        if st is None and inode._parent is not None:
+            fd, name = self._entry_fd(inode)
+            inode.attr = st = syscalls.lstat(name, fd)
+            return st
         return super().attr(inode)
 
     def merged(self, parent: Inode | None, name: bytes, node: Node,
@@ -149,14 +151,17 @@ class WritableView(UnionView):
     def _parent_fd(self, inode: Inode, layer: int | None = None):
         """Directories come from the fd caches (not closed after use): the upper's
         (``Upper.borrow_dir``) and the lowers' (``lower_dir``)."""
-        layer = inode.node.top if layer is None else layer
-        if layer == self.up:
-            return _Borrowed(*self._upper_entry(inode))
-        path = self.layer_path(inode, layer)
-        if not path:
+        if inode._parent is None and (layer if layer is not None else inode.node[1][0]) != self.up:
             return super()._parent_fd(inode, layer)
-        parent, _, name = path.rpartition(b"/")
-        return _Borrowed(self.lower_dir(layer, parent), name)
+        return _Borrowed(*self._entry_fd(inode, layer))
+
+    def _entry_fd(self, inode: Inode, layer: int | None = None) -> tuple[int, bytes]:
+        """``_parent_fd``'s (kept dir fd, name) of an inode other than a lower root."""
+        layer = inode.node[1][0] if layer is None else layer
+        if layer == self.up:
+            return self._upper_entry(inode)
+        parent, _, name = self.layer_path(inode, layer).rpartition(b"/")
+        return self.lower_dir(layer, parent), name
 
     # -- helpers ----------------------------------------------------------
     def _child(self, parent: Inode, name: bytes) -> Node:
@@ -166,13 +171,15 @@ class WritableView(UnionView):
         return node
 
     def _set_child(self, parent: Inode, name: bytes, node: Node | None) -> None:
-        if node is not None and node.layers[0] == self.up and self.inodes.recorded(node):
-            self.upper.mark_numbered(parent.path)     # U8: look for recorded numbers here
-        if parent.children is not None:
-            if node is None:
-                parent.children.pop(name, None)
-            else:
-                parent.children[name] = node
+        children = parent.children
+        if node is None:
+            if children is not None:
+                children.pop(name, None)
+        else:
+            if node.layers[0] == self.up and self.inodes.recorded(node):
+                self.upper.mark_numbered(parent.path)     # U8: look for recorded numbers here
+            if children is not None:
+                children[name] = node
         parent.attr = None
 
     def _live(self, node: Node) -> Inode | None:
@@ -189,7 +196,10 @@ class WritableView(UnionView):
         lowers never change, so they stay right as long as the same layers are
         read at the same paths, which is the key they are kept under (a rename or
         a redirect changes the paths, an opaque mark the layers)."""
-        lowers = tuple(i for i in (parent.sources or parent.node.layers) if i != self.up)
+        layers, up = parent.sources or parent.node.layers, self.up
+        if len(layers) == 1 and layers[0] == up:    # an upper-only directory (mostly)
+            return False
+        lowers = tuple(i for i in layers if i != up)
         if not lowers:
             return False
         if self.redirected:
@@ -351,27 +361,39 @@ class WritableView(UnionView):
 
     def _new_inode(self, parent: Inode, name: bytes, st: os.stat_result) -> Inode:
         """The inode of a new upper entry now at parent/name (lstat ``st``)."""
-        self.inodes.fresh(self.up, st.st_ino)
-        node = Node(stat.S_IFMT(st.st_mode), (self.up,), (st.st_ino,))
+        inode = self.made(parent, name, stat.S_IFMT(st.st_mode), st.st_ino)
+        inode.attr = st
+        return inode
+
+    def made(self, parent: Inode, name: bytes, kind: int, ino: int) -> Inode:
+        """The inode of a new upper entry of type ``kind`` now at parent/name (upper
+        inode ``ino``; its attributes not read): the listing and the inode table
+        take it, counted once (also for the C fast path's MKNOD, _fastns.h)."""
+        up = self.up
+        self.inodes.fresh(up, ino)
+        node = _new_node(Node, (kind, (up,), (ino,)))
         self._set_child(parent, name, node)
         inode = self.inodes.entry(parent, name, node)
-        inode.attr = st
-        if node.kind == DIR:      # served by the upper alone: no markers to read (U1 nlink)
+        if kind == DIR:           # served by the upper alone: no markers to read (U1 nlink)
             inode.redirects, inode.sources = (), (self.up,)
             # and empty (made in place, or opaque over a whiteout): its listing is at
             # hand, the lookups of the names made in it next need no layer read
             inode.children = SortedDict()
         return inode
 
-    def _prepare_new(self, parent: Inode, name: bytes, ctx) -> os.stat_result:
-        """Checks for a new name and copies its parent up; returns the parent's lstat."""
+    def _prepare_new(self, parent: Inode, name: bytes, ctx) -> tuple[os.stat_result, int]:
+        """Checks for a new name and copies its parent up; returns the parent's lstat
+        and its upper directory's kept fd (``Upper.borrow_dir``)."""
         if self.child(parent, name) is not None:
             raise AlreadyExists(name)
-        self.ensure_upper(parent)
-        if parent.attr is None:     # (dropped by every entry made in it) through its cached fd
-            parent.attr = os.fstat(self.upper.borrow_dir(parent.path) if parent.parent is not None
-                                   else self.upper.layer.fd)
-        return parent.attr
+        if parent.node[1][0] != self.up:
+            self.ensure_upper(parent)
+        pfd = self.upper.borrow_dir(parent.path) if parent._parent is not None \
+            else self.upper.layer.fd
+        pst = parent._attr
+        if pst is None:             # (dropped by every entry made in it) through its kept fd
+            parent.attr = pst = os.fstat(pfd)
+        return pst, pfd
 
     def _make(self, parent: Inode, name: bytes, kind: int, mode: int, ctx, rdev: int = 0,
               target: bytes = b"") -> tuple[Inode, int]:
@@ -380,15 +402,14 @@ class WritableView(UnionView):
         the work dir and renamed over the whiteout (a directory then opaque).
         The upper is not asked first: making the entry in place fails with EEXIST
         where a whiteout is (one lstat less for every new name)."""
-        pst = self._prepare_new(parent, name, ctx)
+        pst, pfd = self._prepare_new(parent, name, ctx)
         gid = pst.st_gid if pst.st_mode & stat.S_ISGID else ctx.gid
         if kind == DIR:
             mode |= pst.st_mode & stat.S_ISGID
-        path = join(parent.path, name)
         try:
-            st, fd = self.upper.make_in_place(path, kind, mode, ctx.uid, gid, rdev, target)
+            st, fd = self.upper.make_in_place(pfd, name, kind, mode, ctx.uid, gid, rdev, target)
         except FileExistsError:
-            if not self.upper.is_whiteout(path):
+            if not self.upper.is_whiteout(join(parent.path, name)):
                 raise
         else:
             try:
@@ -597,8 +618,33 @@ class WritableView(UnionView):
 
     # -- renaming ------------------------------------------------------------
     def rename(self, p_old: Inode, old: bytes, p_new: Inode, new: bytes, flags: int) -> None:
-        from .rename import rename
-        rename(self, p_old, old, p_new, new, flags)
+        _renames().rename(self, p_old, old, p_new, new, flags)
+
+    def renamed(self, p_old: Inode, old: bytes, p_new: Inode, new: bytes, inode: Inode,
+                dst: Node | None) -> None:
+        """The C fast path renamed the upper entry of ``inode``, live and named
+        ``p_old/old``, to ``p_new/new`` where the view showed ``dst`` (or None),
+        as ``rename`` would have (_fastns.h, ``rename_made``: nothing below to
+        white out, what was at the new name pinned first where ``rename`` pins
+        it; a directory the upper alone serves, to a name that hides nothing):
+        the view and the inode table follow (``rename.follow_move``)."""
+        if inode.node.kind == DIR:      # its path and those below it changed
+            self.upper.forget_dirs(join(p_old.path, old))
+            self.upper.forget_dirs(join(p_new.path, new))
+        _renames().follow_move(self, inode, p_old, old, p_new, new, dst)
+
+
+_rename_module = None
+
+
+def _renames():
+    """The rename module, imported at the first rename (a mount starts without it;
+    an import statement per call costs ~10 us)."""
+    global _rename_module
+    if _rename_module is None:
+        from . import rename
+        _rename_module = rename
+    return _rename_module
 
 
 class _Borrowed:

@@ -91,9 +91,11 @@ def writable(tmp_path: Path, union_mount, spec: LayerSpec, name: str = "m") -> P
     return union_mount(layers, upper=up, work=wk)
 
 
-def on_kernel_overlay(tmp_path: Path, spec: LayerSpec, steps) -> list:
-    """``steps(mnt)`` on kernel overlayfs over the same one-layer stack (the oracle)."""
-    layers = materialise_stack([spec], tmp_path / "k" / "layers")
+def on_kernel_overlay(tmp_path: Path, spec, steps) -> list:
+    """``steps(mnt)`` on kernel overlayfs over the same one-layer stack (the oracle;
+    ``spec`` a tuple of LayerSpecs: that stack, bottom first)."""
+    layers = materialise_stack(list(spec) if isinstance(spec, tuple) else [spec],
+                               tmp_path / "k" / "layers")
     for d in ("up", "wk", "ovl"):
         (tmp_path / "k" / d).mkdir()
     with mounts.overlay_mount(layers, tmp_path / "k" / "ovl", upper=tmp_path / "k" / "up",

@@ -262,6 +262,14 @@ def forget_all():
 def live(o):       # the server's thread changes them: copies first
     return [n for n in list(o.inodes._live) if n != 1] + list(o.inodes.lazy)
 
+def settle(o):     # the kernel forgets all: what is left live or lazy, and the table's check
+    forget_all()
+    for _ in range(200):
+        if not live(o):
+            break
+        time.sleep(0.02)
+    print("live after forget", len(live(o)), o.check())
+
 def work():
     try:
         while not os.path.ismount(mnt):
@@ -277,12 +285,7 @@ def work():
                 os.link(os.path.join(d, "f"), os.path.join(d, "g"))
                 os.link(os.path.join(mnt, "low"), os.path.join(d, "low"))
             os.stat(os.path.join(mnt, "d3", "g"))
-            forget_all()
-            for _ in range(200):
-                if not live(o):
-                    break
-                time.sleep(0.02)
-            print("live after forget", len(live(o)), o.check())
+            settle(o)
             for i in range(40):
                 d = os.path.join(mnt, "d%d" % i)
                 for n in ("s", "f", "g", "low"):
@@ -299,21 +302,17 @@ server.serve(MountSpec((layer,), up, wk, False, ()), mnt)
 '''
 
 
-def test_entry_replies_count_one_lookup_each(tmp_path, path, union_mount):
-    """MKDIR, SYMLINK and LINK answer with an entry: the kernel counts one lookup
-    for each, and Python must count exactly that many, whichever path sent the
-    reply. A server run in a child process (its table visible): after 40
-    directories with a symlink, a file and two links each (one of a lower file),
-    dropping the kernel's inodes makes its FORGETs leave nothing live, and no
-    FORGET takes off more than Python counted; three rounds, names reused."""
+def counting_server(tmp_path: Path, script: str, layer) -> str:
+    """Run ``script`` (a server in a child process, its table visible, as
+    LOOKUPS_SCRIPT) over ``layer``: after each of three rounds nothing was left
+    live or lazy once the kernel forgot everything, no FORGET took off more
+    than was counted, nothing failed; returns its last line (what was served)."""
     from mergefs.testing import mounts
-    from mergefs.testing.builders import materialise_stack
-    (layer,) = materialise_stack([LayerSpec().file("low", b"lower\n")], tmp_path / "layers")
     dirs = [tmp_path / n for n in ("mnt", "up", "wk")]
     for d in dirs:
         d.mkdir()
     try:
-        r = subprocess.run([sys.executable, "-c", LOOKUPS_SCRIPT, *map(str, dirs), str(layer)],
+        r = subprocess.run([sys.executable, "-c", script, *map(str, dirs), str(layer)],
                            capture_output=True, text=True, timeout=150)
     finally:
         if mounts.is_mounted(dirs[0]):
@@ -322,11 +321,24 @@ def test_entry_replies_count_one_lookup_each(tmp_path, path, union_mount):
     lines = r.stdout.splitlines()
     assert lines[:3] == ["live after forget 0 []"] * 3, r.stdout + r.stderr[-3000:]
     assert lines[3] == "under []", r.stdout
-    direct = eval(lines[4].split(" ", 1)[1])
+    assert "failed unexpectedly" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+    return lines[4]
+
+
+def test_entry_replies_count_one_lookup_each(tmp_path, path, union_mount):
+    """MKDIR, SYMLINK and LINK answer with an entry: the kernel counts one lookup
+    for each, and Python must count exactly that many, whichever path sent the
+    reply. A server run in a child process (its table visible): after 40
+    directories with a symlink, a file and two links each (one of a lower file),
+    dropping the kernel's inodes makes its FORGETs leave nothing live, and no
+    FORGET takes off more than Python counted; three rounds, names reused."""
+    from mergefs.testing.builders import materialise_stack
+    (layer,) = materialise_stack([LayerSpec().file("low", b"lower\n")], tmp_path / "layers")
+    line = counting_server(tmp_path, LOOKUPS_SCRIPT, layer)
+    direct = eval(line.split(" ", 1)[1])
     want = {f"fast_{op}_direct" for op in ("mkdir", "symlink", "link", "unlink", "rmdir",
                                            "forget")}
     assert (want <= set(direct)) == (path == "direct"), direct
-    assert "failed unexpectedly" not in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 # two layers: "usr" and "usr/share" merged from both, "usr/lib" only in the top one,
