@@ -610,6 +610,10 @@ def rounds(args, steps, layers, tarball, append_list, n_entries, debian, failed)
             total = [sum(r.values()) for r in reqs]
             per = f" ({min(total) / n_entries:.1f} per created entry)" if "untar" in key else ""
             print(f"FUSE requests, {key}: {total}{per} {reqs[0]}")
+            if not any(k.startswith("fast_") for r in reqs for k in r):
+                # (a checkout that moved since tools/bootstrap.sh serves in Python)
+                print(f"WARNING: {key.split()[0]} served without its C fast path: "
+                      "is its module stale? (its mount log says; tools/bootstrap.sh)")
     for line in report_strace(results, n_entries) + report_uppers(results):
         print(line)
     for key in ("upper entries", "dpkg upper entries"):
