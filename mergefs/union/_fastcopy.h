@@ -506,16 +506,24 @@ static int entry_of(fuse_ino_t ino, PyObject **parent, PyObject **leaf, PyObject
     return 0;
 }
 
+/* ``fn(parent, node)`` (WritableView.entry_dir): the kept fd of the directory
+ * that holds the entry, or -1 (any error cleared). */
+static long entry_dir_of(PyObject *fn, PyObject *parent, PyObject *node)
+{
+    PyObject *args[2] = {parent, node};
+    PyObject *r = PyObject_Vectorcall(fn, args, 2, NULL);
+    long fd = r && PyLong_CheckExact(r) ? PyLong_AsLong(r) : -1;
+    Py_XDECREF(r);
+    PyErr_Clear();
+    return fd;
+}
+
 static int getxattr_at(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
 {
     PyObject *parent, *leaf, *node;
     if (!entry_dir_fn || entry_of(ino, &parent, &leaf, &node) < 0)
         return 0;
-    PyObject *args[2] = {parent, node};
-    PyObject *r = PyObject_Vectorcall(entry_dir_fn, args, 2, NULL);
-    long fd = r && PyLong_CheckExact(r) ? PyLong_AsLong(r) : -1;
-    Py_XDECREF(r);
-    PyErr_Clear();
+    long fd = entry_dir_of(entry_dir_fn, parent, node);
     char path[PATH_MAX];
     int answered = 0;
     if (fd >= 0 && (size_t)snprintf(path, sizeof(path), "/proc/self/fd/%ld/%s", fd,

@@ -101,11 +101,7 @@ static int lazy_entry(PyObject *number, PyObject *record, PyObject *parent, PyOb
 {
     if (record && !same_listing(record, parent, name, node))
         return 0;
-    PyObject *args[2] = {parent, node};
-    PyObject *r = PyObject_Vectorcall(named_dir_fn, args, 2, NULL);
-    long fd = r && PyLong_CheckExact(r) ? PyLong_AsLong(r) : -1;
-    Py_XDECREF(r);
-    PyErr_Clear();
+    long fd = entry_dir_of(named_dir_fn, parent, node);
     if (fd < 0 || fstatat((int)fd, PyBytes_AS_STRING(name), &p->attr, AT_SYMLINK_NOFOLLOW) != 0 ||
         (long)(p->attr.st_mode & S_IFMT) != kind)
         return 0;                        /* Python looks (and answers what it finds) */
@@ -390,6 +386,19 @@ static PyObject *py_set_made(PyObject *self, PyObject *args)
     Py_RETURN_TRUE;
 }
 
+/* ``fn(*args[1:n + 1])`` (``args[0]`` free for the vectorcall offset) of a direct
+ * handler that returns None or an errno: 0, the errno, or EIO (an exception:
+ * printed as unraisable). */
+static int errno_call(PyObject *fn, PyObject **args, size_t n)
+{
+    PyObject *r = PyObject_Vectorcall(fn, args + 1, n | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    int err = r == Py_None ? 0 : r && PyLong_CheckExact(r) ? (int)PyLong_AsLong(r) : EIO;
+    if (!r)
+        PyErr_WriteUnraisable(fn);
+    Py_XDECREF(r);
+    return err;
+}
+
 /* -- RENAME of an upper file the kernel holds by that name ----------------------
  * ``ops.rename`` of an upper file (dpkg's NAME.dpkg-new into place) whose live
  * inode carries exactly that name renames it inside the upper and updates the
@@ -533,12 +542,7 @@ static int rename_made(fuse_req_t req, fuse_ino_t p1, const char *n1, fuse_ino_t
     answered = 1;
     if (over == 2) {                      /* the kernel may hold it open: an fd kept */
         PyObject *args[3] = {NULL, parent2, name2};
-        PyObject *r = PyObject_Vectorcall(pin_fn, args + 1, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET,
-                                          NULL);
-        int err = r == Py_None ? 0 : r && PyLong_CheckExact(r) ? (int)PyLong_AsLong(r) : EIO;
-        if (!r)
-            PyErr_WriteUnraisable(pin_fn);
-        Py_XDECREF(r);
+        int err = errno_call(pin_fn, args, 2);
         if (err) {
             fuse_reply_err(req, err > 0 && err < 4096 ? err : EIO);
             goto out;
@@ -549,12 +553,7 @@ static int rename_made(fuse_req_t req, fuse_ino_t p1, const char *n1, fuse_ino_t
         goto out;
     }
     PyObject *args[7] = {NULL, parent1, name1, parent2, name2, inode, dst ? dst : Py_None};
-    PyObject *r = PyObject_Vectorcall(renamed_fn, args + 1, 6 | PY_VECTORCALL_ARGUMENTS_OFFSET,
-                                      NULL);
-    int err = r == Py_None ? 0 : r && PyLong_CheckExact(r) ? (int)PyLong_AsLong(r) : EIO;
-    if (!r)
-        PyErr_WriteUnraisable(renamed_fn);
-    Py_XDECREF(r);
+    int err = errno_call(renamed_fn, args, 6);
     served[OP_RENAME_MADE]++;
     fuse_reply_err(req, err > 0 && err < 4096 ? err : err ? EIO : 0);
 out:
