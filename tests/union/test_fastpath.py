@@ -565,8 +565,9 @@ def new_entry_steps(root: Path, upper: Path | None = None) -> list:
     is read after its unmount by the caller)."""
     old = os.umask(0)
     try:
-        os.mkdir(root / "sg", 0o2777)
+        os.mkdir(root / "sg", 0o777)
         os.chown(root / "sg", 0, 77)
+        os.chmod(root / "sg", 0o2777)       # (mkdir drops the set-gid bit of its mode)
         os.mkdir(root / "shared", 0o777)
         for d in ("sg", "shared"):
             base = root / d
