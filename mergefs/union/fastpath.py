@@ -43,7 +43,7 @@ from entries kept under the file handle (``HANDLE``, ``set_handles``);
 ``drain`` spins a little before it sleeps while requests come back to back
 (``spin_poll`` in the C: on a VM, waking a sleeping server costs more than
 most requests do); ``MERGEFS_SPIN_US`` bounds the spin (default
-``SPIN_US``; 0: never spin).
+``SPIN_US``, 0 for a server bound to one CPU; 0: never spin).
 ``MERGEFS_FASTPATH_LOOP=0`` keeps pyfuse3's own request loop (no ``drain``),
 ``MERGEFS_FASTPATH_DIRECT=0`` pyfuse3's coroutines for the direct handlers,
 for comparisons.
@@ -64,10 +64,13 @@ SPIN_US = 200         # the haltpoll governor's default bound
 
 def spin_us() -> int:
     """The bound of drain's spin: ``MERGEFS_SPIN_US`` (microseconds, 0: never spin),
-    ``SPIN_US`` when unset or not a number."""
+    ``SPIN_US`` when unset or not a number. Unset, 0 for a server that may run on
+    one CPU only (taskset, a cpuset): the requester then waits for that CPU, and
+    a spin there only delays it (`dpkg -i` in one CPU: 1.81 s spinning, 1.32 s
+    not; docs/performance.md)."""
     value = os.environ.get("MERGEFS_SPIN_US")
     if value is None:
-        return SPIN_US
+        return SPIN_US if len(os.sched_getaffinity(0)) > 1 else 0
     try:
         return max(0, int(value))
     except ValueError:

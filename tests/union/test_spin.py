@@ -122,3 +122,32 @@ def test_spin_off(tmp_path, union_mount, monkeypatch):
     w = waits(pid, log)
     assert w["max_us"] == 0 and w["waits"] == 0 and w["hits"] == 0, w
     assert (mnt / "d" / "f000").read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("env, bound", [(None, 0), ("200", 200)])
+def test_a_server_bound_to_one_cpu_does_not_spin(tmp_path, union_mount, monkeypatch,
+                                                 env, bound):
+    """A server that may run on one CPU only (taskset, a cpuset) shares it with its
+    requesters: a spin there only keeps them waiting, so by default it does not
+    spin; ``MERGEFS_SPIN_US`` set says otherwise."""
+    if not fast_path_expected() or os.environ.get("MERGEFS_NO_OPEN") == "0":
+        pytest.skip("the spin is the C request loop's (no-open, fast path)")
+    if env is None:
+        monkeypatch.delenv("MERGEFS_SPIN_US", raising=False)
+    else:
+        monkeypatch.setenv("MERGEFS_SPIN_US", env)
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})        # the mount command and its server inherit it
+    try:
+        mnt, pid, log = mount_files(tmp_path, union_mount)
+    finally:
+        os.sched_setaffinity(0, cpus)
+    assert os.sched_getaffinity(pid) == {min(cpus)}
+    waits(pid, log)
+    for i in range(FILES):
+        os.stat(mnt / "d" / f"f{i:03d}")
+    w = waits(pid, log)
+    assert w["max_us"] == bound, w
+    if not bound:
+        assert w["waits"] == 0 and w["hits"] == 0, w
+
