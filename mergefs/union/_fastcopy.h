@@ -465,7 +465,7 @@ static PyObject *py_copy_up_dir(PyObject *self, PyObject *args)
  * held open, an error other than ENODATA, ENOTSUP or ERANGE) returns 0: the
  * caller hands it to Python's handler. The overlay format's own names never
  * come here (h_getxattr answers them first). set_xattr_at. */
-static PyObject *xattr_live, *xattr_lazy, *entry_dir_fn, *s_parent_, *s_name_;
+static PyObject *xattr_live, *xattr_lazy, *entry_dir_fn;
 
 /* parent, name and node (new references) of inode ``ino``: 0, or -1 (none: not
  * known, a directory, unlinked ...; no exception left set) */
@@ -537,13 +537,7 @@ static int getxattr_at(fuse_req_t req, fuse_ino_t ino, const char *name, size_t 
             err = ENODATA;                  /* syscalls.getxattr: no such value */
         if (n >= 0 || err == ENODATA || err == ERANGE) {
             answered = 1;
-            served[OP_GETXATTR]++;
-            if (n < 0)
-                fuse_reply_err(req, err);
-            else if (size == 0)
-                fuse_reply_xattr(req, (size_t)n);
-            else
-                fuse_reply_buf(req, buffer, (size_t)n);
+            reply_xattr(req, n, err, size, buffer);
         }
     }
     Py_DECREF(parent);
@@ -565,11 +559,8 @@ static void clear_xattr_at(void)
 static PyObject *py_set_xattr_at(PyObject *self, PyObject *args)
 {
     PyObject *live, *lazy, *fn;
-    if (!PyArg_ParseTuple(args, "O!O!O", &PyDict_Type, &live, &PyDict_Type, &lazy, &fn))
-        return NULL;
-    if (!s_parent_ && !(s_parent_ = PyUnicode_InternFromString("_parent")))
-        return NULL;
-    if (!s_name_ && !(s_name_ = PyUnicode_InternFromString("_name")))
+    if (!PyArg_ParseTuple(args, "O!O!O", &PyDict_Type, &live, &PyDict_Type, &lazy, &fn) ||
+        intern_names() < 0)
         return NULL;
     if (!hooks)
         Py_RETURN_FALSE;

@@ -225,9 +225,7 @@ static PyObject *py_set_named(PyObject *self, PyObject *args)
     }
     if (!s_lookups && !(s_lookups = PyUnicode_InternFromString("lookups")))
         return NULL;
-    if (!s_parent_ && !(s_parent_ = PyUnicode_InternFromString("_parent")))
-        return NULL;
-    if (!s_name_ && !(s_name_ = PyUnicode_InternFromString("_name")))
+    if (intern_names() < 0)
         return NULL;
     if (!hooks || !HAS_HOOK(entry_param))      /* the builds with a LOOKUP hook */
         Py_RETURN_FALSE;

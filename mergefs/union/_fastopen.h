@@ -35,7 +35,7 @@
 static PyObject *fastopen_lazy, *fastopen_live, *fastopen_fds, *fastopen_dir_fn;
 static Py_ssize_t fastopen_max_fds;
 static long fastopen_up = -1;             /* the upper's layer index, -1: none */
-static PyObject *s_parent_slot, *s_name_slot, *s_others, *s_popitem;
+static PyObject *s_others, *s_popitem;
 
 #define FASTOPEN_DIRS 64    /* directories kept open, direct-mapped by (parent, layer) */
 static struct {
@@ -177,8 +177,8 @@ static entry_t *fastopen(fuse_ino_t ino, struct fuse_file_info *fi)
         if (!(v = PyObject_GetAttr(owner, s_others)) || v != Py_None)
             goto out;
         Py_SETREF(v, PyObject_GetAttr(owner, s_unlinked));
-        if (v != Py_False || !(parent = PyObject_GetAttr(owner, s_parent_slot)) ||
-            parent == Py_None || !(name = PyObject_GetAttr(owner, s_name_slot)) ||
+        if (v != Py_False || !(parent = PyObject_GetAttr(owner, s_parent_)) ||
+            parent == Py_None || !(name = PyObject_GetAttr(owner, s_name_)) ||
             !(node = PyObject_GetAttr(owner, s_node)))
             goto out;
     }
@@ -246,9 +246,9 @@ static PyObject *py_set_fastopen(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_TypeError, "set_fastopen: dicts, a count and a callable");
         return NULL;
     }
-    if (!s_popitem && (!(s_parent_slot = PyUnicode_InternFromString("_parent")) ||
-                       !(s_name_slot = PyUnicode_InternFromString("_name")) ||
-                       !(s_others = PyUnicode_InternFromString("others")) ||
+    if (intern_names() < 0)
+        return NULL;
+    if (!s_popitem && (!(s_others = PyUnicode_InternFromString("others")) ||
                        !(s_popitem = PyUnicode_InternFromString("popitem"))))
         return NULL;
     if (!hooks)

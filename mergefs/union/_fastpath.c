@@ -77,6 +77,19 @@
 
 static struct mergefs_fast_hooks *hooks;
 static double attr_timeout;
+
+/* Inode's ``_parent`` and ``_name`` (the slots behind its properties), interned
+ * once by the first setter that reads them (``intern_names``: 0, or -1 raised). */
+static PyObject *s_parent_, *s_name_;
+
+static int intern_names(void)
+{
+    if (!s_parent_ && !(s_parent_ = PyUnicode_InternFromString("_parent")))
+        return -1;
+    if (!s_name_ && !(s_name_ = PyUnicode_InternFromString("_name")))
+        return -1;
+    return 0;
+}
 static long long squash_uid = -1, squash_gid = -1;
 static int volatile_sync;
 
@@ -1204,6 +1217,19 @@ static int overlay_private(const char *name)
 
 static int getxattr_at(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size);
 
+/* A GETXATTR's answer as pyfuse3 gives it: the errno of ``n`` < 0, the length
+ * for a size 0 request, else the value. */
+static void reply_xattr(fuse_req_t req, ssize_t n, int err, size_t size, const char *value)
+{
+    served[OP_GETXATTR]++;
+    if (n < 0)
+        fuse_reply_err(req, err);
+    else if (size == 0)
+        fuse_reply_xattr(req, (size_t)n);
+    else
+        fuse_reply_buf(req, value, (size_t)n);
+}
+
 static int h_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
 {
     if (overlay_private(name)) {        /* as kernel overlayfs answers its own prefix */
@@ -1221,13 +1247,7 @@ static int h_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t s
     ssize_t n = fgetxattr(e->fd, name, size ? buffer : NULL, size);
     if (n < 0 && errno != ENODATA && errno != ERANGE)
         return getxattr_direct(req, ino, name, size);   /* anything else: Python's rules */
-    served[OP_GETXATTR]++;
-    if (n < 0)
-        fuse_reply_err(req, errno);
-    else if (size == 0)
-        fuse_reply_xattr(req, (size_t)n);
-    else
-        fuse_reply_buf(req, buffer, (size_t)n);
+    reply_xattr(req, n, errno, size, buffer);
     return 1;
 }
 
