@@ -146,8 +146,7 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
         self.by_vid: dict[int, View] = {}         # live and removed-but-busy
         self.retired: set[str] = set()
         self._init_numbers()
-        self._direct: dict[int, int] = {}             # fh -> fd: shared files open for reading
-        self._direct_gid: dict[int, int] = {}         # ... and their gids
+        self._direct: dict[int, tuple[int, int]] = {}  # fh -> (fd, gid): shared files open for reading
         self.fast = None                              # the C fast path (init), or None
         self._next_vid = 1
         self.root_mtime_ns = time.time_ns()
@@ -344,7 +343,7 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
             return False
         try:
             for fh in fhs:
-                os.dup2(fd, self._direct[fh], inheritable=False)
+                os.dup2(fd, self._direct[fh][0], inheritable=False)
         finally:
             os.close(fd)
         if sh.moved is None:
@@ -379,7 +378,7 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
             if inode is None or sh.moved and fresh is None:  # (a build without it: Python)
                 self.fast.drop(fh)
             else:
-                self.fast.set(fh, self._direct[fh],
+                self.fast.set(fh, self._direct[fh][0],
                               self.fast.HANDLE | (fresh if sh.moved else 0), inode, inode.node)
 
     def _moved_entry(self, gid: int, sh: Shared) -> pyfuse3.EntryAttributes:
@@ -389,7 +388,7 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
         their open), which no other view can then ask for: the copy's."""
         if sh.seen <= 0 or not sh.moved:
             return self._shared_entry(gid, sh)
-        e = entry_attributes(gid, os.fstat(self._direct[next(iter(sh.moved))]), False,
+        e = entry_attributes(gid, os.fstat(self._direct[next(iter(sh.moved))][0]), False,
                              sh.view.ops.timeouts)
         e.attr_timeout = 0
         return e
@@ -573,8 +572,8 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
             if isinstance(t, Shared):       # read straight from the lower file
                 view, src = self._source(t)
                 fh = self._new_fh()
-                fd = self._direct[fh] = view.uv.open_content(src)
-                self._direct_gid[fh] = inode
+                fd = view.uv.open_content(src)
+                self._direct[fh] = (fd, inode)
                 if t.readers is None:
                     t.readers = {}
                 # the view it was opened through, if only one can have been
@@ -599,9 +598,9 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
 
     @fuse_errors
     def read(self, fh, off, size):
-        fd = self._direct.get(fh)
-        if fd is not None:
-            return os.pread(fd, size, off)
+        direct = self._direct.get(fh)
+        if direct is not None:
+            return os.pread(direct[0], size, off)
         view, local = self._handles[fh]
         return OPS.read(view.ops, local, off, size)
 
@@ -625,17 +624,16 @@ class ViewFS(ViewNumbers, pyfuse3.Operations):
     def release(self, fh):
         if self.fast is not None:
             self.fast.drop(fh)          # before its fd closes
-        fd = self._direct.pop(fh, None)
-        if fd is not None:
-            os.close(fd)
-            self._release_reader(fh)
+        direct = self._direct.pop(fh, None)
+        if direct is not None:
+            os.close(direct[0])
+            self._release_reader(fh, direct[1])
             return
         view, local = self._drop_handle(fh)
         OPS.release(view.ops, local)
         self._after_release(view)
 
-    def _release_reader(self, fh: int) -> None:
-        gid = self._direct_gid.pop(fh)
+    def _release_reader(self, fh: int, gid: int) -> None:
         sh = self._targets.get(gid)
         if not isinstance(sh, Shared):
             return
