@@ -1292,6 +1292,7 @@ static int h_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
 /* -- the copy-up of a lower regular file (upper.Upper.copy_up_file) ----------------- */
 #include "_fastcopy.h"
 #include "_fastns.h"
+#include "_fastio.h"
 
 /* -- the request loop -------------------------------------------------------------- */
 
@@ -1938,6 +1939,8 @@ static PyObject *py_disable(PyObject *self, PyObject *unused)
     Py_CLEAR(fastopen_live);
     Py_CLEAR(fastopen_fds);
     Py_CLEAR(fastopen_dir_fn);
+    Py_CLEAR(kill_fn);
+    kill_on = 0;
     fastopen_forget_dirs();
     clear_xattr_at();
     clear_named();
@@ -2076,6 +2079,15 @@ static PyMethodDef methods[] = {
     {"set_fastopen", py_set_fastopen, METH_VARARGS,
      "set_fastopen(lazy, live, fds, max_fds, up, dir_opener) -> bool: the first READ of a "
      "file with no entry opened in C, its fd put in ``fds`` (None: off)"},
+    {"set_io", py_set_io, METH_NOARGS,
+     "set_io() -> bool: the session's /dev/fuse reads and writes go through C from now on "
+     "(before the kernel's INIT is read), for FUSE_HANDLE_KILLPRIV_V2"},
+    {"set_killpriv", py_set_killpriv, METH_O,
+     "set_killpriv(fn): the INIT reply agrees FUSE_HANDLE_KILLPRIV_V2 if the kernel offers it; "
+     "fn(number) then clears a file's set-id bits before a write by a caller without "
+     "CAP_FSETID (None: off)"},
+    {"killpriv", py_killpriv, METH_NOARGS,
+     "killpriv() -> bool: FUSE_HANDLE_KILLPRIV_V2 was agreed with the kernel"},
     {"set_miss", py_set_miss, METH_O,
      "set_miss(fn): fn(number) may set an entry when a READ finds none (None: no call)"},
     {"set", py_set, METH_VARARGS,

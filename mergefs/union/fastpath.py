@@ -58,7 +58,7 @@ import os
 log = logging.getLogger("mergefs.union")
 
 SOURCES = ("_fastpath.c", "_fasthooks.h", "_fasttable.h", "_fastcopy.h", "_fastopen.h",
-           "_fastns.h")
+           "_fastns.h", "_fastio.h")
 SPIN_US = 200         # the haltpoll governor's default bound
 
 
@@ -152,6 +152,38 @@ def load(attr_timeout: float, squash: tuple, volatile: bool):
     from .. import syscalls
     syscalls.fast_openat2 = _fastpath.openat2
     return _fastpath
+
+
+def prepare_io() -> bool:
+    """Route the reads and writes of the session pyfuse3.init just made through C
+    (``_fastio.h``), so that a writable mount can agree FUSE_HANDLE_KILLPRIV_V2
+    with the kernel once ``ops.init`` gives the function that clears set-id bits
+    (``set_killpriv``). Call it before pyfuse3.main reads the kernel's INIT.
+    False, and libfuse's own reads and writes: no fast path (``load`` would
+    find none either), or ``MERGEFS_KILLPRIV=0`` (for comparisons). Independent of
+    the fast path's table and hooks (``MERGEFS_FASTPATH=0`` and real opens too)."""
+    if os.environ.get("MERGEFS_KILLPRIV") == "0":
+        return False
+    set_io = compiled("set_io")
+    if set_io is None:
+        return False
+    import pyfuse3
+    from . import _fastpath
+    try:
+        return _fastpath.attach(pyfuse3.__file__) and set_io()
+    except Exception as e:             # never fail a mount: libfuse's reads then
+        log.warning("no C reads for FUSE_HANDLE_KILLPRIV_V2: %s", e)
+        return False
+
+
+def agree_killpriv(fn) -> None:
+    """The INIT reply agrees FUSE_HANDLE_KILLPRIV_V2 if ``prepare_io`` routed this
+    session through C and the kernel offers it; ``fn(number)`` then clears a
+    file's set-id bits before a write or truncation by a caller without
+    CAP_FSETID (ops._kill_suidgid). Call it before the INIT reply (ops.init)."""
+    set_killpriv = compiled("set_killpriv")
+    if set_killpriv is not None:
+        set_killpriv(fn)
 
 
 def unload() -> None:

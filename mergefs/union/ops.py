@@ -50,7 +50,9 @@ import errno
 import fcntl
 import inspect
 import os
+import stat
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import pyfuse3
 from pyfuse3 import FUSEError
@@ -80,6 +82,24 @@ def direct_handler(ops, name: str):
     if plain is None or inspect.iscoroutinefunction(plain):
         return None
     return direct(name, plain.__get__(ops))
+
+
+class _Mode(NamedTuple):
+    """A SETATTR's attributes that only change the mode (``_kill_suidgid``)."""
+    st_mode: int
+
+
+class _Fields(NamedTuple):
+    """pyfuse3.SetattrFields as Writable.setattr reads it."""
+    update_size: bool = False
+    update_uid: bool = False
+    update_gid: bool = False
+    update_mode: bool = False
+    update_atime: bool = False
+    update_mtime: bool = False
+
+
+_MODE_ONLY = _Fields(update_mode=True)
 
 
 @dataclass
@@ -180,6 +200,10 @@ class UnionOperations(pyfuse3.Operations):
         read it" from tar once a readdir makes the kernel ask again)."""
         if self.view.writable:
             self.view.attrs_changed = self._attrs_changed
+            # FUSE_HANDLE_KILLPRIV_V2, when server.py routed the session's reads and
+            # writes through C (fastpath.prepare_io): the INIT reply agrees it
+            from . import fastpath
+            fastpath.agree_killpriv(self._kill_suidgid)
         if self.no_open:      # the C fast path serves the files of the fd cache
             from . import fastpath
             self.fds.fast = fastpath.load(self.timeouts.attr, self.squash, self.volatile)
@@ -235,6 +259,29 @@ class UnionOperations(pyfuse3.Operations):
                     self.fds.fast.set_fastopen(self.inodes.lazy, self.inodes._live,
                                                self.fds.fds, self.fds.max_fds, up,
                                                self._layer_dir)
+
+    def _kill_suidgid(self, number: int) -> None:
+        """FUSE_HANDLE_KILLPRIV_V2 (``_fastio.h``): a caller without CAP_FSETID is about
+        to write to, or truncate, inode ``number``; the kernel left it to the server
+        to clear the file's set-user-ID bit, and its set-group-ID bit when it is
+        group-executable, as its own SETATTR of the mode did before: here, the
+        same way (a lower file is copied up first), and the kernel's cached
+        attributes dropped. An error is logged; the request goes on (as the
+        kernel's write after a failed clearing would not: the cost of doing it
+        before libfuse dispatches the request)."""
+        try:
+            inode = self.inodes.get(number)
+            mode = self._stat(inode).st_mode
+            kill = mode & stat.S_ISUID
+            if mode & stat.S_ISGID and mode & stat.S_IXGRP:
+                kill |= stat.S_ISGID
+            if not kill or not stat.S_ISREG(mode):
+                return
+            self.setattr.__wrapped__(self, number, _Mode(mode & ~kill), _MODE_ONLY, None)
+        except (FUSEError, OSError) as e:
+            log.warning("clearing the set-id bits of inode %d: %s", number, e)
+            return
+        _invalidate_attrs(number)
 
     def _attrs_changed(self, number: int) -> None:
         """A copy-up changed inode ``number`` (the parent's ctime): the kernel drops

@@ -208,6 +208,9 @@ async def _serve_in_loop(spec: MountSpec, view, target: str, mountpoint: str,
                           volatile=spec.volatile,
                           squash=(spec.squash_uid, spec.squash_gid))
     pyfuse3.init(ops, target, fuse_options(spec))
+    if spec.writable:
+        from . import fastpath
+        fastpath.prepare_io()       # before the kernel's INIT is read (ops.init agrees it)
     clean = False
     try:
         log.info("serving %d layers at %s (%s%s)", len(spec.lowers), mountpoint,
