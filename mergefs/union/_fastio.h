@@ -22,10 +22,13 @@
  *   (ops._kill_suidgid) by then;
  * - each request with a kill flag is seen before libfuse dispatches it, so the
  *   bits go before the write, as the kernel's own file_remove_privs does: the
- *   file's fd in the table tells whether there are bits to clear (an fstat);
- *   when there are, or there is no fd, Python clears them as a SETATTR of the
- *   mode would (a copy-up first for a lower file) and drops the kernel's
- *   cached attributes. */
+ *   file's fd in the table tells whether it has a set-id bit (an fstat); when
+ *   it has, or there is no fd, Python clears what the kernel would have
+ *   cleared (the set-group-ID bit of a file that is not group-executable only
+ *   when the caller is not in the file's group: the kernel's rule, which
+ *   FUSE_HANDLE_KILLPRIV_V2 leaves out) as a SETATTR of the mode would (a
+ *   copy-up first for a lower file) and drops the kernel's cached
+ *   attributes. */
 
 #include <linux/fuse.h>
 #include <sys/uio.h>
@@ -34,27 +37,23 @@ static PyObject *kill_fn;                 /* ops._kill_suidgid, or NULL */
 static int kill_offered, kill_on;         /* the kernel offered the flag; it was agreed */
 static uint64_t init_unique;              /* the INIT request's, until its reply */
 
-/* The set-id bits a caller without CAP_FSETID loses when writing to a file of
- * ``mode`` (setattr_should_drop_suidgid) */
-static int kill_bits(mode_t mode)
+/* A request of a caller without CAP_FSETID that may have to clear set-id bits:
+ * Python's ``kill_fn(number, gid, pid)`` (the caller's, for the set-group-ID
+ * bit of a file that is not group-executable) decides, unless the table's fd
+ * shows a file with no set-id bit. */
+static void kill_suidgid(const struct fuse_in_header *in)
 {
-    return (mode & S_ISUID) || (mode & (S_ISGID | S_IXGRP)) == (S_ISGID | S_IXGRP);
-}
-
-static void kill_suidgid(uint64_t ino)
-{
-    entry_t *e = find(ino);
+    entry_t *e = find(in->nodeid);
     struct stat st;
     if (e && !(e->flags & (F_DIR | F_HANDLE)) && fstat(e->fd, &st) == 0 &&
-        S_ISREG(st.st_mode) && !kill_bits(st.st_mode))
+        S_ISREG(st.st_mode) && !(st.st_mode & (S_ISUID | S_ISGID)))
         return;                           /* the common case: nothing to clear */
     PyGILState_STATE gil = PyGILState_Ensure();
-    PyObject *number = PyLong_FromUnsignedLongLong(ino);
-    PyObject *r = number ? PyObject_CallOneArg(kill_fn, number) : NULL;
+    PyObject *r = PyObject_CallFunction(kill_fn, "KIi", (unsigned long long)in->nodeid,
+                                        (unsigned int)in->gid, (int)in->pid);
     if (!r)
         PyErr_WriteUnraisable(kill_fn);   /* a bug: the function logs its own errors */
     Py_XDECREF(r);
-    Py_XDECREF(number);
     PyGILState_Release(gil);
 }
 
@@ -80,14 +79,19 @@ static ssize_t io_read(int fd, void *buf, size_t len, void *userdata)
         if (kill_on && room >= sizeof(struct fuse_write_in) &&
             (((const struct fuse_write_in *)(const void *)arg)->write_flags &
              FUSE_WRITE_KILL_SUIDGID))
-            kill_suidgid(in->nodeid);
+            kill_suidgid(in);
         break;
     case FUSE_SETATTR:
         if (kill_on && room >= sizeof(struct fuse_setattr_in)) {
             struct fuse_setattr_in *s = (void *)(in + 1);
             if (s->valid & FATTR_KILL_SUIDGID) {
-                kill_suidgid(in->nodeid);
-                /* done: libfuse would pass the bit on (its FUSE_SET_ATTR_KILL_SUID),
+                /* a truncation by a caller without CAP_FSETID; a chown carries the
+                 * flag whoever calls, and the upper's own chown clears what the
+                 * kernel clears for the caller (suid; sgid if group-executable
+                 * or the caller is not in the new group, which an owner is) */
+                if (!(s->valid & (FATTR_UID | FATTR_GID)))
+                    kill_suidgid(in);
+                /* libfuse would pass the bit on (its FUSE_SET_ATTR_KILL_SUID),
                  * and the handlers take a SETATTR with a bit they do not know to
                  * Python */
                 s->valid &= ~FATTR_KILL_SUIDGID;
@@ -98,7 +102,7 @@ static ssize_t io_read(int fd, void *buf, size_t len, void *userdata)
         if (kill_on && room >= sizeof(struct fuse_open_in) &&
             (((const struct fuse_open_in *)(const void *)arg)->open_flags &
              FUSE_OPEN_KILL_SUIDGID))
-            kill_suidgid(in->nodeid);
+            kill_suidgid(in);
         break;
     }
     return n;
@@ -137,7 +141,8 @@ static PyObject *py_set_io(PyObject *self, PyObject *unused)
 }
 
 /* set_killpriv(fn): agree FUSE_HANDLE_KILLPRIV_V2 in the INIT reply, if the kernel
- * offers it, and call fn(number) where a set-id bit may have to go (None: do not) */
+ * offers it, and call fn(number, gid, pid) where a set-id bit may have to go
+ * (None: do not) */
 static PyObject *py_set_killpriv(PyObject *self, PyObject *fn)
 {
     if (fn != Py_None && !PyCallable_Check(fn)) {

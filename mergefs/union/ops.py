@@ -84,6 +84,21 @@ def direct_handler(ops, name: str):
     return direct(name, plain.__get__(ops))
 
 
+def _in_group(group: int, gid: int, pid: int) -> bool:
+    """Is ``group`` the caller's fsgid ``gid`` or one of process ``pid``'s
+    supplementary groups (/proc; False once the process is gone)?"""
+    if group == gid:
+        return True
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Groups:"):
+                    return group in map(int, line.split()[1:])
+    except OSError:
+        pass
+    return False
+
+
 class _Mode(NamedTuple):
     """A SETATTR's attributes that only change the mode (``_kill_suidgid``)."""
     st_mode: int
@@ -260,24 +275,26 @@ class UnionOperations(pyfuse3.Operations):
                                                self.fds.fds, self.fds.max_fds, up,
                                                self._layer_dir)
 
-    def _kill_suidgid(self, number: int) -> None:
-        """FUSE_HANDLE_KILLPRIV_V2 (``_fastio.h``): a caller without CAP_FSETID is about
-        to write to, or truncate, inode ``number``; the kernel left it to the server
-        to clear the file's set-user-ID bit, and its set-group-ID bit when it is
-        group-executable, as its own SETATTR of the mode did before: here, the
-        same way (a lower file is copied up first), and the kernel's cached
-        attributes dropped. An error is logged; the request goes on (as the
-        kernel's write after a failed clearing would not: the cost of doing it
-        before libfuse dispatches the request)."""
+    def _kill_suidgid(self, number: int, gid: int, pid: int) -> None:
+        """FUSE_HANDLE_KILLPRIV_V2 (``_fastio.h``): a caller without CAP_FSETID (its
+        fsgid ``gid``, process ``pid``) is about to write to, or truncate, inode
+        ``number``; the kernel left it to the server to clear what it clears:
+        the set-user-ID bit, and the set-group-ID bit of a group-executable file
+        or of one whose group the caller is not in (setattr_should_drop_sgid).
+        Cleared as the kernel's own SETATTR of the mode did it (a lower file is
+        copied up first), and the kernel's cached attributes dropped. An error
+        is logged and the request goes on (the cost of doing this before libfuse
+        dispatches it; the kernel's write would have failed)."""
         try:
             inode = self.inodes.get(number)
-            mode = self._stat(inode).st_mode
-            kill = mode & stat.S_ISUID
-            if mode & stat.S_ISGID and mode & stat.S_IXGRP:
+            st = self._stat(inode)
+            kill = st.st_mode & stat.S_ISUID
+            if st.st_mode & stat.S_ISGID and (st.st_mode & stat.S_IXGRP or
+                                              not _in_group(st.st_gid, gid, pid)):
                 kill |= stat.S_ISGID
-            if not kill or not stat.S_ISREG(mode):
+            if not kill or not stat.S_ISREG(st.st_mode):
                 return
-            self.setattr.__wrapped__(self, number, _Mode(mode & ~kill), _MODE_ONLY, None)
+            self.setattr.__wrapped__(self, number, _Mode(st.st_mode & ~kill), _MODE_ONLY, None)
         except (FUSEError, OSError) as e:
             log.warning("clearing the set-id bits of inode %d: %s", number, e)
             return
