@@ -10,8 +10,8 @@
  * server: a chown clears them as chown(2) clears them in the upper; a WRITE,
  * a truncating SETATTR or an OPEN with O_TRUNC by a caller without CAP_FSETID
  * carries a flag (FUSE_WRITE_KILL_SUIDGID, FATTR_KILL_SUIDGID,
- * FUSE_OPEN_KILL_SUIDGID), and the server clears the set-user-ID bit, and the
- * set-group-ID bit of a group-executable file, as the kernel would have.
+ * FUSE_OPEN_KILL_SUIDGID), and the server clears the set-id bits the kernel
+ * would have cleared.
  *
  * libfuse 3.14 neither offers the flag nor passes those request flags on, so
  * the reads and writes of the session go through here
@@ -153,10 +153,4 @@ static PyObject *py_set_killpriv(PyObject *self, PyObject *fn)
     if (!kill_fn)
         kill_on = 0;
     Py_RETURN_NONE;
-}
-
-/* killpriv() -> bool: FUSE_HANDLE_KILLPRIV_V2 was agreed with the kernel */
-static PyObject *py_killpriv(PyObject *self, PyObject *unused)
-{
-    return PyBool_FromLong(kill_on);
 }

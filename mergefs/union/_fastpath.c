@@ -2084,10 +2084,8 @@ static PyMethodDef methods[] = {
      "(before the kernel's INIT is read), for FUSE_HANDLE_KILLPRIV_V2"},
     {"set_killpriv", py_set_killpriv, METH_O,
      "set_killpriv(fn): the INIT reply agrees FUSE_HANDLE_KILLPRIV_V2 if the kernel offers it; "
-     "fn(number) then clears a file's set-id bits before a write by a caller without "
-     "CAP_FSETID (None: off)"},
-    {"killpriv", py_killpriv, METH_NOARGS,
-     "killpriv() -> bool: FUSE_HANDLE_KILLPRIV_V2 was agreed with the kernel"},
+     "fn(number, gid, pid) then clears a file's set-id bits before a write or truncation by "
+     "a caller without CAP_FSETID (None: off)"},
     {"set_miss", py_set_miss, METH_O,
      "set_miss(fn): fn(number) may set an entry when a READ finds none (None: no call)"},
     {"set", py_set, METH_VARARGS,

@@ -159,8 +159,8 @@ def prepare_io() -> bool:
     (``_fastio.h``), so that a writable mount can agree FUSE_HANDLE_KILLPRIV_V2
     with the kernel once ``ops.init`` gives the function that clears set-id bits
     (``set_killpriv``). Call it before pyfuse3.main reads the kernel's INIT.
-    False, and libfuse's own reads and writes: no fast path (``load`` would
-    find none either), or ``MERGEFS_KILLPRIV=0`` (for comparisons). Independent of
+    False, and libfuse's own reads and writes: no compiled module built from
+    these sources, or ``MERGEFS_KILLPRIV=0`` (for comparisons). Independent of
     the fast path's table and hooks (``MERGEFS_FASTPATH=0`` and real opens too)."""
     if os.environ.get("MERGEFS_KILLPRIV") == "0":
         return False
@@ -178,9 +178,10 @@ def prepare_io() -> bool:
 
 def agree_killpriv(fn) -> None:
     """The INIT reply agrees FUSE_HANDLE_KILLPRIV_V2 if ``prepare_io`` routed this
-    session through C and the kernel offers it; ``fn(number)`` then clears a
-    file's set-id bits before a write or truncation by a caller without
-    CAP_FSETID (ops._kill_suidgid). Call it before the INIT reply (ops.init)."""
+    session through C and the kernel offers it; ``fn(number, gid, pid)`` then
+    clears a file's set-id bits before a write or truncation by a caller
+    without CAP_FSETID (ops._kill_suidgid). Call it before the INIT reply
+    (ops.init)."""
     set_killpriv = compiled("set_killpriv")
     if set_killpriv is not None:
         set_killpriv(fn)

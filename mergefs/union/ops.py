@@ -213,14 +213,13 @@ class UnionOperations(pyfuse3.Operations):
         drops the kernel's cached attributes of what it changed (the parent's ctime),
         or they stay stale for attr_timeout and surface later ("file changed as we
         read it" from tar once a readdir makes the kernel ask again)."""
+        from . import fastpath
         if self.view.writable:
             self.view.attrs_changed = self._attrs_changed
             # FUSE_HANDLE_KILLPRIV_V2, when server.py routed the session's reads and
             # writes through C (fastpath.prepare_io): the INIT reply agrees it
-            from . import fastpath
             fastpath.agree_killpriv(self._kill_suidgid)
         if self.no_open:      # the C fast path serves the files of the fd cache
-            from . import fastpath
             self.fds.fast = fastpath.load(self.timeouts.attr, self.squash, self.volatile)
             if self.fds.fast is not None:
                 self.fds.fast.set_miss(self._open_for_c)
