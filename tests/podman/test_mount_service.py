@@ -420,6 +420,16 @@ def fds_of(pid: int) -> list[str]:
                   for n in os.listdir(f"/proc/{pid}/fd"))
 
 
+def spare_fds(pid: int, timeout: float = 5.0) -> list[str]:
+    """``fds_of`` a spare once its offer is through: the service lists a spare as
+    soon as it has the spare's fds, before the spare closes its socket to the
+    service and its own ends of the pipes it sent (mountsvc._offer)."""
+    deadline = time.monotonic() + timeout
+    while "socket" in (fds := fds_of(pid)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return fds
+
+
 def children(pid: int) -> set[int]:
     out = set()
     for p in filter(str.isdigit, os.listdir("/proc")):
@@ -684,7 +694,7 @@ def test_a_server_whose_mount_ended_serves_the_next_mount(fork_service, layers, 
     (first / "mine").write_text("first's\n")
     subprocess.run(["umount", str(first)], check=True)
     assert srv.wait_empty() == [] and spare in wait_spares(srv, {spare})
-    held = fds_of(spare)
+    held = spare_fds(spare)
     second = target(srv, tmp_path, "second")
     log = Path(default_log_path(str(second)))
     log.unlink(missing_ok=True)
@@ -708,7 +718,7 @@ def test_a_server_whose_mount_ended_serves_the_next_mount(fork_service, layers, 
     assert f"mergefs[{spare}] INFO serving 1 layers at {second} (read-only" in lines[0], lines
     subprocess.run(["umount", str(second)], check=True)
     assert srv.wait_empty() == [] and spare in wait_spares(srv, {spare})
-    assert fds_of(spare) == held
+    assert spare_fds(spare) == held
     # each mount's log held only INFO lines: gone with its clean unmount (drop_quiet_log)
     assert not log.exists() and not Path(default_log_path(str(first))).exists()
     assert srv.errors() == []
