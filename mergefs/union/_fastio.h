@@ -64,7 +64,7 @@ static ssize_t io_read(int fd, void *buf, size_t len, void *userdata)
     if (n < (ssize_t)sizeof(struct fuse_in_header))
         return n;
     const struct fuse_in_header *in = buf;
-    const char *arg = (const char *)(in + 1);
+    char *arg = (char *)buf + sizeof *in;
     size_t room = (size_t)n - sizeof *in;
     switch (in->opcode) {
     case FUSE_INIT:
@@ -83,7 +83,7 @@ static ssize_t io_read(int fd, void *buf, size_t len, void *userdata)
         break;
     case FUSE_SETATTR:
         if (kill_on && room >= sizeof(struct fuse_setattr_in)) {
-            struct fuse_setattr_in *s = (void *)(in + 1);
+            struct fuse_setattr_in *s = (void *)arg;
             if (s->valid & FATTR_KILL_SUIDGID) {
                 /* a truncation by a caller without CAP_FSETID; a chown carries the
                  * flag whoever calls, and the upper's own chown clears what the

@@ -1,16 +1,17 @@
 """Set-id bits under FUSE_HANDLE_KILLPRIV_V2 (mergefs/union/_fastio.h).
 
-A writable mount with the C fast path agrees FUSE_HANDLE_KILLPRIV_V2 with the
-kernel: the kernel then no longer asks for ``security.capability`` before each
-write (only a file's first) nor refreshes the mode before a chown, and leaves
-clearing the set-user-ID bit, and the set-group-ID bit of a group-executable
-file, to the server when a caller without CAP_FSETID writes or truncates
-(SEMANTICS U4/U6: the mount shows what kernel overlayfs shows). These tests do
-that as another user and as root, on lower files (copied up by the clearing)
-and upper ones, through write, truncate, open(O_TRUNC) and chown, and compare
-every mode with kernel overlayfs; and count the requests the agreement saves.
-Each runs with the fast path on and off (``MERGEFS_FASTPATH=0``: no
-agreement, the kernel's own SETATTR of the mode), in both open modes.
+A writable mount whose C module is built agrees FUSE_HANDLE_KILLPRIV_V2 with
+the kernel: the kernel then no longer asks for ``security.capability`` before
+each write (only a file's first) nor refreshes the mode before a chown, and
+leaves clearing set-id bits to the server when a caller without CAP_FSETID
+writes or truncates (SEMANTICS U6: the mount shows what kernel overlayfs
+shows). These tests do that as another user and as root, on lower files
+(copied up by the clearing) and upper ones, through write, truncate,
+open(O_TRUNC) and chown, and compare every mode with kernel overlayfs; and
+count the requests the agreement saves. Each runs with the agreement and
+without it (``MERGEFS_KILLPRIV=0``: the kernel's own SETATTR of the mode),
+with the fast path on and off (``MERGEFS_FASTPATH=0``; the agreement does not
+depend on it), in both open modes.
 """
 from __future__ import annotations
 
